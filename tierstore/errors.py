@@ -1,0 +1,68 @@
+"""Exception hierarchy. Every error the store raises is a ``TierStoreError``.
+
+Caller mistakes also derive from the matching builtin (``IndexError``, ``TypeError``,
+``KeyError``, ``ValueError``) so that generic handlers keep working.
+"""
+
+from __future__ import annotations
+
+__all__ = [
+    "TierStoreError",
+    "InvalidIdError",
+    "IdTypeError",
+    "UnknownTableError",
+    "CorruptDataError",
+    "FormatVersionError",
+    "BudgetError",
+    "StoreIOError",
+    "CapacityError",
+    "StoreExistsError",
+    "CheckpointError",
+]
+
+
+class TierStoreError(Exception):
+    """Base class of every error raised by tierstore."""
+
+
+class InvalidIdError(TierStoreError, IndexError):
+    """A row id is negative or not below the table's row count."""
+
+
+class IdTypeError(TierStoreError, TypeError):
+    """Row ids are not integers (floats, bools, strings...)."""
+
+
+class UnknownTableError(TierStoreError, KeyError):
+    """The store has no table of that name."""
+
+    def __str__(self) -> str:  # KeyError quotes its message; keep it readable
+        return str(self.args[0]) if self.args else ""
+
+
+class CorruptDataError(TierStoreError):
+    """Stored bytes do not match their checksum, or a file is truncated or malformed."""
+
+
+class FormatVersionError(TierStoreError):
+    """The store was written in a format this version of tierstore cannot read."""
+
+
+class BudgetError(TierStoreError, ValueError):
+    """A memory budget is malformed or negative."""
+
+
+class StoreIOError(TierStoreError, OSError):
+    """Reading or writing the store's files failed at the operating-system level."""
+
+
+class CapacityError(TierStoreError):
+    """Not enough space: the disk is full, or a tier cannot hold what was asked."""
+
+
+class StoreExistsError(TierStoreError, FileExistsError):
+    """The output store already exists and ``force`` was not given."""
+
+
+class CheckpointError(TierStoreError, ValueError):
+    """A checkpoint cannot be read, or holds no table to build a store from."""
