@@ -1,0 +1,15 @@
+"""The hasher benchmark runs at a tiny size, agrees with its baseline and ends with a JSON line."""
+
+from __future__ import annotations
+
+import json
+
+from benchmarks import bench_hasher
+
+
+def test_bench_hasher_quick(capsys):
+    res = bench_hasher.main(["--quick", "--threads", "1"])
+    last = capsys.readouterr().out.strip().splitlines()[-1]
+    assert json.loads(last) == res
+    assert res["mismatches"] == 0, f"{res['mismatches']} row ids differ from the reference spelling"
+    assert res["ours_pos_per_s_per_layer"] > 0 and res["baseline_numpy_pos_per_s"] > 0
