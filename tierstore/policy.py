@@ -1,0 +1,732 @@
+"""Cache policies: which missed rows a cache tier admits and which resident rows it evicts.
+
+A policy decides; the tier moves bytes. Every policy is a small class overriding the same
+few hooks of :class:`Policy` (cachetools style); :class:`~tierstore.cache_index.CacheIndex`
+calls them and owns the row <-> slot maps. Policies keep their state per *slot* (the
+``capacity`` cached rows), never per table row, so a 10M-row table costs nothing here.
+
+Hooks, all vectorized over a whole batch of accesses:
+
+* ``on_lookup(rows, slots, hit)``: the batch in access order (slots[i] = -1 on a miss).
+* ``select(rows, n_free)``: which of the missed rows to insert, best first.
+* ``victims(k)``: up to ``k`` evictable slots, leaving the policy's structures.
+* ``on_insert(slots, rows)``: rows were written into slots.
+* ``hint(rows)``: rows an issued prefetch will use soon (the known future).
+
+Policies are deterministic: time is a logical access counter, and the only random choice
+(hash seeds of the frequency sketch) comes from an injected ``numpy.random.Generator``.
+Not thread-safe: the owning ``CacheIndex`` is called under the caller's lock.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import TYPE_CHECKING
+
+import numpy as np
+
+from .errors import TierStoreError
+
+if TYPE_CHECKING:
+    from .cache_index import CacheIndex
+
+__all__ = [
+    "Policy",
+    "LRUPolicy",
+    "LFUPolicy",
+    "S3FIFOPolicy",
+    "WTinyLFUPolicy",
+    "StaticPolicy",
+    "DefaultPolicy",
+    "POLICIES",
+    "make_policy",
+    "policy_names",
+    "FrequencySketch",
+]
+
+_INF = np.iinfo(np.int64).max
+_STAMP_BITS = 40  # logical time fits in 40 bits (1.1e12 accesses); frequency sits above it
+_EMPTY = np.empty(0, dtype=np.int64)
+
+
+# ----------------------------------------------------------------------------------------
+# Building blocks
+# ----------------------------------------------------------------------------------------
+class _LazyMin:
+    """Amortized "k smallest keys" over per-slot int64 keys that only grow while resident.
+
+    Why: evicting the least-recent (or least-frequent) row must not scan all ``capacity``
+    slots per small batch. A rebuild (one ``argpartition``, O(capacity)) keeps the M
+    smallest keys sorted in a buffer, M ~ capacity/8, and records the largest, T. A slot
+    whose key later changes (a hit, an insert) is stale in the buffer; if its new key is
+    still <= T it goes to a short "dirty" list. The k smallest valid keys of buffer +
+    dirty are then exactly the k smallest overall, since every other slot's key exceeds T.
+    Cost: O(capacity / M) = O(1) amortized per eviction, plus the dirty list (which is
+    empty for LRU: a touched slot becomes the newest).
+
+    ``keys`` is shared with the owning policy; ``_INF`` marks slots it does not manage.
+    """
+
+    def __init__(self, keys: np.ndarray, lo: int, evictable: Callable[[np.ndarray], np.ndarray]):
+        self.keys = keys
+        self.lo = lo  # slots below lo (the pinned core) are never candidates
+        self.evictable = evictable
+        self.buf_slots = _EMPTY
+        self.buf_keys = _EMPTY
+        self.pos = 0
+        self.T = -1  # no buffer yet: nothing is dirty
+        self.dirty_slots = np.empty(64, dtype=np.int64)
+        self.dirty_keys = np.empty(64, dtype=np.int64)
+        self.n_dirty = 0
+        self.last_keys = _EMPTY
+
+    def rebuild(self) -> None:
+        dyn = self.keys[self.lo:]
+        n_valid = int(np.count_nonzero(dyn != _INF))
+        self.pos, self.n_dirty = 0, 0
+        if n_valid == 0:
+            self.buf_slots, self.buf_keys, self.T = _EMPTY, _EMPTY, -1
+            return
+        m = min(n_valid, max(256, dyn.size // 8))
+        if m < dyn.size:
+            part = np.argpartition(dyn, m - 1)[:m]
+        else:
+            part = np.arange(dyn.size)
+        part = part[dyn[part] != _INF]
+        order = np.argsort(dyn[part], kind="stable")
+        self.buf_slots = (part[order] + self.lo).astype(np.int64)
+        self.buf_keys = self.keys[self.buf_slots].copy()
+        self.T = int(self.buf_keys[-1])
+
+    def touched(self, slots: np.ndarray) -> None:
+        """Slots whose key just changed (hit, insert, re-insert): keep them findable."""
+        if self.T < 0 or slots.size == 0:
+            return
+        k = self.keys[slots]
+        m = k <= self.T
+        if not m.any():
+            return
+        s, k = slots[m], k[m]
+        n = self.n_dirty + s.size
+        if n > self.dirty_slots.size:
+            self._compact()
+            n = self.n_dirty + s.size
+            if n > max(1024, self.buf_slots.size):
+                self.T = -1  # too much churn below T: next pop rebuilds from scratch
+                self.pos = self.buf_slots.size
+                self.n_dirty = 0
+                return
+            if n > self.dirty_slots.size:
+                size = max(n, 2 * self.dirty_slots.size)
+                self.dirty_slots = np.resize(self.dirty_slots, size)
+                self.dirty_keys = np.resize(self.dirty_keys, size)
+        self.dirty_slots[self.n_dirty:n] = s
+        self.dirty_keys[self.n_dirty:n] = k
+        self.n_dirty = n
+
+    def _compact(self) -> None:
+        s = self.dirty_slots[: self.n_dirty]
+        v = self.keys[s] == self.dirty_keys[: self.n_dirty]
+        keep = int(np.count_nonzero(v))
+        self.dirty_slots[:keep] = s[v]
+        self.dirty_keys[:keep] = self.dirty_keys[: self.n_dirty][v]
+        self.n_dirty = keep
+
+    def pop(self, k: int) -> np.ndarray:
+        """Remove and return up to k evictable slots with the smallest keys, smallest first."""
+        out: list[np.ndarray] = []
+        keys_out: list[np.ndarray] = []
+        need = k
+        progress = True  # a rebuild is only worth it if something changed since the last one
+        while need > 0:
+            if self.T < 0 or self.pos >= self.buf_slots.size:
+                if not progress:
+                    break
+                self.rebuild()
+                progress = False
+                if self.T < 0:
+                    break
+            # the first `need` valid, evictable buffer entries (the buffer is sorted by key)
+            p, step, n_got = self.pos, max(2 * need, 64), 0
+            got: list[np.ndarray] = []
+            while n_got < need and p < self.buf_slots.size:
+                s = self.buf_slots[p: p + step]
+                ok = (self.keys[s] == self.buf_keys[p: p + step]) & self.evictable(s)
+                idx = np.flatnonzero(ok) + p
+                got.append(idx)
+                n_got += idx.size
+                p += s.size
+                step *= 2
+            chosen_pos = np.concatenate(got)[:need] if got else _EMPTY
+            exhausted = n_got < need  # every evictable buffer entry is in chosen_pos
+            # valid dirty entries: changed keys still <= T
+            if self.n_dirty:
+                self._compact()
+                ds = self.dirty_slots[: self.n_dirty]
+                dk = self.dirty_keys[: self.n_dirty]
+                ev = self.evictable(ds)
+                ds, dk = ds[ev], dk[ev]
+            else:
+                ds = dk = _EMPTY
+            cand_slots = np.concatenate([self.buf_slots[chosen_pos], ds])
+            cand_keys = np.concatenate([self.buf_keys[chosen_pos], dk])
+            take = min(need, cand_slots.size)
+            if take == 0:
+                self.pos = self.buf_slots.size
+                continue
+            if take < cand_slots.size:
+                sel = np.argpartition(cand_keys, take - 1)[:take]
+                sel = sel[np.argsort(cand_keys[sel], kind="stable")]
+            else:
+                sel = np.argsort(cand_keys, kind="stable")
+            victims = cand_slots[sel]
+            self.last_keys = cand_keys[sel]  # lets a caller put a victim back (W-TinyLFU)
+            n_buf_taken = int(np.count_nonzero(sel < chosen_pos.size))
+            if exhausted and take == cand_slots.size:
+                self.pos = self.buf_slots.size  # all below T is gone: rebuild next time
+            elif n_buf_taken:
+                self.pos = int(chosen_pos[n_buf_taken - 1]) + 1
+            self.keys[victims] = _INF
+            out.append(victims)
+            keys_out.append(self.last_keys)
+            need -= victims.size
+            progress = True
+        self.last_keys = np.concatenate(keys_out) if keys_out else _EMPTY
+        return np.concatenate(out) if out else _EMPTY
+
+
+class _Ring:
+    """FIFO of slot numbers in a fixed ring buffer (each slot at most once in one ring)."""
+
+    def __init__(self, size: int):
+        self.buf = np.empty(max(1, size), dtype=np.int64)
+        self.head = 0
+        self.len = 0
+
+    def push(self, slots: np.ndarray) -> None:
+        n = slots.size
+        if n == 0:
+            return
+        if self.len + n > self.buf.size:
+            raise AssertionError("ring overflow")  # internal invariant
+        start = (self.head + self.len) % self.buf.size
+        end = start + n
+        if end <= self.buf.size:
+            self.buf[start:end] = slots
+        else:
+            cut = self.buf.size - start
+            self.buf[start:] = slots[:cut]
+            self.buf[: n - cut] = slots[cut:]
+        self.len += n
+
+    def pop(self, n: int) -> np.ndarray:
+        n = min(n, self.len)
+        idx = (self.head + np.arange(n)) % self.buf.size
+        out = self.buf[idx]
+        self.head = (self.head + n) % self.buf.size
+        self.len -= n
+        return out
+
+
+def _hash64(rows: np.ndarray, seed: int) -> np.ndarray:
+    """Multiplicative hash of row ids (wrapping uint64), top bits are well mixed."""
+    x = rows.astype(np.uint64) * np.uint64(0x9E3779B97F4A7C15) + np.uint64(seed)
+    x ^= x >> np.uint64(29)
+    x *= np.uint64(0xBF58476D1CE4E5B9)
+    x ^= x >> np.uint64(32)
+    return x
+
+
+class FrequencySketch:
+    """Count-min sketch of recent access counts with periodic halving (TinyLFU's aging).
+
+    Memory is O(capacity), not O(table rows): ``depth`` rows of 4-bit-saturating counters
+    (uint16 storage), width the next power of two above ``width_per_item * capacity``.
+    After ``sample_factor * capacity`` increments every counter is halved, so old
+    popularity fades.
+    """
+
+    def __init__(self, capacity: int, *, rng: np.random.Generator, depth: int = 4,
+                 width_per_item: int = 4, sample_factor: int = 10, max_count: int = 15):
+        w = 1 << max(4, int(np.ceil(np.log2(max(1, capacity) * width_per_item))))
+        self.shift = np.uint64(64 - int(np.log2(w)))
+        self.table = np.zeros((depth, w), dtype=np.uint16)
+        self.seeds = [int(s) for s in rng.integers(1, 2**62, size=depth)]
+        self.max_count = max_count
+        self.sample = max(1, sample_factor * max(1, capacity))
+        self.added = 0
+
+    def _idx(self, rows: np.ndarray) -> list[np.ndarray]:
+        return [(_hash64(rows, s) >> self.shift).astype(np.int64) for s in self.seeds]
+
+    def add(self, rows: np.ndarray) -> None:
+        if rows.size == 0:
+            return
+        for r, idx in enumerate(self._idx(rows)):
+            t = self.table[r]
+            np.add.at(t, idx, 1)
+            np.minimum(t, self.max_count, out=t)
+        self.added += rows.size
+        if self.added >= self.sample:
+            self.table >>= 1
+            self.added //= 2
+
+    def estimate(self, rows: np.ndarray) -> np.ndarray:
+        if rows.size == 0:
+            return _EMPTY
+        est = None
+        for r, idx in enumerate(self._idx(rows)):
+            v = self.table[r][idx]
+            est = v if est is None else np.minimum(est, v)
+        return est.astype(np.int64)
+
+
+class _Ghost:
+    """Direct-mapped hash set of recently evicted row ids, O(capacity) memory.
+
+    Remembers about the last ``size`` ids inserted; a collision forgets the older id,
+    which only makes the set forget early (never invent membership).
+    """
+
+    def __init__(self, size: int, seed: int = 7):
+        n = 1 << max(4, int(np.ceil(np.log2(max(1, 2 * size)))))
+        self.shift = np.uint64(64 - int(np.log2(n)))
+        self.rows = np.full(n, -1, dtype=np.int64)
+        self.seq = np.zeros(n, dtype=np.int64)
+        self.count = 0
+        self.size = max(1, size)
+        self.seed = seed
+
+    def _h(self, rows: np.ndarray) -> np.ndarray:
+        return (_hash64(rows, self.seed) >> self.shift).astype(np.int64)
+
+    def add(self, rows: np.ndarray) -> None:
+        if rows.size == 0:
+            return
+        h = self._h(rows)
+        self.rows[h] = rows
+        self.seq[h] = self.count + np.arange(rows.size)
+        self.count += rows.size
+
+    def contains(self, rows: np.ndarray) -> np.ndarray:
+        if rows.size == 0:
+            return np.zeros(0, dtype=bool)
+        h = self._h(rows)
+        return (self.rows[h] == rows) & (self.count - self.seq[h] <= self.size)
+
+    def discard(self, rows: np.ndarray) -> None:
+        if rows.size == 0:
+            return
+        h = self._h(rows)
+        hit = self.rows[h] == rows
+        self.rows[h[hit]] = -1
+
+
+def _last_occurrence(slots: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Unique slots and the position of each one's last occurrence in ``slots``."""
+    rev = slots[::-1]
+    u, first = np.unique(rev, return_index=True)
+    return u, slots.size - 1 - first
+
+
+# ----------------------------------------------------------------------------------------
+# Policy base
+# ----------------------------------------------------------------------------------------
+class Policy:
+    """Base policy: admits every missed row, evicts nothing by itself (subclasses do).
+
+    Args:
+        capacity: slots of the cache tier, pinned core included.
+        rng: random generator (or seed) for the policy's hashing; fixed by default.
+    """
+
+    name = "base"
+
+    def __init__(self, capacity: int, *, rng: np.random.Generator | int | None = None):
+        if not isinstance(capacity, (int, np.integer)) or capacity < 0:
+            raise TierStoreError(f"capacity={capacity!r} must be a non-negative integer number of rows")
+        self.capacity = int(capacity)
+        self.rng = rng if isinstance(rng, np.random.Generator) else np.random.default_rng(
+            0x7135 if rng is None else rng)
+        self.lo = 0  # first dynamic slot (after the pinned core); set by bind
+        self.tick = 0  # logical time: accesses seen so far
+        self.index: CacheIndex | None = None
+
+    # --- set-up ---------------------------------------------------------------------------
+    def pinned_rows(self, profile: np.ndarray | None) -> np.ndarray:
+        """Rows to pin forever when the caller gives a profile but no explicit pinned set."""
+        return _EMPTY
+
+    def bind(self, index: "CacheIndex", lo: int) -> None:
+        """Attach to an index whose dynamic slots are [lo, capacity)."""
+        self.index = index
+        self.lo = lo
+        self.n_dyn = self.capacity - lo
+
+    def _evictable(self, slots: np.ndarray) -> np.ndarray:
+        return self.index.refcount[slots] == 0
+
+    # --- hooks ----------------------------------------------------------------------------
+    def on_lookup(self, rows: np.ndarray, slots: np.ndarray, hit: np.ndarray) -> None:
+        self.tick += rows.size
+
+    def select(self, rows: np.ndarray, n_free: int) -> np.ndarray:
+        return rows
+
+    def victims(self, k: int) -> np.ndarray:
+        return _EMPTY
+
+    def on_insert(self, slots: np.ndarray, rows: np.ndarray) -> None:
+        pass
+
+    def on_evict(self, slots: np.ndarray, rows: np.ndarray) -> None:
+        pass
+
+    def hint(self, rows: np.ndarray) -> None:
+        pass
+
+    def admit(self, rows: np.ndarray, n_free: int) -> tuple[np.ndarray, np.ndarray]:
+        """Decide (rows to insert, slots to evict for them). Default: select, then evict."""
+        cand = self.select(rows, n_free)
+        cand = cand[: self.n_dyn]
+        need = cand.size - n_free
+        if need <= 0:
+            return cand, _EMPTY
+        vic = self.victims(need)
+        return cand[: n_free + vic.size], vic
+
+
+# ----------------------------------------------------------------------------------------
+# Policies
+# ----------------------------------------------------------------------------------------
+class LRUPolicy(Policy):
+    """Least recently used. Exact LRU for batches of one access; with larger batches the
+    rows of a batch are stamped in access order (the last occurrence counts) and the
+    rows a batch inserts are newer than all of its hits."""
+
+    name = "lru"
+
+    def bind(self, index: "CacheIndex", lo: int) -> None:
+        super().bind(index, lo)
+        self.keys = np.full(self.capacity, _INF, dtype=np.int64)
+        self.heap = _LazyMin(self.keys, lo, self._evictable)
+
+    def on_lookup(self, rows: np.ndarray, slots: np.ndarray, hit: np.ndarray) -> None:
+        pos = np.flatnonzero(hit & (slots >= self.lo))
+        if pos.size:
+            s, last = _last_occurrence(slots[pos])
+            self.keys[s] = self.tick + pos[last]
+            self.heap.touched(s)
+        self.tick += rows.size
+
+    def victims(self, k: int) -> np.ndarray:
+        return self.heap.pop(k)
+
+    def on_insert(self, slots: np.ndarray, rows: np.ndarray) -> None:
+        self.keys[slots] = self.tick + np.arange(slots.size)
+        self.tick += slots.size
+        self.heap.touched(slots)
+
+
+class LFUPolicy(Policy):
+    """Least frequently used since insertion (ties: least recent). Counts live per slot,
+    so a row's count restarts when it is re-admitted (no per-table-row state)."""
+
+    name = "lfu"
+
+    def bind(self, index: "CacheIndex", lo: int) -> None:
+        super().bind(index, lo)
+        self.keys = np.full(self.capacity, _INF, dtype=np.int64)
+        self.freq = np.zeros(self.capacity, dtype=np.int64)
+        self.heap = _LazyMin(self.keys, lo, self._evictable)
+
+    def on_lookup(self, rows: np.ndarray, slots: np.ndarray, hit: np.ndarray) -> None:
+        pos = np.flatnonzero(hit & (slots >= self.lo))
+        if pos.size:
+            hs = slots[pos]
+            np.add.at(self.freq, hs, 1)
+            s, last = _last_occurrence(hs)
+            self.keys[s] = (self.freq[s] << _STAMP_BITS) | (self.tick + pos[last])
+            self.heap.touched(s)
+        self.tick += rows.size
+
+    def victims(self, k: int) -> np.ndarray:
+        return self.heap.pop(k)
+
+    def on_insert(self, slots: np.ndarray, rows: np.ndarray) -> None:
+        self.freq[slots] = 1
+        self.keys[slots] = (1 << _STAMP_BITS) | (self.tick + np.arange(slots.size))
+        self.tick += slots.size
+        self.heap.touched(slots)
+
+
+class S3FIFOPolicy(Policy):
+    """S3-FIFO (Yang et al., SOSP'23): a small FIFO (10%) filters one-hit wonders, a main
+    FIFO with 2-bit reinsertion counters holds the rest, a ghost FIFO of rows evicted from
+    the small queue sends returning rows straight to main."""
+
+    name = "s3fifo"
+
+    def __init__(self, capacity: int, *, rng: np.random.Generator | int | None = None,
+                 small_fraction: float = 0.1, move_threshold: int = 1):
+        super().__init__(capacity, rng=rng)
+        self.small_fraction = small_fraction
+        self.move_threshold = move_threshold
+
+    def bind(self, index: "CacheIndex", lo: int) -> None:
+        super().bind(index, lo)
+        self.freq = np.zeros(self.capacity, dtype=np.int8)
+        self.small = _Ring(self.n_dyn)
+        self.main = _Ring(self.n_dyn)
+        self.ghost = _Ghost(max(1, self.n_dyn - int(self.small_fraction * self.n_dyn)))
+        self.small_target = max(1, int(self.small_fraction * self.n_dyn))
+
+    def on_lookup(self, rows: np.ndarray, slots: np.ndarray, hit: np.ndarray) -> None:
+        hs = slots[hit & (slots >= self.lo)]
+        if hs.size:
+            np.add.at(self.freq, hs, 1)
+            np.minimum(self.freq, 3, out=self.freq)
+        self.tick += rows.size
+
+    def on_insert(self, slots: np.ndarray, rows: np.ndarray) -> None:
+        g = self.ghost.contains(rows)
+        self.freq[slots] = 0
+        self.ghost.discard(rows[g])
+        self.main.push(slots[g])
+        self.small.push(slots[~g])
+
+    def victims(self, k: int) -> np.ndarray:
+        out: list[np.ndarray] = []
+        got = 0
+        stall = 0  # entries re-queued without progress (all leased): stop rather than spin
+        while got < k and (self.small.len or self.main.len):
+            if stall > 2 * (self.small.len + self.main.len) + 8:
+                break
+            need = k - got
+            if self.small.len > self.small_target or self.main.len == 0:
+                s = self.small.pop(need)
+                leased = ~self._evictable(s)
+                keep = ~leased & (self.freq[s] >= self.move_threshold)
+                ev = ~leased & ~keep
+                self.small.push(s[leased])
+                self.freq[s[keep]] = 0
+                self.main.push(s[keep])
+                victims = s[ev]
+                self.ghost.add(self.index.row_of_slot[victims])
+            else:
+                s = self.main.pop(need)
+                leased = ~self._evictable(s)
+                keep = ~leased & (self.freq[s] > 0)
+                ev = ~leased & ~keep
+                self.freq[s[keep]] -= 1
+                self.main.push(s[leased | keep])
+                victims = s[ev]
+            stall = stall + s.size if victims.size == 0 else 0
+            out.append(victims)
+            got += victims.size
+        return np.concatenate(out) if out else _EMPTY
+
+
+class WTinyLFUPolicy(Policy):
+    """W-TinyLFU (Einziger et al.; Caffeine): a 1% admission window (FIFO) in front of an
+    LRU main area; a row leaving the window enters main only if the frequency sketch says
+    it is more popular than the main victim it would replace."""
+
+    name = "wtinylfu"
+
+    def __init__(self, capacity: int, *, rng: np.random.Generator | int | None = None,
+                 window_fraction: float = 0.01):
+        super().__init__(capacity, rng=rng)
+        self.window_fraction = window_fraction
+
+    def bind(self, index: "CacheIndex", lo: int) -> None:
+        super().bind(index, lo)
+        self.keys = np.full(self.capacity, _INF, dtype=np.int64)  # main-area LRU stamps
+        self.main = _LazyMin(self.keys, lo, self._evictable)
+        self.window = _Ring(self.n_dyn)
+        self.window_target = max(1, int(round(self.window_fraction * self.n_dyn)))
+        self.sketch = FrequencySketch(max(1, self.n_dyn), rng=self.rng)
+        self.n_main = 0
+
+    def on_lookup(self, rows: np.ndarray, slots: np.ndarray, hit: np.ndarray) -> None:
+        self.sketch.add(rows)
+        pos = np.flatnonzero(hit & (slots >= self.lo))
+        if pos.size:
+            s, last = _last_occurrence(slots[pos])
+            in_main = self.keys[s] != _INF
+            s, last = s[in_main], last[in_main]
+            self.keys[s] = self.tick + pos[last]
+            self.main.touched(s)
+        self.tick += rows.size
+
+    def on_insert(self, slots: np.ndarray, rows: np.ndarray) -> None:
+        self.window.push(slots)
+
+    def victims(self, k: int) -> np.ndarray:
+        """Free k slots: window overflow competes with main's LRU rows for main space."""
+        # rows leaving the window (oldest first), beyond the window's target size
+        n_out = max(0, min(self.window.len, self.window.len + k - self.window_target))
+        cand = self.window.pop(n_out)
+        leased = ~self._evictable(cand)
+        self.window.push(cand[leased])
+        cand = cand[~leased]
+        main_room = self.n_dyn - self.window_target - self.n_main
+        # candidates that fit in free main room go straight in
+        direct = cand[: max(0, main_room)]
+        rest = cand[direct.size:]
+        self._to_main(direct)
+        out = []
+        if rest.size:
+            vic = self.main.pop(rest.size)  # main's LRU rows, oldest first
+            vkeys = self.main.last_keys
+            r = self.index.row_of_slot
+            fc = self.sketch.estimate(r[rest[: vic.size]])
+            fv = self.sketch.estimate(r[vic])
+            # pair the most popular candidates with the least recent victims
+            order = np.argsort(-fc, kind="stable")
+            c_sorted = rest[: vic.size][order]
+            win = fc[order] > fv
+            stay = vic[~win]  # victims that beat their candidate keep their LRU place
+            self.keys[stay] = vkeys[~win]
+            self.main.touched(stay)
+            self.n_main -= int(np.count_nonzero(win))
+            self._to_main(c_sorted[win])
+            # losers of the contest are evicted; winners' victims are evicted
+            out.append(c_sorted[~win])
+            out.append(vic[win])
+            out.append(rest[vic.size:])  # no main victim available: evict the candidate
+        got = sum(o.size for o in out)
+        if got < k:  # window under target: take main's LRU rows directly
+            vic = self.main.pop(k - got)
+            self.n_main -= vic.size
+            out.append(vic)
+        return np.concatenate(out) if out else _EMPTY
+
+    def _to_main(self, slots: np.ndarray) -> None:
+        self.keys[slots] = self.tick + np.arange(slots.size)
+        self.tick += slots.size
+        self.n_main += slots.size
+        self.main.touched(slots)
+
+
+class StaticPolicy(Policy):
+    """Only the pinned hot set (from a profile): nothing else is ever admitted."""
+
+    name = "static"
+
+    def pinned_rows(self, profile: np.ndarray | None) -> np.ndarray:
+        return hot_rows(profile, self.capacity)
+
+    def select(self, rows: np.ndarray, n_free: int) -> np.ndarray:
+        return _EMPTY
+
+
+def hot_rows(profile: np.ndarray | None, k: int) -> np.ndarray:
+    """The k most accessed rows of a profile (only rows seen at least once), hottest first;
+    ties broken by row id so the set is deterministic."""
+    if profile is None or k <= 0:
+        return _EMPTY
+    profile = np.asarray(profile)
+    nz = np.flatnonzero(profile > 0)
+    if nz.size > k:
+        c = profile[nz]
+        part = np.argpartition(-c, k - 1)[:k]
+        thresh = c[part].min()
+        above = nz[c > thresh]
+        tied = nz[c == thresh][: k - above.size]
+        nz = np.concatenate([above, tied])
+    order = np.lexsort((nz, -profile[nz]))
+    return nz[order].astype(np.int64)
+
+
+class DefaultPolicy(Policy):
+    """The store's policy: a static hot core + frequency-filtered recency + the known future.
+
+    * Core: the hottest ``core_fraction`` of capacity by the profile (pinned by the index).
+    * Dynamic part: LRU order, but a missed row is admitted only if the frequency sketch
+      (recent accesses) says it was seen before, it was hinted (an issued prefetch will use
+      it), or there is free room. One-hit wonders, most of a Zipfian n-gram stream, bypass.
+    * Hints: hinted resident rows are refreshed to most-recent so eviction spares them.
+    """
+
+    name = "default"
+
+    def __init__(self, capacity: int, *, rng: np.random.Generator | int | None = None,
+                 core_fraction: float = 0.3, admit_min: int = 1):
+        super().__init__(capacity, rng=rng)
+        if not 0.0 <= core_fraction <= 1.0:
+            raise TierStoreError(f"core_fraction={core_fraction!r} must lie in [0, 1]")
+        self.core_fraction = core_fraction
+        self.admit_min = admit_min
+
+    def pinned_rows(self, profile: np.ndarray | None) -> np.ndarray:
+        return hot_rows(profile, int(self.core_fraction * self.capacity))
+
+    def bind(self, index: "CacheIndex", lo: int) -> None:
+        super().bind(index, lo)
+        self.keys = np.full(self.capacity, _INF, dtype=np.int64)
+        self.heap = _LazyMin(self.keys, lo, self._evictable)
+        self.sketch = FrequencySketch(max(1, self.n_dyn), rng=self.rng, sample_factor=10)
+        self.hinted = _Ghost(max(1, self.n_dyn), seed=11)
+
+    def on_lookup(self, rows: np.ndarray, slots: np.ndarray, hit: np.ndarray) -> None:
+        pos = np.flatnonzero(hit & (slots >= self.lo))
+        if pos.size:
+            s, last = _last_occurrence(slots[pos])
+            self.keys[s] = self.tick + pos[last]
+            self.heap.touched(s)
+        self.sketch.add(rows)
+        self.tick += rows.size
+
+    def select(self, rows: np.ndarray, n_free: int) -> np.ndarray:
+        if rows.size <= n_free:
+            return rows
+        f = self.sketch.estimate(rows)
+        ok = (f > self.admit_min) | self.hinted.contains(rows)
+        return rows[ok]
+
+    def victims(self, k: int) -> np.ndarray:
+        return self.heap.pop(k)
+
+    def on_insert(self, slots: np.ndarray, rows: np.ndarray) -> None:
+        self.keys[slots] = self.tick + np.arange(slots.size)
+        self.tick += slots.size
+        self.heap.touched(slots)
+
+    def hint(self, rows: np.ndarray) -> None:
+        rows = np.asarray(rows, dtype=np.int64)
+        if rows.size == 0:
+            return
+        self.hinted.add(rows)
+        s = self.index.slot_of_row[rows].astype(np.int64)
+        s = s[s >= self.lo]
+        if s.size:
+            s = np.unique(s)
+            self.keys[s] = self.tick + np.arange(s.size)
+            self.tick += s.size
+            self.heap.touched(s)
+
+
+POLICIES: dict[str, type[Policy]] = {
+    "lru": LRUPolicy,
+    "lfu": LFUPolicy,
+    "s3fifo": S3FIFOPolicy,
+    "wtinylfu": WTinyLFUPolicy,
+    "static": StaticPolicy,
+    "default": DefaultPolicy,
+}
+
+
+def policy_names() -> list[str]:
+    """Registered policy names (``opt`` is not a policy: see ``tierstore.belady``)."""
+    return list(POLICIES)
+
+
+def make_policy(name: str, capacity: int, **kwargs) -> Policy:
+    """Build a registered policy by name; unknown names raise, listing the known ones."""
+    try:
+        cls = POLICIES[name]
+    except KeyError:
+        raise TierStoreError(
+            f"unknown cache policy {name!r}; choose one of {', '.join(POLICIES)}") from None
+    return cls(capacity, **kwargs)
