@@ -1,0 +1,47 @@
+"""Shared fixtures: real checkpoints written with safetensors / torch.save, built stores."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+torch.set_num_threads(min(2, os.cpu_count() or 1))
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA device")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)
+
+
+def random_table(rows: int, dim: int, dtype: torch.dtype, seed: int = 0) -> torch.Tensor:
+    """A table whose every row is distinct, in any dtype (fp8 via float32 -> cast)."""
+    g = torch.Generator().manual_seed(seed)
+    w = torch.randn(rows, dim, generator=g) * 0.05
+    return w.to(dtype)
+
+
+def bits(t: torch.Tensor) -> torch.Tensor:
+    """The raw bytes of a tensor, for bit-exact comparison (NaN-safe, -0.0 != 0.0)."""
+    return t.contiguous().view(torch.uint8)
+
+
+@pytest.fixture
+def small_ckpt(tmp_path: Path) -> tuple[Path, dict[str, torch.Tensor]]:
+    """A safetensors checkpoint with two Engram-named tables and a non-table tensor."""
+    from safetensors.torch import save_file
+
+    tensors = {
+        "blocks.1.engram.memory.weight": random_table(5003, 64, torch.float32, seed=1),
+        "blocks.3.engram.memory.weight": random_table(1201, 48, torch.float32, seed=2),
+        "blocks.0.attn.wq.weight": random_table(64, 64, torch.float32, seed=3),
+    }
+    path = tmp_path / "model.safetensors"
+    save_file(tensors, str(path))
+    return path, tensors

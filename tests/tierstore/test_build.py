@@ -1,0 +1,249 @@
+"""Building stores from real checkpoints and reading every row back, bit for bit."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from safetensors.torch import save_file
+
+import tierstore
+from tierstore import CheckpointError, StoreExistsError, TierStoreError
+from tierstore.format import PAGE_SIZE, read_manifest
+
+from ..conftest import bits, random_table
+
+DTYPES = [torch.float32, torch.bfloat16, torch.float16, torch.float8_e4m3fn, torch.float8_e5m2]
+REPO = Path(__file__).resolve().parents[2]
+
+
+def _check_all_rows(store_path: Path, name: str, weight: torch.Tensor, *, budgets: tuple[int, int]) -> None:
+    """Look up every row (shuffled, with duplicates, as a 2-D id tensor) through small tiers."""
+    dev, host = budgets
+    g = torch.Generator().manual_seed(0)
+    n = weight.shape[0]
+    ids = torch.cat([torch.randperm(n, generator=g), torch.randint(0, n, (n // 3,), generator=g)])
+    ids = ids[: (len(ids) // 4) * 4].reshape(4, -1)
+    with tierstore.open(store_path, device="cpu", device_budget=dev, host_budget=host) as store:
+        got = store.lookup(name, ids)
+        want = F.embedding(ids, weight)
+        assert got.shape == want.shape and got.dtype == want.dtype
+        diff = (bits(got) != bits(want)).sum().item()
+        assert diff == 0, f"{diff} bytes differ from F.embedding for {name}"
+        s = store.stats()
+        if dev and dev < weight.nbytes:
+            assert s["device"]["hits"] > 0 and s["device"]["misses"] > 0
+        if host and host < weight.nbytes:
+            assert s["disk"]["rows_read"] > 0
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: str(d).split(".")[-1])
+@pytest.mark.parametrize("fmt", ["safetensors", "torch"])
+def test_round_trip_every_dtype(tmp_path, dtype, fmt):
+    tensors = {
+        "blocks.1.engram.memory.weight": random_table(5003, 64, dtype, seed=11),
+        "blocks.2.engram.memory.weight": random_table(70001, 40 if dtype.itemsize > 1 else 128, dtype, seed=12),
+        "head.weight": random_table(7, 3, dtype, seed=13),
+    }
+    if fmt == "safetensors":
+        ckpt = tmp_path / "model.safetensors"
+        save_file(tensors, str(ckpt))
+    else:
+        ckpt = tmp_path / "model.pt"
+        torch.save(tensors, ckpt)
+    out = tierstore.build_store(ckpt, tmp_path / "store", progress=False)
+    m = read_manifest(out)
+    assert sorted(m.tables) == ["blocks.1.engram.memory.weight", "blocks.2.engram.memory.weight"]
+    for name, w in tensors.items():
+        if name not in m.tables:
+            continue
+        info = m.tables[name]
+        assert (info.rows, info.dim) == tuple(w.shape)
+        assert info.torch_dtype == dtype
+        assert os.path.getsize(out / info.file) % PAGE_SIZE == 0
+        # budgets far below the table: the device cache, the host cache and the disk all serve rows
+        _check_all_rows(out, name, w, budgets=(w.nbytes // 20, w.nbytes // 5))
+    assert tierstore.verify_store(out, progress=False).ok
+
+
+@pytest.mark.slow
+def test_large_odd_table_all_budgets(tmp_path):
+    w = random_table(70001, 128, torch.float32, seed=5)
+    ckpt = tmp_path / "m.safetensors"
+    save_file({"x.engram.memory.weight": w}, str(ckpt))
+    out = tierstore.build_store(ckpt, tmp_path / "s", progress=False)
+    for budgets in [(0, 0), (0, w.nbytes // 8), (w.nbytes // 16, 0), (w.nbytes // 16, w.nbytes // 4),
+                    (w.nbytes, 0), (0, w.nbytes)]:
+        _check_all_rows(out, "x.engram.memory.weight", w, budgets=budgets)
+
+
+def test_sharded_safetensors_and_regex(tmp_path):
+    a = random_table(300, 16, torch.float16, seed=1)
+    b = random_table(500, 16, torch.bfloat16, seed=2)
+    save_file({"l0.emb": a}, str(tmp_path / "s1.safetensors"))
+    save_file({"l1.emb": b, "norm": torch.ones(16)}, str(tmp_path / "s2.safetensors"))
+    index = {"metadata": {}, "weight_map": {"l0.emb": "s1.safetensors", "l1.emb": "s2.safetensors",
+                                            "norm": "s2.safetensors"}}
+    (tmp_path / "model.safetensors.index.json").write_text(json.dumps(index))
+    out = tierstore.build_store(tmp_path, tmp_path / "store", tables=r"\.emb$", progress=False)
+    with tierstore.open(out, device_budget=0, host_budget=0) as store:
+        assert torch.equal(bits(store.lookup("l0.emb", [0, 299, 5])), bits(a[[0, 299, 5]]))
+        assert torch.equal(bits(store.lookup("l1.emb", np.array([[499], [0]]))), bits(b[torch.tensor([[499], [0]])]))
+
+
+def test_dtype_conversion(tmp_path, small_ckpt):
+    ckpt, tensors = small_ckpt
+    out = tierstore.build_store(ckpt, tmp_path / "s", dtype="bfloat16", progress=False)
+    name = "blocks.1.engram.memory.weight"
+    with tierstore.open(out) as store:
+        got = store.lookup(name, torch.arange(5003))
+    assert torch.equal(bits(got), bits(tensors[name].to(torch.bfloat16)))
+
+
+def test_no_table_lists_2d_tensors(tmp_path):
+    ckpt = tmp_path / "m.safetensors"
+    save_file({"tok.weight": torch.zeros(10, 4), "bias": torch.zeros(4)}, str(ckpt))
+    with pytest.raises(CheckpointError, match=r"tok\.weight \[10, 4\]") as e:
+        tierstore.build_store(ckpt, tmp_path / "s", progress=False)
+    assert "--tables" in str(e.value)
+    assert not (tmp_path / "s").exists()
+
+
+def test_refuses_existing_out_unless_force(tmp_path, small_ckpt):
+    ckpt, _ = small_ckpt
+    out = tierstore.build_store(ckpt, tmp_path / "s", progress=False)
+    before = (out / "manifest.json").read_text()
+    with pytest.raises(StoreExistsError, match="--force"):
+        tierstore.build_store(ckpt, out, progress=False)
+    assert (out / "manifest.json").read_text() == before
+    tierstore.build_store(ckpt, out, force=True, progress=False, attach=[ckpt])
+    assert read_manifest(out).attachments == ["model.safetensors"]
+    assert not list(tmp_path.glob(".s.*"))  # no temporary or old directory left behind
+
+
+def test_bad_checkpoints(tmp_path):
+    with pytest.raises(CheckpointError, match="does not exist"):
+        tierstore.build_store(tmp_path / "nope.safetensors", tmp_path / "s")
+    junk = tmp_path / "junk.safetensors"
+    junk.write_bytes(b"\xff" * 100)
+    with pytest.raises(CheckpointError):
+        tierstore.build_store(junk, tmp_path / "s")
+    trunc = tmp_path / "trunc.safetensors"
+    save_file({"a.engram.memory.weight": torch.zeros(100, 8)}, str(trunc))
+    trunc.write_bytes(trunc.read_bytes()[:-100])
+    with pytest.raises(CheckpointError, match="truncated"):
+        tierstore.build_store(trunc, tmp_path / "s")
+    pickled = tmp_path / "evil.pt"
+    torch.save({"a.engram.memory.weight": torch.zeros(3, 3), "obj": _NotATensor()}, pickled)
+    with pytest.raises(CheckpointError, match="weights_only"):
+        tierstore.build_store(pickled, tmp_path / "s")
+    with pytest.raises(TierStoreError, match="dtype"):
+        tierstore.build_store(trunc, tmp_path / "s", dtype="int4")
+    assert not (tmp_path / "s").exists()
+
+
+class _NotATensor:
+    """An arbitrary pickled object: weights_only loading must refuse it."""
+
+
+def _big_checkpoint(path: Path, mib: int) -> None:
+    """A safetensors file of ~mib MiB written a slice at a time (never whole in memory)."""
+    rows, dim = mib * 1024 * 1024 // (256 * 4), 256
+    header = json.dumps({"big.engram.memory.weight": {"dtype": "F32", "shape": [rows, dim],
+                                                      "data_offsets": [0, rows * dim * 4]}}).encode()
+    header += b" " * (-len(header) % 8)
+    with open(path, "wb") as f:
+        f.write(len(header).to_bytes(8, "little") + header)
+        step = 4096
+        for s in range(0, rows, step):
+            n = min(step, rows - s)
+            f.write(np.arange(s * dim, (s + n) * dim, dtype=np.int64).astype(np.float32).tobytes())
+
+
+def _run_build_subprocess(script: str, *args: str) -> subprocess.Popen:
+    env = dict(os.environ, PYTHONPATH=str(REPO))
+    return subprocess.Popen([sys.executable, "-c", textwrap.dedent(script), *args], env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+@pytest.mark.slow
+def test_sigkill_mid_build_leaves_no_store_and_rerun_works(tmp_path):
+    ckpt = tmp_path / "big.safetensors"
+    _big_checkpoint(ckpt, 256)
+    out = tmp_path / "store"
+    proc = _run_build_subprocess(
+        "import sys, tierstore; tierstore.build_store(sys.argv[1], sys.argv[2], progress=False)",
+        str(ckpt), str(out))
+    deadline = time.time() + 60
+    while time.time() < deadline:  # wait until the build is really writing rows
+        tmps = list(tmp_path.glob(".store.tmp-*/tables/*.rows"))
+        if tmps and tmps[0].stat().st_size > 8 << 20:
+            break
+        time.sleep(0.01)
+    else:
+        pytest.fail("build never started writing")
+    proc.send_signal(signal.SIGKILL)
+    proc.communicate()
+    assert not out.exists()
+    with pytest.raises(TierStoreError):
+        tierstore.open(out)
+    for half in tmp_path.glob(".store.tmp-*"):  # the half-built directory does not open either
+        with pytest.raises(TierStoreError, match="manifest"):
+            tierstore.open(half)
+    tierstore.build_store(ckpt, out, progress=False)
+    assert not list(tmp_path.glob(".store.tmp-*")), "stale temporary directory not cleaned"
+    with tierstore.open(out) as store:
+        rows = store.lookup("big.engram.memory.weight", [0, 65535, 262143])
+        assert rows[2, 0].item() == 262143 * 256
+
+
+@pytest.mark.slow
+def test_build_memory_is_bounded(tmp_path):
+    """A 1 GiB checkpoint builds under an address-space cap of what the process had + 384 MiB."""
+    ckpt = tmp_path / "big.safetensors"
+    _big_checkpoint(ckpt, 1024)
+    proc = _run_build_subprocess("""
+        import resource, sys
+        import tierstore
+        vm = int(next(l for l in open('/proc/self/status') if l.startswith('VmSize')).split()[1]) * 1024
+        cap = vm + (384 << 20)
+        resource.setrlimit(resource.RLIMIT_AS, (cap, cap))
+        tierstore.build_store(sys.argv[1], sys.argv[2], progress=False)
+        peak = int(next(l for l in open('/proc/self/status') if l.startswith('VmPeak')).split()[1]) * 1024
+        print(peak - vm, cap - vm)
+    """, str(ckpt), str(tmp_path / "s"))
+    out, err = proc.communicate(timeout=300)
+    assert proc.returncode == 0, err
+    grew, allowed = map(int, out.split())
+    assert grew < allowed
+    assert tierstore.verify_store(tmp_path / "s", progress=False).ok
+
+
+def test_full_disk_is_a_clean_error(tmp_path, small_ckpt):
+    """Writes past RLIMIT_FSIZE fail with EFBIG like a full disk: CapacityError, nothing left."""
+    ckpt, _ = small_ckpt
+    proc = _run_build_subprocess("""
+        import resource, signal, sys
+        import tierstore
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+        resource.setrlimit(resource.RLIMIT_FSIZE, (200_000, 200_000))
+        try:
+            tierstore.build_store(sys.argv[1], sys.argv[2], progress=False)
+        except tierstore.CapacityError as e:
+            print("CapacityError", e)
+    """, str(ckpt), str(tmp_path / "s"))
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 0, err
+    assert out.startswith("CapacityError") and "disk full" in out
+    assert not (tmp_path / "s").exists()
+    assert not list(tmp_path.glob(".s.*"))

@@ -1,0 +1,232 @@
+"""Build a store from a checkpoint: stream rows in chunks, checksum pages, commit atomically.
+
+Crash safety: everything is written into a hidden sibling directory ``.NAME.tmp-PID``;
+files are fsynced, the manifest is written last, then the directory is renamed onto
+``OUT`` and the parent directory fsynced. A crash or Ctrl-C at any point leaves either no
+store at ``OUT`` or the previous one (with ``force``, the previous store is first moved to
+``.NAME.old-PID`` and deleted only after the new one is in place). Temporary directories
+of builds that died are removed by the next build of the same ``OUT``.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import errno
+import math
+import os
+import re
+import shutil
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from .checkpoint import Checkpoint, open_checkpoint
+from .errors import CapacityError, CheckpointError, StoreExistsError, StoreIOError, TierStoreError
+from .format import (
+    DTYPES,
+    PAGE_SIZE,
+    Manifest,
+    TableInfo,
+    header_page,
+    page_checksums,
+    row_stride_for,
+    write_manifest,
+)
+
+__all__ = ["build_store", "DEFAULT_TABLE_PATTERN", "CHUNK_BYTES"]
+
+# Every Engram memory table the model names: "<prefix>.engram.memory.weight".
+DEFAULT_TABLE_PATTERN = r"(^|\.)engram\.memory\.weight$"
+CHUNK_BYTES = 32 * 1024 * 1024  # rows read and written per step; peak memory is a few of these
+_NO_SPACE = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
+
+
+def _select_tables(ckpt: Checkpoint, pattern: str | None) -> list[str]:
+    pat = re.compile(pattern or DEFAULT_TABLE_PATTERN)
+    names = [n for n in ckpt.tensors if pat.search(n)]
+    two_d = sorted(n for n, m in ckpt.tensors.items() if len(m.shape) == 2)
+    if not names:
+        listing = ", ".join(f"{n} {list(ckpt.tensors[n].shape)}" for n in two_d[:20]) or "none"
+        how = "no tensor matches --tables" if pattern else "no Engram memory table (…engram.memory.weight)"
+        raise CheckpointError(
+            f"{how} {pat.pattern!r}; 2-D tensors found: {listing}. Select tables with --tables REGEX"
+        )
+    for n in names:
+        meta = ckpt.tensors[n]
+        if len(meta.shape) != 2:
+            raise CheckpointError(f"tensor {n!r} has shape {list(meta.shape)}; a table must be 2-D (rows, dim)")
+        if meta.dtype not in DTYPES:
+            raise CheckpointError(f"tensor {n!r} has dtype {meta.dtype}; supported: {', '.join(DTYPES)}")
+    return sorted(names)
+
+
+def _convert(chunk: np.ndarray, src: str, dst: str) -> np.ndarray:
+    """Convert a (rows, row_bytes) uint8 chunk between dtypes via torch (round to nearest)."""
+    if src == dst:
+        return chunk
+    t = torch.from_numpy(chunk).view(DTYPES[src][0]).to(DTYPES[dst][0])
+    return t.view(torch.uint8).numpy()
+
+
+def _chunk_rows(row_stride: int) -> int:
+    # a multiple of the rows that fill whole pages, so each chunk checksums whole pages
+    unit = PAGE_SIZE // math.gcd(row_stride, PAGE_SIZE)
+    return max(unit, CHUNK_BYTES // row_stride // unit * unit)
+
+
+def _write_table(ckpt: Checkpoint, name: str, info: TableInfo, src_dtype: str, tmp: Path, bar: tqdm) -> None:
+    rows_path, sums_path = tmp / info.file, tmp / info.checksum_file
+    sums = np.empty(info.n_pages, dtype=np.uint64)
+    head = np.frombuffer(header_page(info), dtype=np.uint8)
+    sums[0] = page_checksums(head)[0]
+    step = _chunk_rows(info.row_stride)
+    buf = np.zeros(step * info.row_stride, dtype=np.uint8)
+    fd = os.open(rows_path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+    try:
+        os.pwrite(fd, head.tobytes(), 0)
+        for start in range(0, info.rows, step):
+            stop = min(start + step, info.rows)
+            n = stop - start
+            chunk = _convert(ckpt.read_rows(name, start, stop), src_dtype, info.dtype)
+            nbytes = n * info.row_stride
+            padded = (nbytes + PAGE_SIZE - 1) // PAGE_SIZE * PAGE_SIZE  # last chunk: pad to a page
+            view = buf[:padded]
+            view[nbytes:] = 0
+            view[:nbytes].reshape(n, info.row_stride)[:, : info.row_bytes] = chunk
+            first_page = 1 + start * info.row_stride // PAGE_SIZE
+            sums[first_page : first_page + padded // PAGE_SIZE] = page_checksums(view)
+            written = os.pwrite(fd, memoryview(view), PAGE_SIZE + start * info.row_stride)
+            if written != padded:
+                raise OSError(errno.ENOSPC, "short write")
+            bar.update(n * info.row_bytes)
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    with open(sums_path, "wb") as f:
+        f.write(sums.astype("<u8").tobytes())
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _remove_stale(out: Path) -> None:
+    for stale in out.parent.glob(f".{out.name}.tmp-*"):
+        pid = stale.name.rsplit("-", 1)[-1]
+        if pid.isdigit() and not _alive(int(pid)):
+            shutil.rmtree(stale, ignore_errors=True)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def build_store(
+    checkpoint: str | os.PathLike[str],
+    out: str | os.PathLike[str],
+    *,
+    tables: str | None = None,
+    force: bool = False,
+    dtype: str | None = None,
+    progress: bool = True,
+    attach: Sequence[str | os.PathLike[str]] = (),
+) -> Path:
+    """Build a store at ``out`` from the 2-D tables of ``checkpoint``.
+
+    tables: regex over tensor names (``re.search``); default ``DEFAULT_TABLE_PATTERN``.
+    force: replace an existing store at ``out`` (the old one stays intact until the new one
+        is complete). Without it an existing ``out`` raises ``StoreExistsError``.
+    dtype: store rows in this dtype (e.g. "bfloat16", "float8_e4m3fn"), converted with
+        round-to-nearest; default: keep the checkpoint's dtype, bit for bit.
+    attach: files copied into ``out/attachments/`` (model config, tokenizer, ...).
+    Returns the store path. Raises ``CapacityError`` when the disk is full (nothing is left
+    behind), ``CheckpointError`` for unreadable input.
+    """
+    out = Path(out).absolute()
+    if dtype is not None and dtype not in DTYPES:
+        raise TierStoreError(f"dtype={dtype!r} is not supported; choose one of {', '.join(DTYPES)}")
+    if out.exists() and not force:
+        raise StoreExistsError(f"{out} already exists; pass --force (force=True) to replace it")
+    attach_paths = [Path(a) for a in attach]
+    for a in attach_paths:
+        if not a.is_file():
+            raise TierStoreError(f"attachment {a} is not a file")
+    ckpt = open_checkpoint(checkpoint)
+    names = _select_tables(ckpt, tables)
+    infos: list[tuple[str, TableInfo, str]] = []
+    for i, name in enumerate(names):
+        meta = ckpt.tensors[name]
+        rows, dim = meta.shape
+        target = dtype or meta.dtype
+        stride = row_stride_for(dim * DTYPES[target][1])
+        info = TableInfo(
+            name=name, rows=rows, dim=dim, dtype=target, row_stride=stride,
+            file=f"tables/t{i:04d}.rows", checksum_file=f"tables/t{i:04d}.sum",
+            file_bytes=TableInfo.expected_file_bytes(rows, stride),
+            source={"checkpoint": str(Path(checkpoint).absolute()), "dtype": meta.dtype},
+        )
+        infos.append((name, info, meta.dtype))
+
+    out.parent.mkdir(parents=True, exist_ok=True)
+    _remove_stale(out)
+    need = sum(i.file_bytes + i.n_pages * 8 for _, i, _ in infos) + sum(a.stat().st_size for a in attach_paths)
+    free = shutil.disk_usage(out.parent).free
+    if need > free:
+        raise CapacityError(f"the store needs {need} bytes but {out.parent} has {free} free; free space or pick OUT elsewhere")
+
+    tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    try:
+        (tmp / "tables").mkdir(parents=True)
+        total = sum(i.nbytes for _, i, _ in infos)
+        with tqdm(total=total, unit="B", unit_scale=True, unit_divisor=1024, desc="build",
+                  disable=not progress) as bar:
+            for name, info, src_dtype in infos:
+                bar.set_postfix_str(name[-40:])
+                _write_table(ckpt, name, info, src_dtype, tmp, bar)
+        if attach_paths:
+            (tmp / "attachments").mkdir()
+            for a in attach_paths:
+                shutil.copyfile(a, tmp / "attachments" / a.name)
+        manifest = Manifest(
+            tables={info.name: info for _, info, _ in infos},
+            attachments=[a.name for a in attach_paths],
+            created=_dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        )
+        _fsync_dir(tmp / "tables")
+        write_manifest(tmp, manifest)
+        _fsync_dir(tmp)
+        old = None
+        if out.exists():
+            old = out.parent / f".{out.name}.old-{os.getpid()}"
+            os.rename(out, old)
+        os.rename(tmp, out)
+        _fsync_dir(out.parent)
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
+    except OSError as e:
+        shutil.rmtree(tmp, ignore_errors=True)
+        if e.errno in _NO_SPACE:
+            raise CapacityError(f"disk full while building {out} ({e.strerror}); nothing was written, free space and rerun") from e
+        raise StoreIOError(e.errno, f"building {out}: {e.strerror or e}") from e
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    finally:
+        ckpt.close()
+    return out

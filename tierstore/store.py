@@ -1,0 +1,246 @@
+"""The public store: open a store directory, look rows up through the tiers, asynchronously."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from .buffers import BufferPool
+from .errors import IdTypeError, InvalidIdError, TierStoreError, UnknownTableError
+from .format import TableInfo, read_manifest
+from .prefetcher import LookupFuture, Prefetcher
+from .sizes import parse_size
+from .table import Table
+
+__all__ = ["Store", "open_store", "IdLike"]
+
+IdLike = Any  # torch integer tensor, numpy integer array, or a (nested) sequence of ints
+
+
+def _default_device() -> torch.device:
+    return torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
+
+
+def _load_profile(root: Path, table: str) -> np.ndarray | None:
+    try:
+        from .profile import load_profile
+    except ImportError:  # profiling module not present in this build
+        return None
+    return load_profile(root, table)
+
+
+def _as_ids(ids: IdLike, info: TableInfo) -> tuple[np.ndarray, tuple[int, ...]]:
+    """Validate ids (integer type, 0 <= id < rows) and return them flat as int64 + their shape."""
+    if isinstance(ids, torch.Tensor):
+        if ids.dtype.is_floating_point or ids.dtype.is_complex or ids.dtype == torch.bool:
+            raise IdTypeError(f"ids for table {info.name!r} have dtype {ids.dtype}; pass an integer tensor (e.g. torch.long)")
+        arr = ids.detach().to("cpu", torch.int64).numpy()
+    else:
+        arr = np.asarray(ids)
+        if arr.size == 0 and arr.dtype.kind == "f":  # `[]` parses as float64
+            arr = arr.astype(np.int64)
+        if arr.dtype.kind not in "iu":
+            raise IdTypeError(
+                f"ids for table {info.name!r} have dtype {arr.dtype}; pass integers (int64 recommended)"
+            )
+        arr = arr.astype(np.int64, copy=False)
+    shape = arr.shape
+    flat = np.ascontiguousarray(arr).reshape(-1)
+    if flat.size:
+        lo, hi = int(flat.min()), int(flat.max())
+        if lo < 0 or hi >= info.rows:
+            bad = lo if lo < 0 else hi
+            pos = int(np.flatnonzero(flat == bad)[0])
+            raise InvalidIdError(
+                f"id {bad} at flat position {pos} is out of range for table {info.name!r} "
+                f"with {info.rows} rows (valid ids are 0..{info.rows - 1})"
+            )
+    return flat, shape
+
+
+class Store:
+    """An opened store. Thread-safe: any number of threads may look up and prefetch at once.
+
+    Use ``tierstore.open``. Budgets are split over the tables in proportion to their size;
+    a table whose share covers it is resident in that tier.
+    """
+
+    def __init__(
+        self,
+        path: str | os.PathLike[str],
+        *,
+        device: str | torch.device | None = None,
+        device_budget: int | str | None = 0,
+        host_budget: int | str | None = 0,
+        policy: str = "default",
+        threads: int = 4,
+        io_threads: int | None = None,
+        direct: bool | None = None,
+    ):
+        self.path = Path(path)
+        self.manifest = read_manifest(self.path)
+        self.device = torch.device(device) if device is not None else _default_device()
+        if self.device.type == "cuda" and not torch.cuda.is_available():
+            raise TierStoreError(f"device={device!r} requested but CUDA is not available; use device='cpu'")
+        self.device_budget = parse_size(device_budget, what="device_budget")
+        self.host_budget = parse_size(host_budget, what="host_budget")
+        self.policy = policy
+        self.tables: dict[str, TableInfo] = dict(self.manifest.tables)
+        total = sum(t.nbytes for t in self.tables.values()) or 1
+        self._tables: dict[str, Table] = {}
+        try:
+            for name, info in self.tables.items():
+                share = info.nbytes / total
+                self._tables[name] = Table(
+                    self.path, info, device=self.device,
+                    device_rows=int(self.device_budget * share) // max(1, info.row_bytes),
+                    host_rows=int(self.host_budget * share) // max(1, info.row_bytes),
+                    policy=policy, profile=_load_profile(self.path, name),
+                    direct=direct, io_threads=io_threads,
+                )
+        except BaseException:
+            for t in self._tables.values():
+                t.close()
+            raise
+        self._pool = BufferPool()
+        self._prefetcher = Prefetcher(threads, self.device)
+        self._closed = False
+
+    # -- API -----------------------------------------------------------------------------
+    def _table(self, table: str) -> Table:
+        if self._closed:
+            raise TierStoreError(f"store {self.path} is closed")
+        try:
+            return self._tables[table]
+        except KeyError:
+            known = ", ".join(sorted(self._tables)[:10]) or "none"
+            raise UnknownTableError(f"no table {table!r} in store {self.path}; tables: {known}") from None
+
+    def _prepare(self, table: str, ids: IdLike, out: torch.Tensor | None) -> tuple[Table, np.ndarray, torch.Tensor, tuple[int, ...]]:
+        t = self._table(table)
+        flat, shape = _as_ids(ids, t.info)
+        full = shape + (t.info.dim,)
+        if out is None:
+            buf = self._pool.get((flat.size, t.info.dim), t.info.torch_dtype, self.device)
+        else:
+            if tuple(out.shape) != full or out.dtype != t.info.torch_dtype or out.device != self.device \
+                    or not out.is_contiguous():
+                raise TierStoreError(
+                    f"out= must be a contiguous {t.info.torch_dtype} tensor of shape {full} on {self.device}; "
+                    f"got {out.dtype} {tuple(out.shape)} on {out.device}"
+                )
+            buf = out.view(flat.size, t.info.dim)
+        return t, flat, buf, full
+
+    def prefetch(self, table: str, ids: IdLike, out: torch.Tensor | None = None) -> LookupFuture[torch.Tensor]:
+        """Start fetching rows ``ids`` of ``table``; returns at once with a future.
+
+        Bad ids raise here, immediately; I/O and corruption errors raise from ``result()``.
+        The future's tensor has shape ``ids.shape + (dim,)`` on the store's device; ``out``
+        (contiguous, that shape and dtype) is filled instead of a pooled buffer.
+        """
+        t, flat, buf, full = self._prepare(table, ids, out)
+        t.hint(flat)
+
+        def job() -> torch.Tensor:
+            t.gather(flat, buf)
+            return buf.view(full)
+
+        return self._prefetcher.submit(job)
+
+    def prefetch_many(self, requests: Mapping[str, IdLike]) -> LookupFuture[dict[str, torch.Tensor]]:
+        """One call for several tables (an Engram layer reads all its tables at once)."""
+        prepared = {name: self._prepare(name, ids, None) for name, ids in requests.items()}
+        for t, flat, _, _ in prepared.values():
+            t.hint(flat)
+
+        def job() -> dict[str, torch.Tensor]:
+            result = {}
+            for name, (t, flat, buf, full) in prepared.items():
+                t.gather(flat, buf)
+                result[name] = buf.view(full)
+            return result
+
+        return self._prefetcher.submit(job)
+
+    def lookup(self, table: str, ids: IdLike, out: torch.Tensor | None = None) -> torch.Tensor:
+        """Rows ``ids`` of ``table``, bit-identical to the checkpoint; ``prefetch(...).result()``."""
+        return self.prefetch(table, ids, out).result()
+
+    def stats(self) -> dict[str, Any]:
+        """Counters per tier (summed over tables) and per table.
+
+        device/host: hits, misses, evictions, insertions, rows held, capacity_rows, bytes.
+        The device tier counts every id; the host tier counts the unique ids that missed the
+        device tier; disk counts rows, pages and bytes read. latency: prefetch lead time and
+        caller stall time.
+        """
+        per_table = {name: t.stats() for name, t in self._tables.items()}
+        agg: dict[str, dict[str, float]] = {}
+        for tier in ("device", "host", "disk"):
+            keys = [k for k, v in next(iter(per_table.values()), {}).get(tier, {}).items() if not isinstance(v, bool)]
+            agg[tier] = {k: sum(s[tier][k] for s in per_table.values()) for k in keys}
+            if tier != "disk":
+                looked = agg[tier].get("hits", 0) + agg[tier].get("misses", 0)
+                agg[tier]["hit_ratio"] = agg[tier].get("hits", 0) / looked if looked else 0.0
+        return {**agg, "latency": self._prefetcher.latency.as_dict(), "tables": per_table,
+                "device_type": self.device.type}
+
+    def reset_stats(self) -> None:
+        for t in self._tables.values():
+            t.reset_stats()
+        self._prefetcher.latency.reset()
+
+    def attachment(self, name: str) -> Path:
+        """Path of a file attached at build time (e.g. 'config.json', 'tokenizer.json')."""
+        if name not in self.manifest.attachments:
+            raise TierStoreError(f"store {self.path} has no attachment {name!r}; it has {self.manifest.attachments}")
+        return self.path / "attachments" / name
+
+    def close(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        self._prefetcher.close()
+        for t in self._tables.values():
+            t.close()
+        self._pool.clear()
+
+    def __enter__(self) -> Store:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        return (f"Store({str(self.path)!r}, tables={len(self.tables)}, device={self.device}, "
+                f"device_budget={self.device_budget}, host_budget={self.host_budget}, policy={self.policy!r})")
+
+
+def open_store(
+    path: str | os.PathLike[str],
+    *,
+    device: str | torch.device | None = None,
+    device_budget: int | str | None = 0,
+    host_budget: int | str | None = 0,
+    policy: str = "default",
+    threads: int = 4,
+    io_threads: int | None = None,
+    direct: bool | None = None,
+) -> Store:
+    """Open the store at ``path``.
+
+    device: where lookups return rows and the device tier lives; default CUDA if present, else CPU
+        (the device tier is then a budgeted in-memory cache, same code).
+    device_budget, host_budget: bytes of rows each tier may hold ("64MiB", "2GB", int; 0 disables
+        the tier). A table that fits its share of a tier is loaded into it whole at open.
+    policy: cache policy for rows that do not fit ("default", "lru", "lfu", "s3fifo", ...).
+    threads: background lookup workers; io_threads: disk reader threads; direct: force O_DIRECT on/off.
+    """
+    return Store(path, device=device, device_budget=device_budget, host_budget=host_budget, policy=policy,
+                 threads=threads, io_threads=io_threads, direct=direct)

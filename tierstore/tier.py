@@ -1,0 +1,185 @@
+"""The tiers: they hold and move bytes; policies (CacheIndex) decide which rows stay.
+
+- ``DiskTier``: the row file. Reads whole 4 KiB pages through ``rowio.PageReader``
+  (O_DIRECT where the filesystem allows it) and verifies every page it reads against the
+  stored checksums before a row leaves it.
+- ``CacheTier``: a fixed slab of ``capacity`` rows on one device (GPU memory for the device
+  tier, pinned host memory for the host tier when CUDA is present, plain memory otherwise)
+  plus a ``CacheIndex`` that maps table rows to slots. A tier whose capacity covers the
+  table is *resident*: the slab is the table, slot == row, no index at all.
+
+All methods take whole batches (numpy int64 row arrays); there is no per-row Python work.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from .cache_index import CacheIndex
+from .errors import CorruptDataError
+from .format import PAGE_SIZE, TableInfo, page_checksums
+from .rowio import PageReader
+from .verify import load_checksums
+
+__all__ = ["DiskTier", "CacheTier"]
+
+
+class DiskTier:
+    """Cold rows, read from the table's row file with per-page checksum verification.
+
+    Thread-safe: concurrent lookups may read at once (the reader is thread-safe and the
+    counters are updated under a small lock).
+    """
+
+    def __init__(self, root: Path, info: TableInfo, *, direct: bool | None = None, threads: int | None = None):
+        self.info = info
+        self.path = root / info.file
+        size = self.path.stat().st_size if self.path.exists() else -1
+        if size != info.file_bytes:
+            raise CorruptDataError(
+                f"{self.path}: row file of table {info.name!r} has {size} bytes, expected "
+                f"{info.file_bytes}: truncated or replaced; rebuild the store (`tierstore verify` for details)"
+            )
+        self.sums = load_checksums(root, info)
+        self.reader = PageReader(self.path, direct=direct, threads=threads)
+        self._lock = threading.Lock()
+        self.rows_read = 0
+        self.pages_read = 0
+        self.bytes_read = 0
+        self.read_seconds = 0.0
+
+    def _row_spans(self, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        start = PAGE_SIZE + rows * self.info.row_stride  # byte offset of each row in the file
+        first = start // PAGE_SIZE
+        last = (start + self.info.row_bytes - 1) // PAGE_SIZE  # == first unless the row straddles a page
+        return start, first, last
+
+    def read(self, rows: np.ndarray, out: torch.Tensor) -> None:
+        """Fill ``out`` (len(rows), dim) on the CPU with the stored rows. ``rows``: int64, unique."""
+        if len(rows) == 0:
+            return
+        t0 = time.perf_counter()
+        info = self.info
+        start, first, last = self._row_spans(rows)
+        pages = np.union1d(first, last)  # sorted unique
+        buf = self.reader.read_pages(pages)
+        bad = np.flatnonzero(page_checksums(buf) != self.sums[pages])
+        if len(bad):
+            page = int(pages[bad[0]])
+            hit = rows[(first == page) | (last == page)]
+            raise CorruptDataError(
+                f"table {info.name!r}: page {page} (byte offset {page * PAGE_SIZE} of {self.path}) fails its "
+                f"checksum; rows {hit[:4].tolist()} are affected. Run `tierstore verify` and rebuild the store"
+            )
+        # A straddling row's second page is the next entry of `pages`, so each row is one
+        # contiguous run in the flat buffer starting at (its first page's position, in-page offset).
+        pos = np.searchsorted(pages, first) * PAGE_SIZE + start % PAGE_SIZE
+        flat = buf.reshape(-1)
+        dst = out.view(torch.uint8).numpy().reshape(len(rows), info.row_bytes)
+        if info.row_bytes % 8 == 0:  # stride is a multiple of 16, so offsets are 8-aligned
+            words = flat.view(np.uint64)
+            idx = (pos // 8)[:, None] + np.arange(info.row_bytes // 8)
+            np.take(words, idx, out=dst.view(np.uint64))
+        else:
+            np.take(flat, pos[:, None] + np.arange(info.row_bytes), out=dst)
+        dt = time.perf_counter() - t0
+        with self._lock:
+            self.rows_read += len(rows)
+            self.pages_read += len(pages)
+            self.bytes_read += len(pages) * PAGE_SIZE
+            self.read_seconds += dt
+
+    def read_range(self, start: int, stop: int, out: torch.Tensor) -> None:
+        """Rows ``start:stop`` (sequential, e.g. loading a resident table)."""
+        self.read(np.arange(start, stop, dtype=np.int64), out)
+
+    def stats(self) -> dict[str, float]:
+        return {"rows_read": self.rows_read, "pages_read": self.pages_read, "bytes_read": self.bytes_read,
+                "read_seconds": self.read_seconds}
+
+    def reset_stats(self) -> None:
+        with self._lock:
+            self.rows_read = self.pages_read = self.bytes_read = 0
+            self.read_seconds = 0.0
+
+    def close(self) -> None:
+        self.reader.close()
+        del self.sums
+
+
+class CacheTier:
+    """A budgeted slab of rows on one device, with a policy-driven index of what it holds.
+
+    ``lock`` guards the index and the slab's contents: callers look up and lease under it,
+    gather outside it (leased slots cannot be evicted), and admit + copy under it, so a
+    slot is never visible before its bytes are in place.
+    """
+
+    def __init__(
+        self,
+        name: str,
+        info: TableInfo,
+        capacity: int,
+        *,
+        device: torch.device,
+        pin: bool = False,
+        policy: str = "default",
+        profile: np.ndarray | None = None,
+        pinned_rows: np.ndarray | None = None,
+    ):
+        self.name = name  # "device" or "host"
+        self.info = info
+        self.capacity = min(int(capacity), info.rows)
+        self.resident = self.capacity == info.rows and info.rows > 0
+        self.device = device
+        self.lock = threading.Lock()
+        self.slab = torch.empty(
+            (self.capacity, info.dim), dtype=info.raw_dtype, device=device,
+            pin_memory=pin and device.type == "cpu",
+        )
+        self.index: CacheIndex | None = None
+        self.resident_hits = 0
+        if not self.resident and self.capacity > 0:
+            self.index = CacheIndex(
+                info.rows, self.capacity, policy,
+                pinned_rows=np.empty(0, np.int64) if pinned_rows is None else pinned_rows,
+                profile=profile,
+            )
+
+    @property
+    def enabled(self) -> bool:
+        return self.capacity > 0
+
+    @property
+    def nbytes(self) -> int:
+        return self.capacity * self.info.row_bytes
+
+    def preload_rows(self) -> tuple[np.ndarray, np.ndarray]:
+        """Rows (and their slots) the index placed at construction (the static hot set)."""
+        if self.index is None:
+            return np.empty(0, np.int64), np.empty(0, np.int64)
+        slots = np.flatnonzero(self.index.row_of_slot >= 0)
+        return self.index.row_of_slot[slots].astype(np.int64), slots
+
+    def stats(self) -> dict[str, float]:
+        if self.resident:
+            return {"hits": self.resident_hits, "misses": 0, "evictions": 0, "insertions": 0,
+                    "rows": self.capacity, "capacity_rows": self.capacity, "bytes": self.nbytes, "resident": True}
+        idx = self.index
+        return {
+            "hits": idx.hits if idx else 0, "misses": idx.misses if idx else 0,
+            "evictions": idx.evictions if idx else 0, "insertions": idx.insertions if idx else 0,
+            "rows": idx.size if idx else 0, "capacity_rows": self.capacity, "bytes": self.nbytes,
+            "resident": False,
+        }
+
+    def reset_stats(self) -> None:
+        with self.lock:
+            self.resident_hits = 0
+            if self.index is not None:
+                self.index.hits = self.index.misses = self.index.evictions = self.index.insertions = 0

@@ -1,0 +1,87 @@
+"""`tierstore build`, `tierstore inspect`, `tierstore verify`."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+from tierstore.build import DEFAULT_TABLE_PATTERN, build_store
+from tierstore.format import FORMAT_NAME, PAGE_SIZE, read_manifest
+from tierstore.sizes import format_size
+from tierstore.verify import verify_store
+
+
+def add_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("build", help="build a store from a checkpoint",
+                       description="Build a store directory from a .safetensors file, a sharded index, "
+                                   "or a torch .pt/.bin state dict (loaded with weights_only=True).")
+    p.add_argument("checkpoint", help="checkpoint file or directory")
+    p.add_argument("out", help="store directory to create")
+    p.add_argument("--tables", metavar="REGEX", default=None,
+                   help=f"tensor names to store (re.search); default {DEFAULT_TABLE_PATTERN!r}")
+    p.add_argument("--dtype", default=None, help="convert rows to this dtype (float32, float16, bfloat16, float8_e4m3fn, float8_e5m2)")
+    p.add_argument("--attach", action="append", default=[], metavar="FILE",
+                   help="copy FILE into the store (model config, tokenizer); repeatable")
+    p.add_argument("--force", action="store_true", help="replace an existing store at OUT")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.set_defaults(func=run_build)
+
+    p = sub.add_parser("inspect", help="show a store's tables, sizes and format")
+    p.add_argument("store")
+    p.add_argument("--json", action="store_true", help="print one JSON object")
+    p.set_defaults(func=run_inspect)
+
+    p = sub.add_parser("verify", help="recompute every checksum of a store")
+    p.add_argument("store")
+    p.add_argument("--json", action="store_true", help="print one JSON object")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.set_defaults(func=run_verify)
+
+
+def run_build(args: argparse.Namespace) -> int:
+    out = build_store(args.checkpoint, args.out, tables=args.tables, force=args.force, dtype=args.dtype,
+                      progress=not args.quiet, attach=args.attach)
+    m = read_manifest(out)
+    total = sum(t.nbytes for t in m.tables.values())
+    print(f"built {out}: {len(m.tables)} table(s), {format_size(total)} of rows")
+    return 0
+
+
+def run_inspect(args: argparse.Namespace) -> int:
+    m = read_manifest(args.store)
+    tables = [
+        {"name": t.name, "rows": t.rows, "dim": t.dim, "dtype": t.dtype, "row_bytes": t.row_bytes,
+         "row_stride": t.row_stride, "bytes": t.nbytes, "file": t.file, "file_bytes": t.file_bytes}
+        for t in m.tables.values()
+    ]
+    doc = {"format": FORMAT_NAME, "version": m.version, "created": m.created, "checksum": m.checksum,
+           "page_size": PAGE_SIZE, "tables": tables, "attachments": m.attachments,
+           "total_bytes": sum(t["bytes"] for t in tables)}
+    if args.json:
+        print(json.dumps(doc))
+        return 0
+    print(f"store {args.store}  format {FORMAT_NAME} v{m.version}  created {m.created}  "
+          f"checksums {m.checksum['scheme']} per {m.checksum['block_size']} B")
+    w = max([len(t["name"]) for t in tables] + [5])
+    print(f"{'table':<{w}}  {'rows':>12}  {'dim':>5}  {'dtype':<14}  {'size':>10}")
+    for t in tables:
+        print(f"{t['name']:<{w}}  {t['rows']:>12,}  {t['dim']:>5}  {t['dtype']:<14}  {format_size(t['bytes']):>10}")
+    print(f"total {format_size(doc['total_bytes'])} in {len(tables)} table(s)"
+          + (f"; attachments: {', '.join(m.attachments)}" if m.attachments else ""))
+    return 0
+
+
+def run_verify(args: argparse.Namespace) -> int:
+    report = verify_store(args.store, progress=not args.quiet)
+    if args.json:
+        print(json.dumps({"ok": report.ok, "tables": report.tables, "pages": report.pages, "bytes": report.bytes,
+                          "mismatches": [vars(m) for m in report.mismatches]}))
+    elif report.ok:
+        print(f"ok: {report.tables} table(s), {report.pages:,} pages, {format_size(report.bytes)} verified")
+    else:
+        for m in report.mismatches:
+            print(f"MISMATCH table {m.table!r} block {m.page} offset {m.offset} first_row {m.first_row}: {m.detail}",
+                  file=sys.stderr)
+        print(f"verify failed: {len(report.mismatches)} bad block(s) in {args.store}", file=sys.stderr)
+    return 0 if report.ok else 1
