@@ -1,0 +1,60 @@
+"""`tierstore build / inspect / verify` as a user runs them."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from tierstore.format import PAGE_SIZE, read_manifest
+from tools.cli import main
+
+
+def test_build_inspect_verify(tmp_path, small_ckpt, capsys):
+    ckpt, tensors = small_ckpt
+    out = tmp_path / "store"
+    assert main(["build", str(ckpt), str(out), "--quiet"]) == 0
+    assert "2 table(s)" in capsys.readouterr().out
+    assert main(["inspect", str(out), "--json"]) == 0
+    doc = json.loads(capsys.readouterr().out)
+    assert doc["format"] == "tierstore" and doc["version"] == 1
+    assert {t["name"]: (t["rows"], t["dim"], t["dtype"]) for t in doc["tables"]} == {
+        "blocks.1.engram.memory.weight": (5003, 64, "float32"),
+        "blocks.3.engram.memory.weight": (1201, 48, "float32"),
+    }
+    assert main(["inspect", str(out)]) == 0
+    assert "blocks.3.engram.memory.weight" in capsys.readouterr().out
+    assert main(["verify", str(out), "--quiet"]) == 0
+    # corrupt one byte of table 2, page 3
+    info = read_manifest(out).tables["blocks.3.engram.memory.weight"]
+    with open(out / info.file, "r+b") as f:
+        f.seek(3 * PAGE_SIZE + 5)
+        f.write(b"\x7f")
+    assert main(["verify", str(out), "--quiet"]) == 1
+    err = capsys.readouterr().err
+    assert "table 'blocks.3.engram.memory.weight' block 3 offset 12288" in err
+
+
+def test_errors_are_one_line_and_nonzero(tmp_path, small_ckpt, capsys):
+    ckpt, _ = small_ckpt
+    assert main(["build", str(ckpt), str(tmp_path / "s"), "--tables", "nomatch", "--quiet"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("tierstore build: error:") and "\n" not in err
+    assert main(["inspect", str(tmp_path / "missing")]) == 2
+
+
+SCRIPT = Path(sys.executable).parent / "tierstore"
+
+
+@pytest.mark.skipif(not SCRIPT.exists(), reason="console script not installed (pip install -e .)")
+def test_console_script(tmp_path, small_ckpt):
+    ckpt, _ = small_ckpt
+    r = subprocess.run([str(SCRIPT), "build", str(ckpt), str(tmp_path / "s"), "--quiet"],
+                       capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    r = subprocess.run([sys.executable, "-m", "tools", "verify", str(tmp_path / "s"), "--quiet"],
+                       capture_output=True, text=True, cwd=Path(__file__).resolve().parents[2])
+    assert r.returncode == 0 and r.stdout.startswith("ok:"), r.stderr
