@@ -1,0 +1,265 @@
+"""Cold disk tier: random rows straight from disk, page cache evicted before every measurement.
+
+Measured in one run, on the same file and the same row ids (rows of 128 B and 1 KiB):
+- fio 4 KiB random read, O_DIRECT, libaio, queue depth 32: the device's random-read rate;
+- ours: ``rowio.PageReader`` reads the pages holding the rows, then a vectorized gather;
+- numpy.memmap fancy indexing with ``madvise(MADV_RANDOM)`` (a fresh map each time, closed
+  before eviction: a live map would keep its pages cached);
+- LMDB ``txn.get`` per row with ``readahead=False`` (keys = row ids, values = rows, built
+  once in the cache dir; its data file is evicted too).
+Targets (issue 3): ours >= 0.9x fio IOPS, >= 3x memmap and LMDB rows/s.
+
+The row file, its LMDB copies and a marker live in ``--cache-dir`` (default
+$TIERSTORE_BENCH_CACHE or /tmp/tierstore_bench_cache) and are reused across runs.
+
+    python -m benchmarks.bench_cold [--quick] [--table-size 4GiB] [--rows 50000] [--repeats 3]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import mmap
+import os
+import shutil
+import subprocess
+import tempfile
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import lmdb
+import numpy as np
+
+from benchmarks.common import evict, json_line, machine_info, print_header, resident_bytes
+from tierstore.rowio import PAGE_SIZE, PageReader
+from tierstore.sizes import format_size, parse_size
+
+_FIO_QD = 32
+
+
+# ----------------------------------------------------------------------------- data
+def ensure_row_file(cache: Path, size: int) -> Path:
+    """A file of ``size`` random bytes (fp16-like rows; content is irrelevant to cold reads), reused."""
+    path = cache / f"rows_{size}.bin"
+    if path.exists() and path.stat().st_size == size:
+        return path
+    tmp = path.with_suffix(".tmp")
+    rng = np.random.default_rng(1234)
+    chunk = 64 << 20
+    with open(tmp, "wb") as f:
+        for off in range(0, size, chunk):
+            f.write(rng.integers(0, 2**63, (min(chunk, size - off)) // 8, dtype=np.uint64).tobytes())
+        os.fsync(f.fileno())
+    tmp.rename(path)
+    return path
+
+
+def ensure_lmdb(cache: Path, row_file: Path, row_bytes: int) -> Path:
+    """LMDB copy of the table: key = row id as 8 big-endian bytes, value = the row. Built once."""
+    size = row_file.stat().st_size
+    db = cache / f"lmdb_{size}_{row_bytes}"
+    done = db / "complete"
+    if done.exists():
+        return db
+    shutil.rmtree(db, ignore_errors=True)
+    n_rows = size // row_bytes
+    env = lmdb.open(str(db), map_size=int(size * 1.6) + (64 << 20), sync=False, metasync=False,
+                    writemap=True, readahead=False)
+    per = max(1, (64 << 20) // row_bytes)  # rows per transaction
+    t0 = time.perf_counter()
+    with open(row_file, "rb") as f:
+        for lo in range(0, n_rows, per):
+            hi = min(n_rows, lo + per)
+            data = f.read((hi - lo) * row_bytes)
+            keys = np.arange(lo, hi, dtype=">u8").tobytes()
+            items = ((keys[8 * i:8 * i + 8], data[row_bytes * i:row_bytes * (i + 1)]) for i in range(hi - lo))
+            with env.begin(write=True) as txn:
+                txn.cursor().putmulti(items, append=True)
+    env.sync(True)
+    env.close()
+    done.write_text(f"{n_rows} rows of {row_bytes} B built in {time.perf_counter() - t0:.1f} s\n")
+    return db
+
+
+# ----------------------------------------------------------------------------- systems
+def row_pages(ids: np.ndarray, row_bytes: int) -> tuple[np.ndarray, np.ndarray]:
+    """(sorted unique pages holding the rows, byte offset of each row) for rows at id*row_bytes."""
+    start = ids * row_bytes
+    first, last = start // PAGE_SIZE, (start + row_bytes - 1) // PAGE_SIZE
+    pages = np.union1d(first, last)
+    return pages, np.searchsorted(pages, first) * PAGE_SIZE + start % PAGE_SIZE
+
+
+def read_ours(reader: PageReader, ids: np.ndarray, row_bytes: int, batch: int | None = None) -> np.ndarray:
+    """Rows via PageReader: pages in one call (or in calls of ``batch`` rows), then a vectorized gather."""
+    if batch is not None:
+        return np.concatenate([read_ours(reader, ids[i:i + batch], row_bytes) for i in range(0, len(ids), batch)])
+    pages, pos = row_pages(ids, row_bytes)
+    flat = reader.read_pages(pages).reshape(-1)
+    return flat[pos[:, None] + np.arange(row_bytes)]
+
+
+def read_memmap(path: Path, ids: np.ndarray, row_bytes: int) -> np.ndarray:
+    """numpy.memmap fancy indexing, MADV_RANDOM; the map is closed before returning."""
+    mm = np.memmap(path, dtype=np.uint8, mode="r", shape=(path.stat().st_size // row_bytes, row_bytes))
+    raw: mmap.mmap = mm._mmap  # type: ignore[attr-defined]
+    raw.madvise(mmap.MADV_RANDOM)
+    rows = np.array(mm[ids])
+    del mm
+    raw.close()
+    return rows
+
+
+def read_lmdb(db: Path, keys: list[bytes], row_bytes: int) -> np.ndarray:
+    """One ``txn.get`` per row, readahead off; the environment is closed before returning."""
+    env = lmdb.open(str(db), readonly=True, lock=False, readahead=False, max_readers=4)
+    try:
+        with env.begin() as txn:
+            get = txn.get
+            vals = [get(k) for k in keys]
+    finally:
+        env.close()
+    return np.frombuffer(b"".join(vals), dtype=np.uint8).reshape(len(keys), row_bytes)
+
+
+def run_fio(path: Path, runtime: float) -> dict[str, float] | None:
+    """fio 4 KiB randread, O_DIRECT, libaio, QD32 on ``path``; None when fio is not installed."""
+    if shutil.which("fio") is None:
+        return None
+    cmd = ["fio", "--name=cold", f"--filename={path}", "--rw=randread", "--bs=4k", "--direct=1",
+           "--ioengine=libaio", f"--iodepth={_FIO_QD}", f"--runtime={runtime}", "--time_based",
+           "--output-format=json"]
+    out = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout
+    rd = json.loads(out[out.index("{"):])["jobs"][0]["read"]
+    return {"iops": float(rd["iops"]), "lat_us": float(rd["clat_ns"]["mean"]) / 1e3}
+
+
+# ----------------------------------------------------------------------------- main
+def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
+    ap = argparse.ArgumentParser(description="Cold random row reads vs fio, numpy.memmap and LMDB")
+    ap.add_argument("--quick", action="store_true", help="tiny sizes (seconds; for the test)")
+    ap.add_argument("--cache-dir", default=os.environ.get("TIERSTORE_BENCH_CACHE", "/tmp/tierstore_bench_cache"))
+    ap.add_argument("--table-size", default="4GiB", help="row file size (bigger than readahead can absorb)")
+    ap.add_argument("--row-bytes", default="128,1024")
+    ap.add_argument("--rows", type=int, default=50000, help="random rows per measurement")
+    ap.add_argument("--small-batch", type=int, default=512, help="also read the rows in calls of this many")
+    ap.add_argument("--repeats", type=int, default=3, help="fresh ids each repeat; medians reported")
+    ap.add_argument("--fio-runtime", type=float, default=4.0, help="seconds per fio run")
+    ap.add_argument("--threads", type=int, default=None, help="PageReader threads (default: per method)")
+    ap.add_argument("--methods", default="fadvise,pread", help="PageReader methods; the first is 'ours'")
+    ap.add_argument("--seed", type=int, default=0)
+    args = ap.parse_args(argv)
+    if args.quick:
+        args.table_size, args.rows, args.repeats, args.fio_runtime, args.small_batch = "48MiB", 1500, 1, 1.0, 256
+
+    cache = Path(args.cache_dir)
+    cache.mkdir(parents=True, exist_ok=True)
+    size = parse_size(args.table_size) // PAGE_SIZE * PAGE_SIZE
+    row_sizes = [int(s) for s in args.row_bytes.split(",")]
+    methods = args.methods.split(",")
+    row_file = ensure_row_file(cache, size)
+    dbs = {s: ensure_lmdb(cache, row_file, s) for s in row_sizes}
+    readers = {m: PageReader(row_file, method=m, threads=args.threads) for m in methods}
+    cold_files = [row_file] + [db / "data.mdb" for db in dbs.values()]
+
+    evict(*cold_files)
+    residue = {str(p): resident_bytes(p) for p in cold_files}
+    fio_line = (f"fio: randread 4 KiB, O_DIRECT, libaio, QD{_FIO_QD}, {args.fio_runtime:g} s per run"
+                if shutil.which("fio") else "fio: NOT INSTALLED (apt-get install -y fio); fio ratios omitted")
+    print_header("bench_cold: cold random rows from disk", machine_info(row_file), [
+        f"table: {row_file} ({format_size(size)}), LMDB copies in {cache}",
+        f"rows per measurement: {args.rows} (uniform, unique, sorted; same ids for every system), "
+        f"repeats: {args.repeats}, row sizes: {row_sizes} B",
+        *[f"ours[{m}]: {r!r}  -> {'O_DIRECT' if r.direct else 'buffered'}" for m, r in readers.items()],
+        fio_line,
+        "eviction: fdatasync + posix_fadvise(DONTNEED) before every measurement; maps closed first; "
+        f"resident after eviction (fincore): {residue}",
+    ])
+
+    rng = np.random.default_rng(args.seed)
+    samples: dict[str, list[float]] = {}
+
+    def add(key: str, value: float) -> None:
+        samples.setdefault(key, []).append(value)
+
+    fio_res: list[dict[str, float]] = []
+    mismatches = 0
+    for rep in range(args.repeats):
+        f = run_fio(row_file, args.fio_runtime)
+        if f is not None:
+            fio_res.append(f)
+            add("fio_iops", f["iops"])
+        for s in row_sizes:
+            n_rows = size // s
+            ids = np.unique(rng.integers(0, n_rows, args.rows))
+            pages, _ = row_pages(ids, s)
+            keys = [int(i).to_bytes(8, "big") for i in ids]
+            results: dict[str, np.ndarray] = {}
+            for m, reader in readers.items():
+                evict(*cold_files)
+                t0 = time.perf_counter()
+                results[m] = read_ours(reader, ids, s)
+                dt = time.perf_counter() - t0
+                add(f"{s}/{m}/rows_s", len(ids) / dt)
+                add(f"{s}/{m}/iops", len(pages) / dt)
+            m0 = methods[0]
+            evict(*cold_files)
+            t0 = time.perf_counter()
+            results["small"] = read_ours(readers[m0], ids, s, batch=args.small_batch)
+            dt = time.perf_counter() - t0
+            add(f"{s}/{m0}_batch{args.small_batch}/rows_s", len(ids) / dt)
+            add(f"{s}/{m0}_batch{args.small_batch}/iops", len(pages) / dt)
+            for name, fn in (("memmap", lambda: read_memmap(row_file, ids, s)),
+                             ("lmdb", lambda: read_lmdb(dbs[s], keys, s))):
+                evict(*cold_files)
+                t0 = time.perf_counter()
+                results[name] = fn()
+                dt = time.perf_counter() - t0
+                add(f"{s}/{name}/rows_s", len(ids) / dt)
+                add(f"{s}/{name}/iops", len(pages) / dt)
+            ref = results["memmap"]
+            for name, got in results.items():
+                bad = int((got != ref).any(axis=1).sum())
+                if bad:
+                    print(f"   MISMATCH: {name} differs from memmap on {bad} rows of {s} B")
+                mismatches += bad
+
+    med = {k: float(np.median(v)) for k, v in samples.items()}
+    fio_iops = med.get("fio_iops")
+    out: dict[str, Any] = {
+        "bench": "cold", "quick": args.quick, "table_bytes": size, "rows": args.rows, "repeats": args.repeats,
+        "fio_iops_qd32": fio_iops,
+        "fio_lat_us": float(np.median([f["lat_us"] for f in fio_res])) if fio_res else None,
+        "readers": {m: {"method": r.method, "direct": r.direct, "threads": r.threads} for m, r in readers.items()},
+        "mismatches": mismatches,
+    }
+    if fio_iops:
+        print(f"\nfio QD{_FIO_QD} O_DIRECT 4 KiB randread: {fio_iops:,.0f} IOPS (median of "
+              f"{' '.join(f'{x:,.0f}' for x in samples['fio_iops'])})")
+    m0 = methods[0]
+    for s in row_sizes:
+        names = [*methods, f"{m0}_batch{args.small_batch}", "memmap", "lmdb"]
+        print(f"\nrows of {s} B ({args.rows} random rows, medians of {args.repeats})")
+        print(f"   {'system':<22} {'rows/s':>10} {'IOPS':>10} {'x fio':>7} {'ours x':>8}")
+        ours = med[f"{s}/{m0}/rows_s"]
+        for name in names:
+            r, iops = med[f"{s}/{name}/rows_s"], med[f"{s}/{name}/iops"]
+            vs_fio = f"{iops / fio_iops:7.2f}" if fio_iops else "      -"
+            print(f"   {name:<22} {r:>10,.0f} {iops:>10,.0f} {vs_fio} {ours / r:>8.2f}")
+        out[f"rows_{s}"] = {
+            **{f"{name}_rows_s": med[f"{s}/{name}/rows_s"] for name in names},
+            **{f"{name}_iops": med[f"{s}/{name}/iops"] for name in names},
+            "ours_vs_fio_iops": med[f"{s}/{m0}/iops"] / fio_iops if fio_iops else None,
+            "ours_vs_memmap": ours / med[f"{s}/memmap/rows_s"],
+            "ours_vs_lmdb": ours / med[f"{s}/lmdb/rows_s"],
+        }
+    for r in readers.values():
+        r.close()
+    json_line(out)
+    return out
+
+
+if __name__ == "__main__":
+    main()
