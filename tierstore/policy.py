@@ -170,6 +170,11 @@ class _LazyMin:
                 ds = dk = _EMPTY
             cand_slots = np.concatenate([self.buf_slots[chosen_pos], ds])
             cand_keys = np.concatenate([self.buf_keys[chosen_pos], dk])
+            if ds.size:  # a slot given back with its old key can sit in both lists
+                _, first = np.unique(cand_slots, return_index=True)
+                if first.size != cand_slots.size:
+                    first.sort()
+                    cand_slots, cand_keys = cand_slots[first], cand_keys[first]
             take = min(need, cand_slots.size)
             if take == 0:
                 self.pos = self.buf_slots.size

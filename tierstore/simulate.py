@@ -1,0 +1,231 @@
+"""Row-access traces and their replay through cache policies (``tierstore profile``).
+
+A *trace* is the sequence of table rows a model reads, in the order a serving engine
+issues them, cut into batches (one serving step each). ``tierstore trace`` writes one
+per Engram table into a single zstd-compressed file (:func:`save_trace`); a plain
+``.npy`` int64 array is accepted too (one table, no batch boundaries).
+
+:func:`simulate` replays a trace through :class:`~tierstore.cache_index.CacheIndex`
+for each policy x capacity (the very code the store's tiers run, so a live store's
+counters match), plus ``opt`` (:mod:`tierstore.belady`). Batches are the unit of work:
+each costs a handful of numpy calls, so short steps are merged up to ``min_batch``
+lookups (the default 1024 keeps the replay above 2M lookups/s; a step of one token
+with 16 heads is 16 lookups). ``min_batch=1`` without offsets replays one access at a
+time (exact sequential semantics, slow).
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from .belady import belady_hits
+from .cache_index import CacheIndex
+from .errors import CorruptDataError, FormatVersionError, IdTypeError, TierStoreError
+from .policy import POLICIES
+
+__all__ = [
+    "TableTrace",
+    "Trace",
+    "SimResult",
+    "save_trace",
+    "load_trace",
+    "batch_bounds",
+    "replay",
+    "simulate",
+    "TRACE_FORMAT",
+]
+
+TRACE_FORMAT = "tierstore-trace"
+TRACE_VERSION = 1
+
+
+@dataclass
+class TableTrace:
+    """Accesses of one table: row ids in order and the start of each batch (step)."""
+
+    rows: np.ndarray  # int64 (n,)
+    offsets: np.ndarray | None = None  # int64 (n_batches,), ascending, first 0; None = unknown
+    n_rows: int | None = None  # rows of the table, when known (capacities as fractions of it)
+
+    def __post_init__(self) -> None:
+        rows = np.asarray(self.rows)
+        if rows.dtype.kind not in "iu":
+            raise IdTypeError(f"trace rows have dtype {rows.dtype}; a trace holds integer row ids")
+        self.rows = rows.reshape(-1).astype(np.int64, copy=False)
+        if self.rows.size and self.rows.min() < 0:
+            raise CorruptDataError("trace holds negative row ids")
+        if self.offsets is not None:
+            off = np.asarray(self.offsets, dtype=np.int64).reshape(-1)
+            if off.size and (off[0] != 0 or np.any(np.diff(off) <= 0) or off[-1] >= max(1, self.rows.size)):
+                raise CorruptDataError("trace batch offsets must start at 0 and increase within the trace")
+            self.offsets = off
+
+
+@dataclass
+class Trace:
+    """A trace file: one :class:`TableTrace` per table plus free-form metadata."""
+
+    tables: dict[str, TableTrace]
+    meta: dict = field(default_factory=dict)
+
+
+def save_trace(path: str | Path, trace: Trace, *, level: int = 3) -> Path:
+    """Write ``trace`` as zstd-compressed npz (row ids stored as int32 when they fit)."""
+    import zstandard
+
+    path = Path(path)
+    arrays: dict[str, np.ndarray] = {}
+    tables_meta = {}
+    for i, (name, t) in enumerate(trace.tables.items()):
+        small = t.rows.size == 0 or t.rows.max() < 2**31
+        arrays[f"rows{i}"] = t.rows.astype(np.int32 if small else np.int64)
+        if t.offsets is not None:
+            arrays[f"offsets{i}"] = t.offsets
+        tables_meta[name] = {"index": i, "n_rows": t.n_rows, "lookups": int(t.rows.size),
+                             "batches": None if t.offsets is None else int(t.offsets.size)}
+    header = {"format": TRACE_FORMAT, "version": TRACE_VERSION, "tables": tables_meta, "meta": trace.meta}
+    arrays["header"] = np.frombuffer(json.dumps(header).encode(), dtype=np.uint8)
+    buf = io.BytesIO()
+    np.savez(buf, **arrays)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_bytes(zstandard.ZstdCompressor(level=level, threads=-1).compress(buf.getvalue()))
+    tmp.replace(path)
+    return path
+
+
+def load_trace(path: str | Path) -> Trace:
+    """Read a trace written by :func:`save_trace`, or a ``.npy`` int array (table "trace")."""
+    import zstandard
+
+    path = Path(path)
+    if not path.is_file():
+        raise TierStoreError(f"trace file {str(path)!r} not found")
+    raw = path.read_bytes()
+    if raw[:6] == b"\x93NUMPY":
+        rows = np.load(io.BytesIO(raw), allow_pickle=False)
+        return Trace({"trace": TableTrace(rows)}, {"source": str(path)})
+    try:
+        data = zstandard.ZstdDecompressor().decompress(raw, max_output_size=1 << 36)
+        npz = np.load(io.BytesIO(data), allow_pickle=False)
+        header = json.loads(bytes(npz["header"]).decode())
+    except Exception as e:  # zstd, zip or JSON errors all mean the same to the caller
+        raise CorruptDataError(
+            f"{str(path)!r} is neither a .npy array nor a tierstore trace file ({e})") from e
+    if header.get("format") != TRACE_FORMAT:
+        raise CorruptDataError(f"{str(path)!r} is not a tierstore trace (format {header.get('format')!r})")
+    if header.get("version") != TRACE_VERSION:
+        raise FormatVersionError(
+            f"{str(path)!r} is trace format version {header.get('version')}; this tierstore reads "
+            f"version {TRACE_VERSION}: re-run `tierstore trace`")
+    tables = {}
+    for name, m in header["tables"].items():
+        i = m["index"]
+        off = npz[f"offsets{i}"] if f"offsets{i}" in npz.files else None
+        tables[name] = TableTrace(npz[f"rows{i}"].astype(np.int64), off, m.get("n_rows"))
+    return Trace(tables, header.get("meta", {}))
+
+
+def batch_bounds(n: int, offsets: np.ndarray | None, min_batch: int) -> np.ndarray:
+    """Batch start positions plus ``n`` at the end: trace steps merged up to ``min_batch``."""
+    if min_batch < 1:
+        raise TierStoreError(f"min_batch={min_batch} must be >= 1")
+    if offsets is None:
+        starts = np.arange(0, n, min_batch, dtype=np.int64)
+    else:
+        off = np.asarray(offsets, dtype=np.int64)
+        if min_batch > 1 and off.size:
+            # keep an offset only when it is >= min_batch past the last kept one: greedy
+            # merging in one pass over bucket numbers (an offset starts a new batch when its
+            # bucket index floor(off/min_batch) changes), which is close enough and vectorized.
+            bucket = off // min_batch
+            keep = np.r_[True, bucket[1:] != bucket[:-1]]
+            off = off[keep]
+        starts = off
+    return np.r_[starts, n].astype(np.int64)
+
+
+def replay(index: CacheIndex, rows: np.ndarray, bounds: np.ndarray, *, lookahead: int = 0) -> None:
+    """Run the accesses through ``index`` batch by batch, as a tier would: lookup, then
+    admit the misses. With ``lookahead`` L > 0 the rows of batch i+L are hinted before
+    batch i is looked up (the ids an issued prefetch knows in advance)."""
+    nb = bounds.size - 1
+    if lookahead > 0:
+        for j in range(min(lookahead, nb)):
+            index.hint(rows[bounds[j]: bounds[j + 1]])
+    for i in range(nb):
+        if lookahead > 0 and i + lookahead < nb:
+            index.hint(rows[bounds[i + lookahead]: bounds[i + lookahead + 1]])
+        b = rows[bounds[i]: bounds[i + 1]]
+        slots = index.lookup(b)
+        missed = b[slots < 0]
+        if missed.size:
+            index.admit(missed)
+
+
+@dataclass
+class SimResult:
+    """One policy at one capacity over one trace (``--json`` emits these fields)."""
+
+    policy: str
+    capacity_rows: int
+    hit_ratio: float
+    hits: int
+    misses: int
+    lookups: int
+    insertions: int | None
+    evictions: int | None
+    seconds: float
+    table: str = ""
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def simulate(rows: np.ndarray, capacities: list[int], policies: list[str], *,
+             n_rows: int | None = None, offsets: np.ndarray | None = None,
+             profile: np.ndarray | None = None, min_batch: int = 1024, lookahead: int = 0,
+             rng: int | None = None, table: str = "") -> list[SimResult]:
+    """Hit ratios of each policy (a registered name or ``opt``) at each capacity (rows).
+
+    ``profile``: per-row counts from *separate* text, for ``static`` and ``default``.
+    ``n_rows``: table size (default: max row id + 1).
+    """
+    rows = np.asarray(rows)
+    if rows.dtype.kind not in "iu":
+        raise IdTypeError(f"trace has dtype {rows.dtype}; pass integer row ids")
+    rows = rows.reshape(-1).astype(np.int64, copy=False)
+    n_rows = int(n_rows if n_rows is not None else (rows.max() + 1 if rows.size else 0))
+    if rows.size and rows.max() >= n_rows:
+        raise TierStoreError(f"trace holds row {int(rows.max())} but the table has {n_rows} rows")
+    for p in policies:
+        if p != "opt" and p not in POLICIES:
+            raise TierStoreError(f"unknown policy {p!r}; choose from {', '.join([*POLICIES, 'opt'])}")
+    if profile is not None and np.asarray(profile).shape != (n_rows,):
+        raise TierStoreError(f"profile has {np.asarray(profile).size} counts, the table {n_rows} rows")
+    bounds = batch_bounds(rows.size, offsets, min_batch)
+    out = []
+    for cap in capacities:
+        cap = int(cap)
+        for p in policies:
+            t0 = time.perf_counter()
+            if p == "opt":
+                opt_offsets = None if (offsets is None and min_batch == 1) else bounds[:-1]
+                hits = belady_hits(rows, cap, offsets=opt_offsets)
+                res = SimResult("opt", cap, hits / rows.size if rows.size else 0.0, hits,
+                                rows.size - hits, rows.size, None, None, 0.0, table)
+            else:
+                idx = CacheIndex(n_rows, cap, p, profile=profile, rng=rng,
+                                 pinned_rows=None if profile is not None else np.empty(0, np.int64))
+                replay(idx, rows, bounds, lookahead=lookahead)
+                res = SimResult(p, cap, idx.hit_ratio, idx.hits, idx.misses, rows.size,
+                                idx.insertions, idx.evictions, 0.0, table)
+            res.seconds = time.perf_counter() - t0
+            out.append(res)
+    return out
