@@ -119,6 +119,9 @@ class PageReader:
         method: ``"fadvise"``, ``"pread"`` or ``"auto"`` (``"fadvise"``, or ``"pread"``
             when ``direct=True``). See the module docstring for the measurements.
         window: pages each worker keeps in flight ahead of its reads (``"fadvise"`` only).
+        drop_behind: buffered reads only: evict each run from the page cache once copied
+            (``POSIX_FADV_DONTNEED``), so the kernel does not keep a second, unbudgeted cache
+            of rows the store's own tiers already manage. Costs one more syscall per run.
 
     Thread-safe: any number of threads may call ``read_pages`` at once; they share the
     pool. ``close`` waits for reads in progress.
@@ -132,6 +135,7 @@ class PageReader:
         direct: bool | None = None,
         method: str = "auto",
         window: int = 128,
+        drop_behind: bool = False,
     ) -> None:
         if method not in METHODS:
             raise ValueError(f"method must be one of {METHODS}, got {method!r}")
@@ -146,6 +150,7 @@ class PageReader:
         self.path = os.fspath(path)
         self.method = method
         self.window = window
+        self.drop_behind = drop_behind
         self.threads = threads if threads is not None else (2 if method == "fadvise" else 32)
         self._fd = self._open(direct if method == "pread" else False)
         self.n_pages: int = os.fstat(self._fd).st_size // PAGE_SIZE  # whole pages; a partial tail reads short
@@ -260,18 +265,21 @@ class PageReader:
         fd = self._fd
         preadv = os.preadv
         advise = self.method == "fadvise"
+        drop = self.drop_behind and not self.direct
         fadvise = os.posix_fadvise
-        willneed = os.POSIX_FADV_WILLNEED
+        willneed, dontneed = os.POSIX_FADV_WILLNEED, os.POSIX_FADV_DONTNEED
         window = self.window
         a = lo  # next run to advise
         ahead = 0  # pages advised but not yet read
         i = lo
+        off = offsets[lo]  # offset of the syscall in progress, for error messages
         try:
             while i < hi:
                 if advise:
                     # Keep up to `window` pages in flight: WILLNEED queues the reads and returns.
                     while a < hi and (ahead < window or a == i):
-                        fadvise(fd, offsets[a], lengths[a] * PAGE_SIZE, willneed)
+                        off = offsets[a]
+                        fadvise(fd, off, lengths[a] * PAGE_SIZE, willneed)
                         ahead += lengths[a]
                         a += 1
                     ahead -= lengths[i]
@@ -287,10 +295,11 @@ class PageReader:
                             f"{nbytes} bytes at offset {off}; file has {self.n_pages} whole pages): "
                             "truncated row file; rebuild the store")
                     got += more
+                if drop:
+                    fadvise(fd, off, nbytes, dontneed)
                 i += 1
         except OSError as e:
-            i_off = offsets[min(i, hi - 1)]
-            raise StoreIOError(e.errno, f"read at offset {i_off} failed: {e.strerror}", self.path) from e
+            raise StoreIOError(e.errno, f"read at offset {off} failed: {e.strerror}", self.path) from e
 
     def close(self) -> None:
         """Wait for reads in progress, stop the workers and close the file. Idempotent."""
@@ -311,4 +320,4 @@ class PageReader:
 
     def __repr__(self) -> str:
         return (f"PageReader({self.path!r}, method={self.method!r}, direct={self.direct}, "
-                f"threads={self.threads}, n_pages={self.n_pages})")
+                f"threads={self.threads}, window={self.window}, drop_behind={self.drop_behind}, n_pages={self.n_pages})")

@@ -8,6 +8,7 @@ import shutil
 import subprocess
 import sysconfig
 import threading
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -49,23 +50,24 @@ def _supports_direct(path: Path) -> bool:
     return True
 
 
-BACKENDS = [  # (method, direct)
-    ("auto", None),
-    ("fadvise", False),
-    ("pread", False),
-    ("pread", True),
-    ("pread", None),
+BACKENDS = [  # (method, direct, drop_behind)
+    ("auto", None, False),
+    ("fadvise", False, False),
+    ("fadvise", False, True),
+    ("pread", False, False),
+    ("pread", True, False),
+    ("pread", None, False),
 ]
 
 
-@pytest.fixture(params=BACKENDS, ids=[f"{m}-direct{d}" for m, d in BACKENDS])
-def reader(request: pytest.FixtureRequest, row_file: tuple[Path, np.ndarray]) -> PageReader:
-    method, direct = request.param
+@pytest.fixture(params=BACKENDS, ids=[f"{m}-direct{d}" + ("-drop" if k else "") for m, d, k in BACKENDS])
+def reader(request: pytest.FixtureRequest, row_file: tuple[Path, np.ndarray]) -> Iterator[PageReader]:
+    method, direct, drop = request.param
     path, _ = row_file
     if direct and not _supports_direct(path):
         pytest.skip("filesystem of the temp dir has no O_DIRECT")
     # Small windows and several threads so that even test-sized batches split across workers.
-    with PageReader(path, method=method, direct=direct, threads=4, window=8) as r:
+    with PageReader(path, method=method, direct=direct, threads=4, window=8, drop_behind=drop) as r:
         yield r
 
 
@@ -231,17 +233,33 @@ def test_aligned_empty() -> None:
             assert buf.ctypes.data % PAGE_SIZE == 0 and buf.flags.writeable
 
 
+def _resident_pages(path: Path) -> int:
+    out = subprocess.run(["fincore", "--bytes", "--noheadings", "--output", "PAGES", str(path)],
+                         capture_output=True, text=True, check=True).stdout
+    return int(out.split()[0])
+
+
 @pytest.mark.skipif(shutil.which("fincore") is None, reason="util-linux fincore not installed")
 def test_evict_page_cache_empties_the_cache(row_file: tuple[Path, np.ndarray]) -> None:
     path, _ = row_file
-
-    def resident_pages() -> int:
-        out = subprocess.run(["fincore", "--bytes", "--noheadings", "--output", "PAGES", str(path)],
-                             capture_output=True, text=True, check=True).stdout
-        return int(out.split()[0])
-
     path.read_bytes()  # warm
-    if resident_pages() == 0:
+    if _resident_pages(path) == 0:
         pytest.skip("this filesystem keeps no page cache for the file")
     evict_page_cache(path)
-    assert resident_pages() == 0
+    assert _resident_pages(path) == 0
+
+
+@pytest.mark.skipif(shutil.which("fincore") is None, reason="util-linux fincore not installed")
+def test_drop_behind_leaves_nothing_cached(row_file: tuple[Path, np.ndarray]) -> None:
+    path, ref = row_file
+    pages = np.arange(0, N_PAGES, 2)
+    evict_page_cache(path)
+    with PageReader(path, method="fadvise", drop_behind=True, threads=2, window=8) as r:
+        _check(r.read_pages(pages), ref, pages)
+    assert _resident_pages(path) == 0, "drop_behind left pages in the page cache"
+    with PageReader(path, method="fadvise", drop_behind=False) as r:
+        r.read_pages(pages)
+    if _resident_pages(path) == 0:
+        pytest.skip("this filesystem keeps no page cache for the file")
+    assert _resident_pages(path) == len(pages)  # exactly the pages asked for: no readahead around them
+    evict_page_cache(path)
