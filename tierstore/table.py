@@ -16,6 +16,7 @@ of the ids that missed the device tier.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -48,6 +49,7 @@ class Table:
         self.host = CacheTier("host", info, host_rows, device=torch.device("cpu"), pin=self.cuda,
                               policy=policy, profile=profile)
         self.dev = CacheTier("device", info, device_rows, device=device, policy=policy, profile=profile)
+        self._after_lease: Callable[[], None] | None = None
         self._preload()
 
     # -- loading ----------------------------------------------------------------------------
@@ -83,6 +85,10 @@ class Table:
             dev.resident_hits += len(ids)  # benign race: statistics only
             torch.index_select(dev.slab, 0, torch.from_numpy(ids).to(self.device, non_blocking=True), out=out)
             return
+        if dev.index is None and self.host.resident and not self.cuda:  # the host slab is the table
+            self.host.resident_hits += len(ids)
+            torch.index_select(self.host.slab, 0, torch.from_numpy(ids), out=out)
+            return
         if dev.index is None:  # device tier disabled
             uniq, inv = np.unique(ids, return_inverse=True)
             staged = self._from_host_or_disk(uniq)
@@ -95,6 +101,8 @@ class Table:
             held = slots[hit]
             dev.index.lease(held)
         try:
+            if self._after_lease is not None:  # test hook: runs between lease and gather
+                self._after_lease()
             if len(held) == len(ids):  # every row on the device: one gather, no sort
                 torch.index_select(dev.slab, 0, torch.from_numpy(slots).to(self.device), out=out)
                 return

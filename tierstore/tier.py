@@ -147,7 +147,7 @@ class CacheTier:
         if not self.resident and self.capacity > 0:
             self.index = CacheIndex(
                 info.rows, self.capacity, policy,
-                pinned_rows=np.empty(0, np.int64) if pinned_rows is None else pinned_rows,
+                pinned_rows=pinned_rows,  # None: the policy picks its static core from the profile
                 profile=profile,
             )
 

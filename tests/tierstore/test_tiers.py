@@ -1,0 +1,152 @@
+"""Tier behaviour under pressure: budgets, leases, injected I/O failures, static hot sets."""
+
+from __future__ import annotations
+
+import gc
+
+import numpy as np
+import psutil
+import pytest
+import torch
+from safetensors.torch import save_file
+
+import tierstore
+from tierstore import StoreIOError, TierStoreError
+from tierstore.cache_index import CacheIndex
+
+from ..conftest import bits, random_table
+
+T1 = "blocks.1.engram.memory.weight"
+
+
+@pytest.fixture
+def store_and_weight(tmp_path, small_ckpt):
+    ckpt, tensors = small_ckpt
+    return tierstore.build_store(ckpt, tmp_path / "store", progress=False), tensors[T1]
+
+
+def test_lease_keeps_rows_until_gathered(store_and_weight, monkeypatch):
+    """Between looking rows up and copying them out, another lookup evicts the whole cache.
+
+    With leases the first lookup still returns its rows; with leases disabled the same
+    sequence returns rows that were overwritten (so this test can fail).
+    """
+    path, w = store_and_weight
+
+    def run() -> torch.Tensor:
+        with tierstore.open(path, device="cpu", device_budget=8 * 256, host_budget=0, policy="lru") as store:
+            table = store._tables[T1]
+            store.lookup(T1, np.arange(8))  # fill all 8 device slots
+            nested = {"done": False}
+
+            def evict_everything() -> None:
+                if not nested["done"]:
+                    nested["done"] = True
+                    table.gather(np.arange(100, 108), torch.empty(8, 64).view(torch.int32))
+
+            table._after_lease = evict_everything
+            return store.lookup(T1, np.arange(8))
+
+    got = run()
+    assert torch.equal(bits(got), bits(w[:8])), "a leased row was evicted before it was copied out"
+    monkeypatch.setattr(CacheIndex, "lease", lambda self, slots: None)
+    monkeypatch.setattr(CacheIndex, "release", lambda self, slots: None)
+    unleased = run()
+    assert not torch.equal(bits(unleased), bits(w[:8])), "without leases the rows should have been overwritten"
+
+
+def test_injected_io_failure_surfaces_from_result(store_and_weight):
+    path, w = store_and_weight
+    with tierstore.open(path, device="cpu", device_budget=0, host_budget=0) as store:
+        reader = store._tables[T1].disk.reader
+        real = reader.read_pages
+
+        def failing(pages, out=None):
+            raise StoreIOError(5, "injected EIO reading pages")
+
+        reader.read_pages = failing
+        fut = store.prefetch(T1, [1, 2, 3])
+        with pytest.raises(StoreIOError, match="injected EIO"):
+            fut.result(timeout=30)
+        reader.read_pages = lambda pages, out=None: (_ for _ in ()).throw(RuntimeError("driver bug"))
+        with pytest.raises(TierStoreError, match="RuntimeError: driver bug"):
+            store.lookup(T1, [4])
+        reader.read_pages = real
+        assert torch.equal(bits(store.lookup(T1, [1, 2, 3])), bits(w[[1, 2, 3]]))  # still serving
+
+
+def test_zero_budget_disables_tiers_and_full_budget_is_resident(store_and_weight):
+    path, w = store_and_weight
+    with tierstore.open(path, device="cpu", device_budget=0, host_budget=0) as store:
+        store.lookup(T1, [5, 5, 6])
+        s = store.stats()["tables"][T1]
+        assert s["device"]["capacity_rows"] == 0 and s["host"]["capacity_rows"] == 0
+        assert s["disk"]["rows_read"] == 2
+    with tierstore.open(path, device="cpu", device_budget="64MiB") as store:
+        s = store.stats()["tables"][T1]
+        assert s["device"]["resident"] and s["disk"]["rows_read"] == 0
+        ids = torch.randint(0, 5003, (1000,))
+        assert torch.equal(bits(store.lookup(T1, ids)), bits(w[ids]))
+        assert store.stats()["tables"][T1]["disk"]["rows_read"] == 0
+
+
+@pytest.mark.slow
+def test_budgets_bound_resident_memory(tmp_path):
+    """RSS grows by about the budgets, not the table, however many rows are looked up."""
+    rows, dim = 1 << 20, 64  # 256 MiB of float32
+    ckpt = tmp_path / "big.safetensors"
+    save_file({"big.engram.memory.weight": random_table(rows, dim, torch.float32)}, str(ckpt))
+    path = tierstore.build_store(ckpt, tmp_path / "s", progress=False)
+    ckpt.unlink()
+    gc.collect()
+    proc = psutil.Process()
+    dev_b, host_b = 8 << 20, 24 << 20
+    before = proc.memory_info().rss
+    with tierstore.open(path, device="cpu", device_budget=dev_b, host_budget=host_b) as store:
+        rng = np.random.default_rng(0)
+        for _ in range(12):
+            store.lookup("big.engram.memory.weight", rng.integers(0, rows, 8192))
+        grown = proc.memory_info().rss - before
+        s = store.stats()
+    meta = 2 * rows * 4 + 64 << 20  # slot maps of two tiers, policy state, pools, reader buffers
+    assert s["device"]["rows"] <= s["device"]["capacity_rows"] == dev_b // (dim * 4)
+    assert s["host"]["rows"] <= s["host"]["capacity_rows"] == host_b // (dim * 4)
+    assert grown < dev_b + host_b + meta, f"RSS grew {grown >> 20} MiB for budgets of {(dev_b + host_b) >> 20} MiB"
+    assert grown < rows * dim * 4 // 2  # far below the table
+
+
+def test_static_hot_set_from_profile(tmp_path, small_ckpt):
+    """With a saved profile, the hottest rows are loaded into the tiers at open."""
+    profile_mod = pytest.importorskip("tierstore.profile")
+    ckpt, tensors = small_ckpt
+    path = tierstore.build_store(ckpt, tmp_path / "store", progress=False)
+    counts = np.zeros(5003, dtype=np.int64)
+    hot = np.random.default_rng(0).choice(5003, 50, replace=False)
+    counts[hot] = 1000 + np.arange(50)
+    profile_mod.save_profile(path, T1, counts)
+    with tierstore.open(path, device="cpu", device_budget=5003 * 256 // 50, host_budget=5003 * 256 // 10,
+                        policy="static") as store:
+        got = store.lookup(T1, hot)
+        s = store.stats()["tables"][T1]
+        assert torch.equal(bits(got), bits(tensors[T1][hot]))
+        assert s["device"]["hits"] + s["host"]["hits"] == len(hot) and s["disk"]["rows_read"] == 0
+
+
+@pytest.mark.gpu
+def test_cuda_tiers_exact_and_within_budget(store_and_weight):
+    path, w = store_and_weight
+    torch.cuda.synchronize()
+    base = torch.cuda.memory_allocated()
+    with tierstore.open(path, device="cuda", device_budget=w.nbytes // 10, host_budget=w.nbytes // 3) as store:
+        slab = torch.cuda.memory_allocated() - base
+        assert slab <= w.nbytes // 10
+        assert store._tables[T1].host.slab.is_pinned()
+        ids = torch.randint(0, 5003, (4, 1000), device="cuda")
+        fut = store.prefetch(T1, ids)
+        got = fut.result()
+        assert got.is_cuda
+        assert torch.equal(bits(got.cpu()), bits(w[ids.cpu()]))
+        for _ in range(5):
+            got = store.lookup(T1, ids)
+        torch.cuda.synchronize()
+        assert torch.equal(bits(got.cpu()), bits(w[ids.cpu()]))
