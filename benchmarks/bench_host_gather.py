@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import time
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -20,6 +21,7 @@ import torch
 import tierstore
 
 from .common import json_line, machine_info, print_header
+
 from .workloads import CACHE, load_table, table_store, zipf_ids
 
 
@@ -31,13 +33,13 @@ def _rate(fn, reps: int) -> float:
     return reps / (time.perf_counter() - t0)
 
 
-def run(table_mib: int, n_ids: int, reps: int, threads: int) -> dict:
+def run(table_mib: int, n_ids: int, reps: int, threads: int, cache: Path = CACHE) -> dict:
     torch.set_num_threads(threads)
     results = []
     for row_bytes in (128, 1024):
         dim = row_bytes // 2  # float16
         rows = table_mib * 2**20 // row_bytes
-        path, name = table_store(rows, dim)
+        path, name = table_store(rows, dim, cache=cache)
         table = load_table(path, name)
         rng = np.random.default_rng(0)
         for dist, a in (("uniform", 0.0), ("zipf1.0", 1.0)):
@@ -80,19 +82,22 @@ def run(table_mib: int, n_ids: int, reps: int, threads: int) -> dict:
     return {"benchmark": "host_gather", "threads": threads, "ids_per_lookup": n_ids, "results": results}
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true", help="tiny sizes (seconds), for tests")
     ap.add_argument("--table-mib", type=int, default=1024)
     ap.add_argument("--ids", type=int, default=65536)
     ap.add_argument("--reps", type=int, default=30)
     ap.add_argument("--threads", type=int, default=2)
-    args = ap.parse_args()
+    ap.add_argument("--cache-dir", type=Path, default=CACHE, help="where benchmark stores are built and kept")
+    args = ap.parse_args(argv)
     if args.quick:
         args.table_mib, args.ids, args.reps = 4, 4096, 3
     print_header("host-tier gather vs torch.index_select", machine_info(CACHE.parent),
                  [f"torch {torch.__version__}, {args.threads} threads, device=cpu (host tier in plain memory)"])
-    json_line(run(args.table_mib, args.ids, args.reps, args.threads))
+    res = run(args.table_mib, args.ids, args.reps, args.threads, args.cache_dir)
+    json_line(res)
+    return res
 
 
 if __name__ == "__main__":

@@ -26,16 +26,16 @@ def zipf_ids(n_rows: int, size: int, a: float, rng: np.random.Generator) -> np.n
 
 
 def table_store(rows: int, dim: int, dtype: torch.dtype = torch.float16, *, name: str = "t.engram.memory.weight",
-                seed: int = 0) -> tuple[Path, str]:
-    """A store with one table of ``rows`` x ``dim``, built once and cached in .bench_cache/."""
+                seed: int = 0, cache: Path = CACHE) -> tuple[Path, str]:
+    """A store with one table of ``rows`` x ``dim`` random rows, built once and kept in ``cache``."""
     key = f"store-{rows}x{dim}-{str(dtype).split('.')[-1]}-{seed}"
-    out = CACHE / key
+    out = cache / key
     if (out / "manifest.json").exists():
         return out, name
-    CACHE.mkdir(parents=True, exist_ok=True)
+    cache.mkdir(parents=True, exist_ok=True)
     g = torch.Generator().manual_seed(seed)
     # write the checkpoint in slices so that a multi-GiB table never sits in memory twice
-    ckpt = CACHE / f"{key}.safetensors"
+    ckpt = cache / f"{key}.safetensors"
     elem = torch.empty((), dtype=dtype).element_size()
     tag = {torch.float16: "F16", torch.bfloat16: "BF16", torch.float32: "F32"}[dtype]
     header = json.dumps({name: {"dtype": tag, "shape": [rows, dim], "data_offsets": [0, rows * dim * elem]}}).encode()

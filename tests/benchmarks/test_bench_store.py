@@ -1,0 +1,25 @@
+"""The store benchmarks run at a tiny size, agree with their baselines, and end with JSON."""
+
+from __future__ import annotations
+
+import json
+
+from benchmarks import bench_host_gather, bench_mixed
+
+
+def test_bench_host_gather_quick(capsys, tmp_path):
+    res = bench_host_gather.main(["--quick", "--cache-dir", str(tmp_path)])
+    out = capsys.readouterr().out
+    assert json.loads(out.strip().splitlines()[-1]) == res
+    assert {(r["row_bytes"], r["ids"]) for r in res["results"]} == {
+        (128, "uniform"), (128, "zipf1.0"), (1024, "uniform"), (1024, "zipf1.0")}
+    for r in res["results"]:
+        assert r["index_select_out_GBps"] > 0 and r["store_resident_out_GBps"] > 0 and r["ratio_out"] > 0
+
+
+def test_bench_mixed_quick(capsys, tmp_path):
+    res = bench_mixed.main(["--quick", "--cache-dir", str(tmp_path)])
+    out = capsys.readouterr().out
+    assert json.loads(out.strip().splitlines()[-1]) == res
+    assert 0 < res["device_hit_ratio"] < 1 and res["disk_rows_per_lookup"] > 0
+    assert res["all_in_memory_lookups_per_s"] > 0 and 0 <= res["ready_at_result"] <= 1
