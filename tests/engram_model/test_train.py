@@ -4,34 +4,16 @@ from __future__ import annotations
 
 import json
 
-import numpy as np
 import pytest
 import torch
 
 from engram_model.checkpoint import load_checkpoint, read_config
 from engram_model.errors import EngramConfigError
-from engram_model.tokenizer import stdlib_text_files
 from engram_model.train import main
 
+from .conftest import TINY
+
 torch.set_num_threads(1)
-
-TINY = ["--steps", "6", "--eval-every", "3", "--eval-windows", "4", "--batch-size", "4", "--seq-len", "32",
-        "--vocab-size", "600", "--n-layer", "2", "--n-head", "2", "--d-model", "32", "--d-ff", "64",
-        "--engram-layers", "1", "--engram-heads", "2", "--engram-d-mem", "8", "--threads", "1", "--no-progress",
-        "--data-max-bytes", "300000", "--tok-max-bytes", "300000"]
-
-
-@pytest.fixture(scope="module")
-def text_files():
-    return [str(p) for p in stdlib_text_files()[:60]]
-
-
-@pytest.fixture(scope="module")
-def engram_run(tmp_path_factory, text_files):
-    out = tmp_path_factory.mktemp("ckpt") / "engram"
-    res = main([*TINY, "--out", str(out), "--text", *text_files])
-    return out, res
-
 
 def test_train_writes_checkpoint(engram_run, capsys):
     out, res = engram_run
@@ -40,7 +22,9 @@ def test_train_writes_checkpoint(engram_run, capsys):
     hist = cfg["training"]["history"]
     assert [h["step"] for h in hist] == [0, 3, 6]
     assert hist[-1]["val_loss"] < hist[0]["val_loss"], hist
-    assert cfg["tables"] == {"blocks.1.engram.memory.weight": [cfg["params"]["tables"] // 4, 4]}
+    rows = {k: v[0] for k, v in cfg["tables"].items()}
+    assert sorted(rows) == ["blocks.0.engram.memory.weight", "blocks.1.engram.memory.weight"]
+    assert all(v[1] == 4 for v in cfg["tables"].values()) and sum(rows.values()) * 4 == cfg["params"]["tables"]
     assert res["summary"]["params"]["tables"] > 0
 
 
