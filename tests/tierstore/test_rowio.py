@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ctypes
 import errno
 import os
 import shutil
@@ -16,7 +17,9 @@ import pytest
 
 from tierstore import rowio
 from tierstore.errors import CorruptDataError, InvalidIdError, StoreIOError
-from tierstore.rowio import PAGE_SIZE, PageReader, aligned_empty, evict_page_cache
+from tierstore.rowio import PAGE_SIZE, PageReader, aio_available, aligned_empty, evict_page_cache
+
+HAVE_AIO = aio_available()
 
 N_PAGES = 600  # 2.4 MiB: several runs per worker, fast to write
 
@@ -52,6 +55,8 @@ def _supports_direct(path: Path) -> bool:
 
 BACKENDS = [  # (method, direct, drop_behind)
     ("auto", None, False),
+    ("aio", None, False),
+    ("aio", True, False),
     ("fadvise", False, False),
     ("fadvise", False, True),
     ("pread", False, False),
@@ -64,10 +69,12 @@ BACKENDS = [  # (method, direct, drop_behind)
 def reader(request: pytest.FixtureRequest, row_file: tuple[Path, np.ndarray]) -> Iterator[PageReader]:
     method, direct, drop = request.param
     path, _ = row_file
-    if direct and not _supports_direct(path):
+    if (direct or method == "aio") and not _supports_direct(path):
         pytest.skip("filesystem of the temp dir has no O_DIRECT")
+    if method == "aio" and not rowio.aio_available():
+        pytest.skip("no native AIO on this platform")
     # Small windows and several threads so that even test-sized batches split across workers.
-    with PageReader(path, method=method, direct=direct, threads=4, window=8, drop_behind=drop) as r:
+    with PageReader(path, method=method, direct=direct, threads=4, depth=8, drop_behind=drop) as r:
         yield r
 
 
@@ -161,7 +168,9 @@ def test_concurrent_callers_get_correct_bytes(reader: PageReader, row_file: tupl
     assert not errors, errors
 
 
-@pytest.mark.parametrize("method,direct", [("fadvise", False), ("pread", None)])
+@pytest.mark.parametrize("method,direct", [
+    ("fadvise", False), ("pread", None),
+    pytest.param("aio", None, marks=pytest.mark.skipif(not HAVE_AIO, reason="no native AIO"))])
 def test_truncated_file_is_corrupt(tmp_path: Path, method: str, direct: bool | None) -> None:
     path = tmp_path / "short.bin"
     path.write_bytes(_real_bytes(5 * PAGE_SIZE + 100))  # 5 whole pages and a partial sixth
@@ -175,7 +184,7 @@ def test_truncated_file_is_corrupt(tmp_path: Path, method: str, direct: bool | N
 
 
 @pytest.mark.parametrize("method,direct", [("fadvise", False), ("pread", None)])
-def test_os_error_becomes_store_io_error(row_file: tuple[Path, np.ndarray], monkeypatch: pytest.MonkeyPatch,
+def test_os_error_from_preadv_becomes_store_io_error(row_file: tuple[Path, np.ndarray], monkeypatch: pytest.MonkeyPatch,
                                          method: str, direct: bool | None) -> None:
     path, _ = row_file
     real_preadv = os.preadv
@@ -186,7 +195,7 @@ def test_os_error_becomes_store_io_error(row_file: tuple[Path, np.ndarray], monk
             raise OSError(errno.EIO, os.strerror(errno.EIO))
         return real_preadv(fd, buffers, offset)
 
-    with PageReader(path, method=method, direct=direct, threads=4, window=4) as r:
+    with PageReader(path, method=method, direct=direct, threads=4, depth=4) as r:
         monkeypatch.setattr(os, "preadv", preadv)
         pages = np.arange(0, N_PAGES, 3)
         with pytest.raises(StoreIOError) as info:
@@ -195,6 +204,38 @@ def test_os_error_becomes_store_io_error(row_file: tuple[Path, np.ndarray], monk
         assert str(path) in str(info.value) and str(failing_offset) in str(info.value)
         monkeypatch.setattr(os, "preadv", real_preadv)
         assert r.read_pages(np.array([449, 450])).shape == (2, PAGE_SIZE)  # the reader still works
+
+
+@pytest.mark.skipif(not HAVE_AIO, reason="no native AIO")
+def test_os_error_from_aio_becomes_store_io_error(row_file: tuple[Path, np.ndarray],
+                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    """The kernel reports EIO for one read in a batch: StoreIOError, and nothing is left in flight."""
+    path, ref = row_file
+    if not _supports_direct(path):
+        pytest.skip("no O_DIRECT")
+    real = rowio._io_getevents
+    failing_offset = 450 * PAGE_SIZE
+
+    def getevents(ctx: int, min_nr: int, events: np.ndarray) -> int:
+        n = real(ctx, min_nr, events)
+        iocbs_hit = [i for i in range(n) if ctypes_offset(events[i]) == failing_offset]
+        for i in iocbs_hit:
+            events["res"][i] = -errno.EIO
+        return n
+
+    def ctypes_offset(ev: np.void) -> int:  # the iocb this event completes: its offset field (bytes 40..48)
+        raw = np.ctypeslib.as_array((ctypes.c_uint8 * 64).from_address(int(ev["obj"])))
+        return int(raw[40:48].view("<i8")[0])
+
+    with PageReader(path, method="aio", depth=4) as r:
+        monkeypatch.setattr(rowio, "_io_getevents", getevents)
+        pages = np.arange(0, N_PAGES, 3)
+        with pytest.raises(StoreIOError) as info:
+            r.read_pages(pages)
+        assert info.value.errno == errno.EIO
+        assert str(path) in str(info.value) and str(failing_offset) in str(info.value)
+        monkeypatch.setattr(rowio, "_io_getevents", real)
+        _check(r.read_pages(pages), ref, pages)  # the reader, and its reused context, still work
 
 
 def test_missing_file_and_closed_reader(tmp_path: Path, row_file: tuple[Path, np.ndarray]) -> None:
@@ -218,6 +259,10 @@ def test_bad_arguments(row_file: tuple[Path, np.ndarray]) -> None:
         PageReader(path, method="fadvise", direct=True)
     with pytest.raises(ValueError, match="threads"):
         PageReader(path, threads=0)
+    with pytest.raises(ValueError, match="depth"):
+        PageReader(path, depth=0)
+    with pytest.raises(ValueError, match="O_DIRECT"):
+        PageReader(path, method="aio", direct=False)
     with PageReader(path) as r:
         with pytest.raises(InvalidIdError):
             r.read_pages(np.array([-1, 3]))
@@ -254,7 +299,7 @@ def test_drop_behind_leaves_nothing_cached(row_file: tuple[Path, np.ndarray]) ->
     path, ref = row_file
     pages = np.arange(0, N_PAGES, 2)
     evict_page_cache(path)
-    with PageReader(path, method="fadvise", drop_behind=True, threads=2, window=8) as r:
+    with PageReader(path, method="fadvise", drop_behind=True, threads=2, depth=8) as r:
         _check(r.read_pages(pages), ref, pages)
     assert _resident_pages(path) == 0, "drop_behind left pages in the page cache"
     with PageReader(path, method="fadvise", drop_behind=False) as r:
@@ -263,3 +308,37 @@ def test_drop_behind_leaves_nothing_cached(row_file: tuple[Path, np.ndarray]) ->
         pytest.skip("this filesystem keeps no page cache for the file")
     assert _resident_pages(path) == len(pages)  # exactly the pages asked for: no readahead around them
     evict_page_cache(path)
+
+
+@pytest.mark.parametrize("refuse_at", ["open", "read"])
+def test_auto_falls_back_to_buffered_without_o_direct(row_file: tuple[Path, np.ndarray],
+                                                      monkeypatch: pytest.MonkeyPatch, refuse_at: str) -> None:
+    """A filesystem that refuses O_DIRECT (EINVAL at open, or at the first read, as some do):
+    direct=None quietly reads buffered, direct=True raises StoreIOError saying so."""
+    path, ref = row_file
+    real_open, real_preadv = os.open, os.preadv
+    direct_fds: set[int] = set()
+
+    def fake_open(p: str | os.PathLike[str], flags: int, *args: int) -> int:
+        if flags & os.O_DIRECT and refuse_at == "open":
+            raise OSError(errno.EINVAL, os.strerror(errno.EINVAL))
+        fd = real_open(p, flags, *args)
+        (direct_fds.add if flags & os.O_DIRECT else direct_fds.discard)(fd)  # fd numbers are reused
+        return fd
+
+    def fake_preadv(fd: int, buffers: list[memoryview], offset: int) -> int:
+        if fd in direct_fds:
+            raise OSError(errno.EINVAL, os.strerror(errno.EINVAL))
+        return real_preadv(fd, buffers, offset)
+
+    monkeypatch.setattr(os, "open", fake_open)
+    monkeypatch.setattr(os, "preadv", fake_preadv)
+    for method in ("auto", "pread"):
+        direct_fds.clear()
+        with PageReader(path, method=method) as r:
+            assert not r.direct and r.method == ("fadvise" if method == "auto" else "pread"), repr(r)
+            pages = np.arange(0, N_PAGES, 5)
+            _check(r.read_pages(pages), ref, pages)
+    with pytest.raises(StoreIOError) as info:
+        PageReader(path, method="pread", direct=True)
+    assert info.value.errno == errno.EINVAL
