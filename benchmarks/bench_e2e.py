@@ -1,0 +1,141 @@
+"""End to end: prefill and decode tokens/s with Engram tables resident vs served by the store.
+
+Same process, same prompts (held-out stdlib text), same sampling seed:
+
+* resident: the tables are ``nn.Embedding`` weights in memory (the baseline);
+* served, cold: a freshly opened store (device budget <= 1/10 of the tables, host budget
+  <= 1/4, the rest on disk) with the store's files dropped from the page cache first;
+* served, warm: the same store serving the same queue again (caches filled).
+
+Each served run must generate exactly the tokens the resident run does. Resident runs
+are repeated around the served ones and the best is kept, so machine noise counts
+against the store, not for it.
+
+    python -m benchmarks.bench_e2e [--ckpt runs/learn_engram] [--quick]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import tempfile
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from engram_model.checkpoint import load_checkpoint
+from engram_model.generate import (
+    build_store_for, drop_page_cache, open_served_model, prompt_batches, serve, table_bytes, tier_summary,
+)
+
+
+def _train_small(out: Path, quick: bool) -> Path:
+    """A checkpoint to serve when none is given (trained briefly: the access pattern comes
+    from the real text's n-grams, not from how well the weights are trained)."""
+    from engram_model.train import main as train_main
+
+    args = ["--out", str(out), "--no-progress", "--eval-every", "1000", "--eval-windows", "4"]
+    if quick:
+        args += ["--steps", "3", "--batch-size", "2", "--seq-len", "32", "--vocab-size", "600", "--n-layer", "2",
+                 "--d-model", "32", "--n-head", "2", "--d-ff", "64", "--engram-heads", "2", "--engram-d-mem", "8",
+                 "--data-max-bytes", "300000", "--tok-max-bytes", "300000", "--threads", "1"]
+    else:
+        args += ["--steps", "20"]
+    train_main(args)
+    return out
+
+
+def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
+    ap = argparse.ArgumentParser(description="Engram LM tokens/s: resident tables vs store-served")
+    ap.add_argument("--ckpt", default=None, help="checkpoint dir (default: runs/learn_engram if present, else train one)")
+    ap.add_argument("--quick", action="store_true", help="tiny model and workload (for the test)")
+    ap.add_argument("--prompts", type=int, default=16)
+    ap.add_argument("--batch-size", type=int, default=4)
+    ap.add_argument("--prompt-len", type=int, default=128)
+    ap.add_argument("--max-new-tokens", type=int, default=64)
+    ap.add_argument("--device-frac", type=float, default=0.1, help="device budget / table bytes (<= 0.1)")
+    ap.add_argument("--host-frac", type=float, default=0.25, help="host budget / table bytes (<= 0.25)")
+    ap.add_argument("--threads", type=int, default=1, help="torch intra-op threads (the store uses its own)")
+    ap.add_argument("--store-threads", type=int, default=2)
+    args = ap.parse_args(argv)
+    if args.quick:
+        args.prompts, args.batch_size, args.prompt_len, args.max_new_tokens = 4, 2, 16, 8
+    torch.set_num_threads(args.threads)
+
+    with tempfile.TemporaryDirectory(prefix="bench_e2e_") as tmp:
+        ckpt = Path(args.ckpt) if args.ckpt else Path("runs/learn_engram")
+        if args.quick or not (ckpt / "model.safetensors").exists():
+            ckpt = _train_small(Path(tmp) / "ckpt", args.quick)
+        store_path = build_store_for(ckpt, Path(tmp) / "store")
+        tb = table_bytes(ckpt)
+        dev_b, host_b = int(tb * args.device_frac), int(tb * args.host_frac)
+
+        resident, tok, _ = load_checkpoint(ckpt)
+        batches = prompt_batches(tok, n_prompts=args.prompts, batch_size=args.batch_size, prompt_len=args.prompt_len)
+        kw = dict(max_new_tokens=args.max_new_tokens, seed=0)
+        serve(resident, batches[:1], **kw)  # warm-up: allocator, thread pool
+        res_runs = [serve(resident, batches, **kw)]
+
+        drop_page_cache([p for p in store_path.rglob("*") if p.is_file()])
+        t_open = time.perf_counter()
+        served, _, store = open_served_model(ckpt, store_path, device_budget=dev_b, host_budget=host_b,
+                                             threads=args.store_threads)
+        open_s = time.perf_counter() - t_open
+        with store:
+            cold = serve(served, batches, **kw)
+            cold_tiers = tier_summary(store.stats())
+            store.reset_stats()
+            res_runs.append(serve(resident, batches, **kw))
+            warm = serve(served, batches, **kw)
+            warm_tiers = tier_summary(store.stats())
+        res_runs.append(serve(resident, batches, **kw))
+
+    same = all(torch.equal(a, b) for r in (cold, warm) for a, b in zip(res_runs[0].outputs, r.outputs))
+    best_pre = max(r.prefill_tok_s for r in res_runs)
+    best_dec = max(r.decode_tok_s for r in res_runs)
+    out: dict[str, Any] = {
+        "bench": "e2e",
+        "quick": args.quick,
+        "threads": args.threads,
+        "table_bytes": tb,
+        "device_budget": dev_b,
+        "host_budget": host_b,
+        "prompts": args.prompts,
+        "batch_size": args.batch_size,
+        "prompt_len": args.prompt_len,
+        "new_tokens": args.max_new_tokens,
+        "store_open_seconds": open_s,
+        "resident_prefill_tok_s": best_pre,
+        "resident_decode_tok_s": best_dec,
+        "resident_decode_tok_s_runs": [r.decode_tok_s for r in res_runs],
+        "cold_prefill_tok_s": cold.prefill_tok_s,
+        "cold_decode_tok_s": cold.decode_tok_s,
+        "warm_prefill_tok_s": warm.prefill_tok_s,
+        "warm_decode_tok_s": warm.decode_tok_s,
+        "cold_prefill_ratio": cold.prefill_tok_s / best_pre,
+        "cold_decode_ratio": cold.decode_tok_s / best_dec,
+        "warm_prefill_ratio": warm.prefill_tok_s / best_pre,
+        "warm_decode_ratio": warm.decode_tok_s / best_dec,
+        "cold_tiers": cold_tiers,
+        "warm_tiers": warm_tiers,
+        "identical_tokens": same,
+    }
+    print(f"e2e: tables {tb / 2**20:.1f} MiB, device budget {dev_b / 2**20:.2f} MiB, host budget "
+          f"{host_b / 2**20:.2f} MiB; {args.prompts} prompts x {args.prompt_len} tokens + {args.max_new_tokens} new, "
+          f"batch {args.batch_size}, torch threads {args.threads}")
+    print(f"  resident     : prefill {best_pre:9,.0f} tok/s  decode {best_dec:8,.0f} tok/s")
+    for name, r, t in (("served cold", cold, cold_tiers), ("served warm", warm, warm_tiers)):
+        print(f"  {name}  : prefill {r.prefill_tok_s:9,.0f} tok/s ({r.prefill_tok_s / best_pre:.3f}x)  decode "
+              f"{r.decode_tok_s:8,.0f} tok/s ({r.decode_tok_s / best_dec:.3f}x)  device hit {t['device_hit_ratio']:.1%}, "
+              f"host hit {t['host_hit_ratio']:.1%}, disk rows {t['disk_rows_read']:,.0f}, "
+              f"stall {t['stall_seconds'] * 1e3:.0f} ms")
+    print(f"  identical tokens to resident: {same}")
+    print(json.dumps(out))
+    return out
+
+
+if __name__ == "__main__":
+    main()
