@@ -58,3 +58,12 @@ def test_baseline_widened_to_same_params(tmp_path, engram_run, text_files):
     (tmp_path / "config.json").write_text(json.dumps({"format": "x"}))
     with pytest.raises(EngramConfigError):
         read_config(tmp_path)
+
+
+def test_report_plots_curves(engram_run, tmp_path, capsys):
+    from engram_model.report import main as report_main
+
+    out, _ = engram_run
+    runs = report_main([str(out), "--out", str(tmp_path / "curve.png")])
+    assert (tmp_path / "curve.png").stat().st_size > 1000
+    assert runs[0]["summary"]["kind"] == "engram" and "final val" in capsys.readouterr().out

@@ -1,0 +1,85 @@
+"""Plot and tabulate validation curves of training runs (the learning evidence in docs/model.md).
+
+    python -m engram_model.report runs/learn_engram runs/learn_base_wide runs/learn_base_same \\
+        --out docs/learning.png
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from engram_model.checkpoint import read_config
+
+__all__ = ["load_runs", "plot_runs", "main"]
+
+
+def load_runs(dirs: Sequence[str | Path]) -> list[dict[str, Any]]:
+    """Per run: label, summary and validation history from its config.json."""
+    runs = []
+    for d in dirs:
+        cfg = read_config(d)
+        tr = cfg["training"]
+        s = tr["summary"]
+        args = tr["args"]
+        if s["kind"] == "engram":
+            label = f"Engram (layers {args['engram_layers']}, {s['params']['total'] / 1e6:.1f}M params)"
+        else:
+            how = f"FFN widened to d_ff={s['d_ff']}" if s.get("widened_from_d_ff") else f"same backbone, d_ff={s['d_ff']}"
+            label = f"no Engram, {how} ({s['params']['total'] / 1e6:.1f}M params)"
+        runs.append({"dir": str(d), "label": label, "summary": s, "history": tr["history"]})
+    return runs
+
+
+def plot_runs(runs: Sequence[dict[str, Any]], out: str | Path, title: str = "") -> Path:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (ax, ax2) = plt.subplots(1, 2, figsize=(11, 4.2))
+    for r in runs:
+        h = r["history"]
+        toks = [p["tokens"] / 1e6 for p in h]
+        ax.plot(toks, [p["val_loss"] for p in h], marker=".", label=r["label"])
+        ax2.plot(toks[1:], [p["val_loss"] for p in h[1:]], marker=".", label=r["label"])
+    for a in (ax, ax2):
+        a.set_xlabel("training tokens (M)")
+        a.set_ylabel("validation loss (nats/token)")
+        a.grid(alpha=0.3)
+    ax.set_title(title or "validation loss, same tokens")
+    last = [p["val_loss"] for r in runs for p in r["history"][len(r["history"]) // 3 :]]
+    if last:
+        ax2.set_ylim(min(last) - 0.05, max(last) + 0.05)
+    ax2.set_title("zoom: last two thirds")
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out, dpi=110)
+    plt.close(fig)
+    return out
+
+
+def main(argv: Sequence[str] | None = None) -> list[dict[str, Any]]:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("runs", nargs="+", help="checkpoint directories written by engram_model.train")
+    ap.add_argument("--out", default="docs/learning.png")
+    ap.add_argument("--title", default="")
+    args = ap.parse_args(argv)
+    runs = load_runs(args.runs)
+    plot_runs(runs, args.out, args.title)
+    print(f"{'run':70s} {'final val':>9s} {'tokens':>10s} {'tok/s':>7s}")
+    for r in runs:
+        s = r["summary"]
+        print(f"{r['label']:70s} {s['final_val_loss']:9.4f} {s['tokens']:10,d} {s['tokens_per_second']:7.0f}")
+    print(json.dumps([{"dir": r["dir"], "final_val_loss": r["summary"]["final_val_loss"],
+                       "history": [(p["tokens"], round(p["val_loss"], 4)) for p in r["history"]]} for r in runs]))
+    return runs
+
+
+if __name__ == "__main__":
+    main()
