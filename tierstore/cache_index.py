@@ -36,6 +36,8 @@ class CacheIndex:
         pinned_rows: the static hot set, resident forever in slots [0, len). ``None`` lets
             the policy choose from ``profile`` (``static`` pins the top ``capacity`` rows,
             ``default`` a core fraction of them, the others nothing); ``[]`` pins nothing.
+            A policy may also prefill evictable rows (``default``: its ranked core), so
+            ``row_of_slot`` right after construction lists every row to load.
         profile: per-row access counts (len ``n_rows``), read once here to pick the pinned
             set and never kept (it would cost 8 bytes per table row).
         rng: seed or generator for the policy's hashing (determinism in tests).
@@ -68,8 +70,9 @@ class CacheIndex:
             if profile.shape != (self.n_rows,):
                 raise TierStoreError(
                     f"profile has shape {profile.shape}, expected ({self.n_rows},): one count per row")
+        suggested = policy.prepare(profile)
         if pinned_rows is None:
-            pinned = policy.pinned_rows(profile)
+            pinned = suggested
         else:
             pinned = self._as_rows(pinned_rows, what="pinned_rows")
             if np.unique(pinned).size != pinned.size:
@@ -85,6 +88,11 @@ class CacheIndex:
         self._free = np.arange(self.capacity - 1, self.n_pinned - 1, -1, dtype=np.int64)
         self._n_free = self._free.size
         self.policy.bind(self, self.n_pinned)
+        self.hits = self.misses = self.evictions = self.insertions = 0
+        # rows the policy wants resident from the start (evictable, unlike pinned ones)
+        pre = policy.prefill()
+        if pre.size:
+            self._insert(pre[self.slot_of_row[pre] < 0])
         self.hits = self.misses = self.evictions = self.insertions = 0
 
     # --- statistics ---------------------------------------------------------------------
@@ -153,16 +161,20 @@ class CacheIndex:
             self._free[self._n_free: self._n_free + victims.size] = victims[::-1]
             self._n_free += victims.size
             self.evictions += victims.size
+        ins, slots = self._insert(ins)
+        return ins, slots, evicted
+
+    def _insert(self, ins: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         ins = ins[: self._n_free]
         if ins.size == 0:
-            return _EMPTY, _EMPTY, evicted
+            return _EMPTY, _EMPTY
         slots = self._free[self._n_free - ins.size: self._n_free][::-1].copy()
         self._n_free -= ins.size
         self.slot_of_row[ins] = slots.astype(np.int32)
         self.row_of_slot[slots] = ins
         self.insertions += ins.size
         self.policy.on_insert(slots, ins)
-        return ins, slots, evicted
+        return ins, slots
 
     def lease(self, slots: np.ndarray) -> None:
         """Protect slots from eviction until ``release`` (one count per occurrence)."""

@@ -74,7 +74,8 @@ class _LazyMin:
         self.buf_slots = _EMPTY
         self.buf_keys = _EMPTY
         self.pos = 0
-        self.T = -1  # no buffer yet: nothing is dirty
+        self.T = -1
+        self.live = False  # no buffer yet: nothing is dirty
         self.dirty_slots = np.empty(64, dtype=np.int64)
         self.dirty_keys = np.empty(64, dtype=np.int64)
         self.n_dirty = 0
@@ -85,7 +86,7 @@ class _LazyMin:
         n_valid = int(np.count_nonzero(dyn != _INF))
         self.pos, self.n_dirty = 0, 0
         if n_valid == 0:
-            self.buf_slots, self.buf_keys, self.T = _EMPTY, _EMPTY, -1
+            self.buf_slots, self.buf_keys, self.live = _EMPTY, _EMPTY, False
             return
         m = min(n_valid, max(256, dyn.size // 8))
         if m < dyn.size:
@@ -97,10 +98,11 @@ class _LazyMin:
         self.buf_slots = (part[order] + self.lo).astype(np.int64)
         self.buf_keys = self.keys[self.buf_slots].copy()
         self.T = int(self.buf_keys[-1])
+        self.live = True
 
     def touched(self, slots: np.ndarray) -> None:
         """Slots whose key just changed (hit, insert, re-insert): keep them findable."""
-        if self.T < 0 or slots.size == 0:
+        if not self.live or slots.size == 0:
             return
         k = self.keys[slots]
         m = k <= self.T
@@ -112,7 +114,7 @@ class _LazyMin:
             self._compact()
             n = self.n_dirty + s.size
             if n > max(1024, self.buf_slots.size):
-                self.T = -1  # too much churn below T: next pop rebuilds from scratch
+                self.live = False  # too much churn below T: next pop rebuilds from scratch
                 self.pos = self.buf_slots.size
                 self.n_dirty = 0
                 return
@@ -139,12 +141,12 @@ class _LazyMin:
         need = k
         progress = True  # a rebuild is only worth it if something changed since the last one
         while need > 0:
-            if self.T < 0 or self.pos >= self.buf_slots.size:
+            if not self.live or self.pos >= self.buf_slots.size:
                 if not progress:
                     break
                 self.rebuild()
                 progress = False
-                if self.T < 0:
+                if not self.live:
                     break
             # the first `need` valid, evictable buffer entries (the buffer is sorted by key)
             p, step, n_got = self.pos, max(2 * need, 64), 0
@@ -319,6 +321,11 @@ class _Ghost:
         h = self._h(rows)
         return (self.rows[h] == rows) & (self.count - self.seq[h] <= self.size)
 
+    def age(self, rows: np.ndarray) -> np.ndarray:
+        """How many ids were added after each row (int64 max when not remembered)."""
+        h = self._h(rows)
+        return np.where(self.rows[h] == rows, self.count - self.seq[h], _INF)
+
     def discard(self, rows: np.ndarray) -> None:
         if rows.size == 0:
             return
@@ -358,8 +365,13 @@ class Policy:
         self.index: CacheIndex | None = None
 
     # --- set-up ---------------------------------------------------------------------------
-    def pinned_rows(self, profile: np.ndarray | None) -> np.ndarray:
-        """Rows to pin forever when the caller gives a profile but no explicit pinned set."""
+    def prepare(self, profile: np.ndarray | None) -> np.ndarray:
+        """Read the profile once (keep only O(capacity) of it); return the rows this policy
+        would pin forever if the caller gives no explicit pinned set."""
+        return _EMPTY
+
+    def prefill(self) -> np.ndarray:
+        """Rows to insert (evictably) right after ``bind``, e.g. a profile-ranked core."""
         return _EMPTY
 
     def bind(self, index: "CacheIndex", lo: int) -> None:
@@ -619,7 +631,7 @@ class StaticPolicy(Policy):
 
     name = "static"
 
-    def pinned_rows(self, profile: np.ndarray | None) -> np.ndarray:
+    def prepare(self, profile: np.ndarray | None) -> np.ndarray:
         return hot_rows(profile, self.capacity)
 
     def select(self, rows: np.ndarray, n_free: int) -> np.ndarray:
@@ -644,59 +656,199 @@ def hot_rows(profile: np.ndarray | None, k: int) -> np.ndarray:
     return nz[order].astype(np.int64)
 
 
-class DefaultPolicy(Policy):
-    """The store's policy: a static hot core + frequency-filtered recency + the known future.
+class _ProfileRank:
+    """Hotness rank of the top ``m`` rows of a profile, O(m) memory (not per table row).
 
-    * Core: the hottest ``core_fraction`` of capacity by the profile (pinned by the index).
-    * Dynamic part: LRU order, but a missed row is admitted only if the frequency sketch
-      (recent accesses) says it was seen before, it was hinted (an issued prefetch will use
-      it), or there is free room. One-hit wonders, most of a Zipfian n-gram stream, bypass.
-    * Hints: hinted resident rows are refreshed to most-recent so eviction spares them.
+    ``rank(rows)`` is 0 for the hottest row, ..., ``m`` (= "not ranked") for the rest.
+    """
+
+    def __init__(self, profile: np.ndarray | None, m: int):
+        top = hot_rows(profile, m)
+        order = np.argsort(top, kind="stable")
+        self.rows = top[order]
+        self.ranks = order.astype(np.int64)  # position in hotness order
+        self.m = top.size
+
+    def rank(self, rows: np.ndarray) -> np.ndarray:
+        if self.m == 0:
+            return np.full(rows.size, 0, dtype=np.int64)
+        i = np.searchsorted(self.rows, rows)
+        i[i >= self.m] = self.m - 1
+        return np.where(self.rows[i] == rows, self.ranks[i], self.m)
+
+
+class DefaultPolicy(Policy):
+    """The store's policy: a static hot core, an adaptive profile-ranked core and S3-FIFO.
+
+    Three parts share the tier:
+
+    * **Pinned core** (``pin_fraction`` of capacity): the profile's hottest rows, placed at
+      open and never evicted.
+    * **Ranked core**: the next hottest rows by the profile, admitted on first use and
+      evicted coldest-rank first. Its target size adapts (ARC style): a miss on a row
+      ranked just past the target says "a bigger core would have hit"; a miss on a row
+      recently evicted from the dynamic part says "a bigger dynamic part would have hit".
+      A single document favours recency, many interleaved requests favour the profile;
+      the split follows whichever the trace rewards.
+    * **Dynamic part**: S3-FIFO (small probation FIFO, main FIFO with reinsertion, ghost),
+      which keeps one-hit wonders (most of a Zipfian n-gram stream) out of main.
+
+    Hints (the ids of an issued prefetch): a hinted resident row earns a reinsertion in
+    main (it will be used soon), a hinted missed row goes straight to main.
     """
 
     name = "default"
 
     def __init__(self, capacity: int, *, rng: np.random.Generator | int | None = None,
-                 core_fraction: float = 0.3, admit_min: int = 1):
+                 pin_fraction: float = 0.1, small_fraction: float = 0.25,
+                 adapt_step: float = 2.0, margin: float = 0.1, initial_core: float = 0.5):
         super().__init__(capacity, rng=rng)
-        if not 0.0 <= core_fraction <= 1.0:
-            raise TierStoreError(f"core_fraction={core_fraction!r} must lie in [0, 1]")
-        self.core_fraction = core_fraction
-        self.admit_min = admit_min
+        if not 0.0 <= pin_fraction <= 1.0:
+            raise TierStoreError(f"pin_fraction={pin_fraction!r} must lie in [0, 1]")
+        self.pin_fraction = pin_fraction
+        self.small_fraction = small_fraction
+        self.adapt_step = adapt_step
+        self.margin = margin
+        self.initial_core = initial_core
+        self.ranking = _ProfileRank(None, 0)
 
-    def pinned_rows(self, profile: np.ndarray | None) -> np.ndarray:
-        return hot_rows(profile, int(self.core_fraction * self.capacity))
+    def prepare(self, profile: np.ndarray | None) -> np.ndarray:
+        self.ranking = _ProfileRank(profile, self.capacity)
+        return self.ranking_rows()[: int(self.pin_fraction * self.capacity)]
+
+    def ranking_rows(self) -> np.ndarray:
+        r = self.ranking
+        out = np.empty(r.m, dtype=np.int64)
+        out[r.ranks] = r.rows
+        return out
 
     def bind(self, index: "CacheIndex", lo: int) -> None:
         super().bind(index, lo)
-        self.keys = np.full(self.capacity, _INF, dtype=np.int64)
-        self.heap = _LazyMin(self.keys, lo, self._evictable)
-        self.sketch = FrequencySketch(max(1, self.n_dyn), rng=self.rng, sample_factor=10)
-        self.hinted = _Ghost(max(1, self.n_dyn), seed=11)
+        n = self.n_dyn
+        self.seg = np.zeros(self.capacity, dtype=np.int8)  # 0 free/pinned, 1 core, 2 small, 3 main
+        self.core_keys = np.full(self.capacity, _INF, dtype=np.int64)
+        self.core = _LazyMin(self.core_keys, lo, self._evictable)
+        self.n_core = 0
+        self.freq = np.zeros(self.capacity, dtype=np.int8)
+        self.small = _Ring(n)
+        self.main = _Ring(n)
+        self.ghost = _Ghost(max(1, n))
+        self.hinted = _Ghost(max(1, n), seed=11)
+        # ranks below rank_lo are pinned (never missed); the ranked core starts half the rest
+        self.rank_lo = lo if self.ranking.m else 0
+        self.core_target = self.initial_core * n if self.ranking.m > self.rank_lo else 0.0
+
+    def prefill(self) -> np.ndarray:
+        return self.ranking_rows()[self.rank_lo: self.rank_lo + int(self.core_target)]
+
+    # -- helpers ---------------------------------------------------------------------------
+    def _core_worthy(self, ranks: np.ndarray) -> np.ndarray:
+        return ranks < self.rank_lo + int(self.core_target)
 
     def on_lookup(self, rows: np.ndarray, slots: np.ndarray, hit: np.ndarray) -> None:
-        pos = np.flatnonzero(hit & (slots >= self.lo))
-        if pos.size:
-            s, last = _last_occurrence(slots[pos])
-            self.keys[s] = self.tick + pos[last]
-            self.heap.touched(s)
-        self.sketch.add(rows)
+        hs = slots[hit & (slots >= self.lo)]
+        if hs.size:
+            np.add.at(self.freq, hs, 1)
+            np.minimum(self.freq, 3, out=self.freq)
+        missed = rows[~hit]
+        if missed.size and self.ranking.m > self.rank_lo:
+            r = self.ranking.rank(missed)
+            # marginal utility of one more slot for each side, over equal-width margins:
+            # ranks just past the core's edge vs rows the dynamic part evicted last
+            w = max(16, int(self.margin * self.n_dyn))
+            edge = self.rank_lo + self.core_target
+            band = np.count_nonzero((r >= edge) & (r < edge + w))
+            ghost = np.count_nonzero(self.ghost.age(missed[r >= edge]) <= w)
+            self.core_target = float(np.clip(
+                self.core_target + self.adapt_step * (band - ghost), 0, self.n_dyn))
         self.tick += rows.size
 
-    def select(self, rows: np.ndarray, n_free: int) -> np.ndarray:
-        if rows.size <= n_free:
-            return rows
-        f = self.sketch.estimate(rows)
-        ok = (f > self.admit_min) | self.hinted.contains(rows)
-        return rows[ok]
-
-    def victims(self, k: int) -> np.ndarray:
-        return self.heap.pop(k)
-
     def on_insert(self, slots: np.ndarray, rows: np.ndarray) -> None:
-        self.keys[slots] = self.tick + np.arange(slots.size)
-        self.tick += slots.size
-        self.heap.touched(slots)
+        self.freq[slots] = 0
+        core = self._core_worthy(self.ranking.rank(rows)) if self.ranking.m else np.zeros(rows.size, bool)
+        cs = slots[core]
+        if cs.size:
+            self.seg[cs] = 1
+            self.core_keys[cs] = -self.ranking.rank(rows[core])
+            self.core.touched(cs)
+            self.n_core += cs.size
+        ds, dr = slots[~core], rows[~core]
+        to_main = self.ghost.contains(dr) | self.hinted.contains(dr)
+        self.ghost.discard(dr[to_main])
+        self.seg[ds[to_main]] = 3
+        self.main.push(ds[to_main])
+        self.seg[ds[~to_main]] = 2
+        self.small.push(ds[~to_main])
+
+    def admit(self, rows: np.ndarray, n_free: int) -> tuple[np.ndarray, np.ndarray]:
+        """Core-worthy rows (best rank first) may displace the dynamic part; other rows
+        only compete among themselves, so a burst of one-off misses cannot flush the core."""
+        if self.ranking.m:
+            ranks = self.ranking.rank(rows)
+            core = self._core_worthy(ranks)
+            c_rows = rows[core][np.argsort(ranks[core], kind="stable")]
+            c_rows = c_rows[: max(0, int(self.core_target) - self.n_core)]
+            d_rows = rows[~core]
+        else:
+            c_rows, d_rows = _EMPTY, rows
+        # the dynamic part may use everything but the core's target (a core over target shrinks)
+        d_space = max(0, self.n_dyn - min(self.n_core, int(self.core_target)) - c_rows.size)
+        if d_rows.size > d_space:  # bypassed rows count as evicted at once (adaptation signal)
+            self.ghost.add(d_rows[d_space:])
+            d_rows = d_rows[:d_space]
+        cand = np.concatenate([c_rows, d_rows])
+        need = cand.size - n_free
+        if need <= 0:
+            return cand, _EMPTY
+        out = []
+        over = self.n_core - int(self.core_target)
+        if over > 0:
+            v = self.core.pop(min(need, over))
+            self.n_core -= v.size
+            out.append(v)
+            need -= v.size
+        if need > 0:
+            v = self._dyn_victims(need)
+            out.append(v)
+            need -= v.size
+        if need > 0 and c_rows.size:  # dynamic part all leased: core rows may still swap
+            v = self.core.pop(min(need, c_rows.size))
+            self.n_core -= v.size
+            out.append(v)
+        vic = np.concatenate(out) if out else _EMPTY
+        self.seg[vic] = 0
+        return cand[: n_free + vic.size], vic
+
+    def _dyn_victims(self, k: int) -> np.ndarray:
+        out: list[np.ndarray] = []
+        got = stall = 0
+        small_target = max(1, int(self.small_fraction * (self.small.len + self.main.len)))
+        while got < k and (self.small.len or self.main.len):
+            if stall > 2 * (self.small.len + self.main.len) + 8:
+                break
+            need = k - got
+            if self.small.len > small_target or self.main.len == 0:
+                s = self.small.pop(need)
+                leased = ~self._evictable(s)
+                keep = ~leased & (self.freq[s] >= 1)
+                ev = ~leased & ~keep
+                self.small.push(s[leased])
+                self.freq[s[keep]] = 0
+                self.seg[s[keep]] = 3
+                self.main.push(s[keep])
+            else:
+                s = self.main.pop(need)
+                leased = ~self._evictable(s)
+                keep = ~leased & (self.freq[s] > 0)
+                ev = ~leased & ~keep
+                self.freq[s[keep]] -= 1
+                self.main.push(s[leased | keep])
+            victims = s[ev]
+            self.ghost.add(self.index.row_of_slot[victims])
+            stall = stall + s.size if victims.size == 0 else 0
+            out.append(victims)
+            got += victims.size
+        return np.concatenate(out) if out else _EMPTY
 
     def hint(self, rows: np.ndarray) -> None:
         rows = np.asarray(rows, dtype=np.int64)
@@ -706,10 +858,8 @@ class DefaultPolicy(Policy):
         s = self.index.slot_of_row[rows].astype(np.int64)
         s = s[s >= self.lo]
         if s.size:
-            s = np.unique(s)
-            self.keys[s] = self.tick + np.arange(s.size)
-            self.tick += s.size
-            self.heap.touched(s)
+            s = s[self.seg[s] >= 2]
+            self.freq[s] = np.maximum(self.freq[s], 1)
 
 
 POLICIES: dict[str, type[Policy]] = {
