@@ -2,8 +2,9 @@
 
 Measured in one run, on the same file and the same row ids (rows of 128 B and 1 KiB):
 - fio 4 KiB random read, O_DIRECT, libaio, queue depth 32: the device's random-read rate;
-- ours: ``rowio.PageReader`` reads the pages holding the rows, then a vectorized gather;
-- numpy.memmap fancy indexing with ``madvise(MADV_RANDOM)`` (a fresh map each time, closed
+- ours: ``rowio.PageReader`` reads the pages holding the rows into a reused page buffer, then
+  a vectorized gather into a reused row buffer (also: every method, fresh buffers, small batches);
+- numpy.memmap gather (``np.take`` into the same reused row buffer) with ``madvise(MADV_RANDOM)`` (a fresh map each time, closed
   before eviction: a live map would keep its pages cached);
 - LMDB ``txn.get`` per row with ``readahead=False`` (keys = row ids, values = rows, built
   once in the cache dir; its data file is evicted too).
@@ -13,6 +14,7 @@ The row file, its LMDB copies and a marker live in ``--cache-dir`` (default
 $TIERSTORE_BENCH_CACHE or /tmp/tierstore_bench_cache) and are reused across runs.
 
     python -m benchmarks.bench_cold [--quick] [--table-size 4GiB] [--rows 50000] [--repeats 3]
+                                    [--methods auto,fadvise,pread] [--depth 128]
 """
 
 from __future__ import annotations
@@ -25,7 +27,7 @@ import shutil
 import subprocess
 import tempfile
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -33,7 +35,7 @@ import lmdb
 import numpy as np
 
 from benchmarks.common import evict, json_line, machine_info, print_header, resident_bytes
-from tierstore.rowio import PAGE_SIZE, PageReader
+from tierstore.rowio import PAGE_SIZE, PageReader, aligned_empty
 from tierstore.sizes import format_size, parse_size
 
 _FIO_QD = 32
@@ -92,24 +94,38 @@ def row_pages(ids: np.ndarray, row_bytes: int) -> tuple[np.ndarray, np.ndarray]:
     return pages, np.searchsorted(pages, first) * PAGE_SIZE + start % PAGE_SIZE
 
 
-def read_ours(reader: PageReader, ids: np.ndarray, row_bytes: int, batch: int | None = None) -> np.ndarray:
-    """Rows via PageReader: pages in one call (or in calls of ``batch`` rows), then a vectorized gather."""
+def read_ours(reader: PageReader, ids: np.ndarray, row_bytes: int, *, page_buf: np.ndarray | None = None,
+              rows_out: np.ndarray | None = None, batch: int | None = None) -> np.ndarray:
+    """Rows via PageReader: the pages in one call (or one call per ``batch`` rows), then a gather.
+
+    ``page_buf``/``rows_out``: reused buffers (how the store calls it); None allocates fresh ones
+    each call, which on this VM costs a page fault (~1.4 us of CPU) per 4 KiB.
+    """
+    if rows_out is None:
+        rows_out = np.empty((len(ids), row_bytes), dtype=np.uint8)
     if batch is not None:
-        return np.concatenate([read_ours(reader, ids[i:i + batch], row_bytes) for i in range(0, len(ids), batch)])
+        for i in range(0, len(ids), batch):
+            read_ours(reader, ids[i:i + batch], row_bytes, page_buf=page_buf, rows_out=rows_out[i:i + batch])
+        return rows_out
     pages, pos = row_pages(ids, row_bytes)
-    flat = reader.read_pages(pages).reshape(-1)
-    return flat[pos[:, None] + np.arange(row_bytes)]
+    buf = reader.read_pages(pages, out=None if page_buf is None else page_buf[:len(pages)])
+    if PAGE_SIZE % row_bytes == 0:  # rows never straddle pages: gather whole rows of a row-shaped view
+        np.take(buf.reshape(-1, row_bytes), pos // row_bytes, axis=0, out=rows_out)
+    else:
+        flat = buf.reshape(-1)
+        np.take(flat, pos[:, None] + np.arange(row_bytes), out=rows_out)
+    return rows_out
 
 
-def read_memmap(path: Path, ids: np.ndarray, row_bytes: int) -> np.ndarray:
-    """numpy.memmap fancy indexing, MADV_RANDOM; the map is closed before returning."""
+def read_memmap(path: Path, ids: np.ndarray, row_bytes: int, rows_out: np.ndarray) -> np.ndarray:
+    """numpy.memmap gather (np.take into a reused buffer), MADV_RANDOM; the map is closed before returning."""
     mm = np.memmap(path, dtype=np.uint8, mode="r", shape=(path.stat().st_size // row_bytes, row_bytes))
     raw: mmap.mmap = mm._mmap  # type: ignore[attr-defined]
     raw.madvise(mmap.MADV_RANDOM)
-    rows = np.array(mm[ids])
+    np.take(mm, ids, axis=0, out=rows_out)
     del mm
     raw.close()
-    return rows
+    return rows_out
 
 
 def read_lmdb(db: Path, keys: list[bytes], row_bytes: int) -> np.ndarray:
@@ -146,9 +162,10 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     ap.add_argument("--rows", type=int, default=50000, help="random rows per measurement")
     ap.add_argument("--small-batch", type=int, default=512, help="also read the rows in calls of this many")
     ap.add_argument("--repeats", type=int, default=3, help="fresh ids each repeat; medians reported")
-    ap.add_argument("--fio-runtime", type=float, default=4.0, help="seconds per fio run")
+    ap.add_argument("--fio-runtime", type=float, default=3.0, help="seconds per fio run (one per row size and repeat)")
     ap.add_argument("--threads", type=int, default=None, help="PageReader threads (default: per method)")
-    ap.add_argument("--methods", default="fadvise,pread", help="PageReader methods; the first is 'ours'")
+    ap.add_argument("--depth", type=int, default=128, help="PageReader depth (reads / pages in flight)")
+    ap.add_argument("--methods", default="auto,fadvise,pread", help="PageReader methods; the first is 'ours'")
     ap.add_argument("--seed", type=int, default=0)
     args = ap.parse_args(argv)
     if args.quick:
@@ -157,25 +174,34 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     cache = Path(args.cache_dir)
     cache.mkdir(parents=True, exist_ok=True)
     size = parse_size(args.table_size) // PAGE_SIZE * PAGE_SIZE
-    row_sizes = [int(s) for s in args.row_bytes.split(",")]
-    methods = args.methods.split(",")
+    row_sizes = [int(x) for x in args.row_bytes.split(",")]
     row_file = ensure_row_file(cache, size)
     dbs = {s: ensure_lmdb(cache, row_file, s) for s in row_sizes}
-    readers = {m: PageReader(row_file, method=m, threads=args.threads) for m in methods}
+    readers = {m: PageReader(row_file, method=m, threads=args.threads, depth=args.depth)
+               for m in args.methods.split(",")}
+    names = {m: (m if m != "auto" else f"auto={r.method}") for m, r in readers.items()}
+    ours, ours_reader = next(iter(names.values())), next(iter(readers.values()))
     cold_files = [row_file] + [db / "data.mdb" for db in dbs.values()]
+    # Reused buffers: how the store calls the reader (fresh memory costs a page fault per 4 KiB here).
+    page_buf = aligned_empty(args.rows + 1)
+    page_buf.fill(0)
+    rows_buf = np.zeros(args.rows * max(row_sizes), dtype=np.uint8)
 
     evict(*cold_files)
-    residue = {str(p): resident_bytes(p) for p in cold_files}
-    fio_line = (f"fio: randread 4 KiB, O_DIRECT, libaio, QD{_FIO_QD}, {args.fio_runtime:g} s per run"
+    residue = {p.name if p == row_file else f"{p.parent.name}/{p.name}": resident_bytes(p) for p in cold_files}
+    fio_line = (f"fio: randread 4 KiB, O_DIRECT, libaio, QD{_FIO_QD}, {args.fio_runtime:g} s, run just before "
+                "each row size's measurements (ratios are paired with it)"
                 if shutil.which("fio") else "fio: NOT INSTALLED (apt-get install -y fio); fio ratios omitted")
     print_header("bench_cold: cold random rows from disk", machine_info(row_file), [
+        f"load average at start: {' '.join(f'{x:.2f}' for x in os.getloadavg())} (machine shared with other work)",
         f"table: {row_file} ({format_size(size)}), LMDB copies in {cache}",
         f"rows per measurement: {args.rows} (uniform, unique, sorted; same ids for every system), "
         f"repeats: {args.repeats}, row sizes: {row_sizes} B",
-        *[f"ours[{m}]: {r!r}  -> {'O_DIRECT' if r.direct else 'buffered'}" for m, r in readers.items()],
+        *[f"{names[m]}: {r!r} -> {'O_DIRECT' if r.direct else 'buffered'}" for m, r in readers.items()],
+        f"ours = {ours}; '+fresh' = same without out= (fresh output memory every call)",
         fio_line,
-        "eviction: fdatasync + posix_fadvise(DONTNEED) before every measurement; maps closed first; "
-        f"resident after eviction (fincore): {residue}",
+        "eviction: fdatasync + posix_fadvise(DONTNEED) of the row file and both LMDB data files before every "
+        f"measurement, maps closed first; resident bytes after eviction (fincore): {residue}",
     ])
 
     rng = np.random.default_rng(args.seed)
@@ -184,79 +210,79 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     def add(key: str, value: float) -> None:
         samples.setdefault(key, []).append(value)
 
-    fio_res: list[dict[str, float]] = []
     mismatches = 0
-    for rep in range(args.repeats):
-        f = run_fio(row_file, args.fio_runtime)
-        if f is not None:
-            fio_res.append(f)
-            add("fio_iops", f["iops"])
+    for _rep in range(args.repeats):
         for s in row_sizes:
-            n_rows = size // s
-            ids = np.unique(rng.integers(0, n_rows, args.rows))
+            fio = run_fio(row_file, args.fio_runtime)
+            if fio is not None:
+                add(f"{s}/fio/iops", fio["iops"])
+                add(f"{s}/fio/lat_us", fio["lat_us"])
+            ids = np.unique(rng.integers(0, size // s, args.rows))
             pages, _ = row_pages(ids, s)
             keys = [int(i).to_bytes(8, "big") for i in ids]
+            rows_out = rows_buf[:len(ids) * s].reshape(len(ids), s)
+            systems: list[tuple[str, Callable[[], np.ndarray]]] = [
+                *[(names[m], lambda r=r: read_ours(r, ids, s, page_buf=page_buf, rows_out=rows_out))
+                  for m, r in readers.items()],
+                (f"{ours}+fresh", lambda: read_ours(ours_reader, ids, s)),
+                (f"{ours} batch{args.small_batch}",
+                 lambda: read_ours(ours_reader, ids, s, page_buf=page_buf, rows_out=rows_out, batch=args.small_batch)),
+                ("memmap", lambda: read_memmap(row_file, ids, s, rows_out)),
+                ("lmdb", lambda: read_lmdb(dbs[s], keys, s)),
+            ]
             results: dict[str, np.ndarray] = {}
-            for m, reader in readers.items():
+            for name, fn in systems:
                 evict(*cold_files)
-                t0 = time.perf_counter()
-                results[m] = read_ours(reader, ids, s)
-                dt = time.perf_counter() - t0
-                add(f"{s}/{m}/rows_s", len(ids) / dt)
-                add(f"{s}/{m}/iops", len(pages) / dt)
-            m0 = methods[0]
-            evict(*cold_files)
-            t0 = time.perf_counter()
-            results["small"] = read_ours(readers[m0], ids, s, batch=args.small_batch)
-            dt = time.perf_counter() - t0
-            add(f"{s}/{m0}_batch{args.small_batch}/rows_s", len(ids) / dt)
-            add(f"{s}/{m0}_batch{args.small_batch}/iops", len(pages) / dt)
-            for name, fn in (("memmap", lambda: read_memmap(row_file, ids, s)),
-                             ("lmdb", lambda: read_lmdb(dbs[s], keys, s))):
-                evict(*cold_files)
-                t0 = time.perf_counter()
-                results[name] = fn()
-                dt = time.perf_counter() - t0
+                c0, t0 = time.process_time(), time.perf_counter()
+                got = fn()
+                dt, cpu = time.perf_counter() - t0, time.process_time() - c0
+                results[name] = got.copy()
                 add(f"{s}/{name}/rows_s", len(ids) / dt)
                 add(f"{s}/{name}/iops", len(pages) / dt)
+                add(f"{s}/{name}/cpu_us_row", cpu / len(ids) * 1e6)
+                if fio is not None:
+                    add(f"{s}/{name}/x_fio", len(pages) / dt / fio["iops"])
             ref = results["memmap"]
             for name, got in results.items():
                 bad = int((got != ref).any(axis=1).sum())
                 if bad:
                     print(f"   MISMATCH: {name} differs from memmap on {bad} rows of {s} B")
                 mismatches += bad
-
-    med = {k: float(np.median(v)) for k, v in samples.items()}
-    fio_iops = med.get("fio_iops")
-    out: dict[str, Any] = {
-        "bench": "cold", "quick": args.quick, "table_bytes": size, "rows": args.rows, "repeats": args.repeats,
-        "fio_iops_qd32": fio_iops,
-        "fio_lat_us": float(np.median([f["lat_us"] for f in fio_res])) if fio_res else None,
-        "readers": {m: {"method": r.method, "direct": r.direct, "threads": r.threads} for m, r in readers.items()},
-        "mismatches": mismatches,
-    }
-    if fio_iops:
-        print(f"\nfio QD{_FIO_QD} O_DIRECT 4 KiB randread: {fio_iops:,.0f} IOPS (median of "
-              f"{' '.join(f'{x:,.0f}' for x in samples['fio_iops'])})")
-    m0 = methods[0]
-    for s in row_sizes:
-        names = [*methods, f"{m0}_batch{args.small_batch}", "memmap", "lmdb"]
-        print(f"\nrows of {s} B ({args.rows} random rows, medians of {args.repeats})")
-        print(f"   {'system':<22} {'rows/s':>10} {'IOPS':>10} {'x fio':>7} {'ours x':>8}")
-        ours = med[f"{s}/{m0}/rows_s"]
-        for name in names:
-            r, iops = med[f"{s}/{name}/rows_s"], med[f"{s}/{name}/iops"]
-            vs_fio = f"{iops / fio_iops:7.2f}" if fio_iops else "      -"
-            print(f"   {name:<22} {r:>10,.0f} {iops:>10,.0f} {vs_fio} {ours / r:>8.2f}")
-        out[f"rows_{s}"] = {
-            **{f"{name}_rows_s": med[f"{s}/{name}/rows_s"] for name in names},
-            **{f"{name}_iops": med[f"{s}/{name}/iops"] for name in names},
-            "ours_vs_fio_iops": med[f"{s}/{m0}/iops"] / fio_iops if fio_iops else None,
-            "ours_vs_memmap": ours / med[f"{s}/memmap/rows_s"],
-            "ours_vs_lmdb": ours / med[f"{s}/lmdb/rows_s"],
-        }
     for r in readers.values():
         r.close()
+
+    med = {k: float(np.median(v)) for k, v in samples.items()}
+    out: dict[str, Any] = {
+        "bench": "cold", "quick": args.quick, "table_bytes": size, "rows": args.rows, "repeats": args.repeats,
+        "ours": ours, "readers": {names[m]: {"method": r.method, "direct": r.direct, "threads": r.threads,
+                                             "depth": r.depth} for m, r in readers.items()},
+        "load_avg_end": os.getloadavg()[0], "mismatches": mismatches,
+    }
+    sysnames = [*names.values(), f"{ours}+fresh", f"{ours} batch{args.small_batch}", "memmap", "lmdb"]
+    for s in row_sizes:
+        fio_iops = med.get(f"{s}/fio/iops")
+        print(f"\nrows of {s} B: {args.rows} random rows, medians of {args.repeats} runs; "
+              "x fio = IOPS / fio's IOPS in the same repeat; CPU = process CPU time, all threads")
+        if fio_iops:
+            print(f"   fio QD{_FIO_QD} O_DIRECT 4 KiB randread: {fio_iops:,.0f} IOPS "
+                  f"({' '.join(f'{x:,.0f}' for x in samples[f'{s}/fio/iops'])}), "
+                  f"mean latency {med[f'{s}/fio/lat_us']:.0f} us")
+        print(f"   {'system':<26} {'rows/s':>10} {'IOPS':>10} {'x fio':>7} {'ours x':>8} {'CPU us/row':>11}")
+        ref_rows = med[f"{s}/{ours}/rows_s"]
+        for name in sysnames:
+            r, iops = med[f"{s}/{name}/rows_s"], med[f"{s}/{name}/iops"]
+            vs_fio = f"{med[f'{s}/{name}/x_fio']:7.2f}" if fio_iops else "      -"
+            print(f"   {name:<26} {r:>10,.0f} {iops:>10,.0f} {vs_fio} {ref_rows / r:>8.2f} "
+                  f"{med[f'{s}/{name}/cpu_us_row']:>11.1f}")
+        out[f"rows_{s}"] = {
+            "fio_iops_qd32": fio_iops,
+            "systems": {name: {"rows_s": med[f"{s}/{name}/rows_s"], "iops": med[f"{s}/{name}/iops"],
+                               "x_fio": med.get(f"{s}/{name}/x_fio"),
+                               "cpu_us_per_row": med[f"{s}/{name}/cpu_us_row"]} for name in sysnames},
+            "ours_vs_fio_iops": med.get(f"{s}/{ours}/x_fio"),
+            "ours_vs_memmap": ref_rows / med[f"{s}/memmap/rows_s"],
+            "ours_vs_lmdb": ref_rows / med[f"{s}/lmdb/rows_s"],
+        }
     json_line(out)
     return out
 
