@@ -39,6 +39,7 @@ from __future__ import annotations
 
 import ctypes
 import errno as _errno
+import functools
 import mmap
 import os
 import platform
@@ -115,6 +116,7 @@ class _AioContext:
             self.id = 0
 
 
+@functools.cache
 def aio_available() -> bool:
     """True when native AIO can be used here (Linux on x86_64/aarch64, and io_setup works)."""
     if _libc_syscall is None:
@@ -249,6 +251,7 @@ class PageReader:
         self._pool = ThreadPoolExecutor(self.threads - 1, thread_name_prefix="tierstore-rowio") \
             if self.threads > 1 else None
         self._contexts: list[_AioContext] = []  # idle AIO contexts, reused across calls
+        self._pid = os.getpid()
         self._cv = threading.Condition()
         self._active = 0
         self._closed = False
@@ -342,6 +345,8 @@ class PageReader:
     # ------------------------------------------------------------------ native AIO
     def _take_context(self) -> _AioContext:
         with self._cv:
+            if self._pid != os.getpid():  # a forked child cannot use its parent's AIO contexts
+                self._contexts, self._pid = [], os.getpid()
             if self._contexts:
                 return self._contexts.pop()
         try:
