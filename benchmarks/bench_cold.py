@@ -160,7 +160,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     ap.add_argument("--table-size", default="4GiB", help="row file size (bigger than readahead can absorb)")
     ap.add_argument("--row-bytes", default="128,1024")
     ap.add_argument("--rows", type=int, default=50000, help="random rows per measurement")
-    ap.add_argument("--small-batch", type=int, default=512, help="also read the rows in calls of this many")
+    ap.add_argument("--small-batch", default="32,512", help="also read the rows in calls of these many rows")
     ap.add_argument("--repeats", type=int, default=3, help="fresh ids each repeat; medians reported")
     ap.add_argument("--fio-runtime", type=float, default=3.0, help="seconds per fio run (one per row size and repeat)")
     ap.add_argument("--threads", type=int, default=None, help="PageReader threads (default: per method)")
@@ -169,12 +169,13 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     ap.add_argument("--seed", type=int, default=0)
     args = ap.parse_args(argv)
     if args.quick:
-        args.table_size, args.rows, args.repeats, args.fio_runtime, args.small_batch = "48MiB", 1500, 1, 1.0, 256
+        args.table_size, args.rows, args.repeats, args.fio_runtime, args.small_batch = "48MiB", 1500, 1, 1.0, "256"
 
     cache = Path(args.cache_dir)
     cache.mkdir(parents=True, exist_ok=True)
     size = parse_size(args.table_size) // PAGE_SIZE * PAGE_SIZE
     row_sizes = [int(x) for x in args.row_bytes.split(",")]
+    small_batches = [int(x) for x in args.small_batch.split(",") if x]
     row_file = ensure_row_file(cache, size)
     dbs = {s: ensure_lmdb(cache, row_file, s) for s in row_sizes}
     readers = {m: PageReader(row_file, method=m, threads=args.threads, depth=args.depth)
@@ -198,7 +199,8 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         f"rows per measurement: {args.rows} (uniform, unique, sorted; same ids for every system), "
         f"repeats: {args.repeats}, row sizes: {row_sizes} B",
         *[f"{names[m]}: {r!r} -> {'O_DIRECT' if r.direct else 'buffered'}" for m, r in readers.items()],
-        f"ours = {ours}; '+fresh' = same without out= (fresh output memory every call)",
+        f"ours = {ours}; '+fresh' = same without out= (fresh output memory every call); "
+        "'batchN' = the same rows in calls of N rows each",
         fio_line,
         "eviction: fdatasync + posix_fadvise(DONTNEED) of the row file and both LMDB data files before every "
         f"measurement, maps closed first; resident bytes after eviction (fincore): {residue}",
@@ -225,8 +227,9 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
                 *[(names[m], lambda r=r: read_ours(r, ids, s, page_buf=page_buf, rows_out=rows_out))
                   for m, r in readers.items()],
                 (f"{ours}+fresh", lambda: read_ours(ours_reader, ids, s)),
-                (f"{ours} batch{args.small_batch}",
-                 lambda: read_ours(ours_reader, ids, s, page_buf=page_buf, rows_out=rows_out, batch=args.small_batch)),
+                *[(f"{ours} batch{b}",
+                   lambda b=b: read_ours(ours_reader, ids, s, page_buf=page_buf, rows_out=rows_out, batch=b))
+                  for b in small_batches],
                 ("memmap", lambda: read_memmap(row_file, ids, s, rows_out)),
                 ("lmdb", lambda: read_lmdb(dbs[s], keys, s)),
             ]
@@ -258,7 +261,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
                                              "depth": r.depth} for m, r in readers.items()},
         "load_avg_end": os.getloadavg()[0], "mismatches": mismatches,
     }
-    sysnames = [*names.values(), f"{ours}+fresh", f"{ours} batch{args.small_batch}", "memmap", "lmdb"]
+    sysnames = [*names.values(), f"{ours}+fresh", *[f"{ours} batch{b}" for b in small_batches], "memmap", "lmdb"]
     for s in row_sizes:
         fio_iops = med.get(f"{s}/fio/iops")
         print(f"\nrows of {s} B: {args.rows} random rows, medians of {args.repeats} runs; "
