@@ -64,8 +64,14 @@ def dedupe_batches(trace: np.ndarray, offsets: np.ndarray | None) -> tuple[np.nd
     return trace[keep], trace.size - keep.size
 
 
-def belady_hits(trace: np.ndarray, capacity: int, *, offsets: np.ndarray | None = None) -> int:
-    """Hits of the optimal cache with bypass over ``trace`` (int row ids in access order)."""
+def belady_hits(trace: np.ndarray, capacity: int, *, offsets: np.ndarray | None = None,
+                warm: bool = False) -> int:
+    """Hits of the optimal cache with bypass over ``trace`` (int row ids in access order).
+
+    ``warm``: the cache may start full with any rows (as a store that preloads its hot set
+    from a profile does); the best start holds the first ``capacity`` distinct rows of the
+    trace (those used soonest). Without it the cache starts empty (demand caching only).
+    """
     trace = np.asarray(trace)
     if trace.dtype.kind not in "iu":
         raise IdTypeError(f"trace has dtype {trace.dtype}; pass integer row ids")
@@ -74,6 +80,10 @@ def belady_hits(trace: np.ndarray, capacity: int, *, offsets: np.ndarray | None 
     trace, repeats = dedupe_batches(trace.astype(np.int64, copy=False).reshape(-1), offsets)
     if capacity == 0 or trace.size == 0:
         return repeats
+    if warm:
+        _, first = np.unique(trace, return_index=True)
+        start = trace[np.sort(first)[:capacity]]
+        trace = np.concatenate([start, trace])  # a prefix of distinct rows: loads, no hits
     nxt = next_use(trace)
     has_prev = np.zeros(trace.size, dtype=bool)
     has_prev[nxt[nxt != _NEVER]] = True

@@ -206,7 +206,7 @@ class _Ring:
     """FIFO of slot numbers in a fixed ring buffer (each slot at most once in one ring)."""
 
     def __init__(self, size: int):
-        self.buf = np.empty(max(1, size), dtype=np.int64)
+        self.buf = np.empty(max(1, size), dtype=np.int32)  # slot numbers (< 2**31)
         self.head = 0
         self.len = 0
 
@@ -229,7 +229,7 @@ class _Ring:
     def pop(self, n: int) -> np.ndarray:
         n = min(n, self.len)
         idx = (self.head + np.arange(n)) % self.buf.size
-        out = self.buf[idx]
+        out = self.buf[idx].astype(np.int64)
         self.head = (self.head + n) % self.buf.size
         self.len -= n
         return out
@@ -289,17 +289,18 @@ class FrequencySketch:
 
 
 class _Ghost:
-    """Direct-mapped hash set of recently evicted row ids, O(capacity) memory.
+    """Direct-mapped hash set of recently evicted row ids, ~8-16 bytes per remembered id.
 
     Remembers about the last ``size`` ids inserted; a collision forgets the older id,
-    which only makes the set forget early (never invent membership).
+    which only makes the set forget early (never invent membership). Ages are kept modulo
+    2**32 (uint32 sequence numbers), exact while younger than 2**31 insertions.
     """
 
     def __init__(self, size: int, seed: int = 7):
-        n = 1 << max(4, int(np.ceil(np.log2(max(1, 2 * size)))))
+        n = 1 << max(4, int(np.ceil(np.log2(max(1, size)))))
         self.shift = np.uint64(64 - int(np.log2(n)))
-        self.rows = np.full(n, -1, dtype=np.int64)
-        self.seq = np.zeros(n, dtype=np.int64)
+        self.rows = np.full(n, -1, dtype=np.int32)  # table rows are < 2**31 (CacheIndex)
+        self.seq = np.zeros(n, dtype=np.uint32)
         self.count = 0
         self.size = max(1, size)
         self.seed = seed
@@ -312,19 +313,19 @@ class _Ghost:
             return
         h = self._h(rows)
         self.rows[h] = rows
-        self.seq[h] = self.count + np.arange(rows.size)
+        self.seq[h] = (self.count + np.arange(rows.size)) & 0xFFFFFFFF
         self.count += rows.size
-
-    def contains(self, rows: np.ndarray) -> np.ndarray:
-        if rows.size == 0:
-            return np.zeros(0, dtype=bool)
-        h = self._h(rows)
-        return (self.rows[h] == rows) & (self.count - self.seq[h] <= self.size)
 
     def age(self, rows: np.ndarray) -> np.ndarray:
         """How many ids were added after each row (int64 max when not remembered)."""
+        if rows.size == 0:
+            return _EMPTY
         h = self._h(rows)
-        return np.where(self.rows[h] == rows, self.count - self.seq[h], _INF)
+        age = (np.uint32(self.count & 0xFFFFFFFF) - self.seq[h]).astype(np.int64) - 1
+        return np.where(self.rows[h] == rows, age, _INF)
+
+    def contains(self, rows: np.ndarray) -> np.ndarray:
+        return self.age(rows) < self.size
 
     def discard(self, rows: np.ndarray) -> None:
         if rows.size == 0:
@@ -576,48 +577,63 @@ class WTinyLFUPolicy(Policy):
             self.main.touched(s)
         self.tick += rows.size
 
-    def on_insert(self, slots: np.ndarray, rows: np.ndarray) -> None:
-        self.window.push(slots)
+    def admit(self, rows: np.ndarray, n_free: int) -> tuple[np.ndarray, np.ndarray]:
+        """Batch form of W-TinyLFU's insertion: new rows join the window's tail; what
+        overflows the window (its oldest rows first, then the oldest new rows) enters main
+        while main has room, then duels main's least recent rows by sketch frequency. A
+        losing window row is evicted; a losing new row bypasses the tier."""
+        m = rows.size
+        overflow = max(0, self.window.len + m - self.window_target)
+        a = self.window.pop(min(overflow, self.window.len))  # old window rows leaving
+        leased = ~self._evictable(a)
+        n_leased = int(np.count_nonzero(leased))
+        if n_leased:
+            self.window.push(a[leased])  # leased rows wait in the window
+            a = a[~leased]
+        inc = rows[: max(0, min(m, overflow - a.size - n_leased))]  # new rows overflowing at once
+        room = max(0, self.n_dyn - self.window_target - self.n_main)
+        n_direct_a = min(room, a.size)
+        self._to_main(a[:n_direct_a])
+        room -= n_direct_a
+        direct_inc = inc[:room]
+        a_rest, inc_rest = a[n_direct_a:], inc[direct_inc.size:]
+        r = self.index.row_of_slot
+        cand_rows = np.concatenate([r[a_rest], inc_rest])  # in age order
+        vic = self.main.pop(cand_rows.size) if cand_rows.size else _EMPTY
+        vkeys = self.main.last_keys if vic.size else _EMPTY
+        nv = vic.size
+        fc = self.sketch.estimate(cand_rows)
+        fv = self.sketch.estimate(r[vic])
+        # the most popular candidates duel the least recent victims, pair by pair
+        order = np.argsort(-fc, kind="stable")[:nv]
+        beats = fc[order] > fv
+        win = np.zeros(cand_rows.size, dtype=bool)
+        win[order[beats]] = True
+        stay = vic[~beats]  # victims that won keep their LRU place
+        self.keys[stay] = vkeys[~beats]
+        self.main.touched(stay)
+        evicted_main = vic[beats]
+        self.n_main -= evicted_main.size
+        win_a = win[: a_rest.size]
+        self._to_main(a_rest[win_a])
+        evicted_window = a_rest[~win_a]
+        win_inc = win[a_rest.size:]
+        to_main = np.concatenate([direct_inc, inc_rest[win_inc]])
+        bypass = inc_rest[~win_inc]
+        admitted = rows[~np.isin(rows, bypass)] if bypass.size else rows
+        self._pending_main = to_main
+        victims = np.concatenate([evicted_window, evicted_main])
+        return admitted[: n_free + victims.size], victims
 
-    def victims(self, k: int) -> np.ndarray:
-        """Free k slots: window overflow competes with main's LRU rows for main space."""
-        # rows leaving the window (oldest first), beyond the window's target size
-        n_out = max(0, min(self.window.len, self.window.len + k - self.window_target))
-        cand = self.window.pop(n_out)
-        leased = ~self._evictable(cand)
-        self.window.push(cand[leased])
-        cand = cand[~leased]
-        main_room = self.n_dyn - self.window_target - self.n_main
-        # candidates that fit in free main room go straight in
-        direct = cand[: max(0, main_room)]
-        rest = cand[direct.size:]
-        self._to_main(direct)
-        out = []
-        if rest.size:
-            vic = self.main.pop(rest.size)  # main's LRU rows, oldest first
-            vkeys = self.main.last_keys
-            r = self.index.row_of_slot
-            fc = self.sketch.estimate(r[rest[: vic.size]])
-            fv = self.sketch.estimate(r[vic])
-            # pair the most popular candidates with the least recent victims
-            order = np.argsort(-fc, kind="stable")
-            c_sorted = rest[: vic.size][order]
-            win = fc[order] > fv
-            stay = vic[~win]  # victims that beat their candidate keep their LRU place
-            self.keys[stay] = vkeys[~win]
-            self.main.touched(stay)
-            self.n_main -= int(np.count_nonzero(win))
-            self._to_main(c_sorted[win])
-            # losers of the contest are evicted; winners' victims are evicted
-            out.append(c_sorted[~win])
-            out.append(vic[win])
-            out.append(rest[vic.size:])  # no main victim available: evict the candidate
-        got = sum(o.size for o in out)
-        if got < k:  # window under target: take main's LRU rows directly
-            vic = self.main.pop(k - got)
-            self.n_main -= vic.size
-            out.append(vic)
-        return np.concatenate(out) if out else _EMPTY
+    def on_insert(self, slots: np.ndarray, rows: np.ndarray) -> None:
+        pend = getattr(self, "_pending_main", _EMPTY)
+        if pend.size:
+            mm = np.isin(rows, pend)
+            self._to_main(slots[mm])
+            self.window.push(slots[~mm])
+            self._pending_main = _EMPTY
+        else:
+            self.window.push(slots)
 
     def _to_main(self, slots: np.ndarray) -> None:
         self.keys[slots] = self.tick + np.arange(slots.size)
@@ -665,8 +681,8 @@ class _ProfileRank:
     def __init__(self, profile: np.ndarray | None, m: int):
         top = hot_rows(profile, m)
         order = np.argsort(top, kind="stable")
-        self.rows = top[order]
-        self.ranks = order.astype(np.int64)  # position in hotness order
+        self.rows = top[order].astype(np.int32)  # table rows are < 2**31 (CacheIndex)
+        self.ranks = order.astype(np.int32)  # position in hotness order
         self.m = top.size
 
     def rank(self, rows: np.ndarray) -> np.ndarray:
@@ -674,7 +690,7 @@ class _ProfileRank:
             return np.full(rows.size, 0, dtype=np.int64)
         i = np.searchsorted(self.rows, rows)
         i[i >= self.m] = self.m - 1
-        return np.where(self.rows[i] == rows, self.ranks[i], self.m)
+        return np.where(self.rows[i] == rows, self.ranks[i].astype(np.int64), self.m)
 
 
 class DefaultPolicy(Policy):

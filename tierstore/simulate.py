@@ -191,11 +191,13 @@ class SimResult:
 def simulate(rows: np.ndarray, capacities: list[int], policies: list[str], *,
              n_rows: int | None = None, offsets: np.ndarray | None = None,
              profile: np.ndarray | None = None, min_batch: int = 1024, lookahead: int = 0,
-             rng: int | None = None, table: str = "") -> list[SimResult]:
+             rng: int | None = None, table: str = "", warm_opt: bool = True) -> list[SimResult]:
     """Hit ratios of each policy (a registered name or ``opt``) at each capacity (rows).
 
     ``profile``: per-row counts from *separate* text, for ``static`` and ``default``.
     ``n_rows``: table size (default: max row id + 1).
+    ``warm_opt``: ``opt`` may start with a full cache, like ``static`` and ``default``,
+    which preload profile rows (otherwise they could beat the "optimum" by the cold misses).
     """
     rows = np.asarray(rows)
     if rows.dtype.kind not in "iu":
@@ -217,7 +219,7 @@ def simulate(rows: np.ndarray, capacities: list[int], policies: list[str], *,
             t0 = time.perf_counter()
             if p == "opt":
                 opt_offsets = None if (offsets is None and min_batch == 1) else bounds[:-1]
-                hits = belady_hits(rows, cap, offsets=opt_offsets)
+                hits = belady_hits(rows, cap, offsets=opt_offsets, warm=warm_opt)
                 res = SimResult("opt", cap, hits / rows.size if rows.size else 0.0, hits,
                                 rows.size - hits, rows.size, None, None, 0.0, table)
             else:

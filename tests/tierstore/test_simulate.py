@@ -1,0 +1,107 @@
+"""Trace files and the replay of traces through policies."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from tierstore.belady import belady_hits
+from tierstore.cache_index import CacheIndex
+from tierstore.errors import CorruptDataError, FormatVersionError, TierStoreError
+from tierstore.simulate import (TableTrace, Trace, batch_bounds, load_trace, replay, save_trace,
+                                simulate)
+
+
+def zipf_trace(n=20_000, rows=5000, seed=0):
+    rng = np.random.default_rng(seed)
+    return (rng.zipf(1.15, n) % rows).astype(np.int64)
+
+
+def test_trace_roundtrip(tmp_path):
+    a = zipf_trace(1000)
+    b = zipf_trace(500, seed=1) + 2**31  # needs int64
+    tr = Trace({"blocks.1.engram.memory.weight": TableTrace(a, np.array([0, 16, 32]), 5000),
+                "t2": TableTrace(b)}, {"streams": 4})
+    p = save_trace(tmp_path / "x.trace.zst", tr)
+    back = load_trace(p)
+    assert back.meta == {"streams": 4}
+    t1 = back.tables["blocks.1.engram.memory.weight"]
+    assert (t1.rows == a).all() and t1.offsets.tolist() == [0, 16, 32] and t1.n_rows == 5000
+    assert (back.tables["t2"].rows == b).all() and back.tables["t2"].offsets is None
+    # a plain .npy array is a one-table trace
+    np.save(tmp_path / "plain.npy", a)
+    assert (load_trace(tmp_path / "plain.npy").tables["trace"].rows == a).all()
+
+
+def test_trace_errors(tmp_path):
+    (tmp_path / "junk").write_bytes(b"not a trace")
+    with pytest.raises(CorruptDataError):
+        load_trace(tmp_path / "junk")
+    with pytest.raises(TierStoreError, match="not found"):
+        load_trace(tmp_path / "missing")
+    with pytest.raises(CorruptDataError, match="offsets"):
+        TableTrace(np.arange(10), np.array([0, 5, 5]))
+    # a newer format version names the fix
+    import io
+    import json
+
+    import zstandard
+    buf = io.BytesIO()
+    np.savez(buf, header=np.frombuffer(json.dumps({"format": "tierstore-trace", "version": 99,
+                                                    "tables": {}}).encode(), np.uint8))
+    (tmp_path / "v99").write_bytes(zstandard.ZstdCompressor().compress(buf.getvalue()))
+    with pytest.raises(FormatVersionError, match="re-run"):
+        load_trace(tmp_path / "v99")
+
+
+def test_batch_bounds_merge_steps():
+    off = np.arange(0, 100, 16)  # steps of 16 lookups
+    b = batch_bounds(100, off, 40)
+    assert b[0] == 0 and b[-1] == 100 and set(b[:-1]) <= set(off.tolist())
+    assert np.diff(b).max() < 2 * 40 + 16
+    assert batch_bounds(10, None, 4).tolist() == [0, 4, 8, 10]
+    assert batch_bounds(10, None, 1).tolist() == list(range(11))
+
+
+def test_simulate_matches_manual_replay_and_opt():
+    tr = zipf_trace()
+    res = simulate(tr, [50, 500], ["lru", "s3fifo", "opt"], n_rows=5000, min_batch=64)
+    by = {(r.policy, r.capacity_rows): r for r in res}
+    for cap in (50, 500):
+        idx = CacheIndex(5000, cap, "lru", pinned_rows=[])
+        replay(idx, tr, batch_bounds(tr.size, None, 64))
+        r = by[("lru", cap)]
+        assert (r.hits, r.misses) == (idx.hits, idx.misses)
+        assert r.hits + r.misses == tr.size
+        opt = by[("opt", cap)]
+        assert opt.hit_ratio >= max(by[(p, cap)].hit_ratio for p in ("lru", "s3fifo"))
+    # one access per batch: opt is the plain sequential optimum
+    res1 = simulate(tr[:3000], [100], ["opt"], n_rows=5000, min_batch=1, warm_opt=False)
+    assert res1[0].hits == belady_hits(tr[:3000], 100)
+
+
+def test_simulate_static_and_default_use_profile():
+    tr = zipf_trace(seed=3)
+    profile = np.bincount(zipf_trace(seed=4), minlength=5000)
+    res = simulate(tr, [100], ["static", "default", "lru", "opt"], n_rows=5000, profile=profile)
+    by = {r.policy: r.hit_ratio for r in res}
+    assert by["static"] > 0 and by["opt"] >= max(by.values()) - 1e-12
+
+
+def test_lookahead_hints_help_default():
+    """With the future of the next batches hinted, the default policy does not get worse."""
+    rng = np.random.default_rng(7)
+    tr = np.concatenate([rng.permutation(3000)[:200].repeat(2) for _ in range(60)]).astype(np.int64)
+    rng.shuffle(tr[: tr.size // 2])
+    r0 = simulate(tr, [150], ["default"], n_rows=3000, min_batch=100)[0]
+    r1 = simulate(tr, [150], ["default"], n_rows=3000, min_batch=100, lookahead=2)[0]
+    assert r1.hits >= r0.hits
+
+
+def test_simulate_errors():
+    with pytest.raises(TierStoreError, match="unknown policy"):
+        simulate(np.arange(10), [2], ["nope"])
+    with pytest.raises(TierStoreError, match="table has 5 rows"):
+        simulate(np.arange(10), [2], ["lru"], n_rows=5)
+    with pytest.raises(TierStoreError, match="profile"):
+        simulate(np.arange(10), [2], ["static"], profile=np.ones(3, np.int64))

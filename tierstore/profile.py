@@ -1,0 +1,134 @@
+"""Per-table row access-count profiles, kept in the store for hot-set placement.
+
+A profile counts how often each row of a table was read on real token streams
+(``tierstore profile --save-profile``). The store ranks rows by it: the hottest fill the
+device tier, the next the host tier, and the ``default`` policy keeps a ranked core.
+
+On disk, per table, in ``STORE/profiles/``:
+
+* ``<table>.npy.zst``: the counts as a zstd-compressed ``.npy`` (int32 when the largest
+  count fits, else int64; zero runs of the cold tail compress to almost nothing);
+* ``<table>.json``: ``{"format": "tierstore-profile", "version": 1, "table", "rows",
+  "dtype", "total", "nonzero", "source", ...}`` (written last, so a present JSON means a
+  complete profile).
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import re
+from pathlib import Path
+
+import numpy as np
+
+from .errors import CorruptDataError, FormatVersionError, IdTypeError, TierStoreError
+
+__all__ = ["PROFILE_FORMAT", "profile_paths", "count_rows", "save_profile", "load_profile",
+           "has_profile", "zipf_fit"]
+
+PROFILE_FORMAT = "tierstore-profile"
+PROFILE_VERSION = 1
+_SAFE = re.compile(r"[^A-Za-z0-9._-]")
+
+
+def profile_paths(store: str | Path, table: str) -> tuple[Path, Path]:
+    """(counts file, metadata file) of ``table``'s profile in a store directory."""
+    if not table or table in (".", ".."):
+        raise TierStoreError(f"table name {table!r} cannot name a profile file")
+    stem = _SAFE.sub("_", table)
+    d = Path(store) / "profiles"
+    return d / f"{stem}.npy.zst", d / f"{stem}.json"
+
+
+def count_rows(rows: np.ndarray, n_rows: int) -> np.ndarray:
+    """Access count per row (int64, len ``n_rows``) of a trace of row ids."""
+    rows = np.asarray(rows)
+    if rows.dtype.kind not in "iu":
+        raise IdTypeError(f"row ids have dtype {rows.dtype}; pass integers")
+    rows = rows.reshape(-1)
+    if rows.size and (rows.min() < 0 or rows.max() >= n_rows):
+        raise TierStoreError(f"row ids must lie in [0, {n_rows}); got [{rows.min()}, {rows.max()}]")
+    return np.bincount(rows, minlength=n_rows).astype(np.int64)
+
+
+def save_profile(store: str | Path, table: str, counts: np.ndarray, *,
+                 meta: dict | None = None, level: int = 3) -> Path:
+    """Write ``counts`` (one non-negative integer per row) as ``table``'s profile; returns
+    the counts file. Replaces an existing profile atomically (file by file)."""
+    import zstandard
+
+    counts = np.asarray(counts)
+    if counts.ndim != 1 or counts.dtype.kind not in "iu":
+        raise IdTypeError(f"a profile is a 1-D integer array; got {counts.dtype} {counts.shape}")
+    if counts.size and counts.min() < 0:
+        raise TierStoreError("profile counts must be non-negative")
+    dtype = np.int32 if (counts.size == 0 or counts.max() < 2**31) else np.int64
+    data, meta_path = profile_paths(store, table)
+    data.parent.mkdir(parents=True, exist_ok=True)
+    buf = io.BytesIO()
+    np.save(buf, counts.astype(dtype, copy=False), allow_pickle=False)
+    payload = zstandard.ZstdCompressor(level=level, threads=-1).compress(buf.getvalue())
+    info = {"format": PROFILE_FORMAT, "version": PROFILE_VERSION, "table": table,
+            "rows": int(counts.size), "dtype": np.dtype(dtype).name,
+            "total": int(counts.sum()), "nonzero": int(np.count_nonzero(counts)),
+            **(meta or {})}
+    for path, blob in ((data, payload), (meta_path, json.dumps(info, indent=1).encode())):
+        tmp = path.with_name(path.name + ".tmp")
+        tmp.write_bytes(blob)
+        os.replace(tmp, path)
+    return data
+
+
+def has_profile(store: str | Path, table: str) -> bool:
+    return profile_paths(store, table)[1].is_file()
+
+
+def load_profile(store: str | Path, table: str, *, n_rows: int | None = None) -> tuple[np.ndarray, dict]:
+    """(counts as int64, metadata) of ``table``'s profile. ``n_rows`` checks the length."""
+    import zstandard
+
+    data, meta_path = profile_paths(store, table)
+    if not meta_path.is_file() or not data.is_file():
+        raise TierStoreError(
+            f"no profile for table {table!r} in {str(store)!r}; record one with "
+            "`tierstore profile --trace T --store S --save-profile`")
+    try:
+        info = json.loads(meta_path.read_text())
+    except (ValueError, OSError) as e:
+        raise CorruptDataError(f"profile metadata {str(meta_path)!r} is unreadable: {e}") from e
+    if info.get("format") != PROFILE_FORMAT:
+        raise CorruptDataError(f"{str(meta_path)!r} is not a tierstore profile")
+    if info.get("version") != PROFILE_VERSION:
+        raise FormatVersionError(
+            f"profile {str(meta_path)!r} has version {info.get('version')}; this tierstore reads "
+            f"{PROFILE_VERSION}: record the profile again")
+    try:
+        raw = zstandard.ZstdDecompressor().decompress(data.read_bytes(), max_output_size=1 << 38)
+        counts = np.load(io.BytesIO(raw), allow_pickle=False)
+    except Exception as e:  # zstd or npy errors: the file is damaged either way
+        raise CorruptDataError(f"profile counts {str(data)!r} are unreadable: {e}") from e
+    if counts.shape != (info["rows"],) or counts.dtype.kind not in "iu":
+        raise CorruptDataError(f"profile {str(data)!r} holds {counts.dtype} {counts.shape}, "
+                               f"metadata says {info['rows']} rows")
+    if n_rows is not None and counts.size != n_rows:
+        raise TierStoreError(f"profile of {table!r} has {counts.size} rows, the table {n_rows}: "
+                             "it was recorded for another table; record it again")
+    return counts.astype(np.int64), info
+
+
+def zipf_fit(counts: np.ndarray, *, head: float = 0.5) -> tuple[float, np.ndarray]:
+    """Zipf exponent s of a rank-frequency curve (count ~ rank^-s), and the sorted counts.
+
+    Least-squares line through log(count) vs log(rank) over ranks 1..head*n_nonzero (the
+    tail of singletons is flat and would dominate a fit over every rank).
+    """
+    c = np.sort(np.asarray(counts)[np.asarray(counts) > 0])[::-1].astype(np.float64)
+    if c.size < 3:
+        return 0.0, c
+    n = max(3, int(head * c.size))
+    x = np.log(np.arange(1, n + 1))
+    y = np.log(c[:n])
+    slope = np.polyfit(x, y, 1)[0]
+    return float(-slope), c
