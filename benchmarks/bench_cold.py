@@ -4,8 +4,9 @@ Measured in one run, on the same file and the same row ids (rows of 128 B and 1 
 - fio 4 KiB random read, O_DIRECT, libaio, queue depth 32: the device's random-read rate;
 - ours: ``rowio.PageReader`` reads the pages holding the rows into a reused page buffer, then
   a vectorized gather into a reused row buffer (also: every method, fresh buffers, small batches);
-- numpy.memmap gather (``np.take`` into the same reused row buffer) with ``madvise(MADV_RANDOM)`` (a fresh map each time, closed
-  before eviction: a live map would keep its pages cached);
+- numpy.memmap gather (``np.take`` into the same reused row buffer) with
+  ``madvise(MADV_RANDOM)`` (a fresh map each time, closed before eviction: a live map would
+  keep its pages cached);
 - LMDB ``txn.get`` per row with ``readahead=False`` (keys = row ids, values = rows, built
   once in the cache dir; its data file is evicted too).
 Targets (issue 3): ours >= 0.9x fio IOPS, >= 3x memmap and LMDB rows/s.
@@ -25,7 +26,6 @@ import mmap
 import os
 import shutil
 import subprocess
-import tempfile
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -213,7 +213,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         samples.setdefault(key, []).append(value)
 
     mismatches = 0
-    for _rep in range(args.repeats):
+    for rep in range(args.repeats):
         for s in row_sizes:
             fio = run_fio(row_file, args.fio_runtime)
             if fio is not None:
@@ -234,7 +234,8 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
                 ("lmdb", lambda: read_lmdb(dbs[s], keys, s)),
             ]
             results: dict[str, np.ndarray] = {}
-            for name, fn in systems:
+            k = rep % len(systems)  # rotate the order so that no system always runs first after fio
+            for name, fn in systems[k:] + systems[:k]:
                 evict(*cold_files)
                 c0, t0 = time.process_time(), time.perf_counter()
                 got = fn()
@@ -272,6 +273,8 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
                   f"mean latency {med[f'{s}/fio/lat_us']:.0f} us")
         print(f"   {'system':<26} {'rows/s':>10} {'IOPS':>10} {'x fio':>7} {'ours x':>8} {'CPU us/row':>11}")
         ref_rows = med[f"{s}/{ours}/rows_s"]
+        if fio_iops:
+            print(f"   ours x fio per repeat: {' '.join(f'{x:.2f}' for x in samples[f'{s}/{ours}/x_fio'])}")
         for name in sysnames:
             r, iops = med[f"{s}/{name}/rows_s"], med[f"{s}/{name}/iops"]
             vs_fio = f"{med[f'{s}/{name}/x_fio']:7.2f}" if fio_iops else "      -"
