@@ -81,6 +81,7 @@ class Store:
         threads: int = 4,
         io_threads: int | None = None,
         direct: bool | None = None,
+        host_shared: bool = False,
     ):
         self.path = Path(path)
         self.manifest = read_manifest(self.path)
@@ -101,7 +102,8 @@ class Store:
                     device_rows=int(self.device_budget * share) // max(1, info.row_bytes),
                     host_rows=int(self.host_budget * share) // max(1, info.row_bytes),
                     policy=policy, profile=_load_profile(self.path, name),
-                    direct=direct, io_threads=io_threads,
+                    direct=direct, io_threads=io_threads, host_shared=host_shared,
+                    created=self.manifest.created,
                 )
         except BaseException:
             for t in self._tables.values():
@@ -232,6 +234,7 @@ def open_store(
     threads: int = 4,
     io_threads: int | None = None,
     direct: bool | None = None,
+    host_shared: bool = False,
 ) -> Store:
     """Open the store at ``path``.
 
@@ -241,6 +244,9 @@ def open_store(
         the tier). A table that fits its share of a tier is loaded into it whole at open.
     policy: cache policy for rows that do not fit ("default", "lru", "lfu", "s3fifo", ...).
     threads: background lookup workers; io_threads: disk reader threads; direct: force O_DIRECT on/off.
+    host_shared: keep the host tier in POSIX shared memory, one copy for every process on the
+        machine that opens this store with the same budget (see ``tierstore.shared_host``). Its
+        rows are the whole table, or the hottest rows of the saved profile.
     """
     return Store(path, device=device, device_budget=device_budget, host_budget=host_budget, policy=policy,
-                 threads=threads, io_threads=io_threads, direct=direct)
+                 threads=threads, io_threads=io_threads, direct=direct, host_shared=host_shared)

@@ -23,6 +23,7 @@ import numpy as np
 import torch
 
 from .format import TableInfo
+from .shared_host import SharedHostTier
 from .tier import CacheTier, DiskTier
 
 __all__ = ["Table"]
@@ -41,13 +42,19 @@ class Table:
         profile: np.ndarray | None = None,
         direct: bool | None = None,
         io_threads: int | None = None,
+        host_shared: bool = False,
+        created: str = "",
     ):
         self.info = info
         self.device = device
         self.cuda = device.type == "cuda"
         self.disk = DiskTier(root, info, direct=direct, threads=io_threads)
-        self.host = CacheTier("host", info, host_rows, device=torch.device("cpu"), pin=self.cuda,
-                              policy=policy, profile=profile)
+        self.host: CacheTier | SharedHostTier
+        if host_shared and host_rows > 0:
+            self.host = SharedHostTier(root, info, host_rows, self.disk, profile=profile, created=created)
+        else:
+            self.host = CacheTier("host", info, host_rows, device=torch.device("cpu"), pin=self.cuda,
+                                  policy=policy, profile=profile)
         self.dev = CacheTier("device", info, device_rows, device=device, policy=policy, profile=profile)
         self._after_lease: Callable[[], None] | None = None
         self._preload()
@@ -56,6 +63,8 @@ class Table:
     def _preload(self) -> None:
         """Fill resident tiers with the whole table and caches with their static hot set."""
         for tier in (self.host, self.dev):
+            if isinstance(tier, SharedHostTier):
+                continue  # filled once, by whichever process opened it first
             if tier.resident:
                 src = self.host.slab if (tier is self.dev and self.host.resident) else None
                 if src is not None:
@@ -132,6 +141,18 @@ class Table:
             host.resident_hits += len(uniq)
             torch.index_select(host.slab, 0, torch.from_numpy(uniq), out=staged)
             return staged
+        if isinstance(host, SharedHostTier):  # read-only after fill: no lock, no admission
+            slots = host.lookup(uniq)
+            hit = slots >= 0
+            if hit.all():
+                torch.index_select(host.slab, 0, torch.from_numpy(slots), out=staged)
+                return staged
+            miss = uniq[~hit]
+            cold = torch.empty((len(miss), info.dim), dtype=info.raw_dtype)
+            self.disk.read(miss, cold)
+            staged[torch.from_numpy(np.flatnonzero(hit))] = host.slab[torch.from_numpy(slots[hit])]
+            staged[torch.from_numpy(np.flatnonzero(~hit))] = cold
+            return staged
         if host.index is None:
             self.disk.read(uniq, staged)
             return staged
@@ -175,4 +196,6 @@ class Table:
         self.disk.reset_stats()
 
     def close(self) -> None:
+        if isinstance(self.host, SharedHostTier):
+            self.host.close()
         self.disk.close()

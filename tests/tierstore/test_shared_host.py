@@ -1,0 +1,128 @@
+"""One host tier shared by several processes: one copy (PSS), exact rows, crash safety."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import save_file
+
+import tierstore
+from tierstore.shared_host import SHM_DIR
+
+from ..conftest import bits, random_table
+
+REPO = Path(__file__).resolve().parents[2]
+NAME = "big.engram.memory.weight"
+ROWS, DIM = 1 << 16, 256  # 64 MiB of float32
+
+WORKER = """
+import sys, time, numpy as np, psutil, torch, tierstore
+path, budget, seed = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
+ref = np.load(sys.argv[4], mmap_mode="r")
+with tierstore.open(path, device="cpu", device_budget=0, host_budget=budget, host_shared=True) as store:
+    rng = np.random.default_rng(seed)
+    for _ in range(20):
+        ids = rng.integers(0, ref.shape[0], 4096)
+        got = store.lookup("big.engram.memory.weight", ids).numpy()
+        if not np.array_equal(got.view(np.uint32), ref[ids].view(np.uint32)):
+            print("MISMATCH", flush=True); sys.exit(3)
+    pss = sum(m.pss for m in psutil.Process().memory_maps() if "tierstore-" in m.path)
+    print("READY", pss, store.stats()["host"]["hits"], flush=True)
+    sys.stdin.readline()  # hold the tier until told to go
+    ids = rng.integers(0, ref.shape[0], 4096)
+    ok = np.array_equal(store.lookup("big.engram.memory.weight", ids).numpy().view(np.uint32), ref[ids].view(np.uint32))
+    print("DONE" if ok else "MISMATCH", flush=True)
+"""
+
+
+@pytest.fixture(scope="module")
+def shared_store(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("shared")
+    w = random_table(ROWS, DIM, torch.float32, seed=7)
+    save_file({NAME: w}, str(tmp / "m.safetensors"))
+    path = tierstore.build_store(tmp / "m.safetensors", tmp / "store", progress=False)
+    ref = tmp / "ref.npy"
+    np.save(ref, w.numpy())
+    return path, ref, w
+
+
+def _spawn(path: Path, budget: int, seed: int, ref: Path) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, "-c", textwrap.dedent(WORKER), str(path), str(budget), str(seed), str(ref)],
+                            env=dict(os.environ, PYTHONPATH=str(REPO)), stdin=subprocess.PIPE,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def _shm_files() -> set[str]:
+    return {p.name for p in SHM_DIR.glob("tierstore-*") if not p.name.endswith(".fill")}
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not SHM_DIR.is_dir(), reason="no /dev/shm")
+def test_four_processes_share_one_copy_and_survive_a_crash(shared_store):
+    path, ref, w = shared_store
+    before = _shm_files()
+    table_bytes = ROWS * DIM * 4
+    procs = [_spawn(path, table_bytes, seed, ref) for seed in range(4)]
+    try:
+        lines = [p.stdout.readline().split() for p in procs]
+        assert all(line and line[0] == "READY" for line in lines), [(l, p.stderr.read()) for l, p in zip(lines, procs)]
+        pss = [int(line[1]) for line in lines]
+        assert all(int(line[2]) > 0 for line in lines)  # every worker served rows from the shared tier
+        assert len(_shm_files() - before) == 1, "all four processes must map one shared file"
+        # four processes together account for about one copy of the tier, not four
+        assert sum(pss) < 1.25 * table_bytes, f"PSS of the shared tier: {[p >> 20 for p in pss]} MiB"
+        assert max(pss) < 0.5 * table_bytes
+        procs[0].send_signal(signal.SIGKILL)  # one worker crashes...
+        procs[0].communicate()
+        for p in procs[1:]:  # ...the others keep serving exact rows
+            out, err = p.communicate("go\n", timeout=60)
+            assert out.strip().endswith("DONE"), err
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+                p.communicate()
+    time.sleep(0.1)
+    assert _shm_files() - before == set(), "the last process to close removes the shared file"
+
+
+@pytest.mark.skipif(not SHM_DIR.is_dir(), reason="no /dev/shm")
+def test_filler_crash_is_refilled(shared_store, monkeypatch):
+    """A process that dies while filling leaves a FILLING tier; the next opener refills it."""
+    path, ref, w = shared_store
+    budget = ROWS * DIM * 4
+    crash = subprocess.run([sys.executable, "-c", textwrap.dedent("""
+        import os, sys, tierstore
+        from tierstore.tier import DiskTier
+        real = DiskTier.read
+        calls = []
+        def dying(self, rows, out):
+            calls.append(1)
+            if len(calls) == 2:
+                os._exit(9)  # killed half-way through the fill
+            return real(self, rows, out)
+        DiskTier.read = dying
+        tierstore.open(sys.argv[1], device="cpu", host_budget=int(sys.argv[2]), host_shared=True)
+    """), str(path), str(budget)], env=dict(os.environ, PYTHONPATH=str(REPO)), capture_output=True, text=True)
+    assert crash.returncode == 9, crash.stderr
+    with tierstore.open(path, device="cpu", host_budget=budget, host_shared=True) as store:
+        ids = np.random.default_rng(1).integers(0, ROWS, 5000)
+        assert torch.equal(bits(store.lookup(NAME, ids)), bits(w[torch.from_numpy(ids)]))
+        assert store.stats()["disk"]["rows_read"] == 0  # served from the refilled shared tier
+        assert store.stats()["host"]["hits"] == 5000
+    assert not list(SHM_DIR.glob("tierstore-*")), "closing the last user removes the refilled tier"
+
+
+def test_partial_shared_tier_needs_a_profile(shared_store):
+    path, _, _ = shared_store
+    with pytest.raises(tierstore.TierStoreError, match="--save-profile"):
+        tierstore.open(path, device="cpu", host_budget=ROWS * DIM, host_shared=True)
