@@ -335,13 +335,6 @@ class _Ghost:
         self.rows[h[hit]] = -1
 
 
-def _last_occurrence(slots: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Unique slots and the position of each one's last occurrence in ``slots``."""
-    rev = slots[::-1]
-    u, first = np.unique(rev, return_index=True)
-    return u, slots.size - 1 - first
-
-
 # ----------------------------------------------------------------------------------------
 # Policy base
 # ----------------------------------------------------------------------------------------
@@ -432,9 +425,11 @@ class LRUPolicy(Policy):
     def on_lookup(self, rows: np.ndarray, slots: np.ndarray, hit: np.ndarray) -> None:
         pos = np.flatnonzero(hit & (slots >= self.lo))
         if pos.size:
-            s, last = _last_occurrence(slots[pos])
-            self.keys[s] = self.tick + pos[last]
-            self.heap.touched(s)
+            hs = slots[pos]
+            # stamps grow with position, so the max keeps each slot's last occurrence
+            # (ufunc.at: no sort, unlike unique(return_index))
+            np.maximum.at(self.keys, hs, self.tick + pos)
+            self.heap.touched(hs)
         self.tick += rows.size
 
     def victims(self, k: int) -> np.ndarray:
@@ -456,6 +451,7 @@ class LFUPolicy(Policy):
         super().bind(index, lo)
         self.keys = np.full(self.capacity, _INF, dtype=np.int64)
         self.freq = np.zeros(self.capacity, dtype=np.int64)
+        self.stamp = np.zeros(self.capacity, dtype=np.int64)
         self.heap = _LazyMin(self.keys, lo, self._evictable)
 
     def on_lookup(self, rows: np.ndarray, slots: np.ndarray, hit: np.ndarray) -> None:
@@ -463,9 +459,9 @@ class LFUPolicy(Policy):
         if pos.size:
             hs = slots[pos]
             np.add.at(self.freq, hs, 1)
-            s, last = _last_occurrence(hs)
-            self.keys[s] = (self.freq[s] << _STAMP_BITS) | (self.tick + pos[last])
-            self.heap.touched(s)
+            np.maximum.at(self.stamp, hs, self.tick + pos)
+            self.keys[hs] = (self.freq[hs] << _STAMP_BITS) | self.stamp[hs]
+            self.heap.touched(hs)
         self.tick += rows.size
 
     def victims(self, k: int) -> np.ndarray:
@@ -473,7 +469,8 @@ class LFUPolicy(Policy):
 
     def on_insert(self, slots: np.ndarray, rows: np.ndarray) -> None:
         self.freq[slots] = 1
-        self.keys[slots] = (1 << _STAMP_BITS) | (self.tick + np.arange(slots.size))
+        self.stamp[slots] = self.tick + np.arange(slots.size)
+        self.keys[slots] = (1 << _STAMP_BITS) | self.stamp[slots]
         self.tick += slots.size
         self.heap.touched(slots)
 
@@ -570,11 +567,9 @@ class WTinyLFUPolicy(Policy):
         self.sketch.add(rows)
         pos = np.flatnonzero(hit & (slots >= self.lo))
         if pos.size:
-            s, last = _last_occurrence(slots[pos])
-            in_main = self.keys[s] != _INF
-            s, last = s[in_main], last[in_main]
-            self.keys[s] = self.tick + pos[last]
-            self.main.touched(s)
+            hs = slots[pos]
+            np.maximum.at(self.keys, hs, self.tick + pos)  # window slots stay at _INF
+            self.main.touched(hs[self.keys[hs] != _INF])
         self.tick += rows.size
 
     def admit(self, rows: np.ndarray, n_free: int) -> tuple[np.ndarray, np.ndarray]:

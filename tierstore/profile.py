@@ -26,7 +26,7 @@ import numpy as np
 from .errors import CorruptDataError, FormatVersionError, IdTypeError, TierStoreError
 
 __all__ = ["PROFILE_FORMAT", "profile_paths", "count_rows", "save_profile", "load_profile",
-           "has_profile", "zipf_fit"]
+           "profile_info", "has_profile", "zipf_fit"]
 
 PROFILE_FORMAT = "tierstore-profile"
 PROFILE_VERSION = 1
@@ -85,12 +85,10 @@ def has_profile(store: str | Path, table: str) -> bool:
     return profile_paths(store, table)[1].is_file()
 
 
-def load_profile(store: str | Path, table: str, *, n_rows: int | None = None) -> tuple[np.ndarray, dict]:
-    """(counts as int64, metadata) of ``table``'s profile. ``n_rows`` checks the length."""
-    import zstandard
-
-    data, meta_path = profile_paths(store, table)
-    if not meta_path.is_file() or not data.is_file():
+def profile_info(store: str | Path, table: str) -> dict:
+    """The metadata of ``table``'s profile (format-checked); raises if there is none."""
+    _, meta_path = profile_paths(store, table)
+    if not meta_path.is_file():
         raise TierStoreError(
             f"no profile for table {table!r} in {str(store)!r}; record one with "
             "`tierstore profile --trace T --store S --save-profile`")
@@ -98,16 +96,32 @@ def load_profile(store: str | Path, table: str, *, n_rows: int | None = None) ->
         info = json.loads(meta_path.read_text())
     except (ValueError, OSError) as e:
         raise CorruptDataError(f"profile metadata {str(meta_path)!r} is unreadable: {e}") from e
-    if info.get("format") != PROFILE_FORMAT:
+    if not isinstance(info, dict) or info.get("format") != PROFILE_FORMAT:
         raise CorruptDataError(f"{str(meta_path)!r} is not a tierstore profile")
     if info.get("version") != PROFILE_VERSION:
         raise FormatVersionError(
             f"profile {str(meta_path)!r} has version {info.get('version')}; this tierstore reads "
             f"{PROFILE_VERSION}: record the profile again")
+    return info
+
+
+def load_profile(store: str | Path, table: str, *, n_rows: int | None = None,
+                 missing_ok: bool = True) -> np.ndarray | None:
+    """``table``'s access counts as int64, or None when the store has no profile for it
+    (``missing_ok=False`` raises instead). ``n_rows`` checks the length. A damaged or
+    mismatched profile raises: silently placing rows by garbage would be worse."""
+    import zstandard
+
+    data, meta_path = profile_paths(store, table)
+    if not meta_path.is_file():
+        if missing_ok:
+            return None
+        profile_info(store, table)  # raises with the fix
+    info = profile_info(store, table)
     try:
         raw = zstandard.ZstdDecompressor().decompress(data.read_bytes(), max_output_size=1 << 38)
         counts = np.load(io.BytesIO(raw), allow_pickle=False)
-    except Exception as e:  # zstd or npy errors: the file is damaged either way
+    except Exception as e:  # missing file, zstd or npy errors: the profile is damaged either way
         raise CorruptDataError(f"profile counts {str(data)!r} are unreadable: {e}") from e
     if counts.shape != (info["rows"],) or counts.dtype.kind not in "iu":
         raise CorruptDataError(f"profile {str(data)!r} holds {counts.dtype} {counts.shape}, "
@@ -115,7 +129,7 @@ def load_profile(store: str | Path, table: str, *, n_rows: int | None = None) ->
     if n_rows is not None and counts.size != n_rows:
         raise TierStoreError(f"profile of {table!r} has {counts.size} rows, the table {n_rows}: "
                              "it was recorded for another table; record it again")
-    return counts.astype(np.int64), info
+    return counts.astype(np.int64)
 
 
 def zipf_fit(counts: np.ndarray, *, head: float = 0.5) -> tuple[float, np.ndarray]:

@@ -8,7 +8,8 @@ import numpy as np
 import pytest
 
 from tierstore.errors import CorruptDataError, FormatVersionError, TierStoreError
-from tierstore.profile import count_rows, has_profile, load_profile, profile_paths, save_profile, zipf_fit
+from tierstore.profile import (count_rows, has_profile, load_profile, profile_info, profile_paths,
+                               save_profile, zipf_fit)
 
 
 def test_roundtrip(tmp_path):
@@ -16,18 +17,20 @@ def test_roundtrip(tmp_path):
     assert not has_profile(tmp_path, "blocks.1.engram.memory.weight")
     p = save_profile(tmp_path, "blocks.1.engram.memory.weight", counts, meta={"source": "test"})
     assert p.name.endswith(".npy.zst") and p.parent.name == "profiles"
-    back, info = load_profile(tmp_path, "blocks.1.engram.memory.weight", n_rows=1000)
+    back = load_profile(tmp_path, "blocks.1.engram.memory.weight", n_rows=1000)
+    info = profile_info(tmp_path, "blocks.1.engram.memory.weight")
     assert back.dtype == np.int64 and (back == counts).all()
     assert info["format"] == "tierstore-profile" and info["total"] == counts.sum()
     assert info["source"] == "test" and info["dtype"] == "int32"
     big = counts.astype(np.int64) * 2**32
     save_profile(tmp_path, "t", big)
-    assert (load_profile(tmp_path, "t")[0] == big).all()
+    assert (load_profile(tmp_path, "t") == big).all()
 
 
 def test_errors(tmp_path):
+    assert load_profile(tmp_path, "nope") is None  # a store without a profile opens fine
     with pytest.raises(TierStoreError, match="--save-profile"):
-        load_profile(tmp_path, "nope")
+        load_profile(tmp_path, "nope", missing_ok=False)
     save_profile(tmp_path, "t", np.arange(10))
     with pytest.raises(TierStoreError, match="another table"):
         load_profile(tmp_path, "t", n_rows=11)

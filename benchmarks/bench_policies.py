@@ -1,0 +1,125 @@
+"""Cache-policy simulation speed: lookups/s per policy, exact MIN time, vs a plain LRU.
+
+Targets (issue 5): >= 2M lookups/s for lru/lfu/static over a 10M-lookup trace and the
+exact optimum over 10M lookups in < 2 min. Baseline, same process: a textbook LRU on an
+``OrderedDict`` (one Python step per lookup), whose hits our LRU must reproduce exactly
+when replayed one access at a time.
+
+    python -m benchmarks.bench_policies                 # 10M Zipf(1.0) lookups, 1M rows
+    python -m benchmarks.bench_policies --trace T.zst   # a real trace (first table)
+    python -m benchmarks.bench_policies --quick         # tiny, for the test
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import time
+from collections import OrderedDict
+
+import numpy as np
+
+from tierstore.belady import belady_hits
+from tierstore.simulate import load_trace, simulate
+
+SPEED_POLICIES = ("lru", "lfu", "static", "s3fifo", "wtinylfu", "default")
+
+
+def ordered_dict_lru(trace: list[int], capacity: int) -> int:
+    """The baseline: textbook LRU, one Python step per lookup."""
+    cache: OrderedDict[int, None] = OrderedDict()
+    hits = 0
+    for r in trace:
+        if r in cache:
+            cache.move_to_end(r)
+            hits += 1
+        else:
+            cache[r] = None
+            if len(cache) > capacity:
+                cache.popitem(last=False)
+    return hits
+
+
+def main(argv: list[str] | None = None) -> dict:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--lookups", type=int, default=10_000_000)
+    ap.add_argument("--rows", type=int, default=1_000_000, help="table rows of the Zipf trace")
+    ap.add_argument("--zipf", type=float, default=1.0, help="Zipf exponent of the synthetic trace")
+    ap.add_argument("--capacity", type=float, default=0.01, help="cache size, fraction of table rows")
+    ap.add_argument("--batch", type=int, default=1024, help="lookups per replay batch")
+    ap.add_argument("--trace", default=None,
+                    help="a real trace file instead (first table; its first half makes the profile)")
+    ap.add_argument("--quick", action="store_true", help="tiny run (200K lookups) for tests")
+    args = ap.parse_args(argv)
+    if args.quick:
+        args.lookups, args.rows = 200_000, 20_000
+
+    rng = np.random.default_rng(0)
+    offsets = None
+    if args.trace:
+        t = next(iter(load_trace(args.trace).tables.values()))
+        trace, offsets = t.rows[: args.lookups], t.offsets
+        n_rows = int(t.n_rows or trace.max() + 1)
+        source = f"trace {args.trace}"
+        if offsets is not None:
+            offsets = offsets[offsets < trace.size]
+    else:
+        # Zipf(a) over ranks, randomly permuted onto rows (hot rows are not the low ids)
+        p = 1.0 / np.arange(1, args.rows + 1) ** args.zipf
+        ranks = rng.choice(args.rows, size=2 * args.lookups, p=p / p.sum())  # half 1: profile
+        trace = rng.permutation(args.rows)[ranks].astype(np.int64)
+        n_rows = args.rows
+        source = f"Zipf({args.zipf}) over {n_rows} rows"
+    cap = max(1, int(args.capacity * n_rows))
+    half = trace.size // 2
+    profile = np.bincount(trace[:half], minlength=n_rows)  # static/default: profile of half 1,
+    test = trace[half:]  # replayed on half 2 (no peeking)
+    if offsets is not None:
+        offsets = offsets[offsets >= half] - half
+        if offsets.size == 0 or offsets[0] != 0:
+            offsets = np.r_[0, offsets]
+    print(f"# bench_policies: {source}; replay {test.size:,} lookups, capacity {cap:,} rows "
+          f"({args.capacity:.2%}), batches >= {args.batch}; numpy {np.__version__}, "
+          f"{platform.processor() or platform.machine()}")
+
+    # baseline: OrderedDict LRU on a prefix, and exactness of our LRU one access at a time
+    n_base = min(test.size, 1_000_000 if not args.quick else 50_000)
+    t0 = time.perf_counter()
+    base_hits = ordered_dict_lru(test[:n_base].tolist(), cap)
+    base_rate = n_base / (time.perf_counter() - t0)
+    n_exact = min(n_base, 20_000)
+    ours_exact = simulate(test[:n_exact], [cap], ["lru"], n_rows=n_rows, min_batch=1)[0].hits
+    ref_exact = ordered_dict_lru(test[:n_exact].tolist(), cap)
+    print(f"baseline OrderedDict LRU: {base_rate / 1e6:.2f}M lookups/s "
+          f"(hit ratio {base_hits / n_base:.3f} on {n_base:,})")
+    print(f"exactness: our LRU one lookup at a time {ours_exact} hits, OrderedDict {ref_exact} "
+          f"(difference {ours_exact - ref_exact})")
+
+    res = {"source": source, "lookups": int(test.size), "capacity_rows": cap,
+           "baseline_lru_lookups_s": base_rate, "lru_exact_diff": int(ours_exact - ref_exact),
+           "policies": {}}
+    print(f"{'policy':10s} {'hit ratio':>9s} {'lookups/s':>11s} {'x baseline':>10s}")
+    for name in SPEED_POLICIES:
+        r = simulate(test, [cap], [name], n_rows=n_rows, offsets=offsets, min_batch=args.batch,
+                     profile=profile)[0]
+        rate = test.size / r.seconds
+        res["policies"][name] = {"hit_ratio": r.hit_ratio, "lookups_s": rate,
+                                 "vs_baseline": rate / base_rate, "seconds": r.seconds}
+        print(f"{name:10s} {r.hit_ratio:9.4f} {rate / 1e6:10.2f}M {rate / base_rate:10.1f}")
+    t0 = time.perf_counter()
+    opt = belady_hits(test, cap, warm=True)
+    opt_s = time.perf_counter() - t0
+    res["opt"] = {"hit_ratio": opt / test.size, "seconds": opt_s, "lookups_s": test.size / opt_s}
+    print(f"{'opt':10s} {opt / test.size:9.4f} {test.size / opt_s / 1e6:10.2f}M "
+          f"(exact MIN, {opt_s:.1f} s for {test.size:,} lookups)")
+    slowest = min(res["policies"][p]["lookups_s"] for p in ("lru", "lfu", "static"))
+    res["min_lru_lfu_static_lookups_s"] = slowest
+    print(f"targets: lru/lfu/static >= 2M lookups/s: {slowest / 1e6:.2f}M; "
+          f"opt over {test.size:,}: {opt_s:.1f} s")
+    print(json.dumps(res))
+    return res
+
+
+if __name__ == "__main__":
+    main()
