@@ -66,7 +66,8 @@ def build_parser() -> argparse.ArgumentParser:
     tr.add_argument("--time-budget", type=float, default=0.0, help="stop after this many seconds (0: no limit)")
     tr.add_argument("--threads", type=int, default=2, help="torch intra-op threads")
     tr.add_argument("--seed", type=int, default=0)
-    tr.add_argument("--no-progress", action="store_true")
+    tr.add_argument("--no-progress", action="store_true", help="no progress bar: print a line per evaluation")
+    tr.add_argument("--quiet", action="store_true", help="with --no-progress: print nothing per evaluation")
     m = ap.add_argument_group("model")
     m.add_argument("--n-layer", type=int, default=4)
     m.add_argument("--n-head", type=int, default=4)
@@ -173,6 +174,8 @@ def train(args: argparse.Namespace) -> dict[str, Any]:
         if step % args.eval_every == 0:
             vl = evaluate(model, val_batches)
             history.append({"step": step, "tokens": step * tokens_per_step, "val_loss": vl, "train_seconds": train_time})
+            if args.no_progress and not args.quiet:
+                print(f"step {step:5d}  val loss {vl:.4f}  train {train_time:7.1f}s", flush=True)
         t0 = time.perf_counter()
         x, y = data.next_batch()
         _, loss = model(x, y)

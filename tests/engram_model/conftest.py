@@ -11,7 +11,7 @@ from engram_model.tokenizer import stdlib_text_files
 
 TINY = ["--steps", "6", "--eval-every", "3", "--eval-windows", "4", "--batch-size", "4", "--seq-len", "32",
         "--vocab-size", "600", "--n-layer", "2", "--n-head", "2", "--d-model", "32", "--d-ff", "64",
-        "--engram-layers", "0", "1", "--engram-heads", "2", "--engram-d-mem", "8", "--threads", "1", "--no-progress",
+        "--engram-layers", "0", "1", "--engram-heads", "2", "--engram-d-mem", "8", "--threads", "1", "--no-progress", "--quiet",
         "--data-max-bytes", "300000", "--tok-max-bytes", "300000"]
 
 
