@@ -77,12 +77,24 @@ def _chunk_rows(row_stride: int) -> int:
     return max(unit, CHUNK_BYTES // row_stride // unit * unit)
 
 
-def _write_table(ckpt: Checkpoint, name: str, info: TableInfo, src_dtype: str, tmp: Path, bar: tqdm) -> None:
+def _read_rows(ckpt: Checkpoint, name: str, start: int, stop: int, shard: tuple[int, int] | None) -> np.ndarray:
+    """Local rows start:stop; for a shard (rank, world) local row i is global row rank + i * world."""
+    if shard is None:
+        return ckpt.read_rows(name, start, stop)
+    rank, world = shard
+    first, last = rank + start * world, rank + (stop - 1) * world
+    return ckpt.read_rows(name, first, last + 1)[::world]  # one sequential read, keep every world-th row
+
+
+def _write_table(ckpt: Checkpoint, name: str, info: TableInfo, src_dtype: str, tmp: Path, bar: tqdm,
+                 shard: tuple[int, int] | None = None) -> None:
     rows_path, sums_path = tmp / info.file, tmp / info.checksum_file
     sums = np.empty(info.n_pages, dtype=np.uint64)
     head = np.frombuffer(header_page(info), dtype=np.uint8)
     sums[0] = page_checksums(head)[0]
     step = _chunk_rows(info.row_stride)
+    if shard is not None:  # a shard reads world x its rows per chunk: keep the chunk bytes bounded
+        step = max(PAGE_SIZE // math.gcd(info.row_stride, PAGE_SIZE), step // shard[1])
     buf = np.zeros(step * info.row_stride, dtype=np.uint8)
     fd = os.open(rows_path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
     try:
@@ -90,7 +102,7 @@ def _write_table(ckpt: Checkpoint, name: str, info: TableInfo, src_dtype: str, t
         for start in range(0, info.rows, step):
             stop = min(start + step, info.rows)
             n = stop - start
-            chunk = _convert(ckpt.read_rows(name, start, stop), src_dtype, info.dtype)
+            chunk = _convert(_read_rows(ckpt, name, start, stop, shard), src_dtype, info.dtype)
             nbytes = n * info.row_stride
             padded = (nbytes + PAGE_SIZE - 1) // PAGE_SIZE * PAGE_SIZE  # last chunk: pad to a page
             view = buf[:padded]
@@ -145,6 +157,7 @@ def build_store(
     dtype: str | None = None,
     progress: bool = True,
     attach: Sequence[str | os.PathLike[str]] = (),
+    shard: tuple[int, int] | None = None,
 ) -> Path:
     """Build a store at ``out`` from the 2-D tables of ``checkpoint``.
 
@@ -154,6 +167,8 @@ def build_store(
     dtype: store rows in this dtype (e.g. "bfloat16", "float8_e4m3fn"), converted with
         round-to-nearest; default: keep the checkpoint's dtype, bit for bit.
     attach: files copied into ``out/attachments/`` (model config, tokenizer, ...).
+    shard: ``(rank, world_size)``: store only rows ``rank::world_size`` of every table (one shard
+        of a sharded store, see ``tierstore.distributed``); the manifest records the shard.
     Returns the store path. Raises ``CapacityError`` when the disk is full (nothing is left
     behind), ``CheckpointError`` for unreadable input.
     """
@@ -166,19 +181,27 @@ def build_store(
     for a in attach_paths:
         if not a.is_file():
             raise TierStoreError(f"attachment {a} is not a file")
+    if shard is not None:
+        rank, world = shard
+        if not (isinstance(rank, int) and isinstance(world, int) and 0 <= rank < world):
+            raise TierStoreError(f"shard={shard!r} must be (rank, world_size) with 0 <= rank < world_size")
     ckpt = open_checkpoint(checkpoint)
     names = _select_tables(ckpt, tables)
     infos: list[tuple[str, TableInfo, str]] = []
     for i, name in enumerate(names):
         meta = ckpt.tensors[name]
         rows, dim = meta.shape
+        source = {"checkpoint": str(Path(checkpoint).absolute()), "dtype": meta.dtype}
+        if shard is not None:
+            source["shard"] = {"rank": shard[0], "world_size": shard[1], "global_rows": rows}
+            rows = len(range(shard[0], rows, shard[1]))
         target = dtype or meta.dtype
         stride = row_stride_for(dim * DTYPES[target][1])
         info = TableInfo(
             name=name, rows=rows, dim=dim, dtype=target, row_stride=stride,
             file=f"tables/t{i:04d}.rows", checksum_file=f"tables/t{i:04d}.sum",
             file_bytes=TableInfo.expected_file_bytes(rows, stride),
-            source={"checkpoint": str(Path(checkpoint).absolute()), "dtype": meta.dtype},
+            source=source,
         )
         infos.append((name, info, meta.dtype))
 
@@ -198,7 +221,7 @@ def build_store(
                   disable=not progress) as bar:
             for name, info, src_dtype in infos:
                 bar.set_postfix_str(name[-40:])
-                _write_table(ckpt, name, info, src_dtype, tmp, bar)
+                _write_table(ckpt, name, info, src_dtype, tmp, bar, shard)
         if attach_paths:
             (tmp / "attachments").mkdir()
             for a in attach_paths:

@@ -7,6 +7,8 @@ import json
 import sys
 
 from tierstore.build import DEFAULT_TABLE_PATTERN, build_store
+from tierstore.distributed import build_shard
+from tierstore.errors import TierStoreError
 from tierstore.format import FORMAT_NAME, PAGE_SIZE, read_manifest
 from tierstore.sizes import format_size
 from tierstore.verify import verify_store
@@ -24,6 +26,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--attach", action="append", default=[], metavar="FILE",
                    help="copy FILE into the store (model config, tokenizer); repeatable")
     p.add_argument("--force", action="store_true", help="replace an existing store at OUT")
+    p.add_argument("--shard", metavar="RANK/WORLD", default=None,
+                   help="write only shard RANK of WORLD (rows RANK::WORLD) into OUT/shard-RANK-of-WORLD, "
+                        "for tierstore.distributed")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=run_build)
 
@@ -39,9 +44,21 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=run_verify)
 
 
+def _parse_shard(text: str) -> tuple[int, int]:
+    try:
+        rank, world = (int(x) for x in text.split("/"))
+    except ValueError:
+        raise TierStoreError(f"--shard {text!r} must look like RANK/WORLD, e.g. 0/4") from None
+    return rank, world
+
+
 def run_build(args: argparse.Namespace) -> int:
-    out = build_store(args.checkpoint, args.out, tables=args.tables, force=args.force, dtype=args.dtype,
-                      progress=not args.quiet, attach=args.attach)
+    kwargs = dict(tables=args.tables, force=args.force, dtype=args.dtype, progress=not args.quiet, attach=args.attach)
+    if args.shard:
+        rank, world = _parse_shard(args.shard)
+        out = build_shard(args.checkpoint, args.out, rank, world, **kwargs)
+    else:
+        out = build_store(args.checkpoint, args.out, **kwargs)
     m = read_manifest(out)
     total = sum(t.nbytes for t in m.tables.values())
     print(f"built {out}: {len(m.tables)} table(s), {format_size(total)} of rows")

@@ -58,3 +58,13 @@ def test_console_script(tmp_path, small_ckpt):
     r = subprocess.run([sys.executable, "-m", "tools", "verify", str(tmp_path / "s"), "--quiet"],
                        capture_output=True, text=True, cwd=Path(__file__).resolve().parents[2])
     assert r.returncode == 0 and r.stdout.startswith("ok:"), r.stderr
+
+
+def test_build_shard(tmp_path, small_ckpt, capsys):
+    ckpt, tensors = small_ckpt
+    assert main(["build", str(ckpt), str(tmp_path / "sh"), "--shard", "1/3", "--quiet"]) == 0
+    m = read_manifest(tmp_path / "sh" / "shard-00001-of-00003")
+    info = m.tables["blocks.1.engram.memory.weight"]
+    assert info.rows == len(range(1, 5003, 3)) and info.source["shard"]["global_rows"] == 5003
+    assert main(["build", str(ckpt), str(tmp_path / "sh2"), "--shard", "1-3"]) == 2
+    assert "RANK/WORLD" in capsys.readouterr().err
