@@ -667,6 +667,55 @@ def hot_rows(profile: np.ndarray | None, k: int) -> np.ndarray:
     return nz[order].astype(np.int64)
 
 
+class _HintTable:
+    """Outstanding hints: rows an issued prefetch will use, not yet looked up.
+
+    Direct-mapped (O(capacity) memory): per bucket a row id and a small count, +1 per
+    hint, -1 when the row is looked up. A prefetch that is hinted and then looked up at
+    once leaves nothing behind; only hints for *later* batches stay outstanding, which is
+    exactly the known future. A collision with an outstanding hint drops the new one (a
+    lost hint, never a false one).
+    """
+
+    def __init__(self, size: int, seed: int = 11):
+        n = 1 << max(10, int(np.ceil(np.log2(max(1, 4 * size)))))
+        self.shift = np.uint64(64 - int(np.log2(n)))
+        self.rows = np.full(n, -1, dtype=np.int32)
+        self.count = np.zeros(n, dtype=np.uint8)
+        self.seed = seed
+
+    def _h(self, rows: np.ndarray) -> np.ndarray:
+        return (_hash64(rows, self.seed) >> self.shift).astype(np.int64)
+
+    def add(self, rows: np.ndarray) -> None:
+        if rows.size == 0:
+            return
+        h = self._h(rows)
+        same = self.rows[h] == rows
+        # an outstanding hint of another row keeps its bucket (the new hint is lost instead:
+        # a flood of short-lived hints must not erase a long-range one)
+        ok = same | (self.count[h] == 0)
+        h, rows, same = h[ok], rows[ok], same[ok]
+        # a row hinted several times in one call counts once (fancy assignment, no sort)
+        self.count[h] = np.where(same, np.minimum(self.count[h], 254) + 1, 1)
+        self.rows[h] = rows
+
+    def consume(self, rows: np.ndarray) -> None:
+        if rows.size == 0:
+            return
+        h = self._h(rows)
+        same = self.rows[h] == rows
+        hs = h[same]
+        c = self.count[hs]
+        self.count[hs] = np.where(c > 0, c - 1, 0)
+
+    def outstanding(self, rows: np.ndarray) -> np.ndarray:
+        if rows.size == 0:
+            return np.zeros(0, dtype=bool)
+        h = self._h(rows)
+        return (self.rows[h] == rows) & (self.count[h] > 0)
+
+
 class _ProfileRank:
     """Hotness rank of the top ``m`` rows of a profile, O(m) memory (not per table row).
 
@@ -704,8 +753,10 @@ class DefaultPolicy(Policy):
     * **Dynamic part**: S3-FIFO (small probation FIFO, main FIFO with reinsertion, ghost),
       which keeps one-hit wonders (most of a Zipfian n-gram stream) out of main.
 
-    Hints (the ids of an issued prefetch): a hinted resident row earns a reinsertion in
-    main (it will be used soon), a hinted missed row goes straight to main.
+    Hints (the ids of an issued prefetch): a row with an outstanding hint (hinted, not yet
+    looked up: a later batch will use it) is not evicted from the dynamic part while
+    others can go, and enters main directly when it misses. A hint for the very batch
+    being looked up (what every ``store.prefetch`` sends) cancels out.
     """
 
     name = "default"
@@ -744,7 +795,7 @@ class DefaultPolicy(Policy):
         self.small = _Ring(n)
         self.main = _Ring(n)
         self.ghost = _Ghost(max(1, n))
-        self.hinted = _Ghost(max(1, n), seed=11)
+        self.hinted = _HintTable(max(1, n))
         # ranks below rank_lo are pinned (never missed); the ranked core starts half the rest
         self.rank_lo = lo if self.ranking.m else 0
         self.core_target = self.initial_core * n if self.ranking.m > self.rank_lo else 0.0
@@ -761,6 +812,7 @@ class DefaultPolicy(Policy):
         if hs.size:
             np.add.at(self.freq, hs, 1)
             np.minimum(self.freq, 3, out=self.freq)
+        self.hinted.consume(rows)
         missed = rows[~hit]
         if missed.size and self.ranking.m > self.rank_lo:
             r = self.ranking.rank(missed)
@@ -784,7 +836,7 @@ class DefaultPolicy(Policy):
             self.core.touched(cs)
             self.n_core += cs.size
         ds, dr = slots[~core], rows[~core]
-        to_main = self.ghost.contains(dr) | self.hinted.contains(dr)
+        to_main = self.ghost.contains(dr) | self.hinted.outstanding(dr)
         self.ghost.discard(dr[to_main])
         self.seg[ds[to_main]] = 3
         self.main.push(ds[to_main])
@@ -841,7 +893,8 @@ class DefaultPolicy(Policy):
             if self.small.len > small_target or self.main.len == 0:
                 s = self.small.pop(need)
                 leased = ~self._evictable(s)
-                keep = ~leased & (self.freq[s] >= 1)
+                soon = self.hinted.outstanding(self.index.row_of_slot[s])
+                keep = ~leased & ((self.freq[s] >= 1) | soon)
                 ev = ~leased & ~keep
                 self.small.push(s[leased])
                 self.freq[s[keep]] = 0
@@ -850,9 +903,11 @@ class DefaultPolicy(Policy):
             else:
                 s = self.main.pop(need)
                 leased = ~self._evictable(s)
-                keep = ~leased & (self.freq[s] > 0)
+                soon = self.hinted.outstanding(self.index.row_of_slot[s])
+                keep = ~leased & ((self.freq[s] > 0) | soon)
                 ev = ~leased & ~keep
-                self.freq[s[keep]] -= 1
+                dec = keep & (self.freq[s] > 0)
+                self.freq[s[dec]] -= 1
                 self.main.push(s[leased | keep])
             victims = s[ev]
             self.ghost.add(self.index.row_of_slot[victims])
@@ -862,15 +917,7 @@ class DefaultPolicy(Policy):
         return np.concatenate(out) if out else _EMPTY
 
     def hint(self, rows: np.ndarray) -> None:
-        rows = np.asarray(rows, dtype=np.int64)
-        if rows.size == 0:
-            return
-        self.hinted.add(rows)
-        s = self.index.slot_of_row[rows].astype(np.int64)
-        s = s[s >= self.lo]
-        if s.size:
-            s = s[self.seg[s] >= 2]
-            self.freq[s] = np.maximum(self.freq[s], 1)
+        self.hinted.add(np.asarray(rows, dtype=np.int64))
 
 
 POLICIES: dict[str, type[Policy]] = {

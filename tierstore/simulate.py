@@ -38,6 +38,7 @@ __all__ = [
     "batch_bounds",
     "replay",
     "simulate",
+    "simulate_tiers",
     "TRACE_FORMAT",
 ]
 
@@ -151,22 +152,47 @@ def batch_bounds(n: int, offsets: np.ndarray | None, min_batch: int) -> np.ndarr
     return np.r_[starts, n].astype(np.int64)
 
 
-def replay(index: CacheIndex, rows: np.ndarray, bounds: np.ndarray, *, lookahead: int = 0) -> None:
-    """Run the accesses through ``index`` batch by batch, as a tier would: lookup, then
-    admit the misses. With ``lookahead`` L > 0 the rows of batch i+L are hinted before
-    batch i is looked up (the ids an issued prefetch knows in advance)."""
+def replay(index: CacheIndex | None, rows: np.ndarray, bounds: np.ndarray, *, lookahead: int = 0,
+           host: CacheIndex | None = None) -> None:
+    """Run the accesses through a tier (``index``) and optionally the host tier below it,
+    batch by batch, exactly as ``Table.gather`` of the store does, so that a live store's
+    counters equal the simulation's: hint the batch's ids (``store.prefetch`` does), look
+    them up in the device tier, look the sorted unique misses up in the host tier, admit
+    the host's misses there and all device misses into the device tier.
+
+    ``lookahead`` L > 0 also hints batch i+L before batch i is looked up: the ids of
+    prefetches issued L steps ahead (the known future a serving engine can exploit).
+    ``index`` None: the device tier is disabled (the host tier sees every batch).
+    """
+    tiers = [t for t in (index, host) if t is not None]
     nb = bounds.size - 1
-    if lookahead > 0:
-        for j in range(min(lookahead, nb)):
-            index.hint(rows[bounds[j]: bounds[j + 1]])
+    for j in range(min(lookahead, nb)):
+        for t in tiers:
+            t.hint(rows[bounds[j]: bounds[j + 1]])
     for i in range(nb):
         if lookahead > 0 and i + lookahead < nb:
-            index.hint(rows[bounds[i + lookahead]: bounds[i + lookahead + 1]])
+            for t in tiers:
+                t.hint(rows[bounds[i + lookahead]: bounds[i + lookahead + 1]])
         b = rows[bounds[i]: bounds[i + 1]]
+        for t in tiers:
+            t.hint(b)
+        if index is None:
+            _host_step(host, np.unique(b))
+            continue
         slots = index.lookup(b)
         missed = b[slots < 0]
         if missed.size:
-            index.admit(missed)
+            uniq = np.unique(missed)
+            _host_step(host, uniq)
+            index.admit(uniq)
+
+
+def _host_step(host: CacheIndex | None, uniq: np.ndarray) -> None:
+    if host is not None and uniq.size:
+        s = host.lookup(uniq)
+        m = uniq[s < 0]
+        if m.size:
+            host.admit(m)
 
 
 @dataclass
@@ -230,4 +256,47 @@ def simulate(rows: np.ndarray, capacities: list[int], policies: list[str], *,
                                 idx.insertions, idx.evictions, 0.0, table)
             res.seconds = time.perf_counter() - t0
             out.append(res)
+    return out
+
+
+def simulate_tiers(rows: np.ndarray, device_rows: int, host_rows: int, policy: str, *,
+                   n_rows: int, offsets: np.ndarray | None = None,
+                   profile: np.ndarray | None = None, min_batch: int = 1024,
+                   lookahead: int = 0) -> dict[str, dict[str, int | float]]:
+    """Device tier over host tier over disk, as the store runs them (one policy for both).
+
+    Returns per tier ``{"hits", "misses", "hit_ratio", "capacity_rows", "evictions",
+    "insertions"}``; the host tier sees each batch's unique device misses. A capacity of 0
+    disables a tier; one >= ``n_rows`` makes it resident (every lookup hits).
+    """
+    rows = np.asarray(rows, dtype=np.int64).reshape(-1)
+    bounds = batch_bounds(rows.size, offsets, min_batch)
+
+    def make(cap: int) -> CacheIndex | None:
+        if cap <= 0 or cap >= n_rows:
+            return None
+        return CacheIndex(n_rows, cap, policy, profile=profile)
+
+    dev, host = make(device_rows), make(host_rows)
+    out: dict[str, dict[str, int | float]] = {}
+    if device_rows >= n_rows:  # resident device tier: nothing reaches the host
+        out["device"] = {"hits": int(rows.size), "misses": 0, "hit_ratio": 1.0}
+        out["host"] = {"hits": 0, "misses": 0, "hit_ratio": 0.0}
+        return out
+    if dev is None and host is None and host_rows >= n_rows:
+        n_req = int(sum(np.unique(rows[a:b]).size for a, b in zip(bounds[:-1], bounds[1:])))
+        out["device"] = {"hits": 0, "misses": 0, "hit_ratio": 0.0}
+        out["host"] = {"hits": n_req, "misses": 0, "hit_ratio": 1.0}
+        return out
+    if dev is None and host is None:
+        return {"device": {"hits": 0, "misses": 0, "hit_ratio": 0.0},
+                "host": {"hits": 0, "misses": 0, "hit_ratio": 0.0}}
+    if host is None and host_rows >= n_rows:
+        raise TierStoreError("a resident host tier under a device cache: simulate the device tier alone")
+    replay(dev, rows, bounds, lookahead=lookahead, host=host)
+    for name, t in (("device", dev), ("host", host)):
+        out[name] = ({"hits": t.hits, "misses": t.misses, "hit_ratio": t.hit_ratio,
+                      "capacity_rows": t.capacity, "evictions": t.evictions,
+                      "insertions": t.insertions} if t is not None
+                     else {"hits": 0, "misses": 0, "hit_ratio": 0.0})
     return out
