@@ -1,0 +1,212 @@
+"""`tierstore trace`: text -> the row-access trace of every Engram table, as a server reads them.
+
+    tierstore trace --checkpoint CKPT --stdlib --split test --streams 64 --out test.trace.zst
+    tierstore trace --store STORE --text a.txt docs/ --out t.trace.zst
+    tierstore trace --checkpoint CKPT --tokens ids.npy --out t.trace.zst
+
+The tokenizer, the compression map and the hashing config come from the checkpoint
+(``config.json`` + ``tokenizer.json``) or from a store's attachments. Each document is
+tokenized, compressed and hashed on its own (its n-grams start from the pad id), and the
+documents are served by ``--streams`` B sequences at once as continuous batching does: a
+stream takes the next document when its current one ends, and each step reads one token
+of every active stream, 16 lookups per token per table (N-1 orders x K heads). The trace
+records those row ids in order and where each step starts.
+
+``--split train|test`` keeps every other document (``--split-every``), so a profile taken
+from the train slice never peeks at the test slice.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import sysconfig
+import time
+from pathlib import Path
+
+import numpy as np
+
+from tierstore.errors import TierStoreError
+from tierstore.simulate import TableTrace, Trace, save_trace
+
+__all__ = ["add_parser", "run", "interleave", "TraceSource"]
+
+
+class TraceSource:
+    """Tokenizer + compression + hasher of a model, read from a checkpoint or a store."""
+
+    def __init__(self, *, checkpoint: str | None = None, store: str | None = None):
+        from engram_model.checkpoint import read_config
+        from engram_model.compression import build_compression
+        from engram_model.hasher import NgramHasher
+        from engram_model.tokenizer import load_tokenizer
+
+        if (checkpoint is None) == (store is None):
+            raise TierStoreError("pass exactly one of --checkpoint CKPT or --store STORE")
+        if checkpoint is not None:
+            cfg_path, tok_path = Path(checkpoint) / "config.json", Path(checkpoint) / "tokenizer.json"
+        else:
+            att = Path(store) / "attachments"
+            cfg_path, tok_path = att / "config.json", att / "tokenizer.json"
+        for p in (cfg_path, tok_path):
+            if not p.is_file():
+                raise TierStoreError(
+                    f"{str(p)!r} not found: a trace needs the model's config.json and tokenizer.json "
+                    "(a checkpoint directory, or a store built with them attached)")
+        self.config = read_config(cfg_path)
+        if "hasher" not in self.config:
+            raise TierStoreError(f"{str(cfg_path)!r} describes a model without Engram layers")
+        self.tokenizer = load_tokenizer(tok_path)
+        self.compression = build_compression(self.tokenizer)
+        want = self.config.get("compressed_vocab_size")
+        if want is not None and want != self.compression.num_compressed:
+            raise TierStoreError(
+                f"tokenizer compresses to {self.compression.num_compressed} ids, the model expects {want}: "
+                "wrong tokenizer.json for this model")
+        self.hasher = NgramHasher(**self.config["hasher"])
+        self.tables = {f"blocks.{L}.engram.memory.weight": L for L in self.hasher.layer_ids}
+
+    def encode(self, texts: list[str]) -> list[np.ndarray]:
+        """Compressed token ids of each text (empty texts dropped)."""
+        encs = self.tokenizer.encode_batch(texts)
+        out = []
+        for e in encs:
+            if e.ids:
+                out.append(self.compression(np.asarray(e.ids, dtype=np.int64)))
+        return out
+
+    def rows(self, doc: np.ndarray) -> dict[str, np.ndarray]:
+        """Packed-table row ids (T, H) of one document for every Engram table."""
+        per_layer = self.hasher.hash(doc[None, :])
+        return {name: per_layer[L][0] + self.hasher.head_offsets(L) for name, L in self.tables.items()}
+
+
+def interleave(docs: list[np.ndarray], streams: int) -> tuple[np.ndarray, np.ndarray]:
+    """Serve ``docs`` (each (T_i, H) row ids) with ``streams`` sequences at once.
+
+    Continuous batching: each document goes to the stream that frees up first; step t reads
+    token t of every stream still running, stream by stream, all H heads of a token in a
+    row. Returns (row ids in that order, start of each step). Vectorized: one lexsort.
+    """
+    if streams < 1:
+        raise TierStoreError(f"--streams {streams} must be >= 1")
+    if not docs:
+        return np.empty(0, np.int64), np.empty(0, np.int64)
+    H = docs[0].shape[1]
+    lengths = np.array([d.shape[0] for d in docs], dtype=np.int64)
+    ends = np.zeros(streams, dtype=np.int64)
+    start_step = np.empty(len(docs), dtype=np.int64)
+    stream_of = np.empty(len(docs), dtype=np.int64)
+    for i, n in enumerate(lengths):  # per document, not per token
+        s = int(np.argmin(ends))
+        stream_of[i], start_step[i] = s, ends[s]
+        ends[s] += n
+    tok = np.concatenate(docs)  # (sum T, H)
+    doc_of = np.repeat(np.arange(len(docs)), lengths)
+    pos = np.arange(tok.shape[0]) - np.repeat(np.cumsum(lengths) - lengths, lengths)
+    step = start_step[doc_of] + pos
+    order = np.lexsort((stream_of[doc_of], step))
+    rows = tok[order].reshape(-1)
+    st = step[order]
+    first = np.flatnonzero(np.r_[True, st[1:] != st[:-1]])
+    return rows.astype(np.int64), first * H
+
+
+def _text_files(paths: list[str], stdlib: bool, pattern: str) -> list[Path]:
+    files: list[Path] = []
+    if stdlib:
+        base = Path(sysconfig.get_paths()["stdlib"])
+        files += sorted((p for p in base.rglob("*.py")
+                         if "site-packages" not in p.relative_to(base).parts and p.is_file()),
+                        key=lambda p: p.relative_to(base).as_posix())
+    for p in paths:
+        q = Path(p)
+        if q.is_dir():
+            files += sorted(f for pat in pattern.split(",") for f in q.rglob(pat) if f.is_file())
+        elif q.is_file():
+            files.append(q)
+        else:
+            raise TierStoreError(f"text path {p!r} does not exist")
+    return files
+
+
+def _token_docs(path: str) -> list[np.ndarray]:
+    arr = np.load(path, allow_pickle=False)
+    if arr.dtype.kind not in "iu" or arr.ndim not in (1, 2):
+        raise TierStoreError(f"{path!r}: token ids must be a 1-D (one document) or 2-D (B, T) integer array")
+    return [a for a in (arr[None] if arr.ndim == 1 else arr)]
+
+
+def run(args: argparse.Namespace) -> int:
+    t0 = time.perf_counter()
+    src = TraceSource(checkpoint=args.checkpoint, store=args.store)
+    if args.tokens:
+        raw_docs = _token_docs(args.tokens)
+        vocab = src.compression.vocab_size
+        for d in raw_docs:
+            if d.size and (d.min() < 0 or d.max() >= vocab):
+                raise TierStoreError(f"{args.tokens!r}: token ids must lie in [0, {vocab}) for this tokenizer")
+        docs = [src.compression(d.astype(np.int64)) for d in raw_docs if d.size]
+    else:
+        files = _text_files(args.text or [], args.stdlib or not args.text, args.glob)
+        if args.split != "all":
+            k = args.split_every
+            files = [f for i, f in enumerate(files) if (i % k == 0) == (args.split == "train")]
+        if not files:
+            raise TierStoreError("no text to trace: pass --text FILES/DIRS or --stdlib")
+        docs, n_tok = [], 0
+        chunk = 256
+        for i in range(0, len(files), chunk):  # tokenizers encodes a batch on all cores
+            texts = [f.read_bytes().decode("utf-8", errors="replace") for f in files[i:i + chunk]]
+            for d in src.encode(texts):
+                if args.max_tokens and n_tok + d.size > args.max_tokens:
+                    d = d[: args.max_tokens - n_tok]
+                if d.size:
+                    docs.append(d)
+                    n_tok += d.size
+                if args.max_tokens and n_tok >= args.max_tokens:
+                    break
+            if args.max_tokens and n_tok >= args.max_tokens:
+                break
+    if not docs:
+        raise TierStoreError("the input holds no tokens")
+    per_table: dict[str, list[np.ndarray]] = {name: [] for name in src.tables}
+    for d in docs:
+        for name, r in src.rows(d).items():
+            per_table[name].append(r)
+    tables = {}
+    for name, rows in per_table.items():
+        flat, offsets = interleave(rows, args.streams)
+        L = src.tables[name]
+        tables[name] = TableTrace(flat, offsets, src.hasher.total_rows(L))
+    n_tokens = int(sum(d.size for d in docs))
+    meta = {"streams": args.streams, "documents": len(docs), "tokens": n_tokens,
+            "lookups_per_token": src.hasher.heads_per_layer, "split": args.split,
+            "split_every": args.split_every, "source": "tokens" if args.tokens else "text"}
+    save_trace(args.out, Trace(tables, meta))
+    dt = time.perf_counter() - t0
+    for name, t in tables.items():
+        print(f"{name}: {t.rows.size:,} lookups in {t.offsets.size:,} steps, "
+              f"{np.unique(t.rows).size:,} distinct of {t.n_rows:,} rows")
+    print(f"traced {len(docs):,} documents, {n_tokens:,} tokens, {args.streams} streams "
+          f"in {dt:.1f} s -> {args.out}", file=sys.stderr)
+    return 0
+
+
+def add_parser(subparsers: argparse._SubParsersAction) -> None:
+    p = subparsers.add_parser("trace", help="text -> row-access trace of each Engram table",
+                              description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument("--checkpoint", help="model checkpoint directory (config.json, tokenizer.json)")
+    src.add_argument("--store", help="store built with the model's config.json and tokenizer.json attached")
+    p.add_argument("--text", nargs="*", default=None, help="text files or directories (see --glob)")
+    p.add_argument("--glob", default="*.py,*.txt,*.md", help="file patterns inside --text directories")
+    p.add_argument("--stdlib", action="store_true", help="the Python standard library's *.py (default text)")
+    p.add_argument("--tokens", default=None, help=".npy of raw token ids: 1-D one document, 2-D (B, T)")
+    p.add_argument("--split", choices=("all", "train", "test"), default="all",
+                   help="keep every other document: train = even, test = odd (see --split-every)")
+    p.add_argument("--split-every", type=int, default=2, help="train keeps documents i %% k == 0")
+    p.add_argument("--max-tokens", type=int, default=0, help="stop after this many tokens (0: all)")
+    p.add_argument("--streams", type=int, default=1, help="sequences served at once (interleaved)")
+    p.add_argument("--out", required=True, help="output trace file (.trace.zst)")
+    p.set_defaults(func=run)
