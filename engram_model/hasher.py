@@ -17,10 +17,13 @@ Because every id is below V' and every multiplier below 2 * bound, each product 
 int64 and mix is non-negative; the arithmetic still wraps like the reference if a caller
 passes a larger vocabulary.
 
-Speed: the cost is (N-1) * K integer remainders per position (16 for N=3, K=8). The
-reference loops over heads and stacks 16 arrays; here one broadcast remainder per order
-writes straight into the preallocated output, in torch (which spreads the remainder over
-the intra-op threads; numpy uses one core). See benchmarks/bench_hasher.py.
+Speed: the cost is (N-1) * K remainders per position (16 for N=3, K=8). The reference
+takes each with numpy's int64 ``%`` (a hardware division per value, ~2.5 ns) on whole
+arrays and stacks 16 of them. Here mix is known to be non-negative, so the remainder is
+taken on its uint64 view as mix - (mix // p) * p, where numpy's uint64 division by a
+scalar runs libdivide's SIMD multiply-shift; chunks of 16K positions keep the scratch in
+cache and results go straight into the output. One thread, no torch intra-op pool (so it
+does not degrade when other processes share the cores). See benchmarks/bench_hasher.py.
 """
 
 from __future__ import annotations
@@ -35,6 +38,7 @@ from engram_model.errors import EngramConfigError, IdTypeError, InvalidIdError
 __all__ = ["NgramHasher", "is_prime", "next_unused_prime"]
 
 _LAYER_SEED_STRIDE = 10007  # the reference's PRIME_1
+_CHUNK = 16384  # positions per inner step: 3 x 128 KiB of scratch stays in L2
 
 
 def is_prime(n: int) -> bool:
@@ -148,10 +152,6 @@ class NgramHasher:
                 per_n.append(heads)
             self.table_sizes[L] = per_n
 
-        # torch copies used by the fast path: (K,) primes per (layer, order), plain int multipliers
-        self._primes_t = {
-            L: [torch.tensor(h, dtype=torch.int64) for h in self.table_sizes[L]] for L in layer_ids
-        }
 
     # --- derived sizes -------------------------------------------------------------------
     @property
@@ -173,59 +173,53 @@ class NgramHasher:
         return int(sum(self.head_sizes(layer_id)))
 
     # --- hashing -------------------------------------------------------------------------
-    def _check_ids(self, ids: np.ndarray | torch.Tensor) -> torch.Tensor:
+    def _check_ids(self, ids: np.ndarray | torch.Tensor) -> np.ndarray:
         if isinstance(ids, torch.Tensor):
             if ids.dtype.is_floating_point or ids.dtype.is_complex or ids.dtype == torch.bool:
                 raise IdTypeError(f"compressed ids must be integers, got {ids.dtype}")
-            x = ids.detach().to(device="cpu", dtype=torch.int64)
-        else:
-            arr = np.asarray(ids)
-            if arr.dtype.kind not in "iu":
-                raise IdTypeError(f"compressed ids must be integers, got {arr.dtype}")
-            x = torch.from_numpy(np.ascontiguousarray(arr, dtype=np.int64))
-        if x.dim() != 2:
-            raise InvalidIdError(f"compressed ids must be a (B, T) array, got shape {tuple(x.shape)}")
-        if x.numel():
-            lo, hi = int(x.min()), int(x.max())
+            ids = ids.detach().cpu().numpy()
+        arr = np.asarray(ids)
+        if arr.dtype.kind not in "iu":
+            raise IdTypeError(f"compressed ids must be integers, got {arr.dtype}")
+        if arr.ndim != 2:
+            raise InvalidIdError(f"compressed ids must be a (B, T) array, got shape {arr.shape}")
+        if arr.size:
+            lo, hi = int(arr.min()), int(arr.max())
             if lo < 0 or hi >= self.vocab_size:
                 raise InvalidIdError(
                     f"compressed ids must be in [0, {self.vocab_size}), got range [{lo}, {hi}]; "
                     "compress raw token ids with CompressionMap first"
                 )
-        return x.contiguous()
+        return np.ascontiguousarray(arr, dtype=np.int64)
 
-    def _shifts(self, x: torch.Tensor) -> list[torch.Tensor]:
-        """x_k[t] = x[t-k], pad id before the start; k = 0..N-1. Shared by all layers."""
-        B, T = x.shape
-        out = [x]
-        for k in range(1, self.max_ngram_size):
-            s = torch.full((B, T), self.pad_id, dtype=torch.int64)
-            if k < T:
-                s[:, k:] = x[:, : T - k]
-            out.append(s)
-        return out
+    def _hash_layer(self, flat: list[np.ndarray], L: int, out: np.ndarray) -> None:
+        """Row ids of layer ``L`` for flattened shifts ``flat[k]`` (P,) into ``out`` (P, H).
 
-    def hash_torch(self, compressed_ids: np.ndarray | torch.Tensor) -> dict[int, torch.Tensor]:
-        """Like :meth:`hash` but returns torch int64 tensors (B, T, (N-1)*K) (what the model uses)."""
-        x = self._check_ids(compressed_ids)
-        B, T = x.shape
+        Works in chunks of ``_CHUNK`` positions so that mix and quotient stay in L2.
+        Every id is in [0, V') and every multiplier below 2 * bound, so each product fits
+        in int64 and mix is non-negative: the remainder can be taken on its uint64 view
+        as mix - (mix // p) * p, and numpy divides uint64 by a scalar with libdivide
+        (SIMD multiply-shift, ~0.2 ns/value) instead of a hardware division (~2.5 ns).
+        """
+        P = flat[0].shape[0]
         K = self.n_head_per_ngram
-        shifts = self._shifts(x)
-        result: dict[int, torch.Tensor] = {}
-        mix = torch.empty((B, T), dtype=torch.int64)
-        tmp = torch.empty((B, T), dtype=torch.int64)
-        for L in self.layer_ids:
-            m = [int(v) for v in self.multipliers[L]]
-            out = torch.empty((B, T, self.heads_per_layer), dtype=torch.int64)
-            torch.mul(shifts[0], m[0], out=mix)
+        m = [np.int64(v) for v in self.multipliers[L]]
+        primes = [[np.uint64(p) for p in heads] for heads in self.table_sizes[L]]
+        outu = out.view(np.uint64)
+        c = min(P, _CHUNK)
+        mix, tmp, q = np.empty(c, np.int64), np.empty(c, np.int64), np.empty(c, np.uint64)
+        for s0 in range(0, P, _CHUNK):
+            e = min(P, s0 + _CHUNK)
+            mx, tp, qq = mix[: e - s0], tmp[: e - s0], q[: e - s0]
+            np.multiply(flat[0][s0:e], m[0], out=mx)
+            mu = mx.view(np.uint64)
             for n in range(2, self.max_ngram_size + 1):
-                torch.mul(shifts[n - 1], m[n - 1], out=tmp)
-                mix.bitwise_xor_(tmp)  # mix now covers orders up to n: x0*m0 ^ ... ^ x_{n-1}*m_{n-1}
-                j = (n - 2) * K
-                # one broadcast remainder for all K heads: (B, T, 1) % (K,) -> (B, T, K)
-                torch.remainder(mix.unsqueeze(-1), self._primes_t[L][n - 2], out=out[:, :, j : j + K])
-            result[L] = out
-        return result
+                np.multiply(flat[n - 1][s0:e], m[n - 1], out=tp)
+                np.bitwise_xor(mx, tp, out=mx)  # mix over x0..x_{n-1}: extends the order n-1 mix
+                for j, p in enumerate(primes[n - 2]):
+                    np.floor_divide(mu, p, out=qq)
+                    np.multiply(qq, p, out=qq)
+                    np.subtract(mu, qq, out=outu[s0:e, (n - 2) * K + j])
 
     def hash(self, compressed_ids: np.ndarray | torch.Tensor) -> dict[int, np.ndarray]:
         """Row ids per Engram layer: ``{layer_id: int64 array (B, T, (N-1)*K)}``.
@@ -233,7 +227,25 @@ class NgramHasher:
         ``compressed_ids`` is an integer (B, T) array of compressed ids in [0, vocab_size).
         Row ids index each head's own table (add :meth:`head_offsets` for the packed table).
         """
-        return {L: t.numpy() for L, t in self.hash_torch(compressed_ids).items()}
+        x = self._check_ids(compressed_ids)
+        B, T = x.shape
+        flat = [x.reshape(-1)]
+        for k in range(1, self.max_ngram_size):  # x_k[t] = x[t-k], pad before the start
+            s = np.full((B, T), self.pad_id, dtype=np.int64)
+            if k < T:
+                s[:, k:] = x[:, : T - k]
+            flat.append(s.reshape(-1))
+        result = {}
+        for L in self.layer_ids:
+            out = np.empty((B * T, self.heads_per_layer), dtype=np.int64)
+            if B * T:
+                self._hash_layer(flat, L, out)
+            result[L] = out.reshape(B, T, self.heads_per_layer)
+        return result
+
+    def hash_torch(self, compressed_ids: np.ndarray | torch.Tensor) -> dict[int, torch.Tensor]:
+        """Like :meth:`hash` but returns torch int64 tensors (B, T, (N-1)*K) (no copy)."""
+        return {L: torch.from_numpy(a) for L, a in self.hash(compressed_ids).items()}
 
     def config(self) -> dict[str, object]:
         """JSON-able constructor arguments (stored in a checkpoint's config.json)."""
