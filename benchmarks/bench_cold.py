@@ -162,7 +162,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     ap.add_argument("--rows", type=int, default=50000, help="random rows per measurement")
     ap.add_argument("--small-batch", default="32,512", help="also read the rows in calls of these many rows")
     ap.add_argument("--repeats", type=int, default=3, help="fresh ids each repeat; medians reported")
-    ap.add_argument("--fio-runtime", type=float, default=3.0, help="seconds per fio run (one per row size and repeat)")
+    ap.add_argument("--fio-runtime", type=float, default=1.5, help="seconds per fio run (one before each measurement)")
     ap.add_argument("--threads", type=int, default=None, help="PageReader threads (default: per method)")
     ap.add_argument("--depth", type=int, default=128, help="PageReader depth (reads / pages in flight)")
     ap.add_argument("--methods", default="auto,fadvise,pread", help="PageReader methods; the first is 'ours'")
@@ -190,8 +190,8 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
 
     evict(*cold_files)
     residue = {p.name if p == row_file else f"{p.parent.name}/{p.name}": resident_bytes(p) for p in cold_files}
-    fio_line = (f"fio: randread 4 KiB, O_DIRECT, libaio, QD{_FIO_QD}, {args.fio_runtime:g} s, run just before "
-                "each row size's measurements (ratios are paired with it)"
+    fio_line = (f"fio: randread 4 KiB, O_DIRECT, libaio, QD{_FIO_QD}, {args.fio_runtime:g} s, run right before "
+                "every measurement; each x-fio ratio pairs a measurement with the fio run just before it"
                 if shutil.which("fio") else "fio: NOT INSTALLED (apt-get install -y fio); fio ratios omitted")
     print_header("bench_cold: cold random rows from disk", machine_info(row_file), [
         f"load average at start: {' '.join(f'{x:.2f}' for x in os.getloadavg())} (machine shared with other work)",
@@ -215,10 +215,6 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     mismatches = 0
     for rep in range(args.repeats):
         for s in row_sizes:
-            fio = run_fio(row_file, args.fio_runtime)
-            if fio is not None:
-                add(f"{s}/fio/iops", fio["iops"])
-                add(f"{s}/fio/lat_us", fio["lat_us"])
             ids = np.unique(rng.integers(0, size // s, args.rows))
             pages, _ = row_pages(ids, s)
             keys = [int(i).to_bytes(8, "big") for i in ids]
@@ -235,7 +231,16 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
             ]
             results: dict[str, np.ndarray] = {}
             k = rep % len(systems)  # rotate the order so that no system always runs first after fio
-            for name, fn in systems[k:] + systems[:k]:
+            fio = None
+            for j, (name, fn) in enumerate(systems[k:] + systems[:k]):
+                # fio right before each measurement: the disk is shared and its rate drifts by
+                # 2x within minutes, so every ratio pairs a system with the device at that moment.
+                # (--quick: once per row size, to stay within seconds.)
+                if j == 0 or not args.quick:
+                    fio = run_fio(row_file, args.fio_runtime)
+                if fio is not None and (j == 0 or not args.quick):
+                    add(f"{s}/fio/iops", fio["iops"])
+                    add(f"{s}/fio/lat_us", fio["lat_us"])
                 evict(*cold_files)
                 c0, t0 = time.process_time(), time.perf_counter()
                 got = fn()
@@ -245,6 +250,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
                 add(f"{s}/{name}/iops", len(pages) / dt)
                 add(f"{s}/{name}/cpu_us_row", cpu / len(ids) * 1e6)
                 if fio is not None:
+                    add(f"{s}/{name}/fio", fio["iops"])
                     add(f"{s}/{name}/x_fio", len(pages) / dt / fio["iops"])
             ref = results["memmap"]
             for name, got in results.items():
@@ -266,15 +272,16 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     for s in row_sizes:
         fio_iops = med.get(f"{s}/fio/iops")
         print(f"\nrows of {s} B: {args.rows} random rows, medians of {args.repeats} runs; "
-              "x fio = IOPS / fio's IOPS in the same repeat; CPU = process CPU time, all threads")
+              "x fio = IOPS / IOPS of the fio run just before; CPU = process CPU time, all threads")
         if fio_iops:
-            print(f"   fio QD{_FIO_QD} O_DIRECT 4 KiB randread: {fio_iops:,.0f} IOPS "
-                  f"({' '.join(f'{x:,.0f}' for x in samples[f'{s}/fio/iops'])}), "
-                  f"mean latency {med[f'{s}/fio/lat_us']:.0f} us")
+            fio_all = samples[f"{s}/fio/iops"]
+            print(f"   fio QD{_FIO_QD} O_DIRECT 4 KiB randread: median {fio_iops:,.0f} IOPS over {len(fio_all)} runs "
+                  f"(min {min(fio_all):,.0f}, max {max(fio_all):,.0f}), mean latency {med[f'{s}/fio/lat_us']:.0f} us")
         print(f"   {'system':<26} {'rows/s':>10} {'IOPS':>10} {'x fio':>7} {'ours x':>8} {'CPU us/row':>11}")
         ref_rows = med[f"{s}/{ours}/rows_s"]
         if fio_iops:
-            print(f"   ours x fio per repeat: {' '.join(f'{x:.2f}' for x in samples[f'{s}/{ours}/x_fio'])}")
+            print(f"   ours ({ours}) x fio per repeat: {' '.join(f'{x:.2f}' for x in samples[f'{s}/{ours}/x_fio'])} "
+                  f"(its fio runs: {' '.join(f'{x:,.0f}' for x in samples[f'{s}/{ours}/fio'])} IOPS)")
         for name in sysnames:
             r, iops = med[f"{s}/{name}/rows_s"], med[f"{s}/{name}/iops"]
             vs_fio = f"{med[f'{s}/{name}/x_fio']:7.2f}" if fio_iops else "      -"
