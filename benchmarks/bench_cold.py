@@ -15,7 +15,7 @@ The row file, its LMDB copies and a marker live in ``--cache-dir`` (default
 $TIERSTORE_BENCH_CACHE or /tmp/tierstore_bench_cache) and are reused across runs.
 
     python -m benchmarks.bench_cold [--quick] [--table-size 4GiB] [--rows 50000] [--repeats 3]
-                                    [--methods auto,fadvise,pread] [--depth 128]
+                                    [--methods auto,fadvise,pread] [--depth 256]
 """
 
 from __future__ import annotations
@@ -164,7 +164,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     ap.add_argument("--repeats", type=int, default=3, help="fresh ids each repeat; medians reported")
     ap.add_argument("--fio-runtime", type=float, default=1.5, help="seconds per fio run (one before each measurement)")
     ap.add_argument("--threads", type=int, default=None, help="PageReader threads (default: per method)")
-    ap.add_argument("--depth", type=int, default=128, help="PageReader depth (reads / pages in flight)")
+    ap.add_argument("--depth", type=int, default=256, help="PageReader depth (reads / pages in flight)")
     ap.add_argument("--methods", default="auto,fadvise,pread", help="PageReader methods; the first is 'ours'")
     ap.add_argument("--seed", type=int, default=0)
     args = ap.parse_args(argv)

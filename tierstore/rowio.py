@@ -198,9 +198,10 @@ class PageReader:
         method: ``"auto"``, ``"aio"``, ``"fadvise"`` or ``"pread"`` (module docstring).
             ``"auto"``: ``"aio"`` when native AIO works and the file opens with ``O_DIRECT``
             (and ``direct`` is not False), else ``"fadvise"``.
-        depth: reads in flight per call (``"aio"``; default 128) or pages advised ahead of
-            the reads per worker (``"fadvise"``; default 128). Deeper than fio's 32 because
-            this disk kept gaining up to ~128.
+        depth: reads in flight per call (``"aio"``) or pages advised ahead of the reads per
+            worker (``"fadvise"``). Deeper than fio's 32: the disk gains a little up to ~128,
+            and a deep queue keeps it busy through the few milliseconds a busy 2-core machine
+            leaves the submitting thread descheduled.
         drop_behind: buffered reads only: evict each run from the page cache once copied
             (``POSIX_FADV_DONTNEED``), so the kernel does not keep a second, unbudgeted cache
             of rows the store's own tiers already manage. One more syscall per run.
@@ -217,7 +218,7 @@ class PageReader:
         threads: int | None = None,
         direct: bool | None = None,
         method: str = "auto",
-        depth: int = 128,
+        depth: int = 256,
         drop_behind: bool = False,
     ) -> None:
         if method not in METHODS:
