@@ -158,7 +158,8 @@ def replay(index: CacheIndex | None, rows: np.ndarray, bounds: np.ndarray, *, lo
     batch by batch, exactly as ``Table.gather`` of the store does, so that a live store's
     counters equal the simulation's: hint the batch's ids (``store.prefetch`` does), look
     them up in the device tier, look the sorted unique misses up in the host tier, admit
-    the host's misses there and all device misses into the device tier.
+    the host's misses there and all device misses into the device tier while the batch's
+    device hits are leased (they are being gathered, so they cannot be evicted).
 
     ``lookahead`` L > 0 also hints batch i+L before batch i is looked up: the ids of
     prefetches issued L steps ahead (the known future a serving engine can exploit).
@@ -180,19 +181,25 @@ def replay(index: CacheIndex | None, rows: np.ndarray, bounds: np.ndarray, *, lo
             _host_step(host, np.unique(b))
             continue
         slots = index.lookup(b)
-        missed = b[slots < 0]
-        if missed.size:
-            uniq = np.unique(missed)
+        hit = slots >= 0
+        if not hit.all():
+            uniq = np.unique(b[~hit])
             _host_step(host, uniq)
+            held = slots[hit]
+            index.lease(held)  # the batch's hits are in use while its misses are admitted
             index.admit(uniq)
+            index.release(held)
 
 
 def _host_step(host: CacheIndex | None, uniq: np.ndarray) -> None:
     if host is not None and uniq.size:
         s = host.lookup(uniq)
-        m = uniq[s < 0]
-        if m.size:
-            host.admit(m)
+        hit = s >= 0
+        if not hit.all():
+            held = s[hit]
+            host.lease(held)
+            host.admit(uniq[~hit])
+            host.release(held)
 
 
 @dataclass
@@ -265,7 +272,7 @@ def simulate_tiers(rows: np.ndarray, device_rows: int, host_rows: int, policy: s
                    lookahead: int = 0) -> dict[str, dict[str, int | float]]:
     """Device tier over host tier over disk, as the store runs them (one policy for both).
 
-    Returns per tier ``{"hits", "misses", "hit_ratio", "capacity_rows", "evictions",
+    Returns per tier ``{"hits", "misses", "hit_ratio", "capacity", "evictions",
     "insertions"}``; the host tier sees each batch's unique device misses. A capacity of 0
     disables a tier; one >= ``n_rows`` makes it resident (every lookup hits).
     """
@@ -291,12 +298,15 @@ def simulate_tiers(rows: np.ndarray, device_rows: int, host_rows: int, policy: s
     if dev is None and host is None:
         return {"device": {"hits": 0, "misses": 0, "hit_ratio": 0.0},
                 "host": {"hits": 0, "misses": 0, "hit_ratio": 0.0}}
-    if host is None and host_rows >= n_rows:
-        raise TierStoreError("a resident host tier under a device cache: simulate the device tier alone")
     replay(dev, rows, bounds, lookahead=lookahead, host=host)
+    if host is None and host_rows >= n_rows:  # resident host tier: every device miss hits it
+        d = dev.stats()
+        return {"device": {k: d[k] for k in ("hits", "misses", "hit_ratio", "capacity", "evictions",
+                                             "insertions")},
+                "host": {"hits": dev.misses, "misses": 0, "hit_ratio": 1.0}}
     for name, t in (("device", dev), ("host", host)):
         out[name] = ({"hits": t.hits, "misses": t.misses, "hit_ratio": t.hit_ratio,
-                      "capacity_rows": t.capacity, "evictions": t.evictions,
+                      "capacity": t.capacity, "evictions": t.evictions,
                       "insertions": t.insertions} if t is not None
                      else {"hits": 0, "misses": 0, "hit_ratio": 0.0})
     return out

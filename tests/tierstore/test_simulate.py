@@ -9,7 +9,7 @@ from tierstore.belady import belady_hits
 from tierstore.cache_index import CacheIndex
 from tierstore.errors import CorruptDataError, FormatVersionError, TierStoreError
 from tierstore.simulate import (TableTrace, Trace, batch_bounds, load_trace, replay, save_trace,
-                                simulate)
+                                simulate, simulate_tiers)
 
 
 def zipf_trace(n=20_000, rows=5000, seed=0):
@@ -105,3 +105,19 @@ def test_simulate_errors():
         simulate(np.arange(10), [2], ["lru"], n_rows=5)
     with pytest.raises(TierStoreError, match="profile"):
         simulate(np.arange(10), [2], ["static"], profile=np.ones(3, np.int64))
+
+
+def test_simulate_tiers_accounting():
+    tr = zipf_trace(20_000, 5000, seed=9)
+    r = simulate_tiers(tr, 100, 1000, "lru", n_rows=5000, min_batch=64)
+    dev, host = r["device"], r["host"]
+    assert dev["hits"] + dev["misses"] == tr.size
+    assert host["hits"] + host["misses"] == dev["misses"]  # the host sees each unique device miss
+    assert host["hit_ratio"] > 0
+    # a resident host tier serves every device miss; a resident device tier everything
+    r2 = simulate_tiers(tr, 100, 5000, "lru", n_rows=5000, min_batch=64)
+    assert r2["device"]["hits"] == dev["hits"] and r2["host"]["misses"] == 0
+    assert simulate_tiers(tr, 5000, 0, "lru", n_rows=5000)["device"]["hit_ratio"] == 1.0
+    # host tier alone (device disabled): it sees each batch's unique rows
+    r3 = simulate_tiers(tr, 0, 1000, "lru", n_rows=5000, min_batch=64)
+    assert r3["device"]["hits"] == 0 and r3["host"]["hits"] > 0

@@ -1,0 +1,147 @@
+"""`tierstore trace`, `tierstore profile` and `tierstore size` on a tiny real checkpoint."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from tools.cli import main as cli
+from tools.trace_cmd import interleave
+
+TINY = ["--steps", "4", "--eval-every", "4", "--eval-windows", "2", "--batch-size", "4", "--seq-len", "32",
+        "--vocab-size", "600", "--n-layer", "2", "--n-head", "2", "--d-model", "32", "--d-ff", "64",
+        "--engram-layers", "0", "1", "--engram-heads", "2", "--engram-d-mem", "8", "--threads", "1",
+        "--no-progress", "--quiet", "--data-max-bytes", "200000", "--tok-max-bytes", "200000"]
+
+
+@pytest.fixture(scope="module")
+def ckpt(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    from engram_model.tokenizer import stdlib_text_files
+    from engram_model.train import main as train
+
+    out = tmp_path_factory.mktemp("ckpt") / "engram"
+    train([*TINY, "--out", str(out), "--text", *[str(p) for p in stdlib_text_files()[:40]]])
+    return out
+
+
+@pytest.fixture(scope="module")
+def traces(ckpt: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    d = tmp_path_factory.mktemp("traces")
+    train, test = d / "train.trace.zst", d / "test.trace.zst"
+    for split, out in (("train", train), ("test", test)):
+        assert cli(["trace", "--checkpoint", str(ckpt), "--stdlib", "--split", split, "--max-tokens", "6000",
+                    "--streams", "4", "--out", str(out)]) == 0
+    return train, test
+
+
+def test_interleave_by_hand():
+    a = np.array([[1, 2], [3, 4], [5, 6]])  # doc 0: 3 tokens, 2 heads
+    b = np.array([[7, 8]])  # doc 1: 1 token
+    c = np.array([[9, 10], [11, 12]])  # doc 2: goes to the stream that frees first (b's)
+    rows, off = interleave([a, b, c], 2)
+    # step 0: a0 b0 | step 1: a1 c0 | step 2: a2 c1
+    assert rows.tolist() == [1, 2, 7, 8, 3, 4, 9, 10, 5, 6, 11, 12]
+    assert off.tolist() == [0, 4, 8]
+    rows1, off1 = interleave([a, b], 1)  # one stream: documents one after the other
+    assert rows1.tolist() == [1, 2, 3, 4, 5, 6, 7, 8] and off1.tolist() == [0, 2, 4, 6]
+
+
+def test_trace_matches_the_hasher(ckpt: Path, tmp_path: Path):
+    """A token-id file traced by the CLI gives the model's own packed row ids."""
+    from engram_model.checkpoint import read_config
+    from engram_model.compression import build_compression
+    from engram_model.hasher import NgramHasher
+    from engram_model.tokenizer import load_tokenizer
+    from tierstore.simulate import load_trace
+
+    tok = load_tokenizer(ckpt)
+    ids = np.array(tok.encode("def f(x):\n    return x + 1\n" * 5).ids, dtype=np.int64)
+    np.save(tmp_path / "ids.npy", ids)
+    out = tmp_path / "t.trace.zst"
+    assert cli(["trace", "--checkpoint", str(ckpt), "--tokens", str(tmp_path / "ids.npy"), "--out", str(out)]) == 0
+    tr = load_trace(out)
+    h = NgramHasher(**read_config(ckpt)["hasher"])
+    cid = build_compression(tok)(ids)
+    for L in h.layer_ids:
+        want = (h.hash(cid[None])[L][0] + h.head_offsets(L)).reshape(-1)
+        got = tr.tables[f"blocks.{L}.engram.memory.weight"]
+        assert np.array_equal(got.rows, want), f"layer {L}: max diff {np.abs(got.rows - want).max()}"
+        assert got.n_rows == h.total_rows(L) and got.offsets.tolist() == list(range(0, want.size, h.heads_per_layer))
+
+
+def test_profile_json_and_plots(traces, tmp_path: Path, capsys: pytest.CaptureFixture[str]):
+    train, test = traces
+    hit_png, rank_png = tmp_path / "hit.png", tmp_path / "rank.png"
+    rc = cli(["profile", "--trace", str(test), "--profile-trace", str(train), "--capacity", "0.01,300",
+              "--policy", "lru,lfu,static,default,opt", "--json", "--plot", str(hit_png),
+              "--rank-plot", str(rank_png), "--row-bytes", "16", "--batch", "64"])
+    assert rc == 0
+    out = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    res = out["results"]
+    tables = {r["table"] for r in res}
+    assert tables == {"blocks.0.engram.memory.weight", "blocks.1.engram.memory.weight"}
+    for t in tables:
+        rs = [r for r in res if r["table"] == t]
+        caps = sorted({r["capacity_rows"] for r in rs})
+        assert len(caps) == 2 and 300 in caps
+        for cap in caps:
+            by = {r["policy"]: r for r in rs if r["capacity_rows"] == cap}
+            assert set(by) == {"lru", "lfu", "static", "default", "opt"}
+            for p, r in by.items():
+                assert 0 <= r["hit_ratio"] <= by["opt"]["hit_ratio"] + 1e-12, (t, cap, p)
+                assert r["bytes_moved"] == r["misses"] * 16
+            assert by["static"]["hit_ratio"] > 0  # the profile from the train slice was used
+    for png in (hit_png, rank_png):
+        assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_npy_trace_fraction_of_distinct_ids(tmp_path: Path, capsys: pytest.CaptureFixture[str]):
+    rows = (np.random.default_rng(0).zipf(1.2, 20_000) % 1000 + 5000).astype(np.int64)
+    np.save(tmp_path / "t.npy", rows)
+    assert cli(["profile", "--trace", str(tmp_path / "t.npy"), "--capacity", "0.1,50",
+                "--policy", "lru,opt", "--json"]) == 0
+    res = json.loads(capsys.readouterr().out.strip().splitlines()[-1])["results"]
+    distinct = np.unique(rows).size
+    assert {r["capacity_rows"] for r in res} == {round(0.1 * distinct), 50}
+    assert all(r["capacity_base"] == "distinct ids" for r in res)
+
+
+def test_store_profile_live_and_size(ckpt: Path, traces, tmp_path: Path, capsys: pytest.CaptureFixture[str]):
+    from engram_model.generate import build_store_for
+    from tierstore.profile import load_profile
+
+    train, test = traces
+    store = build_store_for(ckpt, tmp_path / "store")
+    t1 = "blocks.1.engram.memory.weight"
+    assert cli(["profile", "--trace", str(train), "--store", str(store), "--save-profile"]) == 0
+    prof = load_profile(store, t1)
+    assert prof is not None and prof.sum() > 0
+    capsys.readouterr()
+    rc = cli(["profile", "--trace", str(test), "--store", str(store), "--table", t1, "--capacity", "0.02",
+              "--policy", "lru,default", "--live", "--json", "--batch", "64"])
+    assert rc == 0
+    res = json.loads(capsys.readouterr().out.strip().splitlines()[-1])["results"]
+    live = [r for r in res if r.get("mode") == "live"]
+    assert len(live) == 2
+    for r in live:
+        assert r["agree"], f"{r['policy']}: store {r['hits']}/{r['misses']} vs sim {r['sim_hits']}/{r['sim_misses']}"
+    rc = cli(["size", "--trace", str(test), "--store", str(store), "--table", t1, "--device-hit", "0.3",
+              "--total-hit", "0.6", "--json", "--batch", "64"])
+    assert rc == 0
+    size = json.loads(capsys.readouterr().out.strip().splitlines()[-1])["sizes"][0]
+    assert size["device_hit_ratio"] >= 0.3 and size["total_hit_ratio"] >= 0.6
+    assert size["device_bytes"] == size["device_rows"] * 16  # fp32 rows of 4 values
+
+
+def test_errors_are_one_line(tmp_path: Path, capsys: pytest.CaptureFixture[str]):
+    np.save(tmp_path / "t.npy", np.arange(10, dtype=np.int64))
+    assert cli(["profile", "--trace", str(tmp_path / "t.npy"), "--policy", "nope"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "unknown policy 'nope'" in err[0]
+    assert cli(["profile", "--trace", str(tmp_path / "t.npy"), "--capacity", "64MiB"]) == 2
+    assert "--row-bytes" in capsys.readouterr().err
+    assert cli(["trace", "--checkpoint", str(tmp_path), "--stdlib", "--out", str(tmp_path / "x")]) == 2
+    assert "config.json" in capsys.readouterr().err
