@@ -76,6 +76,26 @@ class Checkpoint:
             )
         return buf.reshape(stop - start, row_bytes)
 
+    def take_rows(self, name: str, rows: np.ndarray) -> np.ndarray:
+        """Rows ``rows`` (any order) of a 2-D tensor as uint8 (len(rows), row_bytes).
+
+        Reads through a read-only map of the file (safetensors) so scattered rows cost page
+        reads, not a copy of the tensor; memory stays bounded by ``len(rows)``.
+        """
+        meta = self.tensors[name]
+        row_bytes = meta.shape[1] * meta.element_size
+        if self._torch_state is not None:
+            t = self._torch_state[name][torch.from_numpy(rows)].contiguous()
+            return t.view(torch.uint8).numpy().reshape(len(rows), row_bytes)
+        mm = np.memmap(meta.file, dtype=np.uint8, mode="r", offset=meta.offset, shape=(meta.shape[0], row_bytes))
+        try:
+            order = np.argsort(rows, kind="stable")  # ascending file offsets
+            out = np.empty((len(rows), row_bytes), dtype=np.uint8)
+            out[order] = mm[rows[order]]
+            return out
+        finally:
+            del mm
+
     def close(self) -> None:
         self._torch_state = None
 

@@ -94,6 +94,9 @@ class TableInfo:
     checksum_file: str  # per-page checksums, relative to the store directory
     file_bytes: int  # exact size of the row file (header page + rows, padded to pages)
     source: dict[str, Any] = field(default_factory=dict)  # provenance (checkpoint path, source dtype)
+    # hotness-ordered layout: a .npy of int32/int64 giving each row's physical position in
+    # the row file (hot rows first, sharing pages); None: row r is at position r
+    order_file: str | None = None
 
     @property
     def torch_dtype(self) -> torch.dtype:

@@ -74,8 +74,8 @@ class Table:
                     for s in range(0, self.info.rows, step):
                         e = min(s + step, self.info.rows)
                         buf = torch.empty((e - s, self.info.dim), dtype=self.info.raw_dtype)
-                        self.disk.read_range(s, e, buf)
-                        tier.slab[s:e].copy_(buf)
+                        rows = self.disk.read_range(s, e, buf)
+                        tier.slab[torch.from_numpy(rows).to(tier.device)] = buf.to(tier.device)
             elif tier.index is not None:
                 rows, slots = tier.preload_rows()
                 if len(rows):

@@ -24,7 +24,7 @@ from .cache_index import CacheIndex
 from .errors import CorruptDataError
 from .format import PAGE_SIZE, TableInfo, page_checksums
 from .rowio import PageReader
-from .verify import load_checksums
+from .verify import load_checksums, load_order
 
 __all__ = ["DiskTier", "CacheTier"]
 
@@ -46,7 +46,10 @@ class DiskTier:
                 f"{info.file_bytes}: truncated or replaced; rebuild the store (`tierstore verify` for details)"
             )
         self.sums = load_checksums(root, info)
+        # hotness-ordered layout: physical position of each row (memory-mapped, shared)
+        self.pos = load_order(root, info) if info.order_file else None
         self.reader = PageReader(self.path, direct=direct, threads=threads)
+        self._perm: np.ndarray | None = None
         self._lock = threading.Lock()
         self.rows_read = 0
         self.pages_read = 0
@@ -65,7 +68,7 @@ class DiskTier:
             return
         t0 = time.perf_counter()
         info = self.info
-        start, first, last = self._row_spans(rows)
+        start, first, last = self._row_spans(rows if self.pos is None else self.pos[rows].astype(np.int64))
         pages = np.union1d(first, last)  # sorted unique
         buf = self.reader.read_pages(pages)
         bad = np.flatnonzero(page_checksums(buf) != self.sums[pages])
@@ -94,9 +97,25 @@ class DiskTier:
             self.bytes_read += len(pages) * PAGE_SIZE
             self.read_seconds += dt
 
-    def read_range(self, start: int, stop: int, out: torch.Tensor) -> None:
-        """Rows ``start:stop`` (sequential, e.g. loading a resident table)."""
-        self.read(np.arange(start, stop, dtype=np.int64), out)
+    def read_range(self, start: int, stop: int, out: torch.Tensor) -> np.ndarray:
+        """The rows at file positions ``start:stop`` (one sequential read, e.g. loading a resident
+        table) into ``out``; returns their row ids (``start:stop`` unless the layout is ordered)."""
+        if self.pos is None:
+            rows = np.arange(start, stop, dtype=np.int64)
+            self.read(rows, out)
+            return rows
+        rows = self.perm[start:stop]
+        self.read(rows, out)
+        return rows
+
+    @property
+    def perm(self) -> np.ndarray:
+        """Row id at each file position (the inverse of ``pos``), computed once."""
+        if self._perm is None:
+            perm = np.empty(len(self.pos), dtype=np.int64)
+            perm[self.pos] = np.arange(len(self.pos), dtype=np.int64)
+            self._perm = perm
+        return self._perm
 
     def stats(self) -> dict[str, float]:
         return {"rows_read": self.rows_read, "pages_read": self.pages_read, "bytes_read": self.bytes_read,
@@ -110,6 +129,7 @@ class DiskTier:
     def close(self) -> None:
         self.reader.close()
         del self.sums
+        self.pos = self._perm = None
 
 
 class CacheTier:

@@ -50,6 +50,18 @@ def load_checksums(store: Path, info: TableInfo) -> np.ndarray:
     return np.memmap(path, dtype="<u8", mode="r")
 
 
+def load_order(store: Path, info: TableInfo) -> np.ndarray:
+    """Physical position of every row of a hotness-ordered table (memory-mapped)."""
+    path = store / str(info.order_file)
+    try:
+        pos = np.load(path, mmap_mode="r")
+    except (OSError, ValueError) as e:
+        raise CorruptDataError(f"{path}: cannot read the row order of table {info.name!r} ({e}); rebuild the store") from None
+    if pos.shape != (info.rows,) or pos.dtype.kind != "i":
+        raise CorruptDataError(f"{path}: row order has shape {pos.shape} {pos.dtype}, expected ({info.rows},) ints")
+    return pos
+
+
 def _first_row(info: TableInfo, page: int) -> int:
     return -1 if page == 0 else (page - 1) * PAGE_SIZE // info.row_stride
 
@@ -69,6 +81,17 @@ def verify_store(store: str | os.PathLike[str], *, progress: bool = True, max_re
             except CorruptDataError as e:
                 report.mismatches.append(Mismatch(info.name, -1, -1, -1, str(e)))
                 continue
+            if info.order_file:
+                try:
+                    pos = load_order(root, info)
+                    is_perm = info.rows == 0 or (int(pos.min()) >= 0 and int(pos.max()) < info.rows
+                                                  and bool((np.bincount(pos, minlength=info.rows) == 1).all()))
+                except CorruptDataError as e:
+                    is_perm, why = False, str(e)
+                else:
+                    why = f"{root / info.order_file}: row order is not a permutation of 0..{info.rows - 1}"
+                if not is_perm:
+                    report.mismatches.append(Mismatch(info.name, -1, -1, -1, why))
             size = path.stat().st_size if path.exists() else -1
             if size != info.file_bytes:
                 report.mismatches.append(Mismatch(

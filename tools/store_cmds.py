@@ -29,6 +29,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--shard", metavar="RANK/WORLD", default=None,
                    help="write only shard RANK of WORLD (rows RANK::WORLD) into OUT/shard-RANK-of-WORLD, "
                         "for tierstore.distributed")
+    p.add_argument("--order-by-profile", metavar="STORE", default=None,
+                   help="write rows hottest first, by the access profiles saved in STORE "
+                        "(`tierstore profile --save-profile`), so hot rows share pages")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=run_build)
 
@@ -58,7 +61,7 @@ def run_build(args: argparse.Namespace) -> int:
         rank, world = _parse_shard(args.shard)
         out = build_shard(args.checkpoint, args.out, rank, world, **kwargs)
     else:
-        out = build_store(args.checkpoint, args.out, **kwargs)
+        out = build_store(args.checkpoint, args.out, order_by=args.order_by_profile, **kwargs)
     m = read_manifest(out)
     total = sum(t.nbytes for t in m.tables.values())
     print(f"built {out}: {len(m.tables)} table(s), {format_size(total)} of rows")
