@@ -27,11 +27,14 @@ def _unused(t: torch.Tensor) -> bool:
 
 
 class BufferPool:
-    """Keeps up to ``per_key`` tensors per (shape, dtype, device). Thread-safe."""
+    """Keeps up to ``per_key`` tensors for each of the ``max_keys`` most recently used
+    (shape, dtype, device) keys, so varying batch shapes cannot grow it without bound.
+    Thread-safe."""
 
-    def __init__(self, per_key: int = 4):
+    def __init__(self, per_key: int = 4, max_keys: int = 16):
         self.per_key = per_key
-        self._free: dict[tuple, list[torch.Tensor]] = {}
+        self.max_keys = max_keys
+        self._free: dict[tuple, list[torch.Tensor]] = {}  # insertion order = recency
         self._lock = threading.Lock()
         self.reused = 0
         self.allocated = 0
@@ -39,7 +42,10 @@ class BufferPool:
     def get(self, shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
         key = (tuple(shape), dtype, str(device))
         with self._lock:
-            bucket = self._free.setdefault(key, [])
+            bucket = self._free.pop(key, [])
+            self._free[key] = bucket  # most recent last
+            while len(self._free) > self.max_keys:
+                del self._free[next(iter(self._free))]
             for i in range(len(bucket)):
                 if _unused(bucket[i]):
                     self.reused += 1

@@ -182,3 +182,15 @@ def test_concurrent_callers_get_exact_rows(store_path, small_ckpt, policy):
     assert not errors, errors[:3]
     assert s["device"]["hits"] > 0 and s["host"]["hits"] + s["disk"]["rows_read"] > 0
     assert s["device"]["rows"] <= s["device"]["capacity_rows"]
+
+
+def test_buffer_pool_is_bounded():
+    from tierstore.buffers import BufferPool
+
+    pool = BufferPool(per_key=2, max_keys=3)
+    for n in range(1, 50):  # 49 different batch shapes
+        pool.get((n, 8), torch.float32, torch.device("cpu"))
+    assert len(pool._free) == 3 and all(len(b) <= 2 for b in pool._free.values())
+    t = pool.get((49, 8), torch.float32, torch.device("cpu"))
+    del t
+    assert pool.get((49, 8), torch.float32, torch.device("cpu")) is not None and pool.reused >= 1
