@@ -64,10 +64,21 @@ def _as_ids(ids: IdLike, info: TableInfo) -> tuple[np.ndarray, tuple[int, ...]]:
 
 
 class Store:
-    """An opened store. Thread-safe: any number of threads may look up and prefetch at once.
+    """An opened store: ``tierstore.open(path, ...)``. Thread-safe: any number of threads may
+    look up and prefetch at once.
 
-    Use ``tierstore.open``. Budgets are split over the tables in proportion to their size;
-    a table whose share covers it is resident in that tier.
+    path: the store directory (``tierstore build``).
+    device: where lookups return rows and the device tier lives; default CUDA if present, else
+        CPU (the device tier is then a budgeted in-memory cache, same code).
+    device_budget, host_budget: bytes of rows each tier may hold ("64MiB", "2GB", int; 0
+        disables the tier). Budgets are split over the tables in proportion to their size; a
+        table whose share covers it is loaded into that tier whole at open (resident).
+    policy: cache policy for rows that do not fit ("default", "lru", "lfu", "s3fifo", ...).
+    threads: background lookup workers; io_threads: disk reader threads; direct: force O_DIRECT
+        on or off (default: on where the filesystem allows it).
+    host_shared: keep the host tier in POSIX shared memory, one copy for every process on the
+        machine that opens this store with the same budget (see ``tierstore.shared_host``). Its
+        rows are the whole table, or the hottest rows of the saved profile.
     """
 
     def __init__(
@@ -224,29 +235,4 @@ class Store:
                 f"device_budget={self.device_budget}, host_budget={self.host_budget}, policy={self.policy!r})")
 
 
-def open_store(
-    path: str | os.PathLike[str],
-    *,
-    device: str | torch.device | None = None,
-    device_budget: int | str | None = 0,
-    host_budget: int | str | None = 0,
-    policy: str = "default",
-    threads: int = 4,
-    io_threads: int | None = None,
-    direct: bool | None = None,
-    host_shared: bool = False,
-) -> Store:
-    """Open the store at ``path``.
-
-    device: where lookups return rows and the device tier lives; default CUDA if present, else CPU
-        (the device tier is then a budgeted in-memory cache, same code).
-    device_budget, host_budget: bytes of rows each tier may hold ("64MiB", "2GB", int; 0 disables
-        the tier). A table that fits its share of a tier is loaded into it whole at open.
-    policy: cache policy for rows that do not fit ("default", "lru", "lfu", "s3fifo", ...).
-    threads: background lookup workers; io_threads: disk reader threads; direct: force O_DIRECT on/off.
-    host_shared: keep the host tier in POSIX shared memory, one copy for every process on the
-        machine that opens this store with the same budget (see ``tierstore.shared_host``). Its
-        rows are the whole table, or the hottest rows of the saved profile.
-    """
-    return Store(path, device=device, device_budget=device_budget, host_budget=host_budget, policy=policy,
-                 threads=threads, io_threads=io_threads, direct=direct, host_shared=host_shared)
+open_store = Store  # `tierstore.open(path, ...)`: the constructor, documented on the class

@@ -141,44 +141,39 @@ class Table:
             host.resident_hits += len(uniq)
             torch.index_select(host.slab, 0, torch.from_numpy(uniq), out=staged)
             return staged
-        if isinstance(host, SharedHostTier):  # read-only after fill: no lock, no admission
+        if host.index is None and not isinstance(host, SharedHostTier):  # host tier disabled
+            self.disk.read(uniq, staged)
+            return staged
+        # A shared tier is read-only after its fill: no lock, no lease, no admission.
+        cached = host.index is not None
+        if cached:
+            with host.lock:
+                slots = host.index.lookup(uniq)
+                held = slots[slots >= 0]
+                host.index.lease(held)
+        else:
             slots = host.lookup(uniq)
-            hit = slots >= 0
+        hit = slots >= 0
+        try:
             if hit.all():
                 torch.index_select(host.slab, 0, torch.from_numpy(slots), out=staged)
                 return staged
             miss = uniq[~hit]
             cold = torch.empty((len(miss), info.dim), dtype=info.raw_dtype)
             self.disk.read(miss, cold)
-            staged[torch.from_numpy(np.flatnonzero(hit))] = host.slab[torch.from_numpy(slots[hit])]
-            staged[torch.from_numpy(np.flatnonzero(~hit))] = cold
-            return staged
-        if host.index is None:
-            self.disk.read(uniq, staged)
-            return staged
-        with host.lock:
-            slots = host.index.lookup(uniq)
-            hit = slots >= 0
-            held = slots[hit]
-            host.index.lease(held)
-        try:
-            if len(held) == len(uniq):
-                torch.index_select(host.slab, 0, torch.from_numpy(slots), out=staged)
-                return staged
-            miss = uniq[~hit]
-            cold = torch.empty((len(miss), info.dim), dtype=info.raw_dtype)
-            self.disk.read(miss, cold)
-            with host.lock:
-                rows_in, slots_in, _ = host.index.admit(miss)
-                if len(rows_in):
-                    host.slab[torch.from_numpy(slots_in)] = cold[torch.from_numpy(np.searchsorted(miss, rows_in))]
-            if len(held):
-                staged[torch.from_numpy(np.flatnonzero(hit))] = host.slab[torch.from_numpy(held)]
+            if cached:
+                with host.lock:
+                    rows_in, slots_in, _ = host.index.admit(miss)
+                    if len(rows_in):
+                        host.slab[torch.from_numpy(slots_in)] = cold[torch.from_numpy(np.searchsorted(miss, rows_in))]
+            if hit.any():
+                staged[torch.from_numpy(np.flatnonzero(hit))] = host.slab[torch.from_numpy(slots[hit])]
             staged[torch.from_numpy(np.flatnonzero(~hit))] = cold
             return staged
         finally:
-            with host.lock:
-                host.index.release(held)
+            if cached:
+                with host.lock:
+                    host.index.release(held)
 
     def hint(self, ids: np.ndarray) -> None:
         """Tell the cache policies which rows an issued prefetch will use (the known future)."""
