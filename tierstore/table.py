@@ -123,7 +123,8 @@ class Table:
                 rows_in, slots_in, _ = dev.index.admit(uniq)
                 if len(rows_in):
                     src = np.searchsorted(uniq, rows_in)
-                    dev.slab[torch.from_numpy(slots_in).to(self.device)] = staged_dev[torch.from_numpy(src).to(self.device)]
+                    dev.slab.index_copy_(0, torch.from_numpy(slots_in).to(self.device),
+                                         staged_dev.index_select(0, torch.from_numpy(src).to(self.device)))
             if len(held):
                 hit_pos = torch.from_numpy(np.flatnonzero(hit)).to(self.device)
                 out.index_copy_(0, hit_pos, dev.slab.index_select(0, torch.from_numpy(held).to(self.device)))
@@ -165,10 +166,13 @@ class Table:
                 with host.lock:
                     rows_in, slots_in, _ = host.index.admit(miss)
                     if len(rows_in):
-                        host.slab[torch.from_numpy(slots_in)] = cold[torch.from_numpy(np.searchsorted(miss, rows_in))]
+                        host.slab.index_copy_(0, torch.from_numpy(slots_in),
+                                              cold.index_select(0, torch.from_numpy(np.searchsorted(miss, rows_in))))
+            # index_copy_/index_select: several times faster than tensor __setitem__/__getitem__
             if hit.any():
-                staged[torch.from_numpy(np.flatnonzero(hit))] = host.slab[torch.from_numpy(slots[hit])]
-            staged[torch.from_numpy(np.flatnonzero(~hit))] = cold
+                staged.index_copy_(0, torch.from_numpy(np.flatnonzero(hit)),
+                                   host.slab.index_select(0, torch.from_numpy(slots[hit])))
+            staged.index_copy_(0, torch.from_numpy(np.flatnonzero(~hit)), cold)
             return staged
         finally:
             if cached:
