@@ -364,13 +364,16 @@ class PageReader:
         their results with one vectorized store; results are checked once at the end.
         """
         n_runs = len(starts)
-        iocbs = np.zeros(n_runs, dtype=_IOCB)
-        iocbs["data"] = np.arange(n_runs)
-        iocbs["opcode"] = _IOCB_CMD_PREAD
-        iocbs["fildes"] = self._fd
-        iocbs["buf"] = out.ctypes.data + starts * PAGE_SIZE
-        iocbs["nbytes"] = lengths * PAGE_SIZE
-        iocbs["offset"] = offsets
+        # The iocbs as 8 little-endian u64 words each (layout in _IOCB): data, key|rw_flags,
+        # opcode|reqprio|fildes, buf, nbytes, offset, reserved2, flags|resfd. Column stores are
+        # ~3x cheaper than structured-field stores, which matters for small batches.
+        words = np.zeros((n_runs, 8), dtype=np.uint64)
+        words[:, 0] = np.arange(n_runs, dtype=np.uint64)  # aio_data: the run index
+        words[:, 2] = (self._fd << 32) | _IOCB_CMD_PREAD
+        words[:, 3] = out.ctypes.data + starts * PAGE_SIZE
+        words[:, 4] = lengths * PAGE_SIZE
+        words[:, 5] = offsets
+        iocbs = words.view(_IOCB).reshape(n_runs)
         ptrs = iocbs.ctypes.data + np.arange(n_runs, dtype=np.uint64) * np.uint64(_IOCB.itemsize)
         ptr_base = ptrs.ctypes.data
         results = np.zeros(n_runs, dtype=np.int64)  # bytes read per run, or -errno

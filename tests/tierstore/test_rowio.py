@@ -342,3 +342,34 @@ def test_auto_falls_back_to_buffered_without_o_direct(row_file: tuple[Path, np.n
     with pytest.raises(StoreIOError) as info:
         PageReader(path, method="pread", direct=True)
     assert info.value.errno == errno.EINVAL
+
+
+@pytest.mark.skipif(not HAVE_AIO or not os.path.exists("/proc/sys/fs/aio-nr"), reason="no native AIO")
+def test_aio_contexts_are_reused_and_released(row_file: tuple[Path, np.ndarray]) -> None:
+    """Calls reuse kernel AIO contexts (no growth per call); close() gives every one back.
+
+    fs.aio-nr is system-wide: the check is a delta across our own close().
+    """
+    path, ref = row_file
+    if not _supports_direct(path):
+        pytest.skip("no O_DIRECT")
+
+    def aio_nr() -> int:
+        return int(Path("/proc/sys/fs/aio-nr").read_text())
+
+    r = PageReader(path, method="aio", depth=16)
+    for _ in range(20):  # sequential calls: one context, reused
+        r.read_pages(np.arange(0, N_PAGES, 11))
+    assert len(r._contexts) == 1
+    threads = [threading.Thread(target=r.read_pages, args=(np.arange(k, N_PAGES, 5),)) for k in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    held = len(r._contexts)
+    assert 1 <= held <= 5
+    before = aio_nr()
+    r.close()
+    assert r._contexts == []
+    released = before - aio_nr()
+    assert released >= held * 16, f"close() released {released} AIO events, expected >= {held} x 16"
