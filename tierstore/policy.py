@@ -763,7 +763,8 @@ class DefaultPolicy(Policy):
 
     def __init__(self, capacity: int, *, rng: np.random.Generator | int | None = None,
                  pin_fraction: float = 0.1, small_fraction: float = 0.25,
-                 adapt_step: float = 2.0, margin: float = 0.1, initial_core: float = 0.5):
+                 adapt_step: float = 2.0, margin: float = 0.1, initial_core: float = 0.5,
+                 adapt: str = "density"):
         super().__init__(capacity, rng=rng)
         if not 0.0 <= pin_fraction <= 1.0:
             raise TierStoreError(f"pin_fraction={pin_fraction!r} must lie in [0, 1]")
@@ -772,6 +773,10 @@ class DefaultPolicy(Policy):
         self.adapt_step = adapt_step
         self.margin = margin
         self.initial_core = initial_core
+        if adapt not in ("density", "ghost"):
+            raise TierStoreError(f"adapt={adapt!r} must be 'density' or 'ghost'")
+        self.adapt_mode = adapt
+        self._miss_ema = 0.0
         self.ranking = _ProfileRank(None, 0)
 
     def prepare(self, profile: np.ndarray | None) -> np.ndarray:
@@ -801,7 +806,9 @@ class DefaultPolicy(Policy):
         self.core_target = self.initial_core * n if self.ranking.m > self.rank_lo else 0.0
 
     def prefill(self) -> np.ndarray:
-        return self.ranking_rows()[self.rank_lo: self.rank_lo + int(self.core_target)]
+        # every free slot starts with the next-ranked rows: no compulsory misses on the core;
+        # ranks past the target are the first to go when the dynamic part needs room
+        return self.ranking_rows()[self.rank_lo: self.rank_lo + self.n_dyn]
 
     # -- helpers ---------------------------------------------------------------------------
     def _core_worthy(self, ranks: np.ndarray) -> np.ndarray:
@@ -813,18 +820,46 @@ class DefaultPolicy(Policy):
             np.add.at(self.freq, hs, 1)
             np.minimum(self.freq, 3, out=self.freq)
         self.hinted.consume(rows)
-        missed = rows[~hit]
-        if missed.size and self.ranking.m > self.rank_lo:
-            r = self.ranking.rank(missed)
-            # marginal utility of one more slot for each side, over equal-width margins:
-            # ranks just past the core's edge vs rows the dynamic part evicted last
-            w = max(16, int(self.margin * self.n_dyn))
-            edge = self.rank_lo + self.core_target
-            band = np.count_nonzero((r >= edge) & (r < edge + w))
-            ghost = np.count_nonzero(self.ghost.age(missed[r >= edge]) <= w)
-            self.core_target = float(np.clip(
-                self.core_target + self.adapt_step * (band - ghost), 0, self.n_dyn))
+        if self.ranking.m > self.rank_lo:
+            self._adapt(rows, slots, hit, hs)
         self.tick += rows.size
+
+    def _adapt(self, rows: np.ndarray, slots: np.ndarray, hit: np.ndarray, hs: np.ndarray) -> None:
+        """Move the core/dynamic boundary toward the side whose next slots earn more hits.
+
+        Per batch, over a margin of w slots: what growing the core would gain (misses on
+        rows ranked just past its edge), what shrinking it would lose (hits on its last w
+        ranks), and what w dynamic slots earn (the dynamic part's hits per slot times w,
+        or, in ``adapt="ghost"`` mode, misses on rows it dropped within its last w evictions).
+        """
+        w = max(16, int(self.margin * self.n_dyn))
+        edge = self.rank_lo + self.core_target
+        missed = rows[~hit]
+        r_miss = self.ranking.rank(missed) if missed.size else _EMPTY
+        gain = np.count_nonzero((r_miss >= edge) & (r_miss < edge + w))
+        ghost = np.count_nonzero(self.ghost.age(missed[r_miss >= edge]) <= w)
+        if self.adapt_mode == "ghost":
+            delta = gain - ghost
+        else:
+            seg = self.seg[hs]
+            core_hits = hs[seg == 1]
+            r_hit = self.ranking.rank(self.index.row_of_slot[core_hits]) if core_hits.size else _EMPTY
+            loss = np.count_nonzero(r_hit >= edge - w)
+            n_dyn_rows = self.small.len + self.main.len
+            dyn_hits = np.count_nonzero(seg >= 2)
+            # the dynamic part's average density overstates its margin when it cannot even
+            # hold a few batches' misses (nothing it admits lives to the next use): trust
+            # the ghost there, the density when it is large
+            self._miss_ema = 0.9 * self._miss_ema + 0.1 * missed.size
+            trust = min(1.0, self.n_dyn / (4.0 * self._miss_ema + 1.0))
+            dyn = max(ghost, trust * dyn_hits * w / (n_dyn_rows + w))
+            if gain > dyn:
+                delta = gain - dyn
+            elif loss < dyn:
+                delta = loss - dyn
+            else:
+                delta = 0.0
+        self.core_target = float(np.clip(self.core_target + self.adapt_step * delta, 0, self.n_dyn))
 
     def on_insert(self, slots: np.ndarray, rows: np.ndarray) -> None:
         self.freq[slots] = 0

@@ -12,6 +12,8 @@ stream takes the next document when its current one ends, and each step reads on
 of every active stream, 16 lookups per token per table (N-1 orders x K heads). The trace
 records those row ids in order and where each step starts.
 
+``--doc-tokens N`` cuts documents into requests of at most N tokens (each is hashed as a
+sequence of its own), so a token budget yields enough requests to keep B streams busy.
 ``--split train|test`` keeps every other document (``--split-every``), so a profile taken
 from the train slice never peeks at the test slice.
 """
@@ -170,6 +172,8 @@ def run(args: argparse.Namespace) -> int:
                 break
     if not docs:
         raise TierStoreError("the input holds no tokens")
+    if args.doc_tokens > 0:  # a server's requests are bounded: cut long documents into several
+        docs = [d[i:i + args.doc_tokens] for d in docs for i in range(0, d.size, args.doc_tokens)]
     per_table: dict[str, list[np.ndarray]] = {name: [] for name in src.tables}
     for d in docs:
         for name, r in src.rows(d).items():
@@ -181,6 +185,7 @@ def run(args: argparse.Namespace) -> int:
         tables[name] = TableTrace(flat, offsets, src.hasher.total_rows(L))
     n_tokens = int(sum(d.size for d in docs))
     meta = {"streams": args.streams, "documents": len(docs), "tokens": n_tokens,
+            "doc_tokens": args.doc_tokens,
             "lookups_per_token": src.hasher.heads_per_layer, "split": args.split,
             "split_every": args.split_every, "source": "tokens" if args.tokens else "text"}
     save_trace(args.out, Trace(tables, meta))
@@ -208,5 +213,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--split-every", type=int, default=2, help="train keeps documents i %% k == 0")
     p.add_argument("--max-tokens", type=int, default=0, help="stop after this many tokens (0: all)")
     p.add_argument("--streams", type=int, default=1, help="sequences served at once (interleaved)")
+    p.add_argument("--doc-tokens", type=int, default=0,
+                   help="cut documents into requests of at most this many tokens (0: whole documents)")
     p.add_argument("--out", required=True, help="output trace file (.trace.zst)")
     p.set_defaults(func=run)
