@@ -160,7 +160,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     ap.add_argument("--table-size", default="4GiB", help="row file size (bigger than readahead can absorb)")
     ap.add_argument("--row-bytes", default="128,1024")
     ap.add_argument("--rows", type=int, default=50000, help="random rows per measurement")
-    ap.add_argument("--small-batch", default="32,512", help="also read the rows in calls of these many rows")
+    ap.add_argument("--small-batch", default="32,512,2048", help="also read the rows in calls of these many rows")
     ap.add_argument("--repeats", type=int, default=3, help="fresh ids each repeat; medians reported")
     ap.add_argument("--fio-runtime", type=float, default=1.5, help="seconds per fio run (one before each measurement)")
     ap.add_argument("--threads", type=int, default=None, help="PageReader threads (default: per method)")
