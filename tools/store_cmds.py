@@ -10,6 +10,7 @@ from tierstore.build import DEFAULT_TABLE_PATTERN, build_store
 from tierstore.distributed import build_shard
 from tierstore.errors import TierStoreError
 from tierstore.format import FORMAT_NAME, PAGE_SIZE, read_manifest
+from tierstore.profile import has_profile
 from tierstore.sizes import format_size
 from tierstore.verify import verify_store
 
@@ -72,7 +73,9 @@ def run_inspect(args: argparse.Namespace) -> int:
     m = read_manifest(args.store)
     tables = [
         {"name": t.name, "rows": t.rows, "dim": t.dim, "dtype": t.dtype, "row_bytes": t.row_bytes,
-         "row_stride": t.row_stride, "bytes": t.nbytes, "file": t.file, "file_bytes": t.file_bytes}
+         "row_stride": t.row_stride, "bytes": t.nbytes, "file": t.file, "file_bytes": t.file_bytes,
+         "hot_ordered": t.order_file is not None, "profile": has_profile(args.store, t.name),
+         "shard": t.source.get("shard")}
         for t in m.tables.values()
     ]
     doc = {"format": FORMAT_NAME, "version": m.version, "created": m.created, "checksum": m.checksum,
@@ -84,9 +87,13 @@ def run_inspect(args: argparse.Namespace) -> int:
     print(f"store {args.store}  format {FORMAT_NAME} v{m.version}  created {m.created}  "
           f"checksums {m.checksum['scheme']} per {m.checksum['block_size']} B")
     w = max([len(t["name"]) for t in tables] + [5])
-    print(f"{'table':<{w}}  {'rows':>12}  {'dim':>5}  {'dtype':<14}  {'size':>10}")
+    print(f"{'table':<{w}}  {'rows':>12}  {'dim':>5}  {'dtype':<14}  {'size':>10}  notes")
     for t in tables:
-        print(f"{t['name']:<{w}}  {t['rows']:>12,}  {t['dim']:>5}  {t['dtype']:<14}  {format_size(t['bytes']):>10}")
+        notes = [n for n, on in (("profile", t["profile"]), ("hot-ordered", t["hot_ordered"])) if on]
+        if t["shard"]:
+            notes.append(f"shard {t['shard']['rank']}/{t['shard']['world_size']} of {t['shard']['global_rows']:,} rows")
+        print(f"{t['name']:<{w}}  {t['rows']:>12,}  {t['dim']:>5}  {t['dtype']:<14}  {format_size(t['bytes']):>10}  "
+              f"{', '.join(notes)}")
     print(f"total {format_size(doc['total_bytes'])} in {len(tables)} table(s)"
           + (f"; attachments: {', '.join(m.attachments)}" if m.attachments else ""))
     return 0
