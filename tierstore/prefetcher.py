@@ -120,10 +120,13 @@ class Prefetcher:
             s = self._local.stream = torch.cuda.Stream(device=self.device)
         return s
 
-    def _run(self, fn: Callable[[], T]) -> tuple[T, torch.cuda.Event | None]:
+    def _run(self, fn: Callable[[], T], issued: torch.cuda.Event | None) -> tuple[T, torch.cuda.Event | None]:
         if self.device.type != "cuda":
             return fn(), None
         stream = self._stream()
+        # Work the caller queued before prefetching (e.g. kernels still reading a pooled output
+        # buffer this job will overwrite) must finish before our copies start.
+        stream.wait_event(issued)
         with torch.cuda.stream(stream):
             value = fn()
             event = torch.cuda.Event()
@@ -131,7 +134,11 @@ class Prefetcher:
         return value, event
 
     def submit(self, fn: Callable[[], T]) -> LookupFuture[T]:
-        return LookupFuture(self._pool.submit(self._run, fn), self.latency)
+        issued = None
+        if self.device.type == "cuda":
+            issued = torch.cuda.Event()
+            issued.record(torch.cuda.current_stream(self.device))
+        return LookupFuture(self._pool.submit(self._run, fn, issued), self.latency)
 
     def close(self) -> None:
         self._pool.shutdown(wait=True, cancel_futures=True)
