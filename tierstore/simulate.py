@@ -175,8 +175,9 @@ def replay(index: CacheIndex | None, rows: np.ndarray, bounds: np.ndarray, *, lo
             for t in tiers:
                 t.hint(rows[bounds[i + lookahead]: bounds[i + lookahead + 1]])
         b = rows[bounds[i]: bounds[i + 1]]
-        for t in tiers:
-            t.hint(b)
+        if lookahead == 0:  # each batch is hinted once, when its prefetch is issued
+            for t in tiers:
+                t.hint(b)
         if index is None:
             _host_step(host, np.unique(b))
             continue
