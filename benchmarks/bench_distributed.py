@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
+import os
 import socket
 import time
 from pathlib import Path
@@ -40,7 +41,7 @@ def _batches(rows: int, n_ids: int, batches: int, seed: int) -> list[np.ndarray]
 
 def _rank_main(rank: int, world: int, port: int, store: str, name: str, rows: int, n_ids: int, batches: int,
                result: str) -> None:
-    torch.set_num_threads(1)
+    torch.set_num_threads(max(1, (os.cpu_count() or 1) // world))  # the cores, split between the ranks
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world,
                             timeout=datetime.timedelta(seconds=120))
     sharded = Path(store) / "sharded"
@@ -116,7 +117,7 @@ def main(argv: list[str] | None = None) -> dict:
         args.table_mib, args.ids, args.batches, args.ranks = 2, 1024, 3, "1,2"
     print_header("sharded store over gloo (loopback), Zipf(1.0) ids, shards resident in the host tier",
                  machine_info(args.cache_dir.parent if args.cache_dir.exists() else Path(".")),
-                 [f"torch {torch.__version__}, 1 thread per rank"])
+                 [f"torch {torch.__version__}, {os.cpu_count()} cores split between the ranks"])
     row_bytes, dim = 256, 128
     rows = args.table_mib * 2**20 // row_bytes
     store, name = table_store(rows, dim, torch.bfloat16, cache=args.cache_dir)

@@ -170,7 +170,7 @@ class ShardedStore:
         except Exception as e:  # gloo/NCCL raise RuntimeError subclasses for dead or hung peers
             raise TierStoreError(
                 f"rank {self.rank}: sharded lookup failed in all_to_all ({type(e).__name__}: {e}); "
-                "a peer rank died, hung past the timeout, or issued lookups in a different order"
+                "a peer rank may have died, hung past the timeout, or issued lookups in a different order"
             ) from e
 
     def _exchange(self, table: str, info: TableInfo, flat: np.ndarray) -> torch.Tensor:
@@ -186,14 +186,18 @@ class ShardedStore:
         send_counts_l = send_counts.tolist()
         recv_ids = torch.empty(sum(recv_counts_l), dtype=torch.int64, device=dev)
         self._a2a(recv_ids, send_ids.to(dev), recv_counts_l, send_counts_l)
-        # serve what the others asked of us from our local tiers (one batched lookup)
-        served = self.local.lookup(table, recv_ids.cpu().numpy())
+        # serve what the others asked of us from our local tiers: one batched gather, on this thread
+        local = self.local._table(table)
+        served = torch.empty((len(recv_ids), info.dim), dtype=info.raw_dtype, device=self.local.device)
+        req = recv_ids.cpu().numpy()
+        local.hint(req)
+        local.gather(req, served)
         row_bytes = info.row_bytes
-        served_b = served.reshape(-1, info.dim).contiguous().view(torch.uint8).reshape(-1).to(dev)
-        got = torch.empty(len(uniq) * row_bytes, dtype=torch.uint8, device=dev)
-        self._a2a(got, served_b, [c * row_bytes for c in send_counts_l], [c * row_bytes for c in recv_counts_l])
-        uniq_rows = torch.empty((len(uniq), row_bytes), dtype=torch.uint8, device=dev)
-        uniq_rows[torch.from_numpy(order).to(dev)] = got.view(len(uniq), row_bytes)
+        # rows travel as the widest integers dividing a row (gloo has no int16; fewer elements)
+        wide = torch.int64 if row_bytes % 8 == 0 else torch.int32 if row_bytes % 4 == 0 else torch.uint8
+        served_w = served.view(torch.uint8).view(wide).view(len(recv_ids), -1)
+        got = torch.empty((len(uniq), row_bytes // wide.itemsize), dtype=wide, device=dev)
+        self._a2a(got, served_w.to(dev), send_counts_l, recv_counts_l)  # splits count rows (dim 0)
         with self._lock:
             me = self.rank
             self.ids_requested += len(flat)
@@ -201,8 +205,11 @@ class ShardedStore:
             self.rows_served += len(recv_ids)
             self.bytes_sent += 8 * (len(uniq) - send_counts_l[me]) + row_bytes * (len(recv_ids) - recv_counts_l[me])
             self.bytes_received += 8 * (len(recv_ids) - recv_counts_l[me]) + row_bytes * (len(uniq) - send_counts_l[me])
-        out = uniq_rows.index_select(0, torch.from_numpy(inv.reshape(-1)).to(dev))
-        return out.view(info.raw_dtype)  # (n, dim): row_bytes is dim * itemsize
+        # got holds the unique rows in owner order: unique row u arrived at position where[u]
+        where = np.empty(len(uniq), dtype=np.int64)
+        where[order] = np.arange(len(uniq), dtype=np.int64)
+        idx = torch.from_numpy(where[inv.reshape(-1)]).to(dev)
+        return got.index_select(0, idx).view(torch.uint8).view(info.raw_dtype).view(len(flat), info.dim)
 
 
 def open_sharded(path: str | os.PathLike[str], *, group: dist.ProcessGroup | None = None, timeout: float = 60.0,

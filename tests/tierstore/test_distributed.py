@@ -109,7 +109,7 @@ def test_dead_rank_fails_fast(sharded_ckpt):
     assert all(not p.is_alive() for p in ctx.processes)
     text = (sharded_ckpt / "result").read_text()
     seconds, msg = text.split(" ", 1)
-    assert "sharded lookup failed" in msg and "peer rank died" in msg, msg
+    assert "sharded lookup failed" in msg and "peer rank may have died" in msg, msg
     assert float(seconds) < 25, f"took {seconds}s to notice the dead rank"
 
 
