@@ -60,6 +60,7 @@ class ModelConfig:
     engram_signed_sqrt: bool = True  # sign(g)*sqrt(|g|) on the gate logit (public demo)
     engram_branches: int = 1  # M residual branches (hyper-connections); 1 = plain stream
     engram_init_std: float = 1.0  # N(0, std) init of table rows
+    engram_zero_value: bool = True  # W_v starts at 0, so each Engram layer starts as an exact identity
 
     def __post_init__(self) -> None:
         if self.d_model % self.n_head or (self.d_model // self.n_head) % 2:
@@ -314,6 +315,10 @@ class EngramLM(nn.Module):
         for blk in self.engram_blocks():
             for lin in [blk.engram.value_proj, *blk.engram.key_projs]:
                 nn.init.zeros_(lin.bias)
+            if self.cfg.engram_zero_value:
+                # random rows times a random W_v would add noise ~8x the token embeddings' scale
+                # to the residual stream at step 0; zero W_v lets the model open the memory gradually
+                nn.init.zeros_(blk.engram.value_proj.weight)
 
     # --- bookkeeping ----------------------------------------------------------------------
     def engram_blocks(self) -> list[Block]:

@@ -86,6 +86,7 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--engram-branches", type=int, default=1)
     e.add_argument("--engram-init-std", type=float, default=1.0)
     e.add_argument("--no-signed-sqrt", action="store_true")
+    e.add_argument("--random-value-init", action="store_true", help="W_v random (std 0.02) instead of zero")
     e.add_argument("--engram-seed", type=int, default=0)
     return ap
 
@@ -98,7 +99,7 @@ def _model_config(args: argparse.Namespace, vocab: int, cvocab: int, cpad: int, 
         engram_max_ngram=args.engram_max_ngram, engram_heads=args.engram_heads, engram_d_mem=args.engram_d_mem,
         engram_base_size=args.engram_base_size, engram_seed=args.engram_seed,
         engram_signed_sqrt=not args.no_signed_sqrt, engram_branches=args.engram_branches if engram else 1,
-        engram_init_std=args.engram_init_std,
+        engram_init_std=args.engram_init_std, engram_zero_value=not args.random_value_init,
     )
 
 
