@@ -332,7 +332,8 @@ class EngramLM(nn.Module):
         return [p for n, p in self.named_parameters() if not n.endswith("engram.memory.weight")]
 
     def num_params(self) -> dict[str, int]:
-        """Parameter counts: tables, the rest, and what one token touches (tables count rows read)."""
+        """Parameter counts: tables, the rest, and what one token uses (every dense weight, the tied
+        embedding/head included, except idle experts; of the tables only the rows it reads)."""
         tables = sum(p.numel() for p in self.table_parameters())
         dense = sum(p.numel() for p in self.dense_parameters())
         ec = self.cfg.engram
@@ -342,7 +343,7 @@ class EngramLM(nn.Module):
             per_expert = sum(p.numel() for p in self.blocks[0].ffn.experts[0].parameters())
             idle_experts = self.cfg.n_layer * (self.cfg.n_expert - self.cfg.moe_top_k) * per_expert
         return {"tables": tables, "dense": dense, "total": tables + dense,
-                "active_per_token": dense - self.tok_emb.weight.numel() - idle_experts + per_tok_tables}
+                "active_per_token": dense - idle_experts + per_tok_tables}
 
     def attach_store(self, store) -> None:  # type: ignore[no-untyped-def]
         """Serve every Engram table from ``store`` (a ``tierstore.Store``) instead of memory."""

@@ -26,10 +26,14 @@ def load_runs(dirs: Sequence[str | Path]) -> list[dict[str, Any]]:
         s = tr["summary"]
         args = tr["args"]
         if s["kind"] == "engram":
-            label = f"Engram (layers {args['engram_layers']}, {s['params']['total'] / 1e6:.1f}M params)"
+            init = "random W_v" if args.get("random_value_init", True) else "zero-init W_v"  # runs before the flag: random
+            label = f"Engram, {init} ({s['params']['total'] / 1e6:.1f}M params, {s['params']['active_per_token'] / 1e6:.1f}M active)"
+        elif args.get("n_expert"):
+            label = (f"no Engram, MoE {args['n_expert']} experts top-{args['moe_top_k']} "
+                     f"({s['params']['total'] / 1e6:.1f}M params, {s['params']['active_per_token'] / 1e6:.1f}M active)")
         else:
             how = f"FFN widened to d_ff={s['d_ff']}" if s.get("widened_from_d_ff") else f"same backbone, d_ff={s['d_ff']}"
-            label = f"no Engram, {how} ({s['params']['total'] / 1e6:.1f}M params)"
+            label = f"no Engram, {how} ({s['params']['total'] / 1e6:.1f}M params, {s['params']['active_per_token'] / 1e6:.1f}M active)"
         runs.append({"dir": str(d), "label": label, "summary": s, "history": tr["history"]})
     return runs
 
