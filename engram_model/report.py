@@ -17,6 +17,19 @@ from engram_model.checkpoint import read_config
 __all__ = ["load_runs", "plot_runs", "main"]
 
 
+def _active(s: dict[str, Any], args: dict[str, Any]) -> int:
+    """Parameters one token uses: every dense weight (tied embedding/head included) except idle
+    experts, plus the table values it reads (recomputed: older summaries used another definition)."""
+    p = s["params"]
+    idle = 0
+    if args.get("n_expert"):
+        idle = args["n_layer"] * (args["n_expert"] - args["moe_top_k"]) * 3 * args["d_model"] * s["d_ff"]
+    reads = 0
+    if s["kind"] == "engram":
+        reads = len(args["engram_layers"]) * (args["engram_max_ngram"] - 1) * args["engram_d_mem"]
+    return int(p["dense"] - idle + reads)
+
+
 def load_runs(dirs: Sequence[str | Path]) -> list[dict[str, Any]]:
     """Per run: label, summary and validation history from its config.json."""
     runs = []
@@ -27,13 +40,13 @@ def load_runs(dirs: Sequence[str | Path]) -> list[dict[str, Any]]:
         args = tr["args"]
         if s["kind"] == "engram":
             init = "random W_v" if args.get("random_value_init", True) else "zero-init W_v"  # runs before the flag: random
-            label = f"Engram, {init} ({s['params']['total'] / 1e6:.1f}M params, {s['params']['active_per_token'] / 1e6:.1f}M active)"
+            label = f"Engram, {init} ({s['params']['total'] / 1e6:.1f}M params, {_active(s, args) / 1e6:.1f}M active)"
         elif args.get("n_expert"):
             label = (f"no Engram, MoE {args['n_expert']} experts top-{args['moe_top_k']} "
-                     f"({s['params']['total'] / 1e6:.1f}M params, {s['params']['active_per_token'] / 1e6:.1f}M active)")
+                     f"({s['params']['total'] / 1e6:.1f}M params, {_active(s, args) / 1e6:.1f}M active)")
         else:
             how = f"FFN widened to d_ff={s['d_ff']}" if s.get("widened_from_d_ff") else f"same backbone, d_ff={s['d_ff']}"
-            label = f"no Engram, {how} ({s['params']['total'] / 1e6:.1f}M params, {s['params']['active_per_token'] / 1e6:.1f}M active)"
+            label = f"no Engram, {how} ({s['params']['total'] / 1e6:.1f}M params, {_active(s, args) / 1e6:.1f}M active)"
         runs.append({"dir": str(d), "label": label, "summary": s, "history": tr["history"]})
     return runs
 
