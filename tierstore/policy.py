@@ -764,7 +764,8 @@ class DefaultPolicy(Policy):
     def __init__(self, capacity: int, *, rng: np.random.Generator | int | None = None,
                  pin_fraction: float = 0.1, small_fraction: float = 0.25,
                  adapt_step: float = 2.0, margin: float = 0.1, initial_core: float = 0.5,
-                 adapt: str = "density"):
+                 adapt: str = "density", shrink_bias: float = 1.0, core_yield: float = 0.5,
+                 min_dynamic: int = 0):
         super().__init__(capacity, rng=rng)
         if not 0.0 <= pin_fraction <= 1.0:
             raise TierStoreError(f"pin_fraction={pin_fraction!r} must lie in [0, 1]")
@@ -777,6 +778,9 @@ class DefaultPolicy(Policy):
             raise TierStoreError(f"adapt={adapt!r} must be 'density' or 'ghost'")
         self.adapt_mode = adapt
         self._miss_ema = 0.0
+        self.shrink_bias = shrink_bias
+        self.core_yield = core_yield
+        self.min_dynamic = min_dynamic
         self.ranking = _ProfileRank(None, 0)
 
     def prepare(self, profile: np.ndarray | None) -> np.ndarray:
@@ -803,11 +807,16 @@ class DefaultPolicy(Policy):
         self.hinted = _HintTable(max(1, n))
         # ranks below rank_lo are pinned (never missed); the ranked core starts half the rest
         self.rank_lo = lo if self.ranking.m else 0
-        self.core_target = self.initial_core * n if self.ranking.m > self.rank_lo else 0.0
+        # min_dynamic slots always stay dynamic (0 by default: a core at full size is a
+        # fixed point only when the dynamic part earned nothing, and then it is right)
+        self._core_max = max(0, n - self.min_dynamic)
+        self.core_target = (min(self.initial_core * n, self._core_max)
+                            if self.ranking.m > self.rank_lo else 0.0)
 
     def prefill(self) -> np.ndarray:
         # every free slot starts with the next-ranked rows: no compulsory misses on the core;
         # ranks past the target are the first to go when the dynamic part needs room
+        self._prefilling = True  # on_insert: these all join the core (trimmed when over target)
         return self.ranking_rows()[self.rank_lo: self.rank_lo + self.n_dyn]
 
     # -- helpers ---------------------------------------------------------------------------
@@ -855,15 +864,21 @@ class DefaultPolicy(Policy):
             dyn = max(ghost, trust * dyn_hits * w / (n_dyn_rows + w))
             if gain > dyn:
                 delta = gain - dyn
-            elif loss < dyn:
-                delta = loss - dyn
+            elif self.shrink_bias * loss < dyn:  # the core's rows are the safer bet: shrink it
+                delta = self.shrink_bias * loss - dyn  # only on a clear margin
             else:
                 delta = 0.0
-        self.core_target = float(np.clip(self.core_target + self.adapt_step * delta, 0, self.n_dyn))
+        self.core_target = float(np.clip(self.core_target + self.adapt_step * delta, 0, self._core_max))
 
     def on_insert(self, slots: np.ndarray, rows: np.ndarray) -> None:
         self.freq[slots] = 0
-        core = self._core_worthy(self.ranking.rank(rows)) if self.ranking.m else np.zeros(rows.size, bool)
+        if getattr(self, "_prefilling", False):
+            self._prefilling = False
+            core = np.ones(rows.size, dtype=bool)
+        elif self.ranking.m:
+            core = self._core_worthy(self.ranking.rank(rows))
+        else:
+            core = np.zeros(rows.size, dtype=bool)
         cs = slots[core]
         if cs.size:
             self.seg[cs] = 1
@@ -901,7 +916,9 @@ class DefaultPolicy(Policy):
         out = []
         over = self.n_core - int(self.core_target)
         if over > 0:
-            v = self.core.pop(min(need, over))
+            # a core over its target gives way gradually (a share of each batch's room), so a
+            # burst of one-off misses cannot flush ranked rows before the target settles
+            v = self.core.pop(min(over, max(1, int(self.core_yield * need))))
             self.n_core -= v.size
             out.append(v)
             need -= v.size

@@ -24,6 +24,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+from tqdm import tqdm
 
 from tierstore.errors import TierStoreError
 from tierstore.policy import POLICIES
@@ -159,9 +160,15 @@ def run_profile(args: argparse.Namespace) -> int:
         if c.profile is None and ({"static", "default"} & set(policies)):
             print(f"note: no profile for {c.name} (--profile-trace or a store profile): static holds "
                   "nothing and default has no static core", file=sys.stderr)
-        res = simulate(c.trace.rows, caps, policies, n_rows=c.sim_rows,  # type: ignore[attr-defined]
-                       offsets=c.trace.offsets, profile=c.profile, min_batch=args.batch,
-                       lookahead=args.lookahead, table=c.name)
+        res = []
+        with tqdm(total=len(caps) * len(policies), desc=f"simulating {c.name}", unit="run",
+                  disable=args.json or not sys.stderr.isatty(), file=sys.stderr) as bar:
+            for cap in caps:  # one run at a time, so the bar moves (opt over 10M takes ~10 s)
+                for p in policies:
+                    res += simulate(c.trace.rows, [cap], [p], n_rows=c.sim_rows,  # type: ignore[attr-defined]
+                                    offsets=c.trace.offsets, profile=c.profile, min_batch=args.batch,
+                                    lookahead=args.lookahead, table=c.name)
+                    bar.update()
         opt = {r.capacity_rows: r.hit_ratio for r in res if r.policy == "opt"}
         for r in res:
             d = r.to_dict()
