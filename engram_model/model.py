@@ -19,7 +19,9 @@ and FFN read a learned mix of the branches and write back with per-branch weight
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -30,6 +32,9 @@ from engram_model.engram import ConvState, EngramConfig, EngramLayer
 from engram_model.errors import EngramConfigError
 from engram_model.hasher import NgramHasher
 from engram_model.memory import MemorySource, RowsFuture, StoreMemory
+
+if TYPE_CHECKING:  # the model reaches the store only through StoreMemory
+    import tierstore
 
 __all__ = ["ModelConfig", "EngramLM", "EngramPlan", "InferenceCache", "table_name"]
 
@@ -233,7 +238,7 @@ class Block(nn.Module):
             self.hc_read = nn.Parameter(torch.full((2, M), 1.0 / M))  # (attn|ffn, M)
             self.hc_write = nn.Parameter(torch.ones(2, M))
 
-    def _sublayer(self, x: torch.Tensor, which: int, fn) -> torch.Tensor:
+    def _sublayer(self, x: torch.Tensor, which: int, fn: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:
         if x.dim() == 3:  # (B, T, d): plain residual
             return x + fn(x)
         inp = torch.einsum("btmd,m->btd", x, self.hc_read[which])  # (B, T, d)
@@ -345,7 +350,7 @@ class EngramLM(nn.Module):
         return {"tables": tables, "dense": dense, "total": tables + dense,
                 "active_per_token": dense - idle_experts + per_tok_tables}
 
-    def attach_store(self, store) -> None:  # type: ignore[no-untyped-def]
+    def attach_store(self, store: tierstore.Store) -> None:
         """Serve every Engram table from ``store`` (a ``tierstore.Store``) instead of memory."""
         for blk in self.engram_blocks():
             mem = blk.engram.memory
