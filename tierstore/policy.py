@@ -764,7 +764,7 @@ class DefaultPolicy(Policy):
     def __init__(self, capacity: int, *, rng: np.random.Generator | int | None = None,
                  pin_fraction: float = 0.1, small_fraction: float = 0.25,
                  adapt_step: float = 2.0, margin: float = 0.1, initial_core: float = 0.5,
-                 adapt: str = "density", shrink_bias: float = 1.0, core_yield: float = 0.5,
+                 adapt: str = "density", shrink_bias: float = 1.0, core_yield: float = 1.0,
                  min_dynamic: int = 0):
         super().__init__(capacity, rng=rng)
         if not 0.0 <= pin_fraction <= 1.0:
