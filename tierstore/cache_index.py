@@ -189,7 +189,8 @@ class CacheIndex:
 
     def hint(self, rows: np.ndarray) -> None:
         """Rows an issued prefetch will use soon: the policy may keep or admit them first."""
-        self.policy.hint(self._as_rows(rows))
+        if type(self.policy).hint is not Policy.hint:  # most policies ignore hints: skip the checks
+            self.policy.hint(self._as_rows(rows))
 
     def resident(self, rows: np.ndarray) -> np.ndarray:
         """Boolean mask: which rows are in the tier now (no counting, no policy update)."""

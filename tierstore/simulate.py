@@ -187,9 +187,11 @@ def replay(index: CacheIndex | None, rows: np.ndarray, bounds: np.ndarray, *, lo
             uniq = np.unique(b[~hit])
             _host_step(host, uniq)
             held = slots[hit]
-            index.lease(held)  # the batch's hits are in use while its misses are admitted
+            # the batch's hits are in use (leased) while its misses are admitted; nothing else
+            # holds leases in a replay, so a flag write replaces the refcount's ufunc.at
+            index.refcount[held] = 1
             index.admit(uniq)
-            index.release(held)
+            index.refcount[held] = 0
 
 
 def _host_step(host: CacheIndex | None, uniq: np.ndarray) -> None:
@@ -198,9 +200,9 @@ def _host_step(host: CacheIndex | None, uniq: np.ndarray) -> None:
         hit = s >= 0
         if not hit.all():
             held = s[hit]
-            host.lease(held)
+            host.refcount[held] = 1  # leased while the misses are admitted (see replay)
             host.admit(uniq[~hit])
-            host.release(held)
+            host.refcount[held] = 0
 
 
 @dataclass
