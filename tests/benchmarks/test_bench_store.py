@@ -14,7 +14,8 @@ def test_bench_host_gather_quick(capsys, tmp_path):
     assert {(r["row_bytes"], r["ids"]) for r in res["results"]} == {
         (128, "uniform"), (128, "zipf1.0"), (1024, "uniform"), (1024, "zipf1.0")}
     for r in res["results"]:
-        assert r["index_select_out_GBps"] > 0 and r["store_resident_out_GBps"] > 0 and r["ratio_out"] > 0
+        assert r["index_select_out_GBps"] > 0 and r["index_select_slab_GBps"] > 0 and r["store_out_GBps"] > 0
+        assert r["ratio_out"] > 0 and r["ratio_cached"] > 0 and r["cache_hit_ratio"] == 1.0
 
 
 def test_bench_mixed_quick(capsys, tmp_path):
