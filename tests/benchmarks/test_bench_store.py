@@ -15,7 +15,7 @@ def test_bench_host_gather_quick(capsys, tmp_path):
         (128, "uniform"), (128, "zipf1.0"), (1024, "uniform"), (1024, "zipf1.0")}
     for r in res["results"]:
         assert r["index_select_out_GBps"] > 0 and r["index_select_slab_GBps"] > 0 and r["store_out_GBps"] > 0
-        assert r["ratio_out"] > 0 and r["ratio_cached"] > 0 and r["cache_hit_ratio"] == 1.0
+        assert r["ratio_out"] > 0 and r["ratio_cached"] > 0 and 0 < r["cache_hit_ratio"] <= 1
 
 
 def test_bench_mixed_quick(capsys, tmp_path):
