@@ -744,12 +744,13 @@ class DefaultPolicy(Policy):
 
     * **Pinned core** (``pin_fraction`` of capacity): the profile's hottest rows, placed at
       open and never evicted.
-    * **Ranked core**: the next hottest rows by the profile, admitted on first use and
-      evicted coldest-rank first. Its target size adapts (ARC style): a miss on a row
-      ranked just past the target says "a bigger core would have hit"; a miss on a row
-      recently evicted from the dynamic part says "a bigger dynamic part would have hit".
-      A single document favours recency, many interleaved requests favour the profile;
-      the split follows whichever the trace rewards.
+    * **Ranked core**: the next hottest rows by the profile, prefilled at open, admitted
+      again on a miss, evicted coldest-rank first. Its target size adapts every batch
+      toward the side whose next slots earn more (see ``_adapt``): misses on rows ranked
+      just past its edge (a bigger core would have hit), hits on its last ranks (a smaller
+      one would miss), against the dynamic part's hits per slot or its ghost hits. A
+      single document favours recency, many interleaved requests favour the profile; the
+      split follows whichever the trace rewards (docs/profiling.md).
     * **Dynamic part**: S3-FIFO (small probation FIFO, main FIFO with reinsertion, ghost),
       which keeps one-hit wonders (most of a Zipfian n-gram stream) out of main.
 
@@ -764,8 +765,7 @@ class DefaultPolicy(Policy):
     def __init__(self, capacity: int, *, rng: np.random.Generator | int | None = None,
                  pin_fraction: float = 0.1, small_fraction: float = 0.25,
                  adapt_step: float = 2.0, margin: float = 0.1, initial_core: float = 0.5,
-                 adapt: str = "density", shrink_bias: float = 1.0, core_yield: float = 1.0,
-                 min_dynamic: int = 0):
+                 adapt: str = "density"):
         super().__init__(capacity, rng=rng)
         if not 0.0 <= pin_fraction <= 1.0:
             raise TierStoreError(f"pin_fraction={pin_fraction!r} must lie in [0, 1]")
@@ -778,9 +778,6 @@ class DefaultPolicy(Policy):
             raise TierStoreError(f"adapt={adapt!r} must be 'density' or 'ghost'")
         self.adapt_mode = adapt
         self._miss_ema = 0.0
-        self.shrink_bias = shrink_bias
-        self.core_yield = core_yield
-        self.min_dynamic = min_dynamic
         self.ranking = _ProfileRank(None, 0)
 
     def prepare(self, profile: np.ndarray | None) -> np.ndarray:
@@ -807,11 +804,7 @@ class DefaultPolicy(Policy):
         self.hinted = _HintTable(max(1, n))
         # ranks below rank_lo are pinned (never missed); the ranked core starts half the rest
         self.rank_lo = lo if self.ranking.m else 0
-        # min_dynamic slots always stay dynamic (0 by default: a core at full size is a
-        # fixed point only when the dynamic part earned nothing, and then it is right)
-        self._core_max = max(0, n - self.min_dynamic)
-        self.core_target = (min(self.initial_core * n, self._core_max)
-                            if self.ranking.m > self.rank_lo else 0.0)
+        self.core_target = self.initial_core * n if self.ranking.m > self.rank_lo else 0.0
 
     def prefill(self) -> np.ndarray:
         # every free slot starts with the next-ranked rows: no compulsory misses on the core;
@@ -864,11 +857,11 @@ class DefaultPolicy(Policy):
             dyn = max(ghost, trust * dyn_hits * w / (n_dyn_rows + w))
             if gain > dyn:
                 delta = gain - dyn
-            elif self.shrink_bias * loss < dyn:  # the core's rows are the safer bet: shrink it
-                delta = self.shrink_bias * loss - dyn  # only on a clear margin
+            elif loss < dyn:
+                delta = loss - dyn
             else:
                 delta = 0.0
-        self.core_target = float(np.clip(self.core_target + self.adapt_step * delta, 0, self._core_max))
+        self.core_target = float(np.clip(self.core_target + self.adapt_step * delta, 0, self.n_dyn))
 
     def on_insert(self, slots: np.ndarray, rows: np.ndarray) -> None:
         self.freq[slots] = 0
@@ -916,9 +909,7 @@ class DefaultPolicy(Policy):
         out = []
         over = self.n_core - int(self.core_target)
         if over > 0:
-            # a core over its target gives way gradually (a share of each batch's room), so a
-            # burst of one-off misses cannot flush ranked rows before the target settles
-            v = self.core.pop(min(over, max(1, int(self.core_yield * need))))
+            v = self.core.pop(min(need, over))
             self.n_core -= v.size
             out.append(v)
             need -= v.size

@@ -303,7 +303,8 @@ def _plot_hits(results: list[dict], path: str) -> None:
             pts = sorted((r["capacity_fraction"] * 100, r["hit_ratio"]) for r in rs
                          if r["table"] == t and r["policy"] == p)
             x, y = zip(*pts)
-            style = dict(color="black", linestyle="--", linewidth=2, zorder=5) if p == "opt" else {}
+            style = (dict(color="black", linestyle="--", linewidth=2, zorder=5) if p == "opt"
+                     else dict(linewidth=2.8, zorder=4) if p == "default" else {})
             ax.plot(x, y, marker="o", label="opt (Belady)" if p == "opt" else p, **style)
         ax.set_xscale("log")
         ax.set_xlabel("cache capacity (% of table rows)")
