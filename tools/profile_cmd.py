@@ -364,6 +364,8 @@ def _smallest(fn, lo: int, hi: int, target: float, rel: float = 0.02) -> int | N
 def run_size(args: argparse.Namespace) -> int:
     ctxs = _contexts(args)
     out = []
+    bar = tqdm(desc="sizing (simulations)", unit="sim", file=sys.stderr,
+               disable=args.json or not sys.stderr.isatty())
     for c in ctxs:
         rows, off, n = c.trace.rows, c.trace.offsets, c.sim_rows  # type: ignore[attr-defined]
         cache: dict[tuple[int, int], dict] = {}
@@ -372,6 +374,7 @@ def run_size(args: argparse.Namespace) -> int:
             if (d, h) not in cache:
                 cache[(d, h)] = simulate_tiers(rows, d, h, args.policy, n_rows=n, offsets=off,
                                                profile=c.profile, min_batch=args.batch)
+                bar.update()
             return cache[(d, h)]
 
         def dev_hit(d: int) -> float:
@@ -393,6 +396,7 @@ def run_size(args: argparse.Namespace) -> int:
             entry["device_bytes"] = d * c.row_bytes
             entry["host_bytes"] = h * c.row_bytes if h is not None else None
         out.append(entry)
+    bar.close()
     if args.json:
         print(json.dumps({"sizes": out}))
     else:
