@@ -897,6 +897,10 @@ class DefaultPolicy(Policy):
             d_rows = rows[~core]
         else:
             c_rows, d_rows = _EMPTY, rows
+        if d_rows.size > 1:  # rows with a known next use first: if room runs out, others bypass
+            soon = self.hinted.outstanding(d_rows)
+            if soon.any():
+                d_rows = np.concatenate([d_rows[soon], d_rows[~soon]])
         # the dynamic part may use everything but the core's target (a core over target shrinks)
         d_space = max(0, self.n_dyn - min(self.n_core, int(self.core_target)) - c_rows.size)
         if d_rows.size > d_space:  # bypassed rows count as evicted at once (adaptation signal)
