@@ -231,4 +231,4 @@ class CacheTier:
         with self.lock:
             self.resident_hits = 0
             if self.index is not None:
-                self.index.hits = self.index.misses = self.index.evictions = self.index.insertions = 0
+                self.index.reset_stats()
