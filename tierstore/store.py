@@ -182,8 +182,18 @@ class Store:
         return self._prefetcher.submit(job)
 
     def lookup(self, table: str, ids: IdLike, out: torch.Tensor | None = None) -> torch.Tensor:
-        """Rows ``ids`` of ``table``, bit-identical to the checkpoint; ``prefetch(...).result()``."""
-        return self.prefetch(table, ids, out).result()
+        """Rows ``ids`` of ``table``, bit-identical to the checkpoint: ``prefetch(...).result()``,
+        run in the calling thread (the caller waits anyway; a hand-off to a worker thread costs
+        more than a 64K-row gather from memory)."""
+        t, flat, buf, full = self._prepare(table, ids, out)
+        t.hint(flat)
+        try:
+            t.gather(flat, buf)
+        except TierStoreError:
+            raise
+        except Exception as e:  # same contract as LookupFuture.result(): errors are typed
+            raise TierStoreError(f"lookup failed: {type(e).__name__}: {e}") from e
+        return buf.view(full)
 
     def stats(self) -> dict[str, Any]:
         """Counters per tier (summed over tables) and per table.

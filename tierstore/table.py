@@ -108,7 +108,7 @@ class Table:
             slots = dev.index.lookup(ids)
             hit = slots >= 0
             held = slots[hit]
-            dev.index.lease(held)
+            dev.index.lease_batch(held)
         try:
             if self._after_lease is not None:  # test hook: runs between lease and gather
                 self._after_lease()
@@ -132,7 +132,7 @@ class Table:
                             staged_dev.index_select(0, torch.from_numpy(inv.reshape(-1)).to(self.device)))
         finally:
             with dev.lock:
-                dev.index.release(held)
+                dev.index.release_batch(held)
 
     def _from_host_or_disk(self, uniq: np.ndarray) -> torch.Tensor:
         """Rows ``uniq`` (sorted unique) as a CPU tensor (pinned when CUDA is present)."""
@@ -151,7 +151,7 @@ class Table:
             with host.lock:
                 slots = host.index.lookup(uniq)
                 held = slots[slots >= 0]
-                host.index.lease(held)
+                host.index.lease_batch(held)
         else:
             slots = host.lookup(uniq)
         hit = slots >= 0
@@ -177,7 +177,7 @@ class Table:
         finally:
             if cached:
                 with host.lock:
-                    host.index.release(held)
+                    host.index.release_batch(held)
 
     def hint(self, ids: np.ndarray) -> None:
         """Tell the cache policies which rows an issued prefetch will use (the known future)."""

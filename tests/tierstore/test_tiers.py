@@ -49,8 +49,8 @@ def test_lease_keeps_rows_until_gathered(store_and_weight, monkeypatch):
 
     got = run()
     assert torch.equal(bits(got), bits(w[:8])), "a leased row was evicted before it was copied out"
-    monkeypatch.setattr(CacheIndex, "lease", lambda self, slots: None)
-    monkeypatch.setattr(CacheIndex, "release", lambda self, slots: None)
+    monkeypatch.setattr(CacheIndex, "lease_batch", lambda self, slots: None)
+    monkeypatch.setattr(CacheIndex, "release_batch", lambda self, slots: None)
     unleased = run()
     assert not torch.equal(bits(unleased), bits(w[:8])), "without leases the rows should have been overwritten"
 
@@ -150,3 +150,19 @@ def test_cuda_tiers_exact_and_within_budget(store_and_weight):
             got = store.lookup(T1, ids)
         torch.cuda.synchronize()
         assert torch.equal(bits(got.cpu()), bits(w[ids.cpu()]))
+
+
+def test_lease_batch_counts_batches_not_repeats():
+    idx = CacheIndex(100, 10, "lru")
+    rows = np.arange(5, dtype=np.int64)
+    idx.admit(rows)
+    slots = idx.lookup(np.array([0, 0, 1], dtype=np.int64))
+    idx.lease_batch(slots)
+    idx.lease_batch(slots[:1])  # a second, concurrent batch holding row 0
+    assert idx.refcount[slots[0]] == 2 and idx.refcount[slots[2]] == 1
+    idx.release_batch(slots)
+    assert idx.refcount[slots[0]] == 1 and idx.refcount[slots[2]] == 0
+    idx.release_batch(slots[:1])
+    with pytest.raises(TierStoreError, match="lease_batch"):
+        idx.release_batch(slots[:1])
+    assert idx.refcount.min() == 0
