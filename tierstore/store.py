@@ -158,9 +158,11 @@ class Store:
         (contiguous, that shape and dtype) is filled instead of a pooled buffer.
         """
         t, flat, buf, full = self._prepare(table, ids, out)
-        t.hint(flat)
 
         def job() -> torch.Tensor:
+            # the hint runs here, not in the caller: it takes the tier locks, which a busy
+            # worker may hold; a worker picks the job up at once, still ahead of its use
+            t.hint(flat)
             t.gather(flat, buf)
             return buf.view(full)
 
@@ -169,10 +171,10 @@ class Store:
     def prefetch_many(self, requests: Mapping[str, IdLike]) -> LookupFuture[dict[str, torch.Tensor]]:
         """One call for several tables (an Engram layer reads all its tables at once)."""
         prepared = {name: self._prepare(name, ids, None) for name, ids in requests.items()}
-        for t, flat, _, _ in prepared.values():
-            t.hint(flat)
 
         def job() -> dict[str, torch.Tensor]:
+            for t, flat, _, _ in prepared.values():
+                t.hint(flat)
             result = {}
             for name, (t, flat, buf, full) in prepared.items():
                 t.gather(flat, buf)
