@@ -69,14 +69,14 @@ def build_store_for(ckpt: str | Path, store: str | Path, *, force: bool = False,
 
 def open_served_model(
     ckpt: str | Path, store_path: str | Path, *, device_budget: int | str = 0, host_budget: int | str = 0,
-    policy: str = "default", threads: int = 4,
+    policy: str = "default", threads: int = 4, sync_below: int = 0,
 ) -> tuple[EngramLM, Tokenizer, tierstore.Store]:
     """The checkpoint's model (dense weights only) with its tables served by the store."""
     store = tierstore.open(store_path, device="cpu", device_budget=device_budget, host_budget=host_budget,
                            policy=policy, threads=threads)
     try:
         model, tok, _ = load_checkpoint(ckpt, tables=False)
-        model.attach_store(store)
+        model.attach_store(store, sync_below=sync_below)
     except BaseException:
         store.close()
         raise

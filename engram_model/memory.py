@@ -98,8 +98,12 @@ class StoreMemory(nn.Module, MemorySource):
     parameter it replaces (e.g. ``blocks.1.engram.memory.weight``).
     """
 
-    def __init__(self, store: tierstore.Store, table: str, rows: int, dim: int):
+    def __init__(self, store: tierstore.Store, table: str, rows: int, dim: int, sync_below: int = 0):
         super().__init__()
+        # Requests smaller than this are looked up in the caller's thread when the layer asks
+        # for them: for a decode step's few dozen rows the hand-off to a worker thread (and the
+        # GIL ping-pong while it runs) costs more than the lookup itself.
+        self.sync_below = sync_below
         if table not in store.tables:
             raise EngramConfigError(
                 f"store has no table {table!r} (has {sorted(store.tables)}); was it built from this checkpoint?"
@@ -113,6 +117,8 @@ class StoreMemory(nn.Module, MemorySource):
         self.store, self.table, self.rows, self.dim = store, table, rows, dim
 
     def fetch(self, packed_ids: torch.Tensor) -> RowsFuture:
+        if packed_ids.numel() < self.sync_below:
+            return _Deferred(lambda: self.store.lookup(self.table, packed_ids))
         return self.store.prefetch(self.table, packed_ids)
 
     def extra_repr(self) -> str:

@@ -350,12 +350,15 @@ class EngramLM(nn.Module):
         return {"tables": tables, "dense": dense, "total": tables + dense,
                 "active_per_token": dense - idle_experts + per_tok_tables}
 
-    def attach_store(self, store: tierstore.Store) -> None:
-        """Serve every Engram table from ``store`` (a ``tierstore.Store``) instead of memory."""
+    def attach_store(self, store: tierstore.Store, *, sync_below: int = 0) -> None:
+        """Serve every Engram table from ``store`` (a ``tierstore.Store``) instead of memory.
+
+        sync_below: requests of fewer ids are looked up in the caller's thread instead of
+        prefetched (see StoreMemory)."""
         for blk in self.engram_blocks():
             mem = blk.engram.memory
             del blk.engram.memory
-            blk.engram.memory = StoreMemory(store, table_name(blk.index), mem.rows, mem.dim)
+            blk.engram.memory = StoreMemory(store, table_name(blk.index), mem.rows, mem.dim, sync_below=sync_below)
 
     # --- forward --------------------------------------------------------------------------
     @torch.no_grad()

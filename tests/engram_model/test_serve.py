@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 
 from engram_model.checkpoint import load_checkpoint
@@ -11,9 +12,10 @@ from engram_model.model import InferenceCache
 torch.set_num_threads(1)
 
 
-def _open(ckpt, store, frac_dev=0.05, frac_host=0.1):
+def _open(ckpt, store, frac_dev=0.05, frac_host=0.1, sync_below=0):
     tb = table_bytes(ckpt)
-    return open_served_model(ckpt, store, device_budget=int(tb * frac_dev), host_budget=int(tb * frac_host))
+    return open_served_model(ckpt, store, device_budget=int(tb * frac_dev), host_budget=int(tb * frac_host),
+                             sync_below=sync_below)
 
 
 def test_store_logits_bit_identical_every_tier(engram_run, tmp_path):
@@ -47,14 +49,15 @@ def test_store_logits_bit_identical_every_tier(engram_run, tmp_path):
     assert st["disk"]["rows_read"] > 0, st["disk"]
 
 
-def test_serve_queue_with_next_batch_prefetch(engram_run, tmp_path):
+@pytest.mark.parametrize("sync_below", [0, 64])  # 64: decode steps (2 x 1 x 4 ids) looked up in-thread
+def test_serve_queue_with_next_batch_prefetch(engram_run, tmp_path, sync_below):
     ckpt, _ = engram_run
     store_path = build_store_for(ckpt, tmp_path / "store")
     resident, _, _ = load_checkpoint(ckpt)
     g = torch.Generator().manual_seed(1)
     batches = [torch.randint(0, resident.cfg.vocab_size, (2, 16), generator=g) for _ in range(3)]
     ref = serve(resident, batches, max_new_tokens=6, seed=3, prefetch_next=False)
-    served, _, store = _open(ckpt, store_path)
+    served, _, store = _open(ckpt, store_path, sync_below=sync_below)
     with store:
         got = serve(served, batches, max_new_tokens=6, seed=3, prefetch_next=True)
     for a, b in zip(ref.outputs, got.outputs):
