@@ -195,7 +195,8 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     ap.add_argument("--temperature", type=float, default=0.8)
     ap.add_argument("--top-k", type=int, default=50)
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--threads", type=int, default=1,
+                    help="torch intra-op threads; 1: small decode ops lose to OpenMP hand-offs with 2 on a shared 2-core VM")
     ap.add_argument("--compare-resident", action="store_true", help="also run with tables in memory")
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
