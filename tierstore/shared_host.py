@@ -171,10 +171,6 @@ class SharedHostTier:
         return slots
 
     @property
-    def enabled(self) -> bool:
-        return self.capacity > 0
-
-    @property
     def nbytes(self) -> int:
         return self.capacity * self.info.row_bytes
 

@@ -201,10 +201,6 @@ class CacheTier:
             )
 
     @property
-    def enabled(self) -> bool:
-        return self.capacity > 0
-
-    @property
     def nbytes(self) -> int:
         return self.capacity * self.info.row_bytes
 
