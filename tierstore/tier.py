@@ -129,11 +129,7 @@ class DiskTier:
     def read_range(self, start: int, stop: int, out: torch.Tensor) -> np.ndarray:
         """The rows at file positions ``start:stop`` (one sequential read, e.g. loading a resident
         table) into ``out``; returns their row ids (``start:stop`` unless the layout is ordered)."""
-        if self.pos is None:
-            rows = np.arange(start, stop, dtype=np.int64)
-            self.read(rows, out)
-            return rows
-        rows = self.perm[start:stop]
+        rows = np.arange(start, stop, dtype=np.int64) if self.pos is None else self.perm[start:stop]
         self.read(rows, out)
         return rows
 
