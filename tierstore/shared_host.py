@@ -146,14 +146,14 @@ class SharedHostTier:
             slab = torch.from_numpy(buf[self._slab_off : self._slab_off + self.capacity * info.row_bytes])
             slab = slab.view(info.raw_dtype).view(self.capacity, info.dim)
             if rows is None:  # the whole table, slot == row
-                rows = np.arange(info.rows, dtype=np.int64)
+                disk.load_table(slab)
             else:
                 slot_of_row = buf[self._index_off : self._index_off + info.rows * 4].view(np.int32)
                 slot_of_row[:] = -1
                 slot_of_row[rows] = np.arange(len(rows), dtype=np.int32)
-            step = max(1, (32 << 20) // max(1, info.row_bytes))
-            for s in range(0, len(rows), step):
-                disk.read(rows[s : s + step], slab[s : s + step])
+                step = max(1, (32 << 20) // max(1, info.row_bytes))
+                for s in range(0, len(rows), step):
+                    disk.read(rows[s : s + step], slab[s : s + step])
             m.flush()
             del buf, slab, slot_of_row  # drop every view of the map before closing it
         finally:

@@ -70,12 +70,7 @@ class Table:
                 if src is not None:
                     tier.slab.copy_(src)
                 else:
-                    step = max(1, (64 << 20) // max(1, self.info.row_bytes))
-                    for s in range(0, self.info.rows, step):
-                        e = min(s + step, self.info.rows)
-                        buf = torch.empty((e - s, self.info.dim), dtype=self.info.raw_dtype)
-                        rows = self.disk.read_range(s, e, buf)
-                        tier.slab[torch.from_numpy(rows).to(tier.device)] = buf.to(tier.device)
+                    self.disk.load_table(tier.slab)
             elif tier.index is not None:
                 rows, slots = tier.preload_rows()
                 if len(rows):

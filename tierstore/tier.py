@@ -133,6 +133,16 @@ class DiskTier:
         self.read(rows, out)
         return rows
 
+    def load_table(self, slab: torch.Tensor) -> None:
+        """Read the whole table into ``slab`` (rows, dim), slab[r] = row r, in file order:
+        sequential reads in 64 MiB steps, whatever the layout."""
+        step = max(1, (64 << 20) // max(1, self.info.row_bytes))
+        for s in range(0, self.info.rows, step):
+            e = min(s + step, self.info.rows)
+            buf = torch.empty((e - s, self.info.dim), dtype=self.info.raw_dtype)
+            rows = self.read_range(s, e, buf)
+            slab.index_copy_(0, torch.from_numpy(rows).to(slab.device), buf.to(slab.device))
+
     @property
     def perm(self) -> np.ndarray:
         """Row id at each file position (the inverse of ``pos``), computed once."""
