@@ -43,7 +43,8 @@ from .build import build_store
 from .errors import TierStoreError, UnknownTableError
 from .format import TableInfo
 from .prefetcher import LatencyStats, LookupFuture
-from .store import IdLike, Store, _as_ids
+from .ids import IdLike, as_row_ids
+from .store import Store
 
 __all__ = ["shard_dir", "build_shard", "ShardedStore", "open_sharded"]
 
@@ -109,7 +110,7 @@ class ShardedStore:
     # -- API ---------------------------------------------------------------------------------
     def prefetch(self, table: str, ids: IdLike, out: torch.Tensor | None = None) -> LookupFuture[torch.Tensor]:
         info = self._info(table)
-        flat, shape = _as_ids(ids, info)
+        flat, shape = as_row_ids(ids, info.rows, where=f"table {info.name!r}")
         full = shape + (info.dim,)
         if out is not None and (tuple(out.shape) != full or out.dtype != info.torch_dtype or not out.is_contiguous()):
             raise TierStoreError(f"out= must be a contiguous {info.torch_dtype} tensor of shape {full}")

@@ -11,16 +11,14 @@ import numpy as np
 import torch
 
 from .buffers import BufferPool
-from .errors import IdTypeError, InvalidIdError, TierStoreError, UnknownTableError
+from .errors import TierStoreError, UnknownTableError
 from .format import TableInfo, read_manifest
+from .ids import IdLike, as_row_ids
 from .prefetcher import LookupFuture, Prefetcher
 from .sizes import parse_size
 from .table import Table
 
 __all__ = ["Store", "open_store", "IdLike"]
-
-IdLike = Any  # torch integer tensor, numpy integer array, or a (nested) sequence of ints
-
 
 def _default_device() -> torch.device:
     return torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
@@ -32,35 +30,6 @@ def _load_profile(root: Path, table: str) -> np.ndarray | None:
     except ImportError:  # profiling module not present in this build
         return None
     return load_profile(root, table)
-
-
-def _as_ids(ids: IdLike, info: TableInfo) -> tuple[np.ndarray, tuple[int, ...]]:
-    """Validate ids (integer type, 0 <= id < rows) and return them flat as int64 + their shape."""
-    if isinstance(ids, torch.Tensor):
-        if ids.dtype.is_floating_point or ids.dtype.is_complex or ids.dtype == torch.bool:
-            raise IdTypeError(f"ids for table {info.name!r} have dtype {ids.dtype}; pass an integer tensor (e.g. torch.long)")
-        arr = ids.detach().to("cpu", torch.int64).numpy()
-    else:
-        arr = np.asarray(ids)
-        if arr.size == 0 and arr.dtype.kind == "f":  # `[]` parses as float64
-            arr = arr.astype(np.int64)
-        if arr.dtype.kind not in "iu":
-            raise IdTypeError(
-                f"ids for table {info.name!r} have dtype {arr.dtype}; pass integers (int64 recommended)"
-            )
-        arr = arr.astype(np.int64, copy=False)
-    shape = arr.shape
-    flat = np.ascontiguousarray(arr).reshape(-1)
-    if flat.size:
-        lo, hi = int(flat.min()), int(flat.max())
-        if lo < 0 or hi >= info.rows:
-            bad = lo if lo < 0 else hi
-            pos = int(np.flatnonzero(flat == bad)[0])
-            raise InvalidIdError(
-                f"id {bad} at flat position {pos} is out of range for table {info.name!r} "
-                f"with {info.rows} rows (valid ids are 0..{info.rows - 1})"
-            )
-    return flat, shape
 
 
 class Store:
@@ -136,7 +105,7 @@ class Store:
 
     def _prepare(self, table: str, ids: IdLike, out: torch.Tensor | None) -> tuple[Table, np.ndarray, torch.Tensor, tuple[int, ...]]:
         t = self._table(table)
-        flat, shape = _as_ids(ids, t.info)
+        flat, shape = as_row_ids(ids, t.info.rows, where=f"table {t.info.name!r}")
         full = shape + (t.info.dim,)
         if out is None:
             buf = self._pool.get((flat.size, t.info.dim), t.info.torch_dtype, self.device)

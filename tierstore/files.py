@@ -1,0 +1,102 @@
+"""Durable, versioned files: the one atomic writer and the one reader of versioned JSON.
+
+Every small file tierstore writes (the manifest, saved profiles, traces) goes through
+:func:`atomic_write`: the bytes go to a hidden temporary sibling, which is fsynced, renamed
+over the target, and the directory is fsynced, so a crash at any point leaves either the
+old file or the new one, never a torn mix, and a completed write survives a power cut.
+
+Every versioned JSON document (the manifest, a profile's metadata, a trace's header) is
+checked by :func:`check_versioned`, so they all fail the same way: a document that is not
+a JSON object of the expected ``format`` raises ``CorruptDataError``; a known format of
+another ``version`` raises ``FormatVersionError`` naming the fix.
+"""
+
+from __future__ import annotations
+
+import errno
+import json
+import os
+import threading
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any, BinaryIO
+
+from .errors import CapacityError, CorruptDataError, FormatVersionError, StoreIOError
+
+__all__ = ["atomic_write", "fsync_dir", "check_versioned", "read_json", "os_error", "NO_SPACE"]
+
+NO_SPACE = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
+
+
+def os_error(e: OSError, doing: str, path: str | os.PathLike[str] | None = None) -> StoreIOError | CapacityError:
+    """The typed error for an OS failure while ``doing`` something: ``CapacityError`` when the
+    disk or quota is full, ``StoreIOError`` (errno, strerror and path kept) otherwise."""
+    where = f" {os.fspath(path)}" if path is not None else ""
+    if e.errno in NO_SPACE:
+        return CapacityError(f"no space left while {doing}{where} ({e.strerror}); free space and retry")
+    hint = " (check the file's permissions and owner)" if e.errno in (errno.EACCES, errno.EPERM) else ""
+    err = StoreIOError(e.errno, f"{doing}: {e.strerror or e}{hint}", os.fspath(path) if path is not None else None)
+    return err
+
+
+def fsync_dir(path: str | os.PathLike[str]) -> None:
+    """Make a directory's entries (creations, renames) durable."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def atomic_write(path: str | os.PathLike[str], data: bytes | Callable[[BinaryIO], None]) -> Path:
+    """Replace ``path`` with ``data`` (bytes, or a function that writes into a binary file)
+    atomically and durably. Raises ``CapacityError`` on a full disk, ``StoreIOError`` on any
+    other OS failure; the temporary file never outlives the call."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}-{threading.get_ident()}")
+    try:
+        with open(tmp, "wb") as f:
+            if callable(data):
+                data(f)
+            else:
+                f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+        fsync_dir(path.parent)
+    except OSError as e:
+        tmp.unlink(missing_ok=True)
+        raise os_error(e, "writing", path) from e
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    return path
+
+
+def check_versioned(doc: Any, *, fmt: str, version: int, where: str, fix: str) -> dict[str, Any]:
+    """``doc`` as a dict after checking its ``format`` and ``version`` fields.
+
+    ``where`` names the file in messages; ``fix`` says what to do about another version
+    (e.g. "rebuild the store").
+    """
+    if not isinstance(doc, dict):
+        raise CorruptDataError(f"{where}: expected a JSON object, found {type(doc).__name__}: not a {fmt} file")
+    if doc.get("format") != fmt:
+        raise CorruptDataError(f"{where}: format is {doc.get('format')!r}, expected {fmt!r}: not a {fmt} file")
+    if doc.get("version") != version:
+        raise FormatVersionError(
+            f"{where}: {fmt} version {doc.get('version')!r} is not supported by this tierstore "
+            f"(it reads version {version}); {fix}")
+    return doc
+
+
+def read_json(path: str | os.PathLike[str], *, what: str) -> Any:
+    """Parse a JSON file; unreadable files raise ``StoreIOError``, bad JSON ``CorruptDataError``."""
+    try:
+        raw = Path(path).read_bytes()
+    except OSError as e:
+        raise os_error(e, f"reading {what}", path) from e
+    try:
+        return json.loads(raw)
+    except (ValueError, UnicodeDecodeError, RecursionError) as e:
+        raise CorruptDataError(f"{os.fspath(path)}: {what} is not valid JSON ({e})") from None

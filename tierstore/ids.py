@@ -1,0 +1,70 @@
+"""The one validator of row ids: every public entry point that takes ids calls :func:`as_row_ids`.
+
+It returns a private int64 copy. A lookup (and above all a ``prefetch``, whose work runs
+later on a worker) must read the ids as they were at the call: a serving loop that refills
+its id buffer right after ``prefetch`` returns would otherwise get other rows than it
+asked for, and the range check done at the call would no longer cover what is read.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import torch
+
+from .errors import IdTypeError, InvalidIdError
+
+__all__ = ["IdLike", "as_row_ids"]
+
+IdLike = Any  # torch integer tensor, numpy integer array, or a (nested, rectangular) sequence of ints
+
+_INT64_MAX = np.iinfo(np.int64).max
+
+
+def _to_numpy(ids: IdLike, where: str) -> np.ndarray:
+    if isinstance(ids, torch.Tensor):
+        if ids.layout != torch.strided:
+            raise IdTypeError(f"ids for {where} are a {ids.layout} tensor; pass a dense integer tensor (ids.to_dense())")
+        if ids.device.type == "meta":
+            raise IdTypeError(f"ids for {where} are on the meta device and hold no values")
+        if ids.dtype.is_floating_point or ids.dtype.is_complex or ids.dtype == torch.bool:
+            raise IdTypeError(f"ids for {where} have dtype {ids.dtype}; pass an integer tensor (e.g. torch.long)")
+        t = ids.detach()
+        if t.device.type != "cpu":
+            t = t.cpu()
+        if t.dtype == torch.uint64:  # numpy keeps the unsigned values for the range check
+            return t.numpy().copy()
+        return t.to(torch.int64).numpy().copy()  # .to() may return the caller's own storage
+    if ids is None or isinstance(ids, (str, bytes, dict, set)):
+        raise IdTypeError(f"ids for {where} are {type(ids).__name__}; pass integers (int64 recommended)")
+    try:
+        arr = np.array(ids, copy=True)
+    except (ValueError, TypeError) as e:  # ragged nesting, objects numpy cannot convert
+        raise IdTypeError(f"ids for {where} are not a rectangular array of integers ({e})") from None
+    if arr.size == 0 and arr.dtype.kind == "f":  # `[]` parses as float64
+        arr = arr.astype(np.int64)
+    if arr.dtype.kind not in "iu":
+        raise IdTypeError(f"ids for {where} have dtype {arr.dtype}; pass integers (int64 recommended)")
+    return arr
+
+
+def as_row_ids(ids: IdLike, rows: int, *, where: str) -> tuple[np.ndarray, tuple[int, ...]]:
+    """Validate ``ids`` for a table of ``rows`` rows; return a private flat int64 copy and the
+    ids' shape. Raises ``IdTypeError`` (not integers, ragged, sparse, meta) or
+    ``InvalidIdError`` (an id outside ``0..rows-1``, with its value and flat position)."""
+    arr = _to_numpy(ids, where)
+    shape = tuple(arr.shape)
+    flat = arr.reshape(-1)
+    if flat.size:
+        lo, hi = flat.min(), flat.max()
+        if lo < 0 or hi >= rows:
+            bad = lo if lo < 0 else hi
+            pos = int(np.flatnonzero(flat == bad)[0])
+            raise InvalidIdError(
+                f"id {int(bad)} at flat position {pos} is out of range for {where} "
+                f"with {rows} rows (valid ids are 0..{rows - 1})"
+            )
+    if flat.dtype != np.int64:
+        flat = flat.astype(np.int64)  # values are in range, so uint64 converts exactly
+    return np.ascontiguousarray(flat), shape
