@@ -29,6 +29,7 @@ from .verify import load_checksums, load_order
 __all__ = ["DiskTier", "CacheTier", "CHUNK_ROWS"]
 
 CHUNK_ROWS = 1024  # rows per read+verify+gather step: at most 2048 pages (8 MiB) in flight
+CHUNK_BYTES = 4 << 20  # ...and at most this many row bytes per step (rows wider than 4 KiB)
 
 
 class DiskTier:
@@ -69,7 +70,7 @@ class DiskTier:
         """This thread's page-aligned read buffer (reused: a fresh one page-faults per 4 KiB)."""
         buf = getattr(self._local, "buf", None)
         if buf is None or len(buf) < n_pages:
-            buf = self._local.buf = aligned_empty(max(n_pages, 2 * CHUNK_ROWS))
+            buf = self._local.buf = aligned_empty(max(n_pages, 2 * CHUNK_ROWS, 2 + CHUNK_BYTES // PAGE_SIZE))
         return buf[:n_pages]
 
     def read(self, rows: np.ndarray, out: torch.Tensor) -> None:
@@ -87,8 +88,9 @@ class DiskTier:
         in_order = len(phys) < 2 or bool((phys[1:] > phys[:-1]).all())
         order = None if in_order else np.argsort(phys, kind="stable")
         n_pages = 0
-        for c in range(0, len(rows), CHUNK_ROWS):
-            sel = slice(c, c + CHUNK_ROWS) if order is None else order[c : c + CHUNK_ROWS]
+        step = max(1, min(CHUNK_ROWS, CHUNK_BYTES // max(1, self.info.row_bytes)))
+        for c in range(0, len(rows), step):
+            sel = slice(c, c + step) if order is None else order[c : c + step]
             if order is None:
                 n_pages += self._read_chunk(rows[sel], phys[sel], dst[sel])
             else:
@@ -105,18 +107,22 @@ class DiskTier:
     def _read_chunk(self, rows: np.ndarray, phys: np.ndarray, dst: np.ndarray) -> int:
         info = self.info
         start, first, last = self._row_spans(phys)
-        pages = np.union1d(first, last)  # sorted unique
+        # Every page a row touches, not just its first and last: a row wider than a page
+        # spans several. Rows have one width, so each spans `span` or `span - 1` pages.
+        span = int((last - first).max()) + 1
+        touched = first[:, None] + np.arange(span)
+        pages = np.unique(np.minimum(touched, last[:, None]))  # sorted unique
         buf = self.reader.read_pages(pages, out=self._scratch(len(pages)))
         bad = np.flatnonzero(page_checksums(buf) != self.sums[pages])
         if len(bad):
             page = int(pages[bad[0]])
-            hit = rows[(first == page) | (last == page)]
+            hit = rows[(first <= page) & (page <= last)]
             raise CorruptDataError(
                 f"table {info.name!r}: page {page} (byte offset {page * PAGE_SIZE} of {self.path}) fails its "
                 f"checksum; rows {hit[:4].tolist()} are affected. Run `tierstore verify` and rebuild the store"
             )
-        # A straddling row's second page is the next entry of `pages`, so each row is one
-        # contiguous run in the flat buffer starting at (its first page's position, in-page offset).
+        # All pages of a row are consecutive entries of `pages`, so each row is one contiguous
+        # run in the flat buffer starting at (its first page's position, in-page offset).
         pos = np.searchsorted(pages, first) * PAGE_SIZE + start % PAGE_SIZE
         flat = buf.reshape(-1)
         if info.row_bytes % 8 == 0:  # stride is a multiple of 16, so offsets are 8-aligned
