@@ -11,6 +11,8 @@ from .errors import (
     BudgetError,
     CapacityError,
     CheckpointError,
+    LookupTimeoutError,
+    StoreClosedError,
     CorruptDataError,
     FormatVersionError,
     IdTypeError,
@@ -33,5 +35,6 @@ __all__ = [
     "DEFAULT_TABLE_PATTERN", "FORMAT_VERSION", "parse_size", "format_size",
     "TierStoreError", "InvalidIdError", "IdTypeError", "UnknownTableError", "CorruptDataError",
     "FormatVersionError", "BudgetError", "StoreIOError", "CapacityError", "StoreExistsError", "CheckpointError",
+    "LookupTimeoutError", "StoreClosedError",
 ]
 __version__ = "0.1.0"

@@ -18,6 +18,8 @@ __all__ = [
     "CapacityError",
     "StoreExistsError",
     "CheckpointError",
+    "LookupTimeoutError",
+    "StoreClosedError",
 ]
 
 
@@ -66,3 +68,11 @@ class StoreExistsError(TierStoreError, FileExistsError):
 
 class CheckpointError(TierStoreError, ValueError):
     """A checkpoint cannot be read, or holds no table to build a store from."""
+
+
+class LookupTimeoutError(TierStoreError, TimeoutError):
+    """``LookupFuture.result(timeout=)`` ran out of time; the lookup goes on in the background."""
+
+
+class StoreClosedError(TierStoreError):
+    """The store was closed: no new lookups, and queued ones are cancelled."""

@@ -21,9 +21,11 @@ batch of pages in numpy: the disk tier verifies every page it reads at memory sp
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
-from dataclasses import asdict, dataclass, field
+import uuid
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
@@ -31,6 +33,7 @@ import numpy as np
 import torch
 
 from .errors import CorruptDataError, FormatVersionError, TierStoreError
+from .files import atomic_write, check_versioned, read_json
 
 __all__ = [
     "FORMAT_NAME",
@@ -45,10 +48,15 @@ __all__ = [
     "read_manifest",
     "write_manifest",
     "ROWS_MAGIC",
+    "check_header_page",
+    "load_checksums",
+    "load_order",
+    "manifest_digest",
 ]
 
 FORMAT_NAME = "tierstore"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: manifest digest and build id (version 1 stores are still read)
+READ_VERSIONS = (1, 2)
 PAGE_SIZE = 4096
 CHECKSUM_SCHEME = "mulsum64-v1"
 ROWS_MAGIC = b"TIERSTORE-ROWS\x00\x01"  # first 16 bytes of every .rows file
@@ -137,71 +145,159 @@ class Manifest:
     checksum: dict[str, Any] = field(
         default_factory=lambda: {"scheme": CHECKSUM_SCHEME, "block_size": PAGE_SIZE}
     )
+    # A fresh random id per build (version 2+): the identity of this store's content, e.g.
+    # for shared-memory segments, which must never be confused with an earlier build's.
+    build_id: str = field(default_factory=lambda: uuid.uuid4().hex)
 
     def to_json(self) -> str:
-        doc = {
+        doc: dict[str, Any] = {
             "format": self.format,
             "version": self.version,
+            "build_id": self.build_id,
             "created": self.created,
             "checksum": self.checksum,
             "tables": [asdict(t) for t in self.tables.values()],
             "attachments": self.attachments,
         }
+        doc["digest"] = manifest_digest(doc)
         return json.dumps(doc, indent=2) + "\n"
 
 
+def manifest_digest(doc: dict[str, Any]) -> str:
+    """sha256 of the manifest's canonical JSON without its ``digest`` field."""
+    body = {k: v for k, v in doc.items() if k != "digest"}
+    canon = json.dumps(body, sort_keys=True, separators=(",", ":"), ensure_ascii=True, allow_nan=False)
+    return "sha256:" + hashlib.sha256(canon.encode()).hexdigest()
+
+
+def _is_int(v: Any) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _relative_file(v: Any) -> bool:
+    """A file name inside the store: relative, no '..', no empty parts."""
+    if not isinstance(v, str) or not v or v.startswith("/") or "\\" in v or "\x00" in v:
+        return False
+    return all(part not in ("", ".", "..") for part in v.split("/"))
+
+
+def _table_info(t: Any, where: str) -> TableInfo:
+    """One manifest table entry, every field type- and range-checked."""
+    if not isinstance(t, dict):
+        raise CorruptDataError(f"{where}: a table entry is {type(t).__name__}, expected an object")
+    known = {f.name for f in fields(TableInfo)}
+    missing = sorted(known - set(t) - {"source", "order_file"})
+    if missing or set(t) - known:
+        raise CorruptDataError(f"{where}: malformed table entry (missing {missing}, unknown {sorted(set(t) - known)})")
+    name = t["name"]
+    if not isinstance(name, str) or not name:
+        raise CorruptDataError(f"{where}: table name {name!r} is not a non-empty string")
+    if t["dtype"] not in DTYPES:
+        raise FormatVersionError(f"{where}: table {name!r} has unknown dtype {t['dtype']!r}")
+    for key in ("rows", "dim", "row_stride", "file_bytes"):
+        if not _is_int(t[key]) or t[key] < (1 if key == "dim" else 0):
+            raise CorruptDataError(f"{where}: table {name!r} has {key}={t[key]!r}")
+    for key in ("file", "checksum_file"):
+        if not _relative_file(t[key]):
+            raise CorruptDataError(f"{where}: table {name!r} has {key}={t[key]!r}, not a file inside the store")
+    if t.get("order_file") is not None and not _relative_file(t["order_file"]):
+        raise CorruptDataError(f"{where}: table {name!r} has order_file={t['order_file']!r}")
+    if not isinstance(t.get("source", {}), dict):
+        raise CorruptDataError(f"{where}: table {name!r} has a source that is not an object")
+    info = TableInfo(**t)
+    if info.row_stride != row_stride_for(info.row_bytes):
+        raise CorruptDataError(f"{where}: table {name!r} row_stride {info.row_stride} does not match "
+                               f"dim {info.dim} x {info.dtype} (expected {row_stride_for(info.row_bytes)})")
+    if info.file_bytes != TableInfo.expected_file_bytes(info.rows, info.row_stride):
+        raise CorruptDataError(f"{where}: table {name!r} file_bytes inconsistent with rows/stride")
+    return info
+
+
 def read_manifest(store: str | os.PathLike[str]) -> Manifest:
-    """Parse and validate ``STORE/manifest.json``."""
-    path = Path(store) / MANIFEST
-    if not Path(store).is_dir():
+    """Parse and validate ``STORE/manifest.json``: its format and version, its digest (version
+    2+), and every field of every table. Raises ``CorruptDataError`` for a damaged manifest,
+    ``FormatVersionError`` for another version, ``StoreIOError`` when it cannot be read."""
+    if store is None or not isinstance(store, (str, os.PathLike)):
+        raise TierStoreError(f"store path {store!r} must be a str or os.PathLike (the store directory)")
+    root = Path(store)
+    path = root / MANIFEST
+    if not root.is_dir():
         raise TierStoreError(f"no store at {store!s}: not a directory (build one with `tierstore build`)")
-    try:
-        doc = json.loads(path.read_text())
-    except FileNotFoundError:
+    if not path.exists():
         raise TierStoreError(
             f"{store!s} is not a tierstore store: {MANIFEST} is missing "
             "(an interrupted build leaves no manifest; rerun `tierstore build`)"
-        ) from None
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise CorruptDataError(f"{path}: manifest is not valid JSON ({e})") from None
-    if not isinstance(doc, dict) or doc.get("format") != FORMAT_NAME:
-        raise FormatVersionError(f"{path}: format is {doc.get('format')!r}, expected {FORMAT_NAME!r}")
-    if doc.get("version") != FORMAT_VERSION:
-        raise FormatVersionError(
-            f"{path}: store format version {doc.get('version')!r} is not supported by this tierstore "
-            f"(reads version {FORMAT_VERSION}); rebuild the store or upgrade tierstore"
         )
-    scheme = doc.get("checksum", {}).get("scheme")
-    if scheme != CHECKSUM_SCHEME:
+    doc = read_json(path, what="store manifest")
+    if isinstance(doc, dict) and doc.get("format") == FORMAT_NAME and doc.get("version") in READ_VERSIONS:
+        version = doc["version"]
+    else:
+        version = FORMAT_VERSION  # let check_versioned name what is wrong
+    check_versioned(doc, fmt=FORMAT_NAME, version=version, where=str(path),
+                    fix="rebuild the store with this tierstore, or upgrade tierstore")
+    if version >= 2:
+        if doc.get("digest") != manifest_digest(doc):
+            raise CorruptDataError(f"{path}: manifest digest mismatch: the manifest was modified or damaged "
+                                   "after the build; rebuild the store (`tierstore build --force`)")
+        if not isinstance(doc.get("build_id"), str) or not doc["build_id"]:
+            raise CorruptDataError(f"{path}: manifest has no build_id")
+    checksum = doc.get("checksum")
+    scheme = checksum.get("scheme") if isinstance(checksum, dict) else None
+    if scheme != CHECKSUM_SCHEME or checksum.get("block_size") != PAGE_SIZE:
         raise FormatVersionError(f"{path}: checksum scheme {scheme!r} unknown (expected {CHECKSUM_SCHEME})")
+    entries, attachments = doc.get("tables"), doc.get("attachments", [])
+    if not isinstance(entries, list):
+        raise CorruptDataError(f"{path}: 'tables' is {type(entries).__name__}, expected a list")
+    if not isinstance(attachments, list) or not all(_relative_file(a) and "/" not in a for a in attachments):
+        raise CorruptDataError(f"{path}: 'attachments' must be a list of file names")
     tables: dict[str, TableInfo] = {}
-    try:
-        for t in doc["tables"]:
-            info = TableInfo(**t)
-            if info.dtype not in DTYPES:
-                raise FormatVersionError(f"{path}: table {info.name!r} has unknown dtype {info.dtype!r}")
-            if info.file_bytes != TableInfo.expected_file_bytes(info.rows, info.row_stride):
-                raise CorruptDataError(f"{path}: table {info.name!r} file_bytes inconsistent with rows/stride")
-            tables[info.name] = info
-    except (KeyError, TypeError) as e:
-        raise CorruptDataError(f"{path}: malformed table entry ({e})") from None
+    for t in entries:
+        info = _table_info(t, str(path))
+        if info.name in tables:
+            raise CorruptDataError(f"{path}: table {info.name!r} is listed twice")
+        tables[info.name] = info
+    files = [f for i in tables.values() for f in (i.file, i.checksum_file, i.order_file) if f]
+    if len(set(files)) != len(files):
+        raise CorruptDataError(f"{path}: two tables share a file")
     return Manifest(
         tables=tables,
-        attachments=list(doc.get("attachments", [])),
+        attachments=list(attachments),
         created=str(doc.get("created", "")),
-        checksum=doc["checksum"],
+        checksum=checksum,
+        version=version,
+        # version 1 had no build id: the manifest's own text stands in (it names every
+        # table's size and layout; content changes of a v1 rebuild go unnoticed: rebuild)
+        build_id=doc.get("build_id") or hashlib.sha256(path.read_bytes()).hexdigest()[:32],
     )
 
 
 def write_manifest(store: str | os.PathLike[str], manifest: Manifest) -> None:
-    """Write the manifest durably (temp file, fsync, rename) inside ``store``."""
-    path = Path(store) / MANIFEST
-    tmp = path.with_suffix(".json.tmp")
-    with open(tmp, "w") as f:
-        f.write(manifest.to_json())
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    """Write the manifest durably (temp file, fsync, rename, fsync of the directory)."""
+    atomic_write(Path(store) / MANIFEST, manifest.to_json().encode())
+
+
+def load_checksums(store: Path, info: TableInfo) -> np.ndarray:
+    """The table's per-page checksums (memory-mapped, shared through the page cache)."""
+    path = store / info.checksum_file
+    size = path.stat().st_size if path.exists() else -1
+    if size != info.n_pages * 8:
+        raise CorruptDataError(
+            f"{path}: checksum file has {size} bytes, expected {info.n_pages * 8} "
+            f"({info.n_pages} pages of table {info.name!r}); the store is damaged, rebuild it"
+        )
+    return np.memmap(path, dtype="<u8", mode="r")
+
+
+def load_order(store: Path, info: TableInfo) -> np.ndarray:
+    """Physical position of every row of a hotness-ordered table (memory-mapped)."""
+    path = store / str(info.order_file)
+    try:
+        pos = np.load(path, mmap_mode="r")
+    except (OSError, ValueError) as e:
+        raise CorruptDataError(f"{path}: cannot read the row order of table {info.name!r} ({e}); rebuild the store") from None
+    if pos.shape != (info.rows,) or pos.dtype.kind != "i":
+        raise CorruptDataError(f"{path}: row order has shape {pos.shape} {pos.dtype}, expected ({info.rows},) ints")
+    return pos
 
 
 def _weights() -> np.ndarray:
@@ -233,3 +329,31 @@ def header_page(info: TableInfo) -> bytes:
     if len(body) > PAGE_SIZE:
         raise TierStoreError(f"table name too long for the row-file header: {info.name[:80]!r}...")
     return body + b"\x00" * (PAGE_SIZE - len(body))
+
+
+def check_header_page(page: bytes | np.ndarray, info: TableInfo, where: str) -> None:
+    """Compare a row file's header page with the manifest's description of the table.
+
+    The header records name, rows, dim, dtype and row_stride at build time; a manifest
+    edited afterwards (a flipped bit of ``dim`` re-slices every row) disagrees with it.
+    Raises ``CorruptDataError`` naming the first field that differs.
+    """
+    page = bytes(np.asarray(page, dtype=np.uint8).reshape(-1)[:PAGE_SIZE]) if isinstance(page, np.ndarray) else page
+    if page[: len(ROWS_MAGIC)] != ROWS_MAGIC:
+        raise CorruptDataError(f"{where}: bad magic in the header page: not a tierstore row file")
+    n = int.from_bytes(page[len(ROWS_MAGIC) : len(ROWS_MAGIC) + 4], "little")
+    start = len(ROWS_MAGIC) + 4
+    try:
+        if start + n > PAGE_SIZE:
+            raise ValueError(f"length {n} exceeds the page")
+        head = json.loads(page[start : start + n])
+        if not isinstance(head, dict):
+            raise ValueError("not an object")
+    except (ValueError, UnicodeDecodeError) as e:
+        raise CorruptDataError(f"{where}: unreadable row-file header ({e})") from None
+    for key in ("name", "rows", "dim", "dtype", "row_stride"):
+        if head.get(key) != getattr(info, key):
+            raise CorruptDataError(
+                f"{where}: the row file says {key}={head.get(key)!r} but the manifest says "
+                f"{key}={getattr(info, key)!r} for table {info.name!r}: the manifest does not describe this "
+                "file; rebuild the store")

@@ -16,7 +16,7 @@ from typing import Generic, TypeVar
 
 import torch
 
-from .errors import TierStoreError
+from .errors import LookupTimeoutError, StoreClosedError, TierStoreError
 
 __all__ = ["LookupFuture", "Prefetcher", "LatencyStats"]
 
@@ -80,8 +80,11 @@ class LookupFuture(Generic[T]):
         ready = self._inner.done()
         try:
             value, event = self._inner.result(timeout)
+        except cf.CancelledError:
+            raise StoreClosedError("lookup cancelled: the store was closed before it ran") from None
         except cf.TimeoutError:
-            raise TierStoreError(f"lookup not finished within timeout={timeout}s") from None
+            raise LookupTimeoutError(f"lookup not finished within timeout={timeout}s; "
+                                     "it goes on in the background, call result() again") from None
         except TierStoreError:
             raise
         except Exception as e:  # a bug or an unexpected library error: still typed for the caller
@@ -138,7 +141,12 @@ class Prefetcher:
         if self.device.type == "cuda":
             issued = torch.cuda.Event()
             issued.record(torch.cuda.current_stream(self.device))
-        return LookupFuture(self._pool.submit(self._run, fn, issued), self.latency)
+        try:
+            inner = self._pool.submit(self._run, fn, issued)
+        except RuntimeError:  # "cannot schedule new futures after shutdown": close() won the race
+            raise StoreClosedError("the store is closed; open it again to look rows up") from None
+        return LookupFuture(inner, self.latency)
 
-    def close(self) -> None:
-        self._pool.shutdown(wait=True, cancel_futures=True)
+    def close(self, wait: bool = True) -> None:
+        """Cancel queued lookups; with ``wait``, also wait for running ones to finish."""
+        self._pool.shutdown(wait=wait, cancel_futures=True)

@@ -38,6 +38,7 @@ indexing does not wrap around the ring, and per-completion Python calls left it 
 
 from __future__ import annotations
 
+import atexit
 import ctypes
 import errno as _errno
 import functools
@@ -45,6 +46,7 @@ import mmap
 import os
 import platform
 import threading
+import weakref
 from concurrent.futures import Future, ThreadPoolExecutor
 from concurrent.futures import wait as _wait_futures
 
@@ -117,6 +119,54 @@ class _AioContext:
             self.id = 0
 
 
+class _ContextPool:
+    """The process's idle AIO contexts, shared by every reader of every table and store.
+
+    A context is not tied to a file (each iocb names its fd), so a call takes any idle one
+    of its depth and gives it back. Contexts in use are bounded by concurrent reads (the
+    threads reading at once), idle ones by ``max_idle``: opening many tables or stores no
+    longer multiplies contexts, whose events count against the system-wide fs.aio-max-nr.
+    A forked child starts with an empty pool (its parent's contexts are not its own).
+    """
+
+    def __init__(self, max_idle: int = 8) -> None:
+        self.max_idle = max_idle
+        self._idle: list[_AioContext] = []
+        self._lock = threading.Lock()
+        self._pid = os.getpid()
+
+    def take(self, depth: int) -> _AioContext:
+        with self._lock:
+            if self._pid != os.getpid():
+                self._idle, self._pid = [], os.getpid()
+            for i, ctx in enumerate(self._idle):
+                if ctx.depth == depth:
+                    return self._idle.pop(i)
+        return _AioContext(depth)
+
+    def give(self, ctx: _AioContext) -> None:
+        with self._lock:
+            if ctx.id and self._pid == os.getpid() and len(self._idle) < self.max_idle:
+                self._idle.append(ctx)
+                return
+        ctx.destroy()
+
+    def idle(self) -> int:
+        with self._lock:
+            return len(self._idle)
+
+    def clear(self) -> None:
+        """Destroy every idle context (at exit; or to hand the kernel's events back)."""
+        with self._lock:
+            idle, self._idle = self._idle, []
+        for ctx in idle:
+            ctx.destroy()
+
+
+_CONTEXTS = _ContextPool()
+atexit.register(_CONTEXTS.clear)
+
+
 @functools.cache
 def aio_available() -> bool:
     """True when native AIO can be used here (Linux on x86_64/aarch64, and io_setup works)."""
@@ -185,6 +235,15 @@ def _runs(pages: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return starts, lengths
 
 
+def _release(fd: int, pool: ThreadPoolExecutor | None) -> None:
+    """Stop a reader's workers and close its file (close() or garbage collection). No read
+    is in flight by then (close() waits for them; an unreachable reader has none), so the
+    idle workers need not be joined, which could deadlock if the collector ran in one."""
+    if pool is not None:
+        pool.shutdown(wait=False)
+    os.close(fd)
+
+
 class PageReader:
     """Reads sets of 4 KiB pages of one file at the device's random-read rate.
 
@@ -208,8 +267,9 @@ class PageReader:
             of rows the store's own tiers already manage. One more syscall per run.
 
     Thread-safe: any number of threads may call ``read_pages`` at once (``"aio"``: each
-    call takes its own kernel context from a small free list; the others share one worker
-    pool). ``close`` waits for reads in progress.
+    call takes a kernel context from the process-wide pool of idle ones; the others share
+    one worker pool). ``close`` waits for reads in progress; a reader that is garbage
+    collected without ``close`` releases its file and threads all the same.
     """
 
     def __init__(
@@ -252,8 +312,8 @@ class PageReader:
         self.n_pages: int = os.fstat(self._fd).st_size // PAGE_SIZE  # whole pages; a partial tail reads short
         self._pool = ThreadPoolExecutor(self.threads - 1, thread_name_prefix="tierstore-rowio") \
             if self.threads > 1 else None
-        self._contexts: list[_AioContext] = []  # idle AIO contexts, reused across calls
-        self._pid = os.getpid()
+        # a reader dropped without close() still gives its fd and threads back
+        self._finalizer = weakref.finalize(self, _release, self._fd, self._pool)
         self._cv = threading.Condition()
         self._active = 0
         self._closed = False
@@ -346,13 +406,8 @@ class PageReader:
 
     # ------------------------------------------------------------------ native AIO
     def _take_context(self) -> _AioContext:
-        with self._cv:
-            if self._pid != os.getpid():  # a forked child cannot use its parent's AIO contexts
-                self._contexts, self._pid = [], os.getpid()
-            if self._contexts:
-                return self._contexts.pop()
         try:
-            return _AioContext(self.depth)
+            return _CONTEXTS.take(self.depth)
         except OSError as e:  # EAGAIN: the system-wide fs.aio-max-nr is used up
             raise StoreIOError(e.errno, f"io_setup({self.depth}) failed: {e.strerror} (see fs.aio-max-nr)",
                                self.path) from e
@@ -404,8 +459,7 @@ class PageReader:
             # Reads may still be in flight into `out` and `iocbs`: io_destroy waits for them.
             ctx.destroy()
             raise
-        with self._cv:
-            self._contexts.append(ctx)
+        _CONTEXTS.give(ctx)
         if submit_err is not None:
             raise submit_err
         want = lengths * PAGE_SIZE
@@ -490,12 +544,7 @@ class PageReader:
                 return
             self._closed = True
             self._cv.wait_for(lambda: self._active == 0)
-            contexts, self._contexts = self._contexts, []
-        for ctx in contexts:
-            ctx.destroy()
-        if self._pool is not None:
-            self._pool.shutdown(wait=True)
-        os.close(self._fd)
+        self._finalizer()
 
     def __enter__(self) -> PageReader:
         return self

@@ -9,9 +9,15 @@ Protocol (no lock on the hot path):
 
 - The tier's content is decided by data every process computes identically: the whole
   table when the budget covers it, else the ``capacity`` hottest rows of the store's
-  saved frequency profile (ties broken by row id). The digest in the file name covers
-  the store, the table and that row set, so processes with different budgets or
-  profiles never share a file by mistake.
+  saved frequency profile (ties broken by row id). The file is named
+  ``tierstore-<store key>-<content key>``: the store key hashes the store's path and the
+  table; the content key hashes the store's *build id* (a fresh random id written into
+  the manifest by every build, never a clock), the table's shape and that row set. A
+  rebuild (even within the same second) or another budget or profile therefore never
+  maps an old segment.
+- Segments of the same store and table with another content key that no process holds
+  (a rebuild happened, or every user was SIGKILLed) are removed by the next open, and
+  ``stale_segments`` / ``tierstore gc`` find them machine-wide.
 - Every process holds a shared ``flock`` on the file while it uses it. One that finds the
   file not READY takes the exclusive lock of a sibling ``.fill`` file, checks again, and
   fills it (rows read through the disk tier, checksums verified), flushes it and sets
@@ -41,15 +47,52 @@ import numpy as np
 import torch
 
 from .errors import CapacityError, CorruptDataError, TierStoreError
+from .files import os_error
 from .format import PAGE_SIZE, TableInfo
 from .tier import DiskTier
 
-__all__ = ["SharedHostTier", "SHM_DIR"]
+__all__ = ["SharedHostTier", "SHM_DIR", "stale_segments", "remove_segment", "segment_prefix"]
 
 SHM_DIR = Path("/dev/shm")
 _MAGIC = b"TIERSTORE-SHM\x00\x01\x00"
 _HEADER = struct.Struct("<16sIQQQ")  # magic, state, capacity, n_rows, row_bytes
 _FILLING, _READY = 0, 1
+_PREFIX = "tierstore-"
+
+
+def _unused(path: Path) -> bool:
+    """True when no process holds the segment (its users keep a shared flock on it)."""
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return False
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        return True
+    except OSError:
+        return False
+    finally:
+        os.close(fd)  # closing drops the probe's lock
+
+
+def segment_prefix(root: Path, table: str) -> str:
+    """File-name prefix of every shared host tier of ``table`` in the store at ``root``."""
+    return f"{_PREFIX}{hashlib.sha256(f'{Path(root).resolve()}|{table}'.encode()).hexdigest()[:16]}-"
+
+
+def stale_segments(shm_dir: Path = SHM_DIR, *, prefix: str = _PREFIX) -> list[Path]:
+    """Shared host tiers in ``shm_dir`` that no process uses (left by processes that were
+    all killed, or by a build that was since replaced). Safe to remove."""
+    if not Path(shm_dir).is_dir():
+        return []
+    return sorted(p for p in Path(shm_dir).glob(f"{prefix}*")
+                  if not p.name.endswith(".fill") and p.is_file() and _unused(p))
+
+
+def remove_segment(path: Path) -> None:
+    """Remove a shared host tier file and its fill lock (no error if already gone)."""
+    path.unlink(missing_ok=True)
+    Path(f"{path}.fill").unlink(missing_ok=True)
 
 
 def _round_page(n: int) -> int:
@@ -63,7 +106,7 @@ class SharedHostTier:
     index = None  # no per-process policy: placement is static
 
     def __init__(self, root: Path, info: TableInfo, capacity: int, disk: DiskTier, *,
-                 profile: np.ndarray | None, created: str, keep: bool = False, shm_dir: Path = SHM_DIR):
+                 profile: np.ndarray | None, build_id: str, keep: bool = False, shm_dir: Path = SHM_DIR):
         self.name = "host"
         self.info = info
         self.capacity = min(int(capacity), info.rows)
@@ -83,11 +126,14 @@ class SharedHostTier:
             # the `capacity` hottest rows, ties by row id: identical in every process
             order = np.lexsort((np.arange(info.rows), -np.asarray(profile, dtype=np.int64)))
             rows = np.sort(order[: self.capacity]).astype(np.int64)
-        digest = hashlib.sha256()
-        digest.update(f"{root.resolve()}|{created}|{info.name}|{info.rows}|{info.row_bytes}|{self.capacity}".encode())
+        content = hashlib.sha256(f"{build_id}|{info.rows}|{info.row_bytes}|{self.capacity}".encode())
         if rows is not None:
-            digest.update(rows.tobytes())
-        self.path = Path(shm_dir) / f"tierstore-{digest.hexdigest()[:32]}"
+            content.update(rows.tobytes())
+        prefix = segment_prefix(root, info.name)
+        self.path = Path(shm_dir) / f"{prefix}{content.hexdigest()[:32]}"
+        for stale in stale_segments(shm_dir, prefix=prefix):  # earlier builds', nobody uses them
+            if stale != self.path:
+                remove_segment(stale)
         map_bytes = 0 if self.resident else _round_page(info.rows * 4)
         self._index_off = PAGE_SIZE
         self._slab_off = PAGE_SIZE + map_bytes
@@ -130,36 +176,40 @@ class SharedHostTier:
 
     def _fill(self, rows: np.ndarray | None, disk: DiskTier) -> None:
         info = self.info
-        os.ftruncate(self._fd, 0)  # drop whatever a dead filler left
         try:
+            os.ftruncate(self._fd, 0)  # drop whatever a dead filler left
             os.posix_fallocate(self._fd, 0, self.nbytes_file)  # fail now, not with SIGBUS later
         except OSError as e:
             raise CapacityError(
                 f"cannot reserve {self.nbytes_file} bytes of shared memory in {self.path.parent} ({e.strerror}); "
                 "lower host_budget or enlarge /dev/shm"
             ) from e
-        os.pwrite(self._fd, _HEADER.pack(_MAGIC, _FILLING, self.capacity, info.rows, info.row_bytes), 0)
+        header = _HEADER.pack(_MAGIC, _FILLING, self.capacity, info.rows, info.row_bytes)
+        os.pwrite(self._fd, header, 0)
+        # The writable map is never closed explicitly: mmap.close() raises BufferError while
+        # any view (here, or in a traceback if a read fails) still exists; it is unmapped
+        # with its last view.
         m = mmap.mmap(self._fd, self.nbytes_file, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
-        slot_of_row = None
+        buf = np.frombuffer(m, dtype=np.uint8)
+        slab = torch.from_numpy(buf[self._slab_off : self._slab_off + self.capacity * info.row_bytes])
+        slab = slab.view(info.raw_dtype).view(self.capacity, info.dim)
+        if rows is None:  # the whole table, slot == row
+            disk.load_table(slab)
+        else:
+            slot_of_row = buf[self._index_off : self._index_off + info.rows * 4].view(np.int32)
+            slot_of_row[:] = -1
+            slot_of_row[rows] = np.arange(len(rows), dtype=np.int32)
+            step = max(1, (32 << 20) // max(1, info.row_bytes))
+            for s in range(0, len(rows), step):
+                disk.read(rows[s : s + step], slab[s : s + step])
+            del slot_of_row
+        m.flush()
+        del buf, slab, m
         try:
-            buf = np.frombuffer(m, dtype=np.uint8)
-            slab = torch.from_numpy(buf[self._slab_off : self._slab_off + self.capacity * info.row_bytes])
-            slab = slab.view(info.raw_dtype).view(self.capacity, info.dim)
-            if rows is None:  # the whole table, slot == row
-                disk.load_table(slab)
-            else:
-                slot_of_row = buf[self._index_off : self._index_off + info.rows * 4].view(np.int32)
-                slot_of_row[:] = -1
-                slot_of_row[rows] = np.arange(len(rows), dtype=np.int32)
-                step = max(1, (32 << 20) // max(1, info.row_bytes))
-                for s in range(0, len(rows), step):
-                    disk.read(rows[s : s + step], slab[s : s + step])
-            m.flush()
-            del buf, slab, slot_of_row  # drop every view of the map before closing it
-        finally:
-            m.close()
-        os.pwrite(self._fd, _HEADER.pack(_MAGIC, _READY, self.capacity, info.rows, info.row_bytes), 0)
-        os.fsync(self._fd)
+            os.fsync(self._fd)
+            os.pwrite(self._fd, _HEADER.pack(_MAGIC, _READY, self.capacity, info.rows, info.row_bytes), 0)
+        except OSError as e:
+            raise os_error(e, "filling the shared host tier", self.path) from e
 
     # -- lookups -----------------------------------------------------------------------------
     def lookup(self, rows: np.ndarray) -> np.ndarray:
@@ -184,12 +234,12 @@ class SharedHostTier:
     def close(self) -> None:
         if self._fd < 0:
             return
+        # Drop our references and let the map go with its last view: closing it explicitly
+        # raises BufferError while any tensor or array (a caller's, a traceback's) still
+        # points into it. The file itself stays valid until every map of it is gone.
         self.slab = None  # type: ignore[assignment]
         self.slot_of_row = None
-        try:
-            self._map.close()
-        except BufferError:  # a caller still holds a view of the slab: the map lives until it drops it
-            pass
+        self._map = None
         try:
             if not self.keep:
                 try:

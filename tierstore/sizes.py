@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import re
 
 from .errors import BudgetError
@@ -28,8 +29,8 @@ def parse_size(value: int | float | str | None, *, what: str = "size") -> int:
     if isinstance(value, bool):
         raise BudgetError(f"{what}={value!r} is not a size; pass bytes or a string like '64MiB'")
     if isinstance(value, (int, float)):
-        if value < 0 or value != value:
-            raise BudgetError(f"{what}={value!r} is negative or NaN; pass 0 to disable the tier")
+        if value != value or value < 0 or value == float("inf"):
+            raise BudgetError(f"{what}={value!r} is negative, infinite or NaN; pass bytes (0 disables the tier)")
         return int(value)
     if not isinstance(value, str):
         raise BudgetError(f"{what}={value!r} has type {type(value).__name__}; pass bytes or '64MiB'")
@@ -39,7 +40,10 @@ def parse_size(value: int | float | str | None, *, what: str = "size") -> int:
             f"{what}={value!r} is not a size; use a number with an optional unit "
             "(B, KB, MB, GB, TB, KiB, MiB, GiB, TiB), e.g. '64MiB'"
         )
-    return int(float(m.group(1)) * _UNITS[m.group(2).lower()])
+    n = float(m.group(1)) * _UNITS[m.group(2).lower()]
+    if not math.isfinite(n):
+        raise BudgetError(f"{what}={value!r} is too large to be a size")
+    return int(n)
 
 
 def format_size(n: int | float) -> str:

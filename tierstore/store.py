@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import weakref
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -11,11 +12,12 @@ import numpy as np
 import torch
 
 from .buffers import BufferPool
-from .errors import TierStoreError, UnknownTableError
+from .errors import CapacityError, StoreClosedError, TierStoreError, UnknownTableError
 from .format import TableInfo, read_manifest
 from .ids import IdLike, as_row_ids
 from .prefetcher import LookupFuture, Prefetcher
-from .sizes import parse_size
+from .profile import load_profile
+from .sizes import format_size, parse_size
 from .table import Table
 
 __all__ = ["Store", "open_store", "IdLike"]
@@ -24,12 +26,57 @@ def _default_device() -> torch.device:
     return torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
 
 
-def _load_profile(root: Path, table: str) -> np.ndarray | None:
+def _device(device: str | torch.device | None) -> torch.device:
+    """The store's device, checked: CPU, or CUDA when it is present."""
+    if device is None:
+        return _default_device()
+    if not isinstance(device, (str, torch.device)):
+        raise TierStoreError(f"device={device!r} must be a string like 'cpu' or 'cuda:0', or a torch.device")
     try:
-        from .profile import load_profile
-    except ImportError:  # profiling module not present in this build
+        dev = torch.device(device)
+    except (RuntimeError, ValueError) as e:
+        raise TierStoreError(f"device={device!r} is not a device ({e}); use 'cpu' or 'cuda[:N]'") from None
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise TierStoreError(f"device={device!r} requested but CUDA is not available; use device='cpu'")
+        if dev.index is not None and dev.index >= torch.cuda.device_count():
+            raise TierStoreError(f"device={device!r}: only {torch.cuda.device_count()} CUDA device(s) here")
+    elif dev.type != "cpu":
+        raise TierStoreError(f"device={device!r} is not supported: rows are served on 'cpu' or 'cuda' "
+                             "('meta' tensors would hold no rows)")
+    return dev
+
+
+def _count(value: object, what: str, *, allow_none: bool = False) -> int | None:
+    """A positive integer option (threads), refusing strings, bools and floats."""
+    if value is None and allow_none:
         return None
-    return load_profile(root, table)
+    if not isinstance(value, (int, np.integer)) or isinstance(value, bool) or value < 1:
+        raise TierStoreError(f"{what}={value!r} must be an integer >= 1")
+    return int(value)
+
+
+def _release(tables: list[Table], prefetcher: Prefetcher, pool: BufferPool, wait: bool) -> None:
+    """Stop the workers and close every table: ``close()``, or garbage collection of a store
+    that was never closed (its files, threads and shared segments must not leak)."""
+    prefetcher.close(wait=wait)
+    for t in tables:
+        t.close()
+    pool.clear()
+
+
+def _available_bytes(device: torch.device) -> int:
+    """Memory a new output tensor can take on ``device`` right now."""
+    if device.type == "cuda":
+        return int(torch.cuda.mem_get_info(device)[0])
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return int(os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE"))
 
 
 class Store:
@@ -45,6 +92,8 @@ class Store:
     policy: cache policy for rows that do not fit ("default", "lru", "lfu", "s3fifo", ...).
     threads: background lookup workers; io_threads: disk reader threads; direct: force O_DIRECT
         on or off (default: on where the filesystem allows it).
+    pool_bytes: most bytes of finished output buffers kept for reuse by lookups without
+        ``out=`` (a fresh large output costs more in page faults than the gather); 0 disables.
     host_shared: keep the host tier in POSIX shared memory, one copy for every process on the
         machine that opens this store with the same budget (see ``tierstore.shared_host``). Its
         rows are the whole table, or the hottest rows of the saved profile.
@@ -62,12 +111,16 @@ class Store:
         io_threads: int | None = None,
         direct: bool | None = None,
         host_shared: bool = False,
+        pool_bytes: int | str = "256MiB",
     ):
+        self._closed = True  # until fully open: close() and the finalizer have nothing to do
+        self.manifest = read_manifest(path)
         self.path = Path(path)
-        self.manifest = read_manifest(self.path)
-        self.device = torch.device(device) if device is not None else _default_device()
-        if self.device.type == "cuda" and not torch.cuda.is_available():
-            raise TierStoreError(f"device={device!r} requested but CUDA is not available; use device='cpu'")
+        self.device = _device(device)
+        threads = _count(threads, "threads")
+        io_threads = _count(io_threads, "io_threads", allow_none=True)
+        if direct not in (None, True, False) or host_shared not in (True, False):
+            raise TierStoreError(f"direct={direct!r} must be None/True/False and host_shared={host_shared!r} a bool")
         self.device_budget = parse_size(device_budget, what="device_budget")
         self.host_budget = parse_size(host_budget, what="host_budget")
         self.policy = policy
@@ -81,22 +134,24 @@ class Store:
                     self.path, info, device=self.device,
                     device_rows=int(self.device_budget * share) // max(1, info.row_bytes),
                     host_rows=int(self.host_budget * share) // max(1, info.row_bytes),
-                    policy=policy, profile=_load_profile(self.path, name),
+                    policy=policy, profile=load_profile(self.path, name),
                     direct=direct, io_threads=io_threads, host_shared=host_shared,
-                    created=self.manifest.created,
+                    build_id=self.manifest.build_id,
                 )
         except BaseException:
             for t in self._tables.values():
                 t.close()
             raise
-        self._pool = BufferPool()
+        self._pool = BufferPool(max_bytes=parse_size(pool_bytes, what="pool_bytes"))
         self._prefetcher = Prefetcher(threads, self.device)
         self._closed = False
+        self._finalizer = weakref.finalize(self, _release, list(self._tables.values()), self._prefetcher,
+                                           self._pool, False)
 
     # -- API -----------------------------------------------------------------------------
     def _table(self, table: str) -> Table:
         if self._closed:
-            raise TierStoreError(f"store {self.path} is closed")
+            raise StoreClosedError(f"store {self.path} is closed; open it again to look rows up")
         try:
             return self._tables[table]
         except KeyError:
@@ -108,6 +163,13 @@ class Store:
         flat, shape = as_row_ids(ids, t.info.rows, where=f"table {t.info.name!r}")
         full = shape + (t.info.dim,)
         if out is None:
+            need = flat.size * t.info.row_bytes
+            # refuse before allocating: a request that cannot fit would be OOM-killed, not raise
+            if need > 1 << 26 and need > _available_bytes(self.device):
+                raise CapacityError(
+                    f"{flat.size:,} ids of table {t.info.name!r} need {format_size(need)} of output on "
+                    f"{self.device} but only {format_size(_available_bytes(self.device))} is available; "
+                    "look them up in smaller batches")
             buf = self._pool.get((flat.size, t.info.dim), t.info.torch_dtype, self.device)
         else:
             if tuple(out.shape) != full or out.dtype != t.info.torch_dtype or out.device != self.device \
@@ -170,6 +232,7 @@ class Store:
         """Counters per tier (summed over tables) and per table.
 
         device/host: hits, misses, evictions, insertions, rows held, capacity_rows, bytes.
+        pool: bytes and buffers held for reuse as lookup outputs (bounded by ``pool_bytes``).
         The device tier counts every id; the host tier counts the unique ids that missed the
         device tier; disk counts rows, pages and bytes read. latency: prefetch lead time and
         caller stall time.
@@ -182,7 +245,7 @@ class Store:
             if tier != "disk":
                 looked = agg[tier].get("hits", 0) + agg[tier].get("misses", 0)
                 agg[tier]["hit_ratio"] = agg[tier].get("hits", 0) / looked if looked else 0.0
-        return {**agg, "latency": self._prefetcher.latency.as_dict(), "tables": per_table,
+        return {**agg, "latency": self._prefetcher.latency.as_dict(), "pool": self._pool.stats(), "tables": per_table,
                 "device_type": self.device.type}
 
     def reset_stats(self) -> None:
@@ -197,13 +260,13 @@ class Store:
         return self.path / "attachments" / name
 
     def close(self) -> None:
+        """Cancel queued prefetches, wait for running ones, release files, threads and shared
+        segments. Idempotent. A store that is garbage collected unclosed is released too."""
         if self._closed:
             return
         self._closed = True
-        self._prefetcher.close()
-        for t in self._tables.values():
-            t.close()
-        self._pool.clear()
+        self._finalizer.detach()
+        _release(list(self._tables.values()), self._prefetcher, self._pool, True)
 
     def __enter__(self) -> Store:
         return self

@@ -43,7 +43,7 @@ class Table:
         direct: bool | None = None,
         io_threads: int | None = None,
         host_shared: bool = False,
-        created: str = "",
+        build_id: str = "",
     ):
         self.info = info
         self.device = device
@@ -51,7 +51,7 @@ class Table:
         self.disk = DiskTier(root, info, direct=direct, threads=io_threads)
         self.host: CacheTier | SharedHostTier
         if host_shared and host_rows > 0:
-            self.host = SharedHostTier(root, info, host_rows, self.disk, profile=profile, created=created)
+            self.host = SharedHostTier(root, info, host_rows, self.disk, profile=profile, build_id=build_id)
         else:
             self.host = CacheTier("host", info, host_rows, device=torch.device("cpu"), pin=self.cuda,
                                   policy=policy, profile=profile)

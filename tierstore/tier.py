@@ -22,9 +22,8 @@ import torch
 
 from .cache_index import CacheIndex
 from .errors import CorruptDataError
-from .format import PAGE_SIZE, TableInfo, page_checksums
+from .format import PAGE_SIZE, TableInfo, check_header_page, load_checksums, load_order, page_checksums
 from .rowio import PageReader, aligned_empty
-from .verify import load_checksums, load_order
 
 __all__ = ["DiskTier", "CacheTier", "CHUNK_ROWS"]
 
@@ -52,6 +51,11 @@ class DiskTier:
         # hotness-ordered layout: physical position of each row (memory-mapped, shared)
         self.pos = load_order(root, info) if info.order_file else None
         self.reader = PageReader(self.path, direct=direct, threads=threads)
+        try:
+            self._check_header()
+        except BaseException:
+            self.reader.close()
+            raise
         self._perm: np.ndarray | None = None
         self._local = threading.local()  # per-thread aligned read buffer
         self._lock = threading.Lock()
@@ -59,6 +63,14 @@ class DiskTier:
         self.pages_read = 0
         self.bytes_read = 0
         self.read_seconds = 0.0
+
+    def _check_header(self) -> None:
+        """The row file's header page must pass its checksum and agree with the manifest
+        (one 4 KiB read per table at open): a damaged or edited manifest must not re-slice rows."""
+        head = self.reader.read_pages(np.zeros(1, dtype=np.int64))
+        if page_checksums(head)[0] != self.sums[0]:
+            raise CorruptDataError(f"{self.path}: the header page fails its checksum; rebuild the store")
+        check_header_page(head[0], self.info, str(self.path))
 
     def _row_spans(self, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         start = PAGE_SIZE + rows * self.info.row_stride  # byte offset of each row in the file

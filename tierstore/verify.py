@@ -10,9 +10,9 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from .errors import CorruptDataError
-from .format import PAGE_SIZE, ROWS_MAGIC, TableInfo, page_checksums, read_manifest
+from .format import PAGE_SIZE, TableInfo, check_header_page, load_checksums, load_order, page_checksums, read_manifest
 
-__all__ = ["Mismatch", "VerifyReport", "verify_store", "load_checksums"]
+__all__ = ["Mismatch", "VerifyReport", "verify_store"]
 
 _CHUNK_PAGES = 8192  # 32 MiB per read
 
@@ -36,30 +36,6 @@ class VerifyReport:
     @property
     def ok(self) -> bool:
         return not self.mismatches
-
-
-def load_checksums(store: Path, info: TableInfo) -> np.ndarray:
-    """The table's per-page checksums (memory-mapped, shared through the page cache)."""
-    path = store / info.checksum_file
-    size = path.stat().st_size if path.exists() else -1
-    if size != info.n_pages * 8:
-        raise CorruptDataError(
-            f"{path}: checksum file has {size} bytes, expected {info.n_pages * 8} "
-            f"({info.n_pages} pages of table {info.name!r}); the store is damaged, rebuild it"
-        )
-    return np.memmap(path, dtype="<u8", mode="r")
-
-
-def load_order(store: Path, info: TableInfo) -> np.ndarray:
-    """Physical position of every row of a hotness-ordered table (memory-mapped)."""
-    path = store / str(info.order_file)
-    try:
-        pos = np.load(path, mmap_mode="r")
-    except (OSError, ValueError) as e:
-        raise CorruptDataError(f"{path}: cannot read the row order of table {info.name!r} ({e}); rebuild the store") from None
-    if pos.shape != (info.rows,) or pos.dtype.kind != "i":
-        raise CorruptDataError(f"{path}: row order has shape {pos.shape} {pos.dtype}, expected ({info.rows},) ints")
-    return pos
 
 
 def _first_row(info: TableInfo, page: int) -> int:
@@ -106,8 +82,11 @@ def verify_store(store: str | os.PathLike[str], *, progress: bool = True, max_re
                     got = os.preadv(fd, [memoryview(buf[:n])], p0 * PAGE_SIZE)
                     if got != n * PAGE_SIZE:
                         raise CorruptDataError(f"{path}: short read at page {p0}")
-                    if p0 == 0 and bytes(buf[0, : len(ROWS_MAGIC)]) != ROWS_MAGIC:
-                        report.mismatches.append(Mismatch(info.name, 0, 0, -1, f"{path}: bad magic in header page"))
+                    if p0 == 0:
+                        try:
+                            check_header_page(buf[0], info, str(path))
+                        except CorruptDataError as e:
+                            report.mismatches.append(Mismatch(info.name, 0, 0, -1, str(e)))
                     bad = np.flatnonzero(page_checksums(buf[:n]) != sums[p0 : p0 + n])
                     for b in bad[: max(0, max_report - len(report.mismatches))]:
                         page = p0 + int(b)

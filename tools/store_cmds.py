@@ -78,7 +78,7 @@ def run_inspect(args: argparse.Namespace) -> int:
          "shard": t.source.get("shard")}
         for t in m.tables.values()
     ]
-    doc = {"format": FORMAT_NAME, "version": m.version, "created": m.created, "checksum": m.checksum,
+    doc = {"format": FORMAT_NAME, "version": m.version, "build_id": m.build_id, "created": m.created, "checksum": m.checksum,
            "page_size": PAGE_SIZE, "tables": tables, "attachments": m.attachments,
            "total_bytes": sum(t["bytes"] for t in tables)}
     if args.json:

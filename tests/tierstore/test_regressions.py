@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import gc
+import os
 import json
 from pathlib import Path
 
@@ -72,3 +73,140 @@ def test_prefetch_reads_the_ids_as_they_were_at_the_call(tmp_path):
         fut = store.prefetch(NAME, t_ids)
         t_ids.fill_(7)
         assert torch.equal(bits(fut.result()), bits(w[:100]))
+
+
+def test_rebuilt_store_never_maps_the_old_shared_segment(tmp_path, monkeypatch):
+    """A worker opening a store rebuilt with --force in the same second as the previous build,
+    while another process still held the old shared tier, mapped the old segment and served
+    the old build's rows (the segment's name hashed the build's timestamp)."""
+    import subprocess
+    import sys
+
+    from safetensors.torch import save_file
+
+    import datetime as dt
+    import types
+
+    import tierstore.build
+
+    # both builds within the same wall-clock second, deterministically
+    frozen = dt.datetime(2026, 1, 1, tzinfo=dt.timezone.utc)
+    fake = types.SimpleNamespace(datetime=types.SimpleNamespace(now=lambda tz=None: frozen), timezone=dt.timezone)
+    monkeypatch.setattr(tierstore.build, "_dt", fake)
+    old, new = random_table(300, 16, torch.float32, seed=1), random_table(300, 16, torch.float32, seed=2)
+    save_file({NAME: old}, str(tmp_path / "old.safetensors"))
+    save_file({NAME: new}, str(tmp_path / "new.safetensors"))
+    out = tierstore.build_store(tmp_path / "old.safetensors", tmp_path / "s", progress=False)
+    holder = subprocess.Popen(
+        [sys.executable, "-c", "import sys, tierstore\n"
+         "s = tierstore.open(sys.argv[1], device='cpu', host_budget=10**6, host_shared=True)\n"
+         "print('held', flush=True); sys.stdin.readline(); s.close()", str(out)],
+        stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        created = json.loads((out / "manifest.json").read_text())["created"]
+        tierstore.build_store(tmp_path / "new.safetensors", out, force=True, progress=False)
+        assert json.loads((out / "manifest.json").read_text())["created"] == created  # the same second
+        with tierstore.open(out, device="cpu", host_budget=10**6, host_shared=True) as store:
+            assert store.stats()["tables"][NAME]["host"]["shared"]
+            assert torch.equal(bits(store.lookup(NAME, np.arange(300))), bits(new))
+    finally:
+        holder.communicate("\n", timeout=30)
+
+
+def test_closing_a_shared_tier_with_live_views_does_not_raise(tmp_path):
+    out, w = _build(tmp_path, 300, 16)
+    store = tierstore.open(out, device="cpu", host_budget=10**6, host_shared=True)
+    slab = store._tables[NAME].host.slab  # a view into the shared map, kept past close()
+    store.close()  # raised BufferError: cannot close exported pointers exist
+    assert torch.equal(bits(slab[:5]), bits(w[:5]))
+
+
+def _edit_manifest(store: Path, edit) -> None:
+    m = json.loads((store / "manifest.json").read_text())
+    edit(m)
+    (store / "manifest.json").write_text(json.dumps(m))
+
+
+@pytest.mark.parametrize("field,value", [("dim", 17), ("dim", 15), ("dtype", "bfloat16"), ("rows", 299),
+                                          ("row_stride", 80), ("name", "other.weight")])
+@pytest.mark.parametrize("with_digest", [True, False], ids=["v2", "v1-no-digest"])
+def test_an_edited_manifest_is_refused(tmp_path, field, value, with_digest):
+    """Changing "dim": 16 to 17 (one bit) passed verify and open, and lookups returned 17
+    values, the last from the next row. The manifest now carries a digest, and every table
+    is cross-checked with its row file's own header (which also covers version-1 stores)."""
+    out, _ = _build(tmp_path, 300, 16)
+
+    def edit(m):
+        t = m["tables"][0]
+        t[field] = value
+        if field in ("rows", "row_stride", "dim", "dtype"):  # keep the edit self-consistent
+            from tierstore.format import TableInfo, row_stride_for
+            info = TableInfo(**t)
+            if field != "row_stride":
+                t["row_stride"] = row_stride_for(info.row_bytes)
+            t["file_bytes"] = TableInfo.expected_file_bytes(t["rows"], t["row_stride"])
+        if not with_digest:  # what a version-1 store looks like
+            m["version"] = 1
+            del m["digest"], m["build_id"]
+
+    _edit_manifest(out, edit)
+    with pytest.raises(CorruptDataError):
+        tierstore.open(out, device="cpu")
+    try:
+        report = tierstore.verify_store(out, progress=False)
+    except CorruptDataError:
+        return
+    assert not report.ok
+
+
+def test_manifest_digest_catches_any_edit(tmp_path):
+    out, _ = _build(tmp_path, 300, 16)
+    _edit_manifest(out, lambda m: m["tables"][0]["source"].update(dtype="float16"))
+    with pytest.raises(CorruptDataError, match="digest"):
+        tierstore.open(out, device="cpu")
+
+
+def test_stores_dropped_without_close_release_everything(tmp_path):
+    """A store dropped without close() leaked its file descriptors, threads and a 256-event
+    AIO context: after ~256 such stores every read in the process failed (EAGAIN)."""
+    import threading
+
+    out, w = _build(tmp_path, 3000, 16)
+    fds, threads = len(os.listdir("/proc/self/fd")), threading.active_count()
+    for i in range(300):
+        store = tierstore.open(out, device="cpu", device_budget="4KiB", host_budget="8KiB")
+        store.prefetch(NAME, [i % 3000, 7]).result()
+        del store
+    gc.collect()
+    assert len(os.listdir("/proc/self/fd")) <= fds + 4
+    deadline = __import__("time").monotonic() + 10
+    while threading.active_count() > threads + 2 and __import__("time").monotonic() < deadline:
+        __import__("time").sleep(0.05)
+    assert threading.active_count() <= threads + 2
+    with tierstore.open(out, device="cpu") as store:
+        assert torch.equal(bits(store.lookup(NAME, [5])), bits(w[5:6]))
+
+
+def test_output_pool_is_bounded_and_counted(tmp_path):
+    """Pooled output buffers kept +503 MiB after four large lookups until close."""
+    out, _ = _build(tmp_path, 4000, 256)
+    with tierstore.open(out, device="cpu", pool_bytes="8MiB") as store:
+        for n in (5000, 6000, 7000, 8000, 2000, 3000):
+            store.lookup(NAME, np.arange(n) % 4000)
+        pool = store.stats()["pool"]
+        assert pool["bytes"] <= 8 << 20 and pool["max_bytes"] == 8 << 20
+        assert pool["buffers"] >= 1
+
+
+def test_a_request_that_cannot_fit_is_refused_before_allocating(tmp_path):
+    """A single request of 200M ids was OOM-killed with no check."""
+    from tierstore import CapacityError
+
+    out, _ = _build(tmp_path, 64, 16384)  # 64 KiB rows
+    ids = np.zeros(4_000_000, dtype=np.int64)  # 256 GB of output
+    with tierstore.open(out, device="cpu") as store:
+        with pytest.raises(CapacityError, match="smaller batches"):
+            store.lookup(NAME, ids)
+        with pytest.raises(CapacityError):
+            store.prefetch(NAME, ids)

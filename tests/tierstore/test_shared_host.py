@@ -16,7 +16,7 @@ import torch
 from safetensors.torch import save_file
 
 import tierstore
-from tierstore.shared_host import SHM_DIR
+from tierstore.shared_host import SHM_DIR, segment_prefix
 
 from ..conftest import bits, random_table
 
@@ -61,15 +61,16 @@ def _spawn(path: Path, budget: int, seed: int, ref: Path) -> subprocess.Popen:
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
 
-def _shm_files() -> set[str]:
-    return {p.name for p in SHM_DIR.glob("tierstore-*") if not p.name.endswith(".fill")}
+def _shm_files(store: Path) -> set[str]:
+    """Shared tiers of this store (other processes on the machine may hold their own)."""
+    return {p.name for p in SHM_DIR.glob(f"{segment_prefix(store, NAME)}*") if not p.name.endswith(".fill")}
 
 
 @pytest.mark.slow
 @pytest.mark.skipif(not SHM_DIR.is_dir(), reason="no /dev/shm")
 def test_four_processes_share_one_copy_and_survive_a_crash(shared_store):
     path, ref, w = shared_store
-    before = _shm_files()
+    before = _shm_files(path)
     table_bytes = ROWS * DIM * 4
     procs = [_spawn(path, table_bytes, seed, ref) for seed in range(4)]
     try:
@@ -77,7 +78,7 @@ def test_four_processes_share_one_copy_and_survive_a_crash(shared_store):
         assert all(line and line[0] == "READY" for line in lines), [(l, p.stderr.read()) for l, p in zip(lines, procs)]
         pss = [int(line[1]) for line in lines]
         assert all(int(line[2]) > 0 for line in lines)  # every worker served rows from the shared tier
-        assert len(_shm_files() - before) == 1, "all four processes must map one shared file"
+        assert len(_shm_files(path) - before) == 1, "all four processes must map one shared file"
         # four processes together account for about one copy of the tier, not four
         assert sum(pss) < 1.25 * table_bytes, f"PSS of the shared tier: {[p >> 20 for p in pss]} MiB"
         assert max(pss) < 0.5 * table_bytes
@@ -92,7 +93,7 @@ def test_four_processes_share_one_copy_and_survive_a_crash(shared_store):
                 p.kill()
                 p.communicate()
     time.sleep(0.1)
-    assert _shm_files() - before == set(), "the last process to close removes the shared file"
+    assert _shm_files(path) - before == set(), "the last process to close removes the shared file"
 
 
 @pytest.mark.skipif(not SHM_DIR.is_dir(), reason="no /dev/shm")
@@ -117,7 +118,7 @@ def test_filler_crash_is_refilled(shared_store, monkeypatch):
         assert torch.equal(bits(store.lookup(NAME, ids)), bits(w[torch.from_numpy(ids)]))
         assert store.stats()["disk"]["rows_read"] == 0  # served from the refilled shared tier
         assert store.stats()["host"]["hits"] == 5000
-    assert not list(SHM_DIR.glob("tierstore-*")), "closing the last user removes the refilled tier"
+    assert not _shm_files(path), "closing the last user removes the refilled tier"
 
 
 def test_partial_shared_tier_needs_a_profile(shared_store):
