@@ -392,3 +392,34 @@ def test_sharded_index_not_an_object(tmp_path):
     with pytest.raises(CheckpointError, match="weight_map"):
         tierstore.build_store(ckpt, tmp_path / "s", progress=False)
 
+
+def test_invalid_tables_regex(tmp_path, small_ckpt):
+    ckpt, _ = small_ckpt
+    with pytest.raises(CheckpointError, match=r"--tables '\(emb' is not a valid regular expression \(missing \)"):
+        tierstore.build_store(ckpt, tmp_path / "s", tables="(emb", progress=False)
+
+
+@pytest.mark.parametrize("fmt", ["safetensors", "torch"])
+@pytest.mark.parametrize("shape, what", [((8, 0), "value per row"), ((0, 8), "row"), ((0, 0), "value per row")])
+def test_empty_tables_are_refused(tmp_path, fmt, shape, what):
+    """A zero-width table used to fail with ZeroDivisionError; a zero-row one built, but its dim is
+    bound by no data ([0, 2**40] ran the build out of memory), so both are refused."""
+    tensors = {"t.engram.memory.weight": torch.zeros(shape), "x.engram.memory.weight": torch.ones(2, 2)}
+    ckpt = tmp_path / ("m.safetensors" if fmt == "safetensors" else "m.pt")
+    if fmt == "safetensors":
+        save_file(tensors, str(ckpt))
+    else:
+        torch.save(tensors, ckpt)
+    with pytest.raises(CheckpointError, match=rf"'t\.engram\.memory\.weight' has shape \[{shape[0]}, {shape[1]}\]"
+                                              rf": a table needs at least one {what}; leave it out with --tables"):
+        tierstore.build_store(ckpt, tmp_path / "s", progress=False)
+    assert not (tmp_path / "s").exists()
+    out = tierstore.build_store(ckpt, tmp_path / "s", tables=r"^x\.", progress=False)
+    assert tierstore.verify_store(out, progress=False).ok
+
+
+def test_empty_table_with_huge_dim_is_refused(tmp_path):
+    header = {_TABLE: {"dtype": "F32", "shape": [0, 2**40], "data_offsets": [0, 0]}}
+    ckpt = _write_safetensors(tmp_path / "m.safetensors", header, b"")
+    with pytest.raises(CheckpointError, match="at least one row"):
+        tierstore.build_store(ckpt, tmp_path / "s", progress=False)
