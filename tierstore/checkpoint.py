@@ -5,6 +5,11 @@ safetensors is parsed directly (8-byte header length, JSON header, raw data) and
 with ``os.pread`` into fresh chunk buffers: no mmap, so the address space stays bounded
 too. Torch ``.pt``/``.bin`` files are opened with ``torch.load(weights_only=True,
 mmap=True)``: tensors stay on disk and a chunk is paged in when sliced.
+
+A safetensors header is checked whole before any row is read: each tensor's shape must fill
+exactly its ``data_offsets`` inside the file, and no two tensors may share bytes, since the
+reader seeks by offset and slices by shape: a header where the two disagree would otherwise
+build rows out of a neighbouring tensor's bytes. Every defect is a ``CheckpointError``.
 """
 
 from __future__ import annotations
