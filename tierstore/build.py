@@ -45,7 +45,11 @@ _NO_SPACE = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
 
 
 def _select_tables(ckpt: Checkpoint, pattern: str | None) -> list[str]:
-    pat = re.compile(pattern or DEFAULT_TABLE_PATTERN)
+    try:
+        pat = re.compile(pattern or DEFAULT_TABLE_PATTERN)
+    except re.error as e:
+        raise CheckpointError(f"--tables {pattern!r} is not a valid regular expression ({e}); "
+                              r"pass a Python regex such as '\.emb$'") from None
     names = [n for n in ckpt.tensors if pat.search(n)]
     two_d = sorted(n for n, m in ckpt.tensors.items() if len(m.shape) == 2)
     if not names:
@@ -60,6 +64,13 @@ def _select_tables(ckpt: Checkpoint, pattern: str | None) -> list[str]:
             raise CheckpointError(f"tensor {n!r} has shape {list(meta.shape)}; a table must be 2-D (rows, dim)")
         if meta.dtype not in DTYPES:
             raise CheckpointError(f"tensor {n!r} has dtype {meta.dtype}; supported: {', '.join(DTYPES)}")
+        # A row of no values has no stride (the chunking divides by it). A table of no rows holds
+        # nothing to look up, and its dim is bound by no data: a corrupt [0, 2**40] header would
+        # size the build's buffers, so empty tables are refused rather than half-supported.
+        if 0 in meta.shape:
+            what = "at least one value per row" if meta.shape[1] == 0 else "at least one row"
+            raise CheckpointError(f"tensor {n!r} has shape {list(meta.shape)}: a table needs {what}; "
+                                  "leave it out with --tables REGEX")
     return sorted(names)
 
 

@@ -5,6 +5,11 @@ safetensors is parsed directly (8-byte header length, JSON header, raw data) and
 with ``os.pread`` into fresh chunk buffers: no mmap, so the address space stays bounded
 too. Torch ``.pt``/``.bin`` files are opened with ``torch.load(weights_only=True,
 mmap=True)``: tensors stay on disk and a chunk is paged in when sliced.
+
+A safetensors header is checked whole before any row is read: each tensor's shape must fill
+exactly its ``data_offsets`` inside the file, and no two tensors may share bytes, since the
+reader seeks by offset and slices by shape: a header where the two disagree would otherwise
+build rows out of a neighbouring tensor's bytes. Every defect is a ``CheckpointError``.
 """
 
 from __future__ import annotations
@@ -30,6 +35,14 @@ _ST_DTYPES = {
     "BF16": "bfloat16",
     "F8_E4M3": "float8_e4m3fn",
     "F8_E5M2": "float8_e5m2",
+}
+# bytes per element of every safetensors dtype tag with a whole-byte size (sub-byte tags such as
+# F4 are absent: their size check is skipped, and the build refuses them as unsupported)
+_ST_ELEMENT_SIZE = {
+    "BOOL": 1, "U8": 1, "I8": 1, "F8_E4M3": 1, "F8_E5M2": 1, "F8_E8M0": 1,
+    "I16": 2, "U16": 2, "F16": 2, "BF16": 2,
+    "I32": 4, "U32": 4, "F32": 4,
+    "I64": 8, "U64": 8, "F64": 8, "C64": 8,
 }
 _MAX_HEADER = 100 * 1024 * 1024  # the safetensors spec's own cap
 
@@ -100,7 +113,67 @@ class Checkpoint:
         self._torch_state = None
 
 
+class _DuplicateKey(Exception):
+    """A JSON object names the same key twice (which copy is meant is ambiguous)."""
+
+
+def _reject_duplicate_keys(pairs: list[tuple[str, object]]) -> dict[str, object]:
+    out: dict[str, object] = {}
+    for k, v in pairs:
+        if k in out:
+            raise _DuplicateKey(k)
+        out[k] = v
+    return out
+
+
+def _is_int(v: object) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)  # JSON true/false parse as bools
+
+
+def _check_tensor_entry(path: Path, name: str, entry: object) -> tuple[str, tuple[int, ...], int, int]:
+    """(dtype tag, shape, begin, end) of one header entry, or CheckpointError saying what is wrong."""
+    bad = f"{path}: tensor {name!r}"
+    fix = "the checkpoint's header is corrupt; re-export or re-download it"
+    if not isinstance(entry, dict):
+        raise CheckpointError(f"{bad}: header entry is a {type(entry).__name__}, expected an object "
+                              f"with dtype, shape and data_offsets; {fix}")
+    missing = [k for k in ("dtype", "shape", "data_offsets") if k not in entry]
+    if missing:
+        raise CheckpointError(f"{bad}: header entry lacks {', '.join(missing)}; {fix}")
+    tag, shape, offsets = entry["dtype"], entry["shape"], entry["data_offsets"]
+    if not isinstance(tag, str):
+        raise CheckpointError(f"{bad}: dtype {tag!r} is not a string; {fix}")
+    if not (isinstance(shape, list) and all(_is_int(d) and d >= 0 for d in shape)):
+        raise CheckpointError(f"{bad}: shape {_short(shape)} is not a list of non-negative integers; {fix}")
+    if not (isinstance(offsets, list) and len(offsets) == 2 and all(_is_int(o) for o in offsets)
+            and 0 <= offsets[0] <= offsets[1]):
+        raise CheckpointError(f"{bad}: data_offsets {_short(offsets)} are not two integers "
+                              f"0 <= begin <= end; {fix}")
+    begin, end = offsets
+    size = _ST_ELEMENT_SIZE.get(tag)
+    if size is not None:
+        span, need, want = end - begin, 0 if 0 in shape else size, ""
+        for i, d in enumerate(shape):  # stop once past the span: a corrupt shape can hold huge numbers
+            need *= d
+            if need > span and i < len(shape) - 1:
+                want = f"more than {span} bytes"
+                break
+        if need != span:
+            want = want or f"{need} bytes"
+            raise CheckpointError(f"{bad}: shape {_short(shape)} of {tag} ({size} bytes each) needs {want}, "
+                                  f"but data_offsets [{begin}, {end}] span {span}; {fix}")
+    return tag, tuple(shape), begin, end
+
+
+def _short(v: object) -> str:
+    r = repr(v)
+    return r if len(r) <= 80 else r[:77] + "..."
+
+
 def _read_safetensors_header(path: Path) -> dict[str, TensorMeta]:
+    """Parse and validate a safetensors header: every tensor's dtype, shape and byte range agree,
+    lie inside the file and overlap no other tensor, so a read can never return another tensor's
+    bytes or run past the end. Anything malformed raises ``CheckpointError``."""
     try:
         with open(path, "rb") as f:
             raw = f.read(8)
@@ -109,39 +182,77 @@ def _read_safetensors_header(path: Path) -> dict[str, TensorMeta]:
             (hlen,) = struct.unpack("<Q", raw)
             if hlen > _MAX_HEADER:
                 raise CheckpointError(f"{path}: not a safetensors file (header length {hlen} is implausible)")
-            header = json.loads(f.read(hlen))
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise CheckpointError(f"{path}: safetensors header is not valid JSON ({e})") from None
+            text = f.read(hlen)
+            size = os.fstat(f.fileno()).st_size
+        if len(text) != hlen:
+            raise CheckpointError(f"{path}: truncated: the header needs {hlen} bytes after the length, "
+                                  f"the file holds {len(text)}; re-download the checkpoint")
+        header = json.loads(text.decode("utf-8"), object_pairs_hook=_reject_duplicate_keys)
+    except _DuplicateKey as e:
+        raise CheckpointError(f"{path}: safetensors header names {e.args[0]!r} twice; "
+                              "the header is corrupt, re-export or re-download the checkpoint") from None
+    except (ValueError, RecursionError) as e:  # JSONDecodeError, UnicodeDecodeError, int too long, too deep
+        raise CheckpointError(f"{path}: safetensors header is not valid UTF-8 JSON ({type(e).__name__}: "
+                              f"{str(e)[:200]}); re-export or re-download the checkpoint") from None
     except OSError as e:
-        raise CheckpointError(f"cannot read checkpoint {path}: {e.strerror}") from None
-    size = path.stat().st_size
+        raise CheckpointError(f"cannot read checkpoint {path}: {e.strerror or e}") from None
+    if not isinstance(header, dict):
+        raise CheckpointError(f"{path}: safetensors header is a JSON {type(header).__name__}, expected an object "
+                              "mapping tensor names to entries; re-export or re-download the checkpoint")
+    meta = header.get("__metadata__", {})
+    if not (isinstance(meta, dict) and all(isinstance(v, str) for v in meta.values())):
+        raise CheckpointError(f"{path}: __metadata__ {_short(meta)} is not an object of strings to strings; "
+                              "re-export or re-download the checkpoint")
     data_start = 8 + hlen
     out: dict[str, TensorMeta] = {}
+    ranges: list[tuple[int, int, str]] = []
     for name, entry in header.items():
         if name == "__metadata__":
             continue
-        begin, end = entry["data_offsets"]
+        tag, shape, begin, end = _check_tensor_entry(path, name, entry)
         if data_start + end > size:
-            raise CheckpointError(f"{path}: truncated: tensor {name!r} ends at {data_start + end} > file size {size}")
-        tag = entry["dtype"]
+            raise CheckpointError(f"{path}: truncated: tensor {name!r} ends at {data_start + end} > file size "
+                                  f"{size}; re-download the checkpoint")
+        if end > begin:
+            ranges.append((begin, end, name))
         out[name] = TensorMeta(
             name=name,
-            shape=tuple(int(s) for s in entry["shape"]),
+            shape=shape,
             dtype=_ST_DTYPES.get(tag, f"unsupported:{tag}"),
             file=path,
             offset=data_start + begin,
         )
+    ranges.sort()
+    for (b0, e0, n0), (b1, e1, n1) in zip(ranges, ranges[1:]):
+        if b1 < e0:
+            raise CheckpointError(f"{path}: tensors {n0!r} (bytes {b0}:{e0}) and {n1!r} (bytes {b1}:{e1}) overlap; "
+                                  "the header is corrupt, re-export or re-download the checkpoint")
     return out
 
 
 def _open_sharded(index_path: Path) -> Checkpoint:
     try:
-        weight_map = json.loads(index_path.read_text())["weight_map"]
-    except (OSError, json.JSONDecodeError, KeyError) as e:
-        raise CheckpointError(f"{index_path}: not a sharded-checkpoint index with a weight_map ({e})") from None
+        index = json.loads(index_path.read_text(encoding="utf-8"))
+    except OSError as e:
+        raise CheckpointError(f"cannot read sharded-checkpoint index {index_path}: {e.strerror or e}") from None
+    except (ValueError, RecursionError) as e:
+        raise CheckpointError(f"{index_path}: not a sharded-checkpoint index: not valid UTF-8 JSON "
+                              f"({str(e)[:200]})") from None
+    weight_map = index.get("weight_map") if isinstance(index, dict) else None
+    if not (isinstance(weight_map, dict) and all(isinstance(v, str) for v in weight_map.values())):
+        raise CheckpointError(f"{index_path}: not a sharded-checkpoint index: needs a \"weight_map\" object "
+                              "mapping tensor names to shard file names")
+    root = index_path.parent
     tensors: dict[str, TensorMeta] = {}
     for shard in sorted(set(weight_map.values())):
-        metas = _read_safetensors_header(index_path.parent / shard)
+        rel = Path(shard)
+        if not shard or rel.is_absolute() or ".." in rel.parts:
+            raise CheckpointError(f"{index_path}: shard {shard!r} is not a file name inside {root}; "
+                                  "the weight_map may only name shards next to the index")
+        if not (root / rel).is_file():
+            raise CheckpointError(f"{index_path}: shard {shard!r} is missing from {root}; "
+                                  "download every shard the weight_map names")
+        metas = _read_safetensors_header(root / rel)
         for name, meta in metas.items():
             if weight_map.get(name) == shard:
                 tensors[name] = meta

@@ -247,3 +247,179 @@ def test_full_disk_is_a_clean_error(tmp_path, small_ckpt):
     assert out.startswith("CapacityError") and "disk full" in out
     assert not (tmp_path / "s").exists()
     assert not list(tmp_path.glob(".s.*"))
+
+
+def _write_safetensors(path: Path, header: dict | list | str, data: bytes) -> Path:
+    """A safetensors file with a hand-written header (JSON object, or raw JSON text) and data."""
+    text = (header if isinstance(header, str) else json.dumps(header)).encode()
+    text += b" " * (-len(text) % 8)
+    path.write_bytes(len(text).to_bytes(8, "little") + text + data)
+    return path
+
+
+_TABLE = "a.engram.memory.weight"
+_OTHER = "b.other"
+
+
+def _two_tensor_header() -> tuple[dict, bytes]:
+    """A valid header: table (4, 2) F32 at bytes 0:32, then another tensor (8,) F32 at 32:64."""
+    header = {_TABLE: {"dtype": "F32", "shape": [4, 2], "data_offsets": [0, 32]},
+              _OTHER: {"dtype": "F32", "shape": [8], "data_offsets": [32, 64]}}
+    data = np.arange(16, dtype=np.float32).tobytes()
+    return header, data
+
+
+def test_header_shape_past_offsets_is_refused(tmp_path):
+    """A shape claiming more rows than data_offsets span used to build rows from the next tensor."""
+    header, data = _two_tensor_header()
+    header[_TABLE]["shape"] = [8, 2]
+    ckpt = _write_safetensors(tmp_path / "m.safetensors", header, data)
+    with pytest.raises(CheckpointError, match=r"a\.engram\.memory\.weight.*shape \[8, 2\].*data_offsets \[0, 32\]"):
+        tierstore.build_store(ckpt, tmp_path / "s", progress=False)
+    assert not (tmp_path / "s").exists()
+
+
+def test_header_negative_shape_is_refused(tmp_path):
+    """A negative dimension used to build a store that verify called ok and open refused."""
+    header, data = _two_tensor_header()
+    header[_TABLE]["shape"] = [-4, 2]
+    ckpt = _write_safetensors(tmp_path / "m.safetensors", header, data)
+    with pytest.raises(CheckpointError, match=r"a\.engram\.memory\.weight.*non-negative"):
+        tierstore.build_store(ckpt, tmp_path / "s", progress=False)
+    assert not (tmp_path / "s").exists()
+
+
+def _set(key, field, value):
+    def mutate(h):
+        h[key][field] = value
+        return h
+    return mutate
+
+
+def _drop(key, field):
+    def mutate(h):
+        del h[key][field]
+        return h
+    return mutate
+
+
+_MALFORMED = {
+    "entry not an object": (lambda h: {**h, _TABLE: [1, 2]}, r"a\.engram.*expected an object"),
+    "missing dtype": (_drop(_TABLE, "dtype"), r"a\.engram.*lacks dtype"),
+    "missing data_offsets": (_drop(_OTHER, "data_offsets"), r"b\.other.*lacks data_offsets"),
+    "dtype not a string": (_set(_TABLE, "dtype", 7), r"a\.engram.*dtype 7"),
+    "shape not a list": (_set(_TABLE, "shape", "4,2"), r"a\.engram.*shape '4,2'"),
+    "float in shape": (_set(_TABLE, "shape", [4.0, 2]), r"a\.engram.*shape \[4\.0, 2\]"),
+    "bool in shape": (_set(_TABLE, "shape", [4, True]), r"a\.engram.*shape"),
+    "null in shape": (_set(_TABLE, "shape", [None, 2]), r"a\.engram.*shape"),
+    "2**64 in shape": (_set(_TABLE, "shape", [2**64, 2]), r"a\.engram.*needs more than 32 bytes"),
+    "three offsets": (_set(_TABLE, "data_offsets", [0, 16, 32]), r"a\.engram.*data_offsets"),
+    "float offset": (_set(_TABLE, "data_offsets", [0, 32.0]), r"a\.engram.*data_offsets"),
+    "begin after end": (_set(_TABLE, "data_offsets", [32, 0]), r"a\.engram.*begin <= end"),
+    "negative offset": (_set(_TABLE, "data_offsets", [-32, 0]), r"a\.engram.*data_offsets"),
+    "offsets past the file": (_set(_OTHER, "data_offsets", [32, 2**64 + 32]), r"b\.other.*needs 32 bytes"),
+    "data past the file": (lambda h: {**h, _OTHER: {"dtype": "F32", "shape": [16], "data_offsets": [32, 96]}},
+                           r"truncated.*b\.other"),
+    "overlapping tensors": (_set(_OTHER, "data_offsets", [24, 56]), r"a\.engram.*b\.other.*overlap"),
+    "shape of another size": (_set(_OTHER, "dtype", "F64"), r"b\.other.*F64 \(8 bytes each\) needs 64"),
+    "header a list": (lambda h: [h], r"JSON list, expected an object"),
+    "metadata not strings": (lambda h: {"__metadata__": {"format": 1}, **h}, r"__metadata__"),
+    "metadata a string": (lambda h: {"__metadata__": "pt", **h}, r"__metadata__"),
+    "duplicate tensor": (lambda h: json.dumps(h)[:-1] + ", " + json.dumps(h)[1:], r"a\.engram.*twice"),
+    "20000-digit number": (lambda h: json.dumps(h).replace("[4, 2]", "[" + "9" * 20000 + ", 2]"), r"not valid"),
+    "deep nesting": (lambda h: json.dumps(h).replace("[4, 2]", "[" * 100000 + "]" * 100000), r"not valid"),
+    "not UTF-8": (lambda h: json.dumps(h).replace('"F32"', '"F\udcff32"'), r"not valid"),
+}
+
+
+@pytest.mark.parametrize("case", list(_MALFORMED))
+def test_malformed_header_is_a_checkpoint_error(tmp_path, case):
+    mutate, match = _MALFORMED[case]
+    header, data = _two_tensor_header()
+    text = mutate(header)
+    if case == "not UTF-8":
+        raw = text.encode("utf-8", "surrogateescape")
+        raw += b" " * (-len(raw) % 8)
+        ckpt = tmp_path / "m.safetensors"
+        ckpt.write_bytes(len(raw).to_bytes(8, "little") + raw + data)
+    else:
+        ckpt = _write_safetensors(tmp_path / "m.safetensors", text, data)
+    with pytest.raises(CheckpointError, match=match) as e:
+        tierstore.build_store(ckpt, tmp_path / "s", progress=False)
+    assert str(ckpt) in str(e.value)
+    assert not (tmp_path / "s").exists()
+
+
+def test_header_unknown_dtype_tag(tmp_path):
+    """An unknown tag skips the size check; the build refuses it only if it is a selected table."""
+    header, data = _two_tensor_header()
+    header[_OTHER]["dtype"] = "F4"  # sub-byte: no whole element size
+    header[_OTHER]["shape"] = [999]
+    ckpt = _write_safetensors(tmp_path / "m.safetensors", header, data)
+    out = tierstore.build_store(ckpt, tmp_path / "s", progress=False)
+    with tierstore.open(out) as store:
+        assert store.lookup(_TABLE, [3]).tolist() == [[6.0, 7.0]]
+    header[_TABLE]["dtype"] = "I32"  # known size, unsupported by the store
+    _write_safetensors(ckpt, header, data)
+    with pytest.raises(CheckpointError, match=r"a\.engram.*unsupported:I32; supported"):
+        tierstore.build_store(ckpt, tmp_path / "s2", progress=False)
+
+
+def _sharded(tmp_path: Path, weight_map: object) -> Path:
+    save_file({_TABLE: torch.zeros(4, 2)}, str(tmp_path / "s1.safetensors"))
+    (tmp_path / "model.safetensors.index.json").write_text(json.dumps({"weight_map": weight_map}))
+    return tmp_path
+
+
+@pytest.mark.parametrize("weight_map, match", [
+    ([_TABLE], "weight_map"),
+    ({_TABLE: 1}, "weight_map"),
+    ({_TABLE: "../s1.safetensors"}, r"'\.\./s1\.safetensors' is not a file name inside"),
+    ({_TABLE: "/etc/passwd"}, r"'/etc/passwd' is not a file name inside"),
+    ({_TABLE: "sub/../../s1.safetensors"}, "is not a file name inside"),
+    ({_TABLE: "s2.safetensors"}, r"shard 's2\.safetensors' is missing"),
+    ({_TABLE: ""}, "is not a file name inside"),
+], ids=["list", "non-string", "dotdot", "absolute", "nested-dotdot", "missing", "empty"])
+def test_bad_sharded_index(tmp_path, weight_map, match):
+    ckpt = _sharded(tmp_path, weight_map)
+    with pytest.raises(CheckpointError, match=match):
+        tierstore.build_store(ckpt, tmp_path / "s", progress=False)
+
+
+def test_sharded_index_not_an_object(tmp_path):
+    ckpt = _sharded(tmp_path, {})
+    (ckpt / "model.safetensors.index.json").write_text("[1, 2]")
+    with pytest.raises(CheckpointError, match="weight_map"):
+        tierstore.build_store(ckpt, tmp_path / "s", progress=False)
+
+
+def test_invalid_tables_regex(tmp_path, small_ckpt):
+    ckpt, _ = small_ckpt
+    with pytest.raises(CheckpointError, match=r"--tables '\(emb' is not a valid regular expression \(missing \)"):
+        tierstore.build_store(ckpt, tmp_path / "s", tables="(emb", progress=False)
+
+
+@pytest.mark.parametrize("fmt", ["safetensors", "torch"])
+@pytest.mark.parametrize("shape, what", [((8, 0), "value per row"), ((0, 8), "row"), ((0, 0), "value per row")])
+def test_empty_tables_are_refused(tmp_path, fmt, shape, what):
+    """A zero-width table used to fail with ZeroDivisionError; a zero-row one built, but its dim is
+    bound by no data ([0, 2**40] ran the build out of memory), so both are refused."""
+    tensors = {"t.engram.memory.weight": torch.zeros(shape), "x.engram.memory.weight": torch.ones(2, 2)}
+    ckpt = tmp_path / ("m.safetensors" if fmt == "safetensors" else "m.pt")
+    if fmt == "safetensors":
+        save_file(tensors, str(ckpt))
+    else:
+        torch.save(tensors, ckpt)
+    with pytest.raises(CheckpointError, match=rf"'t\.engram\.memory\.weight' has shape \[{shape[0]}, {shape[1]}\]"
+                                              rf": a table needs at least one {what}; leave it out with --tables"):
+        tierstore.build_store(ckpt, tmp_path / "s", progress=False)
+    assert not (tmp_path / "s").exists()
+    out = tierstore.build_store(ckpt, tmp_path / "s", tables=r"^x\.", progress=False)
+    assert tierstore.verify_store(out, progress=False).ok
+
+
+def test_empty_table_with_huge_dim_is_refused(tmp_path):
+    header = {_TABLE: {"dtype": "F32", "shape": [0, 2**40], "data_offsets": [0, 0]}}
+    ckpt = _write_safetensors(tmp_path / "m.safetensors", header, b"")
+    with pytest.raises(CheckpointError, match="at least one row"):
+        tierstore.build_store(ckpt, tmp_path / "s", progress=False)
