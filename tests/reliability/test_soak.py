@@ -262,13 +262,21 @@ def test_soak_prefetch_many_over_all_tables(soak_stores, budget):
     looked = compared = wrong = 0
     bad: dict[str, int] = {}
     t0 = time.perf_counter()
-    with tierstore.open(path, policy="default", threads=4, **kw) as store:
+    try:
+        store = tierstore.open(path, policy="default", threads=4, **kw)
+    except Exception as e:  # noqa: BLE001
+        pytest.fail(f"all tables, policy default, budget {budget}: open raised {type(e).__name__}: {e}")
+    with store:
         futs = []
         for _ in range(12):
             req = {n: zipf_ids(rng, r.shape[0], perms[n]) for n, r in refs.items()}
             futs.append((store.prefetch_many({n: torch.from_numpy(i.astype(np.int64)) for n, i in req.items()}), req))
         for fut, req in futs:
-            got = fut.result(timeout=TIMEOUT)
+            try:
+                got = fut.result(timeout=TIMEOUT)
+            except Exception as e:  # noqa: BLE001
+                pytest.fail(f"all tables (widths {WIDTHS} B), policy default, budget {budget}: prefetch_many "
+                            f"raised {type(e).__name__}: {e}")
             for n, ids in req.items():
                 w = wrong_rows(got[n], refs[n], ids)
                 looked += 1
@@ -300,7 +308,7 @@ def _hold_worker(store: tierstore.Store, name: str) -> threading.Event:
 
 
 @pytest.mark.parametrize("form", ["numpy_int64", "numpy_int32", "torch_long", "torch_int32"])
-@pytest.mark.parametrize("width", [20, 6000])
+@pytest.mark.parametrize("width", [20, 1024])  # within a page: this test is about the ids only
 def test_prefetch_ids_are_copied_at_the_call(soak_stores, width, form):
     case = soak_stores[(width, "float32")]
     rng = np.random.default_rng(width)
@@ -338,7 +346,7 @@ def test_close_races_in_flight_calls(soak_stores, op, budget):
     outcomes = {"exact": 0, "typed": 0}
     findings: list[str] = []
     lock = threading.Lock()
-    for rep in range(4):
+    for rep in range(12):
         store = tierstore.open(case.store, policy="default", threads=4,
                                **open_kwargs(budget, case.rows, case.ref.shape[1]))
         started = threading.Barrier(4)
@@ -375,7 +383,7 @@ def test_close_races_in_flight_calls(soak_stores, op, budget):
         for t in threads:
             t.start()
         started.wait(TIMEOUT)
-        time.sleep(0.002 * rep)
+        time.sleep(0.001 * (rep % 6))
         closer = threading.Thread(target=store.close, daemon=True)
         closer.start()
         closer.join(TIMEOUT)
@@ -388,6 +396,34 @@ def test_close_races_in_flight_calls(soak_stores, op, budget):
     assert not findings, (f"table {case.name}, budget {budget}: {len(findings)} calls neither exact nor "
                           f"TierStoreError while close() ran; first: {findings[0]}")
     assert outcomes["typed"] > 0, "close() never overlapped a call: the race was not exercised"
+
+
+@pytest.mark.parametrize("op", ["prefetch", "prefetch_many"])
+def test_close_between_validation_and_submit(soak_stores, op):
+    """The narrowest window of that race, made certain: the call has validated its ids and
+    close() completes before the job is handed to the workers. The call must raise a
+    TierStoreError (the store is closed), not the executor's RuntimeError."""
+    case = soak_stores[(20, "float32")]
+    store = tierstore.open(case.store, policy="lru", threads=2)
+    prepare = store._prepare
+    closed = threading.Event()
+
+    def prepare_then_close(*args, **kwargs):
+        out = prepare(*args, **kwargs)
+        closer = threading.Thread(target=lambda: (store.close(), closed.set()), daemon=True)
+        closer.start()
+        assert closed.wait(TIMEOUT), "close() hung with no job in flight"
+        return out
+
+    store._prepare = prepare_then_close  # type: ignore[method-assign]
+    try:
+        with pytest.raises(TierStoreError, match="closed"):
+            if op == "prefetch":
+                store.prefetch(case.name, [1, 2, 3]).result(timeout=TIMEOUT)
+            else:
+                store.prefetch_many({case.name: [1, 2, 3]}).result(timeout=TIMEOUT)
+    finally:
+        store.close()
 
 
 # ---------------------------------------------------------------------------------------
@@ -411,6 +447,9 @@ def test_soak_for_a_while(soak_stores):
             soak_one(soak_stores[(w, dn)], budget, policy, threads, ops=40, seed=int(rng.integers(2**31)))
         except AssertionError as e:
             failures.append(str(e).splitlines()[0])
+        except Exception as e:  # noqa: BLE001 - open() or close() failing
+            failures.append(f"{where(table_name(w, dn), policy, budget, w)}, threads {threads}: "
+                            f"open/close raised {type(e).__name__}: {e}")
         runs += 1
     print(f"soak: {SOAK['lookups']:,} lookups compared ({SOAK['rows']:,} rows), {SOAK['wrong_rows']:,} wrong "
           f"rows, {SOAK['untyped_errors']:,} untyped errors ({runs} timed runs over {SOAK_SECONDS:.0f} s)")
