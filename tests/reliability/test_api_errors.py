@@ -55,7 +55,8 @@ def test_open_missing_dir(tmp_path):
         tierstore.open(tmp_path / "missing")
 
 
-@pytest.mark.parametrize("budget", [float("inf"), "1e400", -1, "abc", float("nan"), "inf", True])
+@pytest.mark.parametrize("budget", [float("inf"), "1e400", -1, "abc", float("nan"), "inf", True],
+                         ids=["float_inf", "str_1e400", "minus_1", "str_abc", "nan", "str_inf", "True"])
 @pytest.mark.parametrize("which", ["host_budget", "device_budget"])
 def test_bad_budget(store_path, which, budget):
     with pytest.raises(BudgetError, match=which) as e:
