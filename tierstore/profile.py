@@ -17,13 +17,13 @@ from __future__ import annotations
 
 import io
 import json
-import os
 import re
 from pathlib import Path
 
 import numpy as np
 
-from .errors import CorruptDataError, FormatVersionError, IdTypeError, TierStoreError
+from .errors import CorruptDataError, IdTypeError, TierStoreError
+from .files import atomic_write, check_versioned, os_error, read_json
 
 __all__ = ["PROFILE_FORMAT", "profile_paths", "count_rows", "save_profile", "load_profile",
            "profile_info", "has_profile", "zipf_fit"]
@@ -66,18 +66,20 @@ def save_profile(store: str | Path, table: str, counts: np.ndarray, *,
         raise TierStoreError("profile counts must be non-negative")
     dtype = np.int32 if (counts.size == 0 or counts.max() < 2**31) else np.int64
     data, meta_path = profile_paths(store, table)
-    data.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        data.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise os_error(e, "creating the profiles directory", data.parent) from e
     buf = io.BytesIO()
     np.save(buf, counts.astype(dtype, copy=False), allow_pickle=False)
-    payload = zstandard.ZstdCompressor(level=level, threads=-1).compress(buf.getvalue())
+    # write_checksum: zstd's frame checksum catches a damaged counts file on load
+    payload = zstandard.ZstdCompressor(level=level, threads=-1, write_checksum=True).compress(buf.getvalue())
     info = {"format": PROFILE_FORMAT, "version": PROFILE_VERSION, "table": table,
             "rows": int(counts.size), "dtype": np.dtype(dtype).name,
             "total": int(counts.sum()), "nonzero": int(np.count_nonzero(counts)),
             **(meta or {})}
-    for path, blob in ((data, payload), (meta_path, json.dumps(info, indent=1).encode())):
-        tmp = path.with_name(path.name + ".tmp")
-        tmp.write_bytes(blob)
-        os.replace(tmp, path)
+    atomic_write(data, payload)
+    atomic_write(meta_path, json.dumps(info, indent=1).encode())  # last: its presence means complete
     return data
 
 
@@ -92,16 +94,11 @@ def profile_info(store: str | Path, table: str) -> dict:
         raise TierStoreError(
             f"no profile for table {table!r} in {str(store)!r}; record one with "
             "`tierstore profile --trace T --store S --save-profile`")
-    try:
-        info = json.loads(meta_path.read_text())
-    except (ValueError, OSError) as e:
-        raise CorruptDataError(f"profile metadata {str(meta_path)!r} is unreadable: {e}") from e
-    if not isinstance(info, dict) or info.get("format") != PROFILE_FORMAT:
-        raise CorruptDataError(f"{str(meta_path)!r} is not a tierstore profile")
-    if info.get("version") != PROFILE_VERSION:
-        raise FormatVersionError(
-            f"profile {str(meta_path)!r} has version {info.get('version')}; this tierstore reads "
-            f"{PROFILE_VERSION}: record the profile again")
+    info = check_versioned(read_json(meta_path, what="profile metadata"), fmt=PROFILE_FORMAT,
+                           version=PROFILE_VERSION, where=str(meta_path), fix="record the profile again")
+    for key in ("rows", "total", "nonzero"):
+        if not isinstance(info.get(key), int) or isinstance(info.get(key), bool) or info[key] < 0:
+            raise CorruptDataError(f"profile metadata {str(meta_path)!r} has {key}={info.get(key)!r}")
     return info
 
 
@@ -123,9 +120,13 @@ def load_profile(store: str | Path, table: str, *, n_rows: int | None = None,
         counts = np.load(io.BytesIO(raw), allow_pickle=False)
     except Exception as e:  # missing file, zstd or npy errors: the profile is damaged either way
         raise CorruptDataError(f"profile counts {str(data)!r} are unreadable: {e}") from e
-    if counts.shape != (info["rows"],) or counts.dtype.kind not in "iu":
-        raise CorruptDataError(f"profile {str(data)!r} holds {counts.dtype} {counts.shape}, "
-                               f"metadata says {info['rows']} rows")
+    if not isinstance(counts, np.ndarray) or counts.shape != (info["rows"],) or counts.dtype.kind not in "iu":
+        raise CorruptDataError(f"profile {str(data)!r} holds {getattr(counts, 'dtype', type(counts))} "
+                               f"{getattr(counts, 'shape', '')}, metadata says {info['rows']} rows")
+    if counts.size and counts.min() < 0 or int(counts.sum()) != info["total"] \
+            or int(np.count_nonzero(counts)) != info["nonzero"]:
+        raise CorruptDataError(f"profile {str(data)!r} does not match its metadata (total, nonzero): "
+                               "damaged; record the profile again")
     if n_rows is not None and counts.size != n_rows:
         raise TierStoreError(f"profile of {table!r} has {counts.size} rows, the table {n_rows}: "
                              "it was recorded for another table; record it again")

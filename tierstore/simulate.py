@@ -26,7 +26,8 @@ import numpy as np
 
 from .belady import belady_hits
 from .cache_index import CacheIndex
-from .errors import CorruptDataError, FormatVersionError, IdTypeError, TierStoreError
+from .errors import CorruptDataError, IdTypeError, TierStoreError
+from .files import atomic_write, check_versioned, os_error
 from .policy import POLICIES
 
 __all__ = [
@@ -77,7 +78,7 @@ class Trace:
 
 
 def save_trace(path: str | Path, trace: Trace, *, level: int = 3) -> Path:
-    """Write ``trace`` as zstd-compressed npz (row ids stored as int32 when they fit)."""
+    """Write ``trace`` as zstd-compressed npz (row ids stored as int32 when they fit), atomically."""
     import zstandard
 
     path = Path(path)
@@ -94,23 +95,47 @@ def save_trace(path: str | Path, trace: Trace, *, level: int = 3) -> Path:
     arrays["header"] = np.frombuffer(json.dumps(header).encode(), dtype=np.uint8)
     buf = io.BytesIO()
     np.savez(buf, **arrays)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_bytes(zstandard.ZstdCompressor(level=level, threads=-1).compress(buf.getvalue()))
-    tmp.replace(path)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise os_error(e, "creating the trace's directory", path.parent) from e
+    compressor = zstandard.ZstdCompressor(level=level, threads=-1, write_checksum=True)
+    atomic_write(path, compressor.compress(buf.getvalue()))
     return path
 
 
+def _npy(raw: bytes, what: str) -> np.ndarray:
+    """An integer array from .npy bytes; anything else is a CorruptDataError."""
+    try:
+        arr = np.load(io.BytesIO(raw), allow_pickle=False)
+    except Exception as e:  # numpy raises ValueError, EOFError, OSError... for damaged files
+        raise CorruptDataError(f"{what} is not a readable .npy array ({e})") from None
+    if not isinstance(arr, np.ndarray) or arr.dtype.kind not in "iu":
+        raise CorruptDataError(f"{what} holds {getattr(arr, 'dtype', type(arr).__name__)}, not integer row ids")
+    return arr
+
+
+def _opt_int(v: object) -> bool:
+    return v is None or (isinstance(v, int) and not isinstance(v, bool) and v > 0)
+
+
 def load_trace(path: str | Path) -> Trace:
-    """Read a trace written by :func:`save_trace`, or a ``.npy`` int array (table "trace")."""
+    """Read a trace written by :func:`save_trace`, or a ``.npy`` int array (table "trace").
+
+    A damaged or inconsistent file raises ``CorruptDataError`` (another version:
+    ``FormatVersionError``); a trace whose ids exceed its table's recorded size is refused.
+    """
     import zstandard
 
     path = Path(path)
     if not path.is_file():
         raise TierStoreError(f"trace file {str(path)!r} not found")
-    raw = path.read_bytes()
+    try:
+        raw = path.read_bytes()
+    except OSError as e:
+        raise os_error(e, "reading the trace", path) from e
     if raw[:6] == b"\x93NUMPY":
-        rows = np.load(io.BytesIO(raw), allow_pickle=False)
+        rows = _npy(raw, repr(str(path)))
         return Trace({"trace": TableTrace(rows)}, {"source": str(path)})
     try:
         data = zstandard.ZstdDecompressor().decompress(raw, max_output_size=1 << 36)
@@ -119,17 +144,28 @@ def load_trace(path: str | Path) -> Trace:
     except Exception as e:  # zstd, zip or JSON errors all mean the same to the caller
         raise CorruptDataError(
             f"{str(path)!r} is neither a .npy array nor a tierstore trace file ({e})") from e
-    if header.get("format") != TRACE_FORMAT:
-        raise CorruptDataError(f"{str(path)!r} is not a tierstore trace (format {header.get('format')!r})")
-    if header.get("version") != TRACE_VERSION:
-        raise FormatVersionError(
-            f"{str(path)!r} is trace format version {header.get('version')}; this tierstore reads "
-            f"version {TRACE_VERSION}: re-run `tierstore trace`")
+    where = repr(str(path))
+    check_versioned(header, fmt=TRACE_FORMAT, version=TRACE_VERSION, where=where, fix="re-run `tierstore trace`")
+    if not isinstance(header.get("tables"), dict) or not isinstance(header.get("meta", {}), dict):
+        raise CorruptDataError(f"{where}: trace header has no table list")
     tables = {}
     for name, m in header["tables"].items():
+        if not isinstance(m, dict) or not isinstance(m.get("index"), int) or not _opt_int(m.get("n_rows")):
+            raise CorruptDataError(f"{where}: malformed entry for table {name!r} in the trace header")
         i = m["index"]
-        off = npz[f"offsets{i}"] if f"offsets{i}" in npz.files else None
-        tables[name] = TableTrace(npz[f"rows{i}"].astype(np.int64), off, m.get("n_rows"))
+        try:
+            rows = npz[f"rows{i}"]
+            off = npz[f"offsets{i}"] if f"offsets{i}" in npz.files else None
+        except Exception as e:  # missing member, bad CRC, damaged npy header
+            raise CorruptDataError(f"{where}: table {name!r}: unreadable arrays ({e})") from None
+        if rows.dtype.kind not in "iu" or (off is not None and off.dtype.kind not in "iu"):
+            raise CorruptDataError(f"{where}: table {name!r}: row ids or offsets are not integers")
+        t = TableTrace(rows.astype(np.int64), off, m.get("n_rows"))
+        if t.n_rows is not None and t.rows.size and int(t.rows.max()) >= t.n_rows:
+            raise CorruptDataError(f"{where}: table {name!r} has row id {int(t.rows.max())} >= its {t.n_rows} rows")
+        if m.get("lookups") not in (None, t.rows.size):
+            raise CorruptDataError(f"{where}: table {name!r} holds {t.rows.size} lookups, its header says {m['lookups']}")
+        tables[name] = t
     return Trace(tables, header.get("meta", {}))
 
 
