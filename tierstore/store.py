@@ -11,6 +11,7 @@ import numpy as np
 import torch
 
 from .buffers import BufferPool
+from .build import recover
 from .errors import TierStoreError, UnknownTableError
 from .format import TableInfo, read_manifest
 from .ids import IdLike, as_row_ids
@@ -64,6 +65,7 @@ class Store:
         host_shared: bool = False,
     ):
         self.path = Path(path)
+        recover(self.path)  # a build of this store that died mid-swap: restore or clean up
         self.manifest = read_manifest(self.path)
         self.device = torch.device(device) if device is not None else _default_device()
         if self.device.type == "cuda" and not torch.cuda.is_available():
