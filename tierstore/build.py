@@ -21,7 +21,7 @@ import math
 import os
 import re
 import shutil
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -176,8 +176,9 @@ _SEQ = itertools.count()
 _MANIFEST = "manifest.json"
 
 
-def _start_time(pid: int) -> int | None:
-    """Start time of process ``pid`` in clock ticks since boot, None if it cannot be read."""
+def _proc_stat(pid: int) -> tuple[str, int] | None:
+    """State letter and start time (clock ticks since boot) of process ``pid`` from
+    /proc/PID/stat, None if it cannot be read."""
     try:
         with open(f"/proc/{pid}/stat", "rb") as f:
             stat = f.read()
@@ -186,7 +187,7 @@ def _start_time(pid: int) -> int | None:
     # field 2 (comm) is in parentheses and may hold spaces: count fields after its last ")"
     fields = stat[stat.rindex(b")") + 2 :].split()
     try:
-        return int(fields[22 - 3])
+        return fields[0].decode(), int(fields[22 - 3])
     except (IndexError, ValueError):
         return None
 
@@ -194,25 +195,30 @@ def _start_time(pid: int) -> int | None:
 def _tag() -> str:
     """A name for this build, unique on this machine while the process lives (see above)."""
     pid = os.getpid()
-    return f"{pid}-{_start_time(pid) or 0}-{next(_SEQ)}"
+    stat = _proc_stat(pid)
+    return f"{pid}-{stat[1] if stat else 0}-{next(_SEQ)}"
 
 
 def _alive(pid: int, start: int | None) -> bool:
-    """Whether the process that wrote a leftover may still run. Errs towards alive: a PID
-    that exists but whose start time cannot be read counts as alive."""
+    """Whether the process that wrote a leftover may still run. A zombie (killed, not yet
+    reaped) is dead. Errs towards alive: a PID that exists but whose /proc entry cannot be
+    read counts as alive."""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
         return False
     except PermissionError:  # exists, owned by another user
         pass
-    if not start:  # an old-style name, or written where /proc was unavailable
+    stat = _proc_stat(pid)
+    if stat is None:
         return True
-    now = _start_time(pid)
-    return now is None or now == start
+    state, now = stat
+    if state in ("Z", "X"):
+        return False
+    return not start or now == start  # no start recorded: an old-style name, or no /proc then
 
 
-def _libc_renameat2():  # noqa: ANN202 - a ctypes function or None
+def _libc_renameat2() -> Callable[..., int] | None:
     try:
         fn = ctypes.CDLL(None, use_errno=True).renameat2
     except (OSError, AttributeError):  # not Linux, or glibc < 2.28

@@ -461,3 +461,20 @@ def test_bad_attachments_are_store_io_errors(tmp_path, small_ckpt, monkeypatch):
     with pytest.raises(StoreIOError, match="attachment"):
         tierstore.build_store(ckpt, tmp_path / "s", attach=[secret], progress=False)
     assert not (tmp_path / "s").exists() and not list(tmp_path.glob(".s.*"))
+
+
+def test_a_killed_unreaped_build_counts_as_dead(tmp_path, small_ckpt):
+    """A build killed but not yet waited for is a zombie: its PID exists, its leftovers are dead."""
+    ckpt, _ = small_ckpt
+    out = tierstore.build_store(ckpt, tmp_path / "s", progress=False)
+    p = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        (tmp_path / f".s.tmp-{p.pid}").mkdir()
+        p.kill()
+        while Path(f"/proc/{p.pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z":
+            time.sleep(0.01)
+        assert len(tierstore.build.recover(out)) == 1
+        assert not (tmp_path / f".s.tmp-{p.pid}").exists()
+    finally:
+        p.kill()
+        p.wait()
