@@ -1,11 +1,14 @@
 """Build a store from a checkpoint: stream rows in chunks, checksum pages, commit atomically.
 
-Crash safety: everything is written into a hidden sibling directory ``.NAME.tmp-PID``;
-files are fsynced, the manifest is written last, then the directory is renamed onto
-``OUT`` and the parent directory fsynced. A crash or Ctrl-C at any point leaves either no
-store at ``OUT`` or the previous one (with ``force``, the previous store is first moved to
-``.NAME.old-PID`` and deleted only after the new one is in place). Temporary directories
-of builds that died are removed by the next build of the same ``OUT``.
+Crash safety (docs/format.md, "Crash safety"): everything is written into a hidden sibling
+directory ``.NAME.tmp-TAG``; files are fsynced, the manifest is written last, then the
+directory is renamed onto ``OUT`` without replacing anything (``renameat2`` with
+``RENAME_NOREPLACE``), so of two builds racing for a new ``OUT`` exactly one wins and the
+other raises ``StoreExistsError``. With ``force`` the previous store is first moved to
+``.NAME.old-TAG`` and deleted only after the new one is in place. A crash at any point
+leaves no store at ``OUT``, the previous one, or the new one, plus hidden leftovers that
+:func:`recover` puts right: the next build of ``OUT`` and the next ``tierstore.open(OUT)``
+call it, and ``tierstore gc`` runs it over whole directories.
 """
 
 from __future__ import annotations
@@ -25,6 +28,8 @@ from tqdm.auto import tqdm
 
 from .checkpoint import Checkpoint, open_checkpoint
 from .errors import CapacityError, CheckpointError, StoreExistsError, StoreIOError, TierStoreError
+from .files import fsync_dir, os_error
+from .recovery import leftover_tag, publish, recover
 from .format import (
     DTYPES,
     PAGE_SIZE,
@@ -164,29 +169,27 @@ def _orders(order_by: str | os.PathLike[str], names: list[str], ckpt: Checkpoint
     return perms
 
 
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
+def _check_parent(out: Path) -> None:
+    """Refuse an ``out`` whose nearest existing ancestor is not a directory (a file, say)."""
+    for p in out.parents:
+        if os.path.lexists(p):
+            if not p.is_dir():
+                raise StoreIOError(errno.ENOTDIR, f"cannot build {out}: {p} is not a directory", os.fspath(p))
+            return
+
+
+def _check_attachment(path: Path) -> None:
+    """Fail before the build, not after it, on an attachment that cannot be copied."""
+    if not path.exists():
+        raise StoreIOError(errno.ENOENT, f"attachment {path} does not exist", os.fspath(path))
+    if not path.is_file():
+        raise StoreIOError(errno.EISDIR if path.is_dir() else errno.EINVAL,
+                           f"attachment {path} is not a regular file", os.fspath(path))
     try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _remove_stale(out: Path) -> None:
-    for stale in out.parent.glob(f".{out.name}.tmp-*"):
-        pid = stale.name.rsplit("-", 1)[-1]
-        if pid.isdigit() and not _alive(int(pid)):
-            shutil.rmtree(stale, ignore_errors=True)
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
+        with open(path, "rb") as f:
+            f.read(1)
+    except OSError as e:
+        raise os_error(e, f"reading attachment {path}", path) from e
 
 
 def build_store(
@@ -215,18 +218,22 @@ def build_store(
         typically an earlier build of the same checkpoint: tables with a profile there are
         written hottest row first, so hot rows share 4 KiB pages (fewer cold page reads, a
         denser page cache). The permutation is kept in the store; lookups are unchanged.
-    Returns the store path. Raises ``CapacityError`` when the disk is full (nothing is left
-    behind), ``CheckpointError`` for unreadable input.
+    Returns the store path. Raises ``StoreExistsError`` when ``out`` exists, or when another
+    build published it first, ``CapacityError`` when the disk is full (nothing is left
+    behind), ``CheckpointError`` for unreadable input, ``StoreIOError`` for any other OS
+    failure (an ``out`` whose parent is a file or not writable, an unreadable attachment).
+    Leftovers of earlier builds of ``out`` that died are put right first (``recover``).
     """
     out = Path(out).absolute()
     if dtype is not None and dtype not in DTYPES:
         raise TierStoreError(f"dtype={dtype!r} is not supported; choose one of {', '.join(DTYPES)}")
+    _check_parent(out)
+    recover(out)  # a build of OUT that died mid-swap: bring the old store back first
     if out.exists() and not force:
         raise StoreExistsError(f"{out} already exists; pass --force (force=True) to replace it")
     attach_paths = [Path(a) for a in attach]
     for a in attach_paths:
-        if not a.is_file():
-            raise TierStoreError(f"attachment {a} is not a file")
+        _check_attachment(a)
     if shard is not None:
         rank, world = shard
         if not (isinstance(rank, int) and isinstance(world, int) and 0 <= rank < world):
@@ -255,15 +262,17 @@ def build_store(
         )
         infos.append((name, info, meta.dtype))
 
-    out.parent.mkdir(parents=True, exist_ok=True)
-    _remove_stale(out)
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        ckpt.close()
+        raise os_error(e, f"creating the directory that will hold {out}", out.parent) from e
     need = sum(i.file_bytes + i.n_pages * 8 + (8 * i.rows if i.order_file else 0) for _, i, _ in infos) + sum(a.stat().st_size for a in attach_paths)
     free = shutil.disk_usage(out.parent).free
     if need > free:
         raise CapacityError(f"the store needs {need} bytes but {out.parent} has {free} free; free space or pick OUT elsewhere")
 
-    tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
+    tmp = out.parent / f".{out.name}.tmp-{leftover_tag()}"
     try:
         (tmp / "tables").mkdir(parents=True)
         total = sum(i.nbytes for _, i, _ in infos)
@@ -281,22 +290,17 @@ def build_store(
             attachments=[a.name for a in attach_paths],
             created=_dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
         )
-        _fsync_dir(tmp / "tables")
+        fsync_dir(tmp / "tables")
         write_manifest(tmp, manifest)
-        _fsync_dir(tmp)
-        old = None
-        if out.exists():
-            old = out.parent / f".{out.name}.old-{os.getpid()}"
-            os.rename(out, old)
-        os.rename(tmp, out)
-        _fsync_dir(out.parent)
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
+        publish(tmp, out, force)
+    except StoreExistsError:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
     except OSError as e:
         shutil.rmtree(tmp, ignore_errors=True)
         if e.errno in _NO_SPACE:
             raise CapacityError(f"disk full while building {out} ({e.strerror}); nothing was written, free space and rerun") from e
-        raise StoreIOError(e.errno, f"building {out}: {e.strerror or e}") from e
+        raise os_error(e, f"building {out}", e.filename) from e
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

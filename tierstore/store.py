@@ -12,6 +12,7 @@ import numpy as np
 import torch
 
 from .buffers import BufferPool
+from .recovery import recover
 from .errors import CapacityError, StoreClosedError, TierStoreError, UnknownTableError
 from .format import TableInfo, read_manifest
 from .ids import IdLike, as_row_ids
@@ -114,8 +115,11 @@ class Store:
         pool_bytes: int | str = "256MiB",
     ):
         self._closed = True  # until fully open: close() and the finalizer have nothing to do
-        self.manifest = read_manifest(path)
+        if not isinstance(path, (str, os.PathLike)):
+            raise TierStoreError(f"path={path!r} must be a str or os.PathLike naming the store directory")
         self.path = Path(path)
+        recover(self.path)  # a build of this store that died mid-swap: restore or clean up
+        self.manifest = read_manifest(self.path)
         self.device = _device(device)
         threads = _count(threads, "threads")
         io_threads = _count(io_threads, "io_threads", allow_none=True)

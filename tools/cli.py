@@ -15,7 +15,7 @@ from tierstore.errors import TierStoreError
 
 # Modules that register subcommands, in the order `tierstore --help` lists them.
 _COMMAND_MODULES = (
-    "tools.store_cmds",  # build, inspect, verify
+    "tools.store_cmds",  # build, inspect, verify, gc
     "tools.trace_cmd",  # trace
     "tools.profile_cmd",  # profile, size
 )

@@ -1,4 +1,4 @@
-"""`tierstore build`, `tierstore inspect`, `tierstore verify`."""
+"""`tierstore build`, `tierstore inspect`, `tierstore verify`, `tierstore gc`."""
 
 from __future__ import annotations
 
@@ -7,6 +7,7 @@ import json
 import sys
 
 from tierstore.build import DEFAULT_TABLE_PATTERN, build_store
+from tierstore.recovery import find_orphans
 from tierstore.distributed import build_shard
 from tierstore.errors import TierStoreError
 from tierstore.format import FORMAT_NAME, PAGE_SIZE, read_manifest
@@ -46,6 +47,17 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=run_verify)
+
+    p = sub.add_parser("gc", help="restore or remove what builds that died left behind",
+                       description="List the hidden leftovers of dead builds (.NAME.tmp-PID work directories, "
+                                   ".NAME.old-PID stores moved aside by --force) directly inside each DIR; "
+                                   "give a missing store back its old copy and remove the rest. "
+                                   "Leftovers of running builds are not touched.")
+    p.add_argument("dirs", nargs="*", default=["."], metavar="DIR",
+                   help="directories holding stores (default: the current directory)")
+    p.add_argument("--dry-run", action="store_true", help="only list what would be done")
+    p.add_argument("--json", action="store_true", help="print one JSON object")
+    p.set_defaults(func=run_gc)
 
 
 def _parse_shard(text: str) -> tuple[int, int]:
@@ -112,3 +124,20 @@ def run_verify(args: argparse.Namespace) -> int:
                   file=sys.stderr)
         print(f"verify failed: {len(report.mismatches)} bad block(s) in {args.store}", file=sys.stderr)
     return 0 if report.ok else 1
+
+
+def run_gc(args: argparse.Namespace) -> int:
+    items = []
+    for d in args.dirs:
+        for o in find_orphans(d):
+            done = None if args.dry_run else o.clean()
+            items.append({"path": str(o.path), "kind": o.kind, "store": str(o.store), "pid": o.pid,
+                          "action": o.action, "result": done})
+            if not args.json:
+                print(done or f"would {o.action} {o.path}" + (f" -> {o.store}" if o.action == "restore" else ""))
+    if args.json:
+        print(json.dumps({"dry_run": args.dry_run, "items": items}))
+    elif not items:
+        print(f"no leftovers of dead builds in {', '.join(args.dirs)}")
+    failed = any(i["result"] and i["result"].startswith("could not") for i in items)
+    return 1 if failed else 0

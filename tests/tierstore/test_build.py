@@ -423,3 +423,234 @@ def test_empty_table_with_huge_dim_is_refused(tmp_path):
     ckpt = _write_safetensors(tmp_path / "m.safetensors", header, b"")
     with pytest.raises(CheckpointError, match="at least one row"):
         tierstore.build_store(ckpt, tmp_path / "s", progress=False)
+
+# -- concurrent builds, crash recovery, leftovers, typed errors --------------------------
+
+_RACER = """
+    import sys, time
+    from pathlib import Path
+    import tierstore
+    ckpt, base, me, rounds = sys.argv[1], Path(sys.argv[2]), sys.argv[3], int(sys.argv[4])
+    for r in range(rounds):
+        (base / f"ready-{r}-{me}").touch()
+        while len(list(base.glob(f"ready-{r}-*"))) < 2:  # a barrier: both start together
+            time.sleep(0.0005)
+        try:
+            tierstore.build_store(ckpt, base / f"s{r}", progress=False)
+            print("ok", flush=True)
+        except tierstore.StoreExistsError:
+            print("exists", flush=True)
+"""
+
+
+def test_concurrent_builds_of_a_new_out_have_one_winner(tmp_path, small_ckpt):
+    """Two processes build the same new OUT at the same moment, many times: each time exactly
+    one succeeds, the other raises StoreExistsError, and the survivor is a whole store."""
+    ckpt, tensors = small_ckpt
+    base = tmp_path / "race"
+    base.mkdir()
+    rounds = 12
+    procs = [_run_build_subprocess(_RACER, str(ckpt), str(base), me, str(rounds)) for me in "ab"]
+    results = []
+    for p in procs:
+        out, err = p.communicate(timeout=240)
+        assert p.returncode == 0, err
+        results.append(out.split())
+    name = "blocks.3.engram.memory.weight"
+    for r in range(rounds):
+        got = sorted(res[r] for res in results)
+        assert got == ["exists", "ok"], f"round {r}: {got}"
+        assert tierstore.verify_store(base / f"s{r}", progress=False).ok
+        with tierstore.open(base / f"s{r}") as store:
+            assert torch.equal(bits(store.lookup(name, [0, 1200])), bits(tensors[name][[0, 1200]]))
+    assert not [p.name for p in base.iterdir() if p.name.startswith(".")], "leftovers of the race"
+
+
+def _dead_pid() -> int:
+    p = subprocess.Popen([sys.executable, "-c", "pass"])
+    p.wait()
+    return p.pid
+
+
+def test_open_restores_a_store_a_force_build_left_mid_swap(tmp_path, small_ckpt):
+    """A --force build killed between its two renames leaves no OUT, only .OUT.old-PID: the next
+    open gives the old store back and removes the dead build's temporary directory."""
+    ckpt, tensors = small_ckpt
+    out = tierstore.build_store(ckpt, tmp_path / "s", progress=False)
+    pid = _dead_pid()
+    os.rename(out, tmp_path / f".s.old-{pid}")  # what the crash leaves: the old store moved aside
+    (tmp_path / f".s.tmp-{pid}" / "tables").mkdir(parents=True)  # and the new, unfinished one
+    name = "blocks.1.engram.memory.weight"
+    with tierstore.open(out) as store:
+        assert torch.equal(bits(store.lookup(name, [5002])), bits(tensors[name][[5002]]))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["model.safetensors", "s"]
+    assert tierstore.verify_store(out, progress=False).ok
+
+
+def test_build_restores_then_refuses_or_replaces(tmp_path, small_ckpt):
+    ckpt, _ = small_ckpt
+    out = tierstore.build_store(ckpt, tmp_path / "s", progress=False)
+    pid = _dead_pid()
+    os.rename(out, tmp_path / f".s.old-{pid}")
+    with pytest.raises(StoreExistsError):  # the old store is back, so OUT exists
+        tierstore.build_store(ckpt, out, progress=False)
+    assert tierstore.verify_store(out, progress=False).ok
+    os.rename(out, tmp_path / f".s.old-{pid}")
+    tierstore.build_store(ckpt, out, force=True, progress=False)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["model.safetensors", "s"]
+
+
+def test_open_removes_leftovers_of_dead_builds_only(tmp_path, small_ckpt):
+    """Beside a store that exists, dead builds' .tmp and .old directories go at the next open;
+    a running build's (same PID, same start time) and other stores' stay."""
+    from tierstore.recovery import leftover_tag as _tag
+
+    ckpt, _ = small_ckpt
+    out = tierstore.build_store(ckpt, tmp_path / "s", progress=False)
+    pid = _dead_pid()
+    dead = [f".s.tmp-{pid}", f".s.old-{pid}", f".s.tmp-{pid}-123-0",
+            f".s.tmp-{os.getpid()}-1-0"]  # our PID but another start time: a reused PID
+    live = [f".s.tmp-{_tag()}", f".t.tmp-{pid}"]
+    for d in dead + live:
+        (tmp_path / d).mkdir()
+    (tmp_path / f".s.old-{pid}" / "manifest.json").write_text("{}")
+    tierstore.open(out).close()
+    left = sorted(p.name for p in tmp_path.iterdir() if p.name.startswith("."))
+    assert left == sorted(live)
+
+
+def test_find_orphans_and_gc_command(tmp_path, small_ckpt, capsys, monkeypatch):
+    from tierstore.recovery import find_orphans
+    from tools.cli import main
+
+    ckpt, _ = small_ckpt
+    a = tierstore.build_store(ckpt, tmp_path / "a", progress=False)
+    tierstore.build_store(ckpt, tmp_path / "b", progress=False)
+    pid = _dead_pid()
+    os.rename(a, tmp_path / f".a.old-{pid}-7-0")
+    (tmp_path / f".b.tmp-{pid}-7-1").mkdir()
+    (tmp_path / ".c.tmp-1").mkdir()  # PID 1 is alive: never touched
+    (tmp_path / f".d.tmp-{pid}").write_text("a file, not a build directory")
+    found = {o.path.name: (o.kind, o.store.name, o.pid, o.action) for o in find_orphans(tmp_path)}
+    assert found == {f".a.old-{pid}-7-0": ("old", "a", pid, "restore"),
+                     f".b.tmp-{pid}-7-1": ("tmp", "b", pid, "remove")}
+    monkeypatch.chdir(tmp_path)
+    assert main(["gc", "--dry-run", "--json"]) == 0
+    doc = json.loads(capsys.readouterr().out)
+    assert doc["dry_run"] and sorted(i["action"] for i in doc["items"]) == ["remove", "restore"]
+    assert not a.exists()
+    assert main(["gc", str(tmp_path)]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert len(lines) == 2 and lines[0].startswith(f"restored {a}") and lines[1].startswith("removed")
+    assert tierstore.verify_store(a, progress=False).ok
+    assert find_orphans(tmp_path) == []
+    assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(".")) == [".c.tmp-1", f".d.tmp-{pid}"]
+    assert main(["gc", str(tmp_path / "missing")]) == 2
+
+
+def test_publish_without_renameat2(tmp_path, small_ckpt, monkeypatch):
+    """The fallback where renameat2 is missing (claim OUT with mkdir) also refuses an OUT that
+    appeared while the build ran."""
+    import tierstore.build as build
+    import tierstore.recovery as recovery
+
+    ckpt, _ = small_ckpt
+    monkeypatch.setattr(recovery, "_RENAMEAT2", None)
+    out = tierstore.build_store(ckpt, tmp_path / "s", progress=False)
+    assert tierstore.verify_store(out, progress=False).ok
+    real = build._check_attachment  # runs after the up-front exists check: make OUT appear then
+
+    def sneak(path):
+        (tmp_path / "t").mkdir(exist_ok=True)
+        real(path)
+
+    monkeypatch.setattr(build, "_check_attachment", sneak)
+    with pytest.raises(StoreExistsError, match="another build"):
+        tierstore.build_store(ckpt, tmp_path / "t", progress=False, attach=[ckpt])
+    assert list((tmp_path / "t").iterdir()) == []
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]
+
+
+def test_out_under_a_file_is_a_store_io_error(tmp_path, small_ckpt):
+    from tierstore import StoreIOError
+    from tools.cli import main
+
+    ckpt, _ = small_ckpt
+    f = tmp_path / "afile"
+    f.write_text("x")
+    for out in (f / "s", f / "x" / "s"):
+        with pytest.raises(StoreIOError, match="not a directory"):
+            tierstore.build_store(ckpt, out, progress=False)
+    assert main(["build", str(ckpt), str(f / "s"), "--quiet"]) == 2
+
+
+@pytest.fixture
+def read_only_dir(tmp_path):
+    """A directory nobody may create entries in, even root (immutable, where chattr works)."""
+    d = tmp_path / "ro"
+    d.mkdir()
+    if os.geteuid() != 0:
+        d.chmod(0o555)
+        yield d
+        d.chmod(0o755)
+        return
+    if subprocess.run(["chattr", "+i", str(d)], capture_output=True).returncode != 0:
+        pytest.skip("running as root where chattr +i does not work: cannot make a read-only directory")
+    yield d
+    subprocess.run(["chattr", "-i", str(d)], check=True)
+
+
+def test_unwritable_parent_is_a_store_io_error(read_only_dir, small_ckpt):
+    from tierstore import StoreIOError
+
+    ckpt, _ = small_ckpt
+    for out in (read_only_dir / "s", read_only_dir / "sub" / "s"):
+        with pytest.raises(StoreIOError, match="permission|not permitted"):
+            tierstore.build_store(ckpt, out, progress=False)
+    assert list(read_only_dir.iterdir()) == []
+
+
+def test_bad_attachments_are_store_io_errors(tmp_path, small_ckpt, monkeypatch):
+    from tierstore import StoreIOError
+
+    ckpt, _ = small_ckpt
+    with pytest.raises(StoreIOError, match="does not exist") as e:
+        tierstore.build_store(ckpt, tmp_path / "s", attach=[tmp_path / "nope.json"], progress=False)
+    assert e.value.errno == 2
+    with pytest.raises(StoreIOError, match="not a regular file"):
+        tierstore.build_store(ckpt, tmp_path / "s", attach=[tmp_path], progress=False)
+    secret = tmp_path / "secret.json"
+    secret.write_text("{}")
+    if os.geteuid() != 0:
+        secret.chmod(0)
+    else:  # root reads any file: make opening this one fail as it would for anyone else
+        import builtins
+
+        real_open = builtins.open
+
+        def guarded(file, *a, **k):
+            if os.fspath(file) == os.fspath(secret):
+                raise PermissionError(13, "Permission denied", os.fspath(file))
+            return real_open(file, *a, **k)
+
+        monkeypatch.setattr(builtins, "open", guarded)
+    with pytest.raises(StoreIOError, match="attachment"):
+        tierstore.build_store(ckpt, tmp_path / "s", attach=[secret], progress=False)
+    assert not (tmp_path / "s").exists() and not list(tmp_path.glob(".s.*"))
+
+
+def test_a_killed_unreaped_build_counts_as_dead(tmp_path, small_ckpt):
+    """A build killed but not yet waited for is a zombie: its PID exists, its leftovers are dead."""
+    ckpt, _ = small_ckpt
+    out = tierstore.build_store(ckpt, tmp_path / "s", progress=False)
+    p = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        (tmp_path / f".s.tmp-{p.pid}").mkdir()
+        p.kill()
+        while Path(f"/proc/{p.pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z":
+            time.sleep(0.01)
+        assert len(tierstore.recovery.recover(out)) == 1
+        assert not (tmp_path / f".s.tmp-{p.pid}").exists()
+    finally:
+        p.kill()
+        p.wait()
