@@ -28,7 +28,8 @@ from tqdm.auto import tqdm
 
 from .checkpoint import Checkpoint, open_checkpoint
 from .errors import CapacityError, CheckpointError, StoreExistsError, StoreIOError, TierStoreError
-from .files import fsync_dir, os_error
+from . import faults
+from .files import fsync_dir, os_error, write_durable
 from .recovery import leftover_tag, publish, recover
 from .format import (
     DTYPES,
@@ -118,7 +119,7 @@ def _write_table(ckpt: Checkpoint, name: str, info: TableInfo, src_dtype: str, t
     buf = np.zeros(step * info.row_stride, dtype=np.uint8)
     fd = os.open(rows_path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
     try:
-        os.pwrite(fd, head.tobytes(), 0)
+        _pwrite_all(fd, head.tobytes(), 0, rows_path)
         for start in range(0, info.rows, step):
             stop = min(start + step, info.rows)
             n = stop - start
@@ -130,24 +131,25 @@ def _write_table(ckpt: Checkpoint, name: str, info: TableInfo, src_dtype: str, t
             view[:nbytes].reshape(n, info.row_stride)[:, : info.row_bytes] = chunk
             first_page = 1 + start * info.row_stride // PAGE_SIZE
             sums[first_page : first_page + padded // PAGE_SIZE] = page_checksums(view)
-            written = os.pwrite(fd, memoryview(view), PAGE_SIZE + start * info.row_stride)
-            if written != padded:
-                raise OSError(errno.ENOSPC, "short write")
+            _pwrite_all(fd, memoryview(view), PAGE_SIZE + start * info.row_stride, rows_path)
             bar.update(n * info.row_bytes)
+        faults.point("fsync", rows_path)
         os.fsync(fd)
     finally:
         os.close(fd)
-    with open(sums_path, "wb") as f:
-        f.write(sums.astype("<u8").tobytes())
-        f.flush()
-        os.fsync(f.fileno())
+    write_durable(sums_path, sums.astype("<u8").tobytes())
     if perm is not None:
         pos = np.empty(info.rows, dtype=np.int32 if info.rows < 2**31 else np.int64)
         pos[perm] = np.arange(info.rows, dtype=pos.dtype)  # row -> physical position
-        with open(tmp / info.order_file, "wb") as f:
-            np.save(f, pos)
-            f.flush()
-            os.fsync(f.fileno())
+        write_durable(tmp / info.order_file, lambda f: np.save(f, pos))
+
+
+def _pwrite_all(fd: int, data: bytes | memoryview, offset: int, path: Path) -> None:
+    """Write all of ``data`` at ``offset``; a short write means the disk is full."""
+    n = len(data)
+    written = os.pwrite(fd, memoryview(data)[: faults.point("write", path, n)], offset)
+    if written != n:
+        raise OSError(errno.ENOSPC, f"short write ({written} of {n} bytes)", os.fspath(path))
 
 
 def _orders(order_by: str | os.PathLike[str], names: list[str], ckpt: Checkpoint) -> dict[str, np.ndarray]:

@@ -24,6 +24,7 @@ import numpy as np
 import torch
 
 from .errors import CheckpointError, StoreIOError
+from .files import read_full
 from .format import DTYPES
 
 __all__ = ["TensorMeta", "Checkpoint", "open_checkpoint"]
@@ -76,9 +77,13 @@ class Checkpoint:
             return t.view(torch.uint8).numpy().reshape(stop - start, row_bytes)
         n = (stop - start) * row_bytes
         buf = np.empty(n, dtype=np.uint8)
-        fd = os.open(meta.file, os.O_RDONLY)
+        offset = meta.offset + start * row_bytes
         try:
-            got = os.preadv(fd, [memoryview(buf)], meta.offset + start * row_bytes)
+            fd = os.open(meta.file, os.O_RDONLY)
+        except OSError as e:
+            raise StoreIOError(e.errno, f"opening {meta.file}: {e.strerror}") from e
+        try:
+            got = read_full(fd, memoryview(buf), offset, meta.file)
         except OSError as e:
             raise StoreIOError(e.errno, f"reading {name} from {meta.file}: {e.strerror}") from e
         finally:

@@ -21,9 +21,10 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any, BinaryIO
 
+from . import faults
 from .errors import CapacityError, CorruptDataError, FormatVersionError, StoreIOError
 
-__all__ = ["atomic_write", "fsync_dir", "check_versioned", "read_json", "os_error", "NO_SPACE"]
+__all__ = ["atomic_write", "write_durable", "read_full", "fsync_dir", "check_versioned", "read_json", "os_error", "NO_SPACE"]
 
 NO_SPACE = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
 
@@ -43,9 +44,38 @@ def fsync_dir(path: str | os.PathLike[str]) -> None:
     """Make a directory's entries (creations, renames) durable."""
     fd = os.open(path, os.O_RDONLY)
     try:
+        faults.point("fsync", path)
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+def read_full(fd: int, view: memoryview, offset: int, path: str | os.PathLike[str]) -> int:
+    """``preadv`` into all of ``view`` (a flat byte view) from ``offset``, retrying short reads;
+    returns the bytes read, fewer only at end of file. Raises ``OSError``."""
+    n = len(view)
+    got = os.preadv(fd, [view[: faults.point("read", path, n)]], offset)
+    while 0 < got < n:  # a short read means end of file, unless a retry makes progress
+        more = os.preadv(fd, [view[got:]], offset + got)
+        if more <= 0:
+            break
+        got += more
+    return got
+
+
+def write_durable(path: str | os.PathLike[str], data: bytes | Callable[[BinaryIO], None]) -> None:
+    """Create ``path`` with ``data`` (bytes, or a function writing into a binary file) and
+    fsync it: for files inside a directory that is published as a whole afterwards (a
+    build's), where the directory's rename is what makes them appear. Raises ``OSError``."""
+    with open(path, "wb") as f:
+        if callable(data):
+            data(f)
+        else:
+            faults.point("write", path, len(data))
+            f.write(data)
+        f.flush()
+        faults.point("fsync", path)
+        os.fsync(f.fileno())
 
 
 def atomic_write(path: str | os.PathLike[str], data: bytes | Callable[[BinaryIO], None]) -> Path:
@@ -55,13 +85,8 @@ def atomic_write(path: str | os.PathLike[str], data: bytes | Callable[[BinaryIO]
     path = Path(path)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}-{threading.get_ident()}")
     try:
-        with open(tmp, "wb") as f:
-            if callable(data):
-                data(f)
-            else:
-                f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
+        write_durable(tmp, data)
+        faults.point("rename", path)
         os.replace(tmp, path)
         fsync_dir(path.parent)
     except OSError as e:

@@ -23,6 +23,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+from . import faults
 from .errors import StoreExistsError
 from .files import fsync_dir, os_error
 
@@ -111,6 +112,7 @@ def _rename_noreplace(src: Path, dst: Path) -> None:
     leaves an empty ``dst`` (which does not open as a store; remove it by hand).
     """
     if _RENAMEAT2 is not None:
+        faults.point("rename", dst)
         if _RENAMEAT2(_AT_FDCWD, os.fsencode(src), _AT_FDCWD, os.fsencode(dst), _RENAME_NOREPLACE) == 0:
             return
         err = ctypes.get_errno()
@@ -118,6 +120,7 @@ def _rename_noreplace(src: Path, dst: Path) -> None:
             raise OSError(err, os.strerror(err), os.fspath(src), None, os.fspath(dst))
     os.mkdir(dst)
     try:
+        faults.point("rename", dst)
         os.rename(src, dst)
     except BaseException:
         try:
@@ -142,6 +145,7 @@ def publish(tmp: Path, out: Path, force: bool) -> None:
     old = out.parent / f".{out.name}.old-{leftover_tag()}"
     for _ in range(8):  # more only if other builds keep publishing OUT between our two renames
         try:
+            faults.point("rename", out)
             os.rename(out, old)
             moved = True
         except FileNotFoundError:

@@ -35,6 +35,7 @@ Protocol (no lock on the hot path):
 
 from __future__ import annotations
 
+import errno
 import fcntl
 import hashlib
 import mmap
@@ -46,6 +47,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from . import faults
 from .errors import CapacityError, CorruptDataError, TierStoreError
 from .files import os_error
 from .format import PAGE_SIZE, TableInfo
@@ -184,8 +186,7 @@ class SharedHostTier:
                 f"cannot reserve {self.nbytes_file} bytes of shared memory in {self.path.parent} ({e.strerror}); "
                 "lower host_budget or enlarge /dev/shm"
             ) from e
-        header = _HEADER.pack(_MAGIC, _FILLING, self.capacity, info.rows, info.row_bytes)
-        os.pwrite(self._fd, header, 0)
+        self._write_header(_FILLING)
         # The writable map is never closed explicitly: mmap.close() raises BufferError while
         # any view (here, or in a traceback if a read fails) still exists; it is unmapped
         # with its last view.
@@ -206,10 +207,19 @@ class SharedHostTier:
         m.flush()
         del buf, slab, m
         try:
+            faults.point("fsync", self.path)
             os.fsync(self._fd)
-            os.pwrite(self._fd, _HEADER.pack(_MAGIC, _READY, self.capacity, info.rows, info.row_bytes), 0)
         except OSError as e:
-            raise os_error(e, "filling the shared host tier", self.path) from e
+            raise os_error(e, "flushing the shared host tier", self.path) from e
+        self._write_header(_READY)
+
+    def _write_header(self, state: int) -> None:
+        head = _HEADER.pack(_MAGIC, state, self.capacity, self.info.rows, self.info.row_bytes)
+        try:
+            if os.pwrite(self._fd, head[: faults.point("write", self.path, len(head))], 0) != len(head):
+                raise OSError(errno.ENOSPC, "short write of the shared tier's header")
+        except OSError as e:
+            raise os_error(e, "writing the shared host tier's header", self.path) from e
 
     # -- lookups -----------------------------------------------------------------------------
     def lookup(self, rows: np.ndarray) -> np.ndarray:

@@ -10,6 +10,7 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from .errors import CorruptDataError
+from .files import os_error, read_full
 from .format import PAGE_SIZE, TableInfo, check_header_page, load_checksums, load_order, page_checksums, read_manifest
 
 __all__ = ["Mismatch", "VerifyReport", "verify_store"]
@@ -75,13 +76,19 @@ def verify_store(store: str | os.PathLike[str], *, progress: bool = True, max_re
                     f"{path}: file has {size} bytes, manifest says {info.file_bytes} (truncated or replaced)"))
                 continue
             buf = np.empty((_CHUNK_PAGES, PAGE_SIZE), dtype=np.uint8)
-            with open(path, "rb", buffering=0) as f:
-                fd = f.fileno()
+            try:
+                fd = os.open(path, os.O_RDONLY)
+            except OSError as e:
+                raise os_error(e, "opening a row file to verify", path) from e
+            try:
                 for p0 in range(0, info.n_pages, _CHUNK_PAGES):
                     n = min(_CHUNK_PAGES, info.n_pages - p0)
-                    got = os.preadv(fd, [memoryview(buf[:n])], p0 * PAGE_SIZE)
+                    try:
+                        got = read_full(fd, memoryview(buf[:n].reshape(-1)), p0 * PAGE_SIZE, path)
+                    except OSError as e:
+                        raise os_error(e, f"reading page {p0} to verify", path) from e
                     if got != n * PAGE_SIZE:
-                        raise CorruptDataError(f"{path}: short read at page {p0}")
+                        raise CorruptDataError(f"{path}: file ended inside page {p0 + got // PAGE_SIZE}")
                     if p0 == 0:
                         try:
                             check_header_page(buf[0], info, str(path))
@@ -96,5 +103,7 @@ def verify_store(store: str | os.PathLike[str], *, progress: bool = True, max_re
                     report.pages += n
                     report.bytes += n * PAGE_SIZE
                     bar.update(n * PAGE_SIZE)
+            finally:
+                os.close(fd)
             del sums
     return report
