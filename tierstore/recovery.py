@@ -156,9 +156,18 @@ def publish(tmp: Path, out: Path, force: bool) -> None:
             if moved:
                 shutil.rmtree(old, ignore_errors=True)
             continue
-        fsync_dir(out.parent)
-        if moved:
-            shutil.rmtree(old, ignore_errors=True)
+        except BaseException:  # the new store did not go in: put the old one back at once
+            if moved:
+                try:
+                    os.rename(old, out)
+                except OSError:
+                    pass  # left for recover(): the next open or build after this process ends
+            raise
+        try:
+            fsync_dir(out.parent)
+        finally:  # the new store is in place either way: the old one must not linger
+            if moved:
+                shutil.rmtree(old, ignore_errors=True)
         return
     raise StoreExistsError(f"{out} was replaced by other builds 8 times while this one tried to publish")
 

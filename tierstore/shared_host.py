@@ -153,8 +153,10 @@ class SharedHostTier:
                 finally:
                     os.close(lock)  # releases the fill lock
             self._map = mmap.mmap(self._fd, self.nbytes_file, mmap.MAP_SHARED, mmap.PROT_READ)
-        except BaseException:
-            os.close(self._fd)
+        except BaseException:  # e.g. the fill failed: a half-filled segment nobody uses must go
+            self._map = None
+            self.keep = False
+            self.close()
             raise
         buf = np.frombuffer(self._map, dtype=np.uint8)
         with warnings.catch_warnings():  # the map is read-only and we never write through it
@@ -254,8 +256,7 @@ class SharedHostTier:
             if not self.keep:
                 try:
                     fcntl.flock(self._fd, fcntl.LOCK_EX | fcntl.LOCK_NB)  # only if no other process uses it
-                    self.path.unlink(missing_ok=True)
-                    Path(f"{self.path}.fill").unlink(missing_ok=True)
+                    remove_segment(self.path)
                 except BlockingIOError:
                     pass
         finally:

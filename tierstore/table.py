@@ -49,15 +49,19 @@ class Table:
         self.device = device
         self.cuda = device.type == "cuda"
         self.disk = DiskTier(root, info, direct=direct, threads=io_threads)
-        self.host: CacheTier | SharedHostTier
-        if host_shared and host_rows > 0:
-            self.host = SharedHostTier(root, info, host_rows, self.disk, profile=profile, build_id=build_id)
-        else:
-            self.host = CacheTier("host", info, host_rows, device=torch.device("cpu"), pin=self.cuda,
-                                  policy=policy, profile=profile)
-        self.dev = CacheTier("device", info, device_rows, device=device, policy=policy, profile=profile)
-        self._after_lease: Callable[[], None] | None = None
-        self._preload()
+        self.host: CacheTier | SharedHostTier | None = None
+        try:
+            if host_shared and host_rows > 0:
+                self.host = SharedHostTier(root, info, host_rows, self.disk, profile=profile, build_id=build_id)
+            else:
+                self.host = CacheTier("host", info, host_rows, device=torch.device("cpu"), pin=self.cuda,
+                                      policy=policy, profile=profile)
+            self.dev = CacheTier("device", info, device_rows, device=device, policy=policy, profile=profile)
+            self._after_lease: Callable[[], None] | None = None
+            self._preload()
+        except BaseException:  # a failed open must not keep the row file or a shared segment
+            self.close()
+            raise
 
     # -- loading ----------------------------------------------------------------------------
     def _preload(self) -> None:

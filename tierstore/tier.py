@@ -50,11 +50,12 @@ class DiskTier:
         self.sums = load_checksums(root, info)
         # hotness-ordered layout: physical position of each row (memory-mapped, shared)
         self.pos = load_order(root, info) if info.order_file else None
+        self._perm: np.ndarray | None = None
         self.reader = PageReader(self.path, direct=direct, threads=threads)
         try:
             self._check_header()
-        except BaseException:
-            self.reader.close()
+        except BaseException:  # release the file and the checksum map now, not when the traceback goes
+            self.close()
             raise
         self._perm: np.ndarray | None = None
         self._local = threading.local()  # per-thread aligned read buffer
@@ -180,9 +181,9 @@ class DiskTier:
             self.read_seconds = 0.0
 
     def close(self) -> None:
+        """Close the row file and drop the checksum and order maps. Idempotent."""
         self.reader.close()
-        del self.sums
-        self.pos = self._perm = None
+        self.sums = self.pos = self._perm = None  # type: ignore[assignment]
 
 
 class CacheTier:
