@@ -21,6 +21,9 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from tokenizers import Tokenizer
 
+from tierstore.errors import TierStoreError
+from tierstore.files import check_versioned, read_json
+
 from engram_model.compression import build_compression
 from engram_model.errors import EngramConfigError
 from engram_model.model import EngramLM, ModelConfig
@@ -59,15 +62,10 @@ def read_config(path: str | Path) -> dict[str, Any]:
     if path.is_dir():
         path = path / "config.json"
     try:
-        cfg = json.loads(path.read_text())
-    except (OSError, ValueError) as e:
+        return check_versioned(read_json(path, what="model config"), fmt=FORMAT, version=VERSION,
+                               where=str(path), fix="re-save the checkpoint with this engram_model")
+    except TierStoreError as e:
         raise EngramConfigError(f"cannot read model config {str(path)!r}: {e}") from e
-    if cfg.get("format") != FORMAT or cfg.get("version") != VERSION:
-        raise EngramConfigError(
-            f"{str(path)!r} is not an {FORMAT} v{VERSION} config (format={cfg.get('format')!r}, "
-            f"version={cfg.get('version')!r})"
-        )
-    return cfg
 
 
 def load_checkpoint(

@@ -141,7 +141,12 @@ class SharedHostTier:
         self._slab_off = PAGE_SIZE + map_bytes
         self.nbytes_file = self._slab_off + _round_page(self.capacity * info.row_bytes)
 
-        self._fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o600)
+        try:
+            self._fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o600)
+        except OSError as e:  # e.g. EACCES: another user's processes hold this store's shared tier
+            raise os_error(e, "opening the shared host tier (shared tiers are per user: one user's "
+                              "processes cannot map another's; run the workers as one user or use host_shared=False)",
+                           self.path) from e
         try:
             fcntl.flock(self._fd, fcntl.LOCK_SH)  # "in use" for as long as we are open
             if not self._ready():

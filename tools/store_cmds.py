@@ -5,9 +5,11 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from pathlib import Path
 
 from tierstore.build import DEFAULT_TABLE_PATTERN, build_store
 from tierstore.recovery import find_orphans
+from tierstore.shared_host import SHM_DIR, remove_segment, stale_segments
 from tierstore.distributed import build_shard
 from tierstore.errors import TierStoreError
 from tierstore.format import FORMAT_NAME, PAGE_SIZE, read_manifest
@@ -57,6 +59,10 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                    help="directories holding stores (default: the current directory)")
     p.add_argument("--dry-run", action="store_true", help="only list what would be done")
     p.add_argument("--json", action="store_true", help="print one JSON object")
+    p.add_argument("--shm", action="store_true",
+                   help="also remove shared host tiers no process uses (left when every user was killed, "
+                        "or by a store since rebuilt)")
+    p.add_argument("--shm-dir", default=str(SHM_DIR), help=argparse.SUPPRESS)
     p.set_defaults(func=run_gc)
 
 
@@ -135,9 +141,20 @@ def run_gc(args: argparse.Namespace) -> int:
                           "action": o.action, "result": done})
             if not args.json:
                 print(done or f"would {o.action} {o.path}" + (f" -> {o.store}" if o.action == "restore" else ""))
+    if args.shm:
+        for seg in stale_segments(Path(args.shm_dir)):
+            done = None
+            if not args.dry_run:
+                remove_segment(seg)
+                done = f"removed unused shared host tier {seg}"
+            items.append({"path": str(seg), "kind": "shm", "store": None, "pid": None, "action": "remove",
+                          "result": done})
+            if not args.json:
+                print(done or f"would remove unused shared host tier {seg}")
     if args.json:
         print(json.dumps({"dry_run": args.dry_run, "items": items}))
     elif not items:
-        print(f"no leftovers of dead builds in {', '.join(args.dirs)}")
+        print(f"no leftovers of dead builds in {', '.join(args.dirs)}"
+              + (f" and no unused shared host tier in {args.shm_dir}" if args.shm else ""))
     failed = any(i["result"] and i["result"].startswith("could not") for i in items)
     return 1 if failed else 0

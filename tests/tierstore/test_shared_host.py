@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -125,3 +126,33 @@ def test_partial_shared_tier_needs_a_profile(shared_store):
     path, _, _ = shared_store
     with pytest.raises(tierstore.TierStoreError, match="--save-profile"):
         tierstore.open(path, device="cpu", host_budget=ROWS * DIM, host_shared=True)
+
+
+@pytest.mark.skipif(not SHM_DIR.is_dir(), reason="no /dev/shm")
+def test_segments_of_killed_users_are_removed_on_open_and_by_gc(tmp_path, capsys):
+    """If every user of a shared tier was SIGKILLed, its segment stayed in /dev/shm forever
+    after a rebuild. The next open of the store removes unused segments of earlier builds;
+    `tierstore gc --shm` finds unused ones machine-wide."""
+    from tools.cli import main
+
+    w = random_table(500, 16, torch.float32, seed=3)
+    save_file({NAME: w}, str(tmp_path / "m.safetensors"))
+    path = tierstore.build_store(tmp_path / "m.safetensors", tmp_path / "store", progress=False)
+    script = "import os, sys, tierstore\n" \
+             "s = tierstore.open(sys.argv[1], device='cpu', host_budget=10**6, host_shared=True)\n" \
+             "os.kill(os.getpid(), 9)\n"
+    run = subprocess.run([sys.executable, "-c", script, str(path)], env=dict(os.environ, PYTHONPATH=str(REPO)))
+    assert run.returncode == -signal.SIGKILL
+    (left,) = _shm_files(path)  # the killed user's segment
+    tierstore.build_store(tmp_path / "m.safetensors", path, force=True, progress=False)
+    with tierstore.open(path, device="cpu", host_budget=10**6, host_shared=True) as store:
+        assert left not in _shm_files(path), "open removes the unused segment of the earlier build"
+        assert torch.equal(bits(store.lookup(NAME, np.arange(500))), bits(w))
+        assert main(["gc", str(tmp_path), "--shm", "--dry-run"]) == 0
+        assert str(SHM_DIR / left) not in capsys.readouterr().out
+    run = subprocess.run([sys.executable, "-c", script, str(path)], env=dict(os.environ, PYTHONPATH=str(REPO)))
+    (left,) = _shm_files(path)
+    assert main(["gc", str(tmp_path), "--shm", "--json"]) == 0
+    doc = json.loads(capsys.readouterr().out)
+    assert str(SHM_DIR / left) in [i["path"] for i in doc["items"] if i["kind"] == "shm"]
+    assert not _shm_files(path)
