@@ -26,11 +26,10 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from . import faults
 from .checkpoint import Checkpoint, open_checkpoint
 from .errors import CapacityError, CheckpointError, StoreExistsError, StoreIOError, TierStoreError
-from . import faults
 from .files import fsync_dir, os_error, write_durable
-from .recovery import leftover_tag, publish, recover
 from .format import (
     DTYPES,
     PAGE_SIZE,
@@ -41,6 +40,7 @@ from .format import (
     row_stride_for,
     write_manifest,
 )
+from .recovery import leftover_tag, publish, recover
 
 __all__ = ["build_store", "DEFAULT_TABLE_PATTERN", "CHUNK_BYTES"]
 

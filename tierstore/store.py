@@ -12,16 +12,17 @@ import numpy as np
 import torch
 
 from .buffers import BufferPool
-from .recovery import recover
 from .errors import CapacityError, StoreClosedError, TierStoreError, UnknownTableError
 from .format import TableInfo, read_manifest
 from .ids import IdLike, as_row_ids
 from .prefetcher import LookupFuture, Prefetcher
 from .profile import load_profile
+from .recovery import recover
 from .sizes import format_size, parse_size
 from .table import Table
 
 __all__ = ["Store", "open_store", "IdLike"]
+
 
 def _default_device() -> torch.device:
     return torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
@@ -162,9 +163,10 @@ class Store:
             known = ", ".join(sorted(self._tables)[:10]) or "none"
             raise UnknownTableError(f"no table {table!r} in store {self.path}; tables: {known}") from None
 
-    def _prepare(self, table: str, ids: IdLike, out: torch.Tensor | None) -> tuple[Table, np.ndarray, torch.Tensor, tuple[int, ...]]:
+    def _prepare(self, table: str, ids: IdLike, out: torch.Tensor | None, *, copy: bool = True
+                 ) -> tuple[Table, np.ndarray, torch.Tensor, tuple[int, ...]]:
         t = self._table(table)
-        flat, shape = as_row_ids(ids, t.info.rows, where=f"table {t.info.name!r}")
+        flat, shape = as_row_ids(ids, t.info.rows, where=f"table {t.info.name!r}", copy=copy)
         full = shape + (t.info.dim,)
         if out is None:
             need = flat.size * t.info.row_bytes
@@ -222,7 +224,7 @@ class Store:
         """Rows ``ids`` of ``table``, bit-identical to the checkpoint: ``prefetch(...).result()``,
         run in the calling thread (the caller waits anyway; a hand-off to a worker thread costs
         more than a 64K-row gather from memory)."""
-        t, flat, buf, full = self._prepare(table, ids, out)
+        t, flat, buf, full = self._prepare(table, ids, out, copy=False)
         t.hint(flat)
         try:
             t.gather(flat, buf)

@@ -15,7 +15,6 @@ import random
 import re
 import shutil
 import struct
-from pathlib import Path
 
 import pytest
 import torch

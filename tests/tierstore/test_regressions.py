@@ -12,7 +12,7 @@ import pytest
 import torch
 
 import tierstore
-from tierstore import CorruptDataError, TierStoreError
+from tierstore import CorruptDataError
 
 from ..conftest import bits, random_table
 
