@@ -52,6 +52,20 @@ _EMPTY = np.empty(0, dtype=np.int64)
 # ----------------------------------------------------------------------------------------
 # Building blocks
 # ----------------------------------------------------------------------------------------
+
+def _add_capped(counts: np.ndarray, slots: np.ndarray, cap: int) -> None:
+    """``counts[s] += (times s occurs in slots)``, saturating at ``cap``.
+
+    Adds each slot's occurrences at once in int64 before capping: ``np.add.at`` on the
+    int8 counters wrapped past 127 when a row was hit that often in one batch (the row then
+    looked coldest and was evicted first). Touches only the slots hit, O(batch log batch),
+    instead of clamping every slot of the tier on every batch.
+    """
+    if slots.size == 0:
+        return
+    u, c = np.unique(slots, return_counts=True)
+    counts[u] = np.minimum(counts[u].astype(np.int64) + c, cap)
+
 class _LazyMin:
     """Amortized "k smallest keys" over per-slot int64 keys that only grow while resident.
 
@@ -498,9 +512,7 @@ class S3FIFOPolicy(Policy):
 
     def on_lookup(self, rows: np.ndarray, slots: np.ndarray, hit: np.ndarray) -> None:
         hs = slots[hit & (slots >= self.lo)]
-        if hs.size:
-            np.add.at(self.freq, hs, 1)
-            np.minimum(self.freq, 3, out=self.freq)
+        _add_capped(self.freq, hs, 3)
         self.tick += rows.size
 
     def on_insert(self, slots: np.ndarray, rows: np.ndarray) -> None:
@@ -818,9 +830,7 @@ class DefaultPolicy(Policy):
 
     def on_lookup(self, rows: np.ndarray, slots: np.ndarray, hit: np.ndarray) -> None:
         hs = slots[hit & (slots >= self.lo)]
-        if hs.size:
-            np.add.at(self.freq, hs, 1)
-            np.minimum(self.freq, 3, out=self.freq)
+        _add_capped(self.freq, hs, 3)
         self.hinted.consume(rows)
         if self.ranking.m > self.rank_lo:
             self._adapt(rows, slots, hit, hs)

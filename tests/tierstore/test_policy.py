@@ -250,3 +250,31 @@ def test_frequency_sketch_counts_and_ages():
     many = np.repeat(np.int64(42), 100)
     sk.add(many)
     assert sk.estimate(np.array([42]))[0] == 15  # 4-bit saturation
+
+
+@pytest.mark.parametrize("name", ["s3fifo", "default"])
+def test_many_hits_in_one_batch_do_not_wrap_the_frequency(name):
+    """int8 frequency counters wrapped when a row was hit more than ~124 times in one batch,
+    so the hottest row looked coldest and was evicted first. Counts saturate at 3: a batch
+    hitting a row 200 times must decide exactly as one hitting it 3 times."""
+    rng = np.random.default_rng(5)
+    profile = np.bincount(rng.zipf(1.3, 20000) % 5000, minlength=5000)
+    later = [rng.integers(0, 5000, size=64) for _ in range(60)]
+    states = []
+    for repeats in (3, 200):
+        idx = CacheIndex(5000, 100, name, profile=profile, rng=0)
+        warm = np.arange(1000, 1100)
+        idx.lookup(warm)
+        idx.admit(warm)  # fill the tier
+        hot = int(idx.row_of_slot[idx.row_of_slot >= 0][-1])
+        idx.lookup(np.full(repeats, hot))
+        assert int(idx.policy.freq[idx.slot_of_row[hot]]) == 3, f"{repeats} hits left frequency " \
+            f"{int(idx.policy.freq[idx.slot_of_row[hot]])}"
+        if name == "default":  # its adaptation sees the batch's length: only the count must match
+            continue
+        for batch in later:
+            slots = idx.lookup(batch)
+            idx.admit(np.unique(batch[slots < 0]))
+        states.append(idx.row_of_slot.copy())
+    if states:
+        assert np.array_equal(states[0], states[1]), "200 hits in one batch decided otherwise than 3"
