@@ -191,7 +191,6 @@ class ShardedStore:
         local = self.local._table(table)
         served = torch.empty((len(recv_ids), info.dim), dtype=info.raw_dtype, device=self.local.device)
         req = recv_ids.cpu().numpy()
-        local.hint(req)
         local.gather(req, served)
         row_bytes = info.row_bytes
         # rows travel as the widest integers dividing a row (gloo has no int16; fewer elements)

@@ -192,12 +192,14 @@ def replay(index: CacheIndex | None, rows: np.ndarray, bounds: np.ndarray, *, lo
            host: CacheIndex | None = None) -> None:
     """Run the accesses through a tier (``index``) and optionally the host tier below it,
     batch by batch, exactly as ``Table.gather`` of the store does, so that a live store's
-    counters equal the simulation's: hint the batch's ids (``store.prefetch`` does), look
-    them up in the device tier, look the sorted unique misses up in the host tier, admit
-    the host's misses there and all device misses into the device tier while the batch's
-    device hits are leased (they are being gathered, so they cannot be evicted).
+    counters equal the simulation's: look the batch's ids up in the device tier, look the
+    sorted unique misses up in the host tier, admit the host's misses there and all device
+    misses into the device tier while the batch's device hits are leased (they are being
+    gathered, so they cannot be evicted). A lookup does not hint its own batch: the lookup
+    would consume the hint at once, and the host tier would keep forever the hints of rows
+    the device tier served.
 
-    ``lookahead`` L > 0 also hints batch i+L before batch i is looked up: the ids of
+    ``lookahead`` L > 0 hints batch i+L before batch i is looked up: the ids of
     prefetches issued L steps ahead (the known future a serving engine can exploit).
     ``index`` None: the device tier is disabled (the host tier sees every batch).
     """
@@ -211,9 +213,6 @@ def replay(index: CacheIndex | None, rows: np.ndarray, bounds: np.ndarray, *, lo
             for t in tiers:
                 t.hint(rows[bounds[i + lookahead]: bounds[i + lookahead + 1]])
         b = rows[bounds[i]: bounds[i + 1]]
-        if lookahead == 0:  # each batch is hinted once, when its prefetch is issued
-            for t in tiers:
-                t.hint(b)
         if index is None:
             _host_step(host, np.unique(b))
             continue

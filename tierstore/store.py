@@ -197,9 +197,6 @@ class Store:
         t, flat, buf, full = self._prepare(table, ids, out)
 
         def job() -> torch.Tensor:
-            # the hint runs here, not in the caller: it takes the tier locks, which a busy
-            # worker may hold; a worker picks the job up at once, still ahead of its use
-            t.hint(flat)
             t.gather(flat, buf)
             return buf.view(full)
 
@@ -210,8 +207,6 @@ class Store:
         prepared = {name: self._prepare(name, ids, None) for name, ids in requests.items()}
 
         def job() -> dict[str, torch.Tensor]:
-            for t, flat, _, _ in prepared.values():
-                t.hint(flat)
             result = {}
             for name, (t, flat, buf, full) in prepared.items():
                 t.gather(flat, buf)
@@ -225,7 +220,6 @@ class Store:
         run in the calling thread (the caller waits anyway; a hand-off to a worker thread costs
         more than a 64K-row gather from memory)."""
         t, flat, buf, full = self._prepare(table, ids, out, copy=False)
-        t.hint(flat)
         try:
             t.gather(flat, buf)
         except TierStoreError:

@@ -46,6 +46,7 @@ class TableContext:
     base: str  # what a fractional capacity is a fraction of
     row_bytes: int | None
     profile: np.ndarray | None
+    store_table: str | None = None  # the store's table this trace is of (a .npy trace is named "trace")
 
 
 def parse_capacities(spec: str, n_rows: int, row_bytes: int | None) -> list[int]:
@@ -99,11 +100,13 @@ def _contexts(args: argparse.Namespace) -> list[TableContext]:
     for name in names:
         t = trace.tables[name]
         row_bytes = args.row_bytes
+        store_table = None
         if name in store_info:
+            store_table = name
             n_rows, row_bytes = store_info[name][0], row_bytes or store_info[name][1]
             base = "table rows"
         elif args.store and len(store_info) == 1 and len(names) == 1:
-            (n_rows, rb), = store_info.values()  # a .npy trace ("trace") of a one-table store
+            (store_table, (n_rows, rb)), = store_info.items()  # a .npy trace ("trace") of a one-table store
             row_bytes = row_bytes or rb
             base = "table rows"
         elif args.store:
@@ -127,9 +130,8 @@ def _contexts(args: argparse.Namespace) -> list[TableContext]:
             pt_rows = pt.rows[pt.rows < sim_rows]
             profile = count_rows(pt_rows, sim_rows)
         elif args.store:
-            profile = load_profile(args.store, name if name in store_info else next(iter(store_info)),
-                                   n_rows=sim_rows)
-        ctx = TableContext(name, t, n_rows, base, row_bytes, profile)
+            profile = load_profile(args.store, store_table, n_rows=sim_rows)
+        ctx = TableContext(name, t, n_rows, base, row_bytes, profile, store_table)
         ctx.sim_rows = sim_rows  # type: ignore[attr-defined]
         out.append(ctx)
     return out
@@ -146,9 +148,10 @@ def run_profile(args: argparse.Namespace) -> int:
             raise TierStoreError("--save-profile records into a store: give --store STORE")
         for c in ctxs:
             counts = count_rows(c.trace.rows, c.sim_rows)  # type: ignore[attr-defined]
-            path = save_profile(args.store, c.name, counts, meta={"source": str(args.trace),
+            # under the store's name of the table: a .npy trace's "trace" would never be loaded
+            path = save_profile(args.store, c.store_table, counts, meta={"source": str(args.trace),
                                                                    "lookups": int(c.trace.rows.size)})
-            print(f"saved profile of {c.name}: {int(counts.sum()):,} accesses, "
+            print(f"saved profile of {c.store_table}: {int(counts.sum()):,} accesses, "
                   f"{int(np.count_nonzero(counts)):,} rows seen -> {path}", file=sys.stderr)
         if args.capacity is None and not args.plot and not args.rank_plot:
             return 0

@@ -210,3 +210,19 @@ def test_a_request_that_cannot_fit_is_refused_before_allocating(tmp_path):
             store.lookup(NAME, ids)
         with pytest.raises(CapacityError):
             store.prefetch(NAME, ids)
+
+
+def test_lookups_leave_no_hints_behind(tmp_path):
+    """lookup/prefetch hinted the very batch they read: the device tier consumed the hints at
+    once, and the host tier kept permanent "coming soon" hints for every row the device tier
+    served (it only sees device misses), refusing to evict them."""
+    out, _ = _build(tmp_path, 5000, 16)
+    with tierstore.open(out, device="cpu", device_budget=64 * 64, host_budget=64 * 400, policy="default") as store:
+        rng = np.random.default_rng(0)
+        for _ in range(50):
+            ids = rng.zipf(1.2, 256) % 5000
+            store.lookup(NAME, ids)
+            store.prefetch(NAME, ids).result()
+        table = store._tables[NAME]
+        for tier in (table.dev, table.host):
+            assert int(tier.index.policy.hinted.count.sum()) == 0, f"{tier.name} tier holds stale hints"

@@ -145,3 +145,21 @@ def test_errors_are_one_line(tmp_path: Path, capsys: pytest.CaptureFixture[str])
     assert "--row-bytes" in capsys.readouterr().err
     assert cli(["trace", "--checkpoint", str(tmp_path), "--stdlib", "--out", str(tmp_path / "x")]) == 2
     assert "config.json" in capsys.readouterr().err
+
+
+def test_save_profile_from_npy_trace_lands_under_the_store_table(tmp_path: Path, small_ckpt):
+    """`profile --save-profile` on a .npy trace saved the profile under the table name
+    "trace", so the store never loaded it and static/default ran without a profile."""
+    import tierstore
+    from tierstore.profile import has_profile, load_profile
+    from safetensors.torch import save_file
+
+    _, tensors = small_ckpt
+    name = "blocks.1.engram.memory.weight"
+    save_file({name: tensors[name]}, str(tmp_path / "one.safetensors"))
+    store = tierstore.build_store(tmp_path / "one.safetensors", tmp_path / "store", progress=False)
+    rows = np.random.default_rng(0).zipf(1.2, 20000) % 5003
+    np.save(tmp_path / "t.npy", rows)
+    assert cli(["profile", "--trace", str(tmp_path / "t.npy"), "--store", str(store), "--save-profile"]) == 0
+    assert has_profile(store, name) and not has_profile(store, "trace")
+    assert np.array_equal(load_profile(store, name), np.bincount(rows, minlength=5003))
