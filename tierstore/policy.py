@@ -284,9 +284,7 @@ class FrequencySketch:
         if rows.size == 0:
             return
         for r, idx in enumerate(self._idx(rows)):
-            t = self.table[r]
-            np.add.at(t, idx, 1)
-            np.minimum(t, self.max_count, out=t)
+            _add_capped(self.table[r], idx, self.max_count)  # the counters hit, not all 4 x width
         self.added += rows.size
         if self.added >= self.sample:
             self.table >>= 1
@@ -737,8 +735,10 @@ class _ProfileRank:
     def __init__(self, profile: np.ndarray | None, m: int):
         top = hot_rows(profile, m)
         order = np.argsort(top, kind="stable")
-        self.rows = top[order].astype(np.int32)  # table rows are < 2**31 (CacheIndex)
-        self.ranks = order.astype(np.int32)  # position in hotness order
+        # int64 like the row ids it is searched with: a mixed-dtype searchsorted converts the
+        # whole array on every call (~11 calls per lookup). 8 bytes per ranked row, not per table row.
+        self.rows = top[order].astype(np.int64)
+        self.ranks = order.astype(np.int64)  # position in hotness order
         self.m = top.size
 
     def rank(self, rows: np.ndarray) -> np.ndarray:
@@ -746,7 +746,7 @@ class _ProfileRank:
             return np.full(rows.size, 0, dtype=np.int64)
         i = np.searchsorted(self.rows, rows)
         i[i >= self.m] = self.m - 1
-        return np.where(self.rows[i] == rows, self.ranks[i].astype(np.int64), self.m)
+        return np.where(self.rows[i] == rows, self.ranks[i], self.m)
 
 
 class DefaultPolicy(Policy):
