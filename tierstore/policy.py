@@ -693,6 +693,7 @@ class _HintTable:
         self.rows = np.full(n, -1, dtype=np.int32)
         self.count = np.zeros(n, dtype=np.uint8)
         self.seed = seed
+        self.live = 0  # buckets with an outstanding hint: with none, a lookup skips the hashing
 
     def _h(self, rows: np.ndarray) -> np.ndarray:
         return (_hash64(rows, self.seed) >> self.shift).astype(np.int64)
@@ -706,22 +707,24 @@ class _HintTable:
         # a flood of short-lived hints must not erase a long-range one)
         ok = same | (self.count[h] == 0)
         h, rows, same = h[ok], rows[ok], same[ok]
+        self.live += np.unique(h[self.count[h] == 0]).size
         # a row hinted several times in one call counts once (fancy assignment, no sort)
         self.count[h] = np.where(same, np.minimum(self.count[h], 254) + 1, 1)
         self.rows[h] = rows
 
     def consume(self, rows: np.ndarray) -> None:
-        if rows.size == 0:
+        if rows.size == 0 or self.live == 0:
             return
         h = self._h(rows)
         same = self.rows[h] == rows
         hs = h[same]
         c = self.count[hs]
+        self.live -= np.unique(hs[c == 1]).size
         self.count[hs] = np.where(c > 0, c - 1, 0)
 
     def outstanding(self, rows: np.ndarray) -> np.ndarray:
-        if rows.size == 0:
-            return np.zeros(0, dtype=bool)
+        if rows.size == 0 or self.live == 0:
+            return np.zeros(rows.size, dtype=bool)
         h = self._h(rows)
         return (self.rows[h] == rows) & (self.count[h] > 0)
 
@@ -847,9 +850,11 @@ class DefaultPolicy(Policy):
         w = max(16, int(self.margin * self.n_dyn))
         edge = self.rank_lo + self.core_target
         missed = rows[~hit]
-        r_miss = self.ranking.rank(missed) if missed.size else _EMPTY
-        gain = np.count_nonzero((r_miss >= edge) & (r_miss < edge + w))
-        ghost = np.count_nonzero(self.ghost.age(missed[r_miss >= edge]) <= w)
+        gain = ghost = 0
+        if missed.size:
+            r_miss = self.ranking.rank(missed)
+            gain = np.count_nonzero((r_miss >= edge) & (r_miss < edge + w))
+            ghost = np.count_nonzero(self.ghost.age(missed[r_miss >= edge]) <= w)
         if self.adapt_mode == "ghost":
             delta = gain - ghost
         else:
@@ -871,7 +876,7 @@ class DefaultPolicy(Policy):
                 delta = loss - dyn
             else:
                 delta = 0.0
-        self.core_target = float(np.clip(self.core_target + self.adapt_step * delta, 0, self.n_dyn))
+        self.core_target = min(max(self.core_target + self.adapt_step * float(delta), 0.0), float(self.n_dyn))
 
     def on_insert(self, slots: np.ndarray, rows: np.ndarray) -> None:
         self.freq[slots] = 0

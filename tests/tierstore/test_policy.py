@@ -278,3 +278,21 @@ def test_many_hits_in_one_batch_do_not_wrap_the_frequency(name):
         states.append(idx.row_of_slot.copy())
     if states:
         assert np.array_equal(states[0], states[1]), "200 hits in one batch decided otherwise than 3"
+
+
+def test_hint_table_counts_its_outstanding_buckets():
+    """The hint table's `live` count (which lets lookups skip hashing when no hint is
+    outstanding) equals a brute-force count of non-zero buckets after any add/consume mix."""
+    from tierstore.policy import _HintTable
+
+    rng = np.random.default_rng(9)
+    t = _HintTable(64)
+    for step in range(400):
+        rows = rng.integers(0, 500, size=int(rng.integers(0, 40)))
+        (t.add if rng.random() < 0.4 else t.consume)(rows)
+        assert t.live == np.count_nonzero(t.count), step
+    probe = np.arange(500)
+    for _ in range(256):  # a call consumes each row's hint once: 255 calls empty any bucket
+        t.consume(probe)
+    assert t.live == np.count_nonzero(t.count) == 0
+    assert not t.outstanding(probe).any()

@@ -1,0 +1,98 @@
+"""Exact LRU at every capacity from stack distances, against independent LRU caches
+(an OrderedDict LRU, cachetools.LRUCache) and the store's own LRU one access at a time."""
+
+from __future__ import annotations
+
+import re
+import sysconfig
+from collections import OrderedDict
+from pathlib import Path
+
+import cachetools
+import numpy as np
+import pytest
+
+from tierstore.cache_index import CacheIndex
+from tierstore.stack_distance import lru_hits, stack_distances
+
+
+def ordered_dict_lru(trace: np.ndarray, cap: int) -> tuple[int, int, int]:
+    cache: OrderedDict[int, None] = OrderedDict()
+    hits = ins = ev = 0
+    for r in trace.tolist():
+        if r in cache:
+            hits += 1
+            cache.move_to_end(r)
+            continue
+        if cap == 0:
+            continue
+        if len(cache) >= cap:
+            cache.popitem(last=False)
+            ev += 1
+        cache[r] = None
+        ins += 1
+    return hits, ins, ev
+
+
+def cachetools_lru_hits(trace: np.ndarray, cap: int) -> int:
+    cache = cachetools.LRUCache(maxsize=cap)
+    hits = 0
+    for r in trace.tolist():
+        if r in cache:
+            hits += 1
+            cache[r]  # a read refreshes recency
+        else:
+            cache[r] = True
+    return hits
+
+
+def real_text_trace(n: int) -> np.ndarray:
+    """Word ids of the Python standard library's source, in reading order (Zipfian, real)."""
+    ids: dict[str, int] = {}
+    out: list[int] = []
+    for path in sorted(Path(sysconfig.get_paths()["stdlib"]).glob("*.py")):
+        for w in re.findall(r"[A-Za-z_]+", path.read_text(errors="replace")):
+            out.append(ids.setdefault(w, len(ids)))
+        if len(out) >= n:
+            break
+    return np.array(out[:n], dtype=np.int64)
+
+
+TRACES = {
+    "uniform": lambda: np.random.default_rng(0).integers(0, 300, 4000),
+    "zipf": lambda: np.random.default_rng(1).zipf(1.2, 6000) % 5000,
+    "real-text": lambda: real_text_trace(20000),
+    "one-row": lambda: np.zeros(50, dtype=np.int64),
+    "huge-ids": lambda: np.random.default_rng(2).integers(0, 300, 3000) * 10**12,
+}
+
+
+@pytest.mark.parametrize("name", TRACES)
+def test_lru_at_every_capacity_equals_ordered_dict_and_cachetools(name):
+    trace = TRACES[name]()
+    caps = [0, 1, 2, 7, 64, 300, 1000, 10**6]
+    got = lru_hits(trace, caps)
+    for c in caps:
+        assert got[c] == ordered_dict_lru(trace, c), f"capacity {c}"
+        if c > 0:
+            assert got[c][0] == cachetools_lru_hits(trace, c), f"capacity {c} vs cachetools"
+
+
+@pytest.mark.parametrize("name", ["zipf", "real-text"])
+def test_equals_the_stores_lru_one_access_at_a_time(name):
+    trace = TRACES[name]()[:5000]
+    dense = np.unique(trace, return_inverse=True)[1].reshape(-1)
+    for cap in (16, 256):
+        idx = CacheIndex(int(dense.max()) + 1, cap, "lru")
+        for r in dense:
+            s = idx.lookup(np.array([r]))
+            if s[0] < 0:
+                idx.admit(np.array([r]))
+        assert lru_hits(dense, [cap])[cap] == (idx.hits, idx.insertions, idx.evictions)
+
+
+def test_distances_by_hand():
+    #                       a  b  a  c  b  a  a
+    d = stack_distances(np.array([1, 2, 1, 3, 2, 1, 1]))
+    assert d.tolist() == [-1, -1, 1, -1, 2, 2, 0]
+    assert stack_distances(np.array([], dtype=np.int64)).size == 0
