@@ -119,7 +119,7 @@ def main(argv: list[str] | None = None) -> dict:
     res["lru_exact"] = {"hit_ratio": one.hit_ratio, "seconds": one_s, "lookups_s": test.size / one_s,
                         "capacities": len(caps50), "seconds_all_capacities": many_s,
                         "x_single": many_s / one_s,
-                        "curve": {r.capacity_rows: round(r.hit_ratio, 5) for r in many}}
+                        "curve": [[r.capacity_rows, round(r.hit_ratio, 5)] for r in many]}
     print(f"{'lru exact':10s} {one.hit_ratio:9.4f} {test.size / one_s / 1e6:10.2f}M (one access at a time, "
           f"stack distances; {len(caps50)} capacities in {many_s:.2f} s = {many_s / one_s:.2f}x one)")
     t0 = time.perf_counter()
