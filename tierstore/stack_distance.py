@@ -85,14 +85,16 @@ def lru_hits(rows: np.ndarray, capacities: list[int] | np.ndarray) -> dict[int, 
     if any(c < 0 for c in caps):
         raise TierStoreError(f"capacities must be >= 0, got {caps}")
     d = stack_distances(rows)
-    cold = int(np.count_nonzero(d < 0))  # distinct rows
-    warm = np.sort(d[d >= 0])
+    cold = int(np.count_nonzero(d < 0))  # distinct rows; every distance is below it
+    top = min(max(caps, default=0), cold)
+    # hits at capacity c = accesses with distance 0 .. c-1: a histogram, not a sort
+    below = np.cumsum(np.bincount(np.minimum(d[d >= 0], top), minlength=top + 1))
     out = {}
     for c in caps:
         if c == 0:
             out[c] = (0, 0, 0)
             continue
-        hits = int(np.searchsorted(warm, c, side="left"))  # distances 0 .. c-1 hit
+        hits = int(below[min(c, top) - 1]) if top else 0
         misses = d.size - hits
         out[c] = (hits, misses, misses - min(c, cold))
     return out
