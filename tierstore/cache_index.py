@@ -92,7 +92,7 @@ class CacheIndex:
         # rows the policy wants resident from the start (evictable, unlike pinned ones)
         pre = policy.prefill()
         if pre.size:
-            self._insert(pre[self.slot_of_row[pre] < 0])
+            self._insert(pre[self.slot_of_row[pre] < 0], prefill=True)
         self.hits = self.misses = self.evictions = self.insertions = 0
 
     # --- statistics ---------------------------------------------------------------------
@@ -162,7 +162,7 @@ class CacheIndex:
         ins, slots = self._insert(ins)
         return ins, slots, evicted
 
-    def _insert(self, ins: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    def _insert(self, ins: np.ndarray, *, prefill: bool = False) -> tuple[np.ndarray, np.ndarray]:
         ins = ins[: self._n_free]
         if ins.size == 0:
             return _EMPTY, _EMPTY
@@ -171,7 +171,7 @@ class CacheIndex:
         self.slot_of_row[ins] = slots.astype(np.int32)
         self.row_of_slot[slots] = ins
         self.insertions += ins.size
-        self.policy.on_insert(slots, ins)
+        (self.policy.on_prefill if prefill else self.policy.on_insert)(slots, ins)
         return ins, slots
 
     def lease(self, slots: np.ndarray) -> None:

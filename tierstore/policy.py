@@ -399,6 +399,10 @@ class Policy:
     def victims(self, k: int) -> np.ndarray:
         return _EMPTY
 
+    def on_prefill(self, slots: np.ndarray, rows: np.ndarray) -> None:
+        """``prefill()``'s rows were inserted into ``slots`` (before any lookup)."""
+        self.on_insert(slots, rows)
+
     def on_insert(self, slots: np.ndarray, rows: np.ndarray) -> None:
         pass
 
@@ -678,55 +682,73 @@ def hot_rows(profile: np.ndarray | None, k: int) -> np.ndarray:
 
 
 class _HintTable:
-    """Outstanding hints: rows an issued prefetch will use, not yet looked up.
+    """Outstanding hints: rows an announced future batch will use, not yet looked up.
 
-    Direct-mapped (O(capacity) memory): per bucket a row id and a small count, +1 per
-    hint, -1 when the row is looked up. A prefetch that is hinted and then looked up at
-    once leaves nothing behind; only hints for *later* batches stay outstanding, which is
-    exactly the known future. A collision with an outstanding hint drops the new one (a
-    lost hint, never a false one).
+    Direct-mapped (O(capacity) memory): per bucket a row id, a small count (+1 per hint,
+    -1 when the row is looked up) and the access time of its latest hint. A hint not used
+    within ``horizon`` accesses expires: a serving loop that announced a request it then
+    dropped must not protect those rows forever. A collision with an outstanding hint
+    drops the new one (a lost hint, never a false one). ``now`` is the policy's access
+    count; bucket times are kept mod 2**32 (ages compared wrap-aware).
     """
 
-    def __init__(self, size: int, seed: int = 11):
+    def __init__(self, size: int, seed: int = 11, horizon: int = 1 << 20):
         n = 1 << max(10, int(np.ceil(np.log2(max(1, 4 * size)))))
         self.shift = np.uint64(64 - int(np.log2(n)))
         self.rows = np.full(n, -1, dtype=np.int32)
         self.count = np.zeros(n, dtype=np.uint8)
+        self.stamp = np.zeros(n, dtype=np.uint32)
         self.seed = seed
-        self.live = 0  # buckets with an outstanding hint: with none, a lookup skips the hashing
+        self.horizon = int(horizon)
+        self.live = 0  # buckets with count > 0 (fresh or not yet noticed stale)
+        self.last_add = 0
 
     def _h(self, rows: np.ndarray) -> np.ndarray:
         return (_hash64(rows, self.seed) >> self.shift).astype(np.int64)
 
-    def add(self, rows: np.ndarray) -> None:
+    def _fresh(self, h: np.ndarray, now: int) -> np.ndarray:
+        return ((np.uint32(now & 0xFFFFFFFF) - self.stamp[h]) & np.uint32(0xFFFFFFFF)) <= self.horizon
+
+    def _idle(self, now: int) -> bool:
+        """True when no hint can be outstanding (then lookups skip all hashing). Once every
+        hint is older than the horizon, the table is cleared in one pass."""
+        if self.live and now - self.last_add > self.horizon:
+            self.count[:] = 0
+            self.live = 0
+        return self.live == 0
+
+    def add(self, rows: np.ndarray, now: int) -> None:
         if rows.size == 0:
             return
         h = self._h(rows)
-        same = self.rows[h] == rows
+        fresh = self._fresh(h, now) & (self.count[h] > 0)
+        same = (self.rows[h] == rows) & fresh
         # an outstanding hint of another row keeps its bucket (the new hint is lost instead:
         # a flood of short-lived hints must not erase a long-range one)
-        ok = same | (self.count[h] == 0)
+        ok = same | ~fresh
         h, rows, same = h[ok], rows[ok], same[ok]
         self.live += np.unique(h[self.count[h] == 0]).size
         # a row hinted several times in one call counts once (fancy assignment, no sort)
         self.count[h] = np.where(same, np.minimum(self.count[h], 254) + 1, 1)
         self.rows[h] = rows
+        self.stamp[h] = np.uint32(now & 0xFFFFFFFF)
+        self.last_add = now
 
-    def consume(self, rows: np.ndarray) -> None:
-        if rows.size == 0 or self.live == 0:
+    def consume(self, rows: np.ndarray, now: int) -> None:
+        if rows.size == 0 or self._idle(now):
             return
         h = self._h(rows)
-        same = self.rows[h] == rows
-        hs = h[same]
+        hs = h[self.rows[h] == rows]
         c = self.count[hs]
-        self.live -= np.unique(hs[c == 1]).size
-        self.count[hs] = np.where(c > 0, c - 1, 0)
+        new = np.where((c > 0) & self._fresh(hs, now), c - 1, 0).astype(np.uint8)  # a stale hint is dropped
+        self.live -= np.unique(hs[(c > 0) & (new == 0)]).size
+        self.count[hs] = new
 
-    def outstanding(self, rows: np.ndarray) -> np.ndarray:
-        if rows.size == 0 or self.live == 0:
+    def outstanding(self, rows: np.ndarray, now: int) -> np.ndarray:
+        if rows.size == 0 or self._idle(now):
             return np.zeros(rows.size, dtype=bool)
         h = self._h(rows)
-        return (self.rows[h] == rows) & (self.count[h] > 0)
+        return (self.rows[h] == rows) & (self.count[h] > 0) & self._fresh(h, now)
 
 
 class _ProfileRank:
@@ -769,10 +791,9 @@ class DefaultPolicy(Policy):
     * **Dynamic part**: S3-FIFO (small probation FIFO, main FIFO with reinsertion, ghost),
       which keeps one-hit wonders (most of a Zipfian n-gram stream) out of main.
 
-    Hints (the ids of an issued prefetch): a row with an outstanding hint (hinted, not yet
-    looked up: a later batch will use it) is not evicted from the dynamic part while
-    others can go, and enters main directly when it misses. A hint for the very batch
-    being looked up (what every ``store.prefetch`` sends) cancels out.
+    Hints (``Store.hint``: ids a later batch will use): a row with an outstanding hint
+    (hinted, not yet looked up, not older than ``hint_horizon`` accesses) is not evicted
+    from the dynamic part while others can go, and enters main directly when it misses.
     """
 
     name = "default"
@@ -780,8 +801,10 @@ class DefaultPolicy(Policy):
     def __init__(self, capacity: int, *, rng: np.random.Generator | int | None = None,
                  pin_fraction: float = 0.1, small_fraction: float = 0.25,
                  adapt_step: float = 2.0, margin: float = 0.1, initial_core: float = 0.5,
-                 adapt: str = "density"):
+                 adapt: str = "density", hint_horizon: int | None = None):
         super().__init__(capacity, rng=rng)
+        # accesses after which an unused hint expires (default: max(4 x capacity, 2**20))
+        self.hint_horizon = hint_horizon
         if not 0.0 <= pin_fraction <= 1.0:
             raise TierStoreError(f"pin_fraction={pin_fraction!r} must lie in [0, 1]")
         self.pin_fraction = pin_fraction
@@ -816,7 +839,7 @@ class DefaultPolicy(Policy):
         self.small = _Ring(n)
         self.main = _Ring(n)
         self.ghost = _Ghost(max(1, n))
-        self.hinted = _HintTable(max(1, n))
+        self.hinted = _HintTable(max(1, n), horizon=self.hint_horizon or max(4 * self.capacity, 1 << 20))
         # ranks below rank_lo are pinned (never missed); the ranked core starts half the rest
         self.rank_lo = lo if self.ranking.m else 0
         self.core_target = self.initial_core * n if self.ranking.m > self.rank_lo else 0.0
@@ -824,8 +847,7 @@ class DefaultPolicy(Policy):
     def prefill(self) -> np.ndarray:
         # every free slot starts with the next-ranked rows: no compulsory misses on the core;
         # ranks past the target are the first to go when the dynamic part needs room
-        self._prefilling = True  # on_insert: these all join the core (trimmed when over target)
-        return self.ranking_rows()[self.rank_lo: self.rank_lo + self.n_dyn]
+        return self.ranking_rows()[self.rank_lo: self.rank_lo + self.n_dyn]  # see on_prefill
 
     # -- helpers ---------------------------------------------------------------------------
     def _core_worthy(self, ranks: np.ndarray) -> np.ndarray:
@@ -834,7 +856,7 @@ class DefaultPolicy(Policy):
     def on_lookup(self, rows: np.ndarray, slots: np.ndarray, hit: np.ndarray) -> None:
         hs = slots[hit & (slots >= self.lo)]
         _add_capped(self.freq, hs, 3)
-        self.hinted.consume(rows)
+        self.hinted.consume(rows, self.tick)
         if self.ranking.m > self.rank_lo:
             self._adapt(rows, slots, hit, hs)
         self.tick += rows.size
@@ -878,15 +900,21 @@ class DefaultPolicy(Policy):
                 delta = 0.0
         self.core_target = min(max(self.core_target + self.adapt_step * float(delta), 0.0), float(self.n_dyn))
 
+    def on_prefill(self, slots: np.ndarray, rows: np.ndarray) -> None:
+        # the prefilled ranked rows all join the core (trimmed when over target). This was a
+        # flag set by prefill() and cleared by the next insert: with nothing to prefill (no
+        # profile) the first rows ever admitted joined the core and were evicted first.
+        self._place(slots, rows, np.ones(rows.size, dtype=bool))
+
     def on_insert(self, slots: np.ndarray, rows: np.ndarray) -> None:
-        self.freq[slots] = 0
-        if getattr(self, "_prefilling", False):
-            self._prefilling = False
-            core = np.ones(rows.size, dtype=bool)
-        elif self.ranking.m:
+        if self.ranking.m:
             core = self._core_worthy(self.ranking.rank(rows))
         else:
             core = np.zeros(rows.size, dtype=bool)
+        self._place(slots, rows, core)
+
+    def _place(self, slots: np.ndarray, rows: np.ndarray, core: np.ndarray) -> None:
+        self.freq[slots] = 0
         cs = slots[core]
         if cs.size:
             self.seg[cs] = 1
@@ -894,7 +922,7 @@ class DefaultPolicy(Policy):
             self.core.touched(cs)
             self.n_core += cs.size
         ds, dr = slots[~core], rows[~core]
-        to_main = self.ghost.contains(dr) | self.hinted.outstanding(dr)
+        to_main = self.ghost.contains(dr) | self.hinted.outstanding(dr, self.tick)
         self.ghost.discard(dr[to_main])
         self.seg[ds[to_main]] = 3
         self.main.push(ds[to_main])
@@ -913,7 +941,7 @@ class DefaultPolicy(Policy):
         else:
             c_rows, d_rows = _EMPTY, rows
         if d_rows.size > 1:  # rows with a known next use first: if room runs out, others bypass
-            soon = self.hinted.outstanding(d_rows)
+            soon = self.hinted.outstanding(d_rows, self.tick)
             if soon.any():
                 d_rows = np.concatenate([d_rows[soon], d_rows[~soon]])
         # the dynamic part may use everything but the core's target (a core over target shrinks)
@@ -955,7 +983,7 @@ class DefaultPolicy(Policy):
             if self.small.len > small_target or self.main.len == 0:
                 s = self.small.pop(need)
                 leased = ~self._evictable(s)
-                soon = self.hinted.outstanding(self.index.row_of_slot[s])
+                soon = self.hinted.outstanding(self.index.row_of_slot[s], self.tick)
                 keep = ~leased & ((self.freq[s] >= 1) | soon)
                 ev = ~leased & ~keep
                 self.small.push(s[leased])
@@ -965,7 +993,7 @@ class DefaultPolicy(Policy):
             else:
                 s = self.main.pop(need)
                 leased = ~self._evictable(s)
-                soon = self.hinted.outstanding(self.index.row_of_slot[s])
+                soon = self.hinted.outstanding(self.index.row_of_slot[s], self.tick)
                 keep = ~leased & ((self.freq[s] > 0) | soon)
                 ev = ~leased & ~keep
                 dec = keep & (self.freq[s] > 0)
@@ -979,7 +1007,7 @@ class DefaultPolicy(Policy):
         return np.concatenate(out) if out else _EMPTY
 
     def hint(self, rows: np.ndarray) -> None:
-        self.hinted.add(np.asarray(rows, dtype=np.int64))
+        self.hinted.add(np.asarray(rows, dtype=np.int64), self.tick)
 
 
 POLICIES: dict[str, type[Policy]] = {

@@ -228,6 +228,16 @@ class Store:
             raise TierStoreError(f"lookup failed: {type(e).__name__}: {e}") from e
         return buf.view(full)
 
+    def hint(self, table: str, ids: IdLike) -> None:
+        """Announce rows of ``table`` that a later lookup will read (queued requests, the next
+        batch): the cache policy that uses hints (``default``) keeps them rather than others
+        and admits them first. A lookup consumes a row's hint; a hint not used within the
+        policy's horizon (``max(4 x capacity, 2**20)`` accesses) expires. Lookups do not hint
+        their own ids. Cheap and synchronous; bad ids raise as in ``lookup``."""
+        t = self._table(table)
+        flat, _ = as_row_ids(ids, t.info.rows, where=f"table {t.info.name!r}", copy=False)
+        t.hint(flat)
+
     def stats(self) -> dict[str, Any]:
         """Counters per tier (summed over tables) and per table.
 

@@ -179,11 +179,20 @@ class Table:
                     host.index.release_batch(held)
 
     def hint(self, ids: np.ndarray) -> None:
-        """Tell the cache policies which rows an issued prefetch will use (the known future)."""
-        for tier in (self.dev, self.host):
-            if tier.index is not None:
-                with tier.lock:
-                    tier.index.hint(ids)
+        """Announce rows a later lookup will read (the known future). Each tier hears only
+        what it can act on: the device tier every id, the host tier only the ids the device
+        tier does not hold now (it sees nothing else, so other hints would never be used)."""
+        ids = np.unique(ids)
+        dev, host = self.dev, self.host
+        if dev.index is not None:
+            with dev.lock:
+                dev.index.hint(ids)
+                ids = ids[~dev.index.resident(ids)]
+        elif dev.resident:
+            return  # the device tier is the table: nothing reaches the host tier
+        if host.index is not None and ids.size:
+            with host.lock:
+                host.index.hint(ids)
 
     def stats(self) -> dict[str, dict[str, float]]:
         return {"device": self.dev.stats(), "host": self.host.stats(), "disk": self.disk.stats()}

@@ -280,19 +280,44 @@ def test_many_hits_in_one_batch_do_not_wrap_the_frequency(name):
         assert np.array_equal(states[0], states[1]), "200 hits in one batch decided otherwise than 3"
 
 
-def test_hint_table_counts_its_outstanding_buckets():
+def test_hint_table_counts_its_outstanding_buckets_and_expires_hints():
     """The hint table's `live` count (which lets lookups skip hashing when no hint is
-    outstanding) equals a brute-force count of non-zero buckets after any add/consume mix."""
+    outstanding) equals a brute-force count of non-zero buckets after any add/consume mix;
+    a hint older than the horizon is no longer outstanding, and once all are, none is."""
     from tierstore.policy import _HintTable
 
     rng = np.random.default_rng(9)
-    t = _HintTable(64)
+    t = _HintTable(64, horizon=10**9)
+    now = 0
     for step in range(400):
         rows = rng.integers(0, 500, size=int(rng.integers(0, 40)))
-        (t.add if rng.random() < 0.4 else t.consume)(rows)
+        (t.add if rng.random() < 0.4 else t.consume)(rows, now)
+        now += rows.size
         assert t.live == np.count_nonzero(t.count), step
     probe = np.arange(500)
     for _ in range(256):  # a call consumes each row's hint once: 255 calls empty any bucket
-        t.consume(probe)
+        t.consume(probe, now)
     assert t.live == np.count_nonzero(t.count) == 0
-    assert not t.outstanding(probe).any()
+    assert not t.outstanding(probe, now).any()
+
+    t = _HintTable(64, horizon=100)
+    t.add(np.array([7, 8]), now=1000)
+    assert t.outstanding(np.array([7, 8, 9]), now=1100).tolist() == [True, True, False]
+    t.add(np.array([9]), now=1050)
+    assert t.outstanding(np.array([7, 9]), now=1101).tolist() == [False, True]  # 7 expired
+    t.add(np.array([7]), now=1101)  # an expired hint's bucket is free again
+    assert t.outstanding(np.array([7]), now=1150).tolist() == [True]
+    assert t.outstanding(np.array([7, 9]), now=5000).tolist() == [False, False]
+    assert t.live == 0 and not t.count.any(), "all hints stale: the table is cleared"
+
+
+def test_default_without_a_profile_admits_into_the_dynamic_part():
+    """prefill() set a flag that the next insert cleared: with nothing to prefill (no
+    profile) the first rows ever admitted joined the ranked core, whose target is 0, and
+    were evicted first."""
+    idx = CacheIndex(1000, 50, "default")
+    first = np.arange(10)
+    idx.lookup(first)
+    idx.admit(first)
+    assert idx.policy.n_core == 0
+    assert (idx.policy.seg[idx.slot_of_row[first]] >= 2).all()

@@ -226,3 +226,43 @@ def test_lookups_leave_no_hints_behind(tmp_path):
         table = store._tables[NAME]
         for tier in (table.dev, table.host):
             assert int(tier.index.policy.hinted.count.sum()) == 0, f"{tier.name} tier holds stale hints"
+
+
+def test_announced_rows_reach_the_tier_that_can_use_them(tmp_path):
+    """Store.hint announces future rows: the device tier hears every id, the host tier only
+    the ids the device tier does not hold; a lookup consumes them."""
+    out, _ = _build(tmp_path, 5000, 16)
+    with tierstore.open(out, device="cpu", device_budget=64 * 100, host_budget=64 * 800, policy="default") as store:
+        held = np.arange(40)
+        store.lookup(NAME, held)  # now on the device
+        table = store._tables[NAME]
+        dev, host = table.dev.index.policy.hinted, table.host.index.policy.hinted
+        future = np.arange(20, 60)  # 20..39 on the device, 40..59 not
+        store.hint(NAME, future)
+        tick = table.dev.index.policy.tick
+        # the hint tables are direct-mapped: a colliding hint is lost (never a false one)
+        assert dev.outstanding(future, tick).mean() >= 0.9
+        on_dev = table.dev.index.resident(future)
+        assert host.outstanding(future[~on_dev], table.host.index.policy.tick).mean() >= 0.9
+        assert not host.outstanding(future[on_dev], table.host.index.policy.tick).any()
+        store.lookup(NAME, future)
+        assert not dev.outstanding(future, table.dev.index.policy.tick).any()
+        with pytest.raises(tierstore.InvalidIdError):
+            store.hint(NAME, [5000])
+
+
+def test_an_announced_row_survives_a_flood(tmp_path):
+    """The known future, live: with the default policy, a row announced with Store.hint stays
+    on the device through a flood of one-off rows; the same row unannounced is flushed."""
+    out, w = _build(tmp_path, 20000, 16)
+    kept = {}
+    for announce in (True, False):
+        with tierstore.open(out, device="cpu", device_budget=64 * 200, policy="default") as store:
+            store.lookup(NAME, [19999])
+            if announce:
+                store.hint(NAME, [19999])
+            for b in np.array_split(np.arange(5000, 9000), 40):
+                store.lookup(NAME, b)
+            kept[announce] = bool(store._tables[NAME].dev.index.resident(np.array([19999]))[0])
+            assert torch.equal(bits(store.lookup(NAME, [19999])), bits(w[19999:20000]))
+    assert kept == {True: True, False: False}
