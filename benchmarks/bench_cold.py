@@ -2,14 +2,19 @@
 
 Measured in one run, on the same file and the same row ids (rows of 128 B and 1 KiB):
 - fio 4 KiB random read, O_DIRECT, libaio, queue depth 32: the device's random-read rate;
-- ours: ``rowio.PageReader`` reads the pages holding the rows into a reused page buffer, then
-  a vectorized gather into a reused row buffer (also: every method, fresh buffers, small batches);
+- ours: the store's own lookup path, ``Store.lookup(table, ids, out=)`` on a store built from
+  the same bytes, with no cache tiers ("store") and with small device and host tiers under
+  the default policy ("store+tiers", every row a miss that is admitted): page reads, checksum
+  verification of every page (the ``.sum`` file is evicted too), gather, bookkeeping;
+- the disk tier's reader alone: ``rowio.PageReader`` reads the pages holding the rows into a
+  reused page buffer, then a vectorized gather into a reused row buffer (every method, fresh
+  buffers, small batches): what the store's path costs beyond the reads;
 - numpy.memmap gather (``np.take`` into the same reused row buffer) with
   ``madvise(MADV_RANDOM)`` (a fresh map each time, closed before eviction: a live map would
   keep its pages cached);
 - LMDB ``txn.get`` per row with ``readahead=False`` (keys = row ids, values = rows, built
   once in the cache dir; its data file is evicted too).
-Targets (issue 3): ours >= 0.9x fio IOPS, >= 3x memmap and LMDB rows/s.
+Targets: the store >= 0.9x fio IOPS (issue 10), >= 3x memmap and LMDB rows/s (issue 3).
 
 The row file, its LMDB copies and a marker live in ``--cache-dir`` (default
 $TIERSTORE_BENCH_CACHE or /tmp/tierstore_bench_cache) and are reused across runs.
@@ -33,7 +38,9 @@ from typing import Any
 
 import lmdb
 import numpy as np
+import torch
 
+import tierstore
 from benchmarks.common import evict, json_line, machine_info, print_header, resident_bytes
 from tierstore.rowio import PAGE_SIZE, PageReader, aligned_empty
 from tierstore.sizes import format_size, parse_size
@@ -85,7 +92,34 @@ def ensure_lmdb(cache: Path, row_file: Path, row_bytes: int) -> Path:
     return db
 
 
+def ensure_store(cache: Path, row_file: Path, row_bytes: int) -> Path:
+    """A tierstore store whose one table holds the row file's bytes as float16 rows of
+    ``row_bytes`` (built once through a safetensors copy of the file, which is then deleted)."""
+    size = row_file.stat().st_size
+    out = cache / f"store_{size}_{row_bytes}"
+    if (out / "manifest.json").exists():
+        return out
+    ckpt = cache / f"ckpt_{size}_{row_bytes}.safetensors"
+    header = json.dumps({"t": {"dtype": "F16", "shape": [size // row_bytes, row_bytes // 2],
+                               "data_offsets": [0, size // row_bytes * row_bytes]}}).encode()
+    header += b" " * (-len(header) % 8)
+    with open(ckpt, "wb") as f, open(row_file, "rb") as src:
+        f.write(len(header).to_bytes(8, "little") + header)
+        shutil.copyfileobj(src, f, 64 << 20)
+    try:
+        tierstore.build_store(ckpt, out, tables="^t$", force=True)
+    finally:
+        ckpt.unlink(missing_ok=True)
+    return out
+
+
 # ----------------------------------------------------------------------------- systems
+def read_store(store: tierstore.Store, ids: np.ndarray, out: torch.Tensor) -> np.ndarray:
+    """The store's own lookup path into a reused output; rows as raw bytes."""
+    store.lookup("t", ids, out=out)
+    return out.view(torch.uint8).numpy()
+
+
 def row_pages(ids: np.ndarray, row_bytes: int) -> tuple[np.ndarray, np.ndarray]:
     """(sorted unique pages holding the rows, byte offset of each row) for rows at id*row_bytes."""
     start = ids * row_bytes
@@ -178,11 +212,16 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     small_batches = [int(x) for x in args.small_batch.split(",") if x]
     row_file = ensure_row_file(cache, size)
     dbs = {s: ensure_lmdb(cache, row_file, s) for s in row_sizes}
+    store_dirs = {s: ensure_store(cache, row_file, s) for s in row_sizes}
+    stores = {s: {"store": tierstore.open(d, device="cpu"),
+                  "store+tiers": tierstore.open(d, device="cpu", device_budget="1MiB", host_budget="4MiB")}
+              for s, d in store_dirs.items()}
     readers = {m: PageReader(row_file, method=m, threads=args.threads, depth=args.depth)
                for m in args.methods.split(",")}
     names = {m: (m if m != "auto" else f"auto={r.method}") for m, r in readers.items()}
     ours, ours_reader = next(iter(names.values())), next(iter(readers.values()))
-    cold_files = [row_file] + [db / "data.mdb" for db in dbs.values()]
+    cold_files = [row_file] + [db / "data.mdb" for db in dbs.values()] + \
+        [d / f for d in store_dirs.values() for f in ("tables/t0000.rows", "tables/t0000.sum")]
     # Reused buffers: how the store calls the reader (fresh memory costs a page fault per 4 KiB here).
     page_buf = aligned_empty(args.rows + 1)
     page_buf.fill(0)
@@ -219,7 +258,9 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
             pages, _ = row_pages(ids, s)
             keys = [int(i).to_bytes(8, "big") for i in ids]
             rows_out = rows_buf[:len(ids) * s].reshape(len(ids), s)
+            out_t = torch.empty((len(ids), s // 2), dtype=torch.float16)
             systems: list[tuple[str, Callable[[], np.ndarray]]] = [
+                *[(name, lambda st=st: read_store(st, ids, out_t)) for name, st in stores[s].items()],
                 *[(names[m], lambda r=r: read_ours(r, ids, s, page_buf=page_buf, rows_out=rows_out))
                   for m, r in readers.items()],
                 (f"{ours}+fresh", lambda: read_ours(ours_reader, ids, s)),
@@ -260,6 +301,9 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
                 mismatches += bad
     for r in readers.values():
         r.close()
+    for st in stores.values():
+        for x in st.values():
+            x.close()
 
     med = {k: float(np.median(v)) for k, v in samples.items()}
     out: dict[str, Any] = {
@@ -268,7 +312,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
                                              "depth": r.depth} for m, r in readers.items()},
         "load_avg_end": os.getloadavg()[0], "mismatches": mismatches,
     }
-    sysnames = [*names.values(), f"{ours}+fresh", *[f"{ours} batch{b}" for b in small_batches], "memmap", "lmdb"]
+    sysnames = ["store", "store+tiers", *names.values(), f"{ours}+fresh", *[f"{ours} batch{b}" for b in small_batches], "memmap", "lmdb"]
     for s in row_sizes:
         fio_iops = med.get(f"{s}/fio/iops")
         print(f"\nrows of {s} B: {args.rows} random rows, medians of {args.repeats} runs; "
@@ -292,6 +336,9 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
             "systems": {name: {"rows_s": med[f"{s}/{name}/rows_s"], "iops": med[f"{s}/{name}/iops"],
                                "x_fio": med.get(f"{s}/{name}/x_fio"),
                                "cpu_us_per_row": med[f"{s}/{name}/cpu_us_row"]} for name in sysnames},
+            "store_vs_fio_iops": med.get(f"{s}/store/x_fio"),
+            "store_tiers_vs_fio_iops": med.get(f"{s}/store+tiers/x_fio"),
+            "store_vs_reader": med[f"{s}/store/rows_s"] / ref_rows,
             "ours_vs_fio_iops": med.get(f"{s}/{ours}/x_fio"),
             "ours_vs_memmap": ref_rows / med[f"{s}/memmap/rows_s"],
             "ours_vs_lmdb": ref_rows / med[f"{s}/lmdb/rows_s"],
