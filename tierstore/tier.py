@@ -15,6 +15,8 @@ from __future__ import annotations
 
 import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import wait as wait_futures
 from pathlib import Path
 
 import numpy as np
@@ -51,15 +53,15 @@ class DiskTier:
         # hotness-ordered layout: physical position of each row (memory-mapped, shared)
         self.pos = load_order(root, info) if info.order_file else None
         self._perm: np.ndarray | None = None
+        self._local = threading.local()  # per-thread aligned read buffer
+        self._pool: ThreadPoolExecutor | None = None
+        self._lock = threading.Lock()
         self.reader = PageReader(self.path, direct=direct, threads=threads)
         try:
             self._check_header()
         except BaseException:  # release the file and the checksum map now, not when the traceback goes
             self.close()
             raise
-        self._perm: np.ndarray | None = None
-        self._local = threading.local()  # per-thread aligned read buffer
-        self._lock = threading.Lock()
         self.rows_read = 0
         self.pages_read = 0
         self.bytes_read = 0
@@ -78,6 +80,13 @@ class DiskTier:
         first = start // PAGE_SIZE
         last = (start + self.info.row_bytes - 1) // PAGE_SIZE  # == first unless the row straddles a page
         return start, first, last
+
+    def _overlap(self) -> ThreadPoolExecutor:
+        """The two threads that read large batches chunk by chunk (started on first use)."""
+        with self._lock:
+            if self._pool is None:
+                self._pool = ThreadPoolExecutor(2, thread_name_prefix="tierstore-disk")
+            return self._pool
 
     def _scratch(self, n_pages: int) -> np.ndarray:
         """This thread's page-aligned read buffer (reused: a fresh one page-faults per 4 KiB)."""
@@ -100,16 +109,32 @@ class DiskTier:
         dst = out.view(torch.uint8).numpy().reshape(len(rows), self.info.row_bytes)
         in_order = len(phys) < 2 or bool((phys[1:] > phys[:-1]).all())
         order = None if in_order else np.argsort(phys, kind="stable")
-        n_pages = 0
         step = max(1, min(CHUNK_ROWS, CHUNK_BYTES // max(1, self.info.row_bytes)))
-        for c in range(0, len(rows), step):
+
+        def chunk(c: int) -> int:
             sel = slice(c, c + step) if order is None else order[c : c + step]
             if order is None:
-                n_pages += self._read_chunk(rows[sel], phys[sel], dst[sel])
-            else:
-                part = np.empty((len(sel), self.info.row_bytes), dtype=np.uint8)
-                n_pages += self._read_chunk(rows[sel], phys[sel], part)
-                dst[sel] = part
+                return self._read_chunk(rows[sel], phys[sel], dst[sel])
+            part = np.empty((len(sel), self.info.row_bytes), dtype=np.uint8)
+            n = self._read_chunk(rows[sel], phys[sel], part)
+            dst[sel] = part
+            return n
+
+        starts = range(0, len(rows), step)
+        if len(starts) == 1:
+            n_pages = chunk(0)
+        else:
+            # Two chunks in flight: while one is verified and gathered, the other's reads keep
+            # the disk busy (one at a time, the queue drained at every chunk's end: ~0.8x the
+            # device's random-read rate instead of ~1x). Each thread uses its own scratch.
+            # Every chunk has finished before this returns or raises: a chunk still writing
+            # into ``out`` after an error would corrupt a buffer the caller reuses.
+            futs = [self._overlap().submit(chunk, c) for c in starts]
+            wait_futures(futs)
+            for f in futs:
+                if f.exception() is not None:
+                    raise f.exception()  # type: ignore[misc]
+            n_pages = sum(f.result() for f in futs)
         dt = time.perf_counter() - t0
         with self._lock:
             self.rows_read += len(rows)
@@ -182,6 +207,10 @@ class DiskTier:
 
     def close(self) -> None:
         """Close the row file and drop the checksum and order maps. Idempotent."""
+        with self._lock:
+            pool, self._pool = self._pool, None
+        if pool is not None:
+            pool.shutdown(wait=True)
         self.reader.close()
         self.sums = self.pos = self._perm = None  # type: ignore[assignment]
 

@@ -266,3 +266,36 @@ def test_an_announced_row_survives_a_flood(tmp_path):
             kept[announce] = bool(store._tables[NAME].dev.index.resident(np.array([19999]))[0])
             assert torch.equal(bits(store.lookup(NAME, [19999])), bits(w[19999:20000]))
     assert kept == {True: True, False: False}
+
+
+def test_a_failed_chunk_leaves_no_reader_writing_into_the_output(tmp_path):
+    """Large reads go chunk by chunk on two threads; when one chunk fails, the lookup must not
+    return (raise) while another chunk is still writing into the caller's output buffer."""
+    import threading
+    import time as _time
+
+    from tierstore import StoreIOError
+    from tierstore.tier import DiskTier
+
+    out, w = _build(tmp_path, 2000, 4096)  # 16 KiB rows: 256 rows per 4 MiB chunk
+    with tierstore.open(out, device="cpu") as store:
+        disk = store._tables[NAME].disk
+        real = DiskTier._read_chunk
+        writing = threading.Event()
+
+        def slow_or_failing(self, rows, phys, dst):
+            if rows[0] == 0:
+                writing.wait(5)  # fail while another chunk is writing
+                raise StoreIOError(5, "injected")
+            n = real(self, rows, phys, dst)
+            writing.set()
+            _time.sleep(0.2)  # still "writing" after the failing chunk raised
+            dst[:] = 0
+            writing.clear()
+            return n
+
+        disk._read_chunk = slow_or_failing.__get__(disk)
+        buf = torch.zeros(1000, 4096)
+        with pytest.raises(StoreIOError):
+            store.lookup(NAME, np.arange(1000), out=buf)
+        assert not writing.is_set(), "a chunk was still writing into the output after the error"
