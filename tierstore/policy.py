@@ -249,9 +249,10 @@ class _Ring:
         return out
 
 
-def _hash64(rows: np.ndarray, seed: int) -> np.ndarray:
-    """Multiplicative hash of row ids (wrapping uint64), top bits are well mixed."""
-    x = rows.astype(np.uint64) * np.uint64(0x9E3779B97F4A7C15) + np.uint64(seed)
+def _hash64(rows: np.ndarray, seed: int | np.ndarray) -> np.ndarray:
+    """Multiplicative hash of row ids (wrapping uint64), top bits are well mixed. ``seed``
+    may be a uint64 array that broadcasts against ``rows`` (several hashes in one pass)."""
+    x = rows.astype(np.uint64) * np.uint64(0x9E3779B97F4A7C15) + np.asarray(seed, dtype=np.uint64)
     x ^= x >> np.uint64(29)
     x *= np.uint64(0xBF58476D1CE4E5B9)
     x ^= x >> np.uint64(32)
@@ -273,18 +274,30 @@ class FrequencySketch:
         self.shift = np.uint64(64 - int(np.log2(w)))
         self.table = np.zeros((depth, w), dtype=np.uint16)
         self.seeds = [int(s) for s in rng.integers(1, 2**62, size=depth)]
+        self._seed_col = np.array(self.seeds, dtype=np.uint64)[:, None]  # (depth, 1)
+        self._row_base = (np.arange(depth, dtype=np.int64) * w)[:, None]  # row r's offset in table.ravel()
         self.max_count = max_count
         self.sample = max(1, sample_factor * max(1, capacity))
         self.added = 0
 
-    def _idx(self, rows: np.ndarray) -> list[np.ndarray]:
-        return [(_hash64(rows, s) >> self.shift).astype(np.int64) for s in self.seeds]
+    def _flat_idx(self, rows: np.ndarray) -> np.ndarray:
+        """(depth, n) indices into ``table.ravel()``: every row's counter in every sketch row,
+        hashed in one broadcast pass instead of one pass per seed."""
+        h = _hash64(rows[None, :], self._seed_col) >> self.shift
+        return h.astype(np.int64) + self._row_base
 
     def add(self, rows: np.ndarray) -> None:
         if rows.size == 0:
             return
-        for r, idx in enumerate(self._idx(rows)):
-            _add_capped(self.table[r], idx, self.max_count)  # the counters hit, not all 4 x width
+        # only the counters hit, not all depth x width. A small batch does every sketch row in
+        # one call (a decode step: 5.9x -> fewer numpy calls); a large one row by row (one
+        # sort of depth x n ids costs more than depth sorts of n, measured at 16K ids)
+        flat = self._flat_idx(rows)
+        if rows.size <= 4096:
+            _add_capped(self.table.reshape(-1), flat.reshape(-1), self.max_count)
+        else:
+            for r in range(flat.shape[0]):
+                _add_capped(self.table[r], flat[r] - self._row_base[r, 0], self.max_count)
         self.added += rows.size
         if self.added >= self.sample:
             self.table >>= 1
@@ -293,11 +306,7 @@ class FrequencySketch:
     def estimate(self, rows: np.ndarray) -> np.ndarray:
         if rows.size == 0:
             return _EMPTY
-        est = None
-        for r, idx in enumerate(self._idx(rows)):
-            v = self.table[r][idx]
-            est = v if est is None else np.minimum(est, v)
-        return est.astype(np.int64)
+        return self.table.reshape(-1)[self._flat_idx(rows)].min(axis=0).astype(np.int64)
 
 
 class _Ghost:
