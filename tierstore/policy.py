@@ -63,6 +63,12 @@ def _add_capped(counts: np.ndarray, slots: np.ndarray, cap: int) -> None:
     """
     if slots.size == 0:
         return
+    # small batches: no sort (np.add.at is cheaper below a few hundred slots), and no counter
+    # can pass its dtype's maximum before the cap is applied
+    if slots.size <= min(256, np.iinfo(counts.dtype).max - cap):
+        np.add.at(counts, slots, 1)
+        counts[slots] = np.minimum(counts[slots], cap)
+        return
     u, c = np.unique(slots, return_counts=True)
     counts[u] = np.minimum(counts[u].astype(np.int64) + c, cap)
 
