@@ -103,11 +103,11 @@ class Table:
             torch.index_select(staged.to(self.device, non_blocking=True), 0,
                                torch.from_numpy(inv.reshape(-1)).to(self.device), out=out)
             return
-        with dev.lock:
-            slots = dev.index.lookup(ids)
+        with dev.lock:  # ids were validated at the store's API; slots come from the index
+            slots = dev.index.lookup(ids, trusted=True)
             hit = slots >= 0
             held = slots[hit]
-            dev.index.lease_batch(held)
+            dev.index.lease_batch(held, trusted=True)
         try:
             if self._after_lease is not None:  # test hook: runs between lease and gather
                 self._after_lease()
@@ -131,7 +131,7 @@ class Table:
                             staged_dev.index_select(0, torch.from_numpy(inv.reshape(-1)).to(self.device)))
         finally:
             with dev.lock:
-                dev.index.release_batch(held)
+                dev.index.release_batch(held, trusted=True)
 
     def _from_host_or_disk(self, uniq: np.ndarray) -> torch.Tensor:
         """Rows ``uniq`` (sorted unique) as a CPU tensor (pinned when CUDA is present)."""
@@ -148,9 +148,9 @@ class Table:
         cached = host.index is not None
         if cached:
             with host.lock:
-                slots = host.index.lookup(uniq)
+                slots = host.index.lookup(uniq, trusted=True)
                 held = slots[slots >= 0]
-                host.index.lease_batch(held)
+                host.index.lease_batch(held, trusted=True)
         else:
             slots = host.lookup(uniq)
         hit = slots >= 0
@@ -176,7 +176,7 @@ class Table:
         finally:
             if cached:
                 with host.lock:
-                    host.index.release_batch(held)
+                    host.index.release_batch(held, trusted=True)
 
     def hint(self, ids: np.ndarray) -> None:
         """Announce rows a later lookup will read (the known future). Each tier hears only

@@ -49,8 +49,8 @@ def test_lease_keeps_rows_until_gathered(store_and_weight, monkeypatch):
 
     got = run()
     assert torch.equal(bits(got), bits(w[:8])), "a leased row was evicted before it was copied out"
-    monkeypatch.setattr(CacheIndex, "lease_batch", lambda self, slots: None)
-    monkeypatch.setattr(CacheIndex, "release_batch", lambda self, slots: None)
+    monkeypatch.setattr(CacheIndex, "lease_batch", lambda self, slots, **kw: None)
+    monkeypatch.setattr(CacheIndex, "release_batch", lambda self, slots, **kw: None)
     unleased = run()
     assert not torch.equal(bits(unleased), bits(w[:8])), "without leases the rows should have been overwritten"
 
