@@ -34,6 +34,7 @@ import tierstore
 from engram_model.checkpoint import load_checkpoint, read_config
 from engram_model.data import encode_files, split_files
 from engram_model.errors import EngramConfigError
+from engram_model.memory import SYNC_BELOW
 from engram_model.model import EngramLM, EngramPlan, InferenceCache
 from engram_model.tokenizer import stdlib_text_files
 
@@ -69,7 +70,7 @@ def build_store_for(ckpt: str | Path, store: str | Path, *, force: bool = False,
 
 def open_served_model(
     ckpt: str | Path, store_path: str | Path, *, device_budget: int | str = 0, host_budget: int | str = 0,
-    policy: str = "default", threads: int = 4, sync_below: int = 0,
+    policy: str = "default", threads: int = 4, sync_below: int = SYNC_BELOW,
 ) -> tuple[EngramLM, Tokenizer, tierstore.Store]:
     """The checkpoint's model (dense weights only) with its tables served by the store."""
     store = tierstore.open(store_path, device="cpu", device_budget=device_budget, host_budget=host_budget,

@@ -91,6 +91,14 @@ class EmbeddingMemory(nn.Embedding, MemorySource):
         return _Deferred(lambda: F.embedding(packed_ids, self.weight, sparse=self.sparse))
 
 
+# Requests of fewer ids than this are looked up in the model's thread when the layer asks
+# for them instead of prefetched: a decode step's few hundred ids cost ~30 us to look up
+# but ~50-120 us to hand to a worker and back (thread wake-ups, GIL). Measured with
+# `python -m benchmarks.bench_e2e --repeats 3` (docs/benchmarks.md): warm decode 0.87-0.88x
+# of resident with 0, 0.98x with 4096; prefill (larger requests) is still prefetched.
+SYNC_BELOW = 4096
+
+
 class StoreMemory(nn.Module, MemorySource):
     """Rows served by a tierstore table (inference only: no gradients, no parameters).
 
@@ -99,6 +107,7 @@ class StoreMemory(nn.Module, MemorySource):
     """
 
     def __init__(self, store: tierstore.Store, table: str, rows: int, dim: int, sync_below: int = 0):
+        # sync_below: see SYNC_BELOW (the serving entry points default to it; 0 always prefetches)
         super().__init__()
         # Requests smaller than this are looked up in the caller's thread when the layer asks
         # for them: for a decode step's few dozen rows the hand-off to a worker thread (and the

@@ -31,7 +31,7 @@ import torch.nn.functional as F
 from engram_model.engram import ConvState, EngramConfig, EngramLayer
 from engram_model.errors import EngramConfigError
 from engram_model.hasher import NgramHasher
-from engram_model.memory import MemorySource, RowsFuture, StoreMemory
+from engram_model.memory import SYNC_BELOW, MemorySource, RowsFuture, StoreMemory
 
 if TYPE_CHECKING:  # the model reaches the store only through StoreMemory
     import tierstore
@@ -350,7 +350,7 @@ class EngramLM(nn.Module):
         return {"tables": tables, "dense": dense, "total": tables + dense,
                 "active_per_token": dense - idle_experts + per_tok_tables}
 
-    def attach_store(self, store: tierstore.Store, *, sync_below: int = 0) -> None:
+    def attach_store(self, store: tierstore.Store, *, sync_below: int = SYNC_BELOW) -> None:
         """Serve every Engram table from ``store`` (a ``tierstore.Store``) instead of memory.
 
         sync_below: requests of fewer ids are looked up in the caller's thread instead of
