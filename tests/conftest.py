@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import os
+import re
+import sysconfig
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -25,6 +28,19 @@ def random_table(rows: int, dim: int, dtype: torch.dtype, seed: int = 0) -> torc
     g = torch.Generator().manual_seed(seed)
     w = torch.randn(rows, dim, generator=g) * 0.05
     return w.to(dtype)
+
+
+def real_text_trace(n: int) -> np.ndarray:
+    """Word ids of the Python standard library's source, in reading order: a real, Zipfian
+    access trace of ``n`` ids (the first occurrence order numbers the words)."""
+    ids: dict[str, int] = {}
+    out: list[int] = []
+    for path in sorted(Path(sysconfig.get_paths()["stdlib"]).glob("*.py")):
+        for w in re.findall(r"[A-Za-z_]+", path.read_text(errors="replace")):
+            out.append(ids.setdefault(w, len(ids)))
+        if len(out) >= n:
+            break
+    return np.array(out[:n], dtype=np.int64)
 
 
 def bits(t: torch.Tensor) -> torch.Tensor:

@@ -17,10 +17,6 @@ trace and a real one (word ids of the Python standard library's source).
 
 from __future__ import annotations
 
-import re
-import sysconfig
-from pathlib import Path
-
 import cachetools
 import numpy as np
 import pytest
@@ -29,21 +25,12 @@ libcachesim = pytest.importorskip("libcachesim")
 
 from tierstore.cache_index import CacheIndex  # noqa: E402
 
+from ..conftest import real_text_trace  # noqa: E402
+
 N = 20000
 
 
-def real_text(n: int) -> np.ndarray:
-    ids: dict[str, int] = {}
-    out: list[int] = []
-    for path in sorted(Path(sysconfig.get_paths()["stdlib"]).glob("*.py")):
-        for w in re.findall(r"[A-Za-z_]+", path.read_text(errors="replace")):
-            out.append(ids.setdefault(w, len(ids)))
-        if len(out) >= n:
-            break
-    return np.array(out[:n], dtype=np.int64)
-
-
-TRACES = {"zipf": lambda: np.random.default_rng(1).zipf(1.1, N) % 20000, "real-text": lambda: real_text(N)}
+TRACES = {"zipf": lambda: np.random.default_rng(1).zipf(1.1, N) % 20000, "real-text": lambda: real_text_trace(N)}
 
 
 def ours(trace: np.ndarray, cap: int, policy: str) -> int:

@@ -3,16 +3,15 @@
 
 from __future__ import annotations
 
-import re
-import sysconfig
 from collections import OrderedDict
-from pathlib import Path
 
 import cachetools
 import numpy as np
 import pytest
 
 from tierstore.cache_index import CacheIndex
+
+from ..conftest import real_text_trace
 from tierstore.stack_distance import lru_hits, stack_distances
 
 
@@ -44,18 +43,6 @@ def cachetools_lru_hits(trace: np.ndarray, cap: int) -> int:
         else:
             cache[r] = True
     return hits
-
-
-def real_text_trace(n: int) -> np.ndarray:
-    """Word ids of the Python standard library's source, in reading order (Zipfian, real)."""
-    ids: dict[str, int] = {}
-    out: list[int] = []
-    for path in sorted(Path(sysconfig.get_paths()["stdlib"]).glob("*.py")):
-        for w in re.findall(r"[A-Za-z_]+", path.read_text(errors="replace")):
-            out.append(ids.setdefault(w, len(ids)))
-        if len(out) >= n:
-            break
-    return np.array(out[:n], dtype=np.int64)
 
 
 TRACES = {
