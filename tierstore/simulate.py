@@ -203,15 +203,12 @@ def replay(index: CacheIndex | None, rows: np.ndarray, bounds: np.ndarray, *, lo
     prefetches issued L steps ahead (the known future a serving engine can exploit).
     ``index`` None: the device tier is disabled (the host tier sees every batch).
     """
-    tiers = [t for t in (index, host) if t is not None]
     nb = bounds.size - 1
     for j in range(min(lookahead, nb)):
-        for t in tiers:
-            t.hint(rows[bounds[j]: bounds[j + 1]])
+        _hint(index, host, rows[bounds[j]: bounds[j + 1]])
     for i in range(nb):
         if lookahead > 0 and i + lookahead < nb:
-            for t in tiers:
-                t.hint(rows[bounds[i + lookahead]: bounds[i + lookahead + 1]])
+            _hint(index, host, rows[bounds[i + lookahead]: bounds[i + lookahead + 1]])
         b = rows[bounds[i]: bounds[i + 1]]
         if index is None:
             _host_step(host, np.unique(b))
@@ -227,6 +224,17 @@ def replay(index: CacheIndex | None, rows: np.ndarray, bounds: np.ndarray, *, lo
             index.refcount[held] = 1
             index.admit(uniq)
             index.refcount[held] = 0
+
+
+def _hint(index: CacheIndex | None, host: CacheIndex | None, rows: np.ndarray) -> None:
+    """Announce ``rows`` as ``Table.hint`` does: the device tier hears every id, the host tier
+    only the ids the device tier does not hold now."""
+    rows = np.unique(rows)
+    if index is not None:
+        index.hint(rows)
+        rows = rows[~index.resident(rows)]
+    if host is not None and rows.size:
+        host.hint(rows)
 
 
 def _host_step(host: CacheIndex | None, uniq: np.ndarray) -> None:
