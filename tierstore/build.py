@@ -29,7 +29,7 @@ from tqdm.auto import tqdm
 from . import faults
 from .checkpoint import Checkpoint, open_checkpoint
 from .errors import CapacityError, CheckpointError, StoreExistsError, StoreIOError, TierStoreError
-from .files import fsync_dir, os_error, write_durable
+from .files import NO_SPACE, fsync_dir, os_error, pwrite_all, write_durable
 from .format import (
     DTYPES,
     PAGE_SIZE,
@@ -47,7 +47,6 @@ __all__ = ["build_store", "DEFAULT_TABLE_PATTERN", "CHUNK_BYTES"]
 # Every Engram memory table the model names: "<prefix>.engram.memory.weight".
 DEFAULT_TABLE_PATTERN = r"(^|\.)engram\.memory\.weight$"
 CHUNK_BYTES = 32 * 1024 * 1024  # rows read and written per step; peak memory is a few of these
-_NO_SPACE = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
 
 
 def _select_tables(ckpt: Checkpoint, pattern: str | None) -> list[str]:
@@ -119,7 +118,7 @@ def _write_table(ckpt: Checkpoint, name: str, info: TableInfo, src_dtype: str, t
     buf = np.zeros(step * info.row_stride, dtype=np.uint8)
     fd = os.open(rows_path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
     try:
-        _pwrite_all(fd, head.tobytes(), 0, rows_path)
+        pwrite_all(fd, head.tobytes(), 0, rows_path)
         for start in range(0, info.rows, step):
             stop = min(start + step, info.rows)
             n = stop - start
@@ -131,7 +130,7 @@ def _write_table(ckpt: Checkpoint, name: str, info: TableInfo, src_dtype: str, t
             view[:nbytes].reshape(n, info.row_stride)[:, : info.row_bytes] = chunk
             first_page = 1 + start * info.row_stride // PAGE_SIZE
             sums[first_page : first_page + padded // PAGE_SIZE] = page_checksums(view)
-            _pwrite_all(fd, memoryview(view), PAGE_SIZE + start * info.row_stride, rows_path)
+            pwrite_all(fd, memoryview(view), PAGE_SIZE + start * info.row_stride, rows_path)
             bar.update(n * info.row_bytes)
         faults.point("fsync", rows_path)
         os.fsync(fd)
@@ -143,13 +142,6 @@ def _write_table(ckpt: Checkpoint, name: str, info: TableInfo, src_dtype: str, t
         pos[perm] = np.arange(info.rows, dtype=pos.dtype)  # row -> physical position
         write_durable(tmp / info.order_file, lambda f: np.save(f, pos))
 
-
-def _pwrite_all(fd: int, data: bytes | memoryview, offset: int, path: Path) -> None:
-    """Write all of ``data`` at ``offset``; a short write means the disk is full."""
-    n = len(data)
-    written = os.pwrite(fd, memoryview(data)[: faults.point("write", path, n)], offset)
-    if written != n:
-        raise OSError(errno.ENOSPC, f"short write ({written} of {n} bytes)", os.fspath(path))
 
 
 def _orders(order_by: str | os.PathLike[str], names: list[str], ckpt: Checkpoint) -> dict[str, np.ndarray]:
@@ -300,7 +292,7 @@ def build_store(
         raise
     except OSError as e:
         shutil.rmtree(tmp, ignore_errors=True)
-        if e.errno in _NO_SPACE:
+        if e.errno in NO_SPACE:
             raise CapacityError(f"disk full while building {out} ({e.strerror}); nothing was written, free space and rerun") from e
         raise os_error(e, f"building {out}", e.filename) from e
     except BaseException:

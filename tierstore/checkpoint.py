@@ -24,7 +24,7 @@ import numpy as np
 import torch
 
 from .errors import CheckpointError, StoreIOError
-from .files import read_full
+from .files import is_json_int, read_full
 from .format import DTYPES
 
 __all__ = ["TensorMeta", "Checkpoint", "open_checkpoint"]
@@ -131,10 +131,6 @@ def _reject_duplicate_keys(pairs: list[tuple[str, object]]) -> dict[str, object]
     return out
 
 
-def _is_int(v: object) -> bool:
-    return isinstance(v, int) and not isinstance(v, bool)  # JSON true/false parse as bools
-
-
 def _check_tensor_entry(path: Path, name: str, entry: object) -> tuple[str, tuple[int, ...], int, int]:
     """(dtype tag, shape, begin, end) of one header entry, or CheckpointError saying what is wrong."""
     bad = f"{path}: tensor {name!r}"
@@ -148,9 +144,9 @@ def _check_tensor_entry(path: Path, name: str, entry: object) -> tuple[str, tupl
     tag, shape, offsets = entry["dtype"], entry["shape"], entry["data_offsets"]
     if not isinstance(tag, str):
         raise CheckpointError(f"{bad}: dtype {tag!r} is not a string; {fix}")
-    if not (isinstance(shape, list) and all(_is_int(d) and d >= 0 for d in shape)):
+    if not (isinstance(shape, list) and all(is_json_int(d) and d >= 0 for d in shape)):
         raise CheckpointError(f"{bad}: shape {_short(shape)} is not a list of non-negative integers; {fix}")
-    if not (isinstance(offsets, list) and len(offsets) == 2 and all(_is_int(o) for o in offsets)
+    if not (isinstance(offsets, list) and len(offsets) == 2 and all(is_json_int(o) for o in offsets)
             and 0 <= offsets[0] <= offsets[1]):
         raise CheckpointError(f"{bad}: data_offsets {_short(offsets)} are not two integers "
                               f"0 <= begin <= end; {fix}")

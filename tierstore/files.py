@@ -24,7 +24,7 @@ from typing import Any, BinaryIO
 from . import faults
 from .errors import CapacityError, CorruptDataError, FormatVersionError, StoreIOError
 
-__all__ = ["atomic_write", "write_durable", "read_full", "fsync_dir", "check_versioned", "read_json", "os_error", "NO_SPACE"]
+__all__ = ["atomic_write", "write_durable", "read_full", "pwrite_all", "fsync_dir", "check_versioned", "is_json_int", "read_json", "os_error", "NO_SPACE"]
 
 NO_SPACE = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
 
@@ -63,6 +63,15 @@ def read_full(fd: int, view: memoryview, offset: int, path: str | os.PathLike[st
     return got
 
 
+def pwrite_all(fd: int, data: bytes | memoryview, offset: int, path: str | os.PathLike[str]) -> None:
+    """Write all of ``data`` at ``offset``; a short write means the disk is full (``OSError``
+    ENOSPC)."""
+    n = len(data)
+    written = os.pwrite(fd, memoryview(data)[: faults.point("write", path, n)], offset)
+    if written != n:
+        raise OSError(errno.ENOSPC, f"short write ({written} of {n} bytes)", os.fspath(path))
+
+
 def write_durable(path: str | os.PathLike[str], data: bytes | Callable[[BinaryIO], None]) -> None:
     """Create ``path`` with ``data`` (bytes, or a function writing into a binary file) and
     fsync it: for files inside a directory that is published as a whole afterwards (a
@@ -98,21 +107,29 @@ def atomic_write(path: str | os.PathLike[str], data: bytes | Callable[[BinaryIO]
     return path
 
 
-def check_versioned(doc: Any, *, fmt: str, version: int, where: str, fix: str) -> dict[str, Any]:
-    """``doc`` as a dict after checking its ``format`` and ``version`` fields.
+def check_versioned(doc: Any, *, fmt: str, version: int | tuple[int, ...], where: str, fix: str) -> dict[str, Any]:
+    """``doc`` as a dict after checking its ``format`` and ``version`` fields; ``version`` is
+    the one version, or the versions, this reader understands.
 
     ``where`` names the file in messages; ``fix`` says what to do about another version
     (e.g. "rebuild the store").
     """
+    versions = version if isinstance(version, tuple) else (version,)
     if not isinstance(doc, dict):
         raise CorruptDataError(f"{where}: expected a JSON object, found {type(doc).__name__}: not a {fmt} file")
     if doc.get("format") != fmt:
         raise CorruptDataError(f"{where}: format is {doc.get('format')!r}, expected {fmt!r}: not a {fmt} file")
-    if doc.get("version") != version:
+    v = doc.get("version")
+    if isinstance(v, bool) or v not in versions:
         raise FormatVersionError(
-            f"{where}: {fmt} version {doc.get('version')!r} is not supported by this tierstore "
-            f"(it reads version {version}); {fix}")
+            f"{where}: {fmt} version {v!r} is not supported by this tierstore "
+            f"(it reads version {', '.join(map(str, versions))}); {fix}")
     return doc
+
+
+def is_json_int(v: Any) -> bool:
+    """An integer in a parsed JSON document (``true``/``false`` parse as bools, which are ints)."""
+    return isinstance(v, int) and not isinstance(v, bool)
 
 
 def read_json(path: str | os.PathLike[str], *, what: str) -> Any:

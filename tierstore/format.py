@@ -33,7 +33,7 @@ import numpy as np
 import torch
 
 from .errors import CorruptDataError, FormatVersionError, TierStoreError
-from .files import atomic_write, check_versioned, read_json
+from .files import atomic_write, check_versioned, is_json_int, read_json
 
 __all__ = [
     "FORMAT_NAME",
@@ -170,10 +170,6 @@ def manifest_digest(doc: dict[str, Any]) -> str:
     return "sha256:" + hashlib.sha256(canon.encode()).hexdigest()
 
 
-def _is_int(v: Any) -> bool:
-    return isinstance(v, int) and not isinstance(v, bool)
-
-
 def _relative_file(v: Any) -> bool:
     """A file name inside the store: relative, no '..', no empty parts."""
     if not isinstance(v, str) or not v or v.startswith("/") or "\\" in v or "\x00" in v:
@@ -195,7 +191,7 @@ def _table_info(t: Any, where: str) -> TableInfo:
     if t["dtype"] not in DTYPES:
         raise FormatVersionError(f"{where}: table {name!r} has unknown dtype {t['dtype']!r}")
     for key in ("rows", "dim", "row_stride", "file_bytes"):
-        if not _is_int(t[key]) or t[key] < (1 if key == "dim" else 0):
+        if not is_json_int(t[key]) or t[key] < (1 if key == "dim" else 0):
             raise CorruptDataError(f"{where}: table {name!r} has {key}={t[key]!r}")
     for key in ("file", "checksum_file"):
         if not _relative_file(t[key]):
@@ -229,12 +225,9 @@ def read_manifest(store: str | os.PathLike[str]) -> Manifest:
             "(an interrupted build leaves no manifest; rerun `tierstore build`)"
         )
     doc = read_json(path, what="store manifest")
-    if isinstance(doc, dict) and doc.get("format") == FORMAT_NAME and doc.get("version") in READ_VERSIONS:
-        version = doc["version"]
-    else:
-        version = FORMAT_VERSION  # let check_versioned name what is wrong
-    check_versioned(doc, fmt=FORMAT_NAME, version=version, where=str(path),
-                    fix="rebuild the store with this tierstore, or upgrade tierstore")
+    doc = check_versioned(doc, fmt=FORMAT_NAME, version=READ_VERSIONS, where=str(path),
+                          fix="rebuild the store with this tierstore, or upgrade tierstore")
+    version = doc["version"]
     if version >= 2:
         if doc.get("digest") != manifest_digest(doc):
             raise CorruptDataError(f"{path}: manifest digest mismatch: the manifest was modified or damaged "

@@ -23,7 +23,7 @@ from pathlib import Path
 import numpy as np
 
 from .errors import CorruptDataError, IdTypeError, TierStoreError
-from .files import atomic_write, check_versioned, os_error, read_json
+from .files import atomic_write, check_versioned, is_json_int, os_error, read_json
 
 __all__ = ["PROFILE_FORMAT", "profile_paths", "count_rows", "save_profile", "load_profile",
            "profile_info", "has_profile", "zipf_fit"]
@@ -97,7 +97,7 @@ def profile_info(store: str | Path, table: str) -> dict:
     info = check_versioned(read_json(meta_path, what="profile metadata"), fmt=PROFILE_FORMAT,
                            version=PROFILE_VERSION, where=str(meta_path), fix="record the profile again")
     for key in ("rows", "total", "nonzero"):
-        if not isinstance(info.get(key), int) or isinstance(info.get(key), bool) or info[key] < 0:
+        if not is_json_int(info.get(key)) or info[key] < 0:
             raise CorruptDataError(f"profile metadata {str(meta_path)!r} has {key}={info.get(key)!r}")
     return info
 

@@ -35,7 +35,6 @@ Protocol (no lock on the hot path):
 
 from __future__ import annotations
 
-import errno
 import fcntl
 import hashlib
 import mmap
@@ -49,7 +48,7 @@ import torch
 
 from . import faults
 from .errors import CapacityError, CorruptDataError, TierStoreError
-from .files import os_error
+from .files import os_error, pwrite_all
 from .format import PAGE_SIZE, TableInfo
 from .tier import DiskTier
 
@@ -223,8 +222,7 @@ class SharedHostTier:
     def _write_header(self, state: int) -> None:
         head = _HEADER.pack(_MAGIC, state, self.capacity, self.info.rows, self.info.row_bytes)
         try:
-            if os.pwrite(self._fd, head[: faults.point("write", self.path, len(head))], 0) != len(head):
-                raise OSError(errno.ENOSPC, "short write of the shared tier's header")
+            pwrite_all(self._fd, head, 0, self.path)
         except OSError as e:
             raise os_error(e, "writing the shared host tier's header", self.path) from e
 

@@ -27,7 +27,7 @@ import numpy as np
 from .belady import belady_hits
 from .cache_index import CacheIndex
 from .errors import CorruptDataError, IdTypeError, TierStoreError
-from .files import atomic_write, check_versioned, os_error
+from .files import atomic_write, check_versioned, is_json_int, os_error
 from .policy import POLICIES
 
 __all__ = [
@@ -116,7 +116,7 @@ def _npy(raw: bytes, what: str) -> np.ndarray:
 
 
 def _opt_int(v: object) -> bool:
-    return v is None or (isinstance(v, int) and not isinstance(v, bool) and v > 0)
+    return v is None or (is_json_int(v) and v > 0)
 
 
 def load_trace(path: str | Path) -> Trace:
