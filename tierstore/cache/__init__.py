@@ -1,0 +1,14 @@
+"""The cache layer: which rows each cache tier holds, decided by compiled policies.
+
+- ``layout``: the state arrays of one tier; ``structs``: queues, ghosts, heap, hashing;
+- one module per policy (``lru``, ``lfu``, ``s3fifo``, ``wtinylfu``, ``arc``, ``static``,
+  ``default``), each compiled hooks plus a small :class:`Policy` description;
+- ``walk``: the one walk of a lookup through the device and host tiers (store and simulator);
+- ``index``: :class:`CacheIndex`, one tier's state behind a small Python API.
+"""
+
+from .index import CacheIndex
+from .policy import Policy, hot_rows
+from .registry import POLICIES, make_policy, policy_names
+
+__all__ = ["CacheIndex", "Policy", "POLICIES", "hot_rows", "make_policy", "policy_names"]

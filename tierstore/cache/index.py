@@ -1,0 +1,218 @@
+"""One cache tier's bookkeeping: which table rows sit in which of its slots, and its policy.
+
+A tier owns a slab of ``capacity`` row slots and copies bytes; this index says where rows
+are, counts hits and misses, and runs its policy, all in compiled kernels over the state
+arrays of tierstore.cache.layout (no Python per access, no GIL held). Memory: 4 bytes per
+*table* row (``slot_of_row``) and tens of bytes per *slot*.
+
+Semantics: accesses are processed one at a time, in order (tierstore.cache.walk states the
+one rule for repeats inside a lookup). Not thread-safe: the owning tier holds its lock
+around every call.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from ..errors import IdTypeError, InvalidIdError, TierStoreError
+from . import walk
+from .layout import (CACHED, K_HPOS, L_FREE, L_QID, M_BYPASS, M_CAP, M_EVICT, M_GCAP, M_HINTS, M_HITS,
+                     M_HORIZON, M_HSHIFT, M_INSERT, M_LO, M_MISSES, M_NFREE, M_NROWS, M_POL, M_RANKM, NG, NL, NM, NQ)
+from .policy import Policy
+from .registry import make_policy
+from .structs import g_init, q_init
+
+__all__ = ["CacheIndex"]
+
+_EMPTY = np.empty(0, dtype=np.int64)
+
+
+class CacheIndex:
+    """Row -> slot map of one cache tier with a registered policy.
+
+    Args:
+        n_rows: rows of the table (ids must lie in [0, n_rows), n_rows < 2**31).
+        capacity: slots of the tier (rows it can hold), pinned core included.
+        policy: a registered policy name (``tierstore.cache.policy_names()``) or an unbound
+            :class:`~tierstore.cache.policy.Policy` built for this capacity.
+        pinned_rows: the static hot set, resident forever in slots [0, len). ``None`` lets
+            the policy choose from ``profile`` (``static`` pins the top ``capacity`` rows,
+            ``default`` a core fraction of them, the others nothing); ``[]`` pins nothing.
+            A policy may also prefill evictable rows (``default``: its ranked core), so
+            ``row_of_slot`` right after construction lists every row to load.
+        profile: per-row access counts (len ``n_rows``), read once here and never kept.
+        rng: seed or generator for the policy's hashing (determinism in tests).
+        slot_of_row: an existing int32 map to serve read-only (the shared host tier's);
+            only with policy ``static`` and ``pinned_rows=[]``.
+
+    Attributes: ``capacity``, ``size``, ``hits``, ``misses``, ``evictions``, ``insertions``,
+    ``bypassed`` (cachetools' ``maxsize``/``currsize`` are aliases), ``slot_of_row`` (int32
+    per table row, -1 absent, <= -2 a ghost entry), ``row_of_slot`` (int64 per slot, -1
+    free), ``refcount`` (leases per slot), ``n_pinned``, ``state`` (the kernels' tuple).
+    """
+
+    def __init__(self, n_rows: int, capacity: int, policy: str | Policy = "default", *,
+                 pinned_rows: np.ndarray | None = None, profile: np.ndarray | None = None,
+                 rng: np.random.Generator | int | None = None, slot_of_row: np.ndarray | None = None):
+        if not isinstance(n_rows, (int, np.integer)) or n_rows < 0 or n_rows >= 2**31:
+            raise TierStoreError(f"n_rows={n_rows!r} must be an integer in [0, 2**31)")
+        if not isinstance(capacity, (int, np.integer)) or capacity < 0:
+            raise TierStoreError(f"capacity={capacity!r} must be a non-negative integer")
+        self.n_rows = int(n_rows)
+        self.capacity = cap = int(capacity)
+        if isinstance(policy, str):
+            policy = make_policy(policy, cap, rng=rng)
+        elif not isinstance(policy, Policy):
+            raise TierStoreError(f"policy={policy!r} must be a policy name or a Policy instance")
+        elif policy.capacity != cap:
+            raise TierStoreError(f"policy was built for capacity {policy.capacity}, the index has {cap}")
+        self.policy = policy
+        if profile is not None:
+            profile = np.asarray(profile)
+            if profile.shape != (self.n_rows,):
+                raise TierStoreError(
+                    f"profile has shape {profile.shape}, expected ({self.n_rows},): one count per row")
+        suggested = policy.prepare(profile)
+        if slot_of_row is not None:
+            if policy.name != "static" or pinned_rows is None or len(pinned_rows):
+                raise TierStoreError("an external slot_of_row is served read-only: policy 'static', pinned_rows=[]")
+            pinned = _EMPTY
+        elif pinned_rows is None:
+            pinned = suggested
+        else:
+            pinned = self._as_rows(pinned_rows, what="pinned_rows")
+            if np.unique(pinned).size != pinned.size:
+                raise TierStoreError("pinned_rows has duplicates; pass each row once")
+        pinned = pinned[:cap]
+        lo = int(pinned.size)
+        n_dyn = cap - lo
+        M = np.zeros(NM, np.int64)
+        M[M_POL], M[M_CAP], M[M_LO], M[M_NROWS] = policy.id, cap, lo, self.n_rows
+        if slot_of_row is None:
+            sor = np.full(self.n_rows, -1, dtype=np.int32)
+        else:
+            sor = slot_of_row
+        ros = np.full(cap, -1, dtype=np.int64)
+        ref = np.zeros(cap, dtype=np.int32)
+        ep = np.zeros(cap, dtype=np.int64)
+        K = np.zeros((policy.k_rows, cap) if policy.k_rows else (1, 1), dtype=np.int64)
+        if policy.k_rows:
+            K[K_HPOS] = -1
+        L = np.zeros((NL, cap + NQ), dtype=np.int32)
+        L[L_QID] = -1
+        gcap = int(policy.ghost_size(n_dyn))
+        M[M_GCAP] = gcap
+        GH = np.zeros((NG, gcap + NQ), dtype=np.int64)
+        SK = np.zeros(max(1, int(policy.sketch_bytes(n_dyn))), dtype=np.uint8)
+        if policy.uses_hints:
+            nh = 1 << max(10, int(np.ceil(np.log2(max(1, 4 * n_dyn)))))
+            M[M_HINTS] = 1
+            M[M_HORIZON] = max(4 * cap, 1 << 20)
+        else:
+            nh = 1
+        M[M_HSHIFT] = 64 - int(np.log2(nh))
+        HT = np.zeros((3, nh), dtype=np.int64)
+        rk_rows, rk_ranks = policy.ranking()
+        RK = np.stack([rk_rows.astype(np.int64), rk_ranks.astype(np.int64)]) if rk_rows.size else np.zeros((2, 0), np.int64)
+        M[M_RANKM] = rk_rows.size
+        # pinned rows in slots [0, lo); free slots as a stack popping the lowest slot first
+        sor[pinned] = np.arange(lo, dtype=np.int32)
+        ros[:lo] = pinned
+        L[L_FREE, :n_dyn] = np.arange(cap - 1, lo - 1, -1, dtype=np.int32)
+        M[M_NFREE] = n_dyn
+        if slot_of_row is not None:  # read-only map: every mapped row is a (pinned) hit
+            M[M_LO] = cap
+            M[M_NFREE] = 0
+        self.state = (M, sor, ros, ref, ep, K, L, GH, SK, HT, RK)
+        q_init(M, L)
+        g_init(M, GH)
+        policy.configure(M, n_dyn)
+        policy.init(self.state)
+        self.slot_of_row, self.row_of_slot, self.refcount = sor, ros, ref
+        self.n_pinned = lo
+        pre = policy.prefill()
+        if pre.size and n_dyn:
+            walk.prefill(self.state, self._as_rows(pre, what="prefill rows"))
+        self.reset_stats()
+
+    kind = CACHED
+
+    # --- statistics ---------------------------------------------------------------------
+    @property
+    def size(self) -> int:
+        """Rows held, pinned core included (slots not on the free stack)."""
+        M = self.state[0]
+        return int(M[M_CAP] - M[M_NFREE])
+
+    maxsize = property(lambda self: self.capacity, doc="cachetools name of ``capacity``")
+    currsize = property(lambda self: self.size, doc="cachetools name of ``size``")
+    hits = property(lambda self: int(self.state[0][M_HITS]))
+    misses = property(lambda self: int(self.state[0][M_MISSES]))
+    evictions = property(lambda self: int(self.state[0][M_EVICT]))
+    insertions = property(lambda self: int(self.state[0][M_INSERT]))
+    bypassed = property(lambda self: int(self.state[0][M_BYPASS]))
+
+    @property
+    def hit_ratio(self) -> float:
+        total = self.hits + self.misses
+        return self.hits / total if total else 0.0
+
+    def stats(self) -> dict[str, int | float | str]:
+        return {"policy": self.policy.name, "capacity": self.capacity, "size": self.size,
+                "pinned": self.n_pinned, "hits": self.hits, "misses": self.misses,
+                "hit_ratio": self.hit_ratio, "evictions": self.evictions,
+                "insertions": self.insertions, "bypassed": self.bypassed}
+
+    def reset_stats(self) -> None:
+        self.state[0][[M_HITS, M_MISSES, M_EVICT, M_INSERT, M_BYPASS]] = 0
+
+    # --- accesses -----------------------------------------------------------------------
+    def access(self, rows: np.ndarray, *, trusted: bool = False) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Process ``rows`` in order (tierstore.cache.walk): returns (slots, codes, leased).
+        Codes: ``HIT`` (bytes in the slot), ``FILL`` (admitted now: write its bytes),
+        ``BELOW`` (slot -1: read it from below). End with ``finish(leased)`` once the FILL
+        slots are written, or ``abort(leased)`` if they never will be.
+        ``trusted``: ``rows`` is a flat int64 array of valid ids (checked by the caller)."""
+        if not trusted:
+            rows = self._as_rows(rows)
+        n = rows.size
+        slots = np.empty(n, np.int64)
+        codes = np.empty(n, np.int8)
+        leased = np.empty(n, np.int64)
+        nl = walk.access(self.state, rows, slots, codes, leased)
+        return slots, codes, leased[:nl]
+
+    def finish(self, leased: np.ndarray) -> None:
+        walk.finish(self.state, leased, leased.size)
+
+    def abort(self, leased: np.ndarray) -> None:
+        walk.abort(self.state, leased, leased.size)
+
+    def lookup(self, rows: np.ndarray, *, trusted: bool = False) -> np.ndarray:
+        """Access ``rows`` and end the lookup at once (no bytes involved, as a simulator
+        does): slots after the lookup, -1 where the row bypassed the tier."""
+        slots, _, leased = self.access(rows, trusted=trusted)
+        self.finish(leased)
+        return slots
+
+    def hint(self, rows: np.ndarray) -> None:
+        """Rows a later lookup will read (the known future): policies that use hints keep them."""
+        if self.state[0][M_HINTS]:
+            walk.announce(CACHED, self.state, 0, self.state, self._as_rows(rows))
+
+    def resident(self, rows: np.ndarray) -> np.ndarray:
+        """Boolean mask: which rows are in the tier now (no counting, no policy update)."""
+        return self.slot_of_row[self._as_rows(rows)] >= 0
+
+    # --- validation --------------------------------------------------------------------------
+    def _as_rows(self, rows: np.ndarray, *, what: str = "row ids") -> np.ndarray:
+        rows = np.asarray(rows)
+        if rows.dtype.kind not in "iu":
+            if rows.size == 0:
+                return _EMPTY
+            raise IdTypeError(f"{what} have dtype {rows.dtype}; pass integer ids (int64)")
+        rows = np.ascontiguousarray(rows.reshape(-1), dtype=np.int64)
+        if rows.size and (rows.min() < 0 or rows.max() >= self.n_rows):
+            bad = rows[(rows < 0) | (rows >= self.n_rows)][0]
+            raise InvalidIdError(f"{what}: {int(bad)} is outside [0, {self.n_rows})")
+        return rows

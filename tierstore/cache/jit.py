@@ -1,0 +1,49 @@
+"""How cache kernels are compiled: numba ``njit(nogil=True, cache=True)``, one cache per source version.
+
+Why numba (measured, docs/architecture.md): a call with a dozen array arguments costs
+~0.8 us here, the kernels are plain Python syntax that tests can read, numba is already a
+core dependency (no compiler step in the README's set-up), and ``nogil`` lets a prefetch
+worker run its bookkeeping while the model thread holds the GIL.
+
+Why not plain ``cache=True``: numba keys a cached function on *its own* file's timestamp,
+so a kernel calling a kernel of another file keeps stale machine code after that other
+file changes. Every kernel of this package is therefore cached in a directory named after
+a hash of all of the package's sources and the numba version: any edit, any upgrade, a
+fresh compile; an unchanged install (a warm ``tierstore.open``) loads the machine code.
+The directory is ``$TIERSTORE_KERNEL_CACHE``, else ``$XDG_CACHE_HOME/tierstore/kernels``
+(``~/.cache/...``); if it is not writable numba warns and compiles in memory.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from pathlib import Path
+
+import numba
+from numba import njit
+
+__all__ = ["kernel", "KERNEL_CACHE_DIR"]
+
+
+def _cache_dir() -> str:
+    h = hashlib.sha256(numba.__version__.encode())
+    for p in sorted(Path(__file__).parent.glob("*.py")):
+        h.update(p.name.encode())
+        h.update(p.read_bytes())
+    base = os.environ.get("TIERSTORE_KERNEL_CACHE") or os.path.join(
+        os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache"), "tierstore", "kernels")
+    return os.path.join(base, h.hexdigest()[:16])
+
+
+KERNEL_CACHE_DIR = _cache_dir()
+
+
+def kernel(fn):
+    """Compile ``fn`` as a GIL-free, disk-cached numba function (see the module doc)."""
+    old = numba.config.CACHE_DIR
+    numba.config.CACHE_DIR = KERNEL_CACHE_DIR  # read once, when the dispatcher's cache is made
+    try:
+        return njit(nogil=True, cache=True)(fn)
+    finally:
+        numba.config.CACHE_DIR = old

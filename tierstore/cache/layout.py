@@ -1,0 +1,90 @@
+"""The arrays one cache tier's state lives in, and the names of their fields.
+
+A tier's whole state is one tuple of numpy arrays, ``T``, passed to every kernel (a numba
+call with it costs ~1 us); nothing lives in Python objects, so a kernel runs without the
+GIL and the state survives any number of calls. Memory: 4 bytes per *table* row (``sor``)
+and ~40-80 bytes per *slot* (row the tier can hold), depending on the policy.
+
+``T = (M, sor, ros, ref, ep, K, L, GH, SK, HT, RK)``:
+
+- ``M`` int64[64]: scalars (the ``M_*`` indices below): counters, queue lengths, params.
+- ``sor`` int32[n_rows]: slot of each table row; -1 absent; ``-2 - g`` remembered in ghost
+  entry ``g`` (a recently evicted row: S3-FIFO's and ARC's ghosts, exact, no hashing).
+- ``ros`` int64[cap]: row in each slot, -1 free.
+- ``ref`` int32[cap]: leases (a leased slot is never evicted).
+- ``ep`` int64[cap]: the lookup that last leased the slot (``epoch``; ``-epoch`` when that
+  lookup admitted the row, so its bytes are still to be written).
+- ``K`` int64[nk, cap]: per-slot keys (``K_KEY``) and an indexed min-heap (``K_HEAP``,
+  ``K_HPOS``) for the policies that evict by key (lfu, default's ranked core).
+- ``L`` int32[6, cap + NQ]: doubly linked queues over slots (``L_NEXT``/``L_PREV``, the
+  sentinel of queue q at index ``cap + q``), the free-slot stack, each slot's queue, a small
+  frequency counter and the pending-fill flag.
+- ``GH`` int64[5, gcap + NQ]: ghost entries (row, queue links, free stack, queue).
+- ``SK`` uint8[...]: W-TinyLFU's count-min sketch and doorkeeper.
+- ``HT`` int64[3, h]: the hint table (row, count, time of the latest hint), see hints.py.
+- ``RK`` int64[2, m]: a profile's ranked rows, sorted by id, and their ranks (default).
+"""
+
+from __future__ import annotations
+
+# -- M: scalars ------------------------------------------------------------------------------
+M_POL = 0  # policy id (each policy module's ID)
+M_CAP = 1  # slots
+M_LO = 2  # pinned slots [0, LO): never evicted, no policy state
+M_NFREE = 3  # free slots on the stack L[L_FREE, :NFREE]
+M_TICK = 4  # accesses seen (logical time)
+M_HITS = 5
+M_MISSES = 6
+M_EVICT = 7
+M_INSERT = 8
+M_EPOCH = 9  # lookups started (lease marker)
+M_NROWS = 10
+M_GCAP = 11  # ghost entries
+M_GFREE = 12  # free ghost entries on GH[G_FREE, :GFREE]
+M_HLIVE = 13  # hint buckets with a count (0: lookups skip all hint work)
+M_HLAST = 14  # tick of the latest hint
+M_HORIZON = 15  # accesses after which an unused hint expires
+M_HSHIFT = 16  # 64 - log2(hint buckets)
+M_RANKM = 17  # ranked rows in RK
+M_HEAPN = 18  # entries in the heap K[K_HEAP]
+M_BYPASS = 19  # misses the policy did not admit (all slots leased, or the policy said no)
+M_HINTS = 20  # 1 if the policy acts on hints (others skip all hint work)
+M_QLEN = 24  # M[M_QLEN + q]: slots in queue q (q < NQ)
+M_GQLEN = 32  # M[M_GQLEN + q]: entries in ghost queue q (q < NQ)
+M_PARAM = 40  # M[M_PARAM + i]: policy-specific scalars (each policy names its own)
+NM = 64
+
+NQ = 8  # queues per tier (slot queues and ghost queues)
+
+# -- K: per-slot int64 ------------------------------------------------------------------------
+K_KEY = 0
+K_HEAP = 1
+K_HPOS = 2
+K_AUX = 3
+
+# -- L: per-slot int32 ------------------------------------------------------------------------
+L_NEXT = 0
+L_PREV = 1
+L_FREE = 2
+L_QID = 3
+L_FREQ = 4
+L_PEND = 5
+NL = 6
+
+# -- GH: ghost entries ------------------------------------------------------------------------
+G_ROW = 0
+G_NEXT = 1
+G_PREV = 2
+G_FREE = 3
+G_QID = 4
+NG = 5
+
+# -- per-access result codes (``access``'s ``code`` output) -------------------------------------
+HIT = 0  # the row's bytes are in its slot
+FILL = 1  # admitted by this lookup: read it from below, then write it into its slot
+BELOW = 2  # not served by this tier (bypass, or a slot another lookup is still filling)
+
+# -- tier kinds for the walk -------------------------------------------------------------------
+NONE = 0  # disabled: every row comes from below
+CACHED = 1  # a budgeted tier with a policy (or a read-only shared tier: policy "static")
+RESIDENT = 2  # the slab is the table: slot == row

@@ -1,0 +1,52 @@
+"""Least frequently used since insertion, ties to the least recent: a min-heap of slots
+keyed by (hits since insertion, time of the latest access). Counts live per slot, so a
+row's count restarts when it is re-admitted (no per-table-row state). Hit for hit equal
+to cachetools' LFUCache and libCacheSim's LFU (tests)."""
+
+from __future__ import annotations
+
+from .jit import kernel
+from .layout import K_AUX, M_TICK
+from .policy import Policy
+from .structs import h_min_free, h_push, h_remove, h_update, place, take_free, unmap
+
+ID = 2  # the walk dispatches on it (tierstore.cache.walk)
+
+_STAMP_BITS = 40  # time fits in 40 bits (1.1e12 accesses); the count sits above it
+
+
+@kernel
+def hit(T, s):  # pragma: no cover - compiled
+    M, K = T[0], T[5]
+    K[K_AUX, s] += 1
+    h_update(M, K, s, (K[K_AUX, s] << _STAMP_BITS) | M[M_TICK])
+
+
+@kernel
+def miss(T, r):  # pragma: no cover - compiled
+    M, sor, ros, ref, K, L = T[0], T[1], T[2], T[3], T[5], T[6]
+    s = take_free(M, L)
+    if s < 0:
+        s = h_min_free(M, K, ref)
+        if s < 0:
+            return -1
+        h_remove(M, K, s)
+        unmap(M, sor, ros, s)
+    place(M, sor, ros, s, r)
+    prefill(T, s, r)
+    return s
+
+
+@kernel
+def prefill(T, s, r):  # pragma: no cover - compiled
+    M, K = T[0], T[5]
+    K[K_AUX, s] = 1
+    h_push(M, K, s, (1 << _STAMP_BITS) | M[M_TICK])
+
+
+class LFU(Policy):
+    """Least frequently used since insertion (ties: least recent)."""
+
+    name = "lfu"
+    id = ID
+    k_rows = 4

@@ -1,0 +1,93 @@
+"""What a policy is: compiled hooks plus a small Python description of its state.
+
+Each policy is one module of this package holding
+
+- three kernels over a tier's state tuple ``T`` (tierstore.cache.layout):
+  ``hit(T, s)`` (slot s was hit), ``miss(T, r) -> slot`` (row r missed: evict what the
+  policy chooses among unleased slots, insert r with ``place`` and return its slot, or
+  return -1 to let it bypass the tier) and ``prefill(T, s, r)`` (r was placed in s at
+  construction, before any access);
+- a :class:`Policy` subclass saying how big its arrays are and which scalars it keeps.
+
+The walk (tierstore.cache.walk) calls the hooks one access at a time; the policy never
+sees the index, only the state arrays (a narrow view, as cachetools' policies are the
+cache). Pinned slots [0, LO) never reach a policy. Policies are deterministic: time is the
+access counter ``M[M_TICK]`` and hash seeds are fixed or drawn from the given ``rng``.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from ..errors import TierStoreError
+
+__all__ = ["Policy", "hot_rows"]
+
+_EMPTY = np.empty(0, dtype=np.int64)
+
+
+class Policy:
+    """Base description: no per-slot keys, no ghosts, no sketch, no hints, pins nothing."""
+
+    name = "base"
+    id = 0
+    k_rows = 0  # rows of K (int64 per slot) the policy uses
+    uses_hints = False
+
+    def __init__(self, capacity: int, *, rng: np.random.Generator | int | None = None, **params):
+        if not isinstance(capacity, (int, np.integer)) or capacity < 0:
+            raise TierStoreError(f"capacity={capacity!r} must be a non-negative integer number of rows")
+        self.capacity = int(capacity)
+        self.rng = rng if isinstance(rng, np.random.Generator) else np.random.default_rng(
+            0x7135 if rng is None else rng)
+        self.params = self.check_params(params)
+
+    def check_params(self, params: dict) -> dict:
+        if params:
+            raise TierStoreError(f"policy {self.name!r} takes no parameter {', '.join(map(repr, params))}")
+        return {}
+
+    # sizes of the state, given the dynamic (unpinned) slots
+    def ghost_size(self, n_dyn: int) -> int:
+        return 0
+
+    def sketch_bytes(self, n_dyn: int) -> int:
+        return 0
+
+    def configure(self, M: np.ndarray, n_dyn: int) -> None:
+        """Write the policy's scalars into M[M_PARAM:] (after the common fields are set)."""
+
+    def init(self, T: tuple) -> None:
+        """Initialise policy-owned arrays (after queues, ghosts and free slots are set up)."""
+
+    # the profile
+    def prepare(self, profile: np.ndarray | None) -> np.ndarray:
+        """Read the profile once (keep only O(capacity) of it); return the rows this policy
+        would pin forever if the caller gives no explicit pinned set."""
+        return _EMPTY
+
+    def prefill(self) -> np.ndarray:
+        """Rows to place (evictably) right after the pinned ones, e.g. a profile-ranked core."""
+        return _EMPTY
+
+    def ranking(self) -> tuple[np.ndarray, np.ndarray]:
+        """(rows sorted by id, their hotness ranks) to keep in RK; empty by default."""
+        return _EMPTY, _EMPTY
+
+
+def hot_rows(profile: np.ndarray | None, k: int) -> np.ndarray:
+    """The k most accessed rows of a profile (only rows seen at least once), hottest first;
+    ties broken by row id so the set is deterministic."""
+    if profile is None or k <= 0:
+        return _EMPTY
+    profile = np.asarray(profile)
+    nz = np.flatnonzero(profile > 0)
+    if nz.size > k:
+        c = profile[nz]
+        part = np.argpartition(-c, k - 1)[:k]
+        thresh = c[part].min()
+        above = nz[c > thresh]
+        tied = nz[c == thresh][: k - above.size]
+        nz = np.concatenate([above, tied])
+    order = np.lexsort((nz, -profile[nz]))
+    return nz[order].astype(np.int64)

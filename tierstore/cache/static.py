@@ -1,0 +1,36 @@
+"""Only the pinned hot set, chosen from a profile: nothing is ever admitted or evicted.
+Also the policy of the read-only shared host tier (its rows are fixed at fill time)."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from .jit import kernel
+from .policy import Policy, hot_rows
+
+ID = 3  # the walk dispatches on it (tierstore.cache.walk)
+
+
+@kernel
+def hit(T, s):  # pragma: no cover - compiled
+    pass
+
+
+@kernel
+def miss(T, r):  # pragma: no cover - compiled
+    return -1
+
+
+@kernel
+def prefill(T, s, r):  # pragma: no cover - compiled
+    pass
+
+
+class Static(Policy):
+    """Pins the profile's top ``capacity`` rows; every other row bypasses the tier."""
+
+    name = "static"
+    id = ID
+
+    def prepare(self, profile: np.ndarray | None) -> np.ndarray:
+        return hot_rows(profile, self.capacity)

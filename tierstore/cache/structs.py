@@ -1,0 +1,329 @@
+"""Shared structures of the cache kernels: slot queues, ghost queues, an indexed heap, the
+free-slot stack, row <-> slot mapping and a hash. Every policy builds on these; none of
+them knows a policy. Compiled (numba, no GIL); O(1) per operation except the heap (log)."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from .jit import kernel
+from .layout import (G_FREE, G_NEXT, G_PREV, G_QID, G_ROW, K_HEAP, K_HPOS, K_KEY, L_FREE, L_NEXT, L_PREV,
+                     L_QID, M_CAP, M_EVICT, M_GCAP, M_GFREE, M_GQLEN, M_HEAPN, M_INSERT, M_NFREE, M_QLEN)
+
+# ---------------------------------------------------------------------------------------------
+# slot queues: circular doubly linked lists, sentinel of queue q at index cap + q
+# ---------------------------------------------------------------------------------------------
+
+
+@kernel
+def q_init(M, L):  # pragma: no cover - compiled
+    cap = M[M_CAP]
+    for q in range(L.shape[1] - cap):
+        L[L_NEXT, cap + q] = cap + q
+        L[L_PREV, cap + q] = cap + q
+
+
+@kernel
+def q_push(M, L, q, s):  # pragma: no cover - compiled
+    """Append slot s at the back (most recent end) of queue q."""
+    h = M[M_CAP] + q
+    p = L[L_PREV, h]
+    L[L_NEXT, p] = s
+    L[L_PREV, s] = p
+    L[L_NEXT, s] = h
+    L[L_PREV, h] = s
+    L[L_QID, s] = q
+    M[M_QLEN + q] += 1
+
+
+@kernel
+def q_unlink(M, L, s):  # pragma: no cover - compiled
+    q = L[L_QID, s]
+    p = L[L_PREV, s]
+    n = L[L_NEXT, s]
+    L[L_NEXT, p] = n
+    L[L_PREV, n] = p
+    L[L_QID, s] = -1
+    M[M_QLEN + q] -= 1
+
+
+@kernel
+def q_to_back(M, L, q, s):  # pragma: no cover - compiled
+    """Move slot s (in any queue) to the back of queue q."""
+    q_unlink(M, L, s)
+    q_push(M, L, q, s)
+
+
+@kernel
+def q_front(M, L, q):  # pragma: no cover - compiled
+    """Oldest slot of queue q, -1 if empty."""
+    h = M[M_CAP] + q
+    s = L[L_NEXT, h]
+    return -1 if s == h else s
+
+
+@kernel
+def q_after(M, L, s):  # pragma: no cover - compiled
+    """The slot after s in its queue (toward the back), -1 at the end."""
+    n = L[L_NEXT, s]
+    return -1 if n >= M[M_CAP] else n
+
+
+@kernel
+def q_first_free(M, L, ref, q):  # pragma: no cover - compiled
+    """Oldest unleased slot of queue q, -1 if all are leased."""
+    s = q_front(M, L, q)
+    while s >= 0 and ref[s] > 0:
+        s = q_after(M, L, s)
+    return s
+
+
+# ---------------------------------------------------------------------------------------------
+# free slots and the row <-> slot map
+# ---------------------------------------------------------------------------------------------
+
+
+@kernel
+def take_free(M, L):  # pragma: no cover - compiled
+    n = M[M_NFREE]
+    if n == 0:
+        return -1
+    M[M_NFREE] = n - 1
+    return L[L_FREE, n - 1]
+
+
+@kernel
+def place(M, sor, ros, s, r):  # pragma: no cover - compiled
+    """Row r now lives in slot s (its bytes are the caller's job)."""
+    sor[r] = s
+    ros[s] = r
+    M[M_INSERT] += 1
+
+
+@kernel
+def unmap(M, sor, ros, s):  # pragma: no cover - compiled
+    """Evict slot s's row from the map; returns the row (-1: the slot held none, a hole
+    left by an aborted fill, which is simply reused)."""
+    r = ros[s]
+    if r >= 0:
+        if sor[r] == s:
+            sor[r] = -1
+        ros[s] = -1
+        M[M_EVICT] += 1
+    return r
+
+
+# ---------------------------------------------------------------------------------------------
+# ghost queues: exact memory of evicted rows (sor[r] = -2 - g)
+# ---------------------------------------------------------------------------------------------
+
+
+@kernel
+def g_of(sor, r):  # pragma: no cover - compiled
+    """Ghost entry remembering row r, -1 if none."""
+    v = sor[r]
+    return -2 - v if v <= -2 else -1
+
+
+@kernel
+def g_queue(GH, g):  # pragma: no cover - compiled
+    return GH[G_QID, g]
+
+
+@kernel
+def g_remove(M, GH, sor, g):  # pragma: no cover - compiled
+    q = GH[G_QID, g]
+    p = GH[G_PREV, g]
+    n = GH[G_NEXT, g]
+    GH[G_NEXT, p] = n
+    GH[G_PREV, n] = p
+    r = GH[G_ROW, g]
+    if sor[r] == -2 - g:
+        sor[r] = -1
+    GH[G_QID, g] = -1
+    M[M_GQLEN + q] -= 1
+    GH[G_FREE, M[M_GFREE]] = g
+    M[M_GFREE] += 1
+
+
+@kernel
+def g_front(M, GH, q):  # pragma: no cover - compiled
+    h = M[M_GCAP] + q
+    g = GH[G_NEXT, h]
+    return -1 if g == h else g
+
+
+@kernel
+def g_add(M, GH, sor, q, r, limit):  # pragma: no cover - compiled
+    """Remember row r at the back of ghost queue q, forgetting q's oldest past ``limit``."""
+    if M[M_GCAP] == 0 or limit <= 0:
+        return
+    while M[M_GQLEN + q] >= limit:
+        g_remove(M, GH, sor, g_front(M, GH, q))
+    if M[M_GFREE] == 0:
+        return
+    M[M_GFREE] -= 1
+    g = GH[G_FREE, M[M_GFREE]]
+    h = M[M_GCAP] + q
+    p = GH[G_PREV, h]
+    GH[G_NEXT, p] = g
+    GH[G_PREV, g] = p
+    GH[G_NEXT, g] = h
+    GH[G_PREV, h] = g
+    GH[G_ROW, g] = r
+    GH[G_QID, g] = q
+    M[M_GQLEN + q] += 1
+    sor[r] = -2 - g
+
+
+@kernel
+def g_init(M, GH):  # pragma: no cover - compiled
+    gcap = M[M_GCAP]
+    for q in range(GH.shape[1] - gcap):
+        GH[G_NEXT, gcap + q] = gcap + q
+        GH[G_PREV, gcap + q] = gcap + q
+    for g in range(gcap):
+        GH[G_FREE, g] = gcap - 1 - g
+        GH[G_QID, g] = -1
+    M[M_GFREE] = gcap
+
+
+# ---------------------------------------------------------------------------------------------
+# indexed min-heap of slots by K[K_KEY] (ties: lower slot first)
+# ---------------------------------------------------------------------------------------------
+
+
+@kernel
+def _h_less(K, a, b):  # pragma: no cover - compiled
+    ka = K[K_KEY, a]
+    kb = K[K_KEY, b]
+    return ka < kb or (ka == kb and a < b)
+
+
+@kernel
+def _h_swap(K, i, j):  # pragma: no cover - compiled
+    a = K[K_HEAP, i]
+    b = K[K_HEAP, j]
+    K[K_HEAP, i] = b
+    K[K_HEAP, j] = a
+    K[K_HPOS, b] = i
+    K[K_HPOS, a] = j
+
+
+@kernel
+def _h_up(K, i):  # pragma: no cover - compiled
+    while i > 0:
+        p = (i - 1) >> 1
+        if _h_less(K, K[K_HEAP, i], K[K_HEAP, p]):
+            _h_swap(K, i, p)
+            i = p
+        else:
+            break
+
+
+@kernel
+def _h_down(M, K, i):  # pragma: no cover - compiled
+    n = M[M_HEAPN]
+    while True:
+        c = 2 * i + 1
+        if c >= n:
+            break
+        if c + 1 < n and _h_less(K, K[K_HEAP, c + 1], K[K_HEAP, c]):
+            c += 1
+        if _h_less(K, K[K_HEAP, c], K[K_HEAP, i]):
+            _h_swap(K, i, c)
+            i = c
+        else:
+            break
+
+
+@kernel
+def h_push(M, K, s, key):  # pragma: no cover - compiled
+    K[K_KEY, s] = key
+    i = M[M_HEAPN]
+    M[M_HEAPN] = i + 1
+    K[K_HEAP, i] = s
+    K[K_HPOS, s] = i
+    _h_up(K, i)
+
+
+@kernel
+def h_update(M, K, s, key):  # pragma: no cover - compiled
+    """Change slot s's key (s is in the heap)."""
+    old = K[K_KEY, s]
+    K[K_KEY, s] = key
+    i = K[K_HPOS, s]
+    if key < old:
+        _h_up(K, i)
+    else:
+        _h_down(M, K, i)
+
+
+@kernel
+def h_remove(M, K, s):  # pragma: no cover - compiled
+    i = K[K_HPOS, s]
+    last = M[M_HEAPN] - 1
+    M[M_HEAPN] = last
+    K[K_HPOS, s] = -1
+    if i != last:
+        t = K[K_HEAP, last]
+        K[K_HEAP, i] = t
+        K[K_HPOS, t] = i
+        _h_up(K, i)
+        _h_down(M, K, K[K_HPOS, t])
+
+
+@kernel
+def h_min_free(M, K, ref):  # pragma: no cover - compiled
+    """The unleased slot with the smallest key, -1 if every heap slot is leased. Walks the
+    heap in key order (best-first over the implicit tree) only as far as leased slots go."""
+    n = M[M_HEAPN]
+    if n == 0:
+        return -1
+    s0 = K[K_HEAP, 0]
+    if ref[s0] == 0:
+        return s0
+    # best-first search: a small frontier of heap positions ordered by key
+    front = np.empty(64, np.int64)
+    nf = 1
+    front[0] = 0
+    while nf > 0:
+        b = 0
+        for j in range(1, nf):
+            if _h_less(K, K[K_HEAP, front[j]], K[K_HEAP, front[b]]):
+                b = j
+        i = front[b]
+        nf -= 1
+        front[b] = front[nf]
+        s = K[K_HEAP, i]
+        if ref[s] == 0:
+            return s
+        for c in (2 * i + 1, 2 * i + 2):
+            if c < n:
+                if nf == front.size:
+                    bigger = np.empty(2 * nf, np.int64)
+                    bigger[:nf] = front
+                    front = bigger
+                front[nf] = c
+                nf += 1
+    return -1
+
+
+# ---------------------------------------------------------------------------------------------
+# hashing
+# ---------------------------------------------------------------------------------------------
+
+
+@kernel
+def mix64(r, seed):  # pragma: no cover - compiled
+    """A well-mixed 64-bit hash of row r (splitmix64 finaliser); take the top bits."""
+    x = np.uint64(r) * np.uint64(0x9E3779B97F4A7C15) + np.uint64(seed)
+    x ^= x >> np.uint64(29)
+    x *= np.uint64(0xBF58476D1CE4E5B9)
+    x ^= x >> np.uint64(32)
+    return x
+
+
+@kernel
+def bucket(r, seed, shift):  # pragma: no cover - compiled
+    return np.int64(mix64(r, seed) >> np.uint64(shift))
