@@ -22,7 +22,7 @@ import torch
 from safetensors.torch import save_file
 
 import tierstore
-from tierstore.policy import hot_rows
+from tierstore.cache import hot_rows
 from tierstore.profile import save_profile
 
 from .common import json_line, machine_info, print_header

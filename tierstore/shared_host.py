@@ -40,6 +40,7 @@ import hashlib
 import mmap
 import os
 import struct
+import threading
 import warnings
 from pathlib import Path
 
@@ -47,6 +48,7 @@ import numpy as np
 import torch
 
 from . import faults
+from .cache import CacheIndex
 from .errors import CapacityError, CorruptDataError, TierStoreError
 from .files import os_error, pwrite_all
 from .format import PAGE_SIZE, TableInfo
@@ -104,7 +106,6 @@ class SharedHostTier:
     """Host tier in shared memory, read-only after it is filled. See the module docstring."""
 
     shared = True
-    index = None  # no per-process policy: placement is static
 
     def __init__(self, root: Path, info: TableInfo, capacity: int, disk: DiskTier, *,
                  profile: np.ndarray | None, build_id: str, keep: bool = False, shm_dir: Path = SHM_DIR):
@@ -113,7 +114,9 @@ class SharedHostTier:
         self.capacity = min(int(capacity), info.rows)
         self.resident = self.capacity == info.rows
         self.keep = keep
-        self.hits = self.misses = 0
+        self.index: CacheIndex | None = None  # per process: a read-only "static" index over the shared map
+        self.lock = threading.Lock()
+        self._imap = None
         self.resident_hits = 0  # counted by Table's fast path when the tier holds the whole table
         if self.resident:
             rows = None
@@ -167,8 +170,15 @@ class SharedHostTier:
             warnings.simplefilter("ignore", UserWarning)
             slab = buf[self._slab_off : self._slab_off + self.capacity * info.row_bytes]
             self.slab = torch.from_numpy(slab).view(info.raw_dtype).view(self.capacity, info.dim)
-        self.slot_of_row = None if self.resident else \
-            buf[self._index_off : self._index_off + info.rows * 4].view(np.int32)
+        self.slot_of_row = None
+        if not self.resident:
+            # The row -> slot map, mapped writable (the compiled walk takes one array type) but
+            # never written: its policy is "static", which neither admits nor evicts.
+            self._imap = mmap.mmap(self._fd, map_bytes, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE,
+                                   offset=self._index_off)
+            self.slot_of_row = np.frombuffer(self._imap, dtype=np.int32, count=info.rows)
+            self.index = CacheIndex(info.rows, self.capacity, "static", pinned_rows=np.empty(0, np.int64),
+                                    slot_of_row=self.slot_of_row)
 
     # -- fill --------------------------------------------------------------------------------
     def _ready(self) -> bool:
@@ -227,24 +237,20 @@ class SharedHostTier:
             raise os_error(e, "writing the shared host tier's header", self.path) from e
 
     # -- lookups -----------------------------------------------------------------------------
-    def lookup(self, rows: np.ndarray) -> np.ndarray:
-        """Slots of ``rows`` (int64), -1 where the shared tier does not hold the row. Lock-free."""
-        slots = rows.copy() if self.slot_of_row is None else self.slot_of_row[rows].astype(np.int64)
-        hit = int((slots >= 0).sum())
-        self.hits += hit  # per-process statistics; a benign race between threads
-        self.misses += len(rows) - hit
-        return slots
-
     @property
     def nbytes(self) -> int:
         return self.capacity * self.info.row_bytes
 
     def stats(self) -> dict[str, float]:
-        return {"hits": self.hits + self.resident_hits, "misses": self.misses, "evictions": 0, "insertions": 0, "rows": self.capacity,
+        hits = self.index.hits if self.index is not None else 0
+        misses = self.index.misses if self.index is not None else 0
+        return {"hits": hits + self.resident_hits, "misses": misses, "evictions": 0, "insertions": 0, "rows": self.capacity,
                 "capacity_rows": self.capacity, "bytes": self.nbytes, "resident": self.resident, "shared": True}
 
     def reset_stats(self) -> None:
-        self.hits = self.misses = self.resident_hits = 0
+        self.resident_hits = 0
+        if self.index is not None:
+            self.index.reset_stats()
 
     def close(self) -> None:
         if self._fd < 0:
@@ -254,7 +260,8 @@ class SharedHostTier:
         # points into it. The file itself stays valid until every map of it is gone.
         self.slab = None  # type: ignore[assignment]
         self.slot_of_row = None
-        self._map = None
+        self.index = None
+        self._map = self._imap = None
         try:
             if not self.keep:
                 try:

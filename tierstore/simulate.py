@@ -5,13 +5,12 @@ issues them, cut into batches (one serving step each). ``tierstore trace`` write
 per Engram table into a single zstd-compressed file (:func:`save_trace`); a plain
 ``.npy`` int64 array is accepted too (one table, no batch boundaries).
 
-:func:`simulate` replays a trace through :class:`~tierstore.cache_index.CacheIndex`
-for each policy x capacity (the very code the store's tiers run, so a live store's
-counters match), plus ``opt`` (:mod:`tierstore.belady`). Batches are the unit of work:
-each costs a handful of numpy calls, so short steps are merged up to ``min_batch``
-lookups (the default 1024 keeps the replay above 2M lookups/s; a step of one token
-with 16 heads is 16 lookups). ``min_batch=1`` without offsets replays one access at a
-time (exact sequential semantics, slow).
+:func:`simulate` replays a trace through the store's own compiled walk
+(tierstore.cache.walk) for each policy x capacity, plus ``opt`` (:mod:`tierstore.belady`).
+Semantics are exact by default: a trace without batch boundaries replays one access at a
+time, a trace with recorded batches replays exactly those batches under the store's rule
+for repeats inside a lookup. ``min_batch`` > 1 merges steps (faster, approximate; never
+the default). LRU without hints comes from one stack-distance pass for every capacity.
 """
 
 from __future__ import annotations
@@ -25,10 +24,12 @@ from pathlib import Path
 import numpy as np
 
 from .belady import belady_hits
-from .cache_index import CacheIndex
+from .cache import CacheIndex, walk
+from .cache.index import none_state
+from .cache.layout import CACHED, NONE, RESIDENT
 from .errors import CorruptDataError, IdTypeError, TierStoreError
 from .files import atomic_write, check_versioned, is_json_int, os_error
-from .policy import POLICIES
+from .cache import POLICIES
 
 __all__ = [
     "TableTrace",
@@ -169,8 +170,11 @@ def load_trace(path: str | Path) -> Trace:
     return Trace(tables, header.get("meta", {}))
 
 
-def batch_bounds(n: int, offsets: np.ndarray | None, min_batch: int) -> np.ndarray:
-    """Batch start positions plus ``n`` at the end: trace steps merged up to ``min_batch``."""
+def batch_bounds(n: int, offsets: np.ndarray | None, min_batch: int = 1) -> np.ndarray:
+    """Batch start positions plus ``n`` at the end. ``min_batch`` 1 (the default, exact): the
+    recorded batches, or one access per batch without offsets. ``min_batch`` > 1 merges
+    steps into batches of at least that many lookups: faster to replay, approximate (the
+    output of ``tierstore profile --batch N`` says so)."""
     if min_batch < 1:
         raise TierStoreError(f"min_batch={min_batch} must be >= 1")
     if offsets is None:
@@ -178,9 +182,8 @@ def batch_bounds(n: int, offsets: np.ndarray | None, min_batch: int) -> np.ndarr
     else:
         off = np.asarray(offsets, dtype=np.int64)
         if min_batch > 1 and off.size:
-            # keep an offset only when it is >= min_batch past the last kept one: greedy
-            # merging in one pass over bucket numbers (an offset starts a new batch when its
-            # bucket index floor(off/min_batch) changes), which is close enough and vectorized.
+            # keep an offset only when it starts a new bucket of min_batch positions (greedy,
+            # vectorized merging)
             bucket = off // min_batch
             keep = np.r_[True, bucket[1:] != bucket[:-1]]
             off = off[keep]
@@ -189,63 +192,23 @@ def batch_bounds(n: int, offsets: np.ndarray | None, min_batch: int) -> np.ndarr
 
 
 def replay(index: CacheIndex | None, rows: np.ndarray, bounds: np.ndarray, *, lookahead: int = 0,
-           host: CacheIndex | None = None) -> None:
-    """Run the accesses through a tier (``index``) and optionally the host tier below it,
-    batch by batch, exactly as ``Table.gather`` of the store does, so that a live store's
-    counters equal the simulation's: look the batch's ids up in the device tier, look the
-    sorted unique misses up in the host tier, admit the host's misses there and all device
-    misses into the device tier while the batch's device hits are leased (they are being
-    gathered, so they cannot be evicted). A lookup does not hint its own batch: the lookup
-    would consume the hint at once, and the host tier would keep forever the hints of rows
-    the device tier served.
+           host: CacheIndex | None = None, host_resident: bool = False) -> int:
+    """Run the accesses through a device tier (``index``) and optionally the host tier below
+    it, batch by batch, with the store's own compiled walk (tierstore.cache.walk): a live
+    store's counters equal the simulation's by construction. ``index`` None: the device tier
+    is disabled; ``host_resident``: the host tier holds the whole table.
 
-    ``lookahead`` L > 0 hints batch i+L before batch i is looked up: the ids of
-    prefetches issued L steps ahead (the known future a serving engine can exploit).
-    ``index`` None: the device tier is disabled (the host tier sees every batch).
+    ``lookahead`` L > 0 announces batch i+L (``Store.hint``) before batch i is looked up:
+    the ids of requests a serving engine has queued (the known future). A lookup never
+    hints its own batch. Returns the rows requested from below the device tier (per batch,
+    unique).
     """
-    nb = bounds.size - 1
-    for j in range(min(lookahead, nb)):
-        _hint(index, host, rows[bounds[j]: bounds[j + 1]])
-    for i in range(nb):
-        if lookahead > 0 and i + lookahead < nb:
-            _hint(index, host, rows[bounds[i + lookahead]: bounds[i + lookahead + 1]])
-        b = rows[bounds[i]: bounds[i + 1]]
-        if index is None:
-            _host_step(host, np.unique(b))
-            continue
-        slots = index.lookup(b)
-        hit = slots >= 0
-        if not hit.all():
-            uniq = np.unique(b[~hit])
-            _host_step(host, uniq)
-            held = slots[hit]
-            # the batch's hits are in use (leased) while its misses are admitted; nothing else
-            # holds leases in a replay, so a flag write replaces the refcount's ufunc.at
-            index.refcount[held] = 1
-            index.admit(uniq)
-            index.refcount[held] = 0
-
-
-def _hint(index: CacheIndex | None, host: CacheIndex | None, rows: np.ndarray) -> None:
-    """Announce ``rows`` as ``Table.hint`` does: the device tier hears every id, the host tier
-    only the ids the device tier does not hold now."""
-    rows = np.unique(rows)
-    if index is not None:
-        index.hint(rows)
-        rows = rows[~index.resident(rows)]
-    if host is not None and rows.size:
-        host.hint(rows)
-
-
-def _host_step(host: CacheIndex | None, uniq: np.ndarray) -> None:
-    if host is not None and uniq.size:
-        s = host.lookup(uniq)
-        hit = s >= 0
-        if not hit.all():
-            held = s[hit]
-            host.refcount[held] = 1  # leased while the misses are admitted (see replay)
-            host.admit(uniq[~hit])
-            host.refcount[held] = 0
+    dkind = CACHED if index is not None else NONE
+    hkind = RESIDENT if host_resident else CACHED if host is not None else NONE
+    D = index.state if index is not None else none_state()
+    H = host.state if host is not None else none_state()
+    rows = np.ascontiguousarray(rows, dtype=np.int64)
+    return int(walk.replay(dkind, D, hkind, H, rows, np.ascontiguousarray(bounds, dtype=np.int64), int(lookahead)))
 
 
 @dataclass
@@ -269,7 +232,7 @@ class SimResult:
 
 def simulate(rows: np.ndarray, capacities: list[int], policies: list[str], *,
              n_rows: int | None = None, offsets: np.ndarray | None = None,
-             profile: np.ndarray | None = None, min_batch: int = 1024, lookahead: int = 0,
+             profile: np.ndarray | None = None, min_batch: int = 1, lookahead: int = 0,
              rng: int | None = None, table: str = "", warm_opt: bool = True) -> list[SimResult]:
     """Hit ratios of each policy (a registered name or ``opt``) at each capacity (rows).
 
@@ -291,22 +254,26 @@ def simulate(rows: np.ndarray, capacities: list[int], policies: list[str], *,
     if profile is not None and np.asarray(profile).shape != (n_rows,):
         raise TierStoreError(f"profile has {np.asarray(profile).size} counts, the table {n_rows} rows")
     bounds = batch_bounds(rows.size, offsets, min_batch)
-    # One access per batch and no lookahead: exact per-access LRU, every capacity from one
-    # pass of stack distances (same answers as the index one access at a time, tested).
+    # LRU without hints, at every capacity from one pass of stack distances (Mattson): exact
+    # one access at a time, and exact for recorded batches whenever no batch is longer than
+    # the capacity (its rows, the most recent, are never LRU's victim, so the leases of the
+    # store's walk never change a decision; tested against the walk).
     lru_exact: dict[int, tuple[int, int, int]] = {}
     lru_seconds = 0.0
-    if "lru" in policies and lookahead == 0 and bounds.size - 1 == rows.size:
+    longest = int(np.diff(bounds).max()) if bounds.size > 1 else 0
+    lru_caps = [int(c) for c in capacities if int(c) >= longest]
+    if "lru" in policies and lookahead == 0 and lru_caps:
         from .stack_distance import lru_hits
 
         t0 = time.perf_counter()
-        lru_exact = lru_hits(rows, [int(c) for c in capacities])
-        lru_seconds = (time.perf_counter() - t0) / max(1, len(capacities))
+        lru_exact = lru_hits(rows, lru_caps)
+        lru_seconds = (time.perf_counter() - t0) / max(1, len(lru_caps))
     out = []
     for cap in capacities:
         cap = int(cap)
         for p in policies:
             t0 = time.perf_counter()
-            if p == "lru" and lru_exact:
+            if p == "lru" and cap in lru_exact:
                 hits, ins, ev = lru_exact[cap]
                 res = SimResult("lru", cap, hits / rows.size if rows.size else 0.0, hits, rows.size - hits,
                                 rows.size, ins, ev, lru_seconds, table)
@@ -330,16 +297,20 @@ def simulate(rows: np.ndarray, capacities: list[int], policies: list[str], *,
 
 def simulate_tiers(rows: np.ndarray, device_rows: int, host_rows: int, policy: str, *,
                    n_rows: int, offsets: np.ndarray | None = None,
-                   profile: np.ndarray | None = None, min_batch: int = 1024,
+                   profile: np.ndarray | None = None, min_batch: int = 1,
                    lookahead: int = 0) -> dict[str, dict[str, int | float]]:
     """Device tier over host tier over disk, as the store runs them (one policy for both).
 
     Returns per tier ``{"hits", "misses", "hit_ratio", "capacity", "evictions",
-    "insertions"}``; the host tier sees each batch's unique device misses. A capacity of 0
-    disables a tier; one >= ``n_rows`` makes it resident (every lookup hits).
+    "insertions"}``; the host tier sees each batch's rows the device tier does not serve
+    (unique). A capacity of 0 disables a tier; one >= ``n_rows`` makes it resident (every
+    lookup hits).
     """
     rows = np.asarray(rows, dtype=np.int64).reshape(-1)
     bounds = batch_bounds(rows.size, offsets, min_batch)
+    if device_rows >= n_rows:  # resident device tier: nothing reaches the host
+        return {"device": {"hits": int(rows.size), "misses": 0, "hit_ratio": 1.0},
+                "host": {"hits": 0, "misses": 0, "hit_ratio": 0.0}}
 
     def make(cap: int) -> CacheIndex | None:
         if cap <= 0 or cap >= n_rows:
@@ -347,28 +318,13 @@ def simulate_tiers(rows: np.ndarray, device_rows: int, host_rows: int, policy: s
         return CacheIndex(n_rows, cap, policy, profile=profile)
 
     dev, host = make(device_rows), make(host_rows)
+    below = replay(dev, rows, bounds, lookahead=lookahead, host=host, host_resident=host_rows >= n_rows)
     out: dict[str, dict[str, int | float]] = {}
-    if device_rows >= n_rows:  # resident device tier: nothing reaches the host
-        out["device"] = {"hits": int(rows.size), "misses": 0, "hit_ratio": 1.0}
-        out["host"] = {"hits": 0, "misses": 0, "hit_ratio": 0.0}
-        return out
-    if dev is None and host is None and host_rows >= n_rows:
-        n_req = int(sum(np.unique(rows[a:b]).size for a, b in zip(bounds[:-1], bounds[1:])))
-        out["device"] = {"hits": 0, "misses": 0, "hit_ratio": 0.0}
-        out["host"] = {"hits": n_req, "misses": 0, "hit_ratio": 1.0}
-        return out
-    if dev is None and host is None:
-        return {"device": {"hits": 0, "misses": 0, "hit_ratio": 0.0},
-                "host": {"hits": 0, "misses": 0, "hit_ratio": 0.0}}
-    replay(dev, rows, bounds, lookahead=lookahead, host=host)
-    if host is None and host_rows >= n_rows:  # resident host tier: every device miss hits it
-        d = dev.stats()
-        return {"device": {k: d[k] for k in ("hits", "misses", "hit_ratio", "capacity", "evictions",
-                                             "insertions")},
-                "host": {"hits": dev.misses, "misses": 0, "hit_ratio": 1.0}}
     for name, t in (("device", dev), ("host", host)):
         out[name] = ({"hits": t.hits, "misses": t.misses, "hit_ratio": t.hit_ratio,
                       "capacity": t.capacity, "evictions": t.evictions,
                       "insertions": t.insertions} if t is not None
                      else {"hits": 0, "misses": 0, "hit_ratio": 0.0})
+    if host_rows >= n_rows:  # resident host tier: every row the device tier does not serve hits
+        out["host"] = {"hits": below, "misses": 0, "hit_ratio": 1.0 if below else 0.0}
     return out

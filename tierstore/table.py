@@ -22,6 +22,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from .cache import walk
+from .cache.index import none_state
+from .cache.layout import CACHED, FILL, HIT, NONE, RESIDENT
 from .format import TableInfo
 from .shared_host import SharedHostTier
 from .tier import CacheTier, DiskTier
@@ -59,6 +62,7 @@ class Table:
             self.dev = CacheTier("device", info, device_rows, device=device, policy=policy, profile=profile)
             self._after_lease: Callable[[], None] | None = None
             self._preload()
+            self._walk = self._walk_args()
         except BaseException:  # a failed open must not keep the row file or a shared segment
             self.close()
             raise
@@ -85,114 +89,112 @@ class Table:
         self.disk.reset_stats()
 
     # -- lookup ---------------------------------------------------------------------------
+    def _walk_args(self) -> tuple:
+        """(device kind, device state, host kind, host state) for the compiled walk."""
+        dev, host = self.dev, self.host
+        dkind = RESIDENT if dev.resident else CACHED if dev.index is not None else NONE
+        hkind = RESIDENT if host.resident else CACHED if host.index is not None else NONE
+        return (dkind, dev.index.state if dkind == CACHED else none_state(),
+                hkind, host.index.state if hkind == CACHED else none_state())
+
     def gather(self, ids: np.ndarray, out: torch.Tensor) -> None:
-        """Fill ``out`` (len(ids), dim) on the store's device with the rows ``ids`` (int64, validated)."""
-        dev = self.dev
+        """Fill ``out`` (len(ids), dim) on the store's device with the rows ``ids`` (int64, validated).
+
+        The bookkeeping of both cache tiers is one compiled call (``walk.lookup``, the very
+        walk the simulator replays); this method moves the bytes: host/disk -> staged rows
+        -> the slots the walk admitted them to -> ``out``, then ends the lookup (``finish``).
+        """
+        dev, host = self.dev, self.host
         out = out.view(self.info.raw_dtype)  # move bits, not values
         if dev.resident:
             dev.resident_hits += len(ids)  # benign race: statistics only
             torch.index_select(dev.slab, 0, torch.from_numpy(ids).to(self.device, non_blocking=True), out=out)
             return
-        if dev.index is None and self.host.resident and not self.cuda:  # the host slab is the table
-            self.host.resident_hits += len(ids)
-            torch.index_select(self.host.slab, 0, torch.from_numpy(ids), out=out)
+        if dev.index is None and host.resident and not self.cuda:  # the host slab is the table
+            host.resident_hits += len(ids)
+            torch.index_select(host.slab, 0, torch.from_numpy(ids), out=out)
             return
-        if dev.index is None:  # device tier disabled
-            uniq, inv = np.unique(ids, return_inverse=True)
-            staged = self._from_host_or_disk(uniq)
-            torch.index_select(staged.to(self.device, non_blocking=True), 0,
-                               torch.from_numpy(inv.reshape(-1)).to(self.device), out=out)
-            return
-        with dev.lock:  # ids were validated at the store's API; slots come from the index
-            slots = dev.index.lookup(ids, trusted=True)
-            hit = slots >= 0
-            held = slots[hit]
-            dev.index.lease_batch(held, trusted=True)
+        dkind, D, hkind, H = self._walk
+        n = len(ids)
+        d_slot = np.empty(n, np.int64)
+        d_code = np.empty(n, np.int8)
+        d_leased = np.empty(n, np.int64)
+        need = np.empty(n, np.int64)
+        need_of = np.empty(n, np.int64)
+        h_slot = np.empty(n, np.int64)
+        h_code = np.empty(n, np.int8)
+        h_leased = np.empty(n, np.int64)
+        with dev.lock, host.lock:  # always in this order (Table.hint too)
+            n_dl, m, n_hl = walk.lookup(dkind, D, hkind, H, ids, d_slot, d_code, d_leased, need, need_of,
+                                        h_slot, h_code, h_leased)
+        ok = False
         try:
-            if self._after_lease is not None:  # test hook: runs between lease and gather
+            if self._after_lease is not None:  # test hook: runs between the bookkeeping and the bytes
                 self._after_lease()
-            if len(held) == len(ids):  # every row on the device: one gather, no sort
-                torch.index_select(dev.slab, 0, torch.from_numpy(slots).to(self.device), out=out)
-                return
-            miss_pos = np.flatnonzero(~hit)
-            uniq, inv = np.unique(ids[miss_pos], return_inverse=True)
-            staged = self._from_host_or_disk(uniq)
-            staged_dev = staged.to(self.device, non_blocking=True)
-            with dev.lock:
-                rows_in, slots_in, _ = dev.index.admit(uniq)
-                if len(rows_in):
-                    src = np.searchsorted(uniq, rows_in)
-                    dev.slab.index_copy_(0, torch.from_numpy(slots_in).to(self.device),
-                                         staged_dev.index_select(0, torch.from_numpy(src).to(self.device)))
-            if len(held):
-                hit_pos = torch.from_numpy(np.flatnonzero(hit)).to(self.device)
-                out.index_copy_(0, hit_pos, dev.slab.index_select(0, torch.from_numpy(held).to(self.device)))
-            out.index_copy_(0, torch.from_numpy(miss_pos).to(self.device),
-                            staged_dev.index_select(0, torch.from_numpy(inv.reshape(-1)).to(self.device)))
+            if m == 0:  # every row on the device: one gather
+                torch.index_select(dev.slab, 0, torch.from_numpy(d_slot).to(self.device), out=out)
+            else:
+                staged = self._from_host_or_disk(need[:m], h_slot[:m], h_code[:m], hkind)
+                staged_dev = staged.to(self.device, non_blocking=True)
+                d_hit = d_code == HIT
+                fill = np.flatnonzero(d_code == FILL)
+                if len(fill):  # rows the device tier admitted: write their slots
+                    dev.slab.index_copy_(0, torch.from_numpy(d_slot[fill]).to(self.device),
+                                         staged_dev.index_select(0, torch.from_numpy(need_of[fill]).to(self.device)))
+                below = np.flatnonzero(~d_hit)
+                hit_pos = np.flatnonzero(d_hit)
+                if len(hit_pos):
+                    out.index_copy_(0, torch.from_numpy(hit_pos).to(self.device),
+                                    dev.slab.index_select(0, torch.from_numpy(d_slot[hit_pos]).to(self.device)))
+                out.index_copy_(0, torch.from_numpy(below).to(self.device),
+                                staged_dev.index_select(0, torch.from_numpy(need_of[below]).to(self.device)))
+            ok = True
         finally:
-            with dev.lock:
-                dev.index.release_batch(held, trusted=True)
+            # the lookup ends: its FILL slots hold their bytes now (or, after an error, are dropped)
+            end = walk.finish if ok else walk.abort
+            with dev.lock, host.lock:
+                if dkind == CACHED:
+                    end(D, d_leased, n_dl)
+                if hkind == CACHED:
+                    end(H, h_leased, n_hl)
 
-    def _from_host_or_disk(self, uniq: np.ndarray) -> torch.Tensor:
-        """Rows ``uniq`` (sorted unique) as a CPU tensor (pinned when CUDA is present)."""
+    def _from_host_or_disk(self, need: np.ndarray, h_slot: np.ndarray, h_code: np.ndarray,
+                           hkind: int) -> torch.Tensor:
+        """Rows ``need`` (sorted unique) as a CPU tensor (pinned when CUDA is present): host
+        hits from the host slab, the rest from disk, written into the slots the host tier
+        admitted them to (``FILL``)."""
         info, host = self.info, self.host
-        staged = torch.empty((len(uniq), info.dim), dtype=info.raw_dtype, pin_memory=self.cuda)
-        if host.resident:
-            host.resident_hits += len(uniq)
-            torch.index_select(host.slab, 0, torch.from_numpy(uniq), out=staged)
+        staged = torch.empty((len(need), info.dim), dtype=info.raw_dtype, pin_memory=self.cuda)
+        hit = h_code == HIT
+        if hit.all():
+            if hkind == RESIDENT:
+                host.resident_hits += len(need)
+            torch.index_select(host.slab, 0, torch.from_numpy(h_slot), out=staged)
             return staged
-        if host.index is None and not isinstance(host, SharedHostTier):  # host tier disabled
-            self.disk.read(uniq, staged)
-            return staged
-        # A shared tier is read-only after its fill: no lock, no lease, no admission.
-        cached = host.index is not None
-        if cached:
-            with host.lock:
-                slots = host.index.lookup(uniq, trusted=True)
-                held = slots[slots >= 0]
-                host.index.lease_batch(held, trusted=True)
+        if not hit.any():
+            self.disk.read(need, staged)
+            cold, cold_pos = staged, None
         else:
-            slots = host.lookup(uniq)
-        hit = slots >= 0
-        try:
-            if hit.all():
-                torch.index_select(host.slab, 0, torch.from_numpy(slots), out=staged)
-                return staged
-            miss = uniq[~hit]
-            cold = torch.empty((len(miss), info.dim), dtype=info.raw_dtype)
-            self.disk.read(miss, cold)
-            if cached:
-                with host.lock:
-                    rows_in, slots_in, _ = host.index.admit(miss)
-                    if len(rows_in):
-                        host.slab.index_copy_(0, torch.from_numpy(slots_in),
-                                              cold.index_select(0, torch.from_numpy(np.searchsorted(miss, rows_in))))
+            cold_pos = np.flatnonzero(~hit)
+            cold = torch.empty((len(cold_pos), info.dim), dtype=info.raw_dtype)
+            self.disk.read(need[cold_pos], cold)
+            hit_pos = np.flatnonzero(hit)
             # index_copy_/index_select: several times faster than tensor __setitem__/__getitem__
-            if hit.any():
-                staged.index_copy_(0, torch.from_numpy(np.flatnonzero(hit)),
-                                   host.slab.index_select(0, torch.from_numpy(slots[hit])))
-            staged.index_copy_(0, torch.from_numpy(np.flatnonzero(~hit)), cold)
-            return staged
-        finally:
-            if cached:
-                with host.lock:
-                    host.index.release_batch(held, trusted=True)
+            staged.index_copy_(0, torch.from_numpy(hit_pos), host.slab.index_select(0, torch.from_numpy(h_slot[hit_pos])))
+            staged.index_copy_(0, torch.from_numpy(cold_pos), cold)
+        fill = np.flatnonzero(h_code == FILL)
+        if len(fill):
+            src = fill if cold_pos is None else np.searchsorted(cold_pos, fill)
+            host.slab.index_copy_(0, torch.from_numpy(h_slot[fill]), cold.index_select(0, torch.from_numpy(src)))
+        return staged
 
     def hint(self, ids: np.ndarray) -> None:
         """Announce rows a later lookup will read (the known future). Each tier hears only
         what it can act on: the device tier every id, the host tier only the ids the device
         tier does not hold now (it sees nothing else, so other hints would never be used)."""
-        ids = np.unique(ids)
-        dev, host = self.dev, self.host
-        if dev.index is not None:
-            with dev.lock:
-                dev.index.hint(ids)
-                ids = ids[~dev.index.resident(ids)]
-        elif dev.resident:
-            return  # the device tier is the table: nothing reaches the host tier
-        if host.index is not None and ids.size:
-            with host.lock:
-                host.index.hint(ids)
+        dkind, D, hkind, H = self._walk
+        with self.dev.lock, self.host.lock:
+            walk.announce(dkind, D, hkind, H, ids)
 
     def stats(self) -> dict[str, dict[str, float]]:
         return {"device": self.dev.stats(), "host": self.host.stats(), "disk": self.disk.stats()}

@@ -22,7 +22,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .cache_index import CacheIndex
+from .cache import CacheIndex
 from .errors import CorruptDataError
 from .format import PAGE_SIZE, TableInfo, check_header_page, load_checksums, load_order, page_checksums
 from .rowio import PageReader, aligned_empty

@@ -26,7 +26,7 @@ import numpy as np
 from tqdm import tqdm
 
 from tierstore.errors import TierStoreError
-from tierstore.policy import POLICIES
+from tierstore.cache import POLICIES
 from tierstore.profile import count_rows, load_profile, save_profile, zipf_fit
 from tierstore.simulate import TableTrace, batch_bounds, load_trace, simulate, simulate_tiers
 from tierstore.sizes import format_size, parse_size

@@ -37,7 +37,7 @@ import torch
 
 import tierstore
 from tierstore import TierStoreError
-from tierstore.policy import policy_names
+from tierstore.cache import policy_names
 
 from .conftest import SOAK, soak_add
 

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from tierstore.belady import belady_hits, dedupe_batches, next_use
-from tierstore.cache_index import CacheIndex
+from tierstore.cache import CacheIndex, policy_names
 from tierstore.errors import IdTypeError
 from tierstore.simulate import batch_bounds, replay
 
@@ -71,7 +71,7 @@ def test_opt_bounds_every_policy():
     for cap in (10, 100, 600):
         opt, warm = belady_hits(trace, cap), belady_hits(trace, cap, warm=True)
         assert warm >= opt
-        for name in ("lru", "lfu", "s3fifo", "wtinylfu", "static", "default"):
+        for name in policy_names():
             idx = CacheIndex(3000, cap, name, profile=profile)
             replay(idx, trace, bounds)
             # static and default preload rows from the profile: only the warm optimum bounds them

@@ -36,8 +36,10 @@ with tierstore.open(path, device="cpu", device_budget=0, host_budget=budget, hos
         got = store.lookup("big.engram.memory.weight", ids).numpy()
         if not np.array_equal(got.view(np.uint32), ref[ids].view(np.uint32)):
             print("MISMATCH", flush=True); sys.exit(3)
+    print("READY", store.stats()["host"]["hits"], flush=True)
+    sys.stdin.readline()  # every worker is up: measure
     pss = sum(m.pss for m in psutil.Process().memory_maps() if "tierstore-" in m.path)
-    print("READY", pss, store.stats()["host"]["hits"], flush=True)
+    print("PSS", pss, flush=True)
     sys.stdin.readline()  # hold the tier until told to go
     ids = rng.integers(0, ref.shape[0], 4096)
     ok = np.array_equal(store.lookup("big.engram.memory.weight", ids).numpy().view(np.uint32), ref[ids].view(np.uint32))
@@ -77,8 +79,11 @@ def test_four_processes_share_one_copy_and_survive_a_crash(shared_store):
     try:
         lines = [p.stdout.readline().split() for p in procs]
         assert all(line and line[0] == "READY" for line in lines), [(l, p.stderr.read()) for l, p in zip(lines, procs)]
-        pss = [int(line[1]) for line in lines]
-        assert all(int(line[2]) > 0 for line in lines)  # every worker served rows from the shared tier
+        assert all(int(line[1]) > 0 for line in lines)  # every worker served rows from the shared tier
+        for p in procs:  # PSS once all four map the tier (each process's share of the pages)
+            p.stdin.write("measure\n")
+            p.stdin.flush()
+        pss = [int(p.stdout.readline().split()[1]) for p in procs]
         assert len(_shm_files(path) - before) == 1, "all four processes must map one shared file"
         # four processes together account for about one copy of the tier, not four
         assert sum(pss) < 1.25 * table_bytes, f"PSS of the shared tier: {[p >> 20 for p in pss]} MiB"

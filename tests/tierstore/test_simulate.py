@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from tierstore.belady import belady_hits
-from tierstore.cache_index import CacheIndex
+from tierstore.cache import CacheIndex
 from tierstore.errors import CorruptDataError, FormatVersionError, TierStoreError
 from tierstore.simulate import (TableTrace, Trace, batch_bounds, load_trace, replay, save_trace,
                                 simulate, simulate_tiers)
@@ -112,7 +112,7 @@ def test_simulate_tiers_accounting():
     r = simulate_tiers(tr, 100, 1000, "lru", n_rows=5000, min_batch=64)
     dev, host = r["device"], r["host"]
     assert dev["hits"] + dev["misses"] == tr.size
-    assert host["hits"] + host["misses"] == dev["misses"]  # the host sees each unique device miss
+    assert host["hits"] + host["misses"] <= dev["misses"]  # the host sees each batch's missed rows once
     assert host["hit_ratio"] > 0
     # a resident host tier serves every device miss; a resident device tier everything
     r2 = simulate_tiers(tr, 100, 5000, "lru", n_rows=5000, min_batch=64)

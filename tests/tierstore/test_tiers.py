@@ -12,7 +12,8 @@ from safetensors.torch import save_file
 
 import tierstore
 from tierstore import StoreIOError, TierStoreError
-from tierstore.cache_index import CacheIndex
+from tierstore.cache import CacheIndex
+from tierstore.cache.layout import M_NREF
 
 from ..conftest import bits, random_table
 
@@ -33,7 +34,7 @@ def test_lease_keeps_rows_until_gathered(store_and_weight, monkeypatch):
     """
     path, w = store_and_weight
 
-    def run() -> torch.Tensor:
+    def run(leases: bool) -> torch.Tensor:
         with tierstore.open(path, device="cpu", device_budget=8 * 256, host_budget=0, policy="lru") as store:
             table = store._tables[T1]
             store.lookup(T1, np.arange(8))  # fill all 8 device slots
@@ -42,16 +43,21 @@ def test_lease_keeps_rows_until_gathered(store_and_weight, monkeypatch):
             def evict_everything() -> None:
                 if not nested["done"]:
                     nested["done"] = True
+                    ref, M = table.dev.index.refcount, table.dev.index.state[0]
+                    held, n_ref = ref.copy(), M[M_NREF]
+                    if not leases:
+                        ref[:] = 0  # drop the outer lookup's leases (restored for its finish)
+                        M[M_NREF] = 0
                     table.gather(np.arange(100, 108), torch.empty(8, 64).view(torch.int32))
+                    ref[:] = held
+                    M[M_NREF] = n_ref
 
             table._after_lease = evict_everything
             return store.lookup(T1, np.arange(8))
 
-    got = run()
+    got = run(leases=True)
     assert torch.equal(bits(got), bits(w[:8])), "a leased row was evicted before it was copied out"
-    monkeypatch.setattr(CacheIndex, "lease_batch", lambda self, slots, **kw: None)
-    monkeypatch.setattr(CacheIndex, "release_batch", lambda self, slots, **kw: None)
-    unleased = run()
+    unleased = run(leases=False)
     assert not torch.equal(bits(unleased), bits(w[:8])), "without leases the rows should have been overwritten"
 
 
@@ -152,17 +158,15 @@ def test_cuda_tiers_exact_and_within_budget(store_and_weight):
         assert torch.equal(bits(got.cpu()), bits(w[ids.cpu()]))
 
 
-def test_lease_batch_counts_batches_not_repeats():
+def test_one_lease_per_lookup_not_per_repeat():
+    """A lookup leases each distinct slot once; a concurrent lookup holds its own lease."""
     idx = CacheIndex(100, 10, "lru")
-    rows = np.arange(5, dtype=np.int64)
-    idx.admit(rows)
-    slots = idx.lookup(np.array([0, 0, 1], dtype=np.int64))
-    idx.lease_batch(slots)
-    idx.lease_batch(slots[:1])  # a second, concurrent batch holding row 0
-    assert idx.refcount[slots[0]] == 2 and idx.refcount[slots[2]] == 1
-    idx.release_batch(slots)
-    assert idx.refcount[slots[0]] == 1 and idx.refcount[slots[2]] == 0
-    idx.release_batch(slots[:1])
-    with pytest.raises(TierStoreError, match="lease_batch"):
-        idx.release_batch(slots[:1])
-    assert idx.refcount.min() == 0
+    idx.lookup(np.arange(5, dtype=np.int64))
+    _, _, a = idx.access(np.array([0, 0, 1], dtype=np.int64))
+    _, _, b = idx.access(np.array([0], dtype=np.int64))
+    s0, s1 = idx.slot_of_row[0], idx.slot_of_row[1]
+    assert idx.refcount[s0] == 2 and idx.refcount[s1] == 1
+    idx.finish(a)
+    assert idx.refcount[s0] == 1 and idx.refcount[s1] == 0
+    idx.finish(b)
+    assert idx.refcount.max() == 0

@@ -22,7 +22,7 @@ from .policy import Policy
 from .registry import make_policy
 from .structs import g_init, q_init
 
-__all__ = ["CacheIndex"]
+__all__ = ["CacheIndex", "none_state"]
 
 _EMPTY = np.empty(0, dtype=np.int64)
 
@@ -216,3 +216,14 @@ class CacheIndex:
             bad = rows[(rows < 0) | (rows >= self.n_rows)][0]
             raise InvalidIdError(f"{what}: {int(bad)} is outside [0, {self.n_rows})")
         return rows
+
+
+_NONE_STATE: tuple | None = None
+
+
+def none_state() -> tuple:
+    """A state tuple of the right types for a disabled tier (the walk never reads it)."""
+    global _NONE_STATE
+    if _NONE_STATE is None:
+        _NONE_STATE = CacheIndex(1, 0, "static", pinned_rows=_EMPTY).state
+    return _NONE_STATE

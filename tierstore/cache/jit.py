@@ -39,11 +39,15 @@ def _cache_dir() -> str:
 KERNEL_CACHE_DIR = _cache_dir()
 
 
-def kernel(fn):
-    """Compile ``fn`` as a GIL-free, disk-cached numba function (see the module doc)."""
+def kernel(fn=None, *, inline: bool = False):
+    """Compile ``fn`` as a GIL-free, disk-cached numba function (see the module doc).
+    ``inline``: merge it into its compiled callers (no call, no reference counting of the
+    state tuple per call): for the walk's per-batch steps, which a replay calls per access."""
+    if fn is None:
+        return lambda f: kernel(f, inline=inline)
     old = numba.config.CACHE_DIR
     numba.config.CACHE_DIR = KERNEL_CACHE_DIR  # read once, when the dispatcher's cache is made
     try:
-        return njit(nogil=True, cache=True)(fn)
+        return njit(nogil=True, cache=True, inline="always" if inline else "never")(fn)
     finally:
         numba.config.CACHE_DIR = old

@@ -15,14 +15,14 @@ ID = 2  # the walk dispatches on it (tierstore.cache.walk)
 _STAMP_BITS = 40  # time fits in 40 bits (1.1e12 accesses); the count sits above it
 
 
-@kernel
+@kernel(inline=True)
 def hit(T, s):  # pragma: no cover - compiled
     M, K = T[0], T[5]
     K[K_AUX, s] += 1
     h_update(M, K, s, (K[K_AUX, s] << _STAMP_BITS) | M[M_TICK])
 
 
-@kernel
+@kernel(inline=True)
 def miss(T, r):  # pragma: no cover - compiled
     M, sor, ros, ref, K, L = T[0], T[1], T[2], T[3], T[5], T[6]
     s = take_free(M, L)

@@ -12,13 +12,13 @@ ID = 1  # the walk dispatches on it (tierstore.cache.walk)
 Q = 0  # the one queue: front = least recent
 
 
-@kernel
+@kernel(inline=True)
 def hit(T, s):  # pragma: no cover - compiled
     M, L = T[0], T[6]
     q_to_back(M, L, Q, s)
 
 
-@kernel
+@kernel(inline=True)
 def miss(T, r):  # pragma: no cover - compiled
     M, sor, ros, ref, L = T[0], T[1], T[2], T[3], T[6]
     s = take_free(M, L)

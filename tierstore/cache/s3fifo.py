@@ -19,7 +19,7 @@ P_MOVE = M_PARAM + 1  # hits in small that promote a row to main
 P_GHOST = M_PARAM + 2  # rows the ghost remembers
 
 
-@kernel
+@kernel(inline=True)
 def hit(T, s):  # pragma: no cover - compiled
     L = T[6]
     if L[L_FREQ, s] < 3:
@@ -60,7 +60,7 @@ def evict(T):  # pragma: no cover - compiled
     return -1
 
 
-@kernel
+@kernel(inline=True)
 def miss(T, r):  # pragma: no cover - compiled
     M, sor, ros, L, GH = T[0], T[1], T[2], T[6], T[7]
     s = take_free(M, L)

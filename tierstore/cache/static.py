@@ -11,12 +11,12 @@ from .policy import Policy, hot_rows
 ID = 3  # the walk dispatches on it (tierstore.cache.walk)
 
 
-@kernel
+@kernel(inline=True)
 def hit(T, s):  # pragma: no cover - compiled
     pass
 
 
-@kernel
+@kernel(inline=True)
 def miss(T, r):  # pragma: no cover - compiled
     return -1
 

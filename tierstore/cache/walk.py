@@ -21,8 +21,8 @@ import numpy as np
 from . import lfu, lru, s3fifo, static
 from .hints import hint_add, hint_consume
 from .jit import kernel
-from .layout import (BELOW, CACHED, FILL, HIT, L_PEND, M_BYPASS, M_EPOCH, M_HINTS, M_HITS, M_HLIVE, M_LO,
-                     M_MISSES, M_POL, M_TICK, RESIDENT)
+from .layout import (BELOW, CACHED, FILL, HIT, L_PEND, M_BYPASS, M_CAP, M_EPOCH, M_HINTS, M_HITS, M_HLIVE, M_LO,
+                     M_MISSES, M_NREF, M_POL, M_TICK, NONE, RESIDENT)
 from .structs import place, take_free, unmap
 
 # ---------------------------------------------------------------------------------------------
@@ -30,7 +30,7 @@ from .structs import place, take_free, unmap
 # ---------------------------------------------------------------------------------------------
 
 
-@kernel
+@kernel(inline=True)
 def on_hit(pol, T, s):  # pragma: no cover - compiled
     if pol == lru.ID:
         lru.hit(T, s)
@@ -45,12 +45,14 @@ def on_hit(pol, T, s):  # pragma: no cover - compiled
 @kernel
 def on_miss(pol, T, r):  # pragma: no cover - compiled
     if pol == lru.ID:
-        return lru.miss(T, r)
-    if pol == lfu.ID:
-        return lfu.miss(T, r)
-    if pol == s3fifo.ID:
-        return s3fifo.miss(T, r)
-    return static.miss(T, r)
+        s = lru.miss(T, r)
+    elif pol == lfu.ID:
+        s = lfu.miss(T, r)
+    elif pol == s3fifo.ID:
+        s = s3fifo.miss(T, r)
+    else:
+        s = static.miss(T, r)
+    return s
 
 
 @kernel
@@ -70,7 +72,7 @@ def on_prefill(pol, T, s, r):  # pragma: no cover - compiled
 # ---------------------------------------------------------------------------------------------
 
 
-@kernel
+@kernel(inline=True)
 def access(T, rows, slots, code, leased):  # pragma: no cover - compiled
     """Process ``rows`` in order against one tier. Per access: ``slots[i]`` (-1 when
     ``code[i] == BELOW``) and ``code[i]`` (HIT: bytes in the slot; FILL: admitted by this
@@ -100,15 +102,21 @@ def access(T, rows, slots, code, leased):  # pragma: no cover - compiled
                     else:
                         ep[s] = epoch
                         ref[s] += 1
+                        if ref[s] == 1:
+                            M[M_NREF] += 1
                         leased[nl] = s
                         nl += 1
                 on_hit(pol, T, s)
         else:
             M[M_MISSES] += 1
-            s = on_miss(pol, T, r)
+            # every dynamic slot leased (a lookup of more rows than the tier holds): bypass
+            # without asking the policy, which would scan its leased slots in vain
+            s = on_miss(pol, T, r) if M[M_NREF] < M[M_CAP] - lo else -1
             if s >= 0:
                 ep[s] = -epoch
                 ref[s] += 1
+                if ref[s] == 1:
+                    M[M_NREF] += 1
                 L[L_PEND, s] = 1
                 leased[nl] = s
                 nl += 1
@@ -122,13 +130,34 @@ def access(T, rows, slots, code, leased):  # pragma: no cover - compiled
     return nl
 
 
-@kernel
+@kernel(inline=True)
+def access_one(T, r):  # pragma: no cover - compiled
+    """One access as a lookup of its own (``access`` + ``finish`` of one id, without the
+    lease bookkeeping that only matters to a lookup's later ids): the sequential replay."""
+    M, sor, HT = T[0], T[1], T[9]
+    if M[M_HLIVE] > 0:
+        hint_consume(M, HT, r)
+    s = sor[r]
+    if s >= 0:
+        M[M_HITS] += 1
+        if s >= M[M_LO]:
+            on_hit(M[M_POL], T, s)
+    else:
+        M[M_MISSES] += 1
+        if on_miss(M[M_POL], T, r) < 0:
+            M[M_BYPASS] += 1
+    M[M_TICK] += 1
+
+
+@kernel(inline=True)
 def finish(T, leased, n):  # pragma: no cover - compiled
     """End a lookup: the FILL slots' bytes are written; release its leases."""
-    ref, L = T[3], T[6]
+    M, ref, L = T[0], T[3], T[6]
     for j in range(n):
         s = leased[j]
         ref[s] -= 1
+        if ref[s] == 0:
+            M[M_NREF] -= 1
         L[L_PEND, s] = 0
 
 
@@ -140,6 +169,8 @@ def abort(T, leased, n):  # pragma: no cover - compiled
     for j in range(n):
         s = leased[j]
         ref[s] -= 1
+        if ref[s] == 0:
+            M[M_NREF] -= 1
         if L[L_PEND, s] != 0:
             L[L_PEND, s] = 0
             unmap(M, sor, ros, s)
@@ -176,14 +207,14 @@ def resident(T, rows, out):  # pragma: no cover - compiled
 # ---------------------------------------------------------------------------------------------
 
 
-@kernel
+@kernel(inline=True)
 def lookup(dkind, D, hkind, H, rows, d_slot, d_code, d_leased, need, need_of, h_slot, h_code,
            h_leased, collect=True):  # pragma: no cover - compiled
     """One lookup's bookkeeping in both cache tiers. Device: ``d_slot``/``d_code`` per id,
     leases in ``d_leased``. Rows it does not serve: ``need[:m]`` (sorted, unique), and for
     each such position ``need_of[i]`` (index into need). Host: ``h_slot``/``h_code`` per
     ``need`` row, leases in ``h_leased``. Returns (device leases, m, host leases).
-    ``collect`` False (the simulator, no host tier): skip gathering ``need``."""
+    ``collect`` False (the simulator without a host tier): skip gathering ``need``."""
     n = rows.size
     n_dl = 0
     if dkind == CACHED:
@@ -197,7 +228,7 @@ def lookup(dkind, D, hkind, H, rows, d_slot, d_code, d_leased, need, need_of, h_
         for i in range(n):
             d_slot[i] = -1
             d_code[i] = BELOW
-    if not collect and hkind != CACHED:
+    if not collect:
         return n_dl, 0, 0
     cnt = 0
     for i in range(n):
@@ -250,7 +281,8 @@ def announce(dkind, D, hkind, H, rows):  # pragma: no cover - compiled
 def replay(dkind, D, hkind, H, rows, bounds, lookahead):  # pragma: no cover - compiled
     """The simulator: every batch ``rows[bounds[i]:bounds[i+1]]`` through ``lookup`` and
     ``finish``, exactly as the store runs it; with ``lookahead`` L > 0 the batch i+L is
-    announced (``announce``) before batch i is looked up."""
+    announced (``announce``) before batch i is looked up. Returns the rows requested from
+    below the device tier (unique per batch; counted when there is a host tier)."""
     nb = bounds.size - 1
     big = 1
     for i in range(nb):
@@ -265,15 +297,36 @@ def replay(dkind, D, hkind, H, rows, bounds, lookahead):  # pragma: no cover - c
     h_leased = np.empty(big, np.int64)
     for j in range(min(lookahead, nb)):
         announce(dkind, D, hkind, H, rows[bounds[j]:bounds[j + 1]])
+    below = 0
+    if dkind == CACHED and hkind == NONE and nb == rows.size and lookahead == 0:
+        M, sor, HT = D[0], D[1], D[9]  # one access per lookup, one tier: the sequential fast path
+        pol, lo = M[M_POL], M[M_LO]
+        for i in range(nb):
+            r = rows[i]
+            if M[M_HLIVE] > 0:
+                hint_consume(M, HT, r)
+            s = sor[r]
+            if s >= 0:
+                M[M_HITS] += 1
+                if s >= lo:
+                    on_hit(pol, D, s)
+            else:
+                M[M_MISSES] += 1
+                if on_miss(pol, D, r) < 0:
+                    M[M_BYPASS] += 1
+            M[M_TICK] += 1
+        return below
     for i in range(nb):
         if lookahead > 0 and i + lookahead < nb:
             announce(dkind, D, hkind, H, rows[bounds[i + lookahead]:bounds[i + lookahead + 1]])
         b = rows[bounds[i]:bounds[i + 1]]
         n_dl, m, n_hl = lookup(dkind, D, hkind, H, b, d_slot, d_code, d_leased, need, need_of, h_slot, h_code,
-                               h_leased, hkind == CACHED)
+                               h_leased, hkind != NONE)
+        below += m
         if dkind == CACHED:
             finish(D, d_leased, n_dl)
         if hkind == CACHED:
             finish(H, h_leased, n_hl)
+    return below
 
 

@@ -1,0 +1,243 @@
+"""CacheIndex and the policy contract: maps stay consistent, leases hold, counters add up,
+errors are typed; hand-worked eviction orders for the simple policies."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from tierstore.cache import CacheIndex, hot_rows, make_policy, policy_names
+from tierstore.cache.layout import BELOW, FILL, HIT, M_QLEN, NQ
+from tierstore.cache.lru import LRU
+from tierstore.errors import IdTypeError, InvalidIdError, TierStoreError
+
+
+def one_by_one(idx: CacheIndex, trace) -> list[bool]:
+    """Sequential replay, one access per lookup; returns hit flags."""
+    hits = []
+    for r in trace:
+        before = idx.hits
+        idx.lookup(np.array([r]))
+        hits.append(idx.hits > before)
+    return hits
+
+
+def resident(idx: CacheIndex) -> set[int]:
+    return set(idx.row_of_slot[idx.row_of_slot >= 0].tolist())
+
+
+def check_invariants(idx: CacheIndex) -> None:
+    occ = np.flatnonzero(idx.row_of_slot >= 0)
+    assert occ.size <= idx.size <= idx.capacity
+    assert (idx.slot_of_row[idx.row_of_slot[occ]] == occ).all(), "row_of_slot and slot_of_row disagree"
+    assert np.count_nonzero(idx.slot_of_row >= 0) == occ.size
+    assert (idx.refcount == 0).all(), "a finished lookup left a lease behind"
+    M = idx.state[0]
+    queued = int(M[M_QLEN:M_QLEN + NQ].sum())
+    if idx.policy.name not in ("lfu", "static"):  # the queue policies hold every dynamic slot once
+        assert queued == idx.size - idx.n_pinned, (queued, idx.size, idx.n_pinned)
+
+
+# --- shared contract ------------------------------------------------------------------------
+@pytest.mark.parametrize("name", policy_names())
+@pytest.mark.parametrize("capacity", [1, 7, 300])
+def test_contract_every_policy(name, capacity):
+    """Random batches with duplicates through access/finish: codes agree with the map,
+    capacity holds, counters add up, every FILL slot now maps its row."""
+    rng = np.random.default_rng(5)
+    n_rows = 2000
+    profile = np.bincount(rng.zipf(1.2, 20000) % n_rows, minlength=n_rows)
+    idx = CacheIndex(n_rows, capacity, name, profile=profile, rng=1)
+    total = 0
+    for _ in range(150):
+        b = (rng.zipf(1.2, int(rng.integers(1, 200))) % n_rows).astype(np.int64)
+        slots, codes, leased = idx.access(b)
+        assert (idx.refcount[leased] > 0).all() and np.unique(leased).size == leased.size
+        assert ((codes == BELOW) == (slots < 0)).all()
+        ok = codes != BELOW
+        assert (idx.slot_of_row[b[ok]] == slots[ok]).all(), "a returned slot does not hold its row"
+        assert set(np.flatnonzero(idx.refcount).tolist()) <= set(leased.tolist()) | set(range(idx.n_pinned))
+        idx.finish(leased)
+        total += b.size
+        check_invariants(idx)
+    assert idx.hits + idx.misses == total
+
+
+@pytest.mark.parametrize("name", [n for n in policy_names() if n != "static"])
+def test_a_lookup_never_evicts_its_own_rows(name):
+    """A batch with more distinct rows than slots: the rows it touched first stay until it
+    ends; the extra misses bypass the tier (BELOW) instead of evicting them."""
+    idx = CacheIndex(10_000, 16, name, pinned_rows=[])
+    b = np.arange(100, 140, dtype=np.int64)
+    slots, codes, leased = idx.access(b)
+    got = slots[codes != BELOW]
+    assert np.unique(got).size == got.size, "two rows of one lookup share a slot"
+    assert (codes[:16] != BELOW).sum() >= 1 and (codes == BELOW).sum() >= 40 - 16
+    idx.finish(leased)
+    check_invariants(idx)
+
+
+def test_repeats_inside_one_lookup_follow_the_rule():
+    idx = CacheIndex(100, 4, "lru", pinned_rows=[])
+    slots, codes, leased = idx.access(np.array([5, 6, 5, 5, 7]))
+    # 5 misses and is admitted; its repeats are hits on the slot being filled (FILL)
+    assert codes.tolist() == [FILL, FILL, FILL, FILL, FILL]
+    assert slots.tolist() == [0, 1, 0, 0, 2]  # lowest free slots first
+    assert (idx.hits, idx.misses) == (2, 3)
+    idx.finish(leased)
+    slots, codes, leased = idx.access(np.array([7, 5]))
+    assert slots.tolist() == [2, 0] and codes.tolist() == [HIT, HIT]
+    idx.finish(leased)
+    assert idx.hit_ratio == pytest.approx(4 / 7)
+
+
+def test_another_lookups_pending_fill_is_read_from_below():
+    idx = CacheIndex(100, 4, "lru", pinned_rows=[])
+    _, _, lease_a = idx.access(np.array([5]))  # admitted, bytes not written yet
+    slots, codes, lease_b = idx.access(np.array([5, 6]))
+    assert codes.tolist() == [BELOW, FILL] and slots[0] == -1
+    idx.finish(lease_b)
+    idx.abort(lease_a)  # the first lookup failed: its admitted row is dropped
+    assert idx.slot_of_row[5] == -1
+    check_invariants(idx)
+    assert one_by_one(idx, [5, 5, 1, 2, 3, 4, 5]) == [False, True, False, False, False, False, False]
+    check_invariants(idx)
+
+
+def test_pinned_rows_stay_in_first_slots():
+    idx = CacheIndex(1000, 5, "lru", pinned_rows=np.array([10, 20]))
+    assert idx.n_pinned == 2 and idx.row_of_slot[:2].tolist() == [10, 20]
+    rng = np.random.default_rng(0)
+    for _ in range(100):
+        idx.lookup(rng.integers(0, 1000, 30))
+    assert idx.slot_of_row[[10, 20]].tolist() == [0, 1]
+    assert idx.size == 5
+
+
+def test_input_errors_name_the_problem():
+    idx = CacheIndex(10, 2, "lru", pinned_rows=[])
+    with pytest.raises(InvalidIdError, match="10 is outside"):
+        idx.lookup(np.array([1, 10]))
+    with pytest.raises(InvalidIdError):
+        idx.lookup(np.array([-1]))
+    with pytest.raises(IdTypeError, match="float"):
+        idx.lookup(np.array([1.5]))
+    with pytest.raises(TierStoreError, match="duplicates"):
+        CacheIndex(10, 3, "lru", pinned_rows=np.array([1, 1]))
+    with pytest.raises(TierStoreError, match="capacity"):
+        CacheIndex(10, -1, "lru")
+    with pytest.raises(TierStoreError, match="built for capacity"):
+        CacheIndex(10, 3, LRU(4))
+    with pytest.raises(TierStoreError, match="one count per row"):
+        CacheIndex(10, 3, "static", profile=np.ones(9, dtype=np.int64))
+    with pytest.raises(TierStoreError, match="unknown cache policy 'nope'"):
+        make_policy("nope", 10)
+    with pytest.raises(TierStoreError, match="no parameter"):
+        make_policy("lru", 10, bogus=1)
+    assert idx.lookup(np.array([], dtype=np.float32)).size == 0  # empty batches of any dtype
+
+
+def test_zero_capacity_and_full_pinning():
+    idx = CacheIndex(10, 0, "lru")
+    assert idx.lookup(np.array([1, 2])).tolist() == [-1, -1]
+    assert idx.bypassed == 2
+    idx = CacheIndex(10, 2, "lru", pinned_rows=np.array([3, 4]))
+    assert idx.lookup(np.array([1, 3])).tolist() == [-1, 0]
+
+
+def test_metadata_per_table_row_is_four_bytes():
+    """The 8 B/row budget covers two tiers: one int32 per table row each, nothing more.
+    Per-slot state (queues, heap, ghosts, sketch, hints) scales with capacity."""
+    n_rows, cap = 2_000_000, 1000
+    for name in policy_names():
+        rng = np.random.default_rng(1)
+        profile = np.bincount(rng.zipf(1.2, 100_000) % n_rows, minlength=n_rows)
+        idx = CacheIndex(n_rows, cap, name, profile=profile)
+        assert idx.slot_of_row.dtype == np.int32 and idx.slot_of_row.nbytes == 4 * n_rows
+        per_slot = sum(a.nbytes for a in idx.state) - idx.slot_of_row.nbytes
+        assert per_slot < 400 * cap, f"{name}: {per_slot / cap:.0f} B per slot"
+
+
+def test_stats_and_reset():
+    idx = CacheIndex(10, 2, "lru", pinned_rows=[])
+    idx.lookup(np.array([1]))
+    st = idx.stats()
+    assert st["misses"] == 1 and st["insertions"] == 1 and st["size"] == 1 and st["policy"] == "lru"
+    assert idx.maxsize == 2 and idx.currsize == 1
+    idx.reset_stats()
+    assert idx.hits == idx.misses == idx.insertions == idx.evictions == 0
+    assert idx.resident(np.array([1, 2])).tolist() == [True, False]
+
+
+# --- hand-worked eviction orders -----------------------------------------------------------------
+def test_lru_eviction_order_by_hand():
+    idx = CacheIndex(100, 3, "lru", pinned_rows=[])
+    # A B C fill; A hit -> order B C A; D evicts B; C hit -> A D C; E evicts A
+    assert one_by_one(idx, [1, 2, 3, 1, 4, 3, 5]) == [False, False, False, True, False, True, False]
+    assert resident(idx) == {3, 4, 5}
+    one_by_one(idx, [6])
+    assert resident(idx) == {3, 5, 6}  # 4 (D) was least recent
+
+
+def test_lfu_eviction_order_by_hand():
+    idx = CacheIndex(100, 3, "lfu", pinned_rows=[])
+    one_by_one(idx, [1, 2, 3, 1, 1, 3])  # counts: 1 -> 3, 2 -> 1, 3 -> 2
+    one_by_one(idx, [4])
+    assert resident(idx) == {1, 3, 4}  # 2 was least frequent
+    one_by_one(idx, [5])  # 4 has count 1 and is the only such row
+    assert resident(idx) == {1, 3, 5}
+    one_by_one(idx, [5, 5, 5, 6])  # 5 -> 4 uses; 3 (count 2) is now least frequent
+    assert resident(idx) == {1, 5, 6}
+
+
+def test_s3fifo_eviction_order_by_hand():
+    # capacity 10: small queue 1 slot, main 9; the ghost remembers rows evicted from small
+    idx = CacheIndex(100, 10, "s3fifo", pinned_rows=[])
+    one_by_one(idx, list(range(10)))  # 0..9 in small (FIFO order), frequency 0
+    one_by_one(idx, [0, 1])
+    # inserting 10: small is over its target; 0 and 1 were used -> main; 2 is evicted
+    one_by_one(idx, [10])
+    assert resident(idx) == set(range(11)) - {2}
+    assert idx.slot_of_row[2] <= -2, "2 should be remembered by the ghost"
+    one_by_one(idx, [2])  # back from the ghost: straight to main; 3 (small head) goes
+    assert resident(idx) == set(range(11)) - {3}
+    from tierstore.cache.layout import L_QID
+    from tierstore.cache.s3fifo import MAIN
+    assert idx.state[6][L_QID, idx.slot_of_row[2]] == MAIN
+
+
+def test_static_admits_nothing_and_keeps_top_rows():
+    profile = np.zeros(50, dtype=np.int64)
+    profile[[7, 3, 9, 1]] = [10, 8, 8, 1]
+    idx = CacheIndex(50, 3, "static", profile=profile)
+    assert resident(idx) == {7, 3, 9}  # ties (3 and 9) both fit
+    assert one_by_one(idx, [7, 1, 1, 3, 40]) == [True, False, False, True, False]
+    assert resident(idx) == {7, 3, 9}
+
+
+def test_hot_rows_deterministic_ties():
+    profile = np.array([0, 5, 5, 5, 1, 0, 9])
+    assert hot_rows(profile, 2).tolist() == [6, 1]
+    assert hot_rows(profile, 3).tolist() == [6, 1, 2]
+    assert hot_rows(profile, 10).tolist() == [6, 1, 2, 3, 4]  # zero counts never
+    assert hot_rows(None, 3).size == 0
+
+
+@pytest.mark.parametrize("name", ["s3fifo"])
+def test_many_hits_in_one_lookup_saturate_the_frequency(name):
+    """The old int8 counters wrapped when a row was hit more than ~124 times in one batch,
+    so the hottest row looked coldest. Counts saturate at 3: 200 hits decide as 3 do."""
+    rng = np.random.default_rng(5)
+    later = [rng.integers(0, 5000, size=64) for _ in range(60)]
+    states = []
+    for repeats in (3, 200):
+        idx = CacheIndex(5000, 100, name, rng=0, pinned_rows=[])
+        idx.lookup(np.arange(1000, 1100))  # fill the tier
+        hot = int(idx.row_of_slot[idx.row_of_slot >= 0][-1])
+        idx.lookup(np.full(repeats, hot))
+        from tierstore.cache.layout import L_FREQ
+        assert int(idx.state[6][L_FREQ, idx.slot_of_row[hot]]) == 3
+        for batch in later:
+            idx.lookup(batch)
+        states.append(idx.row_of_slot.copy())
+    assert np.array_equal(states[0], states[1])

@@ -1,0 +1,74 @@
+"""The one walk: a live store and the simulator run the same compiled code, so their
+counters agree exactly, for every policy, with recorded batches and two cache tiers."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+import tierstore
+from tierstore.cache import CacheIndex, policy_names
+from tierstore.profile import save_profile
+from tierstore.simulate import batch_bounds, replay, simulate, simulate_tiers
+from tierstore.stack_distance import lru_hits
+
+from ...conftest import real_text_trace
+
+
+@pytest.fixture(scope="module")
+def store(tmp_path_factory):
+    from safetensors.torch import save_file
+
+    from ...conftest import random_table
+
+    tmp = tmp_path_factory.mktemp("walk")
+    w = random_table(3000, 16, torch.float32)
+    np.save(tmp / "w.npy", w.numpy())
+    save_file({"t.engram.memory.weight": w}, str(tmp / "m.safetensors"))
+    return tierstore.build_store(tmp / "m.safetensors", tmp / "store", progress=False)
+
+
+@pytest.mark.parametrize("policy", policy_names())
+def test_store_counters_equal_the_simulation(store, policy):
+    rng = np.random.default_rng(3)
+    rows = (rng.zipf(1.2, 20_000) % 3000).astype(np.int64)
+    offsets = np.unique(np.r_[0, np.sort(rng.integers(1, rows.size, 400))])
+    profile = np.bincount(rng.zipf(1.2, 50_000) % 3000, minlength=3000)
+    save_profile(store, "t.engram.memory.weight", profile)  # the store places rows by it, as the simulation
+    w = np.load(store.parent / "w.npy")
+    dev_rows, host_rows = 60, 400
+    with tierstore.open(store, device="cpu", device_budget=dev_rows * 64, host_budget=host_rows * 64,
+                        policy=policy) as st:
+        bounds = batch_bounds(rows.size, offsets)
+        for a, b in zip(bounds[:-1], bounds[1:]):
+            got = st.lookup("t.engram.memory.weight", rows[a:b])
+            assert np.array_equal(got.numpy().view(np.uint32), w[rows[a:b]].view(np.uint32))
+        live = st.stats()["tables"]["t.engram.memory.weight"]
+    sim = simulate_tiers(rows, dev_rows, host_rows, policy, n_rows=3000, offsets=offsets, profile=profile)
+    for tier in ("device", "host"):
+        assert (live[tier]["hits"], live[tier]["misses"]) == (sim[tier]["hits"], sim[tier]["misses"]), tier
+
+
+@pytest.mark.parametrize("batch", [1, 7, 64])
+def test_stack_distances_equal_the_walk_when_batches_fit(batch):
+    """LRU from stack distances equals the walk's LRU for recorded batches no longer than the
+    capacity (the leased rows of a batch are its most recent: never LRU's victim)."""
+    trace = real_text_trace(30_000)
+    n = int(trace.max()) + 1
+    bounds = batch_bounds(trace.size, np.arange(0, trace.size, batch))
+    for cap in (64, 500, 3000):
+        idx = CacheIndex(n, cap, "lru")
+        replay(idx, trace, bounds)
+        assert lru_hits(trace, [cap])[cap][0] == idx.hits, cap
+        fast = simulate(trace, [cap], ["lru"], offsets=np.arange(0, trace.size, batch))[0]
+        assert fast.hits == idx.hits
+
+
+def test_a_batch_longer_than_the_capacity_is_replayed_not_estimated():
+    trace = real_text_trace(5_000)
+    off = np.arange(0, trace.size, 100)
+    r = simulate(trace, [50], ["lru"], offsets=off)[0]
+    idx = CacheIndex(int(trace.max()) + 1, 50, "lru")
+    replay(idx, trace, batch_bounds(trace.size, off))
+    assert r.hits == idx.hits
