@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from . import lfu, lru, s3fifo, static
+from . import arc, lfu, lru, s3fifo, static, wtinylfu
 from .hints import hint_add, hint_consume
 from .jit import kernel
 from .layout import (BELOW, CACHED, FILL, HIT, L_PEND, M_BYPASS, M_EPOCH, M_HINTS, M_HITS, M_HLIVE, M_LO,
@@ -38,6 +38,10 @@ def on_hit(pol, T, s):  # pragma: no cover - compiled
         lfu.hit(T, s)
     elif pol == s3fifo.ID:
         s3fifo.hit(T, s)
+    elif pol == wtinylfu.ID:
+        wtinylfu.hit(T, s)
+    elif pol == arc.ID:
+        arc.hit(T, s)
     elif pol == static.ID:
         static.hit(T, s)
 
@@ -50,6 +54,10 @@ def on_miss(pol, T, r):  # pragma: no cover - compiled
         return lfu.miss(T, r)
     if pol == s3fifo.ID:
         return s3fifo.miss(T, r)
+    if pol == wtinylfu.ID:
+        return wtinylfu.miss(T, r)
+    if pol == arc.ID:
+        return arc.miss(T, r)
     return static.miss(T, r)
 
 
@@ -61,6 +69,10 @@ def on_prefill(pol, T, s, r):  # pragma: no cover - compiled
         lfu.prefill(T, s, r)
     elif pol == s3fifo.ID:
         s3fifo.prefill(T, s, r)
+    elif pol == wtinylfu.ID:
+        wtinylfu.prefill(T, s, r)
+    elif pol == arc.ID:
+        arc.prefill(T, s, r)
     else:
         static.prefill(T, s, r)
 
