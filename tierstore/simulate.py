@@ -25,7 +25,7 @@ import numpy as np
 
 from .belady import belady_hits
 from .cache import CacheIndex, walk
-from .cache.index import none_state
+from .cache.index import none_index
 from .cache.layout import CACHED, NONE, RESIDENT
 from .errors import CorruptDataError, IdTypeError, TierStoreError
 from .files import atomic_write, check_versioned, is_json_int, os_error
@@ -205,10 +205,11 @@ def replay(index: CacheIndex | None, rows: np.ndarray, bounds: np.ndarray, *, lo
     """
     dkind = CACHED if index is not None else NONE
     hkind = RESIDENT if host_resident else CACHED if host is not None else NONE
-    D = index.state if index is not None else none_state()
-    H = host.state if host is not None else none_state()
+    d = index if index is not None else none_index()
+    h = host if host is not None else none_index()
     rows = np.ascontiguousarray(rows, dtype=np.int64)
-    return int(walk.replay(dkind, D, hkind, H, rows, np.ascontiguousarray(bounds, dtype=np.int64), int(lookahead)))
+    return int(walk.replay(*d.hooks, dkind, d.state, *h.hooks, hkind, h.state, rows,
+                           np.ascontiguousarray(bounds, dtype=np.int64), int(lookahead)))
 
 
 @dataclass

@@ -23,7 +23,8 @@ import numpy as np
 import torch
 
 from .cache import walk
-from .cache.index import none_state
+from .cache.index import none_index
+from .cache.jit import specialized
 from .cache.layout import CACHED, FILL, HIT, NONE, RESIDENT
 from .format import TableInfo
 from .shared_host import SharedHostTier
@@ -63,6 +64,7 @@ class Table:
             self._after_lease: Callable[[], None] | None = None
             self._preload()
             self._walk = self._walk_args()
+            self._lookup = None  # the walk's entry point for this table's policies (on first use)
         except BaseException:  # a failed open must not keep the row file or a shared segment
             self.close()
             raise
@@ -90,12 +92,14 @@ class Table:
 
     # -- lookup ---------------------------------------------------------------------------
     def _walk_args(self) -> tuple:
-        """(device kind, device state, host kind, host state) for the compiled walk."""
+        """The compiled walk's tier arguments: (device hit, miss, kind, state, host hit, miss,
+        kind, state); a disabled or resident tier is represented by a stand-in index."""
         dev, host = self.dev, self.host
         dkind = RESIDENT if dev.resident else CACHED if dev.index is not None else NONE
         hkind = RESIDENT if host.resident else CACHED if host.index is not None else NONE
-        return (dkind, dev.index.state if dkind == CACHED else none_state(),
-                hkind, host.index.state if hkind == CACHED else none_state())
+        d = dev.index if dkind == CACHED else none_index()
+        h = host.index if hkind == CACHED else none_index()
+        return (*d.hooks, dkind, d.state, *h.hooks, hkind, h.state)
 
     def gather(self, ids: np.ndarray, out: torch.Tensor) -> None:
         """Fill ``out`` (len(ids), dim) on the store's device with the rows ``ids`` (int64, validated).
@@ -114,7 +118,9 @@ class Table:
             host.resident_hits += len(ids)
             torch.index_select(host.slab, 0, torch.from_numpy(ids), out=out)
             return
-        dkind, D, hkind, H = self._walk
+        dkind, hkind = self._walk[2], self._walk[6]
+        D, H = self._walk[3], self._walk[7]
+        ids = np.ascontiguousarray(ids, dtype=np.int64)
         n = len(ids)
         d_slot = np.empty(n, np.int64)
         d_code = np.empty(n, np.int8)
@@ -124,9 +130,11 @@ class Table:
         h_slot = np.empty(n, np.int64)
         h_code = np.empty(n, np.int8)
         h_leased = np.empty(n, np.int64)
+        args = (*self._walk, ids, d_slot, d_code, d_leased, need, need_of, h_slot, h_code, h_leased)
+        if self._lookup is None:
+            self._lookup = specialized(walk.lookup, *args)
         with dev.lock, host.lock:  # always in this order (Table.hint too)
-            n_dl, m, n_hl = walk.lookup(dkind, D, hkind, H, ids, d_slot, d_code, d_leased, need, need_of,
-                                        h_slot, h_code, h_leased)
+            n_dl, m, n_hl = self._lookup(*args)
         ok = False
         try:
             if self._after_lease is not None:  # test hook: runs between the bookkeeping and the bytes
@@ -192,9 +200,9 @@ class Table:
         """Announce rows a later lookup will read (the known future). Each tier hears only
         what it can act on: the device tier every id, the host tier only the ids the device
         tier does not hold now (it sees nothing else, so other hints would never be used)."""
-        dkind, D, hkind, H = self._walk
+        w = self._walk
         with self.dev.lock, self.host.lock:
-            walk.announce(dkind, D, hkind, H, ids)
+            walk.announce(w[2], w[3], w[6], w[7], np.ascontiguousarray(ids, dtype=np.int64))
 
     def stats(self) -> dict[str, dict[str, float]]:
         return {"device": self.dev.stats(), "host": self.host.stats(), "disk": self.disk.stats()}

@@ -12,6 +12,8 @@ around every call.
 
 from __future__ import annotations
 
+import sys
+
 import numpy as np
 
 from ..errors import IdTypeError, InvalidIdError, TierStoreError
@@ -20,9 +22,10 @@ from .layout import (CACHED, K_HPOS, L_FREE, L_QID, M_BYPASS, M_CAP, M_EVICT, M_
                      M_HORIZON, M_HSHIFT, M_INSERT, M_LO, M_MISSES, M_NFREE, M_NROWS, M_POL, M_RANKM, NG, NL, NM, NQ)
 from .policy import Policy
 from .registry import make_policy
+from .jit import specialized
 from .structs import g_init, q_init
 
-__all__ = ["CacheIndex", "none_state"]
+__all__ = ["CacheIndex", "none_index"]
 
 _EMPTY = np.empty(0, dtype=np.int64)
 
@@ -130,9 +133,12 @@ class CacheIndex:
         policy.init(self.state)
         self.slot_of_row, self.row_of_slot, self.refcount = sor, ros, ref
         self.n_pinned = lo
+        mod = sys.modules[type(policy).__module__]  # the policy's kernels: walk arguments
+        self.hooks = (mod.hit, mod.miss)
+        self._access = None
         pre = policy.prefill()
         if pre.size and n_dyn:
-            walk.prefill(self.state, self._as_rows(pre, what="prefill rows"))
+            walk.prefill(mod.prefill, self.state, self._as_rows(pre, what="prefill rows"))
         self.reset_stats()
 
     kind = CACHED
@@ -179,7 +185,9 @@ class CacheIndex:
         slots = np.empty(n, np.int64)
         codes = np.empty(n, np.int8)
         leased = np.empty(n, np.int64)
-        nl = walk.access(self.state, rows, slots, codes, leased)
+        if self._access is None:
+            self._access = specialized(walk.access, *self.hooks, self.state, rows, slots, codes, leased)
+        nl = self._access(*self.hooks, self.state, rows, slots, codes, leased)
         return slots, codes, leased[:nl]
 
     def finish(self, leased: np.ndarray) -> None:
@@ -218,12 +226,12 @@ class CacheIndex:
         return rows
 
 
-_NONE_STATE: tuple | None = None
+_NONE: CacheIndex | None = None
 
 
-def none_state() -> tuple:
-    """A state tuple of the right types for a disabled tier (the walk never reads it)."""
-    global _NONE_STATE
-    if _NONE_STATE is None:
-        _NONE_STATE = CacheIndex(1, 0, "static", pinned_rows=_EMPTY).state
-    return _NONE_STATE
+def none_index() -> CacheIndex:
+    """An index of the right types standing in for a disabled tier (the walk never reads it)."""
+    global _NONE
+    if _NONE is None:
+        _NONE = CacheIndex(1, 0, "static", pinned_rows=_EMPTY)
+    return _NONE

@@ -23,7 +23,7 @@ from pathlib import Path
 import numba
 from numba import njit
 
-__all__ = ["kernel", "KERNEL_CACHE_DIR"]
+__all__ = ["kernel", "specialized", "KERNEL_CACHE_DIR"]
 
 
 def _cache_dir() -> str:
@@ -51,3 +51,16 @@ def kernel(fn=None, *, inline: bool = False):
         return njit(nogil=True, cache=True, inline="always" if inline else "never")(fn)
     finally:
         numba.config.CACHE_DIR = old
+
+
+def specialized(dispatcher, *args):
+    """The compiled entry point of ``dispatcher`` for the types of ``args`` (compiled or loaded
+    from the cache now). Calling it skips numba's per-call type dispatch, which costs ~11 us
+    for a call with function arguments (the policy hooks) against ~0.8 us direct. The caller
+    must pass arguments of exactly these types (C-contiguous arrays of the same dtypes)."""
+    from numba import typeof
+
+    key = tuple(typeof(a) for a in args)
+    if key not in dispatcher.overloads:
+        dispatcher.compile(key)
+    return dispatcher.overloads[key].entry_point

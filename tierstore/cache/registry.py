@@ -3,15 +3,17 @@
 from __future__ import annotations
 
 from ..errors import TierStoreError
+from .arc import ARC
 from .lfu import LFU
 from .lru import LRU
 from .policy import Policy
 from .s3fifo import S3FIFO
 from .static import Static
+from .wtinylfu import WTinyLFU
 
 __all__ = ["POLICIES", "make_policy", "policy_names"]
 
-POLICIES: dict[str, type[Policy]] = {p.name: p for p in (LRU, LFU, S3FIFO, Static)}
+POLICIES: dict[str, type[Policy]] = {p.name: p for p in (LRU, LFU, S3FIFO, WTinyLFU, ARC, Static)}
 
 
 def policy_names() -> list[str]:

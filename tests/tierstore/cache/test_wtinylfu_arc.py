@@ -1,0 +1,275 @@
+"""ARC and W-TinyLFU (tierstore.cache.arc, tierstore.cache.wtinylfu) against oracles.
+
+ARC: libCacheSim's ARC (the paper's algorithm with a real-valued p) is an exact oracle:
+hit for hit equal on a Zipf and a real text trace at 50, 500 and 2000 slots (asserted
+within 0.005, as the brief asks; measured difference 0).
+
+W-TinyLFU: libCacheSim's WTinyLFU is a different variant of the algorithm (see the
+wtinylfu module doc), so the tests use two oracles:
+
+- an independent pure-Python model of the algorithm the module states (Caffeine-style:
+  fixed 1% window, probation/protected SLRU, 4-bit count-min sketch with doorkeeper and
+  reset, ties evict the candidate), using the same hash and seeds: equal hit for hit;
+- libCacheSim's WTinyLFU(window_size=0.01) where the two variants agree. Measured
+  (ours vs libCacheSim): zipf 500 0.4454 vs 0.4443, zipf 2000 0.5186 vs 0.5164, real
+  2000 0.8535 vs 0.8548, all within 0.005, asserted. Not comparable: at 50 slots
+  libCacheSim's window is int(0.01 * 50) = 0 slots and it admits nothing (hit ratio 0,
+  ours 0.338 / 0.523); on the real trace at 500 slots ours is 0.7647 and libCacheSim
+  0.7345 (0.030 apart), almost all of it libCacheSim's aging schedule (details in
+  test_wtinylfu_vs_libcachesim). Those cases are asserted as measured differences, not
+  as agreement.
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+
+import numpy as np
+import pytest
+
+from tests.conftest import real_text_trace
+from tierstore.cache import CacheIndex
+from tierstore.cache import wtinylfu as wt
+from tierstore.cache.layout import (BELOW, G_ROW, M_CAP, M_GCAP, M_GFREE, M_GQLEN, M_LO, M_NFREE, M_QLEN, NQ)
+
+libcachesim = pytest.importorskip("libcachesim")
+
+CAPS = (50, 500, 2000)
+N = 20000
+
+
+def _zipf() -> np.ndarray:
+    return np.random.default_rng(1).zipf(1.1, N) % N
+
+
+def _trace(name: str) -> np.ndarray:
+    return _zipf() if name == "zipf" else real_text_trace(N)
+
+
+def ours(t: np.ndarray, cap: int, policy: str) -> tuple[float, CacheIndex]:
+    """One access per lookup: sequential caching."""
+    idx = CacheIndex(int(t.max()) + 1, cap, policy, rng=0, pinned_rows=np.empty(0, np.int64))
+    for r in t:
+        idx.lookup(np.array([r]))
+    return idx.hits / t.size, idx
+
+
+def lcs(t: np.ndarray, cap: int, cls, **kw) -> float:
+    c, h = cls(cache_size=cap, **kw), 0
+    for r in t.tolist():
+        q = libcachesim.Request()
+        q.obj_id, q.obj_size = int(r) + 1, 1
+        h += bool(c.get(q))
+    return h / t.size
+
+
+# ---------------------------------------------------------------------------------------------
+# invariants of any tier's state
+# ---------------------------------------------------------------------------------------------
+
+
+def check_invariants(idx: CacheIndex) -> None:
+    M, sor, ros, ref, _ep, _K, _L, GH = idx.state[:8]
+    mapped = np.flatnonzero(sor >= 0)
+    assert np.array_equal(ros[sor[mapped]], mapped), "a row's slot holds another row"
+    held = np.flatnonzero(ros >= 0)
+    assert np.array_equal(sor[ros[held]], held), "a slot's row maps elsewhere"
+    n_dyn = M[M_CAP] - M[M_LO]
+    in_queues = int(M[M_QLEN:M_QLEN + NQ].sum())
+    assert in_queues == n_dyn - M[M_NFREE] == idx.size - idx.n_pinned
+    assert not ref.any(), "leases left after finish"
+    ghosts = np.flatnonzero(sor <= -2)
+    g = -2 - sor[ghosts]
+    assert np.array_equal(GH[G_ROW, g], ghosts), "a ghost entry remembers another row"
+    assert int(M[M_GQLEN:M_GQLEN + NQ].sum()) == ghosts.size == M[M_GCAP] - M[M_GFREE]
+
+
+# ---------------------------------------------------------------------------------------------
+# ARC
+# ---------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("trace", ["zipf", "real"])
+def test_arc_vs_libcachesim(trace):
+    t = _trace(trace)
+    for cap in CAPS:
+        h, idx = ours(t, cap, "arc")
+        ref = lcs(t, cap, libcachesim.ARC)
+        assert abs(h - ref) <= 0.005, (trace, cap, h, ref)
+        assert h == ref, (trace, cap, h, ref)  # measured: exact
+        check_invariants(idx)
+        M = idx.state[0]
+        c = cap
+        assert M[M_QLEN + 0] + M[M_GQLEN + 0] <= c and M[M_QLEN:M_QLEN + 2].sum() + M[M_GQLEN:M_GQLEN + 2].sum() <= 2 * c
+
+
+# ---------------------------------------------------------------------------------------------
+# W-TinyLFU
+# ---------------------------------------------------------------------------------------------
+
+_MASK = (1 << 64) - 1
+
+
+def _mix(r: int, seed: int) -> int:
+    x = (r * 0x9E3779B97F4A7C15 + seed) & _MASK
+    x ^= x >> 29
+    x = (x * 0xBF58476D1CE4E5B9) & _MASK
+    x ^= x >> 32
+    return x
+
+
+class RefWTinyLFU:
+    """The algorithm of tierstore.cache.wtinylfu, written plainly (OrderedDicts, lists),
+    with the kernel's parameters and seeds read from its M."""
+
+    def __init__(self, cap: int, M: np.ndarray):
+        self.cap = cap
+        self.win_max, self.prot_max = int(M[wt.P_WIN]), int(M[wt.P_PROT])
+        self.wb = int(M[wt.P_WBITS])
+        self.sample = int(M[wt.P_SAMPLE])
+        self.seeds = [int(s) for s in M[wt.P_SEED:wt.P_SEED + wt.N_SEEDS]]
+        w = 1 << self.wb
+        self.cm = [[0] * w for _ in range(wt.DEPTH)]
+        self.dk = [False] * (8 * w)
+        self.adds = 0
+        self.win, self.prob, self.prot = OrderedDict(), OrderedDict(), OrderedDict()
+        self.hits = 0
+
+    def _cm_idx(self, r):
+        return [_mix(r, self.seeds[i]) >> (64 - self.wb) for i in range(wt.DEPTH)]
+
+    def _dk_idx(self, r):
+        return [_mix(r, self.seeds[wt.DEPTH] + j) >> (64 - self.wb - 3) for j in range(wt.DK_PROBES)]
+
+    def freq(self, r):
+        est = min(self.cm[i][k] for i, k in enumerate(self._cm_idx(r)))
+        return est + all(self.dk[b] for b in self._dk_idx(r))
+
+    def record(self, r):
+        bits = self._dk_idx(r)
+        if all(self.dk[b] for b in bits):
+            for i, k in enumerate(self._cm_idx(r)):
+                self.cm[i][k] = min(wt.CMAX, self.cm[i][k] + 1)
+        for b in bits:
+            self.dk[b] = True
+        self.adds += 1
+        if self.adds >= self.sample:
+            self.cm = [[c >> 1 for c in row] for row in self.cm]
+            self.dk = [False] * len(self.dk)
+            self.adds >>= 1
+
+    def access(self, r):
+        self.record(r)
+        if r in self.win:
+            self.win.move_to_end(r)
+        elif r in self.prot:
+            self.prot.move_to_end(r)
+        elif r in self.prob:
+            del self.prob[r]
+            self.prot[r] = True
+            if len(self.prot) > self.prot_max:
+                self.prob[self.prot.popitem(last=False)[0]] = True
+        else:
+            if len(self.win) + len(self.prob) + len(self.prot) >= self.cap:
+                cand = next(iter(self.win)) if self.win else None
+                q = self.prob if self.prob else self.prot
+                vict = next(iter(q)) if q else None
+                if cand is not None and vict is not None and self.freq(cand) > self.freq(vict):
+                    del self.win[cand]
+                    self.prob[cand] = True
+                    del q[vict]
+                elif cand is not None:
+                    del self.win[cand]
+                else:
+                    del q[vict]
+            self.win[r] = True
+            while len(self.win) > self.win_max:
+                self.prob[self.win.popitem(last=False)[0]] = True
+            return
+        self.hits += 1
+
+
+@pytest.mark.parametrize("trace", ["zipf", "real"])
+def test_wtinylfu_vs_reference_model(trace):
+    """Hit for hit equal to the plain model of the same algorithm (same hash and seeds)."""
+    t = _trace(trace)
+    for cap in (1, 7, 50, 500):
+        h, idx = ours(t, cap, "wtinylfu")
+        ref = RefWTinyLFU(cap, idx.state[0])
+        for r in t.tolist():
+            ref.access(r)
+        assert idx.hits == ref.hits, (trace, cap)
+        check_invariants(idx)
+        M = idx.state[0]
+        assert M[M_QLEN + wt.WIN] == ref.win_max and M[M_QLEN + wt.PROT] <= ref.prot_max
+
+
+# measured (ours, libCacheSim) on the traces above; None: libCacheSim admits nothing
+_LCS_WT = {("zipf", 50): None, ("real", 50): None, ("real", 500): 0.030}
+
+
+@pytest.mark.parametrize("trace", ["zipf", "real"])
+def test_wtinylfu_vs_libcachesim(trace):
+    """Within 0.005 of libCacheSim's WTinyLFU where the variants are comparable.
+
+    Not comparable, asserted as the measured difference:
+    - 50 slots: libCacheSim's window is int(0.01 * 50) = 0 slots, and a cache whose window
+      cannot hold an object admits nothing (``WTinyLFU_can_insert``): hit ratio 0. Ours
+      keeps a window of at least one slot.
+    - real text, 500 slots (window 5): ours 0.7647, libCacheSim 0.7345. libCacheSim
+      halves its counts only every 32 x main-size *main-area hits* (15,840 at 500 slots:
+      less than once in this trace), where TinyLFU/Caffeine (and ours) halve every
+      10 x size recorded accesses; stale counts shut the text's shifting vocabulary out.
+      Measured with a plain model of libCacheSim's variant (exact counts in place of its
+      counting bloom filter): the model gives 0.7329 (libCacheSim 0.7345); switching only
+      its aging to ours gives 0.7636 (ours 0.7647); its window-draining eviction loop
+      accounts for 0.003, its sketch feeding (no window hits) for -0.010. The same model
+      switch changes the other cases by at most 0.005. We assert ours is ahead by
+      0.030 +- 0.005.
+    """
+    t = _trace(trace)
+    for cap in CAPS:
+        h, _ = ours(t, cap, "wtinylfu")
+        ref = lcs(t, cap, libcachesim.WTinyLFU, window_size=0.01)
+        known = _LCS_WT.get((trace, cap), 0.0)
+        if known is None:
+            assert ref == 0.0 and h > 0.3, (trace, cap, h, ref)
+        else:
+            assert abs((h - ref) - known) <= 0.005, (trace, cap, h, ref)
+
+
+# ---------------------------------------------------------------------------------------------
+# leases
+# ---------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("policy", ["arc", "wtinylfu"])
+def test_leases_bypass_when_all_slots_leased(policy):
+    cap = 64
+    t = _zipf() % 1000
+    idx = CacheIndex(2000, cap, policy, rng=0, pinned_rows=np.empty(0, np.int64))
+    for r in t[:3000]:
+        idx.lookup(np.array([r]))
+    check_invariants(idx)
+    # a batch of distinct ids larger than the tier: residents, ghosts (arc) and new rows
+    sor = idx.slot_of_row
+    batch = np.concatenate([np.flatnonzero(sor >= 0)[:20], np.flatnonzero(sor <= -2)[:20],
+                            np.arange(1000, 1000 + 2 * cap)])
+    batch = np.random.default_rng(3).permutation(batch)
+    before = idx.bypassed
+    slots, codes, leased = idx.access(batch)
+    assert leased.size == cap and np.unique(leased).size == cap and (idx.refcount == 1).all()
+    assert (codes[:cap] != BELOW).all() and (codes[cap:] == BELOW).all()
+    assert (slots[cap:] == -1).all() and idx.bypassed - before == batch.size - cap
+    # each served row sits in its slot; bypassed rows are not resident
+    assert np.array_equal(idx.row_of_slot[slots[:cap]], batch[:cap])
+    assert (sor[batch[cap:]] < 0).all()
+    idx.finish(leased)
+    check_invariants(idx)
+    # the same again, ended by abort (holes), then ordinary traffic
+    slots, codes, leased = idx.access(np.arange(1500, 1500 + 2 * cap))
+    idx.abort(leased)
+    for r in t[3000:6000]:
+        idx.lookup(np.array([r]))
+    check_invariants(idx)
+    assert idx.size == cap
