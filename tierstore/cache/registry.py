@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from ..errors import TierStoreError
+from .default import Default
 from .lfu import LFU
 from .lru import LRU
 from .policy import Policy
@@ -12,6 +13,7 @@ from .static import Static
 __all__ = ["POLICIES", "make_policy", "policy_names"]
 
 POLICIES: dict[str, type[Policy]] = {p.name: p for p in (LRU, LFU, S3FIFO, Static)}
+POLICIES[Default.name] = Default
 
 
 def policy_names() -> list[str]:

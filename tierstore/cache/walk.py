@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from . import default
 from . import lfu, lru, s3fifo, static
 from .hints import hint_add, hint_consume
 from .jit import kernel
@@ -32,6 +33,9 @@ from .structs import place, take_free, unmap
 
 @kernel
 def on_hit(pol, T, s):  # pragma: no cover - compiled
+    if pol == default.ID:
+        default.hit(T, s)
+        return
     if pol == lru.ID:
         lru.hit(T, s)
     elif pol == lfu.ID:
@@ -44,6 +48,8 @@ def on_hit(pol, T, s):  # pragma: no cover - compiled
 
 @kernel
 def on_miss(pol, T, r):  # pragma: no cover - compiled
+    if pol == default.ID:
+        return default.miss(T, r)
     if pol == lru.ID:
         return lru.miss(T, r)
     if pol == lfu.ID:
@@ -55,6 +61,9 @@ def on_miss(pol, T, r):  # pragma: no cover - compiled
 
 @kernel
 def on_prefill(pol, T, s, r):  # pragma: no cover - compiled
+    if pol == default.ID:
+        default.prefill(T, s, r)
+        return
     if pol == lru.ID:
         lru.prefill(T, s, r)
     elif pol == lfu.ID:
