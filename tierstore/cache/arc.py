@@ -48,7 +48,7 @@ def set_p(M, p):  # pragma: no cover - compiled
     M[P_P:P_P + 1].view(np.float64)[0] = p
 
 
-@kernel
+@kernel(inline=True)
 def hit(T, s):  # pragma: no cover - compiled
     q_to_back(T[0], T[6], T2, s)
 
@@ -80,7 +80,7 @@ def evict(T, s, ghost):  # pragma: no cover - compiled
         g_add(M, GH, sor, B1 if q == T1 else B2, r, M[P_C])
 
 
-@kernel
+@kernel(inline=True)
 def miss(T, r):  # pragma: no cover - compiled
     M, sor, ros, L, GH = T[0], T[1], T[2], T[6], T[7]
     c = M[P_C]

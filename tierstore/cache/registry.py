@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from ..errors import TierStoreError
 from .arc import ARC
+from .default import Default
 from .lfu import LFU
 from .lru import LRU
 from .policy import Policy
@@ -13,7 +14,7 @@ from .wtinylfu import WTinyLFU
 
 __all__ = ["POLICIES", "make_policy", "policy_names"]
 
-POLICIES: dict[str, type[Policy]] = {p.name: p for p in (LRU, LFU, S3FIFO, WTinyLFU, ARC, Static)}
+POLICIES: dict[str, type[Policy]] = {p.name: p for p in (LRU, LFU, S3FIFO, WTinyLFU, ARC, Static, Default)}
 
 
 def policy_names() -> list[str]:
@@ -29,4 +30,3 @@ def make_policy(name: str, capacity: int, **kwargs) -> Policy:
         raise TierStoreError(
             f"unknown cache policy {name!r}; choose one of {', '.join(POLICIES)}") from None
     return cls(capacity, **kwargs)
-POLICIES["default"] = type("TMPDefault", (S3FIFO,), {"name": "default"})  # TEMP until default.py lands

@@ -133,7 +133,7 @@ def record(M, SK, r):  # pragma: no cover - compiled
 # ---------------------------------------------------------------------------------------------
 
 
-@kernel
+@kernel(inline=True)
 def hit(T, s):  # pragma: no cover - compiled
     M, ros, L, SK = T[0], T[2], T[6], T[8]
     r = ros[s]
@@ -161,7 +161,7 @@ def _window_overflow(M, L):  # pragma: no cover - compiled
         q_to_back(M, L, PROB, q_front(M, L, WIN))
 
 
-@kernel
+@kernel(inline=True)
 def miss(T, r):  # pragma: no cover - compiled
     M, sor, ros, ref, L, SK = T[0], T[1], T[2], T[3], T[6], T[8]
     record(M, SK, r)

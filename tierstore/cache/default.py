@@ -1,0 +1,441 @@
+"""The store's policy: a pinned core, an adaptive profile-ranked core and S3-FIFO with hints.
+
+The per-access port of ``tierstore.policy.DefaultPolicy`` (whose batch form it replaces).
+Three parts share the tier:
+
+- **Pinned core** (``pin_fraction`` of the slots): the profile's hottest rows, in slots
+  [0, LO), never evicted; the walk never shows them to the policy (``prepare``).
+- **Ranked core**: the next hottest rows (ranks ``rank_lo`` on, ``rank_lo`` = LO when there
+  is a profile), prefilled into every free slot at construction, re-admitted on a miss
+  when *core-worthy* (rank < ``rank_lo + int(target)``), evicted coldest rank first: the
+  indexed min-heap ``K[K_HEAP]`` with key = -rank (``K[K_KEY, s]``, so a hit reads its
+  slot's rank without a search; a miss finds the rank by binary search in ``RK``).
+- **Dynamic part**: S3-FIFO over the other slots: a small FIFO (target ``small_fraction``
+  of the dynamic rows held now) filters one-hit wonders, a main FIFO with 2-bit
+  reinsertion counters, and an exact ghost of the rows the dynamic part dropped (both
+  queues, and rows refused for want of room), ``n_dyn`` long, that sends a returning row
+  straight to main.
+
+Admission, one miss of row r at a time:
+
+- core-worthy r takes a free slot, else (core at or over target) the coldest unleased core
+  row's slot if that row ranks after r, else (core under target) a dynamic victim, else
+  the coldest core row ranked after r; none: r bypasses;
+- any other r: if the core's target takes every dynamic slot, r bypasses (and is
+  remembered by the ghost); else a free slot, else the coldest core row while the core is
+  over target, else a dynamic victim; none: bypass. r joins main if the ghost remembers
+  it or it has an outstanding hint (another announced use after this one), else small.
+
+Hints (``uses_hints``): a dynamic row with an outstanding hint is not evicted while others
+can go: small moves it to main, main re-queues it; once every unleased row of main has
+been re-queued for a hint alone (``main`` consecutive times), the next one goes anyway.
+
+Adaptive target (the per-access form of ``DefaultPolicy._adapt``): every access adds to
+the current *window*'s tallies, and at the end of each window of ``WINDOW`` accesses
+(``M_TICK // WINDOW`` changes; pinned hits count as accesses of their window) the batch
+rule of ``_adapt`` moves ``target`` over the window, so the outcome depends only on the
+access sequence, never on how lookups batch it. Over a margin of w = max(16, int(margin *
+n_dyn)) slots and edge = rank_lo + target:
+
+- ``gain``: misses on ranked rows with edge <= rank < edge + w (a bigger core would hit);
+- ``loss``: hits on core rows with rank >= edge - w (a smaller core would miss);
+- ``ghost``: misses on rows with rank >= edge that the ghost dropped within its last w
+  entries (the ghost's newest w entries are its queue GQ_RECENT, the rest GQ_OLD);
+- density mode: ``ema`` = 0.9 ema + 0.1 misses (per window), ``trust`` = min(1, n_dyn /
+  (4 ema + 1)), ``dyn = max(ghost, trust * dyn_hits * w / (dyn rows + w))``; delta =
+  gain - dyn if gain > dyn, else loss - dyn if loss < dyn, else 0;
+- ghost mode: delta = gain - ghost;
+- target = clip(target + adapt_step * delta, 0, n_dyn).
+
+Windows without any policy call (only pinned hits) only decay ``ema``.
+
+Fixed point (M is int64): target, ema, trust, dyn, adapt_step and small_fraction carry
+``FP_BITS`` fractional bits; products are floored (``//`` on non-negative values).
+The one deliberate change from the batch rule: unranked rows never count as ``gain`` (the
+batch code gave them rank m, so with the edge within w of m every unranked miss looked
+like one a bigger core would have hit).
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+
+from ..errors import TierStoreError
+from .hints import hint_outstanding
+from .jit import kernel
+from .layout import (G_ROW, K_HPOS, K_KEY, L_FREQ, M_CAP, M_GQLEN, M_HEAPN, M_HLIVE, M_HORIZON, M_PARAM, M_QLEN,
+                     M_RANKM, M_TICK)
+from .policy import Policy, hot_rows
+from .structs import (g_add, g_front, g_of, g_queue, g_remove, h_min_free, h_push, h_remove, place, q_first_free,
+                      q_push, q_to_back, q_unlink, take_free, unmap)
+
+ID = 7  # the walk dispatches on it (tierstore.cache.walk)
+
+SMALL = 0  # slot queues of the dynamic part
+MAIN = 1
+GQ_RECENT = 0  # ghost queues: the newest w entries, then the older ones
+GQ_OLD = 1
+
+FP_BITS = 16
+FP = 1 << FP_BITS
+WINDOW = 64  # accesses per adaptation step
+
+# M[M_PARAM + i]
+P_NDYN = M_PARAM + 0  # dynamic (unpinned) slots
+P_RANKLO = M_PARAM + 1  # first rank of the ranked core (ranks below are pinned)
+P_ADAPT = M_PARAM + 2  # 1: adapt the target (there are ranked rows past rank_lo)
+P_MODE = M_PARAM + 3  # 0 density, 1 ghost
+P_W = M_PARAM + 4  # margin w, in slots
+P_STEP = M_PARAM + 5  # adapt_step, fixed point
+P_SMALLF = M_PARAM + 6  # small_fraction, fixed point
+P_TARGET = M_PARAM + 7  # the ranked core's target size, fixed point
+P_EMA = M_PARAM + 8  # misses per window, moving average, fixed point
+P_WIN = M_PARAM + 9  # the window the tallies belong to
+P_GAIN = M_PARAM + 10  # tallies of the current window
+P_LOSS = M_PARAM + 11
+P_GHOSTH = M_PARAM + 12
+P_DYNH = M_PARAM + 13
+P_WMISS = M_PARAM + 14
+P_GREC = M_PARAM + 15  # length of GQ_RECENT (min(w, ghost size))
+P_GOLD = M_PARAM + 16  # length of GQ_OLD (ghost size - P_GREC)
+
+
+# ---------------------------------------------------------------------------------------------
+# ranks, ghost, adaptation
+# ---------------------------------------------------------------------------------------------
+
+
+@kernel
+def rank_of(M, RK, r):  # pragma: no cover - compiled
+    """Hotness rank of row r (0 = hottest), M[M_RANKM] when r is not ranked."""
+    m = M[M_RANKM]
+    lo = 0
+    hi = m
+    while lo < hi:
+        mid = (lo + hi) >> 1
+        if RK[0, mid] < r:
+            lo = mid + 1
+        else:
+            hi = mid
+    if lo < m and RK[0, lo] == r:
+        return RK[1, lo]
+    return m
+
+
+@kernel
+def ghost_forget(M, GH, sor, r):  # pragma: no cover - compiled
+    g = g_of(sor, r)
+    if g >= 0:
+        g_remove(M, GH, sor, g)
+
+
+@kernel
+def ghost_add(M, GH, sor, r):  # pragma: no cover - compiled
+    """Remember row r as the newest ghost entry; the oldest recent entry ages into GQ_OLD."""
+    ghost_forget(M, GH, sor, r)
+    if M[P_GREC] <= 0:
+        return
+    if M[M_GQLEN + GQ_RECENT] >= M[P_GREC]:
+        g = g_front(M, GH, GQ_RECENT)
+        old = GH[G_ROW, g]
+        g_remove(M, GH, sor, g)
+        if sor[old] == -1:
+            g_add(M, GH, sor, GQ_OLD, old, M[P_GOLD])
+    g_add(M, GH, sor, GQ_RECENT, r, M[P_GREC])
+
+
+@kernel
+def _apply(M):  # pragma: no cover - compiled
+    """``_adapt`` over the window that just ended; reset its tallies."""
+    miss = M[P_WMISS]
+    M[P_EMA] = (9 * M[P_EMA] + miss * FP) // 10
+    gain = M[P_GAIN] * FP
+    ghost = M[P_GHOSTH] * FP
+    if M[P_MODE] == 1:
+        delta = gain - ghost
+    else:
+        loss = M[P_LOSS] * FP
+        n_dyn = M[P_NDYN]
+        w = M[P_W]
+        den = 4 * M[P_EMA] + FP
+        if n_dyn * FP >= den:
+            trust = FP
+        else:
+            trust = n_dyn * FP * FP // den
+        rows = M[M_QLEN + SMALL] + M[M_QLEN + MAIN]
+        dyn = trust * M[P_DYNH] * w // (rows + w)
+        if ghost > dyn:
+            dyn = ghost
+        if gain > dyn:
+            delta = gain - dyn
+        elif loss < dyn:
+            delta = loss - dyn
+        else:
+            delta = 0
+    if delta > 0:
+        t = M[P_TARGET] + M[P_STEP] * delta // FP
+    else:
+        t = M[P_TARGET] - M[P_STEP] * (-delta) // FP
+    M[P_TARGET] = min(max(t, 0), M[P_NDYN] * FP)
+    M[P_GAIN] = 0
+    M[P_LOSS] = 0
+    M[P_GHOSTH] = 0
+    M[P_DYNH] = 0
+    M[P_WMISS] = 0
+
+
+@kernel
+def _tick(M):  # pragma: no cover - compiled
+    """Close the windows that ended before the current access (adapting only)."""
+    win = M[M_TICK] // WINDOW
+    last = M[P_WIN]
+    if win > last:
+        _apply(M)
+        k = win - last - 1
+        while k > 0 and M[P_EMA] > 0:
+            M[P_EMA] = 9 * M[P_EMA] // 10
+            k -= 1
+        M[P_WIN] = win
+
+
+# ---------------------------------------------------------------------------------------------
+# the dynamic part: S3-FIFO with hints
+# ---------------------------------------------------------------------------------------------
+
+
+@kernel
+def dyn_victim(T):  # pragma: no cover - compiled
+    """Free one unleased dynamic slot the S3-FIFO way (its row goes to the ghost); -1 if
+    every dynamic slot is leased."""
+    M, sor, ros, ref, L, GH, HT = T[0], T[1], T[2], T[3], T[6], T[7], T[9]
+    stall = 0
+    while True:
+        ns = M[M_QLEN + SMALL]
+        nm = M[M_QLEN + MAIN]
+        if ns + nm == 0:
+            return -1
+        small_target = max(1, (M[P_SMALLF] * (ns + nm)) >> FP_BITS)
+        from_small = ns > small_target or nm == 0
+        s = q_first_free(M, L, ref, SMALL if from_small else MAIN)
+        if s < 0:
+            from_small = not from_small
+            s = q_first_free(M, L, ref, SMALL if from_small else MAIN)
+            if s < 0:
+                return -1
+        r = ros[s]
+        soon = r >= 0 and M[M_HLIVE] > 0 and hint_outstanding(M, HT, r)
+        if from_small:
+            if L[L_FREQ, s] >= 1 or soon:
+                L[L_FREQ, s] = 0
+                q_to_back(M, L, MAIN, s)
+                stall = 0
+                continue
+        else:
+            if L[L_FREQ, s] > 0:
+                L[L_FREQ, s] -= 1
+                q_to_back(M, L, MAIN, s)
+                stall = 0
+                continue
+            if soon and stall < nm:
+                q_to_back(M, L, MAIN, s)
+                stall += 1
+                continue
+        q_unlink(M, L, s)
+        unmap(M, sor, ros, s)
+        if r >= 0:
+            ghost_add(M, GH, sor, r)
+        return s
+
+
+@kernel
+def core_victim(T, worse_than):  # pragma: no cover - compiled
+    """Free the coldest unleased core slot if its rank is above ``worse_than``; else -1."""
+    M, sor, ros, ref, K = T[0], T[1], T[2], T[3], T[5]
+    s = h_min_free(M, K, ref)
+    if s < 0 or -K[K_KEY, s] <= worse_than:
+        return -1
+    h_remove(M, K, s)
+    unmap(M, sor, ros, s)
+    return s
+
+
+# ---------------------------------------------------------------------------------------------
+# hooks
+# ---------------------------------------------------------------------------------------------
+
+
+@kernel(inline=True)
+def hit(T, s):  # pragma: no cover - compiled
+    M, K, L = T[0], T[5], T[6]
+    adapting = M[P_ADAPT] != 0
+    if adapting:
+        _tick(M)
+    if K[K_HPOS, s] >= 0:  # ranked core
+        if adapting:
+            edge = M[P_RANKLO] * FP + M[P_TARGET]
+            if -K[K_KEY, s] * FP >= edge - M[P_W] * FP:
+                M[P_LOSS] += 1
+    else:
+        if L[L_FREQ, s] < 3:
+            L[L_FREQ, s] += 1
+        if adapting:
+            M[P_DYNH] += 1
+
+
+@kernel(inline=True)
+def miss(T, r):  # pragma: no cover - compiled
+    M, sor, ros, K, L, GH, HT, RK = T[0], T[1], T[2], T[5], T[6], T[7], T[9], T[10]
+    m = M[M_RANKM]
+    rho = rank_of(M, RK, r) if m > 0 else 0
+    if M[P_ADAPT] != 0:
+        _tick(M)
+        M[P_WMISS] += 1
+        edge = M[P_RANKLO] * FP + M[P_TARGET]
+        rfp = rho * FP
+        if rho < m and edge <= rfp and rfp < edge + M[P_W] * FP:
+            M[P_GAIN] += 1
+        if rfp >= edge:
+            g = g_of(sor, r)
+            if g >= 0 and g_queue(GH, g) == GQ_RECENT:
+                M[P_GHOSTH] += 1
+    tgt = M[P_TARGET] >> FP_BITS
+    n_core = M[M_HEAPN]
+    if m > 0 and rho < M[P_RANKLO] + tgt:  # core-worthy
+        s = take_free(M, L)
+        if s < 0:
+            if n_core >= tgt:
+                s = core_victim(T, rho)
+            else:
+                s = dyn_victim(T)
+                if s < 0:
+                    s = core_victim(T, rho)
+            if s < 0:
+                return -1
+        ghost_forget(M, GH, sor, r)
+        place(M, sor, ros, s, r)
+        L[L_FREQ, s] = 0
+        h_push(M, K, s, -rho)
+        return s
+    if M[P_NDYN] - min(n_core, tgt) <= 0:  # the core takes every dynamic slot
+        ghost_add(M, GH, sor, r)
+        return -1
+    s = take_free(M, L)
+    if s < 0:
+        if n_core > tgt:
+            s = core_victim(T, -1)
+        if s < 0:
+            s = dyn_victim(T)
+        if s < 0:
+            return -1
+    to_main = g_of(sor, r) >= 0 or (M[M_HLIVE] > 0 and hint_outstanding(M, HT, r))
+    ghost_forget(M, GH, sor, r)
+    place(M, sor, ros, s, r)
+    L[L_FREQ, s] = 0
+    q_push(M, L, MAIN if to_main else SMALL, s)
+    return s
+
+
+@kernel
+def prefill(T, s, r):  # pragma: no cover - compiled
+    """The prefilled ranked rows all join the core (trimmed when over its target)."""
+    M, K, L, RK = T[0], T[5], T[6], T[10]
+    L[L_FREQ, s] = 0
+    h_push(M, K, s, -rank_of(M, RK, r))
+
+
+# ---------------------------------------------------------------------------------------------
+# description
+# ---------------------------------------------------------------------------------------------
+
+
+def _real(v) -> bool:
+    return isinstance(v, (int, float, np.integer, np.floating)) and not isinstance(v, (bool, np.bool_)) \
+        and math.isfinite(float(v))
+
+
+class Default(Policy):
+    """Pinned core + adaptive profile-ranked core + S3-FIFO with exact ghosts and hints.
+
+    Args (beyond ``capacity``/``rng``): ``pin_fraction`` (of capacity pinned from the
+    profile, [0, 1]), ``small_fraction`` (S3-FIFO's small FIFO, of the dynamic rows, (0, 1]),
+    ``adapt_step`` (slots per unit of delta, >= 0), ``margin`` (w as a fraction of the
+    dynamic slots, [0, 1]), ``initial_core`` (the ranked core's starting target, of the
+    dynamic slots, [0, 1]), ``adapt`` ("density" or "ghost"), ``hint_horizon`` (accesses
+    after which an unused hint expires; None: the index's default max(4 x capacity, 2**20)).
+    Without a profile it is S3-FIFO (small_fraction of the rows held) plus hints.
+    """
+
+    name = "default"
+    id = ID
+    k_rows = 3  # K_KEY (-rank), K_HEAP, K_HPOS
+    uses_hints = True
+
+    _DEFAULTS = {"pin_fraction": 0.1, "small_fraction": 0.25, "adapt_step": 2.0, "margin": 0.1,
+                 "initial_core": 0.5, "adapt": "density", "hint_horizon": None}
+
+    def check_params(self, params: dict) -> dict:
+        unknown = set(params) - set(self._DEFAULTS)
+        if unknown:
+            raise TierStoreError(f"policy 'default' takes no parameter {', '.join(map(repr, sorted(unknown)))}")
+        p = dict(self._DEFAULTS)
+        p.update(params)
+        for k, lo, hi, lo_open in (("pin_fraction", 0.0, 1.0, False), ("small_fraction", 0.0, 1.0, True),
+                                   ("margin", 0.0, 1.0, False), ("initial_core", 0.0, 1.0, False),
+                                   ("adapt_step", 0.0, math.inf, False)):
+            v = p[k]
+            if not _real(v) or v < lo or v > hi or (lo_open and v == lo):
+                rng = f"({lo}, {hi}]" if lo_open else (f"[{lo}, {hi}]" if hi < math.inf else f">= {lo}, finite")
+                raise TierStoreError(f"{k}={v!r} must be a number in {rng}")
+            p[k] = float(v)
+        if p["adapt"] not in ("density", "ghost"):
+            raise TierStoreError(f"adapt={p['adapt']!r} must be 'density' or 'ghost'")
+        h = p["hint_horizon"]
+        if h is not None and (not isinstance(h, (int, np.integer)) or isinstance(h, (bool, np.bool_)) or h < 1):
+            raise TierStoreError(f"hint_horizon={h!r} must be None or a positive integer number of accesses")
+        self._top = np.empty(0, np.int64)
+        self._rank_lo = 0
+        self._n_dyn = 0
+        return p
+
+    def prepare(self, profile: np.ndarray | None) -> np.ndarray:
+        self._top = hot_rows(profile, self.capacity)  # hottest first: position = rank
+        return self._top[: int(self.params["pin_fraction"] * self.capacity)]
+
+    def ranking(self) -> tuple[np.ndarray, np.ndarray]:
+        order = np.argsort(self._top, kind="stable")
+        return self._top[order].astype(np.int64), order.astype(np.int64)
+
+    def ghost_size(self, n_dyn: int) -> int:
+        return max(1, n_dyn)
+
+    def margin_slots(self, n_dyn: int) -> int:
+        return max(16, int(self.params["margin"] * n_dyn))
+
+    def configure(self, M, n_dyn: int) -> None:
+        p = self.params
+        m = int(M[M_RANKM])
+        lo = int(M[M_CAP]) - n_dyn
+        self._n_dyn = n_dyn
+        self._rank_lo = rank_lo = lo if m else 0
+        adapting = m > rank_lo
+        w = self.margin_slots(n_dyn)
+        g = self.ghost_size(n_dyn)
+        M[P_NDYN] = n_dyn
+        M[P_RANKLO] = rank_lo
+        M[P_ADAPT] = int(adapting)
+        M[P_MODE] = 0 if p["adapt"] == "density" else 1
+        M[P_W] = w
+        M[P_STEP] = int(round(p["adapt_step"] * FP))
+        M[P_SMALLF] = int(round(p["small_fraction"] * FP))
+        M[P_TARGET] = int(p["initial_core"] * n_dyn * FP) if adapting else 0
+        M[P_GREC] = min(w, g) if n_dyn else 0
+        M[P_GOLD] = g - M[P_GREC] if n_dyn else 0
+        if p["hint_horizon"] is not None:
+            M[M_HORIZON] = int(p["hint_horizon"])
+
+    def prefill(self) -> np.ndarray:
+        # every free slot starts with the next-ranked rows: no compulsory misses on the core;
+        # ranks past the target are the first to go when the dynamic part needs room
+        return self._top[self._rank_lo: self._rank_lo + self._n_dyn]
