@@ -130,7 +130,7 @@ class Table:
         h_slot = np.empty(n, np.int64)
         h_code = np.empty(n, np.int8)
         h_leased = np.empty(n, np.int64)
-        args = (*self._walk, ids, d_slot, d_code, d_leased, need, need_of, h_slot, h_code, h_leased)
+        args = (*self._walk, ids, d_slot, d_code, d_leased, need, need_of, h_slot, h_code, h_leased, True)
         if self._lookup is None:
             self._lookup = specialized(walk.lookup, *args)
         with dev.lock, host.lock:  # always in this order (Table.hint too)

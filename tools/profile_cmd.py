@@ -433,7 +433,9 @@ def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--profile-trace", default=None,
                    help="trace of OTHER text whose counts rank rows for static/default")
     p.add_argument("--row-bytes", type=int, default=None, help="bytes per row (without --store)")
-    p.add_argument("--batch", type=int, default=1024, help="replay batches of at least this many lookups")
+    p.add_argument("--batch", type=int, default=1,
+                   help="merge trace steps into batches of at least this many lookups: faster, approximate "
+                        "(the output says so); 1, the default, replays exactly")
     p.add_argument("--json", action="store_true", help="print one JSON object")
 
 

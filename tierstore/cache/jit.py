@@ -48,9 +48,17 @@ def kernel(fn=None, *, inline: bool = False):
     old = numba.config.CACHE_DIR
     numba.config.CACHE_DIR = KERNEL_CACHE_DIR  # read once, when the dispatcher's cache is made
     try:
-        return njit(nogil=True, cache=True, inline="always" if inline else "never")(fn)
+        disp = njit(nogil=True, cache=True, inline="always" if inline else "never")(fn)
     finally:
         numba.config.CACHE_DIR = old
+    # A stable identity: the walk's cached specializations are keyed by the policy kernels
+    # they take as arguments, and numba pickles those as "the dispatcher with this uuid".
+    # With its default random uuid, another process unpickling the cache index builds an
+    # orphan dispatcher that is garbage collected at once, and the next save of the index
+    # fails ("underlying object has vanished"). Named after the function, the uuid resolves
+    # to the live module-level kernel in every process.
+    disp._set_uuid(f"tierstore-kernel:{fn.__module__}.{fn.__qualname__}")
+    return disp
 
 
 def specialized(dispatcher, *args):

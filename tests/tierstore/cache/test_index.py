@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from tierstore.cache import CacheIndex, hot_rows, make_policy, policy_names
-from tierstore.cache.layout import BELOW, FILL, HIT, M_QLEN, NQ
+from tierstore.cache.layout import BELOW, FILL, HIT, M_HEAPN, M_QLEN, NQ
 from tierstore.cache.lru import LRU
 from tierstore.errors import IdTypeError, InvalidIdError, TierStoreError
 
@@ -33,9 +33,9 @@ def check_invariants(idx: CacheIndex) -> None:
     assert np.count_nonzero(idx.slot_of_row >= 0) == occ.size
     assert (idx.refcount == 0).all(), "a finished lookup left a lease behind"
     M = idx.state[0]
-    queued = int(M[M_QLEN:M_QLEN + NQ].sum())
-    if idx.policy.name not in ("lfu", "static"):  # the queue policies hold every dynamic slot once
-        assert queued == idx.size - idx.n_pinned, (queued, idx.size, idx.n_pinned)
+    held = int(M[M_QLEN:M_QLEN + NQ].sum()) + int(M[M_HEAPN])  # queues and the heap
+    if idx.policy.name != "static":  # every dynamic slot in use sits in exactly one of them
+        assert held == idx.size - idx.n_pinned, (held, idx.size, idx.n_pinned)
 
 
 # --- shared contract ------------------------------------------------------------------------
