@@ -2,10 +2,19 @@
 the same lookup on a resident table (no cache bookkeeping at all), same process.
 
 This is the cost a decode step pays: an Engram step looks up a few dozen ids, and the
-cache layer's bookkeeping (slot lookup, leases, the policy's per-batch update) is paid per
-call, not per row. Cases: ids per lookup in ``--sizes``, every policy in ``--policies``;
-the device tier holds a tenth of the table and is warmed so every id hits. Systems are
+cache layer's bookkeeping (the compiled walk: slots, leases, the policy per access) is
+paid per call. Cases: ids per lookup in ``--sizes``, every policy in ``--policies``; the
+device tier holds a tenth of the table and is warmed so every id hits. Systems are
 interleaved round by round; the fastest round is reported (CPU-bound, warm).
+
+Also, same run: ``index_select(out=)`` of the same rows straight from the tier's slab
+(the floor: the copy without any bookkeeping), the per-call breakdown of one lookup
+(validation, the walk, the copy, the end of the lookup), and the hand-off of
+``prefetch().result()`` against a bare ``ThreadPoolExecutor`` submit + result, with a
+compute loop's rate while prefetches run on the worker vs alone.
+
+Targets (issue 10): 64 ids <= 3x resident; 16,384 ids >= 0.8x of the slab's
+``index_select``; bookkeeping <= 30% of a lookup at 64..64K ids; hand-off <= 1.5x bare.
 
     python -m benchmarks.bench_lookup [--quick] [--rows 1048576] [--dim 64]
 """
@@ -22,7 +31,7 @@ import torch
 from safetensors.torch import save_file
 
 import tierstore
-from tierstore.cache import hot_rows
+from tierstore.cache import hot_rows, policy_names
 from tierstore.profile import save_profile
 
 from .common import json_line, machine_info, print_header
@@ -46,8 +55,8 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--quick", action="store_true", help="tiny sizes (for the test)")
     ap.add_argument("--rows", type=int, default=1 << 20)
     ap.add_argument("--dim", type=int, default=64, help="float16 values per row")
-    ap.add_argument("--sizes", default="64,1024,16384", help="ids per lookup")
-    ap.add_argument("--policies", default="lru,lfu,s3fifo,wtinylfu,static,default")
+    ap.add_argument("--sizes", default="64,1024,16384,65536", help="ids per lookup")
+    ap.add_argument("--policies", default=",".join(policy_names()))
     ap.add_argument("--rounds", type=int, default=5)
     args = ap.parse_args(argv)
     if args.quick:
@@ -88,22 +97,111 @@ def main(argv: list[str] | None = None) -> dict:
                     for p, s in cached.items():
                         c = _per_call_us(lambda s=s: s.lookup(NAME, ids, out=out), calls, 1)
                         row[f"{p}_us"] = min(row.get(f"{p}_us", c), c)
+                # the floor: the same rows copied straight out of the tier's slab
+                tier = cached[policies[-1]]._tables[NAME].dev
+                slots = torch.from_numpy(tier.index.slot_of_row[ids].astype(np.int64))
+                row["slab_index_select_us"] = _per_call_us(
+                    lambda: torch.index_select(tier.slab, 0, slots, out=out.view(tier.slab.dtype)), calls, args.rounds)
                 for p, s in cached.items():
                     hr = s.stats()["device"]["hit_ratio"]
                     assert hr == 1.0, f"{p}: hit ratio {hr}, the benchmark needs all hits"
                     row[f"{p}_x_resident"] = round(row[f"{p}_us"] / row["resident_us"], 2)
+                    row[f"{p}_x_index_select"] = round(row["slab_index_select_us"] / row[f"{p}_us"], 2)
+                    row[f"{p}_bookkeeping"] = round(max(0.0, 1 - row["slab_index_select_us"] / row[f"{p}_us"]), 2)
                     row[f"{p}_us"] = round(row[f"{p}_us"], 1)
                 row["resident_us"] = round(row["resident_us"], 1)
+                row["slab_index_select_us"] = round(row["slab_index_select_us"], 1)
                 results.append(row)
-                print(f"{n:>6} ids  resident {row['resident_us']:8.1f} us  " + "  ".join(
-                    f"{p} {row[f'{p}_us']:8.1f} ({row[f'{p}_x_resident']:.1f}x)" for p in policies))
+                print(f"{n:>6} ids  resident {row['resident_us']:8.1f} us  slab index_select "
+                      f"{row['slab_index_select_us']:8.1f} us")
+                for p in policies:
+                    print(f"         {p:>9s} {row[f'{p}_us']:8.1f} us  {row[f'{p}_x_resident']:5.2f}x resident  "
+                          f"{row[f'{p}_x_index_select']:5.2f}x index_select  bookkeeping "
+                          f"{row[f'{p}_bookkeeping']:.0%}")
+            breakdown = _breakdown(cached[policies[-1]], rng, counts, args)
+            handoff = _handoff(cached[policies[-1]], counts, args)
         finally:
             resident.close()
             for s in cached.values():
                 s.close()
     res = {"benchmark": "lookup", "rows": args.rows, "row_bytes": row_bytes, "results": results,
-           "machine": info.get("cpu", "")}
+           "breakdown_64": breakdown, "handoff": handoff, "machine": info.get("cpu", "")}
     json_line(res)
+    return res
+
+
+def _breakdown(store, rng, counts, args) -> dict:
+    """One 64-id all-hit lookup taken apart: each step timed alone, as Table.gather runs it."""
+    from tierstore.cache import walk
+    from tierstore.ids import as_row_ids
+
+    t = store._tables[NAME]
+    ids = rng.permutation(hot_rows(counts, 64))
+    out = torch.empty(64, args.dim, dtype=torch.float16)
+    store.lookup(NAME, ids, out=out)
+    calls = 20000
+    n = 64
+    bufs = [np.empty(n, np.int64), np.empty(n, np.int8), np.empty(n, np.int64), np.empty(n, np.int64),
+            np.empty(n, np.int64), np.empty(n, np.int64), np.empty(n, np.int8), np.empty(n, np.int64)]
+    d_slot, d_leased = bufs[0], bufs[2]
+    a = (*t._walk, ids, *bufs, True)
+    D = t._walk[3]
+    parts = {
+        "total_us": _per_call_us(lambda: store.lookup(NAME, ids, out=out), calls, args.rounds),
+        "validate_and_prepare_us": _per_call_us(lambda: store._prepare(NAME, ids, out, copy=False), calls, args.rounds),
+        "as_row_ids_us": _per_call_us(lambda: as_row_ids(ids, t.info.rows, where="t", copy=False), calls, args.rounds),
+        "walk_lookup_and_finish_us": _per_call_us(lambda: walk.finish(D, d_leased, t._lookup(*a)[0]), calls,
+                                                  args.rounds),
+        "index_select_us": _per_call_us(
+            lambda: torch.index_select(t.dev.slab, 0, torch.from_numpy(d_slot), out=out.view(t.dev.slab.dtype)),
+            calls, args.rounds),
+        "empty_arrays_us": _per_call_us(lambda: [np.empty(n, np.int64) for _ in range(8)], calls, args.rounds),
+    }
+    parts = {k: round(v, 2) for k, v in parts.items()}
+    print("breakdown of one 64-id all-hit lookup (each step alone): " + ", ".join(f"{k} {v}" for k, v in parts.items()))
+    return parts
+
+
+def _handoff(store, counts, args) -> dict:
+    """prefetch().result() for 64 ids vs a bare ThreadPoolExecutor submit + result; a compute
+    loop's rate alone and while another thread keeps prefetches going."""
+    import concurrent.futures as cf
+    import threading
+
+    ids = hot_rows(counts, 64)
+    out = torch.empty(64, args.dim, dtype=torch.float16)
+    pool = cf.ThreadPoolExecutor(1)
+    calls = 5000
+    bare = _per_call_us(lambda: pool.submit(int).result(), calls, args.rounds)
+    pre = _per_call_us(lambda: store.prefetch(NAME, ids, out=out).result(), calls, args.rounds)
+    pool.shutdown()
+    a = torch.randn(128, 128)
+
+    def compute(seconds: float) -> float:
+        n, t0 = 0, time.perf_counter()
+        while time.perf_counter() - t0 < seconds:
+            for _ in range(50):
+                a.mul_(1.0000001).add_(1e-9)  # model-thread work: short torch ops, the GIL in between
+            n += 50
+        return n / (time.perf_counter() - t0)
+
+    alone = compute(1.0)
+    stop = threading.Event()
+
+    def feeder() -> None:
+        while not stop.is_set():
+            store.prefetch(NAME, ids, out=torch.empty(64, args.dim, dtype=torch.float16)).result()
+
+    th = threading.Thread(target=feeder)
+    th.start()
+    busy = compute(1.0)
+    stop.set()
+    th.join()
+    res = {"bare_submit_result_us": round(bare, 1), "prefetch_result_us": round(pre, 1),
+           "x_bare": round(pre / bare, 2), "compute_ops_s_alone": round(alone), "compute_ops_s_with_prefetches": round(busy),
+           "compute_kept": round(busy / alone, 2)}
+    print(f"hand-off: prefetch(64 ids).result() {pre:.1f} us, bare submit+result {bare:.1f} us ({pre / bare:.2f}x); "
+          f"a compute loop keeps {busy / alone:.0%} of its rate while another thread prefetches non-stop")
     return res
 
 

@@ -166,18 +166,19 @@ def test_save_profile_from_npy_trace_lands_under_the_store_table(tmp_path: Path,
 
 
 def test_profile_says_when_it_is_approximate_and_lru_is_exact_at_batch_1(tmp_path: Path, capsys):
-    """Merging a trace's steps into larger batches changes the answer: the output must say
-    so. With --batch 1, LRU at every capacity comes from one stack-distance pass and equals
-    an OrderedDict LRU exactly."""
+    """Merging a trace's steps into larger batches changes the answer: it is never the default
+    and the output must say so. By default (--batch 1) the replay is exact: LRU at every
+    capacity comes from one stack-distance pass and equals an OrderedDict LRU exactly."""
     from collections import OrderedDict
 
     rows = np.random.default_rng(3).zipf(1.2, 30000) % 4000
     np.save(tmp_path / "t.npy", rows)
-    assert cli(["profile", "--trace", str(tmp_path / "t.npy"), "--capacity", "50,400", "--policy", "lru"]) == 0
+    assert cli(["profile", "--trace", str(tmp_path / "t.npy"), "--capacity", "50,400", "--policy", "lru",
+                "--batch", "1024"]) == 0
     assert "approximate: trace steps merged into batches of >= 1024 lookups" in capsys.readouterr().out
     caps = list(range(10, 510, 10))  # 50 capacities
     assert cli(["profile", "--trace", str(tmp_path / "t.npy"), "--capacity", ",".join(map(str, caps)),
-                "--policy", "lru", "--batch", "1", "--json"]) == 0
+                "--policy", "lru", "--json"]) == 0
     res = json.loads(capsys.readouterr().out.strip().splitlines()[-1])["results"]
     assert [r["capacity_rows"] for r in res] == caps and {r["semantics"] for r in res} == {"exact: one access at a time"}
     for r in res[::7]:
