@@ -12,6 +12,13 @@ Each served run must generate exactly the tokens the resident run does. The thre
 configurations run interleaved ``--repeats`` times and the best run of each is reported
 (the machine is shared; best-of is the least noisy estimate of each one's speed).
 
+Queued-request mode (``--queued L``, on by default with L = 4): the same queue served
+twice by fresh stores, once with no announcements and once announcing, before each batch,
+the prompts of the next L batches (``serve(announce=L)`` -> ``Store.hint``: the known
+future of a request queue). Reported: the live device/host hit ratios of both runs next to
+the simulator's prediction for the same events (each table's recorded lookups and hints,
+``Table.events``, replayed through fresh tiers by ``tierstore.simulate.replay_events``).
+
     python -m benchmarks.bench_e2e [--ckpt runs/learn_engram] [--quick]
 """
 
@@ -65,6 +72,8 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     ap.add_argument("--sync-below", type=int, default=SYNC_BELOW,
                     help="look up requests of fewer ids in the caller's thread (0: always prefetch)")
     ap.add_argument("--repeats", type=int, default=3, help="interleaved repeats; the best of each is reported")
+    ap.add_argument("--queued", type=int, default=4,
+                    help="queued-request mode: announce the next L batches' prompts (0: skip the mode)")
     args = ap.parse_args(argv)
     if args.quick:
         args.prompts, args.batch_size, args.prompt_len, args.max_new_tokens, args.repeats = 4, 2, 16, 8, 1
@@ -105,6 +114,10 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
                 warm_tiers = tier_summary(store.stats())
         cold = max(cold_runs, key=lambda r: r.decode_tok_s)
         warm = max(warm_runs, key=lambda r: r.decode_tok_s)
+        queued = _queued(ckpt, store_path, batches, kw, dev_b, host_b, args) if args.queued else {}
+        if queued:
+            res_runs.append(queued.pop("_resident"))
+            warm_runs.extend(queued.pop("_runs"))
 
     same = all(torch.equal(a, b) for r in cold_runs + warm_runs for a, b in zip(res_runs[0].outputs, r.outputs))
     best_pre = max(r.prefill_tok_s for r in res_runs)
@@ -139,6 +152,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         "cold_tiers": cold_tiers,
         "warm_tiers": warm_tiers,
         "identical_tokens": same,
+        "queued": queued,
     }
     print(f"e2e: tables {tb / 2**20:.1f} MiB, device budget {dev_b / 2**20:.2f} MiB, host budget "
           f"{host_b / 2**20:.2f} MiB; {args.prompts} prompts x {args.prompt_len} tokens + {args.max_new_tokens} new, "
@@ -149,8 +163,57 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
               f"{r.decode_tok_s:8,.0f} tok/s ({r.decode_tok_s / best_dec:.3f}x)  device hit {t['device_hit_ratio']:.1%}, "
               f"host hit {t['host_hit_ratio']:.1%}, disk rows {t['disk_rows_read']:,.0f}, "
               f"stall {t['stall_seconds'] * 1e3:.0f} ms")
+    for L, q in queued.items():
+        print(f"  queue, announce {L:>2} batches ahead: device hit {q['device_hit_ratio']:.4f} (simulator "
+              f"{q['sim_device_hit_ratio']:.4f}), host hit {q['host_hit_ratio']:.4f} (simulator "
+              f"{q['sim_host_hit_ratio']:.4f}), decode {q['decode_tok_s']:,.0f} tok/s")
     print(f"  identical tokens to resident: {same}")
     print(json.dumps(out))
+    return out
+
+
+def _queued(ckpt: Path, store_path: Path, batches, kw: dict, dev_b: int, host_b: int, args) -> dict:
+    """Serve the queue with no announcements and with the next ``args.queued`` batches
+    announced; each run's live hit ratios next to the simulator's replay of its events."""
+    import numpy as np
+
+    from tierstore.cache import CacheIndex
+    from tierstore.profile import load_profile
+    from tierstore.simulate import replay_events
+
+    out: dict = {}
+    runs = []
+    for L in (0, args.queued):
+        served, _, store = open_served_model(ckpt, store_path, device_budget=dev_b, host_budget=host_b,
+                                             threads=args.store_threads, sync_below=args.sync_below)
+        with store:
+            for t in store._tables.values():
+                t.events = []
+            r = serve(served, batches, announce=L, **kw)
+            runs.append(r)
+            live = tier_summary(store.stats())
+            sim = {"device": [0, 0], "host": [0, 0]}
+            for name, t in store._tables.items():
+                prof = load_profile(store.path, name)
+
+                def fresh(tier):
+                    return None if tier.index is None else CacheIndex(t.info.rows, tier.capacity, store.policy,
+                                                                      profile=prof)
+
+                dev, host = fresh(t.dev), fresh(t.host)
+                replay_events(dev, t.events, host=host, host_resident=t.host.resident)
+                for k, idx in (("device", dev), ("host", host)):
+                    if idx is not None:
+                        sim[k][0] += idx.hits
+                        sim[k][1] += idx.misses
+        out[L] = {"device_hit_ratio": live["device_hit_ratio"], "host_hit_ratio": live["host_hit_ratio"],
+                  "sim_device_hit_ratio": sim["device"][0] / max(1, sum(sim["device"])),
+                  "sim_host_hit_ratio": sim["host"][0] / max(1, sum(sim["host"])),
+                  "decode_tok_s": r.decode_tok_s, "prefill_tok_s": r.prefill_tok_s,
+                  "agree": bool(np.isclose(live["device_hit_ratio"], sim["device"][0] / max(1, sum(sim["device"]))))}
+    resident, _, _ = load_checkpoint(ckpt)
+    out["_resident"] = serve(resident, batches, **kw)
+    out["_runs"] = runs
     return out
 
 

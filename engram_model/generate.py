@@ -127,11 +127,13 @@ def _sample(logits: torch.Tensor, temperature: float, top_k: int, gen: torch.Gen
 @torch.no_grad()
 def serve(
     model: EngramLM, batches: Sequence[torch.Tensor], *, max_new_tokens: int, temperature: float = 0.8,
-    top_k: int = 50, seed: int = 0, prefetch_next: bool = True,
+    top_k: int = 50, seed: int = 0, prefetch_next: bool = True, announce: int = 0,
 ) -> ServeTimes:
     """Prefill and decode every batch of the queue; returns timings and the generated ids.
 
     prefetch_next: start batch i+1's row fetches before batch i computes.
+    announce: before serving batch i, announce the prompts of batches i+1 .. i+announce
+    (``EngramLM.announce``: the queue's known future reaches the store's cache policy).
     """
     model.eval()
     gen = torch.Generator().manual_seed(seed)
@@ -139,6 +141,9 @@ def serve(
     plan: EngramPlan | None = model.prepare(batches[0]) if prefetch_next and batches else None
     for i, idx in enumerate(batches):
         B, P = idx.shape
+        if announce:  # the queue's window is batches i+1 .. i+announce: announce what entered it
+            for j in range(i + 1 if i == 0 else i + announce, min(i + announce, len(batches) - 1) + 1):
+                model.announce(batches[j])
         if P + max_new_tokens > model.cfg.max_seq_len:
             raise EngramConfigError(f"prompt {P} + {max_new_tokens} new tokens exceeds max_seq_len {model.cfg.max_seq_len}")
         t0 = time.perf_counter()

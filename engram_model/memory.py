@@ -74,6 +74,10 @@ class MemorySource(ABC):
         """Blocking form of :meth:`fetch`."""
         return self.fetch(packed_ids).result()
 
+    def announce(self, packed_ids: torch.Tensor) -> None:
+        """Rows a later fetch will read (a queued request): a tiered source keeps them.
+        In-memory sources have nothing to do."""
+
 
 class EmbeddingMemory(nn.Embedding, MemorySource):
     """In-module table (training): ``nn.Embedding(rows, dim, sparse=True)``.
@@ -129,6 +133,9 @@ class StoreMemory(nn.Module, MemorySource):
         if packed_ids.numel() < self.sync_below:
             return _Deferred(lambda: self.store.lookup(self.table, packed_ids))
         return self.store.prefetch(self.table, packed_ids)
+
+    def announce(self, packed_ids: torch.Tensor) -> None:
+        self.store.hint(self.table, packed_ids)
 
     def extra_repr(self) -> str:
         return f"table={self.table!r}, rows={self.rows}, dim={self.dim}"

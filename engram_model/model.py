@@ -374,6 +374,14 @@ class EngramLM(nn.Module):
         per_head = self.hasher.hash_torch(self.compress[full])  # {block: (B, T_full, H)}
         return {blk.index: blk.engram.pack(per_head[blk.index][:, -T:]) for blk in self.engram_blocks()}
 
+    def announce(self, idx: torch.Tensor) -> None:
+        """Tell every Engram table which rows the prompts ``idx`` (B, T) will read when they are
+        served later (a request queue's known future; ``Store.hint``): nothing is fetched."""
+        if self.hasher is None:
+            return
+        for i, ids in self.row_ids(idx).items():
+            self.blocks[i].engram.memory.announce(ids)
+
     def prepare(self, idx: torch.Tensor, prev: torch.Tensor | None = None) -> EngramPlan:
         """Hash ``idx`` for every Engram block and start every row fetch; returns at once."""
         if self.hasher is None:

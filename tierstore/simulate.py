@@ -26,6 +26,7 @@ import numpy as np
 from .belady import belady_hits
 from .cache import CacheIndex, walk
 from .cache.index import none_index
+from .cache.jit import specialized
 from .cache.layout import CACHED, NONE, RESIDENT
 from .errors import CorruptDataError, IdTypeError, TierStoreError
 from .files import atomic_write, check_versioned, is_json_int, os_error
@@ -39,6 +40,7 @@ __all__ = [
     "load_trace",
     "batch_bounds",
     "replay",
+    "replay_events",
     "simulate",
     "simulate_tiers",
     "TRACE_FORMAT",
@@ -210,6 +212,34 @@ def replay(index: CacheIndex | None, rows: np.ndarray, bounds: np.ndarray, *, lo
     rows = np.ascontiguousarray(rows, dtype=np.int64)
     return int(walk.replay(*d.hooks, dkind, d.state, *h.hooks, hkind, h.state, rows,
                            np.ascontiguousarray(bounds, dtype=np.int64), int(lookahead)))
+
+
+def replay_events(index: CacheIndex | None, events: list[tuple[str, np.ndarray]], *,
+                  host: CacheIndex | None = None, host_resident: bool = False) -> None:
+    """Replay a live store's recorded events (``Table.events``: each lookup's ids and each
+    ``Store.hint``, in the order the store's walk saw them) through fresh tiers: the
+    simulator's prediction for exactly that run, hints included."""
+    dkind = CACHED if index is not None else NONE
+    hkind = RESIDENT if host_resident else CACHED if host is not None else NONE
+    d = index if index is not None else none_index()
+    h = host if host is not None else none_index()
+    ep = None
+    for kind, ids in events:
+        ids = np.ascontiguousarray(ids, dtype=np.int64)
+        if kind == "hint":
+            walk.announce(dkind, d.state, hkind, h.state, ids)
+            continue
+        n = ids.size
+        bufs = (np.empty(n, np.int64), np.empty(n, np.int8), np.empty(n, np.int64), np.empty(n, np.int64),
+                np.empty(n, np.int64), np.empty(n, np.int64), np.empty(n, np.int8), np.empty(n, np.int64))
+        args = (*d.hooks, dkind, d.state, *h.hooks, hkind, h.state, ids, *bufs, True)
+        if ep is None:
+            ep = specialized(walk.lookup, *args)
+        n_dl, _, n_hl = ep(*args)
+        if dkind == CACHED:
+            walk.finish(d.state, bufs[2], n_dl)
+        if hkind == CACHED:
+            walk.finish(h.state, bufs[7], n_hl)
 
 
 @dataclass

@@ -65,6 +65,9 @@ class Table:
             self._preload()
             self._walk = self._walk_args()
             self._lookup = None  # the walk's entry point for this table's policies (on first use)
+            # when a list: every lookup's ids and every hint, in the order the walk saw them
+            # (tierstore.simulate.replay_events replays them: the simulator's prediction)
+            self.events: list[tuple[str, np.ndarray]] | None = None
         except BaseException:  # a failed open must not keep the row file or a shared segment
             self.close()
             raise
@@ -135,6 +138,8 @@ class Table:
             self._lookup = specialized(walk.lookup, *args)
         with dev.lock, host.lock:  # always in this order (Table.hint too)
             n_dl, m, n_hl = self._lookup(*args)
+            if self.events is not None:
+                self.events.append(("lookup", ids.copy()))
         ok = False
         try:
             if self._after_lease is not None:  # test hook: runs between the bookkeeping and the bytes
@@ -201,8 +206,11 @@ class Table:
         what it can act on: the device tier every id, the host tier only the ids the device
         tier does not hold now (it sees nothing else, so other hints would never be used)."""
         w = self._walk
+        ids = np.ascontiguousarray(ids, dtype=np.int64)
         with self.dev.lock, self.host.lock:
-            walk.announce(w[2], w[3], w[6], w[7], np.ascontiguousarray(ids, dtype=np.int64))
+            walk.announce(w[2], w[3], w[6], w[7], ids)
+            if self.events is not None:
+                self.events.append(("hint", ids.copy()))
 
     def stats(self) -> dict[str, dict[str, float]]:
         return {"device": self.dev.stats(), "host": self.host.stats(), "disk": self.disk.stats()}

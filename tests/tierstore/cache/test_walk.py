@@ -9,7 +9,7 @@ import torch
 
 import tierstore
 from tierstore.cache import CacheIndex, policy_names
-from tierstore.profile import save_profile
+from tierstore.profile import load_profile, save_profile
 from tierstore.simulate import batch_bounds, replay, simulate, simulate_tiers
 from tierstore.stack_distance import lru_hits
 
@@ -72,3 +72,27 @@ def test_a_batch_longer_than_the_capacity_is_replayed_not_estimated():
     idx = CacheIndex(int(trace.max()) + 1, 50, "lru")
     replay(idx, trace, batch_bounds(trace.size, off))
     assert r.hits == idx.hits
+
+
+def test_recorded_events_with_hints_replay_to_the_live_counters(store):
+    """Lookups and Store.hint calls, recorded in the order the walk saw them, replay through
+    fresh tiers to exactly the live counters (the simulator's prediction of a served queue)."""
+    from tierstore.simulate import replay_events
+
+    rng = np.random.default_rng(8)
+    with tierstore.open(store, device="cpu", device_budget=50 * 64, host_budget=300 * 64, policy="default") as st:
+        t = st._tables["t.engram.memory.weight"]
+        t.events = []
+        queue = [(rng.zipf(1.3, 200) % 3000).astype(np.int64) for _ in range(30)]
+        for i, b in enumerate(queue):
+            for j in range(i + 1, min(i + 4, len(queue))):
+                st.hint("t.engram.memory.weight", queue[j])
+            st.lookup("t.engram.memory.weight", b)
+        live = st.stats()["tables"]["t.engram.memory.weight"]
+        prof = load_profile(store, "t.engram.memory.weight")  # as the store placed its rows
+        dev = CacheIndex(3000, t.dev.capacity, "default", profile=prof)
+        host = CacheIndex(3000, t.host.capacity, "default", profile=prof)
+        replay_events(dev, t.events, host=host)
+    assert (dev.hits, dev.misses) == (live["device"]["hits"], live["device"]["misses"])
+    assert (host.hits, host.misses) == (live["host"]["hits"], live["host"]["misses"])
+    assert sum(k == "hint" for k, _ in t.events) > 0
