@@ -293,7 +293,8 @@ def simulate(rows: np.ndarray, capacities: list[int], policies: list[str], *,
     lru_seconds = 0.0
     longest = int(np.diff(bounds).max()) if bounds.size > 1 else 0
     lru_caps = [int(c) for c in capacities if int(c) >= longest]
-    if "lru" in policies and lookahead == 0 and lru_caps:
+    # one or two capacities: the walk's own LRU is faster (~24M against ~5M accesses/s)
+    if "lru" in policies and lookahead == 0 and len(lru_caps) > 2:
         from .stack_distance import lru_hits
 
         t0 = time.perf_counter()
