@@ -7,8 +7,8 @@ larger cache holds everything a smaller one does), so one pass gives the hit cou
 number of capacities, and a 50-point hit-ratio curve costs one replay instead of 50.
 
 The pass keeps, in a Fenwick tree over access positions, a marker at each row's latest
-access; the distance is the number of markers after that row's previous access: O(log n)
-per access, compiled with numba (``nogil``: it runs beside other threads; ``cache``: the
+access; the distance is the number of markers after that row's previous access: O(log D)
+per access (positions are compacted to 2 x D slots, D = distinct rows), compiled with numba (``nogil``: it runs beside other threads; ``cache``: the
 compiled code is written next to this file once and reused by later processes). Row ids
 are first renumbered densely (``np.unique``), so memory is O(trace), not O(table).
 
@@ -29,16 +29,41 @@ __all__ = ["stack_distances", "lru_hits"]
 @njit(nogil=True, cache=True)
 def _distances(dense: np.ndarray, n_distinct: int) -> np.ndarray:  # pragma: no cover - compiled
     n = dense.size
-    last = np.full(n_distinct, -1, np.int64)
-    tree = np.zeros(n + 1, np.int32)  # Fenwick tree, 1-based: index q + 1 holds position q
+    # Fenwick tree over *compacted* time: a row's latest access holds a marker at its slot;
+    # when the slots run out, the live markers (at most n_distinct) are renumbered 0..k-1 in
+    # time order and the tree is rebuilt. 2 x n_distinct slots instead of n keep the tree
+    # cache-resident (the pass is memory-bound) at an amortized O(1) cost per access.
+    size = min(n, 2 * n_distinct + 64)
+    last = np.full(n_distinct, -1, np.int64)  # slot of each row's latest access
+    row_at = np.empty(size, np.int64)  # row whose latest access is at each slot (-1: none)
+    tree = np.zeros(size + 1, np.int32)  # 1-based: index q + 1 holds slot q
     out = np.empty(n, np.int64)
-    for t in range(n):
-        r = dense[t]
+    t = 0  # next free slot
+    for i in range(n):
+        if t == size:  # compact: live markers to slots 0..k-1, same order
+            k = 0
+            for q in range(size):
+                r0 = row_at[q]
+                if r0 >= 0 and last[r0] == q:
+                    row_at[k] = r0
+                    last[r0] = k
+                    k += 1
+            for q in range(k, size):
+                row_at[q] = -1
+            tree[:] = 0
+            for q in range(1, size + 1):  # linear Fenwick build: ones at slots 0..k-1
+                if q <= k:
+                    tree[q] += 1
+                j = q + (q & -q)
+                if j <= size:
+                    tree[j] += tree[q]
+            t = k
+        r = dense[i]
         p = last[r]
         if p < 0:
-            out[t] = -1
+            out[i] = -1
         else:
-            # markers at positions p+1 .. t-1 = prefix(t) - prefix(p + 1)
+            # markers at slots p+1 .. t-1 = prefix(t) - prefix(p + 1)
             s = 0
             k = t
             while k > 0:
@@ -48,16 +73,19 @@ def _distances(dense: np.ndarray, n_distinct: int) -> np.ndarray:  # pragma: no 
             while k > 0:
                 s -= tree[k]
                 k -= k & -k
-            out[t] = s
-            k = p + 1  # remove the marker at position p
-            while k <= n:
+            out[i] = s
+            k = p + 1  # remove the marker at slot p
+            while k <= size:
                 tree[k] -= 1
                 k += k & -k
-        k = t + 1  # the row's latest access is now t
-        while k <= n:
+            row_at[p] = -1
+        k = t + 1  # the row's latest access is now slot t
+        while k <= size:
             tree[k] += 1
             k += k & -k
         last[r] = t
+        row_at[t] = r
+        t += 1
     return out
 
 

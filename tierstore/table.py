@@ -125,14 +125,10 @@ class Table:
         D, H = self._walk[3], self._walk[7]
         ids = np.ascontiguousarray(ids, dtype=np.int64)
         n = len(ids)
-        d_slot = np.empty(n, np.int64)
-        d_code = np.empty(n, np.int8)
-        d_leased = np.empty(n, np.int64)
-        need = np.empty(n, np.int64)
-        need_of = np.empty(n, np.int64)
-        h_slot = np.empty(n, np.int64)
-        h_code = np.empty(n, np.int8)
-        h_leased = np.empty(n, np.int64)
+        w64 = np.empty((6, n), np.int64)  # the walk's outputs: two allocations, not eight
+        codes = np.empty((2, n), np.int8)
+        d_slot, d_leased, need, need_of, h_slot, h_leased = w64
+        d_code, h_code = codes
         args = (*self._walk, ids, d_slot, d_code, d_leased, need, need_of, h_slot, h_code, h_leased, True)
         if self._lookup is None:
             self._lookup = specialized(walk.lookup, *args)
@@ -145,7 +141,8 @@ class Table:
             if self._after_lease is not None:  # test hook: runs between the bookkeeping and the bytes
                 self._after_lease()
             if m == 0:  # every row on the device: one gather
-                torch.index_select(dev.slab, 0, torch.from_numpy(d_slot).to(self.device), out=out)
+                slots = torch.from_numpy(d_slot)
+                torch.index_select(dev.slab, 0, slots.to(self.device) if self.cuda else slots, out=out)
             else:
                 staged = self._from_host_or_disk(need[:m], h_slot[:m], h_code[:m], hkind)
                 staged_dev = staged.to(self.device, non_blocking=True)
