@@ -372,7 +372,7 @@ class Default(Policy):
     k_rows = 3  # K_KEY (-rank), K_HEAP, K_HPOS
     uses_hints = True
 
-    _DEFAULTS = {"pin_fraction": 0.1, "small_fraction": 0.25, "adapt_step": 2.0, "margin": 0.1,
+    _DEFAULTS = {"pin_fraction": 0.1, "small_fraction": 0.25, "adapt_step": 2.0, "margin": 0.3,
                  "initial_core": 0.5, "adapt": "density", "hint_horizon": None}
 
     def check_params(self, params: dict) -> dict:

@@ -89,7 +89,7 @@ class HintOracle:
 
 class DefaultOracle:
     def __init__(self, n_rows, cap, profile=None, pin_fraction=0.1, small_fraction=0.25, adapt_step=2.0,
-                 margin=0.1, initial_core=0.5, adapt="density", hint_horizon=None):
+                 margin=0.3, initial_core=0.5, adapt="density", hint_horizon=None):
         ranked = []
         if profile is not None:
             ranked = sorted((r for r in range(n_rows) if profile[r] > 0), key=lambda r: (-int(profile[r]), r))[:cap]
