@@ -9,8 +9,6 @@ to slots (CACHED) and the compiled walk decides what it holds.
 
 from __future__ import annotations
 
-import threading
-
 import numpy as np
 import torch
 
@@ -44,18 +42,11 @@ class CacheTier(SlabTier):
         profile: np.ndarray | None = None,
         pinned_rows: np.ndarray | None = None,
     ):
-        self.name = name  # "device" or "host"
-        self.info = info
-        self.capacity = min(int(capacity), info.rows)
-        self.resident = self.capacity == info.rows and info.rows > 0
-        self.device = device
-        self.lock = threading.Lock()
+        super().__init__(name, info, capacity, device)
         self.slab = torch.empty(
             (self.capacity, info.dim), dtype=info.raw_dtype, device=device,
             pin_memory=pin and device.type == "cpu",
         )
-        self.index = None
-        self.resident_hits = 0
         if not self.resident and self.capacity > 0:
             self.index = CacheIndex(
                 info.rows, self.capacity, policy,

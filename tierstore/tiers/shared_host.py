@@ -40,7 +40,6 @@ import hashlib
 import mmap
 import os
 import struct
-import threading
 import warnings
 from pathlib import Path
 
@@ -112,17 +111,11 @@ class SharedHostTier(SlabTier):
 
     def __init__(self, root: Path, info: TableInfo, capacity: int, disk: DiskTier, *,
                  profile: np.ndarray | None, build_id: str, keep: bool = False, shm_dir: Path = SHM_DIR):
-        self.name = "host"
-        self.info = info
-        self.capacity = min(int(capacity), info.rows)
-        self.resident = self.capacity == info.rows
+        super().__init__("host", info, capacity, torch.device("cpu"))
+        self.resident = self.capacity == info.rows  # (an empty table too: nothing to choose)
         self.kind = RESIDENT if self.resident else CACHED  # CACHED: a read-only "static" index
-        self.device = torch.device("cpu")
         self.keep = keep
-        self.index: CacheIndex | None = None  # per process: a read-only "static" index over the shared map
-        self.lock = threading.Lock()
         self._imap = None
-        self.resident_hits = 0  # counted by gather when the tier holds the whole table
         if self.resident:
             rows = None
         else:
@@ -182,6 +175,7 @@ class SharedHostTier(SlabTier):
             self._imap = mmap.mmap(self._fd, map_bytes, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE,
                                    offset=self._index_off)
             self.slot_of_row = np.frombuffer(self._imap, dtype=np.int32, count=info.rows)
+            # per process: a read-only "static" index over the shared map
             self.index = CacheIndex(info.rows, self.capacity, "static", pinned_rows=np.empty(0, np.int64),
                                     slot_of_row=self.slot_of_row)
 

@@ -1,7 +1,8 @@
 """What the memory tiers share: rows in a slab of ``capacity`` slots on one device.
 
-``CacheTier`` (tiers/cache.py) and ``SharedHostTier`` (tiers/shared_host.py) set the
-attributes below and inherit the byte moves and counters of the ``Tier`` protocol from here.
+``CacheTier`` (tiers/cache.py) and ``SharedHostTier`` (tiers/shared_host.py) inherit the
+byte moves and counters of the ``Tier`` protocol from here and set ``kind``, ``slab`` and
+``index``.
 Every method takes a whole batch; a few Python calls per lookup, none per row.
 """
 
@@ -21,18 +22,22 @@ __all__ = ["SlabTier"]
 
 class SlabTier:
     """A memory tier: ``slab[slot]`` holds a row; ``index`` (CACHED) says which row, or
-    slot == row (RESIDENT). Subclasses set every attribute in their constructor."""
+    slot == row (RESIDENT: ``capacity`` covers the table)."""
 
-    name: str
     kind: int
-    info: TableInfo
-    capacity: int
-    resident: bool
-    device: torch.device
     slab: torch.Tensor | None
     index: CacheIndex | None
-    lock: threading.Lock
-    resident_hits: int  # a resident tier has no index: its hits are counted here
+
+    def __init__(self, name: str, info: TableInfo, capacity: int, device: torch.device):
+        self.name = name  # "device" or "host"
+        self.info = info
+        self.capacity = min(int(capacity), info.rows)
+        self.resident = self.capacity == info.rows and info.rows > 0
+        self.device = device
+        self._remote = device.type != "cpu"  # slot arrays go to the device first (checked per call)
+        self.lock = threading.Lock()
+        self.index = None
+        self.resident_hits = 0  # a resident tier has no index: gather counts its hits here
 
     @property
     def nbytes(self) -> int:
@@ -42,13 +47,13 @@ class SlabTier:
         if self.kind == RESIDENT:
             self.resident_hits += len(slots)  # benign race: statistics only
         idx = torch.from_numpy(slots)
-        if self.device.type != "cpu":
+        if self._remote:
             idx = idx.to(self.device, non_blocking=True)
         return torch.index_select(self.slab, 0, idx, out=out)
 
     def write(self, slots: np.ndarray, rows: torch.Tensor) -> None:
         idx = torch.from_numpy(slots)
-        if self.device.type != "cpu":
+        if self._remote:
             idx = idx.to(self.device)
         self.slab.index_copy_(0, idx, rows)  # index_copy_: several times faster than __setitem__
 
