@@ -173,7 +173,8 @@ def test_profile_says_when_it_is_approximate_and_lru_is_exact_at_batch_1(tmp_pat
 
     rows = np.random.default_rng(3).zipf(1.2, 30000) % 4000
     np.save(tmp_path / "t.npy", rows)
-    assert cli(["profile", "--trace", str(tmp_path / "t.npy"), "--capacity", "50,400", "--policy", "lru"]) == 0
+    assert cli(["profile", "--trace", str(tmp_path / "t.npy"), "--capacity", "50,400", "--policy", "lru",
+                "--batch", "1024"]) == 0
     assert "approximate: trace steps merged into batches of >= 1024 lookups" in capsys.readouterr().out
     caps = list(range(10, 510, 10))  # 50 capacities
     assert cli(["profile", "--trace", str(tmp_path / "t.npy"), "--capacity", ",".join(map(str, caps)),
