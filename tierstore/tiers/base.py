@@ -44,7 +44,7 @@ class Tier(Protocol):
     kind: int  # NONE / CACHED / RESIDENT / DISK (above)
     index: CacheIndex | None  # the walk's bookkeeping when CACHED, else None
     slab: torch.Tensor | None  # the rows in memory, one per slot (None for the disk tier)
-    lock: threading.Lock  # held around the walk (cache tiers: its index and leases)
+    lock: threading.Lock  # guards its state: a cache tier's index and leases (held around the walk), the disk's counters
 
     def gather(self, slots: np.ndarray, out: torch.Tensor | None = None) -> torch.Tensor:
         """Copy the rows at ``slots`` into ``out`` (len(slots), dim) on the tier's device
