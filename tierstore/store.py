@@ -97,7 +97,7 @@ class Store:
     pool_bytes: most bytes of finished output buffers kept for reuse by lookups without
         ``out=`` (a fresh large output costs more in page faults than the gather); 0 disables.
     host_shared: keep the host tier in POSIX shared memory, one copy for every process on the
-        machine that opens this store with the same budget (see ``tierstore.shared_host``). Its
+        machine that opens this store with the same budget (see ``tierstore.tiers.shared_host``). Its
         rows are the whole table, or the hottest rows of the saved profile.
     """
 

@@ -27,13 +27,16 @@ from .cache.index import none_index
 from .cache.jit import specialized
 from .cache.layout import CACHED, FILL, HIT, NONE, RESIDENT
 from .format import TableInfo
-from .shared_host import SharedHostTier
-from .tier import CacheTier, DiskTier
+from .tiers import CacheTier, DiskTier, SharedHostTier, Tier
 
 __all__ = ["Table"]
 
 
 class Table:
+    """One table's lookups through its tiers. The tiers are built here (which class serves
+    the host tier is the one choice made by class); after that every tier is a ``Tier``
+    (tierstore.tiers.base) and only its ``kind`` decides the path."""
+
     def __init__(
         self,
         root: Path,
@@ -52,8 +55,9 @@ class Table:
         self.info = info
         self.device = device
         self.cuda = device.type == "cuda"
-        self.disk = DiskTier(root, info, direct=direct, threads=io_threads)
-        self.host: CacheTier | SharedHostTier | None = None
+        self.disk: Tier = DiskTier(root, info, direct=direct, threads=io_threads)
+        self.host: Tier | None = None
+        self.dev: Tier | None = None
         try:
             if host_shared and host_rows > 0:
                 self.host = SharedHostTier(root, info, host_rows, self.disk, profile=profile, build_id=build_id)
@@ -74,23 +78,10 @@ class Table:
 
     # -- loading ----------------------------------------------------------------------------
     def _preload(self) -> None:
-        """Fill resident tiers with the whole table and caches with their static hot set."""
-        for tier in (self.host, self.dev):
-            if isinstance(tier, SharedHostTier):
-                continue  # filled once, by whichever process opened it first
-            if tier.resident:
-                src = self.host.slab if (tier is self.dev and self.host.resident) else None
-                if src is not None:
-                    tier.slab.copy_(src)
-                else:
-                    self.disk.load_table(tier.slab)
-            elif tier.index is not None:
-                rows, slots = tier.preload_rows()
-                if len(rows):
-                    order = np.argsort(rows)
-                    buf = torch.empty((len(rows), self.info.dim), dtype=self.info.raw_dtype)
-                    self.disk.read(rows[order], buf)
-                    tier.slab[torch.from_numpy(slots[order]).to(tier.device)] = buf.to(tier.device)
+        """Fill resident tiers with the whole table (the device tier from the host tier when
+        that holds it) and caches with their static hot set; counters start at zero."""
+        self.host.preload(self.disk)
+        self.dev.preload(self.disk, self.host)
         self.disk.reset_stats()
 
     # -- lookup ---------------------------------------------------------------------------
@@ -98,11 +89,9 @@ class Table:
         """The compiled walk's tier arguments: (device hit, miss, kind, state, host hit, miss,
         kind, state); a disabled or resident tier is represented by a stand-in index."""
         dev, host = self.dev, self.host
-        dkind = RESIDENT if dev.resident else CACHED if dev.index is not None else NONE
-        hkind = RESIDENT if host.resident else CACHED if host.index is not None else NONE
-        d = dev.index if dkind == CACHED else none_index()
-        h = host.index if hkind == CACHED else none_index()
-        return (*d.hooks, dkind, d.state, *h.hooks, hkind, h.state)
+        d = dev.index if dev.kind == CACHED else none_index()
+        h = host.index if host.kind == CACHED else none_index()
+        return (*d.hooks, dev.kind, d.state, *h.hooks, host.kind, h.state)
 
     def gather(self, ids: np.ndarray, out: torch.Tensor) -> None:
         """Fill ``out`` (len(ids), dim) on the store's device with the rows ``ids`` (int64, validated).
@@ -112,16 +101,14 @@ class Table:
         -> the slots the walk admitted them to -> ``out``, then ends the lookup (``finish``).
         """
         dev, host = self.dev, self.host
-        out = out.view(self.info.raw_dtype)  # move bits, not values
-        if dev.resident:
-            dev.resident_hits += len(ids)  # benign race: statistics only
-            torch.index_select(dev.slab, 0, torch.from_numpy(ids).to(self.device, non_blocking=True), out=out)
-            return
-        if dev.index is None and host.resident and not self.cuda:  # the host slab is the table
-            host.resident_hits += len(ids)
-            torch.index_select(host.slab, 0, torch.from_numpy(ids), out=out)
-            return
         dkind, hkind = self._walk[2], self._walk[6]
+        out = out.view(self.info.raw_dtype)  # move bits, not values
+        if dkind == RESIDENT:  # the device slab is the table
+            dev.gather(ids, out)
+            return
+        if dkind == NONE and hkind == RESIDENT and not self.cuda:  # the host slab is the table
+            host.gather(ids, out)
+            return
         D, H = self._walk[3], self._walk[7]
         ids = np.ascontiguousarray(ids, dtype=np.int64)
         n = len(ids)
@@ -141,21 +128,18 @@ class Table:
             if self._after_lease is not None:  # test hook: runs between the bookkeeping and the bytes
                 self._after_lease()
             if m == 0:  # every row on the device: one gather
-                slots = torch.from_numpy(d_slot)
-                torch.index_select(dev.slab, 0, slots.to(self.device) if self.cuda else slots, out=out)
+                dev.gather(d_slot, out)
             else:
-                staged = self._from_host_or_disk(need[:m], h_slot[:m], h_code[:m], hkind)
+                staged = self._from_host_or_disk(need[:m], h_slot[:m], h_code[:m])
                 staged_dev = staged.to(self.device, non_blocking=True)
                 d_hit = d_code == HIT
                 fill = np.flatnonzero(d_code == FILL)
                 if len(fill):  # rows the device tier admitted: write their slots
-                    dev.slab.index_copy_(0, torch.from_numpy(d_slot[fill]).to(self.device),
-                                         staged_dev.index_select(0, torch.from_numpy(need_of[fill]).to(self.device)))
+                    dev.write(d_slot[fill], staged_dev.index_select(0, torch.from_numpy(need_of[fill]).to(self.device)))
                 below = np.flatnonzero(~d_hit)
                 hit_pos = np.flatnonzero(d_hit)
                 if len(hit_pos):
-                    out.index_copy_(0, torch.from_numpy(hit_pos).to(self.device),
-                                    dev.slab.index_select(0, torch.from_numpy(d_slot[hit_pos]).to(self.device)))
+                    out.index_copy_(0, torch.from_numpy(hit_pos).to(self.device), dev.gather(d_slot[hit_pos]))
                 out.index_copy_(0, torch.from_numpy(below).to(self.device),
                                 staged_dev.index_select(0, torch.from_numpy(need_of[below]).to(self.device)))
             ok = True
@@ -168,34 +152,30 @@ class Table:
                 if hkind == CACHED:
                     end(H, h_leased, n_hl)
 
-    def _from_host_or_disk(self, need: np.ndarray, h_slot: np.ndarray, h_code: np.ndarray,
-                           hkind: int) -> torch.Tensor:
+    def _from_host_or_disk(self, need: np.ndarray, h_slot: np.ndarray, h_code: np.ndarray) -> torch.Tensor:
         """Rows ``need`` (sorted unique) as a CPU tensor (pinned when CUDA is present): host
-        hits from the host slab, the rest from disk, written into the slots the host tier
+        hits from the host tier, the rest from disk, written into the slots the host tier
         admitted them to (``FILL``)."""
         info, host = self.info, self.host
         staged = torch.empty((len(need), info.dim), dtype=info.raw_dtype, pin_memory=self.cuda)
         hit = h_code == HIT
         if hit.all():
-            if hkind == RESIDENT:
-                host.resident_hits += len(need)
-            torch.index_select(host.slab, 0, torch.from_numpy(h_slot), out=staged)
+            host.gather(h_slot, staged)
             return staged
         if not hit.any():
-            self.disk.read(need, staged)
+            self.disk.gather(need, staged)
             cold, cold_pos = staged, None
         else:
             cold_pos = np.flatnonzero(~hit)
-            cold = torch.empty((len(cold_pos), info.dim), dtype=info.raw_dtype)
-            self.disk.read(need[cold_pos], cold)
+            cold = self.disk.gather(need[cold_pos])
             hit_pos = np.flatnonzero(hit)
             # index_copy_/index_select: several times faster than tensor __setitem__/__getitem__
-            staged.index_copy_(0, torch.from_numpy(hit_pos), host.slab.index_select(0, torch.from_numpy(h_slot[hit_pos])))
+            staged.index_copy_(0, torch.from_numpy(hit_pos), host.gather(h_slot[hit_pos]))
             staged.index_copy_(0, torch.from_numpy(cold_pos), cold)
         fill = np.flatnonzero(h_code == FILL)
         if len(fill):
             src = fill if cold_pos is None else np.searchsorted(cold_pos, fill)
-            host.slab.index_copy_(0, torch.from_numpy(h_slot[fill]), cold.index_select(0, torch.from_numpy(src)))
+            host.write(h_slot[fill], cold.index_select(0, torch.from_numpy(src)))
         return staged
 
     def hint(self, ids: np.ndarray) -> None:
@@ -218,6 +198,6 @@ class Table:
         self.disk.reset_stats()
 
     def close(self) -> None:
-        if isinstance(self.host, SharedHostTier):
-            self.host.close()
-        self.disk.close()
+        for tier in (self.dev, self.host, self.disk):  # a failed open may have built only some
+            if tier is not None:
+                tier.close()

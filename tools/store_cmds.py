@@ -9,7 +9,7 @@ from pathlib import Path
 
 from tierstore.build import DEFAULT_TABLE_PATTERN, build_store
 from tierstore.recovery import find_orphans
-from tierstore.shared_host import SHM_DIR, remove_segment, stale_segments
+from tierstore.tiers.shared_host import SHM_DIR, remove_segment, stale_segments
 from tierstore.distributed import build_shard
 from tierstore.errors import TierStoreError
 from tierstore.format import FORMAT_NAME, PAGE_SIZE, read_manifest

@@ -152,16 +152,16 @@ def test_out_of_range_names_value_and_position(store, ids, value, pos, call):
 # ---------------------------------------------------------------------------------------
 def _hold(store: tierstore.Store, name: str) -> threading.Event:
     """Make background jobs on ``name`` wait for the returned event (a deterministic "slow"
-    future): the job's first step is the policy hint."""
+    future): the job's first step is the table's gather."""
     gate = threading.Event()
     table = store._tables[name]
-    hint = table.hint
+    gather = table.gather
 
-    def held(ids: np.ndarray) -> None:
+    def held(ids: np.ndarray, out: torch.Tensor) -> None:
         gate.wait(30)
-        hint(ids)
+        gather(ids, out)
 
-    table.hint = held  # type: ignore[method-assign]
+    table.gather = held  # type: ignore[method-assign]
     return gate
 
 

@@ -20,7 +20,7 @@ import torch
 from safetensors.torch import save_file
 
 import tierstore
-from tierstore.shared_host import SHM_DIR, segment_prefix
+from tierstore.tiers.shared_host import SHM_DIR, segment_prefix
 
 from ..conftest import bits, random_table
 

@@ -282,7 +282,7 @@ def test_a_failed_chunk_leaves_no_reader_writing_into_the_output(tmp_path):
     import time as _time
 
     from tierstore import StoreIOError
-    from tierstore.tier import DiskTier
+    from tierstore.tiers.disk import DiskTier
 
     out, w = _build(tmp_path, 2000, 4096)  # 16 KiB rows: 256 rows per 4 MiB chunk
     with tierstore.open(out, device="cpu") as store:

@@ -17,11 +17,11 @@ import torch
 from safetensors.torch import save_file
 
 import tierstore
-from tierstore.shared_host import SHM_DIR, segment_prefix
+from tierstore.tiers.shared_host import SHM_DIR, segment_prefix
 
-from ..conftest import bits, random_table
+from ...conftest import bits, random_table
 
-REPO = Path(__file__).resolve().parents[2]
+REPO = Path(__file__).resolve().parents[3]
 NAME = "big.engram.memory.weight"
 ROWS, DIM = 1 << 16, 256  # 64 MiB of float32
 
@@ -109,7 +109,7 @@ def test_filler_crash_is_refilled(shared_store, monkeypatch):
     budget = ROWS * DIM * 4
     crash = subprocess.run([sys.executable, "-c", textwrap.dedent("""
         import os, sys, tierstore
-        from tierstore.tier import DiskTier
+        from tierstore.tiers.disk import DiskTier
         real = DiskTier.read
         def dying(self, rows, out):
             half = len(rows) // 2

@@ -40,19 +40,21 @@ import hashlib
 import mmap
 import os
 import struct
-import threading
 import warnings
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from . import faults
-from .cache import CacheIndex
-from .errors import CapacityError, CorruptDataError, TierStoreError
-from .files import os_error, pwrite_all
-from .format import PAGE_SIZE, TableInfo
-from .tier import DiskTier
+from .. import faults
+from ..cache import CacheIndex
+from ..cache.layout import CACHED, RESIDENT
+from ..errors import CapacityError, CorruptDataError, TierStoreError
+from ..files import os_error, pwrite_all
+from ..format import PAGE_SIZE, TableInfo
+from .base import Tier
+from .disk import DiskTier
+from .slab import SlabTier
 
 __all__ = ["SharedHostTier", "SHM_DIR", "stale_segments", "remove_segment", "segment_prefix"]
 
@@ -102,22 +104,18 @@ def _round_page(n: int) -> int:
     return (n + PAGE_SIZE - 1) // PAGE_SIZE * PAGE_SIZE
 
 
-class SharedHostTier:
+class SharedHostTier(SlabTier):
     """Host tier in shared memory, read-only after it is filled. See the module docstring."""
 
     shared = True
 
     def __init__(self, root: Path, info: TableInfo, capacity: int, disk: DiskTier, *,
                  profile: np.ndarray | None, build_id: str, keep: bool = False, shm_dir: Path = SHM_DIR):
-        self.name = "host"
-        self.info = info
-        self.capacity = min(int(capacity), info.rows)
-        self.resident = self.capacity == info.rows
+        super().__init__("host", info, capacity, torch.device("cpu"))
+        self.resident = self.capacity == info.rows  # (an empty table too: nothing to choose)
+        self.kind = RESIDENT if self.resident else CACHED  # CACHED: a read-only "static" index
         self.keep = keep
-        self.index: CacheIndex | None = None  # per process: a read-only "static" index over the shared map
-        self.lock = threading.Lock()
         self._imap = None
-        self.resident_hits = 0  # counted by Table's fast path when the tier holds the whole table
         if self.resident:
             rows = None
         else:
@@ -177,6 +175,7 @@ class SharedHostTier:
             self._imap = mmap.mmap(self._fd, map_bytes, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE,
                                    offset=self._index_off)
             self.slot_of_row = np.frombuffer(self._imap, dtype=np.int32, count=info.rows)
+            # per process: a read-only "static" index over the shared map
             self.index = CacheIndex(info.rows, self.capacity, "static", pinned_rows=np.empty(0, np.int64),
                                     slot_of_row=self.slot_of_row)
 
@@ -236,21 +235,16 @@ class SharedHostTier:
         except OSError as e:
             raise os_error(e, "writing the shared host tier's header", self.path) from e
 
-    # -- lookups -----------------------------------------------------------------------------
-    @property
-    def nbytes(self) -> int:
-        return self.capacity * self.info.row_bytes
+    # -- the tier protocol (gather: SlabTier's) -------------------------------------------------
+    def write(self, slots: np.ndarray, rows: torch.Tensor) -> None:
+        raise TierStoreError(f"{self.path}: the shared host tier is read-only after its fill "
+                             "(its static index never admits a row)")
+
+    def preload(self, disk: DiskTier, source: Tier | None = None) -> None:
+        """Nothing to load: filled once, at construction, by whichever process opened it first."""
 
     def stats(self) -> dict[str, float]:
-        hits = self.index.hits if self.index is not None else 0
-        misses = self.index.misses if self.index is not None else 0
-        return {"hits": hits + self.resident_hits, "misses": misses, "evictions": 0, "insertions": 0, "rows": self.capacity,
-                "capacity_rows": self.capacity, "bytes": self.nbytes, "resident": self.resident, "shared": True}
-
-    def reset_stats(self) -> None:
-        self.resident_hits = 0
-        if self.index is not None:
-            self.index.reset_stats()
+        return {**super().stats(), "rows": self.capacity, "shared": True}
 
     def close(self) -> None:
         if self._fd < 0:

@@ -1,12 +1,8 @@
-"""The tiers: they hold and move bytes; policies (CacheIndex) decide which rows stay.
+"""The disk tier: the table's row file, the bottom of every lookup.
 
-- ``DiskTier``: the row file. Reads whole 4 KiB pages through ``rowio.PageReader``
-  (O_DIRECT where the filesystem allows it) and verifies every page it reads against the
-  stored checksums before a row leaves it.
-- ``CacheTier``: a fixed slab of ``capacity`` rows on one device (GPU memory for the device
-  tier, pinned host memory for the host tier when CUDA is present, plain memory otherwise)
-  plus a ``CacheIndex`` that maps table rows to slots. A tier whose capacity covers the
-  table is *resident*: the slab is the table, slot == row, no index at all.
+Reads whole 4 KiB pages through ``rowio.PageReader`` (O_DIRECT where the filesystem allows
+it) and verifies every page it reads against the stored checksums before a row leaves it.
+Its addresses are row ids (``kind`` DISK); it holds every row and is never written.
 
 All methods take whole batches (numpy int64 row arrays); there is no per-row Python work.
 """
@@ -22,12 +18,12 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .cache import CacheIndex
-from .errors import CorruptDataError
-from .format import PAGE_SIZE, TableInfo, check_header_page, load_checksums, load_order, page_checksums
-from .rowio import PageReader, aligned_empty
+from ..errors import CorruptDataError, TierStoreError
+from ..format import PAGE_SIZE, TableInfo, check_header_page, load_checksums, load_order, page_checksums
+from ..rowio import PageReader, aligned_empty
+from .base import DISK
 
-__all__ = ["DiskTier", "CacheTier", "CHUNK_ROWS"]
+__all__ = ["DiskTier", "CHUNK_ROWS"]
 
 CHUNK_ROWS = 1024  # rows per read+verify+gather step: at most 2048 pages (8 MiB) in flight
 CHUNK_BYTES = 4 << 20  # ...and at most this many row bytes per step (rows wider than 4 KiB)
@@ -39,6 +35,11 @@ class DiskTier:
     Thread-safe: concurrent lookups may read at once (the reader is thread-safe and the
     counters are updated under a small lock).
     """
+
+    name = "disk"
+    kind = DISK
+    index = None  # no bookkeeping: row r is at its place in the file
+    slab = None  # nothing in memory
 
     def __init__(self, root: Path, info: TableInfo, *, direct: bool | None = None, threads: int | None = None):
         self.info = info
@@ -55,7 +56,7 @@ class DiskTier:
         self._perm: np.ndarray | None = None
         self._local = threading.local()  # per-thread aligned read buffer
         self._pool: ThreadPoolExecutor | None = None
-        self._lock = threading.Lock()
+        self.lock = threading.Lock()
         self.reader = PageReader(self.path, direct=direct, threads=threads)
         try:
             self._check_header()
@@ -83,7 +84,7 @@ class DiskTier:
 
     def _overlap(self) -> ThreadPoolExecutor:
         """The two threads that read large batches chunk by chunk (started on first use)."""
-        with self._lock:
+        with self.lock:
             if self._pool is None:
                 self._pool = ThreadPoolExecutor(2, thread_name_prefix="tierstore-disk")
             return self._pool
@@ -94,6 +95,19 @@ class DiskTier:
         if buf is None or len(buf) < n_pages:
             buf = self._local.buf = aligned_empty(max(n_pages, 2 * CHUNK_ROWS, 2 + CHUNK_BYTES // PAGE_SIZE))
         return buf[:n_pages]
+
+    def gather(self, rows: np.ndarray, out: torch.Tensor | None = None) -> torch.Tensor:
+        """The tier protocol's gather: ``read`` into ``out`` (a new CPU tensor when None)."""
+        if out is None:
+            out = torch.empty((len(rows), self.info.dim), dtype=self.info.raw_dtype)
+        self.read(rows, out)
+        return out
+
+    def write(self, slots: np.ndarray, rows: torch.Tensor) -> None:
+        raise TierStoreError(f"table {self.info.name!r}: the disk tier is read-only (rebuild the store to change rows)")
+
+    def preload(self, disk: DiskTier, source: object = None) -> None:
+        """Nothing to load: the disk tier holds every row."""
 
     def read(self, rows: np.ndarray, out: torch.Tensor) -> None:
         """Fill ``out`` (len(rows), dim) on the CPU with the stored rows. ``rows``: int64, unique.
@@ -133,7 +147,7 @@ class DiskTier:
             wait_futures(futs)
             n_pages = sum(f.result() for f in futs)  # re-raises the first chunk's error
         dt = time.perf_counter() - t0
-        with self._lock:
+        with self.lock:
             self.rows_read += len(rows)
             self.pages_read += n_pages
             self.bytes_read += n_pages * PAGE_SIZE
@@ -198,84 +212,16 @@ class DiskTier:
                 "read_seconds": self.read_seconds}
 
     def reset_stats(self) -> None:
-        with self._lock:
+        with self.lock:
             self.rows_read = self.pages_read = self.bytes_read = 0
             self.read_seconds = 0.0
 
     def close(self) -> None:
         """Close the row file and drop the checksum and order maps. Idempotent."""
-        with self._lock:
+        with self.lock:
             pool, self._pool = self._pool, None
         if pool is not None:
             pool.shutdown(wait=True)
         self.reader.close()
         self.sums = self.pos = self._perm = None  # type: ignore[assignment]
 
-
-class CacheTier:
-    """A budgeted slab of rows on one device, with a policy-driven index of what it holds.
-
-    ``lock`` guards the index and the slab's contents: callers look up and lease under it,
-    gather outside it (leased slots cannot be evicted), and admit + copy under it, so a
-    slot is never visible before its bytes are in place.
-    """
-
-    def __init__(
-        self,
-        name: str,
-        info: TableInfo,
-        capacity: int,
-        *,
-        device: torch.device,
-        pin: bool = False,
-        policy: str = "default",
-        profile: np.ndarray | None = None,
-        pinned_rows: np.ndarray | None = None,
-    ):
-        self.name = name  # "device" or "host"
-        self.info = info
-        self.capacity = min(int(capacity), info.rows)
-        self.resident = self.capacity == info.rows and info.rows > 0
-        self.device = device
-        self.lock = threading.Lock()
-        self.slab = torch.empty(
-            (self.capacity, info.dim), dtype=info.raw_dtype, device=device,
-            pin_memory=pin and device.type == "cpu",
-        )
-        self.index: CacheIndex | None = None
-        self.resident_hits = 0
-        if not self.resident and self.capacity > 0:
-            self.index = CacheIndex(
-                info.rows, self.capacity, policy,
-                pinned_rows=pinned_rows,  # None: the policy picks its static core from the profile
-                profile=profile,
-            )
-
-    @property
-    def nbytes(self) -> int:
-        return self.capacity * self.info.row_bytes
-
-    def preload_rows(self) -> tuple[np.ndarray, np.ndarray]:
-        """Rows (and their slots) the index placed at construction (the static hot set)."""
-        if self.index is None:
-            return np.empty(0, np.int64), np.empty(0, np.int64)
-        slots = np.flatnonzero(self.index.row_of_slot >= 0)
-        return self.index.row_of_slot[slots].astype(np.int64), slots
-
-    def stats(self) -> dict[str, float]:
-        if self.resident:
-            return {"hits": self.resident_hits, "misses": 0, "evictions": 0, "insertions": 0,
-                    "rows": self.capacity, "capacity_rows": self.capacity, "bytes": self.nbytes, "resident": True}
-        idx = self.index
-        return {
-            "hits": idx.hits if idx else 0, "misses": idx.misses if idx else 0,
-            "evictions": idx.evictions if idx else 0, "insertions": idx.insertions if idx else 0,
-            "rows": idx.size if idx else 0, "capacity_rows": self.capacity, "bytes": self.nbytes,
-            "resident": False,
-        }
-
-    def reset_stats(self) -> None:
-        with self.lock:
-            self.resident_hits = 0
-            if self.index is not None:
-                self.index.reset_stats()
