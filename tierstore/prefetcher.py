@@ -147,6 +147,18 @@ class Prefetcher:
             raise StoreClosedError("the store is closed; open it again to look rows up") from None
         return LookupFuture(inner, self.latency)
 
+    def done(self, value: T) -> LookupFuture[T]:
+        """A future that already holds ``value`` (work finished in the caller's thread)."""
+        inner: cf.Future = cf.Future()
+        inner.set_result((value, None))
+        return LookupFuture(inner, self.latency)
+
+    def failed(self, error: BaseException) -> LookupFuture:
+        """A future that re-raises ``error`` from ``result()``."""
+        inner: cf.Future = cf.Future()
+        inner.set_exception(error)
+        return LookupFuture(inner, self.latency)
+
     def close(self, wait: bool = True) -> None:
         """Cancel queued lookups; with ``wait``, also wait for running ones to finish."""
         self._pool.shutdown(wait=wait, cancel_futures=True)

@@ -21,7 +21,11 @@ from .recovery import recover
 from .sizes import format_size, parse_size
 from .table import Table
 
-__all__ = ["Store", "open_store", "IdLike"]
+__all__ = ["Store", "open_store", "IdLike", "INLINE_BELOW"]
+
+# prefetch() of at most this many ids does its bookkeeping in the caller's thread and, when
+# every row is on the device, its one gather too (measured in benchmarks/bench_lookup.py)
+INLINE_BELOW = 1024
 
 
 def _default_device() -> torch.device:
@@ -195,6 +199,32 @@ class Store:
         (contiguous, that shape and dtype) is filled instead of a pooled buffer.
         """
         t, flat, buf, full = self._prepare(table, ids, out)
+        if flat.size <= INLINE_BELOW:
+            # A small request's bookkeeping (a few us, GIL-free) runs here: if every row is on
+            # the device, the lookup is one gather and a hand-off to a worker would cost more
+            # than all of it (~20 us for a bare submit + result); otherwise the worker moves
+            # the bytes of the begun lookup.
+            if t.on_device(flat, buf):
+                return self._prefetcher.done(buf.view(full))
+            lk = t.begin(flat)
+            if lk.on_device:
+                try:
+                    t.complete(lk, buf)
+                except TierStoreError as e:
+                    return self._prefetcher.failed(e)
+                except Exception as e:  # same contract as LookupFuture.result(): errors are typed
+                    return self._prefetcher.failed(TierStoreError(f"lookup failed: {type(e).__name__}: {e}"))
+                return self._prefetcher.done(buf.view(full))
+
+            def rest() -> torch.Tensor:
+                t.complete(lk, buf)
+                return buf.view(full)
+
+            try:
+                return self._prefetcher.submit(rest)
+            except BaseException:
+                t.cancel(lk)
+                raise
 
         def job() -> torch.Tensor:
             t.gather(flat, buf)

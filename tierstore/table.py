@@ -32,6 +32,25 @@ from .tiers import CacheTier, DiskTier, SharedHostTier, Tier
 __all__ = ["Table"]
 
 
+class _Lookup:
+    """One lookup between its bookkeeping (``Table.begin``) and its bytes (``complete``):
+    the walk's per-id outputs and how many leases each tier holds for it."""
+
+    __slots__ = ("ids", "d_slot", "d_leased", "need", "need_of", "h_slot", "h_leased", "d_code", "h_code",
+                 "n_dl", "m", "n_hl")
+
+    def __init__(self, ids: np.ndarray, w64: np.ndarray, codes: np.ndarray):
+        self.ids = ids
+        self.d_slot, self.d_leased, self.need, self.need_of, self.h_slot, self.h_leased = w64
+        self.d_code, self.h_code = codes
+        self.n_dl = self.m = self.n_hl = 0
+
+    @property
+    def on_device(self) -> bool:
+        """Every row is in the device tier now: completing it is one gather."""
+        return self.m == 0
+
+
 class Table:
     """One table's lookups through its tiers. The tiers are built here (which class serves
     the host tier is the one choice made by class); after that every tier is a ``Tier``
@@ -96,33 +115,51 @@ class Table:
     def gather(self, ids: np.ndarray, out: torch.Tensor) -> None:
         """Fill ``out`` (len(ids), dim) on the store's device with the rows ``ids`` (int64, validated).
 
-        The bookkeeping of both cache tiers is one compiled call (``walk.lookup``, the very
-        walk the simulator replays); this method moves the bytes: host/disk -> staged rows
-        -> the slots the walk admitted them to -> ``out``, then ends the lookup (``finish``).
+        The bookkeeping of both cache tiers is one compiled call (``begin``: ``walk.lookup``,
+        the very walk the simulator replays); ``complete`` moves the bytes: host/disk ->
+        staged rows -> the slots the walk admitted them to -> ``out``, then ends the lookup.
         """
-        dev, host = self.dev, self.host
+        if self.on_device(ids, out):
+            return
+        self.complete(self.begin(ids), out)
+
+    def on_device(self, ids: np.ndarray, out: torch.Tensor) -> bool:
+        """The resident fast paths: if a slab holding the whole table serves ``ids``, fill
+        ``out`` from it (one ``index_select``, no bookkeeping) and return True."""
         dkind, hkind = self._walk[2], self._walk[6]
-        out = out.view(self.info.raw_dtype)  # move bits, not values
         if dkind == RESIDENT:  # the device slab is the table
-            dev.gather(ids, out)
-            return
+            self.dev.gather(ids, out.view(self.info.raw_dtype))
+            return True
         if dkind == NONE and hkind == RESIDENT and not self.cuda:  # the host slab is the table
-            host.gather(ids, out)
-            return
-        D, H = self._walk[3], self._walk[7]
+            self.host.gather(ids, out.view(self.info.raw_dtype))
+            return True
+        return False
+
+    def begin(self, ids: np.ndarray) -> _Lookup:
+        """A lookup's bookkeeping in both cache tiers (one compiled call, GIL-free, under both
+        tier locks). Its leases hold until ``complete`` (or ``cancel``) ends it."""
+        dev, host = self.dev, self.host
         ids = np.ascontiguousarray(ids, dtype=np.int64)
         n = len(ids)
         w64 = np.empty((6, n), np.int64)  # the walk's outputs: two allocations, not eight
         codes = np.empty((2, n), np.int8)
-        d_slot, d_leased, need, need_of, h_slot, h_leased = w64
-        d_code, h_code = codes
-        args = (*self._walk, ids, d_slot, d_code, d_leased, need, need_of, h_slot, h_code, h_leased, True)
+        lk = _Lookup(ids, w64, codes)
+        args = (*self._walk, ids, lk.d_slot, lk.d_code, lk.d_leased, lk.need, lk.need_of, lk.h_slot, lk.h_code,
+                lk.h_leased, True)
         if self._lookup is None:
             self._lookup = specialized(walk.lookup, *args)
         with dev.lock, host.lock:  # always in this order (Table.hint too)
-            n_dl, m, n_hl = self._lookup(*args)
+            lk.n_dl, lk.m, lk.n_hl = self._lookup(*args)
             if self.events is not None:
                 self.events.append(("lookup", ids.copy()))
+        return lk
+
+    def complete(self, lk: _Lookup, out: torch.Tensor) -> None:
+        """Move the bytes of a begun lookup into ``out`` and end it (its FILL slots are
+        written; after an error they are dropped and the error re-raised)."""
+        dev = self.dev
+        out = out.view(self.info.raw_dtype)  # move bits, not values
+        d_slot, d_code, need_of, m = lk.d_slot, lk.d_code, lk.need_of, lk.m
         ok = False
         try:
             if self._after_lease is not None:  # test hook: runs between the bookkeeping and the bytes
@@ -130,7 +167,7 @@ class Table:
             if m == 0:  # every row on the device: one gather
                 dev.gather(d_slot, out)
             else:
-                staged = self._from_host_or_disk(need[:m], h_slot[:m], h_code[:m])
+                staged = self._from_host_or_disk(lk.need[:m], lk.h_slot[:m], lk.h_code[:m])
                 staged_dev = staged.to(self.device, non_blocking=True)
                 d_hit = d_code == HIT
                 fill = np.flatnonzero(d_code == FILL)
@@ -144,13 +181,21 @@ class Table:
                                 staged_dev.index_select(0, torch.from_numpy(need_of[below]).to(self.device)))
             ok = True
         finally:
-            # the lookup ends: its FILL slots hold their bytes now (or, after an error, are dropped)
-            end = walk.finish if ok else walk.abort
-            with dev.lock, host.lock:
-                if dkind == CACHED:
-                    end(D, d_leased, n_dl)
-                if hkind == CACHED:
-                    end(H, h_leased, n_hl)
+            self._end(lk, ok)
+
+    def cancel(self, lk: _Lookup) -> None:
+        """End a begun lookup whose bytes will never be moved (its admitted rows are dropped)."""
+        self._end(lk, False)
+
+    def _end(self, lk: _Lookup, ok: bool) -> None:
+        # the lookup ends: its FILL slots hold their bytes now (or, after an error, are dropped)
+        end = walk.finish if ok else walk.abort
+        w = self._walk
+        with self.dev.lock, self.host.lock:
+            if w[2] == CACHED:
+                end(w[3], lk.d_leased, lk.n_dl)
+            if w[6] == CACHED:
+                end(w[7], lk.h_leased, lk.n_hl)
 
     def _from_host_or_disk(self, need: np.ndarray, h_slot: np.ndarray, h_code: np.ndarray) -> torch.Tensor:
         """Rows ``need`` (sorted unique) as a CPU tensor (pinned when CUDA is present): host

@@ -17,6 +17,7 @@ import pytest
 import torch
 
 import tierstore
+from tierstore.store import INLINE_BELOW
 from tierstore import BudgetError, IdTypeError, InvalidIdError, TierStoreError
 
 T1 = "blocks.1.engram.memory.weight"  # 5003 rows x 64 float32 (tests/conftest.py small_ckpt)
@@ -150,9 +151,15 @@ def test_out_of_range_names_value_and_position(store, ids, value, pos, call):
 # ---------------------------------------------------------------------------------------
 # futures
 # ---------------------------------------------------------------------------------------
+def big(ids: list[int]) -> np.ndarray:
+    """``ids`` padded to INLINE_BELOW + 1 ids: a prefetch that runs on a worker thread."""
+    return np.resize(np.asarray(ids, dtype=np.int64), INLINE_BELOW + 1)
+
+
 def _hold(store: tierstore.Store, name: str) -> threading.Event:
     """Make background jobs on ``name`` wait for the returned event (a deterministic "slow"
-    future): the job's first step is the table's gather."""
+    future): the job's first step is the table's gather. Only requests of more than
+    INLINE_BELOW ids are sure to run on a worker (``big``); smaller ones may finish inline."""
     gate = threading.Event()
     table = store._tables[name]
     gather = table.gather
@@ -168,20 +175,20 @@ def _hold(store: tierstore.Store, name: str) -> threading.Event:
 def test_result_timeout_is_a_timeout_error(store):
     gate = _hold(store, T1)
     try:
-        fut = store.prefetch(T1, [1, 2, 3])
+        fut = store.prefetch(T1, big([1, 2, 3]))
         with pytest.raises(TierStoreError, match="timeout") as e:
             fut.result(timeout=0.000001)
         assert isinstance(e.value, TimeoutError), f"{type(e.value).__mro__} is not a TimeoutError"
     finally:
         gate.set()
-    assert fut.result(timeout=30).shape == (3, 64)  # the future is still good afterwards
+    assert fut.result(timeout=30).shape == (INLINE_BELOW + 1, 64)  # the future is still good afterwards
 
 
 def test_cancelled_future_says_so(store_path):
     store = tierstore.open(store_path, device="cpu", threads=1)
     gate = _hold(store, T1)
-    first = store.prefetch(T1, [1])  # occupies the only worker
-    queued = store.prefetch(T1, [2])  # waits behind it; close() cancels it
+    first = store.prefetch(T1, big([1]))  # occupies the only worker
+    queued = store.prefetch(T1, big([2]))  # waits behind it; close() cancels it
     closer = threading.Thread(target=store.close, daemon=True)
     closer.start()
     closer.join(0.2)

@@ -194,3 +194,36 @@ def test_buffer_pool_is_bounded():
     t = pool.get((49, 8), torch.float32, torch.device("cpu"))
     del t
     assert pool.get((49, 8), torch.float32, torch.device("cpu")) is not None and pool.reused >= 1
+
+
+def test_small_prefetch_on_the_device_finishes_in_the_callers_thread(store_path, small_ckpt, monkeypatch):
+    """A prefetch of <= INLINE_BELOW ids whose rows are all on the device completes before it
+    returns (no hand-off); one with misses goes to a worker; both return exact rows, and a
+    lookup begun but never handed over releases its leases."""
+    from tierstore.store import INLINE_BELOW
+
+    _, tensors = small_ckpt
+    name = "blocks.1.engram.memory.weight"
+    w = tensors[name]
+    with tierstore.open(store_path, device="cpu", device_budget=64 * 4 * 100, host_budget=0, policy="lru") as s:
+        ids = np.arange(50)
+        s.lookup(name, ids)  # now on the device
+        fut = s.prefetch(name, ids)
+        assert fut.done(), "an all-hit small prefetch should be complete at once"
+        assert torch.equal(bits(fut.result()), bits(w[:50]))
+        cold = np.arange(1000, 1050)
+        fut = s.prefetch(name, cold)  # misses: the worker reads them
+        assert torch.equal(bits(fut.result(timeout=30)), bits(w[1000:1050]))
+        big = np.arange(INLINE_BELOW + 1) % 5003
+        assert torch.equal(bits(s.prefetch(name, big).result(timeout=30)), bits(w[big]))
+        index = s._tables[name].dev.index
+
+        def refuse(fn):
+            raise tierstore.StoreClosedError("closed")
+
+        monkeypatch.setattr(s._prefetcher, "submit", refuse)
+        with pytest.raises(tierstore.StoreClosedError):
+            s.prefetch(name, np.arange(2000, 2040))  # begun, then the hand-off fails
+        assert index.refcount.max() == 0, "a begun lookup that never ran kept its leases"
+        # rows it admitted were dropped, never served from slots nobody wrote
+        assert not (index.slot_of_row[2000:2040] >= 0).any()
