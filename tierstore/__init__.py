@@ -6,7 +6,6 @@
         rows = store.lookup("blocks.1.engram.memory.weight", ids)
 """
 
-from .build import DEFAULT_TABLE_PATTERN, build_store
 from .errors import (
     BudgetError,
     CapacityError,
@@ -22,13 +21,37 @@ from .errors import (
     TierStoreError,
     UnknownTableError,
 )
-from .format import FORMAT_VERSION, TableInfo
-from .prefetcher import LookupFuture
 from .sizes import format_size, parse_size
-from .store import Store, open_store
-from .verify import verify_store
 
-open = open_store  # noqa: A001 - `tierstore.open(path)` is the public entry point
+# The store, the builder and the formats import torch (~1 s); they load on first use, so
+# tools that need only the cache layer and the simulator (``tierstore profile``) start fast.
+_LAZY = {
+    "open": ("store", "open_store"),  # `tierstore.open(path)` is the public entry point
+    "open_store": ("store", "open_store"),
+    "Store": ("store", "Store"),
+    "LookupFuture": ("prefetcher", "LookupFuture"),
+    "TableInfo": ("format", "TableInfo"),
+    "FORMAT_VERSION": ("format", "FORMAT_VERSION"),
+    "build_store": ("build", "build_store"),
+    "DEFAULT_TABLE_PATTERN": ("build", "DEFAULT_TABLE_PATTERN"),
+    "verify_store": ("verify", "verify_store"),
+}
+
+
+def __getattr__(name: str):
+    if name in _LAZY:
+        import importlib
+
+        module, attr = _LAZY[name]
+        value = getattr(importlib.import_module(f".{module}", __name__), attr)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module 'tierstore' has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_LAZY))
+
 
 __all__ = [
     "open", "open_store", "Store", "LookupFuture", "TableInfo", "build_store", "verify_store",

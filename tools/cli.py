@@ -19,15 +19,20 @@ _COMMAND_MODULES = (
     "tools.trace_cmd",  # trace
     "tools.profile_cmd",  # profile, size
 )
+# Which module owns each command: running one imports only its module (the store commands
+# import torch, ~1 s; `tierstore profile` needs only the cache layer and the simulator).
+_OWNER = {"build": "tools.store_cmds", "inspect": "tools.store_cmds", "verify": "tools.store_cmds",
+          "gc": "tools.store_cmds", "trace": "tools.trace_cmd", "profile": "tools.profile_cmd",
+          "size": "tools.profile_cmd"}
 
 
-def make_parser() -> argparse.ArgumentParser:
+def make_parser(command: str | None = None) -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="tierstore",
         description="Tiered GPU/host/NVMe store for Engram n-gram embedding tables.",
     )
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
-    for name in _COMMAND_MODULES:
+    for name in (_OWNER[command],) if command in _OWNER else _COMMAND_MODULES:
         try:
             module = importlib.import_module(name)
         except ModuleNotFoundError as e:
@@ -39,7 +44,8 @@ def make_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = make_parser()
+    argv = list(sys.argv[1:] if argv is None else argv)
+    parser = make_parser(argv[0] if argv else None)
     args = parser.parse_args(argv)
     try:
         return int(args.func(args) or 0)
