@@ -63,12 +63,13 @@ import math
 import numpy as np
 
 from ..errors import TierStoreError
+from . import s3fifo
 from .hints import hint_outstanding
 from .jit import kernel
 from .layout import (G_ROW, K_HPOS, K_KEY, L_FREQ, M_CAP, M_GQLEN, M_HEAPN, M_HLIVE, M_HORIZON, M_PARAM, M_QLEN,
                      M_RANKM, M_TICK)
 from .policy import Policy, hot_rows
-from .structs import (g_add, g_front, g_of, g_queue, g_remove, h_min_free, h_push, h_remove, place, q_first_free,
+from .structs import (g_add, g_front, g_of, g_queue, g_remove, h_min_free, h_push, h_remove, place,
                       q_push, q_to_back, q_unlink, take_free, unmap)
 
 ID = 7  # the walk dispatches on it (tierstore.cache.walk)
@@ -217,13 +218,9 @@ def dyn_victim(T):  # pragma: no cover - compiled
         if ns + nm == 0:
             return -1
         small_target = max(1, (M[P_SMALLF] * (ns + nm)) >> FP_BITS)
-        from_small = ns > small_target or nm == 0
-        s = q_first_free(M, L, ref, SMALL if from_small else MAIN)
+        s, from_small = s3fifo.candidate(M, L, ref, small_target, SMALL, MAIN)
         if s < 0:
-            from_small = not from_small
-            s = q_first_free(M, L, ref, SMALL if from_small else MAIN)
-            if s < 0:
-                return -1
+            return -1
         r = ros[s]
         soon = r >= 0 and M[M_HLIVE] > 0 and hint_outstanding(M, HT, r)
         if from_small:
@@ -372,15 +369,11 @@ class Default(Policy):
     k_rows = 3  # K_KEY (-rank), K_HEAP, K_HPOS
     uses_hints = True
 
-    _DEFAULTS = {"pin_fraction": 0.1, "small_fraction": 0.25, "adapt_step": 2.0, "margin": 0.3,
+    defaults = {"pin_fraction": 0.1, "small_fraction": 0.25, "adapt_step": 2.0, "margin": 0.3,
                  "initial_core": 0.5, "adapt": "density", "hint_horizon": None}
 
     def check_params(self, params: dict) -> dict:
-        unknown = set(params) - set(self._DEFAULTS)
-        if unknown:
-            raise TierStoreError(f"policy 'default' takes no parameter {', '.join(map(repr, sorted(unknown)))}")
-        p = dict(self._DEFAULTS)
-        p.update(params)
+        p = super().check_params(params)
         for k, lo, hi, lo_open in (("pin_fraction", 0.0, 1.0, False), ("small_fraction", 0.0, 1.0, True),
                                    ("margin", 0.0, 1.0, False), ("initial_core", 0.0, 1.0, False),
                                    ("adapt_step", 0.0, math.inf, False)):

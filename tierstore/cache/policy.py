@@ -42,10 +42,15 @@ class Policy:
             0x7135 if rng is None else rng)
         self.params = self.check_params(params)
 
+    defaults: dict = {}  # the policy's parameters and their default values; others are refused
+
     def check_params(self, params: dict) -> dict:
-        if params:
-            raise TierStoreError(f"policy {self.name!r} takes no parameter {', '.join(map(repr, params))}")
-        return {}
+        """The parameters with defaults filled in; an unknown name raises (subclasses also
+        check values)."""
+        unknown = set(params) - set(self.defaults)
+        if unknown:
+            raise TierStoreError(f"policy {self.name!r} takes no parameter {', '.join(map(repr, sorted(unknown)))}")
+        return {**self.defaults, **params}
 
     # sizes of the state, given the dynamic (unpinned) slots
     def ghost_size(self, n_dyn: int) -> int:

@@ -27,19 +27,28 @@ def hit(T, s):  # pragma: no cover - compiled
 
 
 @kernel
+def candidate(M, L, ref, small_target, small, main):  # pragma: no cover - compiled
+    """The next S3-FIFO eviction candidate: the oldest unleased slot of the small FIFO when it
+    is over ``small_target`` (or main is empty), else of main, else of the other queue when
+    that one is all leased. Returns (slot or -1, whether it came from the small FIFO)."""
+    from_small = M[M_QLEN + small] > small_target or M[M_QLEN + main] == 0
+    s = q_first_free(M, L, ref, small if from_small else main)
+    if s < 0:
+        from_small = not from_small
+        s = q_first_free(M, L, ref, small if from_small else main)
+    return s, from_small
+
+
+@kernel
 def evict(T):  # pragma: no cover - compiled
     """Free one unleased slot the S3-FIFO way; -1 if every candidate is leased."""
     M, sor, ros, ref, L, GH = T[0], T[1], T[2], T[3], T[6], T[7]
     budget = 4 * (M[M_QLEN + SMALL] + M[M_QLEN + MAIN]) + 8
     while budget > 0:
         budget -= 1
-        from_small = M[M_QLEN + SMALL] > M[P_SMALL] or M[M_QLEN + MAIN] == 0
-        s = q_first_free(M, L, ref, SMALL if from_small else MAIN)
+        s, from_small = candidate(M, L, ref, M[P_SMALL], SMALL, MAIN)
         if s < 0:
-            from_small = not from_small
-            s = q_first_free(M, L, ref, SMALL if from_small else MAIN)
-            if s < 0:
-                return -1
+            return -1
         if from_small:
             if L[L_FREQ, s] >= M[P_MOVE]:
                 L[L_FREQ, s] = 0
@@ -90,13 +99,7 @@ class S3FIFO(Policy):
     name = "s3fifo"
     id = ID
 
-    def check_params(self, params: dict) -> dict:
-        p = {"small_fraction": 0.1, "move_threshold": 1}
-        unknown = set(params) - set(p)
-        if unknown:
-            return super().check_params({k: params[k] for k in unknown})
-        p.update(params)
-        return p
+    defaults = {"small_fraction": 0.1, "move_threshold": 1}
 
     def _small(self, n_dyn: int) -> int:
         return max(1, int(self.params["small_fraction"] * n_dyn))

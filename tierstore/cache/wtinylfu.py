@@ -205,13 +205,7 @@ class WTinyLFU(Policy):
     name = "wtinylfu"
     id = ID
 
-    def check_params(self, params: dict) -> dict:
-        p = {"window_fraction": 0.01, "protected_fraction": 0.8}
-        unknown = set(params) - set(p)
-        if unknown:
-            return super().check_params({k: params[k] for k in unknown})
-        p.update(params)
-        return p
+    defaults = {"window_fraction": 0.01, "protected_fraction": 0.8}
 
     @staticmethod
     def _wbits(n_dyn: int) -> int:
