@@ -31,6 +31,7 @@ import torch
 from tokenizers import Tokenizer
 
 import tierstore
+from tierstore.profile import has_profile
 from engram_model.checkpoint import load_checkpoint, read_config
 from engram_model.data import encode_files, split_files
 from engram_model.errors import EngramConfigError
@@ -70,11 +71,12 @@ def build_store_for(ckpt: str | Path, store: str | Path, *, force: bool = False,
 
 def open_served_model(
     ckpt: str | Path, store_path: str | Path, *, device_budget: int | str = 0, host_budget: int | str = 0,
-    policy: str = "default", threads: int = 4, sync_below: int = SYNC_BELOW,
+    policy: str = "default", threads: int = 4, sync_below: int = SYNC_BELOW, use_profile: bool = True,
 ) -> tuple[EngramLM, Tokenizer, tierstore.Store]:
-    """The checkpoint's model (dense weights only) with its tables served by the store."""
+    """The checkpoint's model (dense weights only) with its tables served by the store
+    (placed by the store's saved profile unless ``use_profile`` is False)."""
     store = tierstore.open(store_path, device="cpu", device_budget=device_budget, host_budget=host_budget,
-                           policy=policy, threads=threads)
+                           policy=policy, threads=threads, use_profile=use_profile)
     try:
         model, tok, _ = load_checkpoint(ckpt, tables=False)
         model.attach_store(store, sync_below=sync_below)
@@ -204,6 +206,9 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     ap.add_argument("--threads", type=int, default=1,
                     help="torch intra-op threads; 1: small decode ops lose to OpenMP hand-offs with 2 on a shared 2-core VM")
     ap.add_argument("--compare-resident", action="store_true", help="also run with tables in memory")
+    ap.add_argument("--no-profile", action="store_true", help="ignore the store's saved profile (no placement)")
+    ap.add_argument("--drop-cache", action="store_true",
+                    help="evict the store's files from the page cache first (a cold start)")
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
 
@@ -216,7 +221,10 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     tbytes = table_bytes(ckpt)
     dev_b = tierstore.parse_size(args.device_budget) if args.device_budget else int(tbytes * args.device_frac)
     host_b = tierstore.parse_size(args.host_budget) if args.host_budget else int(tbytes * args.host_frac)
-    model, tok, store = open_served_model(ckpt, store_path, device_budget=dev_b, host_budget=host_b, policy=args.policy)
+    if args.drop_cache:
+        drop_page_cache([p for p in store_path.rglob("*") if p.is_file()])
+    model, tok, store = open_served_model(ckpt, store_path, device_budget=dev_b, host_budget=host_b, policy=args.policy,
+                                          use_profile=not args.no_profile)
     with store:
         if args.prompt:
             batches = [torch.tensor([tok.encode(args.prompt).ids])]
@@ -232,6 +240,8 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     res: dict[str, Any] = {
         "served_prefill_tok_s": served.prefill_tok_s, "served_decode_tok_s": served.decode_tok_s,
         "table_bytes": tbytes, "device_budget": dev_b, "host_budget": host_b, **tiers,
+        "profile": not args.no_profile and any(has_profile(store_path, t) for t in store.tables),
+        "page_cache_dropped": args.drop_cache,
     }
     print(f"store-served: prefill {served.prefill_tok_s:,.0f} tok/s, decode {served.decode_tok_s:,.0f} tok/s")
     print(f"hit ratio: device {tiers['device_hit_ratio']:.1%}, host {tiers['host_hit_ratio']:.1%} "

@@ -103,6 +103,8 @@ class Store:
     host_shared: keep the host tier in POSIX shared memory, one copy for every process on the
         machine that opens this store with the same budget (see ``tierstore.tiers.shared_host``). Its
         rows are the whole table, or the hottest rows of the saved profile.
+    use_profile: place rows by the store's saved profile (``tierstore profile --save-profile``):
+        the hottest rows are loaded into the tiers at open. False opens as if there were none.
     """
 
     def __init__(
@@ -118,6 +120,7 @@ class Store:
         direct: bool | None = None,
         host_shared: bool = False,
         pool_bytes: int | str = "256MiB",
+        use_profile: bool = True,
     ):
         self._closed = True  # until fully open: close() and the finalizer have nothing to do
         if not isinstance(path, (str, os.PathLike)):
@@ -128,8 +131,9 @@ class Store:
         self.device = _device(device)
         threads = _count(threads, "threads")
         io_threads = _count(io_threads, "io_threads", allow_none=True)
-        if direct not in (None, True, False) or host_shared not in (True, False):
-            raise TierStoreError(f"direct={direct!r} must be None/True/False and host_shared={host_shared!r} a bool")
+        if direct not in (None, True, False) or host_shared not in (True, False) or use_profile not in (True, False):
+            raise TierStoreError(f"direct={direct!r} must be None/True/False, host_shared={host_shared!r} and "
+                                 f"use_profile={use_profile!r} bools")
         self.device_budget = parse_size(device_budget, what="device_budget")
         self.host_budget = parse_size(host_budget, what="host_budget")
         self.policy = policy
@@ -143,7 +147,7 @@ class Store:
                     self.path, info, device=self.device,
                     device_rows=int(self.device_budget * share) // max(1, info.row_bytes),
                     host_rows=int(self.host_budget * share) // max(1, info.row_bytes),
-                    policy=policy, profile=load_profile(self.path, name),
+                    policy=policy, profile=load_profile(self.path, name) if use_profile else None,
                     direct=direct, io_threads=io_threads, host_shared=host_shared,
                     build_id=self.manifest.build_id,
                 )

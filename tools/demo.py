@@ -3,8 +3,13 @@
 1. train (or reuse) a small Engram LM on the Python standard library's source,
 2. build its table store (`tierstore build`, config and tokenizer attached) and verify it,
 3. serve the model with its tables in the store under budgets smaller than the tables
-   (device tier 1/10, host tier 1/4, the rest cold on disk), print generated text,
-   tokens/s against the all-in-memory model, and hit rates per tier.
+   (device tier 1/10, host tier 1/4, the rest cold on disk), a first start with no
+   profile and the page cache dropped: generated text, tokens/s against the all-in-memory
+   model, hit rates per tier;
+4. the placement workflow: trace the training text through the model, save its row counts
+   into the store as the profile (`tierstore trace`, `tierstore profile --save-profile`);
+5. serve again, page cache dropped, now with the saved profile: the hottest rows are loaded
+   into the tiers at open. The last JSON line is this run.
 
     python -m tools.demo [--workdir runs/demo] [--train-seconds 150] [--retrain]
 """
@@ -12,6 +17,7 @@
 from __future__ import annotations
 
 import argparse
+import json
 import shutil
 import sys
 import time
@@ -38,6 +44,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--prompts", type=int, default=8)
     ap.add_argument("--max-new-tokens", type=int, default=48)
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--profile-tokens", type=int, default=200_000, help="training tokens traced for the profile")
     ap.add_argument("--quick", action="store_true", help="tiny model and run (for tests)")
     args = ap.parse_args(argv)
     from engram_model import generate, train  # the model sits on top of the store: import it here
@@ -69,12 +76,29 @@ def main(argv: Sequence[str] | None = None) -> int:
     print(f"   verify: {'ok' if report.ok else 'FAILED'} ({report.pages:,} pages checked)")
     if not report.ok:
         return 1
-    _step("3. serving the model from the store: device tier 1/10 of the tables, host tier 1/4, rest on disk")
+    _step("3. serving the model from the store: device tier 1/10 of the tables, host tier 1/4, rest on disk;\n"
+          "   a first start: no profile, page cache dropped")
     gargs = ["--ckpt", str(ckpt), "--store", str(store), "--device-frac", "0.1", "--host-frac", "0.25",
              "--prompts", str(args.prompts), "--max-new-tokens", str(args.max_new_tokens),
-             "--threads", str(args.threads), "--compare-resident"]
-    generate.main(gargs)
+             "--threads", str(args.threads), "--compare-resident", "--drop-cache"]
+    before = generate.main([*gargs, "--no-profile"])
+    _step("4. placement: trace the training text through the model and save its row counts as the store's profile")
+    from tools import cli
+
+    trace = args.workdir / "train.trace.zst"
+    tokens = 5000 if args.quick else args.profile_tokens
+    if cli.main(["trace", "--checkpoint", str(ckpt), "--stdlib", "--split", "train", "--max-tokens", str(tokens),
+                 "--out", str(trace)]) or cli.main(["profile", "--trace", str(trace), "--store", str(store),
+                                                   "--save-profile", "--capacity", "0.1", "--policy", "default"]):
+        return 1
+    _step("5. serving again, page cache dropped, with the saved profile: hot rows loaded into the tiers at open")
+    after = generate.main(gargs)
+    print(f"\nplacement: decode {before['served_decode_tok_s'] / before['resident_decode_tok_s']:.2f}x -> "
+          f"{after['served_decode_tok_s'] / after['resident_decode_tok_s']:.2f}x of resident, device hit "
+          f"{before['device_hit_ratio']:.1%} -> {after['device_hit_ratio']:.1%}, disk rows "
+          f"{before['disk_rows_read']:,.0f} -> {after['disk_rows_read']:,.0f} (no profile -> saved profile)")
     print(f"\ndemo finished in {time.perf_counter() - t_start:.0f} s")
+    print(json.dumps(after))  # the last line: the run with the saved profile
     return 0
 
 
