@@ -39,6 +39,7 @@ def _distances(dense: np.ndarray, n_distinct: int) -> np.ndarray:  # pragma: no 
     tree = np.zeros(size + 1, np.int32)  # 1-based: index q + 1 holds slot q
     out = np.empty(n, np.int64)
     t = 0  # next free slot
+    live = 0  # markers in the tree: rows seen so far
     for i in range(n):
         if t == size:  # compact: live markers to slots 0..k-1, same order
             k = 0
@@ -62,13 +63,10 @@ def _distances(dense: np.ndarray, n_distinct: int) -> np.ndarray:  # pragma: no 
         p = last[r]
         if p < 0:
             out[i] = -1
+            live += 1
         else:
-            # markers at slots p+1 .. t-1 = prefix(t) - prefix(p + 1)
-            s = 0
-            k = t
-            while k > 0:
-                s += tree[k]
-                k -= k & -k
+            # markers at slots p+1 .. t-1 = (all markers) - prefix(p + 1): one tree walk
+            s = live
             k = p + 1
             while k > 0:
                 s -= tree[k]
