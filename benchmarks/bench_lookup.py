@@ -155,7 +155,8 @@ def _breakdown(store, rng, counts, args) -> dict:
         "index_select_us": _per_call_us(
             lambda: torch.index_select(t.dev.slab, 0, torch.from_numpy(d_slot), out=out.view(t.dev.slab.dtype)),
             calls, args.rounds),
-        "empty_arrays_us": _per_call_us(lambda: [np.empty(n, np.int64) for _ in range(8)], calls, args.rounds),
+        "walk_output_arrays_us": _per_call_us(lambda: (np.empty((6, n), np.int64), np.empty((2, n), np.int8)),
+                                              calls, args.rounds),
     }
     parts = {k: round(v, 2) for k, v in parts.items()}
     print("breakdown of one 64-id all-hit lookup (each step alone): " + ", ".join(f"{k} {v}" for k, v in parts.items()))
@@ -163,18 +164,29 @@ def _breakdown(store, rng, counts, args) -> dict:
 
 
 def _handoff(store, counts, args) -> dict:
-    """prefetch().result() for 64 ids vs a bare ThreadPoolExecutor submit + result; a compute
-    loop's rate alone and while another thread keeps prefetches going."""
+    """Hand-off costs against a bare ThreadPoolExecutor submit + result, same run:
+    prefetch(64 ids).result() with every row on the device (finished in the caller's thread),
+    and prefetch of 2,048 ids (more than INLINE_BELOW: always a worker) against the
+    synchronous lookup of the same ids. Then a compute loop's rate alone, while another
+    thread keeps 2,048-id prefetches going, and while it keeps bare no-op hand-offs going."""
     import concurrent.futures as cf
     import threading
 
     ids = hot_rows(counts, 64)
     out = torch.empty(64, args.dim, dtype=torch.float16)
+    big = np.resize(hot_rows(counts, 2048), 2048)
+    out_big = torch.empty(len(big), args.dim, dtype=torch.float16)
+    store.lookup(NAME, big, out=out_big)
     pool = cf.ThreadPoolExecutor(1)
     calls = 5000
-    bare = _per_call_us(lambda: pool.submit(int).result(), calls, args.rounds)
-    pre = _per_call_us(lambda: store.prefetch(NAME, ids, out=out).result(), calls, args.rounds)
-    pool.shutdown()
+    res = {}
+    for _ in range(args.rounds):  # interleaved rounds, the fastest of each
+        for k, fn, c in (("bare_submit_result_us", lambda: pool.submit(int).result(), calls),
+                         ("prefetch_64_on_device_us", lambda: store.prefetch(NAME, ids, out=out).result(), calls),
+                         ("prefetch_2048_us", lambda: store.prefetch(NAME, big, out=out_big).result(), calls // 5),
+                         ("lookup_2048_us", lambda: store.lookup(NAME, big, out=out_big), calls // 5)):
+            v = _per_call_us(fn, c, 1)
+            res[k] = min(res.get(k, v), v)
     a = torch.randn(128, 128)
 
     def compute(seconds: float) -> float:
@@ -185,23 +197,37 @@ def _handoff(store, counts, args) -> dict:
             n += 50
         return n / (time.perf_counter() - t0)
 
+    def alongside(work) -> float:
+        stop = threading.Event()
+
+        def feeder() -> None:
+            while not stop.is_set():
+                work()
+
+        th = threading.Thread(target=feeder)
+        th.start()
+        try:
+            return compute(1.0)
+        finally:
+            stop.set()
+            th.join()
+
     alone = compute(1.0)
-    stop = threading.Event()
-
-    def feeder() -> None:
-        while not stop.is_set():
-            store.prefetch(NAME, ids, out=torch.empty(64, args.dim, dtype=torch.float16)).result()
-
-    th = threading.Thread(target=feeder)
-    th.start()
-    busy = compute(1.0)
-    stop.set()
-    th.join()
-    res = {"bare_submit_result_us": round(bare, 1), "prefetch_result_us": round(pre, 1),
-           "x_bare": round(pre / bare, 2), "compute_ops_s_alone": round(alone), "compute_ops_s_with_prefetches": round(busy),
-           "compute_kept": round(busy / alone, 2)}
-    print(f"hand-off: prefetch(64 ids).result() {pre:.1f} us, bare submit+result {bare:.1f} us ({pre / bare:.2f}x); "
-          f"a compute loop keeps {busy / alone:.0%} of its rate while another thread prefetches non-stop")
+    with_prefetch = alongside(lambda: store.prefetch(NAME, big, out=torch.empty_like(out_big)).result())
+    with_bare = alongside(lambda: pool.submit(int).result())
+    pool.shutdown()
+    res = {k: round(v, 1) for k, v in res.items()}
+    res.update(x_bare_64=round(res["prefetch_64_on_device_us"] / res["bare_submit_result_us"], 2),
+               handoff_2048_us=round(res["prefetch_2048_us"] - res["lookup_2048_us"], 1),
+               handoff_2048_x_bare=round((res["prefetch_2048_us"] - res["lookup_2048_us"]) / res["bare_submit_result_us"], 2),
+               compute_kept_with_prefetches=round(with_prefetch / alone, 2),
+               compute_kept_with_bare_handoffs=round(with_bare / alone, 2))
+    print(f"hand-off: prefetch(64 ids on the device).result() {res['prefetch_64_on_device_us']} us = "
+          f"{res['x_bare_64']}x a bare submit+result ({res['bare_submit_result_us']} us); 2,048 ids through a worker "
+          f"{res['prefetch_2048_us']} us vs {res['lookup_2048_us']} us synchronous: hand-off {res['handoff_2048_us']} us "
+          f"= {res['handoff_2048_x_bare']}x bare")
+    print(f"a compute loop keeps {res['compute_kept_with_prefetches']:.0%} of its rate while another thread prefetches "
+          f"2,048 ids non-stop, {res['compute_kept_with_bare_handoffs']:.0%} while it does bare no-op hand-offs")
     return res
 
 

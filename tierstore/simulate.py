@@ -214,21 +214,32 @@ def replay(index: CacheIndex | None, rows: np.ndarray, bounds: np.ndarray, *, lo
                            np.ascontiguousarray(bounds, dtype=np.int64), int(lookahead)))
 
 
-def replay_events(index: CacheIndex | None, events: list[tuple[str, np.ndarray]], *,
+def replay_events(index: CacheIndex | None, events: list[tuple], *,
                   host: CacheIndex | None = None, host_resident: bool = False) -> None:
-    """Replay a live store's recorded events (``Table.events``: each lookup's ids and each
-    ``Store.hint``, in the order the store's walk saw them) through fresh tiers: the
-    simulator's prediction for exactly that run, hints included."""
+    """Replay a live store's recorded events (``Table.events``, in the order its tiers saw
+    them: ``("lookup", ids, key)`` when a lookup's bookkeeping ran, ``("end", ok, key)`` when
+    it ended, ``("hint", ids)`` for each ``Store.hint``) through fresh tiers: the simulator's
+    prediction for exactly that run, concurrent lookups and hints included."""
     dkind = CACHED if index is not None else NONE
     hkind = RESIDENT if host_resident else CACHED if host is not None else NONE
     d = index if index is not None else none_index()
     h = host if host is not None else none_index()
     ep = None
-    for kind, ids in events:
-        ids = np.ascontiguousarray(ids, dtype=np.int64)
+    open_lookups: dict = {}
+    for ev in events:
+        kind = ev[0]
         if kind == "hint":
-            walk.announce(dkind, d.state, hkind, h.state, ids)
+            walk.announce(dkind, d.state, hkind, h.state, np.ascontiguousarray(ev[1], dtype=np.int64))
             continue
+        if kind == "end":
+            leased = open_lookups.pop(ev[2])
+            end = walk.finish if ev[1] else walk.abort
+            if dkind == CACHED:
+                end(d.state, leased[0], leased[1])
+            if hkind == CACHED:
+                end(h.state, leased[2], leased[3])
+            continue
+        ids = np.ascontiguousarray(ev[1], dtype=np.int64)
         n = ids.size
         bufs = (np.empty(n, np.int64), np.empty(n, np.int8), np.empty(n, np.int64), np.empty(n, np.int64),
                 np.empty(n, np.int64), np.empty(n, np.int64), np.empty(n, np.int8), np.empty(n, np.int64))
@@ -236,10 +247,13 @@ def replay_events(index: CacheIndex | None, events: list[tuple[str, np.ndarray]]
         if ep is None:
             ep = specialized(walk.lookup, *args)
         n_dl, _, n_hl = ep(*args)
+        open_lookups[ev[2]] = (bufs[2], n_dl, bufs[7], n_hl)
+    for key in list(open_lookups):  # lookups still running when the recording stopped
+        leased = open_lookups.pop(key)
         if dkind == CACHED:
-            walk.finish(d.state, bufs[2], n_dl)
+            walk.finish(d.state, leased[0], leased[1])
         if hkind == CACHED:
-            walk.finish(h.state, bufs[7], n_hl)
+            walk.finish(h.state, leased[2], leased[3])
 
 
 @dataclass

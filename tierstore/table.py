@@ -88,9 +88,10 @@ class Table:
             self._preload()
             self._walk = self._walk_args()
             self._lookup = None  # the walk's entry point for this table's policies (on first use)
-            # when a list: every lookup's ids and every hint, in the order the walk saw them
-            # (tierstore.simulate.replay_events replays them: the simulator's prediction)
-            self.events: list[tuple[str, np.ndarray]] | None = None
+            # when a list: every lookup's start (its ids) and end, and every hint, in the order
+            # the tiers saw them: concurrent lookups overlap, and a row another lookup is still
+            # filling is read from below (tierstore.simulate.replay_events replays them exactly)
+            self.events: list[tuple] | None = None
         except BaseException:  # a failed open must not keep the row file or a shared segment
             self.close()
             raise
@@ -150,8 +151,8 @@ class Table:
             self._lookup = specialized(walk.lookup, *args)
         with dev.lock, host.lock:  # always in this order (Table.hint too)
             lk.n_dl, lk.m, lk.n_hl = self._lookup(*args)
-            if self.events is not None:
-                self.events.append(("lookup", ids.copy()))
+            if self.events is not None:  # the lookup starts; it ends (below) when its bytes are moved
+                self.events.append(("lookup", ids.copy(), id(lk)))
         return lk
 
     def complete(self, lk: _Lookup, out: torch.Tensor) -> None:
@@ -196,6 +197,8 @@ class Table:
                 end(w[3], lk.d_leased, lk.n_dl)
             if w[6] == CACHED:
                 end(w[7], lk.h_leased, lk.n_hl)
+            if self.events is not None:
+                self.events.append(("end", ok, id(lk)))
 
     def _from_host_or_disk(self, need: np.ndarray, h_slot: np.ndarray, h_code: np.ndarray) -> torch.Tensor:
         """Rows ``need`` (sorted unique) as a CPU tensor (pinned when CUDA is present): host
