@@ -91,7 +91,7 @@ def test_recorded_events_with_hints_replay_to_the_live_counters(store):
         # two lookups in flight at once (as a worker and the model thread): the second meets
         # rows the first admitted but has not written yet, and reads them from below
         a = t.begin(np.arange(2500, 2600, dtype=np.int64))
-        b = t.begin(np.arange(2550, 2650, dtype=np.int64))
+        b = t.begin(np.arange(2520, 2620, dtype=np.int64))
         out = torch.empty(100, 16)
         t.complete(b, out)
         t.complete(a, out)
