@@ -114,10 +114,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
                 warm_tiers = tier_summary(store.stats())
         cold = max(cold_runs, key=lambda r: r.decode_tok_s)
         warm = max(warm_runs, key=lambda r: r.decode_tok_s)
-        queued = _queued(ckpt, store_path, batches, kw, dev_b, host_b, args) if args.queued else {}
-        if queued:
-            res_runs.append(queued.pop("_resident"))
-            warm_runs.extend(queued.pop("_runs"))
+        queued = _queued(ckpt, store_path, queue, kw, dev_b, host_b, args) if args.queued else {}
 
     same = all(torch.equal(a, b) for r in cold_runs + warm_runs for a, b in zip(res_runs[0].outputs, r.outputs))
     best_pre = max(r.prefill_tok_s for r in res_runs)
@@ -163,19 +160,20 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
               f"{r.decode_tok_s:8,.0f} tok/s ({r.decode_tok_s / best_dec:.3f}x)  device hit {t['device_hit_ratio']:.1%}, "
               f"host hit {t['host_hit_ratio']:.1%}, disk rows {t['disk_rows_read']:,.0f}, "
               f"stall {t['stall_seconds'] * 1e3:.0f} ms")
-    for L, q in queued.items():
+    for L, q in ((k, v) for k, v in queued.items() if k != "identical_tokens"):
         print(f"  queue, announce {L:>2} batches ahead: device hit {q['device_hit_ratio']:.4f} (simulator "
               f"{q['sim_device_hit_ratio']:.4f}), host hit {q['host_hit_ratio']:.4f} (simulator "
-              f"{q['sim_host_hit_ratio']:.4f}), decode {q['decode_tok_s']:,.0f} tok/s")
+              f"{q['sim_host_hit_ratio']:.4f}), {'agree' if q['agree'] else 'DIFFER'}, decode "
+              f"{q['decode_tok_s']:,.0f} tok/s")
     print(f"  identical tokens to resident: {same}")
     print(json.dumps(out))
     return out
 
 
 def _queued(ckpt: Path, store_path: Path, batches, kw: dict, dev_b: int, host_b: int, args) -> dict:
-    """Serve the queue with no announcements and with the next ``args.queued`` batches
-    announced; each run's live hit ratios next to the simulator's replay of its events."""
-    import numpy as np
+    """Serve the whole queue (both halves: more batches for announcements to reach) with no
+    announcements and with the next ``args.queued`` batches announced; each run's live hit
+    ratios next to the simulator's replay of its recorded events."""
 
     from tierstore.cache import CacheIndex
     from tierstore.profile import load_profile
@@ -210,10 +208,11 @@ def _queued(ckpt: Path, store_path: Path, batches, kw: dict, dev_b: int, host_b:
                   "sim_device_hit_ratio": sim["device"][0] / max(1, sum(sim["device"])),
                   "sim_host_hit_ratio": sim["host"][0] / max(1, sum(sim["host"])),
                   "decode_tok_s": r.decode_tok_s, "prefill_tok_s": r.prefill_tok_s,
-                  "agree": bool(np.isclose(live["device_hit_ratio"], sim["device"][0] / max(1, sum(sim["device"]))))}
+                  "agree": [int(live["device_hits"]), int(live["device_misses"]), int(live["host_hits"]),
+                            int(live["host_misses"])] == [*sim["device"], *sim["host"]]}
     resident, _, _ = load_checkpoint(ckpt)
-    out["_resident"] = serve(resident, batches, **kw)
-    out["_runs"] = runs
+    ref = serve(resident, batches, **kw)
+    out["identical_tokens"] = all(torch.equal(a, b) for r in runs for a, b in zip(ref.outputs, r.outputs))
     return out
 
 
