@@ -43,6 +43,24 @@ def real_text_trace(n: int) -> np.ndarray:
     return np.array(out[:n], dtype=np.int64)
 
 
+def ordered_dict_lru_hits(trace: np.ndarray, cap: int) -> int:
+    """Hits of a textbook LRU (an OrderedDict) of ``cap`` rows over ``trace``: the oracle of
+    every exact-LRU test."""
+    from collections import OrderedDict
+
+    d: OrderedDict[int, bool] = OrderedDict()
+    hits = 0
+    for r in trace.tolist():
+        if r in d:
+            hits += 1
+            d.move_to_end(r)
+        else:
+            d[r] = True
+            if len(d) > cap:
+                d.popitem(last=False)
+    return hits
+
+
 def bits(t: torch.Tensor) -> torch.Tensor:
     """The raw bytes of a tensor, for bit-exact comparison (NaN-safe, -0.0 != 0.0)."""
     return t.contiguous().view(torch.uint8)

@@ -169,7 +169,7 @@ def test_profile_says_when_it_is_approximate_and_lru_is_exact_at_batch_1(tmp_pat
     """Merging a trace's steps into larger batches changes the answer: it is never the default
     and the output must say so. By default (--batch 1) the replay is exact: LRU at every
     capacity comes from one stack-distance pass and equals an OrderedDict LRU exactly."""
-    from collections import OrderedDict
+    from ..conftest import ordered_dict_lru_hits
 
     rows = np.random.default_rng(3).zipf(1.2, 30000) % 4000
     np.save(tmp_path / "t.npy", rows)
@@ -182,14 +182,4 @@ def test_profile_says_when_it_is_approximate_and_lru_is_exact_at_batch_1(tmp_pat
     res = json.loads(capsys.readouterr().out.strip().splitlines()[-1])["results"]
     assert [r["capacity_rows"] for r in res] == caps and {r["semantics"] for r in res} == {"exact: one access at a time"}
     for r in res[::7]:
-        cache: OrderedDict[int, None] = OrderedDict()
-        hits = 0
-        for x in rows.tolist():
-            if x in cache:
-                hits += 1
-                cache.move_to_end(x)
-            else:
-                cache[x] = None
-                if len(cache) > r["capacity_rows"]:
-                    cache.popitem(last=False)
-        assert r["hits"] == hits, r["capacity_rows"]
+        assert r["hits"] == ordered_dict_lru_hits(rows, r["capacity_rows"]), r["capacity_rows"]

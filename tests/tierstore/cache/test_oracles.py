@@ -13,8 +13,6 @@ W-TinyLFU and ARC: test_wtinylfu_arc.py; default: test_default.py (its own refer
 
 from __future__ import annotations
 
-from collections import OrderedDict
-
 import cachetools
 import numpy as np
 import pytest
@@ -23,7 +21,7 @@ libcachesim = pytest.importorskip("libcachesim")
 
 from tierstore.cache import CacheIndex  # noqa: E402
 
-from ...conftest import real_text_trace  # noqa: E402
+from ...conftest import ordered_dict_lru_hits, real_text_trace  # noqa: E402
 
 N = 20000
 
@@ -46,19 +44,6 @@ def libcachesim_hits(trace: np.ndarray, cap: int, cls, **kw) -> int:
         req = libcachesim.Request()
         req.obj_id, req.obj_size = int(r) + 1, 1  # id 0 is reserved there
         hits += bool(cache.get(req))
-    return hits
-
-
-def ordered_dict_lru_hits(trace: np.ndarray, cap: int) -> int:
-    d, hits = OrderedDict(), 0
-    for r in trace.tolist():
-        if r in d:
-            hits += 1
-            d.move_to_end(r)
-        else:
-            d[r] = True
-            if len(d) > cap:
-                d.popitem(last=False)
     return hits
 
 
