@@ -132,7 +132,7 @@ def main(argv: list[str] | None = None) -> dict:
 
 def _breakdown(store, rng, counts, args) -> dict:
     """One 64-id all-hit lookup taken apart: each step timed alone, as Table.gather runs it."""
-    from tierstore.cache import walk
+    from tierstore.cache.lookup import Lookup
     from tierstore.ids import as_row_ids
 
     t = store._tables[NAME]
@@ -141,22 +141,19 @@ def _breakdown(store, rng, counts, args) -> dict:
     store.lookup(NAME, ids, out=out)
     calls = 20000
     n = 64
-    bufs = [np.empty(n, np.int64), np.empty(n, np.int8), np.empty(n, np.int64), np.empty(n, np.int64),
-            np.empty(n, np.int64), np.empty(n, np.int64), np.empty(n, np.int8), np.empty(n, np.int64)]
-    d_slot, d_leased = bufs[0], bufs[2]
-    a = (*t._walk, ids, *bufs, True)
-    D = t._walk[3]
+    w = t._walker  # single-threaded here: no tier locks needed around it
+    lk = w.begin(ids)
+    d_slot = lk.d_slot
+    w.end(lk)
     parts = {
         "total_us": _per_call_us(lambda: store.lookup(NAME, ids, out=out), calls, args.rounds),
         "validate_and_prepare_us": _per_call_us(lambda: store._prepare(NAME, ids, out, copy=False), calls, args.rounds),
         "as_row_ids_us": _per_call_us(lambda: as_row_ids(ids, t.info.rows, where="t", copy=False), calls, args.rounds),
-        "walk_lookup_and_finish_us": _per_call_us(lambda: walk.finish(D, d_leased, t._lookup(*a)[0]), calls,
-                                                  args.rounds),
+        "walk_begin_and_end_us": _per_call_us(lambda: w.end(w.begin(ids)), calls, args.rounds),
         "index_select_us": _per_call_us(
             lambda: torch.index_select(t.dev.slab, 0, torch.from_numpy(d_slot), out=out.view(t.dev.slab.dtype)),
             calls, args.rounds),
-        "walk_output_arrays_us": _per_call_us(lambda: (np.empty((6, n), np.int64), np.empty((2, n), np.int8)),
-                                              calls, args.rounds),
+        "of_which_lookup_arrays_us": _per_call_us(lambda: Lookup(n), calls, args.rounds),
     }
     parts = {k: round(v, 2) for k, v in parts.items()}
     print("breakdown of one 64-id all-hit lookup (each step alone): " + ", ".join(f"{k} {v}" for k, v in parts.items()))

@@ -24,9 +24,8 @@ from pathlib import Path
 import numpy as np
 
 from .belady import belady_hits
-from .cache import CacheIndex, walk
-from .cache.index import none_index
-from .cache.jit import specialized
+from .cache import CacheIndex
+from .cache.lookup import Walker
 from .cache.layout import CACHED, NONE, RESIDENT
 from .errors import CorruptDataError, IdTypeError, TierStoreError
 from .files import atomic_write, check_versioned, is_json_int, os_error
@@ -205,13 +204,15 @@ def replay(index: CacheIndex | None, rows: np.ndarray, bounds: np.ndarray, *, lo
     hints its own batch. Returns the rows requested from below the device tier (per batch,
     unique).
     """
-    dkind = CACHED if index is not None else NONE
-    hkind = RESIDENT if host_resident else CACHED if host is not None else NONE
-    d = index if index is not None else none_index()
-    h = host if host is not None else none_index()
     rows = np.ascontiguousarray(rows, dtype=np.int64)
-    return int(walk.replay(*d.hooks, dkind, d.state, *h.hooks, hkind, h.state, rows,
-                           np.ascontiguousarray(bounds, dtype=np.int64), int(lookahead)))
+    return _walker(index, host, host_resident).replay(rows, np.ascontiguousarray(bounds, dtype=np.int64),
+                                                      int(lookahead))
+
+
+def _walker(index: CacheIndex | None, host: CacheIndex | None, host_resident: bool) -> Walker:
+    """The store's walk over a device tier (``index``, None: disabled) and a host tier."""
+    return Walker(index, CACHED if index is not None else NONE,
+                  host, RESIDENT if host_resident else CACHED if host is not None else NONE)
 
 
 def replay_events(index: CacheIndex | None, events: list[tuple], *,
@@ -220,40 +221,17 @@ def replay_events(index: CacheIndex | None, events: list[tuple], *,
     them: ``("lookup", ids, key)`` when a lookup's bookkeeping ran, ``("end", ok, key)`` when
     it ended, ``("hint", ids)`` for each ``Store.hint``) through fresh tiers: the simulator's
     prediction for exactly that run, concurrent lookups and hints included."""
-    dkind = CACHED if index is not None else NONE
-    hkind = RESIDENT if host_resident else CACHED if host is not None else NONE
-    d = index if index is not None else none_index()
-    h = host if host is not None else none_index()
-    ep = None
+    w = _walker(index, host, host_resident)
     open_lookups: dict = {}
     for ev in events:
-        kind = ev[0]
-        if kind == "hint":
-            walk.announce(dkind, d.state, hkind, h.state, np.ascontiguousarray(ev[1], dtype=np.int64))
-            continue
-        if kind == "end":
-            leased = open_lookups.pop(ev[2])
-            end = walk.finish if ev[1] else walk.abort
-            if dkind == CACHED:
-                end(d.state, leased[0], leased[1])
-            if hkind == CACHED:
-                end(h.state, leased[2], leased[3])
-            continue
-        ids = np.ascontiguousarray(ev[1], dtype=np.int64)
-        n = ids.size
-        bufs = (np.empty(n, np.int64), np.empty(n, np.int8), np.empty(n, np.int64), np.empty(n, np.int64),
-                np.empty(n, np.int64), np.empty(n, np.int64), np.empty(n, np.int8), np.empty(n, np.int64))
-        args = (*d.hooks, dkind, d.state, *h.hooks, hkind, h.state, ids, *bufs, True)
-        if ep is None:
-            ep = specialized(walk.lookup, *args)
-        n_dl, _, n_hl = ep(*args)
-        open_lookups[ev[2]] = (bufs[2], n_dl, bufs[7], n_hl)
-    for key in list(open_lookups):  # lookups still running when the recording stopped
-        leased = open_lookups.pop(key)
-        if dkind == CACHED:
-            walk.finish(d.state, leased[0], leased[1])
-        if hkind == CACHED:
-            walk.finish(h.state, leased[2], leased[3])
+        if ev[0] == "hint":
+            w.announce(np.ascontiguousarray(ev[1], dtype=np.int64))
+        elif ev[0] == "end":
+            w.end(open_lookups.pop(ev[2]), ev[1])
+        else:
+            open_lookups[ev[2]] = w.begin(np.ascontiguousarray(ev[1], dtype=np.int64))
+    for lk in open_lookups.values():  # lookups still running when the recording stopped
+        w.end(lk)
 
 
 @dataclass

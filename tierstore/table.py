@@ -22,33 +22,12 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .cache import walk
-from .cache.index import none_index
-from .cache.jit import specialized
-from .cache.layout import CACHED, FILL, HIT, NONE, RESIDENT
+from .cache.layout import FILL, HIT, NONE, RESIDENT
+from .cache.lookup import Lookup, Walker
 from .format import TableInfo
 from .tiers import CacheTier, DiskTier, SharedHostTier, Tier
 
 __all__ = ["Table"]
-
-
-class _Lookup:
-    """One lookup between its bookkeeping (``Table.begin``) and its bytes (``complete``):
-    the walk's per-id outputs and how many leases each tier holds for it."""
-
-    __slots__ = ("ids", "d_slot", "d_leased", "need", "need_of", "h_slot", "h_leased", "d_code", "h_code",
-                 "n_dl", "m", "n_hl")
-
-    def __init__(self, ids: np.ndarray, w64: np.ndarray, codes: np.ndarray):
-        self.ids = ids
-        self.d_slot, self.d_leased, self.need, self.need_of, self.h_slot, self.h_leased = w64
-        self.d_code, self.h_code = codes
-        self.n_dl = self.m = self.n_hl = 0
-
-    @property
-    def on_device(self) -> bool:
-        """Every row is in the device tier now: completing it is one gather."""
-        return self.m == 0
 
 
 class Table:
@@ -86,8 +65,7 @@ class Table:
             self.dev = CacheTier("device", info, device_rows, device=device, policy=policy, profile=profile)
             self._after_lease: Callable[[], None] | None = None
             self._preload()
-            self._walk = self._walk_args()
-            self._lookup = None  # the walk's entry point for this table's policies (on first use)
+            self._walker = Walker(self.dev.index, self.dev.kind, self.host.index, self.host.kind)
             # when a list: every lookup's start (its ids) and end, and every hint, in the order
             # the tiers saw them: concurrent lookups overlap, and a row another lookup is still
             # filling is read from below (tierstore.simulate.replay_events replays them exactly)
@@ -105,14 +83,6 @@ class Table:
         self.disk.reset_stats()
 
     # -- lookup ---------------------------------------------------------------------------
-    def _walk_args(self) -> tuple:
-        """The compiled walk's tier arguments: (device hit, miss, kind, state, host hit, miss,
-        kind, state); a disabled or resident tier is represented by a stand-in index."""
-        dev, host = self.dev, self.host
-        d = dev.index if dev.kind == CACHED else none_index()
-        h = host.index if host.kind == CACHED else none_index()
-        return (*d.hooks, dev.kind, d.state, *h.hooks, host.kind, h.state)
-
     def gather(self, ids: np.ndarray, out: torch.Tensor) -> None:
         """Fill ``out`` (len(ids), dim) on the store's device with the rows ``ids`` (int64, validated).
 
@@ -127,7 +97,7 @@ class Table:
     def on_device(self, ids: np.ndarray, out: torch.Tensor) -> bool:
         """The resident fast paths: if a slab holding the whole table serves ``ids``, fill
         ``out`` from it (one ``index_select``, no bookkeeping) and return True."""
-        dkind, hkind = self._walk[2], self._walk[6]
+        dkind, hkind = self._walker.dkind, self._walker.hkind
         if dkind == RESIDENT:  # the device slab is the table
             self.dev.gather(ids, out.view(self.info.raw_dtype))
             return True
@@ -136,26 +106,17 @@ class Table:
             return True
         return False
 
-    def begin(self, ids: np.ndarray) -> _Lookup:
+    def begin(self, ids: np.ndarray) -> Lookup:
         """A lookup's bookkeeping in both cache tiers (one compiled call, GIL-free, under both
         tier locks). Its leases hold until ``complete`` (or ``cancel``) ends it."""
-        dev, host = self.dev, self.host
         ids = np.ascontiguousarray(ids, dtype=np.int64)
-        n = len(ids)
-        w64 = np.empty((6, n), np.int64)  # the walk's outputs: two allocations, not eight
-        codes = np.empty((2, n), np.int8)
-        lk = _Lookup(ids, w64, codes)
-        args = (*self._walk, ids, lk.d_slot, lk.d_code, lk.d_leased, lk.need, lk.need_of, lk.h_slot, lk.h_code,
-                lk.h_leased, True)
-        if self._lookup is None:
-            self._lookup = specialized(walk.lookup, *args)
-        with dev.lock, host.lock:  # always in this order (Table.hint too)
-            lk.n_dl, lk.m, lk.n_hl = self._lookup(*args)
+        with self.dev.lock, self.host.lock:  # always in this order (Table.hint too)
+            lk = self._walker.begin(ids)
             if self.events is not None:  # the lookup starts; it ends (below) when its bytes are moved
                 self.events.append(("lookup", ids.copy(), id(lk)))
         return lk
 
-    def complete(self, lk: _Lookup, out: torch.Tensor) -> None:
+    def complete(self, lk: Lookup, out: torch.Tensor) -> None:
         """Move the bytes of a begun lookup into ``out`` and end it (its FILL slots are
         written; after an error they are dropped and the error re-raised)."""
         dev = self.dev
@@ -184,19 +145,14 @@ class Table:
         finally:
             self._end(lk, ok)
 
-    def cancel(self, lk: _Lookup) -> None:
+    def cancel(self, lk: Lookup) -> None:
         """End a begun lookup whose bytes will never be moved (its admitted rows are dropped)."""
         self._end(lk, False)
 
-    def _end(self, lk: _Lookup, ok: bool) -> None:
+    def _end(self, lk: Lookup, ok: bool) -> None:
         # the lookup ends: its FILL slots hold their bytes now (or, after an error, are dropped)
-        end = walk.finish if ok else walk.abort
-        w = self._walk
         with self.dev.lock, self.host.lock:
-            if w[2] == CACHED:
-                end(w[3], lk.d_leased, lk.n_dl)
-            if w[6] == CACHED:
-                end(w[7], lk.h_leased, lk.n_hl)
+            self._walker.end(lk, ok)
             if self.events is not None:
                 self.events.append(("end", ok, id(lk)))
 
@@ -230,10 +186,9 @@ class Table:
         """Announce rows a later lookup will read (the known future). Each tier hears only
         what it can act on: the device tier every id, the host tier only the ids the device
         tier does not hold now (it sees nothing else, so other hints would never be used)."""
-        w = self._walk
         ids = np.ascontiguousarray(ids, dtype=np.int64)
         with self.dev.lock, self.host.lock:
-            walk.announce(w[2], w[3], w[6], w[7], ids)
+            self._walker.announce(ids)
             if self.events is not None:
                 self.events.append(("hint", ids.copy()))
 

@@ -4,6 +4,7 @@
 - one module per policy (``lru``, ``lfu``, ``s3fifo``, ``wtinylfu``, ``arc``, ``static``,
   ``default``), each compiled hooks plus a small :class:`Policy` description;
 - ``walk``: the one walk of a lookup through the device and host tiers (store and simulator);
+  ``lookup``: the walk driven from Python (``Walker``: begin, end, announce, replay);
 - ``index``: :class:`CacheIndex`, one tier's state behind a small Python API.
 """
 

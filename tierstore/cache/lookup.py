@@ -1,0 +1,80 @@
+"""The compiled walk driven from Python: one lookup's bookkeeping through both cache tiers.
+
+The store's ``Table`` (which moves the bytes) and the simulator's event replay
+(``tierstore.simulate.replay_events``) both go through :class:`Walker`, so the per-lookup
+buffers, the entry point and the end of a lookup exist once. Not thread-safe: the caller
+holds the tiers' locks around ``begin``, ``end`` and ``announce``.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from . import walk
+from .index import CacheIndex, none_index
+from .jit import specialized
+from .layout import CACHED
+
+__all__ = ["Lookup", "Walker"]
+
+
+class Lookup:
+    """One lookup between its bookkeeping (``Walker.begin``) and its end: the walk's per-id
+    outputs (tierstore.cache.walk.lookup) and how many leases each tier holds for it."""
+
+    __slots__ = ("d_slot", "d_leased", "need", "need_of", "h_slot", "h_leased", "d_code", "h_code",
+                 "n_dl", "m", "n_hl")
+
+    def __init__(self, n: int):
+        w64 = np.empty((6, n), np.int64)  # two allocations, not eight
+        codes = np.empty((2, n), np.int8)
+        self.d_slot, self.d_leased, self.need, self.need_of, self.h_slot, self.h_leased = w64
+        self.d_code, self.h_code = codes
+        self.n_dl = self.m = self.n_hl = 0
+
+    @property
+    def on_device(self) -> bool:
+        """Every row is in the device tier now: completing it is one gather."""
+        return self.m == 0
+
+
+class Walker:
+    """The walk bound to a device tier and a host tier of the given kinds (NONE, CACHED,
+    RESIDENT); ``dev``/``host`` are their indexes (used only when CACHED: a disabled or
+    resident tier is represented by a stand-in of the right types)."""
+
+    def __init__(self, dev: CacheIndex | None, dkind: int, host: CacheIndex | None, hkind: int):
+        d = dev if dkind == CACHED else none_index()
+        h = host if hkind == CACHED else none_index()
+        self.dkind, self.hkind = dkind, hkind
+        self.dstate, self.hstate = d.state, h.state
+        self.args = (*d.hooks, dkind, d.state, *h.hooks, hkind, h.state)
+        self._entry = None  # walk.lookup's compiled entry point for these policies (on first use)
+
+    def begin(self, ids: np.ndarray) -> Lookup:
+        """Run ``ids`` (C-contiguous int64) through both tiers; the lookup's leases hold
+        until ``end``."""
+        lk = Lookup(ids.size)
+        args = (*self.args, ids, lk.d_slot, lk.d_code, lk.d_leased, lk.need, lk.need_of, lk.h_slot, lk.h_code,
+                lk.h_leased, True)
+        if self._entry is None:
+            self._entry = specialized(walk.lookup, *args)
+        lk.n_dl, lk.m, lk.n_hl = self._entry(*args)
+        return lk
+
+    def end(self, lk: Lookup, ok: bool = True) -> None:
+        """End a lookup: its FILL slots hold their bytes (``ok``) or are dropped; leases released."""
+        end = walk.finish if ok else walk.abort
+        if self.dkind == CACHED:
+            end(self.dstate, lk.d_leased, lk.n_dl)
+        if self.hkind == CACHED:
+            end(self.hstate, lk.h_leased, lk.n_hl)
+
+    def announce(self, ids: np.ndarray) -> None:
+        """Hints (``Store.hint``): the device tier hears every id, the host tier the rest."""
+        walk.announce(self.dkind, self.dstate, self.hkind, self.hstate, ids)
+
+    def replay(self, rows: np.ndarray, bounds: np.ndarray, lookahead: int = 0) -> int:
+        """Every batch of a trace through ``begin`` + ``end`` (compiled, one call); returns the
+        rows requested from below the device tier (see ``walk.replay``)."""
+        return int(walk.replay(*self.args, rows, bounds, lookahead))
