@@ -11,27 +11,58 @@ from .layout import (G_FREE, G_NEXT, G_PREV, G_QID, G_ROW, K_HEAP, K_HPOS, K_KEY
                      L_QID, M_CAP, M_EVICT, M_GCAP, M_GFREE, M_GQLEN, M_HEAPN, M_INSERT, M_NFREE, M_QLEN)
 
 # ---------------------------------------------------------------------------------------------
-# slot queues: circular doubly linked lists, sentinel of queue q at index cap + q
+# circular doubly linked lists in rows ``nxt``/``prv`` of an array, one sentinel per list at
+# index ``h`` (the slot queues in L and the ghost queues in GH are both made of these)
+# ---------------------------------------------------------------------------------------------
+
+
+@kernel(inline=True)
+def _link_back(A, nxt, prv, h, x):  # pragma: no cover - compiled
+    """Append x at the back of the list whose sentinel is h."""
+    p = A[prv, h]
+    A[nxt, p] = x
+    A[prv, x] = p
+    A[nxt, x] = h
+    A[prv, h] = x
+
+
+@kernel(inline=True)
+def _unlink(A, nxt, prv, x):  # pragma: no cover - compiled
+    p = A[prv, x]
+    n = A[nxt, x]
+    A[nxt, p] = n
+    A[prv, n] = p
+
+
+@kernel(inline=True)
+def _first(A, nxt, h):  # pragma: no cover - compiled
+    """The oldest entry of the list whose sentinel is h, -1 if empty."""
+    x = A[nxt, h]
+    return -1 if x == h else x
+
+
+@kernel(inline=True)
+def _init_sentinels(A, nxt, prv, first):  # pragma: no cover - compiled
+    """Every index from ``first`` on is the sentinel of an empty list."""
+    for h in range(first, A.shape[1]):
+        A[nxt, h] = h
+        A[prv, h] = h
+
+
+# ---------------------------------------------------------------------------------------------
+# slot queues: the lists of L, sentinel of queue q at index cap + q
 # ---------------------------------------------------------------------------------------------
 
 
 @kernel
 def q_init(M, L):  # pragma: no cover - compiled
-    cap = M[M_CAP]
-    for q in range(L.shape[1] - cap):
-        L[L_NEXT, cap + q] = cap + q
-        L[L_PREV, cap + q] = cap + q
+    _init_sentinels(L, L_NEXT, L_PREV, M[M_CAP])
 
 
 @kernel
 def q_push(M, L, q, s):  # pragma: no cover - compiled
     """Append slot s at the back (most recent end) of queue q."""
-    h = M[M_CAP] + q
-    p = L[L_PREV, h]
-    L[L_NEXT, p] = s
-    L[L_PREV, s] = p
-    L[L_NEXT, s] = h
-    L[L_PREV, h] = s
+    _link_back(L, L_NEXT, L_PREV, M[M_CAP] + q, s)
     L[L_QID, s] = q
     M[M_QLEN + q] += 1
 
@@ -39,10 +70,7 @@ def q_push(M, L, q, s):  # pragma: no cover - compiled
 @kernel
 def q_unlink(M, L, s):  # pragma: no cover - compiled
     q = L[L_QID, s]
-    p = L[L_PREV, s]
-    n = L[L_NEXT, s]
-    L[L_NEXT, p] = n
-    L[L_PREV, n] = p
+    _unlink(L, L_NEXT, L_PREV, s)
     L[L_QID, s] = -1
     M[M_QLEN + q] -= 1
 
@@ -57,9 +85,7 @@ def q_to_back(M, L, q, s):  # pragma: no cover - compiled
 @kernel
 def q_front(M, L, q):  # pragma: no cover - compiled
     """Oldest slot of queue q, -1 if empty."""
-    h = M[M_CAP] + q
-    s = L[L_NEXT, h]
-    return -1 if s == h else s
+    return _first(L, L_NEXT, M[M_CAP] + q)
 
 
 @kernel
@@ -133,10 +159,7 @@ def g_queue(GH, g):  # pragma: no cover - compiled
 @kernel
 def g_remove(M, GH, sor, g):  # pragma: no cover - compiled
     q = GH[G_QID, g]
-    p = GH[G_PREV, g]
-    n = GH[G_NEXT, g]
-    GH[G_NEXT, p] = n
-    GH[G_PREV, n] = p
+    _unlink(GH, G_NEXT, G_PREV, g)
     r = GH[G_ROW, g]
     if sor[r] == -2 - g:
         sor[r] = -1
@@ -148,9 +171,7 @@ def g_remove(M, GH, sor, g):  # pragma: no cover - compiled
 
 @kernel
 def g_front(M, GH, q):  # pragma: no cover - compiled
-    h = M[M_GCAP] + q
-    g = GH[G_NEXT, h]
-    return -1 if g == h else g
+    return _first(GH, G_NEXT, M[M_GCAP] + q)
 
 
 @kernel
@@ -164,12 +185,7 @@ def g_add(M, GH, sor, q, r, limit):  # pragma: no cover - compiled
         return
     M[M_GFREE] -= 1
     g = GH[G_FREE, M[M_GFREE]]
-    h = M[M_GCAP] + q
-    p = GH[G_PREV, h]
-    GH[G_NEXT, p] = g
-    GH[G_PREV, g] = p
-    GH[G_NEXT, g] = h
-    GH[G_PREV, h] = g
+    _link_back(GH, G_NEXT, G_PREV, M[M_GCAP] + q, g)
     GH[G_ROW, g] = r
     GH[G_QID, g] = q
     M[M_GQLEN + q] += 1
@@ -179,9 +195,7 @@ def g_add(M, GH, sor, q, r, limit):  # pragma: no cover - compiled
 @kernel
 def g_init(M, GH):  # pragma: no cover - compiled
     gcap = M[M_GCAP]
-    for q in range(GH.shape[1] - gcap):
-        GH[G_NEXT, gcap + q] = gcap + q
-        GH[G_PREV, gcap + q] = gcap + q
+    _init_sentinels(GH, G_NEXT, G_PREV, gcap)
     for g in range(gcap):
         GH[G_FREE, g] = gcap - 1 - g
         GH[G_QID, g] = -1
