@@ -43,6 +43,18 @@ def real_text_trace(n: int) -> np.ndarray:
     return np.array(out[:n], dtype=np.int64)
 
 
+def one_table_store(tmp: Path, name: str, rows: int, dim: int, seed: int = 0) -> tuple[Path, torch.Tensor]:
+    """A store built from a safetensors checkpoint of one random float32 table (rows x dim)
+    in ``tmp``; returns the store's path and the table."""
+    from safetensors.torch import save_file
+
+    import tierstore
+
+    w = random_table(rows, dim, torch.float32, seed=seed)
+    save_file({name: w}, str(tmp / "m.safetensors"))
+    return tierstore.build_store(tmp / "m.safetensors", tmp / "store", progress=False), w
+
+
 def ordered_dict_lru_hits(trace: np.ndarray, cap: int) -> int:
     """Hits of a textbook LRU (an OrderedDict) of ``cap`` rows over ``trace``: the oracle of
     every exact-LRU test."""

@@ -13,20 +13,15 @@ from tierstore.profile import load_profile, save_profile
 from tierstore.simulate import batch_bounds, replay, simulate, simulate_tiers
 from tierstore.stack_distance import lru_hits
 
-from ...conftest import real_text_trace
+from ...conftest import one_table_store, real_text_trace
 
 
 @pytest.fixture(scope="module")
 def store(tmp_path_factory):
-    from safetensors.torch import save_file
-
-    from ...conftest import random_table
-
     tmp = tmp_path_factory.mktemp("walk")
-    w = random_table(3000, 16, torch.float32)
+    path, w = one_table_store(tmp, "t.engram.memory.weight", 3000, 16)
     np.save(tmp / "w.npy", w.numpy())
-    save_file({"t.engram.memory.weight": w}, str(tmp / "m.safetensors"))
-    return tierstore.build_store(tmp / "m.safetensors", tmp / "store", progress=False)
+    return path
 
 
 @pytest.mark.parametrize("policy", policy_names())

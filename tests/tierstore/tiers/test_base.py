@@ -8,7 +8,6 @@ import inspect
 import numpy as np
 import pytest
 import torch
-from safetensors.torch import save_file
 
 import tierstore
 import tierstore.table
@@ -17,7 +16,7 @@ from tierstore.tiers import CACHED, DISK, NONE, RESIDENT, CacheTier, DiskTier, S
 from tierstore.profile import save_profile
 from tierstore.tiers.shared_host import SHM_DIR
 
-from ...conftest import bits, random_table
+from ...conftest import bits, one_table_store
 
 NAME = "t.engram.memory.weight"
 ROWS, DIM = 500, 16  # 64-byte rows
@@ -26,10 +25,7 @@ ROW = DIM * 4
 
 @pytest.fixture(scope="module")
 def built(tmp_path_factory):
-    tmp = tmp_path_factory.mktemp("tiers")
-    w = random_table(ROWS, DIM, torch.float32, seed=3)
-    save_file({NAME: w}, str(tmp / "m.safetensors"))
-    path = tierstore.build_store(tmp / "m.safetensors", tmp / "store", progress=False)
+    path, w = one_table_store(tmp_path_factory.mktemp("tiers"), NAME, ROWS, DIM, seed=3)
     save_profile(path, NAME, np.arange(ROWS)[::-1].copy())  # a partial shared host tier needs one
     return path, w
 

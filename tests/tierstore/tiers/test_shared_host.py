@@ -14,12 +14,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from safetensors.torch import save_file
 
 import tierstore
 from tierstore.tiers.shared_host import SHM_DIR, segment_prefix
 
-from ...conftest import bits, random_table
+from ...conftest import bits, one_table_store
 
 REPO = Path(__file__).resolve().parents[3]
 NAME = "big.engram.memory.weight"
@@ -50,9 +49,7 @@ with tierstore.open(path, device="cpu", device_budget=0, host_budget=budget, hos
 @pytest.fixture(scope="module")
 def shared_store(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("shared")
-    w = random_table(ROWS, DIM, torch.float32, seed=7)
-    save_file({NAME: w}, str(tmp / "m.safetensors"))
-    path = tierstore.build_store(tmp / "m.safetensors", tmp / "store", progress=False)
+    path, w = one_table_store(tmp, NAME, ROWS, DIM, seed=7)
     ref = tmp / "ref.npy"
     np.save(ref, w.numpy())
     return path, ref, w
@@ -140,9 +137,7 @@ def test_segments_of_killed_users_are_removed_on_open_and_by_gc(tmp_path, capsys
     `tierstore gc --shm` finds unused ones machine-wide."""
     from tools.cli import main
 
-    w = random_table(500, 16, torch.float32, seed=3)
-    save_file({NAME: w}, str(tmp_path / "m.safetensors"))
-    path = tierstore.build_store(tmp_path / "m.safetensors", tmp_path / "store", progress=False)
+    path, w = one_table_store(tmp_path, NAME, 500, 16, seed=3)
     script = "import os, sys, tierstore\n" \
              "s = tierstore.open(sys.argv[1], device='cpu', host_budget=10**6, host_shared=True)\n" \
              "os.kill(os.getpid(), 9)\n"
