@@ -28,7 +28,6 @@ from .policy import Policy
 from .structs import (g_add, g_front, g_of, g_queue, g_remove, place, q_first_free, q_push, q_to_back, q_unlink,
                       take_free, unmap)
 
-ID = 6  # the walk dispatches on it (tierstore.cache.walk)
 
 T1 = 0  # slot queues: front = least recent
 T2 = 1
@@ -147,7 +146,6 @@ class ARC(Policy):
     and a self-tuning split between them."""
 
     name = "arc"
-    id = ID
 
     def ghost_size(self, n_dyn: int) -> int:
         return max(1, n_dyn)

@@ -72,7 +72,6 @@ from .policy import Policy, hot_rows
 from .structs import (g_add, g_front, g_of, g_queue, g_remove, h_min_free, h_push, h_remove, place,
                       q_push, q_to_back, q_unlink, take_free, unmap)
 
-ID = 7  # the walk dispatches on it (tierstore.cache.walk)
 
 SMALL = 0  # slot queues of the dynamic part
 MAIN = 1
@@ -365,7 +364,6 @@ class Default(Policy):
     """
 
     name = "default"
-    id = ID
     k_rows = 3  # K_KEY (-rank), K_HEAP, K_HPOS
     uses_hints = True
 

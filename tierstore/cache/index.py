@@ -19,7 +19,7 @@ import numpy as np
 from ..errors import IdTypeError, InvalidIdError, TierStoreError
 from . import walk
 from .layout import (CACHED, K_HPOS, L_FREE, L_QID, M_BYPASS, M_CAP, M_EVICT, M_GCAP, M_HINTS, M_HITS,
-                     M_HORIZON, M_HSHIFT, M_INSERT, M_LO, M_MISSES, M_NFREE, M_NROWS, M_POL, M_RANKM, NG, NL, NM, NQ)
+                     M_HORIZON, M_HSHIFT, M_INSERT, M_LO, M_MISSES, M_NFREE, M_NROWS, M_RANKM, NG, NL, NM, NQ)
 from .policy import Policy
 from .registry import make_policy
 from .jit import specialized
@@ -90,7 +90,7 @@ class CacheIndex:
         lo = int(pinned.size)
         n_dyn = cap - lo
         M = np.zeros(NM, np.int64)
-        M[M_POL], M[M_CAP], M[M_LO], M[M_NROWS] = policy.id, cap, lo, self.n_rows
+        M[M_CAP], M[M_LO], M[M_NROWS] = cap, lo, self.n_rows
         if slot_of_row is None:
             sor = np.full(self.n_rows, -1, dtype=np.int32)
         else:

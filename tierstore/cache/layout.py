@@ -28,7 +28,7 @@ and ~40-80 bytes per *slot* (row the tier can hold), depending on the policy.
 from __future__ import annotations
 
 # -- M: scalars ------------------------------------------------------------------------------
-M_POL = 0  # policy id (each policy module's ID)
+# M[0] is unused (it held a policy id while the walk dispatched on one; see walk.py)
 M_CAP = 1  # slots
 M_LO = 2  # pinned slots [0, LO): never evicted, no policy state
 M_NFREE = 3  # free slots on the stack L[L_FREE, :NFREE]

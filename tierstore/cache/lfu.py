@@ -16,7 +16,6 @@ from .layout import K_AUX, K_HEAP, K_HPOS, K_KEY, M_EPOCH, M_HEAPN, M_PARAM, M_T
 from .policy import Policy
 from .structs import h_push, h_remove, h_update, place, q_after, q_front, q_push, q_unlink, take_free, unmap
 
-ID = 2  # the walk dispatches on it (tierstore.cache.walk)
 
 _STAMP_BITS = 40  # time fits in 40 bits (1.1e12 accesses); the count sits above it
 PARK = 0  # slot queue of leased slots taken off the heap
@@ -73,5 +72,4 @@ class LFU(Policy):
     """Least frequently used since insertion (ties: least recent)."""
 
     name = "lfu"
-    id = ID
     k_rows = 4

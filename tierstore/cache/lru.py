@@ -7,7 +7,6 @@ from .jit import kernel
 from .policy import Policy
 from .structs import place, q_first_free, q_push, q_to_back, q_unlink, take_free, unmap
 
-ID = 1  # the walk dispatches on it (tierstore.cache.walk)
 
 Q = 0  # the one queue: front = least recent
 
@@ -42,4 +41,3 @@ class LRU(Policy):
     """Least recently used: every missed row is admitted, the least recent unleased row goes."""
 
     name = "lru"
-    id = ID

@@ -30,7 +30,6 @@ class Policy:
     """Base description: no per-slot keys, no ghosts, no sketch, no hints, pins nothing."""
 
     name = "base"
-    id = 0
     k_rows = 0  # rows of K (int64 per slot) the policy uses
     uses_hints = False
 

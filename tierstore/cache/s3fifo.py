@@ -10,7 +10,6 @@ from .layout import L_FREQ, M_PARAM, M_QLEN
 from .policy import Policy
 from .structs import g_add, g_of, g_remove, place, q_first_free, q_push, q_to_back, q_unlink, take_free, unmap
 
-ID = 4  # the walk dispatches on it (tierstore.cache.walk)
 
 SMALL = 0
 MAIN = 1
@@ -97,7 +96,6 @@ class S3FIFO(Policy):
     """S3-FIFO with a small FIFO of ``small_fraction`` of the slots."""
 
     name = "s3fifo"
-    id = ID
 
     defaults = {"small_fraction": 0.1, "move_threshold": 1}
 

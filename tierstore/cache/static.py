@@ -8,7 +8,6 @@ import numpy as np
 from .jit import kernel
 from .policy import Policy, hot_rows
 
-ID = 3  # the walk dispatches on it (tierstore.cache.walk)
 
 
 @kernel(inline=True)
@@ -30,7 +29,6 @@ class Static(Policy):
     """Pins the profile's top ``capacity`` rows; every other row bypasses the tier."""
 
     name = "static"
-    id = ID
 
     def prepare(self, profile: np.ndarray | None) -> np.ndarray:
         return hot_rows(profile, self.capacity)

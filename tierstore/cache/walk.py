@@ -138,13 +138,6 @@ def prefill(hook, T, rows):  # pragma: no cover - compiled
     return n
 
 
-@kernel
-def resident(T, rows, out):  # pragma: no cover - compiled
-    sor = T[1]
-    for i in range(rows.size):
-        out[i] = sor[rows[i]] >= 0
-
-
 # ---------------------------------------------------------------------------------------------
 # the walk: device tier, then the host tier for what the device tier does not serve
 # ---------------------------------------------------------------------------------------------

@@ -51,7 +51,6 @@ from .layout import L_QID, M_PARAM, M_QLEN
 from .policy import Policy
 from .structs import bucket, place, q_first_free, q_front, q_push, q_to_back, q_unlink, take_free, unmap
 
-ID = 5  # the walk dispatches on it (tierstore.cache.walk)
 
 WIN = 0  # slot queues: front = least recent
 PROB = 1
@@ -203,7 +202,6 @@ class WTinyLFU(Policy):
     """W-TinyLFU: a 1% LRU window, a frequency-gated segmented LRU main area."""
 
     name = "wtinylfu"
-    id = ID
 
     defaults = {"window_fraction": 0.01, "protected_fraction": 0.8}
 
