@@ -172,9 +172,9 @@ def run_profile(args: argparse.Namespace) -> int:
                      "exact: one access at a time" if c.trace.offsets is None else "exact: the recorded batches")
         with tqdm(total=len(caps) * len(policies), desc=f"simulating {c.name}", unit="run",
                   disable=args.json or not sys.stderr.isatty(), file=sys.stderr) as bar:
-            lru_at_once = "lru" in policies and not merged and c.trace.offsets is None and args.lookahead == 0
-            if lru_at_once:
-                res += simulate(c.trace.rows, caps, ["lru"], **kw)  # every capacity from one pass
+            lru_at_once = "lru" in policies
+            if lru_at_once:  # every capacity at once: simulate takes them from one stack-distance pass
+                res += simulate(c.trace.rows, caps, ["lru"], **kw)  # where that is exact, else replays
                 bar.update(len(caps))
             for cap in caps:  # one run at a time, so the bar moves (opt over 10M takes ~10 s)
                 for p in policies:

@@ -18,7 +18,7 @@ import numpy as np
 
 from ..errors import IdTypeError, InvalidIdError, TierStoreError
 from . import walk
-from .layout import (CACHED, K_HPOS, L_FREE, L_QID, M_BYPASS, M_CAP, M_EVICT, M_GCAP, M_HINTS, M_HITS,
+from .layout import (CACHED, NONE, K_HPOS, L_FREE, L_QID, M_BYPASS, M_CAP, M_EVICT, M_GCAP, M_HINTS, M_HITS,
                      M_HORIZON, M_HSHIFT, M_INSERT, M_LO, M_MISSES, M_NFREE, M_NROWS, M_RANKM, NG, NL, NM, NQ)
 from .policy import Policy
 from .registry import make_policy
@@ -141,8 +141,6 @@ class CacheIndex:
             walk.prefill(mod.prefill, self.state, self._as_rows(pre, what="prefill rows"))
         self.reset_stats()
 
-    kind = CACHED
-
     # --- statistics ---------------------------------------------------------------------
     @property
     def size(self) -> int:
@@ -206,7 +204,7 @@ class CacheIndex:
     def hint(self, rows: np.ndarray) -> None:
         """Rows a later lookup will read (the known future): policies that use hints keep them."""
         if self.state[0][M_HINTS]:
-            walk.announce(CACHED, self.state, 0, self.state, self._as_rows(rows))
+            walk.announce(CACHED, self.state, NONE, self.state, self._as_rows(rows))
 
     def resident(self, rows: np.ndarray) -> np.ndarray:
         """Boolean mask: which rows are in the tier now (no counting, no policy update)."""
