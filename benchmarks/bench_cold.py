@@ -42,7 +42,7 @@ import torch
 
 import tierstore
 from benchmarks.common import evict, json_line, machine_info, print_header, resident_bytes
-from tierstore.rowio import PAGE_SIZE, PageReader, aligned_empty
+from tierstore.tiers.page_reader import PAGE_SIZE, PageReader, aligned_empty
 from tierstore.sizes import format_size, parse_size
 
 _FIO_QD = 32

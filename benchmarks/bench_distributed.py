@@ -22,7 +22,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 import tierstore
-from tierstore.distributed import build_shard, open_sharded
+from tierstore.serve.distributed import build_shard, open_sharded
 
 from .common import json_line, machine_info, print_header
 from .workloads import CACHE, table_store, zipf_ids

@@ -17,7 +17,7 @@ twice by fresh stores, once with no announcements and once announcing, before ea
 the prompts of the next L batches (``serve(announce=L)`` -> ``Store.hint``: the known
 future of a request queue). Reported: the live device/host hit ratios of both runs next to
 the simulator's prediction for the same events (each table's recorded lookups and hints,
-``Table.events``, replayed through fresh tiers by ``tierstore.simulate.replay_events``).
+``Table.events``, replayed through fresh tiers by ``tierstore.analysis.simulate.replay_events``).
 
     python -m benchmarks.bench_e2e [--ckpt runs/learn_engram] [--quick]
 """
@@ -176,8 +176,8 @@ def _queued(ckpt: Path, store_path: Path, batches, kw: dict, dev_b: int, host_b:
     ratios next to the simulator's replay of its recorded events."""
 
     from tierstore.cache import CacheIndex
-    from tierstore.profile import load_profile
-    from tierstore.simulate import replay_events
+    from tierstore.format.profile import load_profile
+    from tierstore.analysis.simulate import replay_events
 
     out: dict = {}
     runs = []

@@ -32,7 +32,7 @@ from safetensors.torch import save_file
 
 import tierstore
 from tierstore.cache import hot_rows, policy_names
-from tierstore.profile import save_profile
+from tierstore.format.profile import save_profile
 
 from .common import json_line, machine_info, print_header
 

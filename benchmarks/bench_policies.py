@@ -22,9 +22,9 @@ from collections import OrderedDict
 
 import numpy as np
 
-from tierstore.belady import belady_hits
+from tierstore.analysis.belady import belady_hits
 from tierstore.cache import CacheIndex, policy_names
-from tierstore.simulate import batch_bounds, load_trace, replay, simulate
+from tierstore.analysis.simulate import batch_bounds, load_trace, replay, simulate
 
 SPEED_POLICIES = tuple(policy_names())
 

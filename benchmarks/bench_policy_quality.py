@@ -13,7 +13,7 @@ Traces (``tierstore trace``, the model of ``--checkpoint``, default runs/learn_e
   Install the packages with ``apt-get install -y debian-reference-en gnu-standards bash-doc``.
 
 Traces are built once under ``--work`` (default runs/policy_quality) and reused. Every
-replay is exact (the recorded serving steps, ``tierstore.simulate.simulate``). The lookahead
+replay is exact (the recorded serving steps, ``tierstore.analysis.simulate.simulate``). The lookahead
 rows announce batch i+L before batch i (``--lookahead``, in recorded steps: one token of one
 stream is 16 lookups, a step of 64 streams 1,024). The gap closure at capacity c is
 (default with lookahead - lru) / (opt - lru).
@@ -37,7 +37,7 @@ from pathlib import Path
 
 import numpy as np
 
-from tierstore.simulate import load_trace, simulate
+from tierstore.analysis.simulate import load_trace, simulate
 
 POLICIES = ["lru", "s3fifo", "wtinylfu", "arc", "static", "default"]
 CAPS = [0.001, 0.003, 0.01, 0.03, 0.1]

@@ -16,7 +16,7 @@ from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 
-from tierstore.rowio import evict_page_cache
+from tierstore.tiers.page_reader import evict_page_cache
 
 __all__ = ["timed", "best_of", "machine_info", "print_header", "evict", "resident_bytes", "json_line"]
 

@@ -31,7 +31,7 @@ import torch
 from tokenizers import Tokenizer
 
 import tierstore
-from tierstore.profile import has_profile
+from tierstore.format.profile import has_profile
 from engram_model.checkpoint import load_checkpoint, read_config
 from engram_model.data import encode_files, split_files
 from engram_model.errors import EngramConfigError

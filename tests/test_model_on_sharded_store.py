@@ -11,7 +11,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from tierstore.distributed import build_shard, open_sharded
+from tierstore.serve.distributed import build_shard, open_sharded
 
 from .engram_model.conftest import TINY
 

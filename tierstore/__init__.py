@@ -26,15 +26,16 @@ from .sizes import format_size, parse_size
 # The store, the builder and the formats import torch (~1 s); they load on first use, so
 # tools that need only the cache layer and the simulator (``tierstore profile``) start fast.
 _LAZY = {
-    "open": ("store", "open_store"),  # `tierstore.open(path)` is the public entry point
-    "open_store": ("store", "open_store"),
-    "Store": ("store", "Store"),
-    "LookupFuture": ("prefetcher", "LookupFuture"),
-    "TableInfo": ("format", "TableInfo"),
-    "FORMAT_VERSION": ("format", "FORMAT_VERSION"),
-    "build_store": ("build", "build_store"),
-    "DEFAULT_TABLE_PATTERN": ("build", "DEFAULT_TABLE_PATTERN"),
-    "verify_store": ("verify", "verify_store"),
+    "open": ("serve.store", "open_store"),  # `tierstore.open(path)` is the public entry point
+    "open_store": ("serve.store", "open_store"),
+    "Store": ("serve.store", "Store"),
+    "LookupFuture": ("serve.prefetcher", "LookupFuture"),
+    "TableInfo": ("format.spec", "TableInfo"),
+    "FORMAT_VERSION": ("format.spec", "FORMAT_VERSION"),
+    "build_store": ("format.build", "build_store"),
+    "DEFAULT_TABLE_PATTERN": ("format.build", "DEFAULT_TABLE_PATTERN"),
+    "verify_store": ("format.verify", "verify_store"),
+    "open_sharded": ("serve.distributed", "open_sharded"),
 }
 
 
@@ -54,7 +55,7 @@ def __dir__() -> list[str]:
 
 
 __all__ = [
-    "open", "open_store", "Store", "LookupFuture", "TableInfo", "build_store", "verify_store",
+    "open", "open_store", "open_sharded", "Store", "LookupFuture", "TableInfo", "build_store", "verify_store",
     "DEFAULT_TABLE_PATTERN", "FORMAT_VERSION", "parse_size", "format_size",
     "TierStoreError", "InvalidIdError", "IdTypeError", "UnknownTableError", "CorruptDataError",
     "FormatVersionError", "BudgetError", "StoreIOError", "CapacityError", "StoreExistsError", "CheckpointError",

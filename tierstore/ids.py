@@ -15,7 +15,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from .cache.jit import kernel
+from .jit import kernel
 from .errors import IdTypeError, InvalidIdError
 
 __all__ = ["IdLike", "as_row_ids"]

@@ -26,9 +26,9 @@ from pathlib import Path
 
 import torch
 
-from tierstore.format import read_manifest
+from tierstore.format.spec import read_manifest
 from tierstore.sizes import format_size
-from tierstore.verify import verify_store
+from tierstore.format.verify import verify_store
 
 
 def _step(title: str) -> None:

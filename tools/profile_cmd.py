@@ -27,8 +27,8 @@ from tqdm import tqdm
 
 from tierstore.errors import TierStoreError
 from tierstore.cache import POLICIES
-from tierstore.profile import count_rows, load_profile, save_profile, zipf_fit
-from tierstore.simulate import TableTrace, batch_bounds, load_trace, simulate, simulate_tiers
+from tierstore.format.profile import count_rows, load_profile, save_profile, zipf_fit
+from tierstore.analysis.simulate import TableTrace, batch_bounds, load_trace, simulate, simulate_tiers
 from tierstore.sizes import format_size, parse_size
 
 __all__ = ["add_parser", "run_profile", "run_size", "parse_capacities"]

@@ -7,15 +7,15 @@ import json
 import sys
 from pathlib import Path
 
-from tierstore.build import DEFAULT_TABLE_PATTERN, build_store
-from tierstore.recovery import find_orphans
+from tierstore.format.build import DEFAULT_TABLE_PATTERN, build_store
+from tierstore.format.recovery import find_orphans
 from tierstore.tiers.shared_host import SHM_DIR, remove_segment, stale_segments
-from tierstore.distributed import build_shard
+from tierstore.serve.distributed import build_shard
 from tierstore.errors import TierStoreError
-from tierstore.format import FORMAT_NAME, PAGE_SIZE, read_manifest
-from tierstore.profile import has_profile
+from tierstore.format.spec import FORMAT_NAME, PAGE_SIZE, read_manifest
+from tierstore.format.profile import has_profile
 from tierstore.sizes import format_size
-from tierstore.verify import verify_store
+from tierstore.format.verify import verify_store
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
@@ -32,7 +32,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--force", action="store_true", help="replace an existing store at OUT")
     p.add_argument("--shard", metavar="RANK/WORLD", default=None,
                    help="write only shard RANK of WORLD (rows RANK::WORLD) into OUT/shard-RANK-of-WORLD, "
-                        "for tierstore.distributed")
+                        "for tierstore.serve.distributed")
     p.add_argument("--order-by-profile", metavar="STORE", default=None,
                    help="write rows hottest first, by the access profiles saved in STORE "
                         "(`tierstore profile --save-profile`), so hot rows share pages")

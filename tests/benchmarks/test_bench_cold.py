@@ -30,7 +30,7 @@ def test_row_pages_and_gather_agree_with_plain_slicing() -> None:
     """Rows that straddle pages (stride not dividing 4096) come back whole."""
     import numpy as np
 
-    from tierstore.rowio import PAGE_SIZE
+    from tierstore.tiers.page_reader import PAGE_SIZE
 
     data = np.random.default_rng(0).integers(0, 256, 8 * PAGE_SIZE, dtype=np.uint8)
 

@@ -17,7 +17,7 @@ import pytest
 import torch
 
 import tierstore
-from tierstore.store import INLINE_BELOW
+from tierstore.serve.store import INLINE_BELOW
 from tierstore import BudgetError, IdTypeError, InvalidIdError, TierStoreError
 
 T1 = "blocks.1.engram.memory.weight"  # 5003 rows x 64 float32 (tests/conftest.py small_ckpt)

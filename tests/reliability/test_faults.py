@@ -23,7 +23,7 @@ from safetensors.torch import save_file
 
 import tierstore
 from tierstore import faults
-from tierstore.profile import load_profile, save_profile
+from tierstore.format.profile import load_profile, save_profile
 from tierstore.tiers.shared_host import SHM_DIR, segment_prefix
 
 from ..conftest import bits, random_table

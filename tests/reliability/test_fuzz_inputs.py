@@ -34,9 +34,9 @@ import torch
 
 import tierstore
 from tierstore import TierStoreError
-from tierstore.format import DTYPES
-from tierstore.profile import load_profile, profile_paths, save_profile
-from tierstore.simulate import TableTrace, Trace, load_trace, save_trace
+from tierstore.format.spec import DTYPES
+from tierstore.format.profile import load_profile, profile_paths, save_profile
+from tierstore.analysis.simulate import TableTrace, Trace, load_trace, save_trace
 
 N_MUTANTS = 200
 T_A = "fuzz.a.weight"  # 300 rows x 16 float32 (64 B rows)

@@ -5,10 +5,10 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from tierstore.belady import belady_hits, dedupe_batches, next_use
+from tierstore.analysis.belady import belady_hits, dedupe_batches, next_use
 from tierstore.cache import CacheIndex, policy_names
 from tierstore.errors import IdTypeError
-from tierstore.simulate import batch_bounds, replay
+from tierstore.analysis.simulate import batch_bounds, replay
 
 
 def brute_force_opt(trace: list[int], cap: int) -> int:

@@ -19,7 +19,7 @@ from safetensors.torch import save_file
 
 import tierstore
 from tierstore import CheckpointError, StoreExistsError, TierStoreError
-from tierstore.format import PAGE_SIZE, read_manifest
+from tierstore.format.spec import PAGE_SIZE, read_manifest
 
 from ..conftest import bits, random_table
 
@@ -503,7 +503,7 @@ def test_build_restores_then_refuses_or_replaces(tmp_path, small_ckpt):
 def test_open_removes_leftovers_of_dead_builds_only(tmp_path, small_ckpt):
     """Beside a store that exists, dead builds' .tmp and .old directories go at the next open;
     a running build's (same PID, same start time) and other stores' stay."""
-    from tierstore.recovery import leftover_tag as _tag
+    from tierstore.format.recovery import leftover_tag as _tag
 
     ckpt, _ = small_ckpt
     out = tierstore.build_store(ckpt, tmp_path / "s", progress=False)
@@ -520,7 +520,7 @@ def test_open_removes_leftovers_of_dead_builds_only(tmp_path, small_ckpt):
 
 
 def test_find_orphans_and_gc_command(tmp_path, small_ckpt, capsys, monkeypatch):
-    from tierstore.recovery import find_orphans
+    from tierstore.format.recovery import find_orphans
     from tools.cli import main
 
     ckpt, _ = small_ckpt
@@ -551,8 +551,8 @@ def test_find_orphans_and_gc_command(tmp_path, small_ckpt, capsys, monkeypatch):
 def test_publish_without_renameat2(tmp_path, small_ckpt, monkeypatch):
     """The fallback where renameat2 is missing (claim OUT with mkdir) also refuses an OUT that
     appeared while the build ran."""
-    import tierstore.build as build
-    import tierstore.recovery as recovery
+    import tierstore.format.build as build
+    import tierstore.format.recovery as recovery
 
     ckpt, _ = small_ckpt
     monkeypatch.setattr(recovery, "_RENAMEAT2", None)
@@ -649,7 +649,7 @@ def test_a_killed_unreaped_build_counts_as_dead(tmp_path, small_ckpt):
         p.kill()
         while Path(f"/proc/{p.pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z":
             time.sleep(0.01)
-        assert len(tierstore.recovery.recover(out)) == 1
+        assert len(tierstore.format.recovery.recover(out)) == 1
         assert not (tmp_path / f".s.tmp-{p.pid}").exists()
     finally:
         p.kill()

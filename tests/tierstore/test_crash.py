@@ -26,8 +26,8 @@ from safetensors.torch import save_file
 
 import tierstore
 from tierstore import TierStoreError
-from tierstore.recovery import find_orphans
-from tierstore.format import PAGE_SIZE, read_manifest
+from tierstore.format.recovery import find_orphans
+from tierstore.format.spec import PAGE_SIZE, read_manifest
 
 REPO = Path(__file__).resolve().parents[2]
 TABLES = 48  # many small tables: a build is ~100 fsyncs, so random kills land all over it

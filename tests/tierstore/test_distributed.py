@@ -16,7 +16,7 @@ import torch.multiprocessing as mp
 from safetensors.torch import save_file
 
 import tierstore
-from tierstore.distributed import build_shard, open_sharded
+from tierstore.serve.distributed import build_shard, open_sharded
 
 from ..conftest import bits, random_table
 

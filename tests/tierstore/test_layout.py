@@ -9,8 +9,8 @@ from safetensors.torch import save_file
 
 import tierstore
 from tierstore import CheckpointError
-from tierstore.format import PAGE_SIZE, read_manifest
-from tierstore.profile import save_profile
+from tierstore.format.spec import PAGE_SIZE, read_manifest
+from tierstore.format.profile import save_profile
 from tools.cli import main
 
 from ..conftest import bits, random_table

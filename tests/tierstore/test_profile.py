@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from tierstore.errors import CorruptDataError, FormatVersionError, TierStoreError
-from tierstore.profile import (count_rows, has_profile, load_profile, profile_info, profile_paths,
+from tierstore.format.profile import (count_rows, has_profile, load_profile, profile_info, profile_paths,
                                save_profile, zipf_fit)
 
 

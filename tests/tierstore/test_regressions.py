@@ -88,12 +88,12 @@ def test_rebuilt_store_never_maps_the_old_shared_segment(tmp_path, monkeypatch):
     import datetime as dt
     import types
 
-    import tierstore.build
+    import tierstore.format.build
 
     # both builds within the same wall-clock second, deterministically
     frozen = dt.datetime(2026, 1, 1, tzinfo=dt.timezone.utc)
     fake = types.SimpleNamespace(datetime=types.SimpleNamespace(now=lambda tz=None: frozen), timezone=dt.timezone)
-    monkeypatch.setattr(tierstore.build, "_dt", fake)
+    monkeypatch.setattr(tierstore.format.build, "_dt", fake)
     old, new = random_table(300, 16, torch.float32, seed=1), random_table(300, 16, torch.float32, seed=2)
     save_file({NAME: old}, str(tmp_path / "old.safetensors"))
     save_file({NAME: new}, str(tmp_path / "new.safetensors"))
@@ -142,7 +142,7 @@ def test_an_edited_manifest_is_refused(tmp_path, field, value, with_digest):
         t = m["tables"][0]
         t[field] = value
         if field in ("rows", "row_stride", "dim", "dtype"):  # keep the edit self-consistent
-            from tierstore.format import TableInfo, row_stride_for
+            from tierstore.format.spec import TableInfo, row_stride_for
             info = TableInfo(**t)
             if field != "row_stride":
                 t["row_stride"] = row_stride_for(info.row_bytes)

@@ -16,9 +16,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from tierstore import rowio
+from tierstore.tiers import page_reader as rowio
 from tierstore.errors import CorruptDataError, InvalidIdError, StoreIOError
-from tierstore.rowio import PAGE_SIZE, PageReader, aio_available, aligned_empty, evict_page_cache
+from tierstore.tiers.page_reader import PAGE_SIZE, PageReader, aio_available, aligned_empty, evict_page_cache
 
 HAVE_AIO = aio_available()
 
@@ -353,7 +353,7 @@ def test_aio_contexts_are_pooled_per_process(row_file: tuple[Path, np.ndarray]) 
     Regression: each reader kept its own contexts (256 events each), so 40 tables x 12
     threads held half of the machine's fs.aio-max-nr, and readers never closed leaked them.
     """
-    from tierstore import rowio
+    from tierstore.tiers import page_reader as rowio
 
     path, ref = row_file
     if not _supports_direct(path):

@@ -5,10 +5,10 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from tierstore.belady import belady_hits
+from tierstore.analysis.belady import belady_hits
 from tierstore.cache import CacheIndex
 from tierstore.errors import CorruptDataError, FormatVersionError, TierStoreError
-from tierstore.simulate import (TableTrace, Trace, batch_bounds, load_trace, replay, save_trace,
+from tierstore.analysis.simulate import (TableTrace, Trace, batch_bounds, load_trace, replay, save_trace,
                                 simulate, simulate_tiers)
 
 

@@ -12,7 +12,7 @@ import pytest
 from tierstore.cache import CacheIndex
 
 from ..conftest import real_text_trace
-from tierstore.stack_distance import lru_hits, stack_distances
+from tierstore.analysis.stack_distance import lru_hits, stack_distances
 
 
 def ordered_dict_lru(trace: np.ndarray, cap: int) -> tuple[int, int, int]:

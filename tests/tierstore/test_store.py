@@ -21,7 +21,7 @@ from tierstore import (
     TierStoreError,
     UnknownTableError,
 )
-from tierstore.format import PAGE_SIZE, read_manifest
+from tierstore.format.spec import PAGE_SIZE, read_manifest
 
 from ..conftest import bits
 
@@ -185,7 +185,7 @@ def test_concurrent_callers_get_exact_rows(store_path, small_ckpt, policy):
 
 
 def test_buffer_pool_is_bounded():
-    from tierstore.buffers import BufferPool
+    from tierstore.serve.buffers import BufferPool
 
     pool = BufferPool(per_key=2, max_keys=3)
     for n in range(1, 50):  # 49 different batch shapes
@@ -200,7 +200,7 @@ def test_small_prefetch_on_the_device_finishes_in_the_callers_thread(store_path,
     """A prefetch of <= INLINE_BELOW ids whose rows are all on the device completes before it
     returns (no hand-off); one with misses goes to a worker; both return exact rows, and a
     lookup begun but never handed over releases its leases."""
-    from tierstore.store import INLINE_BELOW
+    from tierstore.serve.store import INLINE_BELOW
 
     _, tensors = small_ckpt
     name = "blocks.1.engram.memory.weight"

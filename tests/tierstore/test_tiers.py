@@ -123,7 +123,7 @@ def test_budgets_bound_resident_memory(tmp_path):
 
 def test_static_hot_set_from_profile(tmp_path, small_ckpt):
     """With a saved profile, the hottest rows are loaded into the tiers at open."""
-    profile_mod = pytest.importorskip("tierstore.profile")
+    profile_mod = pytest.importorskip("tierstore.format.profile")
     ckpt, tensors = small_ckpt
     path = tierstore.build_store(ckpt, tmp_path / "store", progress=False)
     counts = np.zeros(5003, dtype=np.int64)

@@ -55,7 +55,7 @@ def test_trace_matches_the_hasher(ckpt: Path, tmp_path: Path):
     from engram_model.compression import build_compression
     from engram_model.hasher import NgramHasher
     from engram_model.tokenizer import load_tokenizer
-    from tierstore.simulate import load_trace
+    from tierstore.analysis.simulate import load_trace
 
     tok = load_tokenizer(ckpt)
     ids = np.array(tok.encode("def f(x):\n    return x + 1\n" * 5).ids, dtype=np.int64)
@@ -111,7 +111,7 @@ def test_npy_trace_fraction_of_distinct_ids(tmp_path: Path, capsys: pytest.Captu
 
 def test_store_profile_live_and_size(ckpt: Path, traces, tmp_path: Path, capsys: pytest.CaptureFixture[str]):
     from engram_model.generate import build_store_for
-    from tierstore.profile import load_profile
+    from tierstore.format.profile import load_profile
 
     train, test = traces
     store = build_store_for(ckpt, tmp_path / "store")
@@ -151,7 +151,7 @@ def test_save_profile_from_npy_trace_lands_under_the_store_table(tmp_path: Path,
     """`profile --save-profile` on a .npy trace saved the profile under the table name
     "trace", so the store never loaded it and static/default ran without a profile."""
     import tierstore
-    from tierstore.profile import has_profile, load_profile
+    from tierstore.format.profile import has_profile, load_profile
     from safetensors.torch import save_file
 
     _, tensors = small_ckpt

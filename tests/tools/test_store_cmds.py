@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from tierstore.format import PAGE_SIZE, read_manifest
+from tierstore.format.spec import PAGE_SIZE, read_manifest
 from tools.cli import main
 
 

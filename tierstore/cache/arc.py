@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from .jit import kernel
+from ..jit import kernel
 from .layout import L_QID, M_GQLEN, M_PARAM, M_QLEN
 from .policy import Policy
 from .structs import (g_add, g_front, g_of, g_queue, g_remove, place, q_first_free, q_push, q_to_back, q_unlink,

@@ -65,7 +65,7 @@ import numpy as np
 from ..errors import TierStoreError
 from . import s3fifo
 from .hints import hint_outstanding
-from .jit import kernel
+from ..jit import kernel
 from .layout import (G_ROW, K_HPOS, K_KEY, L_FREQ, M_CAP, M_GQLEN, M_HEAPN, M_HLIVE, M_HORIZON, M_PARAM, M_QLEN,
                      M_RANKM, M_TICK)
 from .policy import Policy, hot_rows

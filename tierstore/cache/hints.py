@@ -10,7 +10,7 @@ with an outstanding hint of another row drops the new hint: a lost hint, never a
 
 from __future__ import annotations
 
-from .jit import kernel
+from ..jit import kernel
 from .layout import M_HLAST, M_HLIVE, M_HORIZON, M_HSHIFT, M_TICK
 from .structs import bucket
 

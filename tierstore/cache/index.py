@@ -22,7 +22,7 @@ from .layout import (CACHED, NONE, K_HPOS, L_FREE, L_QID, M_BYPASS, M_CAP, M_EVI
                      M_HORIZON, M_HSHIFT, M_INSERT, M_LO, M_MISSES, M_NFREE, M_NROWS, M_RANKM, NG, NL, NM, NQ)
 from .policy import Policy
 from .registry import make_policy
-from .jit import specialized
+from ..jit import specialized
 from .structs import g_init, q_init
 
 __all__ = ["CacheIndex", "none_index"]

@@ -11,7 +11,7 @@ of a later lookup; the victim is the same, the unleased slot with the smallest k
 
 from __future__ import annotations
 
-from .jit import kernel
+from ..jit import kernel
 from .layout import K_AUX, K_HEAP, K_HPOS, K_KEY, M_EPOCH, M_HEAPN, M_PARAM, M_TICK
 from .policy import Policy
 from .structs import h_push, h_remove, h_update, place, q_after, q_front, q_push, q_unlink, take_free, unmap

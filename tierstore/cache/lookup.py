@@ -1,7 +1,7 @@
 """The compiled walk driven from Python: one lookup's bookkeeping through both cache tiers.
 
 The store's ``Table`` (which moves the bytes) and the simulator's event replay
-(``tierstore.simulate.replay_events``) both go through :class:`Walker`, so the per-lookup
+(``tierstore.analysis.simulate.replay_events``) both go through :class:`Walker`, so the per-lookup
 buffers, the entry point and the end of a lookup exist once. Not thread-safe: the caller
 holds the tiers' locks around ``begin``, ``end`` and ``announce``.
 """
@@ -12,7 +12,7 @@ import numpy as np
 
 from . import walk
 from .index import CacheIndex, none_index
-from .jit import specialized
+from ..jit import specialized
 from .layout import CACHED
 
 __all__ = ["Lookup", "Walker"]

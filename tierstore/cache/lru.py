@@ -3,7 +3,7 @@ Exact LRU one access at a time (checked against OrderedDict, cachetools and libC
 
 from __future__ import annotations
 
-from .jit import kernel
+from ..jit import kernel
 from .policy import Policy
 from .structs import place, q_first_free, q_push, q_to_back, q_unlink, take_free, unmap
 

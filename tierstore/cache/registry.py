@@ -18,7 +18,7 @@ POLICIES: dict[str, type[Policy]] = {p.name: p for p in (LRU, LFU, S3FIFO, WTiny
 
 
 def policy_names() -> list[str]:
-    """Registered policy names (``opt`` is not a policy: see ``tierstore.belady``)."""
+    """Registered policy names (``opt`` is not a policy: see ``tierstore.analysis.belady``)."""
     return list(POLICIES)
 
 

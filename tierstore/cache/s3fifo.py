@@ -5,7 +5,7 @@ main. Within 0.005 of libCacheSim's S3FIFO with the same parameters (tests)."""
 
 from __future__ import annotations
 
-from .jit import kernel
+from ..jit import kernel
 from .layout import L_FREQ, M_PARAM, M_QLEN
 from .policy import Policy
 from .structs import g_add, g_of, g_remove, place, q_first_free, q_push, q_to_back, q_unlink, take_free, unmap

@@ -26,7 +26,7 @@ from __future__ import annotations
 import numpy as np
 
 from .hints import hint_add, hint_consume
-from .jit import kernel
+from ..jit import kernel
 from .layout import (BELOW, CACHED, FILL, HIT, L_PEND, M_BYPASS, M_CAP, M_EPOCH, M_HINTS, M_HITS, M_HLIVE, M_LO,
                      M_MISSES, M_NREF, M_TICK, NONE, RESIDENT)
 from .structs import place, take_free, unmap

@@ -46,7 +46,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from .jit import kernel
+from ..jit import kernel
 from .layout import L_QID, M_PARAM, M_QLEN
 from .policy import Policy
 from .structs import bucket, place, q_first_free, q_front, q_push, q_to_back, q_unlink, take_free, unmap

@@ -14,7 +14,7 @@ import torch
 
 from ..cache import CacheIndex
 from ..cache.layout import CACHED, NONE, RESIDENT
-from ..format import TableInfo
+from ..format.spec import TableInfo
 from .base import Tier
 from .disk import DiskTier
 from .slab import SlabTier

@@ -19,8 +19,8 @@ import numpy as np
 import torch
 
 from ..errors import CorruptDataError, TierStoreError
-from ..format import PAGE_SIZE, TableInfo, check_header_page, load_checksums, load_order, page_checksums
-from ..rowio import PageReader, aligned_empty
+from ..format.spec import PAGE_SIZE, TableInfo, check_header_page, load_checksums, load_order, page_checksums
+from .page_reader import PageReader, aligned_empty
 from .base import DISK
 
 __all__ = ["DiskTier", "CHUNK_ROWS"]

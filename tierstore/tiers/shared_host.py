@@ -51,7 +51,7 @@ from ..cache import CacheIndex
 from ..cache.layout import CACHED, RESIDENT
 from ..errors import CapacityError, CorruptDataError, TierStoreError
 from ..files import os_error, pwrite_all
-from ..format import PAGE_SIZE, TableInfo
+from ..format.spec import PAGE_SIZE, TableInfo
 from .base import Tier
 from .disk import DiskTier
 from .slab import SlabTier

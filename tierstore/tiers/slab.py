@@ -15,7 +15,7 @@ import torch
 
 from ..cache import CacheIndex
 from ..cache.layout import RESIDENT
-from ..format import TableInfo
+from ..format.spec import TableInfo
 
 __all__ = ["SlabTier"]
 

@@ -14,7 +14,7 @@ REPO = Path(__file__).resolve().parents[3]
 SCRIPT = textwrap.dedent("""
     import sys, numpy as np
     from tierstore.cache import CacheIndex, walk
-    from tierstore.simulate import replay
+    from tierstore.analysis.simulate import replay
     trace = np.random.default_rng(0).integers(0, 500, 5000)
     for name in sys.argv[1:]:
         idx = CacheIndex(500, 50, name, pinned_rows=[])

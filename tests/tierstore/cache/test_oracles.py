@@ -31,7 +31,7 @@ TRACES = {"zipf": lambda: np.random.default_rng(1).zipf(1.1, N) % 20000, "real-t
 
 def ours(trace: np.ndarray, cap: int, policy: str) -> int:
     """One access per lookup through the store's own walk (the simulator's replay)."""
-    from tierstore.simulate import replay
+    from tierstore.analysis.simulate import replay
 
     idx = CacheIndex(int(trace.max()) + 1, cap, policy, rng=0, pinned_rows=np.empty(0, np.int64))
     replay(idx, trace, np.arange(trace.size + 1))

@@ -9,9 +9,9 @@ import torch
 
 import tierstore
 from tierstore.cache import CacheIndex, policy_names
-from tierstore.profile import load_profile, save_profile
-from tierstore.simulate import batch_bounds, replay, simulate, simulate_tiers
-from tierstore.stack_distance import lru_hits
+from tierstore.format.profile import load_profile, save_profile
+from tierstore.analysis.simulate import batch_bounds, replay, simulate, simulate_tiers
+from tierstore.analysis.stack_distance import lru_hits
 
 from ...conftest import one_table_store, real_text_trace
 
@@ -72,7 +72,7 @@ def test_a_batch_longer_than_the_capacity_is_replayed_not_estimated():
 def test_recorded_events_with_hints_replay_to_the_live_counters(store):
     """Lookups and Store.hint calls, recorded in the order the walk saw them, replay through
     fresh tiers to exactly the live counters (the simulator's prediction of a served queue)."""
-    from tierstore.simulate import replay_events
+    from tierstore.analysis.simulate import replay_events
 
     rng = np.random.default_rng(8)
     with tierstore.open(store, device="cpu", device_budget=50 * 64, host_budget=300 * 64, policy="default") as st:

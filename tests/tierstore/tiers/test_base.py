@@ -10,10 +10,10 @@ import pytest
 import torch
 
 import tierstore
-import tierstore.table
+import tierstore.serve.table
 from tierstore import TierStoreError
 from tierstore.tiers import CACHED, DISK, NONE, RESIDENT, CacheTier, DiskTier, SharedHostTier, Tier
-from tierstore.profile import save_profile
+from tierstore.format.profile import save_profile
 from tierstore.tiers.shared_host import SHM_DIR
 
 from ...conftest import bits, one_table_store
@@ -88,7 +88,7 @@ def test_every_tier_class_declares_the_protocol_members():
 def test_table_never_branches_on_tier_classes():
     """Table builds its tiers by class, then uses only the protocol: no isinstance/issubclass/
     type() checks, and the tier classes appear only where they are constructed."""
-    tree = ast.parse(inspect.getsource(tierstore.table))
+    tree = ast.parse(inspect.getsource(tierstore.serve.table))
     classes = {"CacheTier", "DiskTier", "SharedHostTier"}
     for node in ast.walk(tree):
         if isinstance(node, ast.Call) and isinstance(node.func, ast.Name):

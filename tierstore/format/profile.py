@@ -22,8 +22,8 @@ from pathlib import Path
 
 import numpy as np
 
-from .errors import CorruptDataError, IdTypeError, TierStoreError
-from .files import atomic_write, check_versioned, is_json_int, os_error, read_json
+from ..errors import CorruptDataError, IdTypeError, TierStoreError
+from ..files import atomic_write, check_versioned, is_json_int, os_error, read_json
 
 __all__ = ["PROFILE_FORMAT", "profile_paths", "count_rows", "save_profile", "load_profile",
            "profile_info", "has_profile", "zipf_fit"]

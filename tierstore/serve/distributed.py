@@ -39,11 +39,11 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from .build import build_store
-from .errors import TierStoreError, UnknownTableError
-from .format import TableInfo
+from ..format.build import build_store
+from ..errors import TierStoreError, UnknownTableError
+from ..format.spec import TableInfo
 from .prefetcher import LatencyStats, LookupFuture
-from .ids import IdLike, as_row_ids
+from ..ids import IdLike, as_row_ids
 from .store import Store
 
 __all__ = ["shard_dir", "build_shard", "ShardedStore", "open_sharded"]
@@ -87,7 +87,7 @@ class ShardedStore:
         if not local_path.exists():
             raise TierStoreError(
                 f"rank {self.rank}: no shard at {local_path}; build it with "
-                f"tierstore.distributed.build_shard(checkpoint, {str(path)!r}, {self.rank}, {self.world_size})"
+                f"tierstore.serve.distributed.build_shard(checkpoint, {str(path)!r}, {self.rank}, {self.world_size})"
             )
         store_kwargs.setdefault("device", self.comm_device)
         self.local = Store(local_path, **store_kwargs)

@@ -7,8 +7,8 @@ worker run its bookkeeping while the model thread holds the GIL.
 
 Why not plain ``cache=True``: numba keys a cached function on *its own* file's timestamp,
 so a kernel calling a kernel of another file keeps stale machine code after that other
-file changes. Every kernel of this package is therefore cached in a directory named after
-a hash of all of the package's sources and the numba version: any edit, any upgrade, a
+file changes. Every kernel (the cache layer's, ``tierstore.ids``') is therefore cached in a
+directory named after a hash of all of their sources and the numba version: any edit, any upgrade, a
 fresh compile; an unchanged install (a warm ``tierstore.open``) loads the machine code.
 The directory is ``$TIERSTORE_KERNEL_CACHE``, else ``$XDG_CACHE_HOME/tierstore/kernels``
 (``~/.cache/...``); if it is not writable numba warns and compiles in memory.
@@ -28,7 +28,8 @@ __all__ = ["kernel", "specialized", "KERNEL_CACHE_DIR"]
 
 def _cache_dir() -> str:
     h = hashlib.sha256(numba.__version__.encode())
-    for p in sorted(Path(__file__).parent.glob("*.py")):
+    here = Path(__file__).parent
+    for p in [here / "jit.py", here / "ids.py", *sorted((here / "cache").glob("*.py"))]:
         h.update(p.name.encode())
         h.update(p.read_bytes())
     base = os.environ.get("TIERSTORE_KERNEL_CACHE") or os.path.join(

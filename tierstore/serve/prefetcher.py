@@ -16,7 +16,7 @@ from typing import Generic, TypeVar
 
 import torch
 
-from .errors import LookupTimeoutError, StoreClosedError, TierStoreError
+from ..errors import LookupTimeoutError, StoreClosedError, TierStoreError
 
 __all__ = ["LookupFuture", "Prefetcher", "LatencyStats"]
 

@@ -22,10 +22,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .cache.layout import FILL, HIT, NONE, RESIDENT
-from .cache.lookup import Lookup, Walker
-from .format import TableInfo
-from .tiers import CacheTier, DiskTier, SharedHostTier, Tier
+from ..cache.layout import FILL, HIT, NONE, RESIDENT
+from ..cache.lookup import Lookup, Walker
+from ..format.spec import TableInfo
+from ..tiers import CacheTier, DiskTier, SharedHostTier, Tier
 
 __all__ = ["Table"]
 
@@ -68,7 +68,7 @@ class Table:
             self._walker = Walker(self.dev.index, self.dev.kind, self.host.index, self.host.kind)
             # when a list: every lookup's start (its ids) and end, and every hint, in the order
             # the tiers saw them: concurrent lookups overlap, and a row another lookup is still
-            # filling is read from below (tierstore.simulate.replay_events replays them exactly)
+            # filling is read from below (tierstore.analysis.simulate.replay_events replays them exactly)
             self.events: list[tuple] | None = None
         except BaseException:  # a failed open must not keep the row file or a shared segment
             self.close()

@@ -12,13 +12,13 @@ import numpy as np
 import torch
 
 from .buffers import BufferPool
-from .errors import CapacityError, StoreClosedError, TierStoreError, UnknownTableError
-from .format import TableInfo, read_manifest
-from .ids import IdLike, as_row_ids
+from ..errors import CapacityError, StoreClosedError, TierStoreError, UnknownTableError
+from ..format.spec import TableInfo, read_manifest
+from ..ids import IdLike, as_row_ids
 from .prefetcher import LookupFuture, Prefetcher
-from .profile import load_profile
-from .recovery import recover
-from .sizes import format_size, parse_size
+from ..format.profile import load_profile
+from ..format.recovery import recover
+from ..sizes import format_size, parse_size
 from .table import Table
 
 __all__ = ["Store", "open_store", "IdLike", "INLINE_BELOW"]

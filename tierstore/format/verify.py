@@ -9,9 +9,9 @@ from pathlib import Path
 import numpy as np
 from tqdm.auto import tqdm
 
-from .errors import CorruptDataError
-from .files import os_error, read_full
-from .format import PAGE_SIZE, TableInfo, check_header_page, load_checksums, load_order, page_checksums, read_manifest
+from ..errors import CorruptDataError
+from ..files import os_error, read_full
+from .spec import PAGE_SIZE, TableInfo, check_header_page, load_checksums, load_order, page_checksums, read_manifest
 
 __all__ = ["Mismatch", "VerifyReport", "verify_store"]
 

@@ -32,8 +32,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from .errors import CorruptDataError, FormatVersionError, TierStoreError
-from .files import atomic_write, check_versioned, is_json_int, read_json
+from ..errors import CorruptDataError, FormatVersionError, TierStoreError
+from ..files import atomic_write, check_versioned, is_json_int, read_json
 
 __all__ = [
     "FORMAT_NAME",

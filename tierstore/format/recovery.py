@@ -23,9 +23,9 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from . import faults
-from .errors import StoreExistsError
-from .files import fsync_dir, os_error
+from .. import faults
+from ..errors import StoreExistsError
+from ..files import fsync_dir, os_error
 
 __all__ = ["Orphan", "find_orphans", "recover", "publish", "leftover_tag"]
 

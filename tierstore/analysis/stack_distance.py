@@ -13,7 +13,7 @@ compiled code is written next to this file once and reused by later processes). 
 are first renumbered densely (``np.unique``), so memory is O(trace), not O(table).
 
 This is exact per-access LRU, the semantics of a trace without batch boundaries; a trace
-with recorded batches follows the store's batch rule instead (``tierstore.simulate``).
+with recorded batches follows the store's batch rule instead (``tierstore.analysis.simulate``).
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ from __future__ import annotations
 import numpy as np
 from numba import njit
 
-from .errors import IdTypeError, TierStoreError
+from ..errors import IdTypeError, TierStoreError
 
 __all__ = ["stack_distances", "lru_hits"]
 

@@ -23,9 +23,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .errors import CheckpointError, StoreIOError
-from .files import is_json_int, read_full
-from .format import DTYPES
+from ..errors import CheckpointError, StoreIOError
+from ..files import is_json_int, read_full
+from .spec import DTYPES
 
 __all__ = ["TensorMeta", "Checkpoint", "open_checkpoint"]
 

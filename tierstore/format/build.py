@@ -26,11 +26,11 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from . import faults
+from .. import faults
 from .checkpoint import Checkpoint, open_checkpoint
-from .errors import CapacityError, CheckpointError, StoreExistsError, StoreIOError, TierStoreError
-from .files import NO_SPACE, fsync_dir, os_error, pwrite_all, write_durable
-from .format import (
+from ..errors import CapacityError, CheckpointError, StoreExistsError, StoreIOError, TierStoreError
+from ..files import NO_SPACE, fsync_dir, os_error, pwrite_all, write_durable
+from .spec import (
     DTYPES,
     PAGE_SIZE,
     Manifest,
@@ -207,7 +207,7 @@ def build_store(
         round-to-nearest; default: keep the checkpoint's dtype, bit for bit.
     attach: files copied into ``out/attachments/`` (model config, tokenizer, ...).
     shard: ``(rank, world_size)``: store only rows ``rank::world_size`` of every table (one shard
-        of a sharded store, see ``tierstore.distributed``); the manifest records the shard.
+        of a sharded store, see ``tierstore.serve.distributed``); the manifest records the shard.
     order_by: a store directory holding access profiles (``tierstore profile --save-profile``),
         typically an earlier build of the same checkpoint: tables with a profile there are
         written hottest row first, so hot rows share 4 KiB pages (fewer cold page reads, a

@@ -6,7 +6,7 @@ per Engram table into a single zstd-compressed file (:func:`save_trace`); a plai
 ``.npy`` int64 array is accepted too (one table, no batch boundaries).
 
 :func:`simulate` replays a trace through the store's own compiled walk
-(tierstore.cache.walk) for each policy x capacity, plus ``opt`` (:mod:`tierstore.belady`).
+(tierstore.cache.walk) for each policy x capacity, plus ``opt`` (:mod:`tierstore.analysis.belady`).
 Semantics are exact by default: a trace without batch boundaries replays one access at a
 time, a trace with recorded batches replays exactly those batches under the store's rule
 for repeats inside a lookup. ``min_batch`` > 1 merges steps (faster, approximate; never
@@ -24,12 +24,12 @@ from pathlib import Path
 import numpy as np
 
 from .belady import belady_hits
-from .cache import CacheIndex
-from .cache.lookup import Walker
-from .cache.layout import CACHED, NONE, RESIDENT
-from .errors import CorruptDataError, IdTypeError, TierStoreError
-from .files import atomic_write, check_versioned, is_json_int, os_error
-from .cache import POLICIES
+from ..cache import CacheIndex
+from ..cache.lookup import Walker
+from ..cache.layout import CACHED, NONE, RESIDENT
+from ..errors import CorruptDataError, IdTypeError, TierStoreError
+from ..files import atomic_write, check_versioned, is_json_int, os_error
+from ..cache import POLICIES
 
 __all__ = [
     "TableTrace",

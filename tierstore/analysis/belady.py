@@ -22,7 +22,7 @@ import heapq
 
 import numpy as np
 
-from .errors import IdTypeError, TierStoreError
+from ..errors import IdTypeError, TierStoreError
 
 __all__ = ["next_use", "belady_hits", "dedupe_batches"]
 
