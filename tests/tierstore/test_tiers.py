@@ -138,6 +138,38 @@ def test_static_hot_set_from_profile(tmp_path, small_ckpt):
         assert s["device"]["hits"] + s["host"]["hits"] == len(hot) and s["disk"]["rows_read"] == 0
 
 
+def test_hot_set_loads_in_bounded_steps(tmp_path, small_ckpt, monkeypatch):
+    """Loading the profile's hot set at open reads at most PRELOAD_BYTES of rows per disk call
+    (an 8 GiB host tier must not stage 8 GiB more while it loads), and still loads every row
+    exactly: the rows answer from the tiers, bit for bit."""
+    from tierstore.format.profile import save_profile
+    from tierstore.tiers import cache as cache_mod
+    from tierstore.tiers.disk import DiskTier
+
+    ckpt, tensors = small_ckpt
+    path = tierstore.build_store(ckpt, tmp_path / "store", progress=False)
+    counts = np.random.default_rng(1).integers(1, 1000, 5003)
+    save_profile(path, T1, counts)
+    monkeypatch.setattr(cache_mod, "PRELOAD_BYTES", 100 * 256)  # 100 rows of 64 float32
+    calls: list[int] = []
+    real = DiskTier.gather
+
+    def spy(self, rows, out=None):
+        calls.append(len(rows))
+        return real(self, rows, out)
+
+    monkeypatch.setattr(DiskTier, "gather", spy)
+    with tierstore.open(path, device="cpu", device_budget=600 * 256, host_budget=3000 * 256, policy="static",
+                        use_profile=True) as store:
+        loaded = list(calls)
+        hot = np.argsort(-counts, kind="stable")[:400]
+        got = store.lookup(T1, hot)
+        s = store.stats()["tables"][T1]
+    assert sum(loaded) >= 400 and max(loaded) <= 100, f"hot set read in steps of {sorted(set(loaded))[-3:]} rows"
+    assert torch.equal(bits(got), bits(tensors[T1][hot]))
+    assert s["disk"]["rows_read"] == 0
+
+
 @pytest.mark.gpu
 def test_cuda_tiers_exact_and_within_budget(store_and_weight):
     path, w = store_and_weight

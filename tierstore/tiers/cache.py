@@ -19,7 +19,11 @@ from .base import Tier
 from .disk import DiskTier
 from .slab import SlabTier
 
-__all__ = ["CacheTier"]
+__all__ = ["CacheTier", "PRELOAD_BYTES"]
+
+# rows read per step when a cache tier loads its static hot set at open: the staging buffer,
+# not the whole hot set (a host tier of 8 GiB would otherwise need 8 GiB more while it loads)
+PRELOAD_BYTES = 64 << 20
 
 
 class CacheTier(SlabTier):
@@ -65,5 +69,10 @@ class CacheTier(SlabTier):
             slots = np.flatnonzero(self.index.row_of_slot >= 0)
             if len(slots):
                 rows = self.index.row_of_slot[slots].astype(np.int64)
-                order = np.argsort(rows)
-                self.write(slots[order], disk.gather(rows[order]).to(self.device))
+                order = np.argsort(rows)  # file order: each step's reads go forward through the file
+                rows, slots = rows[order], slots[order]
+                step = max(1, PRELOAD_BYTES // max(1, self.info.row_bytes))
+                buf = torch.empty((min(step, len(rows)), self.info.dim), dtype=self.info.raw_dtype)
+                for s in range(0, len(rows), step):
+                    n = min(step, len(rows) - s)
+                    self.write(slots[s:s + n], disk.gather(rows[s:s + n], buf[:n]).to(self.device))
