@@ -30,7 +30,6 @@ import json
 import mmap
 import os
 import shutil
-import subprocess
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -41,7 +40,7 @@ import numpy as np
 import torch
 
 import tierstore
-from benchmarks.common import evict, json_line, machine_info, print_header, resident_bytes
+from benchmarks.common import evict, fio, json_line, machine_info, print_header, resident_bytes
 from tierstore.tiers.page_reader import PAGE_SIZE, PageReader, aligned_empty
 from tierstore.sizes import format_size, parse_size
 
@@ -176,14 +175,7 @@ def read_lmdb(db: Path, keys: list[bytes], row_bytes: int) -> np.ndarray:
 
 def run_fio(path: Path, runtime: float) -> dict[str, float] | None:
     """fio 4 KiB randread, O_DIRECT, libaio, QD32 on ``path``; None when fio is not installed."""
-    if shutil.which("fio") is None:
-        return None
-    cmd = ["fio", "--name=cold", f"--filename={path}", "--rw=randread", "--bs=4k", "--direct=1",
-           "--ioengine=libaio", f"--iodepth={_FIO_QD}", f"--runtime={runtime}", "--time_based",
-           "--output-format=json"]
-    out = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout
-    rd = json.loads(out[out.index("{"):])["jobs"][0]["read"]
-    return {"iops": float(rd["iops"]), "lat_us": float(rd["clat_ns"]["mean"]) / 1e3}
+    return fio(path, rw="randread", bs="4k", iodepth=_FIO_QD, runtime=runtime)
 
 
 # ----------------------------------------------------------------------------- main

@@ -18,7 +18,7 @@ from typing import Any
 
 from tierstore.tiers.page_reader import evict_page_cache
 
-__all__ = ["timed", "best_of", "machine_info", "print_header", "evict", "resident_bytes", "json_line"]
+__all__ = ["timed", "best_of", "machine_info", "print_header", "evict", "resident_bytes", "fio", "json_line"]
 
 
 def timed(fn: Callable[[], Any]) -> tuple[float, Any]:
@@ -113,6 +113,30 @@ def resident_bytes(path: str | os.PathLike[str]) -> int | None:
         return int(out.stdout.split()[0])
     except (IndexError, ValueError):
         return None
+
+
+def fio(path: str | os.PathLike[str], *, rw: str, bs: str = "4k", iodepth: int = 32, runtime: float | None = None,
+        size: str | None = None, direct: bool = True) -> dict[str, float] | None:
+    """One fio job on ``path`` (libaio): ``{"iops", "bw_bytes" (per second), "lat_us" (mean
+    completion latency)}`` of its read or write side, by ``rw``; None when fio is not installed
+    (``apt-get install -y fio``). ``runtime`` runs time-based over the file; ``size`` bounds
+    the bytes (and creates the file when writing). Writes end with an fsync
+    (``--end_fsync``), so a buffered write is counted to the disk, not to the page cache."""
+    if shutil.which("fio") is None:
+        return None
+    cmd = ["fio", "--name=bench", f"--filename={path}", f"--rw={rw}", f"--bs={bs}", f"--direct={int(direct)}",
+           "--ioengine=libaio", f"--iodepth={iodepth}", "--output-format=json"]
+    if runtime is not None:
+        cmd += [f"--runtime={runtime}", "--time_based"]
+    if size is not None:
+        cmd += [f"--size={size}"]
+    if "write" in rw:
+        cmd += ["--end_fsync=1"]
+    out = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout
+    job = json.loads(out[out.index("{"):])["jobs"][0]
+    side = job["write" if "write" in rw else "read"]
+    return {"iops": float(side["iops"]), "bw_bytes": float(side["bw_bytes"]),
+            "lat_us": float(side["clat_ns"]["mean"]) / 1e3}
 
 
 def json_line(result: dict[str, Any]) -> None:
