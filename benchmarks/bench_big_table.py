@@ -1,0 +1,645 @@
+"""DeepSeek-V4.1-layout Engram tables larger than the machine: build, serve, beat mmap (issue 13).
+
+One run does everything, on one disk (``--workdir``):
+
+1. **Checkpoint.** ``benchmarks.v41_checkpoint`` writes a checkpoint in the released layout
+   (config.json with ``text_config`` and fp8/ue8m0 ``quantization_config``, sharded
+   safetensors + index, the two tables ``layers.{1,14}.engram.embed.weight``/``.scale`` in
+   the last shards) with ``engram_vocab_size`` picked so the two tables hold about
+   ``--table-gib`` GiB, in a child process whose peak RSS is measured. The dense part is a
+   small random model (15 blocks of width 64, Engram at blocks 1 and 14): the store does not
+   care, and the tokens it produces are compared, not read.
+2. **Disk.** fio sequential write (1 MiB, O_DIRECT, QD16, fsync at the end) on the same disk,
+   in the same run: what the build is held against.
+3. **Build.** ``tierstore build`` in a child process: seconds, bytes/s, peak RSS.
+4. **Profile.** The hasher runs over the training split of real text (Python's standard
+   library source; tokenizer trained on the same split); row access counts are saved into
+   the store (``tierstore.format.profile``), which places the hottest rows at open.
+5. **Serve.** Batched held-out prompts through the model: prefill, then decode steps that
+   feed the held-out text's next token (teacher forcing: a random model's own samples would
+   be noise whose n-grams no text has; real continuations read rows the way a trained
+   model's output would). Each run is a child process in a cgroup v1 memory group whose
+   limit counts anonymous memory *and* page cache: the limit is the child's own usage after
+   loading the model, plus the device and host budgets, plus ``--margin`` (the store's
+   bookkeeping). The page cache of every file is dropped first (fdatasync + fadvise
+   DONTNEED, no maps open). Systems, same prompts, same limit:
+
+   * ``store``: ``tierstore.open`` with the device budget (on this CPU machine a budgeted
+     in-memory cache) and the host budget, the rest on disk, placement by the profile;
+   * ``mmap``: the checkpoint's embed/scale tensors memory-mapped at their safetensors
+     offsets with ``MADV_RANDOM``, rows dequantized per lookup by this file's own code;
+   * ``mmap-readahead``: the same with the kernel's default readahead (main budget only).
+
+   The store runs at every ``--host-budgets`` entry (the plot), mmap likewise.
+6. **Check.** Rows from the store (through its tiers, twice) against an independent numpy
+   dequantization of the checkpoint (``v41_checkpoint.reference_rows``), bit for bit; the
+   tokens (argmax at every position) and final logits of every run against the first store
+   run's; rows looked up by every run (the same count, or a path was skipped).
+
+Reported per run: tokens/s (prefill, decode), rows/s, p50/p99 step latency, hit ratios
+(store: device and host tiers, and memory = 1 - disk rows / rows looked up; mmap: 1 -
+major faults / rows looked up), disk bytes read (``/proc/self/io``), the cgroup's limit and
+peak. The checkpoint and the store are deleted at the end unless ``--keep``.
+
+    python -m benchmarks.bench_big_table --table-gib 30 [--workdir DIR] [--plot docs/bigtable.png]
+    python -m benchmarks.bench_big_table --quick      # ~1 GiB, for the test
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import mmap
+import os
+import resource
+import shutil
+import sys
+import time
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from benchmarks.common import evict, fio, json_line, machine_info, print_header
+from benchmarks.isolation import MemoryGroup, io_counters, run_measured
+from benchmarks import v41_checkpoint as v41
+from tierstore.sizes import format_size, parse_size
+
+GIB = 1 << 30
+DENSE = dict(n_layer=15, n_head=2, d_model=64, d_ff=128)  # the small random backbone (V4.1's 43 blocks: not needed)
+
+
+# ============================================================================ the model and its row sources
+def model_config(tok_vocab: int, compressed_vocab: int, pad_compressed: int, engram_vocab_size: int,
+                 max_seq_len: int) -> dict[str, Any]:
+    """``ModelConfig`` fields of the V4.1-shaped Engram model: N = 4, K = 8, 256 values per head
+    (d_mem = 8 x 256), layers [1, 14], base size ``engram_vocab_size``, hash seed 0 (multipliers
+    from ``default_rng(10007 * L)``), every row read (W_v not zero-initialized)."""
+    return dict(vocab_size=tok_vocab, max_seq_len=max_seq_len, **DENSE,
+                engram_layers=list(v41.LAYER_IDS), engram_vocab_size=compressed_vocab,
+                engram_pad_id=pad_compressed, engram_max_ngram=v41.MAX_NGRAM, engram_heads=v41.N_HEADS,
+                engram_d_mem=v41.N_HEADS * v41.HEAD_DIM, engram_base_size=engram_vocab_size, engram_seed=0,
+                engram_zero_value=False)
+
+
+def table_name(layer: int) -> str:
+    return f"layers.{layer}.engram.embed.weight"
+
+
+def load_model(ckpt: Path) -> Any:
+    """The dense model of a checkpoint written by this benchmark, tables not attached."""
+    import torch
+    from safetensors.torch import load_file
+
+    from engram_model.model import EngramLM, ModelConfig
+
+    config = json.loads((ckpt / "config.json").read_text())
+    index = json.loads((ckpt / "model.safetensors.index.json").read_text())["weight_map"]
+    dense_shard = index["tok_emb.weight"]
+    state = load_file(str(ckpt / dense_shard))
+    cfg = ModelConfig(**config["tierstore_dense_model"])
+    model = EngramLM(cfg, state["compress"].numpy(), tables=False)
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    if missing or unexpected:
+        raise RuntimeError(f"dense weights do not match the model: missing {missing}, unexpected {unexpected}")
+    if model.hasher.total_rows(v41.LAYER_IDS[0]) != config["text_config"]["engram_num_embeddings"][0]:
+        raise RuntimeError("the model's hasher disagrees with engram_num_embeddings")
+    torch.set_grad_enabled(False)
+    return model.eval()
+
+
+class MmapRows:
+    """The mmap baseline: one layer's rows read through memory maps of the checkpoint's embed and
+    scale tensors (numpy.memmap at their safetensors offsets) and dequantized per lookup here.
+
+    advice: ``mmap.MADV_RANDOM`` (one 4 KiB page per fault) or None (the kernel's default
+    readahead). Lookups run in the caller's thread when the layer asks for them (no prefetch):
+    how a server that memory-maps its tables reads them.
+    """
+
+    def __init__(self, t: v41.EngramTensors, advice: int | None):
+        self.rows, self.dim = t.rows, v41.HEAD_DIM
+        n_sc = v41.HEAD_DIM // v41.SCALE_BLOCK
+        self.w = np.memmap(t.weight_file, dtype=np.uint8, mode="r", offset=t.weight_offset, shape=(t.rows, v41.HEAD_DIM))
+        self.s = np.memmap(t.scale_file, dtype=np.uint8, mode="r", offset=t.scale_offset, shape=(t.rows, n_sc))
+        if advice is not None:
+            for mm in (self.w, self.s):
+                mm._mmap.madvise(advice)  # type: ignore[attr-defined]
+        self.looked_up = 0
+
+    def fetch(self, packed_ids: Any) -> Any:
+        from engram_model.memory import _Deferred
+
+        return _Deferred(lambda: self.lookup(packed_ids))
+
+    def announce(self, packed_ids: Any) -> None:
+        """Nothing to do: the page cache hears of a row when it is read."""
+
+    def lookup(self, packed_ids: Any) -> Any:
+        """bf16 rows (..., 256): codes and scales gathered from the maps (page faults here), then
+        value x 2^(e - 127), exact in bf16 (torch multiplies bf16 in float32 and rounds once)."""
+        import torch
+
+        ids = packed_ids.reshape(-1).numpy()
+        n = len(ids)
+        codes = torch.from_numpy(np.take(self.w, ids, axis=0))  # (n, 256) uint8
+        scales = torch.from_numpy(np.take(self.s, ids, axis=0))  # (n, 8) uint8
+        vals = codes.view(torch.float8_e4m3fn).to(torch.bfloat16).view(n, -1, v41.SCALE_BLOCK)
+        out = vals * scales.view(torch.float8_e8m0fnu).to(torch.bfloat16).unsqueeze(-1)
+        self.looked_up += n
+        return out.view(*packed_ids.shape, v41.HEAD_DIM)
+
+    def close(self) -> None:
+        for mm in (self.w, self.s):
+            mm._mmap.close()  # type: ignore[attr-defined]
+        del self.w, self.s
+
+
+def attach(model: Any, sources: dict[int, Any]) -> None:
+    """Serve block L's Engram rows from ``sources[L]`` (a store table or an mmap source)."""
+    for blk in model.engram_blocks():
+        del blk.engram.memory
+        blk.engram.memory = sources[blk.index]
+
+
+# ============================================================================ serving (in a child)
+@dataclass
+class Served:
+    prefill_steps: list[float] = field(default_factory=list)  # seconds per batch prefill
+    decode_steps: list[float] = field(default_factory=list)  # seconds per decode step (one token per row)
+    prefill_tokens: int = 0
+    decode_tokens: int = 0
+    preds: list[Any] = field(default_factory=list)  # argmax at every prompt's last position and decode step
+    last_logits: list[Any] = field(default_factory=list)
+
+
+def serve_forced(model: Any, windows: np.ndarray, *, batch_size: int, prompt_len: int, decode_len: int) -> Served:
+    """Prefill each batch of ``windows[:, :prompt_len]``, then ``decode_len`` decode steps feeding
+    the window's next tokens. Batch i+1's prefill rows are requested before batch i computes
+    (``EngramLM.prepare``): the store starts fetching them, the mmap source reads on use."""
+    import torch
+
+    from engram_model.model import InferenceCache
+
+    out = Served()
+    batches = [torch.from_numpy(windows[i:i + batch_size]) for i in range(0, len(windows), batch_size)]
+    plan = model.prepare(batches[0][:, :prompt_len])
+    for i, win in enumerate(batches):
+        B = win.shape[0]
+        t0 = time.perf_counter()
+        cur = plan
+        plan = model.prepare(batches[i + 1][:, :prompt_len]) if i + 1 < len(batches) else None
+        cache = InferenceCache(model, B)
+        logits, _ = model(win[:, :prompt_len], plan=cur, cache=cache)
+        preds = [logits[:, -1].argmax(-1)]
+        out.prefill_steps.append(time.perf_counter() - t0)
+        out.prefill_tokens += B * prompt_len
+        for s in range(decode_len):
+            t0 = time.perf_counter()
+            logits, _ = model(win[:, prompt_len + s : prompt_len + s + 1], cache=cache)
+            preds.append(logits[:, -1].argmax(-1))
+            out.decode_steps.append(time.perf_counter() - t0)
+        out.decode_tokens += B * decode_len
+        out.preds.append(torch.stack(preds, 1).numpy())
+        out.last_logits.append(logits[:, -1].numpy().copy())
+    return out
+
+
+@dataclass
+class RunSpec:
+    """One serving run, handed to a child process as JSON."""
+
+    system: str  # "store" | "mmap" | "mmap-readahead"
+    ckpt: str
+    store: str
+    windows: str  # .npy of int64 (n_prompts, prompt_len + decode_len)
+    out: str  # result .json (arrays beside it as .npz)
+    device_budget: int
+    host_budget: int
+    margin: int
+    group: str | None  # cgroup directory, or None: no limit, memory measured
+    batch_size: int
+    prompt_len: int
+    decode_len: int
+    store_threads: int = 4
+
+
+def _pct(xs: Sequence[float], q: float) -> float:
+    return float(np.percentile(np.asarray(xs), q)) if len(xs) else 0.0
+
+
+def run_child(spec: RunSpec) -> dict[str, Any]:
+    """One serving run (in its own process): limit memory, open the system, serve, report."""
+    import torch
+
+    torch.set_num_threads(1)
+    model = load_model(Path(spec.ckpt))
+    windows = np.load(spec.windows)
+    group = MemoryGroup.at(spec.group) if spec.group else None
+    res: dict[str, Any] = {"system": spec.system, "device_budget": spec.device_budget,
+                           "host_budget": spec.host_budget}
+    if group is not None:
+        base = group.usage()
+        limit = base + spec.device_budget + spec.host_budget + spec.margin
+        group.set_limit(limit)
+        group.reset_max_usage()
+        res.update(memory_limit=limit, memory_base=base)
+    ru0, io0 = resource.getrusage(resource.RUSAGE_SELF), io_counters()
+    t0 = time.perf_counter()
+    store = None
+    if spec.system == "store":
+        import tierstore
+
+        store = tierstore.open(spec.store, device="cpu", device_budget=spec.device_budget,
+                               host_budget=spec.host_budget, threads=spec.store_threads, pool_bytes="64MiB")
+        from engram_model.memory import SYNC_BELOW, StoreMemory
+
+        sources = {L: StoreMemory(store, table_name(L), store.tables[table_name(L)].rows, v41.HEAD_DIM,
+                                  sync_below=SYNC_BELOW) for L in v41.LAYER_IDS}
+    else:
+        advice = mmap.MADV_RANDOM if spec.system == "mmap" else None
+        sources = {L: MmapRows(t, advice) for L, t in v41.engram_tensors(spec.ckpt).items()}
+    attach(model, sources)
+    res["open_seconds"] = time.perf_counter() - t0
+    io_open = io_counters()
+    res["open_read_bytes"] = io_open["read_bytes"] - io0["read_bytes"]
+    if store is not None:
+        store.reset_stats()
+    ru1 = resource.getrusage(resource.RUSAGE_SELF)
+    t1 = time.perf_counter()
+    served = serve_forced(model, windows, batch_size=spec.batch_size, prompt_len=spec.prompt_len,
+                          decode_len=spec.decode_len)
+    wall = time.perf_counter() - t1
+    ru2, io2 = resource.getrusage(resource.RUSAGE_SELF), io_counters()
+    heads = len(v41.LAYER_IDS) * (v41.MAX_NGRAM - 1) * v41.N_HEADS
+    tokens = served.prefill_tokens + served.decode_tokens
+    pre_s, dec_s = sum(served.prefill_steps), sum(served.decode_steps)
+    res.update(
+        serve_seconds=wall, prefill_tokens=served.prefill_tokens, decode_tokens=served.decode_tokens,
+        prefill_tok_s=served.prefill_tokens / pre_s, decode_tok_s=served.decode_tokens / dec_s,
+        rows_s=tokens * heads / (pre_s + dec_s), rows_expected=tokens * heads,
+        prefill_p50_ms=_pct(served.prefill_steps, 50) * 1e3, prefill_p99_ms=_pct(served.prefill_steps, 99) * 1e3,
+        decode_p50_ms=_pct(served.decode_steps, 50) * 1e3, decode_p99_ms=_pct(served.decode_steps, 99) * 1e3,
+        disk_read_bytes=io2["read_bytes"] - io_open["read_bytes"],
+        major_faults=ru2.ru_majflt - ru1.ru_majflt, open_major_faults=ru1.ru_majflt - ru0.ru_majflt,
+    )
+    if store is not None:
+        st = store.stats()
+        looked = int(st["device"]["hits"] + st["device"]["misses"])
+        res.update(rows_looked_up=looked, device_hit_ratio=st["device"]["hit_ratio"],
+                   host_hit_ratio=st["host"]["hit_ratio"], disk_rows_read=int(st["disk"]["rows_read"]),
+                   store_disk_bytes=int(st["disk"]["bytes_read"]),
+                   memory_hit_ratio=1 - st["disk"]["rows_read"] / max(1, looked))
+    else:
+        looked = sum(s.looked_up for s in sources.values())
+        res.update(rows_looked_up=looked, memory_hit_ratio=max(0.0, 1 - res["major_faults"] / max(1, looked)))
+    if group is not None:
+        stat = group.stat()
+        res.update(memory_peak=group.max_usage(), memory_limit_hits=group.failcnt(),
+                   memory_cache_end=stat.get("cache", 0), memory_rss_end=stat.get("rss", 0))
+    else:
+        res.update(max_rss=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
+    np.savez(Path(spec.out).with_suffix(".npz"), preds=np.concatenate(served.preds),
+             logits=np.concatenate(served.last_logits))
+    for s in sources.values():
+        if isinstance(s, MmapRows):
+            s.close()
+    if store is not None:
+        store.close()
+    Path(spec.out).write_text(json.dumps(res))
+    return res
+
+
+# ============================================================================ the parent's steps
+def _text() -> tuple[list[Path], list[Path]]:
+    """(training, held-out) files of the Python standard library source (engram_model's split)."""
+    from engram_model.data import split_files
+    from engram_model.tokenizer import stdlib_text_files
+
+    return split_files(stdlib_text_files())
+
+
+def make_tokenizer(work: Path, train: Sequence[Path], vocab: int, max_bytes: int) -> Any:
+    from engram_model.tokenizer import load_tokenizer, save_tokenizer, train_tokenizer
+
+    path = work / f"tokenizer-{vocab}-{max_bytes}.json"
+    if path.exists():
+        return load_tokenizer(path)
+    tok = train_tokenizer(train, vocab_size=vocab, max_bytes=max_bytes)
+    save_tokenizer(tok, path)
+    return tok
+
+
+def write_dense(work: Path, cfg: dict[str, Any], lookup: np.ndarray, seed: int) -> Path:
+    """The dense weights (random, seeded) as a safetensors file for the checkpoint writer."""
+    import torch
+    from safetensors.torch import save_file
+
+    from engram_model.model import EngramLM, ModelConfig
+
+    torch.manual_seed(seed)
+    model = EngramLM(ModelConfig(**cfg), lookup, tables=False)
+    path = work / "dense.safetensors"
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(path))
+    return path
+
+
+def save_profiles(store: Path, tok: Any, files: Sequence[Path], max_bytes: int | None, ckpt: Path) -> dict[str, Any]:
+    """Row access counts of the training text, hashed as the model hashes, saved into the store."""
+    import torch
+
+    from engram_model.data import encode_files
+    from tierstore.format.profile import save_profile
+
+    model = load_model(ckpt)
+    ids = encode_files(tok, files, max_bytes=max_bytes).astype(np.int64)
+    counts = {blk.index: np.zeros(model.hasher.total_rows(blk.index), dtype=np.int64) for blk in model.engram_blocks()}
+    step = 1 << 20  # tokens per hashing call: 24 int64 row ids each per layer (~200 MiB) + a bincount
+    for s in range(0, len(ids), step):
+        rows = model.row_ids(torch.from_numpy(ids[s:s + step])[None, :])
+        for L, r in rows.items():
+            counts[L] += np.bincount(r.numpy().reshape(-1), minlength=len(counts[L]))
+    for L, c in counts.items():
+        save_profile(store, table_name(L), c, meta={"source": f"{len(ids)} training-split tokens"})
+    return {"profile_tokens": int(len(ids)),
+            "profile_rows_seen": {str(L): int(np.count_nonzero(c)) for L, c in counts.items()}}
+
+
+def check_rows(store_path: Path, ckpt: Path, profile_top: int, n_random: int, seed: int) -> dict[str, Any]:
+    """Store lookups (twice: the second through its tiers) against the independent reference
+    dequantization, bit for bit, on each table's hottest rows, random rows and both ends."""
+    import torch
+
+    import tierstore
+    from tierstore.format.profile import load_profile
+
+    rng = np.random.default_rng(seed)
+    tensors = v41.engram_tensors(ckpt)
+    checked = mismatched = 0
+    with tierstore.open(store_path, device="cpu", device_budget="16MiB", host_budget="32MiB", use_profile=False) as st:
+        for L, t in tensors.items():
+            counts = load_profile(store_path, table_name(L))
+            hot = np.argsort(-counts)[:profile_top] if counts is not None else np.zeros(0, np.int64)
+            ids = np.concatenate([[0, t.rows - 1], hot, rng.integers(0, t.rows, n_random)]).astype(np.int64)
+            want = v41.reference_rows(t, ids)
+            for _ in range(2):
+                got = st.lookup(table_name(L), torch.from_numpy(ids)).view(torch.int16).numpy().view(np.uint16)
+                mismatched += int((got != want).any(axis=1).sum())
+                checked += len(ids)
+    return {"rows_checked": checked, "rows_mismatched": mismatched}
+
+
+def plot(runs: list[dict[str, Any]], path: Path) -> Path:
+    """Tokens/s (prefill and decode) and memory hit ratio against host budget, store vs mmap."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4.2))
+    for system, style in (("store", "-o"), ("mmap", "--s")):
+        rs = sorted((r for r in runs if r["system"] == system), key=lambda r: r["host_budget"])
+        if not rs:
+            continue
+        x = [r["host_budget"] / GIB for r in rs]
+        ax1.plot(x, [r["decode_tok_s"] for r in rs], style, label=f"{system} decode")
+        ax1.plot(x, [r["prefill_tok_s"] for r in rs], style, label=f"{system} prefill", alpha=0.6)
+        ax2.plot(x, [r["memory_hit_ratio"] for r in rs], style, label=f"{system}: rows served from memory")
+        if system == "store":
+            ax2.plot(x, [r["device_hit_ratio"] for r in rs], ":^", label="store: device tier hits")
+    ax1.set_yscale("log")
+    ax1.set_xlabel("host budget (GiB); memory limit = budgets + process + margin")
+    ax1.set_ylabel("tokens/s")
+    ax2.set_xlabel("host budget (GiB)")
+    ax2.set_ylabel("fraction of row lookups")
+    ax2.set_ylim(0, 1)
+    for ax in (ax1, ax2):
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    fig.suptitle("DeepSeek-V4.1-layout Engram tables larger than memory: store vs mmap")
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def _py(*args: str) -> list[str]:
+    return [sys.executable, "-m", *args]
+
+
+def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
+    ap = argparse.ArgumentParser(description="V4.1-layout Engram tables larger than memory: store vs mmap")
+    ap.add_argument("--table-gib", type=float, default=30.0, help="the two tables' total size")
+    ap.add_argument("--quick", action="store_true", help="a ~1 GiB run in about a minute (the test)")
+    ap.add_argument("--workdir", default=os.environ.get("TIERSTORE_BENCH_CACHE", "/tmp/tierstore_bigtable"))
+    ap.add_argument("--device-budget", default="2GiB")
+    ap.add_argument("--host-budgets", default="2GiB,4GiB,6GiB,8GiB", help="store and mmap run at each (the plot)")
+    ap.add_argument("--main-host-budget", default="8GiB", help="the headline figures' host budget")
+    ap.add_argument("--margin", default="2GiB", help="memory beyond the budgets (the store's bookkeeping; "
+                                                     "mmap gets it as page cache)")
+    ap.add_argument("--prompts", type=int, default=64)
+    ap.add_argument("--batch-size", type=int, default=8)
+    ap.add_argument("--prompt-len", type=int, default=128)
+    ap.add_argument("--decode-len", type=int, default=32)
+    ap.add_argument("--tokenizer-vocab", type=int, default=8192)
+    ap.add_argument("--profile-bytes", default=None, help="training text hashed for the profile (default: all)")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--plot", default=None, help="plot path (default WORKDIR/bench_big_table.png)")
+    ap.add_argument("--keep", action="store_true", help="keep the checkpoint and store (reused by the next run)")
+    ap.add_argument("--child", default=None, help=argparse.SUPPRESS)
+    args = ap.parse_args(argv)
+    if args.child:
+        return run_child(RunSpec(**json.loads(Path(args.child).read_text())))
+    if args.quick:
+        args.table_gib, args.prompts, args.batch_size, args.prompt_len, args.decode_len = 1.0, 8, 4, 32, 8
+        args.tokenizer_vocab, args.profile_bytes, args.margin = 2048, "3MiB", "256MiB"
+    table_target = int(args.table_gib * GIB)
+    scale = table_target / (30 * GIB)  # --quick scales the budgets with the table
+    dev_b = int(parse_size(args.device_budget) * (scale if args.quick else 1))
+    host_bs = [int(parse_size(b) * (scale if args.quick else 1)) for b in args.host_budgets.split(",")]
+    main_host = int(parse_size(args.main_host_budget) * (scale if args.quick else 1))
+    if main_host not in host_bs:
+        host_bs.append(main_host)
+    if args.quick:
+        host_bs = [host_bs[0], main_host]
+    margin = parse_size(args.margin)
+
+    work = Path(args.workdir).absolute()
+    work.mkdir(parents=True, exist_ok=True)
+    ckpt, store = work / "ckpt", work / "store"
+    plot_path = Path(args.plot) if args.plot else work / "bench_big_table.png"
+    root = str(Path(__file__).resolve().parents[1])
+    env = {**os.environ, "PYTHONPATH": root + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    t_start = time.perf_counter()
+
+    # -- text, tokenizer, sizes
+    train, val = _text()
+    tok = make_tokenizer(work, train, args.tokenizer_vocab, 2 << 20 if args.quick else 8 << 20)
+    from engram_model.compression import build_compression
+    from engram_model.data import encode_files
+    from engram_model.tokenizer import PAD_TOKEN
+
+    cmap = build_compression(tok)
+    pad_raw = tok.token_to_id(PAD_TOKEN)
+    V = v41.vocab_for_table_bytes(table_target)
+    rows = v41.table_rows(V)
+    table_bytes = sum(rows.values()) * v41.ROW_BYTES
+    cfg = model_config(tok.get_vocab_size(), cmap.num_compressed, int(cmap.lookup[pad_raw]), V,
+                       args.prompt_len + args.decode_len + 1)
+    print_header("bench_big_table: DeepSeek-V4.1-layout Engram tables vs memory", machine_info(work), [
+        f"load average at start: {' '.join(f'{x:.2f}' for x in os.getloadavg())}",
+        f"engram_vocab_size {V:,}: tables {rows} rows x {v41.ROW_BYTES} B = {format_size(table_bytes)} "
+        f"(machine memory {machine_info()['mem_gib']} GiB)",
+        f"device budget {format_size(dev_b)} (CPU: an in-memory tier), host budgets "
+        f"{[format_size(b) for b in host_bs]}, headline {format_size(main_host)}, margin {format_size(margin)}",
+        f"workload: {args.prompts} held-out prompts of {args.prompt_len} tokens in batches of {args.batch_size}, "
+        f"{args.decode_len} teacher-forced decode steps each; tokenizer {tok.get_vocab_size()} ids "
+        f"({cmap.num_compressed} compressed)",
+    ])
+
+    # -- 1. checkpoint (child, measured)
+    res: dict[str, Any] = {"bench": "big_table", "quick": args.quick, "engram_vocab_size": V,
+                           "table_rows": [rows[L] for L in v41.LAYER_IDS], "table_bytes": table_bytes,
+                           "device_budget": dev_b, "host_budgets": host_bs, "main_host_budget": main_host,
+                           "margin": margin}
+    reuse = args.keep and (ckpt / "config.json").exists() and \
+        json.loads((ckpt / "config.json").read_text())["text_config"]["engram_vocab_size"] == V
+    if not reuse:
+        shutil.rmtree(ckpt, ignore_errors=True)
+        shutil.rmtree(store, ignore_errors=True)
+        dense = write_dense(work, cfg, cmap.lookup, args.seed)
+        (work / "config_extra.json").write_text(json.dumps({"tierstore_dense_model": cfg}))
+        (work / "text_extra.json").write_text(json.dumps({"vocab_size": cfg["vocab_size"],
+                                                          "num_hidden_layers": DENSE["n_layer"],
+                                                          "hidden_size": DENSE["d_model"]}))
+        w = run_measured(_py("benchmarks.v41_checkpoint", "--out", str(ckpt), "--engram-vocab-size", str(V),
+                             "--compressed-vocab-size", str(cmap.num_compressed), "--pad-id", str(pad_raw),
+                             "--seed", str(args.seed), "--dense", str(dense),
+                             "--config-extra", str(work / "config_extra.json"),
+                             "--text-config-extra", str(work / "text_extra.json")),
+                         log=work / "write.log", env=env, cwd=root)
+        if w.returncode:
+            raise RuntimeError(f"checkpoint writer failed ({w.returncode}); see {w.log}")
+        res.update(write_seconds=w.seconds, peak_write_rss_bytes=w.max_rss_bytes,
+                   write_bytes_s=table_bytes / w.seconds)
+        print(f"checkpoint: {format_size(table_bytes)} of tables in {w.seconds:.1f} s "
+              f"({format_size(table_bytes / w.seconds)}/s), writer peak RSS {format_size(w.max_rss_bytes)}")
+    shards = sorted(ckpt.glob("*.safetensors"))
+
+    # -- 2. fio sequential write on the same disk
+    fio_file = work / "fio-seqwrite.bin"
+    seq = fio(fio_file, rw="write", bs="1M", iodepth=16, size="256M" if args.quick else "8G")
+    fio_file.unlink(missing_ok=True)
+    res["fio_seq_write_bytes_s"] = seq["bw_bytes"] if seq else None
+    print(f"fio sequential write (1 MiB, O_DIRECT, QD16, end fsync): "
+          f"{format_size(seq['bw_bytes']) + '/s' if seq else 'NOT INSTALLED (apt-get install -y fio)'}")
+
+    # -- 3. build (child, measured)
+    if not (reuse and (store / "manifest.json").exists()):
+        shutil.rmtree(store, ignore_errors=True)
+        evict(*shards)
+        b = run_measured(_py("tools", "build", str(ckpt), str(store), "--quiet"), log=work / "build.log",
+                         env=env, cwd=root)
+        if b.returncode:
+            raise RuntimeError(f"tierstore build failed ({b.returncode}): {b.log.read_text()[-2000:]}")
+        store_bytes = sum(p.stat().st_size for p in (store / "tables").iterdir())
+        res.update(build_seconds=b.seconds, peak_build_rss_bytes=b.max_rss_bytes, store_bytes=store_bytes,
+                   build_bytes_s=store_bytes / b.seconds,
+                   build_vs_fio_seq_write=(store_bytes / b.seconds) / seq["bw_bytes"] if seq else None)
+        print(f"build: {format_size(store_bytes)} in {b.seconds:.1f} s ({format_size(store_bytes / b.seconds)}/s"
+              + (f", {res['build_vs_fio_seq_write']:.2f}x fio" if seq else "")
+              + f"), peak RSS {format_size(b.max_rss_bytes)}")
+    store_files = [p for p in (store / "tables").iterdir()]
+    evict(*shards, *store_files)
+
+    # -- 4. profile from the training split
+    t0 = time.perf_counter()
+    prof = save_profiles(store, tok, train, parse_size(args.profile_bytes) if args.profile_bytes else None, ckpt)
+    res.update(prof, profile_seconds=time.perf_counter() - t0)
+    print(f"profile: {prof['profile_tokens']:,} training tokens, rows seen {prof['profile_rows_seen']} "
+          f"({res['profile_seconds']:.1f} s)")
+
+    # -- prompts from the held-out split
+    ids = encode_files(tok, val, max_bytes=(1 << 20) if args.quick else (8 << 20)).astype(np.int64)
+    span = args.prompt_len + args.decode_len
+    stride = (len(ids) - span) // args.prompts
+    windows = np.stack([ids[i * stride: i * stride + span] for i in range(args.prompts)])
+    np.save(work / "windows.npy", windows)
+
+    # -- 5. serving runs, each in its own memory group, page cache dropped first
+    runs: list[dict[str, Any]] = []
+    plan = [(s, h) for h in host_bs for s in ("store", "mmap")] + [("mmap-readahead", main_host)]
+    limited = None
+    for i, (system, hb) in enumerate(plan):
+        spec = RunSpec(system=system, ckpt=str(ckpt), store=str(store), windows=str(work / "windows.npy"),
+                       out=str(work / f"run-{i}.json"), device_budget=dev_b, host_budget=hb, margin=margin,
+                       group=None, batch_size=args.batch_size, prompt_len=args.prompt_len,
+                       decode_len=args.decode_len)
+        group = MemoryGroup.create(f"tierstore-bigtable-{os.getpid()}-{i}")
+        limited = group is not None if limited is None else limited and group is not None
+        spec.group = str(group.path) if group else None
+        Path(spec.out).unlink(missing_ok=True)
+        (work / f"run-{i}.spec.json").write_text(json.dumps(asdict(spec)))
+        evict(*shards, *store_files)
+        try:
+            r = run_measured(_py("benchmarks.bench_big_table", "--child", str(work / f"run-{i}.spec.json")),
+                             log=work / f"run-{i}.log", group=group, env=env, cwd=root)
+        finally:
+            if group is not None:
+                group.remove()
+        if r.returncode or not Path(spec.out).exists():
+            why = "OOM-killed at its memory limit (raise --margin)" if r.returncode == -9 else f"rc {r.returncode}"
+            raise RuntimeError(f"{system} run at host budget {format_size(hb)} failed: {why}; "
+                               f"log: {r.log.read_text()[-3000:]}")
+        out = json.loads(Path(spec.out).read_text())
+        arrays = np.load(Path(spec.out).with_suffix(".npz"))
+        out["_preds"], out["_logits"] = arrays["preds"], arrays["logits"]
+        runs.append(out)
+        print(f"   {system:<15} host {format_size(hb):>9}: decode {out['decode_tok_s']:8,.0f} tok/s "
+              f"(p50 {out['decode_p50_ms']:6.1f} p99 {out['decode_p99_ms']:6.1f} ms), prefill "
+              f"{out['prefill_tok_s']:8,.0f} tok/s (p99 {out['prefill_p99_ms']:7.1f} ms), {out['rows_s']:9,.0f} rows/s, "
+              f"memory hits {out['memory_hit_ratio']:.3f}, disk {format_size(out['disk_read_bytes'])}, "
+              f"open {out['open_seconds']:.1f} s" + (f", limit {format_size(out['memory_limit'])} peak "
+                                                     f"{format_size(out['memory_peak'])}" if 'memory_limit' in out else ""))
+
+    # -- 6. checks
+    ref = runs[0]
+    same_tokens = all(np.array_equal(r["_preds"], ref["_preds"]) for r in runs)
+    same_logits = all(np.array_equal(r["_logits"].view(np.uint32), ref["_logits"].view(np.uint32)) for r in runs)
+    rows_counts = sorted({r["rows_looked_up"] for r in runs})
+    check = check_rows(store, ckpt, profile_top=64 if args.quick else 512, n_random=256 if args.quick else 2048,
+                       seed=args.seed)
+    main_store = next(r for r in runs if r["system"] == "store" and r["host_budget"] == main_host)
+    main_mmap = next(r for r in runs if r["system"] == "mmap" and r["host_budget"] == main_host)
+    main_ra = next(r for r in runs if r["system"] == "mmap-readahead")
+    res.update(
+        memory_limited_by="cgroup v1 memory group (anonymous + page cache)" if limited else
+        "none: no writable cgroup v1 memory controller; peak RSS measured, page cache not bounded",
+        store_decode_tok_s=main_store["decode_tok_s"], mmap_decode_tok_s=main_mmap["decode_tok_s"],
+        store_prefill_tok_s=main_store["prefill_tok_s"], mmap_prefill_tok_s=main_mmap["prefill_tok_s"],
+        mmap_readahead_decode_tok_s=main_ra["decode_tok_s"], mmap_readahead_prefill_tok_s=main_ra["prefill_tok_s"],
+        decode_x_mmap=main_store["decode_tok_s"] / main_mmap["decode_tok_s"],
+        prefill_x_mmap=main_store["prefill_tok_s"] / main_mmap["prefill_tok_s"],
+        same_tokens=same_tokens, same_logits=same_logits, rows_looked_up=rows_counts,
+        rows_bit_exact=check["rows_mismatched"] == 0 and check["rows_checked"] > 0, **check,
+        runs=[{k: v for k, v in r.items() if not k.startswith("_")} for r in runs],
+        plot=str(plot(runs, plot_path)),
+    )
+    print(f"\nheadline (host {format_size(main_host)}): decode store {res['store_decode_tok_s']:,.0f} vs mmap "
+          f"{res['mmap_decode_tok_s']:,.0f} tok/s ({res['decode_x_mmap']:.2f}x), prefill "
+          f"{res['store_prefill_tok_s']:,.0f} vs {res['mmap_prefill_tok_s']:,.0f} ({res['prefill_x_mmap']:.2f}x); "
+          f"same tokens {same_tokens}, same logits {same_logits}, rows bit-exact {res['rows_bit_exact']} "
+          f"({check['rows_checked']} checked); memory limit: {res['memory_limited_by']}")
+    if not args.keep:
+        shutil.rmtree(ckpt, ignore_errors=True)
+        shutil.rmtree(store, ignore_errors=True)
+    res["total_seconds"] = time.perf_counter() - t_start
+    json_line(res)
+    return res
+
+
+if __name__ == "__main__":
+    main()
