@@ -16,70 +16,19 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from safetensors.torch import save_file
 
 import tierstore
 from tierstore import CheckpointError, CorruptDataError, FormatVersionError, TierStoreError
 from tierstore.format.quant import FP4_SCHEME, FP8_SCHEME, Quant, dequantize, split_rows
 from tierstore.format.spec import manifest_digest, read_manifest
 
-# --- the oracle ------------------------------------------------------------------------------
+from ..v41 import assert_dequantized, embed, oracle, scale_of, write_v41_checkpoint
+
+V41_LAYERS = {1: 3001, 3: 2999}  # layer -> rows (the real ones hold ~384M)
 
 
-def e4m3_value(b: np.ndarray) -> np.ndarray:
-    """E4M3 ("fn") bytes -> float64: sign, 4 exponent bits (bias 7), 3 mantissa bits;
-    exponent 0 is subnormal (m/8 * 2**-6); 0x7F/0xFF are NaN; no infinities."""
-    b = b.astype(np.int64)
-    sign = np.where(b & 0x80, -1.0, 1.0)
-    e, m = (b >> 3) & 0xF, b & 0x7
-    mag = np.where(e == 0, np.ldexp(m / 8.0, -6), np.ldexp(1.0 + m / 8.0, e - 7))
-    return np.where((e == 0xF) & (m == 0x7), np.nan, sign * mag)
-
-
-def e2m1_value(c: np.ndarray) -> np.ndarray:
-    """E2M1 nibbles -> float64: sign bit 3, 2 exponent bits (bias 1), 1 mantissa bit."""
-    c = c.astype(np.int64)
-    sign = np.where(c & 0x8, -1.0, 1.0)
-    e, m = (c >> 1) & 0x3, c & 0x1
-    return sign * np.where(e == 0, m * 0.5, np.ldexp(1.0 + m / 2.0, e - 1))
-
-
-def e8m0_value(b: np.ndarray) -> np.ndarray:
-    """UE8M0 bytes -> float64: 2**(e - 127); 0xFF is NaN."""
-    e = b.astype(np.int64)
-    return np.where(e == 0xFF, np.nan, np.ldexp(1.0, e - 127))
-
-
-def bf16_bits(x: np.ndarray) -> np.ndarray:
-    """float64 -> bfloat16 bits (uint16), round to nearest even. The products here are exact
-    in float32 (at most 4 significant bits, exponents >= -136) unless they overflow it, and
-    then they overflow bfloat16 too; so one float32 step, then RNE on the top 16 bits."""
-    with np.errstate(over="ignore"):
-        u = x.astype(np.float32).view(np.uint32).astype(np.uint64)
-    return ((u + 0x7FFF + ((u >> 16) & 1)) >> 16).astype(np.uint16)
-
-
-def oracle(values: np.ndarray, scales: np.ndarray, quant: Quant) -> tuple[np.ndarray, np.ndarray]:
-    """(bf16 bits, NaN mask) of rows given as value bytes (n, value_bytes) and scale bytes (n, k)."""
-    if quant.scheme == FP8_SCHEME:
-        v = e4m3_value(values)
-    else:  # low nibble first
-        v = e2m1_value(np.stack([values & 0xF, values >> 4], axis=-1).reshape(len(values), -1))
-    s = np.repeat(e8m0_value(scales), quant.block, axis=1)
-    x = v * s
-    return bf16_bits(x), np.isnan(x)
-
-
-def assert_dequantized(got: torch.Tensor, values: np.ndarray, scales: np.ndarray, quant: Quant) -> None:
-    want, nan = oracle(values.reshape(-1, values.shape[-1]), scales.reshape(-1, scales.shape[-1]), quant)
-    assert got.dtype == torch.bfloat16
-    g = got.detach().cpu().reshape(len(want), quant.values).view(torch.int16).numpy().view(np.uint16)
-    g_nan = got.detach().cpu().reshape(len(want), -1).isnan().numpy()
-    assert np.array_equal(g_nan, nan), f"{(g_nan != nan).sum()} NaN positions differ"
-    bad = (g != want) & ~nan
-    assert not bad.any(), (f"{bad.sum()} of {bad.size} values differ from the oracle, e.g. bits "
-                           f"{g[bad][:4]} vs {want[bad][:4]}")
-
+def v41_checkpoint(root: Path, **kw) -> dict[str, np.ndarray]:
+    return write_v41_checkpoint(root, V41_LAYERS, **kw)
 
 # --- inputs that cover every code --------------------------------------------------------------
 
@@ -143,62 +92,12 @@ def test_quant_refuses_bad_parameters(kw):
         Quant(**args)
 
 
-# --- a V4.1-style checkpoint ------------------------------------------------------------------
-
-V41_LAYERS = {1: 3001, 3: 2999}  # layer -> rows (the real ones hold ~384M)
-
-
-def embed(layer: int) -> str:
-    return f"layers.{layer}.engram.embed.weight"
-
-
-def write_v41_checkpoint(root: Path, *, fp4: bool = False, seed: int = 0,
-                         drop: str | None = None, override: dict | None = None) -> dict[str, np.ndarray]:
-    """A checkpoint directory in the released layout: sharded safetensors + index; dense tensors
-    (bf16, fp8 with 32x32-block scales, the Engram projections) in the first shard; each Engram
-    table (F8_E4M3 [rows, 256] or packed FP4 U8 [rows, 128]) and its F8_E8M0 [rows, 8] scale in
-    a shard of its own at the end. Returns the raw bytes of the tables and scales."""
-    rng = np.random.default_rng(seed)
-    root.mkdir(parents=True, exist_ok=True)
-    u8 = lambda shape: rng.integers(0, 256, shape, dtype=np.uint8)  # noqa: E731
-    dense = {
-        "embed.weight": torch.randn(64, 32).bfloat16(),
-        "layers.0.attn.wq_a.weight": torch.from_numpy(u8((64, 32))).view(torch.float8_e4m3fn),
-        "layers.0.attn.wq_a.scale": torch.from_numpy(u8((2, 1))).view(torch.float8_e8m0fnu),
-        "layers.1.engram.wkv.weight": torch.from_numpy(u8((64, 48))).view(torch.float8_e4m3fn),
-        "layers.1.engram.wkv.scale": torch.from_numpy(u8((2, 2))).view(torch.float8_e8m0fnu),
-        "layers.1.engram.k_weight": torch.randn(4, 32).bfloat16(),
-    }
-    shards = [dense]
-    raw: dict[str, np.ndarray] = {}
-    for layer, rows in V41_LAYERS.items():
-        w = u8((rows, 128 if fp4 else 256))
-        s = rng.integers(110, 140, (rows, 8), dtype=np.uint8)  # realistic powers of two
-        raw[embed(layer)], raw[embed(layer)[: -len("weight")] + "scale"] = w, s
-        wt = torch.from_numpy(w) if fp4 else torch.from_numpy(w).view(torch.float8_e4m3fn)
-        shards.append({embed(layer): wt,
-                       embed(layer)[: -len("weight")] + "scale": torch.from_numpy(s).view(torch.float8_e8m0fnu)})
-    for name, t in (override or {}).items():
-        shards[-1][name] = t
-    weight_map = {}
-    for i, tensors in enumerate(shards):
-        tensors = {k: v for k, v in tensors.items() if k != drop}
-        fname = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
-        save_file(tensors, str(root / fname))
-        weight_map.update({k: fname for k in tensors})
-    (root / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
-    (root / "config.json").write_text(json.dumps({"architectures": ["DeepseekV41ForCausalLM"], "text_config": {
-        "engram_layer_ids": list(V41_LAYERS), "engram_n_heads": 8, "engram_head_dim": 256},
-        "quantization_config": {"quant_method": "fp8", "scale_fmt": "ue8m0"}}))
-    return raw
-
-
 def check_lookups(store_path: Path, raw: dict[str, np.ndarray], quant: Quant, *, device: str = "cpu",
                   budgets: tuple[int, int] = (0, 0)) -> dict:
     rng = np.random.default_rng(7)
     with tierstore.open(store_path, device=device, device_budget=budgets[0], host_budget=budgets[1]) as store:
         for name in (embed(L) for L in V41_LAYERS):
-            w, s = raw[name], raw[name[: -len("weight")] + "scale"]
+            w, s = raw[name], raw[scale_of(name)]
             info = store.tables[name]
             assert info.quant == quant and (info.lookup_dim, info.lookup_dtype) == (256, torch.bfloat16)
             for n in (900, 5000):  # inline prefetch (<= 1024 ids) and the worker path
@@ -225,7 +124,7 @@ def check_lookups(store_path: Path, raw: dict[str, np.ndarray], quant: Quant, *,
 
 @pytest.mark.parametrize("fp4", [False, True], ids=["fp8", "fp4"])
 def test_v41_checkpoint_builds_and_serves_exact_rows(tmp_path, fp4):
-    raw = write_v41_checkpoint(tmp_path / "ckpt", fp4=fp4)
+    raw = v41_checkpoint(tmp_path / "ckpt", fp4=fp4)
     out = tierstore.build_store(tmp_path / "ckpt", tmp_path / "store", progress=False,
                                 attach=[tmp_path / "ckpt" / "config.json"])
     quant = Quant(FP4_SCHEME if fp4 else FP8_SCHEME, 32, 256)
@@ -246,7 +145,7 @@ def test_v41_checkpoint_builds_and_serves_exact_rows(tmp_path, fp4):
 
 
 def test_v41_shard_and_hotness_order_keep_scales_with_rows(tmp_path):
-    raw = write_v41_checkpoint(tmp_path / "ckpt")
+    raw = v41_checkpoint(tmp_path / "ckpt")
     quant = Quant(FP8_SCHEME, 32, 256)
     first = tierstore.build_store(tmp_path / "ckpt", tmp_path / "first", progress=False)
     from tierstore.format.profile import save_profile
@@ -262,14 +161,14 @@ def test_v41_shard_and_hotness_order_keep_scales_with_rows(tmp_path):
         local = np.arange(store.tables[name].rows)
         got = store.lookup(name, local)
         glob = 1 + 3 * local
-        assert_dequantized(got, raw[name][glob], raw[name[: -len("weight")] + "scale"][glob], quant)
+        assert_dequantized(got, raw[name][glob], raw[scale_of(name)][glob], quant)
 
 
 # --- refusals ---------------------------------------------------------------------------------
 
 
 def test_missing_scale_is_refused_naming_the_tensor(tmp_path):
-    write_v41_checkpoint(tmp_path / "c", drop="layers.3.engram.embed.scale")
+    v41_checkpoint(tmp_path / "c", drop="layers.3.engram.embed.scale")
     with pytest.raises(CheckpointError, match=r"'layers\.3\.engram\.embed\.weight'.*no block scales "
                                               r"'layers\.3\.engram\.embed\.scale'.*download every shard"):
         tierstore.build_store(tmp_path / "c", tmp_path / "s", progress=False)
@@ -277,7 +176,7 @@ def test_missing_scale_is_refused_naming_the_tensor(tmp_path):
 
 
 def test_scale_without_rows_is_refused(tmp_path):
-    write_v41_checkpoint(tmp_path / "c", drop="layers.3.engram.embed.weight")
+    v41_checkpoint(tmp_path / "c", drop="layers.3.engram.embed.weight")
     with pytest.raises(CheckpointError, match=r"'layers\.3\.engram\.embed\.scale' holds block scales but its rows"):
         tierstore.build_store(tmp_path / "c", tmp_path / "s", progress=False)
 
@@ -288,19 +187,19 @@ def test_scale_without_rows_is_refused(tmp_path):
     (torch.zeros(2999, 8, dtype=torch.float32), "expected F8_E8M0"),
 ])
 def test_scale_shape_or_dtype_mismatch_is_refused(tmp_path, bad, match):
-    write_v41_checkpoint(tmp_path / "c", override={"layers.3.engram.embed.scale": bad})
+    v41_checkpoint(tmp_path / "c", override={"layers.3.engram.embed.scale": bad})
     with pytest.raises(CheckpointError, match=match):
         tierstore.build_store(tmp_path / "c", tmp_path / "s", progress=False)
 
 
 def test_values_in_another_dtype_with_scales_are_refused(tmp_path):
-    write_v41_checkpoint(tmp_path / "c", override={embed(3): torch.zeros(2999, 256, dtype=torch.bfloat16)})
+    v41_checkpoint(tmp_path / "c", override={embed(3): torch.zeros(2999, 256, dtype=torch.bfloat16)})
     with pytest.raises(CheckpointError, match="F8_E4M3 values or packed FP4"):
         tierstore.build_store(tmp_path / "c", tmp_path / "s", progress=False)
 
 
 def test_dtype_conversion_of_a_quantized_table_is_refused(tmp_path):
-    write_v41_checkpoint(tmp_path / "c")
+    v41_checkpoint(tmp_path / "c")
     with pytest.raises(TierStoreError, match="cannot convert quantized table"):
         tierstore.build_store(tmp_path / "c", tmp_path / "s", dtype="bfloat16", progress=False)
     with pytest.raises(TierStoreError, match="dtype='uint8' is not supported"):
@@ -308,7 +207,7 @@ def test_dtype_conversion_of_a_quantized_table_is_refused(tmp_path):
 
 
 def test_a_regex_matching_the_scales_keeps_them_with_their_rows(tmp_path):
-    write_v41_checkpoint(tmp_path / "c")
+    v41_checkpoint(tmp_path / "c")
     out = tierstore.build_store(tmp_path / "c", tmp_path / "s", tables=r"engram\.embed", progress=False)
     assert sorted(read_manifest(out).tables) == [embed(L) for L in V41_LAYERS]
 
@@ -341,7 +240,7 @@ def test_plain_stores_write_no_quant_field(tmp_path):
     (lambda t: t.pop("quant"), CorruptDataError, "the row file says quant="),
 ])
 def test_manifest_quant_is_checked_at_open(tmp_path, edit, error, match):
-    write_v41_checkpoint(tmp_path / "c")
+    v41_checkpoint(tmp_path / "c")
     out = tierstore.build_store(tmp_path / "c", tmp_path / "s", progress=False)
     _rewrite_manifest(out, edit)
     with pytest.raises(error, match=match):
@@ -362,7 +261,7 @@ def test_dequantize_on_cuda_matches_oracle(scheme):
 
 @pytest.mark.gpu
 def test_v41_store_on_cuda_serves_exact_rows(tmp_path):
-    raw = write_v41_checkpoint(tmp_path / "ckpt")
+    raw = v41_checkpoint(tmp_path / "ckpt")
     out = tierstore.build_store(tmp_path / "ckpt", tmp_path / "store", progress=False)
     total = sum(V41_LAYERS.values()) * 264
     check_lookups(out, raw, Quant(FP8_SCHEME, 32, 256), device="cuda", budgets=(total // 8, total // 3))
