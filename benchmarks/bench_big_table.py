@@ -18,17 +18,22 @@ One run does everything, on one disk (``--workdir``):
 5. **Serve.** Batched held-out prompts through the model: prefill, then decode steps that
    feed the held-out text's next token (teacher forcing: a random model's own samples would
    be noise whose n-grams no text has; real continuations read rows the way a trained
-   model's output would). Each run is a child process in a cgroup v1 memory group whose
-   limit counts anonymous memory *and* page cache: the limit is the child's own usage after
-   loading the model, plus the device and host budgets, plus ``--margin`` (the store's
-   bookkeeping). The page cache of every file is dropped first (fdatasync + fadvise
-   DONTNEED, no maps open). Systems, same prompts, same limit:
+   model's output would). Each run is a child process in its own cgroup v1 memory group,
+   which counts anonymous memory *and* page cache. The store runs first at each budget,
+   unlimited, and the group records its peak (budgets, the cache index, the model, the
+   interpreter); the mmap runs at that budget then get exactly that peak as their hard
+   limit: mmap may use every byte the store used, as page cache. ``--memory-limit`` caps
+   the store too. The page cache of every file is dropped before each run (fdatasync +
+   fadvise DONTNEED, no maps open). Systems, same prompts:
 
    * ``store``: ``tierstore.open`` with the device budget (on this CPU machine a budgeted
      in-memory cache) and the host budget, the rest on disk, placement by the profile;
    * ``mmap``: the checkpoint's embed/scale tensors memory-mapped at their safetensors
      offsets with ``MADV_RANDOM``, rows dequantized per lookup by this file's own code;
-   * ``mmap-readahead``: the same with the kernel's default readahead (main budget only).
+   * ``mmap-readahead``: the same with the kernel's default readahead (main budget, first
+     ``--readahead-prompts`` prompts only: with this disk's 8 MiB readahead it thrashes);
+   * ``compute``: rows answered as zeros at once: the dense model's own speed (the floor
+     under every step), and a negative control (its logits must differ from the others').
 
    The store runs at every ``--host-budgets`` entry (the plot), mmap likewise.
 6. **Check.** Rows from the store (through its tiers, twice) against an independent numpy
@@ -68,44 +73,35 @@ from benchmarks import v41_checkpoint as v41
 from tierstore.sizes import format_size, parse_size
 
 GIB = 1 << 30
-DENSE = dict(n_layer=15, n_head=2, d_model=64, d_ff=128)  # the small random backbone (V4.1's 43 blocks: not needed)
+DENSE = dict(n_head=2, d_model=64, d_ff=128)  # the small random backbone (15 blocks: Engram at 1 and 14)
+DENSE_KEY = "tierstore_dense_model"  # config.json key: the backbone's sizes (its weights are in shard 1)
 
 
 # ============================================================================ the model and its row sources
-def model_config(tok_vocab: int, compressed_vocab: int, pad_compressed: int, engram_vocab_size: int,
-                 max_seq_len: int) -> dict[str, Any]:
-    """``ModelConfig`` fields of the V4.1-shaped Engram model: N = 4, K = 8, 256 values per head
-    (d_mem = 8 x 256), layers [1, 14], base size ``engram_vocab_size``, hash seed 0 (multipliers
-    from ``default_rng(10007 * L)``), every row read (W_v not zero-initialized)."""
-    return dict(vocab_size=tok_vocab, max_seq_len=max_seq_len, **DENSE,
-                engram_layers=list(v41.LAYER_IDS), engram_vocab_size=compressed_vocab,
-                engram_pad_id=pad_compressed, engram_max_ngram=v41.MAX_NGRAM, engram_heads=v41.N_HEADS,
-                engram_d_mem=v41.N_HEADS * v41.HEAD_DIM, engram_base_size=engram_vocab_size, engram_seed=0,
-                engram_zero_value=False)
+def v41_parts(ckpt: Path) -> tuple[Any, Any]:
+    """(V41EngramConfig, CompressionMap) of a checkpoint directory (config.json, tokenizer.json)."""
+    from engram_model.compression import build_compression
+    from engram_model.deepseek_v41 import V41EngramConfig
+    from engram_model.tokenizer import load_tokenizer
 
-
-def table_name(layer: int) -> str:
-    return f"layers.{layer}.engram.embed.weight"
+    return V41EngramConfig.from_json(ckpt), build_compression(load_tokenizer(ckpt / "tokenizer.json"))
 
 
 def load_model(ckpt: Path) -> Any:
-    """The dense model of a checkpoint written by this benchmark, tables not attached."""
+    """The V4.1-shaped model (``engram_model.deepseek_v41.v41_model``: V4.1's hashing from
+    config.json, checked against ``engram_num_embeddings``) with the dense weights of the
+    checkpoint's first shard; tables not attached."""
     import torch
     from safetensors.torch import load_file
 
-    from engram_model.model import EngramLM, ModelConfig
+    from engram_model.deepseek_v41 import v41_model
 
-    config = json.loads((ckpt / "config.json").read_text())
+    cfg, cmap = v41_parts(ckpt)
     index = json.loads((ckpt / "model.safetensors.index.json").read_text())["weight_map"]
-    dense_shard = index["tok_emb.weight"]
-    state = load_file(str(ckpt / dense_shard))
-    cfg = ModelConfig(**config["tierstore_dense_model"])
-    model = EngramLM(cfg, state["compress"].numpy(), tables=False)
-    missing, unexpected = model.load_state_dict(state, strict=False)
+    model = v41_model(cfg, cmap, **json.loads((ckpt / "config.json").read_text())[DENSE_KEY])
+    missing, unexpected = model.load_state_dict(load_file(str(ckpt / index["tok_emb.weight"])), strict=False)
     if missing or unexpected:
         raise RuntimeError(f"dense weights do not match the model: missing {missing}, unexpected {unexpected}")
-    if model.hasher.total_rows(v41.LAYER_IDS[0]) != config["text_config"]["engram_num_embeddings"][0]:
-        raise RuntimeError("the model's hasher disagrees with engram_num_embeddings")
     torch.set_grad_enabled(False)
     return model.eval()
 
@@ -155,6 +151,25 @@ class MmapRows:
         for mm in (self.w, self.s):
             mm._mmap.close()  # type: ignore[attr-defined]
         del self.w, self.s
+
+
+class ZeroRows:
+    """The compute floor: every lookup answers zeros at once (no I/O, no copy of real rows).
+    Tokens/s with it is what the dense model allows; the rest of a step is fetching rows."""
+
+    def __init__(self, rows: int):
+        self.rows, self.dim, self.looked_up = rows, v41.HEAD_DIM, 0
+
+    def fetch(self, packed_ids: Any) -> Any:
+        import torch
+
+        from engram_model.memory import _Deferred
+
+        self.looked_up += packed_ids.numel()
+        return _Deferred(lambda: torch.zeros(*packed_ids.shape, v41.HEAD_DIM, dtype=torch.bfloat16))
+
+    def announce(self, packed_ids: Any) -> None:
+        pass
 
 
 def attach(model: Any, sources: dict[int, Any]) -> None:
@@ -211,19 +226,20 @@ def serve_forced(model: Any, windows: np.ndarray, *, batch_size: int, prompt_len
 class RunSpec:
     """One serving run, handed to a child process as JSON."""
 
-    system: str  # "store" | "mmap" | "mmap-readahead"
+    system: str  # "store" | "mmap" | "mmap-readahead" | "compute"
     ckpt: str
     store: str
     windows: str  # .npy of int64 (n_prompts, prompt_len + decode_len)
     out: str  # result .json (arrays beside it as .npz)
     device_budget: int
     host_budget: int
-    margin: int
-    group: str | None  # cgroup directory, or None: no limit, memory measured
+    limit: int | None  # the memory group's limit (bytes, anonymous + page cache); None: measured only
+    group: str | None  # cgroup directory, or None: no group here (peak RSS measured instead)
     batch_size: int
     prompt_len: int
     decode_len: int
     store_threads: int = 4
+    max_prompts: int | None = None  # serve only the first prompts (the readahead baseline thrashes)
 
 
 def _pct(xs: Sequence[float], q: float) -> float:
@@ -236,16 +252,15 @@ def run_child(spec: RunSpec) -> dict[str, Any]:
 
     torch.set_num_threads(1)
     model = load_model(Path(spec.ckpt))
-    windows = np.load(spec.windows)
+    windows = np.load(spec.windows)[: spec.max_prompts]
     group = MemoryGroup.at(spec.group) if spec.group else None
     res: dict[str, Any] = {"system": spec.system, "device_budget": spec.device_budget,
                            "host_budget": spec.host_budget}
     if group is not None:
-        base = group.usage()
-        limit = base + spec.device_budget + spec.host_budget + spec.margin
-        group.set_limit(limit)
-        group.reset_max_usage()
-        res.update(memory_limit=limit, memory_base=base)
+        res["memory_base"] = group.usage()  # the interpreter, torch and the model, before any row
+        if spec.limit is not None:
+            group.set_limit(spec.limit)
+            res["memory_limit"] = spec.limit
     ru0, io0 = resource.getrusage(resource.RUSAGE_SELF), io_counters()
     t0 = time.perf_counter()
     store = None
@@ -254,19 +269,25 @@ def run_child(spec: RunSpec) -> dict[str, Any]:
 
         store = tierstore.open(spec.store, device="cpu", device_budget=spec.device_budget,
                                host_budget=spec.host_budget, threads=spec.store_threads, pool_bytes="64MiB")
-        from engram_model.memory import SYNC_BELOW, StoreMemory
-
-        sources = {L: StoreMemory(store, table_name(L), store.tables[table_name(L)].rows, v41.HEAD_DIM,
-                                  sync_below=SYNC_BELOW) for L in v41.LAYER_IDS}
+        model.attach_store(store)
+        sources = {}
+    elif spec.system == "compute":
+        sources = {L: ZeroRows(t.rows) for L, t in v41.engram_tensors(spec.ckpt).items()}
+        attach(model, sources)
     else:
         advice = mmap.MADV_RANDOM if spec.system == "mmap" else None
         sources = {L: MmapRows(t, advice) for L, t in v41.engram_tensors(spec.ckpt).items()}
-    attach(model, sources)
+        attach(model, sources)
     res["open_seconds"] = time.perf_counter() - t0
-    io_open = io_counters()
-    res["open_read_bytes"] = io_open["read_bytes"] - io0["read_bytes"]
+    # warm-up, untimed and the same for both systems: one token (48 rows) compiles and loads
+    # what a first lookup would (torch kernels, the store's compiled cache walk)
+    model(torch.from_numpy(windows[:1, :1]))
     if store is not None:
         store.reset_stats()
+    for src in sources.values():
+        src.looked_up = 0
+    io_open = io_counters()
+    res["open_read_bytes"] = io_open["read_bytes"] - io0["read_bytes"]
     ru1 = resource.getrusage(resource.RUSAGE_SELF)
     t1 = time.perf_counter()
     served = serve_forced(model, windows, batch_size=spec.batch_size, prompt_len=spec.prompt_len,
@@ -297,10 +318,8 @@ def run_child(spec: RunSpec) -> dict[str, Any]:
         res.update(rows_looked_up=looked, memory_hit_ratio=max(0.0, 1 - res["major_faults"] / max(1, looked)))
     if group is not None:
         stat = group.stat()
-        res.update(memory_peak=group.max_usage(), memory_limit_hits=group.failcnt(),
+        res.update(memory_limit_hits=group.failcnt(),
                    memory_cache_end=stat.get("cache", 0), memory_rss_end=stat.get("rss", 0))
-    else:
-        res.update(max_rss=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
     np.savez(Path(spec.out).with_suffix(".npz"), preds=np.concatenate(served.preds),
              logits=np.concatenate(served.last_logits))
     for s in sources.values():
@@ -332,15 +351,13 @@ def make_tokenizer(work: Path, train: Sequence[Path], vocab: int, max_bytes: int
     return tok
 
 
-def write_dense(work: Path, cfg: dict[str, Any], lookup: np.ndarray, seed: int) -> Path:
-    """The dense weights (random, seeded) as a safetensors file for the checkpoint writer."""
-    import torch
+def write_dense(work: Path, text_config: dict[str, Any], cmap: Any, dense: dict[str, int]) -> Path:
+    """The dense weights (random: ``dense["seed"]``) as a safetensors file for the checkpoint writer."""
     from safetensors.torch import save_file
 
-    from engram_model.model import EngramLM, ModelConfig
+    from engram_model.deepseek_v41 import V41EngramConfig, v41_model
 
-    torch.manual_seed(seed)
-    model = EngramLM(ModelConfig(**cfg), lookup, tables=False)
+    model = v41_model(V41EngramConfig.from_json({"text_config": text_config}), cmap, **dense)
     path = work / "dense.safetensors"
     save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(path))
     return path
@@ -362,7 +379,8 @@ def save_profiles(store: Path, tok: Any, files: Sequence[Path], max_bytes: int |
         for L, r in rows.items():
             counts[L] += np.bincount(r.numpy().reshape(-1), minlength=len(counts[L]))
     for L, c in counts.items():
-        save_profile(store, table_name(L), c, meta={"source": f"{len(ids)} training-split tokens"})
+        save_profile(store, model.cfg.engram_table.format(layer=L), c,
+                     meta={"source": f"{len(ids)} training-split tokens"})
     return {"profile_tokens": int(len(ids)),
             "profile_rows_seen": {str(L): int(np.count_nonzero(c)) for L, c in counts.items()}}
 
@@ -375,17 +393,20 @@ def check_rows(store_path: Path, ckpt: Path, profile_top: int, n_random: int, se
     import tierstore
     from tierstore.format.profile import load_profile
 
+    from engram_model.deepseek_v41 import V41_TABLE
+
     rng = np.random.default_rng(seed)
     tensors = v41.engram_tensors(ckpt)
     checked = mismatched = 0
     with tierstore.open(store_path, device="cpu", device_budget="16MiB", host_budget="32MiB", use_profile=False) as st:
         for L, t in tensors.items():
-            counts = load_profile(store_path, table_name(L))
+            name = V41_TABLE.format(layer=L)
+            counts = load_profile(store_path, name)
             hot = np.argsort(-counts)[:profile_top] if counts is not None else np.zeros(0, np.int64)
             ids = np.concatenate([[0, t.rows - 1], hot, rng.integers(0, t.rows, n_random)]).astype(np.int64)
             want = v41.reference_rows(t, ids)
             for _ in range(2):
-                got = st.lookup(table_name(L), torch.from_numpy(ids)).view(torch.int16).numpy().view(np.uint16)
+                got = st.lookup(name, torch.from_numpy(ids)).view(torch.int16).numpy().view(np.uint16)
                 mismatched += int((got != want).any(axis=1).sum())
                 checked += len(ids)
     return {"rows_checked": checked, "rows_mismatched": mismatched}
@@ -409,8 +430,12 @@ def plot(runs: list[dict[str, Any]], path: Path) -> Path:
         ax2.plot(x, [r["memory_hit_ratio"] for r in rs], style, label=f"{system}: rows served from memory")
         if system == "store":
             ax2.plot(x, [r["device_hit_ratio"] for r in rs], ":^", label="store: device tier hits")
+    floor = next((r for r in runs if r["system"] == "compute"), None)
+    if floor is not None:  # the dense model alone: no row fetch can beat it
+        ax1.axhline(floor["decode_tok_s"], color="grey", lw=0.8, ls=":", label="compute floor, decode")
+        ax1.axhline(floor["prefill_tok_s"], color="grey", lw=0.8, ls="-.", label="compute floor, prefill")
     ax1.set_yscale("log")
-    ax1.set_xlabel("host budget (GiB); memory limit = budgets + process + margin")
+    ax1.set_xlabel("store host budget (GiB); mmap's memory limit = the store's peak")
     ax1.set_ylabel("tokens/s")
     ax2.set_xlabel("host budget (GiB)")
     ax2.set_ylabel("fraction of row lookups")
@@ -438,12 +463,14 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     ap.add_argument("--device-budget", default="2GiB")
     ap.add_argument("--host-budgets", default="2GiB,4GiB,6GiB,8GiB", help="store and mmap run at each (the plot)")
     ap.add_argument("--main-host-budget", default="8GiB", help="the headline figures' host budget")
-    ap.add_argument("--margin", default="2GiB", help="memory beyond the budgets (the store's bookkeeping; "
-                                                     "mmap gets it as page cache)")
-    ap.add_argument("--prompts", type=int, default=64)
-    ap.add_argument("--batch-size", type=int, default=8)
+    ap.add_argument("--memory-limit", default=None, help="a hard limit for the store runs too (default: "
+                                                         "measure the store's peak, give mmap that)")
+    ap.add_argument("--prompts", type=int, default=128)
+    ap.add_argument("--batch-size", type=int, default=32)
     ap.add_argument("--prompt-len", type=int, default=128)
     ap.add_argument("--decode-len", type=int, default=32)
+    ap.add_argument("--readahead-prompts", type=int, default=None,
+                    help="prompts for the default-readahead mmap run (default: one batch; it thrashes)")
     ap.add_argument("--tokenizer-vocab", type=int, default=8192)
     ap.add_argument("--profile-bytes", default=None, help="training text hashed for the profile (default: all)")
     ap.add_argument("--seed", type=int, default=0)
@@ -455,7 +482,9 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         return run_child(RunSpec(**json.loads(Path(args.child).read_text())))
     if args.quick:
         args.table_gib, args.prompts, args.batch_size, args.prompt_len, args.decode_len = 1.0, 8, 4, 32, 8
-        args.tokenizer_vocab, args.profile_bytes, args.margin = 2048, "3MiB", "256MiB"
+        args.tokenizer_vocab, args.profile_bytes = 2048, "3MiB"
+    if args.readahead_prompts is None:
+        args.readahead_prompts = args.batch_size
     table_target = int(args.table_gib * GIB)
     scale = table_target / (30 * GIB)  # --quick scales the budgets with the table
     dev_b = int(parse_size(args.device_budget) * (scale if args.quick else 1))
@@ -465,7 +494,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         host_bs.append(main_host)
     if args.quick:
         host_bs = [host_bs[0], main_host]
-    margin = parse_size(args.margin)
+    hard_limit = parse_size(args.memory_limit) if args.memory_limit else None
 
     work = Path(args.workdir).absolute()
     work.mkdir(parents=True, exist_ok=True)
@@ -487,14 +516,14 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     V = v41.vocab_for_table_bytes(table_target)
     rows = v41.table_rows(V)
     table_bytes = sum(rows.values()) * v41.ROW_BYTES
-    cfg = model_config(tok.get_vocab_size(), cmap.num_compressed, int(cmap.lookup[pad_raw]), V,
-                       args.prompt_len + args.decode_len + 1)
+    dense_cfg = {**DENSE, "max_seq_len": args.prompt_len + args.decode_len + 1, "seed": args.seed}
     print_header("bench_big_table: DeepSeek-V4.1-layout Engram tables vs memory", machine_info(work), [
         f"load average at start: {' '.join(f'{x:.2f}' for x in os.getloadavg())}",
         f"engram_vocab_size {V:,}: tables {rows} rows x {v41.ROW_BYTES} B = {format_size(table_bytes)} "
         f"(machine memory {machine_info()['mem_gib']} GiB)",
         f"device budget {format_size(dev_b)} (CPU: an in-memory tier), host budgets "
-        f"{[format_size(b) for b in host_bs]}, headline {format_size(main_host)}, margin {format_size(margin)}",
+        f"{[format_size(b) for b in host_bs]}, headline {format_size(main_host)}; store memory "
+        f"{'limited to ' + format_size(hard_limit) if hard_limit else 'measured'}, mmap limited to the store's peak",
         f"workload: {args.prompts} held-out prompts of {args.prompt_len} tokens in batches of {args.batch_size}, "
         f"{args.decode_len} teacher-forced decode steps each; tokenizer {tok.get_vocab_size()} ids "
         f"({cmap.num_compressed} compressed)",
@@ -504,16 +533,16 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     res: dict[str, Any] = {"bench": "big_table", "quick": args.quick, "engram_vocab_size": V,
                            "table_rows": [rows[L] for L in v41.LAYER_IDS], "table_bytes": table_bytes,
                            "device_budget": dev_b, "host_budgets": host_bs, "main_host_budget": main_host,
-                           "margin": margin}
+                           "memory_limit": hard_limit}
     reuse = args.keep and (ckpt / "config.json").exists() and \
         json.loads((ckpt / "config.json").read_text())["text_config"]["engram_vocab_size"] == V
     if not reuse:
         shutil.rmtree(ckpt, ignore_errors=True)
         shutil.rmtree(store, ignore_errors=True)
-        dense = write_dense(work, cfg, cmap.lookup, args.seed)
-        (work / "config_extra.json").write_text(json.dumps({"tierstore_dense_model": cfg}))
-        (work / "text_extra.json").write_text(json.dumps({"vocab_size": cfg["vocab_size"],
-                                                          "num_hidden_layers": DENSE["n_layer"],
+        dense = write_dense(work, v41.text_config(V, cmap.num_compressed, pad_raw), cmap, dense_cfg)
+        (work / "config_extra.json").write_text(json.dumps({DENSE_KEY: dense_cfg}))
+        (work / "text_extra.json").write_text(json.dumps({"vocab_size": tok.get_vocab_size(),
+                                                          "num_hidden_layers": max(v41.LAYER_IDS) + 1,
                                                           "hidden_size": DENSE["d_model"]}))
         w = run_measured(_py("benchmarks.v41_checkpoint", "--out", str(ckpt), "--engram-vocab-size", str(V),
                              "--compressed-vocab-size", str(cmap.num_compressed), "--pad-id", str(pad_raw),
@@ -523,7 +552,8 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
                          log=work / "write.log", env=env, cwd=root)
         if w.returncode:
             raise RuntimeError(f"checkpoint writer failed ({w.returncode}); see {w.log}")
-        res.update(write_seconds=w.seconds, peak_write_rss_bytes=w.max_rss_bytes,
+        tok.save(str(ckpt / "tokenizer.json"))  # the release ships its tokenizer beside the shards
+        res.update(write_seconds=w.seconds, peak_write_rss_bytes=w.max_rss_bytes, write_rss_clean=w.rss_clean,
                    write_bytes_s=table_bytes / w.seconds)
         print(f"checkpoint: {format_size(table_bytes)} of tables in {w.seconds:.1f} s "
               f"({format_size(table_bytes / w.seconds)}/s), writer peak RSS {format_size(w.max_rss_bytes)}")
@@ -546,12 +576,18 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         if b.returncode:
             raise RuntimeError(f"tierstore build failed ({b.returncode}): {b.log.read_text()[-2000:]}")
         store_bytes = sum(p.stat().st_size for p in (store / "tables").iterdir())
-        res.update(build_seconds=b.seconds, peak_build_rss_bytes=b.max_rss_bytes, store_bytes=store_bytes,
+        res.update(build_seconds=b.seconds, peak_build_rss_bytes=b.max_rss_bytes, build_rss_clean=b.rss_clean,
+                   store_bytes=store_bytes,
                    build_bytes_s=store_bytes / b.seconds,
                    build_vs_fio_seq_write=(store_bytes / b.seconds) / seq["bw_bytes"] if seq else None)
         print(f"build: {format_size(store_bytes)} in {b.seconds:.1f} s ({format_size(store_bytes / b.seconds)}/s"
               + (f", {res['build_vs_fio_seq_write']:.2f}x fio" if seq else "")
               + f"), peak RSS {format_size(b.max_rss_bytes)}")
+        (work / "build_record.json").write_text(json.dumps({k: v for k, v in res.items() if k.startswith(
+            ("write_", "peak_", "build_", "store_bytes"))}))
+    else:  # --keep: the figures of the build that made this store
+        record = work / "build_record.json"
+        res.update(json.loads(record.read_text()) if record.exists() else {}, reused=True)
     store_files = [p for p in (store / "tables").iterdir()]
     evict(*shards, *store_files)
 
@@ -571,30 +607,37 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
 
     # -- 5. serving runs, each in its own memory group, page cache dropped first
     runs: list[dict[str, Any]] = []
-    plan = [(s, h) for h in host_bs for s in ("store", "mmap")] + [("mmap-readahead", main_host)]
-    limited = None
+    plan = [(s, h) for h in host_bs for s in ("store", "mmap")] + [("mmap-readahead", main_host),
+                                                                    ("compute", main_host)]
+    limited, store_peak = True, {}
     for i, (system, hb) in enumerate(plan):
-        spec = RunSpec(system=system, ckpt=str(ckpt), store=str(store), windows=str(work / "windows.npy"),
-                       out=str(work / f"run-{i}.json"), device_budget=dev_b, host_budget=hb, margin=margin,
-                       group=None, batch_size=args.batch_size, prompt_len=args.prompt_len,
-                       decode_len=args.decode_len)
         group = MemoryGroup.create(f"tierstore-bigtable-{os.getpid()}-{i}")
-        limited = group is not None if limited is None else limited and group is not None
-        spec.group = str(group.path) if group else None
+        limited = limited and group is not None
+        limit = hard_limit if system == "store" else store_peak.get(hb)
+        spec = RunSpec(system=system, ckpt=str(ckpt), store=str(store), windows=str(work / "windows.npy"),
+                       out=str(work / f"run-{i}.json"), device_budget=dev_b, host_budget=hb, limit=limit,
+                       group=str(group.path) if group else None, batch_size=args.batch_size,
+                       prompt_len=args.prompt_len, decode_len=args.decode_len,
+                       max_prompts=args.readahead_prompts if system == "mmap-readahead" else None)
         Path(spec.out).unlink(missing_ok=True)
         (work / f"run-{i}.spec.json").write_text(json.dumps(asdict(spec)))
         evict(*shards, *store_files)
         try:
             r = run_measured(_py("benchmarks.bench_big_table", "--child", str(work / f"run-{i}.spec.json")),
                              log=work / f"run-{i}.log", group=group, env=env, cwd=root)
+            peak = group.max_usage() if group is not None else None
         finally:
             if group is not None:
                 group.remove()
         if r.returncode or not Path(spec.out).exists():
-            why = "OOM-killed at its memory limit (raise --margin)" if r.returncode == -9 else f"rc {r.returncode}"
+            why = f"OOM-killed at its memory limit {format_size(limit or 0)}" if r.returncode == -9 else \
+                f"rc {r.returncode}"
             raise RuntimeError(f"{system} run at host budget {format_size(hb)} failed: {why}; "
                                f"log: {r.log.read_text()[-3000:]}")
         out = json.loads(Path(spec.out).read_text())
+        out.update(memory_peak=peak, max_rss=r.max_rss_bytes)
+        if system == "store":
+            store_peak[hb] = peak if peak is not None else r.max_rss_bytes
         arrays = np.load(Path(spec.out).with_suffix(".npz"))
         out["_preds"], out["_logits"] = arrays["preds"], arrays["logits"]
         runs.append(out)
@@ -602,28 +645,33 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
               f"(p50 {out['decode_p50_ms']:6.1f} p99 {out['decode_p99_ms']:6.1f} ms), prefill "
               f"{out['prefill_tok_s']:8,.0f} tok/s (p99 {out['prefill_p99_ms']:7.1f} ms), {out['rows_s']:9,.0f} rows/s, "
               f"memory hits {out['memory_hit_ratio']:.3f}, disk {format_size(out['disk_read_bytes'])}, "
-              f"open {out['open_seconds']:.1f} s" + (f", limit {format_size(out['memory_limit'])} peak "
-                                                     f"{format_size(out['memory_peak'])}" if 'memory_limit' in out else ""))
+              f"open {out['open_seconds']:.1f} s, memory peak {format_size(peak or r.max_rss_bytes)}"
+              + (f" (limit {format_size(limit)})" if limit else ""))
 
     # -- 6. checks
-    ref = runs[0]
-    same_tokens = all(np.array_equal(r["_preds"], ref["_preds"]) for r in runs)
-    same_logits = all(np.array_equal(r["_logits"].view(np.uint32), ref["_logits"].view(np.uint32)) for r in runs)
-    rows_counts = sorted({r["rows_looked_up"] for r in runs})
+    ref, floor = runs[0], next(r for r in runs if r["system"] == "compute")
+    served = [r for r in runs if r is not floor]  # the runs that read real rows: a prefix of run 0's prompts
+    same_tokens = all(np.array_equal(r["_preds"], ref["_preds"][: len(r["_preds"])]) for r in served)
+    same_logits = all(np.array_equal(r["_logits"].view(np.uint32), ref["_logits"][: len(r["_logits"])].view(np.uint32))
+                      for r in served)
+    rows_matter = not np.array_equal(floor["_logits"].view(np.uint32), ref["_logits"].view(np.uint32))
+    rows_counts = sorted({r["rows_looked_up"] for r in runs if r["system"] != "mmap-readahead"})
     check = check_rows(store, ckpt, profile_top=64 if args.quick else 512, n_random=256 if args.quick else 2048,
                        seed=args.seed)
     main_store = next(r for r in runs if r["system"] == "store" and r["host_budget"] == main_host)
     main_mmap = next(r for r in runs if r["system"] == "mmap" and r["host_budget"] == main_host)
     main_ra = next(r for r in runs if r["system"] == "mmap-readahead")
     res.update(
-        memory_limited_by="cgroup v1 memory group (anonymous + page cache)" if limited else
-        "none: no writable cgroup v1 memory controller; peak RSS measured, page cache not bounded",
+        memory_limited_by="cgroup v1 memory group (anonymous + page cache): mmap limited to the store's peak"
+        if limited else "none: no writable cgroup v1 memory controller; peak RSS measured, page cache not bounded",
         store_decode_tok_s=main_store["decode_tok_s"], mmap_decode_tok_s=main_mmap["decode_tok_s"],
         store_prefill_tok_s=main_store["prefill_tok_s"], mmap_prefill_tok_s=main_mmap["prefill_tok_s"],
         mmap_readahead_decode_tok_s=main_ra["decode_tok_s"], mmap_readahead_prefill_tok_s=main_ra["prefill_tok_s"],
         decode_x_mmap=main_store["decode_tok_s"] / main_mmap["decode_tok_s"],
         prefill_x_mmap=main_store["prefill_tok_s"] / main_mmap["prefill_tok_s"],
-        same_tokens=same_tokens, same_logits=same_logits, rows_looked_up=rows_counts,
+        compute_floor_decode_tok_s=floor["decode_tok_s"], compute_floor_prefill_tok_s=floor["prefill_tok_s"],
+        same_tokens=same_tokens, same_logits=same_logits, rows_change_logits=rows_matter,
+        rows_looked_up=rows_counts, rows_lookups_exact=all(r["rows_looked_up"] == r["rows_expected"] for r in runs),
         rows_bit_exact=check["rows_mismatched"] == 0 and check["rows_checked"] > 0, **check,
         runs=[{k: v for k, v in r.items() if not k.startswith("_")} for r in runs],
         plot=str(plot(runs, plot_path)),

@@ -1,7 +1,12 @@
 """Run a benchmark step in a child process, measured and, where the machine allows, memory-limited.
 
-* :func:`run_measured`: a command's wall time, peak resident set (``wait4``'s ``ru_maxrss``:
-  the child's own peak, not the page cache) and block I/O (``ru_inblock``/``ru_oublock``).
+* :func:`run_measured`: a command's wall time, peak resident set and block I/O
+  (``ru_inblock``/``ru_oublock``). The peak comes from GNU ``/usr/bin/time -f %M``, which
+  forks the command from its own small process: the ``ru_maxrss`` that ``wait4`` reports for
+  a child that Python started is polluted by the parent, because ``subprocess`` uses
+  ``vfork`` and Linux carries the old address space's high-water mark across ``exec``
+  (a child of a 1.3 GB benchmark reported 1.3 GB whatever it did). Without
+  ``/usr/bin/time`` the polluted figure is returned and ``rss_clean`` is False.
 * :class:`MemoryGroup`: a cgroup v1 memory group, created under this process's own group
   (``/proc/self/cgroup``), so the limit sits inside whatever the machine already imposes.
   Its limit counts anonymous memory *and* the page cache the group faults in: the one fair
@@ -24,6 +29,7 @@ from pathlib import Path
 __all__ = ["ChildRun", "run_measured", "MemoryGroup", "io_counters"]
 
 _V1_ROOT = Path("/sys/fs/cgroup/memory")
+_TIME = "/usr/bin/time"  # GNU time
 
 
 @dataclass(frozen=True)
@@ -32,7 +38,8 @@ class ChildRun:
 
     returncode: int  # negative: killed by that signal (-9: OOM-killed under a MemoryGroup)
     seconds: float
-    max_rss_bytes: int  # peak resident set of the child
+    max_rss_bytes: int  # peak resident set of the child (anonymous + mapped file pages; not page cache)
+    rss_clean: bool  # False: /usr/bin/time missing, max_rss_bytes may be the parent's (see the module docstring)
     read_bytes: int  # block reads (512-byte units from rusage, as bytes)
     write_bytes: int
     log: Path  # the child's stdout and stderr
@@ -42,6 +49,11 @@ def run_measured(cmd: list[str], *, log: Path, group: MemoryGroup | None = None,
                  env: dict[str, str] | None = None) -> ChildRun:
     """Run ``cmd`` to completion (inside ``group`` from its first instruction when given),
     its output to ``log``; returns its time, peak RSS and disk I/O. Does not raise on failure."""
+    rss_file = log.with_suffix(".maxrss")
+    rss_file.unlink(missing_ok=True)
+    clean = os.access(_TIME, os.X_OK)
+    if clean:
+        cmd = [_TIME, "-f", "%M", "-o", str(rss_file), *cmd]
     if group is not None:
         cmd = group.wrap(cmd)
     with open(log, "wb") as out:
@@ -50,7 +62,13 @@ def run_measured(cmd: list[str], *, log: Path, group: MemoryGroup | None = None,
         _, status, ru = os.wait4(p.pid, 0)
         dt = time.perf_counter() - t0
     p.returncode = os.waitstatus_to_exitcode(status)  # reaped here: keep Popen from waiting again
-    return ChildRun(p.returncode, dt, ru.ru_maxrss * 1024, ru.ru_inblock * 512, ru.ru_oublock * 512, log)
+    peak = ru.ru_maxrss * 1024
+    if clean:
+        try:
+            peak = int(rss_file.read_text().split()[-1]) * 1024  # KiB; killed children leave a note first
+        except (OSError, ValueError, IndexError):
+            clean = False
+    return ChildRun(p.returncode, dt, peak, clean, ru.ru_inblock * 512, ru.ru_oublock * 512, log)
 
 
 def io_counters(pid: int | str = "self") -> dict[str, int]:

@@ -56,7 +56,7 @@ from engram_model.hasher import NgramHasher
 
 __all__ = [
     "LAYER_IDS", "MAX_NGRAM", "N_HEADS", "HEAD_DIM", "SCALE_BLOCK", "ROW_BYTES",
-    "v41_hasher", "table_rows", "vocab_for_table_bytes", "text_config", "write_checkpoint",
+    "table_rows", "vocab_for_table_bytes", "text_config", "write_checkpoint",
     "EngramTensors", "engram_tensors", "decode_e4m3", "decode_e8m0", "reference_rows", "main",
 ]
 
@@ -75,8 +75,9 @@ _SCALE_EXPONENTS = (127 - 2, 127)  # ue8m0 biased exponents drawn per 32 values:
 _CODE_MASK = np.uint64(0xBFBFBFBFBFBFBFBF)
 
 
-def v41_hasher(engram_vocab_size: int, compressed_vocab_size: int, pad_id: int) -> NgramHasher:
-    """The released hashing: base size ``engram_vocab_size`` for each of the orders 2..4, 8
+def _hasher(engram_vocab_size: int, compressed_vocab_size: int, pad_id: int) -> NgramHasher:
+    """The released hashing (as ``engram_model.deepseek_v41.v41_hasher``, which needs the table
+    sizes this computes): base size ``engram_vocab_size`` for each of the orders 2..4, 8
     heads, layers [1, 14], multipliers from ``default_rng(10007 * layer)``."""
     return NgramHasher(compressed_vocab_size, MAX_NGRAM, N_HEADS, base_sizes=[engram_vocab_size] * (MAX_NGRAM - 1),
                        layer_ids=LAYER_IDS, pad_id=pad_id, seed=0)
@@ -86,7 +87,7 @@ def table_rows(engram_vocab_size: int, compressed_vocab_size: int = 2, pad_id: i
     """Rows of each layer's table (``engram_num_embeddings``): the sum of its 24 primes.
     The primes depend only on ``engram_vocab_size`` (the compressed vocabulary sets the
     multipliers, not the sizes)."""
-    h = v41_hasher(engram_vocab_size, compressed_vocab_size, pad_id)
+    h = _hasher(engram_vocab_size, compressed_vocab_size, pad_id)
     return {L: h.total_rows(L) for L in LAYER_IDS}
 
 
