@@ -70,8 +70,8 @@ def test_bench_big_table_quick(tmp_path: Path, capsys: pytest.CaptureFixture[str
         tensors = v41.engram_tensors(ckpt)
         sources = {L: bench.MmapRows(t, mmap.MADV_RANDOM) for L, t in tensors.items()}
         bench.attach(model, sources)
-        B, P, D = 4, 32, 8  # --quick's batch, prompt and decode lengths
-        got = bench.serve_forced(model, windows[:B], batch_size=B, prompt_len=P, decode_len=D)
+        B, P, D, C = 4, 32, 8, 16  # --quick's batch, prompt and decode lengths, prefill chunk
+        got = bench.serve_forced(model, windows[:B], batch_size=B, prompt_len=P, decode_len=D, chunk=C)
         assert np.array_equal(got.last_logits[0].view(np.uint32), first[:B].view(np.uint32))
         L0 = min(tensors)
         ids = model.row_ids(torch.from_numpy(windows[:B, :P]))[L0].reshape(-1).numpy()
@@ -84,7 +84,7 @@ def test_bench_big_table_quick(tmp_path: Path, capsys: pytest.CaptureFixture[str
             return rows
 
         sources[L0].lookup = one_wrong_row  # type: ignore[method-assign]
-        bad = bench.serve_forced(model, windows[:B], batch_size=B, prompt_len=P, decode_len=D)
+        bad = bench.serve_forced(model, windows[:B], batch_size=B, prompt_len=P, decode_len=D, chunk=C)
         assert not np.array_equal(bad.last_logits[0].view(np.uint32), first[:B].view(np.uint32)), \
             "logits do not depend on the rows: same_logits would prove nothing"
         for s in sources.values():
