@@ -16,9 +16,9 @@ One run does everything, on one disk (``--workdir``):
    library source; tokenizer trained on the same split); row access counts are saved into
    the store (``tierstore.format.profile``), which places the hottest rows at open.
 5. **Serve.** Batched held-out prompts through the model: chunked prefill (``--prefill-chunk``
-   tokens per sequence per step), then decode steps that feed the held-out text's next token (teacher forcing: a random model's own samples would
-   be noise whose n-grams no text has; real continuations read rows the way a trained
-   model's output would). Each run is a child process in its own cgroup v1 memory group,
+   tokens per sequence per step), then decode steps that feed the held-out text's next
+   token (teacher forcing: a random model's own samples would be noise whose n-grams no
+   text has; real continuations read rows the way a trained model's output would). Each run is a child process in its own cgroup v1 memory group,
    which counts anonymous memory *and* page cache. The store runs first at each budget,
    unlimited, and the group records its peak (budgets, the cache index, the model, the
    interpreter); the mmap runs at that budget then get exactly that peak as their hard
@@ -27,7 +27,8 @@ One run does everything, on one disk (``--workdir``):
    fadvise DONTNEED, no maps open). Systems, same prompts:
 
    * ``store``: ``tierstore.open`` with the device budget (on this CPU machine a budgeted
-     in-memory cache) and the host budget, the rest on disk, placement by the profile;
+     in-memory cache) and the host budget, the rest on disk, placement by the profile,
+     the default policy, every lookup prefetched at the start of its step;
    * ``mmap``: the checkpoint's embed/scale tensors memory-mapped at their safetensors
      offsets with ``MADV_RANDOM``, rows dequantized per lookup by this file's own code;
    * ``mmap-readahead``: the same with the kernel's default readahead (main budget, first
@@ -585,7 +586,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
 
     # -- 2. fio sequential write on the same disk
     fio_file = work / "fio-seqwrite.bin"
-    seq = fio(fio_file, rw="write", bs="1M", iodepth=16, size="256M" if args.quick else "8G")
+    seq = fio(fio_file, rw="write", bs="1M", iodepth=16, size="256M" if args.quick else "4G")
     fio_file.unlink(missing_ok=True)
     res["fio_seq_write_bytes_s"] = seq["bw_bytes"] if seq else None
     print(f"fio sequential write (1 MiB, O_DIRECT, QD16, end fsync): "
