@@ -3,7 +3,7 @@
 Backbone: token embedding (tied with the output head), n_layer pre-norm blocks of
 RMSNorm -> rotary causal attention and RMSNorm -> SwiGLU feed-forward (or a small top-k
 MoE), a final RMSNorm. Blocks listed in ``engram_layers`` first add an Engram update to
-the residual stream (ENGRAM.md step 7: before attention and FFN).
+the residual stream (docs/engram.md step 7: before attention and FFN).
 
 Engram addressing depends only on the input ids, so :meth:`EngramLM.prepare` hashes the
 ids for every Engram layer and starts every row fetch before the first block runs;

@@ -5,7 +5,7 @@
     python -m engram_model.train --text a.txt b.txt --steps 2000 ...
 
 Optimizers: the Engram tables get sparse gradients and SparseAdam (only the rows a step
-read are updated; ENGRAM.md: own group, 5x learning rate, no weight decay); everything
+read are updated; as the paper: own group, 5x learning rate, no weight decay, docs/engram.md); everything
 else AdamW. Both follow one schedule (linear warm-up, cosine to 10%).
 
 Baseline: ``--no-engram`` drops the Engram layers and, with ``--widen ffn`` (default),
