@@ -1,4 +1,4 @@
-"""The Engram layer: gated n-gram memory added to the residual stream (ENGRAM.md steps 4-7).
+"""The Engram layer: gated n-gram memory added to the residual stream (docs/engram.md, steps 4-7).
 
 Per position t, given the rows e_t fetched for its (N-1)*K hashed n-grams:
 

@@ -3,7 +3,7 @@
 Backbone: token embedding (tied with the output head), n_layer pre-norm blocks of
 RMSNorm -> rotary causal attention and RMSNorm -> SwiGLU feed-forward (or a small top-k
 MoE), a final RMSNorm. Blocks listed in ``engram_layers`` first add an Engram update to
-the residual stream (ENGRAM.md step 7: before attention and FFN).
+the residual stream (docs/engram.md step 7: before attention and FFN).
 
 Engram addressing depends only on the input ids, so :meth:`EngramLM.prepare` hashes the
 ids for every Engram layer and starts every row fetch before the first block runs;
@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -30,6 +30,7 @@ import torch.nn.functional as F
 
 from engram_model.engram import ConvState, EngramConfig, EngramLayer
 from engram_model.errors import EngramConfigError
+from engram_model.flags import setting
 from engram_model.hasher import NgramHasher
 from engram_model.memory import SYNC_BELOW, MemorySource, RowsFuture, StoreMemory
 
@@ -41,31 +42,37 @@ __all__ = ["ModelConfig", "EngramLM", "EngramPlan", "InferenceCache", "table_nam
 
 @dataclass
 class ModelConfig:
+    """Every model setting, once: ``engram_model.flags`` derives train.py's flags from these
+    fields (``--n-layer``, ...), and checkpoints save them as ``config.json["model"]``."""
+
     # backbone
-    vocab_size: int = 8192  # raw tokenizer vocabulary (embedding rows and logits)
-    n_layer: int = 4  # transformer blocks
-    n_head: int = 4  # attention heads; head dim = d_model / n_head
-    d_model: int = 192  # residual stream width
-    d_ff: int = 512  # SwiGLU hidden width (per expert with MoE)
-    max_seq_len: int = 256  # longest sequence (rotary table and KV cache size)
-    rope_theta: float = 10000.0  # rotary base
-    norm_eps: float = 1e-5  # RMSNorm epsilon
-    n_expert: int = 0  # 0: dense SwiGLU FFN; > 0: top-k MoE with this many experts
-    moe_top_k: int = 2  # experts per token when n_expert > 0
-    # Engram (ENGRAM.md); engram_layers = [] gives the plain baseline
-    engram_layers: list[int] = field(default_factory=lambda: [1])  # blocks (from 0) with Engram
-    engram_vocab_size: int = 0  # compressed vocabulary V' (set from the tokenizer's CompressionMap)
-    engram_pad_id: int = 0  # compressed id of the pad token (positions before the start)
-    engram_max_ngram: int = 3  # N: hash orders 2..N
-    engram_heads: int = 8  # K hash heads (tables) per order
-    engram_d_mem: int = 128  # values per order; row width = engram_d_mem / engram_heads
-    engram_base_size: int = 0  # per-head table size before rounding to primes; 0: 5 * V'
-    engram_seed: int = 0  # hash seed (multipliers of layer L from seed + 10007 * L)
-    engram_kernel: int = 4  # causal conv taps (dilation = N)
-    engram_signed_sqrt: bool = True  # sign(g)*sqrt(|g|) on the gate logit (public demo)
-    engram_branches: int = 1  # M residual branches (hyper-connections); 1 = plain stream
-    engram_init_std: float = 1.0  # N(0, std) init of table rows
-    engram_zero_value: bool = True  # W_v starts at 0, so each Engram layer starts as an exact identity
+    vocab_size: int = setting(8192, "raw tokenizer vocabulary (embedding rows and logits)", cli=False)  # from the tokenizer
+    n_layer: int = setting(4, "transformer blocks")
+    n_head: int = setting(4, "attention heads; head dim = d_model / n_head")
+    d_model: int = setting(192, "residual stream width")
+    d_ff: int = setting(512, "SwiGLU hidden width (per expert with MoE)")
+    max_seq_len: int = setting(256, "longest sequence (rotary table and KV cache size)", cli=False)  # from --seq-len
+    rope_theta: float = setting(10000.0, "rotary base")
+    norm_eps: float = setting(1e-5, "RMSNorm epsilon")
+    n_expert: int = setting(0, "0: dense SwiGLU FFN; > 0: top-k MoE feed-forward with this many experts")
+    moe_top_k: int = setting(2, "experts per token when n_expert > 0")
+    # Engram (docs/engram.md); engram_layers = [] gives the plain baseline
+    engram_layers: list[int] = setting([1], "blocks (from 0) with an Engram layer", group="engram")
+    engram_vocab_size: int = setting(0, "compressed vocabulary V' (from the tokenizer's CompressionMap)", cli=False)
+    engram_pad_id: int = setting(0, "compressed id of the pad token (positions before the start)", cli=False)
+    engram_max_ngram: int = setting(3, "N: hash n-gram orders 2..N", group="engram")
+    engram_heads: int = setting(8, "K hash heads (tables) per order", group="engram")
+    engram_d_mem: int = setting(128, "values per order; row width = engram_d_mem / engram_heads", group="engram")
+    engram_base_size: int = setting(0, "per-head table size before rounding to primes; 0: 5 x compressed vocabulary",
+                                    group="engram")
+    engram_seed: int = setting(0, "hash seed (multipliers of layer L from seed + 10007 * L)", group="engram")
+    engram_kernel: int = setting(4, "causal conv taps (dilation = N)", group="engram")
+    engram_signed_sqrt: bool = setting(True, "sign(g)*sqrt(|g|) on the gate logit (as the public demo)",
+                                       flag="--no-signed-sqrt", group="engram")
+    engram_branches: int = setting(1, "M residual branches (hyper-connections); 1 = plain stream", group="engram")
+    engram_init_std: float = setting(1.0, "N(0, std) init of table rows", group="engram")
+    engram_zero_value: bool = setting(True, "W_v starts at 0, so each Engram layer starts as an exact identity "
+                                      "(else random, std 0.02)", flag="--random-value-init", group="engram")
 
     def __post_init__(self) -> None:
         if self.d_model % self.n_head or (self.d_model // self.n_head) % 2:

@@ -14,6 +14,7 @@ __all__ = [
     "CorruptDataError",
     "FormatVersionError",
     "BudgetError",
+    "PolicyParamError",
     "StoreIOError",
     "CapacityError",
     "StoreExistsError",
@@ -52,6 +53,15 @@ class FormatVersionError(TierStoreError):
 
 class BudgetError(TierStoreError, ValueError):
     """A memory budget is malformed or negative."""
+
+
+class PolicyParamError(TierStoreError, ValueError):
+    """A cache policy parameter is unknown to the policy, or its value is out of range.
+    ``param`` names the offending parameter."""
+
+    def __init__(self, message: str, *, param: str):
+        super().__init__(message)
+        self.param = param
 
 
 class StoreIOError(TierStoreError, OSError):

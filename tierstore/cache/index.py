@@ -21,7 +21,7 @@ from . import walk
 from .layout import (CACHED, NONE, K_HPOS, L_FREE, L_QID, M_BYPASS, M_CAP, M_EVICT, M_GCAP, M_HINTS, M_HITS,
                      M_HORIZON, M_HSHIFT, M_INSERT, M_LO, M_MISSES, M_NFREE, M_NROWS, M_RANKM, NG, NL, NM, NQ)
 from .policy import Policy
-from .registry import make_policy
+from .registry import PolicySpec, make_policy
 from ..jit import specialized
 from .structs import g_init, q_init
 
@@ -36,8 +36,10 @@ class CacheIndex:
     Args:
         n_rows: rows of the table (ids must lie in [0, n_rows), n_rows < 2**31).
         capacity: slots of the tier (rows it can hold), pinned core included.
-        policy: a registered policy name (``tierstore.cache.policy_names()``) or an unbound
-            :class:`~tierstore.cache.policy.Policy` built for this capacity.
+        policy: a registered policy name (``tierstore.cache.policy_names()``), a
+            :class:`~tierstore.cache.registry.PolicySpec` (name and parameters, built here
+            for this capacity) or an unbound :class:`~tierstore.cache.policy.Policy` built
+            for this capacity.
         pinned_rows: the static hot set, resident forever in slots [0, len). ``None`` lets
             the policy choose from ``profile`` (``static`` pins the top ``capacity`` rows,
             ``default`` a core fraction of them, the others nothing); ``[]`` pins nothing.
@@ -54,7 +56,7 @@ class CacheIndex:
     free), ``refcount`` (leases per slot), ``n_pinned``, ``state`` (the kernels' tuple).
     """
 
-    def __init__(self, n_rows: int, capacity: int, policy: str | Policy = "default", *,
+    def __init__(self, n_rows: int, capacity: int, policy: str | PolicySpec | Policy = "default", *,
                  pinned_rows: np.ndarray | None = None, profile: np.ndarray | None = None,
                  rng: np.random.Generator | int | None = None, slot_of_row: np.ndarray | None = None):
         if not isinstance(n_rows, (int, np.integer)) or n_rows < 0 or n_rows >= 2**31:
@@ -65,8 +67,10 @@ class CacheIndex:
         self.capacity = cap = int(capacity)
         if isinstance(policy, str):
             policy = make_policy(policy, cap, rng=rng)
+        elif isinstance(policy, PolicySpec):
+            policy = policy.build(cap, rng=rng)
         elif not isinstance(policy, Policy):
-            raise TierStoreError(f"policy={policy!r} must be a policy name or a Policy instance")
+            raise TierStoreError(f"policy={policy!r} must be a policy name, a PolicySpec or a Policy instance")
         elif policy.capacity != cap:
             raise TierStoreError(f"policy was built for capacity {policy.capacity}, the index has {cap}")
         self.policy = policy

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from ..errors import TierStoreError
+from ..errors import PolicyParamError, TierStoreError
 
 __all__ = ["Policy", "hot_rows"]
 
@@ -44,11 +44,13 @@ class Policy:
     defaults: dict = {}  # the policy's parameters and their default values; others are refused
 
     def check_params(self, params: dict) -> dict:
-        """The parameters with defaults filled in; an unknown name raises (subclasses also
-        check values)."""
-        unknown = set(params) - set(self.defaults)
+        """The parameters with defaults filled in; an unknown name raises
+        :class:`~tierstore.errors.PolicyParamError` (subclasses also check values)."""
+        unknown = sorted(set(params) - set(self.defaults))
         if unknown:
-            raise TierStoreError(f"policy {self.name!r} takes no parameter {', '.join(map(repr, sorted(unknown)))}")
+            takes = ", ".join(self.defaults) or "none"
+            raise PolicyParamError(f"policy {self.name!r} takes no parameter {', '.join(map(repr, unknown))}; "
+                                   f"its parameters: {takes}", param=unknown[0])
         return {**self.defaults, **params}
 
     # sizes of the state, given the dynamic (unpinned) slots

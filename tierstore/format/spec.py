@@ -1,4 +1,4 @@
-"""On-disk store format, version 1 (documented in docs/format.md).
+"""On-disk store format, version 2 (reads version 1 too; documented in docs/format.md).
 
 A store is a directory::
 

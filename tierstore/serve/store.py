@@ -12,6 +12,7 @@ import numpy as np
 import torch
 
 from .buffers import BufferPool
+from ..cache.registry import PolicySpec
 from ..errors import CapacityError, StoreClosedError, TierStoreError, UnknownTableError
 from ..format.spec import TableInfo, read_manifest
 from ..ids import IdLike, as_row_ids
@@ -96,6 +97,9 @@ class Store:
         disables the tier). Budgets are split over the tables in proportion to their size; a
         table whose share covers it is loaded into that tier whole at open (resident).
     policy: cache policy for rows that do not fit ("default", "lru", "lfu", "s3fifo", ...).
+    policy_params: the policy's parameters, e.g. ``{"pin_fraction": 0.2, "hint_horizon": 10**6}``
+        for ``default`` (listed on each policy class, ``tierstore.cache.POLICIES[name].defaults``);
+        checked at open: an unknown key or a bad value raises ``PolicyParamError`` naming it.
     threads: background lookup workers; io_threads: disk reader threads; direct: force O_DIRECT
         on or off (default: on where the filesystem allows it).
     pool_bytes: most bytes of finished output buffers kept for reuse by lookups without
@@ -115,6 +119,7 @@ class Store:
         device_budget: int | str | None = 0,
         host_budget: int | str | None = 0,
         policy: str = "default",
+        policy_params: Mapping[str, Any] | None = None,
         threads: int = 4,
         io_threads: int | None = None,
         direct: bool | None = None,
@@ -136,7 +141,11 @@ class Store:
                                  f"use_profile={use_profile!r} bools")
         self.device_budget = parse_size(device_budget, what="device_budget")
         self.host_budget = parse_size(host_budget, what="host_budget")
+        # the name and parameters are checked here, before any tier is built (and even when
+        # every table is resident and no tier builds a policy)
+        spec = PolicySpec(policy, {} if policy_params is None else policy_params)
         self.policy = policy
+        self.policy_params = dict(spec.params)
         self.tables: dict[str, TableInfo] = dict(self.manifest.tables)
         total = sum(t.nbytes for t in self.tables.values()) or 1
         self._tables: dict[str, Table] = {}
@@ -147,7 +156,7 @@ class Store:
                     self.path, info, device=self.device,
                     device_rows=int(self.device_budget * share) // max(1, info.row_bytes),
                     host_rows=int(self.host_budget * share) // max(1, info.row_bytes),
-                    policy=policy, profile=load_profile(self.path, name) if use_profile else None,
+                    policy=spec, profile=load_profile(self.path, name) if use_profile else None,
                     direct=direct, io_threads=io_threads, host_shared=host_shared,
                     build_id=self.manifest.build_id,
                 )
@@ -266,7 +275,8 @@ class Store:
         """Announce rows of ``table`` that a later lookup will read (queued requests, the next
         batch): the cache policy that uses hints (``default``) keeps them rather than others
         and admits them first. A lookup consumes a row's hint; a hint not used within the
-        policy's horizon (``max(4 x capacity, 2**20)`` accesses) expires. Lookups do not hint
+        policy's horizon (``max(4 x capacity, 2**20)`` accesses, or ``policy_params=
+        {"hint_horizon": n}``) expires. Lookups do not hint
         their own ids. Cheap and synchronous; bad ids raise as in ``lookup``."""
         t = self._table(table)
         flat, _ = as_row_ids(ids, t.info.rows, where=f"table {t.info.name!r}", copy=False)

@@ -12,7 +12,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from ..cache import CacheIndex
+from ..cache import CacheIndex, PolicySpec
 from ..cache.layout import CACHED, NONE, RESIDENT
 from ..format.spec import TableInfo
 from .base import Tier
@@ -38,7 +38,7 @@ class CacheTier(SlabTier):
         *,
         device: torch.device,
         pin: bool = False,
-        policy: str = "default",
+        policy: str | PolicySpec = "default",
         profile: np.ndarray | None = None,
         pinned_rows: np.ndarray | None = None,
     ):

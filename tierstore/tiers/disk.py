@@ -1,6 +1,6 @@
 """The disk tier: the table's row file, the bottom of every lookup.
 
-Reads whole 4 KiB pages through ``rowio.PageReader`` (O_DIRECT where the filesystem allows
+Reads whole 4 KiB pages through ``page_reader.PageReader`` (O_DIRECT where the filesystem allows
 it) and verifies every page it reads against the stored checksums before a row leaves it.
 Its addresses are row ids (``kind`` DISK); it holds every row and is never written.
 

@@ -398,7 +398,7 @@ class PageReader:
         if not out.flags.writeable:
             raise ValueError("out must be writeable")
         if self.direct and out.ctypes.data % _DIRECT_ALIGN:
-            raise ValueError("out is not page-aligned, which O_DIRECT requires: allocate it with rowio.aligned_empty")
+            raise ValueError("out is not page-aligned, which O_DIRECT requires: allocate it with tierstore.tiers.page_reader.aligned_empty")
 
     def _truncated(self, offset: int, got: int, nbytes: int) -> CorruptDataError:
         return CorruptDataError(
