@@ -2,7 +2,8 @@
 
 Modules: tokenizer (BPE training), compression (compressed-id map), hasher (n-gram row ids),
 memory (where table rows come from), engram (the Engram layer), model (the decoder LM),
-train, generate.
+train, generate; deepseek_v41 (DeepSeek-V4.1-Flash's Engram from its config.json, served
+from a store built from its checkpoint).
 """
 
 from engram_model.compression import CompressionMap, build_compression

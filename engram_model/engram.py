@@ -28,7 +28,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from engram_model.errors import EngramConfigError
-from engram_model.memory import EmbeddingMemory, MemorySource
+from engram_model.memory import EmbeddingMemory, MemorySource, UnattachedMemory
 
 __all__ = ["EngramConfig", "EngramLayer", "ConvState"]
 
@@ -97,9 +97,11 @@ class EngramLayer(nn.Module):
     Args:
         cfg: shapes.
         head_sizes: the layer's (N-1)*K table sizes (primes) in hasher output order.
+        tables: False leaves the table out (a placeholder until a store is attached): a
+            served table can be far larger than memory (DeepSeek-V4.1: 384M rows x 256).
     """
 
-    def __init__(self, cfg: EngramConfig, head_sizes: list[int]):
+    def __init__(self, cfg: EngramConfig, head_sizes: list[int], tables: bool = True):
         super().__init__()
         if len(head_sizes) != cfg.n_heads:
             raise EngramConfigError(f"need {cfg.n_heads} head sizes, got {len(head_sizes)}")
@@ -109,7 +111,8 @@ class EngramLayer(nn.Module):
         for s in head_sizes[:-1]:
             offsets.append(offsets[-1] + s)
         self.register_buffer("offsets", torch.tensor(offsets, dtype=torch.int64), persistent=False)
-        self.memory: MemorySource = EmbeddingMemory(sum(head_sizes), cfg.d_head, init_std=cfg.init_std)
+        self.memory: MemorySource = (EmbeddingMemory(sum(head_sizes), cfg.d_head, init_std=cfg.init_std) if tables
+                                     else UnattachedMemory(sum(head_sizes), cfg.d_head))
         self.value_proj = nn.Linear(E, d)
         self.key_projs = nn.ModuleList([nn.Linear(E, d) for _ in range(M)])
         self.norm_key = nn.ModuleList([nn.RMSNorm(d, eps=cfg.norm_eps) for _ in range(M)])

@@ -32,7 +32,7 @@ from engram_model.errors import EngramConfigError
 if TYPE_CHECKING:  # the model depends on the store only through this module
     import tierstore
 
-__all__ = ["RowsFuture", "MemorySource", "EmbeddingMemory", "StoreMemory"]
+__all__ = ["RowsFuture", "MemorySource", "EmbeddingMemory", "StoreMemory", "UnattachedMemory"]
 
 
 class RowsFuture(Protocol):
@@ -95,6 +95,17 @@ class EmbeddingMemory(nn.Embedding, MemorySource):
         return _Deferred(lambda: F.embedding(packed_ids, self.weight, sparse=self.sparse))
 
 
+class UnattachedMemory(MemorySource):
+    """Placeholder for a table that is not loaded (a model built with ``tables=False``, before
+    ``attach_store``): it holds no rows, so building the model allocates nothing for them."""
+
+    def __init__(self, rows: int, dim: int):
+        self.rows, self.dim = rows, dim
+
+    def fetch(self, packed_ids: torch.Tensor) -> RowsFuture:
+        raise EngramConfigError("Engram table not loaded: call model.attach_store(store) or load the checkpoint tables")
+
+
 # Requests of fewer ids than this are looked up in the model's thread when the layer asks
 # for them instead of prefetched: a decode step's few hundred ids cost ~30 us to look up
 # but ~50-120 us to hand to a worker and back (thread wake-ups, GIL). Measured with
@@ -106,8 +117,10 @@ SYNC_BELOW = 4096
 class StoreMemory(nn.Module, MemorySource):
     """Rows served by a tierstore table (inference only: no gradients, no parameters).
 
-    ``table`` is the store table name, which equals the state-dict name of the
-    parameter it replaces (e.g. ``blocks.1.engram.memory.weight``).
+    ``table`` is the store table name: the state-dict name of the parameter it replaces
+    (e.g. ``blocks.1.engram.memory.weight``), or a DeepSeek-V4.1 table
+    (``layers.1.engram.embed.weight``: fp8 rows with block scales, which the store returns
+    dequantized to bfloat16; ``dim`` is then the dequantized width, 256).
     """
 
     def __init__(self, store: tierstore.Store, table: str, rows: int, dim: int, sync_below: int = 0):
@@ -122,9 +135,9 @@ class StoreMemory(nn.Module, MemorySource):
                 f"store has no table {table!r} (has {sorted(store.tables)}); was it built from this checkpoint?"
             )
         info = store.tables[table]
-        if (info.rows, info.dim) != (rows, dim):
+        if (info.rows, info.lookup_dim) != (rows, dim):  # lookup_dim: a quantized table's values per row
             raise EngramConfigError(
-                f"store table {table!r} is {info.rows} x {info.dim} but the model expects {rows} x {dim}; "
+                f"store table {table!r} is {info.rows} x {info.lookup_dim} but the model expects {rows} x {dim}; "
                 "rebuild the store from this checkpoint"
             )
         self.store, self.table, self.rows, self.dim = store, table, rows, dim

@@ -32,7 +32,7 @@ from engram_model.engram import ConvState, EngramConfig, EngramLayer
 from engram_model.errors import EngramConfigError
 from engram_model.flags import setting
 from engram_model.hasher import NgramHasher
-from engram_model.memory import SYNC_BELOW, MemorySource, RowsFuture, StoreMemory
+from engram_model.memory import SYNC_BELOW, RowsFuture, StoreMemory
 
 if TYPE_CHECKING:  # the model reaches the store only through StoreMemory
     import tierstore
@@ -73,6 +73,10 @@ class ModelConfig:
     engram_init_std: float = setting(1.0, "N(0, std) init of table rows", group="engram")
     engram_zero_value: bool = setting(True, "W_v starts at 0, so each Engram layer starts as an exact identity "
                                       "(else random, std 0.02)", flag="--random-value-init", group="engram")
+    # store table serving block L's Engram rows ("{layer}" -> L); DeepSeek-V4.1's are
+    # "layers.{layer}.engram.embed.weight" (engram_model.deepseek_v41)
+    engram_table: str = setting("blocks.{layer}.engram.memory.weight",
+                                "store table of block L's Engram rows ('{layer}' -> L)", cli=False)
 
     def __post_init__(self) -> None:
         if self.d_model % self.n_head or (self.d_model // self.n_head) % 2:
@@ -91,6 +95,9 @@ class ModelConfig:
             raise EngramConfigError("engram_vocab_size (compressed vocabulary) must be set when engram_layers is used")
         if self.engram_branches > 1 and not self.engram_layers:
             raise EngramConfigError("engram_branches > 1 needs engram_layers")
+        if "{layer}" not in self.engram_table:
+            raise EngramConfigError(f"engram_table={self.engram_table!r} must contain '{{layer}}' (the block index), "
+                                    "e.g. 'layers.{layer}.engram.embed.weight'")
 
     @property
     def engram(self) -> EngramConfig:
@@ -112,9 +119,11 @@ class ModelConfig:
         return asdict(self)
 
 
-def table_name(block: int) -> str:
-    """State-dict (and store table) name of a block's packed Engram table."""
-    return f"blocks.{block}.engram.memory.weight"
+def table_name(block: int, pattern: str = "blocks.{layer}.engram.memory.weight") -> str:
+    """Store table name of a block's packed Engram table (``ModelConfig.engram_table``). The
+    default is also the in-module parameter's state-dict name, so a trained checkpoint's
+    tables build into a store under the names the model asks for."""
+    return pattern.format(layer=block)
 
 
 # --- rotary position embedding ------------------------------------------------------------
@@ -232,10 +241,10 @@ class MoE(nn.Module):
 
 
 class Block(nn.Module):
-    def __init__(self, cfg: ModelConfig, index: int, head_sizes: list[int] | None):
+    def __init__(self, cfg: ModelConfig, index: int, head_sizes: list[int] | None, tables: bool = True):
         super().__init__()
         self.index = index
-        self.engram = EngramLayer(cfg.engram, head_sizes) if head_sizes is not None else None
+        self.engram = EngramLayer(cfg.engram, head_sizes, tables=tables) if head_sizes is not None else None
         self.norm_attn = nn.RMSNorm(cfg.d_model, eps=cfg.norm_eps)
         self.attn = Attention(cfg)
         self.norm_ffn = nn.RMSNorm(cfg.d_model, eps=cfg.norm_eps)
@@ -270,16 +279,6 @@ class EngramPlan:
     futures: dict[int, RowsFuture]
 
 
-class _Unattached(MemorySource):
-    """Placeholder for a table that is not loaded (serving before ``attach_store``)."""
-
-    def __init__(self, rows: int, dim: int):
-        self.rows, self.dim = rows, dim
-
-    def fetch(self, packed_ids: torch.Tensor) -> RowsFuture:
-        raise EngramConfigError("Engram table not loaded: call model.attach_store(store) or load the checkpoint tables")
-
-
 class EngramLM(nn.Module):
     """The language model. ``compress_lookup`` (raw id -> compressed id, from the tokenizer)
     is required when the config has Engram layers; ``tables=False`` skips allocating the
@@ -291,7 +290,7 @@ class EngramLM(nn.Module):
         self.hasher = cfg.hasher() if cfg.engram_layers else None
         self.tok_emb = nn.Embedding(cfg.vocab_size, cfg.d_model)
         self.blocks = nn.ModuleList(
-            [Block(cfg, i, self.hasher.head_sizes(i) if self.hasher and i in cfg.engram_layers else None)
+            [Block(cfg, i, self.hasher.head_sizes(i) if self.hasher and i in cfg.engram_layers else None, tables)
              for i in range(cfg.n_layer)]
         )
         self.norm_out = nn.RMSNorm(cfg.d_model, eps=cfg.norm_eps)
@@ -308,11 +307,6 @@ class EngramLM(nn.Module):
             # saved with the weights, so a checkpoint is self-contained (checked against the tokenizer on load)
             self.register_buffer("compress", lut)
         self._init_weights()
-        if not tables:
-            for blk in self.engram_blocks():
-                mem = blk.engram.memory
-                del blk.engram.memory
-                blk.engram.memory = _Unattached(mem.rows, mem.dim)  # type: ignore[assignment]
 
     def _init_weights(self) -> None:
         std = 0.02
@@ -365,7 +359,8 @@ class EngramLM(nn.Module):
         for blk in self.engram_blocks():
             mem = blk.engram.memory
             del blk.engram.memory
-            blk.engram.memory = StoreMemory(store, table_name(blk.index), mem.rows, mem.dim, sync_below=sync_below)
+            blk.engram.memory = StoreMemory(store, table_name(blk.index, self.cfg.engram_table), mem.rows, mem.dim,
+                                            sync_below=sync_below)
 
     # --- forward --------------------------------------------------------------------------
     @torch.no_grad()

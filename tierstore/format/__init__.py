@@ -2,6 +2,7 @@
 
 - ``spec``: the format itself (version 2): the manifest, the row files' pages, page
   checksums, the header page, the saved row order;
+- ``quant``: block-scaled fp8/fp4 rows (DeepSeek-V4.1's Engram tables): layout and dequantization;
 - ``checkpoint``: streaming readers of trained checkpoints (safetensors, torch);
 - ``build``: checkpoint -> store, in bounded memory, committed atomically;
 - ``recovery``: publishing a finished build and putting right what a killed one left;

@@ -30,6 +30,7 @@ from .. import faults
 from .checkpoint import Checkpoint, open_checkpoint
 from ..errors import CapacityError, CheckpointError, StoreExistsError, StoreIOError, TierStoreError
 from ..files import NO_SPACE, fsync_dir, os_error, pwrite_all, write_durable
+from .quant import FP4_SCHEME, FP8_SCHEME, Quant
 from .spec import (
     DTYPES,
     PAGE_SIZE,
@@ -44,8 +45,11 @@ from .recovery import leftover_tag, publish, recover
 
 __all__ = ["build_store", "DEFAULT_TABLE_PATTERN", "CHUNK_BYTES"]
 
-# Every Engram memory table the model names: "<prefix>.engram.memory.weight".
-DEFAULT_TABLE_PATTERN = r"(^|\.)engram\.memory\.weight$"
+# Every Engram table: our model's "<prefix>.engram.memory.weight" and DeepSeek-V4.1's
+# "layers.{L}.engram.embed.weight" (fp8 rows; its "...engram.embed.scale" travels with it).
+DEFAULT_TABLE_PATTERN = r"(^|\.)engram\.(memory|embed)\.weight$"
+V41_TABLE = re.compile(r"(^|\.)engram\.embed\.weight$")
+WEIGHT_SUFFIX, SCALE_SUFFIX = ".weight", ".scale"
 CHUNK_BYTES = 32 * 1024 * 1024  # rows read and written per step; peak memory is a few of these
 
 
@@ -56,13 +60,23 @@ def _select_tables(ckpt: Checkpoint, pattern: str | None) -> list[str]:
         raise CheckpointError(f"--tables {pattern!r} is not a valid regular expression ({e}); "
                               r"pass a Python regex such as '\.emb$'") from None
     names = [n for n in ckpt.tensors if pat.search(n)]
+    # a quantized table's scales travel with its rows; a regex that also matches them
+    # (e.g. 'engram') must not make them tables of their own
+    companions = {_scale_name(n) for n in names} & set(ckpt.tensors)
+    names = [n for n in names if n not in companions]
     two_d = sorted(n for n, m in ckpt.tensors.items() if len(m.shape) == 2)
     if not names:
         listing = ", ".join(f"{n} {list(ckpt.tensors[n].shape)}" for n in two_d[:20]) or "none"
-        how = "no tensor matches --tables" if pattern else "no Engram memory table (…engram.memory.weight)"
+        how = "no tensor matches --tables" if pattern else "no Engram table (…engram.memory.weight or …engram.embed.weight)"
         raise CheckpointError(
             f"{how} {pat.pattern!r}; 2-D tensors found: {listing}. Select tables with --tables REGEX"
         )
+    for n in ckpt.tensors:  # scales whose rows are missing: an incomplete download
+        if n.endswith(SCALE_SUFFIX) and pat.search(n[: -len(SCALE_SUFFIX)] + WEIGHT_SUFFIX) \
+                and n[: -len(SCALE_SUFFIX)] + WEIGHT_SUFFIX not in ckpt.tensors:
+            raise CheckpointError(f"tensor {n!r} holds block scales but its rows "
+                                  f"{n[: -len(SCALE_SUFFIX)] + WEIGHT_SUFFIX!r} are not in the checkpoint; "
+                                  "download every shard model.safetensors.index.json names")
     for n in names:
         meta = ckpt.tensors[n]
         if len(meta.shape) != 2:
@@ -77,6 +91,46 @@ def _select_tables(ckpt: Checkpoint, pattern: str | None) -> list[str]:
             raise CheckpointError(f"tensor {n!r} has shape {list(meta.shape)}: a table needs {what}; "
                                   "leave it out with --tables REGEX")
     return sorted(names)
+
+
+def _scale_name(name: str) -> str:
+    """The block-scale companion of a table: ``X.weight`` -> ``X.scale`` (DeepSeek's naming)."""
+    return name[: -len(WEIGHT_SUFFIX)] + SCALE_SUFFIX if name.endswith(WEIGHT_SUFFIX) else name + SCALE_SUFFIX
+
+
+def _quantization(ckpt: Checkpoint, name: str) -> tuple[Quant, str] | None:
+    """(Quant, scale tensor) of a table stored with block scales, None for a plain table.
+
+    A table is quantized when its ``.scale`` companion is in the checkpoint. Values are
+    F8_E4M3 ``[rows, V]`` or packed FP4 in U8 ``[rows, V/2]``; the scale is F8_E8M0
+    ``[rows, V/block]``. A V4.1 embed table (``...engram.embed.weight``) in fp8 or U8 without
+    its scale cannot be dequantized: refused, as is any shape or dtype disagreement.
+    """
+    meta, scale = ckpt.tensors[name], _scale_name(name)
+    smeta = ckpt.tensors.get(scale)
+    if smeta is None:
+        if V41_TABLE.search(name) and meta.dtype in ("float8_e4m3fn", "uint8"):
+            raise CheckpointError(f"table {name!r} ({meta.dtype} {list(meta.shape)}) has no block scales "
+                                  f"{scale!r} in the checkpoint: its rows cannot be dequantized; download every "
+                                  "shard model.safetensors.index.json names")
+        return None
+    rows, cols = meta.shape
+    if meta.dtype == "float8_e4m3fn":
+        scheme, values = FP8_SCHEME, cols
+    elif meta.dtype == "uint8":
+        scheme, values = FP4_SCHEME, 2 * cols
+    else:
+        raise CheckpointError(f"table {name!r} has block scales {scale!r} but dtype {meta.dtype}: quantized rows "
+                              "must be F8_E4M3 values or packed FP4 E2M1 (U8, two values per byte); leave it out "
+                              "with --tables REGEX")
+    if smeta.dtype != "float8_e8m0fnu":
+        raise CheckpointError(f"scales {scale!r} have dtype {smeta.dtype}; expected F8_E8M0 (UE8M0 powers of two) "
+                              f"for table {name!r}")
+    if len(smeta.shape) != 2 or smeta.shape[0] != rows or smeta.shape[1] < 1 or values % smeta.shape[1]:
+        raise CheckpointError(f"shapes disagree: table {name!r} {list(meta.shape)} ({values} values per row) and "
+                              f"its scales {scale!r} {list(smeta.shape)}: need [{rows}, k] with k dividing {values}; "
+                              "the checkpoint is damaged or not in the DeepSeek-V4.1 layout")
+    return Quant(scheme, values // smeta.shape[1], values), scale
 
 
 def _convert(chunk: np.ndarray, src: str, dst: str) -> np.ndarray:
@@ -107,7 +161,11 @@ def _read_rows(ckpt: Checkpoint, name: str, start: int, stop: int, shard: tuple[
 
 
 def _write_table(ckpt: Checkpoint, name: str, info: TableInfo, src_dtype: str, tmp: Path, bar: tqdm,
-                 shard: tuple[int, int] | None = None, perm: np.ndarray | None = None) -> None:
+                 shard: tuple[int, int] | None = None, perm: np.ndarray | None = None,
+                 scale: str | None = None) -> None:
+    """Write one table's row file, checksums and row order. A quantized table (``info.quant``)
+    reads its values from ``name`` and its block scales from ``scale``, the same rows of
+    each per chunk, and stores them side by side in each row."""
     rows_path, sums_path = tmp / info.file, tmp / info.checksum_file
     sums = np.empty(info.n_pages, dtype=np.uint64)
     head = np.frombuffer(header_page(info), dtype=np.uint8)
@@ -122,12 +180,19 @@ def _write_table(ckpt: Checkpoint, name: str, info: TableInfo, src_dtype: str, t
         for start in range(0, info.rows, step):
             stop = min(start + step, info.rows)
             n = stop - start
-            chunk = _convert(_read_rows(ckpt, name, start, stop, shard, perm), src_dtype, info.dtype)
             nbytes = n * info.row_stride
             padded = (nbytes + PAGE_SIZE - 1) // PAGE_SIZE * PAGE_SIZE  # last chunk: pad to a page
             view = buf[:padded]
             view[nbytes:] = 0
-            view[:nbytes].reshape(n, info.row_stride)[:, : info.row_bytes] = chunk
+            rows = view[:nbytes].reshape(n, info.row_stride)
+            if info.quant is None:
+                rows[:, : info.row_bytes] = _convert(_read_rows(ckpt, name, start, stop, shard, perm), src_dtype,
+                                                     info.dtype)
+            else:  # [values | scales]: one page read serves both
+                assert scale is not None
+                split = info.quant.value_bytes
+                rows[:, :split] = _read_rows(ckpt, name, start, stop, shard, perm)
+                rows[:, split : info.row_bytes] = _read_rows(ckpt, scale, start, stop, shard, perm)
             first_page = 1 + start * info.row_stride // PAGE_SIZE
             sums[first_page : first_page + padded // PAGE_SIZE] = page_checksums(view)
             pwrite_all(fd, memoryview(view), PAGE_SIZE + start * info.row_stride, rows_path)
@@ -204,7 +269,14 @@ def build_store(
     force: replace an existing store at ``out`` (the old one stays intact until the new one
         is complete). Without it an existing ``out`` raises ``StoreExistsError``.
     dtype: store rows in this dtype (e.g. "bfloat16", "float8_e4m3fn"), converted with
-        round-to-nearest; default: keep the checkpoint's dtype, bit for bit.
+        round-to-nearest; default: keep the checkpoint's dtype, bit for bit. Quantized tables
+        (a ``.scale`` companion, below) cannot be converted: combining them with ``dtype`` raises.
+
+    Quantized tables (DeepSeek-V4.1): a table ``X.weight`` whose ``X.scale`` is in the
+    checkpoint (F8_E4M3 or packed-FP4 U8 values, F8_E8M0 scales, one per block of values) is
+    stored as rows of value bytes then scale bytes, and the manifest records the scheme
+    (docs/format.md, "Quantized tables"); lookups return bfloat16. A missing companion of a
+    V4.1 ``...engram.embed.weight``, or shapes that disagree, raise ``CheckpointError``.
     attach: files copied into ``out/attachments/`` (model config, tokenizer, ...).
     shard: ``(rank, world_size)``: store only rows ``rank::world_size`` of every table (one shard
         of a sharded store, see ``tierstore.serve.distributed``); the manifest records the shard.
@@ -219,8 +291,9 @@ def build_store(
     Leftovers of earlier builds of ``out`` that died are put right first (``recover``).
     """
     out = Path(out).absolute()
-    if dtype is not None and dtype not in DTYPES:
-        raise TierStoreError(f"dtype={dtype!r} is not supported; choose one of {', '.join(DTYPES)}")
+    targets = [d for d in DTYPES if DTYPES[d][0].is_floating_point]  # uint8 holds bytes, not converted values
+    if dtype is not None and dtype not in targets:
+        raise TierStoreError(f"dtype={dtype!r} is not supported; choose one of {', '.join(targets)}")
     _check_parent(out)
     recover(out)  # a build of OUT that died mid-swap: bring the old store back first
     if out.exists() and not force:
@@ -236,16 +309,27 @@ def build_store(
         raise TierStoreError("order_by and shard cannot be combined: a shard's rows are fixed by row id")
     ckpt = open_checkpoint(checkpoint)
     names = _select_tables(ckpt, tables)
+    quants = {n: q for n in names if (q := _quantization(ckpt, n)) is not None}
+    if dtype is not None and quants:
+        ckpt.close()
+        raise TierStoreError(f"dtype={dtype!r} cannot convert quantized table(s) {sorted(quants)[:3]}: they are stored "
+                             "as their fp8/fp4 bytes and scales and dequantized to bfloat16 by lookups; drop --dtype "
+                             "or leave them out with --tables REGEX")
     perms = _orders(order_by, names, ckpt) if order_by is not None else {}
     infos: list[tuple[str, TableInfo, str]] = []
     for i, name in enumerate(names):
         meta = ckpt.tensors[name]
         rows, dim = meta.shape
-        source = {"checkpoint": str(Path(checkpoint).absolute()), "dtype": meta.dtype}
+        source: dict[str, object] = {"checkpoint": str(Path(checkpoint).absolute()), "dtype": meta.dtype}
         if shard is not None:
             source["shard"] = {"rank": shard[0], "world_size": shard[1], "global_rows": rows}
             rows = len(range(shard[0], rows, shard[1]))
-        target = dtype or meta.dtype
+        quant = None
+        if name in quants:
+            quant, source["scale"] = quants[name]
+            target, dim = "uint8", quant.row_bytes  # a stored row: value bytes, then scale bytes
+        else:
+            target = dtype or meta.dtype
         stride = row_stride_for(dim * DTYPES[target][1])
         info = TableInfo(
             name=name, rows=rows, dim=dim, dtype=target, row_stride=stride,
@@ -253,6 +337,7 @@ def build_store(
             file_bytes=TableInfo.expected_file_bytes(rows, stride),
             source=source,
             order_file=f"tables/t{i:04d}.order.npy" if name in perms else None,
+            quant=quant,
         )
         infos.append((name, info, meta.dtype))
 
@@ -274,7 +359,8 @@ def build_store(
                   disable=not progress) as bar:
             for name, info, src_dtype in infos:
                 bar.set_postfix_str(name[-40:])
-                _write_table(ckpt, name, info, src_dtype, tmp, bar, shard, perms.get(name))
+                _write_table(ckpt, name, info, src_dtype, tmp, bar, shard, perms.get(name),
+                             quants[name][1] if name in quants else None)
         if attach_paths:
             (tmp / "attachments").mkdir()
             for a in attach_paths:

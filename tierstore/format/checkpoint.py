@@ -10,6 +10,9 @@ A safetensors header is checked whole before any row is read: each tensor's shap
 exactly its ``data_offsets`` inside the file, and no two tensors may share bytes, since the
 reader seeks by offset and slices by shape: a header where the two disagree would otherwise
 build rows out of a neighbouring tensor's bytes. Every defect is a ``CheckpointError``.
+
+Rows are moved as raw bytes, so any whole-byte dtype reads the same way: float32/16, bf16,
+F8_E4M3/E5M2, U8 (e.g. packed FP4) and F8_E8M0 (block scales, read beside their table).
 """
 
 from __future__ import annotations
@@ -27,7 +30,7 @@ from ..errors import CheckpointError, StoreIOError
 from ..files import is_json_int, read_full
 from .spec import DTYPES
 
-__all__ = ["TensorMeta", "Checkpoint", "open_checkpoint"]
+__all__ = ["TensorMeta", "Checkpoint", "open_checkpoint", "READ_DTYPES"]
 
 # safetensors dtype tag -> our dtype name
 _ST_DTYPES = {
@@ -36,7 +39,11 @@ _ST_DTYPES = {
     "BF16": "bfloat16",
     "F8_E4M3": "float8_e4m3fn",
     "F8_E5M2": "float8_e5m2",
+    "F8_E8M0": "float8_e8m0fnu",  # UE8M0 block scales (a quantized table's companion, never a table)
+    "U8": "uint8",  # raw bytes, e.g. packed FP4 values
 }
+# every dtype the readers can slice into rows: the store's dtypes plus scale-only ones
+READ_DTYPES: dict[str, tuple[torch.dtype, int]] = {**DTYPES, "float8_e8m0fnu": (torch.float8_e8m0fnu, 1)}
 # bytes per element of every safetensors dtype tag with a whole-byte size (sub-byte tags such as
 # F4 are absent: their size check is skipped, and the build refuses them as unsupported)
 _ST_ELEMENT_SIZE = {
@@ -58,7 +65,7 @@ class TensorMeta:
 
     @property
     def element_size(self) -> int:
-        return DTYPES[self.dtype][1]
+        return READ_DTYPES[self.dtype][1]
 
 
 class Checkpoint:
@@ -282,7 +289,7 @@ def _open_torch(path: Path) -> Checkpoint:
     state = {k: v for k, v in obj.items() if isinstance(v, torch.Tensor)}
     tensors = {}
     for name, t in state.items():
-        dname = next((n for n, (td, _) in DTYPES.items() if td == t.dtype), f"unsupported:{t.dtype}")
+        dname = next((n for n, (td, _) in READ_DTYPES.items() if td == t.dtype), f"unsupported:{t.dtype}")
         tensors[name] = TensorMeta(name=name, shape=tuple(t.shape), dtype=dname, file=path)
     return Checkpoint(tensors, torch_state=state)
 

@@ -8,6 +8,9 @@ A store is a directory::
     STORE/attachments/...        files copied in at build time (model config, tokenizer, ...)
     STORE/profiles/...           access-frequency profiles (written by `tierstore profile --save-profile`)
 
+A quantized table (``TableInfo.quant``, ``tierstore.format.quant``) stores each row as its
+fp8/fp4 value bytes followed by its block-scale bytes, as ``uint8``.
+
 Rows start at byte ``PAGE_SIZE`` (after the header page), so every read the disk tier issues
 is page-aligned and O_DIRECT / GPUDirect Storage can serve it. Row ``r`` lives at byte
 ``PAGE_SIZE + r * row_stride``; ``row_stride`` is the row's byte size rounded up to 16.
@@ -25,7 +28,7 @@ import hashlib
 import json
 import os
 import uuid
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
@@ -34,6 +37,7 @@ import torch
 
 from ..errors import CorruptDataError, FormatVersionError, TierStoreError
 from ..files import atomic_write, check_versioned, is_json_int, read_json
+from .quant import SCHEMES, Quant
 
 __all__ = [
     "FORMAT_NAME",
@@ -69,6 +73,8 @@ DTYPES: dict[str, tuple[torch.dtype, int]] = {
     "bfloat16": (torch.bfloat16, 2),
     "float8_e4m3fn": (torch.float8_e4m3fn, 1),
     "float8_e5m2": (torch.float8_e5m2, 1),
+    # raw bytes: U8 checkpoint tensors, and the stored rows of a quantized table (``quant``)
+    "uint8": (torch.uint8, 1),
 }
 _TORCH_TO_NAME = {v[0]: k for k, v in DTYPES.items()}
 _RAW = {1: torch.uint8, 2: torch.int16, 4: torch.int32}
@@ -105,10 +111,25 @@ class TableInfo:
     # hotness-ordered layout: a .npy of int32/int64 giving each row's physical position in
     # the row file (hot rows first, sharing pages); None: row r is at position r
     order_file: str | None = None
+    # quantized table (docs/format.md, "Quantized tables"): each stored row is value bytes
+    # then scale bytes (dtype "uint8", dim = quant.row_bytes); lookups return bf16 rows of
+    # quant.values. None: rows are returned as stored. Written to the manifest only when set.
+    quant: Quant | None = None
 
     @property
     def torch_dtype(self) -> torch.dtype:
+        """dtype of the stored rows (what the tiers hold)."""
         return DTYPES[self.dtype][0]
+
+    @property
+    def lookup_dim(self) -> int:
+        """Values per row a lookup returns: ``quant.values`` for a quantized table, else ``dim``."""
+        return self.quant.values if self.quant is not None else self.dim
+
+    @property
+    def lookup_dtype(self) -> torch.dtype:
+        """dtype a lookup returns: bfloat16 for a quantized table (dequantized), else the stored dtype."""
+        return torch.bfloat16 if self.quant is not None else self.torch_dtype
 
     @property
     def raw_dtype(self) -> torch.dtype:
@@ -134,6 +155,15 @@ class TableInfo:
         data = rows * row_stride
         return PAGE_SIZE + (data + PAGE_SIZE - 1) // PAGE_SIZE * PAGE_SIZE
 
+    def to_json(self) -> dict[str, Any]:
+        """The manifest entry. ``quant`` appears only on quantized tables, so manifests of
+        other stores are byte-for-byte what earlier versions wrote and read."""
+        doc = {f.name: getattr(self, f.name) for f in fields(self) if f.name != "quant"}
+        doc["source"] = dict(self.source)
+        if self.quant is not None:
+            doc["quant"] = self.quant.to_json()
+        return doc
+
 
 @dataclass
 class Manifest:
@@ -156,7 +186,7 @@ class Manifest:
             "build_id": self.build_id,
             "created": self.created,
             "checksum": self.checksum,
-            "tables": [asdict(t) for t in self.tables.values()],
+            "tables": [t.to_json() for t in self.tables.values()],
             "attachments": self.attachments,
         }
         doc["digest"] = manifest_digest(doc)
@@ -182,7 +212,7 @@ def _table_info(t: Any, where: str) -> TableInfo:
     if not isinstance(t, dict):
         raise CorruptDataError(f"{where}: a table entry is {type(t).__name__}, expected an object")
     known = {f.name for f in fields(TableInfo)}
-    missing = sorted(known - set(t) - {"source", "order_file"})
+    missing = sorted(known - set(t) - {"source", "order_file", "quant"})
     if missing or set(t) - known:
         raise CorruptDataError(f"{where}: malformed table entry (missing {missing}, unknown {sorted(set(t) - known)})")
     name = t["name"]
@@ -200,13 +230,35 @@ def _table_info(t: Any, where: str) -> TableInfo:
         raise CorruptDataError(f"{where}: table {name!r} has order_file={t['order_file']!r}")
     if not isinstance(t.get("source", {}), dict):
         raise CorruptDataError(f"{where}: table {name!r} has a source that is not an object")
-    info = TableInfo(**t)
+    quant = _quant(t.get("quant"), name, where)
+    if quant is not None and (t["dtype"] != "uint8" or t["dim"] != quant.row_bytes):
+        raise CorruptDataError(f"{where}: quantized table {name!r} must store uint8 rows of {quant.row_bytes} bytes "
+                               f"({quant.scheme}, {quant.values} values), but has dim={t['dim']} {t['dtype']}")
+    info = TableInfo(**{**t, "quant": quant})
     if info.row_stride != row_stride_for(info.row_bytes):
         raise CorruptDataError(f"{where}: table {name!r} row_stride {info.row_stride} does not match "
                                f"dim {info.dim} x {info.dtype} (expected {row_stride_for(info.row_bytes)})")
     if info.file_bytes != TableInfo.expected_file_bytes(info.rows, info.row_stride):
         raise CorruptDataError(f"{where}: table {name!r} file_bytes inconsistent with rows/stride")
     return info
+
+
+def _quant(q: Any, name: str, where: str) -> Quant | None:
+    """A table entry's ``quant`` field: absent/None, or exactly {scheme, block, values}."""
+    if q is None:
+        return None
+    if not isinstance(q, dict) or set(q) != {"scheme", "block", "values"}:
+        raise CorruptDataError(f"{where}: table {name!r} has quant={q!r}; expected "
+                               '{"scheme": ..., "block": ..., "values": ...}')
+    if q["scheme"] not in SCHEMES:
+        raise FormatVersionError(f"{where}: table {name!r} is quantized with scheme {q['scheme']!r}, which this "
+                                 f"tierstore does not know ({', '.join(SCHEMES)}); upgrade tierstore")
+    if not (is_json_int(q["block"]) and is_json_int(q["values"])):
+        raise CorruptDataError(f"{where}: table {name!r} has quant={q!r}: block and values must be integers")
+    try:
+        return Quant(q["scheme"], q["block"], q["values"])
+    except TierStoreError as e:
+        raise CorruptDataError(f"{where}: table {name!r}: {e}") from None
 
 
 def read_manifest(store: str | os.PathLike[str]) -> Manifest:
@@ -314,10 +366,11 @@ def page_checksums(pages: np.ndarray) -> np.ndarray:
 
 def header_page(info: TableInfo) -> bytes:
     """The first page of a .rows file: magic, then the table's JSON description, zero padded."""
-    meta = json.dumps(
-        {"name": info.name, "rows": info.rows, "dim": info.dim, "dtype": info.dtype,
-         "row_stride": info.row_stride, "version": FORMAT_VERSION}
-    ).encode()
+    head: dict[str, Any] = {"name": info.name, "rows": info.rows, "dim": info.dim, "dtype": info.dtype,
+                            "row_stride": info.row_stride, "version": FORMAT_VERSION}
+    if info.quant is not None:
+        head["quant"] = info.quant.to_json()
+    meta = json.dumps(head).encode()
     body = ROWS_MAGIC + len(meta).to_bytes(4, "little") + meta
     if len(body) > PAGE_SIZE:
         raise TierStoreError(f"table name too long for the row-file header: {info.name[:80]!r}...")
@@ -344,9 +397,11 @@ def check_header_page(page: bytes | np.ndarray, info: TableInfo, where: str) -> 
             raise ValueError("not an object")
     except (ValueError, UnicodeDecodeError) as e:
         raise CorruptDataError(f"{where}: unreadable row-file header ({e})") from None
-    for key in ("name", "rows", "dim", "dtype", "row_stride"):
-        if head.get(key) != getattr(info, key):
+    want = {key: getattr(info, key) for key in ("name", "rows", "dim", "dtype", "row_stride")}
+    want["quant"] = info.quant.to_json() if info.quant is not None else None
+    for key, value in want.items():
+        if head.get(key) != value:
             raise CorruptDataError(
                 f"{where}: the row file says {key}={head.get(key)!r} but the manifest says "
-                f"{key}={getattr(info, key)!r} for table {info.name!r}: the manifest does not describe this "
+                f"{key}={value!r} for table {info.name!r}: the manifest does not describe this "
                 "file; rebuild the store")

@@ -14,6 +14,7 @@ import torch
 from .buffers import BufferPool
 from ..cache.registry import PolicySpec
 from ..errors import CapacityError, StoreClosedError, TierStoreError, UnknownTableError
+from ..format.quant import dequantize
 from ..format.spec import TableInfo, read_manifest
 from ..ids import IdLike, as_row_ids
 from .prefetcher import LookupFuture, Prefetcher
@@ -180,58 +181,89 @@ class Store:
             known = ", ".join(sorted(self._tables)[:10]) or "none"
             raise UnknownTableError(f"no table {table!r} in store {self.path}; tables: {known}") from None
 
-    def _prepare(self, table: str, ids: IdLike, out: torch.Tensor | None, *, copy: bool = True
-                 ) -> tuple[Table, np.ndarray, torch.Tensor, tuple[int, ...]]:
+    def _prepare(self, table: str, ids: IdLike, out: torch.Tensor | None, *, copy: bool = True, raw: bool = False
+                 ) -> tuple[Table, np.ndarray, torch.Tensor, torch.Tensor, tuple[int, ...]]:
+        """(table, flat ids, staging buffer the tiers fill with stored rows, result buffer,
+        result shape). They are one buffer except for a quantized table looked up without
+        ``raw``: its stored rows are staged in a pooled uint8 buffer and dequantized into the
+        result (``_finish``)."""
+        if raw not in (True, False):
+            raise TierStoreError(f"raw={raw!r} must be a bool")
         t = self._table(table)
-        flat, shape = as_row_ids(ids, t.info.rows, where=f"table {t.info.name!r}", copy=copy)
-        full = shape + (t.info.dim,)
+        info = t.info
+        flat, shape = as_row_ids(ids, info.rows, where=f"table {info.name!r}", copy=copy)
+        dequant = info.quant is not None and not raw
+        dim, dtype = (info.lookup_dim, info.lookup_dtype) if dequant else (info.dim, info.torch_dtype)
+        full = shape + (dim,)
         if out is None:
-            need = flat.size * t.info.row_bytes
+            need = flat.size * (info.row_bytes + (dim * dtype.itemsize if dequant else 0))
             # refuse before allocating: a request that cannot fit would be OOM-killed, not raise
             if need > 1 << 26 and need > _available_bytes(self.device):
                 raise CapacityError(
-                    f"{flat.size:,} ids of table {t.info.name!r} need {format_size(need)} of output on "
+                    f"{flat.size:,} ids of table {info.name!r} need {format_size(need)} of output on "
                     f"{self.device} but only {format_size(_available_bytes(self.device))} is available; "
                     "look them up in smaller batches")
-            buf = self._pool.get((flat.size, t.info.dim), t.info.torch_dtype, self.device)
+            buf = self._pool.get((flat.size, dim), dtype, self.device)
         else:
-            if tuple(out.shape) != full or out.dtype != t.info.torch_dtype or out.device != self.device \
+            if tuple(out.shape) != full or out.dtype != dtype or out.device != self.device \
                     or not out.is_contiguous():
                 raise TierStoreError(
-                    f"out= must be a contiguous {t.info.torch_dtype} tensor of shape {full} on {self.device}; "
+                    f"out= must be a contiguous {dtype} tensor of shape {full} on {self.device}; "
                     f"got {out.dtype} {tuple(out.shape)} on {out.device}"
                 )
-            buf = out.view(flat.size, t.info.dim)
-        return t, flat, buf, full
+            buf = out.view(flat.size, dim)
+        stage = buf
+        if dequant:
+            # CPU: the dequantization is done when the lookup returns, so the stage goes back to the
+            # pool. CUDA: its kernel may still be queued on a worker's side stream, so the caching
+            # allocator (which tracks streams, see _finish) owns it rather than the pool.
+            stage = (self._pool.get((flat.size, info.dim), info.torch_dtype, self.device) if self.device.type == "cpu"
+                     else torch.empty((flat.size, info.dim), dtype=info.torch_dtype, device=self.device))
+        return t, flat, stage, buf, full
 
-    def prefetch(self, table: str, ids: IdLike, out: torch.Tensor | None = None) -> LookupFuture[torch.Tensor]:
+    @staticmethod
+    def _finish(t: Table, stage: torch.Tensor, buf: torch.Tensor, full: tuple[int, ...]) -> torch.Tensor:
+        """The result of a lookup whose stored rows are in ``stage``: dequantized into ``buf``
+        for a quantized table (vectorised, on the store's device), else ``stage`` itself."""
+        if stage is not buf:
+            assert t.info.quant is not None
+            dequantize(stage, t.info.quant, out=buf)
+            if stage.is_cuda:  # allocated on the caller's stream, last read on this one (a worker's)
+                stage.record_stream(torch.cuda.current_stream(stage.device))
+        return buf.view(full)
+
+    def prefetch(self, table: str, ids: IdLike, out: torch.Tensor | None = None, *,
+                 raw: bool = False) -> LookupFuture[torch.Tensor]:
         """Start fetching rows ``ids`` of ``table``; returns at once with a future.
 
         Bad ids raise here, immediately; I/O and corruption errors raise from ``result()``.
         The future's tensor has shape ``ids.shape + (dim,)`` on the store's device; ``out``
-        (contiguous, that shape and dtype) is filled instead of a pooled buffer.
+        (contiguous, that shape and dtype) is filled instead of a pooled buffer. A quantized
+        table returns bfloat16 rows of ``info.lookup_dim`` values, or with ``raw=True`` its
+        stored rows (see :meth:`lookup`).
         """
-        t, flat, buf, full = self._prepare(table, ids, out)
+        t, flat, stage, buf, full = self._prepare(table, ids, out, raw=raw)
         if flat.size <= INLINE_BELOW:
             # A small request's bookkeeping (a few us, GIL-free) runs here: if every row is on
             # the device, the lookup is one gather and a hand-off to a worker would cost more
             # than all of it (~20 us for a bare submit + result); otherwise the worker moves
             # the bytes of the begun lookup.
-            if t.on_device(flat, buf):
-                return self._prefetcher.done(buf.view(full))
+            if t.on_device(flat, stage):
+                return self._prefetcher.done(self._finish(t, stage, buf, full))
             lk = t.begin(flat)
             if lk.on_device:
                 try:
-                    t.complete(lk, buf)
+                    t.complete(lk, stage)
+                    result = self._finish(t, stage, buf, full)
                 except TierStoreError as e:
                     return self._prefetcher.failed(e)
                 except Exception as e:  # same contract as LookupFuture.result(): errors are typed
                     return self._prefetcher.failed(TierStoreError(f"lookup failed: {type(e).__name__}: {e}"))
-                return self._prefetcher.done(buf.view(full))
+                return self._prefetcher.done(result)
 
             def rest() -> torch.Tensor:
-                t.complete(lk, buf)
-                return buf.view(full)
+                t.complete(lk, stage)
+                return self._finish(t, stage, buf, full)
 
             try:
                 return self._prefetcher.submit(rest)
@@ -240,36 +272,44 @@ class Store:
                 raise
 
         def job() -> torch.Tensor:
-            t.gather(flat, buf)
-            return buf.view(full)
+            t.gather(flat, stage)
+            return self._finish(t, stage, buf, full)
 
         return self._prefetcher.submit(job)
 
     def prefetch_many(self, requests: Mapping[str, IdLike]) -> LookupFuture[dict[str, torch.Tensor]]:
-        """One call for several tables (an Engram layer reads all its tables at once)."""
+        """One call for several tables (an Engram layer reads all its tables at once); rows
+        as :meth:`lookup` returns them (quantized tables dequantized)."""
         prepared = {name: self._prepare(name, ids, None) for name, ids in requests.items()}
 
         def job() -> dict[str, torch.Tensor]:
             result = {}
-            for name, (t, flat, buf, full) in prepared.items():
-                t.gather(flat, buf)
-                result[name] = buf.view(full)
+            for name, (t, flat, stage, buf, full) in prepared.items():
+                t.gather(flat, stage)
+                result[name] = self._finish(t, stage, buf, full)
             return result
 
         return self._prefetcher.submit(job)
 
-    def lookup(self, table: str, ids: IdLike, out: torch.Tensor | None = None) -> torch.Tensor:
-        """Rows ``ids`` of ``table``, bit-identical to the checkpoint: ``prefetch(...).result()``,
-        run in the calling thread (the caller waits anyway; a hand-off to a worker thread costs
-        more than a 64K-row gather from memory)."""
-        t, flat, buf, full = self._prepare(table, ids, out, copy=False)
+    def lookup(self, table: str, ids: IdLike, out: torch.Tensor | None = None, *, raw: bool = False) -> torch.Tensor:
+        """Rows ``ids`` of ``table``, shape ``ids.shape + (info.lookup_dim,)``, bit-identical to
+        the checkpoint: ``prefetch(...).result()``, run in the calling thread (the caller waits
+        anyway; a hand-off to a worker thread costs more than a 64K-row gather from memory).
+
+        A quantized table (``store.tables[table].quant``, e.g. DeepSeek-V4.1's fp8 Engram
+        tables) returns bfloat16 rows dequantized bit-exactly (``tierstore.format.quant``).
+        raw: return the stored rows instead, uint8 ``ids.shape + (info.dim,)``: value bytes
+            then scale bytes; ``tierstore.format.quant.split_rows`` views them as (values,
+            scales). For other tables ``raw`` changes nothing.
+        """
+        t, flat, stage, buf, full = self._prepare(table, ids, out, copy=False, raw=raw)
         try:
-            t.gather(flat, buf)
+            t.gather(flat, stage)
+            return self._finish(t, stage, buf, full)
         except TierStoreError:
             raise
         except Exception as e:  # same contract as LookupFuture.result(): errors are typed
             raise TierStoreError(f"lookup failed: {type(e).__name__}: {e}") from e
-        return buf.view(full)
 
     def hint(self, table: str, ids: IdLike) -> None:
         """Announce rows of ``table`` that a later lookup will read (queued requests, the next
