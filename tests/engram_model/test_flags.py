@@ -14,7 +14,7 @@ from engram_model.model import ModelConfig
 from engram_model.train import build_parser, model_config
 
 # The fields the program sets itself (from the tokenizer, from --seq-len): no flag.
-NOT_FLAGS = {"vocab_size", "max_seq_len", "engram_vocab_size", "engram_pad_id"}
+NOT_FLAGS = {"vocab_size", "max_seq_len", "engram_vocab_size", "engram_pad_id", "engram_table"}
 # Flags the derivation added (ModelConfig fields that had no flag before).
 NEW_FLAGS = {"--rope-theta", "--norm-eps", "--engram-kernel"}
 
