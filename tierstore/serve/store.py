@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import os
 import weakref
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -14,11 +14,13 @@ import torch
 from .buffers import BufferPool
 from ..errors import CapacityError, StoreClosedError, TierStoreError, UnknownTableError
 from ..format.spec import TableInfo, read_manifest
-from ..ids import IdLike, as_row_ids
+from ..ids import IdLike, as_row_ids, check_id_tensor
 from .prefetcher import LookupFuture, Prefetcher
 from ..format.profile import load_profile
 from ..format.recovery import recover
 from ..sizes import format_size, parse_size
+from ..tiers.cuda import check_device_room
+from ..tiers.disk import READERS
 from .table import Table
 
 __all__ = ["Store", "open_store", "IdLike", "INLINE_BELOW"]
@@ -105,6 +107,16 @@ class Store:
         rows are the whole table, or the hottest rows of the saved profile.
     use_profile: place rows by the store's saved profile (``tierstore profile --save-profile``):
         the hottest rows are loaded into the tiers at open. False opens as if there were none.
+    zero_copy: CUDA only: the GPU reads host-tier hits straight from the pinned host slab
+        (a UVA gather across PCIe) instead of the CPU gathering them into a staging buffer
+        that is then copied up (the default). Never run: needs CUDA.
+    disk_reader: how cold pages are read for a CUDA store: "auto" (kvikio into GPU memory when
+        it is installed, else POSIX into host memory), "posix" or "kvikio" (error if it cannot).
+        ``stats()["disk"]["reader"]`` and ``["reader_mode"]`` say what served.
+
+    On CUDA the device budget is checked against the GPU's free memory at open: a budget that
+    cannot fit raises ``CapacityError`` before anything is allocated, and an out-of-memory
+    error inside a lookup is raised as ``CapacityError`` too.
     """
 
     def __init__(
@@ -121,6 +133,8 @@ class Store:
         host_shared: bool = False,
         pool_bytes: int | str = "256MiB",
         use_profile: bool = True,
+        zero_copy: bool = False,
+        disk_reader: str = "auto",
     ):
         self._closed = True  # until fully open: close() and the finalizer have nothing to do
         if not isinstance(path, (str, os.PathLike)):
@@ -134,22 +148,33 @@ class Store:
         if direct not in (None, True, False) or host_shared not in (True, False) or use_profile not in (True, False):
             raise TierStoreError(f"direct={direct!r} must be None/True/False, host_shared={host_shared!r} and "
                                  f"use_profile={use_profile!r} bools")
+        if zero_copy not in (True, False) or (zero_copy and self.device.type != "cuda"):
+            raise TierStoreError(f"zero_copy={zero_copy!r}: the GPU reading host rows directly needs device='cuda' "
+                                 f"(this store's device is {self.device}); leave zero_copy=False")
+        if disk_reader not in READERS:
+            raise TierStoreError(f"disk_reader={disk_reader!r} must be one of {READERS}")
         self.device_budget = parse_size(device_budget, what="device_budget")
         self.host_budget = parse_size(host_budget, what="host_budget")
         self.policy = policy
         self.tables: dict[str, TableInfo] = dict(self.manifest.tables)
         total = sum(t.nbytes for t in self.tables.values()) or 1
+
+        def rows_of(budget: int, info: TableInfo) -> int:  # the table's share of a budget, in rows
+            return int(budget * (info.nbytes / total)) // max(1, info.row_bytes)
+
+        if self.device.type == "cuda":  # never run: needs CUDA. Refuse before allocating anything
+            need = sum(min(rows_of(self.device_budget, i), i.rows) * i.row_bytes for i in self.tables.values())
+            check_device_room(need, self.device, what=f"device_budget={format_size(self.device_budget)}")
         self._tables: dict[str, Table] = {}
         try:
             for name, info in self.tables.items():
-                share = info.nbytes / total
                 self._tables[name] = Table(
                     self.path, info, device=self.device,
-                    device_rows=int(self.device_budget * share) // max(1, info.row_bytes),
-                    host_rows=int(self.host_budget * share) // max(1, info.row_bytes),
+                    device_rows=rows_of(self.device_budget, info),
+                    host_rows=rows_of(self.host_budget, info),
                     policy=policy, profile=load_profile(self.path, name) if use_profile else None,
                     direct=direct, io_threads=io_threads, host_shared=host_shared,
-                    build_id=self.manifest.build_id,
+                    build_id=self.manifest.build_id, zero_copy=zero_copy, disk_reader=disk_reader,
                 )
         except BaseException:
             for t in self._tables.values():
@@ -175,16 +200,23 @@ class Store:
                  ) -> tuple[Table, np.ndarray, torch.Tensor, tuple[int, ...]]:
         t = self._table(table)
         flat, shape = as_row_ids(ids, t.info.rows, where=f"table {t.info.name!r}", copy=copy)
+        buf, full = self._output(t, flat.size, shape, out)
+        return t, flat, buf, full
+
+    def _output(self, t: Table, n: int, shape: tuple[int, ...], out: torch.Tensor | None
+                ) -> tuple[torch.Tensor, tuple[int, ...]]:
+        """The (n, dim) tensor a lookup of ``n`` ids of shape ``shape`` fills (``out``, checked,
+        or a pooled buffer) and the shape it is returned in."""
         full = shape + (t.info.dim,)
         if out is None:
-            need = flat.size * t.info.row_bytes
+            need = n * t.info.row_bytes
             # refuse before allocating: a request that cannot fit would be OOM-killed, not raise
             if need > 1 << 26 and need > _available_bytes(self.device):
                 raise CapacityError(
-                    f"{flat.size:,} ids of table {t.info.name!r} need {format_size(need)} of output on "
+                    f"{n:,} ids of table {t.info.name!r} need {format_size(need)} of output on "
                     f"{self.device} but only {format_size(_available_bytes(self.device))} is available; "
                     "look them up in smaller batches")
-            buf = self._pool.get((flat.size, t.info.dim), t.info.torch_dtype, self.device)
+            buf = self._pool.get((n, t.info.dim), t.info.torch_dtype, self.device)
         else:
             if tuple(out.shape) != full or out.dtype != t.info.torch_dtype or out.device != self.device \
                     or not out.is_contiguous():
@@ -192,8 +224,28 @@ class Store:
                     f"out= must be a contiguous {t.info.torch_dtype} tensor of shape {full} on {self.device}; "
                     f"got {out.dtype} {tuple(out.shape)} on {out.device}"
                 )
-            buf = out.view(flat.size, t.info.dim)
-        return t, flat, buf, full
+            buf = out.view(n, t.info.dim)
+        return buf, full
+
+    def _defer_cuda_ids(self, t: Table, ids: torch.Tensor) -> Callable[[], np.ndarray]:
+        """CUDA ids without making the caller wait: one non-blocking copy into pinned host
+        memory is queued on the caller's stream (after whatever work computes the ids) and
+        an event recorded; the returned function, run on a worker, waits for that event and
+        validates the copied ids. So ``prefetch`` never synchronizes the caller's GPU work;
+        an out-of-range CUDA id raises from ``result()`` instead of from ``prefetch``.
+        Never run: needs CUDA."""
+        where = f"table {t.info.name!r}"
+        check_id_tensor(ids, where)
+        host = torch.empty(ids.shape, dtype=ids.dtype, pin_memory=True)  # private: the caller may reuse ids
+        host.copy_(ids.detach(), non_blocking=True)
+        copied = torch.cuda.Event()
+        copied.record(torch.cuda.current_stream(ids.device))
+
+        def ids_on_host() -> np.ndarray:
+            copied.synchronize()
+            return as_row_ids(host, t.info.rows, where=where, copy=False)[0]
+
+        return ids_on_host
 
     def prefetch(self, table: str, ids: IdLike, out: torch.Tensor | None = None) -> LookupFuture[torch.Tensor]:
         """Start fetching rows ``ids`` of ``table``; returns at once with a future.
@@ -201,7 +253,21 @@ class Store:
         Bad ids raise here, immediately; I/O and corruption errors raise from ``result()``.
         The future's tensor has shape ``ids.shape + (dim,)`` on the store's device; ``out``
         (contiguous, that shape and dtype) is filled instead of a pooled buffer.
+
+        CUDA ids are not read here (that would wait for the caller's queued GPU work): they
+        are copied to the host asynchronously and checked on a worker, so their range errors
+        raise from ``result()`` (never run: needs CUDA).
         """
+        if isinstance(ids, torch.Tensor) and ids.is_cuda:  # never run: needs CUDA
+            t = self._table(table)
+            ids_on_host = self._defer_cuda_ids(t, ids)
+            buf, full = self._output(t, ids.numel(), tuple(ids.shape), out)
+
+            def deferred() -> torch.Tensor:
+                t.gather(ids_on_host(), buf)
+                return buf.view(full)
+
+            return self._prefetcher.submit(deferred)
         t, flat, buf, full = self._prepare(table, ids, out)
         if flat.size <= INLINE_BELOW:
             # A small request's bookkeeping (a few us, GIL-free) runs here: if every row is on
@@ -237,13 +303,20 @@ class Store:
         return self._prefetcher.submit(job)
 
     def prefetch_many(self, requests: Mapping[str, IdLike]) -> LookupFuture[dict[str, torch.Tensor]]:
-        """One call for several tables (an Engram layer reads all its tables at once)."""
-        prepared = {name: self._prepare(name, ids, None) for name, ids in requests.items()}
+        """One call for several tables (an Engram layer reads all its tables at once). CUDA
+        ids are read as in ``prefetch``: without waiting here."""
+        prepared = {}
+        for name, ids in requests.items():
+            if isinstance(ids, torch.Tensor) and ids.is_cuda:  # never run: needs CUDA
+                t = self._table(name)
+                prepared[name] = (t, self._defer_cuda_ids(t, ids), *self._output(t, ids.numel(), tuple(ids.shape), None))
+            else:
+                prepared[name] = self._prepare(name, ids, None)
 
         def job() -> dict[str, torch.Tensor]:
             result = {}
             for name, (t, flat, buf, full) in prepared.items():
-                t.gather(flat, buf)
+                t.gather(flat() if callable(flat) else flat, buf)
                 result[name] = buf.view(full)
             return result
 
@@ -278,14 +351,19 @@ class Store:
         device/host: hits, misses, evictions, insertions, rows held, capacity_rows, bytes.
         pool: bytes and buffers held for reuse as lookup outputs (bounded by ``pool_bytes``).
         The device tier counts every id; the host tier counts the unique ids that missed the
-        device tier; disk counts rows, pages and bytes read. latency: prefetch lead time and
-        caller stall time.
+        device tier; disk counts rows, pages and bytes read, and names its device-bound page
+        reader (``reader``: "posix" or "kvikio"; ``reader_mode``: the POSIX method, or kvikio's
+        "gds", "cufile-compat" or "compat"; ``device_pages_read``: pages read straight into
+        device memory). latency: prefetch lead time and caller stall time.
         """
         per_table = {name: t.stats() for name, t in self._tables.items()}
-        agg: dict[str, dict[str, float]] = {}
+        agg: dict[str, dict[str, Any]] = {}
         for tier in ("device", "host", "disk"):
-            keys = [k for k, v in next(iter(per_table.values()), {}).get(tier, {}).items() if not isinstance(v, bool)]
+            first = next(iter(per_table.values()), {}).get(tier, {})
+            keys = [k for k, v in first.items() if not isinstance(v, (bool, str))]
             agg[tier] = {k: sum(s[tier][k] for s in per_table.values()) for k in keys}
+            for k in (k for k, v in first.items() if isinstance(v, str)):  # e.g. the disk reader: one name,
+                agg[tier][k] = "/".join(sorted({str(s[tier][k]) for s in per_table.values()}))  # or all of them
             if tier != "disk":
                 looked = agg[tier].get("hits", 0) + agg[tier].get("misses", 0)
                 agg[tier]["hit_ratio"] = agg[tier].get("hits", 0) / looked if looked else 0.0
