@@ -329,6 +329,8 @@ def page_checksums_torch(pages: torch.Tensor) -> torch.Tensor:
     """
     if pages.dtype != torch.uint8 or pages.dim() != 2 or pages.shape[1] != PAGE_SIZE:
         raise TierStoreError(f"pages must be a uint8 tensor (P, {PAGE_SIZE}), got {pages.dtype} {tuple(pages.shape)}")
+    if pages.shape[0] == 0:  # an empty tensor's strides do not allow the dtype view
+        return torch.zeros(0, dtype=torch.int64, device=pages.device)
     k = _K_TORCH.get(pages.device)
     if k is None:  # benign race: two threads may both build it
         k = _K_TORCH[pages.device] = torch.from_numpy(_K.view(np.int64)).to(pages.device)

@@ -106,10 +106,10 @@ class StreamFences:
     stand-ins. Thread-safe (a small lock around the bookkeeping; waits are queued outside it).
     """
 
-    def __init__(self, device: torch.device, *, stream: Callable[[torch.device], Any] = _cuda_stream,
-                 event: Callable[[], Any] = _cuda_event):
+    def __init__(self, device: torch.device, *, stream: Callable[[torch.device], Any] | None = None,
+                 event: Callable[[], Any] | None = None):
         self.device = device
-        self._stream, self._event = stream, event
+        self._stream, self._event = stream or _cuda_stream, event or _cuda_event
         self._lock = threading.Lock()
         self._reads: dict[int, Any] = {}  # stream key -> event after its last read
         self._writes: dict[int, Any] = {}  # stream key -> event after its last fill
@@ -183,10 +183,11 @@ class PinnedRegion:
     """
 
     def __init__(self, t: torch.Tensor, *, read_only: bool = False, what: str = "host tier",
-                 cudart: Callable[[], Any] = _cudart):
+                 cudart: Callable[[], Any] | None = None):
         self.ptr = t.data_ptr()
         self.nbytes = t.numel() * t.element_size()
-        self._cudart = cudart
+        self.read_only = read_only
+        self._cudart = cudart = cudart or _cudart  # looked up now: tests replace the module's _cudart
         self._registered = False
         if self.nbytes == 0:
             return

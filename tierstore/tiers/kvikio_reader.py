@@ -64,10 +64,11 @@ def load_kvikio() -> ModuleType | None:
     the wrong configuration calls."""
     try:
         kvikio = importlib.import_module("kvikio")
+        defaults = getattr(kvikio, "defaults", None) or importlib.import_module("kvikio.defaults")
     except ImportError:
         return None
     version = tuple(int(p) for p in str(getattr(kvikio, "__version__", "0.0")).split(".")[:2] if p.isdigit())
-    if version < KVIKIO_MIN or not hasattr(kvikio.defaults, "is_compat_mode_preferred"):
+    if version < KVIKIO_MIN or not hasattr(defaults, "is_compat_mode_preferred"):
         raise TierStoreError(
             f"kvikio {getattr(kvikio, '__version__', '?')} is too old for the GPU disk reader (needs >= "
             f"{KVIKIO_MIN[0]}.{KVIKIO_MIN[1]:02d}); upgrade it: pip install -e '.[gpu]'")
