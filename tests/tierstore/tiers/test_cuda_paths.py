@@ -251,3 +251,44 @@ def test_cuda_only_options_refused_on_a_cpu_store(built):
         s = store.stats()
         assert s["disk"]["reader"] == "posix" and isinstance(s["disk"]["reader_mode"], str)
         assert s["host"]["pinned_bytes"] == 0 and s["device_type"] == "cpu"
+
+
+# ----------------------------------------------------------------------------- Table's CUDA move path, on the CPU
+@pytest.mark.parametrize("zero_copy", [False, True])
+@pytest.mark.parametrize("layout", [(ROWS // 10, ROWS // 4), (0, ROWS // 3), (ROWS // 10, 0), (ROWS // 8, ROWS)])
+def test_cuda_move_path_bookkeeping_runs_exact_on_the_cpu(built, monkeypatch, zero_copy, layout):
+    """``Table._move_cuda`` (the CUDA path's index bundle, staging, admissions into both
+    tiers, fenced gathers and fills, and with ``zero_copy`` the host slab read through its
+    device view) run on CPU tensors: pinning is stubbed out, the device view is the slab
+    itself, streams and events are stand-ins. Every row must equal the checkpoint's and the
+    fences must have been used. What this cannot show: anything about real CUDA streams."""
+    from tierstore.serve.table import Table
+
+    path, w, info = built
+    real_empty = torch.empty
+    monkeypatch.setattr(torch, "empty", lambda *a, pin_memory=False, **k: real_empty(*a, **k))
+    log = _Log()
+    table = Table(path, info, device=torch.device("cpu"), device_rows=layout[0], host_rows=layout[1], policy="lru")
+    try:
+        table.cuda = True  # take the CUDA path from here on
+        if table.dev.kind != 0:
+            table.dev.fences = StreamFences(torch.device("cpu"), stream=log.stream, event=log.event)
+        if zero_copy and table.host.kind != 0:
+            table.zero_copy = True
+            table.host._on_gpu = table.host.slab  # "the GPU's view" of the pinned slab
+            table.host.fences = StreamFences(torch.device("cpu"), stream=log.stream, event=log.event)
+        rng = np.random.default_rng(7)
+        for step in range(12):
+            log.current = "AB"[step % 2]  # two "streams" take turns
+            ids = rng.zipf(1.3, 600) % ROWS
+            out = torch.empty((len(ids), DIM), dtype=torch.float32)
+            table.gather(ids, out)
+            assert torch.equal(bits(out), bits(w[ids])), f"step {step}"
+        s = table.stats()
+        assert (s["disk"]["rows_read"] > 0) == (table.host.kind != 2)  # 2: RESIDENT, the host holds the table
+        if table.dev.kind == 1:  # CACHED: fills and gathers went through the fences
+            assert {op[0] for op in log.ops} >= {"record", "wait"} and s["device"]["evictions"] > 0
+        if zero_copy and table.host.kind != 0:
+            assert s["host"]["hits"] > 0
+    finally:
+        table.close()
