@@ -95,7 +95,13 @@ def choose_device_reader(path: Path, device: torch.device, reader: str = "auto"
         if reader == "kvikio":
             raise TierStoreError("disk_reader='kvikio' but kvikio is not installed: pip install -e '.[gpu]'")
         return None
-    return KvikioPageReader(path, device, kvikio=kvikio)  # never run: needs CUDA
+    try:  # never run: needs CUDA
+        return KvikioPageReader(path, device, kvikio=kvikio)
+    except (RuntimeError, OSError) as e:  # kvikio cannot open the file here (e.g. no libcufile, no libcuda)
+        if reader == "kvikio":
+            raise TierStoreError(f"disk_reader='kvikio': kvikio cannot open {path} ({e}); use disk_reader='posix'") \
+                from None
+        return None  # "auto": the POSIX reader serves, and stats()["disk"]["reader"] says so
 
 
 class DiskTier:
@@ -222,7 +228,17 @@ class DiskTier:
         order = None if in_order else np.argsort(phys, kind="stable")
         step = max(1, min(CHUNK_ROWS, CHUNK_BYTES // max(1, self.info.row_bytes)))
 
+        # CUDA: the overlap pool's threads must queue their gathers on the caller's stream, not
+        # on their own default one, or the caller's next kernel could read rows before they land
+        stream = torch.cuda.current_stream(dst.device) if on_device and dst.device.type == "cuda" else None
+
         def chunk(c: int) -> int:
+            if stream is None:
+                return chunk_here(c)
+            with torch.cuda.stream(stream):  # never run: needs CUDA
+                return chunk_here(c)
+
+        def chunk_here(c: int) -> int:
             sel = slice(c, c + step) if order is None else order[c : c + step]
             if order is None:
                 return self._read_chunk(rows[sel], phys[sel], dst[sel])

@@ -291,6 +291,14 @@ def test_reader_choice(tmp_path, monkeypatch):
     finally:
         r.close()
 
+    def no_cufile(path, flags="r"):
+        raise RuntimeError("KvikIO failure: libcufile.so: cannot open shared object file")
+
+    fake.CuFile = no_cufile  # kvikio imports but cannot open files here
+    assert choose_device_reader(path, cuda) is None, "auto falls back to the POSIX reader"
+    with pytest.raises(TierStoreError, match="use disk_reader='posix'"):
+        choose_device_reader(path, cuda, "kvikio")
+
 
 def test_kvikio_mode_and_version(monkeypatch):
     for compat, gds, mode in [(True, True, "compat"), (False, True, "gds"), (False, False, "cufile-compat")]:
