@@ -9,7 +9,6 @@ What never runs here: any of it against a real CUDA device (tests/tierstore/test
 
 from __future__ import annotations
 
-import types
 
 import numpy as np
 import pytest
