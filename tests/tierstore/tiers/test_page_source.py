@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import os
 import sys
+import threading
 import types
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -224,6 +225,54 @@ def test_disk_tier_through_the_device_reader_equals_posix(built):
     finally:
         posix.close()
         seam.close()
+
+
+class MemmapPages:
+    """A minimal DevicePageSource written from scratch (not kvikio's): pages from a memory
+    map, on CPU tensors. Shows the disk tier needs nothing beyond the protocol, and calls
+    ``release`` once per ``read_pages`` in each thread (the staging fence is per thread)."""
+
+    kind, mode = "memmap", "test"
+
+    def __init__(self, path: Path):
+        self.device = torch.device("cpu")
+        self.pages = np.memmap(path, dtype=np.uint8, mode="r").reshape(-1, PAGE_SIZE)
+        self.reads = self.releases = 0
+        self.unfenced = threading.local()  # per thread: a read whose gather was not fenced yet
+        self.lock = threading.Lock()
+
+    def read_pages(self, pages, out=None):
+        assert not getattr(self.unfenced, "open", False), "read before this thread's last gather was fenced"
+        self.unfenced.open = True
+        with self.lock:
+            self.reads += 1
+        return torch.from_numpy(np.ascontiguousarray(self.pages[pages]))
+
+    def release(self) -> None:
+        self.unfenced.open = False
+        with self.lock:
+            self.releases += 1
+
+    def staging_bytes(self) -> int:
+        return 0
+
+    def close(self) -> None:
+        self.pages = None
+
+
+def test_disk_tier_uses_only_the_protocol(built):
+    path, w, info = built
+    disk = DiskTier(path, info, device=torch.device("cpu"), device_reader=MemmapPages)
+    try:
+        src = disk.device_reader
+        assert isinstance(src, DevicePageSource)
+        rows = np.random.default_rng(4).permutation(info.rows)[:2500].astype(np.int64)
+        assert torch.equal(bits(disk.gather(rows).view(w.dtype)), bits(w[torch.from_numpy(rows)]))
+        assert src.reads == src.releases > 0
+        assert (disk.stats()["reader"], disk.stats()["reader_mode"]) == ("memmap", "test")
+    finally:
+        disk.close()
+    assert src.pages is None, "close() must close the device reader"
 
 
 def test_device_reader_catches_a_corrupt_page(tmp_path):
