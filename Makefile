@@ -4,7 +4,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test bench clean-venv
+.PHONY: demo test bench gpu-check clean-venv
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -22,6 +22,12 @@ test: $(STAMP)
 
 bench: $(STAMP)
 	$(BIN)/python -m benchmarks.run_all
+
+# The device check (issue 12): every test marked gpu + the GPU benchmarks, one JSON line.
+# Needs a CUDA device (exits 77, "no CUDA device", without one); installs the gpu extra (kvikio).
+gpu-check: $(STAMP)
+	$(BIN)/python -m pip install -q -e '.[gpu,test]'
+	$(BIN)/python -m benchmarks.gpu_check
 
 clean-venv:
 	rm -rf $(VENV)

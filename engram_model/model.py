@@ -145,10 +145,12 @@ def apply_rope(x: torch.Tensor, rope: torch.Tensor) -> torch.Tensor:
 class KVCache(nn.Module):
     """Keys and values of past positions for one attention layer (gpt-fast style)."""
 
-    def __init__(self, batch: int, n_head: int, max_len: int, head_dim: int, dtype: torch.dtype):
+    def __init__(self, batch: int, n_head: int, max_len: int, head_dim: int, dtype: torch.dtype,
+                 device: torch.device | None = None):
         super().__init__()
-        self.register_buffer("k", torch.zeros(batch, n_head, max_len, head_dim, dtype=dtype), persistent=False)
-        self.register_buffer("v", torch.zeros(batch, n_head, max_len, head_dim, dtype=dtype), persistent=False)
+        shape = (batch, n_head, max_len, head_dim)
+        self.register_buffer("k", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
+        self.register_buffer("v", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
 
     def update(self, pos: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Write k, v (B, nh, T, hd) at positions pos..pos+T; return all keys/values so far."""
@@ -165,11 +167,13 @@ class InferenceCache:
     def __init__(self, model: EngramLM, batch: int, dtype: torch.dtype = torch.float32):
         cfg = model.cfg
         hd = cfg.d_model // cfg.n_head
-        self.kv = [KVCache(batch, cfg.n_head, cfg.max_seq_len, hd, dtype) for _ in range(cfg.n_layer)]
+        device = model.tok_emb.weight.device  # the caches live where the model runs
+        self.kv = [KVCache(batch, cfg.n_head, cfg.max_seq_len, hd, dtype, device) for _ in range(cfg.n_layer)]
         ec = cfg.engram
-        self.conv = {i: ConvState(batch, ec.conv_context, cfg.d_model * ec.branches, dtype) for i in cfg.engram_layers}
+        self.conv = {i: ConvState(batch, ec.conv_context, cfg.d_model * ec.branches, dtype, device)
+                     for i in cfg.engram_layers}
         self.pos = 0
-        self.tail = torch.zeros(batch, 0, dtype=torch.int64)  # last N-1 ids seen
+        self.tail = torch.zeros(batch, 0, dtype=torch.int64, device=device)  # last N-1 ids seen
         self.keep = cfg.engram_max_ngram - 1
 
 

@@ -18,21 +18,27 @@ import torch
 from .jit import kernel
 from .errors import IdTypeError, InvalidIdError
 
-__all__ = ["IdLike", "as_row_ids"]
+__all__ = ["IdLike", "as_row_ids", "check_id_tensor"]
 
 IdLike = Any  # torch integer tensor, numpy integer array, or a (nested, rectangular) sequence of ints
 
 _INT64_MAX = np.iinfo(np.int64).max
 
 
+def check_id_tensor(ids: torch.Tensor, where: str) -> None:
+    """The checks of an id tensor that need none of its values (a CUDA tensor's values are
+    checked later, once copied to the host without making the caller wait)."""
+    if ids.layout != torch.strided:
+        raise IdTypeError(f"ids for {where} are a {ids.layout} tensor; pass a dense integer tensor (ids.to_dense())")
+    if ids.device.type == "meta":
+        raise IdTypeError(f"ids for {where} are on the meta device and hold no values")
+    if ids.dtype.is_floating_point or ids.dtype.is_complex or ids.dtype == torch.bool:
+        raise IdTypeError(f"ids for {where} have dtype {ids.dtype}; pass an integer tensor (e.g. torch.long)")
+
+
 def _to_numpy(ids: IdLike, where: str, copy: bool) -> np.ndarray:
     if isinstance(ids, torch.Tensor):
-        if ids.layout != torch.strided:
-            raise IdTypeError(f"ids for {where} are a {ids.layout} tensor; pass a dense integer tensor (ids.to_dense())")
-        if ids.device.type == "meta":
-            raise IdTypeError(f"ids for {where} are on the meta device and hold no values")
-        if ids.dtype.is_floating_point or ids.dtype.is_complex or ids.dtype == torch.bool:
-            raise IdTypeError(f"ids for {where} have dtype {ids.dtype}; pass an integer tensor (e.g. torch.long)")
+        check_id_tensor(ids, where)
         t = ids.detach()
         if t.device.type != "cpu":
             t = t.cpu()

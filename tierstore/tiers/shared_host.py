@@ -110,7 +110,12 @@ class SharedHostTier(SlabTier):
     shared = True
 
     def __init__(self, root: Path, info: TableInfo, capacity: int, disk: DiskTier, *,
-                 profile: np.ndarray | None, build_id: str, keep: bool = False, shm_dir: Path = SHM_DIR):
+                 profile: np.ndarray | None, build_id: str, keep: bool = False, shm_dir: Path = SHM_DIR,
+                 pin: bool = False, zero_copy: bool = False, zero_copy_device: torch.device | None = None):
+        """pin (the store runs on CUDA): register this process's read-only map of the slab
+        with CUDA, so copies from it are DMA from pinned memory; zero_copy: the GPU on
+        ``zero_copy_device`` reads its rows directly (SlabTier.gather_to_device). Both never
+        run: need CUDA."""
         super().__init__("host", info, capacity, torch.device("cpu"))
         self.resident = self.capacity == info.rows  # (an empty table too: nothing to choose)
         self.kind = RESIDENT if self.resident else CACHED  # CACHED: a read-only "static" index
@@ -178,6 +183,12 @@ class SharedHostTier(SlabTier):
             # per process: a read-only "static" index over the shared map
             self.index = CacheIndex(info.rows, self.capacity, "static", pinned_rows=np.empty(0, np.int64),
                                     slot_of_row=self.slot_of_row)
+        if pin:  # never run: needs CUDA
+            try:
+                self.pin(read_only=True, zero_copy=zero_copy, device=zero_copy_device)
+            except BaseException:
+                self.close()
+                raise
 
     # -- fill --------------------------------------------------------------------------------
     def _ready(self) -> bool:
@@ -249,6 +260,7 @@ class SharedHostTier(SlabTier):
     def close(self) -> None:
         if self._fd < 0:
             return
+        super().close()  # unregister the pinned map (CUDA) before our references to it go
         # Drop our references and let the map go with its last view: closing it explicitly
         # raises BufferError while any tensor or array (a caller's, a traceback's) still
         # points into it. The file itself stays valid until every map of it is gone.
