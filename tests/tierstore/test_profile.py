@@ -7,7 +7,7 @@ import json
 import numpy as np
 import pytest
 
-from tierstore.errors import CorruptDataError, FormatVersionError, TierStoreError
+from tierstore.errors import CorruptDataError, FormatVersionError, IdTypeError, InvalidIdError, TierStoreError
 from tierstore.format.profile import (count_rows, has_profile, load_profile, profile_info, profile_paths,
                                save_profile, zipf_fit)
 
@@ -45,8 +45,10 @@ def test_errors(tmp_path):
         load_profile(tmp_path, "t")
     with pytest.raises(TierStoreError):
         save_profile(tmp_path, "t", np.array([-1, 2]))
-    with pytest.raises(TierStoreError):
+    with pytest.raises(InvalidIdError, match="id 5 at flat position 1 is out of range for the trace with 5 rows"):
         count_rows(np.array([0, 5]), 5)
+    with pytest.raises(IdTypeError):
+        count_rows(np.array([0.0]), 5)
     assert profile_paths(tmp_path, "a/b")[0].parent == tmp_path / "profiles"
 
 

@@ -7,7 +7,7 @@ import pytest
 
 from tierstore.analysis.belady import belady_hits
 from tierstore.cache import CacheIndex
-from tierstore.errors import CorruptDataError, FormatVersionError, TierStoreError
+from tierstore.errors import CorruptDataError, FormatVersionError, IdTypeError, InvalidIdError, TierStoreError
 from tierstore.analysis.simulate import (TableTrace, Trace, batch_bounds, load_trace, replay, save_trace,
                                 simulate, simulate_tiers)
 
@@ -101,10 +101,15 @@ def test_lookahead_hints_help_default():
 def test_simulate_errors():
     with pytest.raises(TierStoreError, match="unknown policy"):
         simulate(np.arange(10), [2], ["nope"])
-    with pytest.raises(TierStoreError, match="table has 5 rows"):
+    with pytest.raises(InvalidIdError, match="id 5 at flat position 5 is out of range for the trace with 5 rows"):
         simulate(np.arange(10), [2], ["lru"], n_rows=5)
     with pytest.raises(TierStoreError, match="profile"):
         simulate(np.arange(10), [2], ["static"], profile=np.ones(3, np.int64))
+    # a negative id used to wrap around to the last row and count as its hit
+    with pytest.raises(InvalidIdError, match="id -1 at flat position 1"):
+        simulate(np.array([3, -1, 2, 3]), [2], ["lru"])
+    with pytest.raises(IdTypeError):
+        simulate(np.array([1.0, 2.0]), [2], ["lru"])
 
 
 def test_simulate_tiers_accounting():

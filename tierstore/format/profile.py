@@ -24,6 +24,7 @@ import numpy as np
 
 from ..errors import CorruptDataError, IdTypeError, TierStoreError
 from ..files import atomic_write, check_versioned, is_json_int, os_error, read_json
+from ..ids import as_row_ids
 
 __all__ = ["PROFILE_FORMAT", "profile_paths", "count_rows", "save_profile", "load_profile",
            "profile_info", "has_profile", "zipf_fit"]
@@ -43,14 +44,10 @@ def profile_paths(store: str | Path, table: str) -> tuple[Path, Path]:
 
 
 def count_rows(rows: np.ndarray, n_rows: int) -> np.ndarray:
-    """Access count per row (int64, len ``n_rows``) of a trace of row ids."""
-    rows = np.asarray(rows)
-    if rows.dtype.kind not in "iu":
-        raise IdTypeError(f"row ids have dtype {rows.dtype}; pass integers")
-    rows = rows.reshape(-1)
-    if rows.size and (rows.min() < 0 or rows.max() >= n_rows):
-        raise TierStoreError(f"row ids must lie in [0, {n_rows}); got [{rows.min()}, {rows.max()}]")
-    return np.bincount(rows, minlength=n_rows).astype(np.int64)
+    """Access count per row (int64, len ``n_rows``) of a trace of row ids. Ids are checked
+    by the one id validator (``IdTypeError``, ``InvalidIdError``)."""
+    flat, _ = as_row_ids(rows, n_rows, where="the trace", copy=False)
+    return np.bincount(flat, minlength=n_rows).astype(np.int64)
 
 
 def save_profile(store: str | Path, table: str, counts: np.ndarray, *,

@@ -116,7 +116,7 @@ def test_pinned_rows_stay_in_first_slots():
 
 def test_input_errors_name_the_problem():
     idx = CacheIndex(10, 2, "lru", pinned_rows=[])
-    with pytest.raises(InvalidIdError, match="10 is outside"):
+    with pytest.raises(InvalidIdError, match="id 10 at flat position 1 is out of range for a cache index with 10 rows"):
         idx.lookup(np.array([1, 10]))
     with pytest.raises(InvalidIdError):
         idx.lookup(np.array([-1]))
