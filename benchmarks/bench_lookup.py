@@ -31,7 +31,8 @@ import torch
 from safetensors.torch import save_file
 
 import tierstore
-from tierstore.cache import hot_rows, policy_names
+from tierstore.cache import policy_names
+from tierstore.format.profile import hot_rows
 from tierstore.format.profile import save_profile
 
 from .common import json_line, machine_info, print_header

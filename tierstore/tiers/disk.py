@@ -41,7 +41,11 @@ class DiskTier:
     index = None  # no bookkeeping: row r is at its place in the file
     slab = None  # nothing in memory
 
-    def __init__(self, root: Path, info: TableInfo, *, direct: bool | None = None, threads: int | None = None):
+    def __init__(self, root: Path, info: TableInfo, *, direct: bool | None = None, threads: int | None = None,
+                 method: str = "auto", depth: int = 256):
+        """``direct``, ``threads``, ``method`` and ``depth`` configure the page reader
+        (tierstore.tiers.page_reader.PageReader); the store sets only the first two, the
+        cold-read benchmark compares the reader's methods through this tier."""
         self.info = info
         self.path = root / info.file
         size = self.path.stat().st_size if self.path.exists() else -1
@@ -57,7 +61,7 @@ class DiskTier:
         self._local = threading.local()  # per-thread aligned read buffer
         self._pool: ThreadPoolExecutor | None = None
         self.lock = threading.Lock()
-        self.reader = PageReader(self.path, direct=direct, threads=threads)
+        self.reader = PageReader(self.path, direct=direct, threads=threads, method=method, depth=depth)
         try:
             self._check_header()
         except BaseException:  # release the file and the checksum map now, not when the traceback goes
