@@ -16,7 +16,6 @@ of the ids that missed the device tier.
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -63,7 +62,6 @@ class Table:
                 self.host = CacheTier("host", info, host_rows, device=torch.device("cpu"), pin=self.cuda,
                                       policy=policy, profile=profile)
             self.dev = CacheTier("device", info, device_rows, device=device, policy=policy, profile=profile)
-            self._after_lease: Callable[[], None] | None = None
             self._preload()
             self._walker = Walker(self.dev.index, self.dev.kind, self.host.index, self.host.kind)
             # when a list: every lookup's start (its ids) and end, and every hint, in the order
@@ -124,8 +122,6 @@ class Table:
         d_slot, d_code, need_of, m = lk.d_slot, lk.d_code, lk.need_of, lk.m
         ok = False
         try:
-            if self._after_lease is not None:  # test hook: runs between the bookkeeping and the bytes
-                self._after_lease()
             if m == 0:  # every row on the device: one gather
                 dev.gather(d_slot, out)
             else:

@@ -108,8 +108,6 @@ def _round_page(n: int) -> int:
 class SharedHostTier(SlabTier):
     """Host tier in shared memory, read-only after it is filled. See the module docstring."""
 
-    shared = True
-
     def __init__(self, root: Path, info: TableInfo, capacity: int, disk: DiskTier, *,
                  profile: np.ndarray | None, build_id: str, keep: bool = False, shm_dir: Path = SHM_DIR):
         super().__init__("host", info, capacity, torch.device("cpu"))
