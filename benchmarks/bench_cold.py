@@ -314,6 +314,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         "ours": ours, "readers": {names[m]: {"method": r.method, "direct": r.direct, "threads": r.threads,
                                              "depth": r.depth} for m, r in readers.items()},
         "load_avg_end": os.getloadavg()[0], "mismatches": mismatches,
+        "resident_after_evict": residue,  # bytes per file by fincore (None: not installed)
     }
     sysnames = ["store", "store+tiers", *names.values(), f"{ours}+fresh", *[f"{ours} batch{b}" for b in small_batches], "memmap", "lmdb"]
     for s in row_sizes:

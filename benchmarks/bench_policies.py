@@ -15,7 +15,6 @@ whose hits our LRU must reproduce exactly.
 from __future__ import annotations
 
 import argparse
-import json
 import platform
 import time
 from collections import OrderedDict
@@ -25,6 +24,8 @@ import numpy as np
 from tierstore.analysis.belady import belady_hits
 from tierstore.cache import CacheIndex, policy_names
 from tierstore.analysis.simulate import batch_bounds, load_trace, replay, simulate
+
+from .common import json_line
 
 SPEED_POLICIES = tuple(policy_names())
 
@@ -146,7 +147,7 @@ def main(argv: list[str] | None = None) -> dict:
     print(f"targets: lru >= 20M lookups/s: {lru_best / 1e6:.2f}M; every other policy >= 5M: slowest "
           f"{min(others, key=lambda p: res['policies'][p]['lookups_s'])} {slowest / 1e6:.2f}M; 50 LRU "
           f"capacities <= 2 single replays: {many_s / one_s:.2f}; opt over {test.size:,}: {opt_s:.1f} s")
-    print(json.dumps(res))
+    json_line(res)
     return res
 
 
