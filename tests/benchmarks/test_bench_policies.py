@@ -14,6 +14,7 @@ def test_bench_policies_quick(capsys: pytest.CaptureFixture[str]) -> None:
     out = capsys.readouterr().out
     assert json.loads(out.strip().splitlines()[-1]) == res
     assert res["lru_exact_diff"] == 0, "our LRU, one lookup at a time, differs from OrderedDict LRU"
+    assert res["lru_curve_exact_diff"] == 0, "LRU from stack distances differs from OrderedDict LRU"
     for name in bench_policies.SPEED_POLICIES:
         p = res["policies"][name]
         assert 0 < p["hit_ratio"] <= res["opt"]["hit_ratio"] + 1e-9, name
