@@ -29,7 +29,6 @@ Never run: needs CUDA (benchmarks/gpu_check.py runs it on the device machine).
 from __future__ import annotations
 
 import argparse
-import json
 import tempfile
 import time
 from collections.abc import Sequence
@@ -41,8 +40,10 @@ import torch
 from engram_model.checkpoint import load_checkpoint
 from engram_model.memory import SYNC_BELOW
 from engram_model.generate import (
-    build_store_for, drop_page_cache, open_served_model, prompt_batches, serve, table_bytes, tier_summary,
+    build_store_for, open_served_model, prompt_batches, serve, table_bytes, tier_summary,
 )
+
+from .common import evict, json_line
 
 
 def _train_small(out: Path, quick: bool) -> Path:
@@ -105,7 +106,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         open_s = 0.0
         for _ in range(args.repeats):  # interleaved, so machine noise hits every configuration alike
             res_runs.append(serve(resident, batches, **kw))
-            drop_page_cache(files)
+            evict(*files)
             t_open = time.perf_counter()
             served, _, store = open_served_model(ckpt, store_path, device_budget=dev_b, host_budget=host_b,
                                                  threads=args.store_threads, sync_below=args.sync_below,
@@ -174,7 +175,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
               f"{q['sim_host_hit_ratio']:.4f}), {'agree' if q['agree'] else 'DIFFER'}, decode "
               f"{q['decode_tok_s']:,.0f} tok/s")
     print(f"  identical tokens to resident: {same}")
-    print(json.dumps(out))
+    json_line(out)
     return out
 
 

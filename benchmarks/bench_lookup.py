@@ -31,23 +31,24 @@ import torch
 from safetensors.torch import save_file
 
 import tierstore
-from tierstore.cache import hot_rows, policy_names
+from tierstore.cache import policy_names
+from tierstore.format.profile import hot_rows
 from tierstore.format.profile import save_profile
 
-from .common import json_line, machine_info, print_header
+from .common import best_of, json_line, machine_info, print_header
 
 NAME = "bench.engram.memory.weight"
 
 
 def _per_call_us(fn, calls: int, rounds: int) -> float:
+    """Microseconds per call: the best of ``rounds`` timed runs of ``calls`` calls, after one."""
     fn()
-    best = float("inf")
-    for _ in range(rounds):
-        t0 = time.perf_counter()
+
+    def run() -> None:
         for _ in range(calls):
             fn()
-        best = min(best, (time.perf_counter() - t0) / calls)
-    return best * 1e6
+
+    return best_of(run, rounds, warmup=0) / calls * 1e6
 
 
 def main(argv: list[str] | None = None) -> dict:

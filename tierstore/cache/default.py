@@ -68,7 +68,8 @@ from .hints import hint_outstanding
 from ..jit import kernel
 from .layout import (G_ROW, K_HPOS, K_KEY, L_FREQ, M_CAP, M_GQLEN, M_HEAPN, M_HLIVE, M_HORIZON, M_PARAM, M_QLEN,
                      M_RANKM, M_TICK)
-from .policy import Policy, hot_rows
+from ..format.profile import hot_rows
+from .policy import Policy
 from .structs import (g_add, g_front, g_of, g_queue, g_remove, h_min_free, h_push, h_remove, place,
                       q_push, q_to_back, q_unlink, take_free, unmap)
 

@@ -16,7 +16,8 @@ import sys
 
 import numpy as np
 
-from ..errors import IdTypeError, InvalidIdError, TierStoreError
+from ..errors import TierStoreError
+from ..ids import as_row_ids
 from . import walk
 from .layout import (CACHED, NONE, K_HPOS, L_FREE, L_QID, M_BYPASS, M_CAP, M_EVICT, M_GCAP, M_HINTS, M_HITS,
                      M_HORIZON, M_HSHIFT, M_INSERT, M_LO, M_MISSES, M_NFREE, M_NROWS, M_RANKM, NG, NL, NM, NQ)
@@ -142,7 +143,7 @@ class CacheIndex:
         self._access = None
         pre = policy.prefill()
         if pre.size and n_dyn:
-            walk.prefill(mod.prefill, self.state, self._as_rows(pre, what="prefill rows"))
+            walk.prefill(mod.prefill, self.state, self._as_rows(pre, what="the policy's prefill rows"))
         self.reset_stats()
 
     # --- statistics ---------------------------------------------------------------------
@@ -215,17 +216,10 @@ class CacheIndex:
         return self.slot_of_row[self._as_rows(rows)] >= 0
 
     # --- validation --------------------------------------------------------------------------
-    def _as_rows(self, rows: np.ndarray, *, what: str = "row ids") -> np.ndarray:
-        rows = np.asarray(rows)
-        if rows.dtype.kind not in "iu":
-            if rows.size == 0:
-                return _EMPTY
-            raise IdTypeError(f"{what} have dtype {rows.dtype}; pass integer ids (int64)")
-        rows = np.ascontiguousarray(rows.reshape(-1), dtype=np.int64)
-        if rows.size and (rows.min() < 0 or rows.max() >= self.n_rows):
-            bad = rows[(rows < 0) | (rows >= self.n_rows)][0]
-            raise InvalidIdError(f"{what}: {int(bad)} is outside [0, {self.n_rows})")
-        return rows
+    def _as_rows(self, rows: np.ndarray, *, what: str = "a cache index") -> np.ndarray:
+        """``rows`` flat as int64, validated by the one id validator (tierstore.ids): no copy
+        when they already are (the index is done with them before returning)."""
+        return as_row_ids(rows, self.n_rows, where=what, copy=False)[0]
 
 
 _NONE: CacheIndex | None = None

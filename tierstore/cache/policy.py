@@ -21,7 +21,7 @@ import numpy as np
 
 from ..errors import PolicyParamError, TierStoreError
 
-__all__ = ["Policy", "hot_rows"]
+__all__ = ["Policy"]
 
 _EMPTY = np.empty(0, dtype=np.int64)
 
@@ -79,21 +79,3 @@ class Policy:
     def ranking(self) -> tuple[np.ndarray, np.ndarray]:
         """(rows sorted by id, their hotness ranks) to keep in RK; empty by default."""
         return _EMPTY, _EMPTY
-
-
-def hot_rows(profile: np.ndarray | None, k: int) -> np.ndarray:
-    """The k most accessed rows of a profile (only rows seen at least once), hottest first;
-    ties broken by row id so the set is deterministic."""
-    if profile is None or k <= 0:
-        return _EMPTY
-    profile = np.asarray(profile)
-    nz = np.flatnonzero(profile > 0)
-    if nz.size > k:
-        c = profile[nz]
-        part = np.argpartition(-c, k - 1)[:k]
-        thresh = c[part].min()
-        above = nz[c > thresh]
-        tied = nz[c == thresh][: k - above.size]
-        nz = np.concatenate([above, tied])
-    order = np.lexsort((nz, -profile[nz]))
-    return nz[order].astype(np.int64)

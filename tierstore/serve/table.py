@@ -24,7 +24,6 @@ CPU, ``_move`` is the path it always was.
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -78,7 +77,6 @@ class Table:
                 self.host = CacheTier("host", info, host_rows, device=torch.device("cpu"), **pinned,
                                       policy=policy, profile=profile)
             self.dev = CacheTier("device", info, device_rows, device=device, policy=policy, profile=profile)
-            self._after_lease: Callable[[], None] | None = None
             self._preload()
             self._walker = Walker(self.dev.index, self.dev.kind, self.host.index, self.host.kind)
             # when a list: every lookup's start (its ids) and end, and every hint, in the order
@@ -142,8 +140,6 @@ class Table:
         out = out.view(self.info.raw_dtype)  # move bits, not values
         ok = False
         try:
-            if self._after_lease is not None:  # test hook: runs between the bookkeeping and the bytes
-                self._after_lease()
             if self.cuda:
                 self._move_cuda(lk, out)
             else:

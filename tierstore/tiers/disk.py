@@ -117,11 +117,13 @@ class DiskTier:
     slab = None  # nothing in memory
 
     def __init__(self, root: Path, info: TableInfo, *, direct: bool | None = None, threads: int | None = None,
-                 device: torch.device | None = None,
+                 method: str = "auto", depth: int = 256, device: torch.device | None = None,
                  device_reader: str | Callable[[Path], DevicePageSource] = "auto"):
-        """device: where lookups want rows (the store's device); device_reader: "auto",
-        "posix", "kvikio" (:func:`choose_device_reader`) or a ``path -> DevicePageSource``
-        factory (tests)."""
+        """``direct``, ``threads``, ``method`` and ``depth`` configure the POSIX page reader
+        (tierstore.tiers.page_reader.PageReader): the store sets only the first two, the
+        cold-read benchmark compares the reader's methods through this tier. device: where
+        lookups want rows (the store's device); device_reader: "auto", "posix", "kvikio"
+        (:func:`choose_device_reader`) or a ``path -> DevicePageSource`` factory (tests)."""
         self.info = info
         self.path = root / info.file
         size = self.path.stat().st_size if self.path.exists() else -1
@@ -137,7 +139,7 @@ class DiskTier:
         self._local = threading.local()  # per-thread aligned read buffer
         self._pool: ThreadPoolExecutor | None = None
         self.lock = threading.Lock()
-        self.reader = PageReader(self.path, direct=direct, threads=threads)
+        self.reader = PageReader(self.path, direct=direct, threads=threads, method=method, depth=depth)
         self.device_reader: DevicePageSource | None = None
         try:
             self.device_reader = device_reader(self.path) if callable(device_reader) else \

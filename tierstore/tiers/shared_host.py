@@ -51,6 +51,7 @@ from ..cache import CacheIndex
 from ..cache.layout import CACHED, RESIDENT
 from ..errors import CapacityError, CorruptDataError, TierStoreError
 from ..files import os_error, pwrite_all
+from ..format.profile import hot_rows
 from ..format.spec import PAGE_SIZE, TableInfo
 from .base import Tier
 from .disk import DiskTier
@@ -107,8 +108,6 @@ def _round_page(n: int) -> int:
 class SharedHostTier(SlabTier):
     """Host tier in shared memory, read-only after it is filled. See the module docstring."""
 
-    shared = True
-
     def __init__(self, root: Path, info: TableInfo, capacity: int, disk: DiskTier, *,
                  profile: np.ndarray | None, build_id: str, keep: bool = False, shm_dir: Path = SHM_DIR,
                  pin: bool = False, zero_copy: bool = False, zero_copy_device: torch.device | None = None):
@@ -130,9 +129,9 @@ class SharedHostTier(SlabTier):
                     f"{info.name!r} ({info.rows} rows) needs a frequency profile to choose the shared hot "
                     "set: run `tierstore profile ... --save-profile`, or raise host_budget to hold the table"
                 )
-            # the `capacity` hottest rows, ties by row id: identical in every process
-            order = np.lexsort((np.arange(info.rows), -np.asarray(profile, dtype=np.int64)))
-            rows = np.sort(order[: self.capacity]).astype(np.int64)
+            # the `capacity` hottest rows (profile.hot_rows: ties by row id, never-read rows
+            # last to fill the tier): identical in every process
+            rows = np.sort(hot_rows(profile, self.capacity, fill=True))
         content = hashlib.sha256(f"{build_id}|{info.rows}|{info.row_bytes}|{self.capacity}".encode())
         if rows is not None:
             content.update(rows.tobytes())
