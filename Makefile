@@ -15,7 +15,7 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 demo: $(STAMP)
-	$(BIN)/python -m tools.demo
+	$(BIN)/python -m tierstore_cli.demo
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q tests

@@ -16,6 +16,7 @@ from .errors import (
     FormatVersionError,
     IdTypeError,
     InvalidIdError,
+    MissingExtraError,
     StoreExistsError,
     StoreIOError,
     TierStoreError,
@@ -59,6 +60,6 @@ __all__ = [
     "DEFAULT_TABLE_PATTERN", "FORMAT_VERSION", "parse_size", "format_size",
     "TierStoreError", "InvalidIdError", "IdTypeError", "UnknownTableError", "CorruptDataError",
     "FormatVersionError", "BudgetError", "StoreIOError", "CapacityError", "StoreExistsError", "CheckpointError",
-    "LookupTimeoutError", "StoreClosedError",
+    "LookupTimeoutError", "StoreClosedError", "MissingExtraError",
 ]
 __version__ = "0.1.0"
