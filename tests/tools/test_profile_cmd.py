@@ -170,3 +170,18 @@ def test_size_prints_what_the_library_finds(tmp_path: Path, capsys: pytest.Captu
     assert cli([*cmd, "--total-hit", "1.5"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("tierstore size: error: total_hit=1.5 is not a hit ratio")
+
+
+def test_profile_without_a_store_does_not_import_torch(tmp_path: Path):
+    """`tierstore profile` of a .npy trace starts without torch (~1 s of a short run): only
+    the cache layer and the simulator."""
+    import subprocess
+    import sys
+
+    np.save(tmp_path / "t.npy", np.arange(100, dtype=np.int64) % 7)
+    code = ("import sys; from tierstore_cli.cli import main; "
+            "rc = main(['profile', '--trace', sys.argv[1], '--capacity', '3', '--policy', 'lru,opt', '--json']); "
+            "assert rc == 0 and 'torch' not in sys.modules, sorted(m for m in sys.modules if 'torch' in m)[:5]")
+    p = subprocess.run([sys.executable, "-c", code, str(tmp_path / "t.npy")], capture_output=True, text=True,
+                       timeout=300)
+    assert p.returncode == 0, p.stderr[-2000:]

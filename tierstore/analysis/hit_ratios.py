@@ -28,7 +28,6 @@ import numpy as np
 from ..errors import TierStoreError
 from ..format.profile import count_rows, load_profile
 from ..format.recovery import recover
-from ..format.spec import read_manifest
 from .simulate import TableTrace, Trace, batch_bounds, simulate, simulate_tiers
 
 __all__ = ["TracedTable", "traced_tables", "distinct_ids", "replay_semantics", "policy_hit_ratios",
@@ -75,6 +74,8 @@ def traced_tables(trace: Trace, *, table: str | None = None, store: str | Path |
         names = [table]
     store_info: dict[str, tuple[int, int]] = {}
     if store:
+        from ..format.spec import read_manifest  # imports torch (~1 s): only when a store is given
+
         recover(Path(store))  # as tierstore.open does: a build of this store that died mid-swap
         store_info = {n: (i.rows, i.row_bytes) for n, i in read_manifest(store).tables.items()}
     out = []
