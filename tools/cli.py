@@ -27,7 +27,7 @@ _BUILTIN = {"build": ".store_cmds", "inspect": ".store_cmds", "verify": ".store_
             "profile": ".profile_cmd", "size": ".profile_cmd"}
 
 
-class CommandUnavailable(TierStoreError):
+class CommandUnavailableError(TierStoreError):
     """An installed package registers the command, but its module cannot be imported."""
 
 
@@ -44,7 +44,7 @@ def _load(ep: EntryPoint):
     try:
         return ep.load()
     except ImportError as e:  # the package is installed without the extra the command needs
-        raise CommandUnavailable(f"the command comes from {ep.value}, which cannot be imported ({e}); "
+        raise CommandUnavailableError(f"the command comes from {ep.value}, which cannot be imported ({e}); "
                                  "install the package that provides it with its extras") from None
 
 
@@ -68,7 +68,7 @@ def make_parser(command: str | None = None) -> argparse.ArgumentParser:
     for name, ep in plugins.items():
         try:
             _load(ep)(sub)
-        except CommandUnavailable as e:
+        except CommandUnavailableError as e:
             unavailable.append(f"{name}: {e}")
     if unavailable:
         parser.epilog = "unavailable commands:\n  " + "\n  ".join(unavailable)
@@ -81,7 +81,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     command = argv[0] if argv else None
     try:
         parser = make_parser(command)
-    except CommandUnavailable as e:
+    except CommandUnavailableError as e:
         print(f"tierstore {command}: error: {e}", file=sys.stderr)
         return 2
     args = parser.parse_args(argv)
