@@ -83,7 +83,7 @@ def build(args, name: str) -> dict[str, Path]:
     for key, (split, tokens, streams, doc_tokens) in want.items():
         p = work / f"{name}_{key}_{tokens}.trace.zst"
         if not p.is_file():
-            cmd = [sys.executable, "-m", "tools.cli", "trace", "--checkpoint", args.checkpoint, *src,
+            cmd = [sys.executable, "-m", "tierstore_cli.cli", "trace", "--checkpoint", args.checkpoint, *src,
                    "--split", split, "--max-tokens", str(tokens), "--streams", str(streams),
                    "--doc-tokens", str(doc_tokens), "--out", str(p)]
             print("#", " ".join(cmd[2:]), file=sys.stderr, flush=True)

@@ -16,6 +16,7 @@ from .errors import (
     FormatVersionError,
     IdTypeError,
     InvalidIdError,
+    MissingExtraError,
     PolicyParamError,
     StoreExistsError,
     StoreIOError,
@@ -60,6 +61,6 @@ __all__ = [
     "DEFAULT_TABLE_PATTERN", "FORMAT_VERSION", "parse_size", "format_size",
     "TierStoreError", "InvalidIdError", "IdTypeError", "UnknownTableError", "CorruptDataError",
     "FormatVersionError", "BudgetError", "PolicyParamError", "StoreIOError", "CapacityError", "StoreExistsError", "CheckpointError",
-    "LookupTimeoutError", "StoreClosedError",
+    "LookupTimeoutError", "StoreClosedError", "MissingExtraError",
 ]
 __version__ = "0.1.0"

@@ -86,3 +86,8 @@ class LookupTimeoutError(TierStoreError, TimeoutError):
 
 class StoreClosedError(TierStoreError):
     """The store was closed: no new lookups, and queued ones are cancelled."""
+
+
+class MissingExtraError(TierStoreError, ImportError):
+    """An optional dependency is not installed; the message names the extra that installs it
+    (``pip install 'tierstore[plot]'``)."""
