@@ -98,6 +98,8 @@ def main(argv: list[str] | None = None) -> dict:
                     for p, s in cached.items():
                         c = _per_call_us(lambda s=s: s.lookup(NAME, ids, out=out), calls, 1)
                         row[f"{p}_us"] = min(row.get(f"{p}_us", c), c)
+                for p, s in cached.items():  # what was timed: lookups that hit on every id
+                    row[f"{p}_hit_ratio"] = round(s.stats()["device"]["hit_ratio"], 4)
                 # the floor: the same rows copied straight out of the tier's slab
                 tier = cached[policies[-1]]._tables[NAME].dev
                 slots = torch.from_numpy(tier.index.slot_of_row[ids].astype(np.int64))

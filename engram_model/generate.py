@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -32,6 +31,7 @@ from tokenizers import Tokenizer
 
 import tierstore
 from tierstore.format.profile import has_profile
+from tierstore.tiers.page_reader import evict_page_cache
 from engram_model.checkpoint import load_checkpoint, read_config
 from engram_model.data import encode_files, split_files
 from engram_model.errors import EngramConfigError
@@ -97,13 +97,10 @@ def table_bytes(ckpt: str | Path) -> int:
 
 
 def drop_page_cache(paths: Sequence[Path]) -> None:
-    """Ask the kernel to forget the files' cached pages (cold-start measurements)."""
+    """Drop the files' cached pages for cold-start measurements (through tierstore's one
+    eviction, which flushes dirty pages first: ``POSIX_FADV_DONTNEED`` skips them)."""
     for p in paths:
-        fd = os.open(p, os.O_RDONLY)
-        try:
-            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
-        finally:
-            os.close(fd)
+        evict_page_cache(p)
 
 
 def prompt_batches(tok: Tokenizer, *, n_prompts: int, batch_size: int, prompt_len: int,

@@ -40,6 +40,12 @@ if TYPE_CHECKING:  # the model reaches the store only through StoreMemory
 __all__ = ["ModelConfig", "EngramLM", "EngramPlan", "InferenceCache", "table_name"]
 
 
+# An Engram layer's packed table is the parameter ``blocks.<i>.engram.memory.weight`` of an
+# in-memory model and, by default, the store table of the same name (``tierstore build``
+# makes store tables of exactly those parameters).
+TABLE_PARAM = "engram.memory.weight"
+ENGRAM_TABLE = "blocks.{layer}." + TABLE_PARAM
+
 @dataclass
 class ModelConfig:
     """Every model setting, once: ``engram_model.flags`` derives train.py's flags from these
@@ -75,7 +81,7 @@ class ModelConfig:
                                       "(else random, std 0.02)", flag="--random-value-init", group="engram")
     # store table serving block L's Engram rows ("{layer}" -> L); DeepSeek-V4.1's are
     # "layers.{layer}.engram.embed.weight" (engram_model.deepseek_v41)
-    engram_table: str = setting("blocks.{layer}.engram.memory.weight",
+    engram_table: str = setting(ENGRAM_TABLE,
                                 "store table of block L's Engram rows ('{layer}' -> L)", cli=False)
 
     def __post_init__(self) -> None:
@@ -119,7 +125,7 @@ class ModelConfig:
         return asdict(self)
 
 
-def table_name(block: int, pattern: str = "blocks.{layer}.engram.memory.weight") -> str:
+def table_name(block: int, pattern: str = ENGRAM_TABLE) -> str:
     """Store table name of a block's packed Engram table (``ModelConfig.engram_table``). The
     default is also the in-module parameter's state-dict name, so a trained checkpoint's
     tables build into a store under the names the model asks for."""
@@ -315,7 +321,7 @@ class EngramLM(nn.Module):
     def _init_weights(self) -> None:
         std = 0.02
         for name, p in self.named_parameters():
-            if name.endswith("engram.memory.weight") or p.dim() < 2 or ".hc_" in name:
+            if name.endswith(TABLE_PARAM) or p.dim() < 2 or ".hc_" in name:
                 continue  # tables keep their own init; norms stay 1, biases 0
             if name.endswith("conv.weight"):
                 continue  # Engram's conv is zero-init (starts as identity)
@@ -336,10 +342,10 @@ class EngramLM(nn.Module):
 
     def table_parameters(self) -> list[nn.Parameter]:
         """The Engram tables (sparse gradients; their own optimizer group)."""
-        return [p for n, p in self.named_parameters() if n.endswith("engram.memory.weight")]
+        return [p for n, p in self.named_parameters() if n.endswith(TABLE_PARAM)]
 
     def dense_parameters(self) -> list[nn.Parameter]:
-        return [p for n, p in self.named_parameters() if not n.endswith("engram.memory.weight")]
+        return [p for n, p in self.named_parameters() if not n.endswith(TABLE_PARAM)]
 
     def num_params(self) -> dict[str, int]:
         """Parameter counts: tables, the rest, and what one token uses (every dense weight, the tied

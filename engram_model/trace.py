@@ -43,6 +43,7 @@ class TraceSource:
         from engram_model.checkpoint import read_config
         from engram_model.compression import build_compression
         from engram_model.hasher import NgramHasher
+        from engram_model.model import ENGRAM_TABLE, table_name
         from engram_model.tokenizer import load_tokenizer
 
         if (checkpoint is None) == (store is None):
@@ -68,7 +69,8 @@ class TraceSource:
                 f"tokenizer compresses to {self.compression.num_compressed} ids, the model expects {want}: "
                 "wrong tokenizer.json for this model")
         self.hasher = NgramHasher(**self.config["hasher"])
-        self.tables = {f"blocks.{L}.engram.memory.weight": L for L in self.hasher.layer_ids}
+        pattern = self.config.get("model", {}).get("engram_table", ENGRAM_TABLE)
+        self.tables = {table_name(L, pattern): L for L in self.hasher.layer_ids}
 
     def encode(self, texts: list[str]) -> list[np.ndarray]:
         """Compressed token ids of each text (empty texts dropped)."""

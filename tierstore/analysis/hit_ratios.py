@@ -26,6 +26,7 @@ from typing import Any
 import numpy as np
 
 from ..errors import TierStoreError
+from ..ids import as_row_ids
 from ..format.profile import count_rows, load_profile
 from ..format.recovery import recover
 from .simulate import TableTrace, Trace, batch_bounds, simulate, simulate_tiers
@@ -97,8 +98,8 @@ def traced_tables(trace: Trace, *, table: str | None = None, store: str | Path |
             n_rows, base = int(t.n_rows), "table rows"
         else:
             n_rows, base = distinct_ids(t.rows), "distinct ids"
-        if t.rows.size and t.rows.max() >= max(n_rows, 1) and base != "distinct ids":
-            raise TierStoreError(f"trace of {name!r} holds row {int(t.rows.max())} but the table has {n_rows} rows")
+        if base != "distinct ids":  # the one id check (InvalidIdError names the row and its position)
+            as_row_ids(t.rows, n_rows, where=f"trace of table {name!r}", copy=False)
         if base == "distinct ids":
             sim_rows = int(t.rows.max()) + 1 if t.rows.size else 0
         else:
