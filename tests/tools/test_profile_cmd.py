@@ -1,6 +1,6 @@
 """`tierstore profile` and `tierstore size` as a user runs them, on traces of a tiny real
 checkpoint (`tierstore trace`, registered by engram_model) and on .npy traces. The library
-behind them has its own tests: tests/tierstore/test_sizing.py, test_hit_ratios.py."""
+behind them has its own tests: tests/tierstore/analysis/test_sizing.py, test_hit_ratios.py."""
 
 from __future__ import annotations
 

@@ -4,7 +4,7 @@ What runs here: the one-buffer index packing, the cross-stream ordering bookkeep
 ``StreamFences`` (stand-in streams and events that log every wait and record), exact-size
 registration of host slabs (a stand-in CUDA runtime that logs cudaHostRegister calls), the
 GPU room check (stand-in free-memory figures) and the Store options' errors on a CPU store.
-What never runs here: any of it against a real CUDA device (tests/tierstore/test_gpu.py).
+What never runs here: any of it against a real CUDA device (tests/tierstore/serve/test_gpu.py).
 """
 
 from __future__ import annotations

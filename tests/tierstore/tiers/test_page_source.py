@@ -5,7 +5,7 @@ The kvikio reader itself (coalescing, futures, errors, staging) runs here over a
 are in flight together); the disk tier then verifies pages with ``page_checksums_torch`` and
 cuts rows with torch, exactly the code a CUDA device would run. Every result is compared
 with the POSIX reader's (numpy) and with the checkpoint. What never runs here: the real
-``kvikio.CuFile`` and a CUDA device (tests/tierstore/test_gpu.py, marked ``gpu``).
+``kvikio.CuFile`` and a CUDA device (tests/tierstore/serve/test_gpu.py, marked ``gpu``).
 """
 
 from __future__ import annotations

@@ -15,7 +15,7 @@ from tierstore.analysis.simulate import TableTrace, Trace, simulate, simulate_ti
 from tierstore.errors import TierStoreError
 from tierstore.format.profile import save_profile
 
-from ..conftest import one_table_store, real_text_trace
+from ...conftest import one_table_store, real_text_trace
 
 NAME = "blocks.1.engram.memory.weight"
 

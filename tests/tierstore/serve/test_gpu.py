@@ -19,7 +19,7 @@ from tierstore.format.spec import PAGE_SIZE, page_checksums, page_checksums_torc
 from tierstore.tiers import DiskTier
 from tierstore.tiers.shared_host import SHM_DIR
 
-from ..conftest import bits, one_table_store
+from ...conftest import bits, one_table_store
 
 pytestmark = pytest.mark.gpu
 

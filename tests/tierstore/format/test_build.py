@@ -21,10 +21,10 @@ import tierstore
 from tierstore import CheckpointError, StoreExistsError, TierStoreError
 from tierstore.format.spec import PAGE_SIZE, read_manifest
 
-from ..conftest import bits, random_table
+from ...conftest import bits, random_table
 
 DTYPES = [torch.float32, torch.bfloat16, torch.float16, torch.float8_e4m3fn, torch.float8_e5m2]
-REPO = Path(__file__).resolve().parents[2]
+REPO = Path(__file__).resolve().parents[3]
 
 
 def _check_all_rows(store_path: Path, name: str, weight: torch.Tensor, *, budgets: tuple[int, int]) -> None:

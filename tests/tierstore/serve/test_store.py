@@ -23,7 +23,7 @@ from tierstore import (
 )
 from tierstore.format.spec import PAGE_SIZE, read_manifest
 
-from ..conftest import bits
+from ...conftest import bits
 
 T1 = "blocks.1.engram.memory.weight"
 T3 = "blocks.3.engram.memory.weight"

@@ -13,7 +13,7 @@ from tierstore.format.spec import PAGE_SIZE, read_manifest
 from tierstore.format.profile import save_profile
 from tierstore_cli.cli import main
 
-from ..conftest import bits, random_table
+from ...conftest import bits, random_table
 
 NAME = "l.engram.memory.weight"
 

@@ -17,7 +17,7 @@ from tierstore.analysis.simulate import simulate_tiers
 from tierstore.analysis.sizing import size_tiers, smallest_capacity
 from tierstore.errors import TierStoreError
 
-from ..conftest import real_text_trace
+from ...conftest import real_text_trace
 
 
 def first_reaching(ratio: np.ndarray, target: float) -> int | None:

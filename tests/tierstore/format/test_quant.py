@@ -22,7 +22,7 @@ from tierstore import CheckpointError, CorruptDataError, FormatVersionError, Tie
 from tierstore.format.quant import FP4_SCHEME, FP8_SCHEME, Quant, _dequantize_torch, dequantize, split_rows
 from tierstore.format.spec import manifest_digest, read_manifest
 
-from ..v41 import assert_dequantized, embed, oracle, scale_of, write_v41_checkpoint
+from ...v41 import assert_dequantized, embed, oracle, scale_of, write_v41_checkpoint
 
 V41_LAYERS = {1: 3001, 3: 2999}  # layer -> rows (the real ones hold ~384M)
 
@@ -227,7 +227,7 @@ def _rewrite_manifest(store: Path, edit) -> None:
 
 
 def test_plain_stores_write_no_quant_field(tmp_path):
-    from ..conftest import one_table_store
+    from ...conftest import one_table_store
 
     path, _ = one_table_store(tmp_path, "blocks.1.engram.memory.weight", 100, 8)
     doc = json.loads((path / "manifest.json").read_text())

@@ -15,7 +15,7 @@ from tierstore import StoreIOError, TierStoreError
 from tierstore.cache import CacheIndex
 from tierstore.cache.layout import M_NREF
 
-from ..conftest import bits, random_table
+from ...conftest import bits, random_table
 
 T1 = "blocks.1.engram.memory.weight"
 
