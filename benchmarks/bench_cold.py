@@ -16,7 +16,7 @@ Measured in one run, on the same file and the same row ids (rows of 128 B and 1 
   keep its pages cached);
 - LMDB ``txn.get`` per row with ``readahead=False`` (keys = row ids, values = rows, built
   once in the cache dir; its data file is evicted too).
-Targets: the store >= 0.9x fio IOPS (issue 10), >= 3x memmap and LMDB rows/s (issue 3).
+Targets: the store >= 0.9x fio IOPS, >= 3x memmap and LMDB rows/s.
 
 The row file, its LMDB copies and a marker live in ``--cache-dir`` (default
 $TIERSTORE_BENCH_CACHE or /tmp/tierstore_bench_cache) and are reused across runs.

@@ -13,7 +13,7 @@ Also, same run: ``index_select(out=)`` of the same rows straight from the tier's
 ``prefetch().result()`` against a bare ``ThreadPoolExecutor`` submit + result, with a
 compute loop's rate while prefetches run on the worker vs alone.
 
-Targets (issue 10): 64 ids <= 3x resident; 16,384 ids >= 0.8x of the slab's
+Targets: 64 ids <= 3x resident; 16,384 ids >= 0.8x of the slab's
 ``index_select``; bookkeeping <= 30% of a lookup at 64..64K ids; hand-off <= 1.5x bare.
 
     python -m benchmarks.bench_lookup [--quick] [--rows 1048576] [--dim 64]

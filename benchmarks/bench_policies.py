@@ -2,7 +2,7 @@
 batches) of every policy through the store's compiled walk, LRU at 50 capacities from one
 stack-distance pass, exact MIN, vs a plain LRU.
 
-Targets (issue 10): >= 20M lookups/s for lru and >= 5M/s for every other policy, exact, one
+Targets: >= 20M lookups/s for lru and >= 5M/s for every other policy, exact, one
 core, over a 10M-lookup trace; LRU at 50 capacities in the time of 2 single replays.
 Baseline, same process: a textbook LRU on an ``OrderedDict`` (one Python step per lookup),
 whose hits our LRU must reproduce exactly.

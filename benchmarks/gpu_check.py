@@ -1,9 +1,9 @@
-"""The device check of issue 12: every test marked ``gpu`` and the GPU benchmarks, one JSON line.
+"""The device check: every test marked ``gpu`` and the GPU benchmarks, one JSON line.
 
     make gpu-check                     # installs the gpu extra (kvikio), then runs this
     python -m benchmarks.gpu_check [--rows 4194304] [--skip-tests] [--skip-e2e]
 
-Parts, each against its baseline in the same process (goals from issue 12):
+Parts, each against its baseline in the same process (with its goal):
 
 1. ``tests``: ``pytest -m gpu tests`` (the stress test, kvikio vs POSIX, pinning, zero-copy,
    CapacityError, CUDA ids, generate on cuda), in a subprocess.

@@ -1,6 +1,6 @@
 """What the tiers' CUDA paths share, in one place, so the CPU path never reaches it.
 
-Each helper exists because the reading of the CUDA paths found a fault (issue 12):
+Each helper exists because the reading of the CUDA paths found a fault:
 
 - :func:`to_device`: a lookup's index arrays (slots, positions, inverse maps) go to the GPU
   as *one* pinned buffer in *one* non-blocking copy; pageable ``.to(cuda)`` copies block
