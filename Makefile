@@ -4,24 +4,37 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test bench clean-venv
+.PHONY: demo test bench gpu-check clean-venv
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
 	# torch is pinned here only: 2.13.0 is the CPU build this machine kind carries on local disk.
 	$(BIN)/python -m pip install -q torch==2.13.0
-	$(BIN)/python -m pip install -q -e '.[test]'
+	# the extras the two commands use: the model (demo), plots, the benchmarks' quick modes (tests)
+	$(BIN)/python -m pip install -q -e '.[model,plot,bench,test]'
 	touch $(STAMP)
 
 demo: $(STAMP)
-	$(BIN)/python -m tools.demo
+	$(BIN)/python -m tierstore_cli.demo
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q tests
 
+# Every benchmark with a quick mode, at its tiny size (seconds to a minute each): a check
+# that they run, not figures. Full-size runs and their commands: docs/benchmarks.md.
+QUICK_BENCHES := bench_lookup bench_host_gather bench_mixed bench_cold bench_policies bench_hasher \
+	bench_distributed bench_e2e
+
 bench: $(STAMP)
-	$(BIN)/python -m benchmarks.run_all
+	set -e; for b in $(QUICK_BENCHES); do echo "== python -m benchmarks.$$b --quick"; \
+		$(BIN)/python -m benchmarks.$$b --quick; done
+
+# The device check (issue 12): every test marked gpu + the GPU benchmarks, one JSON line.
+# Needs a CUDA device (exits 77, "no CUDA device", without one); installs the gpu extra (kvikio).
+gpu-check: $(STAMP)
+	$(BIN)/python -m pip install -q -e '.[gpu,test]'
+	$(BIN)/python -m benchmarks.gpu_check
 
 clean-venv:
 	rm -rf $(VENV)

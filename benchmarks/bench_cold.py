@@ -6,15 +6,17 @@ Measured in one run, on the same file and the same row ids (rows of 128 B and 1 
   the same bytes, with no cache tiers ("store") and with small device and host tiers under
   the default policy ("store+tiers", every row a miss that is admitted): page reads, checksum
   verification of every page (the ``.sum`` file is evicted too), gather, bookkeeping;
-- the disk tier's reader alone: ``rowio.PageReader`` reads the pages holding the rows into a
-  reused page buffer, then a vectorized gather into a reused row buffer (every method, fresh
-  buffers, small batches): what the store's path costs beyond the reads;
+- the disk tier alone (``tierstore.tiers.disk.DiskTier.read`` on the store's row file, the
+  code the store runs below its caches): its ``PageReader`` reads the pages holding the rows
+  into the tier's reused page buffer, every page's checksum is verified, one vectorized
+  gather fills a reused row buffer (every reader method, a fresh output, small batches):
+  what the store's path costs beyond the reads;
 - numpy.memmap gather (``np.take`` into the same reused row buffer) with
   ``madvise(MADV_RANDOM)`` (a fresh map each time, closed before eviction: a live map would
   keep its pages cached);
 - LMDB ``txn.get`` per row with ``readahead=False`` (keys = row ids, values = rows, built
   once in the cache dir; its data file is evicted too).
-Targets: the store >= 0.9x fio IOPS (issue 10), >= 3x memmap and LMDB rows/s (issue 3).
+Targets: the store >= 0.9x fio IOPS, >= 3x memmap and LMDB rows/s.
 
 The row file, its LMDB copies and a marker live in ``--cache-dir`` (default
 $TIERSTORE_BENCH_CACHE or /tmp/tierstore_bench_cache) and are reused across runs.
@@ -33,7 +35,7 @@ import shutil
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 import lmdb
 import numpy as np
@@ -41,8 +43,10 @@ import torch
 
 import tierstore
 from benchmarks.common import evict, fio, json_line, machine_info, print_header, resident_bytes
-from tierstore.tiers.page_reader import PAGE_SIZE, PageReader, aligned_empty
+from tierstore.files import atomic_write
+from tierstore.format.spec import PAGE_SIZE, read_manifest
 from tierstore.sizes import format_size, parse_size
+from tierstore.tiers.disk import DiskTier
 
 _FIO_QD = 32
 
@@ -53,15 +57,14 @@ def ensure_row_file(cache: Path, size: int) -> Path:
     path = cache / f"rows_{size}.bin"
     if path.exists() and path.stat().st_size == size:
         return path
-    tmp = path.with_suffix(".tmp")
     rng = np.random.default_rng(1234)
     chunk = 64 << 20
-    with open(tmp, "wb") as f:
+
+    def write(f: BinaryIO) -> None:
         for off in range(0, size, chunk):
             f.write(rng.integers(0, 2**63, (min(chunk, size - off)) // 8, dtype=np.uint64).tobytes())
-        os.fsync(f.fileno())
-    tmp.rename(path)
-    return path
+
+    return atomic_write(path, write)
 
 
 def ensure_lmdb(cache: Path, row_file: Path, row_bytes: int) -> Path:
@@ -119,34 +122,33 @@ def read_store(store: tierstore.Store, ids: np.ndarray, out: torch.Tensor) -> np
     return out.view(torch.uint8).numpy()
 
 
-def row_pages(ids: np.ndarray, row_bytes: int) -> tuple[np.ndarray, np.ndarray]:
-    """(sorted unique pages holding the rows, byte offset of each row) for rows at id*row_bytes."""
+def row_pages(ids: np.ndarray, row_bytes: int) -> np.ndarray:
+    """Sorted unique pages of the row file holding the rows at id*row_bytes: the reads every
+    system needs, the numerator of its IOPS. (The disk tier reads as many when the row size
+    divides a page, as the default sizes do: its rows sit at the same in-page offsets, one
+    header page further on.)"""
     start = ids * row_bytes
-    first, last = start // PAGE_SIZE, (start + row_bytes - 1) // PAGE_SIZE
-    pages = np.union1d(first, last)
-    return pages, np.searchsorted(pages, first) * PAGE_SIZE + start % PAGE_SIZE
+    return np.union1d(start // PAGE_SIZE, (start + row_bytes - 1) // PAGE_SIZE)
 
 
-def read_ours(reader: PageReader, ids: np.ndarray, row_bytes: int, *, page_buf: np.ndarray | None = None,
-              rows_out: np.ndarray | None = None, batch: int | None = None) -> np.ndarray:
-    """Rows via PageReader: the pages in one call (or one call per ``batch`` rows), then a gather.
+def open_disk_tier(store: Path, *, method: str, threads: int | None, depth: int) -> DiskTier:
+    """The store's disk tier for its one table, reading with PageReader ``method``."""
+    return DiskTier(store, read_manifest(store).tables["t"], method=method, threads=threads, depth=depth)
 
-    ``page_buf``/``rows_out``: reused buffers (how the store calls it); None allocates fresh ones
-    each call, which on this VM costs a page fault (~1.4 us of CPU) per 4 KiB.
+
+def read_disk(tier: DiskTier, ids: np.ndarray, rows_out: np.ndarray | None = None,
+              batch: int | None = None) -> np.ndarray:
+    """Rows ``ids`` (sorted unique) through the disk tier's ``read``, as raw bytes.
+
+    ``rows_out``: a reused (len(ids), row_bytes) uint8 buffer (how the store calls it); None
+    allocates a fresh one each call, which on this VM costs a page fault (~1.4 us of CPU) per
+    4 KiB. ``batch``: one call per ``batch`` rows.
     """
     if rows_out is None:
-        rows_out = np.empty((len(ids), row_bytes), dtype=np.uint8)
-    if batch is not None:
-        for i in range(0, len(ids), batch):
-            read_ours(reader, ids[i:i + batch], row_bytes, page_buf=page_buf, rows_out=rows_out[i:i + batch])
-        return rows_out
-    pages, pos = row_pages(ids, row_bytes)
-    buf = reader.read_pages(pages, out=None if page_buf is None else page_buf[:len(pages)])
-    if PAGE_SIZE % row_bytes == 0:  # rows never straddle pages: gather whole rows of a row-shaped view
-        np.take(buf.reshape(-1, row_bytes), pos // row_bytes, axis=0, out=rows_out)
-    else:
-        flat = buf.reshape(-1)
-        np.take(flat, pos[:, None] + np.arange(row_bytes), out=rows_out)
+        rows_out = np.empty((len(ids), tier.info.row_bytes), dtype=np.uint8)
+    step = batch or max(1, len(ids))
+    for i in range(0, len(ids), step):
+        tier.read(ids[i:i + step], torch.from_numpy(rows_out[i:i + step]))
     return rows_out
 
 
@@ -208,19 +210,19 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     stores = {s: {"store": tierstore.open(d, device="cpu"),
                   "store+tiers": tierstore.open(d, device="cpu", device_budget="1MiB", host_budget="4MiB")}
               for s, d in store_dirs.items()}
-    readers = {m: PageReader(row_file, method=m, threads=args.threads, depth=args.depth)
-               for m in args.methods.split(",")}
+    methods = args.methods.split(",")
+    tiers = {s: {m: open_disk_tier(d, method=m, threads=args.threads, depth=args.depth) for m in methods}
+             for s, d in store_dirs.items()}
+    readers = {m: t.reader for m, t in tiers[row_sizes[0]].items()}  # every row size's tiers read alike
     names = {m: (m if m != "auto" else f"auto={r.method}") for m, r in readers.items()}
-    ours, ours_reader = next(iter(names.values())), next(iter(readers.values()))
+    ours = names[methods[0]]
     cold_files = [row_file] + [db / "data.mdb" for db in dbs.values()] + \
         [d / f for d in store_dirs.values() for f in ("tables/t0000.rows", "tables/t0000.sum")]
-    # Reused buffers: how the store calls the reader (fresh memory costs a page fault per 4 KiB here).
-    page_buf = aligned_empty(args.rows + 1)
-    page_buf.fill(0)
+    # A reused output: how the store calls the tier (fresh memory costs a page fault per 4 KiB here).
     rows_buf = np.zeros(args.rows * max(row_sizes), dtype=np.uint8)
 
     evict(*cold_files)
-    residue = {p.name if p == row_file else f"{p.parent.name}/{p.name}": resident_bytes(p) for p in cold_files}
+    residue = {str(p.relative_to(cache)): resident_bytes(p) for p in cold_files}
     fio_line = (f"fio: randread 4 KiB, O_DIRECT, libaio, QD{_FIO_QD}, {args.fio_runtime:g} s, run right before "
                 "every measurement; each x-fio ratio pairs a measurement with the fio run just before it"
                 if shutil.which("fio") else "fio: NOT INSTALLED (apt-get install -y fio); fio ratios omitted")
@@ -229,11 +231,13 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         f"table: {row_file} ({format_size(size)}), LMDB copies in {cache}",
         f"rows per measurement: {args.rows} (uniform, unique, sorted; same ids for every system), "
         f"repeats: {args.repeats}, row sizes: {row_sizes} B",
-        *[f"{names[m]}: {r!r} -> {'O_DIRECT' if r.direct else 'buffered'}" for m, r in readers.items()],
-        f"ours = {ours}; '+fresh' = same without out= (fresh output memory every call); "
+        *[f"{names[m]}: DiskTier over {r!r} -> {'O_DIRECT' if r.direct else 'buffered'}" for m, r in readers.items()],
+        f"ours = {ours}: the disk tier (DiskTier.read: page reads, checksums, gather); "
+        "'+fresh' = same without out= (fresh output memory every call); "
         "'batchN' = the same rows in calls of N rows each",
         fio_line,
-        "eviction: fdatasync + posix_fadvise(DONTNEED) of the row file and both LMDB data files before every "
+        "eviction: fdatasync + posix_fadvise(DONTNEED) of the row file, the LMDB data files and the stores' row "
+        "and checksum files before every "
         f"measurement, maps closed first; resident bytes after eviction (fincore): {residue}",
     ])
 
@@ -247,17 +251,15 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     for rep in range(args.repeats):
         for s in row_sizes:
             ids = np.unique(rng.integers(0, size // s, args.rows))
-            pages, _ = row_pages(ids, s)
+            pages = row_pages(ids, s)
             keys = [int(i).to_bytes(8, "big") for i in ids]
             rows_out = rows_buf[:len(ids) * s].reshape(len(ids), s)
             out_t = torch.empty((len(ids), s // 2), dtype=torch.float16)
             systems: list[tuple[str, Callable[[], np.ndarray]]] = [
                 *[(name, lambda st=st: read_store(st, ids, out_t)) for name, st in stores[s].items()],
-                *[(names[m], lambda r=r: read_ours(r, ids, s, page_buf=page_buf, rows_out=rows_out))
-                  for m, r in readers.items()],
-                (f"{ours}+fresh", lambda: read_ours(ours_reader, ids, s)),
-                *[(f"{ours} batch{b}",
-                   lambda b=b: read_ours(ours_reader, ids, s, page_buf=page_buf, rows_out=rows_out, batch=b))
+                *[(names[m], lambda t=t: read_disk(t, ids, rows_out)) for m, t in tiers[s].items()],
+                (f"{ours}+fresh", lambda: read_disk(tiers[s][methods[0]], ids)),
+                *[(f"{ours} batch{b}", lambda b=b: read_disk(tiers[s][methods[0]], ids, rows_out, batch=b))
                   for b in small_batches],
                 ("memmap", lambda: read_memmap(row_file, ids, s, rows_out)),
                 ("lmdb", lambda: read_lmdb(dbs[s], keys, s)),
@@ -291,8 +293,9 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
                 if bad:
                     print(f"   MISMATCH: {name} differs from memmap on {bad} rows of {s} B")
                 mismatches += bad
-    for r in readers.values():
-        r.close()
+    for by_method in tiers.values():
+        for t in by_method.values():
+            t.close()
     for st in stores.values():
         for x in st.values():
             x.close()
@@ -303,6 +306,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         "ours": ours, "readers": {names[m]: {"method": r.method, "direct": r.direct, "threads": r.threads,
                                              "depth": r.depth} for m, r in readers.items()},
         "load_avg_end": os.getloadavg()[0], "mismatches": mismatches,
+        "resident_after_evict": residue,  # bytes per file by fincore (None: not installed)
     }
     sysnames = ["store", "store+tiers", *names.values(), f"{ours}+fresh", *[f"{ours} batch{b}" for b in small_batches], "memmap", "lmdb"]
     for s in row_sizes:

@@ -19,13 +19,16 @@ future of a request queue). Reported: the live device/host hit ratios of both ru
 the simulator's prediction for the same events (each table's recorded lookups and hints,
 ``Table.events``, replayed through fresh tiers by ``tierstore.analysis.simulate.replay_events``).
 
-    python -m benchmarks.bench_e2e [--ckpt runs/learn_engram] [--quick]
+    python -m benchmarks.bench_e2e [--ckpt runs/learn_engram] [--quick] [--device cuda]
+
+``--device cuda`` runs the model and serves rows on the GPU (device tier in GPU memory, host
+tier pinned, cold pages through kvikio when installed); the resident baseline runs there too.
+Never run: needs CUDA (benchmarks/gpu_check.py runs it on the device machine).
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import tempfile
 import time
 from collections.abc import Sequence
@@ -37,8 +40,10 @@ import torch
 from engram_model.checkpoint import load_checkpoint
 from engram_model.memory import SYNC_BELOW
 from engram_model.generate import (
-    build_store_for, drop_page_cache, open_served_model, prompt_batches, serve, table_bytes, tier_summary,
+    build_store_for, open_served_model, prompt_batches, serve, table_bytes, tier_summary,
 )
+
+from .common import evict, json_line
 
 
 def _train_small(out: Path, quick: bool) -> Path:
@@ -74,6 +79,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     ap.add_argument("--repeats", type=int, default=3, help="interleaved repeats; the best of each is reported")
     ap.add_argument("--queued", type=int, default=4,
                     help="queued-request mode: announce the next L batches' prompts (0: skip the mode)")
+    ap.add_argument("--device", default="cpu", help="where the model runs and rows are served: cpu or cuda[:N]")
     args = ap.parse_args(argv)
     if args.quick:
         args.prompts, args.batch_size, args.prompt_len, args.max_new_tokens, args.repeats = 4, 2, 16, 8, 1
@@ -88,6 +94,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         dev_b, host_b = int(tb * args.device_frac), int(tb * args.host_frac)
 
         resident, tok, _ = load_checkpoint(ckpt)
+        resident.to(args.device)
         queue = prompt_batches(tok, n_prompts=2 * args.prompts, batch_size=args.batch_size, prompt_len=args.prompt_len)
         warmup, batches = queue[: len(queue) // 2], queue[len(queue) // 2 :]  # different held-out text
         kw = dict(max_new_tokens=args.max_new_tokens, seed=0)
@@ -99,10 +106,11 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         open_s = 0.0
         for _ in range(args.repeats):  # interleaved, so machine noise hits every configuration alike
             res_runs.append(serve(resident, batches, **kw))
-            drop_page_cache(files)
+            evict(*files)
             t_open = time.perf_counter()
             served, _, store = open_served_model(ckpt, store_path, device_budget=dev_b, host_budget=host_b,
-                                                 threads=args.store_threads, sync_below=args.sync_below)
+                                                 threads=args.store_threads, sync_below=args.sync_below,
+                                                 device=args.device)
             open_s = time.perf_counter() - t_open
             with store:
                 cold_runs.append(serve(served, batches, **kw))  # fresh caches, files not in page cache
@@ -121,6 +129,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     best_dec = max(r.decode_tok_s for r in res_runs)
     out: dict[str, Any] = {
         "bench": "e2e",
+        "device": args.device,
         "quick": args.quick,
         "threads": args.threads,
         "table_bytes": tb,
@@ -166,7 +175,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
               f"{q['sim_host_hit_ratio']:.4f}), {'agree' if q['agree'] else 'DIFFER'}, decode "
               f"{q['decode_tok_s']:,.0f} tok/s")
     print(f"  identical tokens to resident: {same}")
-    print(json.dumps(out))
+    json_line(out)
     return out
 
 
@@ -183,7 +192,8 @@ def _queued(ckpt: Path, store_path: Path, batches, kw: dict, dev_b: int, host_b:
     runs = []
     for L in (0, args.queued):
         served, _, store = open_served_model(ckpt, store_path, device_budget=dev_b, host_budget=host_b,
-                                             threads=args.store_threads, sync_below=args.sync_below)
+                                             threads=args.store_threads, sync_below=args.sync_below,
+                                             device=args.device)
         with store:
             for t in store._tables.values():
                 t.events = []
@@ -211,7 +221,7 @@ def _queued(ckpt: Path, store_path: Path, batches, kw: dict, dev_b: int, host_b:
                   "agree": [int(live["device_hits"]), int(live["device_misses"]), int(live["host_hits"]),
                             int(live["host_misses"])] == [*sim["device"], *sim["host"]]}
     resident, _, _ = load_checkpoint(ckpt)
-    ref = serve(resident, batches, **kw)
+    ref = serve(resident.to(args.device), batches, **kw)
     out["identical_tokens"] = all(torch.equal(a, b) for r in runs for a, b in zip(ref.outputs, r.outputs))
     return out
 

@@ -13,8 +13,6 @@ element by element. Target: >= 10M positions/s per layer.
 from __future__ import annotations
 
 import argparse
-import json
-import time
 from collections.abc import Sequence
 
 import numpy as np
@@ -23,6 +21,8 @@ import torch
 from engram_model.hasher import NgramHasher
 from engram_model.tokenizer import iter_texts, stdlib_text_files, train_tokenizer
 from engram_model.compression import build_compression
+
+from .common import best_of, json_line
 
 
 def reference_numpy_hash(h: NgramHasher, x: np.ndarray, layer_id: int) -> np.ndarray:
@@ -39,16 +39,6 @@ def reference_numpy_hash(h: NgramHasher, x: np.ndarray, layer_id: int) -> np.nda
         for p in h.table_sizes[layer_id][n - 2]:
             heads.append(mix % int(p))
     return np.stack(heads, axis=2)
-
-
-def _best_of(fn, repeats: int) -> float:
-    fn()  # warm-up (allocator, thread pool)
-    best = float("inf")
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        best = min(best, time.perf_counter() - t0)
-    return best
 
 
 def main(argv: Sequence[str] | None = None) -> dict[str, object]:
@@ -83,8 +73,8 @@ def main(argv: Sequence[str] | None = None) -> dict[str, object]:
     mismatches = int((ref != ours).sum())
 
     positions = args.batch * args.seq
-    t_ref = _best_of(lambda: reference_numpy_hash(h, x, L), args.repeats)
-    t_ours_all = _best_of(lambda: h.hash(x), args.repeats)  # all layers, shifts shared
+    t_ref = best_of(lambda: reference_numpy_hash(h, x, L), args.repeats)
+    t_ours_all = best_of(lambda: h.hash(x), args.repeats)  # all layers, shifts shared
     t_ours = t_ours_all / len(h.layer_ids)
     res = {
         "bench": "hasher",
@@ -97,6 +87,8 @@ def main(argv: Sequence[str] | None = None) -> dict[str, object]:
         "ours_pos_per_s_per_layer": positions / t_ours,
         "speedup": t_ref / t_ours,
         "mismatches": mismatches,
+        "ids_compared": int(ref.size),  # every row id of the layer: the mismatch count covers them all
+        "distinct_ids": int(np.unique(ours).size),
         "target_pos_per_s": 10e6,
     }
     print(f"hasher: {positions:,} positions, N=3, K=8 ({h.heads_per_layer} row ids/position), V'={V}, "
@@ -104,7 +96,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, object]:
     print(f"  baseline (reference numpy): {res['baseline_numpy_pos_per_s'] / 1e6:8.1f} M positions/s/layer")
     print(f"  ours (uint64, libdivide)  : {res['ours_pos_per_s_per_layer'] / 1e6:8.1f} M positions/s/layer "
           f"({res['speedup']:.2f}x), mismatches vs baseline: {mismatches}")
-    print(json.dumps(res))
+    json_line(res)
     return res
 
 

@@ -13,7 +13,7 @@ Also, same run: ``index_select(out=)`` of the same rows straight from the tier's
 ``prefetch().result()`` against a bare ``ThreadPoolExecutor`` submit + result, with a
 compute loop's rate while prefetches run on the worker vs alone.
 
-Targets (issue 10): 64 ids <= 3x resident; 16,384 ids >= 0.8x of the slab's
+Targets: 64 ids <= 3x resident; 16,384 ids >= 0.8x of the slab's
 ``index_select``; bookkeeping <= 30% of a lookup at 64..64K ids; hand-off <= 1.5x bare.
 
     python -m benchmarks.bench_lookup [--quick] [--rows 1048576] [--dim 64]
@@ -31,23 +31,24 @@ import torch
 from safetensors.torch import save_file
 
 import tierstore
-from tierstore.cache import hot_rows, policy_names
+from tierstore.cache import policy_names
+from tierstore.format.profile import hot_rows
 from tierstore.format.profile import save_profile
 
-from .common import json_line, machine_info, print_header
+from .common import best_of, json_line, machine_info, print_header
 
 NAME = "bench.engram.memory.weight"
 
 
 def _per_call_us(fn, calls: int, rounds: int) -> float:
+    """Microseconds per call: the best of ``rounds`` timed runs of ``calls`` calls, after one."""
     fn()
-    best = float("inf")
-    for _ in range(rounds):
-        t0 = time.perf_counter()
+
+    def run() -> None:
         for _ in range(calls):
             fn()
-        best = min(best, (time.perf_counter() - t0) / calls)
-    return best * 1e6
+
+    return best_of(run, rounds, warmup=0) / calls * 1e6
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -97,6 +98,8 @@ def main(argv: list[str] | None = None) -> dict:
                     for p, s in cached.items():
                         c = _per_call_us(lambda s=s: s.lookup(NAME, ids, out=out), calls, 1)
                         row[f"{p}_us"] = min(row.get(f"{p}_us", c), c)
+                for p, s in cached.items():  # what was timed: lookups that hit on every id
+                    row[f"{p}_hit_ratio"] = round(s.stats()["device"]["hit_ratio"], 4)
                 # the floor: the same rows copied straight out of the tier's slab
                 tier = cached[policies[-1]]._tables[NAME].dev
                 slots = torch.from_numpy(tier.index.slot_of_row[ids].astype(np.int64))

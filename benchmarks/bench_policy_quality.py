@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import argparse
 import gzip
-import json
 import re
 import subprocess
 import sys
@@ -38,6 +37,8 @@ from pathlib import Path
 import numpy as np
 
 from tierstore.analysis.simulate import load_trace, simulate
+
+from .common import json_line
 
 POLICIES = ["lru", "s3fifo", "wtinylfu", "arc", "static", "default"]
 CAPS = [0.001, 0.003, 0.01, 0.03, 0.1]
@@ -82,7 +83,7 @@ def build(args, name: str) -> dict[str, Path]:
     for key, (split, tokens, streams, doc_tokens) in want.items():
         p = work / f"{name}_{key}_{tokens}.trace.zst"
         if not p.is_file():
-            cmd = [sys.executable, "-m", "tools.cli", "trace", "--checkpoint", args.checkpoint, *src,
+            cmd = [sys.executable, "-m", "tierstore_cli.cli", "trace", "--checkpoint", args.checkpoint, *src,
                    "--split", split, "--max-tokens", str(tokens), "--streams", str(streams),
                    "--doc-tokens", str(doc_tokens), "--out", str(p)]
             print("#", " ".join(cmd[2:]), file=sys.stderr, flush=True)
@@ -160,7 +161,7 @@ def main(argv=None):
                     print(f"lookahead {L} steps at {args.closure_capacity:.1%}: default {d:.4f}, lru {lru:.4f}, "
                           f"opt {opt:.4f}: closes {frac:.1%} of the lru -> opt gap", flush=True)
     print(f"\n# {time.perf_counter() - t_all:.0f} s", file=sys.stderr)
-    print(json.dumps({"results": results, "closure": closure}))
+    json_line({"results": results, "closure": closure})
 
 
 if __name__ == "__main__":

@@ -95,7 +95,7 @@ def print_header(title: str, info: dict[str, Any], lines: Iterable[str] = ()) ->
 
 
 def evict(*paths: str | os.PathLike[str]) -> None:
-    """Drop each file from the page cache (``rowio.evict_page_cache``).
+    """Drop each file from the page cache (``tierstore.tiers.page_reader.evict_page_cache``, which flushes dirty pages first).
 
     Close every map of a file first (numpy.memmap, LMDB environment): mapped pages stay.
     """

@@ -5,8 +5,8 @@ config, the hasher's constructor arguments and the size of the compression map. 
 compression map itself is saved inside model.safetensors as the ``compress`` buffer (a
 few KB), so the weights are self-contained; on load it is also rebuilt from
 tokenizer.json and the two must agree, which catches a checkpoint paired with the wrong
-tokenizer. The Engram tables are the tensors named ``blocks.<i>.engram.memory.weight``:
-``tierstore build`` turns exactly those into store tables.
+tokenizer. The Engram tables are the tensors named ``engram_model.model.table_name(i)``
+(``blocks.<i>.engram.memory.weight``): ``tierstore build`` turns exactly those into store tables.
 """
 
 from __future__ import annotations
@@ -26,14 +26,13 @@ from tierstore.files import check_versioned, read_json
 
 from engram_model.compression import build_compression
 from engram_model.errors import EngramConfigError
-from engram_model.model import EngramLM, ModelConfig
+from engram_model.model import EngramLM, ModelConfig, table_name
 from engram_model.tokenizer import load_tokenizer, save_tokenizer
 
 __all__ = ["FORMAT", "VERSION", "save_checkpoint", "load_checkpoint", "read_config"]
 
 FORMAT = "engram-model"
 VERSION = 1
-TABLE_SUFFIX = "engram.memory.weight"
 
 
 def save_checkpoint(model: EngramLM, tok: Tokenizer, out: str | Path, extra: dict[str, Any] | None = None) -> Path:
@@ -46,7 +45,7 @@ def save_checkpoint(model: EngramLM, tok: Tokenizer, out: str | Path, extra: dic
     if model.hasher is not None:
         cfg["hasher"] = model.hasher.config()
         cfg["compressed_vocab_size"] = model.cfg.engram_vocab_size
-        cfg["tables"] = {f"blocks.{i}.{TABLE_SUFFIX}": [model.hasher.total_rows(i), model.cfg.engram.d_head]
+        cfg["tables"] = {table_name(i): [model.hasher.total_rows(i), model.cfg.engram.d_head]
                          for i in model.cfg.engram_layers}
     cfg["params"] = model.num_params()
     if extra:
@@ -94,13 +93,14 @@ def load_checkpoint(
     model = EngramLM(cfg, lut, tables=tables)
     state: dict[str, torch.Tensor] = {}
     weights = ckpt / "model.safetensors" if ckpt.is_dir() else ckpt
+    table_names = {table_name(i) for i in cfg.engram_layers}
     with safe_open(str(weights), framework="pt") as f:
         for k in f.keys():
-            if not tables and k.endswith(TABLE_SUFFIX):
+            if not tables and k in table_names:
                 continue
             state[k] = f.get_tensor(k)
     missing, unexpected = model.load_state_dict(state, strict=False)
-    missing = [k for k in missing if tables or not k.endswith(TABLE_SUFFIX)]
+    missing = [k for k in missing if tables or k not in table_names]
     if missing or unexpected:
         raise EngramConfigError(f"checkpoint {str(ckpt)!r} does not match its config: missing {missing}, "
                                 f"unexpected {unexpected}")

@@ -1,4 +1,4 @@
-"""Tokenizer compression: a surjective map raw token id -> compressed id (ENGRAM.md step 1).
+"""Tokenizer compression: a surjective map raw token id -> compressed id (docs/engram.md, step 1).
 
 Tokens whose text differs only in case, accents, Unicode compatibility form or
 surrounding whitespace get one compressed id, so their n-grams share table rows. The map
@@ -12,9 +12,11 @@ reproduces the public reference demo exactly:
   original text;
 * compressed ids are handed out in order of first appearance over raw ids 0..V-1.
 
-The map is a pure function of the tokenizer, so checkpoints do not store it; it is
-rebuilt on load (a few hundred ms for 16K tokens) and its size is recorded in the
-checkpoint's config.json as a consistency check.
+The map is a pure function of the tokenizer. Checkpoints store it all the same (the
+model's ``compress`` buffer in model.safetensors, a few KB), so the weights are
+self-contained; on load it is also rebuilt from tokenizer.json (a few hundred ms for 16K
+tokens) and must equal the stored one, which catches the wrong tokenizer
+(engram_model/checkpoint.py).
 """
 
 from __future__ import annotations
@@ -33,7 +35,7 @@ _SENTINEL = "\ue000"  # private-use char that protects a lone space from Strip()
 
 
 def normalizer() -> normalizers.Normalizer:
-    """The text normalizer of ENGRAM.md step 1, identical to the reference demo's."""
+    """The text normalizer of step 1 (docs/engram.md), identical to the reference demo's."""
     return normalizers.Sequence(
         [
             normalizers.NFKC(),

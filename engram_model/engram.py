@@ -1,4 +1,4 @@
-"""The Engram layer: gated n-gram memory added to the residual stream (ENGRAM.md steps 4-7).
+"""The Engram layer: gated n-gram memory added to the residual stream (docs/engram.md, steps 4-7).
 
 Per position t, given the rows e_t fetched for its (N-1)*K hashed n-grams:
 
@@ -81,8 +81,9 @@ class EngramConfig:
 class ConvState:
     """The causal conv's memory for incremental decoding: last ``conv_context`` inputs."""
 
-    def __init__(self, batch: int, context: int, channels: int, dtype: torch.dtype = torch.float32):
-        self.buf = torch.zeros(batch, context, channels, dtype=dtype)  # (B, ctx, M*d)
+    def __init__(self, batch: int, context: int, channels: int, dtype: torch.dtype = torch.float32,
+                 device: torch.device | None = None):
+        self.buf = torch.zeros(batch, context, channels, dtype=dtype, device=device)  # (B, ctx, M*d)
 
     def extend(self, x: torch.Tensor) -> torch.Tensor:
         """Return [past; x] along time and keep its last ``context`` steps as the new past."""
@@ -111,6 +112,9 @@ class EngramLayer(nn.Module):
         for s in head_sizes[:-1]:
             offsets.append(offsets[-1] + s)
         self.register_buffer("offsets", torch.tensor(offsets, dtype=torch.int64), persistent=False)
+        # the hasher's ids are on the CPU even when the model is on a GPU: pack them there
+        # (a plain attribute, which .to(device) leaves on the CPU) rather than copy offsets back
+        self._offsets_host = torch.tensor(offsets, dtype=torch.int64)
         self.memory: MemorySource = (EmbeddingMemory(sum(head_sizes), cfg.d_head, init_std=cfg.init_std) if tables
                                      else UnattachedMemory(sum(head_sizes), cfg.d_head))
         self.value_proj = nn.Linear(E, d)
@@ -123,8 +127,10 @@ class EngramLayer(nn.Module):
         nn.init.zeros_(self.conv.weight)
 
     def pack(self, row_ids: torch.Tensor) -> torch.Tensor:
-        """Per-head row ids (B, T, H) from the hasher -> rows of the packed table."""
-        return row_ids + self.offsets
+        """Per-head row ids (B, T, H) from the hasher -> rows of the packed table (on the ids' device)."""
+        if row_ids.device == self.offsets.device:
+            return row_ids + self.offsets
+        return row_ids + self._offsets_host.to(row_ids.device)
 
     def forward(self, h: torch.Tensor, rows: torch.Tensor, conv_state: ConvState | None = None) -> torch.Tensor:
         """Return the residual update y (same shape as ``h``).

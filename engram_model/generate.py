@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -32,6 +31,7 @@ from tokenizers import Tokenizer
 
 import tierstore
 from tierstore.format.profile import has_profile
+from tierstore.tiers.page_reader import evict_page_cache
 from engram_model.checkpoint import load_checkpoint, read_config
 from engram_model.data import encode_files, split_files
 from engram_model.errors import EngramConfigError
@@ -72,13 +72,17 @@ def build_store_for(ckpt: str | Path, store: str | Path, *, force: bool = False,
 def open_served_model(
     ckpt: str | Path, store_path: str | Path, *, device_budget: int | str = 0, host_budget: int | str = 0,
     policy: str = "default", threads: int = 4, sync_below: int = SYNC_BELOW, use_profile: bool = True,
+    device: str = "cpu",
 ) -> tuple[EngramLM, Tokenizer, tierstore.Store]:
     """The checkpoint's model (dense weights only) with its tables served by the store
-    (placed by the store's saved profile unless ``use_profile`` is False)."""
-    store = tierstore.open(store_path, device="cpu", device_budget=device_budget, host_budget=host_budget,
+    (placed by the store's saved profile unless ``use_profile`` is False). ``device``: where
+    the model runs and the store returns rows ("cuda": device tier in GPU memory, host tier
+    pinned; never run, needs CUDA)."""
+    store = tierstore.open(store_path, device=device, device_budget=device_budget, host_budget=host_budget,
                            policy=policy, threads=threads, use_profile=use_profile)
     try:
         model, tok, _ = load_checkpoint(ckpt, tables=False)
+        model.to(store.device)
         model.attach_store(store, sync_below=sync_below)
     except BaseException:
         store.close()
@@ -93,13 +97,10 @@ def table_bytes(ckpt: str | Path) -> int:
 
 
 def drop_page_cache(paths: Sequence[Path]) -> None:
-    """Ask the kernel to forget the files' cached pages (cold-start measurements)."""
+    """Drop the files' cached pages for cold-start measurements (through tierstore's one
+    eviction, which flushes dirty pages first: ``POSIX_FADV_DONTNEED`` skips them)."""
     for p in paths:
-        fd = os.open(p, os.O_RDONLY)
-        try:
-            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
-        finally:
-            os.close(fd)
+        evict_page_cache(p)
 
 
 def prompt_batches(tok: Tokenizer, *, n_prompts: int, batch_size: int, prompt_len: int,
@@ -126,6 +127,12 @@ def _sample(logits: torch.Tensor, temperature: float, top_k: int, gen: torch.Gen
     return torch.multinomial(logits.softmax(-1), 1, generator=gen).squeeze(-1)
 
 
+def _wait_for(device: torch.device) -> None:
+    """On CUDA, let the queued kernels finish before a clock is read (the current stream only)."""
+    if device.type == "cuda":  # never run: needs CUDA
+        torch.cuda.current_stream(device).synchronize()
+
+
 @torch.no_grad()
 def serve(
     model: EngramLM, batches: Sequence[torch.Tensor], *, max_new_tokens: int, temperature: float = 0.8,
@@ -138,7 +145,9 @@ def serve(
     (``EngramLM.announce``: the queue's known future reaches the store's cache policy).
     """
     model.eval()
-    gen = torch.Generator().manual_seed(seed)
+    device = model.tok_emb.weight.device  # prompts, sampling and caches follow the model
+    batches = [b.to(device) for b in batches]
+    gen = torch.Generator(device=device).manual_seed(seed)
     times = ServeTimes()
     plan: EngramPlan | None = model.prepare(batches[0]) if prefetch_next and batches else None
     for i, idx in enumerate(batches):
@@ -154,12 +163,14 @@ def serve(
         cache = InferenceCache(model, B)
         logits, _ = model(idx, plan=cur, cache=cache)
         nxt = _sample(logits[:, -1], temperature, top_k, gen)
+        _wait_for(device)
         t1 = time.perf_counter()
         new = [nxt]
         for _ in range(max_new_tokens - 1):
             logits, _ = model(nxt[:, None], cache=cache)
             nxt = _sample(logits[:, -1], temperature, top_k, gen)
             new.append(nxt)
+        _wait_for(device)
         t2 = time.perf_counter()
         times.prefill_seconds += t1 - t0
         times.prefill_tokens += B * P
@@ -209,6 +220,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     ap.add_argument("--no-profile", action="store_true", help="ignore the store's saved profile (no placement)")
     ap.add_argument("--drop-cache", action="store_true",
                     help="evict the store's files from the page cache first (a cold start)")
+    ap.add_argument("--device", default="cpu", help="where the model runs and rows are served: cpu or cuda[:N]")
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
 
@@ -224,7 +236,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     if args.drop_cache:
         drop_page_cache([p for p in store_path.rglob("*") if p.is_file()])
     model, tok, store = open_served_model(ckpt, store_path, device_budget=dev_b, host_budget=host_b, policy=args.policy,
-                                          use_profile=not args.no_profile)
+                                          use_profile=not args.no_profile, device=args.device)
     with store:
         if args.prompt:
             batches = [torch.tensor([tok.encode(args.prompt).ids])]
@@ -241,14 +253,14 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         "served_prefill_tok_s": served.prefill_tok_s, "served_decode_tok_s": served.decode_tok_s,
         "table_bytes": tbytes, "device_budget": dev_b, "host_budget": host_b, **tiers,
         "profile": not args.no_profile and any(has_profile(store_path, t) for t in store.tables),
-        "page_cache_dropped": args.drop_cache,
+        "page_cache_dropped": args.drop_cache, "device": str(store.device),
     }
     print(f"store-served: prefill {served.prefill_tok_s:,.0f} tok/s, decode {served.decode_tok_s:,.0f} tok/s")
     print(f"hit ratio: device {tiers['device_hit_ratio']:.1%}, host {tiers['host_hit_ratio']:.1%} "
           f"(of device misses), disk rows read {tiers['disk_rows_read']:,.0f}")
     if args.compare_resident:
         resident, _, _ = load_checkpoint(ckpt)
-        ref = serve(resident, batches, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
+        ref = serve(resident.to(store.device), batches, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
                     top_k=args.top_k, seed=args.seed)
         same = all(torch.equal(a, b) for a, b in zip(ref.outputs, served.outputs))
         res.update(resident_prefill_tok_s=ref.prefill_tok_s, resident_decode_tok_s=ref.decode_tok_s,

@@ -1,6 +1,6 @@
-"""Multi-head n-gram hashing: compressed token ids -> Engram table row ids (ENGRAM.md step 3).
+"""Multi-head n-gram hashing: compressed token ids -> Engram table row ids (docs/engram.md, step 3).
 
-Bit-exact with the public reference demo ("Compatibility recipe" in ENGRAM.md), so that
+Bit-exact with the public reference demo ("The hashing recipe, bit for bit" in docs/engram.md), so that
 tables trained there can be served here and vice versa:
 
 * V' = compressed vocabulary size; bound = ((2**63 - 1) // V') // 2 (at least 1).

@@ -92,7 +92,8 @@ class EmbeddingMemory(nn.Embedding, MemorySource):
         nn.init.normal_(self.weight, std=init_std)
 
     def fetch(self, packed_ids: torch.Tensor) -> RowsFuture:
-        return _Deferred(lambda: F.embedding(packed_ids, self.weight, sparse=self.sparse))
+        # ids come from the CPU hasher; a table on a GPU takes them there
+        return _Deferred(lambda: F.embedding(packed_ids.to(self.weight.device), self.weight, sparse=self.sparse))
 
 
 class UnattachedMemory(MemorySource):

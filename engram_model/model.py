@@ -3,7 +3,7 @@
 Backbone: token embedding (tied with the output head), n_layer pre-norm blocks of
 RMSNorm -> rotary causal attention and RMSNorm -> SwiGLU feed-forward (or a small top-k
 MoE), a final RMSNorm. Blocks listed in ``engram_layers`` first add an Engram update to
-the residual stream (ENGRAM.md step 7: before attention and FFN).
+the residual stream (docs/engram.md step 7: before attention and FFN).
 
 Engram addressing depends only on the input ids, so :meth:`EngramLM.prepare` hashes the
 ids for every Engram layer and starts every row fetch before the first block runs;
@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -30,6 +30,7 @@ import torch.nn.functional as F
 
 from engram_model.engram import ConvState, EngramConfig, EngramLayer
 from engram_model.errors import EngramConfigError
+from engram_model.flags import setting
 from engram_model.hasher import NgramHasher
 from engram_model.memory import SYNC_BELOW, RowsFuture, StoreMemory
 
@@ -39,36 +40,49 @@ if TYPE_CHECKING:  # the model reaches the store only through StoreMemory
 __all__ = ["ModelConfig", "EngramLM", "EngramPlan", "InferenceCache", "table_name"]
 
 
+# An Engram layer's packed table is the parameter ``blocks.<i>.engram.memory.weight`` of an
+# in-memory model and, by default, the store table of the same name (``tierstore build``
+# makes store tables of exactly those parameters).
+TABLE_PARAM = "engram.memory.weight"
+ENGRAM_TABLE = "blocks.{layer}." + TABLE_PARAM
+
 @dataclass
 class ModelConfig:
+    """Every model setting, once: ``engram_model.flags`` derives train.py's flags from these
+    fields (``--n-layer``, ...), and checkpoints save them as ``config.json["model"]``."""
+
     # backbone
-    vocab_size: int = 8192  # raw tokenizer vocabulary (embedding rows and logits)
-    n_layer: int = 4  # transformer blocks
-    n_head: int = 4  # attention heads; head dim = d_model / n_head
-    d_model: int = 192  # residual stream width
-    d_ff: int = 512  # SwiGLU hidden width (per expert with MoE)
-    max_seq_len: int = 256  # longest sequence (rotary table and KV cache size)
-    rope_theta: float = 10000.0  # rotary base
-    norm_eps: float = 1e-5  # RMSNorm epsilon
-    n_expert: int = 0  # 0: dense SwiGLU FFN; > 0: top-k MoE with this many experts
-    moe_top_k: int = 2  # experts per token when n_expert > 0
-    # Engram (ENGRAM.md); engram_layers = [] gives the plain baseline
-    engram_layers: list[int] = field(default_factory=lambda: [1])  # blocks (from 0) with Engram
-    engram_vocab_size: int = 0  # compressed vocabulary V' (set from the tokenizer's CompressionMap)
-    engram_pad_id: int = 0  # compressed id of the pad token (positions before the start)
-    engram_max_ngram: int = 3  # N: hash orders 2..N
-    engram_heads: int = 8  # K hash heads (tables) per order
-    engram_d_mem: int = 128  # values per order; row width = engram_d_mem / engram_heads
-    engram_base_size: int = 0  # per-head table size before rounding to primes; 0: 5 * V'
-    engram_seed: int = 0  # hash seed (multipliers of layer L from seed + 10007 * L)
-    engram_kernel: int = 4  # causal conv taps (dilation = N)
-    engram_signed_sqrt: bool = True  # sign(g)*sqrt(|g|) on the gate logit (public demo)
-    engram_branches: int = 1  # M residual branches (hyper-connections); 1 = plain stream
-    engram_init_std: float = 1.0  # N(0, std) init of table rows
-    engram_zero_value: bool = True  # W_v starts at 0, so each Engram layer starts as an exact identity
+    vocab_size: int = setting(8192, "raw tokenizer vocabulary (embedding rows and logits)", cli=False)  # from the tokenizer
+    n_layer: int = setting(4, "transformer blocks")
+    n_head: int = setting(4, "attention heads; head dim = d_model / n_head")
+    d_model: int = setting(192, "residual stream width")
+    d_ff: int = setting(512, "SwiGLU hidden width (per expert with MoE)")
+    max_seq_len: int = setting(256, "longest sequence (rotary table and KV cache size)", cli=False)  # from --seq-len
+    rope_theta: float = setting(10000.0, "rotary base")
+    norm_eps: float = setting(1e-5, "RMSNorm epsilon")
+    n_expert: int = setting(0, "0: dense SwiGLU FFN; > 0: top-k MoE feed-forward with this many experts")
+    moe_top_k: int = setting(2, "experts per token when n_expert > 0")
+    # Engram (docs/engram.md); engram_layers = [] gives the plain baseline
+    engram_layers: list[int] = setting([1], "blocks (from 0) with an Engram layer", group="engram")
+    engram_vocab_size: int = setting(0, "compressed vocabulary V' (from the tokenizer's CompressionMap)", cli=False)
+    engram_pad_id: int = setting(0, "compressed id of the pad token (positions before the start)", cli=False)
+    engram_max_ngram: int = setting(3, "N: hash n-gram orders 2..N", group="engram")
+    engram_heads: int = setting(8, "K hash heads (tables) per order", group="engram")
+    engram_d_mem: int = setting(128, "values per order; row width = engram_d_mem / engram_heads", group="engram")
+    engram_base_size: int = setting(0, "per-head table size before rounding to primes; 0: 5 x compressed vocabulary",
+                                    group="engram")
+    engram_seed: int = setting(0, "hash seed (multipliers of layer L from seed + 10007 * L)", group="engram")
+    engram_kernel: int = setting(4, "causal conv taps (dilation = N)", group="engram")
+    engram_signed_sqrt: bool = setting(True, "sign(g)*sqrt(|g|) on the gate logit (as the public demo)",
+                                       flag="--no-signed-sqrt", group="engram")
+    engram_branches: int = setting(1, "M residual branches (hyper-connections); 1 = plain stream", group="engram")
+    engram_init_std: float = setting(1.0, "N(0, std) init of table rows", group="engram")
+    engram_zero_value: bool = setting(True, "W_v starts at 0, so each Engram layer starts as an exact identity "
+                                      "(else random, std 0.02)", flag="--random-value-init", group="engram")
     # store table serving block L's Engram rows ("{layer}" -> L); DeepSeek-V4.1's are
     # "layers.{layer}.engram.embed.weight" (engram_model.deepseek_v41)
-    engram_table: str = "blocks.{layer}.engram.memory.weight"
+    engram_table: str = setting(ENGRAM_TABLE,
+                                "store table of block L's Engram rows ('{layer}' -> L)", cli=False)
 
     def __post_init__(self) -> None:
         if self.d_model % self.n_head or (self.d_model // self.n_head) % 2:
@@ -111,7 +125,7 @@ class ModelConfig:
         return asdict(self)
 
 
-def table_name(block: int, pattern: str = "blocks.{layer}.engram.memory.weight") -> str:
+def table_name(block: int, pattern: str = ENGRAM_TABLE) -> str:
     """Store table name of a block's packed Engram table (``ModelConfig.engram_table``). The
     default is also the in-module parameter's state-dict name, so a trained checkpoint's
     tables build into a store under the names the model asks for."""
@@ -137,10 +151,12 @@ def apply_rope(x: torch.Tensor, rope: torch.Tensor) -> torch.Tensor:
 class KVCache(nn.Module):
     """Keys and values of past positions for one attention layer (gpt-fast style)."""
 
-    def __init__(self, batch: int, n_head: int, max_len: int, head_dim: int, dtype: torch.dtype):
+    def __init__(self, batch: int, n_head: int, max_len: int, head_dim: int, dtype: torch.dtype,
+                 device: torch.device | None = None):
         super().__init__()
-        self.register_buffer("k", torch.zeros(batch, n_head, max_len, head_dim, dtype=dtype), persistent=False)
-        self.register_buffer("v", torch.zeros(batch, n_head, max_len, head_dim, dtype=dtype), persistent=False)
+        shape = (batch, n_head, max_len, head_dim)
+        self.register_buffer("k", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
+        self.register_buffer("v", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
 
     def update(self, pos: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Write k, v (B, nh, T, hd) at positions pos..pos+T; return all keys/values so far."""
@@ -157,11 +173,13 @@ class InferenceCache:
     def __init__(self, model: EngramLM, batch: int, dtype: torch.dtype = torch.float32):
         cfg = model.cfg
         hd = cfg.d_model // cfg.n_head
-        self.kv = [KVCache(batch, cfg.n_head, cfg.max_seq_len, hd, dtype) for _ in range(cfg.n_layer)]
+        device = model.tok_emb.weight.device  # the caches live where the model runs
+        self.kv = [KVCache(batch, cfg.n_head, cfg.max_seq_len, hd, dtype, device) for _ in range(cfg.n_layer)]
         ec = cfg.engram
-        self.conv = {i: ConvState(batch, ec.conv_context, cfg.d_model * ec.branches, dtype) for i in cfg.engram_layers}
+        self.conv = {i: ConvState(batch, ec.conv_context, cfg.d_model * ec.branches, dtype, device)
+                     for i in cfg.engram_layers}
         self.pos = 0
-        self.tail = torch.zeros(batch, 0, dtype=torch.int64)  # last N-1 ids seen
+        self.tail = torch.zeros(batch, 0, dtype=torch.int64, device=device)  # last N-1 ids seen
         self.keep = cfg.engram_max_ngram - 1
 
 
@@ -303,7 +321,7 @@ class EngramLM(nn.Module):
     def _init_weights(self) -> None:
         std = 0.02
         for name, p in self.named_parameters():
-            if name.endswith("engram.memory.weight") or p.dim() < 2 or ".hc_" in name:
+            if name.endswith(TABLE_PARAM) or p.dim() < 2 or ".hc_" in name:
                 continue  # tables keep their own init; norms stay 1, biases 0
             if name.endswith("conv.weight"):
                 continue  # Engram's conv is zero-init (starts as identity)
@@ -324,10 +342,10 @@ class EngramLM(nn.Module):
 
     def table_parameters(self) -> list[nn.Parameter]:
         """The Engram tables (sparse gradients; their own optimizer group)."""
-        return [p for n, p in self.named_parameters() if n.endswith("engram.memory.weight")]
+        return [p for n, p in self.named_parameters() if n.endswith(TABLE_PARAM)]
 
     def dense_parameters(self) -> list[nn.Parameter]:
-        return [p for n, p in self.named_parameters() if not n.endswith("engram.memory.weight")]
+        return [p for n, p in self.named_parameters() if not n.endswith(TABLE_PARAM)]
 
     def num_params(self) -> dict[str, int]:
         """Parameter counts: tables, the rest, and what one token uses (every dense weight, the tied

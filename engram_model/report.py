@@ -52,33 +52,13 @@ def load_runs(dirs: Sequence[str | Path]) -> list[dict[str, Any]]:
 
 
 def plot_runs(runs: Sequence[dict[str, Any]], out: str | Path, title: str = "") -> Path:
-    import matplotlib
+    """Validation loss against training tokens, one curve per run (tierstore.analysis.plots)."""
+    from tierstore.analysis.plots import plot_curves
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, (ax, ax2) = plt.subplots(1, 2, figsize=(11, 4.2))
-    for r in runs:
-        h = r["history"]
-        toks = [p["tokens"] / 1e6 for p in h]
-        ax.plot(toks, [p["val_loss"] for p in h], marker=".", label=r["label"])
-        ax2.plot(toks[1:], [p["val_loss"] for p in h[1:]], marker=".", label=r["label"])
-    for a in (ax, ax2):
-        a.set_xlabel("training tokens (M)")
-        a.set_ylabel("validation loss (nats/token)")
-        a.grid(alpha=0.3)
-    ax.set_title(title or "validation loss, same tokens")
-    last = [p["val_loss"] for r in runs for p in r["history"][len(r["history"]) // 3 :]]
-    if last:
-        ax2.set_ylim(min(last) - 0.05, max(last) + 0.05)
-    ax2.set_title("zoom: last two thirds")
-    ax.legend(fontsize=7)
-    fig.tight_layout()
-    out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out, dpi=110)
-    plt.close(fig)
-    return out
+    series = [(r["label"], [p["tokens"] / 1e6 for p in r["history"]], [p["val_loss"] for p in r["history"]])
+              for r in runs]
+    return plot_curves(series, out, xlabel="training tokens (M)", ylabel="validation loss (nats/token)",
+                       title=title or "validation loss, same tokens")
 
 
 def main(argv: Sequence[str] | None = None) -> list[dict[str, Any]]:

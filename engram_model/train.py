@@ -5,7 +5,7 @@
     python -m engram_model.train --text a.txt b.txt --steps 2000 ...
 
 Optimizers: the Engram tables get sparse gradients and SparseAdam (only the rows a step
-read are updated; ENGRAM.md: own group, 5x learning rate, no weight decay); everything
+read are updated; as the paper: own group, 5x learning rate, no weight decay, docs/engram.md); everything
 else AdamW. Both follow one schedule (linear warm-up, cosine to 10%).
 
 Baseline: ``--no-engram`` drops the Engram layers and, with ``--widen ffn`` (default),
@@ -36,10 +36,11 @@ from engram_model.checkpoint import save_checkpoint
 from engram_model.compression import build_compression
 from engram_model.data import TokenData, encode_files, split_files
 from engram_model.errors import EngramConfigError
+from engram_model.flags import add_flags, from_flags
 from engram_model.model import EngramLM, ModelConfig
 from engram_model.tokenizer import PAD_TOKEN, load_tokenizer, stdlib_text_files, train_tokenizer
 
-__all__ = ["build_parser", "train", "main"]
+__all__ = ["build_parser", "model_config", "train", "main"]
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -49,7 +50,7 @@ def build_parser() -> argparse.ArgumentParser:
     io.add_argument("--text", nargs="*", default=None, help="text files (default: the Python stdlib *.py files)")
     io.add_argument("--data-max-bytes", type=int, default=24 << 20, help="cap on text read (bytes)")
     io.add_argument("--tokenizer", default=None, help="reuse this tokenizer.json instead of training one")
-    io.add_argument("--vocab-size", type=int, default=8192, help="BPE vocabulary when training the tokenizer")
+    io.add_argument("--vocab-size", type=int, default=ModelConfig.vocab_size, help="BPE vocabulary when training the tokenizer")
     io.add_argument("--tok-max-bytes", type=int, default=8 << 20, help="text used to train the tokenizer")
     io.add_argument("--val-every", type=int, default=20, help="hold out every n-th file for validation")
     tr = ap.add_argument_group("training")
@@ -68,39 +69,19 @@ def build_parser() -> argparse.ArgumentParser:
     tr.add_argument("--seed", type=int, default=0)
     tr.add_argument("--no-progress", action="store_true", help="no progress bar: print a line per evaluation")
     tr.add_argument("--quiet", action="store_true", help="with --no-progress: print nothing per evaluation")
-    m = ap.add_argument_group("model")
-    m.add_argument("--n-layer", type=int, default=4)
-    m.add_argument("--n-head", type=int, default=4)
-    m.add_argument("--d-model", type=int, default=192)
-    m.add_argument("--d-ff", type=int, default=512)
-    m.add_argument("--n-expert", type=int, default=0, help="> 0: top-k MoE feed-forward")
-    m.add_argument("--moe-top-k", type=int, default=2)
-    e = ap.add_argument_group("engram")
+    groups = add_flags(ap, ModelConfig)  # --n-layer ... --engram-seed: one flag per ModelConfig field
+    e = groups["engram"]
     e.add_argument("--no-engram", action="store_true", help="baseline without Engram layers")
     e.add_argument("--widen", choices=["ffn", "none"], default="ffn", help="baseline: match parameters by widening")
-    e.add_argument("--engram-layers", type=int, nargs="+", default=[1])
-    e.add_argument("--engram-max-ngram", type=int, default=3)
-    e.add_argument("--engram-heads", type=int, default=8)
-    e.add_argument("--engram-d-mem", type=int, default=128)
-    e.add_argument("--engram-base-size", type=int, default=0, help="0: 5 x compressed vocabulary")
-    e.add_argument("--engram-branches", type=int, default=1)
-    e.add_argument("--engram-init-std", type=float, default=1.0)
-    e.add_argument("--no-signed-sqrt", action="store_true")
-    e.add_argument("--random-value-init", action="store_true", help="W_v random (std 0.02) instead of zero")
-    e.add_argument("--engram-seed", type=int, default=0)
     return ap
 
 
-def _model_config(args: argparse.Namespace, vocab: int, cvocab: int, cpad: int, engram: bool) -> ModelConfig:
-    return ModelConfig(
-        vocab_size=vocab, n_layer=args.n_layer, n_head=args.n_head, d_model=args.d_model, d_ff=args.d_ff,
-        max_seq_len=max(256, args.seq_len), n_expert=args.n_expert, moe_top_k=args.moe_top_k,
-        engram_layers=list(args.engram_layers) if engram else [], engram_vocab_size=cvocab, engram_pad_id=cpad,
-        engram_max_ngram=args.engram_max_ngram, engram_heads=args.engram_heads, engram_d_mem=args.engram_d_mem,
-        engram_base_size=args.engram_base_size, engram_seed=args.engram_seed,
-        engram_signed_sqrt=not args.no_signed_sqrt, engram_branches=args.engram_branches if engram else 1,
-        engram_init_std=args.engram_init_std, engram_zero_value=not args.random_value_init,
-    )
+def model_config(args: argparse.Namespace, vocab: int, cvocab: int, cpad: int, engram: bool) -> ModelConfig:
+    """The model the flags describe; the tokenizer sets the vocabularies and the pad id,
+    ``--seq-len`` the rotary table length, ``engram=False`` drops the Engram layers."""
+    no_engram = {} if engram else {"engram_layers": [], "engram_branches": 1}
+    return from_flags(ModelConfig, args, vocab_size=vocab, max_seq_len=max(256, args.seq_len),
+                      engram_vocab_size=cvocab, engram_pad_id=cpad, **no_engram)
 
 
 @torch.no_grad()
@@ -135,10 +116,10 @@ def train(args: argparse.Namespace) -> dict[str, Any]:
                      seq_len=args.seq_len, batch_size=args.batch_size, seed=args.seed)
     vocab, cvocab, cpad = tok.get_vocab_size(), cmap.num_compressed, int(cmap.lookup[pad])
 
-    cfg = _model_config(args, vocab, cvocab, cpad, engram=not args.no_engram)
+    cfg = model_config(args, vocab, cvocab, cpad, engram=not args.no_engram)
     widened_from = None
     if args.no_engram and args.widen == "ffn":
-        target = EngramLM(_model_config(args, vocab, cvocab, cpad, engram=True), cmap.lookup).num_params()["total"]
+        target = EngramLM(model_config(args, vocab, cvocab, cpad, engram=True), cmap.lookup).num_params()["total"]
         plain = EngramLM(cfg).num_params()["total"]
         n_ffn = args.n_layer * max(1, args.n_expert)
         widened_from = cfg.d_ff

@@ -16,6 +16,8 @@ from .errors import (
     FormatVersionError,
     IdTypeError,
     InvalidIdError,
+    MissingExtraError,
+    PolicyParamError,
     StoreExistsError,
     StoreIOError,
     TierStoreError,
@@ -58,7 +60,7 @@ __all__ = [
     "open", "open_store", "open_sharded", "Store", "LookupFuture", "TableInfo", "build_store", "verify_store",
     "DEFAULT_TABLE_PATTERN", "FORMAT_VERSION", "parse_size", "format_size",
     "TierStoreError", "InvalidIdError", "IdTypeError", "UnknownTableError", "CorruptDataError",
-    "FormatVersionError", "BudgetError", "StoreIOError", "CapacityError", "StoreExistsError", "CheckpointError",
-    "LookupTimeoutError", "StoreClosedError",
+    "FormatVersionError", "BudgetError", "PolicyParamError", "StoreIOError", "CapacityError", "StoreExistsError", "CheckpointError",
+    "LookupTimeoutError", "StoreClosedError", "MissingExtraError",
 ]
 __version__ = "0.1.0"

@@ -14,6 +14,7 @@ __all__ = [
     "CorruptDataError",
     "FormatVersionError",
     "BudgetError",
+    "PolicyParamError",
     "StoreIOError",
     "CapacityError",
     "StoreExistsError",
@@ -54,6 +55,15 @@ class BudgetError(TierStoreError, ValueError):
     """A memory budget is malformed or negative."""
 
 
+class PolicyParamError(TierStoreError, ValueError):
+    """A cache policy parameter is unknown to the policy, or its value is out of range.
+    ``param`` names the offending parameter."""
+
+    def __init__(self, message: str, *, param: str):
+        super().__init__(message)
+        self.param = param
+
+
 class StoreIOError(TierStoreError, OSError):
     """Reading or writing the store's files failed at the operating-system level."""
 
@@ -76,3 +86,8 @@ class LookupTimeoutError(TierStoreError, TimeoutError):
 
 class StoreClosedError(TierStoreError):
     """The store was closed: no new lookups, and queued ones are cancelled."""
+
+
+class MissingExtraError(TierStoreError, ImportError):
+    """An optional dependency is not installed; the message names the extra that installs it
+    (``pip install 'tierstore[plot]'``)."""

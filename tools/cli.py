@@ -2,6 +2,11 @@
 
 Each subcommand module exposes ``add_parser(subparsers)``, registering its parsers with
 ``set_defaults(func=run)``. Errors print one line and exit non-zero.
+
+The store's own commands live in this package. Other installed packages add theirs through
+the ``tierstore.commands`` entry-point group (``name = "module:add_parser"``): the model
+package adds ``trace``, which needs its tokenizer and hasher, so the store's CLI imports
+nothing of the model and works where the model's dependencies are not installed.
 """
 
 from __future__ import annotations
@@ -10,42 +15,75 @@ import argparse
 import importlib
 import sys
 from collections.abc import Sequence
+from importlib.metadata import EntryPoint, entry_points
 
 from tierstore.errors import TierStoreError
 
-# Modules that register subcommands, in the order `tierstore --help` lists them.
-_COMMAND_MODULES = (
-    "tools.store_cmds",  # build, inspect, verify, gc
-    "tools.trace_cmd",  # trace
-    "tools.profile_cmd",  # profile, size
-)
-# Which module owns each command: running one imports only its module (the store commands
-# import torch, ~1 s; `tierstore profile` needs only the cache layer and the simulator).
-_OWNER = {"build": "tools.store_cmds", "inspect": "tools.store_cmds", "verify": "tools.store_cmds",
-          "gc": "tools.store_cmds", "trace": "tools.trace_cmd", "profile": "tools.profile_cmd",
-          "size": "tools.profile_cmd"}
+ENTRY_POINT_GROUP = "tierstore.commands"
+# Which module of this package owns each built-in command, in the order `tierstore --help`
+# lists them: running one imports only its module (the store commands import torch, ~1 s;
+# `tierstore profile` needs only the cache layer and the simulator).
+_BUILTIN = {"build": ".store_cmds", "inspect": ".store_cmds", "verify": ".store_cmds", "gc": ".store_cmds",
+            "profile": ".profile_cmd", "size": ".profile_cmd"}
+
+
+class CommandUnavailableError(TierStoreError):
+    """An installed package registers the command, but its module cannot be imported."""
+
+
+def _plugins() -> dict[str, EntryPoint]:
+    """Commands other packages register, by name (the first of duplicate registrations)."""
+    found: dict[str, EntryPoint] = {}
+    for ep in sorted(entry_points(group=ENTRY_POINT_GROUP), key=lambda e: e.name):
+        if ep.name not in _BUILTIN:
+            found.setdefault(ep.name, ep)
+    return found
+
+
+def _load(ep: EntryPoint):
+    try:
+        return ep.load()
+    except ImportError as e:  # the package is installed without the extra the command needs
+        raise CommandUnavailableError(f"the command comes from {ep.value}, which cannot be imported ({e}); "
+                                 "install the package that provides it with its extras") from None
 
 
 def make_parser(command: str | None = None) -> argparse.ArgumentParser:
+    """The parser of every command, or only of ``command``'s module when it names one."""
     parser = argparse.ArgumentParser(
         prog="tierstore",
         description="Tiered GPU/host/NVMe store for Engram n-gram embedding tables.",
     )
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
-    for name in (_OWNER[command],) if command in _OWNER else _COMMAND_MODULES:
+    if command in _BUILTIN:
+        importlib.import_module(_BUILTIN[command], __package__).add_parser(sub)
+        return parser
+    plugins = _plugins()
+    if command in plugins:
+        _load(plugins[command])(sub)
+        return parser
+    for module in dict.fromkeys(_BUILTIN.values()):
+        importlib.import_module(module, __package__).add_parser(sub)
+    unavailable = []
+    for name, ep in plugins.items():
         try:
-            module = importlib.import_module(name)
-        except ModuleNotFoundError as e:
-            if e.name == name:  # optional command group not installed in this build
-                continue
-            raise
-        module.add_parser(sub)
+            _load(ep)(sub)
+        except CommandUnavailableError as e:
+            unavailable.append(f"{name}: {e}")
+    if unavailable:
+        parser.epilog = "unavailable commands:\n  " + "\n  ".join(unavailable)
+        parser.formatter_class = argparse.RawDescriptionHelpFormatter
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    parser = make_parser(argv[0] if argv else None)
+    command = argv[0] if argv else None
+    try:
+        parser = make_parser(command)
+    except CommandUnavailableError as e:
+        print(f"tierstore {command}: error: {e}", file=sys.stderr)
+        return 2
     args = parser.parse_args(argv)
     try:
         return int(args.func(args) or 0)

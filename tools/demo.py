@@ -11,7 +11,7 @@
 5. serve again, page cache dropped, now with the saved profile: the hottest rows are loaded
    into the tiers at open. The last JSON line is this run.
 
-    python -m tools.demo [--workdir runs/demo] [--train-seconds 150] [--retrain]
+    python -m tierstore_cli.demo [--workdir runs/demo] [--train-seconds 150] [--retrain]
 """
 
 from __future__ import annotations
@@ -83,7 +83,7 @@ def main(argv: Sequence[str] | None = None) -> int:
              "--threads", str(args.threads), "--compare-resident", "--drop-cache"]
     before = generate.main([*gargs, "--no-profile"])
     _step("4. placement: trace the training text through the model and save its row counts as the store's profile")
-    from tools import cli
+    from . import cli
 
     trace = args.workdir / "train.trace.zst"
     tokens = 5000 if args.quick else args.profile_tokens

@@ -17,36 +17,27 @@ by a profile taken from *other* text: ``--profile-trace`` or the store's saved p
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import sys
 import time
-from dataclasses import dataclass
 
 import numpy as np
 from tqdm import tqdm
 
-from tierstore.errors import TierStoreError
+from tierstore.analysis import plots
+from tierstore.analysis.hit_ratios import (TracedTable, live_hit_ratios, policy_hit_ratios, traced_tables,
+                                           two_tier_hit_ratios)
+from tierstore.analysis.simulate import load_trace
+from tierstore.analysis.sizing import size_tiers
 from tierstore.cache import POLICIES
-from tierstore.format.profile import count_rows, load_profile, save_profile, zipf_fit
-from tierstore.analysis.simulate import TableTrace, batch_bounds, load_trace, simulate, simulate_tiers
+from tierstore.errors import TierStoreError
+from tierstore.format.profile import count_rows, save_profile
 from tierstore.sizes import format_size, parse_size
 
 __all__ = ["add_parser", "run_profile", "run_size", "parse_capacities"]
 
 DEFAULT_POLICIES = "lru,lfu,static,default,opt"
-
-
-@dataclass
-class TableContext:
-    """What a command knows about one traced table."""
-
-    name: str
-    trace: TableTrace
-    n_rows: int  # table rows (or distinct ids when unknown)
-    base: str  # what a fractional capacity is a fraction of
-    row_bytes: int | None
-    profile: np.ndarray | None
-    store_table: str | None = None  # the store's table this trace is of (a .npy trace is named "trace")
 
 
 def parse_capacities(spec: str, n_rows: int, row_bytes: int | None) -> list[int]:
@@ -82,59 +73,16 @@ def _policies(spec: str) -> list[str]:
     return names
 
 
-def _contexts(args: argparse.Namespace) -> list[TableContext]:
+def _tables(args: argparse.Namespace) -> list[TracedTable]:
     trace = load_trace(args.trace)
-    names = list(trace.tables)
-    if args.table:
-        if args.table not in trace.tables:
-            raise TierStoreError(f"trace has no table {args.table!r}; it has {names}")
-        names = [args.table]
-    store_info = {}
-    if args.store:
-        import tierstore
+    profile_trace = load_trace(args.profile_trace) if getattr(args, "profile_trace", None) else None
+    return traced_tables(trace, table=args.table, store=args.store, profile_trace=profile_trace,
+                         row_bytes=args.row_bytes)
 
-        with tierstore.open(args.store, device="cpu") as st:
-            store_info = {n: (i.rows, i.row_bytes) for n, i in st.tables.items()}
-    prof_trace = load_trace(args.profile_trace) if getattr(args, "profile_trace", None) else None
-    out = []
-    for name in names:
-        t = trace.tables[name]
-        row_bytes = args.row_bytes
-        store_table = None
-        if name in store_info:
-            store_table = name
-            n_rows, row_bytes = store_info[name][0], row_bytes or store_info[name][1]
-            base = "table rows"
-        elif args.store and len(store_info) == 1 and len(names) == 1:
-            (store_table, (n_rows, rb)), = store_info.items()  # a .npy trace ("trace") of a one-table store
-            row_bytes = row_bytes or rb
-            base = "table rows"
-        elif args.store:
-            raise TierStoreError(f"store {args.store!r} has no table {name!r}; it has {list(store_info)}")
-        elif t.n_rows:
-            n_rows, base = int(t.n_rows), "table rows"
-        else:
-            n_rows, base = _distinct(t.rows), "distinct ids"
-        if t.rows.size and t.rows.max() >= max(n_rows, 1) and base != "distinct ids":
-            raise TierStoreError(f"trace of {name!r} holds row {int(t.rows.max())} but the table has {n_rows} rows")
-        if base == "distinct ids":
-            sim_rows = int(t.rows.max()) + 1 if t.rows.size else 0
-        else:
-            sim_rows = n_rows
-        profile = None
-        if prof_trace is not None:
-            pt = prof_trace.tables.get(name) or (next(iter(prof_trace.tables.values()))
-                                                   if len(prof_trace.tables) == 1 else None)
-            if pt is None:
-                raise TierStoreError(f"--profile-trace has no table {name!r}")
-            pt_rows = pt.rows[pt.rows < sim_rows]
-            profile = count_rows(pt_rows, sim_rows)
-        elif args.store:
-            profile = load_profile(args.store, store_table, n_rows=sim_rows)
-        ctx = TableContext(name, t, n_rows, base, row_bytes, profile, store_table)
-        ctx.sim_rows = sim_rows  # type: ignore[attr-defined]
-        out.append(ctx)
-    return out
+
+def _progress(args: argparse.Namespace, desc: str, total: int | None = None) -> tqdm:
+    return tqdm(total=total, desc=desc, unit="run" if total else "sim", file=sys.stderr,
+                disable=args.json or not sys.stderr.isatty())
 
 
 # ----------------------------------------------------------------------------------------
@@ -142,70 +90,50 @@ def _contexts(args: argparse.Namespace) -> list[TableContext]:
 # ----------------------------------------------------------------------------------------
 def run_profile(args: argparse.Namespace) -> int:
     t_start = time.perf_counter()
-    ctxs = _contexts(args)
+    if args.plot or args.rank_plot:
+        plots.check_available()  # before the simulations, not after them
+    tables = _tables(args)
     if args.save_profile:
         if not args.store:
             raise TierStoreError("--save-profile records into a store: give --store STORE")
-        for c in ctxs:
-            counts = count_rows(c.trace.rows, c.sim_rows)  # type: ignore[attr-defined]
+        for t in tables:
+            counts = count_rows(t.trace.rows, t.sim_rows)
             # under the store's name of the table: a .npy trace's "trace" would never be loaded
-            path = save_profile(args.store, c.store_table, counts, meta={"source": str(args.trace),
-                                                                   "lookups": int(c.trace.rows.size)})
-            print(f"saved profile of {c.store_table}: {int(counts.sum()):,} accesses, "
+            path = save_profile(args.store, t.store_table, counts, meta={"source": str(args.trace),
+                                                                   "lookups": int(t.trace.rows.size)})
+            print(f"saved profile of {t.store_table}: {int(counts.sum()):,} accesses, "
                   f"{int(np.count_nonzero(counts)):,} rows seen -> {path}", file=sys.stderr)
         if args.capacity is None and not args.plot and not args.rank_plot:
             return 0
     policies = _policies(args.policy)
+    if args.live and not args.store:
+        raise TierStoreError("--live replays through a real store: give --store STORE")
     results = []
-    for c in ctxs:
-        caps = parse_capacities(args.capacity or "0.001,0.01,0.1", c.n_rows, c.row_bytes)
-        if c.profile is None and ({"static", "default"} & set(policies)):
-            print(f"note: no profile for {c.name} (--profile-trace or a store profile): static holds "
+    for t in tables:
+        caps = parse_capacities(args.capacity or "0.001,0.01,0.1", t.n_rows, t.row_bytes)
+        if t.profile is None and ({"static", "default"} & set(policies)):
+            print(f"note: no profile for {t.name} (--profile-trace or a store profile): static holds "
                   "nothing and default has no static core", file=sys.stderr)
-        res = []
-        kw = dict(n_rows=c.sim_rows, offsets=c.trace.offsets, profile=c.profile,  # type: ignore[attr-defined]
-                  min_batch=args.batch, lookahead=args.lookahead, table=c.name)
-        n = c.trace.rows.size
-        merged = args.batch > 1 and not np.array_equal(batch_bounds(n, c.trace.offsets, args.batch),
-                                                       batch_bounds(n, c.trace.offsets, 1))
-        semantics = (f"approximate: trace steps merged into batches of >= {args.batch} lookups" if merged else
-                     "exact: one access at a time" if c.trace.offsets is None else "exact: the recorded batches")
-        with tqdm(total=len(caps) * len(policies), desc=f"simulating {c.name}", unit="run",
-                  disable=args.json or not sys.stderr.isatty(), file=sys.stderr) as bar:
-            lru_at_once = "lru" in policies
-            if lru_at_once:  # every capacity at once: simulate takes them from one stack-distance pass
-                res += simulate(c.trace.rows, caps, ["lru"], **kw)  # where that is exact, else replays
-                bar.update(len(caps))
-            for cap in caps:  # one run at a time, so the bar moves (opt over 10M takes ~10 s)
-                for p in policies:
-                    if p == "lru" and lru_at_once:
-                        continue
-                    res += simulate(c.trace.rows, [cap], [p], **kw)
-                    bar.update()
-        res.sort(key=lambda r: (r.capacity_rows, policies.index(r.policy)))
-        opt = {r.capacity_rows: r.hit_ratio for r in res if r.policy == "opt"}
-        for r in res:
-            d = r.to_dict()
-            d["capacity_fraction"] = r.capacity_rows / max(1, c.n_rows)
-            d["capacity_base"] = c.base
-            d["lookahead"] = args.lookahead
-            d["semantics"] = semantics
-            if c.row_bytes:
-                d["capacity_bytes"] = r.capacity_rows * c.row_bytes
-                d["bytes_moved"] = r.misses * c.row_bytes  # rows fetched from the tier below
-            if r.capacity_rows in opt:
-                d["gap_to_opt"] = opt[r.capacity_rows] - r.hit_ratio
-            results.append(d)
+        with _progress(args, f"simulating {t.name}", len(caps) * len(policies)) as bar:
+            results += policy_hit_ratios(t, caps, policies, min_batch=args.batch, lookahead=args.lookahead,
+                                         progress=bar.update)
         if args.live:
-            results += _live(args, c, caps, [p for p in policies if p != "opt"])
+            results += live_hit_ratios(functools.partial(_open_store, args.store), t, caps,
+                                       [p for p in policies if p != "opt"], min_batch=args.batch)
     tiers = []
     if args.tiers:
-        for c in ctxs:
-            tiers.append(_tiers(args, c, policies))
+        parts = args.tiers.split(",")
+        if len(parts) != 2:
+            raise TierStoreError("--tiers takes DEVICE,HOST capacities, e.g. --tiers 0.01,0.1")
+        for t in tables:
+            dev_rows, host_rows = (parse_capacities(x, t.n_rows, t.row_bytes)[0] for x in parts)
+            tiers.append(two_tier_hit_ratios(t, dev_rows, host_rows, policies, min_batch=args.batch,
+                                             lookahead=args.lookahead))
     if args.plot:
-        _plot_hits(results, args.plot)
+        print(f"wrote {plots.plot_hit_ratios(results, args.plot)}", file=sys.stderr)
     if args.rank_plot:
-        _plot_rank(ctxs, args.rank_plot)
+        print(f"wrote {plots.plot_rank_frequency({t.name: t.trace.rows for t in tables}, args.rank_plot)}",
+              file=sys.stderr)
     out = {"results": results}
     if tiers:
         out["tiers"] = tiers
@@ -217,66 +145,11 @@ def run_profile(args: argparse.Namespace) -> int:
     return 0
 
 
-def _distinct(rows: np.ndarray) -> int:
-    """Distinct ids of a trace: one counting pass when the ids are dense enough (a sort of a
-    10M-id trace takes ~1 s), a sort otherwise."""
-    if rows.size and 0 <= rows.min() and rows.max() < 8 * rows.size:
-        return int(np.count_nonzero(np.bincount(rows)))
-    return int(np.unique(rows).size)
-
-
-def _live(args: argparse.Namespace, c: TableContext, caps: list[int], policies: list[str]) -> list[dict]:
-    """Replay through a real opened store (device tier = each capacity, no host tier) and
-    put its counters next to the simulation of the same flow."""
+def _open_store(path: str, device_budget: int, policy: str):
+    """A store with a device tier of ``device_budget`` bytes and no host tier, for --live."""
     import tierstore
 
-    if not args.store:
-        raise TierStoreError("--live replays through a real store: give --store STORE")
-    out = []
-    bounds = batch_bounds(c.trace.rows.size, c.trace.offsets, args.batch)
-    rows = c.trace.rows
-    for cap in caps:
-        for p in policies:
-            t0 = time.perf_counter()
-            with tierstore.open(args.store, device="cpu", device_budget=cap * c.row_bytes,
-                                host_budget=0, policy=p) as st:
-                tname = c.name if c.name in st.tables else next(iter(st.tables))
-                st.reset_stats()
-                for a, b in zip(bounds[:-1], bounds[1:]):
-                    st.lookup(tname, rows[a:b])
-                dev = st.stats()["tables"][tname]["device"]
-            live_s = time.perf_counter() - t0
-            sim = simulate_tiers(rows, int(dev.get("capacity_rows", cap)), 0, p, n_rows=c.sim_rows,  # type: ignore[attr-defined]
-                                 offsets=c.trace.offsets, profile=c.profile, min_batch=args.batch)["device"]
-            out.append({"policy": p, "capacity_rows": int(dev.get("capacity_rows", cap)), "table": c.name,
-                        "mode": "live", "hit_ratio": dev["hits"] / max(1, dev["hits"] + dev["misses"]),
-                        "hits": int(dev["hits"]), "misses": int(dev["misses"]),
-                        "sim_hits": int(sim["hits"]), "sim_misses": int(sim["misses"]),
-                        "agree": int(dev["hits"]) == int(sim["hits"]) and int(dev["misses"]) == int(sim["misses"]),
-                        "seconds": live_s})
-    return out
-
-
-def _tiers(args: argparse.Namespace, c: TableContext, policies: list[str]) -> dict:
-    parts = args.tiers.split(",")
-    if len(parts) != 2:
-        raise TierStoreError("--tiers takes DEVICE,HOST capacities, e.g. --tiers 0.01,0.1")
-    dev_rows, host_rows = (parse_capacities(x, c.n_rows, c.row_bytes)[0] for x in parts)
-    out = {"table": c.name, "device_rows": dev_rows, "host_rows": host_rows, "policies": {}}
-    n = c.trace.rows.size
-    for p in (q for q in policies if q != "opt"):
-        r = simulate_tiers(c.trace.rows, dev_rows, host_rows, p, n_rows=c.sim_rows,  # type: ignore[attr-defined]
-                           offsets=c.trace.offsets, profile=c.profile, min_batch=args.batch,
-                           lookahead=args.lookahead)
-        disk_rows = r["host"]["misses"] if host_rows > 0 else r["device"]["misses"]
-        entry = {"device_hit_ratio": r["device"]["hit_ratio"],
-                 "host_hit_ratio_of_device_misses": r["host"]["hit_ratio"],
-                 "total_hit_ratio": 1 - disk_rows / max(1, n), "disk_rows": int(disk_rows)}
-        if c.row_bytes:
-            entry["host_to_device_bytes"] = int(r["host"]["hits"]) * c.row_bytes
-            entry["disk_bytes"] = int(disk_rows) * c.row_bytes
-        out["policies"][p] = entry
-    return out
+    return tierstore.open(path, device="cpu", device_budget=device_budget, host_budget=0, policy=policy)
 
 
 def _print_table(results: list[dict], tiers: list[dict]) -> None:
@@ -308,120 +181,20 @@ def _print_table(results: list[dict], tiers: list[dict]) -> None:
                   f"{e['host_hit_ratio_of_device_misses']:.4f}, total {e['total_hit_ratio']:.4f}{extra}")
 
 
-def _plt():
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    return plt
-
-
-def _plot_hits(results: list[dict], path: str) -> None:
-    plt = _plt()
-    rs = [r for r in results if r.get("mode") != "live"]
-    tables = sorted({r["table"] for r in rs})
-    fig, axes = plt.subplots(1, len(tables), figsize=(6.5 * len(tables), 4.5), squeeze=False)
-    for ax, t in zip(axes[0], tables):
-        pols = list(dict.fromkeys(r["policy"] for r in rs if r["table"] == t))
-        for p in [q for q in pols if q != "opt"] + (["opt"] if "opt" in pols else []):
-            pts = sorted((r["capacity_fraction"] * 100, r["hit_ratio"]) for r in rs
-                         if r["table"] == t and r["policy"] == p)
-            x, y = zip(*pts)
-            style = (dict(color="black", linestyle="--", linewidth=2, zorder=5) if p == "opt"
-                     else dict(linewidth=2.8, zorder=4) if p == "default" else {})
-            ax.plot(x, y, marker="o", label="opt (Belady)" if p == "opt" else p, **style)
-        ax.set_xscale("log")
-        ax.set_xlabel("cache capacity (% of table rows)")
-        ax.set_ylabel("hit ratio")
-        ax.set_title(t, fontsize=9)
-        ax.grid(True, which="both", alpha=0.3)
-        ax.legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    print(f"wrote {path}", file=sys.stderr)
-
-
-def _plot_rank(ctxs: list[TableContext], path: str) -> None:
-    plt = _plt()
-    fig, ax = plt.subplots(figsize=(6.5, 4.5))
-    for c in ctxs:
-        counts = np.bincount(c.trace.rows)
-        s, sorted_counts = zipf_fit(counts)
-        r = np.arange(1, sorted_counts.size + 1)
-        ax.loglog(r, sorted_counts, label=f"{c.name} (Zipf s = {s:.2f})")
-        n = max(3, sorted_counts.size // 2)
-        fit_c = np.exp(np.polyfit(np.log(r[:n]), np.log(sorted_counts[:n]), 1)[1])
-        ax.loglog(r[:n], fit_c * r[:n] ** -s, "k--", linewidth=1)
-    ax.set_xlabel("row rank")
-    ax.set_ylabel("accesses")
-    ax.set_title("rank-frequency of row accesses (dashed: fitted Zipf)", fontsize=9)
-    ax.grid(True, which="both", alpha=0.3)
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    print(f"wrote {path}", file=sys.stderr)
-
-
 # ----------------------------------------------------------------------------------------
 # size
 # ----------------------------------------------------------------------------------------
-def _smallest(fn, lo: int, hi: int, target: float, rel: float = 0.02) -> int | None:
-    """Smallest capacity in [lo, hi] with fn(cap) >= target (fn assumed non-decreasing),
-    to within ``rel``: a geometric bracket then bisection."""
-    if fn(hi) < target:
-        return None
-    c = max(lo, 1)
-    while c < hi and fn(c) < target:
-        lo, c = c, min(hi, c * 4)
-    hi = c
-    while hi - lo > max(1, int(rel * hi)):
-        mid = (lo + hi) // 2
-        if fn(mid) >= target:
-            hi = mid
-        else:
-            lo = mid
-    return hi
-
-
 def run_size(args: argparse.Namespace) -> int:
-    ctxs = _contexts(args)
+    tables = _tables(args)
     out = []
-    bar = tqdm(desc="sizing (simulations)", unit="sim", file=sys.stderr,
-               disable=args.json or not sys.stderr.isatty())
-    for c in ctxs:
-        rows, off, n = c.trace.rows, c.trace.offsets, c.sim_rows  # type: ignore[attr-defined]
-        cache: dict[tuple[int, int], dict] = {}
-
-        def tiers(d: int, h: int) -> dict:
-            if (d, h) not in cache:
-                cache[(d, h)] = simulate_tiers(rows, d, h, args.policy, n_rows=n, offsets=off,
-                                               profile=c.profile, min_batch=args.batch)
-                bar.update()
-            return cache[(d, h)]
-
-        def dev_hit(d: int) -> float:
-            return tiers(d, 0)["device"]["hit_ratio"]
-
-        d = _smallest(dev_hit, 1, n, args.device_hit)
-        if d is None:
-            raise TierStoreError(f"{c.name}: no device capacity reaches hit ratio {args.device_hit}")
-
-        def total_hit(h: int) -> float:
-            r = tiers(d, h)
-            return 1 - r["host"]["misses"] / max(1, rows.size) if h < n else 1.0
-
-        h = _smallest(total_hit, 1, n, args.total_hit)
-        entry = {"table": c.name, "policy": args.policy, "device_rows": d,
-                 "device_hit_ratio": dev_hit(d), "host_rows": h,
-                 "total_hit_ratio": total_hit(h) if h is not None else None}
-        if c.row_bytes:
-            entry["device_bytes"] = d * c.row_bytes
-            entry["host_bytes"] = h * c.row_bytes if h is not None else None
-        out.append(entry)
-    bar.close()
+    with _progress(args, "sizing (simulations)") as bar:
+        for t in tables:
+            out.append(size_tiers(t.trace.rows, n_rows=t.sim_rows, policy=args.policy, device_hit=args.device_hit,
+                                  total_hit=args.total_hit, offsets=t.trace.offsets, profile=t.profile,
+                                  min_batch=args.batch, table=t.name, on_simulation=bar.update).to_dict())
+            if t.row_bytes:
+                out[-1]["device_bytes"] = out[-1]["device_rows"] * t.row_bytes
+                out[-1]["host_bytes"] = out[-1]["host_rows"] * t.row_bytes
     if args.json:
         print(json.dumps({"sizes": out}))
     else:

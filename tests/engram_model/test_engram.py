@@ -20,7 +20,7 @@ def _rms(x, w, eps):
 
 
 def reference_engram(layer: EngramLayer, h: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
-    """ENGRAM.md steps 4-6 written per position and per tap (slow, obvious). h: (B, T, M, d)."""
+    """docs/engram.md steps 4-6 written per position and per tap (slow, obvious). h: (B, T, M, d)."""
     cfg = layer.cfg
     B, T, M, d = h.shape
     N, K = cfg.max_ngram_size, cfg.kernel_size

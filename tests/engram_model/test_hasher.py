@@ -1,4 +1,4 @@
-"""NgramHasher against an independent plain-Python reference of ENGRAM.md's compatibility recipe."""
+"""NgramHasher against an independent plain-Python reference of the hashing recipe (docs/engram.md)."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Tokenizer training and the compressed-id map (ENGRAM.md step 1)."""
+"""Tokenizer training and the compressed-id map (docs/engram.md, step 1)."""
 
 from __future__ import annotations
 

@@ -225,7 +225,7 @@ def test_save_profile_into_unwritable_store(small_ckpt, tmp_path, how):
     else:
         (one / "profiles").write_text("in the way")
     try:
-        p = subprocess.run([sys.executable, "-m", "tools.cli", "profile", "--trace", str(trace), "--store", str(one),
+        p = subprocess.run([sys.executable, "-m", "tierstore_cli.cli", "profile", "--trace", str(trace), "--store", str(one),
                             "--save-profile"], cwd=REPO, capture_output=True, text=True, timeout=120)
     finally:
         os.chmod(one, 0o755)

@@ -27,9 +27,11 @@ import re
 import threading
 import time
 import zlib
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -291,20 +293,33 @@ def test_soak_prefetch_many_over_all_tables(soak_stores, budget):
 # ---------------------------------------------------------------------------------------
 # prefetch must copy the ids at the call
 # ---------------------------------------------------------------------------------------
-def _hold_worker(store: tierstore.Store, name: str) -> threading.Event:
-    """Make the store's background job for ``name`` wait until the returned event is set
-    (it waits in the policy hint, the first thing a prefetch job does), so the test can
-    change the caller's id buffer while the job is certainly still pending."""
+def _hold_worker(store: tierstore.Store, name: str) -> Callable[[], None]:
+    """Make the store's background work for ``name`` wait until the returned ``release()``
+    is called, so the test can change the caller's id buffer while the job is certainly
+    still pending. The gate sits where a worker moves bytes: ``Table.complete`` (a small
+    prefetch did its bookkeeping in the caller's thread and hands the rest to a worker) and
+    ``Table.gather`` (a large or multi-table prefetch's whole lookup). Policy hints are no
+    place for it: they run only in ``Store.hint``, in the caller's thread. Calls from the
+    caller's own thread pass the gate (they finish before ``prefetch`` returns)."""
     gate = threading.Event()
     table = store._tables[name]
-    hint = table.hint
+    caller = threading.get_ident()
 
-    def held_hint(ids: np.ndarray) -> None:
-        gate.wait(TIMEOUT)
-        hint(ids)
+    def held(method: Callable[..., Any]) -> Callable[..., Any]:
+        def wait_then_call(*args: Any) -> Any:
+            if threading.get_ident() != caller:
+                gate.wait(TIMEOUT)
+            return method(*args)
+        return wait_then_call
 
-    table.hint = held_hint  # type: ignore[method-assign]
-    return gate
+    table.complete = held(table.complete)  # type: ignore[method-assign]
+    table.gather = held(table.gather)  # type: ignore[method-assign]
+
+    def release() -> None:
+        gate.set()
+        del table.complete, table.gather  # back to the class's methods
+
+    return release
 
 
 @pytest.mark.parametrize("form", ["numpy_int64", "numpy_int32", "torch_long", "torch_int32"])
@@ -320,18 +335,18 @@ def test_prefetch_ids_are_copied_at_the_call(soak_stores, width, form):
     with tierstore.open(case.store, policy="lru", threads=1, device_budget=3 * case.ref.shape[1]) as store:
         for kind in ("prefetch", "prefetch_many"):
             buf = make(original)
-            gate = _hold_worker(store, case.name)
+            release = _hold_worker(store, case.name)
             fut = (store.prefetch(case.name, buf) if kind == "prefetch"
                    else store.prefetch_many({case.name: buf}))
+            assert not fut.done(), "the job finished before the ids changed: the test would prove nothing"
             buf[:] = make(other)[:]  # the serving loop refills its id buffer at once
             buf[3] = -1  # and writes an id that would be out of range
-            gate.set()
+            release()
             got = fut.result(timeout=TIMEOUT)
             got = got[case.name] if kind == "prefetch_many" else got
             w = wrong_rows(got, case.ref, original)
             assert w == 0, (f"{kind} read the caller's ids after returning: {where(case.name, 'lru', 'tiny', width)}, "
                             f"ids as {form}: {w} of 40 rows are not those of the ids at the call")
-            del store._tables[case.name].hint  # back to the class's method
 
 
 # ---------------------------------------------------------------------------------------

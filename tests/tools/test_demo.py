@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from tools import demo
+from tierstore_cli import demo
 
 
 @pytest.mark.slow

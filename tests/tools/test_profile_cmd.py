@@ -1,4 +1,6 @@
-"""`tierstore trace`, `tierstore profile` and `tierstore size` on a tiny real checkpoint."""
+"""`tierstore profile` and `tierstore size` as a user runs them, on traces of a tiny real
+checkpoint (`tierstore trace`, registered by engram_model) and on .npy traces. The library
+behind them has its own tests: tests/tierstore/analysis/test_sizing.py, test_hit_ratios.py."""
 
 from __future__ import annotations
 
@@ -8,8 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from tools.cli import main as cli
-from tools.trace_cmd import interleave
+from tierstore_cli.cli import main as cli
 
 TINY = ["--steps", "4", "--eval-every", "4", "--eval-windows", "2", "--batch-size", "4", "--seq-len", "32",
         "--vocab-size", "600", "--n-layer", "2", "--n-head", "2", "--d-model", "32", "--d-ff", "64",
@@ -35,41 +36,6 @@ def traces(ckpt: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, 
         assert cli(["trace", "--checkpoint", str(ckpt), "--stdlib", "--split", split, "--max-tokens", "6000",
                     "--streams", "4", "--out", str(out)]) == 0
     return train, test
-
-
-def test_interleave_by_hand():
-    a = np.array([[1, 2], [3, 4], [5, 6]])  # doc 0: 3 tokens, 2 heads
-    b = np.array([[7, 8]])  # doc 1: 1 token
-    c = np.array([[9, 10], [11, 12]])  # doc 2: goes to the stream that frees first (b's)
-    rows, off = interleave([a, b, c], 2)
-    # step 0: a0 b0 | step 1: a1 c0 | step 2: a2 c1
-    assert rows.tolist() == [1, 2, 7, 8, 3, 4, 9, 10, 5, 6, 11, 12]
-    assert off.tolist() == [0, 4, 8]
-    rows1, off1 = interleave([a, b], 1)  # one stream: documents one after the other
-    assert rows1.tolist() == [1, 2, 3, 4, 5, 6, 7, 8] and off1.tolist() == [0, 2, 4, 6]
-
-
-def test_trace_matches_the_hasher(ckpt: Path, tmp_path: Path):
-    """A token-id file traced by the CLI gives the model's own packed row ids."""
-    from engram_model.checkpoint import read_config
-    from engram_model.compression import build_compression
-    from engram_model.hasher import NgramHasher
-    from engram_model.tokenizer import load_tokenizer
-    from tierstore.analysis.simulate import load_trace
-
-    tok = load_tokenizer(ckpt)
-    ids = np.array(tok.encode("def f(x):\n    return x + 1\n" * 5).ids, dtype=np.int64)
-    np.save(tmp_path / "ids.npy", ids)
-    out = tmp_path / "t.trace.zst"
-    assert cli(["trace", "--checkpoint", str(ckpt), "--tokens", str(tmp_path / "ids.npy"), "--out", str(out)]) == 0
-    tr = load_trace(out)
-    h = NgramHasher(**read_config(ckpt)["hasher"])
-    cid = build_compression(tok)(ids)
-    for L in h.layer_ids:
-        want = (h.hash(cid[None])[L][0] + h.head_offsets(L)).reshape(-1)
-        got = tr.tables[f"blocks.{L}.engram.memory.weight"]
-        assert np.array_equal(got.rows, want), f"layer {L}: max diff {np.abs(got.rows - want).max()}"
-        assert got.n_rows == h.total_rows(L) and got.offsets.tolist() == list(range(0, want.size, h.heads_per_layer))
 
 
 def test_profile_json_and_plots(traces, tmp_path: Path, capsys: pytest.CaptureFixture[str]):
@@ -143,8 +109,6 @@ def test_errors_are_one_line(tmp_path: Path, capsys: pytest.CaptureFixture[str])
     assert len(err) == 1 and "unknown policy 'nope'" in err[0]
     assert cli(["profile", "--trace", str(tmp_path / "t.npy"), "--capacity", "64MiB"]) == 2
     assert "--row-bytes" in capsys.readouterr().err
-    assert cli(["trace", "--checkpoint", str(tmp_path), "--stdlib", "--out", str(tmp_path / "x")]) == 2
-    assert "config.json" in capsys.readouterr().err
 
 
 def test_save_profile_from_npy_trace_lands_under_the_store_table(tmp_path: Path, small_ckpt):
@@ -183,3 +147,41 @@ def test_profile_says_when_it_is_approximate_and_lru_is_exact_at_batch_1(tmp_pat
     assert [r["capacity_rows"] for r in res] == caps and {r["semantics"] for r in res} == {"exact: one access at a time"}
     for r in res[::7]:
         assert r["hits"] == ordered_dict_lru_hits(rows, r["capacity_rows"]), r["capacity_rows"]
+
+
+def test_size_prints_what_the_library_finds(tmp_path: Path, capsys: pytest.CaptureFixture[str]):
+    """`tierstore size` on a .npy trace: its JSON is size_tiers' answer plus bytes, its text
+    says the same, and a target above 1 is one line of error (it crashed the text output)."""
+    from tierstore.analysis.sizing import size_tiers
+
+    from ..conftest import real_text_trace
+
+    rows = real_text_trace(6000) % 700
+    np.save(tmp_path / "t.npy", rows)
+    cmd = ["size", "--trace", str(tmp_path / "t.npy"), "--policy", "lru", "--device-hit", "0.3", "--total-hit", "0.6",
+           "--row-bytes", "16"]
+    assert cli([*cmd, "--json"]) == 0
+    got = json.loads(capsys.readouterr().out.strip().splitlines()[-1])["sizes"]
+    want = size_tiers(rows, n_rows=int(rows.max()) + 1, policy="lru", device_hit=0.3, total_hit=0.6,
+                      table="trace").to_dict()
+    assert got == [{**want, "device_bytes": want["device_rows"] * 16, "host_bytes": want["host_rows"] * 16}]
+    assert cli(cmd) == 0
+    assert capsys.readouterr().out.startswith(f"trace (lru): device {want['device_rows']:,} rows = ")
+    assert cli([*cmd, "--total-hit", "1.5"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("tierstore size: error: total_hit=1.5 is not a hit ratio")
+
+
+def test_profile_without_a_store_does_not_import_torch(tmp_path: Path):
+    """`tierstore profile` of a .npy trace starts without torch (~1 s of a short run): only
+    the cache layer and the simulator."""
+    import subprocess
+    import sys
+
+    np.save(tmp_path / "t.npy", np.arange(100, dtype=np.int64) % 7)
+    code = ("import sys; from tierstore_cli.cli import main; "
+            "rc = main(['profile', '--trace', sys.argv[1], '--capacity', '3', '--policy', 'lru,opt', '--json']); "
+            "assert rc == 0 and 'torch' not in sys.modules, sorted(m for m in sys.modules if 'torch' in m)[:5]")
+    p = subprocess.run([sys.executable, "-c", code, str(tmp_path / "t.npy")], capture_output=True, text=True,
+                       timeout=300)
+    assert p.returncode == 0, p.stderr[-2000:]

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from tierstore.format.spec import PAGE_SIZE, read_manifest
-from tools.cli import main
+from tierstore_cli.cli import main
 
 
 def test_build_inspect_verify(tmp_path, small_ckpt, capsys):
@@ -55,7 +55,7 @@ def test_console_script(tmp_path, small_ckpt):
     r = subprocess.run([str(SCRIPT), "build", str(ckpt), str(tmp_path / "s"), "--quiet"],
                        capture_output=True, text=True)
     assert r.returncode == 0, r.stderr
-    r = subprocess.run([sys.executable, "-m", "tools", "verify", str(tmp_path / "s"), "--quiet"],
+    r = subprocess.run([sys.executable, "-m", "tierstore_cli", "verify", str(tmp_path / "s"), "--quiet"],
                        capture_output=True, text=True, cwd=Path(__file__).resolve().parents[2])
     assert r.returncode == 0 and r.stdout.startswith("ok:"), r.stderr
 

@@ -12,7 +12,7 @@ a hit leaves its old entry behind with a key in the past, below every live key, 
 never reaches the top while the cache is full. 10M lookups take seconds, not minutes.
 
 Batches: given batch offsets, repeats of a row within one batch count as hits and are
-removed first, matching :class:`~tierstore.cache_index.CacheIndex`'s semantics (one
+removed first, matching :class:`~tierstore.cache.index.CacheIndex`'s semantics (one
 fetch serves every occurrence in a batch).
 """
 

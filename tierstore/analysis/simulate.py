@@ -29,6 +29,7 @@ from ..cache.lookup import Walker
 from ..cache.layout import CACHED, NONE, RESIDENT
 from ..errors import CorruptDataError, IdTypeError, TierStoreError
 from ..files import atomic_write, check_versioned, is_json_int, os_error
+from ..ids import as_row_ids
 from ..cache import POLICIES
 
 __all__ = [
@@ -265,12 +266,10 @@ def simulate(rows: np.ndarray, capacities: list[int], policies: list[str], *,
     which preload profile rows (otherwise they could beat the "optimum" by the cold misses).
     """
     rows = np.asarray(rows)
-    if rows.dtype.kind not in "iu":
-        raise IdTypeError(f"trace has dtype {rows.dtype}; pass integer row ids")
-    rows = rows.reshape(-1).astype(np.int64, copy=False)
-    n_rows = int(n_rows if n_rows is not None else (rows.max() + 1 if rows.size else 0))
-    if rows.size and rows.max() >= n_rows:
-        raise TierStoreError(f"trace holds row {int(rows.max())} but the table has {n_rows} rows")
+    if n_rows is None:
+        n_rows = int(rows.max()) + 1 if rows.size and rows.dtype.kind in "iu" else 0
+    rows, _ = as_row_ids(rows, int(n_rows), where="the trace", copy=False)  # flat int64, in range
+    n_rows = int(n_rows)
     for p in policies:
         if p != "opt" and p not in POLICIES:
             raise TierStoreError(f"unknown policy {p!r}; choose from {', '.join([*POLICIES, 'opt'])}")

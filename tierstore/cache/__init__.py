@@ -9,7 +9,7 @@
 """
 
 from .index import CacheIndex
-from .policy import Policy, hot_rows
-from .registry import POLICIES, make_policy, policy_names
+from .policy import Policy
+from .registry import POLICIES, PolicySpec, make_policy, policy_names
 
-__all__ = ["CacheIndex", "Policy", "POLICIES", "hot_rows", "make_policy", "policy_names"]
+__all__ = ["CacheIndex", "Policy", "POLICIES", "PolicySpec", "make_policy", "policy_names"]

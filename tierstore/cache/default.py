@@ -1,7 +1,7 @@
 """The store's policy: a pinned core, an adaptive profile-ranked core and S3-FIFO with hints.
 
-The per-access port of ``tierstore.policy.DefaultPolicy`` (whose batch form it replaces).
-Three parts share the tier:
+The per-access port of the batch-vectorised ``DefaultPolicy`` it replaced (the removed
+``tierstore/policy.py``). Three parts share the tier:
 
 - **Pinned core** (``pin_fraction`` of the slots): the profile's hottest rows, in slots
   [0, LO), never evicted; the walk never shows them to the policy (``prepare``).
@@ -62,13 +62,14 @@ import math
 
 import numpy as np
 
-from ..errors import TierStoreError
+from ..errors import PolicyParamError
 from . import s3fifo
 from .hints import hint_outstanding
 from ..jit import kernel
 from .layout import (G_ROW, K_HPOS, K_KEY, L_FREQ, M_CAP, M_GQLEN, M_HEAPN, M_HLIVE, M_HORIZON, M_PARAM, M_QLEN,
                      M_RANKM, M_TICK)
-from .policy import Policy, hot_rows
+from ..format.profile import hot_rows
+from .policy import Policy
 from .structs import (g_add, g_front, g_of, g_queue, g_remove, h_min_free, h_push, h_remove, place,
                       q_push, q_to_back, q_unlink, take_free, unmap)
 
@@ -360,7 +361,8 @@ class Default(Policy):
     dynamic slots, [0, 1]), ``initial_core`` (the ranked core's starting target, of the
     dynamic slots, [0, 1]), ``adapt`` ("density" or "ghost"), ``hint_horizon`` (accesses
     after which an unused hint expires; None: the index's default max(4 x capacity, 2**20)).
-    Without a profile it is S3-FIFO (small_fraction of the rows held) plus hints.
+    Without a profile it is S3-FIFO (small_fraction of the rows held) plus hints. A store
+    passes them as ``tierstore.open(path, policy_params={"pin_fraction": 0.2})``.
     """
 
     name = "default"
@@ -378,13 +380,14 @@ class Default(Policy):
             v = p[k]
             if not _real(v) or v < lo or v > hi or (lo_open and v == lo):
                 rng = f"({lo}, {hi}]" if lo_open else (f"[{lo}, {hi}]" if hi < math.inf else f">= {lo}, finite")
-                raise TierStoreError(f"{k}={v!r} must be a number in {rng}")
+                raise PolicyParamError(f"{k}={v!r} must be a number in {rng}", param=k)
             p[k] = float(v)
         if p["adapt"] not in ("density", "ghost"):
-            raise TierStoreError(f"adapt={p['adapt']!r} must be 'density' or 'ghost'")
+            raise PolicyParamError(f"adapt={p['adapt']!r} must be 'density' or 'ghost'", param="adapt")
         h = p["hint_horizon"]
         if h is not None and (not isinstance(h, (int, np.integer)) or isinstance(h, (bool, np.bool_)) or h < 1):
-            raise TierStoreError(f"hint_horizon={h!r} must be None or a positive integer number of accesses")
+            raise PolicyParamError(f"hint_horizon={h!r} must be None or a positive integer number of accesses",
+                                   param="hint_horizon")
         self._top = np.empty(0, np.int64)
         self._rank_lo = 0
         self._n_dyn = 0

@@ -16,12 +16,13 @@ import sys
 
 import numpy as np
 
-from ..errors import IdTypeError, InvalidIdError, TierStoreError
+from ..errors import TierStoreError
+from ..ids import as_row_ids
 from . import walk
 from .layout import (CACHED, NONE, K_HPOS, L_FREE, L_QID, M_BYPASS, M_CAP, M_EVICT, M_GCAP, M_HINTS, M_HITS,
                      M_HORIZON, M_HSHIFT, M_INSERT, M_LO, M_MISSES, M_NFREE, M_NROWS, M_RANKM, NG, NL, NM, NQ)
 from .policy import Policy
-from .registry import make_policy
+from .registry import PolicySpec, make_policy
 from ..jit import specialized
 from .structs import g_init, q_init
 
@@ -36,8 +37,10 @@ class CacheIndex:
     Args:
         n_rows: rows of the table (ids must lie in [0, n_rows), n_rows < 2**31).
         capacity: slots of the tier (rows it can hold), pinned core included.
-        policy: a registered policy name (``tierstore.cache.policy_names()``) or an unbound
-            :class:`~tierstore.cache.policy.Policy` built for this capacity.
+        policy: a registered policy name (``tierstore.cache.policy_names()``), a
+            :class:`~tierstore.cache.registry.PolicySpec` (name and parameters, built here
+            for this capacity) or an unbound :class:`~tierstore.cache.policy.Policy` built
+            for this capacity.
         pinned_rows: the static hot set, resident forever in slots [0, len). ``None`` lets
             the policy choose from ``profile`` (``static`` pins the top ``capacity`` rows,
             ``default`` a core fraction of them, the others nothing); ``[]`` pins nothing.
@@ -54,7 +57,7 @@ class CacheIndex:
     free), ``refcount`` (leases per slot), ``n_pinned``, ``state`` (the kernels' tuple).
     """
 
-    def __init__(self, n_rows: int, capacity: int, policy: str | Policy = "default", *,
+    def __init__(self, n_rows: int, capacity: int, policy: str | PolicySpec | Policy = "default", *,
                  pinned_rows: np.ndarray | None = None, profile: np.ndarray | None = None,
                  rng: np.random.Generator | int | None = None, slot_of_row: np.ndarray | None = None):
         if not isinstance(n_rows, (int, np.integer)) or n_rows < 0 or n_rows >= 2**31:
@@ -65,8 +68,10 @@ class CacheIndex:
         self.capacity = cap = int(capacity)
         if isinstance(policy, str):
             policy = make_policy(policy, cap, rng=rng)
+        elif isinstance(policy, PolicySpec):
+            policy = policy.build(cap, rng=rng)
         elif not isinstance(policy, Policy):
-            raise TierStoreError(f"policy={policy!r} must be a policy name or a Policy instance")
+            raise TierStoreError(f"policy={policy!r} must be a policy name, a PolicySpec or a Policy instance")
         elif policy.capacity != cap:
             raise TierStoreError(f"policy was built for capacity {policy.capacity}, the index has {cap}")
         self.policy = policy
@@ -138,7 +143,7 @@ class CacheIndex:
         self._access = None
         pre = policy.prefill()
         if pre.size and n_dyn:
-            walk.prefill(mod.prefill, self.state, self._as_rows(pre, what="prefill rows"))
+            walk.prefill(mod.prefill, self.state, self._as_rows(pre, what="the policy's prefill rows"))
         self.reset_stats()
 
     # --- statistics ---------------------------------------------------------------------
@@ -211,17 +216,10 @@ class CacheIndex:
         return self.slot_of_row[self._as_rows(rows)] >= 0
 
     # --- validation --------------------------------------------------------------------------
-    def _as_rows(self, rows: np.ndarray, *, what: str = "row ids") -> np.ndarray:
-        rows = np.asarray(rows)
-        if rows.dtype.kind not in "iu":
-            if rows.size == 0:
-                return _EMPTY
-            raise IdTypeError(f"{what} have dtype {rows.dtype}; pass integer ids (int64)")
-        rows = np.ascontiguousarray(rows.reshape(-1), dtype=np.int64)
-        if rows.size and (rows.min() < 0 or rows.max() >= self.n_rows):
-            bad = rows[(rows < 0) | (rows >= self.n_rows)][0]
-            raise InvalidIdError(f"{what}: {int(bad)} is outside [0, {self.n_rows})")
-        return rows
+    def _as_rows(self, rows: np.ndarray, *, what: str = "a cache index") -> np.ndarray:
+        """``rows`` flat as int64, validated by the one id validator (tierstore.ids): no copy
+        when they already are (the index is done with them before returning)."""
+        return as_row_ids(rows, self.n_rows, where=what, copy=False)[0]
 
 
 _NONE: CacheIndex | None = None

@@ -19,9 +19,9 @@ from __future__ import annotations
 
 import numpy as np
 
-from ..errors import TierStoreError
+from ..errors import PolicyParamError, TierStoreError
 
-__all__ = ["Policy", "hot_rows"]
+__all__ = ["Policy"]
 
 _EMPTY = np.empty(0, dtype=np.int64)
 
@@ -44,11 +44,13 @@ class Policy:
     defaults: dict = {}  # the policy's parameters and their default values; others are refused
 
     def check_params(self, params: dict) -> dict:
-        """The parameters with defaults filled in; an unknown name raises (subclasses also
-        check values)."""
-        unknown = set(params) - set(self.defaults)
+        """The parameters with defaults filled in; an unknown name raises
+        :class:`~tierstore.errors.PolicyParamError` (subclasses also check values)."""
+        unknown = sorted(set(params) - set(self.defaults))
         if unknown:
-            raise TierStoreError(f"policy {self.name!r} takes no parameter {', '.join(map(repr, sorted(unknown)))}")
+            takes = ", ".join(self.defaults) or "none"
+            raise PolicyParamError(f"policy {self.name!r} takes no parameter {', '.join(map(repr, unknown))}; "
+                                   f"its parameters: {takes}", param=unknown[0])
         return {**self.defaults, **params}
 
     # sizes of the state, given the dynamic (unpinned) slots
@@ -77,21 +79,3 @@ class Policy:
     def ranking(self) -> tuple[np.ndarray, np.ndarray]:
         """(rows sorted by id, their hotness ranks) to keep in RK; empty by default."""
         return _EMPTY, _EMPTY
-
-
-def hot_rows(profile: np.ndarray | None, k: int) -> np.ndarray:
-    """The k most accessed rows of a profile (only rows seen at least once), hottest first;
-    ties broken by row id so the set is deterministic."""
-    if profile is None or k <= 0:
-        return _EMPTY
-    profile = np.asarray(profile)
-    nz = np.flatnonzero(profile > 0)
-    if nz.size > k:
-        c = profile[nz]
-        part = np.argpartition(-c, k - 1)[:k]
-        thresh = c[part].min()
-        above = nz[c > thresh]
-        tied = nz[c == thresh][: k - above.size]
-        nz = np.concatenate([above, tied])
-    order = np.lexsort((nz, -profile[nz]))
-    return nz[order].astype(np.int64)

@@ -6,7 +6,8 @@ from __future__ import annotations
 import numpy as np
 
 from ..jit import kernel
-from .policy import Policy, hot_rows
+from ..format.profile import hot_rows
+from .policy import Policy
 
 
 

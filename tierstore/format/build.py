@@ -211,7 +211,7 @@ def _write_table(ckpt: Checkpoint, name: str, info: TableInfo, src_dtype: str, t
 
 def _orders(order_by: str | os.PathLike[str], names: list[str], ckpt: Checkpoint) -> dict[str, np.ndarray]:
     """Hottest-first row permutation per table that has a profile in ``order_by``."""
-    from .profile import load_profile
+    from .profile import hot_rows, load_profile
 
     perms = {}
     for name in names:
@@ -221,7 +221,7 @@ def _orders(order_by: str | os.PathLike[str], names: list[str], ckpt: Checkpoint
             continue
         if len(counts) != rows:
             raise CheckpointError(f"profile of {name!r} in {order_by} has {len(counts)} rows, the table {rows}")
-        perms[name] = np.argsort(-np.asarray(counts, dtype=np.int64), kind="stable")
+        perms[name] = hot_rows(counts, rows, fill=True)  # every row: the hot ones, then the rest by id
     if not perms:
         raise CheckpointError(f"order_by={str(order_by)!r} holds no profile for any selected table; "
                               "record one with `tierstore profile ... --save-profile`")

@@ -24,8 +24,9 @@ import numpy as np
 
 from ..errors import CorruptDataError, IdTypeError, TierStoreError
 from ..files import atomic_write, check_versioned, is_json_int, os_error, read_json
+from ..ids import as_row_ids
 
-__all__ = ["PROFILE_FORMAT", "profile_paths", "count_rows", "save_profile", "load_profile",
+__all__ = ["PROFILE_FORMAT", "profile_paths", "count_rows", "hot_rows", "save_profile", "load_profile",
            "profile_info", "has_profile", "zipf_fit"]
 
 PROFILE_FORMAT = "tierstore-profile"
@@ -43,14 +44,46 @@ def profile_paths(store: str | Path, table: str) -> tuple[Path, Path]:
 
 
 def count_rows(rows: np.ndarray, n_rows: int) -> np.ndarray:
-    """Access count per row (int64, len ``n_rows``) of a trace of row ids."""
-    rows = np.asarray(rows)
-    if rows.dtype.kind not in "iu":
-        raise IdTypeError(f"row ids have dtype {rows.dtype}; pass integers")
-    rows = rows.reshape(-1)
-    if rows.size and (rows.min() < 0 or rows.max() >= n_rows):
-        raise TierStoreError(f"row ids must lie in [0, {n_rows}); got [{rows.min()}, {rows.max()}]")
-    return np.bincount(rows, minlength=n_rows).astype(np.int64)
+    """Access count per row (int64, len ``n_rows``) of a trace of row ids. Ids are checked
+    by the one id validator (``IdTypeError``, ``InvalidIdError``)."""
+    flat, _ = as_row_ids(rows, n_rows, where="the trace", copy=False)
+    return np.bincount(flat, minlength=n_rows).astype(np.int64)
+
+
+_EMPTY = np.empty(0, dtype=np.int64)
+
+
+def hot_rows(profile: np.ndarray | None, k: int, *, fill: bool = False) -> np.ndarray:
+    """The ``k`` hottest rows of a profile, hottest first: the one ranking of rows by a profile.
+
+    The rule, everywhere a profile places rows (the static and default policies' hot sets,
+    the shared host tier's rows, a hot-ordered build): more accesses first; equal counts in
+    ascending row id, so every process, run and machine picks the same rows. Rows never
+    accessed (count 0) are not hot: they are left out, so a policy does not pin rows the
+    profile knows nothing about. ``fill=True`` is for callers that must place exactly ``k``
+    rows (a tier of fixed size, a full permutation of the table): the never-accessed rows
+    then follow the hot ones, in ascending row id. Returns int64 row ids (at most ``k``).
+
+    Cost: one partition over the accessed rows plus a sort of the ``k`` chosen (a full
+    argsort only when ``k`` covers them all).
+    """
+    if profile is None or k <= 0:
+        return _EMPTY
+    counts = np.asarray(profile)
+    if counts.dtype.kind == "u":  # -count of an unsigned count would wrap
+        counts = counts.astype(np.int64)
+    nz = np.flatnonzero(counts > 0)
+    if nz.size > k:
+        c = counts[nz]
+        thresh = c[np.argpartition(-c, k - 1)[k - 1]]  # the k-th largest count
+        above = nz[c > thresh]
+        tied = nz[c == thresh][: k - above.size]  # the lowest ids among the tied
+        nz = np.concatenate([above, tied])
+    top = nz[np.lexsort((nz, -counts[nz]))]
+    if fill and top.size < k:
+        cold = np.flatnonzero(counts <= 0)[: k - top.size]
+        top = np.concatenate([top, cold])
+    return top.astype(np.int64, copy=False)
 
 
 def save_profile(store: str | Path, table: str, counts: np.ndarray, *,

@@ -19,6 +19,12 @@ range it is the correctly rounded bf16 (inf past the top, bf16 subnormals at the
 the same as DeepSeek's reference (``value.float() * scale``, then ``.bfloat16()``): the
 product is formed exactly in float32 by torch's bf16 multiply and rounded once.
 
+Speed: torch's CPU fp8 conversion costs ~7 ns a value, so on CPU every (scale byte, value
+byte) pair is dequantized once into a table (128 KiB for fp8, 256 KiB for fp4) and a
+compiled GIL-free gather reads it: 21.6 ms per 65,536 fp8 rows (3.0M rows/s, 1.3 ns a
+value, one thread; 9.3 ms for fp4) against 176 ms elementwise (measured here). On CUDA
+the elementwise torch path runs (it also builds the tables, so the two agree).
+
 UE8M0 (OCP MX): byte ``e`` is ``2**(e - 127)``; 0xFF is NaN; there is no zero or sign.
 E4M3 ("fn"): sign, 4 exponent bits (bias 7), 3 mantissa bits, subnormals, NaN at
 0x7F/0xFF, no infinities. E2M1: sign, 2 exponent bits (bias 1), 1 mantissa bit, so the
@@ -30,10 +36,13 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
+import functools
+
 import numpy as np
 import torch
 
 from ..errors import TierStoreError
+from ..jit import kernel
 
 __all__ = ["Quant", "SCHEMES", "FP8_SCHEME", "FP4_SCHEME", "dequantize", "split_rows"]
 
@@ -69,8 +78,9 @@ class Quant:
                 raise TierStoreError(f"quant {key}={v!r} must be a positive integer")
         if self.values % self.block:
             raise TierStoreError(f"quant values={self.values} is not a whole number of blocks of {self.block}")
-        if self.values % SCHEMES[self.scheme]:
-            raise TierStoreError(f"quant values={self.values} must be even: {self.scheme} packs two per byte")
+        if SCHEMES[self.scheme] == 2 and self.block % 2:
+            raise TierStoreError(f"quant block={self.block} must be even: {self.scheme} packs two values per byte, "
+                                 "so a scale's block must be whole bytes")
 
     @property
     def value_bytes(self) -> int:
@@ -120,9 +130,8 @@ def _scales_bf16(scales: torch.Tensor) -> torch.Tensor:
 
 def dequantize(rows: torch.Tensor, quant: Quant, out: torch.Tensor | None = None) -> torch.Tensor:
     """bfloat16 rows ``(..., values)`` from stored rows ``(..., row_bytes)`` uint8 (see the module
-    docstring for the arithmetic). Vectorised torch on the rows' device (CPU or CUDA): the
-    values are widened into ``out`` and multiplied in place by their block's scale, so the
-    only scratch is the scales (and, for fp4, a bounded gather index).
+    docstring for the arithmetic), on the rows' device. No Python per row: on CPU one compiled
+    table gather (``_gather_table``), elsewhere (CUDA) vectorised torch (``_dequantize_torch``).
 
     out: a contiguous bfloat16 tensor of the result's shape on the rows' device to fill.
     """
@@ -139,17 +148,66 @@ def dequantize(rows: torch.Tensor, quant: Quant, out: torch.Tensor | None = None
         return out
     flat = rows.reshape(n, quant.row_bytes)
     dst = out.view(n, quant.values)
+    if rows.device.type == "cpu":
+        src = flat.contiguous().numpy()
+        if quant.scheme == FP8_SCHEME:  # one bf16 (uint16) per value byte
+            _gather_table(src, quant.value_bytes, quant.block, _table(quant.scheme), dst.view(torch.int16).numpy()
+                          .view(np.uint16))
+        else:  # two bf16 (one uint32) per value byte
+            _gather_table(src, quant.value_bytes, quant.block // 2, _table(quant.scheme),
+                          dst.view(n, quant.value_bytes, 2).view(torch.int32).numpy().reshape(n, quant.value_bytes)
+                          .view(np.uint32))
+    else:
+        _dequantize_torch(flat, quant, dst)
+    return out
+
+
+def _dequantize_torch(flat: torch.Tensor, quant: Quant, dst: torch.Tensor) -> None:
+    """Stored rows (n, row_bytes) -> bf16 ``dst`` (n, values), elementwise torch on any device:
+    the values are widened into ``dst`` (exact: every E4M3/E2M1 value is a bf16 value), then
+    multiplied in place by their block's scale. The only scratch is the scales and, for fp4,
+    a bounded gather index. On CPU it runs only to build the tables of ``_table`` (torch's
+    CPU fp8 conversion costs ~7 ns a value; the table gather, well under 1)."""
+    n = flat.shape[0]
     values = flat[:, : quant.value_bytes]
     if quant.scheme == FP8_SCHEME:
-        dst.copy_(values.view(torch.float8_e4m3fn))  # exact: every E4M3 value is a bf16 value
+        dst.copy_(values.view(torch.float8_e4m3fn))
     else:
         mags = torch.tensor(_E2M1, dtype=torch.bfloat16)
         lut = torch.cat([mags, -mags])  # code -> value, sign in bit 3 (-0.0 for 0x8)
-        pair = torch.stack([lut.repeat(16), lut.repeat_interleave(16)], dim=1).to(rows.device)  # byte -> (lo, hi)
+        pair = torch.stack([lut.repeat(16), lut.repeat_interleave(16)], dim=1).to(flat.device)  # byte -> (lo, hi)
         for s in range(0, n, _FP4_CHUNK):  # a loop over chunks of rows, not rows
             e = min(n, s + _FP4_CHUNK)
             idx = values[s:e].reshape(-1).to(torch.int32)
             dst[s:e].view(-1, 2).copy_(pair.index_select(0, idx))
     # one rounding: torch multiplies bf16 in float32 (exact here) and rounds to nearest even
     dst.view(n, quant.n_scales, quant.block).mul_(_scales_bf16(flat[:, quant.value_bytes :]).unsqueeze(-1))
-    return out
+
+
+@functools.cache
+def _table(scheme: str) -> np.ndarray:
+    """Every (scale byte, value byte) pair dequantized once: ``table[e * 256 + b]`` is the bf16
+    bits of byte ``b`` under scale ``e`` (fp8: uint16, 128 KiB; fp4: uint32, the two values
+    of the byte, low nibble in the low half, 256 KiB: both stay in L2). Built by
+    ``_dequantize_torch`` itself, so the two paths agree by construction (the tests hold
+    both to an independent oracle)."""
+    per_byte = SCHEMES[scheme]
+    q = Quant(scheme, per_byte, per_byte)  # a "row" of one value byte and one scale byte
+    codes = torch.arange(256, dtype=torch.uint8)
+    rows = torch.stack([codes.repeat(256), codes.repeat_interleave(256)], dim=1)  # row e * 256 + b: [b, e]
+    out = torch.empty(256 * 256, q.values, dtype=torch.bfloat16)
+    _dequantize_torch(rows, q, out)
+    bits = out.view(torch.int16).numpy().view(np.uint16)[:, : per_byte]  # one value byte's bf16 value(s)
+    return np.ascontiguousarray(bits).view(np.uint16 if per_byte == 1 else np.uint32).reshape(-1)
+
+
+@kernel
+def _gather_table(rows, value_bytes, block_bytes, table, out):  # pragma: no cover - compiled
+    """out[i, k] = table[scale_byte * 256 + value_byte] for every value byte k of every row i:
+    rows uint8 (n, row_bytes), out (n, value_bytes) of the table's dtype. GIL-free."""
+    n = rows.shape[0]
+    for i in range(n):
+        for j in range(value_bytes // block_bytes):
+            base = np.int64(rows[i, value_bytes + j]) * 256
+            for k in range(j * block_bytes, (j + 1) * block_bytes):
+                out[i, k] = table[base + rows[i, k]]

@@ -1,4 +1,4 @@
-"""On-disk store format, version 2 (documented in docs/format.md).
+"""On-disk store format, version 2 (reads version 1 too; documented in docs/format.md).
 
 A store is a directory::
 
@@ -49,6 +49,7 @@ __all__ = [
     "Manifest",
     "row_stride_for",
     "page_checksums",
+    "page_checksums_torch",
     "read_manifest",
     "write_manifest",
     "ROWS_MAGIC",
@@ -362,6 +363,31 @@ def page_checksums(pages: np.ndarray) -> np.ndarray:
     words = np.ascontiguousarray(pages).reshape(-1, PAGE_SIZE // 8 * 8).view(np.uint64)
     # uint64 arithmetic wraps mod 2**64 in numpy array ops, which is what the scheme wants.
     return (words * _K).sum(axis=1, dtype=np.uint64)
+
+
+_K_TORCH: dict[torch.device, torch.Tensor] = {}  # the weights as int64, one copy per device
+
+
+def page_checksums_torch(pages: torch.Tensor) -> torch.Tensor:
+    """mulsum64-v1 of each 4 KiB page of a uint8 tensor (P, 4096) on any device: the same
+    values as :func:`page_checksums`, as int64 bit patterns (``.numpy().view(np.uint64)``).
+
+    Why int64: torch has no uint64 multiply on CUDA. Two's-complement multiplication and
+    addition keep the low 64 bits exactly as the unsigned ones do (wrap-around mod 2**64),
+    so the bit patterns equal numpy's uint64 result; tests check it bit for bit against
+    :func:`page_checksums`. The disk tier uses this to verify pages read straight into GPU
+    memory (kvikio) without a copy back to the host: one elementwise multiply and one row
+    sum, ~8 bytes of temporary per byte read.
+    """
+    if pages.dtype != torch.uint8 or pages.dim() != 2 or pages.shape[1] != PAGE_SIZE:
+        raise TierStoreError(f"pages must be a uint8 tensor (P, {PAGE_SIZE}), got {pages.dtype} {tuple(pages.shape)}")
+    if pages.shape[0] == 0:  # an empty tensor's strides do not allow the dtype view
+        return torch.zeros(0, dtype=torch.int64, device=pages.device)
+    k = _K_TORCH.get(pages.device)
+    if k is None:  # benign race: two threads may both build it
+        k = _K_TORCH[pages.device] = torch.from_numpy(_K.view(np.int64)).to(pages.device)
+    words = pages.contiguous().view(torch.int64)  # (P, 512) little-endian words
+    return (words * k).sum(dim=1, dtype=torch.int64)
 
 
 def header_page(info: TableInfo) -> bytes:

@@ -187,11 +187,11 @@ class ShardedStore:
         send_counts_l = send_counts.tolist()
         recv_ids = torch.empty(sum(recv_counts_l), dtype=torch.int64, device=dev)
         self._a2a(recv_ids, send_ids.to(dev), recv_counts_l, send_counts_l)
-        # serve what the others asked of us from our local tiers: one batched gather, on this thread
-        local = self.local._table(table)
-        served = torch.empty((len(recv_ids), info.dim), dtype=info.raw_dtype, device=self.local.device)
-        req = recv_ids.cpu().numpy()
-        local.gather(req, served)
+        # serve what the others asked of us from our local tiers: one batched lookup of the stored
+        # rows (raw: a quantized table's stay quantized on the wire) through the local store's
+        # public API, on this thread (it also range-checks the ids peers sent)
+        served = torch.empty((len(recv_ids), info.dim), dtype=info.torch_dtype, device=self.local.device)
+        self.local.lookup(table, recv_ids.cpu().numpy(), out=served, raw=True)
         row_bytes = info.row_bytes
         # rows travel as the widest integers dividing a row (gloo has no int16; fewer elements)
         wide = torch.int64 if row_bytes % 8 == 0 else torch.int32 if row_bytes % 4 == 0 else torch.uint8

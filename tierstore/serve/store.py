@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import os
 import weakref
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -12,14 +12,17 @@ import numpy as np
 import torch
 
 from .buffers import BufferPool
+from ..cache.registry import PolicySpec
 from ..errors import CapacityError, StoreClosedError, TierStoreError, UnknownTableError
 from ..format.quant import dequantize
 from ..format.spec import TableInfo, read_manifest
-from ..ids import IdLike, as_row_ids
+from ..ids import IdLike, as_row_ids, check_id_tensor
 from .prefetcher import LookupFuture, Prefetcher
 from ..format.profile import load_profile
 from ..format.recovery import recover
 from ..sizes import format_size, parse_size
+from ..tiers.cuda import check_device_room
+from ..tiers.disk import READERS
 from .table import Table
 
 __all__ = ["Store", "open_store", "IdLike", "INLINE_BELOW"]
@@ -97,6 +100,9 @@ class Store:
         disables the tier). Budgets are split over the tables in proportion to their size; a
         table whose share covers it is loaded into that tier whole at open (resident).
     policy: cache policy for rows that do not fit ("default", "lru", "lfu", "s3fifo", ...).
+    policy_params: the policy's parameters, e.g. ``{"pin_fraction": 0.2, "hint_horizon": 10**6}``
+        for ``default`` (listed on each policy class, ``tierstore.cache.POLICIES[name].defaults``);
+        checked at open: an unknown key or a bad value raises ``PolicyParamError`` naming it.
     threads: background lookup workers; io_threads: disk reader threads; direct: force O_DIRECT
         on or off (default: on where the filesystem allows it).
     pool_bytes: most bytes of finished output buffers kept for reuse by lookups without
@@ -106,6 +112,16 @@ class Store:
         rows are the whole table, or the hottest rows of the saved profile.
     use_profile: place rows by the store's saved profile (``tierstore profile --save-profile``):
         the hottest rows are loaded into the tiers at open. False opens as if there were none.
+    zero_copy: CUDA only: the GPU reads host-tier hits straight from the pinned host slab
+        (a UVA gather across PCIe) instead of the CPU gathering them into a staging buffer
+        that is then copied up (the default). Never run: needs CUDA.
+    disk_reader: how cold pages are read for a CUDA store: "auto" (kvikio into GPU memory when
+        it is installed, else POSIX into host memory), "posix" or "kvikio" (error if it cannot).
+        ``stats()["disk"]["reader"]`` and ``["reader_mode"]`` say what served.
+
+    On CUDA the device budget is checked against the GPU's free memory at open: a budget that
+    cannot fit raises ``CapacityError`` before anything is allocated, and an out-of-memory
+    error inside a lookup is raised as ``CapacityError`` too.
     """
 
     def __init__(
@@ -116,12 +132,15 @@ class Store:
         device_budget: int | str | None = 0,
         host_budget: int | str | None = 0,
         policy: str = "default",
+        policy_params: Mapping[str, Any] | None = None,
         threads: int = 4,
         io_threads: int | None = None,
         direct: bool | None = None,
         host_shared: bool = False,
         pool_bytes: int | str = "256MiB",
         use_profile: bool = True,
+        zero_copy: bool = False,
+        disk_reader: str = "auto",
     ):
         self._closed = True  # until fully open: close() and the finalizer have nothing to do
         if not isinstance(path, (str, os.PathLike)):
@@ -135,22 +154,37 @@ class Store:
         if direct not in (None, True, False) or host_shared not in (True, False) or use_profile not in (True, False):
             raise TierStoreError(f"direct={direct!r} must be None/True/False, host_shared={host_shared!r} and "
                                  f"use_profile={use_profile!r} bools")
+        if zero_copy not in (True, False) or (zero_copy and self.device.type != "cuda"):
+            raise TierStoreError(f"zero_copy={zero_copy!r}: the GPU reading host rows directly needs device='cuda' "
+                                 f"(this store's device is {self.device}); leave zero_copy=False")
+        if disk_reader not in READERS:
+            raise TierStoreError(f"disk_reader={disk_reader!r} must be one of {READERS}")
         self.device_budget = parse_size(device_budget, what="device_budget")
         self.host_budget = parse_size(host_budget, what="host_budget")
+        # the name and parameters are checked here, before any tier is built (and even when
+        # every table is resident and no tier builds a policy)
+        spec = PolicySpec(policy, {} if policy_params is None else policy_params)
         self.policy = policy
+        self.policy_params = dict(spec.params)
         self.tables: dict[str, TableInfo] = dict(self.manifest.tables)
         total = sum(t.nbytes for t in self.tables.values()) or 1
+
+        def rows_of(budget: int, info: TableInfo) -> int:  # the table's share of a budget, in rows
+            return int(budget * (info.nbytes / total)) // max(1, info.row_bytes)
+
+        if self.device.type == "cuda":  # never run: needs CUDA. Refuse before allocating anything
+            need = sum(min(rows_of(self.device_budget, i), i.rows) * i.row_bytes for i in self.tables.values())
+            check_device_room(need, self.device, what=f"device_budget={format_size(self.device_budget)}")
         self._tables: dict[str, Table] = {}
         try:
             for name, info in self.tables.items():
-                share = info.nbytes / total
                 self._tables[name] = Table(
                     self.path, info, device=self.device,
-                    device_rows=int(self.device_budget * share) // max(1, info.row_bytes),
-                    host_rows=int(self.host_budget * share) // max(1, info.row_bytes),
-                    policy=policy, profile=load_profile(self.path, name) if use_profile else None,
+                    device_rows=rows_of(self.device_budget, info),
+                    host_rows=rows_of(self.host_budget, info),
+                    policy=spec, profile=load_profile(self.path, name) if use_profile else None,
                     direct=direct, io_threads=io_threads, host_shared=host_shared,
-                    build_id=self.manifest.build_id,
+                    build_id=self.manifest.build_id, zero_copy=zero_copy, disk_reader=disk_reader,
                 )
         except BaseException:
             for t in self._tables.values():
@@ -181,20 +215,29 @@ class Store:
         if raw not in (True, False):
             raise TierStoreError(f"raw={raw!r} must be a bool")
         t = self._table(table)
+        flat, shape = as_row_ids(ids, t.info.rows, where=f"table {t.info.name!r}", copy=copy)
+        stage, buf, full = self._output(t, flat.size, shape, out, raw)
+        return t, flat, stage, buf, full
+
+    def _output(self, t: Table, n: int, shape: tuple[int, ...], out: torch.Tensor | None, raw: bool
+                ) -> tuple[torch.Tensor, torch.Tensor, tuple[int, ...]]:
+        """(staging buffer the tiers fill with ``n`` stored rows, result buffer, result shape)
+        of a lookup of ``n`` ids of shape ``shape``: the result is ``out``, checked, or a
+        pooled buffer; the stage is the result itself unless the table is quantized and
+        looked up without ``raw``."""
         info = t.info
-        flat, shape = as_row_ids(ids, info.rows, where=f"table {info.name!r}", copy=copy)
         dequant = info.quant is not None and not raw
         dim, dtype = (info.lookup_dim, info.lookup_dtype) if dequant else (info.dim, info.torch_dtype)
         full = shape + (dim,)
         if out is None:
-            need = flat.size * (info.row_bytes + (dim * dtype.itemsize if dequant else 0))
+            need = n * (info.row_bytes + (dim * dtype.itemsize if dequant else 0))
             # refuse before allocating: a request that cannot fit would be OOM-killed, not raise
             if need > 1 << 26 and need > _available_bytes(self.device):
                 raise CapacityError(
-                    f"{flat.size:,} ids of table {info.name!r} need {format_size(need)} of output on "
+                    f"{n:,} ids of table {info.name!r} need {format_size(need)} of output on "
                     f"{self.device} but only {format_size(_available_bytes(self.device))} is available; "
                     "look them up in smaller batches")
-            buf = self._pool.get((flat.size, dim), dtype, self.device)
+            buf = self._pool.get((n, dim), dtype, self.device)
         else:
             if tuple(out.shape) != full or out.dtype != dtype or out.device != self.device \
                     or not out.is_contiguous():
@@ -202,15 +245,35 @@ class Store:
                     f"out= must be a contiguous {dtype} tensor of shape {full} on {self.device}; "
                     f"got {out.dtype} {tuple(out.shape)} on {out.device}"
                 )
-            buf = out.view(flat.size, dim)
+            buf = out.view(n, dim)
         stage = buf
         if dequant:
             # CPU: the dequantization is done when the lookup returns, so the stage goes back to the
             # pool. CUDA: its kernel may still be queued on a worker's side stream, so the caching
             # allocator (which tracks streams, see _finish) owns it rather than the pool.
-            stage = (self._pool.get((flat.size, info.dim), info.torch_dtype, self.device) if self.device.type == "cpu"
-                     else torch.empty((flat.size, info.dim), dtype=info.torch_dtype, device=self.device))
-        return t, flat, stage, buf, full
+            stage = (self._pool.get((n, info.dim), info.torch_dtype, self.device) if self.device.type == "cpu"
+                     else torch.empty((n, info.dim), dtype=info.torch_dtype, device=self.device))
+        return stage, buf, full
+
+    def _defer_cuda_ids(self, t: Table, ids: torch.Tensor) -> Callable[[], np.ndarray]:
+        """CUDA ids without making the caller wait: one non-blocking copy into pinned host
+        memory is queued on the caller's stream (after whatever work computes the ids) and
+        an event recorded; the returned function, run on a worker, waits for that event and
+        validates the copied ids. So ``prefetch`` never synchronizes the caller's GPU work;
+        an out-of-range CUDA id raises from ``result()`` instead of from ``prefetch``.
+        Never run: needs CUDA."""
+        where = f"table {t.info.name!r}"
+        check_id_tensor(ids, where)
+        host = torch.empty(ids.shape, dtype=ids.dtype, pin_memory=True)  # private: the caller may reuse ids
+        host.copy_(ids.detach(), non_blocking=True)
+        copied = torch.cuda.Event()
+        copied.record(torch.cuda.current_stream(ids.device))
+
+        def ids_on_host() -> np.ndarray:
+            copied.synchronize()
+            return as_row_ids(host, t.info.rows, where=where, copy=False)[0]
+
+        return ids_on_host
 
     @staticmethod
     def _finish(t: Table, stage: torch.Tensor, buf: torch.Tensor, full: tuple[int, ...]) -> torch.Tensor:
@@ -232,7 +295,23 @@ class Store:
         (contiguous, that shape and dtype) is filled instead of a pooled buffer. A quantized
         table returns bfloat16 rows of ``info.lookup_dim`` values, or with ``raw=True`` its
         stored rows (see :meth:`lookup`).
+
+        CUDA ids are not read here (that would wait for the caller's queued GPU work): they
+        are copied to the host asynchronously and checked on a worker, so their range errors
+        raise from ``result()`` (never run: needs CUDA).
         """
+        if isinstance(ids, torch.Tensor) and ids.is_cuda:  # never run: needs CUDA
+            if raw not in (True, False):
+                raise TierStoreError(f"raw={raw!r} must be a bool")
+            t = self._table(table)
+            ids_on_host = self._defer_cuda_ids(t, ids)
+            stage, buf, full = self._output(t, ids.numel(), tuple(ids.shape), out, raw)
+
+            def deferred() -> torch.Tensor:
+                t.gather(ids_on_host(), stage)
+                return self._finish(t, stage, buf, full)
+
+            return self._prefetcher.submit(deferred)
         t, flat, stage, buf, full = self._prepare(table, ids, out, raw=raw)
         if flat.size <= INLINE_BELOW:
             # A small request's bookkeeping (a few us, GIL-free) runs here: if every row is on
@@ -270,13 +349,21 @@ class Store:
 
     def prefetch_many(self, requests: Mapping[str, IdLike]) -> LookupFuture[dict[str, torch.Tensor]]:
         """One call for several tables (an Engram layer reads all its tables at once); rows
-        as :meth:`lookup` returns them (quantized tables dequantized)."""
-        prepared = {name: self._prepare(name, ids, None) for name, ids in requests.items()}
+        as :meth:`lookup` returns them (quantized tables dequantized). CUDA ids are read as in
+        ``prefetch``: without waiting here."""
+        prepared = {}
+        for name, ids in requests.items():
+            if isinstance(ids, torch.Tensor) and ids.is_cuda:  # never run: needs CUDA
+                t = self._table(name)
+                prepared[name] = (t, self._defer_cuda_ids(t, ids),
+                                  *self._output(t, ids.numel(), tuple(ids.shape), None, False))
+            else:
+                prepared[name] = self._prepare(name, ids, None)
 
         def job() -> dict[str, torch.Tensor]:
             result = {}
             for name, (t, flat, stage, buf, full) in prepared.items():
-                t.gather(flat, stage)
+                t.gather(flat() if callable(flat) else flat, stage)
                 result[name] = self._finish(t, stage, buf, full)
             return result
 
@@ -306,7 +393,8 @@ class Store:
         """Announce rows of ``table`` that a later lookup will read (queued requests, the next
         batch): the cache policy that uses hints (``default``) keeps them rather than others
         and admits them first. A lookup consumes a row's hint; a hint not used within the
-        policy's horizon (``max(4 x capacity, 2**20)`` accesses) expires. Lookups do not hint
+        policy's horizon (``max(4 x capacity, 2**20)`` accesses, or ``policy_params=
+        {"hint_horizon": n}``) expires. Lookups do not hint
         their own ids. Cheap and synchronous; bad ids raise as in ``lookup``."""
         t = self._table(table)
         flat, _ = as_row_ids(ids, t.info.rows, where=f"table {t.info.name!r}", copy=False)
@@ -318,14 +406,19 @@ class Store:
         device/host: hits, misses, evictions, insertions, rows held, capacity_rows, bytes.
         pool: bytes and buffers held for reuse as lookup outputs (bounded by ``pool_bytes``).
         The device tier counts every id; the host tier counts the unique ids that missed the
-        device tier; disk counts rows, pages and bytes read. latency: prefetch lead time and
-        caller stall time.
+        device tier; disk counts rows, pages and bytes read, and names its device-bound page
+        reader (``reader``: "posix" or "kvikio"; ``reader_mode``: the POSIX method, or kvikio's
+        "gds", "cufile-compat" or "compat"; ``device_pages_read``: pages read straight into
+        device memory). latency: prefetch lead time and caller stall time.
         """
         per_table = {name: t.stats() for name, t in self._tables.items()}
-        agg: dict[str, dict[str, float]] = {}
+        agg: dict[str, dict[str, Any]] = {}
         for tier in ("device", "host", "disk"):
-            keys = [k for k, v in next(iter(per_table.values()), {}).get(tier, {}).items() if not isinstance(v, bool)]
+            first = next(iter(per_table.values()), {}).get(tier, {})
+            keys = [k for k, v in first.items() if not isinstance(v, (bool, str))]
             agg[tier] = {k: sum(s[tier][k] for s in per_table.values()) for k in keys}
+            for k in (k for k, v in first.items() if isinstance(v, str)):  # e.g. the disk reader: one name,
+                agg[tier][k] = "/".join(sorted({str(s[tier][k]) for s in per_table.values()}))  # or all of them
             if tier != "disk":
                 looked = agg[tier].get("hits", 0) + agg[tier].get("misses", 0)
                 agg[tier]["hit_ratio"] = agg[tier].get("hits", 0) / looked if looked else 0.0

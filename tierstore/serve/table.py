@@ -12,11 +12,18 @@
 
 Costs: O(batch) index work plus one gather per tier; the only sort is the ``np.unique``
 of the ids that missed the device tier.
+
+On CUDA the bytes move by ``_move_cuda`` (never run: needs CUDA): the lookup's index arrays
+go up in one pinned non-blocking copy (tiers.cuda.to_device); host hits are gathered by the
+CPU into pinned memory and copied up, or, with ``zero_copy``, read by the GPU straight from
+the pinned host slab; cold rows are read into pinned memory (POSIX) or straight into GPU
+memory (kvikio) and the rows the host tier admitted are copied down to it; the device slab
+orders its gathers and fills across streams with events (tiers.cuda.StreamFences). On the
+CPU, ``_move`` is the path it always was.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -26,6 +33,7 @@ from ..cache.layout import FILL, HIT, NONE, RESIDENT
 from ..cache.lookup import Lookup, Walker
 from ..format.spec import TableInfo
 from ..tiers import CacheTier, DiskTier, SharedHostTier, Tier
+from ..tiers.cuda import capacity_error, to_device
 
 __all__ = ["Table"]
 
@@ -49,21 +57,26 @@ class Table:
         io_threads: int | None = None,
         host_shared: bool = False,
         build_id: str = "",
+        zero_copy: bool = False,
+        disk_reader: str = "auto",
     ):
         self.info = info
         self.device = device
         self.cuda = device.type == "cuda"
-        self.disk: Tier = DiskTier(root, info, direct=direct, threads=io_threads)
+        self.zero_copy = zero_copy and self.cuda  # the GPU reads host-tier rows from pinned memory itself
+        self.disk: Tier = DiskTier(root, info, direct=direct, threads=io_threads, device=device,
+                                   device_reader=disk_reader)
         self.host: Tier | None = None
         self.dev: Tier | None = None
         try:
+            pinned = dict(pin=self.cuda, zero_copy=self.zero_copy, zero_copy_device=device)
             if host_shared and host_rows > 0:
-                self.host = SharedHostTier(root, info, host_rows, self.disk, profile=profile, build_id=build_id)
+                self.host = SharedHostTier(root, info, host_rows, self.disk, profile=profile, build_id=build_id,
+                                           **pinned)
             else:
-                self.host = CacheTier("host", info, host_rows, device=torch.device("cpu"), pin=self.cuda,
+                self.host = CacheTier("host", info, host_rows, device=torch.device("cpu"), **pinned,
                                       policy=policy, profile=profile)
             self.dev = CacheTier("device", info, device_rows, device=device, policy=policy, profile=profile)
-            self._after_lease: Callable[[], None] | None = None
             self._preload()
             self._walker = Walker(self.dev.index, self.dev.kind, self.host.index, self.host.kind)
             # when a list: every lookup's start (its ids) and end, and every hint, in the order
@@ -80,6 +93,8 @@ class Table:
         that holds it) and caches with their static hot set; counters start at zero."""
         self.host.preload(self.disk)
         self.dev.preload(self.disk, self.host)
+        if self.cuda:  # never run: needs CUDA. The preloads' copies have run before any stream reads
+            torch.cuda.current_stream(self.device).synchronize()
         self.disk.reset_stats()
 
     # -- lookup ---------------------------------------------------------------------------
@@ -104,6 +119,9 @@ class Table:
         if dkind == NONE and hkind == RESIDENT and not self.cuda:  # the host slab is the table
             self.host.gather(ids, out.view(self.info.raw_dtype))
             return True
+        if dkind == NONE and hkind == RESIDENT and self.zero_copy:  # never run: needs CUDA
+            self.host.gather_to_device(to_device([ids], self.device)[0], out.view(self.info.raw_dtype))
+            return True  # the GPU gathers from the pinned host table (UVA), nothing staged
         return False
 
     def begin(self, ids: np.ndarray) -> Lookup:
@@ -119,31 +137,84 @@ class Table:
     def complete(self, lk: Lookup, out: torch.Tensor) -> None:
         """Move the bytes of a begun lookup into ``out`` and end it (its FILL slots are
         written; after an error they are dropped and the error re-raised)."""
-        dev = self.dev
         out = out.view(self.info.raw_dtype)  # move bits, not values
-        d_slot, d_code, need_of, m = lk.d_slot, lk.d_code, lk.need_of, lk.m
         ok = False
         try:
-            if self._after_lease is not None:  # test hook: runs between the bookkeeping and the bytes
-                self._after_lease()
-            if m == 0:  # every row on the device: one gather
-                dev.gather(d_slot, out)
+            if self.cuda:
+                self._move_cuda(lk, out)
             else:
-                staged = self._from_host_or_disk(lk.need[:m], lk.h_slot[:m], lk.h_code[:m])
-                staged_dev = staged.to(self.device, non_blocking=True)
-                d_hit = d_code == HIT
-                fill = np.flatnonzero(d_code == FILL)
-                if len(fill):  # rows the device tier admitted: write their slots
-                    dev.write(d_slot[fill], staged_dev.index_select(0, torch.from_numpy(need_of[fill]).to(self.device)))
-                below = np.flatnonzero(~d_hit)
-                hit_pos = np.flatnonzero(d_hit)
-                if len(hit_pos):
-                    out.index_copy_(0, torch.from_numpy(hit_pos).to(self.device), dev.gather(d_slot[hit_pos]))
-                out.index_copy_(0, torch.from_numpy(below).to(self.device),
-                                staged_dev.index_select(0, torch.from_numpy(need_of[below]).to(self.device)))
+                self._move(lk, out)
             ok = True
+        except torch.OutOfMemoryError as e:  # never run: needs CUDA (a CPU allocation failure is a RuntimeError)
+            raise capacity_error(e, self.device, f"looking up {len(lk.d_slot)} rows of table {self.info.name!r}") \
+                from None
         finally:
             self._end(lk, ok)
+
+    def _move(self, lk: Lookup, out: torch.Tensor) -> None:
+        """The CPU path: host/disk -> staged rows -> the device slots the walk admitted them
+        to -> ``out``."""
+        dev = self.dev
+        d_slot, d_code, need_of, m = lk.d_slot, lk.d_code, lk.need_of, lk.m
+        if m == 0:  # every row on the device: one gather
+            dev.gather(d_slot, out)
+            return
+        staged = self._from_host_or_disk(lk.need[:m], lk.h_slot[:m], lk.h_code[:m])
+        d_hit = d_code == HIT
+        fill = np.flatnonzero(d_code == FILL)
+        if len(fill):  # rows the device tier admitted: write their slots
+            dev.write(d_slot[fill], staged.index_select(0, torch.from_numpy(need_of[fill])))
+        below = np.flatnonzero(~d_hit)
+        hit_pos = np.flatnonzero(d_hit)
+        if len(hit_pos):
+            out.index_copy_(0, torch.from_numpy(hit_pos), dev.gather(d_slot[hit_pos]))
+        out.index_copy_(0, torch.from_numpy(below), staged.index_select(0, torch.from_numpy(need_of[below])))
+
+    def _move_cuda(self, lk: Lookup, out: torch.Tensor) -> None:
+        """The CUDA path (module docstring), on the current stream (a worker's side stream,
+        or the caller's for a lookup done in its thread). Never run: needs CUDA."""
+        dev, host, info = self.dev, self.host, self.info
+        d_slot, d_code, need_of, m = lk.d_slot, lk.d_code, lk.need_of, lk.m
+        if m == 0:  # every row on the device: one gather
+            dev.gather(to_device([d_slot], self.device)[0], out)
+            return
+        need, h_slot, h_code = lk.need[:m], lk.h_slot[:m], lk.h_code[:m]
+        h_hit = h_code == HIT
+        hit_pos, cold_pos = np.flatnonzero(h_hit), np.flatnonzero(~h_hit)
+        fill = np.flatnonzero(d_code == FILL)
+        d_hit = np.flatnonzero(d_code == HIT)
+        below = np.flatnonzero(d_code != HIT)
+        zc = self.zero_copy and len(hit_pos) > 0
+        (i_hit, i_cold, i_hslot, i_fill_slot, i_fill_src, i_dhit, i_dhit_slot, i_below, i_below_src) = to_device(
+            [hit_pos, cold_pos, h_slot[hit_pos] if zc else hit_pos[:0], d_slot[fill], need_of[fill], d_hit,
+             d_slot[d_hit], below, need_of[below]], self.device)  # one pinned buffer, one copy
+
+        staged = torch.empty((m, info.dim), dtype=info.raw_dtype, device=self.device)  # the rows `need`
+        if len(hit_pos):
+            if zc:  # the GPU reads them from the pinned host slab
+                hits = host.gather_to_device(i_hslot, torch.empty((len(hit_pos), info.dim), dtype=info.raw_dtype,
+                                                                  device=self.device))
+            else:  # the CPU gathers them into pinned memory, one copy up
+                pinned = torch.empty((len(hit_pos), info.dim), dtype=info.raw_dtype, pin_memory=True)
+                hits = host.gather(h_slot[hit_pos], pinned).to(self.device, non_blocking=True)
+            staged.index_copy_(0, i_hit, hits)
+        if len(cold_pos):
+            # straight into GPU memory (kvikio) or into pinned host memory (POSIX)
+            on_host = self.disk.device.type == "cpu"
+            cold = self.disk.gather(need[cold_pos], torch.empty((len(cold_pos), info.dim), dtype=info.raw_dtype,
+                                                                device=self.disk.device, pin_memory=on_host))
+            h_fill = np.flatnonzero(h_code == FILL)
+            if len(h_fill):  # rows the host tier admitted must be in host memory before the lookup ends
+                src = np.searchsorted(cold_pos, h_fill)
+                admitted = cold.index_select(0, torch.from_numpy(src)) if on_host else \
+                    cold.index_select(0, to_device([src], self.device)[0]).cpu()  # one copy down (waits)
+                host.write(h_slot[h_fill], admitted)
+            staged.index_copy_(0, i_cold, cold.to(self.device, non_blocking=True))
+        if len(fill):  # rows the device tier admitted: write their slots (fenced against other streams)
+            dev.write(i_fill_slot, staged.index_select(0, i_fill_src))
+        if len(d_hit):
+            out.index_copy_(0, i_dhit, dev.gather(i_dhit_slot))
+        out.index_copy_(0, i_below, staged.index_select(0, i_below_src))
 
     def cancel(self, lk: Lookup) -> None:
         """End a begun lookup whose bytes will never be moved (its admitted rows are dropped)."""
@@ -157,11 +228,11 @@ class Table:
                 self.events.append(("end", ok, id(lk)))
 
     def _from_host_or_disk(self, need: np.ndarray, h_slot: np.ndarray, h_code: np.ndarray) -> torch.Tensor:
-        """Rows ``need`` (sorted unique) as a CPU tensor (pinned when CUDA is present): host
-        hits from the host tier, the rest from disk, written into the slots the host tier
-        admitted them to (``FILL``)."""
+        """Rows ``need`` (sorted unique) as a CPU tensor (the CPU path): host hits from the
+        host tier, the rest from disk, written into the slots the host tier admitted them
+        to (``FILL``)."""
         info, host = self.info, self.host
-        staged = torch.empty((len(need), info.dim), dtype=info.raw_dtype, pin_memory=self.cuda)
+        staged = torch.empty((len(need), info.dim), dtype=info.raw_dtype)
         hit = h_code == HIT
         if hit.all():
             host.gather(h_slot, staged)

@@ -44,11 +44,14 @@ class Tier(Protocol):
     kind: int  # NONE / CACHED / RESIDENT / DISK (above)
     index: CacheIndex | None  # the walk's bookkeeping when CACHED, else None
     slab: torch.Tensor | None  # the rows in memory, one per slot (None for the disk tier)
+    device: torch.device  # where gather puts rows when given no ``out`` (the disk: its reader's device)
     lock: threading.Lock  # guards its state: a cache tier's index and leases (held around the walk), the disk's counters
 
     def gather(self, slots: np.ndarray, out: torch.Tensor | None = None) -> torch.Tensor:
         """Copy the rows at ``slots`` into ``out`` (len(slots), dim) on the tier's device
-        (a new tensor when ``out`` is None) and return it."""
+        (a new tensor when ``out`` is None) and return it. A memory tier also takes ``slots``
+        as an int64 tensor already on its device (the CUDA path sends a lookup's indices in
+        one copy)."""
         ...
 
     def write(self, slots: np.ndarray, rows: torch.Tensor) -> None:

@@ -12,10 +12,11 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from ..cache import CacheIndex
+from ..cache import CacheIndex, PolicySpec
 from ..cache.layout import CACHED, NONE, RESIDENT
 from ..format.spec import TableInfo
 from .base import Tier
+from .cuda import StreamFences, capacity_error
 from .disk import DiskTier
 from .slab import SlabTier
 
@@ -28,6 +29,10 @@ PRELOAD_BYTES = 64 << 20
 
 class CacheTier(SlabTier):
     """A budgeted slab of rows on one device, with a policy-driven index of what it holds.
+
+    ``pin`` (a host tier when the store runs on CUDA): register the slab with CUDA, exactly
+    its bytes; ``zero_copy`` also lets the GPU on ``zero_copy_device`` read it directly
+    (``gather_to_device``). Both never run: need CUDA.
 
     ``lock`` guards the index and the slab's contents: callers look up and lease under it,
     gather outside it (leased slots cannot be evicted), and admit + copy under it, so a
@@ -42,15 +47,22 @@ class CacheTier(SlabTier):
         *,
         device: torch.device,
         pin: bool = False,
-        policy: str = "default",
+        zero_copy: bool = False,
+        zero_copy_device: torch.device | None = None,
+        policy: str | PolicySpec = "default",
         profile: np.ndarray | None = None,
         pinned_rows: np.ndarray | None = None,
     ):
         super().__init__(name, info, capacity, device)
-        self.slab = torch.empty(
-            (self.capacity, info.dim), dtype=info.raw_dtype, device=device,
-            pin_memory=pin and device.type == "cpu",
-        )
+        if device.type == "cuda":  # never run: needs CUDA
+            try:
+                self.slab = torch.empty((self.capacity, info.dim), dtype=info.raw_dtype, device=device)
+            except torch.OutOfMemoryError as e:  # the Store checked the room first; another process took it
+                raise capacity_error(e, device, f"allocating the {name} tier of table {info.name!r}") from None
+        else:
+            # plain memory, pinned below by registering exactly its bytes (pin_memory=True
+            # would take it from the caching host allocator, which rounds up to a power of two)
+            self.slab = torch.empty((self.capacity, info.dim), dtype=info.raw_dtype)
         if not self.resident and self.capacity > 0:
             self.index = CacheIndex(
                 info.rows, self.capacity, policy,
@@ -58,6 +70,10 @@ class CacheTier(SlabTier):
                 profile=profile,
             )
         self.kind = RESIDENT if self.resident else CACHED if self.index is not None else NONE
+        if device.type == "cuda" and self.kind == CACHED:  # never run: needs CUDA
+            self.fences = StreamFences(device)  # slots are refilled: order gathers and fills across streams
+        if pin and self.kind != NONE:  # never run: needs CUDA
+            self.pin(zero_copy=zero_copy, device=zero_copy_device)
 
     def preload(self, disk: DiskTier, source: Tier | None = None) -> None:
         if self.kind == RESIDENT:
@@ -71,8 +87,11 @@ class CacheTier(SlabTier):
                 rows = self.index.row_of_slot[slots].astype(np.int64)
                 order = np.argsort(rows)  # file order: each step's reads go forward through the file
                 rows, slots = rows[order], slots[order]
+                # read straight into this tier's memory (the disk picks the reader for it), a
+                # bounded step at a time: staging the whole hot set would double the tier at open
                 step = max(1, PRELOAD_BYTES // max(1, self.info.row_bytes))
-                buf = torch.empty((min(step, len(rows)), self.info.dim), dtype=self.info.raw_dtype)
+                staged = torch.empty((min(step, len(rows)), self.info.dim), dtype=self.info.raw_dtype,
+                                     device=self.device)
                 for s in range(0, len(rows), step):
                     n = min(step, len(rows) - s)
-                    self.write(slots[s:s + n], disk.gather(rows[s:s + n], buf[:n]).to(self.device))
+                    self.write(slots[s:s + n], disk.gather(rows[s:s + n], staged[:n]))

@@ -1,8 +1,23 @@
 """The disk tier: the table's row file, the bottom of every lookup.
 
-Reads whole 4 KiB pages through ``rowio.PageReader`` (O_DIRECT where the filesystem allows
-it) and verifies every page it reads against the stored checksums before a row leaves it.
-Its addresses are row ids (``kind`` DISK); it holds every row and is never written.
+Reads whole 4 KiB pages and verifies every page it reads against the stored checksums
+before a row leaves it. Its addresses are row ids (``kind`` DISK); it holds every row and
+is never written.
+
+One disk tier, two page readers (the seam is :class:`DevicePageSource`):
+
+- ``reader``: the POSIX ``page_reader.PageReader`` (native AIO with O_DIRECT, or buffered),
+  into host memory; numpy verifies and cuts the rows. Every read whose destination is host
+  memory goes here, and every read at all when no device reader is plugged in.
+- ``device_reader``: a page reader into device memory, chosen at open
+  (:func:`choose_device_reader`): ``kvikio_reader.KvikioPageReader`` when the store runs on
+  CUDA and kvikio is importable, else none. Reads whose destination is on its device go
+  here; torch verifies the pages (``page_checksums_torch``) and cuts the rows on that
+  device, so cold rows reach GPU memory without a bounce through host memory.
+
+``stats()`` says which reader serves device-bound reads (``reader``: "posix" or "kvikio"),
+how (``reader_mode``: the POSIX method, or kvikio's "gds" / "cufile-compat" / "compat") and
+how many pages went through it (``device_pages_read``).
 
 All methods take whole batches (numpy int64 row arrays); there is no per-row Python work.
 """
@@ -11,22 +26,82 @@ from __future__ import annotations
 
 import threading
 import time
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from concurrent.futures import wait as wait_futures
 from pathlib import Path
+from typing import Protocol, runtime_checkable
 
 import numpy as np
 import torch
 
 from ..errors import CorruptDataError, TierStoreError
-from ..format.spec import PAGE_SIZE, TableInfo, check_header_page, load_checksums, load_order, page_checksums
-from .page_reader import PageReader, aligned_empty
+from ..format.spec import (PAGE_SIZE, TableInfo, check_header_page, load_checksums, load_order, page_checksums,
+                           page_checksums_torch)
 from .base import DISK
+from .cuda import to_device
+from .kvikio_reader import KvikioPageReader, load_kvikio
+from .page_reader import PageReader, aligned_empty
 
-__all__ = ["DiskTier", "CHUNK_ROWS"]
+__all__ = ["DiskTier", "CHUNK_ROWS", "DevicePageSource", "choose_device_reader", "READERS"]
 
 CHUNK_ROWS = 1024  # rows per read+verify+gather step: at most 2048 pages (8 MiB) in flight
 CHUNK_BYTES = 4 << 20  # ...and at most this many row bytes per step (rows wider than 4 KiB)
+READERS = ("auto", "posix", "kvikio")
+
+
+@runtime_checkable
+class DevicePageSource(Protocol):
+    """A page reader whose pages land in torch tensors on ``device`` (the disk tier's seam).
+
+    ``KvikioPageReader`` is the one the product plugs in; the tests plug in stand-ins."""
+
+    kind: str  # reported as stats()["reader"], e.g. "kvikio"
+    mode: str  # reported as stats()["reader_mode"], e.g. "gds" or "compat"
+    device: torch.device  # where read_pages puts the pages
+
+    def read_pages(self, pages: np.ndarray, out: torch.Tensor | None = None) -> torch.Tensor:
+        """``pages`` (sorted unique int64) as a (len(pages), 4096) uint8 tensor on ``device``
+        (the reader's per-thread staging when ``out`` is None). StoreIOError / CorruptDataError
+        as ``PageReader.read_pages``."""
+        ...
+
+    def release(self) -> None:
+        """The reads of the last returned staging are queued (this thread): it may be reused
+        once they have run."""
+        ...
+
+    def staging_bytes(self) -> int: ...
+
+    def close(self) -> None: ...
+
+
+def choose_device_reader(path: Path, device: torch.device, reader: str = "auto"
+                         ) -> DevicePageSource | None:
+    """The device page reader of a disk tier whose lookups return rows on ``device``.
+
+    ``"auto"``: kvikio when ``device`` is CUDA and kvikio is importable, else None (POSIX
+    reads into host memory, then a copy). ``"posix"``: None. ``"kvikio"``: kvikio or a
+    ``TierStoreError`` saying what is missing.
+    """
+    if reader not in READERS:
+        raise TierStoreError(f"disk_reader={reader!r} must be one of {READERS}")
+    if reader == "posix" or (reader == "auto" and device.type != "cuda"):
+        return None
+    if device.type != "cuda":
+        raise TierStoreError(f"disk_reader='kvikio' reads into GPU memory: it needs device='cuda', not {device}")
+    kvikio = load_kvikio()
+    if kvikio is None:
+        if reader == "kvikio":
+            raise TierStoreError("disk_reader='kvikio' but kvikio is not installed: pip install -e '.[gpu]'")
+        return None
+    try:  # never run: needs CUDA
+        return KvikioPageReader(path, device, kvikio=kvikio)
+    except (RuntimeError, OSError) as e:  # kvikio cannot open the file here (e.g. no libcufile, no libcuda)
+        if reader == "kvikio":
+            raise TierStoreError(f"disk_reader='kvikio': kvikio cannot open {path} ({e}); use disk_reader='posix'") \
+                from None
+        return None  # "auto": the POSIX reader serves, and stats()["disk"]["reader"] says so
 
 
 class DiskTier:
@@ -41,7 +116,14 @@ class DiskTier:
     index = None  # no bookkeeping: row r is at its place in the file
     slab = None  # nothing in memory
 
-    def __init__(self, root: Path, info: TableInfo, *, direct: bool | None = None, threads: int | None = None):
+    def __init__(self, root: Path, info: TableInfo, *, direct: bool | None = None, threads: int | None = None,
+                 method: str = "auto", depth: int = 256, device: torch.device | None = None,
+                 device_reader: str | Callable[[Path], DevicePageSource] = "auto"):
+        """``direct``, ``threads``, ``method`` and ``depth`` configure the POSIX page reader
+        (tierstore.tiers.page_reader.PageReader): the store sets only the first two, the
+        cold-read benchmark compares the reader's methods through this tier. device: where
+        lookups want rows (the store's device); device_reader: "auto", "posix", "kvikio"
+        (:func:`choose_device_reader`) or a ``path -> DevicePageSource`` factory (tests)."""
         self.info = info
         self.path = root / info.file
         size = self.path.stat().st_size if self.path.exists() else -1
@@ -57,8 +139,11 @@ class DiskTier:
         self._local = threading.local()  # per-thread aligned read buffer
         self._pool: ThreadPoolExecutor | None = None
         self.lock = threading.Lock()
-        self.reader = PageReader(self.path, direct=direct, threads=threads)
+        self.reader = PageReader(self.path, direct=direct, threads=threads, method=method, depth=depth)
+        self.device_reader: DevicePageSource | None = None
         try:
+            self.device_reader = device_reader(self.path) if callable(device_reader) else \
+                choose_device_reader(self.path, device or torch.device("cpu"), device_reader)
             self._check_header()
         except BaseException:  # release the file and the checksum map now, not when the traceback goes
             self.close()
@@ -67,6 +152,12 @@ class DiskTier:
         self.pages_read = 0
         self.bytes_read = 0
         self.read_seconds = 0.0
+        self.device_pages_read = 0
+
+    @property
+    def device(self) -> torch.device:
+        """Where ``gather`` puts rows when given no ``out``: the device reader's device, else the CPU."""
+        return self.device_reader.device if self.device_reader is not None else torch.device("cpu")
 
     def _check_header(self) -> None:
         """The row file's header page must pass its checksum and agree with the manifest
@@ -97,9 +188,9 @@ class DiskTier:
         return buf[:n_pages]
 
     def gather(self, rows: np.ndarray, out: torch.Tensor | None = None) -> torch.Tensor:
-        """The tier protocol's gather: ``read`` into ``out`` (a new CPU tensor when None)."""
+        """The tier protocol's gather: ``read`` into ``out`` (a new tensor on ``device`` when None)."""
         if out is None:
-            out = torch.empty((len(rows), self.info.dim), dtype=self.info.raw_dtype)
+            out = torch.empty((len(rows), self.info.dim), dtype=self.info.raw_dtype, device=self.device)
         self.read(rows, out)
         return out
 
@@ -110,28 +201,57 @@ class DiskTier:
         """Nothing to load: the disk tier holds every row."""
 
     def read(self, rows: np.ndarray, out: torch.Tensor) -> None:
-        """Fill ``out`` (len(rows), dim) on the CPU with the stored rows. ``rows``: int64, unique.
+        """Fill ``out`` (len(rows), dim) with the stored rows. ``rows``: int64, unique.
 
         Works through the rows in file order, CHUNK_ROWS at a time: read the pages that hold
-        them into a reused aligned buffer, verify every page's checksum, cut the rows out
-        with one vectorized gather. Chunks keep the buffer small and cache-warm.
+        them into a reused buffer, verify every page's checksum, cut the rows out with one
+        vectorized gather. Chunks keep the buffer small and cache-warm.
+
+        ``out`` on the device reader's device: pages land there and are verified and cut
+        there (torch). ``out`` in host memory: the POSIX reader (numpy). ``out`` on a CUDA
+        device with no device reader: POSIX into pinned host memory, one copy up.
         """
         if len(rows) == 0:
             return
+        dr = self.device_reader
+        on_device = dr is not None and out.device == dr.device
+        if not on_device and out.device.type != "cpu":  # never run: needs CUDA
+            staged = torch.empty(out.shape, dtype=out.dtype, pin_memory=True)
+            self.read(rows, staged)
+            out.copy_(staged, non_blocking=True)  # the caching host allocator keeps `staged` until it ran
+            return
         t0 = time.perf_counter()
         phys = rows if self.pos is None else self.pos[rows].astype(np.int64)
-        dst = out.view(torch.uint8).numpy().reshape(len(rows), self.info.row_bytes)
+        if on_device:
+            dst = out.view(torch.uint8).reshape(len(rows), self.info.row_bytes)
+        else:
+            dst = out.view(torch.uint8).numpy().reshape(len(rows), self.info.row_bytes)
         in_order = len(phys) < 2 or bool((phys[1:] > phys[:-1]).all())
         order = None if in_order else np.argsort(phys, kind="stable")
         step = max(1, min(CHUNK_ROWS, CHUNK_BYTES // max(1, self.info.row_bytes)))
 
+        # CUDA: the overlap pool's threads must queue their gathers on the caller's stream, not
+        # on their own default one, or the caller's next kernel could read rows before they land
+        stream = torch.cuda.current_stream(dst.device) if on_device and dst.device.type == "cuda" else None
+
         def chunk(c: int) -> int:
+            if stream is None:
+                return chunk_here(c)
+            with torch.cuda.stream(stream):  # never run: needs CUDA
+                return chunk_here(c)
+
+        def chunk_here(c: int) -> int:
             sel = slice(c, c + step) if order is None else order[c : c + step]
             if order is None:
                 return self._read_chunk(rows[sel], phys[sel], dst[sel])
-            part = np.empty((len(sel), self.info.row_bytes), dtype=np.uint8)
-            n = self._read_chunk(rows[sel], phys[sel], part)
-            dst[sel] = part
+            if not on_device:
+                part = np.empty((len(sel), self.info.row_bytes), dtype=np.uint8)
+                n = self._read_chunk(rows[sel], phys[sel], part)
+                dst[sel] = part
+                return n
+            part_t = torch.empty((len(sel), self.info.row_bytes), dtype=torch.uint8, device=dst.device)
+            n = self._read_chunk(rows[sel], phys[sel], part_t)
+            dst.index_copy_(0, to_device([sel], dst.device)[0], part_t)
             return n
 
         starts = range(0, len(rows), step)
@@ -152,8 +272,12 @@ class DiskTier:
             self.pages_read += n_pages
             self.bytes_read += n_pages * PAGE_SIZE
             self.read_seconds += dt
+            if on_device:
+                self.device_pages_read += n_pages
 
-    def _read_chunk(self, rows: np.ndarray, phys: np.ndarray, dst: np.ndarray) -> int:
+    def _read_chunk(self, rows: np.ndarray, phys: np.ndarray, dst: np.ndarray | torch.Tensor) -> int:
+        """Read, verify and cut out one chunk's rows into ``dst`` (rows, row_bytes): a numpy
+        array through the POSIX reader, a tensor through the device reader."""
         info = self.info
         start, first, last = self._row_spans(phys)
         # Every page a row touches, not just its first and last: a row wider than a page
@@ -161,8 +285,14 @@ class DiskTier:
         span = int((last - first).max()) + 1
         touched = first[:, None] + np.arange(span)
         pages = np.unique(np.minimum(touched, last[:, None]))  # sorted unique
-        buf = self.reader.read_pages(pages, out=self._scratch(len(pages)))
-        bad = np.flatnonzero(page_checksums(buf) != self.sums[pages])
+        if isinstance(dst, np.ndarray):
+            buf = self.reader.read_pages(pages, out=self._scratch(len(pages)))
+            sums = page_checksums(buf)
+        else:
+            buf = self.device_reader.read_pages(pages)
+            # verified where the pages are; 8 bytes per page come back (this waits for the stream)
+            sums = page_checksums_torch(buf).cpu().numpy().view(np.uint64)
+        bad = np.flatnonzero(sums != self.sums[pages])
         if len(bad):
             page = int(pages[bad[0]])
             hit = rows[(first <= page) & (page <= last)]
@@ -173,13 +303,30 @@ class DiskTier:
         # All pages of a row are consecutive entries of `pages`, so each row is one contiguous
         # run in the flat buffer starting at (its first page's position, in-page offset).
         pos = np.searchsorted(pages, first) * PAGE_SIZE + start % PAGE_SIZE
-        flat = buf.reshape(-1)
-        if info.row_bytes % 8 == 0:  # stride is a multiple of 16, so offsets are 8-aligned
-            idx = (pos // 8)[:, None] + np.arange(info.row_bytes // 8)
-            np.take(flat.view(np.uint64), idx, out=dst.view(np.uint64))
+        if isinstance(dst, np.ndarray):
+            flat = buf.reshape(-1)
+            if info.row_bytes % 8 == 0:  # stride is a multiple of 16, so offsets are 8-aligned
+                idx = (pos // 8)[:, None] + np.arange(info.row_bytes // 8)
+                np.take(flat.view(np.uint64), idx, out=dst.view(np.uint64))
+            else:
+                np.take(flat, pos[:, None] + np.arange(info.row_bytes), out=dst)
         else:
-            np.take(flat, pos[:, None] + np.arange(info.row_bytes), out=dst)
+            self._cut_rows(buf, pos, dst)
         return len(pages)
+
+    def _cut_rows(self, buf: torch.Tensor, pos: np.ndarray, dst: torch.Tensor) -> None:
+        """Rows starting at byte ``pos`` of the pages ``buf`` into ``dst``, on their device:
+        the row offsets go over (one copy), the (rows, words) index is built there."""
+        rb = self.info.row_bytes
+        wide = rb % 8 == 0
+        (start,) = to_device([pos // 8 if wide else pos], buf.device)
+        if wide:
+            idx = start[:, None] + torch.arange(rb // 8, device=buf.device)
+            torch.index_select(buf.reshape(-1).view(torch.int64), 0, idx.reshape(-1), out=dst.view(torch.int64).reshape(-1))
+        else:
+            idx = start[:, None] + torch.arange(rb, device=buf.device)
+            torch.index_select(buf.reshape(-1), 0, idx.reshape(-1), out=dst.reshape(-1))
+        self.device_reader.release()  # the staging may be reused once this gather has run
 
     def read_range(self, start: int, stop: int, out: torch.Tensor) -> np.ndarray:
         """The rows at file positions ``start:stop`` (one sequential read, e.g. loading a resident
@@ -194,9 +341,9 @@ class DiskTier:
         step = max(1, (64 << 20) // max(1, self.info.row_bytes))
         for s in range(0, self.info.rows, step):
             e = min(s + step, self.info.rows)
-            buf = torch.empty((e - s, self.info.dim), dtype=self.info.raw_dtype)
+            buf = torch.empty((e - s, self.info.dim), dtype=self.info.raw_dtype, device=slab.device)
             rows = self.read_range(s, e, buf)
-            slab.index_copy_(0, torch.from_numpy(rows).to(slab.device), buf.to(slab.device))
+            slab.index_copy_(0, to_device([rows], slab.device)[0], buf)
 
     @property
     def perm(self) -> np.ndarray:
@@ -207,13 +354,17 @@ class DiskTier:
             self._perm = perm
         return self._perm
 
-    def stats(self) -> dict[str, float]:
+    def stats(self) -> dict[str, float | str]:
+        dr = self.device_reader
         return {"rows_read": self.rows_read, "pages_read": self.pages_read, "bytes_read": self.bytes_read,
-                "read_seconds": self.read_seconds}
+                "read_seconds": self.read_seconds, "device_pages_read": self.device_pages_read,
+                "reader": dr.kind if dr is not None else "posix",
+                "reader_mode": dr.mode if dr is not None else self.reader.method,
+                "staging_bytes": dr.staging_bytes() if dr is not None else 0}
 
     def reset_stats(self) -> None:
         with self.lock:
-            self.rows_read = self.pages_read = self.bytes_read = 0
+            self.rows_read = self.pages_read = self.bytes_read = self.device_pages_read = 0
             self.read_seconds = 0.0
 
     def close(self) -> None:
@@ -223,5 +374,7 @@ class DiskTier:
         if pool is not None:
             pool.shutdown(wait=True)
         self.reader.close()
+        if self.device_reader is not None:
+            self.device_reader.close()
         self.sums = self.pos = self._perm = None  # type: ignore[assignment]
 

@@ -55,10 +55,10 @@ import numpy as np
 from .. import faults
 from ..errors import CorruptDataError, InvalidIdError, StoreIOError
 from ..files import read_full
+from ..format.spec import PAGE_SIZE  # the store's page: the unit of every read
 
-__all__ = ["PAGE_SIZE", "METHODS", "PageReader", "aligned_empty", "evict_page_cache", "aio_available"]
+__all__ = ["METHODS", "PageReader", "aligned_empty", "evict_page_cache", "aio_available"]
 
-PAGE_SIZE = 4096  # the store's page; equals tierstore.format.spec.PAGE_SIZE
 METHODS = ("auto", "aio", "fadvise", "pread")
 _MAX_RUN_PAGES = 256  # longest coalesced read (1 MiB): keeps chunks balanced across workers
 _DIRECT_ALIGN = PAGE_SIZE  # O_DIRECT needs the logical block size (512 here); a page is always enough
@@ -398,7 +398,7 @@ class PageReader:
         if not out.flags.writeable:
             raise ValueError("out must be writeable")
         if self.direct and out.ctypes.data % _DIRECT_ALIGN:
-            raise ValueError("out is not page-aligned, which O_DIRECT requires: allocate it with rowio.aligned_empty")
+            raise ValueError("out is not page-aligned, which O_DIRECT requires: allocate it with tierstore.tiers.page_reader.aligned_empty")
 
     def _truncated(self, offset: int, got: int, nbytes: int) -> CorruptDataError:
         return CorruptDataError(

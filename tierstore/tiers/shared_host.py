@@ -51,6 +51,7 @@ from ..cache import CacheIndex
 from ..cache.layout import CACHED, RESIDENT
 from ..errors import CapacityError, CorruptDataError, TierStoreError
 from ..files import os_error, pwrite_all
+from ..format.profile import hot_rows
 from ..format.spec import PAGE_SIZE, TableInfo
 from .base import Tier
 from .disk import DiskTier
@@ -107,10 +108,13 @@ def _round_page(n: int) -> int:
 class SharedHostTier(SlabTier):
     """Host tier in shared memory, read-only after it is filled. See the module docstring."""
 
-    shared = True
-
     def __init__(self, root: Path, info: TableInfo, capacity: int, disk: DiskTier, *,
-                 profile: np.ndarray | None, build_id: str, keep: bool = False, shm_dir: Path = SHM_DIR):
+                 profile: np.ndarray | None, build_id: str, keep: bool = False, shm_dir: Path = SHM_DIR,
+                 pin: bool = False, zero_copy: bool = False, zero_copy_device: torch.device | None = None):
+        """pin (the store runs on CUDA): register this process's read-only map of the slab
+        with CUDA, so copies from it are DMA from pinned memory; zero_copy: the GPU on
+        ``zero_copy_device`` reads its rows directly (SlabTier.gather_to_device). Both never
+        run: need CUDA."""
         super().__init__("host", info, capacity, torch.device("cpu"))
         self.resident = self.capacity == info.rows  # (an empty table too: nothing to choose)
         self.kind = RESIDENT if self.resident else CACHED  # CACHED: a read-only "static" index
@@ -125,9 +129,9 @@ class SharedHostTier(SlabTier):
                     f"{info.name!r} ({info.rows} rows) needs a frequency profile to choose the shared hot "
                     "set: run `tierstore profile ... --save-profile`, or raise host_budget to hold the table"
                 )
-            # the `capacity` hottest rows, ties by row id: identical in every process
-            order = np.lexsort((np.arange(info.rows), -np.asarray(profile, dtype=np.int64)))
-            rows = np.sort(order[: self.capacity]).astype(np.int64)
+            # the `capacity` hottest rows (profile.hot_rows: ties by row id, never-read rows
+            # last to fill the tier): identical in every process
+            rows = np.sort(hot_rows(profile, self.capacity, fill=True))
         content = hashlib.sha256(f"{build_id}|{info.rows}|{info.row_bytes}|{self.capacity}".encode())
         if rows is not None:
             content.update(rows.tobytes())
@@ -178,6 +182,12 @@ class SharedHostTier(SlabTier):
             # per process: a read-only "static" index over the shared map
             self.index = CacheIndex(info.rows, self.capacity, "static", pinned_rows=np.empty(0, np.int64),
                                     slot_of_row=self.slot_of_row)
+        if pin:  # never run: needs CUDA
+            try:
+                self.pin(read_only=True, zero_copy=zero_copy, device=zero_copy_device)
+            except BaseException:
+                self.close()
+                raise
 
     # -- fill --------------------------------------------------------------------------------
     def _ready(self) -> bool:
@@ -249,6 +259,7 @@ class SharedHostTier(SlabTier):
     def close(self) -> None:
         if self._fd < 0:
             return
+        super().close()  # unregister the pinned map (CUDA) before our references to it go
         # Drop our references and let the map go with its last view: closing it explicitly
         # raises BufferError while any tensor or array (a caller's, a traceback's) still
         # points into it. The file itself stays valid until every map of it is gone.

@@ -421,6 +421,37 @@ def test_matches_oracle_params(zipf, params):
     assert set(ci.row_of_slot[ci.row_of_slot >= 0].tolist()) == oracle.resident()
 
 
+def test_idle_windows_age_the_miss_average(zipf):
+    """Windows of pinned hits only (no policy call) still age the miss average: the next
+    policy call decays ``ema`` once per idle window, as the oracle does. Traffic, then 20
+    windows of pinned rows, then a few ordinary accesses: ema is a fraction of what it was,
+    and equal to the oracle's after every phase (with the decay switched off, the oracle
+    tests above all pass; this one fails)."""
+    from tierstore.cache.default import P_EMA
+
+    n_rows, prof, t = zipf
+    cap = 40
+    ci = CacheIndex(n_rows, cap, "default", profile=prof)
+    oracle = DefaultOracle(n_rows, cap, prof)
+    pinned = np.array(sorted(oracle.pinned), dtype=np.int64)
+    assert ci.n_pinned == pinned.size > 0 and oracle.adapting
+    idle = np.resize(pinned, 20 * WINDOW)
+
+    def feed(rows):
+        for i in range(0, rows.size, 8):
+            ci.lookup(rows[i:i + 8])
+            oracle.lookup(rows[i:i + 8])
+        assert int(ci.state[0][P_EMA]) == oracle.ema and ci.hits == oracle.hits
+
+    for phase in range(3):
+        feed(t[phase * 3000:(phase + 1) * 3000])
+        busy = oracle.ema
+        feed(idle)
+        feed(t[20_000 + 8 * phase:20_000 + 8 * phase + 8])  # a policy call closes the idle windows
+        assert 0 < busy and oracle.ema < 0.5 * busy, (busy, oracle.ema)
+    assert set(ci.row_of_slot[ci.row_of_slot >= 0].tolist()) == oracle.resident()
+
+
 def test_more_hints_than_slots(text):
     # 128 announced rows over 40 slots: main re-queues hinted rows until all were, then
     # evicts one anyway

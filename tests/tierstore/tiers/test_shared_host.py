@@ -135,7 +135,7 @@ def test_segments_of_killed_users_are_removed_on_open_and_by_gc(tmp_path, capsys
     """If every user of a shared tier was SIGKILLed, its segment stayed in /dev/shm forever
     after a rebuild. The next open of the store removes unused segments of earlier builds;
     `tierstore gc --shm` finds unused ones machine-wide."""
-    from tools.cli import main
+    from tierstore_cli.cli import main
 
     path, w = one_table_store(tmp_path, NAME, 500, 16, seed=3)
     script = "import os, sys, tierstore\n" \

@@ -21,10 +21,10 @@ import tierstore
 from tierstore import CheckpointError, StoreExistsError, TierStoreError
 from tierstore.format.spec import PAGE_SIZE, read_manifest
 
-from ..conftest import bits, random_table
+from ...conftest import bits, random_table
 
 DTYPES = [torch.float32, torch.bfloat16, torch.float16, torch.float8_e4m3fn, torch.float8_e5m2]
-REPO = Path(__file__).resolve().parents[2]
+REPO = Path(__file__).resolve().parents[3]
 
 
 def _check_all_rows(store_path: Path, name: str, weight: torch.Tensor, *, budgets: tuple[int, int]) -> None:
@@ -521,7 +521,7 @@ def test_open_removes_leftovers_of_dead_builds_only(tmp_path, small_ckpt):
 
 def test_find_orphans_and_gc_command(tmp_path, small_ckpt, capsys, monkeypatch):
     from tierstore.format.recovery import find_orphans
-    from tools.cli import main
+    from tierstore_cli.cli import main
 
     ckpt, _ = small_ckpt
     a = tierstore.build_store(ckpt, tmp_path / "a", progress=False)
@@ -573,7 +573,7 @@ def test_publish_without_renameat2(tmp_path, small_ckpt, monkeypatch):
 
 def test_out_under_a_file_is_a_store_io_error(tmp_path, small_ckpt):
     from tierstore import StoreIOError
-    from tools.cli import main
+    from tierstore_cli.cli import main
 
     ckpt, _ = small_ckpt
     f = tmp_path / "afile"

@@ -29,7 +29,7 @@ from tierstore import TierStoreError
 from tierstore.format.recovery import find_orphans
 from tierstore.format.spec import PAGE_SIZE, read_manifest
 
-REPO = Path(__file__).resolve().parents[2]
+REPO = Path(__file__).resolve().parents[3]
 TABLES = 48  # many small tables: a build is ~100 fsyncs, so random kills land all over it
 FSYNCS = 2 * TABLES + 4  # rows + checksums per table, tables/, the manifest (file and directory), the parent
 

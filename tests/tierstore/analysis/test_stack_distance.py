@@ -11,7 +11,7 @@ import pytest
 
 from tierstore.cache import CacheIndex
 
-from ..conftest import real_text_trace
+from ...conftest import real_text_trace
 from tierstore.analysis.stack_distance import lru_hits, stack_distances
 
 

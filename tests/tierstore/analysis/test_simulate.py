@@ -7,7 +7,7 @@ import pytest
 
 from tierstore.analysis.belady import belady_hits
 from tierstore.cache import CacheIndex
-from tierstore.errors import CorruptDataError, FormatVersionError, TierStoreError
+from tierstore.errors import CorruptDataError, FormatVersionError, IdTypeError, InvalidIdError, TierStoreError
 from tierstore.analysis.simulate import (TableTrace, Trace, batch_bounds, load_trace, replay, save_trace,
                                 simulate, simulate_tiers)
 
@@ -81,30 +81,41 @@ def test_simulate_matches_manual_replay_and_opt():
 
 
 def test_simulate_static_and_default_use_profile():
+    """Both profile policies read the profile: without one static holds nothing and default
+    hits less (measured: 10,744 hits with the profile, 10,151 without, of 20,000)."""
     tr = zipf_trace(seed=3)
     profile = np.bincount(zipf_trace(seed=4), minlength=5000)
     res = simulate(tr, [100], ["static", "default", "lru", "opt"], n_rows=5000, profile=profile)
-    by = {r.policy: r.hit_ratio for r in res}
-    assert by["static"] > 0 and by["opt"] >= max(by.values()) - 1e-12
+    by = {r.policy: r.hits for r in res}
+    assert by["opt"] >= max(by.values())
+    blind = {r.policy: r.hits for r in simulate(tr, [100], ["static", "default"], n_rows=5000)}
+    assert blind["static"] == 0 and by["static"] > by["lru"], (by, blind)
+    assert by["default"] > 1.03 * blind["default"], (by, blind)
 
 
 def test_lookahead_hints_help_default():
-    """With the future of the next batches hinted, the default policy does not get worse."""
+    """With the next batches hinted, the default policy keeps the announced rows and hits
+    more (measured: 6,869 hits without hints, 7,573 one batch ahead, 7,922 two ahead, of
+    24,000); without its hints it would hit exactly as often."""
     rng = np.random.default_rng(7)
     tr = np.concatenate([rng.permutation(3000)[:200].repeat(2) for _ in range(60)]).astype(np.int64)
     rng.shuffle(tr[: tr.size // 2])
-    r0 = simulate(tr, [150], ["default"], n_rows=3000, min_batch=100)[0]
-    r1 = simulate(tr, [150], ["default"], n_rows=3000, min_batch=100, lookahead=2)[0]
-    assert r1.hits >= r0.hits
+    hits = [simulate(tr, [150], ["default"], n_rows=3000, min_batch=100, lookahead=la)[0].hits for la in (0, 1, 2)]
+    assert hits[0] * 1.05 < hits[1] < hits[2], hits
 
 
 def test_simulate_errors():
     with pytest.raises(TierStoreError, match="unknown policy"):
         simulate(np.arange(10), [2], ["nope"])
-    with pytest.raises(TierStoreError, match="table has 5 rows"):
+    with pytest.raises(InvalidIdError, match="id 5 at flat position 5 is out of range for the trace with 5 rows"):
         simulate(np.arange(10), [2], ["lru"], n_rows=5)
     with pytest.raises(TierStoreError, match="profile"):
         simulate(np.arange(10), [2], ["static"], profile=np.ones(3, np.int64))
+    # a negative id used to wrap around to the last row and count as its hit
+    with pytest.raises(InvalidIdError, match="id -1 at flat position 1"):
+        simulate(np.array([3, -1, 2, 3]), [2], ["lru"])
+    with pytest.raises(IdTypeError):
+        simulate(np.array([1.0, 2.0]), [2], ["lru"])
 
 
 def test_simulate_tiers_accounting():

@@ -16,13 +16,15 @@ records those row ids in order and where each step starts.
 sequence of its own), so a token budget yields enough requests to keep B streams busy.
 ``--split train|test`` keeps every other document (``--split-every``), so a profile taken
 from the train slice never peeks at the test slice.
+
+The store's CLI knows nothing of tokenizers: this module adds ``trace`` to it through the
+``tierstore.commands`` entry point (pyproject.toml), which ``tierstore_cli.cli`` discovers.
 """
 
 from __future__ import annotations
 
 import argparse
 import sys
-import sysconfig
 import time
 from pathlib import Path
 
@@ -41,6 +43,7 @@ class TraceSource:
         from engram_model.checkpoint import read_config
         from engram_model.compression import build_compression
         from engram_model.hasher import NgramHasher
+        from engram_model.model import ENGRAM_TABLE, table_name
         from engram_model.tokenizer import load_tokenizer
 
         if (checkpoint is None) == (store is None):
@@ -66,7 +69,8 @@ class TraceSource:
                 f"tokenizer compresses to {self.compression.num_compressed} ids, the model expects {want}: "
                 "wrong tokenizer.json for this model")
         self.hasher = NgramHasher(**self.config["hasher"])
-        self.tables = {f"blocks.{L}.engram.memory.weight": L for L in self.hasher.layer_ids}
+        pattern = self.config.get("model", {}).get("engram_table", ENGRAM_TABLE)
+        self.tables = {table_name(L, pattern): L for L in self.hasher.layer_ids}
 
     def encode(self, texts: list[str]) -> list[np.ndarray]:
         """Compressed token ids of each text (empty texts dropped)."""
@@ -115,12 +119,9 @@ def interleave(docs: list[np.ndarray], streams: int) -> tuple[np.ndarray, np.nda
 
 
 def _text_files(paths: list[str], stdlib: bool, pattern: str) -> list[Path]:
-    files: list[Path] = []
-    if stdlib:
-        base = Path(sysconfig.get_paths()["stdlib"])
-        files += sorted((p for p in base.rglob("*.py")
-                         if "site-packages" not in p.relative_to(base).parts and p.is_file()),
-                        key=lambda p: p.relative_to(base).as_posix())
+    from engram_model.tokenizer import stdlib_text_files
+
+    files: list[Path] = stdlib_text_files() if stdlib else []
     for p in paths:
         q = Path(p)
         if q.is_dir():

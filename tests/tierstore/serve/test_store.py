@@ -23,7 +23,7 @@ from tierstore import (
 )
 from tierstore.format.spec import PAGE_SIZE, read_manifest
 
-from ..conftest import bits
+from ...conftest import bits
 
 T1 = "blocks.1.engram.memory.weight"
 T3 = "blocks.3.engram.memory.weight"
@@ -227,3 +227,65 @@ def test_small_prefetch_on_the_device_finishes_in_the_callers_thread(store_path,
         assert index.refcount.max() == 0, "a begun lookup that never ran kept its leases"
         # rows it admitted were dropped, never served from slots nobody wrote
         assert not (index.slot_of_row[2000:2040] >= 0).any()
+
+
+def _profiled(store_path: Path) -> Path:
+    """The store with a saved profile per table (a skewed count per row), so the default
+    policy pins and ranks rows at open."""
+    from tierstore.format.profile import save_profile
+
+    for name, info in tierstore.open(store_path, device="cpu").tables.items():
+        counts = np.random.default_rng(len(name)).zipf(1.3, info.rows).astype(np.int64)
+        save_profile(store_path, name, counts)
+    return store_path
+
+
+def test_policy_params_reach_every_cache_tier(store_path, small_ckpt):
+    from tierstore.cache.layout import M_HORIZON
+
+    _, tensors = small_ckpt
+    path = _profiled(store_path)
+    opts = dict(device="cpu", device_budget="128KiB", host_budget="512KiB")
+    ids = np.random.default_rng(0).integers(0, 5003, 4000)
+
+    def pinned(store):  # rows pinned in T1's device and host tiers, and their capacities
+        t = store._tables[T1]
+        return [(tier.index.n_pinned, tier.capacity) for tier in (t.dev, t.host)]
+
+    with tierstore.open(path, **opts) as store:  # negative control: the policy's defaults
+        default_pins = pinned(store)
+        assert store.policy_params == {}
+    assert all(p == int(0.1 * cap) > 0 for p, cap in default_pins)
+    with tierstore.open(path, **opts, policy_params={"pin_fraction": 0.5, "hint_horizon": 77}) as store:
+        assert [p for p, _ in pinned(store)] == [int(0.5 * cap) for _, cap in default_pins]
+        t = store._tables[T1]
+        assert t.dev.index.state[0][M_HORIZON] == 77 and t.host.index.state[0][M_HORIZON] == 77
+        assert t.dev.index.policy.params["pin_fraction"] == 0.5
+        assert torch.equal(bits(store.lookup(T1, ids)), bits(tensors[T1][ids]))  # rows unchanged
+    with tierstore.open(path, **opts, policy="s3fifo", policy_params={"small_fraction": 0.3}) as store:
+        assert store._tables[T3].dev.index.policy.params == {"small_fraction": 0.3, "move_threshold": 1}
+
+
+@pytest.mark.parametrize("policy, params, key", [
+    ("default", {"pin_fraktion": 0.2}, "pin_fraktion"),
+    ("default", {"pin_fraction": 1.5}, "pin_fraction"),
+    ("default", {"adapt": "rank"}, "adapt"),
+    ("default", {"hint_horizon": 0}, "hint_horizon"),
+    ("lru", {"small_fraction": 0.1}, "small_fraction"),
+])
+@pytest.mark.parametrize("budgets", [{}, {"device_budget": "64KiB", "host_budget": "8MiB"}])
+def test_bad_policy_params_raise_at_open_naming_the_key(store_path, policy, params, key, budgets):
+    # budgets {}: no cache tier builds a policy, the parameters are still checked;
+    # 8MiB of host: the tables are resident there, the device tier caches
+    with pytest.raises(tierstore.PolicyParamError, match=key) as e:
+        tierstore.open(store_path, device="cpu", policy=policy, policy_params=params, **budgets)
+    assert e.value.param == key and isinstance(e.value, ValueError)
+    if key == "pin_fraktion":
+        assert "pin_fraction" in str(e.value)  # the message lists the parameters the policy takes
+
+
+def test_policy_params_must_be_a_mapping_and_the_policy_registered(store_path):
+    with pytest.raises(TierStoreError, match="mapping"):
+        tierstore.open(store_path, device="cpu", policy_params=[("pin_fraction", 0.2)])
+    with pytest.raises(TierStoreError, match="unknown cache policy 'lfru'"):
+        tierstore.open(store_path, device="cpu", policy="lfru")

@@ -18,7 +18,7 @@ from safetensors.torch import save_file
 import tierstore
 from tierstore.serve.distributed import build_shard, open_sharded
 
-from ..conftest import bits, random_table
+from ...conftest import bits, random_table
 
 NAMES = ("blocks.1.engram.memory.weight", "blocks.2.engram.memory.weight")
 

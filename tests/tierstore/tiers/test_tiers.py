@@ -15,7 +15,7 @@ from tierstore import StoreIOError, TierStoreError
 from tierstore.cache import CacheIndex
 from tierstore.cache.layout import M_NREF
 
-from ..conftest import bits, random_table
+from ...conftest import bits, random_table
 
 T1 = "blocks.1.engram.memory.weight"
 
@@ -29,8 +29,10 @@ def store_and_weight(tmp_path, small_ckpt):
 def test_lease_keeps_rows_until_gathered(store_and_weight, monkeypatch):
     """Between looking rows up and copying them out, another lookup evicts the whole cache.
 
-    With leases the first lookup still returns its rows; with leases disabled the same
-    sequence returns rows that were overwritten (so this test can fail).
+    The seam is the device tier's gather, wrapped by the test: the outer lookup's bookkeeping
+    is done and its rows leased when its bytes are copied out, and right then a nested lookup
+    of 8 other rows runs. With leases the outer lookup still returns its rows; with leases
+    disabled the same sequence returns rows that were overwritten (so this test can fail).
     """
     path, w = store_and_weight
 
@@ -39,8 +41,9 @@ def test_lease_keeps_rows_until_gathered(store_and_weight, monkeypatch):
             table = store._tables[T1]
             store.lookup(T1, np.arange(8))  # fill all 8 device slots
             nested = {"done": False}
+            real_gather = table.dev.gather
 
-            def evict_everything() -> None:
+            def evict_everything_then_gather(*args, **kwargs):
                 if not nested["done"]:
                     nested["done"] = True
                     ref, M = table.dev.index.refcount, table.dev.index.state[0]
@@ -51,9 +54,12 @@ def test_lease_keeps_rows_until_gathered(store_and_weight, monkeypatch):
                     table.gather(np.arange(100, 108), torch.empty(8, 64).view(torch.int32))
                     ref[:] = held
                     M[M_NREF] = n_ref
+                return real_gather(*args, **kwargs)
 
-            table._after_lease = evict_everything
-            return store.lookup(T1, np.arange(8))
+            monkeypatch.setattr(table.dev, "gather", evict_everything_then_gather)
+            got = store.lookup(T1, np.arange(8))
+            assert nested["done"], "the outer lookup never reached the device tier's gather"
+            return got
 
     got = run(leases=True)
     assert torch.equal(bits(got), bits(w[:8])), "a leased row was evicted before it was copied out"

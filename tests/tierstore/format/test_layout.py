@@ -11,9 +11,9 @@ import tierstore
 from tierstore import CheckpointError
 from tierstore.format.spec import PAGE_SIZE, read_manifest
 from tierstore.format.profile import save_profile
-from tools.cli import main
+from tierstore_cli.cli import main
 
-from ..conftest import bits, random_table
+from ...conftest import bits, random_table
 
 NAME = "l.engram.memory.weight"
 

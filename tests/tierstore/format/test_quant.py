@@ -19,10 +19,10 @@ import torch
 
 import tierstore
 from tierstore import CheckpointError, CorruptDataError, FormatVersionError, TierStoreError
-from tierstore.format.quant import FP4_SCHEME, FP8_SCHEME, Quant, dequantize, split_rows
+from tierstore.format.quant import FP4_SCHEME, FP8_SCHEME, Quant, _dequantize_torch, dequantize, split_rows
 from tierstore.format.spec import manifest_digest, read_manifest
 
-from ..v41 import assert_dequantized, embed, oracle, scale_of, write_v41_checkpoint
+from ...v41 import assert_dequantized, embed, oracle, scale_of, write_v41_checkpoint
 
 V41_LAYERS = {1: 3001, 3: 2999}  # layer -> rows (the real ones hold ~384M)
 
@@ -55,9 +55,12 @@ def test_dequantize_every_code_matches_oracle(scheme):
     quant = Quant(scheme, 32, 256)
     values, scales = every_code_rows(quant, extra=500, seed=1)
     rows = torch.from_numpy(np.concatenate([values, scales], axis=1))
-    got = dequantize(rows, quant)
+    got = dequantize(rows, quant)  # on CPU: the compiled table gather
     assert got.shape == (len(values), 256)
     assert_dequantized(got, values, scales, quant)
+    elementwise = torch.empty_like(got)  # the torch path that CUDA runs (and that builds the tables)
+    _dequantize_torch(rows, quant, elementwise)
+    assert_dequantized(elementwise, values, scales, quant)
     # the edges are really exercised: infinities, bf16 subnormals, NaN and -0.0
     want, nan = oracle(values, scales, quant)
     exp, man = (want >> 7) & 0xFF, want & 0x7F
@@ -224,7 +227,7 @@ def _rewrite_manifest(store: Path, edit) -> None:
 
 
 def test_plain_stores_write_no_quant_field(tmp_path):
-    from ..conftest import one_table_store
+    from ...conftest import one_table_store
 
     path, _ = one_table_store(tmp_path, "blocks.1.engram.memory.weight", 100, 8)
     doc = json.loads((path / "manifest.json").read_text())

@@ -23,7 +23,7 @@ from safetensors.torch import save_file
 import tierstore
 from tierstore import TierStoreError
 
-from ..conftest import bits, random_table
+from ...conftest import bits, random_table
 
 TABLES = r"engram\.memory\.weight$"
 CASES_PER_SEED = 100

@@ -18,7 +18,8 @@ import pytest
 
 from tierstore.tiers import page_reader as rowio
 from tierstore.errors import CorruptDataError, InvalidIdError, StoreIOError
-from tierstore.tiers.page_reader import PAGE_SIZE, PageReader, aio_available, aligned_empty, evict_page_cache
+from tierstore.format.spec import PAGE_SIZE
+from tierstore.tiers.page_reader import PageReader, aio_available, aligned_empty, evict_page_cache
 
 HAVE_AIO = aio_available()
 

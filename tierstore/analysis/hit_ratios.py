@@ -1,0 +1,220 @@
+"""Hit ratios of cache policies on a recorded trace (``tierstore profile``).
+
+:func:`traced_tables` puts together what a run needs to know about each traced table:
+its size (from the store, the trace, or the trace's distinct ids), its row size, and the
+profile that ranks rows for ``static`` and ``default`` (taken from *other* text, or the
+store's saved one). Then, per table:
+
+- :func:`policy_hit_ratios`: every policy at every capacity (one tier), next to the
+  offline optimum;
+- :func:`two_tier_hit_ratios`: a device tier over a host tier, and the bytes each moves;
+- :func:`live_hit_ratios`: the same flow through a real opened store, its counters next
+  to the simulation's (they agree by construction: both run the same compiled walk).
+
+The results are plain dicts, the fields ``tierstore profile --json`` prints.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from contextlib import AbstractContextManager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from ..errors import TierStoreError
+from ..ids import as_row_ids
+from ..format.profile import count_rows, load_profile
+from ..format.recovery import recover
+from .simulate import TableTrace, Trace, batch_bounds, simulate, simulate_tiers
+
+__all__ = ["TracedTable", "traced_tables", "distinct_ids", "replay_semantics", "policy_hit_ratios",
+           "two_tier_hit_ratios", "live_hit_ratios"]
+
+
+@dataclass
+class TracedTable:
+    """One table of a trace and what a hit-ratio run knows about it."""
+
+    name: str  # the trace's name of the table (a .npy trace's one table is "trace")
+    trace: TableTrace
+    n_rows: int  # table rows, or the trace's distinct ids when the table's size is unknown
+    base: str  # what a fractional capacity is a fraction of: "table rows" or "distinct ids"
+    sim_rows: int  # rows the simulated tiers index (max id + 1 when only distinct ids are known)
+    row_bytes: int | None  # None: unknown (no store and no --row-bytes); no byte figures then
+    profile: np.ndarray | None  # per-row counts from other text, for static and default
+    store_table: str | None = None  # the store's table this trace is of
+
+
+def distinct_ids(rows: np.ndarray) -> int:
+    """Distinct ids of a trace: one counting pass when the ids are dense enough (a sort of a
+    10M-id trace takes ~1 s), a sort otherwise."""
+    if rows.size and 0 <= rows.min() and rows.max() < 8 * rows.size:
+        return int(np.count_nonzero(np.bincount(rows)))
+    return int(np.unique(rows).size)
+
+
+def traced_tables(trace: Trace, *, table: str | None = None, store: str | Path | None = None,
+                  profile_trace: Trace | None = None, row_bytes: int | None = None) -> list[TracedTable]:
+    """The tables of ``trace`` (only ``table`` if given), sized and profiled.
+
+    ``store``: the store the trace was taken from; it gives each table's size and row size
+    (``row_bytes`` overrides the latter) and, without ``profile_trace``, its saved profile.
+    A ``.npy`` trace (one table named "trace") of a one-table store is that table.
+    ``profile_trace``: a trace of other text whose row counts rank rows for ``static`` and
+    ``default`` (a one-table profile trace serves any table). Without a store, a table's
+    size comes from the trace file, or else fractions are of the trace's distinct ids.
+    """
+    names = list(trace.tables)
+    if table:
+        if table not in trace.tables:
+            raise TierStoreError(f"trace has no table {table!r}; it has {names}")
+        names = [table]
+    store_info: dict[str, tuple[int, int]] = {}
+    if store:
+        from ..format.spec import read_manifest  # imports torch (~1 s): only when a store is given
+
+        recover(Path(store))  # as tierstore.open does: a build of this store that died mid-swap
+        store_info = {n: (i.rows, i.row_bytes) for n, i in read_manifest(store).tables.items()}
+    out = []
+    for name in names:
+        t = trace.tables[name]
+        rb = row_bytes
+        store_table = None
+        if name in store_info:
+            store_table = name
+            n_rows, rb = store_info[name][0], rb or store_info[name][1]
+            base = "table rows"
+        elif store and len(store_info) == 1 and len(names) == 1:
+            (store_table, (n_rows, store_rb)), = store_info.items()  # a .npy trace of a one-table store
+            rb = rb or store_rb
+            base = "table rows"
+        elif store:
+            raise TierStoreError(f"store {str(store)!r} has no table {name!r}; it has {list(store_info)}")
+        elif t.n_rows:
+            n_rows, base = int(t.n_rows), "table rows"
+        else:
+            n_rows, base = distinct_ids(t.rows), "distinct ids"
+        if base != "distinct ids":  # the one id check (InvalidIdError names the row and its position)
+            as_row_ids(t.rows, n_rows, where=f"trace of table {name!r}", copy=False)
+        if base == "distinct ids":
+            sim_rows = int(t.rows.max()) + 1 if t.rows.size else 0
+        else:
+            sim_rows = n_rows
+        profile = None
+        if profile_trace is not None:
+            pt = profile_trace.tables.get(name) or (next(iter(profile_trace.tables.values()))
+                                                    if len(profile_trace.tables) == 1 else None)
+            if pt is None:
+                raise TierStoreError(f"--profile-trace has no table {name!r}")
+            profile = count_rows(pt.rows[pt.rows < sim_rows], sim_rows)
+        elif store:
+            profile = load_profile(store, store_table, n_rows=sim_rows)
+        out.append(TracedTable(name, t, n_rows, base, sim_rows, rb, profile, store_table))
+    return out
+
+
+def replay_semantics(t: TableTrace, min_batch: int) -> str:
+    """How exact a replay with ``min_batch`` is, in the words the output uses."""
+    n = t.rows.size
+    merged = min_batch > 1 and not np.array_equal(batch_bounds(n, t.offsets, min_batch),
+                                                   batch_bounds(n, t.offsets, 1))
+    return (f"approximate: trace steps merged into batches of >= {min_batch} lookups" if merged else
+            "exact: one access at a time" if t.offsets is None else "exact: the recorded batches")
+
+
+def policy_hit_ratios(t: TracedTable, capacities: list[int], policies: list[str], *, min_batch: int = 1,
+                      lookahead: int = 0, progress: Callable[[int], object] | None = None) -> list[dict]:
+    """Each policy (a registered name or ``opt``) at each capacity (rows), sorted by capacity
+    then in the order of ``policies``: the fields of ``SimResult`` plus the capacity as a
+    fraction and in bytes, the bytes fetched from the tier below, the gap to the optimum
+    and how exact the replay is. ``progress(k)`` is called as k more runs finish."""
+    step = progress or (lambda k: None)
+    kw: dict[str, Any] = dict(n_rows=t.sim_rows, offsets=t.trace.offsets, profile=t.profile,
+                              min_batch=min_batch, lookahead=lookahead, table=t.name)
+    semantics = replay_semantics(t.trace, min_batch)
+    res = []
+    if "lru" in policies:  # every capacity at once: simulate takes them from one stack-distance
+        res += simulate(t.trace.rows, capacities, ["lru"], **kw)  # pass where that is exact
+        step(len(capacities))
+    for cap in capacities:  # one run at a time, so a progress bar moves (opt over 10M takes ~10 s)
+        for p in policies:
+            if p != "lru":
+                res += simulate(t.trace.rows, [cap], [p], **kw)
+                step(1)
+    res.sort(key=lambda r: (r.capacity_rows, policies.index(r.policy)))
+    opt = {r.capacity_rows: r.hit_ratio for r in res if r.policy == "opt"}
+    out = []
+    for r in res:
+        d = r.to_dict()
+        d["capacity_fraction"] = r.capacity_rows / max(1, t.n_rows)
+        d["capacity_base"] = t.base
+        d["lookahead"] = lookahead
+        d["semantics"] = semantics
+        if t.row_bytes:
+            d["capacity_bytes"] = r.capacity_rows * t.row_bytes
+            d["bytes_moved"] = r.misses * t.row_bytes  # rows fetched from the tier below
+        if r.capacity_rows in opt:
+            d["gap_to_opt"] = opt[r.capacity_rows] - r.hit_ratio
+        out.append(d)
+    return out
+
+
+def two_tier_hit_ratios(t: TracedTable, device_rows: int, host_rows: int, policies: list[str], *,
+                        min_batch: int = 1, lookahead: int = 0) -> dict:
+    """A device tier of ``device_rows`` over a host tier of ``host_rows``, per policy (``opt``
+    has no two-tier form and is skipped): hit ratios, rows read from disk and, when the row
+    size is known, the bytes each level moves."""
+    out: dict[str, Any] = {"table": t.name, "device_rows": device_rows, "host_rows": host_rows, "policies": {}}
+    n = t.trace.rows.size
+    for p in (q for q in policies if q != "opt"):
+        r = simulate_tiers(t.trace.rows, device_rows, host_rows, p, n_rows=t.sim_rows, offsets=t.trace.offsets,
+                           profile=t.profile, min_batch=min_batch, lookahead=lookahead)
+        disk_rows = r["host"]["misses"] if host_rows > 0 else r["device"]["misses"]
+        entry = {"device_hit_ratio": r["device"]["hit_ratio"],
+                 "host_hit_ratio_of_device_misses": r["host"]["hit_ratio"],
+                 "total_hit_ratio": 1 - disk_rows / max(1, n), "disk_rows": int(disk_rows)}
+        if t.row_bytes:
+            entry["host_to_device_bytes"] = int(r["host"]["hits"]) * t.row_bytes
+            entry["disk_bytes"] = int(disk_rows) * t.row_bytes
+        out["policies"][p] = entry
+    return out
+
+
+def live_hit_ratios(open_store: Callable[[int, str], AbstractContextManager[Any]], t: TracedTable,
+                    capacities: list[int], policies: list[str], *, min_batch: int = 1) -> list[dict]:
+    """Replay the trace through real stores and put their device-tier counters next to the
+    simulation of the same flow.
+
+    ``open_store(device_budget_bytes, policy)`` opens the store with a device tier of that
+    budget and no host tier (``tierstore.open``: the caller owns the store, so this module
+    stays below the serving runtime). Needs the row size.
+    """
+    if not t.row_bytes:
+        raise TierStoreError("live replay needs the row size: give --store")
+    out = []
+    bounds = batch_bounds(t.trace.rows.size, t.trace.offsets, min_batch)
+    rows = t.trace.rows
+    for cap in capacities:
+        for p in policies:
+            t0 = time.perf_counter()
+            with open_store(cap * t.row_bytes, p) as st:
+                tname = t.name if t.name in st.tables else next(iter(st.tables))
+                st.reset_stats()
+                for a, b in zip(bounds[:-1], bounds[1:]):
+                    st.lookup(tname, rows[a:b])
+                dev = st.stats()["tables"][tname]["device"]
+            live_s = time.perf_counter() - t0
+            cap_rows = int(dev.get("capacity_rows", cap))
+            sim = simulate_tiers(rows, cap_rows, 0, p, n_rows=t.sim_rows, offsets=t.trace.offsets,
+                                 profile=t.profile, min_batch=min_batch)["device"]
+            out.append({"policy": p, "capacity_rows": cap_rows, "table": t.name,
+                        "mode": "live", "hit_ratio": dev["hits"] / max(1, dev["hits"] + dev["misses"]),
+                        "hits": int(dev["hits"]), "misses": int(dev["misses"]),
+                        "sim_hits": int(sim["hits"]), "sim_misses": int(sim["misses"]),
+                        "agree": int(dev["hits"]) == int(sim["hits"]) and int(dev["misses"]) == int(sim["misses"]),
+                        "seconds": live_s})
+    return out

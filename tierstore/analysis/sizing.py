@@ -1,0 +1,105 @@
+"""Tier sizing (``tierstore size``): the smallest device and host capacities that reach
+target hit ratios on a trace.
+
+Each hit ratio comes from replaying the whole trace through both tiers
+(:func:`~tierstore.analysis.simulate.simulate_tiers`, a fraction of a second to seconds per
+capacity on a 10M-lookup trace), so the search tries few capacities: a geometric bracket
+(x4) then bisection to within ``rel`` of the answer, O(log n) replays instead of one per
+capacity. It relies on the hit ratio not falling as the capacity grows. That holds exactly
+for LRU (a stack algorithm: a larger LRU cache holds a superset of a smaller one's rows);
+the other policies can dip slightly at some capacities, and then the answer is a capacity
+where the ratio crosses the target, not necessarily the first one.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+
+import numpy as np
+
+from ..errors import TierStoreError
+from .simulate import simulate_tiers
+
+__all__ = ["smallest_capacity", "size_tiers", "TierSizes"]
+
+
+def smallest_capacity(hit_ratio: Callable[[int], float], lo: int, hi: int, target: float, *,
+                      rel: float = 0.02) -> int | None:
+    """Smallest capacity in [lo, hi] with ``hit_ratio(cap) >= target``, to within ``rel``.
+
+    ``hit_ratio`` must not decrease with the capacity (see the module docstring). Returns
+    None when even ``hi`` misses the target. The answer ``c`` always reaches the target,
+    and the true smallest capacity ``s`` satisfies ``c - s < max(1, int(rel * c))``: with
+    ``rel=0`` the answer is exact. Calls ``hit_ratio`` O(log(hi / lo)) times.
+    """
+    if hit_ratio(hi) < target:
+        return None
+    c = max(lo, 1)
+    while c < hi and hit_ratio(c) < target:  # bracket: lo misses the target, c reaches it
+        lo, c = c, min(hi, c * 4)
+    hi = c
+    while hi - lo > max(1, int(rel * hi)):  # bisect: the answer stays in (lo, hi]
+        mid = (lo + hi) // 2
+        if hit_ratio(mid) >= target:
+            hi = mid
+        else:
+            lo = mid
+    return hi
+
+
+@dataclass
+class TierSizes:
+    """The smallest tiers for one table (``tierstore size --json`` emits these fields)."""
+
+    table: str
+    policy: str
+    device_rows: int
+    device_hit_ratio: float
+    host_rows: int
+    total_hit_ratio: float  # device + host hits over all lookups
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def size_tiers(rows: np.ndarray, *, n_rows: int, policy: str, device_hit: float, total_hit: float,
+               offsets: np.ndarray | None = None, profile: np.ndarray | None = None, min_batch: int = 1,
+               rel: float = 0.02, table: str = "", on_simulation: Callable[[], object] | None = None
+               ) -> TierSizes:
+    """The smallest device tier whose hit ratio reaches ``device_hit``, then the smallest host
+    tier below it such that device and host together serve ``total_hit`` of the lookups.
+
+    Both tiers run ``policy`` as the store runs them (``simulate_tiers``: the host tier sees
+    the rows the device tier does not serve). ``rel`` is the search's tolerance
+    (:func:`smallest_capacity`); ``on_simulation`` is called after each replay (a progress
+    bar). Each (device, host) pair is replayed at most once.
+    """
+    for name, v in (("device_hit", device_hit), ("total_hit", total_hit)):
+        if not 0.0 <= v <= 1.0:
+            raise TierStoreError(f"{name}={v} is not a hit ratio: give a target between 0 and 1, e.g. 0.9")
+    rows = np.asarray(rows, dtype=np.int64).reshape(-1)
+    seen: dict[tuple[int, int], dict] = {}
+
+    def tiers(d: int, h: int) -> dict:
+        if (d, h) not in seen:
+            seen[(d, h)] = simulate_tiers(rows, d, h, policy, n_rows=n_rows, offsets=offsets,
+                                          profile=profile, min_batch=min_batch)
+            if on_simulation is not None:
+                on_simulation()
+        return seen[(d, h)]
+
+    def device_ratio(d: int) -> float:
+        return tiers(d, 0)["device"]["hit_ratio"]
+
+    d = smallest_capacity(device_ratio, 1, n_rows, device_hit, rel=rel)
+    assert d is not None, "a resident device tier (n_rows) hits every lookup"
+
+    def total_ratio(h: int) -> float:
+        if h >= n_rows:  # a resident host tier serves every row the device tier does not
+            return 1.0
+        return 1 - tiers(d, h)["host"]["misses"] / max(1, rows.size)
+
+    h = smallest_capacity(total_ratio, 1, n_rows, total_hit, rel=rel)
+    assert h is not None, "a resident host tier (n_rows) serves every lookup"
+    return TierSizes(table, policy, d, device_ratio(d), h, total_ratio(h))
