@@ -1,4 +1,4 @@
-"""DeepSeek-V4.1-layout Engram tables larger than the machine: build, serve, beat mmap (issue 13).
+"""DeepSeek-V4.1-layout Engram tables larger than the machine: build, serve, beat mmap.
 
 One run does everything, on one disk (``--workdir``):
 
@@ -71,6 +71,7 @@ import numpy as np
 from benchmarks.common import evict, fio, json_line, machine_info, print_header
 from benchmarks.isolation import MemoryGroup, io_counters, run_measured
 from benchmarks import v41_checkpoint as v41
+from tierstore.analysis.plots import plot_budget_sweep
 from tierstore.sizes import format_size, parse_size
 
 GIB = 1 << 30
@@ -432,45 +433,6 @@ def check_rows(store_path: Path, ckpt: Path, profile_top: int, n_random: int, se
     return {"rows_checked": checked, "rows_mismatched": mismatched}
 
 
-def plot(runs: list[dict[str, Any]], path: Path) -> Path:
-    """Tokens/s (prefill and decode) and memory hit ratio against host budget, store vs mmap."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4.2))
-    for system, style in (("store", "-o"), ("mmap", "--s")):
-        rs = sorted((r for r in runs if r["system"] == system), key=lambda r: r["host_budget"])
-        if not rs:
-            continue
-        x = [r["host_budget"] / GIB for r in rs]
-        ax1.plot(x, [r["decode_tok_s"] for r in rs], style, label=f"{system} decode")
-        ax1.plot(x, [r["prefill_tok_s"] for r in rs], style, label=f"{system} prefill", alpha=0.6)
-        ax2.plot(x, [r["memory_hit_ratio"] for r in rs], style, label=f"{system}: rows served from memory")
-        if system == "store":
-            ax2.plot(x, [r["device_hit_ratio"] for r in rs], ":^", label="store: device tier hits")
-    floor = next((r for r in runs if r["system"] == "compute"), None)
-    if floor is not None:  # the dense model alone: no row fetch can beat it
-        ax1.axhline(floor["decode_tok_s"], color="grey", lw=0.8, ls=":", label="compute floor, decode")
-        ax1.axhline(floor["prefill_tok_s"], color="grey", lw=0.8, ls="-.", label="compute floor, prefill")
-    ax1.set_yscale("log")
-    ax1.set_xlabel("store host budget (GiB); mmap's memory limit = the store's peak")
-    ax1.set_ylabel("tokens/s")
-    ax2.set_xlabel("host budget (GiB)")
-    ax2.set_ylabel("fraction of row lookups")
-    ax2.set_ylim(0, 1)
-    for ax in (ax1, ax2):
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=8)
-    fig.suptitle("DeepSeek-V4.1-layout Engram tables larger than memory: store vs mmap")
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
-
-
 def _py(*args: str) -> list[str]:
     return [sys.executable, "-m", *args]
 
@@ -701,7 +663,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         rows_looked_up=rows_counts, rows_lookups_exact=all(r["rows_looked_up"] == r["rows_expected"] for r in runs),
         rows_bit_exact=check["rows_mismatched"] == 0 and check["rows_checked"] > 0, **check,
         runs=[{k: v for k, v in r.items() if not k.startswith("_")} for r in runs],
-        plot=str(plot(runs, plot_path)),
+        plot=str(plot_budget_sweep(runs, plot_path)),
     )
     print(f"\nheadline (host {format_size(main_host)}): decode store {res['store_decode_tok_s']:,.0f} vs mmap "
           f"{res['mmap_decode_tok_s']:,.0f} tok/s ({res['decode_x_mmap']:.2f}x), prefill "

@@ -2,7 +2,7 @@
 
 The released model's Engram tables are too large for this machine (two tables of ~384M
 rows, ~189 GiB), so the benchmark writes a miniature in exactly the released layout
-(issue 13, "The released format"):
+(docs/deepseek_v41.md, "What the release holds"):
 
 * ``config.json``: the Engram keys under ``text_config`` (``engram_layer_ids`` [1, 14],
   ``engram_max_ngram_size`` 4, ``engram_n_heads`` 8, ``engram_head_dim`` 256,
@@ -60,7 +60,7 @@ __all__ = [
     "EngramTensors", "engram_tensors", "decode_e4m3", "decode_e8m0", "reference_rows", "main",
 ]
 
-# The released model's Engram shape (issue 13): layers [1, 14], 2..4-grams, 8 heads of 256 values.
+# The released model's Engram shape: layers [1, 14], 2..4-grams, 8 heads of 256 values.
 LAYER_IDS = (1, 14)
 MAX_NGRAM = 4
 N_HEADS = 8

@@ -1,6 +1,7 @@
 """Every figure the project draws, in one place: hit ratio against capacity and the
-rank-frequency curve of row accesses (``tierstore profile --plot/--rank-plot``), and curves
-with a zoom panel (``python -m engram_model.report``'s learning curves).
+rank-frequency curve of row accesses (``tierstore profile --plot/--rank-plot``), curves
+with a zoom panel (``python -m engram_model.report``'s learning curves), and serving speed
+against host budget (``python -m benchmarks.bench_big_table``).
 
 matplotlib is an optional dependency (the ``plot`` extra): it is imported on the first
 plot, never by ``import tierstore`` or the store's CLI, and its absence raises
@@ -19,7 +20,7 @@ import numpy as np
 from ..errors import MissingExtraError
 from ..format.profile import zipf_fit
 
-__all__ = ["check_available", "plot_hit_ratios", "plot_rank_frequency", "plot_curves"]
+__all__ = ["check_available", "plot_hit_ratios", "plot_rank_frequency", "plot_curves", "plot_budget_sweep"]
 
 
 def _pyplot() -> Any:
@@ -114,4 +115,41 @@ def plot_curves(series: Sequence[tuple[str, Sequence[float], Sequence[float]]], 
         ax2.set_ylim(min(last) - 0.05, max(last) + 0.05)
     ax2.set_title(zoom_title)
     ax.legend(fontsize=7)
+    return _save(fig, plt, path)
+
+
+def plot_budget_sweep(runs: Sequence[Mapping[str, Any]], path: str | Path) -> Path:
+    """Tokens/s (prefill and decode, log scale) and the fraction of row lookups served from
+    memory against the store's host budget, the store against mmap at the same memory.
+    ``runs``: dicts with ``system`` ("store", "mmap", and "compute" for the dense model's
+    own speed, drawn as horizontal lines), ``host_budget`` (bytes), ``decode_tok_s``,
+    ``prefill_tok_s``, ``memory_hit_ratio`` and, for the store, ``device_hit_ratio``."""
+    plt = _pyplot()
+    gib = float(1 << 30)
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4.2))
+    for system, style, color in (("store", "-o", "tab:blue"), ("mmap", "--s", "tab:red")):
+        rs = sorted((r for r in runs if r["system"] == system), key=lambda r: r["host_budget"])
+        if not rs:
+            continue
+        x = [r["host_budget"] / gib for r in rs]
+        ax1.plot(x, [r["decode_tok_s"] for r in rs], style, color=color, label=f"{system} decode")
+        ax1.plot(x, [r["prefill_tok_s"] for r in rs], style, color=color, alpha=0.5, label=f"{system} prefill")
+        ax2.plot(x, [r["memory_hit_ratio"] for r in rs], style, color=color, label=f"{system}: rows from memory")
+        if system == "store":
+            ax2.plot(x, [r["device_hit_ratio"] for r in rs], ":^", color=color, alpha=0.6,
+                     label="store: device tier hits")
+    floor = next((r for r in runs if r["system"] == "compute"), None)
+    if floor is not None:  # the dense model alone: no way of fetching rows beats it
+        ax1.axhline(floor["decode_tok_s"], color="grey", lw=0.8, ls=":", label="compute only, decode")
+        ax1.axhline(floor["prefill_tok_s"], color="grey", lw=0.8, ls="-.", label="compute only, prefill")
+    ax1.set_yscale("log")
+    ax1.set_xlabel("store host budget (GiB); mmap's memory limit = the store's peak")
+    ax1.set_ylabel("tokens/s")
+    ax2.set_xlabel("store host budget (GiB)")
+    ax2.set_ylabel("fraction of row lookups")
+    ax2.set_ylim(0, 1)
+    for ax in (ax1, ax2):
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    fig.suptitle("Engram tables larger than memory (DeepSeek-V4.1 layout): store vs mmap")
     return _save(fig, plt, path)
