@@ -120,7 +120,8 @@ def plot_curves(series: Sequence[tuple[str, Sequence[float], Sequence[float]]], 
 
 def plot_budget_sweep(runs: Sequence[Mapping[str, Any]], path: str | Path) -> Path:
     """Tokens/s (prefill and decode, log scale) and the fraction of row lookups served from
-    memory against the store's host budget, the store against mmap at the same memory.
+    memory (store: rows; mmap: pages touched) against the store's host budget, the store
+    against mmap at the same memory.
     ``runs``: dicts with ``system`` ("store", "mmap", and "compute" for the dense model's
     own speed, drawn as horizontal lines), ``host_budget`` (bytes), ``decode_tok_s``,
     ``prefill_tok_s``, ``memory_hit_ratio`` and, for the store, ``device_hit_ratio``."""
@@ -134,7 +135,8 @@ def plot_budget_sweep(runs: Sequence[Mapping[str, Any]], path: str | Path) -> Pa
         x = [r["host_budget"] / gib for r in rs]
         ax1.plot(x, [r["decode_tok_s"] for r in rs], style, color=color, label=f"{system} decode")
         ax1.plot(x, [r["prefill_tok_s"] for r in rs], style, color=color, alpha=0.5, label=f"{system} prefill")
-        ax2.plot(x, [r["memory_hit_ratio"] for r in rs], style, color=color, label=f"{system}: rows from memory")
+        what = "rows from memory" if system == "store" else "page-cache hits (per page touched)"
+        ax2.plot(x, [r["memory_hit_ratio"] for r in rs], style, color=color, label=f"{system}: {what}")
         if system == "store":
             ax2.plot(x, [r["device_hit_ratio"] for r in rs], ":^", color=color, alpha=0.6,
                      label="store: device tier hits")
@@ -146,7 +148,7 @@ def plot_budget_sweep(runs: Sequence[Mapping[str, Any]], path: str | Path) -> Pa
     ax1.set_xlabel("store host budget (GiB); mmap's memory limit = the store's peak")
     ax1.set_ylabel("tokens/s")
     ax2.set_xlabel("store host budget (GiB)")
-    ax2.set_ylabel("fraction of row lookups")
+    ax2.set_ylabel("hit ratio")
     ax2.set_ylim(0, 1)
     for ax in (ax1, ax2):
         ax.grid(alpha=0.3)
