@@ -93,7 +93,6 @@ def load_model(ckpt: Path) -> Any:
     """The V4.1-shaped model (``engram_model.deepseek_v41.v41_model``: V4.1's hashing from
     config.json, checked against ``engram_num_embeddings``) with the dense weights of the
     checkpoint's first shard; tables not attached."""
-    import torch
     from safetensors.torch import load_file
 
     from engram_model.deepseek_v41 import v41_model
@@ -104,7 +103,7 @@ def load_model(ckpt: Path) -> Any:
     missing, unexpected = model.load_state_dict(load_file(str(ckpt / index["tok_emb.weight"])), strict=False)
     if missing or unexpected:
         raise RuntimeError(f"dense weights do not match the model: missing {missing}, unexpected {unexpected}")
-    torch.set_grad_enabled(False)
+    model.requires_grad_(False)  # no autograd graph, without switching grad off for the whole process
     return model.eval()
 
 

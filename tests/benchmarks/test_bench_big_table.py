@@ -34,6 +34,9 @@ def test_bench_big_table_quick(tmp_path: Path, capsys: pytest.CaptureFixture[str
     try:
         res = bench.main(["--quick", "--workdir", str(work), "--keep"])
         out = capsys.readouterr().out
+        # the benchmark's in-process parts leave autograd on (it once switched it off for the
+        # whole process, and every later training test failed)
+        assert torch.is_grad_enabled()
         assert json.loads(out.strip().splitlines()[-1]) == json.loads(json.dumps(res))
         assert KEYS <= set(res), f"missing keys {KEYS - set(res)}"
         assert 0.9 * 2**30 <= res["table_bytes"] <= 1.1 * 2**30
