@@ -24,6 +24,9 @@ from .errors import (
     UnknownTableError,
 )
 from .sizes import format_size, parse_size
+from . import moved as _moved
+
+_moved.install()  # old module paths (tierstore.distributed, ...) warn and resolve to the new ones
 
 # The store, the builder and the formats import torch (~1 s); they load on first use, so
 # tools that need only the cache layer and the simulator (``tierstore profile``) start fast.
@@ -38,6 +41,8 @@ _LAZY = {
     "DEFAULT_TABLE_PATTERN": ("format.build", "DEFAULT_TABLE_PATTERN"),
     "verify_store": ("format.verify", "verify_store"),
     "open_sharded": ("serve.distributed", "open_sharded"),
+    "ShardedStore": ("serve.distributed", "ShardedStore"),
+    "build_shard": ("serve.distributed", "build_shard"),
 }
 
 
@@ -57,7 +62,7 @@ def __dir__() -> list[str]:
 
 
 __all__ = [
-    "open", "open_store", "open_sharded", "Store", "LookupFuture", "TableInfo", "build_store", "verify_store",
+    "open", "open_store", "open_sharded", "ShardedStore", "build_shard", "Store", "LookupFuture", "TableInfo", "build_store", "verify_store",
     "DEFAULT_TABLE_PATTERN", "FORMAT_VERSION", "parse_size", "format_size",
     "TierStoreError", "InvalidIdError", "IdTypeError", "UnknownTableError", "CorruptDataError",
     "FormatVersionError", "BudgetError", "PolicyParamError", "StoreIOError", "CapacityError", "StoreExistsError", "CheckpointError",

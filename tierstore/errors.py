@@ -21,6 +21,7 @@ __all__ = [
     "CheckpointError",
     "LookupTimeoutError",
     "StoreClosedError",
+    "MissingExtraError",
 ]
 
 

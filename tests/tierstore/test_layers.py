@@ -38,7 +38,7 @@ def _module(path: Path) -> str:
 def _layer(module: str) -> tuple[int, str]:
     """(rank, name) of a tierstore module; the package itself is the top."""
     parts = module.split(".")
-    if parts == ["tierstore"]:
+    if parts == ["tierstore"] or parts == ["tierstore", "moved"]:  # the public face and its old paths
         return 5, "tierstore"
     if parts[1] in FOUNDATION:
         return 0, "foundation"
