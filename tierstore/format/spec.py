@@ -443,8 +443,8 @@ def check_build(head: dict[str, Any], build_id: str | None, where: str) -> None:
     if build_id is not None and head.get("build_id") != build_id:
         raise StoreChangedError(
             errno.ESTALE, f"this file belongs to build {head.get('build_id')!r}, the manifest to build {build_id!r}: "
-            "the store was rebuilt while it was opened (open it again), or the file was replaced (rebuild the store "
-            "with `tierstore build --force`)", where)
+            "files of two builds; open the store again, and if it persists rebuild it (`tierstore build --force`)",
+            where)
 
 
 def check_header_page(page: bytes | np.ndarray, info: TableInfo, where: str, build_id: str | None = None) -> None:

@@ -221,7 +221,9 @@ class Store:
         manifest = read_manifest(self.path)
         if manifest.build_id == self.manifest.build_id:
             if isinstance(e, StoreChangedError):  # a file of another build in a store that did not change
-                raise CorruptDataError(f"{e.filename}: {e.strerror}") from None
+                raise CorruptDataError(f"{e.filename}: {e.strerror.partition(':')[0]}, and the manifest did not change: "
+                                       "the file was replaced or damaged; rebuild the store "
+                                       "(`tierstore build --force`)") from None
             raise e
         if last:
             raise StoreChangedError(
