@@ -12,6 +12,7 @@ from .errors import (
     CheckpointError,
     LookupTimeoutError,
     StoreClosedError,
+    StoreChangedError,
     CorruptDataError,
     FormatVersionError,
     IdTypeError,
@@ -67,5 +68,6 @@ __all__ = [
     "TierStoreError", "InvalidIdError", "IdTypeError", "UnknownTableError", "CorruptDataError",
     "FormatVersionError", "BudgetError", "PolicyParamError", "StoreIOError", "CapacityError", "StoreExistsError", "CheckpointError",
     "LookupTimeoutError", "StoreClosedError", "MissingExtraError",
+    "StoreChangedError",
 ]
 __version__ = "0.1.0"

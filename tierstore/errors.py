@@ -16,6 +16,7 @@ __all__ = [
     "BudgetError",
     "PolicyParamError",
     "StoreIOError",
+    "StoreChangedError",
     "CapacityError",
     "StoreExistsError",
     "CheckpointError",
@@ -67,6 +68,12 @@ class PolicyParamError(TierStoreError, ValueError):
 
 class StoreIOError(TierStoreError, OSError):
     """Reading or writing the store's files failed at the operating-system level."""
+
+
+class StoreChangedError(StoreIOError):
+    """The store was replaced (``tierstore build --force``) while it was being opened, again
+    on every retry: its files belong to different builds. Open it again once the rebuild is
+    done. (errno ``ESTALE``; the path is the file whose build disagreed.)"""
 
 
 class CapacityError(TierStoreError):

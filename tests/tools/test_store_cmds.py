@@ -20,7 +20,7 @@ def test_build_inspect_verify(tmp_path, small_ckpt, capsys):
     assert "2 table(s)" in capsys.readouterr().out
     assert main(["inspect", str(out), "--json"]) == 0
     doc = json.loads(capsys.readouterr().out)
-    assert doc["format"] == "tierstore" and doc["version"] == 2 and len(doc["build_id"]) == 32
+    assert doc["format"] == "tierstore" and doc["version"] == 3 and len(doc["build_id"]) == 32
     assert {t["name"]: (t["rows"], t["dim"], t["dtype"]) for t in doc["tables"]} == {
         "blocks.1.engram.memory.weight": (5003, 64, "float32"),
         "blocks.3.engram.memory.weight": (1201, 48, "float32"),

@@ -19,6 +19,7 @@ import math
 import os
 import re
 import shutil
+import uuid
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -30,6 +31,7 @@ from .. import faults
 from .checkpoint import Checkpoint, open_checkpoint
 from ..errors import CapacityError, CheckpointError, StoreExistsError, StoreIOError, TierStoreError
 from ..files import NO_SPACE, fsync_dir, os_error, pwrite_all, write_durable
+from .order import write_order
 from .quant import FP4_SCHEME, FP8_SCHEME, Quant
 from .spec import (
     DTYPES,
@@ -162,13 +164,13 @@ def _read_rows(ckpt: Checkpoint, name: str, start: int, stop: int, shard: tuple[
 
 def _write_table(ckpt: Checkpoint, name: str, info: TableInfo, src_dtype: str, tmp: Path, bar: tqdm,
                  shard: tuple[int, int] | None = None, perm: np.ndarray | None = None,
-                 scale: str | None = None) -> None:
-    """Write one table's row file, checksums and row order. A quantized table (``info.quant``)
-    reads its values from ``name`` and its block scales from ``scale``, the same rows of
-    each per chunk, and stores them side by side in each row."""
+                 scale: str | None = None, build_id: str = "") -> None:
+    """Write one table's row file, checksums and row order, each carrying ``build_id``. A
+    quantized table (``info.quant``) reads its values from ``name`` and its block scales from
+    ``scale``, the same rows of each per chunk, and stores them side by side in each row."""
     rows_path, sums_path = tmp / info.file, tmp / info.checksum_file
     sums = np.empty(info.n_pages, dtype=np.uint64)
-    head = np.frombuffer(header_page(info), dtype=np.uint8)
+    head = np.frombuffer(header_page(info, build_id), dtype=np.uint8)
     sums[0] = page_checksums(head)[0]
     step = _chunk_rows(info.row_stride)
     if shard is not None:  # a shard reads world x its rows per chunk: keep the chunk bytes bounded
@@ -205,7 +207,7 @@ def _write_table(ckpt: Checkpoint, name: str, info: TableInfo, src_dtype: str, t
     if perm is not None:
         pos = np.empty(info.rows, dtype=np.int32 if info.rows < 2**31 else np.int64)
         pos[perm] = np.arange(info.rows, dtype=pos.dtype)  # row -> physical position
-        write_durable(tmp / info.order_file, lambda f: np.save(f, pos))
+        write_durable(tmp / info.order_file, lambda f: write_order(f, info, pos, build_id))
 
 
 
@@ -336,7 +338,7 @@ def build_store(
             file=f"tables/t{i:04d}.rows", checksum_file=f"tables/t{i:04d}.sum",
             file_bytes=TableInfo.expected_file_bytes(rows, stride),
             source=source,
-            order_file=f"tables/t{i:04d}.order.npy" if name in perms else None,
+            order_file=f"tables/t{i:04d}.order" if name in perms else None,
             quant=quant,
         )
         infos.append((name, info, meta.dtype))
@@ -346,12 +348,13 @@ def build_store(
     except OSError as e:
         ckpt.close()
         raise os_error(e, f"creating the directory that will hold {out}", out.parent) from e
-    need = sum(i.file_bytes + i.n_pages * 8 + (8 * i.rows if i.order_file else 0) for _, i, _ in infos) + sum(a.stat().st_size for a in attach_paths)
+    need = sum(i.file_bytes + i.n_pages * 8 + (8 * i.rows + 2 * PAGE_SIZE if i.order_file else 0) for _, i, _ in infos) + sum(a.stat().st_size for a in attach_paths)
     free = shutil.disk_usage(out.parent).free
     if need > free:
         raise CapacityError(f"the store needs {need} bytes but {out.parent} has {free} free; free space or pick OUT elsewhere")
 
     tmp = out.parent / f".{out.name}.tmp-{leftover_tag()}"
+    build_id = uuid.uuid4().hex  # every file carries it: an open never mixes two builds' files
     try:
         (tmp / "tables").mkdir(parents=True)
         total = sum(i.nbytes for _, i, _ in infos)
@@ -360,7 +363,7 @@ def build_store(
             for name, info, src_dtype in infos:
                 bar.set_postfix_str(name[-40:])
                 _write_table(ckpt, name, info, src_dtype, tmp, bar, shard, perms.get(name),
-                             quants[name][1] if name in quants else None)
+                             quants[name][1] if name in quants else None, build_id)
         if attach_paths:
             (tmp / "attachments").mkdir()
             for a in attach_paths:
@@ -369,6 +372,7 @@ def build_store(
             tables={info.name: info for _, info, _ in infos},
             attachments=[a.name for a in attach_paths],
             created=_dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+            build_id=build_id,
         )
         fsync_dir(tmp / "tables")
         write_manifest(tmp, manifest)

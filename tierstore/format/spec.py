@@ -1,10 +1,11 @@
-"""On-disk store format, version 2 (reads version 1 too; documented in docs/format.md).
+"""On-disk store format, version 3 (reads versions 1 and 2 too; documented in docs/format.md).
 
 A store is a directory::
 
     STORE/manifest.json          format name + version, one entry per table, attachments
     STORE/tables/tNNNN.rows      header page + rows at a fixed stride, padded to whole 4 KiB pages
     STORE/tables/tNNNN.sum       one uint64 checksum per 4 KiB page of the .rows file
+    STORE/tables/tNNNN.order     row -> position map of a hotness-ordered table (tierstore.format.order)
     STORE/attachments/...        files copied in at build time (model config, tokenizer, ...)
     STORE/profiles/...           access-frequency profiles (written by `tierstore profile --save-profile`)
 
@@ -20,6 +21,12 @@ checksum ``sum(w[i] * K[i]) mod 2**64`` with fixed odd weights ``K``. Any change
 word changes the sum (an odd weight is invertible mod 2**64) and the position-dependent
 weights catch swapped words. It is chosen over CRC32 because it vectorizes over a whole
 batch of pages in numpy: the disk tier verifies every page it reads at memory speed.
+
+One build (version 3): every file carries the build's random id. The row file's header page
+records it (and the layout: hot-ordered or not), the checksum file's first entry is the
+checksum of that header page, and the order file's header records it too. ``Store`` opens
+the files, then checks each id against the manifest's, so files of two builds (a rebuild
+racing an open) are never served together.
 """
 
 from __future__ import annotations
@@ -32,10 +39,11 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
+import errno
 import numpy as np
 import torch
 
-from ..errors import CorruptDataError, FormatVersionError, TierStoreError
+from ..errors import CorruptDataError, FormatVersionError, StoreChangedError, StoreIOError, TierStoreError
 from ..files import atomic_write, check_versioned, is_json_int, read_json
 from .quant import SCHEMES, Quant
 
@@ -55,13 +63,14 @@ __all__ = [
     "ROWS_MAGIC",
     "check_header_page",
     "load_checksums",
-    "load_order",
     "manifest_digest",
+    "read_header",
 ]
 
 FORMAT_NAME = "tierstore"
-FORMAT_VERSION = 2  # 2: manifest digest and build id (version 1 stores are still read)
-READ_VERSIONS = (1, 2)
+FORMAT_VERSION = 3  # 2: manifest digest and build id; 3: every file carries the build id, order checksum
+READ_VERSIONS = (1, 2, 3)
+PINNED_VERSION = 3  # first version whose files carry the build id: opens check them against the manifest
 PAGE_SIZE = 4096
 CHECKSUM_SCHEME = "mulsum64-v1"
 ROWS_MAGIC = b"TIERSTORE-ROWS\x00\x01"  # first 16 bytes of every .rows file
@@ -179,6 +188,12 @@ class Manifest:
     # A fresh random id per build (version 2+): the identity of this store's content, e.g.
     # for shared-memory segments, which must never be confused with an earlier build's.
     build_id: str = field(default_factory=lambda: uuid.uuid4().hex)
+
+    @property
+    def pinned_build(self) -> str | None:
+        """The build id every file must carry (version 3+); None for older stores, whose files
+        carry none, so an open cannot tell their files from another build's."""
+        return self.build_id if self.version >= PINNED_VERSION else None
 
     def to_json(self) -> str:
         doc: dict[str, Any] = {
@@ -323,39 +338,34 @@ def write_manifest(store: str | os.PathLike[str], manifest: Manifest) -> None:
 
 
 def load_checksums(store: Path, info: TableInfo) -> np.ndarray:
-    """The table's per-page checksums (memory-mapped, shared through the page cache)."""
+    """The table's per-page checksums (memory-mapped, shared through the page cache). The size
+    is checked on the file that is mapped (one open), not on whatever the path names later."""
     path = store / info.checksum_file
-    size = path.stat().st_size if path.exists() else -1
-    if size != info.n_pages * 8:
-        raise CorruptDataError(
-            f"{path}: checksum file has {size} bytes, expected {info.n_pages * 8} "
-            f"({info.n_pages} pages of table {info.name!r}); the store is damaged, rebuild it"
-        )
-    return np.memmap(path, dtype="<u8", mode="r")
-
-
-def load_order(store: Path, info: TableInfo) -> np.ndarray:
-    """Physical position of every row of a hotness-ordered table (memory-mapped)."""
-    path = store / str(info.order_file)
     try:
-        pos = np.load(path, mmap_mode="r")
-    except (OSError, ValueError) as e:
-        raise CorruptDataError(f"{path}: cannot read the row order of table {info.name!r} ({e}); rebuild the store") from None
-    if pos.shape != (info.rows,) or pos.dtype.kind != "i":
-        raise CorruptDataError(f"{path}: row order has shape {pos.shape} {pos.dtype}, expected ({info.rows},) ints")
-    return pos
+        with open(path, "rb") as f:
+            size = os.fstat(f.fileno()).st_size
+            if size == info.n_pages * 8:
+                return np.memmap(f, dtype="<u8", mode="r")  # the map keeps this file, not the path
+    except FileNotFoundError:
+        size = -1
+    except OSError as e:
+        raise StoreIOError(e.errno, f"cannot read the checksum file: {e.strerror}", os.fspath(path)) from e
+    raise CorruptDataError(
+        f"{path}: checksum file has {size} bytes, expected {info.n_pages * 8} "
+        f"({info.n_pages} pages of table {info.name!r}); the store is damaged, rebuild it"
+    )
 
 
-def _weights() -> np.ndarray:
-    # splitmix64 of the word index, forced odd: fixed forever for scheme mulsum64-v1.
-    x = np.arange(1, PAGE_SIZE // 8 + 1, dtype=np.uint64) * np.uint64(0x9E3779B97F4A7C15)
+def splitmix_odd(x: np.ndarray) -> np.ndarray:
+    """splitmix64 of each uint64 of ``x``, forced odd: the scheme's fixed weights."""
+    x = x.astype(np.uint64) * np.uint64(0x9E3779B97F4A7C15)
     x = (x ^ (x >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
     x = (x ^ (x >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
     x = x ^ (x >> np.uint64(31))
     return x | np.uint64(1)
 
 
-_K = _weights()
+_K = splitmix_odd(np.arange(1, PAGE_SIZE // 8 + 1, dtype=np.uint64))  # fixed forever for mulsum64-v1
 
 
 def page_checksums(pages: np.ndarray) -> np.ndarray:
@@ -390,31 +400,33 @@ def page_checksums_torch(pages: torch.Tensor) -> torch.Tensor:
     return (words * k).sum(dim=1, dtype=torch.int64)
 
 
-def header_page(info: TableInfo) -> bytes:
-    """The first page of a .rows file: magic, then the table's JSON description, zero padded."""
-    head: dict[str, Any] = {"name": info.name, "rows": info.rows, "dim": info.dim, "dtype": info.dtype,
-                            "row_stride": info.row_stride, "version": FORMAT_VERSION}
-    if info.quant is not None:
-        head["quant"] = info.quant.to_json()
+def make_header(magic: bytes, head: dict[str, Any], what: str) -> bytes:
+    """A header page: ``magic`` (16 bytes), a little-endian uint32 length, JSON, zero padding."""
     meta = json.dumps(head).encode()
-    body = ROWS_MAGIC + len(meta).to_bytes(4, "little") + meta
+    body = magic + len(meta).to_bytes(4, "little") + meta
     if len(body) > PAGE_SIZE:
-        raise TierStoreError(f"table name too long for the row-file header: {info.name[:80]!r}...")
+        raise TierStoreError(f"table name too long for the {what} header: {str(head.get('name'))[:80]!r}...")
     return body + b"\x00" * (PAGE_SIZE - len(body))
 
 
-def check_header_page(page: bytes | np.ndarray, info: TableInfo, where: str) -> None:
-    """Compare a row file's header page with the manifest's description of the table.
+def header_page(info: TableInfo, build_id: str) -> bytes:
+    """The first page of a .rows file: magic, then the table's JSON description (with the build
+    id and the layout), zero padded."""
+    head: dict[str, Any] = {"name": info.name, "rows": info.rows, "dim": info.dim, "dtype": info.dtype,
+                            "row_stride": info.row_stride, "version": FORMAT_VERSION,
+                            "build_id": build_id, "ordered": info.order_file is not None}
+    if info.quant is not None:
+        head["quant"] = info.quant.to_json()
+    return make_header(ROWS_MAGIC, head, "row-file")
 
-    The header records name, rows, dim, dtype and row_stride at build time; a manifest
-    edited afterwards (a flipped bit of ``dim`` re-slices every row) disagrees with it.
-    Raises ``CorruptDataError`` naming the first field that differs.
-    """
+
+def read_header(page: bytes | np.ndarray, magic: bytes, where: str, what: str) -> dict[str, Any]:
+    """The JSON object of a header page written by :func:`make_header` (``CorruptDataError``)."""
     page = bytes(np.asarray(page, dtype=np.uint8).reshape(-1)[:PAGE_SIZE]) if isinstance(page, np.ndarray) else page
-    if page[: len(ROWS_MAGIC)] != ROWS_MAGIC:
-        raise CorruptDataError(f"{where}: bad magic in the header page: not a tierstore row file")
-    n = int.from_bytes(page[len(ROWS_MAGIC) : len(ROWS_MAGIC) + 4], "little")
-    start = len(ROWS_MAGIC) + 4
+    if page[: len(magic)] != magic:
+        raise CorruptDataError(f"{where}: bad magic in the header page: not a tierstore {what}")
+    n = int.from_bytes(page[len(magic) : len(magic) + 4], "little")
+    start = len(magic) + 4
     try:
         if start + n > PAGE_SIZE:
             raise ValueError(f"length {n} exceeds the page")
@@ -422,8 +434,33 @@ def check_header_page(page: bytes | np.ndarray, info: TableInfo, where: str) -> 
         if not isinstance(head, dict):
             raise ValueError("not an object")
     except (ValueError, UnicodeDecodeError) as e:
-        raise CorruptDataError(f"{where}: unreadable row-file header ({e})") from None
+        raise CorruptDataError(f"{where}: unreadable {what} header ({e})") from None
+    return head
+
+
+def check_build(head: dict[str, Any], build_id: str | None, where: str) -> None:
+    """``StoreChangedError`` unless the file's header carries ``build_id`` (None: no check)."""
+    if build_id is not None and head.get("build_id") != build_id:
+        raise StoreChangedError(
+            errno.ESTALE, f"this file belongs to build {head.get('build_id')!r}, the manifest to build {build_id!r}: "
+            "files of two builds; open the store again, and if it persists rebuild it (`tierstore build --force`)",
+            where)
+
+
+def check_header_page(page: bytes | np.ndarray, info: TableInfo, where: str, build_id: str | None = None) -> None:
+    """Compare a row file's header page with the manifest's description of the table.
+
+    The header records name, rows, dim, dtype and row_stride at build time; a manifest
+    edited afterwards (a flipped bit of ``dim`` re-slices every row) disagrees with it.
+    Raises ``CorruptDataError`` naming the first field that differs. ``build_id`` (the
+    manifest's, version 3+): the header must carry it (``StoreChangedError``, checked first)
+    and say whether the rows are hot-ordered as the manifest does.
+    """
+    head = read_header(page, ROWS_MAGIC, where, "row file")
+    check_build(head, build_id, where)
     want = {key: getattr(info, key) for key in ("name", "rows", "dim", "dtype", "row_stride")}
+    if build_id is not None:
+        want["ordered"] = info.order_file is not None
     want["quant"] = info.quant.to_json() if info.quant is not None else None
     for key, value in want.items():
         if head.get(key) != value:

@@ -9,9 +9,10 @@ from pathlib import Path
 import numpy as np
 from tqdm.auto import tqdm
 
-from ..errors import CorruptDataError
+from ..errors import CorruptDataError, StoreChangedError
 from ..files import os_error, read_full
-from .spec import PAGE_SIZE, TableInfo, check_header_page, load_checksums, load_order, page_checksums, read_manifest
+from .order import load_order
+from .spec import PAGE_SIZE, TableInfo, check_header_page, load_checksums, page_checksums, read_manifest
 
 __all__ = ["Mismatch", "VerifyReport", "verify_store"]
 
@@ -44,9 +45,12 @@ def _first_row(info: TableInfo, page: int) -> int:
 
 
 def verify_store(store: str | os.PathLike[str], *, progress: bool = True, max_report: int = 20) -> VerifyReport:
-    """Read every row file of ``store`` sequentially and compare each page with its checksum."""
+    """Read every row file of ``store`` sequentially and compare each page with its checksum;
+    check each order file's checksum and that it is a permutation; and (version 3+) that
+    every file carries the manifest's build id."""
     root = Path(store)
     manifest = read_manifest(root)
+    build_id = manifest.pinned_build
     report = VerifyReport()
     total = sum(i.file_bytes for i in manifest.tables.values())
     with tqdm(total=total, unit="B", unit_scale=True, unit_divisor=1024, desc="verify", disable=not progress) as bar:
@@ -60,10 +64,10 @@ def verify_store(store: str | os.PathLike[str], *, progress: bool = True, max_re
                 continue
             if info.order_file:
                 try:
-                    pos = load_order(root, info)
+                    pos = load_order(root, info, build_id)
                     is_perm = info.rows == 0 or (int(pos.min()) >= 0 and int(pos.max()) < info.rows
                                                   and bool((np.bincount(pos, minlength=info.rows) == 1).all()))
-                except CorruptDataError as e:
+                except (CorruptDataError, StoreChangedError) as e:  # damaged, or another build's file
                     is_perm, why = False, str(e)
                 else:
                     why = f"{root / info.order_file}: row order is not a permutation of 0..{info.rows - 1}"
@@ -91,8 +95,8 @@ def verify_store(store: str | os.PathLike[str], *, progress: bool = True, max_re
                         raise CorruptDataError(f"{path}: file ended inside page {p0 + got // PAGE_SIZE}")
                     if p0 == 0:
                         try:
-                            check_header_page(buf[0], info, str(path))
-                        except CorruptDataError as e:
+                            check_header_page(buf[0], info, str(path), build_id)
+                        except (CorruptDataError, StoreChangedError) as e:
                             report.mismatches.append(Mismatch(info.name, 0, 0, -1, str(e)))
                     bad = np.flatnonzero(page_checksums(buf[:n]) != sums[p0 : p0 + n])
                     for b in bad[: max(0, max_report - len(report.mismatches))]:

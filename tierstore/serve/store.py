@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import os
 import weakref
 from collections.abc import Callable, Mapping
@@ -13,7 +14,8 @@ import torch
 
 from .buffers import BufferPool
 from ..cache.registry import PolicySpec
-from ..errors import CapacityError, StoreClosedError, TierStoreError, UnknownTableError
+from ..errors import (CapacityError, CorruptDataError, StoreChangedError, StoreClosedError, TierStoreError,
+                      UnknownTableError)
 from ..format.quant import dequantize
 from ..format.spec import TableInfo, read_manifest
 from ..ids import IdLike, as_row_ids, check_id_tensor
@@ -30,6 +32,9 @@ __all__ = ["Store", "open_store", "IdLike", "INLINE_BELOW"]
 # prefetch() of at most this many ids does its bookkeeping in the caller's thread and, when
 # every row is on the device, its one gather too (measured in benchmarks/bench_lookup.py)
 INLINE_BELOW = 1024
+# an open that finds files of another build (a rebuild replaced the store meanwhile) reads the
+# manifest again and reopens, at most this many times in all
+OPEN_TRIES = 4
 
 
 def _default_device() -> torch.device:
@@ -166,6 +171,23 @@ class Store:
         spec = PolicySpec(policy, {} if policy_params is None else policy_params)
         self.policy = policy
         self.policy_params = dict(spec.params)
+        self._tables: dict[str, Table] = {}
+        for attempt in range(OPEN_TRIES):
+            try:
+                self._open_tables(spec, use_profile=use_profile, direct=direct, io_threads=io_threads,
+                                  host_shared=host_shared, zero_copy=zero_copy, disk_reader=disk_reader)
+                break
+            except (StoreChangedError, CorruptDataError) as e:
+                self._rebuilt_since(e, last=attempt == OPEN_TRIES - 1)
+        self._pool = BufferPool(max_bytes=parse_size(pool_bytes, what="pool_bytes"))
+        self._prefetcher = Prefetcher(threads, self.device)
+        self._closed = False
+        self._finalizer = weakref.finalize(self, _release, list(self._tables.values()), self._prefetcher,
+                                           self._pool, False)
+
+    def _open_tables(self, spec: PolicySpec, **options: Any) -> None:
+        """Open every table of ``self.manifest``, each file checked against its build id
+        (version 3+). On failure nothing stays open."""
         self.tables: dict[str, TableInfo] = dict(self.manifest.tables)
         total = sum(t.nbytes for t in self.tables.values()) or 1
 
@@ -175,7 +197,7 @@ class Store:
         if self.device.type == "cuda":  # never run: needs CUDA. Refuse before allocating anything
             need = sum(min(rows_of(self.device_budget, i), i.rows) * i.row_bytes for i in self.tables.values())
             check_device_room(need, self.device, what=f"device_budget={format_size(self.device_budget)}")
-        self._tables: dict[str, Table] = {}
+        use_profile = options.pop("use_profile")
         try:
             for name, info in self.tables.items():
                 self._tables[name] = Table(
@@ -183,18 +205,31 @@ class Store:
                     device_rows=rows_of(self.device_budget, info),
                     host_rows=rows_of(self.host_budget, info),
                     policy=spec, profile=load_profile(self.path, name) if use_profile else None,
-                    direct=direct, io_threads=io_threads, host_shared=host_shared,
-                    build_id=self.manifest.build_id, zero_copy=zero_copy, disk_reader=disk_reader,
+                    build_id=self.manifest.build_id, pinned_build=self.manifest.pinned_build, **options,
                 )
         except BaseException:
             for t in self._tables.values():
                 t.close()
+            self._tables = {}
             raise
-        self._pool = BufferPool(max_bytes=parse_size(pool_bytes, what="pool_bytes"))
-        self._prefetcher = Prefetcher(threads, self.device)
-        self._closed = False
-        self._finalizer = weakref.finalize(self, _release, list(self._tables.values()), self._prefetcher,
-                                           self._pool, False)
+
+    def _rebuilt_since(self, e: StoreChangedError | CorruptDataError, *, last: bool) -> None:
+        """After an open that found a file of another build or a damaged one: read the manifest
+        again. Another build id means a rebuild replaced the store meanwhile: take the new
+        manifest (the caller reopens), or after the last try raise ``StoreChangedError``. The
+        same id means the files themselves are wrong: raise ``CorruptDataError``."""
+        manifest = read_manifest(self.path)
+        if manifest.build_id == self.manifest.build_id:
+            if isinstance(e, StoreChangedError):  # a file of another build in a store that did not change
+                raise CorruptDataError(f"{e.filename}: {e.strerror.partition(':')[0]}, and the manifest did not change: "
+                                       "the file was replaced or damaged; rebuild the store "
+                                       "(`tierstore build --force`)") from None
+            raise e
+        if last:
+            raise StoreChangedError(
+                errno.ESTALE, f"store {self.path} was rebuilt while it was opened, {OPEN_TRIES} times in a row; open "
+                "it again once the rebuild (`tierstore build --force`) is done", os.fspath(self.path)) from e
+        self.manifest = manifest
 
     # -- API -----------------------------------------------------------------------------
     def _table(self, table: str) -> Table:

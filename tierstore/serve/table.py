@@ -57,6 +57,7 @@ class Table:
         io_threads: int | None = None,
         host_shared: bool = False,
         build_id: str = "",
+        pinned_build: str | None = None,
         zero_copy: bool = False,
         disk_reader: str = "auto",
     ):
@@ -65,7 +66,7 @@ class Table:
         self.cuda = device.type == "cuda"
         self.zero_copy = zero_copy and self.cuda  # the GPU reads host-tier rows from pinned memory itself
         self.disk: Tier = DiskTier(root, info, direct=direct, threads=io_threads, device=device,
-                                   device_reader=disk_reader)
+                                   device_reader=disk_reader, build_id=pinned_build)
         self.host: Tier | None = None
         self.dev: Tier | None = None
         try:

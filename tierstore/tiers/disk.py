@@ -24,6 +24,7 @@ All methods take whole batches (numpy int64 row arrays); there is no per-row Pyt
 
 from __future__ import annotations
 
+import os
 import threading
 import time
 from collections.abc import Callable
@@ -36,7 +37,8 @@ import numpy as np
 import torch
 
 from ..errors import CorruptDataError, TierStoreError
-from ..format.spec import (PAGE_SIZE, TableInfo, check_header_page, load_checksums, load_order, page_checksums,
+from ..format.order import load_order
+from ..format.spec import (PAGE_SIZE, TableInfo, check_header_page, load_checksums, page_checksums,
                            page_checksums_torch)
 from .base import DISK
 from .cuda import to_device
@@ -118,12 +120,16 @@ class DiskTier:
 
     def __init__(self, root: Path, info: TableInfo, *, direct: bool | None = None, threads: int | None = None,
                  method: str = "auto", depth: int = 256, device: torch.device | None = None,
-                 device_reader: str | Callable[[Path], DevicePageSource] = "auto"):
+                 device_reader: str | Callable[[Path], DevicePageSource] = "auto", build_id: str | None = None):
         """``direct``, ``threads``, ``method`` and ``depth`` configure the POSIX page reader
         (tierstore.tiers.page_reader.PageReader): the store sets only the first two, the
         cold-read benchmark compares the reader's methods through this tier. device: where
         lookups want rows (the store's device); device_reader: "auto", "posix", "kvikio"
-        (:func:`choose_device_reader`) or a ``path -> DevicePageSource`` factory (tests)."""
+        (:func:`choose_device_reader`) or a ``path -> DevicePageSource`` factory (tests).
+        build_id: the manifest's (version 3+ stores): the row file's header and the order
+        file must carry it (``StoreChangedError`` otherwise), and the checksum file's first
+        entry must be the header page's checksum. Each file is opened once and checked on
+        the opened file; every later read uses that file, whatever its path names by then."""
         self.info = info
         self.path = root / info.file
         size = self.path.stat().st_size if self.path.exists() else -1
@@ -133,8 +139,9 @@ class DiskTier:
                 f"{info.file_bytes}: truncated or replaced; rebuild the store (`tierstore verify` for details)"
             )
         self.sums = load_checksums(root, info)
-        # hotness-ordered layout: physical position of each row (memory-mapped, shared)
-        self.pos = load_order(root, info) if info.order_file else None
+        # hotness-ordered layout: physical position of each row (memory-mapped, shared; its
+        # checksum is checked by one full read of the file here)
+        self.pos = load_order(root, info, build_id) if info.order_file else None
         self._perm: np.ndarray | None = None
         self._local = threading.local()  # per-thread aligned read buffer
         self._pool: ThreadPoolExecutor | None = None
@@ -142,9 +149,16 @@ class DiskTier:
         self.reader = PageReader(self.path, direct=direct, threads=threads, method=method, depth=depth)
         self.device_reader: DevicePageSource | None = None
         try:
-            self.device_reader = device_reader(self.path) if callable(device_reader) else \
-                choose_device_reader(self.path, device or torch.device("cpu"), device_reader)
-            self._check_header()
+            fd = self.reader.fileno()
+            if os.fstat(fd).st_size != info.file_bytes:  # the file opened, not the one stat'ed above
+                raise CorruptDataError(f"{self.path}: row file of table {info.name!r} was replaced while it was "
+                                       "opened (another size); open the store again")
+            # the device reader opens the same file again through the POSIX reader's descriptor
+            # (Linux: /proc/self/fd/N reopens that inode, whatever the path names by now)
+            same = f"/proc/self/fd/{fd}" if os.path.exists(f"/proc/self/fd/{fd}") else self.path
+            self.device_reader = device_reader(Path(same)) if callable(device_reader) else \
+                choose_device_reader(Path(same), device or torch.device("cpu"), device_reader)
+            self._check_header(build_id)
         except BaseException:  # release the file and the checksum map now, not when the traceback goes
             self.close()
             raise
@@ -159,13 +173,16 @@ class DiskTier:
         """Where ``gather`` puts rows when given no ``out``: the device reader's device, else the CPU."""
         return self.device_reader.device if self.device_reader is not None else torch.device("cpu")
 
-    def _check_header(self) -> None:
+    def _check_header(self, build_id: str | None) -> None:
         """The row file's header page must pass its checksum and agree with the manifest
-        (one 4 KiB read per table at open): a damaged or edited manifest must not re-slice rows."""
+        (one 4 KiB read per table at open): a damaged or edited manifest must not re-slice rows.
+        Its checksum is the checksum file's first entry, so (version 3+, the header holding the
+        build id) that file is of the same build too."""
         head = self.reader.read_pages(np.zeros(1, dtype=np.int64))
         if page_checksums(head)[0] != self.sums[0]:
-            raise CorruptDataError(f"{self.path}: the header page fails its checksum; rebuild the store")
-        check_header_page(head[0], self.info, str(self.path))
+            raise CorruptDataError(f"{self.path}: the header page fails its checksum (or {self.info.checksum_file} "
+                                   "is of another build); rebuild the store")
+        check_header_page(head[0], self.info, str(self.path), build_id)
 
     def _row_spans(self, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         start = PAGE_SIZE + rows * self.info.row_stride  # byte offset of each row in the file

@@ -9,6 +9,7 @@ from safetensors.torch import save_file
 
 import tierstore
 from tierstore import CheckpointError
+from tierstore.format.order import load_order, write_order
 from tierstore.format.spec import PAGE_SIZE, read_manifest
 from tierstore.format.profile import save_profile
 from tierstore_cli.cli import main
@@ -64,10 +65,11 @@ def test_cli_and_errors(tmp_path, profiled, capsys):
     assert main(["build", str(ckpt), str(tmp_path / "o"), "--order-by-profile", str(first), "--quiet"]) == 0
     with pytest.raises(CheckpointError, match="no profile"):
         tierstore.build_store(ckpt, tmp_path / "x", order_by=tmp_path / "o", progress=False)
-    info = read_manifest(tmp_path / "o").tables[NAME]
-    order = tmp_path / "o" / info.order_file
-    pos = np.load(order)
-    pos[0] = pos[1]  # no longer a permutation
-    np.save(order, pos)
+    m = read_manifest(tmp_path / "o")
+    info = m.tables[NAME]
+    pos = np.array(load_order(tmp_path / "o", info, m.build_id))
+    pos[0] = pos[1]  # no longer a permutation, though its checksum is right
+    with open(tmp_path / "o" / info.order_file, "wb") as f:
+        write_order(f, info, pos, m.build_id)
     assert main(["verify", str(tmp_path / "o"), "--quiet"]) == 1
     assert "not a permutation" in capsys.readouterr().err
