@@ -18,6 +18,8 @@ from .errors import (
     InvalidIdError,
     MissingExtraError,
     PolicyParamError,
+    ShardDesyncError,
+    ShardedLookupError,
     StoreExistsError,
     StoreIOError,
     TierStoreError,
@@ -61,6 +63,6 @@ __all__ = [
     "DEFAULT_TABLE_PATTERN", "FORMAT_VERSION", "parse_size", "format_size",
     "TierStoreError", "InvalidIdError", "IdTypeError", "UnknownTableError", "CorruptDataError",
     "FormatVersionError", "BudgetError", "PolicyParamError", "StoreIOError", "CapacityError", "StoreExistsError", "CheckpointError",
-    "LookupTimeoutError", "StoreClosedError", "MissingExtraError",
+    "LookupTimeoutError", "StoreClosedError", "MissingExtraError", "ShardedLookupError", "ShardDesyncError",
 ]
 __version__ = "0.1.0"
