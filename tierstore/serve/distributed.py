@@ -351,8 +351,10 @@ class ShardedStore:
         info, n = req.info, len(req.flat)
         rows = rows.to(self.device)
         if info.quant is not None and not req.raw:
-            buf = req.out.view(n, info.lookup_dim) if req.out is not None else None
-            return dequantize(rows, info.quant, out=buf).view(req.shape + (info.lookup_dim,))
+            if req.out is None:
+                return dequantize(rows, info.quant).view(req.shape + (info.lookup_dim,))
+            dequantize(rows, info.quant, out=req.out.view(n, info.lookup_dim))
+            return req.out
         stored = rows.view(info.raw_dtype)
         if req.out is None:
             return stored.view(info.torch_dtype).view(req.shape + (info.dim,))
