@@ -56,6 +56,14 @@ def _worker(rank: int, port: int, tmp_s: str) -> None:
     for name in single.tables:
         s, d = single.tables[name], sharded.tables[name]
         assert (d.rows, d.lookup_dim, d.lookup_dtype, d.quant) == (s.rows, s.lookup_dim, s.lookup_dtype, s.quant)
+    # a hint reaches the owner of each row: rank 0 hints rows of rank 1 and the other way round
+    table = sharded.local._tables[embed(1)]
+    table.events = []  # the tiers' record of lookups and hints (tierstore.serve.table)
+    sharded.hint(embed(1), [1, 3, 5] if rank == 0 else [2, 4])
+    sharded.lookup(embed(1), [0])  # issued after the hint: its exchange has run when this returns
+    hinted = sorted(int(i) for kind, ids, *_ in table.events if kind == "hint" for i in ids)
+    assert hinted == ([1, 2] if rank == 0 else [0, 1, 2]), f"rank {rank} was hinted local rows {hinted}"
+    table.events = None
     rng = np.random.default_rng(rank)
     for step in range(4):
         for layer, rows in LAYERS.items():
