@@ -341,9 +341,9 @@ class ShardedStore:
             self._hint_error = e
         except ShardedLookupError:  # a peer's bad hint: nothing to hint, nothing wrong
             pass
-        except TierStoreError as e:
+        except Exception as e:
             if e is not err:  # our own bad hint already raised at the call
-                self._hint_error = e
+                self._hint_error = _typed(e)
 
     def _finish(self, req: _Request, rows: torch.Tensor) -> torch.Tensor:
         """The caller's result from the stored rows (uint8, unique rows scattered to the
