@@ -417,25 +417,18 @@ class ShardedStore:
                 ranks=tuple(int(r) for r in np.flatnonzero(~same)))
         return h[:, _COUNT].tolist()
 
-    def _exchange(self, seq: int, op: int, table: str, req: _Request | None, err: TierStoreError | None,
-                  part: int = 0) -> torch.Tensor | None:
-        """One step-locked exchange of ``req`` (None with ``err``: join with an empty request).
-        Returns the stored rows of ``req.flat`` as uint8 (n, row_bytes); None for a hint."""
-        W, dev, me = self.world_size, self.comm_device, self.rank
-        flat = req.flat if err is None and req is not None else np.empty(0, dtype=np.int64)
-        uniq, inv = np.unique(flat, return_inverse=True)
-        owner = uniq % W
-        order = np.argsort(owner, kind="stable")
-        send_counts_l = np.bincount(owner, minlength=W).tolist()
-        recv_counts_l = self._step(seq, op, _table_key(table), part, err, np.asarray(send_counts_l))
-        assert req is not None  # _step raised on every rank if any rank had no request
-        info = req.info
-        recv_ids = torch.empty(sum(recv_counts_l), dtype=torch.int64, device=dev)
-        self._a2a(recv_ids, torch.from_numpy(uniq[order] // W).to(dev), recv_counts_l, send_counts_l)
-        local_ids = recv_ids.cpu().numpy()
-        if op == _HINT:
-            self.local.hint(table, local_ids)  # our rows that the askers will read
-            return None
+    def _swap_ids(self, send_ids: np.ndarray, send_counts_l: list[int], recv_counts_l: list[int]) -> np.ndarray:
+        """Step 2: the local ids each rank asks of this one, grouped by asking rank."""
+        recv_ids = torch.empty(sum(recv_counts_l), dtype=torch.int64, device=self.comm_device)
+        self._a2a(recv_ids, torch.from_numpy(send_ids).to(self.comm_device), recv_counts_l, send_counts_l)
+        return recv_ids.cpu().numpy()
+
+    def _swap_rows(self, table: str, info: TableInfo, send_ids: np.ndarray, send_counts_l: list[int],
+                   recv_counts_l: list[int]) -> tuple[np.ndarray, torch.Tensor, TierStoreError | None]:
+        """Steps 2-4: (the local ids asked of this rank, what arrived: per owner a status row then
+        its rows, this rank's error serving the others or None)."""
+        W = self.world_size
+        local_ids = self._swap_ids(send_ids, send_counts_l, recv_counts_l)
         row_bytes = info.row_bytes
         # rows travel as the widest integers dividing a row (gloo has no int16; fewer elements);
         # before each asker's rows, one status row: 0, or the code of our error serving them
@@ -449,14 +442,45 @@ class ShardedStore:
                 dst = send[start + j + 1: start + j + 1 + c].view(torch.uint8).view(info.torch_dtype)
                 try:
                     self.local.lookup(table, local_ids[start: start + c], out=dst, raw=True)
-                except Exception as e:  # flagged to the askers in step 4; raised here after it
+                except Exception as e:  # flagged to the askers in step 4; raised after it
                     served_err = served_err or _typed(e)
                     send[start + j + 1: start + j + 1 + c] = 0
             start += c
         if served_err is not None:  # to every rank, asker or not, so that every rank raises for this call
             send[torch.from_numpy(np.cumsum([0] + [c + 1 for c in recv_counts_l[:-1]])), 0] = _code(served_err)
-        got = torch.empty((len(uniq) + W, words), dtype=wide, device=dev)
-        self._a2a(got, send.to(dev), [c + 1 for c in send_counts_l], [c + 1 for c in recv_counts_l])
+        got = torch.empty((len(send_ids) + W, words), dtype=wide, device=self.comm_device)
+        self._a2a(got, send.to(self.comm_device), [c + 1 for c in send_counts_l], [c + 1 for c in recv_counts_l])
+        return local_ids, got, served_err
+
+    def _exchange(self, seq: int, op: int, table: str, req: _Request | None, err: TierStoreError | None,
+                  part: int = 0) -> torch.Tensor | None:
+        """One step-locked exchange of ``req`` (None with ``err``: join with an empty request).
+        Returns the stored rows of ``req.flat`` as uint8 (n, row_bytes); None for a hint."""
+        W, dev, me = self.world_size, self.comm_device, self.rank
+        flat = req.flat if err is None and req is not None else np.empty(0, dtype=np.int64)
+        uniq, inv = np.unique(flat, return_inverse=True)
+        owner = uniq % W
+        order = np.argsort(owner, kind="stable")
+        send_counts_l = np.bincount(owner, minlength=W).tolist()
+        recv_counts_l = self._step(seq, op, _table_key(table), part, err, np.asarray(send_counts_l))
+        assert req is not None  # _step raised on every rank if any rank had no request
+        info = req.info
+        try:  # an exception between two collectives leaves the peers waiting in the next one
+            if op == _HINT:
+                local_ids = self._swap_ids(uniq[order] // W, send_counts_l, recv_counts_l)
+            else:
+                local_ids, got, served_err = self._swap_rows(table, info, uniq[order] // W, send_counts_l,
+                                                             recv_counts_l)
+        except BaseException as e:
+            if self._broken is None:
+                self._broken = (f"rank {me}: an earlier {_OPS[op]} of table {table!r} stopped between its collectives "
+                                f"({type(e).__name__}: {e}); the group is out of step: close the store and open it "
+                                "again on every rank")
+            raise
+        if op == _HINT:
+            self.local.hint(table, local_ids)  # our rows that the askers will read
+            return None
+        row_bytes = info.row_bytes
         with self._lock:
             self.ids_requested += len(flat)
             self.ids_sent += len(uniq)
