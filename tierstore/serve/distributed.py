@@ -50,6 +50,7 @@ import hashlib
 import os
 import threading
 from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -112,14 +113,16 @@ def build_shard(checkpoint: str | os.PathLike[str], out: str | os.PathLike[str],
     return build_store(checkpoint, shard_dir(out, rank, world_size), shard=(rank, world_size), **kwargs)
 
 
+@dataclass(frozen=True, slots=True)
 class _Request:
     """One table's part of a call, checked on the caller's thread."""
 
-    __slots__ = ("name", "info", "flat", "shape", "out", "raw")
-
-    def __init__(self, name: str, info: TableInfo, flat: np.ndarray, shape: tuple[int, ...],
-                 out: torch.Tensor | None, raw: bool):
-        self.name, self.info, self.flat, self.shape, self.out, self.raw = name, info, flat, shape, out, raw
+    name: str
+    info: TableInfo
+    flat: np.ndarray  # the ids, a private int64 copy, checked against the table's global rows
+    shape: tuple[int, ...]  # the ids' shape: the result is shape + (row width,)
+    out: torch.Tensor | None  # checked: the lookup's dtype and shape on the store's device
+    raw: bool  # return the stored rows (a quantized table's are not dequantized)
 
 
 class ShardedStore:
@@ -324,7 +327,8 @@ class ShardedStore:
     def _many_job(self, seq: int, names: list[str], reqs: list[_Request] | None,
                   err: TierStoreError | None) -> dict[str, torch.Tensor]:
         err = self._pending(err)
-        self._step(seq, _MANY, _table_key("\0".join(map(str, names))), len(names), err, np.zeros(self.world_size, np.int64))
+        key = _table_key("\0".join(map(str, names)))
+        self._step(seq, _MANY, key, len(names), err, np.zeros(self.world_size, np.int64))
         assert reqs is not None
         result = {}
         for part, req in enumerate(reqs):
