@@ -19,10 +19,10 @@ __all__ = [
     "CapacityError",
     "StoreExistsError",
     "CheckpointError",
-    "LookupTimeoutError",
-    "StoreClosedError",
     "ShardedLookupError",
     "ShardDesyncError",
+    "LookupTimeoutError",
+    "StoreClosedError",
 ]
 
 
