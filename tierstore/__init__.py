@@ -19,6 +19,8 @@ from .errors import (
     InvalidIdError,
     MissingExtraError,
     PolicyParamError,
+    ShardDesyncError,
+    ShardedLookupError,
     StoreExistsError,
     StoreIOError,
     TierStoreError,
@@ -67,7 +69,7 @@ __all__ = [
     "DEFAULT_TABLE_PATTERN", "FORMAT_VERSION", "parse_size", "format_size",
     "TierStoreError", "InvalidIdError", "IdTypeError", "UnknownTableError", "CorruptDataError",
     "FormatVersionError", "BudgetError", "PolicyParamError", "StoreIOError", "CapacityError", "StoreExistsError", "CheckpointError",
-    "LookupTimeoutError", "StoreClosedError", "MissingExtraError",
+    "LookupTimeoutError", "StoreClosedError", "MissingExtraError", "ShardedLookupError", "ShardDesyncError",
     "StoreChangedError",
 ]
 __version__ = "0.1.0"

@@ -20,6 +20,8 @@ __all__ = [
     "CapacityError",
     "StoreExistsError",
     "CheckpointError",
+    "ShardedLookupError",
+    "ShardDesyncError",
     "LookupTimeoutError",
     "StoreClosedError",
     "MissingExtraError",
@@ -99,3 +101,20 @@ class StoreClosedError(TierStoreError):
 class MissingExtraError(TierStoreError, ImportError):
     """An optional dependency is not installed; the message names the extra that installs it
     (``pip install 'tierstore[plot]'``)."""
+
+
+class ShardedLookupError(TierStoreError):
+    """A collective lookup of a sharded store failed because of another rank: its input was
+    invalid (bad ids, unknown table, bad ``out=``) or it could not serve the rows it owns.
+    Every rank of the group raises for the same call (the rank at fault raises its own
+    error), so the group stays in step. ``ranks`` lists the ranks at fault."""
+
+    def __init__(self, message: str, *, ranks: tuple[int, ...] = ()):
+        super().__init__(message)
+        self.ranks = ranks
+
+
+class ShardDesyncError(ShardedLookupError):
+    """The ranks of a sharded store issued different collective calls at the same step
+    (another table, another kind of call, or another sequence number). No rows are
+    exchanged; every rank raises."""

@@ -94,6 +94,12 @@ def _dying_worker(rank: int, world: int, port: int, tmp: str) -> None:
         (tmp_p / "result").write_text("no error")
     except tierstore.TierStoreError as e:
         (tmp_p / "result").write_text(f"{time.time() - t0:.1f} {e}")
+        try:  # the group is broken: a later call raises without entering a collective (and its timeout)
+            store.lookup(NAMES[0], [7])
+            again = "no error"
+        except tierstore.TierStoreError as e2:
+            again = str(e2)
+        (tmp_p / "again").write_text(again)
 
 
 @pytest.mark.slow
@@ -111,6 +117,8 @@ def test_dead_rank_fails_fast(sharded_ckpt):
     seconds, msg = text.split(" ", 1)
     assert "sharded lookup failed" in msg and "peer rank may have died" in msg, msg
     assert float(seconds) < 25, f"took {seconds}s to notice the dead rank"
+    msg = (sharded_ckpt / "again").read_text()
+    assert "earlier sharded lookup failed" in msg and "open it again on every rank" in msg, msg
 
 
 def test_sharded_store_needs_a_process_group(sharded_ckpt):
