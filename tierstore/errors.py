@@ -16,6 +16,7 @@ __all__ = [
     "BudgetError",
     "PolicyParamError",
     "StoreIOError",
+    "OutputPathError",
     "CapacityError",
     "StoreExistsError",
     "CheckpointError",
@@ -66,6 +67,12 @@ class PolicyParamError(TierStoreError, ValueError):
 
 class StoreIOError(TierStoreError, OSError):
     """Reading or writing the store's files failed at the operating-system level."""
+
+
+class OutputPathError(TierStoreError, OSError):
+    """A file the caller asked for (a plot, a report) cannot be written at that path: its
+    folder is a file or not writable, or the path is a directory. Raised before the work
+    that would produce the file, not after it."""
 
 
 class CapacityError(TierStoreError):
