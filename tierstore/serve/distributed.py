@@ -40,11 +40,12 @@ import torch
 import torch.distributed as dist
 
 from ..format.build import build_store
-from ..errors import TierStoreError, UnknownTableError
+from ..errors import TierStoreError
 from ..format.spec import TableInfo
 from .prefetcher import LatencyStats, LookupFuture
 from ..ids import IdLike, as_row_ids
 from .store import Store
+from .table import find_table
 
 __all__ = ["shard_dir", "build_shard", "ShardedStore", "open_sharded"]
 
@@ -158,10 +159,7 @@ class ShardedStore:
 
     # -- the exchange ------------------------------------------------------------------------
     def _info(self, table: str) -> TableInfo:
-        try:
-            return self.tables[table]
-        except KeyError:
-            raise UnknownTableError(f"no table {table!r} in the sharded store; tables: {sorted(self.tables)[:10]}") from None
+        return find_table(self.tables, table, "the sharded store")
 
     def _a2a(self, out: torch.Tensor, inp: torch.Tensor, out_splits: Sequence[int] | None = None,
              in_splits: Sequence[int] | None = None) -> None:
