@@ -53,7 +53,10 @@ def parse_capacities(spec: str, n_rows: int, row_bytes: int | None) -> list[int]
             if row_bytes is None:
                 raise TierStoreError(
                     f"capacity {item!r} is a size in bytes: give --store or --row-bytes to turn it into rows") from None
-            out.append(parse_size(item, what="capacity") // row_bytes)
+            rows = parse_size(item, what="capacity") // row_bytes
+            if rows >= 2**63:
+                raise TierStoreError(f"capacity {item!r} is {rows} rows, past any table (2**63)") from None
+            out.append(rows)
             continue
         if not math.isfinite(v) or v >= 2**63:  # larger than the table is fine (it all fits), past int64 is not
             raise TierStoreError(f"capacity {item!r} is not a number of rows; e.g. --capacity 0.01,5000,64MiB")

@@ -28,9 +28,10 @@ def _one_line(capsys: pytest.CaptureFixture[str]) -> tuple[str, str]:
     return out, lines[0]
 
 
-@pytest.mark.parametrize("capacity", ["inf", "nan", "1e300", "-inf", "9.3e18"])
+@pytest.mark.parametrize("capacity", ["inf", "nan", "1e300", "-inf", "9.3e18", "1e30GiB"])
 def test_capacity_that_is_no_row_count_is_one_line(trace: Path, capacity: str, capsys):
-    assert cli(["profile", "--trace", str(trace), f"--capacity={capacity}", "--policy", "lru,lfu,opt"]) == 2
+    assert cli(["profile", "--trace", str(trace), f"--capacity={capacity}", "--policy", "lru,lfu,opt",
+                "--row-bytes", "4"]) == 2
     _, err = _one_line(capsys)
     assert err.startswith("tierstore profile: error: capacity") and repr(capacity) in err
 
