@@ -18,6 +18,7 @@ from .errors import (
     IdTypeError,
     InvalidIdError,
     MissingExtraError,
+    OutputPathError,
     PolicyParamError,
     ShardDesyncError,
     ShardedLookupError,
@@ -70,6 +71,6 @@ __all__ = [
     "TierStoreError", "InvalidIdError", "IdTypeError", "UnknownTableError", "CorruptDataError",
     "FormatVersionError", "BudgetError", "PolicyParamError", "StoreIOError", "CapacityError", "StoreExistsError", "CheckpointError",
     "LookupTimeoutError", "StoreClosedError", "MissingExtraError", "ShardedLookupError", "ShardDesyncError",
-    "StoreChangedError",
+    "StoreChangedError", "OutputPathError",
 ]
 __version__ = "0.1.0"

@@ -17,6 +17,7 @@ __all__ = [
     "PolicyParamError",
     "StoreIOError",
     "StoreChangedError",
+    "OutputPathError",
     "CapacityError",
     "StoreExistsError",
     "CheckpointError",
@@ -76,6 +77,10 @@ class StoreChangedError(StoreIOError):
     """The store was replaced (``tierstore build --force``) while it was being opened, again
     on every retry: its files belong to different builds. Open it again once the rebuild is
     done. (errno ``ESTALE``; the path is the file whose build disagreed.)"""
+class OutputPathError(TierStoreError, OSError):
+    """A file the caller asked for (a plot, a report) cannot be written at that path: its
+    folder is a file or not writable, or the path is a directory. Raised before the work
+    that would produce the file, not after it."""
 
 
 class CapacityError(TierStoreError):

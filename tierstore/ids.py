@@ -10,6 +10,7 @@ per 64K ids).
 
 from __future__ import annotations
 
+import functools
 import sys
 from typing import TYPE_CHECKING, Any
 
@@ -28,16 +29,27 @@ IdLike = Any  # torch integer tensor, numpy integer array, or a (nested, rectang
 _INT64_MAX = np.iinfo(np.int64).max
 
 
+@functools.cache
+def _int_dtypes(torch: Any) -> frozenset:
+    """torch's integer dtypes: ids of any other (floats, bool, complex, quantized, bits) are
+    refused (quantized and bits tensors raised RuntimeError/NotImplementedError on .to())."""
+    return frozenset((torch.int8, torch.uint8, torch.int16, torch.uint16, torch.int32, torch.uint32,
+                      torch.int64, torch.uint64))
+
+
 def check_id_tensor(ids: torch.Tensor, where: str) -> None:
     """The checks of an id tensor that need none of its values (a CUDA tensor's values are
     checked later, once copied to the host without making the caller wait)."""
     import torch
 
+    if ids.is_nested:  # ragged rows: no one shape to give the result (torch raises RuntimeError on .numpy())
+        raise IdTypeError(f"ids for {where} are a nested tensor; pass a dense integer tensor "
+                          "(torch.cat(ids.unbind()) for one flat batch, or ids.to_padded_tensor(0))")
     if ids.layout != torch.strided:
         raise IdTypeError(f"ids for {where} are a {ids.layout} tensor; pass a dense integer tensor (ids.to_dense())")
     if ids.device.type == "meta":
         raise IdTypeError(f"ids for {where} are on the meta device and hold no values")
-    if ids.dtype.is_floating_point or ids.dtype.is_complex or ids.dtype == torch.bool:
+    if ids.dtype not in _int_dtypes(torch):
         raise IdTypeError(f"ids for {where} have dtype {ids.dtype}; pass an integer tensor (e.g. torch.long)")
 
 

@@ -1,7 +1,11 @@
 """`tierstore` command: one entry point, one module per group of subcommands.
 
 Each subcommand module exposes ``add_parser(subparsers)``, registering its parsers with
-``set_defaults(func=run)``. Errors print one line and exit non-zero.
+``set_defaults(func=run)``. Every error the user can cause (a typed ``TierStoreError``, an
+``OSError`` such as a missing file, a malformed command line) is one line on stderr and exit
+code 2; with ``--json`` a JSON object ``{"error": message, "type": class name}`` is also printed
+on stdout, so a script reading stdout gets JSON on failure too. Anything else is a bug and
+keeps its traceback.
 
 The store's own commands live in this package. Other installed packages add theirs through
 the ``tierstore.commands`` entry-point group (``name = "module:add_parser"``): the model
@@ -13,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import json
 import sys
 from collections.abc import Sequence
 from importlib.metadata import EntryPoint, entry_points
@@ -29,6 +34,18 @@ _BUILTIN = {"build": ".store_cmds", "inspect": ".store_cmds", "verify": ".store_
 
 class CommandUnavailableError(TierStoreError):
     """An installed package registers the command, but its module cannot be imported."""
+
+
+class UsageError(TierStoreError, ValueError):
+    """The command line is malformed: an unknown option, a missing or ill-typed argument."""
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse, but a usage error raises :class:`UsageError` (one line, like every other
+    error) instead of printing the usage block and exiting. Subparsers inherit the class."""
+
+    def error(self, message: str):
+        raise UsageError(f"{message} (see `{self.prog} --help`)")
 
 
 def _plugins() -> dict[str, EntryPoint]:
@@ -50,7 +67,7 @@ def _load(ep: EntryPoint):
 
 def make_parser(command: str | None = None) -> argparse.ArgumentParser:
     """The parser of every command, or only of ``command``'s module when it names one."""
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="tierstore",
         description="Tiered GPU/host/NVMe store for Engram n-gram embedding tables.",
     )
@@ -76,20 +93,27 @@ def make_parser(command: str | None = None) -> argparse.ArgumentParser:
     return parser
 
 
+def _report(command: str | None, e: BaseException, as_json: bool) -> int:
+    """One line on stderr (and the JSON object on stdout with --json); exit code 2."""
+    message = " ".join(str(e).split()) or type(e).__name__  # one line, whatever the message holds
+    if as_json:
+        print(json.dumps({"error": message, "type": type(e).__name__}), flush=True)
+    print(f"tierstore{' ' + command if command else ''}: error: {message}", file=sys.stderr)
+    return 2
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    command = argv[0] if argv else None
+    command = argv[0] if argv and not argv[0].startswith("-") else None
+    as_json = "--json" in argv  # known before parsing, so a usage error is JSON too
     try:
-        parser = make_parser(command)
-    except CommandUnavailableError as e:
-        print(f"tierstore {command}: error: {e}", file=sys.stderr)
-        return 2
-    args = parser.parse_args(argv)
+        args = make_parser(command).parse_args(argv)
+    except (TierStoreError, OSError) as e:
+        return _report(command, e, as_json)
     try:
         return int(args.func(args) or 0)
-    except TierStoreError as e:
-        print(f"tierstore {args.command}: error: {e}", file=sys.stderr)
-        return 2
+    except (TierStoreError, OSError) as e:
+        return _report(args.command, e, getattr(args, "json", False))
     except KeyboardInterrupt:
         print(f"tierstore {args.command}: interrupted", file=sys.stderr)
         return 130

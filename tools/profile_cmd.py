@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import functools
 import json
+import math
 import sys
 import time
 
@@ -42,6 +43,8 @@ DEFAULT_POLICIES = "lru,lfu,static,default,opt"
 
 def parse_capacities(spec: str, n_rows: int, row_bytes: int | None) -> list[int]:
     """'0.01,5000,64MiB' -> rows. Fractions are of ``n_rows``; sizes need ``row_bytes``."""
+    if row_bytes is not None and row_bytes <= 0:
+        raise TierStoreError(f"row_bytes={row_bytes} must be a positive number of bytes per row")
     out = []
     for item in (s.strip() for s in spec.split(",") if s.strip()):
         try:
@@ -50,8 +53,13 @@ def parse_capacities(spec: str, n_rows: int, row_bytes: int | None) -> list[int]
             if row_bytes is None:
                 raise TierStoreError(
                     f"capacity {item!r} is a size in bytes: give --store or --row-bytes to turn it into rows") from None
-            out.append(parse_size(item, what="capacity") // row_bytes)
+            rows = parse_size(item, what="capacity") // row_bytes
+            if rows >= 2**63:
+                raise TierStoreError(f"capacity {item!r} is {rows} rows, past any table (2**63)") from None
+            out.append(rows)
             continue
+        if not math.isfinite(v) or v >= 2**63:  # larger than the table is fine (it all fits), past int64 is not
+            raise TierStoreError(f"capacity {item!r} is not a number of rows; e.g. --capacity 0.01,5000,64MiB")
         if v < 0:
             raise TierStoreError(f"capacity {item!r} is negative")
         if v < 1:
@@ -90,8 +98,11 @@ def _progress(args: argparse.Namespace, desc: str, total: int | None = None) -> 
 # ----------------------------------------------------------------------------------------
 def run_profile(args: argparse.Namespace) -> int:
     t_start = time.perf_counter()
-    if args.plot or args.rank_plot:
-        plots.check_available()  # before the simulations, not after them
+    if args.plot or args.rank_plot:  # before the simulations, not after them
+        plots.check_available()
+        for path in (args.plot, args.rank_plot):
+            if path:
+                plots.check_writable(path)
     tables = _tables(args)
     if args.save_profile:
         if not args.store:
@@ -208,13 +219,23 @@ def run_size(args: argparse.Namespace) -> int:
 
 
 # ----------------------------------------------------------------------------------------
+def _positive_int(text: str) -> int:
+    try:
+        v = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+    if v <= 0:
+        raise argparse.ArgumentTypeError(f"{text!r} must be at least 1")
+    return v
+
+
 def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--trace", required=True, help="trace file (tierstore trace) or .npy int64 row ids")
     p.add_argument("--store", default=None, help="store: table sizes, row bytes, its saved profile")
     p.add_argument("--table", default=None, help="only this table of the trace")
     p.add_argument("--profile-trace", default=None,
                    help="trace of OTHER text whose counts rank rows for static/default")
-    p.add_argument("--row-bytes", type=int, default=None, help="bytes per row (without --store)")
+    p.add_argument("--row-bytes", type=_positive_int, default=None, help="bytes per row (without --store)")
     p.add_argument("--batch", type=int, default=1,
                    help="merge trace steps into batches of at least this many lookups: faster, approximate "
                         "(the output says so); 1, the default, replays exactly")

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import warnings
 from pathlib import Path
 
 from tierstore.format.build import DEFAULT_TABLE_PATTERN, build_store
@@ -14,6 +15,7 @@ from tierstore.serve.distributed import build_shard
 from tierstore.errors import TierStoreError
 from tierstore.format.spec import FORMAT_NAME, PAGE_SIZE, read_manifest
 from tierstore.format.profile import has_profile
+from tierstore.format.quant import NanScaleWarning
 from tierstore.sizes import format_size
 from tierstore.format.verify import verify_store
 
@@ -76,11 +78,18 @@ def _parse_shard(text: str) -> tuple[int, int]:
 
 def run_build(args: argparse.Namespace) -> int:
     kwargs = dict(tables=args.tables, force=args.force, dtype=args.dtype, progress=not args.quiet, attach=args.attach)
-    if args.shard:
-        rank, world = _parse_shard(args.shard)
-        out = build_shard(args.checkpoint, args.out, rank, world, **kwargs)
-    else:
-        out = build_store(args.checkpoint, args.out, order_by=args.order_by_profile, **kwargs)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", NanScaleWarning)
+        if args.shard:
+            rank, world = _parse_shard(args.shard)
+            out = build_shard(args.checkpoint, args.out, rank, world, **kwargs)
+        else:
+            out = build_store(args.checkpoint, args.out, order_by=args.order_by_profile, **kwargs)
+    for w in caught:  # one line each, like every message of the command
+        if issubclass(w.category, NanScaleWarning):
+            print(f"tierstore build: warning: {w.message}", file=sys.stderr)
+        else:
+            warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
     m = read_manifest(out)
     total = sum(t.nbytes for t in m.tables.values())
     print(f"built {out}: {len(m.tables)} table(s), {format_size(total)} of rows")
@@ -93,7 +102,7 @@ def run_inspect(args: argparse.Namespace) -> int:
         {"name": t.name, "rows": t.rows, "dim": t.dim, "dtype": t.dtype, "row_bytes": t.row_bytes,
          "row_stride": t.row_stride, "bytes": t.nbytes, "file": t.file, "file_bytes": t.file_bytes,
          "hot_ordered": t.order_file is not None, "profile": has_profile(args.store, t.name),
-         "shard": t.source.get("shard")}
+         "shard": t.source.get("shard"), "nan_scales": t.source.get("nan_scales")}
         for t in m.tables.values()
     ]
     doc = {"format": FORMAT_NAME, "version": m.version, "build_id": m.build_id, "created": m.created, "checksum": m.checksum,
@@ -108,6 +117,8 @@ def run_inspect(args: argparse.Namespace) -> int:
     print(f"{'table':<{w}}  {'rows':>12}  {'dim':>5}  {'dtype':<14}  {'size':>10}  notes")
     for t in tables:
         notes = [n for n, on in (("profile", t["profile"]), ("hot-ordered", t["hot_ordered"])) if on]
+        if t["nan_scales"]:
+            notes.append(f"{t['nan_scales']:,} NaN scales")
         if t["shard"]:
             notes.append(f"shard {t['shard']['rank']}/{t['shard']['world_size']} of {t['shard']['global_rows']:,} rows")
         print(f"{t['name']:<{w}}  {t['rows']:>12,}  {t['dim']:>5}  {t['dtype']:<14}  {format_size(t['bytes']):>10}  "

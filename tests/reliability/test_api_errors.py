@@ -10,6 +10,7 @@ import re
 import subprocess
 import sys
 import threading
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -105,6 +106,7 @@ BAD_IDS = {
     "object": [object()],
     "dict": {1: 2},
     "complex": np.array([1 + 2j]),
+    "bits_tensor": torch.zeros(2, dtype=torch.bits8),
 }
 
 
@@ -120,6 +122,44 @@ def test_bad_id_types(store, kind, call):
         else:
             store.prefetch_many({T1: ids}).result(timeout=30)
     assert isinstance(e.value, TypeError)
+
+
+@pytest.mark.parametrize("call", ["lookup", "prefetch", "prefetch_many", "hint"])
+def test_nested_tensor_ids_are_an_id_type_error(store, call):
+    """A torch.nested tensor of ids raised RuntimeError ("NestedTensorImpl doesn't support
+    sizes") from deep in the conversion; it is a caller mistake like any other id type."""
+    with warnings.catch_warnings():  # torch warns (once per process) that nested tensors are a prototype
+        warnings.simplefilter("ignore", UserWarning)
+        ids = torch.nested.nested_tensor([torch.tensor([1, 2]), torch.tensor([3])])
+    with pytest.raises(IdTypeError, match="nested tensor.*dense integer tensor") as e:
+        if call == "prefetch_many":
+            store.prefetch_many({T1: ids}).result(timeout=30)
+        elif call == "prefetch":
+            store.prefetch(T1, ids).result(timeout=30)
+        else:
+            getattr(store, call)(T1, ids)
+    assert isinstance(e.value, TypeError)
+
+
+NOT_A_NAME = {"list": [T1], "tuple": (T1,), "int": 1, "none": None, "bytes": T1.encode(),
+              "tensor": torch.tensor([1, 2])}
+
+
+@pytest.mark.parametrize("call", ["lookup", "prefetch", "prefetch_many", "hint"])
+@pytest.mark.parametrize("kind", list(NOT_A_NAME))
+def test_table_name_that_is_no_str_is_an_unknown_table(store, kind, call):
+    """A list (or any non-str) as the table name raised a bare TypeError (unhashable) or a
+    KeyError: every entry point that takes a name goes through one check naming the value."""
+    name = NOT_A_NAME[kind]
+    if call == "prefetch_many" and kind in ("list",):
+        pytest.skip("a list cannot be a dict key")
+    with pytest.raises(tierstore.UnknownTableError,
+                       match=rf"a table name is a str, not {type(name).__name__} .*tables: .*{re.escape(T1)}") as e:
+        if call == "prefetch_many":
+            store.prefetch_many({name: [1, 2]})
+        else:
+            getattr(store, call)(name, [1, 2])
+    assert isinstance(e.value, KeyError)
 
 
 @pytest.mark.parametrize("form", ["numpy", "torch"])

@@ -11,16 +11,17 @@ the Agg backend (no display needed) at 110 dpi.
 
 from __future__ import annotations
 
+import os
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from ..errors import MissingExtraError
+from ..errors import MissingExtraError, OutputPathError
 from ..format.profile import zipf_fit
 
-__all__ = ["check_available", "plot_hit_ratios", "plot_rank_frequency", "plot_curves", "plot_budget_sweep"]
+__all__ = ["check_available", "check_writable", "plot_hit_ratios", "plot_rank_frequency", "plot_curves", "plot_budget_sweep"]
 
 
 def _pyplot() -> Any:
@@ -38,6 +39,26 @@ def check_available() -> None:
     """Raise :class:`MissingExtraError` now if plots cannot be drawn (before a long run whose
     figures would then fail at the end)."""
     _pyplot()
+
+
+def check_writable(path: str | Path) -> Path:
+    """Raise :class:`OutputPathError` now if a figure cannot be written to ``path`` (before
+    the simulations that draw it, not after them): the path must not be a directory, and
+    its nearest existing folder must be a writable directory (missing folders are created
+    when the figure is saved). Returns ``path`` as a Path."""
+    path = Path(path)
+    if path.is_dir():
+        raise OutputPathError(f"cannot write a figure to {path}: it is a directory; name a file in it, "
+                              f"e.g. {path / 'figure.png'}")
+    folder = path.parent
+    while not folder.exists() and folder != folder.parent:
+        folder = folder.parent
+    if not folder.is_dir():
+        raise OutputPathError(f"cannot write a figure to {path}: {folder} is not a directory")
+    if not os.access(folder, os.W_OK | os.X_OK) or (path.exists() and not os.access(path, os.W_OK)):
+        raise OutputPathError(f"cannot write a figure to {path}: {path if path.exists() else folder} "
+                              "is not writable; choose another path")
+    return path
 
 
 def _save(fig: Any, plt: Any, path: str | Path) -> Path:

@@ -20,6 +20,7 @@ import os
 import re
 import shutil
 import uuid
+import warnings
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -32,7 +33,7 @@ from .checkpoint import Checkpoint, open_checkpoint
 from ..errors import CapacityError, CheckpointError, StoreExistsError, StoreIOError, TierStoreError
 from ..files import NO_SPACE, fsync_dir, os_error, pwrite_all, write_durable
 from .order import write_order
-from .quant import FP4_SCHEME, FP8_SCHEME, Quant
+from .quant import FP4_SCHEME, FP8_SCHEME, NAN_SCALE, NanScaleWarning, Quant
 from .spec import (
     DTYPES,
     PAGE_SIZE,
@@ -132,7 +133,11 @@ def _quantization(ckpt: Checkpoint, name: str) -> tuple[Quant, str] | None:
         raise CheckpointError(f"shapes disagree: table {name!r} {list(meta.shape)} ({values} values per row) and "
                               f"its scales {scale!r} {list(smeta.shape)}: need [{rows}, k] with k dividing {values}; "
                               "the checkpoint is damaged or not in the DeepSeek-V4.1 layout")
-    return Quant(scheme, values // smeta.shape[1], values), scale
+    try:
+        return Quant(scheme, values // smeta.shape[1], values), scale
+    except TierStoreError as e:  # e.g. an odd fp4 block: name the tensors, not only the numbers
+        raise CheckpointError(f"table {name!r} {list(meta.shape)} {meta.dtype} with scales {scale!r} "
+                              f"{list(smeta.shape)}: {e}") from None
 
 
 def _convert(chunk: np.ndarray, src: str, dst: str) -> np.ndarray:
@@ -164,10 +169,13 @@ def _read_rows(ckpt: Checkpoint, name: str, start: int, stop: int, shard: tuple[
 
 def _write_table(ckpt: Checkpoint, name: str, info: TableInfo, src_dtype: str, tmp: Path, bar: tqdm,
                  shard: tuple[int, int] | None = None, perm: np.ndarray | None = None,
-                 scale: str | None = None, build_id: str = "") -> None:
+                 scale: str | None = None, build_id: str = "") -> int:
     """Write one table's row file, checksums and row order, each carrying ``build_id``. A
     quantized table (``info.quant``) reads its values from ``name`` and its block scales from
-    ``scale``, the same rows of each per chunk, and stores them side by side in each row."""
+    ``scale``, the same rows of each per chunk, and stores them side by side in each row.
+    Returns how many of those scales are NaN (UE8M0 0xFF), counted as each chunk passes (0
+    for a plain table)."""
+    nan_scales = 0
     rows_path, sums_path = tmp / info.file, tmp / info.checksum_file
     sums = np.empty(info.n_pages, dtype=np.uint64)
     head = np.frombuffer(header_page(info, build_id), dtype=np.uint8)
@@ -194,7 +202,9 @@ def _write_table(ckpt: Checkpoint, name: str, info: TableInfo, src_dtype: str, t
                 assert scale is not None
                 split = info.quant.value_bytes
                 rows[:, :split] = _read_rows(ckpt, name, start, stop, shard, perm)
-                rows[:, split : info.row_bytes] = _read_rows(ckpt, scale, start, stop, shard, perm)
+                scales = _read_rows(ckpt, scale, start, stop, shard, perm)
+                nan_scales += int(np.count_nonzero(scales == NAN_SCALE))  # the chunk's scales, already in memory
+                rows[:, split : info.row_bytes] = scales
             first_page = 1 + start * info.row_stride // PAGE_SIZE
             sums[first_page : first_page + padded // PAGE_SIZE] = page_checksums(view)
             pwrite_all(fd, memoryview(view), PAGE_SIZE + start * info.row_stride, rows_path)
@@ -208,7 +218,16 @@ def _write_table(ckpt: Checkpoint, name: str, info: TableInfo, src_dtype: str, t
         pos = np.empty(info.rows, dtype=np.int32 if info.rows < 2**31 else np.int64)
         pos[perm] = np.arange(info.rows, dtype=pos.dtype)  # row -> physical position
         write_durable(tmp / info.order_file, lambda f: write_order(f, info, pos, build_id))
+    return nan_scales
 
+
+
+def _warn_nan_scales(info: TableInfo, count: int) -> None:
+    assert info.quant is not None
+    warnings.warn(f"table {info.name!r}: {count:,} of {info.rows * info.quant.n_scales:,} block scales are NaN "
+                  f"(UE8M0 0x{NAN_SCALE:X}); kept as they are, so those blocks of {info.quant.block} values "
+                  "dequantize to NaN, as in the reference; `tierstore inspect` shows the count",
+                  NanScaleWarning, stacklevel=3)
 
 
 def _orders(order_by: str | os.PathLike[str], names: list[str], ckpt: Checkpoint) -> dict[str, np.ndarray]:
@@ -362,8 +381,10 @@ def build_store(
                   disable=not progress) as bar:
             for name, info, src_dtype in infos:
                 bar.set_postfix_str(name[-40:])
-                _write_table(ckpt, name, info, src_dtype, tmp, bar, shard, perms.get(name),
-                             quants[name][1] if name in quants else None, build_id)
+                nan_scales = _write_table(ckpt, name, info, src_dtype, tmp, bar, shard, perms.get(name),
+                                          quants[name][1] if name in quants else None, build_id)
+                if info.quant is not None:  # provenance: the manifest, written below, records it
+                    info.source["nan_scales"] = nan_scales
         if attach_paths:
             (tmp / "attachments").mkdir()
             for a in attach_paths:
@@ -390,4 +411,7 @@ def build_store(
         raise
     finally:
         ckpt.close()
+    for _, info, _ in infos:  # once the store is in place: a failed build warns of nothing
+        if info.source.get("nan_scales"):
+            _warn_nan_scales(info, info.source["nan_scales"])
     return out

@@ -240,9 +240,12 @@ def _read_safetensors_header(path: Path) -> dict[str, TensorMeta]:
 
 def _open_sharded(index_path: Path) -> Checkpoint:
     try:
-        index = json.loads(index_path.read_text(encoding="utf-8"))
+        index = json.loads(index_path.read_text(encoding="utf-8"), object_pairs_hook=_reject_duplicate_keys)
     except OSError as e:
         raise CheckpointError(f"cannot read sharded-checkpoint index {index_path}: {e.strerror or e}") from None
+    except _DuplicateKey as e:  # json would keep the last copy: which shard holds the tensor is ambiguous
+        raise CheckpointError(f"{index_path}: names {e.args[0]!r} twice; which entry is meant is ambiguous: "
+                              "fix or re-download the index") from None
     except (ValueError, RecursionError) as e:
         raise CheckpointError(f"{index_path}: not a sharded-checkpoint index: not valid UTF-8 JSON "
                               f"({str(e)[:200]})") from None
@@ -304,6 +307,10 @@ def open_checkpoint(path: str | os.PathLike[str]) -> Checkpoint:
         indexes = sorted(p.glob("*.safetensors.index.json"))
         singles = sorted(p.glob("*.safetensors"))
         torches = sorted([*p.glob("*.pt"), *p.glob("*.bin"), *p.glob("*.pth")])
+        if len(indexes) > 1:  # no silent pick: each may name other shards
+            raise CheckpointError(f"{p} holds {len(indexes)} sharded-checkpoint indexes "
+                                  f"({', '.join(i.name for i in indexes)}); pass the one to build from, "
+                                  f"e.g. {indexes[0]}")
         if indexes:
             return _open_sharded(indexes[0])
         if len(singles) == 1:

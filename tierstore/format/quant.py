@@ -26,6 +26,9 @@ value, one thread; 9.3 ms for fp4) against 176 ms elementwise (measured here). O
 the elementwise torch path runs (it also builds the tables, so the two agree).
 
 UE8M0 (OCP MX): byte ``e`` is ``2**(e - 127)``; 0xFF is NaN; there is no zero or sign.
+A NaN scale is kept: its block dequantizes to NaN, as the reference arithmetic does. The
+build counts them per table (``source["nan_scales"]`` in the manifest, shown by ``tierstore
+inspect``) and warns with :class:`NanScaleWarning` when a table has any.
 E4M3 ("fn"): sign, 4 exponent bits (bias 7), 3 mantissa bits, subnormals, NaN at
 0x7F/0xFF, no infinities. E2M1: sign, 2 exponent bits (bias 1), 1 mantissa bit, so the
 magnitudes are 0, 0.5, 1, 1.5, 2, 3, 4, 6.
@@ -44,12 +47,21 @@ import torch
 from ..errors import TierStoreError
 from ..jit import kernel
 
-__all__ = ["Quant", "SCHEMES", "FP8_SCHEME", "FP4_SCHEME", "dequantize", "split_rows"]
+__all__ = ["Quant", "SCHEMES", "FP8_SCHEME", "FP4_SCHEME", "NAN_SCALE", "NanScaleWarning", "dequantize",
+           "split_rows"]
 
 FP8_SCHEME = "fp8_e4m3/ue8m0"
 FP4_SCHEME = "fp4_e2m1/ue8m0"
 # scheme -> values per value byte
 SCHEMES: dict[str, int] = {FP8_SCHEME: 1, FP4_SCHEME: 2}
+
+NAN_SCALE = 0xFF  # the UE8M0 code of NaN
+
+
+class NanScaleWarning(UserWarning):
+    """A quantized table's block scales hold NaN codes (UE8M0 0xFF): the build keeps them
+    (bit-exact to the reference, whose blocks dequantize to NaN too) and says how many."""
+
 
 # E2M1 code -> value (bit 3 is the sign): exact in bf16
 _E2M1 = (0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0)

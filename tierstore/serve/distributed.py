@@ -66,6 +66,7 @@ from ..format.spec import TableInfo
 from ..ids import IdLike, as_row_ids
 from .prefetcher import LatencyStats, LookupFuture
 from .store import Store
+from .table import find_table
 
 __all__ = ["shard_dir", "build_shard", "ShardedStore", "open_sharded"]
 
@@ -287,10 +288,7 @@ class ShardedStore:
             raise StoreClosedError("the sharded store is closed; open it again to look rows up") from None
 
     def _info(self, table: str) -> TableInfo:
-        info = self.tables.get(table) if isinstance(table, str) else None
-        if info is None:
-            raise UnknownTableError(f"no table {table!r} in the sharded store; tables: {sorted(self.tables)[:10]}")
-        return info
+        return find_table(self.tables, table, "the sharded store")
 
     def _request(self, table: str, ids: IdLike, out: torch.Tensor | None, raw: bool) -> _Request:
         if raw not in (True, False):

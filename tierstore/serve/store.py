@@ -14,8 +14,7 @@ import torch
 
 from .buffers import BufferPool
 from ..cache.registry import PolicySpec
-from ..errors import (CapacityError, CorruptDataError, StoreChangedError, StoreClosedError, TierStoreError,
-                      UnknownTableError)
+from ..errors import CapacityError, CorruptDataError, StoreChangedError, StoreClosedError, TierStoreError
 from ..format.quant import dequantize
 from ..format.spec import TableInfo, read_manifest
 from ..ids import IdLike, as_row_ids, check_id_tensor
@@ -25,7 +24,7 @@ from ..format.recovery import recover
 from ..sizes import format_size, parse_size
 from ..tiers.cuda import check_device_room
 from ..tiers.disk import READERS
-from .table import Table
+from .table import Table, find_table
 
 __all__ = ["Store", "open_store", "IdLike", "INLINE_BELOW"]
 
@@ -235,11 +234,7 @@ class Store:
     def _table(self, table: str) -> Table:
         if self._closed:
             raise StoreClosedError(f"store {self.path} is closed; open it again to look rows up")
-        try:
-            return self._tables[table]
-        except KeyError:
-            known = ", ".join(sorted(self._tables)[:10]) or "none"
-            raise UnknownTableError(f"no table {table!r} in store {self.path}; tables: {known}") from None
+        return find_table(self._tables, table, f"store {self.path}")
 
     def _prepare(self, table: str, ids: IdLike, out: torch.Tensor | None, *, copy: bool = True, raw: bool = False
                  ) -> tuple[Table, np.ndarray, torch.Tensor, torch.Tensor, tuple[int, ...]]:
