@@ -18,6 +18,7 @@ from .errors import (
     InvalidIdError,
     MissingExtraError,
     PolicyParamError,
+    ReplaceRefusedError,
     StoreExistsError,
     StoreIOError,
     TierStoreError,
@@ -60,7 +61,7 @@ __all__ = [
     "open", "open_store", "open_sharded", "Store", "LookupFuture", "TableInfo", "build_store", "verify_store",
     "DEFAULT_TABLE_PATTERN", "FORMAT_VERSION", "parse_size", "format_size",
     "TierStoreError", "InvalidIdError", "IdTypeError", "UnknownTableError", "CorruptDataError",
-    "FormatVersionError", "BudgetError", "PolicyParamError", "StoreIOError", "CapacityError", "StoreExistsError", "CheckpointError",
+    "FormatVersionError", "BudgetError", "PolicyParamError", "StoreIOError", "CapacityError", "StoreExistsError", "ReplaceRefusedError", "CheckpointError",
     "LookupTimeoutError", "StoreClosedError", "MissingExtraError",
 ]
 __version__ = "0.1.0"
