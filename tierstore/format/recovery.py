@@ -217,7 +217,7 @@ def _checkpoint_relation(out: str, files: list[Path], dirs: list[Path]) -> str |
     """How ``out`` relates to the checkpoint read (its files, the directories holding a
     directory or sharded checkpoint), None if it does not; symlinks resolved."""
     outs = {os.path.abspath(out), os.path.realpath(out)}
-    for kind, paths in (("file", files), ("directory", dirs)):
+    for kind, paths in (("directory", dirs), ("file", files)):
         for p in paths:
             for c in {os.path.abspath(p), os.path.realpath(p)}:
                 for o in outs:
