@@ -38,7 +38,6 @@ from pathlib import Path
 from .. import faults
 from ..errors import ReplaceRefusedError, StoreExistsError, StoreIOError
 from ..files import fsync_dir, os_error
-from .spec import FORMAT_NAME
 
 __all__ = ["Orphan", "find_orphans", "recover", "publish", "leftover_tag", "new_work_dir", "check_replaceable",
            "LOCK_NAME"]
@@ -147,19 +146,26 @@ def _claim(work: str, pid: int, start: int | None) -> int | None:
             return None
     except OSError:  # the directory is gone, or we may not write in it (nor remove it then)
         return None
+    by_pid = created  # no lock file: an older version's build, or a new one before its lock
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except OSError:  # EWOULDBLOCK: a running build holds it
+    except BlockingIOError:  # a running build holds it
         os.close(fd)
         return None
-    if created and _alive(pid, start):  # an older version's build, or a new one before its lock
-        try:
-            os.unlink(lock)  # while held: a builder that opened it finds it gone and starts over
-        except OSError:
-            pass
+    except OSError:  # a filesystem without flock: builds there run unlocked, judge by the PID
+        by_pid = True
+    if by_pid and _alive(pid, start):
+        if created:
+            try:
+                os.unlink(lock)  # while held: a builder that opened it finds it gone and starts over
+            except OSError:
+                pass
         os.close(fd)
         return None
     return fd
+
+
+_NO_FLOCK = (errno.ENOLCK, errno.EOPNOTSUPP, errno.ENOSYS, errno.EINVAL)
 
 
 def new_work_dir(out: Path) -> tuple[Path, int]:
@@ -175,7 +181,14 @@ def new_work_dir(out: Path) -> tuple[Path, int]:
             fd = os.open(lock, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW, 0o644)
         except FileNotFoundError:  # a recovery removed the directory before we locked it
             continue
-        fcntl.flock(fd, fcntl.LOCK_EX)  # waits only while a recovery looks at it
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)  # waits only while a recovery looks at it
+        except OSError as e:
+            if e.errno not in _NO_FLOCK:
+                os.close(fd)
+                raise
+            os.unlink(lock)  # this filesystem has no flock: run unlocked, judged by PID as before
+            return tmp, fd
         try:
             ours = os.path.samestat(os.stat(lock, follow_symlinks=False), os.fstat(fd))
         except FileNotFoundError:
@@ -190,13 +203,12 @@ def new_work_dir(out: Path) -> tuple[Path, int]:
 
 # -- what --force may replace ----------------------------------------------------------------
 
-_MANIFEST_HEAD = re.compile(rb'\A\s*\{\s*"format"\s*:\s*"' + FORMAT_NAME.encode() + rb'"')
-
-
 def _holds_manifest(directory: str) -> bool:
     """Whether ``directory`` holds a manifest of ours: ``manifest.json`` whose ``format`` is
     tierstore's. A damaged manifest still counts if its text starts as ours does (so a
     corrupt store can be rebuilt with --force); its other fields are not checked."""
+    from .spec import FORMAT_NAME  # here: spec imports torch, which `tierstore profile` must not
+
     try:
         fd = os.open(os.path.join(directory, _MANIFEST), os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
     except OSError:
@@ -209,7 +221,7 @@ def _holds_manifest(directory: str) -> bool:
     try:
         doc = json.loads(head)
     except ValueError:
-        return _MANIFEST_HEAD.match(head) is not None
+        return re.match(rb'\A\s*\{\s*"format"\s*:\s*"' + re.escape(FORMAT_NAME.encode()) + rb'"', head) is not None
     return isinstance(doc, dict) and doc.get("format") == FORMAT_NAME
 
 

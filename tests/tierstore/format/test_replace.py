@@ -127,12 +127,16 @@ def test_force_still_replaces_a_store_and_an_empty_dir(tmp_path):
     empty = tmp_path / "empty"
     empty.mkdir()
     tierstore.build_store(b, empty, force=True, progress=False)
-    for store in (out, empty):
+    damaged = tierstore.build_store(a, tmp_path / "damaged", progress=False)  # a store whose manifest was cut
+    text = (damaged / "manifest.json").read_bytes()
+    (damaged / "manifest.json").write_bytes(text[: len(text) // 3])
+    tierstore.build_store(b, damaged, force=True, progress=False)
+    for store in (out, empty, damaged):
         assert tierstore.verify_store(store, progress=False).ok
         with tierstore.open(store, device="cpu") as st:
             assert torch.equal(bits(st.lookup(NAME, [0, 256])), bits(new[[0, 256]]))
         assert not (store / LOCK_NAME).exists()
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["a.safetensors", "b.safetensors", "empty", "s"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a.safetensors", "b.safetensors", "damaged", "empty", "s"]
 
 
 def test_force_refuses_user_files_that_appear_during_the_build(tmp_path, monkeypatch):
@@ -346,3 +350,27 @@ def test_unwritable_out_is_a_permission_error_not_zero_free(read_only_dir, tmp_p
         assert main(["build", str(ckpt), "/sys/kernel/tierstore-test-store", "--quiet"]) == 2
         err = capsys.readouterr().err
         assert "0 free" not in err and "/sys/kernel" in err and len(err.strip().splitlines()) == 1
+
+
+def test_without_flock_builds_run_unlocked_and_recovery_judges_by_pid(tmp_path, monkeypatch):
+    """A filesystem without flock (ENOLCK): the build still succeeds, and its work directory
+    is judged by PID as before (kept while the PID lives, removed once it is dead)."""
+    import tierstore.format.recovery as recovery
+
+    def no_flock(fd, op):
+        raise OSError(errno.ENOLCK, "No locks available")
+
+    monkeypatch.setattr(recovery.fcntl, "flock", no_flock)
+    a = tmp_path / "a.safetensors"
+    table = _ckpt(a)
+    out = tierstore.build_store(a, tmp_path / "s", progress=False)
+    with tierstore.open(out, device="cpu") as st:
+        assert torch.equal(bits(st.lookup(NAME, [7])), bits(table[[7]]))
+    work, fd = recovery.new_work_dir(out)
+    try:
+        assert not (work / LOCK_NAME).exists() and recover(out) == [] and work.is_dir()  # our PID lives
+    finally:
+        os.close(fd)
+    dead = tmp_path / f".s.tmp-{_dead_pid()}-1-0"
+    os.rename(work, dead)
+    assert len(recover(out)) == 1 and not dead.exists()
