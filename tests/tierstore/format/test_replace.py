@@ -217,7 +217,7 @@ def test_recovery_keeps_a_work_dir_whose_build_holds_the_lock(tmp_path):
     assert not work.exists()
 
 
-def test_a_build_waits_out_a_recovery_and_keeps_its_lock(tmp_path):
+def test_a_new_work_dir_is_locked_from_its_creation(tmp_path):
     """new_work_dir: the directory is locked from its creation; recovery never claims it."""
     from tierstore.format.recovery import new_work_dir
 
