@@ -41,7 +41,7 @@ from .spec import (
     row_stride_for,
     write_manifest,
 )
-from .recovery import check_replaceable, new_work_dir, publish, recover
+from .recovery import check_replaceable, leftover_tag, new_work_dir, publish, recover
 
 __all__ = ["build_store", "DEFAULT_TABLE_PATTERN", "CHUNK_BYTES"]
 
@@ -237,6 +237,17 @@ def _check_parent(out: Path) -> None:
             return
 
 
+def _check_writable(out: Path, ckpt: Checkpoint) -> None:
+    """Raise ``StoreIOError`` (closing ``ckpt``) if nothing can be created beside ``out``."""
+    probe = out.parent / f".{out.name}.tmp-{leftover_tag()}"
+    try:
+        os.mkdir(probe)
+    except OSError as e:
+        ckpt.close()
+        raise os_error(e, f"cannot build {out}: creating an entry in {out.parent}", out.parent) from e
+    os.rmdir(probe)
+
+
 def _inputs(checkpoint: str | os.PathLike[str], ckpt: Checkpoint) -> tuple[list[Path], list[Path]]:
     """What a --force build must never replace: the files it reads, and the checkpoint's
     directory (a directory given as the checkpoint, or the one holding a sharded index)."""
@@ -365,16 +376,16 @@ def build_store(
     except OSError as e:
         ckpt.close()
         raise os_error(e, f"creating the directory that will hold {out}", out.parent) from e
-    try:  # first: an OUT where nothing can be created fails here, naming why (not as "0 free")
-        tmp, lock = new_work_dir(out)
-    except OSError as e:
-        ckpt.close()
-        raise os_error(e, f"creating the work directory of {out} in {out.parent}", out.parent) from e
+    need = sum(i.file_bytes + i.n_pages * 8 + (8 * i.rows if i.order_file else 0) for _, i, _ in infos) + sum(a.stat().st_size for a in attach_paths)
+    free = shutil.disk_usage(out.parent).free
+    if need > free:
+        _check_writable(out, ckpt)  # read-only filesystems report 0 free: name the real problem
+        raise CapacityError(f"the store needs {need} bytes but {out.parent} has {free} free; free space or pick OUT elsewhere")
+
+    lock = None
+    tmp = out.parent / f".{out.name}.tmp-{leftover_tag()}"
     try:
-        need = sum(i.file_bytes + i.n_pages * 8 + (8 * i.rows if i.order_file else 0) for _, i, _ in infos) + sum(a.stat().st_size for a in attach_paths)
-        free = shutil.disk_usage(out.parent).free
-        if need > free:
-            raise CapacityError(f"the store needs {need} bytes but {out.parent} has {free} free; free space or pick OUT elsewhere")
+        tmp, lock = new_work_dir(out, tmp)  # locked from its creation: the build's liveness
         (tmp / "tables").mkdir()
         total = sum(i.nbytes for _, i, _ in infos)
         with tqdm(total=total, unit="B", unit_scale=True, unit_divisor=1024, desc="build",
@@ -407,6 +418,7 @@ def build_store(
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     finally:
-        os.close(lock)  # the build lock: released only once the work directory is published or gone
+        if lock is not None:
+            os.close(lock)  # the build lock: released only once the work directory is published or gone
         ckpt.close()
     return out

@@ -168,24 +168,29 @@ def _claim(work: str, pid: int, start: int | None) -> int | None:
 _NO_FLOCK = (errno.ENOLCK, errno.EOPNOTSUPP, errno.ENOSYS, errno.EINVAL)
 
 
-def new_work_dir(out: Path) -> tuple[Path, int]:
-    """Create the work directory ``.NAME.tmp-TAG`` of a build of ``out`` and take its build
-    lock. Returns (directory, descriptor): the build is alive for recovery until the
-    descriptor is closed (or the process dies). Raises ``OSError`` if the directory cannot be
-    created."""
+def new_work_dir(out: Path, first: Path | None = None) -> tuple[Path, int]:
+    """Create the work directory ``.NAME.tmp-TAG`` of a build of ``out`` (``first``, if given,
+    is the name to try first) and take its build lock. Returns (directory, descriptor): the
+    build is alive for recovery until the descriptor is closed (or the process dies). Raises
+    ``OSError`` if the directory cannot be created; leaves nothing behind then."""
     for _ in range(16):
-        tmp = out.parent / f".{out.name}.tmp-{leftover_tag()}"
+        tmp = first or out.parent / f".{out.name}.tmp-{leftover_tag()}"
+        first = None
         os.mkdir(tmp)
         lock = tmp / LOCK_NAME
         try:
             fd = os.open(lock, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW, 0o644)
         except FileNotFoundError:  # a recovery removed the directory before we locked it
             continue
+        except OSError:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
         try:
             fcntl.flock(fd, fcntl.LOCK_EX)  # waits only while a recovery looks at it
         except OSError as e:
             if e.errno not in _NO_FLOCK:
                 os.close(fd)
+                shutil.rmtree(tmp, ignore_errors=True)
                 raise
             os.unlink(lock)  # this filesystem has no flock: run unlocked, judged by PID as before
             return tmp, fd
