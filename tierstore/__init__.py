@@ -22,6 +22,7 @@ from .errors import (
     PolicyParamError,
     ShardDesyncError,
     ShardedLookupError,
+    ReplaceRefusedError,
     StoreExistsError,
     StoreIOError,
     TierStoreError,
@@ -71,6 +72,6 @@ __all__ = [
     "TierStoreError", "InvalidIdError", "IdTypeError", "UnknownTableError", "CorruptDataError",
     "FormatVersionError", "BudgetError", "PolicyParamError", "StoreIOError", "CapacityError", "StoreExistsError", "CheckpointError",
     "LookupTimeoutError", "StoreClosedError", "MissingExtraError", "ShardedLookupError", "ShardDesyncError",
-    "StoreChangedError", "OutputPathError",
+    "StoreChangedError", "OutputPathError", "ReplaceRefusedError",
 ]
 __version__ = "0.1.0"

@@ -20,6 +20,7 @@ __all__ = [
     "OutputPathError",
     "CapacityError",
     "StoreExistsError",
+    "ReplaceRefusedError",
     "CheckpointError",
     "ShardedLookupError",
     "ShardDesyncError",
@@ -89,6 +90,12 @@ class CapacityError(TierStoreError):
 
 class StoreExistsError(TierStoreError, FileExistsError):
     """The output store already exists and ``force`` was not given."""
+
+
+class ReplaceRefusedError(StoreExistsError):
+    """``force`` was given but what is at the output path is not a tierstore store (user
+    files, a plain file, a symlink) or is, holds or lies inside the checkpoint being read:
+    ``--force`` replaces only a store, so nothing was touched."""
 
 
 class CheckpointError(TierStoreError, ValueError):

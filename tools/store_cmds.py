@@ -9,7 +9,7 @@ import warnings
 from pathlib import Path
 
 from tierstore.format.build import DEFAULT_TABLE_PATTERN, build_store
-from tierstore.format.recovery import find_orphans
+from tierstore.format.recovery import find_orphans, recover
 from tierstore.tiers.shared_host import SHM_DIR, remove_segment, stale_segments
 from tierstore.serve.distributed import build_shard
 from tierstore.errors import TierStoreError
@@ -96,7 +96,16 @@ def run_build(args: argparse.Namespace) -> int:
     return 0
 
 
+def _recover(store: str) -> None:
+    """As ``tierstore.open`` does: a build of this store that died mid-swap left it missing and
+    its previous copy in ``.NAME.old-TAG``: bring it back (and clean what dead builds left)
+    before reading it, saying so on stderr."""
+    for line in recover(store):
+        print(f"tierstore: {line}", file=sys.stderr)
+
+
 def run_inspect(args: argparse.Namespace) -> int:
+    _recover(args.store)
     m = read_manifest(args.store)
     tables = [
         {"name": t.name, "rows": t.rows, "dim": t.dim, "dtype": t.dtype, "row_bytes": t.row_bytes,
@@ -129,6 +138,7 @@ def run_inspect(args: argparse.Namespace) -> int:
 
 
 def run_verify(args: argparse.Namespace) -> int:
+    _recover(args.store)
     report = verify_store(args.store, progress=not args.quiet)
     if args.json:
         print(json.dumps({"ok": report.ok, "tables": report.tables, "pages": report.pages, "bytes": report.bytes,

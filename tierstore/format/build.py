@@ -44,7 +44,7 @@ from .spec import (
     row_stride_for,
     write_manifest,
 )
-from .recovery import leftover_tag, publish, recover
+from .recovery import check_replaceable, leftover_tag, new_work_dir, publish, recover
 
 __all__ = ["build_store", "DEFAULT_TABLE_PATTERN", "CHUNK_BYTES"]
 
@@ -258,6 +258,26 @@ def _check_parent(out: Path) -> None:
             return
 
 
+def _check_writable(out: Path, ckpt: Checkpoint) -> None:
+    """Raise ``StoreIOError`` (closing ``ckpt``) if nothing can be created beside ``out``."""
+    probe = out.parent / f".{out.name}.tmp-{leftover_tag()}"
+    try:
+        os.mkdir(probe)
+    except OSError as e:
+        ckpt.close()
+        raise os_error(e, f"cannot build {out}: creating an entry in {out.parent}", out.parent) from e
+    os.rmdir(probe)
+
+
+def _inputs(checkpoint: str | os.PathLike[str], ckpt: Checkpoint) -> tuple[list[Path], list[Path]]:
+    """What a --force build must never replace: the files it reads, and the checkpoint's
+    directory (a directory given as the checkpoint, or the one holding a sharded index)."""
+    p = Path(checkpoint).absolute()
+    files = {Path(m.file).absolute() for m in ckpt.tensors.values()} | ({p} if p.is_file() else set())
+    dirs = {p} if p.is_dir() else ({p.parent} if p.name.endswith(".index.json") else set())
+    return sorted(files), sorted(dirs)
+
+
 def _check_attachment(path: Path) -> None:
     """Fail before the build, not after it, on an attachment that cannot be copied."""
     if not path.exists():
@@ -288,7 +308,10 @@ def build_store(
 
     tables: regex over tensor names (``re.search``); default ``DEFAULT_TABLE_PATTERN``.
     force: replace an existing store at ``out`` (the old one stays intact until the new one
-        is complete). Without it an existing ``out`` raises ``StoreExistsError``.
+        is complete). Without it an existing ``out`` raises ``StoreExistsError``. It replaces
+        only a tierstore store (or an empty directory): user files, a plain file, a symlink,
+        or the checkpoint itself (``out`` being, holding or inside it) raise
+        ``ReplaceRefusedError`` and nothing is touched.
     dtype: store rows in this dtype (e.g. "bfloat16", "float8_e4m3fn"), converted with
         round-to-nearest; default: keep the checkpoint's dtype, bit for bit. Quantized tables
         (a ``.scale`` companion, below) cannot be converted: combining them with ``dtype`` raises.
@@ -329,6 +352,13 @@ def build_store(
     if order_by is not None and shard is not None:
         raise TierStoreError("order_by and shard cannot be combined: a shard's rows are fixed by row id")
     ckpt = open_checkpoint(checkpoint)
+    inputs = _inputs(checkpoint, ckpt)
+    if force:
+        try:
+            check_replaceable(out, *inputs)
+        except BaseException:
+            ckpt.close()
+            raise
     names = _select_tables(ckpt, tables)
     quants = {n: q for n in names if (q := _quantization(ckpt, n)) is not None}
     if dtype is not None and quants:
@@ -370,12 +400,15 @@ def build_store(
     need = sum(i.file_bytes + i.n_pages * 8 + (8 * i.rows + 2 * PAGE_SIZE if i.order_file else 0) for _, i, _ in infos) + sum(a.stat().st_size for a in attach_paths)
     free = shutil.disk_usage(out.parent).free
     if need > free:
+        _check_writable(out, ckpt)  # read-only filesystems report 0 free: name the real problem
         raise CapacityError(f"the store needs {need} bytes but {out.parent} has {free} free; free space or pick OUT elsewhere")
 
+    lock = None
     tmp = out.parent / f".{out.name}.tmp-{leftover_tag()}"
     build_id = uuid.uuid4().hex  # every file carries it: an open never mixes two builds' files
     try:
-        (tmp / "tables").mkdir(parents=True)
+        tmp, lock = new_work_dir(out, tmp)  # locked from its creation: the build's liveness
+        (tmp / "tables").mkdir()
         total = sum(i.nbytes for _, i, _ in infos)
         with tqdm(total=total, unit="B", unit_scale=True, unit_divisor=1024, desc="build",
                   disable=not progress) as bar:
@@ -397,7 +430,7 @@ def build_store(
         )
         fsync_dir(tmp / "tables")
         write_manifest(tmp, manifest)
-        publish(tmp, out, force)
+        publish(tmp, out, force, *inputs)
     except StoreExistsError:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -410,6 +443,8 @@ def build_store(
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     finally:
+        if lock is not None:
+            os.close(lock)  # the build lock: released only once the work directory is published or gone
         ckpt.close()
     for _, info, _ in infos:  # once the store is in place: a failed build warns of nothing
         if info.source.get("nan_scales"):

@@ -530,21 +530,23 @@ def test_find_orphans_and_gc_command(tmp_path, small_ckpt, capsys, monkeypatch):
     os.rename(a, tmp_path / f".a.old-{pid}-7-0")
     (tmp_path / f".b.tmp-{pid}-7-1").mkdir()
     (tmp_path / ".c.tmp-1").mkdir()  # PID 1 is alive: never touched
-    (tmp_path / f".d.tmp-{pid}").write_text("a file, not a build directory")
+    (tmp_path / f".d.tmp-{pid}").write_text("a file left by a dead process")  # files are leftovers too
+    (tmp_path / ".e.tmp-1").write_text("a file of a live process")
     found = {o.path.name: (o.kind, o.store.name, o.pid, o.action) for o in find_orphans(tmp_path)}
     assert found == {f".a.old-{pid}-7-0": ("old", "a", pid, "restore"),
-                     f".b.tmp-{pid}-7-1": ("tmp", "b", pid, "remove")}
+                     f".b.tmp-{pid}-7-1": ("tmp", "b", pid, "remove"),
+                     f".d.tmp-{pid}": ("tmp", "d", pid, "remove")}
     monkeypatch.chdir(tmp_path)
     assert main(["gc", "--dry-run", "--json"]) == 0
     doc = json.loads(capsys.readouterr().out)
-    assert doc["dry_run"] and sorted(i["action"] for i in doc["items"]) == ["remove", "restore"]
+    assert doc["dry_run"] and sorted(i["action"] for i in doc["items"]) == ["remove", "remove", "restore"]
     assert not a.exists()
     assert main(["gc", str(tmp_path)]) == 0
     lines = capsys.readouterr().out.splitlines()
-    assert len(lines) == 2 and lines[0].startswith(f"restored {a}") and lines[1].startswith("removed")
+    assert len(lines) == 3 and lines[0].startswith(f"restored {a}") and all(x.startswith("removed") for x in lines[1:])
     assert tierstore.verify_store(a, progress=False).ok
     assert find_orphans(tmp_path) == []
-    assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(".")) == [".c.tmp-1", f".d.tmp-{pid}"]
+    assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(".")) == [".c.tmp-1", ".e.tmp-1"]
     assert main(["gc", str(tmp_path / "missing")]) == 2
 
 
