@@ -103,7 +103,9 @@ class CheckpointError(TierStoreError, ValueError):
 
 
 class LookupTimeoutError(TierStoreError, TimeoutError):
-    """``LookupFuture.result(timeout=)`` ran out of time; the lookup goes on in the background."""
+    """``LookupFuture.result(timeout=)`` ran out of time (the lookup goes on in the background),
+    or an open waited ``timeout`` seconds for another process's fill of the shared host tier
+    while it made no progress (the message names that process)."""
 
 
 class StoreClosedError(TierStoreError):

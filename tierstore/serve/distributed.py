@@ -157,7 +157,7 @@ class ShardedStore:
                 f"tierstore.serve.distributed.build_shard(checkpoint, {str(path)!r}, {self.rank}, {self.world_size})"
             )
         store_kwargs.setdefault("device", self.comm_device)
-        self.local = Store(local_path, **store_kwargs)
+        self.local = Store(local_path, timeout=timeout, **store_kwargs)
         self.device = self.local.device
         self.tables: dict[str, TableInfo] = {}
         for name, info in self.local.tables.items():

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import errno
+import math
 import os
 import weakref
 from collections.abc import Callable, Mapping
@@ -122,6 +123,9 @@ class Store:
     disk_reader: how cold pages are read for a CUDA store: "auto" (kvikio into GPU memory when
         it is installed, else POSIX into host memory), "posix" or "kvikio" (error if it cannot).
         ``stats()["disk"]["reader"]`` and ``["reader_mode"]`` say what served.
+    timeout: seconds an open waits, with host_shared, for another process's fill of the shared
+        tier while that fill makes no progress (a stopped or hung filler); then
+        ``LookupTimeoutError`` names the process. A filler that died is replaced at once.
 
     On CUDA the device budget is checked against the GPU's free memory at open: a budget that
     cannot fit raises ``CapacityError`` before anything is allocated, and an out-of-memory
@@ -145,6 +149,7 @@ class Store:
         use_profile: bool = True,
         zero_copy: bool = False,
         disk_reader: str = "auto",
+        timeout: float = 60.0,
     ):
         self._closed = True  # until fully open: close() and the finalizer have nothing to do
         if not isinstance(path, (str, os.PathLike)):
@@ -161,6 +166,8 @@ class Store:
         if zero_copy not in (True, False) or (zero_copy and self.device.type != "cuda"):
             raise TierStoreError(f"zero_copy={zero_copy!r}: the GPU reading host rows directly needs device='cuda' "
                                  f"(this store's device is {self.device}); leave zero_copy=False")
+        if isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or not 0 < timeout < math.inf:
+            raise TierStoreError(f"timeout={timeout!r} must be a positive number of seconds")
         if disk_reader not in READERS:
             raise TierStoreError(f"disk_reader={disk_reader!r} must be one of {READERS}")
         self.device_budget = parse_size(device_budget, what="device_budget")
@@ -174,7 +181,8 @@ class Store:
         for attempt in range(OPEN_TRIES):
             try:
                 self._open_tables(spec, use_profile=use_profile, direct=direct, io_threads=io_threads,
-                                  host_shared=host_shared, zero_copy=zero_copy, disk_reader=disk_reader)
+                                  host_shared=host_shared, zero_copy=zero_copy, disk_reader=disk_reader,
+                                  timeout=float(timeout))
                 break
             except (StoreChangedError, CorruptDataError) as e:
                 self._rebuilt_since(e, last=attempt == OPEN_TRIES - 1)

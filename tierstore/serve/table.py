@@ -82,6 +82,7 @@ class Table:
         pinned_build: str | None = None,
         zero_copy: bool = False,
         disk_reader: str = "auto",
+        timeout: float = 60.0,
     ):
         self.info = info
         self.device = device
@@ -95,7 +96,7 @@ class Table:
             pinned = dict(pin=self.cuda, zero_copy=self.zero_copy, zero_copy_device=device)
             if host_shared and host_rows > 0:
                 self.host = SharedHostTier(root, info, host_rows, self.disk, profile=profile, build_id=build_id,
-                                           **pinned)
+                                           timeout=timeout, **pinned)
             else:
                 self.host = CacheTier("host", info, host_rows, device=torch.device("cpu"), **pinned,
                                       policy=policy, profile=profile)

@@ -352,15 +352,18 @@ class DiskTier:
         self.read(rows, out)
         return rows
 
-    def load_table(self, slab: torch.Tensor) -> None:
+    def load_table(self, slab: torch.Tensor, progress: Callable[[int], None] | None = None) -> None:
         """Read the whole table into ``slab`` (rows, dim), slab[r] = row r, in file order:
-        sequential reads in 64 MiB steps, whatever the layout."""
+        sequential reads in 64 MiB steps, whatever the layout. ``progress(rows_done)`` is
+        called after each step (the shared host tier's fill shows its waiters it is alive)."""
         step = max(1, (64 << 20) // max(1, self.info.row_bytes))
         for s in range(0, self.info.rows, step):
             e = min(s + step, self.info.rows)
             buf = torch.empty((e - s, self.info.dim), dtype=self.info.raw_dtype, device=slab.device)
             rows = self.read_range(s, e, buf)
             slab.index_copy_(0, to_device([rows], slab.device)[0], buf)
+            if progress is not None:
+                progress(e)
 
     @property
     def perm(self) -> np.ndarray:

@@ -22,6 +22,16 @@ Protocol (no lock on the hot path):
   file not READY takes the exclusive lock of a sibling ``.fill`` file, checks again, and
   fills it (rows read through the disk tier, checksums verified), flushes it and sets
   the header's state to READY. Others wait on the fill lock, then see READY and map it.
+- Waits are bounded. The filler writes its pid and a progress count (one step per GiB of
+  shared memory reserved and per 32-64 MiB of rows written) into the ``.fill`` file; a
+  waiter polls the lock (``LOCK_NB`` every 50 ms) and gives up when the filler has made
+  no progress for ``timeout`` seconds (the store's ``timeout``): it raises
+  ``LookupTimeoutError`` naming the segment, the filler's pid and state (e.g. "stopped")
+  and the fix (resume or kill that process; the next open refills). A slow but live fill
+  of a large table is waited for as long as it progresses. A filler that *died* releases
+  the lock at once and the waiter fills the tier itself. Why raise rather than serve without the shared tier: the
+  fallback would silently give every waiting worker a private copy of what may be a
+  hundred GB (the memory ``host_shared`` exists to save) and hide the stuck process.
 - After READY the file is immutable: lookups read ``slot_of_row`` and the slab with no
   lock at all. Promotion into the shared tier is not dynamic: placement changes by
   saving a new profile (``tierstore profile --save-profile``) and reopening, which
@@ -40,6 +50,7 @@ import hashlib
 import mmap
 import os
 import struct
+import time
 import warnings
 from pathlib import Path
 
@@ -49,7 +60,7 @@ import torch
 from .. import faults
 from ..cache import CacheIndex
 from ..cache.layout import CACHED, RESIDENT
-from ..errors import CapacityError, CorruptDataError, TierStoreError
+from ..errors import CapacityError, CorruptDataError, LookupTimeoutError, TierStoreError
 from ..files import os_error, pwrite_all
 from ..format.profile import hot_rows
 from ..format.spec import PAGE_SIZE, TableInfo
@@ -64,6 +75,19 @@ _MAGIC = b"TIERSTORE-SHM\x00\x01\x00"
 _HEADER = struct.Struct("<16sIQQQ")  # magic, state, capacity, n_rows, row_bytes
 _FILLING, _READY = 0, 1
 _PREFIX = "tierstore-"
+_FILL_RECORD = struct.Struct("<qQ")  # in the .fill file: the filler's pid, its progress count
+_POLL_S = 0.05  # how often a waiter retries a lock another process holds
+_ALLOC_STEP = 1 << 30  # shared memory is reserved in steps of this many bytes, each one progress
+
+
+def _process_state(pid: int) -> str:
+    """A few words on process ``pid`` from /proc (for an error message), or "state unknown"."""
+    try:
+        code = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except (OSError, IndexError):
+        return "state unknown"
+    return {"T": "stopped (SIGSTOP or SIGTSTP)", "t": "stopped by a debugger", "D": "blocked in I/O",
+            "Z": "a zombie", "R": "running", "S": "sleeping"}.get(code, f"state {code}")
 
 
 def _unused(path: Path) -> bool:
@@ -110,12 +134,15 @@ class SharedHostTier(SlabTier):
 
     def __init__(self, root: Path, info: TableInfo, capacity: int, disk: DiskTier, *,
                  profile: np.ndarray | None, build_id: str, keep: bool = False, shm_dir: Path = SHM_DIR,
-                 pin: bool = False, zero_copy: bool = False, zero_copy_device: torch.device | None = None):
+                 pin: bool = False, zero_copy: bool = False, zero_copy_device: torch.device | None = None,
+                 timeout: float = 60.0):
         """pin (the store runs on CUDA): register this process's read-only map of the slab
         with CUDA, so copies from it are DMA from pinned memory; zero_copy: the GPU on
         ``zero_copy_device`` reads its rows directly (SlabTier.gather_to_device). Both never
-        run: need CUDA."""
+        run: need CUDA. timeout: seconds to wait for another process's fill (or close) of
+        this segment while it makes no progress; then ``LookupTimeoutError`` (module doc)."""
         super().__init__("host", info, capacity, torch.device("cpu"))
+        self.timeout = timeout
         self.resident = self.capacity == info.rows  # (an empty table too: nothing to choose)
         self.kind = RESIDENT if self.resident else CACHED  # CACHED: a read-only "static" index
         self.keep = keep
@@ -152,13 +179,13 @@ class SharedHostTier(SlabTier):
                               "processes cannot map another's; run the workers as one user or use host_shared=False)",
                            self.path) from e
         try:
-            fcntl.flock(self._fd, fcntl.LOCK_SH)  # "in use" for as long as we are open
+            self._wait_lock(self._fd, fcntl.LOCK_SH, None)  # "in use" for as long as we are open
             if not self._ready():
                 lock = os.open(f"{self.path}.fill", os.O_RDWR | os.O_CREAT, 0o600)
                 try:
-                    fcntl.flock(lock, fcntl.LOCK_EX)  # one filler at a time; others wait here
+                    self._wait_lock(lock, fcntl.LOCK_EX, lock)  # one filler at a time; others wait here
                     if not self._ready():  # nobody filled it while we waited
-                        self._fill(rows, disk)
+                        self._fill(rows, disk, lock)
                 finally:
                     os.close(lock)  # releases the fill lock
             self._map = mmap.mmap(self._fd, self.nbytes_file, mmap.MAP_SHARED, mmap.PROT_READ)
@@ -190,6 +217,41 @@ class SharedHostTier(SlabTier):
                 raise
 
     # -- fill --------------------------------------------------------------------------------
+    def _wait_lock(self, fd: int, op: int, fill_fd: int | None) -> None:
+        """Take flock ``op`` on ``fd``, polling while another process holds it. The wait ends
+        with ``LookupTimeoutError`` once the holder has made no progress for ``self.timeout``
+        seconds: progress is a change of the record in the ``.fill`` file (``fill_fd``: we
+        wait for a filler), else none is known (we wait for a closer or ``gc``, which hold
+        the data file's exclusive lock for an instant)."""
+        record, since = None, time.monotonic()
+        while True:
+            try:
+                fcntl.flock(fd, op | fcntl.LOCK_NB)
+                return
+            except BlockingIOError:
+                pass
+            now = time.monotonic()
+            seen = os.pread(fill_fd, _FILL_RECORD.size, 0) if fill_fd is not None else None
+            if seen != record:
+                record, since = seen, now
+            elif now - since >= self.timeout:
+                raise self._stuck(record)
+            time.sleep(_POLL_S)
+
+    def _stuck(self, record: bytes | None) -> LookupTimeoutError:
+        if record is not None and len(record) == _FILL_RECORD.size:
+            pid, done = _FILL_RECORD.unpack(record)
+            return LookupTimeoutError(
+                f"{self.path}: the shared host tier of table {self.info.name!r} is being filled by process "
+                f"{pid} (state: {_process_state(pid)}), which has made no progress for timeout={self.timeout}s "
+                f"(after {done} fill steps); resume it (kill -CONT {pid}) or end it (kill {pid}: the next "
+                "open refills the tier), or open with a larger timeout= or host_shared=False")
+        return LookupTimeoutError(
+            f"{self.path}: another process held the shared host tier of table {self.info.name!r} "
+            f"{'exclusively (closing or removing it)' if record is None else 'for its fill'} for "
+            f"timeout={self.timeout}s; find it with `fuser {self.path}{'' if record is None else '.fill'}` and "
+            "resume or end it, or open with a larger timeout= or host_shared=False")
+
     def _ready(self) -> bool:
         if os.fstat(self._fd).st_size != self.nbytes_file:
             return False
@@ -201,11 +263,24 @@ class SharedHostTier(SlabTier):
             return False
         return state == _READY
 
-    def _fill(self, rows: np.ndarray | None, disk: DiskTier) -> None:
+    def _fill(self, rows: np.ndarray | None, disk: DiskTier, fill_fd: int) -> None:
         info = self.info
+        done = 0
+
+        def progress(steps: int) -> None:  # tell the waiters we are alive: a 16-byte write per step
+            nonlocal done
+            done += steps
+            try:  # best effort (no fault point): a waiter that sees no progress times out, never hangs
+                os.pwrite(fill_fd, _FILL_RECORD.pack(os.getpid(), done), 0)
+            except OSError:
+                pass
+
+        progress(0)
         try:
             os.ftruncate(self._fd, 0)  # drop whatever a dead filler left
-            os.posix_fallocate(self._fd, 0, self.nbytes_file)  # fail now, not with SIGBUS later
+            for off in range(0, self.nbytes_file, _ALLOC_STEP):  # fail now, not with SIGBUS later
+                os.posix_fallocate(self._fd, off, min(_ALLOC_STEP, self.nbytes_file - off))
+                progress(1)
         except OSError as e:
             raise CapacityError(
                 f"cannot reserve {self.nbytes_file} bytes of shared memory in {self.path.parent} ({e.strerror}); "
@@ -220,7 +295,7 @@ class SharedHostTier(SlabTier):
         slab = torch.from_numpy(buf[self._slab_off : self._slab_off + self.capacity * info.row_bytes])
         slab = slab.view(info.raw_dtype).view(self.capacity, info.dim)
         if rows is None:  # the whole table, slot == row
-            disk.load_table(slab)
+            disk.load_table(slab, progress=lambda _: progress(1))
         else:
             slot_of_row = buf[self._index_off : self._index_off + info.rows * 4].view(np.int32)
             slot_of_row[:] = -1
@@ -228,6 +303,7 @@ class SharedHostTier(SlabTier):
             step = max(1, (32 << 20) // max(1, info.row_bytes))
             for s in range(0, len(rows), step):
                 disk.read(rows[s : s + step], slab[s : s + step])
+                progress(1)
             del slot_of_row
         m.flush()
         del buf, slab, m

@@ -156,3 +156,128 @@ def test_segments_of_killed_users_are_removed_on_open_and_by_gc(tmp_path, capsys
     doc = json.loads(capsys.readouterr().out)
     assert str(SHM_DIR / left) in [i["path"] for i in doc["items"] if i["kind"] == "shm"]
     assert not _shm_files(path)
+
+
+# -- a filler that stops (SIGSTOP) or dies while others wait for it ----------------------------
+FILLER = """
+import os, signal, sys, tierstore
+from tierstore.tiers.disk import DiskTier
+def freeze(self, slab, progress=None):
+    print("FILLING", os.getpid(), flush=True)
+    os.kill(os.getpid(), signal.SIGSTOP)  # frozen mid-fill, holding the fill lock
+DiskTier.load_table = freeze
+tierstore.open(sys.argv[1], device="cpu", host_budget=int(sys.argv[2]), host_shared=True)
+"""
+
+OPENER = """
+import sys, numpy as np, torch, tierstore
+path, budget, timeout = sys.argv[1], int(sys.argv[2]), float(sys.argv[3])
+try:
+    store = tierstore.open(path, device="cpu", host_budget=budget, host_shared=True, timeout=timeout)
+except tierstore.LookupTimeoutError as e:
+    print("TIMEOUT", e, flush=True)
+    sys.exit(0)
+with store:
+    got = store.lookup("big.engram.memory.weight", np.arange(store.tables["big.engram.memory.weight"].rows))
+    np.save(sys.argv[4], got.numpy())
+    print("SERVED", store.stats()["host"]["hits"], store.stats()["disk"]["rows_read"], flush=True)
+"""
+
+
+def _stopped_filler(path: Path, budget: int) -> tuple[subprocess.Popen, int]:
+    """A process that took the fill lock of ``path``'s shared tier and is now stopped."""
+    filler = subprocess.Popen([sys.executable, "-c", textwrap.dedent(FILLER), str(path), str(budget)],
+                              env=dict(os.environ, PYTHONPATH=str(REPO)), stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True)
+    line = filler.stdout.readline().split()
+    assert line[:1] == ["FILLING"], filler.stderr.read() if filler.poll() is not None else line
+    pid = int(line[1])
+    for _ in range(600):  # until the kernel has stopped it (it signalled itself)
+        if Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] == "T":
+            break
+        time.sleep(0.05)
+    else:
+        raise AssertionError("the filler did not stop")
+    return filler, pid
+
+
+def _end(proc: subprocess.Popen) -> None:
+    if proc.poll() is None:
+        proc.kill()  # SIGKILL ends a stopped process too
+    proc.communicate()
+
+
+@pytest.mark.skipif(not SHM_DIR.is_dir(), reason="no /dev/shm")
+def test_stopped_filler_makes_a_waiter_time_out_with_the_fix_not_hang(tmp_path):
+    """A filler frozen (SIGSTOP) holding the fill lock blocked every other opener forever (a
+    blocking flock, issue 22). Now a waiter gives up after `timeout` seconds without progress
+    with a LookupTimeoutError naming the segment, the filler and the fix. The opener runs in
+    a subprocess killed after 60 s, so a regression fails here instead of hanging the suite."""
+    path, w = one_table_store(tmp_path, NAME, 4096, 16, seed=5)
+    budget = 4096 * 16 * 4
+    filler, pid = _stopped_filler(path, budget)
+    try:
+        try:
+            run = subprocess.run([sys.executable, "-c", textwrap.dedent(OPENER), str(path), str(budget), "1.5",
+                                  str(tmp_path / "got.npy")], env=dict(os.environ, PYTHONPATH=str(REPO)),
+                                 capture_output=True, text=True, timeout=60)
+        except subprocess.TimeoutExpired:
+            pytest.fail("open(host_shared=True, timeout=1.5) still waited for the stopped filler after 60 s")
+        assert run.returncode == 0, run.stderr[-3000:]
+        out = run.stdout
+        assert out.startswith("TIMEOUT"), out
+        assert f"process {pid} (state: stopped" in out and "kill" in out and "timeout=1.5s" in out, out
+        assert str(SHM_DIR / segment_prefix(path, NAME)) in out, "the message names the segment"
+    finally:
+        _end(filler)
+    # the stopped filler is gone: the next opener fills the tier itself and serves exact rows
+    with tierstore.open(path, device="cpu", host_budget=budget, host_shared=True, timeout=5) as store:
+        assert torch.equal(bits(store.lookup(NAME, np.arange(4096))), bits(w))
+        assert store.stats()["disk"]["rows_read"] == 0
+    assert not _shm_files(path)
+
+
+@pytest.mark.skipif(not SHM_DIR.is_dir(), reason="no /dev/shm")
+def test_waiter_fills_the_tier_itself_when_the_filler_it_waits_for_dies(tmp_path):
+    """A waiter blocked on a stopped filler's lock takes over as soon as that filler dies
+    (the kernel drops a dead process's flock): it fills the tier and serves exact rows."""
+    path, w = one_table_store(tmp_path, NAME, 4096, 16, seed=6)
+    budget = 4096 * 16 * 4
+    filler, pid = _stopped_filler(path, budget)
+    opener = None
+    try:
+        opener = subprocess.Popen([sys.executable, "-c", textwrap.dedent(OPENER), str(path), str(budget), "600",
+                                   str(tmp_path / "got.npy")], env=dict(os.environ, PYTHONPATH=str(REPO)),
+                                  stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        fill = f"{SHM_DIR / segment_prefix(path, NAME)}"
+        for _ in range(1200):  # until the opener has the fill lock's file open: it is waiting on it
+            fds = Path(f"/proc/{opener.pid}/fd")
+            try:
+                if any(os.readlink(f).startswith(fill) and os.readlink(f).endswith(".fill") for f in fds.iterdir()):
+                    break
+            except OSError:  # an fd closed while we listed them
+                pass
+            assert opener.poll() is None, opener.communicate()
+            time.sleep(0.05)
+        else:
+            raise AssertionError("the opener never reached the fill lock")
+        _end(filler)  # the filler dies: its lock goes with it
+        try:
+            out, err = opener.communicate(timeout=60)
+        except subprocess.TimeoutExpired:
+            pytest.fail("the waiter did not take over the fill after the filler died")
+        assert opener.returncode == 0 and out.split()[:1] == ["SERVED"], err[-3000:]
+        assert out.split()[1:] == ["4096", "0"], out  # every row from the shared tier it filled
+        assert np.array_equal(np.load(tmp_path / "got.npy").view(np.uint32), w.numpy().view(np.uint32))
+    finally:
+        _end(filler)
+        if opener is not None:
+            _end(opener)
+    assert not _shm_files(path)
+
+
+@pytest.mark.parametrize("bad", [0, -1.0, float("nan"), float("inf"), "5", True])
+def test_open_refuses_a_bad_timeout(shared_store, bad):
+    path, _, _ = shared_store
+    with pytest.raises(tierstore.TierStoreError, match="timeout="):
+        tierstore.open(path, device="cpu", timeout=bad)
