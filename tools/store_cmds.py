@@ -83,7 +83,8 @@ def run_build(args: argparse.Namespace) -> int:
         out = build_store(args.checkpoint, args.out, order_by=args.order_by_profile, **kwargs)
     m = read_manifest(out)
     total = sum(t.nbytes for t in m.tables.values())
-    print(f"built {out}: {len(m.tables)} table(s), {format_size(total)} of rows")
+    paths = sorted({str(t.source.get("write_path", "?")) for t in m.tables.values()})
+    print(f"built {out}: {len(m.tables)} table(s), {format_size(total)} of rows, written {'/'.join(paths)}")
     return 0
 
 
