@@ -41,7 +41,7 @@ from .. import faults
 from ..files import pwrite_all
 from .checkpoint import Checkpoint
 from .hotorder import HotOrder
-from .spec import _K, DTYPES, PAGE_SIZE, TableInfo, page_checksums
+from .spec import _K, DTYPES, PAGE_SIZE, TableInfo
 
 __all__ = ["write_row_file", "table_filler", "fast_page_checksums", "aligned_buffer", "BUFFERS", "DIRECT", "BUFFERED"]
 
@@ -138,7 +138,9 @@ def write_row_file(path: Path, head: bytes, rows: int, row_stride: int, step: in
     done: queue.Queue[int | None] = queue.Queue()
     failed: list[BaseException] = []
     stop_all = threading.Event()
-    sums[0] = page_checksums(np.frombuffer(head, dtype=np.uint8))[0]
+    head_buf = aligned_buffer(PAGE_SIZE)  # O_DIRECT refuses a bytes object's unaligned address
+    head_buf[:] = np.frombuffer(head, dtype=np.uint8)
+    sums[0] = fast_page_checksums(head_buf)[0]
     out = _Direct(path)
 
     def take(q: queue.Queue):  # a get that gives up once the other thread has failed
@@ -173,7 +175,7 @@ def write_row_file(path: Path, head: bytes, rows: int, row_stride: int, step: in
 
     def writer() -> None:
         try:
-            out.pwrite(memoryview(head), 0)
+            out.pwrite(memoryview(head_buf), 0)
             while (job := take(full)) is not None:
                 start, stop, buf = job
                 nbytes = (stop - start) * row_stride
