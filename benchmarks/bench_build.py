@@ -1,0 +1,186 @@
+"""`tierstore build` against a direct-I/O copy of the same checkpoint on the same disk.
+
+The baseline is what the disk does with the same bytes and no work on them:
+``dd if=CKPT of=COPY iflag=direct oflag=direct bs=16M conv=fsync`` (one reader, no page
+cache, ending durable, as the build does). dd alternates a read and a write; the build
+overlaps them (tierstore/format/writer.py), so a ratio near or above 1 is possible.
+
+Each variant builds from a cold page cache (the checkpoint is evicted before every dd and
+every build) in a child process measured by ``/usr/bin/time`` (peak RSS) and ``wait4``:
+
+* ``plain``: an fp16 table [rows, 128] (256-byte rows) in one ``.safetensors``;
+* ``ordered``: the same, ``--order-by-profile`` with a saved profile of 1% of the rows,
+  scattered, Zipf counts (the hot rows are gathered through a map of the checkpoint, the
+  rest read as sequential spans);
+* ``v41`` (``--v41``): a DeepSeek-V4.1-layout checkpoint of the same size (two fp8 tables
+  with UE8M0 scales in shards of their own, benchmarks/v41_checkpoint.py): 264-byte rows
+  read from two tensors and written at a 272-byte stride.
+
+``--python``/``--cwd`` run the build with another checkout (e.g. main's, for a before/after
+in one run). The machine is shared: run it twice and read both.
+
+    python -m benchmarks.bench_build --gib 2 [--v41] [--workdir DIR] [--python PY --cwd REPO]
+    python -m benchmarks.bench_build --quick      # 16 MiB, for the test
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import struct
+import subprocess
+import sys
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from benchmarks.common import evict, json_line, machine_info, print_header
+from benchmarks.isolation import run_measured
+from tierstore.format.profile import save_profile
+from tierstore.format.spec import read_manifest
+from tierstore.sizes import format_size
+
+NAME = "model.layers.0.engram.memory.weight"
+DIM = 128  # fp16 values per row: 256-byte rows
+ALIGN = 4096
+
+
+def write_plain(path: Path, nbytes: int, seed: int = 0) -> int:
+    """An fp16 [rows, DIM] safetensors file of about ``nbytes``, data 4 KiB-aligned (so dd's
+    O_DIRECT transfers are whole blocks), written 64 MiB at a time. Returns the rows."""
+    rows = max(ALIGN // (2 * DIM), nbytes // (2 * DIM) // 16 * 16)
+    size = rows * 2 * DIM
+    entry = {NAME: {"dtype": "F16", "shape": [rows, DIM], "data_offsets": [0, size]}}
+    head = json.dumps(entry).encode()
+    head += b" " * (-(8 + len(head)) % ALIGN)  # the spec allows trailing spaces
+    block = np.random.default_rng(seed).integers(0, 0x3C00, 32 << 20, dtype=np.uint16)  # finite fp16
+    with open(path, "wb") as f:
+        f.write(struct.pack("<Q", len(head)) + head)
+        left, i = size, 0
+        while left:
+            n = min(left, block.nbytes)
+            f.write(((block + np.uint16(i)) & np.uint16(0x3BFF)).view(np.uint8)[:n].tobytes())
+            left, i = left - n, i + 1
+        f.flush()
+        os.fsync(f.fileno())
+    return rows
+
+
+def save_hot_profile(store: Path, table: str, rows: int, seed: int = 1) -> int:
+    """A profile of 1% of ``rows`` (at least 16), scattered, Zipf counts; returns the hot rows."""
+    rng = np.random.default_rng(seed)
+    k = max(16, rows // 100)
+    counts = np.zeros(rows, dtype=np.int64)
+    counts[rng.choice(rows, k, replace=False)] = np.maximum(1, 1e6 / np.arange(1, k + 1)).astype(np.int64)
+    save_profile(store, table, counts)
+    return k
+
+
+def dd_copy(files: list[Path], work: Path) -> tuple[float, int]:
+    """Seconds to copy ``files`` with direct I/O (sequentially, one dd each), and the bytes."""
+    total, seconds = 0, 0.0
+    for f in files:
+        dst = work / "dd.copy"
+        evict(f)
+        t0 = time.perf_counter()
+        subprocess.run(["dd", f"if={f}", f"of={dst}", "iflag=direct", "oflag=direct", "bs=16M", "conv=fsync"],
+                       check=True, capture_output=True)
+        seconds += time.perf_counter() - t0
+        total += f.stat().st_size
+        dst.unlink()
+    return seconds, total
+
+
+def build(python: str, cwd: str, ckpt: Path, out: Path, work: Path, *extra: str) -> dict[str, Any]:
+    """One cold build in a child; its seconds, peak RSS and the write path it reported."""
+    shutil.rmtree(out, ignore_errors=True)
+    files = sorted(ckpt.glob("*.safetensors")) if ckpt.is_dir() else [ckpt]
+    evict(*files)
+    env = {**os.environ, "PYTHONPATH": cwd}
+    r = run_measured([python, "-m", "tierstore_cli.cli", "build", str(ckpt), str(out), "--quiet", *extra],
+                     log=work / "build.log", cwd=cwd, env=env)
+    text = r.log.read_text()
+    if r.returncode:
+        raise RuntimeError(f"tierstore build failed ({r.returncode}): {text[-2000:]}")
+    paths = sorted({str(t.source.get("write_path", "buffered (not recorded)")) for t in read_manifest(out).tables.values()})
+    return {"seconds": r.seconds, "peak_rss_bytes": r.max_rss_bytes, "rss_clean": r.rss_clean,
+            "write_path": "/".join(paths)}
+
+
+def startup(python: str, cwd: str, work: Path) -> float:
+    """Seconds for the build's child to start and import what the build imports (torch among
+    them), doing nothing: the fixed cost inside every build's wall time."""
+    r = run_measured([python, "-c", "import tierstore_cli.cli, tierstore.format.build"], log=work / "startup.log",
+                     cwd=cwd, env={**os.environ, "PYTHONPATH": cwd})
+    return r.seconds
+
+
+def _variant(res: dict[str, Any], key: str, b: dict[str, Any], dd_s: float, nbytes: int) -> None:
+    b["vs_dd"] = dd_s / b["seconds"]  # wall time, start-up included
+    b["io_seconds"] = max(1e-9, b["seconds"] - res["startup_seconds"])
+    b["io_vs_dd"] = dd_s / b["io_seconds"]  # start-up (imports) excluded
+    b["bytes_s"] = nbytes / b["seconds"]
+    res[key] = b
+    print(f"{key:>8}: {b['seconds']:6.2f} s  {format_size(b['bytes_s'])}/s  {b['vs_dd']:.2f}x dd "
+          f"({b['io_vs_dd']:.2f}x without start-up)  peak RSS {format_size(b['peak_rss_bytes'])}  "
+          f"writes: {b['write_path']}")
+
+
+def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
+    ap = argparse.ArgumentParser(description="tierstore build vs a direct-I/O copy of the checkpoint")
+    ap.add_argument("--gib", type=float, default=2.0, help="checkpoint size (default 2)")
+    ap.add_argument("--quick", action="store_true", help="16 MiB, every variant (the test)")
+    ap.add_argument("--v41", action="store_true", help="also a V4.1-layout fp8 checkpoint of the same size")
+    ap.add_argument("--workdir", default=None, help="scratch directory on the disk to measure (deleted after)")
+    ap.add_argument("--python", default=sys.executable, help="interpreter that runs the build")
+    ap.add_argument("--cwd", default=str(Path(__file__).resolve().parents[1]), help="checkout the build runs from")
+    args = ap.parse_args(argv)
+    nbytes = 16 << 20 if args.quick else int(args.gib * 2**30)
+    work = Path(args.workdir or f"/tmp/bench_build-{os.getpid()}").absolute()
+    work.mkdir(parents=True, exist_ok=True)
+    info = machine_info(work)
+    print_header("tierstore build vs dd (direct I/O copy)", info, [
+        f"checkpoint {format_size(nbytes)}, build from {args.cwd} with {args.python}",
+        "page cache: each checkpoint file evicted (fdatasync + posix_fadvise DONTNEED) before every dd and build",
+        f"{os.cpu_count()} cores, shared with other jobs: compare only figures from the same run"])
+    res: dict[str, Any] = {"bench": "build", "checkpoint_bytes": nbytes, "machine": info, "cwd": args.cwd}
+    try:
+        res["startup_seconds"] = min(startup(args.python, args.cwd, work) for _ in range(2))
+        print(f" startup: {res['startup_seconds']:6.2f} s  (the child's imports, in every build's wall time)")
+        res["loadavg"] = os.getloadavg()
+        ckpt = work / "plain.safetensors"
+        rows = write_plain(ckpt, nbytes)
+        dd_s, dd_bytes = dd_copy([ckpt], work)
+        res["dd"] = {"seconds": dd_s, "bytes": dd_bytes, "bytes_s": dd_bytes / dd_s}
+        print(f"      dd: {dd_s:6.2f} s  {format_size(dd_bytes / dd_s)}/s  (iflag=direct oflag=direct bs=16M conv=fsync)")
+        _variant(res, "plain", build(args.python, args.cwd, ckpt, work / "plain", work), dd_s, dd_bytes)
+        res["hot_rows"] = save_hot_profile(work / "plain", NAME, rows)
+        _variant(res, "ordered", build(args.python, args.cwd, ckpt, work / "ordered", work,
+                                       "--order-by-profile", str(work / "plain")), dd_s, dd_bytes)
+        shutil.rmtree(work / "ordered", ignore_errors=True)
+        shutil.rmtree(work / "plain", ignore_errors=True)
+        ckpt.unlink()
+        if args.v41 or args.quick:
+            from benchmarks import v41_checkpoint as v41
+
+            v41dir = v41.write_checkpoint(work / "v41", engram_vocab_size=v41.vocab_for_table_bytes(nbytes),
+                                          compressed_vocab_size=16, pad_id=1, dense={})
+            shards = sorted(v41dir.glob("*.safetensors"))
+            v_dd, v_bytes = dd_copy(shards, work)
+            res["v41_dd"] = {"seconds": v_dd, "bytes": v_bytes, "bytes_s": v_bytes / v_dd}
+            print(f"  v41 dd: {v_dd:6.2f} s  {format_size(v_bytes / v_dd)}/s")
+            _variant(res, "v41", build(args.python, args.cwd, v41dir, work / "v41store", work), v_dd, v_bytes)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    res["loadavg_end"] = os.getloadavg()
+    json_line(res)
+    return res
+
+
+if __name__ == "__main__":
+    main()
