@@ -150,11 +150,15 @@ def _write_table(ckpt: Checkpoint, name: str, info: TableInfo, src_dtype: str, t
     scales from ``scale``, the same rows of each per chunk, and stores them side by side."""
     step = _chunk_rows(info.row_stride)
     if shard is not None:  # a shard reads world x its rows per chunk: keep the chunk bytes bounded
-        step = max(PAGE_SIZE // math.gcd(info.row_stride, PAGE_SIZE), step // shard[1])
+        unit = PAGE_SIZE // math.gcd(info.row_stride, PAGE_SIZE)  # chunks stay whole pages
+        step = max(unit, step // shard[1] // unit * unit)
     sums = np.empty(info.n_pages, dtype=np.uint64)
-    fill, hint = table_filler(ckpt, name, info, src_dtype, step, shard, order, scale)
-    mode = write_row_file(tmp / info.file, header_page(info, build_id), info.rows, info.row_stride, step, fill, sums,
-                          hint=hint, progress=lambda n: bar.update(n * info.row_bytes))
+    fill, hint, close = table_filler(ckpt, name, info, src_dtype, step, shard, order, scale)
+    try:
+        mode = write_row_file(tmp / info.file, header_page(info, build_id), info.rows, info.row_stride, step, fill, sums,
+                              hint=hint, progress=lambda n: bar.update(n * info.row_bytes))
+    finally:
+        close()
     write_durable(tmp / info.checksum_file, sums.astype("<u8").tobytes())
     if order is not None:
         write_durable(tmp / info.order_file, lambda f: write_order_streamed(f, info, order.positions, build_id))

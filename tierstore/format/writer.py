@@ -41,6 +41,7 @@ from .. import faults
 from ..files import pwrite_all
 from .checkpoint import Checkpoint
 from .hotorder import HotOrder
+from .prefetch import RowPrefetcher
 from .spec import _K, DTYPES, PAGE_SIZE, TableInfo
 
 __all__ = ["write_row_file", "table_filler", "fast_page_checksums", "aligned_buffer", "BUFFERS", "DIRECT", "BUFFERED"]
@@ -221,8 +222,9 @@ def write_row_file(path: Path, head: bytes, rows: int, row_stride: int, step: in
 
 def table_filler(ckpt: Checkpoint, name: str, info: TableInfo, src_dtype: str, step: int,
                  shard: tuple[int, int] | None = None, order: HotOrder | None = None,
-                 scale: str | None = None) -> tuple[Callable[[int, int, np.ndarray], None], Callable[[int, int], None]]:
-    """(fill, hint) for :func:`write_row_file` reading table ``name`` of ``ckpt``.
+                 scale: str | None = None) -> tuple[Callable[[int, int, np.ndarray], None], Callable[[int, int], None],
+                                                    Callable[[], None]]:
+    """(fill, hint, close) for :func:`write_row_file` reading table ``name`` of ``ckpt``.
 
     Rows at file positions ``start:stop``: rows ``start:stop`` of the checkpoint; for a shard
     ``(rank, world)`` position ``i`` holds row ``rank + i * world`` (one sequential read of
@@ -230,15 +232,24 @@ def table_filler(ckpt: Checkpoint, name: str, info: TableInfo, src_dtype: str, s
     ``order.ids(start, stop)``: a run of cold rows (ascending ids with the hot ones missing) is
     read as one span, hot rows are gathered through a map of the file. A quantized table
     stores each row's value bytes from ``name`` then its scale bytes from ``scale``.
-    A plain table whose rows are already ``row_stride`` bytes wide in the stored dtype is read
-    straight into the chunk buffer; otherwise through a scratch buffer allocated once.
+    Plain sequential reads of safetensors tensors go through :class:`RowPrefetcher` (O_DIRECT,
+    the next chunk read while this one is filled); other reads through a scratch buffer
+    allocated once (a torch checkpoint's rows straight into the chunk buffer when they need
+    no change). ``close()`` releases the readers.
     """
     stride, rb = info.row_stride, info.row_bytes
-    direct = info.quant is None and src_dtype == info.dtype and rb == stride and shard is None and order is None
+    tensors = (name, scale) if scale is not None else (name,)
+    ahead = {}  # plain sequential reads of a safetensors tensor: O_DIRECT, one chunk ahead
+    if shard is None and order is None and all(ckpt.tensors[t].file.suffix == ".safetensors" for t in tensors):
+        ahead = {t: RowPrefetcher(ckpt, t, step) for t in tensors}
+    direct = (info.quant is None and src_dtype == info.dtype and rb == stride and shard is None and order is None
+              and not ahead)
     spread = shard[1] if shard is not None else 2 if order is not None else 1
     scratch: dict[str, np.ndarray] = {}
 
     def rows_of(tensor: str, start: int, stop: int) -> np.ndarray:
+        if ahead:
+            return ahead[tensor].rows(start, stop)
         meta = ckpt.tensors[tensor]
         row_bytes = meta.shape[1] * meta.element_size
         if tensor not in scratch:
@@ -259,6 +270,8 @@ def table_filler(ckpt: Checkpoint, name: str, info: TableInfo, src_dtype: str, s
     def fill(start: int, stop: int, out: np.ndarray) -> None:
         if direct:
             ckpt.read_rows(name, start, stop, out=out.reshape(-1))
+        elif info.quant is None and src_dtype == info.dtype:
+            out[:, :rb] = rows_of(name, start, stop)
         elif info.quant is None:  # convert (round to nearest) straight into the strided rows
             dst = torch.from_numpy(out)[:, :rb].view(DTYPES[info.dtype][0])
             dst.copy_(torch.from_numpy(rows_of(name, start, stop)).view(DTYPES[src_dtype][0]))
@@ -269,6 +282,10 @@ def table_filler(ckpt: Checkpoint, name: str, info: TableInfo, src_dtype: str, s
             out[:, split:rb] = rows_of(scale, start, stop)
 
     def hint(start: int, stop: int) -> None:
+        if ahead:
+            for p in ahead.values():
+                p.prefetch(start, stop)
+            return
         if order is not None:
             ids = order.ids(start, stop)
             lo, hi = int(ids[0]), int(ids[-1]) + 1
@@ -278,7 +295,11 @@ def table_filler(ckpt: Checkpoint, name: str, info: TableInfo, src_dtype: str, s
             lo, hi = shard[0] + start * shard[1], shard[0] + (stop - 1) * shard[1] + 1
         else:
             lo, hi = start, stop
-        for tensor in (name, scale) if scale is not None else (name,):
+        for tensor in tensors:
             ckpt.advise(tensor, lo, hi)
 
-    return fill, hint
+    def close() -> None:
+        for p in ahead.values():
+            p.close()
+
+    return fill, hint, close

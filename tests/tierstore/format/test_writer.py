@@ -124,24 +124,35 @@ def test_buffered_fallback_where_o_direct_is_refused(tmp_path, ckpt, monkeypatch
     _rows(out, ckpt[1])
 
 
-def test_a_failing_chunk_read_stops_the_pipeline_with_a_typed_error(tmp_path, ckpt, monkeypatch):
-    from tierstore.format.checkpoint import Checkpoint
+@pytest.mark.parametrize("nth", [1, 3])  # the first and the last of 3 chunks
+def test_a_failing_chunk_read_stops_the_pipeline_with_a_typed_error(tmp_path, ckpt, monkeypatch, nth):
+    """A read that fails in the read-ahead thread stops the filler and the writer, and the
+    caller gets the typed error; nothing is left behind."""
+    from tierstore import faults
 
-    real = Checkpoint.read_rows
-    calls = []
-
-    def failing(self, name, start, stop, out=None):
-        calls.append(start)
-        if len(calls) == 2:
-            raise OSError(errno.EIO, "Input/output error", "m.safetensors")
-        return real(self, name, start, stop, out)
-
-    monkeypatch.setattr(writer, "BUFFERS", 2)
     monkeypatch.setattr("tierstore.format.build.CHUNK_BYTES", 48 * 1024)  # several chunks
-    monkeypatch.setattr(Checkpoint, "read_rows", failing)
-    with pytest.raises(tierstore.StoreIOError):
-        tierstore.build_store(ckpt[0], tmp_path / "s", progress=False)
+    with faults.inject(faults.FaultPlan(nth=nth, op="read", kind="EIO")) as plan:
+        with pytest.raises(tierstore.StoreIOError):
+            tierstore.build_store(ckpt[0], tmp_path / "s", progress=False)
+    assert plan.fired is not None and plan.fired[1] == str(ckpt[0])
     assert not (tmp_path / "s").exists() and not list(tmp_path.glob(".s.tmp-*"))
+
+
+def test_reads_fall_back_to_the_page_cache_where_o_direct_is_refused(tmp_path, ckpt, monkeypatch):
+    from tierstore.format import prefetch
+
+    real_open = os.open
+
+    def fake_open(path, flags, *a):
+        if flags & os.O_DIRECT:
+            raise OSError(errno.EINVAL, "Invalid argument", path)
+        return real_open(path, flags, *a)
+
+    monkeypatch.setattr(prefetch.os, "open", fake_open)
+    monkeypatch.setattr("tierstore.format.build.CHUNK_BYTES", 48 * 1024)
+    out = tierstore.build_store(ckpt[0], tmp_path / "s", progress=False)
+    assert tierstore.verify_store(out).ok
+    _rows(out, ckpt[1])
 
 
 def _ordered_build_peak(tmp_path, rows: int) -> int:
@@ -169,6 +180,19 @@ def test_ordered_build_memory_does_not_grow_with_the_table(tmp_path, monkeypatch
     and a 4M-row table must stay under 1 B per row (the per-page checksums are 0.03)."""
     monkeypatch.setattr("tierstore.format.build.CHUNK_BYTES", 1 << 20)  # both tables span many chunks
     monkeypatch.setattr("tierstore.format.hotorder.CHUNK", 1 << 16)
+    monkeypatch.setattr("tierstore.format.order._CHUNK_PAGES", 64)
     small, large = _ordered_build_peak(tmp_path, 1 << 20), _ordered_build_peak(tmp_path, 4 << 20)
     per_row = (large - small) / (3 << 20)
     assert per_row < 1.0, f"{per_row:.2f} B per table row ({small} -> {large} bytes peak)"
+
+
+def test_a_shard_whose_chunk_is_not_whole_pages(tmp_path, monkeypatch):
+    """Regression: a shard's chunk is the table's chunk / world; with 272-byte rows (V4.1's
+    stride) that is not a whole number of pages, and main's build died with an untyped
+    ValueError (checksumming a partial page) on any V4.1 shard of more than one chunk."""
+    monkeypatch.setattr("tierstore.format.build.CHUNK_BYTES", 272 * 256 * 3)  # 3 page units: world 2 gives 1.5
+    w = random_table(5000, 136, torch.float16, seed=2)  # 272-byte rows
+    save_file({NAME: w}, str(tmp_path / "m.safetensors"))
+    out = tierstore.build_store(tmp_path / "m.safetensors", tmp_path / "s", shard=(1, 2), progress=False)
+    assert tierstore.verify_store(out).ok
+    _rows(out, w[1::2])
