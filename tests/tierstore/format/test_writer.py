@@ -196,3 +196,22 @@ def test_a_shard_whose_chunk_is_not_whole_pages(tmp_path, monkeypatch):
     out = tierstore.build_store(tmp_path / "m.safetensors", tmp_path / "s", shard=(1, 2), progress=False)
     assert tierstore.verify_store(out).ok
     _rows(out, w[1::2])
+
+
+def test_streamed_order_file_equals_the_whole_array_one(tmp_path, monkeypatch):
+    """The order file written a chunk at a time (header last) is byte for byte write_order's."""
+    import io
+
+    from tierstore.format import order as order_file
+    from tierstore.format.spec import TableInfo
+
+    monkeypatch.setattr(order_file, "_CHUNK_PAGES", 2)  # several chunks, the last ending inside a page
+    n = 5000
+    counts = _counts(n, 3)
+    hot = HotOrder(hot_rows(counts, n), n)
+    info = TableInfo(name=NAME, rows=n, dim=8, dtype="float16", row_stride=16, file="t.rows",
+                     checksum_file="t.sum", file_bytes=TableInfo.expected_file_bytes(n, 16), order_file="t.order")
+    whole, streamed = io.BytesIO(), io.BytesIO()
+    order_file.write_order(whole, info, hot.positions(0, n).astype(np.int32), "b1")
+    order_file.write_order_streamed(streamed, info, hot.positions, "b1")
+    assert streamed.getvalue() == whole.getvalue()
