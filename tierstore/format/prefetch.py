@@ -16,6 +16,7 @@ instead (``Checkpoint.read_rows``), from then on. Reads pass the fault seam as `
 from __future__ import annotations
 
 import errno
+import mmap
 import os
 from concurrent.futures import Future, ThreadPoolExecutor
 
@@ -26,14 +27,14 @@ from ..errors import CheckpointError, StoreIOError
 from .checkpoint import Checkpoint
 from .spec import PAGE_SIZE
 
-__all__ = ["RowPrefetcher"]
+__all__ = ["RowPrefetcher", "aligned_buffer"]
 
 
-def _aligned(nbytes: int) -> np.ndarray:
-    import mmap
-
-    size = (nbytes + PAGE_SIZE - 1) // PAGE_SIZE * PAGE_SIZE
-    return np.frombuffer(mmap.mmap(-1, size), dtype=np.uint8)
+def aligned_buffer(nbytes: int) -> np.ndarray:
+    """A zeroed, page-aligned uint8 array of ``nbytes`` (anonymous memory, returned to the OS
+    when the array is dropped): what ``O_DIRECT`` transfers need."""
+    size = max(PAGE_SIZE, (nbytes + PAGE_SIZE - 1) // PAGE_SIZE * PAGE_SIZE)
+    return np.frombuffer(mmap.mmap(-1, size), dtype=np.uint8)[:nbytes]
 
 
 class RowPrefetcher:
@@ -54,7 +55,7 @@ class RowPrefetcher:
             if e.errno != errno.EINVAL:
                 raise StoreIOError(e.errno, f"opening {self.path}: {e.strerror}") from e
         self.direct = self.fd >= 0
-        self.bufs = [_aligned(step * self.row_bytes + 2 * PAGE_SIZE) for _ in range(2)] if self.direct else []
+        self.bufs = [aligned_buffer(step * self.row_bytes + 2 * PAGE_SIZE) for _ in range(2)] if self.direct else []
         self.pool = ThreadPoolExecutor(1, thread_name_prefix="tierstore-build-read") if self.direct else None
         self.pending: dict[int, Future[np.ndarray]] = {}
 

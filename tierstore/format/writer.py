@@ -27,7 +27,6 @@ either thread stops both and is raised in the caller's thread.
 from __future__ import annotations
 
 import errno
-import mmap
 import os
 import queue
 import threading
@@ -41,7 +40,7 @@ from .. import faults
 from ..files import pwrite_all
 from .checkpoint import Checkpoint
 from .hotorder import HotOrder
-from .prefetch import RowPrefetcher
+from .prefetch import RowPrefetcher, aligned_buffer
 from .spec import _K, DTYPES, PAGE_SIZE, TableInfo
 
 __all__ = ["write_row_file", "table_filler", "fast_page_checksums", "aligned_buffer", "BUFFERS", "DIRECT", "BUFFERED"]
@@ -64,13 +63,6 @@ def fast_page_checksums(pages: np.ndarray) -> np.ndarray:
     if words.shape[0] == 0:
         return np.zeros(0, dtype=np.uint64)
     return torch.mv(words, _K_T).numpy().view(np.uint64)
-
-
-def aligned_buffer(nbytes: int) -> np.ndarray:
-    """A zeroed, page-aligned uint8 array of ``nbytes`` (anonymous memory, returned to the OS
-    when the array is dropped): what ``O_DIRECT`` transfers need."""
-    size = max(PAGE_SIZE, (nbytes + PAGE_SIZE - 1) // PAGE_SIZE * PAGE_SIZE)
-    return np.frombuffer(mmap.mmap(-1, size), dtype=np.uint8)[:nbytes]
 
 
 class _Stop(Exception):
