@@ -16,10 +16,12 @@ every build) in a child process measured by ``/usr/bin/time`` (peak RSS) and ``w
   with UE8M0 scales in shards of their own, benchmarks/v41_checkpoint.py): 264-byte rows
   read from two tensors and written at a 272-byte stride.
 
-``--python``/``--cwd`` run the build with another checkout (e.g. main's, for a before/after
-in one run). The machine is shared: run it twice and read both.
+``--base-cwd``/``--base-python`` also run another checkout's build (e.g. main's) in the same
+rounds, for a before/after against the same dd. Each round runs dd and then the builds, and
+each ratio is against that round's dd: the disk's rate moves within minutes on the shared VM.
 
-    python -m benchmarks.bench_build --gib 2 [--v41] [--workdir DIR] [--python PY --cwd REPO]
+    python -m benchmarks.bench_build --gib 2 [--v41] [--repeats 2] [--workdir DIR] \\
+        [--base-cwd /work/main --base-python /work/main/.venv/bin/python]
     python -m benchmarks.bench_build --quick      # 16 MiB, for the test
 """
 
@@ -119,26 +121,43 @@ _TIMED_CLI = ("import sys, time; from tierstore_cli.cli import main; t = time.pe
               "print('BUILD_SECONDS', time.perf_counter() - t); sys.exit(rc)")
 
 
-def _variant(res: dict[str, Any], key: str, b: dict[str, Any], dd_s: float, nbytes: int) -> None:
-    b["vs_dd"] = dd_s / b["build_seconds"]  # the command's own time (after its imports)
-    b["wall_vs_dd"] = dd_s / b["seconds"]  # the child's wall time: interpreter start and imports included
-    b["bytes_s"] = nbytes / b["build_seconds"]
-    res[key] = b
-    print(f"{key:>8}: {b['build_seconds']:6.2f} s  {format_size(b['bytes_s'])}/s  {b['vs_dd']:.2f}x dd   "
-          f"(wall {b['seconds']:.2f} s with start-up: {b['wall_vs_dd']:.2f}x)  "
-          f"peak RSS {format_size(b['peak_rss_bytes'])}  writes: {b['write_path']}")
+def variant(res: dict[str, Any], key: str, files: list[Path], ckpt: Path, work: Path, systems: dict[str, tuple[str, str]],
+            repeats: int, *extra: str) -> None:
+    """``repeats`` rounds of: dd of ``files``, then each system's build of ``ckpt``; each build's
+    ratio is against the dd just before it (the disk's rate drifts within minutes here)."""
+    rounds: dict[str, list[dict[str, Any]]] = {name: [] for name in systems}
+    for _ in range(repeats):
+        dd_s, nbytes = dd_copy(files, work)
+        print(f"{key:>8} dd: {dd_s:6.2f} s  {format_size(nbytes / dd_s)}/s")
+        for name, (python, cwd) in systems.items():
+            b = build(python, cwd, ckpt, work / f"{key}-{name}", work, *extra)
+            shutil.rmtree(work / f"{key}-{name}", ignore_errors=True)
+            b.update(dd_seconds=dd_s, vs_dd=dd_s / b["build_seconds"], wall_vs_dd=dd_s / b["seconds"],
+                     bytes_s=nbytes / b["build_seconds"])
+            rounds[name].append(b)
+            print(f"{key:>8} {name:>5}: {b['build_seconds']:6.2f} s  {format_size(b['bytes_s'])}/s  "
+                  f"{b['vs_dd']:.2f}x dd   (wall {b['seconds']:.2f} s with start-up: {b['wall_vs_dd']:.2f}x)  "
+                  f"peak RSS {format_size(b['peak_rss_bytes'])}  writes: {b['write_path']}")
+    for name, rs in rounds.items():
+        res[f"{key}_{name}"] = {"median_vs_dd": float(np.median([r["vs_dd"] for r in rs])),
+                               "max_peak_rss_bytes": max(r["peak_rss_bytes"] for r in rs), "rounds": rs}
 
 
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     ap = argparse.ArgumentParser(description="tierstore build vs a direct-I/O copy of the checkpoint")
     ap.add_argument("--gib", type=float, default=2.0, help="checkpoint size (default 2)")
-    ap.add_argument("--quick", action="store_true", help="16 MiB, every variant (the test)")
+    ap.add_argument("--quick", action="store_true", help="16 MiB, every variant, one round (the test)")
     ap.add_argument("--v41", action="store_true", help="also a V4.1-layout fp8 checkpoint of the same size")
     ap.add_argument("--workdir", default=None, help="scratch directory on the disk to measure (deleted after)")
     ap.add_argument("--python", default=sys.executable, help="interpreter that runs the build")
     ap.add_argument("--cwd", default=str(Path(__file__).resolve().parents[1]), help="checkout the build runs from")
+    ap.add_argument("--base-cwd", default=None, help="another checkout (e.g. main's) whose build runs in the same rounds")
+    ap.add_argument("--base-python", default=None, help="its interpreter (default --python)")
+    ap.add_argument("--repeats", type=int, default=2, help="rounds of dd + builds per variant (default 2)")
     args = ap.parse_args(argv)
     nbytes = 16 << 20 if args.quick else int(args.gib * 2**30)
+    if args.quick:
+        args.repeats = 1
     work = Path(args.workdir or f"/tmp/bench_build-{os.getpid()}").absolute()
     work.mkdir(parents=True, exist_ok=True)
     info = machine_info(work)
@@ -149,28 +168,23 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     res: dict[str, Any] = {"bench": "build", "checkpoint_bytes": nbytes, "machine": info, "cwd": args.cwd}
     try:
         res["loadavg"] = os.getloadavg()
+        systems = {"ours": (args.python, args.cwd)}
+        if args.base_cwd:
+            systems["base"] = (args.base_python or args.python, args.base_cwd)
         ckpt = work / "plain.safetensors"
         rows = write_plain(ckpt, nbytes)
-        dd_s, dd_bytes = dd_copy([ckpt], work)
-        res["dd"] = {"seconds": dd_s, "bytes": dd_bytes, "bytes_s": dd_bytes / dd_s}
-        print(f"      dd: {dd_s:6.2f} s  {format_size(dd_bytes / dd_s)}/s  (iflag=direct oflag=direct bs=16M conv=fsync)")
-        _variant(res, "plain", build(args.python, args.cwd, ckpt, work / "plain", work), dd_s, dd_bytes)
-        res["hot_rows"] = save_hot_profile(work / "plain", NAME, rows)
-        _variant(res, "ordered", build(args.python, args.cwd, ckpt, work / "ordered", work,
-                                       "--order-by-profile", str(work / "plain")), dd_s, dd_bytes)
-        shutil.rmtree(work / "ordered", ignore_errors=True)
-        shutil.rmtree(work / "plain", ignore_errors=True)
+        build(args.python, args.cwd, ckpt, work / "profiled", work)  # a store to hold the profile
+        res["hot_rows"] = save_hot_profile(work / "profiled", NAME, rows)
+        variant(res, "plain", [ckpt], ckpt, work, systems, args.repeats)
+        variant(res, "ordered", [ckpt], ckpt, work, systems, args.repeats, "--order-by-profile", str(work / "profiled"))
+        shutil.rmtree(work / "profiled", ignore_errors=True)
         ckpt.unlink()
         if args.v41 or args.quick:
             from benchmarks import v41_checkpoint as v41
 
             v41dir = v41.write_checkpoint(work / "v41", engram_vocab_size=v41.vocab_for_table_bytes(nbytes),
                                           compressed_vocab_size=16, pad_id=1, dense={})
-            shards = sorted(v41dir.glob("*.safetensors"))
-            v_dd, v_bytes = dd_copy(shards, work)
-            res["v41_dd"] = {"seconds": v_dd, "bytes": v_bytes, "bytes_s": v_bytes / v_dd}
-            print(f"  v41 dd: {v_dd:6.2f} s  {format_size(v_bytes / v_dd)}/s")
-            _variant(res, "v41", build(args.python, args.cwd, v41dir, work / "v41store", work), v_dd, v_bytes)
+            variant(res, "v41", sorted(v41dir.glob("*.safetensors")), v41dir, work, systems, args.repeats)
     finally:
         shutil.rmtree(work, ignore_errors=True)
     res["loadavg_end"] = os.getloadavg()

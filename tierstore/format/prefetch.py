@@ -18,6 +18,9 @@ from __future__ import annotations
 import errno
 import mmap
 import os
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
 from concurrent.futures import Future, ThreadPoolExecutor
 
 import numpy as np
@@ -27,7 +30,19 @@ from ..errors import CheckpointError, StoreIOError
 from .checkpoint import Checkpoint
 from .spec import PAGE_SIZE
 
-__all__ = ["RowPrefetcher", "aligned_buffer"]
+__all__ = ["RowPrefetcher", "aligned_buffer", "small_stacks"]
+
+_STACK = 2 << 20  # the build's threads run shallow numpy/torch calls; the default is 8 MiB
+
+
+@contextmanager
+def small_stacks() -> Iterator[None]:
+    """Threads started inside get a 2 MiB stack (of address space: builds run under RLIMIT_AS)."""
+    old = threading.stack_size(_STACK)
+    try:
+        yield
+    finally:
+        threading.stack_size(old)
 
 
 def aligned_buffer(nbytes: int) -> np.ndarray:
@@ -56,7 +71,11 @@ class RowPrefetcher:
                 raise StoreIOError(e.errno, f"opening {self.path}: {e.strerror}") from e
         self.direct = self.fd >= 0
         self.bufs = [aligned_buffer(step * self.row_bytes + 2 * PAGE_SIZE) for _ in range(2)] if self.direct else []
-        self.pool = ThreadPoolExecutor(1, thread_name_prefix="tierstore-build-read") if self.direct else None
+        self.pool = None
+        if self.direct:
+            with small_stacks():  # start its one thread now, inside the window
+                self.pool = ThreadPoolExecutor(1, thread_name_prefix="tierstore-build-read")
+                self.pool.submit(int).result()
         self.pending: dict[int, Future[np.ndarray]] = {}
 
     def _read(self, start: int, stop: int) -> np.ndarray:

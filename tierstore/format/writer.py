@@ -1,13 +1,13 @@
 """The build's I/O engine: a row file written at the disk's speed, in bounded memory.
 
-One table's row file is written by a pipeline of two threads over a few reusable,
-page-aligned chunk buffers (allocated once per table; memory is ``BUFFERS`` chunks plus the
-caller's read scratch, whatever the table's size):
+One table's row file is written by a pipeline over a few reusable, page-aligned chunk
+buffers (allocated once per table; memory is ``BUFFERS`` chunks plus the caller's read
+scratch, whatever the table's size):
 
-* the **filler** (a worker thread) takes a free buffer, has the caller's ``fill`` read and
-  convert the chunk's rows into it, checksums its pages and queues it;
-* the **writer** (another worker thread) writes queued buffers in file order with
-  ``pwrite`` and hands them back.
+* the **filler** (the caller's thread) takes a free buffer, has the caller's ``fill`` read
+  and convert the chunk's rows into it, checksums its pages and queues it;
+* the **writer** (a worker thread) writes queued buffers in file order with ``pwrite`` and
+  hands them back.
 
 So the next chunk is read, converted and checksummed while this one is written, and the
 checksums never hold up a write. Before filling a chunk the filler calls ``hint`` for the
@@ -40,7 +40,7 @@ from .. import faults
 from ..files import pwrite_all
 from .checkpoint import Checkpoint
 from .hotorder import HotOrder
-from .prefetch import RowPrefetcher, aligned_buffer
+from .prefetch import RowPrefetcher, aligned_buffer, small_stacks
 from .spec import _K, DTYPES, PAGE_SIZE, TableInfo
 
 __all__ = ["write_row_file", "table_filler", "fast_page_checksums", "aligned_buffer", "BUFFERS", "DIRECT", "BUFFERED"]
@@ -144,27 +144,16 @@ def write_row_file(path: Path, head: bytes, rows: int, row_stride: int, step: in
                 if stop_all.is_set():
                     raise _Stop from None
 
-    def filler() -> None:
-        try:
-            for start in range(0, rows, step):
-                stop = min(start + step, rows)
-                if hint is not None and stop < rows:
-                    hint(stop, min(stop + step, rows))
-                buf = take(free)
-                nbytes = (stop - start) * row_stride
-                padded = (nbytes + PAGE_SIZE - 1) // PAGE_SIZE * PAGE_SIZE
-                if padded > nbytes:  # the last chunk: the page's tail past the last row is zero
-                    buf[nbytes:padded] = 0
-                fill(start, stop, buf[:nbytes].reshape(stop - start, row_stride))
-                first = 1 + start * row_stride // PAGE_SIZE
-                sums[first : first + padded // PAGE_SIZE] = fast_page_checksums(buf[:padded])
-                full.put((start, stop, buf))
-            full.put(None)
-        except _Stop:
-            pass
-        except BaseException as e:  # noqa: BLE001 - handed to the caller's thread
-            failed.append(e)
-            stop_all.set()
+    def report(block: bool) -> bool:  # progress, in the caller's thread; True once the writer is done
+        while True:
+            try:
+                n = take(done) if block else done.get_nowait()
+            except queue.Empty:
+                return False
+            if n is None:
+                return True
+            if progress is not None:
+                progress(n)
 
     def writer() -> None:
         try:
@@ -184,28 +173,33 @@ def write_row_file(path: Path, head: bytes, rows: int, row_stride: int, step: in
             failed.append(e)
             stop_all.set()
 
-    threads = [threading.Thread(target=filler, name="tierstore-build-fill", daemon=True),
-               threading.Thread(target=writer, name="tierstore-build-write", daemon=True)]
-    for t in threads:
-        t.start()
-    try:
-        while True:
-            try:
-                n = done.get(timeout=0.1)
-            except queue.Empty:
-                if stop_all.is_set():
-                    break
-                continue
-            if n is None:
-                break
-            if progress is not None:
-                progress(n)
-    except BaseException:  # KeyboardInterrupt in the caller: stop the threads, then re-raise
+    with small_stacks():  # address space: a build runs under tight RLIMIT_AS caps (tests do it)
+        thread = threading.Thread(target=writer, name="tierstore-build-write", daemon=True)
+        thread.start()
+    try:  # the caller's thread fills: reads (the read-ahead runs in its own thread), converts, checksums
+        for start in range(0, rows, step):
+            stop = min(start + step, rows)
+            if hint is not None and stop < rows:
+                hint(stop, min(stop + step, rows))
+            buf = take(free)
+            nbytes = (stop - start) * row_stride
+            padded = (nbytes + PAGE_SIZE - 1) // PAGE_SIZE * PAGE_SIZE
+            if padded > nbytes:  # the last chunk: the page's tail past the last row is zero
+                buf[nbytes:padded] = 0
+            fill(start, stop, buf[:nbytes].reshape(stop - start, row_stride))
+            first = 1 + start * row_stride // PAGE_SIZE
+            sums[first : first + padded // PAGE_SIZE] = fast_page_checksums(buf[:padded])
+            full.put((start, stop, buf))
+            report(block=False)
+        full.put(None)
+        report(block=True)
+    except _Stop:
+        pass  # the writer failed: its error is raised below
+    except BaseException:  # fill failed, or KeyboardInterrupt: stop the writer, then re-raise
         stop_all.set()
         raise
     finally:
-        for t in threads:
-            t.join()
+        thread.join()
         out.close()
     if failed:
         raise failed[0]
