@@ -206,6 +206,31 @@ def write_row_file(path: Path, head: bytes, rows: int, row_stride: int, step: in
     return out.mode
 
 
+GAP_BYTES = 256 * 1024  # rows closer than this are read in one span (about a random read's cost here)
+
+
+def _gather(ckpt: Checkpoint, tensor: str, ids: np.ndarray, buf: np.ndarray, row_bytes: int) -> np.ndarray:
+    """Rows ``ids`` (any order) of ``tensor`` as uint8 (len(ids), row_bytes), read as few
+    sequential spans: sorted ids closer than ``GAP_BYTES`` share one read, each span at most
+    ``buf``'s size. A run of cold rows is one span; hot rows spread over the table cost one
+    read per cluster, not a page fault (and the disk's readahead) per row. Python steps per
+    span, not per row; a span is as costly as a random read, so sparse ids cost what they must."""
+    order = np.argsort(ids, kind="stable")
+    s = ids[order]
+    cap = len(buf) // row_bytes  # rows per span
+    out = np.empty((len(ids), row_bytes), dtype=np.uint8)
+    breaks = np.flatnonzero(np.diff(s) * row_bytes > GAP_BYTES) + 1
+    a = 0
+    for b in [*breaks.tolist(), len(s)]:
+        while a < b:  # a cluster wider than the buffer: cut it
+            end = a + int(np.searchsorted(s[a:b], s[a] + cap, side="left"))
+            lo, hi = int(s[a]), int(s[end - 1]) + 1
+            span = ckpt.read_rows(tensor, lo, hi, out=buf)
+            out[order[a:end]] = span[s[a:end] - lo]
+            a = end
+    return out
+
+
 def table_filler(ckpt: Checkpoint, name: str, info: TableInfo, src_dtype: str, step: int,
                  shard: tuple[int, int] | None = None, order: HotOrder | None = None,
                  scale: str | None = None) -> tuple[Callable[[int, int, np.ndarray], None], Callable[[int, int], None],
@@ -242,11 +267,7 @@ def table_filler(ckpt: Checkpoint, name: str, info: TableInfo, src_dtype: str, s
             scratch[tensor] = np.empty(step * spread * row_bytes, dtype=np.uint8)
         buf = scratch[tensor]
         if order is not None:
-            ids = order.ids(start, stop)
-            lo, hi = int(ids[0]), int(ids[-1]) + 1
-            if hi - lo <= spread * len(ids) and bool(np.all(ids[1:] > ids[:-1])):  # a run of cold rows
-                return ckpt.read_rows(tensor, lo, hi, out=buf)[ids - lo]
-            return ckpt.take_rows(tensor, ids)
+            return _gather(ckpt, tensor, order.ids(start, stop), buf, row_bytes)
         if shard is not None:
             rank, world = shard
             first, last = rank + start * world, rank + (stop - 1) * world

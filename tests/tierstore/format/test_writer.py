@@ -215,3 +215,22 @@ def test_streamed_order_file_equals_the_whole_array_one(tmp_path, monkeypatch):
     order_file.write_order(whole, info, hot.positions(0, n).astype(np.int32), "b1")
     order_file.write_order_streamed(streamed, info, hot.positions, "b1")
     assert streamed.getvalue() == whole.getvalue()
+
+
+def test_gather_reads_clustered_and_scattered_rows_exactly(tmp_path, ckpt, monkeypatch):
+    """The ordered build's gather: clusters share a read, wide clusters are cut at the buffer,
+    scattered rows are read alone; every row lands where its id asks, in any order."""
+    from tierstore.format.checkpoint import open_checkpoint
+
+    path, w = ckpt
+    monkeypatch.setattr(writer, "GAP_BYTES", 48 * 10)  # rows 10 apart cluster
+    c = open_checkpoint(path)
+    rng = np.random.default_rng(4)
+    ids = np.concatenate([np.arange(100, 400, 3), rng.choice(3000, 200, replace=False), [2999, 0]])
+    rng.shuffle(ids)
+    reads = []
+    real = c.read_rows
+    monkeypatch.setattr(c, "read_rows", lambda *a, **k: reads.append(a) or real(*a, **k))
+    got = writer._gather(c, NAME, ids, np.empty(48 * 64, dtype=np.uint8), 48)
+    assert np.array_equal(got, bits(w).numpy()[ids])
+    assert len(reads) < len(ids) and all(hi - lo <= 64 for _, lo, hi in reads)
