@@ -92,7 +92,8 @@ def run_build(args: argparse.Namespace) -> int:
             warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
     m = read_manifest(out)
     total = sum(t.nbytes for t in m.tables.values())
-    print(f"built {out}: {len(m.tables)} table(s), {format_size(total)} of rows")
+    paths = sorted({str(t.source.get("write_path", "?")) for t in m.tables.values()})
+    print(f"built {out}: {len(m.tables)} table(s), {format_size(total)} of rows, written {'/'.join(paths)}")
     return 0
 
 

@@ -25,14 +25,13 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
-import torch
 from tqdm.auto import tqdm
 
-from .. import faults
 from .checkpoint import Checkpoint, open_checkpoint
 from ..errors import CapacityError, CheckpointError, StoreExistsError, StoreIOError, TierStoreError
-from ..files import NO_SPACE, fsync_dir, os_error, pwrite_all, write_durable
-from .order import write_order
+from ..files import NO_SPACE, fsync_dir, os_error, write_durable
+from .hotorder import HotOrder, load_hot_order
+from .order import write_order_streamed
 from .quant import FP4_SCHEME, FP8_SCHEME, NAN_SCALE, NanScaleWarning, Quant
 from .spec import (
     DTYPES,
@@ -40,11 +39,11 @@ from .spec import (
     Manifest,
     TableInfo,
     header_page,
-    page_checksums,
     row_stride_for,
     write_manifest,
 )
 from .recovery import check_replaceable, leftover_tag, new_work_dir, publish, recover
+from .writer import table_filler, write_row_file
 
 __all__ = ["build_store", "DEFAULT_TABLE_PATTERN", "CHUNK_BYTES"]
 
@@ -140,86 +139,37 @@ def _quantization(ckpt: Checkpoint, name: str) -> tuple[Quant, str] | None:
                               f"{list(smeta.shape)}: {e}") from None
 
 
-def _convert(chunk: np.ndarray, src: str, dst: str) -> np.ndarray:
-    """Convert a (rows, row_bytes) uint8 chunk between dtypes via torch (round to nearest)."""
-    if src == dst:
-        return chunk
-    t = torch.from_numpy(chunk).view(DTYPES[src][0]).to(DTYPES[dst][0])
-    return t.view(torch.uint8).numpy()
-
-
 def _chunk_rows(row_stride: int) -> int:
     # a multiple of the rows that fill whole pages, so each chunk checksums whole pages
     unit = PAGE_SIZE // math.gcd(row_stride, PAGE_SIZE)
     return max(unit, CHUNK_BYTES // row_stride // unit * unit)
 
 
-def _read_rows(ckpt: Checkpoint, name: str, start: int, stop: int, shard: tuple[int, int] | None,
-               perm: np.ndarray | None = None) -> np.ndarray:
-    """Rows at file positions start:stop. For a shard (rank, world) position i holds global row
-    rank + i * world; with a hotness order, position p holds row perm[p]."""
-    if perm is not None:
-        return ckpt.take_rows(name, perm[start:stop])
-    if shard is None:
-        return ckpt.read_rows(name, start, stop)
-    rank, world = shard
-    first, last = rank + start * world, rank + (stop - 1) * world
-    return ckpt.read_rows(name, first, last + 1)[::world]  # one sequential read, keep every world-th row
-
-
 def _write_table(ckpt: Checkpoint, name: str, info: TableInfo, src_dtype: str, tmp: Path, bar: tqdm,
-                 shard: tuple[int, int] | None = None, perm: np.ndarray | None = None,
-                 scale: str | None = None, build_id: str = "") -> int:
-    """Write one table's row file, checksums and row order, each carrying ``build_id``. A
-    quantized table (``info.quant``) reads its values from ``name`` and its block scales from
-    ``scale``, the same rows of each per chunk, and stores them side by side in each row.
-    Returns how many of those scales are NaN (UE8M0 0xFF), counted as each chunk passes (0
-    for a plain table)."""
-    nan_scales = 0
-    rows_path, sums_path = tmp / info.file, tmp / info.checksum_file
-    sums = np.empty(info.n_pages, dtype=np.uint64)
-    head = np.frombuffer(header_page(info, build_id), dtype=np.uint8)
-    sums[0] = page_checksums(head)[0]
+                 shard: tuple[int, int] | None = None, order: HotOrder | None = None,
+                 scale: str | None = None, build_id: str = "") -> tuple[str, int]:
+    """Write one table's row file, checksums and row order, each carrying ``build_id``; returns
+    the write path that ran (``O_DIRECT`` or ``buffered``) and how many of a quantized table's
+    block scales are NaN (UE8M0 0xFF, counted in each chunk as it is filled; 0 for a plain table). The rows go through the pipelined writer
+    (``tierstore.format.writer``): the next chunk is read and checksummed while this one is
+    written. A quantized table (``info.quant``) reads its values from ``name`` and its block
+    scales from ``scale``, the same rows of each per chunk, and stores them side by side."""
     step = _chunk_rows(info.row_stride)
     if shard is not None:  # a shard reads world x its rows per chunk: keep the chunk bytes bounded
-        step = max(PAGE_SIZE // math.gcd(info.row_stride, PAGE_SIZE), step // shard[1])
-    buf = np.zeros(step * info.row_stride, dtype=np.uint8)
-    fd = os.open(rows_path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+        unit = PAGE_SIZE // math.gcd(info.row_stride, PAGE_SIZE)  # chunks stay whole pages
+        step = max(unit, step // shard[1] // unit * unit)
+    sums = np.empty(info.n_pages, dtype=np.uint64)
+    nan_scales = [0]
+    fill, hint, close = table_filler(ckpt, name, info, src_dtype, step, shard, order, scale, nan_scales=nan_scales)
     try:
-        pwrite_all(fd, head.tobytes(), 0, rows_path)
-        for start in range(0, info.rows, step):
-            stop = min(start + step, info.rows)
-            n = stop - start
-            nbytes = n * info.row_stride
-            padded = (nbytes + PAGE_SIZE - 1) // PAGE_SIZE * PAGE_SIZE  # last chunk: pad to a page
-            view = buf[:padded]
-            view[nbytes:] = 0
-            rows = view[:nbytes].reshape(n, info.row_stride)
-            if info.quant is None:
-                rows[:, : info.row_bytes] = _convert(_read_rows(ckpt, name, start, stop, shard, perm), src_dtype,
-                                                     info.dtype)
-            else:  # [values | scales]: one page read serves both
-                assert scale is not None
-                split = info.quant.value_bytes
-                rows[:, :split] = _read_rows(ckpt, name, start, stop, shard, perm)
-                scales = _read_rows(ckpt, scale, start, stop, shard, perm)
-                nan_scales += int(np.count_nonzero(scales == NAN_SCALE))  # the chunk's scales, already in memory
-                rows[:, split : info.row_bytes] = scales
-            first_page = 1 + start * info.row_stride // PAGE_SIZE
-            sums[first_page : first_page + padded // PAGE_SIZE] = page_checksums(view)
-            pwrite_all(fd, memoryview(view), PAGE_SIZE + start * info.row_stride, rows_path)
-            bar.update(n * info.row_bytes)
-        faults.point("fsync", rows_path)
-        os.fsync(fd)
+        mode = write_row_file(tmp / info.file, header_page(info, build_id), info.rows, info.row_stride, step, fill, sums,
+                              hint=hint, progress=lambda n: bar.update(n * info.row_bytes))
     finally:
-        os.close(fd)
-    write_durable(sums_path, sums.astype("<u8").tobytes())
-    if perm is not None:
-        pos = np.empty(info.rows, dtype=np.int32 if info.rows < 2**31 else np.int64)
-        pos[perm] = np.arange(info.rows, dtype=pos.dtype)  # row -> physical position
-        write_durable(tmp / info.order_file, lambda f: write_order(f, info, pos, build_id))
-    return nan_scales
-
+        close()
+    write_durable(tmp / info.checksum_file, sums.astype("<u8").tobytes())
+    if order is not None:
+        write_durable(tmp / info.order_file, lambda f: write_order_streamed(f, info, order.positions, build_id))
+    return mode, nan_scales[0]
 
 
 def _warn_nan_scales(info: TableInfo, count: int) -> None:
@@ -230,23 +180,18 @@ def _warn_nan_scales(info: TableInfo, count: int) -> None:
                   NanScaleWarning, stacklevel=3)
 
 
-def _orders(order_by: str | os.PathLike[str], names: list[str], ckpt: Checkpoint) -> dict[str, np.ndarray]:
-    """Hottest-first row permutation per table that has a profile in ``order_by``."""
-    from .profile import hot_rows, load_profile
-
-    perms = {}
+def _orders(order_by: str | os.PathLike[str], names: list[str], ckpt: Checkpoint) -> dict[str, HotOrder]:
+    """Hottest-first row order per table that has a profile in ``order_by`` (held as the
+    profile's accessed rows only: ``tierstore.format.hotorder``)."""
+    orders = {}
     for name in names:
-        rows = ckpt.tensors[name].shape[0]
-        counts = load_profile(order_by, name)
-        if counts is None:
-            continue
-        if len(counts) != rows:
-            raise CheckpointError(f"profile of {name!r} in {order_by} has {len(counts)} rows, the table {rows}")
-        perms[name] = hot_rows(counts, rows, fill=True)  # every row: the hot ones, then the rest by id
-    if not perms:
+        order = load_hot_order(order_by, name, ckpt.tensors[name].shape[0])
+        if order is not None:
+            orders[name] = order
+    if not orders:
         raise CheckpointError(f"order_by={str(order_by)!r} holds no profile for any selected table; "
                               "record one with `tierstore profile ... --save-profile`")
-    return perms
+    return orders
 
 
 def _check_parent(out: Path) -> None:
@@ -414,9 +359,12 @@ def build_store(
                   disable=not progress) as bar:
             for name, info, src_dtype in infos:
                 bar.set_postfix_str(name[-40:])
-                nan_scales = _write_table(ckpt, name, info, src_dtype, tmp, bar, shard, perms.get(name),
-                                          quants[name][1] if name in quants else None, build_id)
-                if info.quant is not None:  # provenance: the manifest, written below, records it
+                # provenance: which write path ran (O_DIRECT, or buffered where the filesystem refused
+                # it), and a quantized table's NaN scales; the manifest, written below, records them
+                info.source["write_path"], nan_scales = _write_table(
+                    ckpt, name, info, src_dtype, tmp, bar, shard, perms.get(name),
+                    quants[name][1] if name in quants else None, build_id)
+                if info.quant is not None:
                     info.source["nan_scales"] = nan_scales
         if attach_paths:
             (tmp / "attachments").mkdir()

@@ -18,6 +18,7 @@ F8_E4M3/E5M2, U8 (e.g. packed FP4) and F8_E8M0 (block scales, read beside their 
 from __future__ import annotations
 
 import json
+import mmap
 import os
 import struct
 from dataclasses import dataclass
@@ -53,6 +54,7 @@ _ST_ELEMENT_SIZE = {
     "I64": 8, "U64": 8, "F64": 8, "C64": 8,
 }
 _MAX_HEADER = 100 * 1024 * 1024  # the safetensors spec's own cap
+TAKE_BATCH = 8192  # rows gathered between drops of the mapped pages (<= 8192 x 64 KiB mapped)
 
 
 @dataclass(frozen=True)
@@ -75,15 +77,23 @@ class Checkpoint:
         self.tensors = tensors
         self._torch_state = torch_state
 
-    def read_rows(self, name: str, start: int, stop: int) -> np.ndarray:
-        """Rows ``start:stop`` of a 2-D tensor as a uint8 array (stop - start, row_bytes)."""
+    def read_rows(self, name: str, start: int, stop: int, out: np.ndarray | None = None) -> np.ndarray:
+        """Rows ``start:stop`` of a 2-D tensor as a uint8 array (stop - start, row_bytes).
+
+        ``out``: a flat contiguous uint8 array of at least that many bytes to read into (the
+        build reuses its chunk buffers; a fresh buffer per chunk page-faults every chunk).
+        """
         meta = self.tensors[name]
         row_bytes = meta.shape[1] * meta.element_size
+        n = (stop - start) * row_bytes
         if self._torch_state is not None:
             t = self._torch_state[name][start:stop].contiguous()
-            return t.view(torch.uint8).numpy().reshape(stop - start, row_bytes)
-        n = (stop - start) * row_bytes
-        buf = np.empty(n, dtype=np.uint8)
+            rows = t.view(torch.uint8).numpy().reshape(stop - start, row_bytes)
+            if out is None:
+                return rows
+            out[:n] = rows.reshape(-1)
+            return out[:n].reshape(stop - start, row_bytes)
+        buf = np.empty(n, dtype=np.uint8) if out is None else out[:n]
         offset = meta.offset + start * row_bytes
         try:
             fd = os.open(meta.file, os.O_RDONLY)
@@ -101,25 +111,59 @@ class Checkpoint:
             )
         return buf.reshape(stop - start, row_bytes)
 
+    def advise(self, name: str, start: int, stop: int) -> None:
+        """Ask the kernel to start reading rows ``start:stop`` now (``posix_fadvise(WILLNEED)``):
+        the build hints the next chunk, so its read overlaps this one's conversion. Advisory:
+        failures are ignored (the read itself reports them)."""
+        meta = self.tensors[name]
+        if self._torch_state is not None or not hasattr(os, "posix_fadvise"):
+            return
+        row_bytes = meta.shape[1] * meta.element_size
+        try:
+            fd = os.open(meta.file, os.O_RDONLY)
+        except OSError:
+            return
+        try:
+            os.posix_fadvise(fd, meta.offset + start * row_bytes, (stop - start) * row_bytes, os.POSIX_FADV_WILLNEED)
+        except OSError:
+            pass
+        finally:
+            os.close(fd)
+
     def take_rows(self, name: str, rows: np.ndarray) -> np.ndarray:
         """Rows ``rows`` (any order) of a 2-D tensor as uint8 (len(rows), row_bytes).
 
-        Reads through a read-only map of the file (safetensors) so scattered rows cost page
-        reads, not a copy of the tensor; memory stays bounded by ``len(rows)``.
+        Reads through a read-only map of the file (safetensors), in ascending file order, so
+        scattered rows cost page reads, not a copy of the tensor. Memory stays bounded by
+        ``len(rows)``: the mapped pages are dropped from the process (``MADV_DONTNEED``; they
+        stay in the page cache) every ``TAKE_BATCH`` rows, since each fault maps up to 16
+        cached neighbours as well and a chunk of scattered rows would otherwise hold gigabytes
+        of the checkpoint in the process's resident set.
         """
         meta = self.tensors[name]
         row_bytes = meta.shape[1] * meta.element_size
         if self._torch_state is not None:
             t = self._torch_state[name][torch.from_numpy(rows)].contiguous()
             return t.view(torch.uint8).numpy().reshape(len(rows), row_bytes)
-        mm = np.memmap(meta.file, dtype=np.uint8, mode="r", offset=meta.offset, shape=(meta.shape[0], row_bytes))
-        try:
-            order = np.argsort(rows, kind="stable")  # ascending file offsets
-            out = np.empty((len(rows), row_bytes), dtype=np.uint8)
-            out[order] = mm[rows[order]]
+        out = np.empty((len(rows), row_bytes), dtype=np.uint8)
+        if len(rows) == 0:
             return out
+        order = np.argsort(rows, kind="stable")  # ascending file offsets
+        size = meta.shape[0] * row_bytes
+        base = meta.offset // mmap.ALLOCATIONGRANULARITY * mmap.ALLOCATIONGRANULARITY
+        with open(meta.file, "rb") as f:
+            mm = mmap.mmap(f.fileno(), meta.offset - base + size, access=mmap.ACCESS_READ, offset=base)
+        view = None
+        try:
+            view = np.frombuffer(mm, dtype=np.uint8, count=size, offset=meta.offset - base).reshape(-1, row_bytes)
+            for i in range(0, len(rows), TAKE_BATCH):  # per batch of rows, not per row
+                sel = order[i : i + TAKE_BATCH]
+                out[sel] = view[rows[sel]]
+                mm.madvise(mmap.MADV_DONTNEED)
         finally:
-            del mm
+            del view  # the map cannot close while an array views it
+            mm.close()
+        return out
 
     def close(self) -> None:
         self._torch_state = None

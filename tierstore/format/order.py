@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import errno
 import os
+from collections.abc import Callable
 from pathlib import Path
 from typing import BinaryIO
 
@@ -40,7 +41,7 @@ from ..errors import CorruptDataError
 from ..files import os_error, read_full
 from .spec import PAGE_SIZE, TableInfo, check_build, make_header, page_checksums, read_header, splitmix_odd
 
-__all__ = ["ORDER_MAGIC", "write_order", "load_order", "order_checksum"]
+__all__ = ["ORDER_MAGIC", "write_order", "write_order_streamed", "load_order", "order_checksum"]
 
 ORDER_MAGIC = b"TIERSTORE-ORDR\x00\x01"
 ORDER_SCHEME = "mulsum64-pages-v1"
@@ -76,6 +77,33 @@ def write_order(f: BinaryIO, info: TableInfo, pos: np.ndarray, build_id: str) ->
     for start in range(0, len(raw), step):
         f.write(memoryview(raw[start : start + step]))
     f.write(b"\x00" * (-len(raw) % PAGE_SIZE))
+
+
+def write_order_streamed(f: BinaryIO, info: TableInfo, positions: Callable[[int, int], np.ndarray],
+                         build_id: str) -> None:
+    """:func:`write_order` with the positions made a chunk at a time by ``positions(start, stop)``
+    (rows start:stop -> their positions), so they are never all in memory (1.5 GiB at 384M
+    rows): the header page, whose checksum covers them all, is written last, into its place.
+    ``f`` must be seekable."""
+    name = "int32" if info.rows < 2**31 else "int64"
+    dtype = _DTYPES[name]
+    f.write(b"\x00" * PAGE_SIZE)  # the header's place
+    step = _CHUNK_PAGES * PAGE_SIZE // dtype.itemsize  # rows per chunk: whole pages
+    acc = tail = 0
+    for start in range(0, info.rows, step):
+        raw = np.ascontiguousarray(positions(start, min(start + step, info.rows)), dtype=dtype).view(np.uint8)
+        f.write(memoryview(raw))
+        tail = -len(raw) % PAGE_SIZE  # only the last chunk can end inside a page
+        if tail:
+            raw = np.concatenate([raw, np.zeros(tail, dtype=np.uint8)])
+        acc = (acc + _fold(raw, start * dtype.itemsize // PAGE_SIZE)) % 2**64
+    f.write(b"\x00" * tail)
+    head = {"name": info.name, "rows": info.rows, "dtype": name, "build_id": build_id,
+            "checksum": f"{ORDER_SCHEME}:{acc:016x}"}
+    end = f.tell()
+    f.seek(0)
+    f.write(make_header(ORDER_MAGIC, head, "order-file"))
+    f.seek(end)
 
 
 def load_order(store: Path, info: TableInfo, build_id: str | None = None) -> np.ndarray:

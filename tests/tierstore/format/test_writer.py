@@ -1,0 +1,236 @@
+"""The build's I/O engine: O_DIRECT with a buffered fallback, fast checksums, the hot order
+without per-row arrays, and an ordered build whose memory does not grow with the table."""
+
+from __future__ import annotations
+
+import errno
+import os
+import tracemalloc
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import save_file
+
+import tierstore
+from tierstore import CorruptDataError
+from tierstore.format import writer
+from tierstore.format.hotorder import HotOrder, load_hot_order
+from tierstore.format.profile import hot_rows, profile_paths, save_profile
+from tierstore.format.spec import PAGE_SIZE, page_checksums, read_manifest
+
+from ...conftest import bits, random_table
+
+NAME = "w.engram.memory.weight"
+
+
+def test_fast_checksums_equal_the_scheme_bit_for_bit():
+    pages = np.random.default_rng(0).integers(0, 256, 37 * PAGE_SIZE, dtype=np.uint8)
+    pages[:PAGE_SIZE] = 255  # words with the top bit set: the int64 product must wrap like uint64
+    assert np.array_equal(writer.fast_page_checksums(pages), page_checksums(pages))
+    assert writer.fast_page_checksums(pages[:0]).size == 0
+
+
+def _counts(n: int, seed: int) -> np.ndarray:
+    rng = np.random.default_rng(seed)
+    c = np.zeros(n, dtype=np.int64)
+    c[rng.choice(n, n // 7, replace=False)] = rng.integers(1, 5, n // 7)  # many ties
+    return c
+
+
+@pytest.mark.parametrize("n", [1, 100, 5000])
+def test_hot_order_is_hot_rows_fill_and_its_inverse(n):
+    counts = _counts(n, n)
+    want = hot_rows(counts, n, fill=True)
+    order = HotOrder(hot_rows(counts, n), n)  # only the accessed rows
+    assert np.array_equal(order.ids(0, n), want)
+    for step in (1, 7, 256):  # chunked, across the hot/cold boundary
+        got = np.concatenate([order.ids(a, min(a + step, n)) for a in range(0, n, step)])
+        assert np.array_equal(got, want)
+    pos = np.concatenate([order.positions(a, min(a + 33, n)) for a in range(0, n, 33)])
+    assert np.array_equal(pos[want], np.arange(n))
+
+
+def test_hot_order_holds_only_the_accessed_rows():
+    """Nothing in the order is an array over the table (at 384M rows a dense permutation was
+    3 GB): 100 accessed rows of a 10M-row table cost a few KB."""
+    n, hot = 10_000_000, np.arange(0, 10_000_000, 100_000)
+    order = HotOrder(hot, n)
+    held = sum(v.nbytes for v in vars(order).values() if isinstance(v, np.ndarray))
+    assert held <= 32 * hot.size, held
+    assert np.array_equal(order.ids(n - 3, n), [n - 3, n - 2, n - 1])
+
+
+def test_load_hot_order_streams_the_saved_profile(tmp_path):
+    counts = _counts(3000, 1)
+    save_profile(tmp_path, NAME, counts)
+    order = load_hot_order(tmp_path, NAME, 3000)
+    assert np.array_equal(order.ids(0, 3000), hot_rows(counts, 3000, fill=True))
+    assert load_hot_order(tmp_path, "other", 3000) is None
+    data, _ = profile_paths(tmp_path, NAME)
+    data.write_bytes(data.read_bytes()[:-9])
+    with pytest.raises(CorruptDataError, match="unreadable"):
+        load_hot_order(tmp_path, NAME, 3000)
+
+
+@pytest.fixture
+def ckpt(tmp_path):
+    w = random_table(3000, 24, torch.float16, seed=5)  # 48 B rows, stride 48: not a page divisor
+    path = tmp_path / "m.safetensors"
+    save_file({NAME: w}, str(path))
+    return path, w
+
+
+def _rows(store, w):
+    s = tierstore.open(store, device="cpu", device_budget=0, host_budget=0)
+    try:
+        got = s.lookup(next(iter(s.tables)), torch.arange(w.shape[0]))
+    finally:
+        s.close()
+    assert torch.equal(bits(got), bits(w))
+
+
+def test_direct_io_by_default_and_the_manifest_says_so(tmp_path, ckpt):
+    out = tierstore.build_store(ckpt[0], tmp_path / "s", progress=False)
+    assert read_manifest(out).tables[NAME].source["write_path"] == writer.DIRECT  # ext4 takes O_DIRECT
+    assert tierstore.verify_store(out).ok
+    _rows(out, ckpt[1])
+
+
+@pytest.mark.parametrize("where", ["open", "write"])
+def test_buffered_fallback_where_o_direct_is_refused(tmp_path, ckpt, monkeypatch, where):
+    """A filesystem that refuses O_DIRECT (EINVAL at open, or at the first transfer) gets
+    buffered writes; the store is the same and the manifest says which path ran."""
+    real_open, real_pwrite = os.open, os.pwrite
+    direct_fds: set[int] = set()
+
+    def fake_open(path, flags, *a):
+        if flags & os.O_DIRECT and where == "open":
+            raise OSError(errno.EINVAL, "Invalid argument", path)
+        fd = real_open(path, flags, *a)
+        (direct_fds.add if flags & os.O_DIRECT else direct_fds.discard)(fd)  # numbers are reused
+        return fd
+
+    def fake_pwrite(fd, data, offset):
+        if fd in direct_fds:
+            raise OSError(errno.EINVAL, "Invalid argument")
+        return real_pwrite(fd, data, offset)
+
+    monkeypatch.setattr(writer.os, "open", fake_open)
+    monkeypatch.setattr("tierstore.files.os.pwrite", fake_pwrite)
+    out = tierstore.build_store(ckpt[0], tmp_path / "s", progress=False)
+    assert read_manifest(out).tables[NAME].source["write_path"] == writer.BUFFERED
+    assert tierstore.verify_store(out).ok
+    _rows(out, ckpt[1])
+
+
+@pytest.mark.parametrize("nth", [1, 3])  # the first and the last of 3 chunks
+def test_a_failing_chunk_read_stops_the_pipeline_with_a_typed_error(tmp_path, ckpt, monkeypatch, nth):
+    """A read that fails in the read-ahead thread stops the filler and the writer, and the
+    caller gets the typed error; nothing is left behind."""
+    from tierstore import faults
+
+    monkeypatch.setattr("tierstore.format.build.CHUNK_BYTES", 48 * 1024)  # several chunks
+    with faults.inject(faults.FaultPlan(nth=nth, op="read", kind="EIO")) as plan:
+        with pytest.raises(tierstore.StoreIOError):
+            tierstore.build_store(ckpt[0], tmp_path / "s", progress=False)
+    assert plan.fired is not None and plan.fired[1] == str(ckpt[0])
+    assert not (tmp_path / "s").exists() and not list(tmp_path.glob(".s.tmp-*"))
+
+
+def test_reads_fall_back_to_the_page_cache_where_o_direct_is_refused(tmp_path, ckpt, monkeypatch):
+    from tierstore.format import prefetch
+
+    real_open = os.open
+
+    def fake_open(path, flags, *a):
+        if flags & os.O_DIRECT:
+            raise OSError(errno.EINVAL, "Invalid argument", path)
+        return real_open(path, flags, *a)
+
+    monkeypatch.setattr(prefetch.os, "open", fake_open)
+    monkeypatch.setattr("tierstore.format.build.CHUNK_BYTES", 48 * 1024)
+    out = tierstore.build_store(ckpt[0], tmp_path / "s", progress=False)
+    assert tierstore.verify_store(out).ok
+    _rows(out, ckpt[1])
+
+
+def _ordered_build_peak(tmp_path, rows: int) -> int:
+    """Peak numpy (tracemalloc) bytes of an ordered build of a ``rows``-row table."""
+    d = tmp_path / str(rows)
+    d.mkdir()
+    w = torch.zeros(rows, 8, dtype=torch.float16)  # 16 B rows
+    save_file({NAME: w}, str(d / "m.safetensors"))
+    first = tierstore.build_store(d / "m.safetensors", d / "first", progress=False)
+    counts = np.zeros(rows, dtype=np.int64)
+    counts[np.arange(0, rows, rows // 1000)] = 3  # the same 1,000 accessed rows at every size
+    save_profile(first, NAME, counts)
+    del counts
+    tracemalloc.start()
+    try:
+        tierstore.build_store(d / "m.safetensors", d / "ordered", order_by=first, progress=False)
+        return tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+
+
+def test_ordered_build_memory_does_not_grow_with_the_table(tmp_path, monkeypatch):
+    """Regression: the ordered build held the counts, a dense int64 permutation and its
+    inverse, ~15.5 B per table row (6 GB at V4.1's 384M rows). Now the growth between a 1M-
+    and a 4M-row table must stay under 1 B per row (the per-page checksums are 0.03)."""
+    monkeypatch.setattr("tierstore.format.build.CHUNK_BYTES", 1 << 20)  # both tables span many chunks
+    monkeypatch.setattr("tierstore.format.hotorder.CHUNK", 1 << 16)
+    monkeypatch.setattr("tierstore.format.order._CHUNK_PAGES", 64)
+    small, large = _ordered_build_peak(tmp_path, 1 << 20), _ordered_build_peak(tmp_path, 4 << 20)
+    per_row = (large - small) / (3 << 20)
+    assert per_row < 1.0, f"{per_row:.2f} B per table row ({small} -> {large} bytes peak)"
+
+
+def test_a_shard_whose_chunk_is_not_whole_pages(tmp_path, monkeypatch):
+    """Regression: a shard's chunk is the table's chunk / world; with 272-byte rows (V4.1's
+    stride) that is not a whole number of pages, and main's build died with an untyped
+    ValueError (checksumming a partial page) on any V4.1 shard of more than one chunk."""
+    monkeypatch.setattr("tierstore.format.build.CHUNK_BYTES", 272 * 256 * 3)  # 3 page units: world 2 gives 1.5
+    w = random_table(5000, 136, torch.float16, seed=2)  # 272-byte rows
+    save_file({NAME: w}, str(tmp_path / "m.safetensors"))
+    out = tierstore.build_store(tmp_path / "m.safetensors", tmp_path / "s", shard=(1, 2), progress=False)
+    assert tierstore.verify_store(out).ok
+    _rows(out, w[1::2])
+
+
+def test_streamed_order_file_equals_the_whole_array_one(tmp_path, monkeypatch):
+    """The order file written a chunk at a time (header last) is byte for byte write_order's."""
+    import io
+
+    from tierstore.format import order as order_file
+    from tierstore.format.spec import TableInfo
+
+    monkeypatch.setattr(order_file, "_CHUNK_PAGES", 2)  # several chunks, the last ending inside a page
+    n = 5000
+    counts = _counts(n, 3)
+    hot = HotOrder(hot_rows(counts, n), n)
+    info = TableInfo(name=NAME, rows=n, dim=8, dtype="float16", row_stride=16, file="t.rows",
+                     checksum_file="t.sum", file_bytes=TableInfo.expected_file_bytes(n, 16), order_file="t.order")
+    whole, streamed = io.BytesIO(), io.BytesIO()
+    order_file.write_order(whole, info, hot.positions(0, n).astype(np.int32), "b1")
+    order_file.write_order_streamed(streamed, info, hot.positions, "b1")
+    assert streamed.getvalue() == whole.getvalue()
+
+
+def test_gather_reads_clustered_and_scattered_rows_exactly(tmp_path, ckpt, monkeypatch):
+    """The ordered build's gather: clusters share a read, wide clusters are cut at the buffer,
+    scattered rows are read alone; every row lands where its id asks, in any order."""
+    from tierstore.format.checkpoint import open_checkpoint
+
+    path, w = ckpt
+    monkeypatch.setattr(writer, "GAP_BYTES", 48 * 10)  # rows 10 apart cluster
+    c = open_checkpoint(path)
+    rng = np.random.default_rng(4)
+    ids = np.concatenate([np.arange(100, 400, 3), rng.choice(3000, 200, replace=False), [2999, 0]])
+    rng.shuffle(ids)
+    reads = []
+    real = c.read_rows
+    monkeypatch.setattr(c, "read_rows", lambda *a, **k: reads.append(a) or real(*a, **k))
+    got = writer._gather(c, NAME, ids, np.empty(48 * 64, dtype=np.uint8), 48)
+    assert np.array_equal(got, bits(w).numpy()[ids])
+    assert len(reads) < len(ids) and all(hi - lo <= 64 for _, lo, hi in reads)
