@@ -29,7 +29,7 @@ ENTRY_POINT_GROUP = "tierstore.commands"
 # lists them: running one imports only its module (the store commands import torch, ~1 s;
 # `tierstore profile` needs only the cache layer and the simulator).
 _BUILTIN = {"build": ".store_cmds", "inspect": ".store_cmds", "verify": ".store_cmds", "gc": ".store_cmds",
-            "profile": ".profile_cmd", "size": ".profile_cmd"}
+            "profile": ".profile_cmd", "size": ".profile_cmd", "warmup": ".warmup_cmd"}
 
 
 class CommandUnavailableError(TierStoreError):

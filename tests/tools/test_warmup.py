@@ -1,0 +1,66 @@
+"""`tierstore warmup` leaves nothing for a store to compile: after it, a fresh process opens a
+store, looks rows up and replays a trace without a single numba compile."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[2]
+
+# Opens a store with the given policy the way a user does, then counts the compiles of every
+# kernel in the package (numba's per-dispatcher cache_misses: a miss is a compile).
+USE = textwrap.dedent("""
+    import sys, tempfile, numpy as np, torch, numba
+    from pathlib import Path
+    import tierstore
+    from tierstore.analysis.simulate import simulate
+    policy = sys.argv[1]
+    with tempfile.TemporaryDirectory() as tmp:
+        torch.save({"t.engram.memory.weight": torch.randn(3000, 16)}, Path(tmp) / "c.pt")
+        store = tierstore.build_store(Path(tmp) / "c.pt", Path(tmp) / "s", progress=False)
+        ids = np.random.default_rng(1).integers(0, 3000, 4000)
+        with tierstore.open(store, device="cpu", device_budget=16 * 64 * 4, host_budget=16 * 300 * 4,
+                            policy=policy) as s:
+            s.hint("t.engram.memory.weight", ids[:10])
+            assert torch.equal(s.lookup("t.engram.memory.weight", ids[:900]),
+                               s.lookup("t.engram.memory.weight", ids[:900]))
+            s.prefetch("t.engram.memory.weight", ids).result()
+        simulate(ids, [64], [policy], n_rows=3000)
+    misses = 0
+    for mod in list(sys.modules.values()):
+        if getattr(mod, "__name__", "").startswith("tierstore"):
+            for v in list(vars(mod).values()):
+                if isinstance(v, numba.core.registry.CPUDispatcher):
+                    misses += sum(v.stats.cache_misses.values())
+    print("COMPILES", misses)
+""")
+
+
+def _env(cache: Path) -> dict[str, str]:
+    return dict(os.environ, TIERSTORE_KERNEL_CACHE=str(cache), PYTHONPATH=str(REPO))
+
+
+def _compiles(cache: Path, policy: str) -> int:
+    p = subprocess.run([sys.executable, "-c", USE, policy], env=_env(cache), capture_output=True, text=True,
+                       timeout=900)
+    assert p.returncode == 0, p.stderr[-3000:]
+    return int(p.stdout.split("COMPILES")[1])
+
+
+@pytest.mark.slow
+def test_after_warmup_a_store_compiles_nothing(tmp_path):
+    cold = tmp_path / "cold"
+    assert _compiles(cold, "s3fifo") > 0, "negative control: a fresh cache compiles"
+    warm = tmp_path / "warm"
+    p = subprocess.run([sys.executable, "-m", "tierstore_cli.cli", "warmup", "--policy", "s3fifo", "--simulator",
+                        "--json"], env=_env(warm), capture_output=True, text=True, timeout=900)
+    assert p.returncode == 0, p.stderr[-3000:]
+    assert json.loads(p.stdout.strip().splitlines()[-1])["per_policy"].keys() == {"s3fifo"}
+    assert _compiles(warm, "s3fifo") == 0
