@@ -50,6 +50,7 @@ M_HEAPN = 18  # entries in the heap K[K_HEAP]
 M_BYPASS = 19  # misses the policy did not admit (all slots leased, or the policy said no)
 M_HINTS = 20  # 1 if the policy acts on hints (others skip all hint work)
 M_NREF = 21  # slots with a lease (when all dynamic slots are leased, a miss bypasses at once)
+M_SCAN = 22  # work counter: leased entries a victim search stepped over or parked (tests bound it per id)
 M_QLEN = 24  # M[M_QLEN + q]: slots in queue q (q < NQ)
 M_GQLEN = 32  # M[M_GQLEN + q]: entries in ghost queue q (q < NQ)
 M_PARAM = 40  # M[M_PARAM + i]: policy-specific scalars (each policy names its own)

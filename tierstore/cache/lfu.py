@@ -12,7 +12,7 @@ of a later lookup; the victim is the same, the unleased slot with the smallest k
 from __future__ import annotations
 
 from ..jit import kernel
-from .layout import K_AUX, K_HEAP, K_HPOS, K_KEY, M_EPOCH, M_HEAPN, M_PARAM, M_TICK
+from .layout import K_AUX, K_HEAP, K_HPOS, K_KEY, M_EPOCH, M_HEAPN, M_PARAM, M_SCAN, M_TICK
 from .policy import Policy
 from .structs import h_push, h_remove, h_update, place, q_after, q_front, q_push, q_unlink, take_free, unmap
 
@@ -42,6 +42,7 @@ def miss(T, r):  # pragma: no cover - compiled
             nxt = q_after(M, L, p)
             q_unlink(M, L, p)
             h_push(M, K, p, K[K_KEY, p])
+            M[M_SCAN] += 1
             p = nxt
         M[P_PARKED_AT] = M[M_EPOCH]
     s = take_free(M, L)
@@ -54,6 +55,7 @@ def miss(T, r):  # pragma: no cover - compiled
                 break
             h_remove(M, K, s)  # leased (by this lookup, or one in flight): park it
             q_push(M, L, PARK, s)
+            M[M_SCAN] += 1
         h_remove(M, K, s)
         unmap(M, sor, ros, s)
     place(M, sor, ros, s, r)

@@ -8,7 +8,8 @@ import numpy as np
 
 from ..jit import kernel
 from .layout import (G_FREE, G_NEXT, G_PREV, G_QID, G_ROW, K_HEAP, K_HPOS, K_KEY, L_FREE, L_NEXT, L_PREV,
-                     L_QID, M_CAP, M_EVICT, M_GCAP, M_GFREE, M_GQLEN, M_HEAPN, M_INSERT, M_NFREE, M_QLEN)
+                     L_QID, M_CAP, M_EVICT, M_GCAP, M_GFREE, M_GQLEN, M_HEAPN, M_INSERT, M_NFREE, M_QLEN,
+                     M_SCAN)
 
 # ---------------------------------------------------------------------------------------------
 # circular doubly linked lists in rows ``nxt``/``prv`` of an array, one sentinel per list at
@@ -100,6 +101,7 @@ def q_first_free(M, L, ref, q):  # pragma: no cover - compiled
     """Oldest unleased slot of queue q, -1 if all are leased."""
     s = q_front(M, L, q)
     while s >= 0 and ref[s] > 0:
+        M[M_SCAN] += 1
         s = q_after(M, L, s)
     return s
 
@@ -303,6 +305,7 @@ def h_min_free(M, K, ref):  # pragma: no cover - compiled
     front[0] = 0
     while nf > 0:
         b = 0
+        M[M_SCAN] += nf
         for j in range(1, nf):
             if _h_less(K, K[K_HEAP, front[j]], K[K_HEAP, front[b]]):
                 b = j
