@@ -57,6 +57,7 @@ M_PARAM = 40  # M[M_PARAM + i]: policy-specific scalars (each policy names its o
 NM = 64
 
 NQ = 8  # queues per tier (slot queues and ghost queues)
+Q_HPARK = NQ - 1  # slot queue of leased heap entries taken off the heap (structs.h_top_free)
 
 # -- K: per-slot int64 ------------------------------------------------------------------------
 K_KEY = 0
@@ -72,6 +73,7 @@ L_QID = 3
 L_FREQ = 4
 L_PEND = 5
 NL = 6
+L_SCAN = L_FREQ  # on a queue's sentinel column: the last slot of its leased front (q_first_free)
 
 # -- GH: ghost entries ------------------------------------------------------------------------
 G_ROW = 0
