@@ -68,7 +68,7 @@ from . import s3fifo
 from .hints import hint_outstanding
 from ..jit import kernel
 from .layout import (G_ROW, K_HPOS, K_KEY, L_FREQ, L_QID, M_CAP, M_GQLEN, M_HEAPN, M_HLIVE, M_HORIZON, M_PARAM,
-                     M_QLEN, M_RANKM, M_TICK, Q_HPARK)
+                     M_QLEN, M_RANKM, M_SCAN, M_TICK, Q_HPARK)
 from ..format.profile import hot_rows
 from .policy import Policy
 from .structs import (g_add, g_front, g_of, g_queue, g_remove, h_push, h_remove, h_top_free, place,
@@ -229,16 +229,19 @@ def dyn_victim(T):  # pragma: no cover - compiled
                 L[L_FREQ, s] = 0
                 q_to_back(M, L, MAIN, s)
                 stall = 0
+                M[M_SCAN] += 1  # a candidate re-queued
                 continue
         else:
             if L[L_FREQ, s] > 0:
                 L[L_FREQ, s] -= 1
                 q_to_back(M, L, MAIN, s)
                 stall = 0
+                M[M_SCAN] += 1  # a candidate re-queued
                 continue
             if soon and stall < nm:
                 q_to_back(M, L, MAIN, s)
                 stall += 1
+                M[M_SCAN] += 1  # a candidate re-queued
                 continue
         q_unlink(M, L, s)
         unmap(M, sor, ros, s)

@@ -16,7 +16,8 @@ a profile filling the tier, 2,000-12,000 steps per id past a tier's capacity for
 - ``h_top_free`` parks leased heap tops in the queue ``Q_HPARK`` (off the heap, keys kept)
   until the lookup ends; the victim is the same, the unleased slot with the smallest key.
 
-Each leased entry is stepped over at most once per lookup (``M_SCAN`` counts the steps)."""
+Each leased entry is stepped over (or parked and put back) at most once per lookup; ``M_SCAN``
+counts these steps and the candidates a policy re-queues (tests bound it per id)."""
 
 from __future__ import annotations
 
@@ -344,6 +345,7 @@ def h_unpark(M, K, L):  # pragma: no cover - compiled
         nxt = q_after(M, L, s)
         q_unlink(M, L, s)
         h_push(M, K, s, K[K_KEY, s])
+        M[M_SCAN] += 1
         s = nxt
 
 
