@@ -44,6 +44,6 @@ def test_per_id_work_does_not_grow_with_the_lookup(name, profiled):
     held = idx.size  # CAP (static without a profile holds nothing)
     small = _work_per_id(idx, 4_096, 11)
     big = _work_per_id(idx, 131_072, 12)  # 4 x the tier: streams through it
-    assert big <= 1.5 * small, f"{name}: {big:.2f} steps per id at 131,072 ids, {small:.2f} at 4,096"
+    assert big <= 2.0 * small, f"{name}: {big:.2f} steps per id at 131,072 ids, {small:.2f} at 4,096"
     assert big <= 3.0, f"{name}: {big:.2f} steps per id at 131,072 ids"
     assert (idx.refcount == 0).all() and idx.size == held
