@@ -114,7 +114,8 @@ def main(argv: list[str] | None = None) -> dict:
 
             row = {"policy": policy, "profile": prof}
             with store:
-                store.lookup(NAME, torch.from_numpy(fresh(4 * sizes[-1])))  # tiers full, churning
+                for _ in range(4 * sizes[-1] // 4096):  # tiers full and churning, in small lookups
+                    store.lookup(NAME, torch.from_numpy(fresh(4096)))
                 for kind, ids_of in (("miss", fresh), ("repeat", repeat)):
                     stalled = False
                     for n in sizes:
