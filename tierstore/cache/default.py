@@ -9,7 +9,8 @@ The per-access port of the batch-vectorised ``DefaultPolicy`` it replaced (the r
   is a profile), prefilled into every free slot at construction, re-admitted on a miss
   when *core-worthy* (rank < ``rank_lo + int(target)``), evicted coldest rank first: the
   indexed min-heap ``K[K_HEAP]`` with key = -rank (``K[K_KEY, s]``, so a hit reads its
-  slot's rank without a search; a miss finds the rank by binary search in ``RK``).
+  slot's rank without a search; a miss finds the rank by binary search in ``RK``). A
+  lookup's leased core rows are parked off the heap until it ends (structs.h_top_free).
 - **Dynamic part**: S3-FIFO over the other slots: a small FIFO (target ``small_fraction``
   of the dynamic rows held now) filters one-hit wonders, a main FIFO with 2-bit
   reinsertion counters, and an exact ghost of the rows the dynamic part dropped (both
@@ -66,11 +67,11 @@ from ..errors import PolicyParamError
 from . import s3fifo
 from .hints import hint_outstanding
 from ..jit import kernel
-from .layout import (G_ROW, K_HPOS, K_KEY, L_FREQ, M_CAP, M_GQLEN, M_HEAPN, M_HLIVE, M_HORIZON, M_PARAM, M_QLEN,
-                     M_RANKM, M_TICK)
+from .layout import (G_ROW, K_HPOS, K_KEY, L_FREQ, L_QID, M_CAP, M_GQLEN, M_HEAPN, M_HLIVE, M_HORIZON, M_PARAM,
+                     M_QLEN, M_RANKM, M_SCAN, M_TICK, Q_HPARK)
 from ..format.profile import hot_rows
 from .policy import Policy
-from .structs import (g_add, g_front, g_of, g_queue, g_remove, h_min_free, h_push, h_remove, place,
+from .structs import (g_add, g_front, g_of, g_queue, g_remove, h_push, h_remove, h_top_free, place,
                       q_push, q_to_back, q_unlink, take_free, unmap)
 
 
@@ -228,16 +229,19 @@ def dyn_victim(T):  # pragma: no cover - compiled
                 L[L_FREQ, s] = 0
                 q_to_back(M, L, MAIN, s)
                 stall = 0
+                M[M_SCAN] += 1  # a candidate re-queued
                 continue
         else:
             if L[L_FREQ, s] > 0:
                 L[L_FREQ, s] -= 1
                 q_to_back(M, L, MAIN, s)
                 stall = 0
+                M[M_SCAN] += 1  # a candidate re-queued
                 continue
             if soon and stall < nm:
                 q_to_back(M, L, MAIN, s)
                 stall += 1
+                M[M_SCAN] += 1  # a candidate re-queued
                 continue
         q_unlink(M, L, s)
         unmap(M, sor, ros, s)
@@ -249,8 +253,8 @@ def dyn_victim(T):  # pragma: no cover - compiled
 @kernel
 def core_victim(T, worse_than):  # pragma: no cover - compiled
     """Free the coldest unleased core slot if its rank is above ``worse_than``; else -1."""
-    M, sor, ros, ref, K = T[0], T[1], T[2], T[3], T[5]
-    s = h_min_free(M, K, ref)
+    M, sor, ros, ref, K, L = T[0], T[1], T[2], T[3], T[5], T[6]
+    s = h_top_free(M, K, L, ref)
     if s < 0 or -K[K_KEY, s] <= worse_than:
         return -1
     h_remove(M, K, s)
@@ -269,7 +273,7 @@ def hit(T, s):  # pragma: no cover - compiled
     adapting = M[P_ADAPT] != 0
     if adapting:
         _tick(M)
-    if K[K_HPOS, s] >= 0:  # ranked core
+    if K[K_HPOS, s] >= 0 or L[L_QID, s] == Q_HPARK:  # ranked core (on the heap, or parked)
         if adapting:
             edge = M[P_RANKLO] * FP + M[P_TARGET]
             if -K[K_KEY, s] * FP >= edge - M[P_W] * FP:
@@ -298,7 +302,7 @@ def miss(T, r):  # pragma: no cover - compiled
             if g >= 0 and g_queue(GH, g) == GQ_RECENT:
                 M[P_GHOSTH] += 1
     tgt = M[P_TARGET] >> FP_BITS
-    n_core = M[M_HEAPN]
+    n_core = M[M_HEAPN] + M[M_QLEN + Q_HPARK]
     if m > 0 and rho < M[P_RANKLO] + tgt:  # core-worthy
         s = take_free(M, L)
         if s < 0:

@@ -50,12 +50,14 @@ M_HEAPN = 18  # entries in the heap K[K_HEAP]
 M_BYPASS = 19  # misses the policy did not admit (all slots leased, or the policy said no)
 M_HINTS = 20  # 1 if the policy acts on hints (others skip all hint work)
 M_NREF = 21  # slots with a lease (when all dynamic slots are leased, a miss bypasses at once)
+M_SCAN = 22  # work counter: leased entries victim searches stepped over or parked, candidates re-queued
 M_QLEN = 24  # M[M_QLEN + q]: slots in queue q (q < NQ)
 M_GQLEN = 32  # M[M_GQLEN + q]: entries in ghost queue q (q < NQ)
 M_PARAM = 40  # M[M_PARAM + i]: policy-specific scalars (each policy names its own)
 NM = 64
 
 NQ = 8  # queues per tier (slot queues and ghost queues)
+Q_HPARK = NQ - 1  # slot queue of leased heap entries taken off the heap (structs.h_top_free)
 
 # -- K: per-slot int64 ------------------------------------------------------------------------
 K_KEY = 0
@@ -71,6 +73,7 @@ L_QID = 3
 L_FREQ = 4
 L_PEND = 5
 NL = 6
+L_SCAN = L_FREQ  # on a queue's sentinel column: the last slot of its leased front (q_first_free)
 
 # -- GH: ghost entries ------------------------------------------------------------------------
 G_ROW = 0

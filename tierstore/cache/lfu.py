@@ -6,20 +6,18 @@ to cachetools' LFUCache and libCacheSim's LFU (tests).
 Leases: a lookup's own rows are its newest (count 1, latest stamps) and, once older
 count-1 rows are gone, the heap's smallest keys: searching past them for every miss of a
 1,024-id lookup cost O(batch^2) (0.1-0.4M accesses/s on 64-stream traces). A leased slot at
-the top is instead *parked* (taken off the heap into a queue) and put back at the first miss
-of a later lookup; the victim is the same, the unleased slot with the smallest key."""
+the top is instead *parked* (taken off the heap, structs.h_top_free) and put back when the
+lookup ends; the victim is the same, the unleased slot with the smallest key."""
 
 from __future__ import annotations
 
 from ..jit import kernel
-from .layout import K_AUX, K_HEAP, K_HPOS, K_KEY, M_EPOCH, M_HEAPN, M_PARAM, M_TICK
+from .layout import K_AUX, K_HPOS, K_KEY, M_TICK
 from .policy import Policy
-from .structs import h_push, h_remove, h_update, place, q_after, q_front, q_push, q_unlink, take_free, unmap
+from .structs import h_push, h_remove, h_top_free, h_update, place, take_free, unmap
 
 
 _STAMP_BITS = 40  # time fits in 40 bits (1.1e12 accesses); the count sits above it
-PARK = 0  # slot queue of leased slots taken off the heap
-P_PARKED_AT = M_PARAM + 0  # the lookup (epoch) that parked them
 
 
 @kernel(inline=True)
@@ -29,31 +27,18 @@ def hit(T, s):  # pragma: no cover - compiled
     key = (K[K_AUX, s] << _STAMP_BITS) | M[M_TICK]
     if K[K_HPOS, s] >= 0:
         h_update(M, K, s, key)
-    else:  # parked: back on the heap with this key at the next lookup's first miss
+    else:  # parked: back on the heap with this key when the lookup ends
         K[K_KEY, s] = key
 
 
 @kernel(inline=True)
 def miss(T, r):  # pragma: no cover - compiled
     M, sor, ros, ref, K, L = T[0], T[1], T[2], T[3], T[5], T[6]
-    if M[P_PARKED_AT] != M[M_EPOCH]:  # a later lookup: every parked slot back on the heap
-        p = q_front(M, L, PARK)
-        while p >= 0:
-            nxt = q_after(M, L, p)
-            q_unlink(M, L, p)
-            h_push(M, K, p, K[K_KEY, p])
-            p = nxt
-        M[P_PARKED_AT] = M[M_EPOCH]
     s = take_free(M, L)
     if s < 0:
-        while True:
-            if M[M_HEAPN] == 0:
-                return -1
-            s = K[K_HEAP, 0]
-            if ref[s] == 0:
-                break
-            h_remove(M, K, s)  # leased (by this lookup, or one in flight): park it
-            q_push(M, L, PARK, s)
+        s = h_top_free(M, K, L, ref)
+        if s < 0:
+            return -1
         h_remove(M, K, s)
         unmap(M, sor, ros, s)
     place(M, sor, ros, s, r)

@@ -6,7 +6,7 @@ main. Within 0.005 of libCacheSim's S3FIFO with the same parameters (tests)."""
 from __future__ import annotations
 
 from ..jit import kernel
-from .layout import L_FREQ, M_PARAM, M_QLEN
+from .layout import L_FREQ, M_PARAM, M_QLEN, M_SCAN
 from .policy import Policy
 from .structs import g_add, g_of, g_remove, place, q_first_free, q_push, q_to_back, q_unlink, take_free, unmap
 
@@ -52,6 +52,7 @@ def evict(T):  # pragma: no cover - compiled
             if L[L_FREQ, s] >= M[P_MOVE]:
                 L[L_FREQ, s] = 0
                 q_to_back(M, L, MAIN, s)
+                M[M_SCAN] += 1  # a candidate re-queued
                 continue
             q_unlink(M, L, s)
             r = unmap(M, sor, ros, s)
@@ -61,6 +62,7 @@ def evict(T):  # pragma: no cover - compiled
         if L[L_FREQ, s] > 0:
             L[L_FREQ, s] -= 1
             q_to_back(M, L, MAIN, s)
+            M[M_SCAN] += 1  # a candidate re-queued
             continue
         q_unlink(M, L, s)
         unmap(M, sor, ros, s)

@@ -1,6 +1,23 @@
 """Shared structures of the cache kernels: slot queues, ghost queues, an indexed heap, the
 free-slot stack, row <-> slot mapping and a hash. Every policy builds on these; none of
-them knows a policy. Compiled (numba, no GIL); O(1) per operation except the heap (log)."""
+them knows a policy. Compiled (numba, no GIL); O(1) per operation except the heap (log).
+
+Leases and victim searches: a policy's victim is the first *unleased* slot of a queue, or
+the unleased heap slot with the smallest key. A lookup's own slots are leased until it
+ends, and they gather where the searches start (the front of a FIFO whose hits do not move
+slots, the coldest heap keys of rows it just admitted), so a plain search steps over all of
+them for every miss: O(k^2) per lookup of k ids (65 s for 65,536 ids with ``default`` and
+a profile filling the tier, 2,000-12,000 steps per id past a tier's capacity for
+``s3fifo``, ``arc``, ``wtinylfu``). Leases only grow until a lookup ends (``finish`` or
+``abort``, which call ``lookup_end``), so the leased front found once stays leased:
+
+- ``q_first_free`` remembers the last slot of each queue's leased front (``L_SCAN`` on the
+  queue's sentinel column) and resumes after it; ``q_unlink`` keeps it valid.
+- ``h_top_free`` parks leased heap tops in the queue ``Q_HPARK`` (off the heap, keys kept)
+  until the lookup ends; the victim is the same, the unleased slot with the smallest key.
+
+Each leased entry is stepped over (or parked and put back) at most once per lookup; ``M_SCAN``
+counts these steps and the candidates a policy re-queues (tests bound it per id)."""
 
 from __future__ import annotations
 
@@ -8,7 +25,8 @@ import numpy as np
 
 from ..jit import kernel
 from .layout import (G_FREE, G_NEXT, G_PREV, G_QID, G_ROW, K_HEAP, K_HPOS, K_KEY, L_FREE, L_NEXT, L_PREV,
-                     L_QID, M_CAP, M_EVICT, M_GCAP, M_GFREE, M_GQLEN, M_HEAPN, M_INSERT, M_NFREE, M_QLEN)
+                     L_QID, L_SCAN, M_CAP, M_EVICT, M_GCAP, M_GFREE, M_GQLEN, M_HEAPN, M_INSERT, M_NFREE,
+                     M_QLEN, M_SCAN, NQ, Q_HPARK)
 
 # ---------------------------------------------------------------------------------------------
 # circular doubly linked lists in rows ``nxt``/``prv`` of an array, one sentinel per list at
@@ -57,6 +75,15 @@ def _init_sentinels(A, nxt, prv, first):  # pragma: no cover - compiled
 @kernel
 def q_init(M, L):  # pragma: no cover - compiled
     _init_sentinels(L, L_NEXT, L_PREV, M[M_CAP])
+    q_scan_reset(M, L)
+
+
+@kernel
+def q_scan_reset(M, L):  # pragma: no cover - compiled
+    """Forget every queue's leased front (leases were released)."""
+    cap = M[M_CAP]
+    for q in range(NQ):
+        L[L_SCAN, cap + q] = -1
 
 
 @kernel
@@ -70,6 +97,10 @@ def q_push(M, L, q, s):  # pragma: no cover - compiled
 @kernel
 def q_unlink(M, L, s):  # pragma: no cover - compiled
     q = L[L_QID, s]
+    h = M[M_CAP] + q
+    if L[L_SCAN, h] == s:  # the leased front now ends one slot earlier
+        p = L[L_PREV, s]
+        L[L_SCAN, h] = -1 if p == h else p
     _unlink(L, L_NEXT, L_PREV, s)
     L[L_QID, s] = -1
     M[M_QLEN + q] -= 1
@@ -97,9 +128,14 @@ def q_after(M, L, s):  # pragma: no cover - compiled
 
 @kernel
 def q_first_free(M, L, ref, q):  # pragma: no cover - compiled
-    """Oldest unleased slot of queue q, -1 if all are leased."""
-    s = q_front(M, L, q)
+    """Oldest unleased slot of queue q, -1 if all are leased. Starts after the queue's known
+    leased front (every slot up to ``L[L_SCAN, cap + q]`` is leased until ``lookup_end``)."""
+    h = M[M_CAP] + q
+    c = L[L_SCAN, h]
+    s = q_front(M, L, q) if c < 0 else q_after(M, L, c)
     while s >= 0 and ref[s] > 0:
+        M[M_SCAN] += 1
+        L[L_SCAN, h] = s
         s = q_after(M, L, s)
     return s
 
@@ -288,39 +324,38 @@ def h_remove(M, K, s):  # pragma: no cover - compiled
 
 
 @kernel
-def h_min_free(M, K, ref):  # pragma: no cover - compiled
-    """The unleased slot with the smallest key, -1 if every heap slot is leased. Walks the
-    heap in key order (best-first over the implicit tree) only as far as leased slots go."""
-    n = M[M_HEAPN]
-    if n == 0:
-        return -1
-    s0 = K[K_HEAP, 0]
-    if ref[s0] == 0:
-        return s0
-    # best-first search: a small frontier of heap positions ordered by key
-    front = np.empty(64, np.int64)
-    nf = 1
-    front[0] = 0
-    while nf > 0:
-        b = 0
-        for j in range(1, nf):
-            if _h_less(K, K[K_HEAP, front[j]], K[K_HEAP, front[b]]):
-                b = j
-        i = front[b]
-        nf -= 1
-        front[b] = front[nf]
-        s = K[K_HEAP, i]
+def h_top_free(M, K, L, ref):  # pragma: no cover - compiled
+    """The unleased heap slot with the smallest key, -1 if there is none. Leased tops are
+    parked (queue ``Q_HPARK``, keys kept) until the lookup ends: each at most once."""
+    while M[M_HEAPN] > 0:
+        s = K[K_HEAP, 0]
         if ref[s] == 0:
             return s
-        for c in (2 * i + 1, 2 * i + 2):
-            if c < n:
-                if nf == front.size:
-                    bigger = np.empty(2 * nf, np.int64)
-                    bigger[:nf] = front
-                    front = bigger
-                front[nf] = c
-                nf += 1
+        h_remove(M, K, s)
+        q_push(M, L, Q_HPARK, s)
+        M[M_SCAN] += 1
     return -1
+
+
+@kernel
+def h_unpark(M, K, L):  # pragma: no cover - compiled
+    """Every parked slot back on the heap with its key (its lease may be gone)."""
+    s = q_front(M, L, Q_HPARK)
+    while s >= 0:
+        nxt = q_after(M, L, s)
+        q_unlink(M, L, s)
+        h_push(M, K, s, K[K_KEY, s])
+        M[M_SCAN] += 1
+        s = nxt
+
+
+@kernel
+def lookup_end(T):  # pragma: no cover - compiled
+    """Leases were released (walk.finish/abort): the leased fronts and parked slots go."""
+    M, K, L = T[0], T[5], T[6]
+    q_scan_reset(M, L)
+    if M[M_QLEN + Q_HPARK] > 0:
+        h_unpark(M, K, L)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -29,7 +29,7 @@ from .hints import hint_add, hint_consume
 from ..jit import kernel
 from .layout import (BELOW, CACHED, FILL, HIT, L_PEND, M_BYPASS, M_CAP, M_EPOCH, M_HINTS, M_HITS, M_HLIVE, M_LO,
                      M_MISSES, M_NREF, M_TICK, NONE, RESIDENT)
-from .structs import place, take_free, unmap
+from .structs import lookup_end, place, take_free, unmap
 
 # ---------------------------------------------------------------------------------------------
 # one tier
@@ -103,6 +103,7 @@ def finish(T, leased, n):  # pragma: no cover - compiled
         if ref[s] == 0:
             M[M_NREF] -= 1
         L[L_PEND, s] = 0
+    lookup_end(T)
 
 
 @kernel
@@ -118,6 +119,7 @@ def abort(T, leased, n):  # pragma: no cover - compiled
         if L[L_PEND, s] != 0:
             L[L_PEND, s] = 0
             unmap(M, sor, ros, s)
+    lookup_end(T)
 
 
 @kernel
