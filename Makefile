@@ -13,6 +13,8 @@ $(STAMP): pyproject.toml
 	$(BIN)/python -m pip install -q torch==2.13.0
 	# the extras the two commands use: the model (demo), plots, the benchmarks' quick modes (tests)
 	$(BIN)/python -m pip install -q -e '.[model,plot,bench,test]'
+	# compile every cache kernel once, now: a fresh install's first open then loads machine code
+	$(BIN)/tierstore warmup --simulator
 	touch $(STAMP)
 
 demo: $(STAMP)
