@@ -25,15 +25,17 @@ CPU, ``_move`` is the path it always was.
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
 
-from ..cache.layout import FILL, HIT, NONE, RESIDENT
+from ..cache.layout import CACHED, FILL, HIT, NONE, RESIDENT
 from ..cache.lookup import Lookup, Walker
 from ..format.spec import TableInfo
 from ..tiers import CacheTier, DiskTier, SharedHostTier, Tier
 from ..tiers.cuda import capacity_error, to_device
+from ..tiers.hotset import TableSnapshot
 
 __all__ = ["Table"]
 
@@ -62,6 +64,11 @@ class Table:
         disk_reader: str = "auto",
     ):
         self.info = info
+        self.root = root
+        self.build_id = build_id
+        self.direct = direct
+        self.profile_used = profile is not None
+        self.snapshot_status = "none"  # the hot-set snapshot at open: "none", "ok", "stale: ...", "ignored: ..."
         self.device = device
         self.cuda = device.type == "cuda"
         self.zero_copy = zero_copy and self.cuda  # the GPU reads host-tier rows from pinned memory itself
@@ -91,12 +98,38 @@ class Table:
     # -- loading ----------------------------------------------------------------------------
     def _preload(self) -> None:
         """Fill resident tiers with the whole table (the device tier from the host tier when
-        that holds it) and caches with their static hot set; counters start at zero."""
-        self.host.preload(self.disk)
-        self.dev.preload(self.disk, self.host)
+        that holds it) and caches with their placed hot set: from the host slab, the table's
+        hot-set snapshot (tierstore.format.snapshot) or the row file (tierstore.tiers.hotset);
+        counters start at zero."""
+        snap = None
+        if self.profile_used and any(t.kind == CACHED and t.index.size for t in (self.host, self.dev)):
+            snap, self.snapshot_status = TableSnapshot.open(self.root, self.info, self.build_id, direct=self.direct)
+        try:
+            self.host.preload(self.disk, snapshot=snap)
+            if snap is not None and self.host.open_stats.snapshot_error:  # damaged: the device tier does without
+                self.snapshot_status = f"ignored: {self.host.open_stats.snapshot_error}"
+                snap.close()
+                snap = None
+            self.dev.preload(self.disk, self.host, snapshot=snap)
+            if self.dev.open_stats.snapshot_error:
+                self.snapshot_status = f"ignored: {self.dev.open_stats.snapshot_error}"
+        finally:
+            if snap is not None:
+                snap.close()
         if self.cuda:  # never run: needs CUDA. The preloads' copies have run before any stream reads
             torch.cuda.current_stream(self.device).synchronize()
         self.disk.reset_stats()
+
+    def open_stats(self) -> dict[str, Any]:
+        """What open loaded: per tier (rows and their sources, bytes read, seconds), summed,
+        and the snapshot's status."""
+        tiers = {name: t.open_stats.as_dict() for name, t in (("device", self.dev), ("host", self.host))}
+        total: dict[str, Any] = {k: sum(d[k] for d in tiers.values())
+                                 for k in ("rows_loaded", "from_source", "from_snapshot", "from_rows", "bytes_read",
+                                           "seconds")}
+        sources = [d["source"] for d in tiers.values() if d["source"] != "none"]
+        total["source"] = "+".join(dict.fromkeys(p for s in sources for p in s.split("+"))) or "none"
+        return {**total, "snapshot": self.snapshot_status, **tiers}
 
     # -- lookup ---------------------------------------------------------------------------
     def gather(self, ids: np.ndarray, out: torch.Tensor) -> None:
@@ -265,7 +298,8 @@ class Table:
                 self.events.append(("hint", ids.copy()))
 
     def stats(self) -> dict[str, dict[str, float]]:
-        return {"device": self.dev.stats(), "host": self.host.stats(), "disk": self.disk.stats()}
+        return {"device": self.dev.stats(), "host": self.host.stats(), "disk": self.disk.stats(),
+                "open": self.open_stats()}
 
     def reset_stats(self) -> None:
         self.dev.reset_stats()

@@ -250,7 +250,7 @@ class SharedHostTier(SlabTier):
         raise TierStoreError(f"{self.path}: the shared host tier is read-only after its fill "
                              "(its static index never admits a row)")
 
-    def preload(self, disk: DiskTier, source: Tier | None = None) -> None:
+    def preload(self, disk: DiskTier, source: Tier | None = None, snapshot: object = None) -> None:
         """Nothing to load: filled once, at construction, by whichever process opened it first."""
 
     def stats(self) -> dict[str, float]:
