@@ -210,10 +210,9 @@ def _host_slots(source: Tier, rows: np.ndarray) -> np.ndarray:
 def load_slots(tier: Tier, slots: np.ndarray, rows: np.ndarray, *, disk: DiskTier, source: Tier | None = None,
                snapshot: TableSnapshot | None = None) -> OpenStats:
     """Write rows ``rows`` (in rank order) into ``tier``'s ``slots``: from ``source``'s slab,
-    then ``snapshot``, then ``disk``, each a bounded step at a time (module docstring). A
-    snapshot page that fails its checksum raises ``CorruptDataError`` after its rows were
-    read from the row file instead; the error is in ``snapshot_error`` (the caller drops the
-    snapshot for the other tiers)."""
+    then ``snapshot``, then ``disk``, each a bounded step at a time (module docstring). When
+    a snapshot page fails its checksum (or its read fails), the rows not loaded yet come from
+    the row file and the error is in ``snapshot_error`` (the caller drops the snapshot)."""
     t0 = time.perf_counter()
     st = OpenStats(rows_loaded=len(rows))
     info = tier.info
@@ -229,20 +228,20 @@ def load_slots(tier: Tier, slots: np.ndarray, rows: np.ndarray, *, disk: DiskTie
         left[got] = False
         st.from_source = len(got)
     if snapshot is not None and left.any():
-        want = np.flatnonzero(left)
-        pos = snapshot.positions(rows[want])
-        found = pos >= 0
-        want, pos = want[found], pos[found]
-        order = np.argsort(pos, kind="stable")  # rank order: the snapshot's prefix, front to back
-        want, pos = want[order], pos[order]
         try:
+            want = np.flatnonzero(left)
+            pos = snapshot.positions(rows[want])
+            found = pos >= 0
+            want, pos = want[found], pos[found]
+            order = np.argsort(pos, kind="stable")  # rank order: the snapshot's prefix, front to back
+            want, pos = want[order], pos[order]
             for s in range(0, len(want), step):
                 sel = want[s : s + step]
                 data = snapshot.read_rows(pos[s : s + step])
                 tier.write(slots[sel], torch.from_numpy(data).view(info.raw_dtype).reshape(len(sel), info.dim))
                 left[sel] = False
                 st.from_snapshot += len(sel)
-        except CorruptDataError as e:  # the rest of the rows from the row file; the caller is told
+        except (CorruptDataError, StoreIOError) as e:  # the rest of the rows from the row file; the caller is told
             st.snapshot_error = str(e)
         st.bytes_read += snapshot.bytes_read - snapshot.claimed  # its header's too, for the first tier
         snapshot.claimed = snapshot.bytes_read
