@@ -180,7 +180,12 @@ class TableSnapshot:
         pages = np.unique(np.minimum(first[:, None] + np.arange(span), last[:, None]))
         flat = self._read(pages).reshape(-1)
         at = np.searchsorted(pages, first) * PAGE_SIZE + start % PAGE_SIZE
-        return flat[at[:, None] + np.arange(rb)]
+        if int(pos[-1]) - int(pos[0]) + 1 == len(pos):  # consecutive ranks (a prefix): one byte range, no gather
+            return flat[int(at[0]): int(at[0]) + len(pos) * rb].reshape(len(pos), rb)
+        out = np.empty((len(pos), rb), dtype=np.uint8)
+        for s in range(0, len(pos), 4096):  # gather by index in pieces: the index is 8 bytes per byte moved
+            out[s: s + 4096] = flat[at[s: s + 4096, None] + np.arange(rb)]
+        return out
 
     def close(self) -> None:
         self.reader.close()

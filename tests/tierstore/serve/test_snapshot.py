@@ -251,3 +251,22 @@ def test_a_snapshot_write_killed_leaves_the_old_one(store, op, nth):
     with tierstore.open(path, policy="static", **BUDGETS) as s:
         assert s.stats()["open"]["snapshot"] == "ok"
         _check_rows(s, w, counts)
+
+
+def test_a_profile_saved_after_the_snapshot_loads_exact_rows(store):
+    """A profile replaced without rewriting the snapshot (``save_profile`` alone): the rows
+    both rank are taken from the snapshot wherever they sit in it, the others from the row
+    file; every row is exact."""
+    path, w, counts = store
+    tierstore.save_snapshot(path)
+    rng = np.random.default_rng(11)
+    counts2 = counts.copy()
+    moved = rng.choice(np.flatnonzero(counts), size=HOT // 2, replace=False)
+    counts2[moved] = 0  # half the old hot rows are cold now, others hot instead
+    counts2[rng.choice(np.flatnonzero(counts == 0), size=HOT // 2, replace=False)] = rng.integers(1, 50, HOT // 2)
+    save_profile(path, T, counts2)
+    with tierstore.open(path, policy="static", **BUDGETS) as s:
+        o = s.stats()["open"]
+        assert o["snapshot"] == "ok" and o["from_snapshot"] > 0 and o["from_rows"] > 0, o
+        assert o["from_source"] + o["from_snapshot"] + o["from_rows"] == o["rows_loaded"]
+        _check_rows(s, w, counts2)
