@@ -212,6 +212,12 @@ def _host_slots(source: Tier, rows: np.ndarray) -> np.ndarray:
     return np.where(srows[at] == rows, sslots[at], -1)
 
 
+def _on(rows: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """``rows`` on the tier's device (a CUDA device tier loads from host memory: one copy up,
+    which waits, so the step's host buffer may be reused; never run: needs CUDA)."""
+    return rows if rows.device == device else rows.to(device)
+
+
 def load_slots(tier: Tier, slots: np.ndarray, rows: np.ndarray, *, disk: DiskTier, source: Tier | None = None,
                snapshot: TableSnapshot | None = None) -> OpenStats:
     """Write rows ``rows`` (in rank order) into ``tier``'s ``slots``: from ``source``'s slab,
@@ -229,7 +235,7 @@ def load_slots(tier: Tier, slots: np.ndarray, rows: np.ndarray, *, disk: DiskTie
         got = np.flatnonzero(src >= 0)
         for s in range(0, len(got), step):
             sel = got[s : s + step]
-            tier.write(slots[sel], source.gather(src[sel]))
+            tier.write(slots[sel], _on(source.gather(src[sel]), tier.device))
         left[got] = False
         st.from_source = len(got)
     if snapshot is not None and left.any():
@@ -243,7 +249,8 @@ def load_slots(tier: Tier, slots: np.ndarray, rows: np.ndarray, *, disk: DiskTie
             for s in range(0, len(want), step):
                 sel = want[s : s + step]
                 data = snapshot.read_rows(pos[s : s + step])
-                tier.write(slots[sel], torch.from_numpy(data).view(info.raw_dtype).reshape(len(sel), info.dim))
+                tier.write(slots[sel], _on(torch.from_numpy(data).view(info.raw_dtype).reshape(len(sel), info.dim),
+                                           tier.device))
                 left[sel] = False
                 st.from_snapshot += len(sel)
         except (CorruptDataError, StoreIOError) as e:  # the rest of the rows from the row file; the caller is told
