@@ -76,16 +76,21 @@ class Table:
                                    device_reader=disk_reader, build_id=pinned_build)
         self.host: Tier | None = None
         self.dev: Tier | None = None
+        snap = None  # the table's hot-set snapshot, open while the tiers load (a profile places their rows)
         try:
+            if profile is not None and host_rows + device_rows > 0:
+                snap, self.snapshot_status = TableSnapshot.open(root, info, build_id, direct=direct)
             pinned = dict(pin=self.cuda, zero_copy=self.zero_copy, zero_copy_device=device)
             if host_shared and host_rows > 0:
                 self.host = SharedHostTier(root, info, host_rows, self.disk, profile=profile, build_id=build_id,
-                                           **pinned)
+                                           snapshot=snap, **pinned)
+                if self.host.open_stats.snapshot_error:  # damaged: the device tier does without
+                    self._drop(snap, self.host.open_stats.snapshot_error)
             else:
                 self.host = CacheTier("host", info, host_rows, device=torch.device("cpu"), **pinned,
                                       policy=policy, profile=profile)
             self.dev = CacheTier("device", info, device_rows, device=device, policy=policy, profile=profile)
-            self._preload()
+            self._preload(snap)
             self._walker = Walker(self.dev.index, self.dev.kind, self.host.index, self.host.kind)
             # when a list: every lookup's start (its ids) and end, and every hint, in the order
             # the tiers saw them: concurrent lookups overlap, and a row another lookup is still
@@ -94,31 +99,31 @@ class Table:
         except BaseException:  # a failed open must not keep the row file or a shared segment
             self.close()
             raise
-
-    # -- loading ----------------------------------------------------------------------------
-    def _preload(self) -> None:
-        """Fill resident tiers with the whole table (the device tier from the host tier when
-        that holds it) and caches with their placed hot set: from the host slab, the table's
-        hot-set snapshot (tierstore.format.snapshot) or the row file (tierstore.tiers.hotset);
-        counters start at zero."""
-        snap = None
-        if self.profile_used and any(t.kind == CACHED and t.index.size for t in (self.host, self.dev)):
-            snap, self.snapshot_status = TableSnapshot.open(self.root, self.info, self.build_id, direct=self.direct)
-        try:
-            self.host.preload(self.disk, snapshot=snap)
-            if snap is not None and self.host.open_stats.snapshot_error:  # damaged: the device tier does without
-                self.snapshot_status = f"ignored: {self.host.open_stats.snapshot_error}"
-                snap.close()
-                snap = None
-            self.dev.preload(self.disk, self.host, snapshot=snap)
-            if self.dev.open_stats.snapshot_error:
-                self.snapshot_status = f"ignored: {self.dev.open_stats.snapshot_error}"
         finally:
             if snap is not None:
                 snap.close()
+
+    # -- loading ----------------------------------------------------------------------------
+    def _preload(self, snap: TableSnapshot | None) -> None:
+        """Fill resident tiers with the whole table (the device tier from the host tier when
+        that holds it) and caches with their placed hot set: from the host slab, the table's
+        hot-set snapshot ``snap`` (tierstore.format.snapshot) or the row file
+        (tierstore.tiers.hotset); counters start at zero."""
+        self.host.preload(self.disk, snapshot=snap)
+        if snap is not None and self.host.open_stats.snapshot_error:  # damaged: the device tier does without
+            self._drop(snap, self.host.open_stats.snapshot_error)
+        self.dev.preload(self.disk, self.host, snapshot=snap)
+        if self.dev.open_stats.snapshot_error:
+            self._drop(snap, self.dev.open_stats.snapshot_error)
         if self.cuda:  # never run: needs CUDA. The preloads' copies have run before any stream reads
             torch.cuda.current_stream(self.device).synchronize()
         self.disk.reset_stats()
+
+    def _drop(self, snap: TableSnapshot | None, error: str) -> None:
+        """A snapshot page failed its check while loading: the rest of the open does without it."""
+        self.snapshot_status = f"ignored: {error}"
+        if snap is not None:
+            snap.drop()
 
     def open_stats(self) -> dict[str, Any]:
         """What open loaded: per tier (rows and their sources, bytes read, seconds), summed,

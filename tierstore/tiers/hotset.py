@@ -84,6 +84,7 @@ class TableSnapshot:
         try:
             self.bytes_read = 0
             self.claimed = 0  # bytes_read already counted in a tier's OpenStats
+            self.dropped = False  # a page failed its check: no more loads from it
             page0 = self._pages(np.zeros(1, np.int64))
             self.head, self.layout = parse_snapshot_header(page0[0], str(path))
             lay = self.layout
@@ -187,6 +188,10 @@ class TableSnapshot:
             out[s: s + 4096] = flat[at[s: s + 4096, None] + np.arange(rb)]
         return out
 
+    def drop(self) -> None:
+        """Stop using the snapshot (a page failed its check): later loads read the row file."""
+        self.dropped = True
+
     def close(self) -> None:
         self.reader.close()
 
@@ -220,7 +225,7 @@ def _on(rows: torch.Tensor, device: torch.device) -> torch.Tensor:
 
 def load_slots(tier: Tier, slots: np.ndarray, rows: np.ndarray, *, disk: DiskTier, source: Tier | None = None,
                snapshot: TableSnapshot | None = None) -> OpenStats:
-    """Write rows ``rows`` (in rank order) into ``tier``'s ``slots``: from ``source``'s slab,
+    """Write rows ``rows`` (rank order reads the snapshot best; any order works) into ``tier``'s ``slots``: from ``source``'s slab,
     then ``snapshot``, then ``disk``, each a bounded step at a time (module docstring). When
     a snapshot page fails its checksum (or its read fails), the rows not loaded yet come from
     the row file and the error is in ``snapshot_error`` (the caller drops the snapshot)."""
@@ -238,7 +243,7 @@ def load_slots(tier: Tier, slots: np.ndarray, rows: np.ndarray, *, disk: DiskTie
             tier.write(slots[sel], _on(source.gather(src[sel]), tier.device))
         left[got] = False
         st.from_source = len(got)
-    if snapshot is not None and left.any():
+    if snapshot is not None and not snapshot.dropped and left.any():
         try:
             want = np.flatnonzero(left)
             pos = snapshot.positions(rows[want])

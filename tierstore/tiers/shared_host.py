@@ -55,6 +55,7 @@ from ..format.profile import hot_rows
 from ..format.spec import PAGE_SIZE, TableInfo
 from .base import Tier
 from .disk import DiskTier
+from .hotset import TableSnapshot, load_slots
 from .slab import SlabTier
 
 __all__ = ["SharedHostTier", "SHM_DIR", "stale_segments", "remove_segment", "segment_prefix"]
@@ -105,13 +106,26 @@ def _round_page(n: int) -> int:
     return (n + PAGE_SIZE - 1) // PAGE_SIZE * PAGE_SIZE
 
 
+class _SlabWriter:
+    """What ``load_slots`` uses of a tier, over the shared slab while it is filled."""
+
+    def __init__(self, info: TableInfo, slab: torch.Tensor):
+        self.info, self.slab, self.device = info, slab, torch.device("cpu")
+
+    def write(self, slots: np.ndarray, rows: torch.Tensor) -> None:
+        self.slab.index_copy_(0, torch.from_numpy(slots), rows)
+
+
 class SharedHostTier(SlabTier):
     """Host tier in shared memory, read-only after it is filled. See the module docstring."""
 
     def __init__(self, root: Path, info: TableInfo, capacity: int, disk: DiskTier, *,
                  profile: np.ndarray | None, build_id: str, keep: bool = False, shm_dir: Path = SHM_DIR,
-                 pin: bool = False, zero_copy: bool = False, zero_copy_device: torch.device | None = None):
-        """pin (the store runs on CUDA): register this process's read-only map of the slab
+                 pin: bool = False, zero_copy: bool = False, zero_copy_device: torch.device | None = None,
+                 snapshot: TableSnapshot | None = None):
+        """snapshot: the table's hot-set snapshot, which a process that fills the tier reads
+        its rows from (``open_stats`` says what it loaded; a process that maps a filled tier
+        loads nothing). pin (the store runs on CUDA): register this process's read-only map of the slab
         with CUDA, so copies from it are DMA from pinned memory; zero_copy: the GPU on
         ``zero_copy_device`` reads its rows directly (SlabTier.gather_to_device). Both never
         run: need CUDA."""
@@ -158,7 +172,7 @@ class SharedHostTier(SlabTier):
                 try:
                     fcntl.flock(lock, fcntl.LOCK_EX)  # one filler at a time; others wait here
                     if not self._ready():  # nobody filled it while we waited
-                        self._fill(rows, disk)
+                        self._fill(rows, disk, snapshot)
                 finally:
                     os.close(lock)  # releases the fill lock
             self._map = mmap.mmap(self._fd, self.nbytes_file, mmap.MAP_SHARED, mmap.PROT_READ)
@@ -182,6 +196,7 @@ class SharedHostTier(SlabTier):
             # per process: a read-only "static" index over the shared map
             self.index = CacheIndex(info.rows, self.capacity, "static", pinned_rows=np.empty(0, np.int64),
                                     slot_of_row=self.slot_of_row)
+            self.index.row_of_slot[: len(rows)] = rows  # slot s holds rows[s]: the device tier loads from here
         if pin:  # never run: needs CUDA
             try:
                 self.pin(read_only=True, zero_copy=zero_copy, device=zero_copy_device)
@@ -201,7 +216,7 @@ class SharedHostTier(SlabTier):
             return False
         return state == _READY
 
-    def _fill(self, rows: np.ndarray | None, disk: DiskTier) -> None:
+    def _fill(self, rows: np.ndarray | None, disk: DiskTier, snapshot: TableSnapshot | None) -> None:
         info = self.info
         try:
             os.ftruncate(self._fd, 0)  # drop whatever a dead filler left
@@ -225,9 +240,9 @@ class SharedHostTier(SlabTier):
             slot_of_row = buf[self._index_off : self._index_off + info.rows * 4].view(np.int32)
             slot_of_row[:] = -1
             slot_of_row[rows] = np.arange(len(rows), dtype=np.int32)
-            step = max(1, (32 << 20) // max(1, info.row_bytes))
-            for s in range(0, len(rows), step):
-                disk.read(rows[s : s + step], slab[s : s + step])
+            # from the hot-set snapshot where it holds them, else the row file (tiers.hotset)
+            self.open_stats = load_slots(_SlabWriter(info, slab), np.arange(len(rows)), rows, disk=disk,
+                                         snapshot=snapshot)
             del slot_of_row
         m.flush()
         del buf, slab, m

@@ -270,3 +270,22 @@ def test_a_profile_saved_after_the_snapshot_loads_exact_rows(store):
         assert o["snapshot"] == "ok" and o["from_snapshot"] > 0 and o["from_rows"] > 0, o
         assert o["from_source"] + o["from_snapshot"] + o["from_rows"] == o["rows_loaded"]
         _check_rows(s, w, counts2)
+
+
+def test_the_shared_host_tier_fills_from_the_snapshot(store, monkeypatch):
+    """host_shared=True: the process that fills the shared tier reads its rows from the
+    snapshot too (the row-file path as the negative control)."""
+    path, w, counts = store
+    counter = ReadCounter(monkeypatch)
+    budgets = dict(device="cpu", device_budget=1024 * 256, host_budget=HOT * 256, host_shared=True)
+    s, without = _open(path, counter, **budgets)
+    with s:
+        assert s.stats()["open"]["host"]["source"] == "rows"
+    tierstore.save_snapshot(path)
+    s, got = _open(path, counter, **budgets)
+    with s:
+        o = s.stats()["open"]
+        assert o["host"]["source"] == "snapshot" and o["device"]["source"] == "host", o
+        _check_rows(s, w, counts)
+    hot = HOT * 256
+    assert got <= 1.2 * hot < 3 * hot < without, (got / hot, without / hot)
