@@ -30,7 +30,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from ..cache.layout import CACHED, FILL, HIT, NONE, RESIDENT
+from ..cache.layout import FILL, HIT, NONE, RESIDENT
 from ..cache.lookup import Lookup, Walker
 from ..format.spec import TableInfo
 from ..tiers import CacheTier, DiskTier, SharedHostTier, Tier
@@ -64,10 +64,6 @@ class Table:
         disk_reader: str = "auto",
     ):
         self.info = info
-        self.root = root
-        self.build_id = build_id
-        self.direct = direct
-        self.profile_used = profile is not None
         self.snapshot_status = "none"  # the hot-set snapshot at open: "none", "ok", "stale: ...", "ignored: ..."
         self.device = device
         self.cuda = device.type == "cuda"
