@@ -27,6 +27,7 @@ per 4 KiB of it) and one step's pages (``PRELOAD_BYTES``): all sized by the budg
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -224,11 +225,13 @@ def _on(rows: torch.Tensor, device: torch.device) -> torch.Tensor:
 
 
 def load_slots(tier: Tier, slots: np.ndarray, rows: np.ndarray, *, disk: DiskTier, source: Tier | None = None,
-               snapshot: TableSnapshot | None = None) -> OpenStats:
+               snapshot: TableSnapshot | None = None, progress: Callable[[], None] | None = None) -> OpenStats:
     """Write rows ``rows`` (rank order reads the snapshot best; any order works) into ``tier``'s ``slots``: from ``source``'s slab,
     then ``snapshot``, then ``disk``, each a bounded step at a time (module docstring). When
     a snapshot page fails its checksum (or its read fails), the rows not loaded yet come from
-    the row file and the error is in ``snapshot_error`` (the caller drops the snapshot)."""
+    the row file and the error is in ``snapshot_error`` (the caller drops the snapshot).
+    ``progress()`` is called after every step (the shared host tier's heartbeat to waiters)."""
+    tick = progress if progress is not None else (lambda: None)
     t0 = time.perf_counter()
     st = OpenStats(rows_loaded=len(rows))
     info = tier.info
@@ -241,6 +244,7 @@ def load_slots(tier: Tier, slots: np.ndarray, rows: np.ndarray, *, disk: DiskTie
         for s in range(0, len(got), step):
             sel = got[s : s + step]
             tier.write(slots[sel], _on(source.gather(src[sel]), tier.device))
+            tick()
         left[got] = False
         st.from_source = len(got)
     if snapshot is not None and not snapshot.dropped and left.any():
@@ -258,6 +262,7 @@ def load_slots(tier: Tier, slots: np.ndarray, rows: np.ndarray, *, disk: DiskTie
                                            tier.device))
                 left[sel] = False
                 st.from_snapshot += len(sel)
+                tick()
         except (CorruptDataError, StoreIOError) as e:  # the rest of the rows from the row file; the caller is told
             st.snapshot_error = str(e)
         st.bytes_read += snapshot.bytes_read - snapshot.claimed  # its header's too, for the first tier
@@ -270,6 +275,7 @@ def load_slots(tier: Tier, slots: np.ndarray, rows: np.ndarray, *, disk: DiskTie
         for s in range(0, len(rest), step):
             sel = rest[s : s + step]
             tier.write(slots[sel], disk.gather(rows[sel], staged[: len(sel)]))
+            tick()
         st.from_rows = len(rest)
     st.bytes_read += disk.bytes_read - disk_bytes0
     st.seconds = time.perf_counter() - t0

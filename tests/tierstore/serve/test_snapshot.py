@@ -289,3 +289,39 @@ def test_the_shared_host_tier_fills_from_the_snapshot(store, monkeypatch):
         _check_rows(s, w, counts)
     hot = HOT * 256
     assert got <= 1.2 * hot < 3 * hot < without, (got / hot, without / hot)
+
+
+def test_load_slots_reports_progress_per_step(store, monkeypatch):
+    """``progress`` ticks once per bounded step, from every source (the shared host tier's
+    fill uses it as its heartbeat to waiting processes)."""
+    from tierstore.format.spec import read_manifest
+    from tierstore.tiers.disk import DiskTier
+
+    path, w, counts = store
+    tierstore.save_snapshot(path, max_bytes=100 * 256)  # the first 100 ranked rows; the rest from the row file
+    info = read_manifest(path).tables[T]
+    build = read_manifest(path).build_id
+    monkeypatch.setattr(hotset_mod, "PRELOAD_BYTES", 64 * 256)
+    rows = np.flatnonzero(counts)[:300]  # some in the snapshot (wherever ranked), the rest not
+
+    class Slab:
+        def __init__(self):
+            self.info, self.device = info, torch.device("cpu")
+            self.slab = torch.zeros((len(rows), DIM), dtype=info.raw_dtype)
+
+        def write(self, slots, got):
+            self.slab.index_copy_(0, torch.from_numpy(slots), got)
+
+    disk = DiskTier(path, info)
+    snap, status = hotset_mod.TableSnapshot.open(path, info, build)
+    ticks = []
+    try:
+        tier = Slab()
+        st = hotset_mod.load_slots(tier, np.arange(len(rows)), rows, disk=disk, snapshot=snap,
+                                   progress=lambda: ticks.append(1))
+    finally:
+        snap.close()
+        disk.close()
+    assert status == "ok" and st.from_snapshot > 0 and st.from_rows > 0
+    assert len(ticks) == -(-st.from_snapshot // 64) + -(-st.from_rows // 64)
+    assert torch.equal(bits(tier.slab.view(torch.float16)), bits(w[torch.from_numpy(rows)]))
