@@ -45,6 +45,7 @@ _LAZY = {
     "build_store": ("format.build", "build_store"),
     "DEFAULT_TABLE_PATTERN": ("format.build", "DEFAULT_TABLE_PATTERN"),
     "verify_store": ("format.verify", "verify_store"),
+    "save_snapshot": ("serve.snapshot", "save_snapshot"),
     "open_sharded": ("serve.distributed", "open_sharded"),
     "ShardedStore": ("serve.distributed", "ShardedStore"),
     "build_shard": ("serve.distributed", "build_shard"),
@@ -68,6 +69,7 @@ def __dir__() -> list[str]:
 
 __all__ = [
     "open", "open_store", "open_sharded", "ShardedStore", "build_shard", "Store", "LookupFuture", "TableInfo", "build_store", "verify_store",
+    "save_snapshot",
     "DEFAULT_TABLE_PATTERN", "FORMAT_VERSION", "parse_size", "format_size",
     "TierStoreError", "InvalidIdError", "IdTypeError", "UnknownTableError", "CorruptDataError",
     "FormatVersionError", "BudgetError", "PolicyParamError", "StoreIOError", "CapacityError", "StoreExistsError", "CheckpointError",

@@ -114,6 +114,12 @@ def run_profile(args: argparse.Namespace) -> int:
                                                                    "lookups": int(t.trace.rows.size)})
             print(f"saved profile of {t.store_table}: {int(counts.sum()):,} accesses, "
                   f"{int(np.count_nonzero(counts)):,} rows seen -> {path}", file=sys.stderr)
+        from tierstore.serve.snapshot import save_snapshot  # imports torch: only here
+
+        for name, head in save_snapshot(args.store, [t.store_table for t in tables],
+                                        max_bytes=args.snapshot).items():  # 0: removes them
+            print(f"saved hot-set snapshot of {name}: {head['n']:,} rows, {head['bytes']:,} bytes "
+                  f"-> {head['path']}", file=sys.stderr)
         if args.capacity is None and not args.plot and not args.rank_plot:
             return 0
     policies = _policies(args.policy)
@@ -257,6 +263,9 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--rank-plot", default=None, help="PNG: log-log rank-frequency with fitted Zipf exponent")
     p.add_argument("--save-profile", action="store_true",
                    help="record this trace's row counts as the store's profile (use a training slice)")
+    p.add_argument("--snapshot", default="16GiB", metavar="SIZE",
+                   help="with --save-profile: also write each table's hot-set snapshot, its hottest profiled "
+                        "rows up to SIZE of rows, which open loads sequentially (default 16GiB; 0: none)")
     p.add_argument("--live", action="store_true",
                    help="also replay through the real store (device tier = each capacity) and compare")
     p.set_defaults(func=run_profile)

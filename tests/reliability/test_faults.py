@@ -175,25 +175,34 @@ def test_serving_under_every_io_fault(tmp_path, shared):
 
 
 def test_saving_a_profile_under_every_io_fault(tmp_path):
-    """A profile replaced under a fault is the old one or the new one, never a mix or none."""
+    """A profile and its hot-set snapshot replaced under a fault are each the old one or the
+    new one, never a mix or none; the snapshot, whole, holds its profile's ranking."""
     from safetensors.torch import save_file as _save
+
+    from tierstore.format.profile import hot_rows
+    from tierstore.format.snapshot import read_snapshot, snapshot_path
 
     _save({T1: random_table(100, 8, torch.float32)}, str(tmp_path / "m.safetensors"))
     out = tierstore.build_store(tmp_path / "m.safetensors", tmp_path / "store", progress=False)
     old, new = np.arange(100), np.arange(100)[::-1].copy()
     save_profile(out, T1, old)
+    tierstore.save_snapshot(out, [T1])
 
     def run(plan):
-        _, err = _call(plan, lambda: save_profile(out, T1, new))
+        _, err = _call(plan, lambda: (save_profile(out, T1, new), tierstore.save_snapshot(out, [T1])))
         got = load_profile(out, T1)
         same_old, same_new = np.array_equal(got, old), np.array_equal(got, new)
         assert same_old or same_new, f"{plan and (plan.fired, plan.kind)}: a profile that was never saved"
+        ids = read_snapshot(snapshot_path(out, T1))[1]  # raises on a torn snapshot
+        snap_new = np.array_equal(ids, hot_rows(new, 100))
+        assert snap_new or np.array_equal(ids, hot_rows(old, 100)), f"{plan and (plan.fired, plan.kind)}: snapshot"
         if plan is not None:
             FIGURES["faults"] += 1
             FIGURES["failed_typed" if err else "succeeded_exact"] += 1
-            assert err is not None or same_new
+            assert err is not None or (same_new and snap_new)
         assert not [p.name for p in (out / "profiles").iterdir() if ".tmp" in p.name]
         save_profile(out, T1, old)
+        tierstore.save_snapshot(out, [T1])
 
     _matrix(run)
 

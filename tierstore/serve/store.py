@@ -94,6 +94,22 @@ def _available_bytes(device: torch.device) -> int:
     return int(os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE"))
 
 
+def _sum_open(opens: list[dict[str, Any]]) -> dict[str, Any]:
+    """The store's ``stats()["open"]``: the tables' open stats summed (numbers) and joined (names)."""
+    def merge(ds: list[dict[str, Any]]) -> dict[str, Any]:
+        out: dict[str, Any] = {k: sum(d[k] for d in ds) for k, v in (ds[0].items() if ds else ())
+                               if isinstance(v, (int, float))}
+        parts = [p for d in ds for p in str(d.get("source", "none")).split("+") if p != "none"]
+        out["source"] = "+".join(dict.fromkeys(parts)) or "none"
+        return out
+
+    total = merge(opens)
+    total["snapshot"] = "/".join(sorted({str(o["snapshot"]).partition(":")[0] for o in opens})) or "none"
+    for tier in ("device", "host"):
+        total[tier] = merge([o[tier] for o in opens])
+    return total
+
+
 class Store:
     """An opened store: ``tierstore.open(path, ...)``. Thread-safe: any number of threads may
     look up and prefetch at once.
@@ -448,6 +464,11 @@ class Store:
         reader (``reader``: "posix" or "kvikio"; ``reader_mode``: the POSIX method, or kvikio's
         "gds", "cufile-compat" or "compat"; ``device_pages_read``: pages read straight into
         device memory). latency: prefetch lead time and caller stall time.
+        open: what open loaded into the tiers (tierstore.tiers.hotset): ``rows_loaded``,
+        where they came from (``from_source``: the host slab, ``from_snapshot``: the table's
+        hot-set snapshot, ``from_rows``: the row file; ``source`` names them), ``bytes_read``
+        and ``seconds``, summed and per tier (``open["device"]``, ``open["host"]``), and the
+        snapshots' status (``snapshot``: "ok", "none", "stale", "ignored"; the reason per table).
         """
         per_table = {name: t.stats() for name, t in self._tables.items()}
         agg: dict[str, dict[str, Any]] = {}
@@ -460,6 +481,7 @@ class Store:
             if tier != "disk":
                 looked = agg[tier].get("hits", 0) + agg[tier].get("misses", 0)
                 agg[tier]["hit_ratio"] = agg[tier].get("hits", 0) / looked if looked else 0.0
+        agg["open"] = _sum_open([s["open"] for s in per_table.values()])
         return {**agg, "latency": self._prefetcher.latency.as_dict(), "pool": self._pool.stats(), "tables": per_table,
                 "device_type": self.device.type}
 

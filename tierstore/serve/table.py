@@ -26,7 +26,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from pathlib import Path
-from typing import TypeVar
+from typing import Any, TypeVar
 
 import numpy as np
 import torch
@@ -37,6 +37,7 @@ from ..errors import UnknownTableError
 from ..format.spec import TableInfo
 from ..tiers import CacheTier, DiskTier, SharedHostTier, Tier
 from ..tiers.cuda import capacity_error, to_device
+from ..tiers.hotset import TableSnapshot
 
 __all__ = ["Table", "find_table"]
 
@@ -85,6 +86,7 @@ class Table:
         timeout: float = 60.0,
     ):
         self.info = info
+        self.snapshot_status = "none"  # the hot-set snapshot at open: "none", "ok", "stale: ...", "ignored: ..."
         self.device = device
         self.cuda = device.type == "cuda"
         self.zero_copy = zero_copy and self.cuda  # the GPU reads host-tier rows from pinned memory itself
@@ -92,16 +94,21 @@ class Table:
                                    device_reader=disk_reader, build_id=pinned_build)
         self.host: Tier | None = None
         self.dev: Tier | None = None
+        snap = None  # the table's hot-set snapshot, open while the tiers load (a profile places their rows)
         try:
+            if profile is not None and host_rows + device_rows > 0:
+                snap, self.snapshot_status = TableSnapshot.open(root, info, build_id, direct=direct)
             pinned = dict(pin=self.cuda, zero_copy=self.zero_copy, zero_copy_device=device)
             if host_shared and host_rows > 0:
                 self.host = SharedHostTier(root, info, host_rows, self.disk, profile=profile, build_id=build_id,
-                                           timeout=timeout, **pinned)
+                                           timeout=timeout, snapshot=snap, **pinned)
+                if self.host.open_stats.snapshot_error:  # damaged: the device tier does without
+                    self._drop(snap, self.host.open_stats.snapshot_error)
             else:
                 self.host = CacheTier("host", info, host_rows, device=torch.device("cpu"), **pinned,
                                       policy=policy, profile=profile)
             self.dev = CacheTier("device", info, device_rows, device=device, policy=policy, profile=profile)
-            self._preload()
+            self._preload(snap)
             self._walker = Walker(self.dev.index, self.dev.kind, self.host.index, self.host.kind)
             # when a list: every lookup's start (its ids) and end, and every hint, in the order
             # the tiers saw them: concurrent lookups overlap, and a row another lookup is still
@@ -110,16 +117,42 @@ class Table:
         except BaseException:  # a failed open must not keep the row file or a shared segment
             self.close()
             raise
+        finally:
+            if snap is not None:
+                snap.close()
 
     # -- loading ----------------------------------------------------------------------------
-    def _preload(self) -> None:
+    def _preload(self, snap: TableSnapshot | None) -> None:
         """Fill resident tiers with the whole table (the device tier from the host tier when
-        that holds it) and caches with their static hot set; counters start at zero."""
-        self.host.preload(self.disk)
-        self.dev.preload(self.disk, self.host)
+        that holds it) and caches with their placed hot set: from the host slab, the table's
+        hot-set snapshot ``snap`` (tierstore.format.snapshot) or the row file
+        (tierstore.tiers.hotset); counters start at zero."""
+        self.host.preload(self.disk, snapshot=snap)
+        if snap is not None and self.host.open_stats.snapshot_error:  # damaged: the device tier does without
+            self._drop(snap, self.host.open_stats.snapshot_error)
+        self.dev.preload(self.disk, self.host, snapshot=snap)
+        if self.dev.open_stats.snapshot_error:
+            self._drop(snap, self.dev.open_stats.snapshot_error)
         if self.cuda:  # never run: needs CUDA. The preloads' copies have run before any stream reads
             torch.cuda.current_stream(self.device).synchronize()
         self.disk.reset_stats()
+
+    def _drop(self, snap: TableSnapshot | None, error: str) -> None:
+        """A snapshot page failed its check while loading: the rest of the open does without it."""
+        self.snapshot_status = f"ignored: {error}"
+        if snap is not None:
+            snap.drop()
+
+    def open_stats(self) -> dict[str, Any]:
+        """What open loaded: per tier (rows and their sources, bytes read, seconds), summed,
+        and the snapshot's status."""
+        tiers = {name: t.open_stats.as_dict() for name, t in (("device", self.dev), ("host", self.host))}
+        total: dict[str, Any] = {k: sum(d[k] for d in tiers.values())
+                                 for k in ("rows_loaded", "from_source", "from_snapshot", "from_rows", "bytes_read",
+                                           "seconds")}
+        sources = [d["source"] for d in tiers.values() if d["source"] != "none"]
+        total["source"] = "+".join(dict.fromkeys(p for s in sources for p in s.split("+"))) or "none"
+        return {**total, "snapshot": self.snapshot_status, **tiers}
 
     # -- lookup ---------------------------------------------------------------------------
     def gather(self, ids: np.ndarray, out: torch.Tensor) -> None:
@@ -288,7 +321,8 @@ class Table:
                 self.events.append(("hint", ids.copy()))
 
     def stats(self) -> dict[str, dict[str, float]]:
-        return {"device": self.dev.stats(), "host": self.host.stats(), "disk": self.disk.stats()}
+        return {"device": self.dev.stats(), "host": self.host.stats(), "disk": self.disk.stats(),
+                "open": self.open_stats()}
 
     def reset_stats(self) -> None:
         self.dev.reset_stats()

@@ -9,6 +9,8 @@ to slots (CACHED) and the compiled walk decides what it holds.
 
 from __future__ import annotations
 
+import time
+
 import numpy as np
 import torch
 
@@ -18,13 +20,10 @@ from ..format.spec import TableInfo
 from .base import Tier
 from .cuda import StreamFences, capacity_error
 from .disk import DiskTier
+from .hotset import PRELOAD_BYTES, OpenStats, TableSnapshot, load_slots
 from .slab import SlabTier
 
 __all__ = ["CacheTier", "PRELOAD_BYTES"]
-
-# rows read per step when a cache tier loads its static hot set at open: the staging buffer,
-# not the whole hot set (a host tier of 8 GiB would otherwise need 8 GiB more while it loads)
-PRELOAD_BYTES = 64 << 20
 
 
 class CacheTier(SlabTier):
@@ -75,23 +74,23 @@ class CacheTier(SlabTier):
         if pin and self.kind != NONE:  # never run: needs CUDA
             self.pin(zero_copy=zero_copy, device=zero_copy_device)
 
-    def preload(self, disk: DiskTier, source: Tier | None = None) -> None:
+    def preload(self, disk: DiskTier, source: Tier | None = None, snapshot: TableSnapshot | None = None) -> None:
+        """Fill the tier at open (``tiers.hotset``): a resident tier with the whole table
+        (copied from ``source`` when that is resident too, else read in file order); a cache
+        with the rows its index placed at construction (the policy's hot set), from
+        ``source``'s slab, the hot-set ``snapshot`` or the row file. ``open_stats`` says how."""
+        t0 = time.perf_counter()
         if self.kind == RESIDENT:
+            b0 = disk.bytes_read
             if source is not None and source.kind == RESIDENT:  # the tier below holds the table
                 self.slab.copy_(source.slab)
+                self.open_stats = OpenStats(rows_loaded=self.capacity, from_source=self.capacity)
             else:
                 disk.load_table(self.slab)
+                self.open_stats = OpenStats(rows_loaded=self.capacity, from_rows=self.capacity,
+                                            bytes_read=disk.bytes_read - b0)
+            self.open_stats.seconds = time.perf_counter() - t0
         elif self.kind == CACHED:  # the rows the index placed at construction (static hot set)
             slots = np.flatnonzero(self.index.row_of_slot >= 0)
-            if len(slots):
-                rows = self.index.row_of_slot[slots].astype(np.int64)
-                order = np.argsort(rows)  # file order: each step's reads go forward through the file
-                rows, slots = rows[order], slots[order]
-                # read straight into this tier's memory (the disk picks the reader for it), a
-                # bounded step at a time: staging the whole hot set would double the tier at open
-                step = max(1, PRELOAD_BYTES // max(1, self.info.row_bytes))
-                staged = torch.empty((min(step, len(rows)), self.info.dim), dtype=self.info.raw_dtype,
-                                     device=self.device)
-                for s in range(0, len(rows), step):
-                    n = min(step, len(rows) - s)
-                    self.write(slots[s:s + n], disk.gather(rows[s:s + n], staged[:n]))
+            rows = self.index.row_of_slot[slots].astype(np.int64)  # slot order: rank order for every policy here
+            self.open_stats = load_slots(self, slots, rows, disk=disk, source=source, snapshot=snapshot)

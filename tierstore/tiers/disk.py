@@ -214,7 +214,7 @@ class DiskTier:
     def write(self, slots: np.ndarray, rows: torch.Tensor) -> None:
         raise TierStoreError(f"table {self.info.name!r}: the disk tier is read-only (rebuild the store to change rows)")
 
-    def preload(self, disk: DiskTier, source: object = None) -> None:
+    def preload(self, disk: DiskTier, source: object = None, snapshot: object = None) -> None:
         """Nothing to load: the disk tier holds every row."""
 
     def read(self, rows: np.ndarray, out: torch.Tensor) -> None:

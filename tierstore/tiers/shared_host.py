@@ -66,6 +66,7 @@ from ..format.profile import hot_rows
 from ..format.spec import PAGE_SIZE, TableInfo
 from .base import Tier
 from .disk import DiskTier
+from .hotset import TableSnapshot, load_slots
 from .slab import SlabTier
 
 __all__ = ["SharedHostTier", "SHM_DIR", "stale_segments", "remove_segment", "segment_prefix"]
@@ -129,14 +130,26 @@ def _round_page(n: int) -> int:
     return (n + PAGE_SIZE - 1) // PAGE_SIZE * PAGE_SIZE
 
 
+class _SlabWriter:
+    """What ``load_slots`` uses of a tier, over the shared slab while it is filled."""
+
+    def __init__(self, info: TableInfo, slab: torch.Tensor):
+        self.info, self.slab, self.device = info, slab, torch.device("cpu")
+
+    def write(self, slots: np.ndarray, rows: torch.Tensor) -> None:
+        self.slab.index_copy_(0, torch.from_numpy(slots), rows)
+
+
 class SharedHostTier(SlabTier):
     """Host tier in shared memory, read-only after it is filled. See the module docstring."""
 
     def __init__(self, root: Path, info: TableInfo, capacity: int, disk: DiskTier, *,
                  profile: np.ndarray | None, build_id: str, keep: bool = False, shm_dir: Path = SHM_DIR,
                  pin: bool = False, zero_copy: bool = False, zero_copy_device: torch.device | None = None,
-                 timeout: float = 60.0):
-        """pin (the store runs on CUDA): register this process's read-only map of the slab
+                 timeout: float = 60.0, snapshot: TableSnapshot | None = None):
+        """snapshot: the table's hot-set snapshot, which a process that fills the tier reads
+        its rows from (``open_stats`` says what it loaded; a process that maps a filled tier
+        loads nothing). pin (the store runs on CUDA): register this process's read-only map of the slab
         with CUDA, so copies from it are DMA from pinned memory; zero_copy: the GPU on
         ``zero_copy_device`` reads its rows directly (SlabTier.gather_to_device). Both never
         run: need CUDA. timeout: seconds to wait for another process's fill (or close) of
@@ -185,7 +198,7 @@ class SharedHostTier(SlabTier):
                 try:
                     self._wait_lock(lock, fcntl.LOCK_EX, lock)  # one filler at a time; others wait here
                     if not self._ready():  # nobody filled it while we waited
-                        self._fill(rows, disk, lock)
+                        self._fill(rows, disk, lock, snapshot)
                 finally:
                     os.close(lock)  # releases the fill lock
             self._map = mmap.mmap(self._fd, self.nbytes_file, mmap.MAP_SHARED, mmap.PROT_READ)
@@ -209,6 +222,7 @@ class SharedHostTier(SlabTier):
             # per process: a read-only "static" index over the shared map
             self.index = CacheIndex(info.rows, self.capacity, "static", pinned_rows=np.empty(0, np.int64),
                                     slot_of_row=self.slot_of_row)
+            self.index.row_of_slot[: len(rows)] = rows  # slot s holds rows[s]: the device tier loads from here
         if pin:  # never run: needs CUDA
             try:
                 self.pin(read_only=True, zero_copy=zero_copy, device=zero_copy_device)
@@ -263,7 +277,8 @@ class SharedHostTier(SlabTier):
             return False
         return state == _READY
 
-    def _fill(self, rows: np.ndarray | None, disk: DiskTier, fill_fd: int) -> None:
+    def _fill(self, rows: np.ndarray | None, disk: DiskTier, fill_fd: int,
+              snapshot: TableSnapshot | None) -> None:
         info = self.info
         done = 0
 
@@ -300,10 +315,10 @@ class SharedHostTier(SlabTier):
             slot_of_row = buf[self._index_off : self._index_off + info.rows * 4].view(np.int32)
             slot_of_row[:] = -1
             slot_of_row[rows] = np.arange(len(rows), dtype=np.int32)
-            step = max(1, (32 << 20) // max(1, info.row_bytes))
-            for s in range(0, len(rows), step):
-                disk.read(rows[s : s + step], slab[s : s + step])
-                progress(1)
+            # from the hot-set snapshot where it holds them, else the row file (tiers.hotset); a
+            # progress record per load step tells the waiters this filler is alive
+            self.open_stats = load_slots(_SlabWriter(info, slab), np.arange(len(rows)), rows, disk=disk,
+                                         snapshot=snapshot, progress=lambda: progress(1))
             del slot_of_row
         m.flush()
         del buf, slab, m
@@ -326,7 +341,7 @@ class SharedHostTier(SlabTier):
         raise TierStoreError(f"{self.path}: the shared host tier is read-only after its fill "
                              "(its static index never admits a row)")
 
-    def preload(self, disk: DiskTier, source: Tier | None = None) -> None:
+    def preload(self, disk: DiskTier, source: Tier | None = None, snapshot: object = None) -> None:
         """Nothing to load: filled once, at construction, by whichever process opened it first."""
 
     def stats(self) -> dict[str, float]:

@@ -23,6 +23,7 @@ from ..cache import CacheIndex
 from ..cache.layout import RESIDENT
 from ..format.spec import TableInfo
 from .cuda import PinnedRegion, StreamFences, device_view
+from .hotset import OpenStats
 
 __all__ = ["SlabTier"]
 
@@ -57,6 +58,7 @@ class SlabTier:
         self.fences: StreamFences | None = None  # CUDA only: cross-stream order of gathers and fills
         self.pinned: PinnedRegion | None = None  # CUDA only: the host slab registered with CUDA
         self._on_gpu: torch.Tensor | None = None  # CUDA only: the GPU's view of the pinned slab (zero-copy)
+        self.open_stats = OpenStats()  # what preload loaded, from where (stats()["open"])
 
     @property
     def nbytes(self) -> int:

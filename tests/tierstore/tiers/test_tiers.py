@@ -149,14 +149,14 @@ def test_hot_set_loads_in_bounded_steps(tmp_path, small_ckpt, monkeypatch):
     (an 8 GiB host tier must not stage 8 GiB more while it loads), and still loads every row
     exactly: the rows answer from the tiers, bit for bit."""
     from tierstore.format.profile import save_profile
-    from tierstore.tiers import cache as cache_mod
+    from tierstore.tiers import hotset as hotset_mod
     from tierstore.tiers.disk import DiskTier
 
     ckpt, tensors = small_ckpt
     path = tierstore.build_store(ckpt, tmp_path / "store", progress=False)
     counts = np.random.default_rng(1).integers(1, 1000, 5003)
     save_profile(path, T1, counts)
-    monkeypatch.setattr(cache_mod, "PRELOAD_BYTES", 100 * 256)  # 100 rows of 64 float32
+    monkeypatch.setattr(hotset_mod, "PRELOAD_BYTES", 100 * 256)  # 100 rows of 64 float32
     calls: list[int] = []
     real = DiskTier.gather
 

@@ -1,0 +1,81 @@
+"""The hot-set snapshot file (tierstore.format.snapshot): layout, prefixes, checks."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from tierstore.errors import CorruptDataError, FormatVersionError, TierStoreError
+from tierstore.format.snapshot import (SNAPSHOT_MAGIC, SnapshotLayout, parse_snapshot_header, read_snapshot,
+                                       write_snapshot)
+from tierstore.format.spec import PAGE_SIZE, TableInfo, make_header
+
+
+def _info(rows: int, dim: int, dtype: str = "uint8") -> TableInfo:
+    stride = (dim + 15) // 16 * 16
+    return TableInfo("t", rows, dim, dtype, stride, "tables/t0000.rows", "tables/t0000.sum",
+                     TableInfo.expected_file_bytes(rows, stride))
+
+
+def _table(rows: int, row_bytes: int) -> np.ndarray:
+    return np.random.default_rng(rows).integers(0, 256, (rows, row_bytes), dtype=np.uint8)
+
+
+@pytest.mark.parametrize("row_bytes", [264, 4096, 5000, 8])
+def test_round_trip_and_every_prefix(tmp_path, row_bytes):
+    """Rows of any width (a 264-byte V4.1 row straddles pages, a 5000-byte one spans two),
+    written in small chunks, read back whole and as prefixes, bit for bit."""
+    info, table = _info(3000, row_bytes), _table(3000, row_bytes)
+    ids = np.random.default_rng(1).permutation(3000)[:1234]
+    calls = []
+
+    def fetch(chunk):
+        calls.append(len(chunk))
+        return table[chunk]
+
+    head = write_snapshot(tmp_path / "t.hot", info, "b" * 32, ids, fetch, chunk_bytes=50 * row_bytes + 7)
+    assert max(calls) <= 50 and sum(calls) == len(ids)
+    lay = SnapshotLayout(len(ids), row_bytes, 4)
+    assert (tmp_path / "t.hot").stat().st_size == lay.file_bytes == head["bytes"]
+    for k in (None, 0, 1, 17, 1234, 5000):
+        h, got_ids, rows = read_snapshot(tmp_path / "t.hot", k)
+        n = len(ids) if k is None else min(k, len(ids))
+        assert h["build_id"] == "b" * 32 and h["n"] == len(ids)
+        assert np.array_equal(got_ids, ids[:n]) and np.array_equal(rows, table[ids[:n]])
+
+
+def test_a_flipped_bit_anywhere_read_is_caught(tmp_path):
+    info, table = _info(500, 264), _table(500, 264)
+    ids = np.arange(499, -1, -1)
+    write_snapshot(tmp_path / "t.hot", info, "x", ids, lambda c: table[c])
+    raw = (tmp_path / "t.hot").read_bytes()
+    lay = SnapshotLayout(500, 264, 4)
+    for page in (0, lay.first_data_page, lay.first_data_page + lay.id_pages, lay.first_data_page + lay.data_pages - 1):
+        bad = bytearray(raw)
+        bad[page * PAGE_SIZE + 100] ^= 1
+        (tmp_path / "bad.hot").write_bytes(bytes(bad))
+        with pytest.raises(CorruptDataError):
+            read_snapshot(tmp_path / "bad.hot")
+    (tmp_path / "short.hot").write_bytes(raw[:-PAGE_SIZE])
+    with pytest.raises(CorruptDataError, match="truncated"):
+        read_snapshot(tmp_path / "short.hot")
+
+
+def test_header_checks(tmp_path):
+    info = _info(10, 16)
+    head = {"format": "tierstore-hotset", "version": 2}
+    with pytest.raises(FormatVersionError, match="profile --save-profile"):
+        parse_snapshot_header(make_header(SNAPSHOT_MAGIC, head, "snapshot"), "x")
+    with pytest.raises(CorruptDataError, match="magic"):
+        parse_snapshot_header(b"\0" * PAGE_SIZE, "x")
+    write_snapshot(tmp_path / "t.hot", info, "id", np.arange(10), lambda c: np.zeros((len(c), 16), np.uint8))
+    page = (tmp_path / "t.hot").read_bytes()[:PAGE_SIZE]
+    n = int.from_bytes(page[16:20], "little")
+    doc = json.loads(page[20:20 + n])
+    doc["n"] = 1000  # its page counts no longer match
+    with pytest.raises(CorruptDataError, match="page counts"):
+        parse_snapshot_header(make_header(SNAPSHOT_MAGIC, doc, "snapshot"), "x")
+    with pytest.raises(TierStoreError, match="row ids"):
+        write_snapshot(tmp_path / "u.hot", info, "id", np.array([10]), lambda c: c)

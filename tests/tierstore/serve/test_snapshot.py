@@ -1,0 +1,327 @@
+"""Open in O(hot set): a saved hot-set snapshot lets open read ~the hot bytes, not the table.
+
+Bytes are counted by wrapping every ``PageReader.read_pages`` (the row file's and the
+snapshot's readers: every byte open reads goes through one), not by the store's own counters;
+no timings. Each bound has its negative control: the same open without a snapshot (the
+row-file path) reads several times the hot bytes.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import save_file
+
+import tierstore
+from tierstore.errors import CorruptDataError
+from tierstore.format.profile import save_profile
+from tierstore.format.snapshot import read_snapshot, snapshot_path
+from tierstore.tiers import hotset as hotset_mod
+from tierstore.tiers.page_reader import PageReader
+
+from ...conftest import bits, random_table
+
+T = "blocks.1.engram.memory.weight"
+N, DIM = 40_000, 128  # float16: 256-byte rows, 16 to a page; a 10 MiB table
+HOT = 4096  # scattered profiled rows (1 MiB): the host budget holds exactly them
+BUDGETS = dict(device="cpu", device_budget=1024 * 256, host_budget=HOT * 256)
+
+
+@pytest.fixture(scope="module")
+def table(tmp_path_factory) -> tuple[Path, torch.Tensor, np.ndarray]:
+    d = tmp_path_factory.mktemp("snap")
+    w = random_table(N, DIM, torch.float16, seed=7)
+    save_file({T: w}, str(d / "m.safetensors"))
+    store = tierstore.build_store(d / "m.safetensors", d / "store", progress=False)
+    rng = np.random.default_rng(3)
+    hot = rng.choice(N, size=HOT, replace=False)  # scattered over every page of the table
+    counts = np.zeros(N, np.int64)
+    counts[hot] = rng.integers(1, 50, HOT)  # many ties: the ranking breaks them by row id
+    save_profile(store, T, counts)
+    return store, w, counts
+
+
+@pytest.fixture
+def store(table, tmp_path) -> tuple[Path, torch.Tensor, np.ndarray]:
+    src, w, counts = table
+    dst = tmp_path / "store"
+    shutil.copytree(src, dst)
+    return dst, w, counts
+
+
+class ReadCounter:
+    """Bytes read through every PageReader while installed."""
+
+    def __init__(self, monkeypatch: pytest.MonkeyPatch):
+        self.bytes = 0
+        real = PageReader.read_pages
+
+        def counted(reader, pages, out=None):
+            self.bytes += len(pages) * 4096
+            return real(reader, pages, out)
+
+        monkeypatch.setattr(PageReader, "read_pages", counted)
+
+
+def _open(path: Path, counter: ReadCounter, **kw) -> tuple[tierstore.Store, int]:
+    before = counter.bytes
+    s = tierstore.open(path, **{**BUDGETS, **kw})
+    return s, counter.bytes - before
+
+
+def _hot_bytes(s: tierstore.Store) -> int:
+    """Bytes of the rows the budgets hold at open: the host tier's placed rows (the device
+    tier's are a prefix of the same ranking, all among them: checked)."""
+    t = s._tables[T]
+    host = t.host.index.row_of_slot[t.host.index.row_of_slot >= 0]
+    dev = t.dev.index.row_of_slot[t.dev.index.row_of_slot >= 0]
+    assert np.isin(dev, host).all()
+    return len(host) * t.info.row_bytes
+
+
+def _check_rows(s: tierstore.Store, w: torch.Tensor, counts: np.ndarray) -> None:
+    hot = np.flatnonzero(counts)
+    for ids in (hot, np.random.default_rng(0).integers(0, N, 3000)):
+        got = s.lookup(T, ids)
+        assert torch.equal(bits(got), bits(w[torch.from_numpy(ids)])), "rows differ from the checkpoint"
+
+
+@pytest.mark.parametrize("policy", ["static", "default"])
+def test_open_reads_about_the_hot_bytes_with_a_snapshot(store, monkeypatch, policy):
+    path, w, counts = store
+    counter = ReadCounter(monkeypatch)
+    s, without = _open(path, counter, policy=policy)  # negative control: the row-file path
+    with s:
+        hot = _hot_bytes(s)
+        assert s.stats()["open"]["source"] == "host+rows" and s.stats()["open"]["snapshot"] == "none"
+    assert without > 3 * hot, f"the row-file path read {without / hot:.2f}x the hot bytes: no scattering to fix?"
+
+    head = tierstore.save_snapshot(path)[T]
+    assert head["n"] == HOT
+    s, with_snap = _open(path, counter, policy=policy)
+    with s:
+        o = s.stats()["open"]
+        assert with_snap <= 1.2 * hot, f"open read {with_snap / hot:.3f}x the hot bytes ({with_snap} of {hot})"
+        assert o["snapshot"] == "ok" and o["source"] == "host+snapshot" and o["from_rows"] == 0
+        assert o["host"]["from_snapshot"] == hot // 256 and o["host"]["bytes_read"] >= hot
+        # the device tier's rows all come from the host slab: nothing read for it
+        assert o["device"]["source"] == "host" and o["device"]["bytes_read"] == 0
+        assert o["bytes_read"] <= with_snap  # the store's own count (the row file's header page is not a tier's)
+        _check_rows(s, w, counts)
+    print(f"\n{policy}: open read {without / hot:.2f}x the hot bytes without a snapshot, {with_snap / hot:.3f}x with")
+
+
+def test_hot_rows_served_from_the_tiers_after_a_snapshot_open(store):
+    path, w, counts = store
+    tierstore.save_snapshot(path)
+    with tierstore.open(path, policy="static", **BUDGETS) as s:
+        hot = np.flatnonzero(counts)
+        got = s.lookup(T, hot)
+        st = s.stats()
+        assert torch.equal(bits(got), bits(w[torch.from_numpy(hot)]))
+        assert st["disk"]["rows_read"] == 0 and st["device"]["hits"] + st["host"]["hits"] == HOT
+
+
+def test_a_snapshot_of_another_build_is_ignored(store, tmp_path):
+    """A rebuild (new build id, here new rows) keeps no snapshot of the old rows in use."""
+    path, w, counts = store
+    tierstore.save_snapshot(path)
+    keep = tmp_path / "kept"
+    shutil.copytree(path / "profiles", keep)
+    w2 = random_table(N, DIM, torch.float16, seed=8)
+    save_file({T: w2}, str(tmp_path / "m2.safetensors"))
+    tierstore.build_store(tmp_path / "m2.safetensors", path, force=True, progress=False)
+    shutil.copytree(keep, path / "profiles")  # the old profile and snapshot, in the new store
+    with tierstore.open(path, policy="static", **BUDGETS) as s:
+        o = s.stats()["open"]
+        assert o["snapshot"] == "stale" and o["from_snapshot"] == 0 and o["from_rows"] > 0
+        assert "rebuilt since" in s.stats()["tables"][T]["open"]["snapshot"]
+        _check_rows(s, w2, counts)
+
+
+@pytest.mark.parametrize("where", ["row page", "id page", "header"])
+def test_a_damaged_snapshot_is_ignored_and_rows_stay_exact(store, where):
+    """A snapshot failing a check is ignored (the row file is the truth): open works, its
+    rows come from the row file, stats say why; a direct read raises CorruptDataError."""
+    path, w, counts = store
+    tierstore.save_snapshot(path)
+    snap = snapshot_path(path, T)
+    head, _, _ = read_snapshot(snap, 0)
+    first_data = 1 + head["sum_pages"]
+    page = {"row page": first_data + head["id_pages"] + 3, "id page": first_data, "header": 0}[where]
+    with open(snap, "r+b") as f:
+        f.seek(page * 4096 + 40)
+        b = f.read(1)
+        f.seek(page * 4096 + 40)
+        f.write(bytes([b[0] ^ 0x10]))
+    with pytest.raises(CorruptDataError):
+        read_snapshot(snap)
+    with tierstore.open(path, policy="static", **BUDGETS) as s:
+        o = s.stats()["open"]
+        assert o["snapshot"] == "ignored" and o["from_rows"] > 0, o
+        assert o["from_source"] + o["from_snapshot"] + o["from_rows"] == o["rows_loaded"]
+        _check_rows(s, w, counts)
+
+
+def test_hot_ordered_store_loads_in_file_order(tmp_path, monkeypatch):
+    """A hot-ordered store (build --order-by-profile) holds its hot rows at the front of the
+    row file; open loads them a step at a time in *file* order, reading each page once: at
+    most 1.2x the hot bytes with small steps (in row-id order each step touched pages all over
+    the hot region, and pages were read again by later steps)."""
+    w = random_table(N, DIM, torch.float16, seed=7)
+    save_file({T: w}, str(tmp_path / "m.safetensors"))
+    prof = tierstore.build_store(tmp_path / "m.safetensors", tmp_path / "p", progress=False)
+    counts = np.zeros(N, np.int64)
+    rng = np.random.default_rng(3)
+    counts[rng.choice(N, size=HOT, replace=False)] = rng.integers(1, 1000, HOT)  # rank order is not id order
+    save_profile(prof, T, counts)
+    path = tierstore.build_store(tmp_path / "m.safetensors", tmp_path / "store", order_by=prof, progress=False)
+    save_profile(path, T, counts)
+    monkeypatch.setattr(hotset_mod, "PRELOAD_BYTES", 64 * 256)  # 64 rows per step
+    counter = ReadCounter(monkeypatch)
+    s, got = _open(path, counter, policy="static")
+    with s:
+        hot = _hot_bytes(s)
+        assert got <= 1.2 * hot, f"open read {got / hot:.2f}x the hot bytes of a hot-ordered store"
+        _check_rows(s, w, counts)
+
+
+def test_profile_command_writes_the_snapshot(store, tmp_path, capsys):
+    from tierstore_cli.cli import main as cli
+
+    path, w, counts = store
+    trace = np.repeat(np.arange(N), counts)
+    np.save(tmp_path / "t.npy", trace)
+    assert cli(["profile", "--trace", str(tmp_path / "t.npy"), "--store", str(path), "--save-profile"]) == 0
+    head, ids, _ = read_snapshot(snapshot_path(path, T))
+    from tierstore.format.profile import hot_rows
+    assert np.array_equal(ids, hot_rows(counts, N)), "the snapshot holds the profile's ranking"
+    assert "hot-set snapshot" in capsys.readouterr().err
+    assert cli(["profile", "--trace", str(tmp_path / "t.npy"), "--store", str(path), "--save-profile",
+                "--snapshot", "64KiB"]) == 0
+    assert read_snapshot(snapshot_path(path, T))[0]["n"] == 256
+    assert cli(["profile", "--trace", str(tmp_path / "t.npy"), "--store", str(path), "--save-profile",
+                "--snapshot", "0"]) == 0
+    assert not snapshot_path(path, T).exists()
+
+
+_KILLED_WRITER = textwrap.dedent("""
+    import os, signal, sys
+    import numpy as np
+    import tierstore
+    from tierstore.format.profile import save_profile
+    store, table, op, nth = sys.argv[1], sys.argv[2], sys.argv[3], int(sys.argv[4])
+    counts = np.zeros(tierstore.open(store, device="cpu").tables[table].rows, np.int64)
+    counts[::7] = 1
+    save_profile(store, table, counts)
+    real, calls = getattr(os, op), [0]
+    def killing(*a, **k):
+        calls[0] += 1
+        if calls[0] == nth:
+            os.kill(os.getpid(), signal.SIGKILL)
+        return real(*a, **k)
+    setattr(os, op, killing)
+    tierstore.save_snapshot(store, [table], chunk_bytes="64KiB")
+""")
+
+
+@pytest.mark.parametrize("op,nth", [("pwrite", 1), ("pwrite", 20), ("fsync", 1), ("replace", 1)])
+def test_a_snapshot_write_killed_leaves_the_old_one(store, op, nth):
+    """SIGKILL in the middle of writing a snapshot (after the n-th write, at the fsync, at
+    the rename): the old snapshot stays, whole, and the store opens and serves exact rows."""
+    path, w, counts = store
+    tierstore.save_snapshot(path)
+    snap = snapshot_path(path, T)
+    old = snap.read_bytes()
+    env = {**os.environ, "PYTHONPATH": str(Path(tierstore.__file__).parents[1])}
+    r = subprocess.run([sys.executable, "-c", _KILLED_WRITER, str(path), T, op, str(nth)], env=env,
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode == -signal.SIGKILL, r.stderr[-2000:]
+    assert snap.read_bytes() == old, "a killed write changed the snapshot"
+    save_profile(path, T, counts)  # the killed process saved another profile first
+    with tierstore.open(path, policy="static", **BUDGETS) as s:
+        assert s.stats()["open"]["snapshot"] == "ok"
+        _check_rows(s, w, counts)
+
+
+def test_a_profile_saved_after_the_snapshot_loads_exact_rows(store):
+    """A profile replaced without rewriting the snapshot (``save_profile`` alone): the rows
+    both rank are taken from the snapshot wherever they sit in it, the others from the row
+    file; every row is exact."""
+    path, w, counts = store
+    tierstore.save_snapshot(path)
+    rng = np.random.default_rng(11)
+    counts2 = counts.copy()
+    moved = rng.choice(np.flatnonzero(counts), size=HOT // 2, replace=False)
+    counts2[moved] = 0  # half the old hot rows are cold now, others hot instead
+    counts2[rng.choice(np.flatnonzero(counts == 0), size=HOT // 2, replace=False)] = rng.integers(1, 50, HOT // 2)
+    save_profile(path, T, counts2)
+    with tierstore.open(path, policy="static", **BUDGETS) as s:
+        o = s.stats()["open"]
+        assert o["snapshot"] == "ok" and o["from_snapshot"] > 0 and o["from_rows"] > 0, o
+        assert o["from_source"] + o["from_snapshot"] + o["from_rows"] == o["rows_loaded"]
+        _check_rows(s, w, counts2)
+
+
+def test_the_shared_host_tier_fills_from_the_snapshot(store, monkeypatch):
+    """host_shared=True: the process that fills the shared tier reads its rows from the
+    snapshot too (the row-file path as the negative control)."""
+    path, w, counts = store
+    counter = ReadCounter(monkeypatch)
+    budgets = dict(device="cpu", device_budget=1024 * 256, host_budget=HOT * 256, host_shared=True)
+    s, without = _open(path, counter, **budgets)
+    with s:
+        assert s.stats()["open"]["host"]["source"] == "rows"
+    tierstore.save_snapshot(path)
+    s, got = _open(path, counter, **budgets)
+    with s:
+        o = s.stats()["open"]
+        assert o["host"]["source"] == "snapshot" and o["device"]["source"] == "host", o
+        _check_rows(s, w, counts)
+    hot = HOT * 256
+    assert got <= 1.2 * hot < 3 * hot < without, (got / hot, without / hot)
+
+
+def test_load_slots_reports_progress_per_step(store, monkeypatch):
+    """``progress`` ticks once per bounded step, from every source (the shared host tier's
+    fill uses it as its heartbeat to waiting processes)."""
+    from tierstore.format.spec import read_manifest
+    from tierstore.tiers.disk import DiskTier
+
+    path, w, counts = store
+    tierstore.save_snapshot(path, max_bytes=100 * 256)  # the first 100 ranked rows; the rest from the row file
+    info = read_manifest(path).tables[T]
+    build = read_manifest(path).build_id
+    monkeypatch.setattr(hotset_mod, "PRELOAD_BYTES", 64 * 256)
+    rows = np.flatnonzero(counts)[:300]  # some in the snapshot (wherever ranked), the rest not
+
+    class Slab:
+        def __init__(self):
+            self.info, self.device = info, torch.device("cpu")
+            self.slab = torch.zeros((len(rows), DIM), dtype=info.raw_dtype)
+
+        def write(self, slots, got):
+            self.slab.index_copy_(0, torch.from_numpy(slots), got)
+
+    disk = DiskTier(path, info)
+    snap, status = hotset_mod.TableSnapshot.open(path, info, build)
+    ticks = []
+    try:
+        tier = Slab()
+        st = hotset_mod.load_slots(tier, np.arange(len(rows)), rows, disk=disk, snapshot=snap,
+                                   progress=lambda: ticks.append(1))
+    finally:
+        snap.close()
+        disk.close()
+    assert status == "ok" and st.from_snapshot > 0 and st.from_rows > 0
+    assert len(ticks) == -(-st.from_snapshot // 64) + -(-st.from_rows // 64)
+    assert torch.equal(bits(tier.slab.view(torch.float16)), bits(w[torch.from_numpy(rows)]))
