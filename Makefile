@@ -4,7 +4,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test bench gpu-check clean-venv
+.PHONY: demo test test-all bench gpu-check clean-venv
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -20,7 +20,14 @@ $(STAMP): pyproject.toml
 demo: $(STAMP)
 	$(BIN)/python -m tierstore_cli.demo
 
+# The fast tier (the edit-test loop, <= 4 min on 2 cores): everything not marked slow.
 test: $(STAMP)
+	$(BIN)/python -m pytest -q -m "not slow" tests
+
+# The whole suite (CI runs this, <= 12 min on 2 cores): the fast tier plus the slow tests
+# (the soak matrix, crash and fault matrices, spawned ranks and processes, the benchmarks'
+# quick modes, tests that train their own checkpoint).
+test-all: $(STAMP)
 	$(BIN)/python -m pytest -q tests
 
 # Every benchmark with a quick mode, at its tiny size (seconds to a minute each): a check

@@ -65,8 +65,7 @@ from ..format.quant import dequantize
 from ..format.spec import TableInfo
 from ..ids import IdLike, as_row_ids
 from .prefetcher import LatencyStats, LookupFuture
-from .store import Store
-from .table import find_table
+from .store import Store, find_table
 
 __all__ = ["shard_dir", "build_shard", "ShardedStore", "open_sharded"]
 

@@ -8,14 +8,15 @@ import os
 import weakref
 from collections.abc import Callable, Mapping
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import numpy as np
 import torch
 
 from .buffers import BufferPool
 from ..cache.registry import PolicySpec
-from ..errors import CapacityError, CorruptDataError, StoreChangedError, StoreClosedError, TierStoreError
+from ..errors import (CapacityError, CorruptDataError, StoreChangedError, StoreClosedError, TierStoreError,
+                      UnknownTableError)
 from ..format.quant import dequantize
 from ..format.spec import TableInfo, read_manifest
 from ..ids import IdLike, as_row_ids, check_id_tensor
@@ -25,7 +26,7 @@ from ..format.recovery import recover
 from ..sizes import format_size, parse_size
 from ..tiers.cuda import check_device_room
 from ..tiers.disk import READERS
-from .table import Table, find_table
+from .table import Table
 
 __all__ = ["Store", "open_store", "IdLike", "INLINE_BELOW"]
 
@@ -108,6 +109,26 @@ def _sum_open(opens: list[dict[str, Any]]) -> dict[str, Any]:
     for tier in ("device", "host"):
         total[tier] = merge([o[tier] for o in opens])
     return total
+
+
+T = TypeVar("T")
+
+
+def find_table(tables: Mapping[str, T], table: object, where: str) -> T:
+    """``tables[table]``, or :class:`UnknownTableError` naming the value, its type when it is
+    no str (a list or a tensor passed as the name raised a bare TypeError: unhashable), and
+    the tables ``where`` holds. Every entry point that takes a table name comes through here."""
+    if isinstance(table, str):
+        found = tables.get(table)
+        if found is not None:
+            return found
+        problem = f"no table {table!r}"
+    else:
+        shown = repr(table)
+        shown = shown if len(shown) <= 80 else shown[:77] + "..."
+        problem = f"a table name is a str, not {type(table).__name__} ({shown}; were the table and ids swapped?)"
+    known = ", ".join(sorted(tables)[:10]) or "none"
+    raise UnknownTableError(f"{problem} in {where}; tables: {known}")
 
 
 class Store:

@@ -24,42 +24,20 @@ CPU, ``_move`` is the path it always was.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
 
 import numpy as np
 import torch
 
 from ..cache.layout import FILL, HIT, NONE, RESIDENT
 from ..cache.lookup import Lookup, Walker
-from ..errors import UnknownTableError
 from ..format.spec import TableInfo
 from ..tiers import CacheTier, DiskTier, SharedHostTier, Tier
 from ..tiers.cuda import capacity_error, to_device
 from ..tiers.hotset import TableSnapshot
 
-__all__ = ["Table", "find_table"]
-
-T = TypeVar("T")
-
-
-def find_table(tables: Mapping[str, T], table: object, where: str) -> T:
-    """``tables[table]``, or :class:`UnknownTableError` naming the value, its type when it is
-    no str (a list or a tensor passed as the name raised a bare TypeError: unhashable), and
-    the tables ``where`` holds. Every entry point that takes a table name comes through here."""
-    if isinstance(table, str):
-        found = tables.get(table)
-        if found is not None:
-            return found
-        problem = f"no table {table!r}"
-    else:
-        shown = repr(table)
-        shown = shown if len(shown) <= 80 else shown[:77] + "..."
-        problem = f"a table name is a str, not {type(table).__name__} ({shown}; were the table and ids swapped?)"
-    known = ", ".join(sorted(tables)[:10]) or "none"
-    raise UnknownTableError(f"{problem} in {where}; tables: {known}")
-
+__all__ = ["Table"]
 
 class Table:
     """One table's lookups through its tiers. The tiers are built here (which class serves
