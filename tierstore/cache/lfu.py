@@ -35,7 +35,7 @@ def hit(T, s):  # pragma: no cover - compiled
 
 @kernel(inline=True)
 def miss(T, r):  # pragma: no cover - compiled
-    M, sor, ros, ref, K, L = T[0], T[1], T[2], T[3], T[5], T[6]
+    M, RM, ros, ref, K, L = T[0], T[1], T[2], T[3], T[5], T[6]
     if M[P_PARKED_AT] != M[M_EPOCH]:  # a later lookup: every parked slot back on the heap
         p = q_front(M, L, PARK)
         while p >= 0:
@@ -55,8 +55,8 @@ def miss(T, r):  # pragma: no cover - compiled
             h_remove(M, K, s)  # leased (by this lookup, or one in flight): park it
             q_push(M, L, PARK, s)
         h_remove(M, K, s)
-        unmap(M, sor, ros, s)
-    place(M, sor, ros, s, r)
+        unmap(M, RM, ros, s)
+    place(M, RM, ros, s, r)
     prefill(T, s, r)
     return s
 
