@@ -22,7 +22,6 @@ import json
 import sys
 import time
 
-import numpy as np
 from tqdm import tqdm
 
 from tierstore.analysis import plots
@@ -97,12 +96,12 @@ def run_profile(args: argparse.Namespace) -> int:
         if not args.store:
             raise TierStoreError("--save-profile records into a store: give --store STORE")
         for t in tables:
-            counts = count_rows(t.trace.rows, t.sim_rows)
+            seen, counts = count_rows(t.trace.rows, t.sim_rows, sparse=True)  # rows read, not every row
             # under the store's name of the table: a .npy trace's "trace" would never be loaded
-            path = save_profile(args.store, t.store_table, counts, meta={"source": str(args.trace),
-                                                                   "lookups": int(t.trace.rows.size)})
+            path = save_profile(args.store, t.store_table, (seen, counts), n_rows=t.sim_rows,
+                                meta={"source": str(args.trace), "lookups": int(t.trace.rows.size)})
             print(f"saved profile of {t.store_table}: {int(counts.sum()):,} accesses, "
-                  f"{int(np.count_nonzero(counts)):,} rows seen -> {path}", file=sys.stderr)
+                  f"{seen.size:,} rows seen -> {path}", file=sys.stderr)
         if args.capacity is None and not args.plot and not args.rank_plot:
             return 0
     policies = _policies(args.policy)

@@ -6,15 +6,22 @@ device tier, the next the host tier, and the ``default`` policy keeps a ranked c
 
 On disk, per table, in ``STORE/profiles/``:
 
-* ``<table>.npy.zst``: the counts as a zstd-compressed ``.npy`` (int32 when the largest
-  count fits, else int64; zero runs of the cold tail compress to almost nothing);
-* ``<table>.json``: ``{"format": "tierstore-profile", "version": 1, "table", "rows",
-  "dtype", "total", "nonzero", "source", ...}`` (written last, so a present JSON means a
-  complete profile).
+* ``<table>.npy.zst``: a zstd-compressed ``.npy``. Version 2 (written now): int64
+  ``(2, nonzero)``, the rows read (ascending) over their counts (> 0), so the file and a
+  load of it follow the rows a trace saw, never the table's rows. Version 1 (still read):
+  one count per table row (int32 when the largest count fits, else int64).
+* ``<table>.json``: ``{"format": "tierstore-profile", "version": 2, "table", "rows",
+  "dtype", "total", "nonzero", "sha256", "source", ...}`` (written last, so a present JSON
+  means a complete profile; ``sha256`` of the uncompressed ``.npy``, version 2 only: a
+  changed row id keeps every total).
+
+A store keeps only the hottest rows its tiers can hold (``load_profile(..., top=k)``, a
+:class:`TopProfile`); a version-1 file is then streamed a chunk at a time.
 """
 
 from __future__ import annotations
 
+import hashlib
 import io
 import json
 import re
@@ -32,7 +39,8 @@ __all__ = ["PROFILE_FORMAT", "Profile", "TopProfile", "as_profile", "profile_pat
            "save_profile", "load_profile", "profile_info", "has_profile", "zipf_fit"]
 
 PROFILE_FORMAT = "tierstore-profile"
-PROFILE_VERSION = 1
+PROFILE_VERSION = 2  # sparse; 1 (a count per table row) is still read
+_VERSIONS = (1, 2)
 _SAFE = re.compile(r"[^A-Za-z0-9._-]")
 
 
@@ -45,10 +53,14 @@ def profile_paths(store: str | Path, table: str) -> tuple[Path, Path]:
     return d / f"{stem}.npy.zst", d / f"{stem}.json"
 
 
-def count_rows(rows: np.ndarray, n_rows: int) -> np.ndarray:
-    """Access count per row (int64, len ``n_rows``) of a trace of row ids. Ids are checked
-    by the one id validator (``IdTypeError``, ``InvalidIdError``)."""
+def count_rows(rows: np.ndarray, n_rows: int, *, sparse: bool = False) -> np.ndarray | tuple[np.ndarray, np.ndarray]:
+    """Access count per row (int64, len ``n_rows``) of a trace of row ids; ``sparse``: the
+    pair (rows read, ascending; their counts), sized by the trace, not the table. Ids are
+    checked by the one id validator (``IdTypeError``, ``InvalidIdError``)."""
     flat, _ = as_row_ids(rows, n_rows, where="the trace", copy=False)
+    if sparse:
+        seen, n = np.unique(flat, return_counts=True)
+        return seen.astype(np.int64), n.astype(np.int64)
     return np.bincount(flat, minlength=n_rows).astype(np.int64)
 
 
@@ -163,31 +175,45 @@ def hot_rows(profile: np.ndarray | TopProfile | None, k: int, *, fill: bool = Fa
     return top.astype(np.int64, copy=False)
 
 
-def save_profile(store: str | Path, table: str, counts: np.ndarray, *,
-                 meta: dict | None = None, level: int = 3) -> Path:
-    """Write ``counts`` (one non-negative integer per row) as ``table``'s profile; returns
-    the counts file. Replaces an existing profile atomically (file by file)."""
+def save_profile(store: str | Path, table: str, counts: np.ndarray | tuple[np.ndarray, np.ndarray], *,
+                 n_rows: int | None = None, meta: dict | None = None, level: int = 3) -> Path:
+    """Write ``table``'s profile: ``counts``, one non-negative integer per row, or a sparse
+    ``(rows, counts)`` pair of a table of ``n_rows`` rows (each row once). Returns the
+    counts file. Replaces an existing profile atomically (file by file)."""
     import zstandard
 
-    counts = np.asarray(counts)
-    if counts.ndim != 1 or counts.dtype.kind not in "iu":
-        raise IdTypeError(f"a profile is a 1-D integer array; got {counts.dtype} {counts.shape}")
-    if counts.size and counts.min() < 0:
-        raise TierStoreError("profile counts must be non-negative")
-    dtype = np.int32 if (counts.size == 0 or counts.max() < 2**31) else np.int64
+    if isinstance(counts, tuple):
+        if n_rows is None:
+            raise TierStoreError("a sparse (rows, counts) profile needs n_rows=, the table's rows")
+        top = TopProfile.from_pairs(*counts, int(n_rows))
+        rows, vals = top.rows, top.counts
+    else:
+        dense = np.asarray(counts)
+        if dense.ndim != 1 or dense.dtype.kind not in "iu":
+            raise IdTypeError(f"a profile is a 1-D integer array; got {dense.dtype} {dense.shape}")
+        if dense.size and dense.min() < 0:
+            raise TierStoreError("profile counts must be non-negative")
+        if n_rows is not None and n_rows != dense.size:
+            raise TierStoreError(f"n_rows={n_rows} but the profile has {dense.size} counts")
+        n_rows = dense.size
+        rows = np.flatnonzero(dense).astype(np.int64)
+        vals = dense[rows].astype(np.int64)
+    order = np.argsort(rows)
+    pairs = np.stack([rows[order], vals[order]]) if rows.size else np.zeros((2, 0), np.int64)
     data, meta_path = profile_paths(store, table)
     try:
         data.parent.mkdir(parents=True, exist_ok=True)
     except OSError as e:
         raise os_error(e, "creating the profiles directory", data.parent) from e
     buf = io.BytesIO()
-    np.save(buf, counts.astype(dtype, copy=False), allow_pickle=False)
+    np.save(buf, pairs, allow_pickle=False)
+    npy = buf.getvalue()
     # write_checksum: zstd's frame checksum catches a damaged counts file on load
-    payload = zstandard.ZstdCompressor(level=level, threads=-1, write_checksum=True).compress(buf.getvalue())
+    payload = zstandard.ZstdCompressor(level=level, threads=-1, write_checksum=True).compress(npy)
     info = {"format": PROFILE_FORMAT, "version": PROFILE_VERSION, "table": table,
-            "rows": int(counts.size), "dtype": np.dtype(dtype).name,
-            "total": int(counts.sum()), "nonzero": int(np.count_nonzero(counts)),
-            **(meta or {})}
+            "rows": int(n_rows), "dtype": "int64", "layout": "sparse",
+            "total": int(pairs[1].sum()), "nonzero": int(pairs.shape[1]),
+            "sha256": hashlib.sha256(npy).hexdigest(), **(meta or {})}
     atomic_write(data, payload)
     atomic_write(meta_path, json.dumps(info, indent=1).encode())  # last: its presence means complete
     return data
@@ -205,7 +231,7 @@ def profile_info(store: str | Path, table: str) -> dict:
             f"no profile for table {table!r} in {str(store)!r}; record one with "
             "`tierstore profile --trace T --store S --save-profile`")
     info = check_versioned(read_json(meta_path, what="profile metadata"), fmt=PROFILE_FORMAT,
-                           version=PROFILE_VERSION, where=str(meta_path), fix="record the profile again")
+                           version=_VERSIONS, where=str(meta_path), fix="record the profile again")
     for key in ("rows", "total", "nonzero"):
         if not is_json_int(info.get(key)) or info[key] < 0:
             raise CorruptDataError(f"profile metadata {str(meta_path)!r} has {key}={info.get(key)!r}")
@@ -230,6 +256,14 @@ def load_profile(store: str | Path, table: str, *, n_rows: int | None = None, mi
     if n_rows is not None and info["rows"] != n_rows:
         raise TierStoreError(f"profile of {table!r} has {info['rows']} rows, the table {n_rows}: "
                              "it was recorded for another table; record it again")
+    if info["version"] >= 2:
+        rows, counts = _load_sparse(data, info)
+        if top is not None:
+            order = np.lexsort((rows, -counts))[: max(0, int(top))]
+            return TopProfile(rows[order], counts[order], info["rows"], complete=rows.size <= max(0, int(top)))
+        dense = np.zeros(info["rows"], np.int64)
+        dense[rows] = counts
+        return dense
     if top is not None:
         return _load_top(data, info, int(top))
     import zstandard
@@ -247,6 +281,33 @@ def load_profile(store: str | Path, table: str, *, n_rows: int | None = None, mi
         raise CorruptDataError(f"profile {str(data)!r} does not match its metadata (total, nonzero): "
                                "damaged; record the profile again")
     return counts.astype(np.int64)
+
+
+def _load_sparse(data: Path, info: dict) -> tuple[np.ndarray, np.ndarray]:
+    """A version-2 file's (rows, counts), checked against its metadata. O(rows read)."""
+    import zstandard
+
+    try:
+        npy = zstandard.ZstdDecompressor().decompress(data.read_bytes(), max_output_size=1 << 38)
+    except Exception as e:  # missing file, zstd errors: the profile is damaged either way
+        raise CorruptDataError(f"profile counts {str(data)!r} are unreadable: {e}") from e
+    if hashlib.sha256(npy).hexdigest() != info.get("sha256"):
+        raise CorruptDataError(f"profile {str(data)!r} does not match its metadata's sha256: damaged; "
+                               "record the profile again")
+    try:
+        pairs = np.load(io.BytesIO(npy), allow_pickle=False)
+    except Exception as e:
+        raise CorruptDataError(f"profile counts {str(data)!r} are unreadable: {e}") from e
+    nz = info["nonzero"]
+    if not isinstance(pairs, np.ndarray) or pairs.shape != (2, nz) or pairs.dtype != np.int64:
+        raise CorruptDataError(f"profile {str(data)!r} holds {getattr(pairs, 'dtype', type(pairs))} "
+                               f"{getattr(pairs, 'shape', '')}, metadata says (2, {nz}) int64")
+    rows, counts = pairs[0], pairs[1]
+    if nz and (rows[0] < 0 or rows[-1] >= info["rows"] or (np.diff(rows) <= 0).any() or counts.min() <= 0) \
+            or int(counts.sum()) != info["total"]:
+        raise CorruptDataError(f"profile {str(data)!r} does not match its metadata (rows, total): "
+                               "damaged; record the profile again")
+    return rows.copy(), counts.copy()
 
 
 _CHUNK = 1 << 20  # counts decompressed per step of a streamed load (8 MiB of int64)
@@ -268,6 +329,8 @@ def _keep_top(rows: np.ndarray, counts: np.ndarray, k: int) -> tuple[np.ndarray,
     lowest ids, as in ``hot_rows``."""
     if rows.size <= k:
         return rows, counts
+    if k <= 0:
+        return _EMPTY, _EMPTY
     thresh = counts[np.argpartition(-counts, k - 1)[k - 1]]
     above = counts > thresh
     tied = counts == thresh
