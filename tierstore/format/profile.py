@@ -259,8 +259,10 @@ def load_profile(store: str | Path, table: str, *, n_rows: int | None = None, mi
     if info["version"] >= 2:
         rows, counts = _load_sparse(data, info)
         if top is not None:
-            order = np.lexsort((rows, -counts))[: max(0, int(top))]
-            return TopProfile(rows[order], counts[order], info["rows"], complete=rows.size <= max(0, int(top)))
+            k = max(0, int(top))
+            rows_k, counts_k = _keep_top(rows, counts, k)  # then sort only those
+            order = np.lexsort((rows_k, -counts_k))
+            return TopProfile(rows_k[order], counts_k[order], info["rows"], complete=rows.size <= k)
         dense = np.zeros(info["rows"], np.int64)
         dense[rows] = counts
         return dense
@@ -307,7 +309,7 @@ def _load_sparse(data: Path, info: dict) -> tuple[np.ndarray, np.ndarray]:
             or int(counts.sum()) != info["total"]:
         raise CorruptDataError(f"profile {str(data)!r} does not match its metadata (rows, total): "
                                "damaged; record the profile again")
-    return rows.copy(), counts.copy()
+    return rows, counts
 
 
 _CHUNK = 1 << 20  # counts decompressed per step of a streamed load (8 MiB of int64)
