@@ -27,7 +27,7 @@ import numpy as np
 
 from ..errors import TierStoreError
 from ..ids import as_row_ids
-from ..format.profile import TopProfile, has_profile, load_profile, profile_info
+from ..format.profile import TopProfile, load_profile
 from ..format.recovery import recover
 from .simulate import TableTrace, Trace, batch_bounds, simulate, simulate_tiers
 
@@ -114,10 +114,8 @@ def traced_tables(trace: Trace, *, table: str | None = None, store: str | Path |
             seen, n_seen = np.unique(pt.rows[pt.rows < sim_rows], return_counts=True)
             profile = TopProfile.from_pairs(seen, n_seen, sim_rows)
         elif store:
-            # every profiled row (the simulated capacities may go up to the table), none else
-            profile = load_profile(store, store_table, n_rows=sim_rows,
-                                   top=profile_info(store, store_table)["nonzero"]) \
-                if has_profile(store, store_table) else None
+            # every profiled row (the simulated capacities may go up to the table), as a top list
+            profile = load_profile(store, store_table, n_rows=sim_rows, top=sim_rows)
         out.append(TracedTable(name, t, n_rows, base, sim_rows, rb, profile, store_table))
     return out
 

@@ -6,14 +6,16 @@ device tier, the next the host tier, and the ``default`` policy keeps a ranked c
 
 On disk, per table, in ``STORE/profiles/``:
 
-* ``<table>.npy.zst``: a zstd-compressed ``.npy``. Version 2 (written now): int64
-  ``(2, nonzero)``, the rows read (ascending) over their counts (> 0), so the file and a
-  load of it follow the rows a trace saw, never the table's rows. Version 1 (still read):
-  one count per table row (int32 when the largest count fits, else int64).
+* ``<table>.npy.zst``: zstd-compressed. Version 2 (written now): a ``.npy`` of int64
+  ``(2, nonzero)``, the rows read (ascending) over their counts (> 0), then the table's
+  rows (int64 LE) and a SHA-256 of all that: the file and a load of it follow the rows a
+  trace saw, never the table's rows. The file checks itself (a changed row id keeps every
+  total), so a save torn between the two files (new counts, old JSON) still loads the new
+  counts whole. Version 1 (still read): a ``.npy`` of one count per table row (int32 when
+  the largest count fits, else int64), checked against the JSON's total and nonzero.
 * ``<table>.json``: ``{"format": "tierstore-profile", "version": 2, "table", "rows",
-  "dtype", "total", "nonzero", "sha256", "source", ...}`` (written last, so a present JSON
-  means a complete profile; ``sha256`` of the uncompressed ``.npy``, version 2 only: a
-  changed row id keeps every total).
+  "dtype", "total", "nonzero", "source", ...}`` (written last, so a present JSON means a
+  complete profile).
 
 A store keeps only the hottest rows its tiers can hold (``load_profile(..., top=k)``, a
 :class:`TopProfile`); a version-1 file is then streamed a chunk at a time.
@@ -207,13 +209,13 @@ def save_profile(store: str | Path, table: str, counts: np.ndarray | tuple[np.nd
         raise os_error(e, "creating the profiles directory", data.parent) from e
     buf = io.BytesIO()
     np.save(buf, pairs, allow_pickle=False)
-    npy = buf.getvalue()
+    body = buf.getvalue() + int(n_rows).to_bytes(8, "little")
     # write_checksum: zstd's frame checksum catches a damaged counts file on load
-    payload = zstandard.ZstdCompressor(level=level, threads=-1, write_checksum=True).compress(npy)
+    payload = zstandard.ZstdCompressor(level=level, threads=-1, write_checksum=True).compress(
+        body + hashlib.sha256(body).digest())
     info = {"format": PROFILE_FORMAT, "version": PROFILE_VERSION, "table": table,
             "rows": int(n_rows), "dtype": "int64", "layout": "sparse",
-            "total": int(pairs[1].sum()), "nonzero": int(pairs.shape[1]),
-            "sha256": hashlib.sha256(npy).hexdigest(), **(meta or {})}
+            "total": int(pairs[1].sum()), "nonzero": int(pairs.shape[1]), **(meta or {})}
     atomic_write(data, payload)
     atomic_write(meta_path, json.dumps(info, indent=1).encode())  # last: its presence means complete
     return data
@@ -286,28 +288,32 @@ def load_profile(store: str | Path, table: str, *, n_rows: int | None = None, mi
 
 
 def _load_sparse(data: Path, info: dict) -> tuple[np.ndarray, np.ndarray]:
-    """A version-2 file's (rows, counts), checked against its metadata. O(rows read)."""
+    """A version-2 file's (rows, counts), checked by its own SHA-256 (not by the JSON's
+    totals, which a save torn between the two files leaves stale). O(rows read)."""
     import zstandard
 
     try:
-        npy = zstandard.ZstdDecompressor().decompress(data.read_bytes(), max_output_size=1 << 38)
+        raw = zstandard.ZstdDecompressor().decompress(data.read_bytes(), max_output_size=1 << 38)
     except Exception as e:  # missing file, zstd errors: the profile is damaged either way
         raise CorruptDataError(f"profile counts {str(data)!r} are unreadable: {e}") from e
-    if hashlib.sha256(npy).hexdigest() != info.get("sha256"):
-        raise CorruptDataError(f"profile {str(data)!r} does not match its metadata's sha256: damaged; "
+    body, digest = raw[:-32], raw[-32:]
+    if len(raw) < 40 or hashlib.sha256(body).digest() != digest:
+        raise CorruptDataError(f"profile counts {str(data)!r} do not match their checksum: damaged; "
                                "record the profile again")
+    n_rows = int.from_bytes(body[-8:], "little")
     try:
-        pairs = np.load(io.BytesIO(npy), allow_pickle=False)
+        pairs = np.load(io.BytesIO(body[:-8]), allow_pickle=False)
     except Exception as e:
         raise CorruptDataError(f"profile counts {str(data)!r} are unreadable: {e}") from e
-    nz = info["nonzero"]
-    if not isinstance(pairs, np.ndarray) or pairs.shape != (2, nz) or pairs.dtype != np.int64:
+    if n_rows != info["rows"]:
+        raise CorruptDataError(f"profile {str(data)!r} is of a table of {n_rows} rows, its metadata says "
+                               f"{info['rows']}: record the profile again")
+    if not isinstance(pairs, np.ndarray) or pairs.ndim != 2 or pairs.shape[0] != 2 or pairs.dtype != np.int64:
         raise CorruptDataError(f"profile {str(data)!r} holds {getattr(pairs, 'dtype', type(pairs))} "
-                               f"{getattr(pairs, 'shape', '')}, metadata says (2, {nz}) int64")
+                               f"{getattr(pairs, 'shape', '')}, not (2, n) int64")
     rows, counts = pairs[0], pairs[1]
-    if nz and (rows[0] < 0 or rows[-1] >= info["rows"] or (np.diff(rows) <= 0).any() or counts.min() <= 0) \
-            or int(counts.sum()) != info["total"]:
-        raise CorruptDataError(f"profile {str(data)!r} does not match its metadata (rows, total): "
+    if rows.size and (rows[0] < 0 or rows[-1] >= n_rows or (np.diff(rows) <= 0).any() or counts.min() <= 0):
+        raise CorruptDataError(f"profile {str(data)!r} holds rows out of order or range, or counts <= 0: "
                                "damaged; record the profile again")
     return rows, counts
 
