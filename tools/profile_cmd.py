@@ -23,7 +23,6 @@ import math
 import sys
 import time
 
-import numpy as np
 from tqdm import tqdm
 
 from tierstore.analysis import plots
@@ -108,12 +107,12 @@ def run_profile(args: argparse.Namespace) -> int:
         if not args.store:
             raise TierStoreError("--save-profile records into a store: give --store STORE")
         for t in tables:
-            counts = count_rows(t.trace.rows, t.sim_rows)
+            seen, counts = count_rows(t.trace.rows, t.sim_rows, sparse=True)  # rows read, not every row
             # under the store's name of the table: a .npy trace's "trace" would never be loaded
-            path = save_profile(args.store, t.store_table, counts, meta={"source": str(args.trace),
-                                                                   "lookups": int(t.trace.rows.size)})
+            path = save_profile(args.store, t.store_table, (seen, counts), n_rows=t.sim_rows,
+                                meta={"source": str(args.trace), "lookups": int(t.trace.rows.size)})
             print(f"saved profile of {t.store_table}: {int(counts.sum()):,} accesses, "
-                  f"{int(np.count_nonzero(counts)):,} rows seen -> {path}", file=sys.stderr)
+                  f"{seen.size:,} rows seen -> {path}", file=sys.stderr)
         from tierstore.serve.snapshot import save_snapshot  # imports torch: only here
 
         for name, head in save_snapshot(args.store, [t.store_table for t in tables],

@@ -27,7 +27,7 @@ import numpy as np
 
 from ..errors import TierStoreError
 from ..ids import as_row_ids
-from ..format.profile import count_rows, load_profile
+from ..format.profile import TopProfile, load_profile
 from ..format.recovery import recover
 from .simulate import TableTrace, Trace, batch_bounds, simulate, simulate_tiers
 
@@ -45,7 +45,7 @@ class TracedTable:
     base: str  # what a fractional capacity is a fraction of: "table rows" or "distinct ids"
     sim_rows: int  # rows the simulated tiers index (max id + 1 when only distinct ids are known)
     row_bytes: int | None  # None: unknown (no store and no --row-bytes); no byte figures then
-    profile: np.ndarray | None  # per-row counts from other text, for static and default
+    profile: TopProfile | None  # the counts of other text (rows seen, ranked), for static and default
     store_table: str | None = None  # the store's table this trace is of
 
 
@@ -110,9 +110,12 @@ def traced_tables(trace: Trace, *, table: str | None = None, store: str | Path |
                                                     if len(profile_trace.tables) == 1 else None)
             if pt is None:
                 raise TierStoreError(f"--profile-trace has no table {name!r}")
-            profile = count_rows(pt.rows[pt.rows < sim_rows], sim_rows)
+            # sparse: one (row, count) per distinct id of the profile trace, not per table row
+            seen, n_seen = np.unique(pt.rows[pt.rows < sim_rows], return_counts=True)
+            profile = TopProfile.from_pairs(seen, n_seen, sim_rows)
         elif store:
-            profile = load_profile(store, store_table, n_rows=sim_rows)
+            # every profiled row (the simulated capacities may go up to the table), as a top list
+            profile = load_profile(store, store_table, n_rows=sim_rows, top=sim_rows)
         out.append(TracedTable(name, t, n_rows, base, sim_rows, rb, profile, store_table))
     return out
 

@@ -29,6 +29,7 @@ from ..cache.lookup import Walker
 from ..cache.layout import CACHED, NONE, RESIDENT
 from ..errors import CorruptDataError, IdTypeError, TierStoreError
 from ..files import atomic_write, check_versioned, is_json_int, os_error
+from ..format.profile import Profile, as_profile
 from ..ids import as_row_ids
 from ..cache import POLICIES
 
@@ -256,11 +257,13 @@ class SimResult:
 
 def simulate(rows: np.ndarray, capacities: list[int], policies: list[str], *,
              n_rows: int | None = None, offsets: np.ndarray | None = None,
-             profile: np.ndarray | None = None, min_batch: int = 1, lookahead: int = 0,
+             profile: Profile | None = None, min_batch: int = 1, lookahead: int = 0,
              rng: int | None = None, table: str = "", warm_opt: bool = True) -> list[SimResult]:
     """Hit ratios of each policy (a registered name or ``opt``) at each capacity (rows).
 
-    ``profile``: per-row counts from *separate* text, for ``static`` and ``default``.
+    ``profile``: counts from *separate* text, for ``static`` and ``default``: one per row,
+    a sparse ``(rows, counts)`` pair or a ``TopProfile``. Memory follows the trace and the
+    capacities, never the table's rows (the tiers' row maps are sized to their capacity).
     ``n_rows``: table size (default: max row id + 1).
     ``warm_opt``: ``opt`` may start with a full cache, like ``static`` and ``default``,
     which preload profile rows (otherwise they could beat the "optimum" by the cold misses).
@@ -273,8 +276,7 @@ def simulate(rows: np.ndarray, capacities: list[int], policies: list[str], *,
     for p in policies:
         if p != "opt" and p not in POLICIES:
             raise TierStoreError(f"unknown policy {p!r}; choose from {', '.join([*POLICIES, 'opt'])}")
-    if profile is not None and np.asarray(profile).shape != (n_rows,):
-        raise TierStoreError(f"profile has {np.asarray(profile).size} counts, the table {n_rows} rows")
+    profile = as_profile(profile, n_rows)  # once, not per capacity x policy
     bounds = batch_bounds(rows.size, offsets, min_batch)
     # LRU without hints, at every capacity from one pass of stack distances (Mattson): exact
     # one access at a time, and exact for recorded batches whenever no batch is longer than
@@ -324,7 +326,7 @@ def simulate(rows: np.ndarray, capacities: list[int], policies: list[str], *,
 
 def simulate_tiers(rows: np.ndarray, device_rows: int, host_rows: int, policy: str, *,
                    n_rows: int, offsets: np.ndarray | None = None,
-                   profile: np.ndarray | None = None, min_batch: int = 1,
+                   profile: Profile | None = None, min_batch: int = 1,
                    lookahead: int = 0) -> dict[str, dict[str, int | float]]:
     """Device tier over host tier over disk, as the store runs them (one policy for both).
 

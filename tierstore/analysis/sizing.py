@@ -19,6 +19,7 @@ from dataclasses import asdict, dataclass
 import numpy as np
 
 from ..errors import TierStoreError
+from ..format.profile import Profile
 from .simulate import simulate_tiers
 
 __all__ = ["smallest_capacity", "size_tiers", "TierSizes"]
@@ -64,7 +65,7 @@ class TierSizes:
 
 
 def size_tiers(rows: np.ndarray, *, n_rows: int, policy: str, device_hit: float, total_hit: float,
-               offsets: np.ndarray | None = None, profile: np.ndarray | None = None, min_batch: int = 1,
+               offsets: np.ndarray | None = None, profile: Profile | None = None, min_batch: int = 1,
                rel: float = 0.02, table: str = "", on_simulation: Callable[[], object] | None = None
                ) -> TierSizes:
     """The smallest device tier whose hit ratio reaches ``device_hit``, then the smallest host

@@ -2,7 +2,7 @@
 
 Two slot queues, T1 (rows seen once recently) and T2 (rows seen at least twice), and two
 exact ghost queues, B1 and B2, remembering the rows recently evicted from T1 and T2
-(``sor[r] = -2 - g``, structs.g_*). A target ``p`` for T1's length adapts: a miss that
+(the row map holds ``-2 - g`` for row r, structs.g_*). A target ``p`` for T1's length adapts: a miss that
 finds its row in B1 raises it (by max(1, |B2|/|B1|)), one in B2 lowers it (by
 max(1, |B1|/|B2|)). REPLACE evicts T1's LRU row into B1 when |T1| > p (or |T1| == p and
 the row came from B2), else T2's LRU row into B2 (T1's when T2 is empty). Case IV of the
@@ -71,24 +71,24 @@ def replace_victim(T, p, from_b2):  # pragma: no cover - compiled
 @kernel
 def evict(T, s, ghost):  # pragma: no cover - compiled
     """Evict slot s; remember its row in B1/B2 (by s's queue) when ``ghost``."""
-    M, sor, ros, L, GH = T[0], T[1], T[2], T[6], T[7]
+    M, RM, ros, L, GH = T[0], T[1], T[2], T[6], T[7]
     q = L[L_QID, s]
     q_unlink(M, L, s)
-    r = unmap(M, sor, ros, s)
+    r = unmap(M, RM, ros, s)
     if ghost and r >= 0:
-        g_add(M, GH, sor, B1 if q == T1 else B2, r, M[P_C])
+        g_add(M, GH, RM, B1 if q == T1 else B2, r, M[P_C])
 
 
 @kernel(inline=True)
 def miss(T, r):  # pragma: no cover - compiled
-    M, sor, ros, L, GH = T[0], T[1], T[2], T[6], T[7]
+    M, RM, ros, L, GH = T[0], T[1], T[2], T[6], T[7]
     c = M[P_C]
-    g = g_of(sor, r)
+    g = g_of(RM, r)
     s = take_free(M, L)
     if s >= 0:  # not full yet: nothing to evict (and no ghost can exist)
         if g >= 0:
-            g_remove(M, GH, sor, g)
-        place(M, sor, ros, s, r)
+            g_remove(M, GH, RM, g)
+        place(M, RM, ros, s, r)
         q_push(M, L, T2 if g >= 0 else T1, s)
         return s
     p = get_p(M)
@@ -104,9 +104,9 @@ def miss(T, r):  # pragma: no cover - compiled
         if s < 0:
             return -1
         set_p(M, p)
-        g_remove(M, GH, sor, g)
+        g_remove(M, GH, RM, g)
         evict(T, s, True)
-        place(M, sor, ros, s, r)
+        place(M, RM, ros, s, r)
         q_push(M, L, T2, s)
         return s
     # case IV: r is in no list
@@ -115,7 +115,7 @@ def miss(T, r):  # pragma: no cover - compiled
             s = replace_victim(T, p, False)
             if s < 0:
                 return -1
-            g_remove(M, GH, sor, g_front(M, GH, B1))
+            g_remove(M, GH, RM, g_front(M, GH, B1))
             evict(T, s, True)
         else:  # T1 holds the whole cache: its LRU goes, unremembered
             s = q_first_free(M, L, T[3], T1)
@@ -129,9 +129,9 @@ def miss(T, r):  # pragma: no cover - compiled
         if s < 0:
             return -1
         if M[M_QLEN + T1] + M[M_QLEN + T2] + b1 + b2 >= 2 * c and b2 > 0:
-            g_remove(M, GH, sor, g_front(M, GH, B2))
+            g_remove(M, GH, RM, g_front(M, GH, B2))
         evict(T, s, True)
-    place(M, sor, ros, s, r)
+    place(M, RM, ros, s, r)
     q_push(M, L, T1, s)
     return s
 

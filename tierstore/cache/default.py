@@ -69,8 +69,9 @@ from .hints import hint_outstanding
 from ..jit import kernel
 from .layout import (G_ROW, K_HPOS, K_KEY, L_FREQ, L_QID, M_CAP, M_GQLEN, M_HEAPN, M_HLIVE, M_HORIZON, M_PARAM,
                      M_QLEN, M_RANKM, M_SCAN, M_TICK, Q_HPARK)
-from ..format.profile import hot_rows
+from ..format.profile import TopProfile, hot_rows
 from .policy import Policy
+from .rowmap import rm_get
 from .structs import (g_add, g_front, g_of, g_queue, g_remove, h_push, h_remove, h_top_free, place,
                       q_push, q_to_back, q_unlink, take_free, unmap)
 
@@ -127,25 +128,25 @@ def rank_of(M, RK, r):  # pragma: no cover - compiled
 
 
 @kernel
-def ghost_forget(M, GH, sor, r):  # pragma: no cover - compiled
-    g = g_of(sor, r)
+def ghost_forget(M, GH, RM, r):  # pragma: no cover - compiled
+    g = g_of(RM, r)
     if g >= 0:
-        g_remove(M, GH, sor, g)
+        g_remove(M, GH, RM, g)
 
 
 @kernel
-def ghost_add(M, GH, sor, r):  # pragma: no cover - compiled
+def ghost_add(M, GH, RM, r):  # pragma: no cover - compiled
     """Remember row r as the newest ghost entry; the oldest recent entry ages into GQ_OLD."""
-    ghost_forget(M, GH, sor, r)
+    ghost_forget(M, GH, RM, r)
     if M[P_GREC] <= 0:
         return
     if M[M_GQLEN + GQ_RECENT] >= M[P_GREC]:
         g = g_front(M, GH, GQ_RECENT)
         old = GH[G_ROW, g]
-        g_remove(M, GH, sor, g)
-        if sor[old] == -1:
-            g_add(M, GH, sor, GQ_OLD, old, M[P_GOLD])
-    g_add(M, GH, sor, GQ_RECENT, r, M[P_GREC])
+        g_remove(M, GH, RM, g)
+        if rm_get(RM, old) == -1:
+            g_add(M, GH, RM, GQ_OLD, old, M[P_GOLD])
+    g_add(M, GH, RM, GQ_RECENT, r, M[P_GREC])
 
 
 @kernel
@@ -211,7 +212,7 @@ def _tick(M):  # pragma: no cover - compiled
 def dyn_victim(T):  # pragma: no cover - compiled
     """Free one unleased dynamic slot the S3-FIFO way (its row goes to the ghost); -1 if
     every dynamic slot is leased."""
-    M, sor, ros, ref, L, GH, HT = T[0], T[1], T[2], T[3], T[6], T[7], T[9]
+    M, RM, ros, ref, L, GH, HT = T[0], T[1], T[2], T[3], T[6], T[7], T[9]
     stall = 0
     while True:
         ns = M[M_QLEN + SMALL]
@@ -244,21 +245,21 @@ def dyn_victim(T):  # pragma: no cover - compiled
                 M[M_SCAN] += 1  # a candidate re-queued
                 continue
         q_unlink(M, L, s)
-        unmap(M, sor, ros, s)
+        unmap(M, RM, ros, s)
         if r >= 0:
-            ghost_add(M, GH, sor, r)
+            ghost_add(M, GH, RM, r)
         return s
 
 
 @kernel
 def core_victim(T, worse_than):  # pragma: no cover - compiled
     """Free the coldest unleased core slot if its rank is above ``worse_than``; else -1."""
-    M, sor, ros, ref, K, L = T[0], T[1], T[2], T[3], T[5], T[6]
+    M, RM, ros, ref, K, L = T[0], T[1], T[2], T[3], T[5], T[6]
     s = h_top_free(M, K, L, ref)
     if s < 0 or -K[K_KEY, s] <= worse_than:
         return -1
     h_remove(M, K, s)
-    unmap(M, sor, ros, s)
+    unmap(M, RM, ros, s)
     return s
 
 
@@ -287,7 +288,7 @@ def hit(T, s):  # pragma: no cover - compiled
 
 @kernel(inline=True)
 def miss(T, r):  # pragma: no cover - compiled
-    M, sor, ros, K, L, GH, HT, RK = T[0], T[1], T[2], T[5], T[6], T[7], T[9], T[10]
+    M, RM, ros, K, L, GH, HT, RK = T[0], T[1], T[2], T[5], T[6], T[7], T[9], T[10]
     m = M[M_RANKM]
     rho = rank_of(M, RK, r) if m > 0 else 0
     if M[P_ADAPT] != 0:
@@ -298,7 +299,7 @@ def miss(T, r):  # pragma: no cover - compiled
         if rho < m and edge <= rfp and rfp < edge + M[P_W] * FP:
             M[P_GAIN] += 1
         if rfp >= edge:
-            g = g_of(sor, r)
+            g = g_of(RM, r)
             if g >= 0 and g_queue(GH, g) == GQ_RECENT:
                 M[P_GHOSTH] += 1
     tgt = M[P_TARGET] >> FP_BITS
@@ -314,13 +315,13 @@ def miss(T, r):  # pragma: no cover - compiled
                     s = core_victim(T, rho)
             if s < 0:
                 return -1
-        ghost_forget(M, GH, sor, r)
-        place(M, sor, ros, s, r)
+        ghost_forget(M, GH, RM, r)
+        place(M, RM, ros, s, r)
         L[L_FREQ, s] = 0
         h_push(M, K, s, -rho)
         return s
     if M[P_NDYN] - min(n_core, tgt) <= 0:  # the core takes every dynamic slot
-        ghost_add(M, GH, sor, r)
+        ghost_add(M, GH, RM, r)
         return -1
     s = take_free(M, L)
     if s < 0:
@@ -330,9 +331,9 @@ def miss(T, r):  # pragma: no cover - compiled
             s = dyn_victim(T)
         if s < 0:
             return -1
-    to_main = g_of(sor, r) >= 0 or (M[M_HLIVE] > 0 and hint_outstanding(M, HT, r))
-    ghost_forget(M, GH, sor, r)
-    place(M, sor, ros, s, r)
+    to_main = g_of(RM, r) >= 0 or (M[M_HLIVE] > 0 and hint_outstanding(M, HT, r))
+    ghost_forget(M, GH, RM, r)
+    place(M, RM, ros, s, r)
     L[L_FREQ, s] = 0
     q_push(M, L, MAIN if to_main else SMALL, s)
     return s
@@ -397,7 +398,7 @@ class Default(Policy):
         self._n_dyn = 0
         return p
 
-    def prepare(self, profile: np.ndarray | None) -> np.ndarray:
+    def prepare(self, profile: np.ndarray | TopProfile | None) -> np.ndarray:
         self._top = hot_rows(profile, self.capacity)  # hottest first: position = rank
         return self._top[: int(self.params["pin_fraction"] * self.capacity)]
 

@@ -2,8 +2,9 @@
 
 A tier owns a slab of ``capacity`` row slots and copies bytes; this index says where rows
 are, counts hits and misses, and runs its policy, all in compiled kernels over the state
-arrays of tierstore.cache.layout (no Python per access, no GIL held). Memory: 4 bytes per
-*table* row (``slot_of_row``) and tens of bytes per *slot*.
+arrays of tierstore.cache.layout (no Python per access, no GIL held). Memory: tens of bytes
+per *slot*, nothing per *table* row (the row -> slot map is a hash table sized to the
+cache, tierstore.cache.rowmap; a profile is read once and only its top ``capacity`` kept).
 
 Semantics: accesses are processed one at a time, in order (tierstore.cache.walk states the
 one rule for repeats inside a lookup). Not thread-safe: the owning tier holds its lock
@@ -23,7 +24,9 @@ from .layout import (CACHED, NONE, K_HPOS, L_FREE, L_QID, M_BYPASS, M_CAP, M_EVI
                      M_HORIZON, M_HSHIFT, M_INSERT, M_LO, M_MISSES, M_NFREE, M_NROWS, M_RANKM, NG, NL, NM, NQ)
 from .policy import Policy
 from .registry import PolicySpec, make_policy
+from ..format.profile import Profile, as_profile
 from ..jit import specialized
+from .rowmap import new_map, rm_build, rm_get_many, rm_items
 from .structs import g_init, q_init
 
 __all__ = ["CacheIndex", "none_index"]
@@ -46,20 +49,23 @@ class CacheIndex:
             ``default`` a core fraction of them, the others nothing); ``[]`` pins nothing.
             A policy may also prefill evictable rows (``default``: its ranked core), so
             ``row_of_slot`` right after construction lists every row to load.
-        profile: per-row access counts (len ``n_rows``), read once here and never kept.
+        profile: access counts: one per row (len ``n_rows``), a
+            :class:`~tierstore.format.profile.TopProfile` (``load_profile(..., top=k)``) or a
+            sparse ``(rows, counts)`` pair; read once here, only the policy's top rows kept.
         rng: seed or generator for the policy's hashing (determinism in tests).
-        slot_of_row: an existing int32 map to serve read-only (the shared host tier's);
-            only with policy ``static`` and ``pinned_rows=[]``.
+        row_map: an existing row map (``tierstore.cache.rowmap``) to serve read-only (the
+            shared host tier's); only with policy ``static`` and ``pinned_rows=[]``.
 
     Attributes: ``capacity``, ``size``, ``hits``, ``misses``, ``evictions``, ``insertions``,
-    ``bypassed`` (cachetools' ``maxsize``/``currsize`` are aliases), ``slot_of_row`` (int32
-    per table row, -1 absent, <= -2 a ghost entry), ``row_of_slot`` (int64 per slot, -1
-    free), ``refcount`` (leases per slot), ``n_pinned``, ``state`` (the kernels' tuple).
+    ``bypassed`` (cachetools' ``maxsize``/``currsize`` are aliases), ``slot_of_row`` (a view
+    of the row map: ``slot_of_row[rows]`` is int32, -1 absent, <= -2 a ghost entry; see
+    also ``slots_of`` and ``mapped``), ``row_of_slot`` (int64 per slot, -1 free),
+    ``refcount`` (leases per slot), ``n_pinned``, ``state`` (the kernels' tuple).
     """
 
     def __init__(self, n_rows: int, capacity: int, policy: str | PolicySpec | Policy = "default", *,
-                 pinned_rows: np.ndarray | None = None, profile: np.ndarray | None = None,
-                 rng: np.random.Generator | int | None = None, slot_of_row: np.ndarray | None = None):
+                 pinned_rows: np.ndarray | None = None, profile: Profile | None = None,
+                 rng: np.random.Generator | int | None = None, row_map: np.ndarray | None = None):
         if not isinstance(n_rows, (int, np.integer)) or n_rows < 0 or n_rows >= 2**31:
             raise TierStoreError(f"n_rows={n_rows!r} must be an integer in [0, 2**31)")
         if not isinstance(capacity, (int, np.integer)) or capacity < 0:
@@ -75,15 +81,10 @@ class CacheIndex:
         elif policy.capacity != cap:
             raise TierStoreError(f"policy was built for capacity {policy.capacity}, the index has {cap}")
         self.policy = policy
-        if profile is not None:
-            profile = np.asarray(profile)
-            if profile.shape != (self.n_rows,):
-                raise TierStoreError(
-                    f"profile has shape {profile.shape}, expected ({self.n_rows},): one count per row")
-        suggested = policy.prepare(profile)
-        if slot_of_row is not None:
+        suggested = policy.prepare(as_profile(profile, self.n_rows))
+        if row_map is not None:
             if policy.name != "static" or pinned_rows is None or len(pinned_rows):
-                raise TierStoreError("an external slot_of_row is served read-only: policy 'static', pinned_rows=[]")
+                raise TierStoreError("an external row_map is served read-only: policy 'static', pinned_rows=[]")
             pinned = _EMPTY
         elif pinned_rows is None:
             pinned = suggested
@@ -96,10 +97,6 @@ class CacheIndex:
         n_dyn = cap - lo
         M = np.zeros(NM, np.int64)
         M[M_CAP], M[M_LO], M[M_NROWS] = cap, lo, self.n_rows
-        if slot_of_row is None:
-            sor = np.full(self.n_rows, -1, dtype=np.int32)
-        else:
-            sor = slot_of_row
         ros = np.full(cap, -1, dtype=np.int64)
         ref = np.zeros(cap, dtype=np.int32)
         ep = np.zeros(cap, dtype=np.int64)
@@ -123,20 +120,22 @@ class CacheIndex:
         rk_rows, rk_ranks = policy.ranking()
         RK = np.stack([rk_rows.astype(np.int64), rk_ranks.astype(np.int64)]) if rk_rows.size else np.zeros((2, 0), np.int64)
         M[M_RANKM] = rk_rows.size
+        # every key is a slot's row or a ghost entry's: cap + gcap keys at most
+        RM = new_map(cap + gcap) if row_map is None else row_map
         # pinned rows in slots [0, lo); free slots as a stack popping the lowest slot first
-        sor[pinned] = np.arange(lo, dtype=np.int32)
+        rm_build(RM, pinned, np.arange(lo, dtype=np.int64))
         ros[:lo] = pinned
         L[L_FREE, :n_dyn] = np.arange(cap - 1, lo - 1, -1, dtype=np.int32)
         M[M_NFREE] = n_dyn
-        if slot_of_row is not None:  # read-only map: every mapped row is a (pinned) hit
+        if row_map is not None:  # read-only map: every mapped row is a (pinned) hit
             M[M_LO] = cap
             M[M_NFREE] = 0
-        self.state = (M, sor, ros, ref, ep, K, L, GH, SK, HT, RK)
+        self.state = (M, RM, ros, ref, ep, K, L, GH, SK, HT, RK)
         q_init(M, L)
         g_init(M, GH)
         policy.configure(M, n_dyn)
         policy.init(self.state)
-        self.slot_of_row, self.row_of_slot, self.refcount = sor, ros, ref
+        self.row_map, self.row_of_slot, self.refcount = RM, ros, ref
         self.n_pinned = lo
         mod = sys.modules[type(policy).__module__]  # the policy's kernels: walk arguments
         self.hooks = (mod.hit, mod.miss)
@@ -213,13 +212,53 @@ class CacheIndex:
 
     def resident(self, rows: np.ndarray) -> np.ndarray:
         """Boolean mask: which rows are in the tier now (no counting, no policy update)."""
-        return self.slot_of_row[self._as_rows(rows)] >= 0
+        return self.slots_of(rows) >= 0
+
+    # --- the row map -----------------------------------------------------------------------
+    def slots_of(self, rows: np.ndarray) -> np.ndarray:
+        """int32 per row: its slot, -1 absent, ``-2 - g`` remembered by ghost entry g (no
+        counting, no policy update)."""
+        rows = self._as_rows(rows)
+        out = np.empty(rows.size, np.int64)
+        rm_get_many(self.state[1], rows, out)
+        return out.astype(np.int32)
+
+    def mapped(self) -> tuple[np.ndarray, np.ndarray]:
+        """Every row the map holds, sorted, and its value as in ``slots_of``. O(capacity)."""
+        rows, vals = rm_items(self.state[1])
+        return rows, vals.astype(np.int32)
+
+    @property
+    def slot_of_row(self) -> "_SlotOfRow":
+        """``slot_of_row[rows]``: ``slots_of`` with indexing syntax (the map's former form,
+        a dense int32 array over the table, read the same way)."""
+        return _SlotOfRow(self)
 
     # --- validation --------------------------------------------------------------------------
     def _as_rows(self, rows: np.ndarray, *, what: str = "a cache index") -> np.ndarray:
         """``rows`` flat as int64, validated by the one id validator (tierstore.ids): no copy
         when they already are (the index is done with them before returning)."""
         return as_row_ids(rows, self.n_rows, where=what, copy=False)[0]
+
+
+class _SlotOfRow:
+    """Read-only indexing view of a CacheIndex's row map: an int gives an int, an array or
+    a slice of rows an int32 array."""
+
+    def __init__(self, index: CacheIndex):
+        self._index = index
+
+    dtype = np.dtype(np.int32)
+
+    def __len__(self) -> int:
+        return self._index.n_rows
+
+    def __getitem__(self, rows):
+        if isinstance(rows, slice):
+            rows = np.arange(*rows.indices(self._index.n_rows))
+        elif isinstance(rows, (int, np.integer)):
+            return int(self._index.slots_of(np.array([rows]))[0])
+        return self._index.slots_of(np.asarray(rows)).reshape(np.shape(rows))
 
 
 _NONE: CacheIndex | None = None

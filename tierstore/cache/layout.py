@@ -2,14 +2,15 @@
 
 A tier's whole state is one tuple of numpy arrays, ``T``, passed to every kernel (a numba
 call with it costs ~1 us); nothing lives in Python objects, so a kernel runs without the
-GIL and the state survives any number of calls. Memory: 4 bytes per *table* row (``sor``)
-and ~40-80 bytes per *slot* (row the tier can hold), depending on the policy.
+GIL and the state survives any number of calls. Memory: nothing per *table* row; ~40-110
+bytes per *slot* (row the tier can hold), depending on the policy, the row map included.
 
-``T = (M, sor, ros, ref, ep, K, L, GH, SK, HT, RK)``:
+``T = (M, RM, ros, ref, ep, K, L, GH, SK, HT, RK)``:
 
 - ``M`` int64[64]: scalars (the ``M_*`` indices below): counters, queue lengths, params.
-- ``sor`` int32[n_rows]: slot of each table row; -1 absent; ``-2 - g`` remembered in ghost
-  entry ``g`` (a recently evicted row: S3-FIFO's and ARC's ghosts, exact, no hashing).
+- ``RM`` int64[next_pow2(2 x (cap + ghost entries))]: the row -> slot map, a hash table
+  (tierstore.cache.rowmap): a row's slot; -1 absent; ``-2 - g`` remembered in ghost entry
+  ``g`` (a recently evicted row: S3-FIFO's and ARC's ghosts, exact: keyed by the row).
 - ``ros`` int64[cap]: row in each slot, -1 free.
 - ``ref`` int32[cap]: leases (a leased slot is never evicted).
 - ``ep`` int64[cap]: the lookup that last leased the slot (``epoch``; ``-epoch`` when that

@@ -33,15 +33,15 @@ def hit(T, s):  # pragma: no cover - compiled
 
 @kernel(inline=True)
 def miss(T, r):  # pragma: no cover - compiled
-    M, sor, ros, ref, K, L = T[0], T[1], T[2], T[3], T[5], T[6]
+    M, RM, ros, ref, K, L = T[0], T[1], T[2], T[3], T[5], T[6]
     s = take_free(M, L)
     if s < 0:
         s = h_top_free(M, K, L, ref)
         if s < 0:
             return -1
         h_remove(M, K, s)
-        unmap(M, sor, ros, s)
-    place(M, sor, ros, s, r)
+        unmap(M, RM, ros, s)
+    place(M, RM, ros, s, r)
     prefill(T, s, r)
     return s
 

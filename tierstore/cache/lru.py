@@ -19,15 +19,15 @@ def hit(T, s):  # pragma: no cover - compiled
 
 @kernel(inline=True)
 def miss(T, r):  # pragma: no cover - compiled
-    M, sor, ros, ref, L = T[0], T[1], T[2], T[3], T[6]
+    M, RM, ros, ref, L = T[0], T[1], T[2], T[3], T[6]
     s = take_free(M, L)
     if s < 0:
         s = q_first_free(M, L, ref, Q)
         if s < 0:
             return -1
         q_unlink(M, L, s)
-        unmap(M, sor, ros, s)
-    place(M, sor, ros, s, r)
+        unmap(M, RM, ros, s)
+    place(M, RM, ros, s, r)
     q_push(M, L, Q, s)
     return s
 

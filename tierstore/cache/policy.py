@@ -20,6 +20,7 @@ from __future__ import annotations
 import numpy as np
 
 from ..errors import PolicyParamError, TierStoreError
+from ..format.profile import TopProfile
 
 __all__ = ["Policy"]
 
@@ -67,7 +68,7 @@ class Policy:
         """Initialise policy-owned arrays (after queues, ghosts and free slots are set up)."""
 
     # the profile
-    def prepare(self, profile: np.ndarray | None) -> np.ndarray:
+    def prepare(self, profile: np.ndarray | TopProfile | None) -> np.ndarray:
         """Read the profile once (keep only O(capacity) of it); return the rows this policy
         would pin forever if the caller gives no explicit pinned set."""
         return _EMPTY

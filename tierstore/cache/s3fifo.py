@@ -41,7 +41,7 @@ def candidate(M, L, ref, small_target, small, main):  # pragma: no cover - compi
 @kernel
 def evict(T):  # pragma: no cover - compiled
     """Free one unleased slot the S3-FIFO way; -1 if every candidate is leased."""
-    M, sor, ros, ref, L, GH = T[0], T[1], T[2], T[3], T[6], T[7]
+    M, RM, ros, ref, L, GH = T[0], T[1], T[2], T[3], T[6], T[7]
     budget = 4 * (M[M_QLEN + SMALL] + M[M_QLEN + MAIN]) + 8
     while budget > 0:
         budget -= 1
@@ -55,9 +55,9 @@ def evict(T):  # pragma: no cover - compiled
                 M[M_SCAN] += 1  # a candidate re-queued
                 continue
             q_unlink(M, L, s)
-            r = unmap(M, sor, ros, s)
+            r = unmap(M, RM, ros, s)
             if r >= 0:
-                g_add(M, GH, sor, 0, r, M[P_GHOST])
+                g_add(M, GH, RM, 0, r, M[P_GHOST])
             return s
         if L[L_FREQ, s] > 0:
             L[L_FREQ, s] -= 1
@@ -65,23 +65,23 @@ def evict(T):  # pragma: no cover - compiled
             M[M_SCAN] += 1  # a candidate re-queued
             continue
         q_unlink(M, L, s)
-        unmap(M, sor, ros, s)
+        unmap(M, RM, ros, s)
         return s
     return -1
 
 
 @kernel(inline=True)
 def miss(T, r):  # pragma: no cover - compiled
-    M, sor, ros, L, GH = T[0], T[1], T[2], T[6], T[7]
+    M, RM, ros, L, GH = T[0], T[1], T[2], T[6], T[7]
     s = take_free(M, L)
     if s < 0:
         s = evict(T)
         if s < 0:
             return -1
-    g = g_of(sor, r)  # after the eviction, which may have pushed r out of the ghost
+    g = g_of(RM, r)  # after the eviction, which may have pushed r out of the ghost
     if g >= 0:
-        g_remove(M, GH, sor, g)
-    place(M, sor, ros, s, r)
+        g_remove(M, GH, RM, g)
+    place(M, RM, ros, s, r)
     L[L_FREQ, s] = 0
     q_push(M, L, MAIN if g >= 0 else SMALL, s)
     return s

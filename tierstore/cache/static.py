@@ -6,7 +6,7 @@ from __future__ import annotations
 import numpy as np
 
 from ..jit import kernel
-from ..format.profile import hot_rows
+from ..format.profile import TopProfile, hot_rows
 from .policy import Policy
 
 
@@ -31,5 +31,5 @@ class Static(Policy):
 
     name = "static"
 
-    def prepare(self, profile: np.ndarray | None) -> np.ndarray:
+    def prepare(self, profile: np.ndarray | TopProfile | None) -> np.ndarray:
         return hot_rows(profile, self.capacity)

@@ -1,5 +1,5 @@
 """Shared structures of the cache kernels: slot queues, ghost queues, an indexed heap, the
-free-slot stack, row <-> slot mapping and a hash. Every policy builds on these; none of
+free-slot stack, row <-> slot mapping (over rowmap.py's hash map) and a hash. Every policy builds on these; none of
 them knows a policy. Compiled (numba, no GIL); O(1) per operation except the heap (log).
 
 Leases and victim searches: a policy's victim is the first *unleased* slot of a queue, or
@@ -27,6 +27,7 @@ from ..jit import kernel
 from .layout import (G_FREE, G_NEXT, G_PREV, G_QID, G_ROW, K_HEAP, K_HPOS, K_KEY, L_FREE, L_NEXT, L_PREV,
                      L_QID, L_SCAN, M_CAP, M_EVICT, M_GCAP, M_GFREE, M_GQLEN, M_HEAPN, M_INSERT, M_NFREE,
                      M_QLEN, M_SCAN, NQ, Q_HPARK)
+from .rowmap import rm_del_if, rm_get, rm_set
 
 # ---------------------------------------------------------------------------------------------
 # circular doubly linked lists in rows ``nxt``/``prv`` of an array, one sentinel per list at
@@ -155,35 +156,34 @@ def take_free(M, L):  # pragma: no cover - compiled
 
 
 @kernel
-def place(M, sor, ros, s, r):  # pragma: no cover - compiled
+def place(M, RM, ros, s, r):  # pragma: no cover - compiled
     """Row r now lives in slot s (its bytes are the caller's job)."""
-    sor[r] = s
+    rm_set(RM, r, s)
     ros[s] = r
     M[M_INSERT] += 1
 
 
 @kernel
-def unmap(M, sor, ros, s):  # pragma: no cover - compiled
+def unmap(M, RM, ros, s):  # pragma: no cover - compiled
     """Evict slot s's row from the map; returns the row (-1: the slot held none, a hole
     left by an aborted fill, which is simply reused)."""
     r = ros[s]
     if r >= 0:
-        if sor[r] == s:
-            sor[r] = -1
+        rm_del_if(RM, r, s)
         ros[s] = -1
         M[M_EVICT] += 1
     return r
 
 
 # ---------------------------------------------------------------------------------------------
-# ghost queues: exact memory of evicted rows (sor[r] = -2 - g)
+# ghost queues: exact memory of evicted rows (the row map holds -2 - g for row r)
 # ---------------------------------------------------------------------------------------------
 
 
 @kernel
-def g_of(sor, r):  # pragma: no cover - compiled
+def g_of(RM, r):  # pragma: no cover - compiled
     """Ghost entry remembering row r, -1 if none."""
-    v = sor[r]
+    v = rm_get(RM, r)
     return -2 - v if v <= -2 else -1
 
 
@@ -193,12 +193,11 @@ def g_queue(GH, g):  # pragma: no cover - compiled
 
 
 @kernel
-def g_remove(M, GH, sor, g):  # pragma: no cover - compiled
+def g_remove(M, GH, RM, g):  # pragma: no cover - compiled
     q = GH[G_QID, g]
     _unlink(GH, G_NEXT, G_PREV, g)
     r = GH[G_ROW, g]
-    if sor[r] == -2 - g:
-        sor[r] = -1
+    rm_del_if(RM, r, -2 - g)
     GH[G_QID, g] = -1
     M[M_GQLEN + q] -= 1
     GH[G_FREE, M[M_GFREE]] = g
@@ -211,12 +210,12 @@ def g_front(M, GH, q):  # pragma: no cover - compiled
 
 
 @kernel
-def g_add(M, GH, sor, q, r, limit):  # pragma: no cover - compiled
+def g_add(M, GH, RM, q, r, limit):  # pragma: no cover - compiled
     """Remember row r at the back of ghost queue q, forgetting q's oldest past ``limit``."""
     if M[M_GCAP] == 0 or limit <= 0:
         return
     while M[M_GQLEN + q] >= limit:
-        g_remove(M, GH, sor, g_front(M, GH, q))
+        g_remove(M, GH, RM, g_front(M, GH, q))
     if M[M_GFREE] == 0:
         return
     M[M_GFREE] -= 1
@@ -225,7 +224,7 @@ def g_add(M, GH, sor, q, r, limit):  # pragma: no cover - compiled
     GH[G_ROW, g] = r
     GH[G_QID, g] = q
     M[M_GQLEN + q] += 1
-    sor[r] = -2 - g
+    rm_set(RM, r, -2 - g)
 
 
 @kernel

@@ -29,6 +29,7 @@ from .hints import hint_add, hint_consume
 from ..jit import kernel
 from .layout import (BELOW, CACHED, FILL, HIT, L_PEND, M_BYPASS, M_CAP, M_EPOCH, M_HINTS, M_HITS, M_HLIVE, M_LO,
                      M_MISSES, M_NREF, M_TICK, NONE, RESIDENT)
+from .rowmap import rm_get
 from .structs import lookup_end, place, take_free, unmap
 
 # ---------------------------------------------------------------------------------------------
@@ -42,7 +43,7 @@ def access(hit, miss, T, rows, slots, code, leased):  # pragma: no cover - compi
     ``code[i] == BELOW``) and ``code[i]`` (HIT: bytes in the slot; FILL: admitted by this
     lookup, bytes to be written; BELOW: read it from below). Leases every slot it returns
     once, listed in ``leased[:n]``; returns n. Pair with ``finish`` (or ``abort``)."""
-    M, sor, ref, ep, L, HT = T[0], T[1], T[3], T[4], T[6], T[9]
+    M, RM, ref, ep, L, HT = T[0], T[1], T[3], T[4], T[6], T[9]
     epoch = M[M_EPOCH] + 1
     M[M_EPOCH] = epoch
     lo = M[M_LO]
@@ -51,7 +52,7 @@ def access(hit, miss, T, rows, slots, code, leased):  # pragma: no cover - compi
         r = rows[i]
         if M[M_HLIVE] > 0:
             hint_consume(M, HT, r)
-        s = sor[r]
+        s = rm_get(RM, r)
         c = HIT
         if s >= 0:
             M[M_HITS] += 1
@@ -110,7 +111,7 @@ def finish(T, leased, n):  # pragma: no cover - compiled
 def abort(T, leased, n):  # pragma: no cover - compiled
     """End a lookup that failed before writing its FILL slots: unmap their rows (the slots
     stay in the policy's queues as holes, reused when evicted); release its leases."""
-    M, sor, ros, ref, L = T[0], T[1], T[2], T[3], T[6]
+    M, RM, ros, ref, L = T[0], T[1], T[2], T[3], T[6]
     for j in range(n):
         s = leased[j]
         ref[s] -= 1
@@ -118,7 +119,7 @@ def abort(T, leased, n):  # pragma: no cover - compiled
             M[M_NREF] -= 1
         if L[L_PEND, s] != 0:
             L[L_PEND, s] = 0
-            unmap(M, sor, ros, s)
+            unmap(M, RM, ros, s)
     lookup_end(T)
 
 
@@ -126,15 +127,15 @@ def abort(T, leased, n):  # pragma: no cover - compiled
 def prefill(hook, T, rows):  # pragma: no cover - compiled
     """Place ``rows`` (not yet resident) into free slots as the policy's starting content;
     returns how many were placed."""
-    M, sor, ros, L = T[0], T[1], T[2], T[6]
+    M, RM, ros, L = T[0], T[1], T[2], T[6]
     n = 0
     for r in rows:
-        if sor[r] >= 0:
+        if rm_get(RM, r) >= 0:
             continue
         s = take_free(M, L)
         if s < 0:
             break
-        place(M, sor, ros, s, r)
+        place(M, RM, ros, s, r)
         hook(T, s, r)
         n += 1
     return n
@@ -211,7 +212,7 @@ def announce(dkind, D, hkind, H, rows):  # pragma: no cover - compiled
     for r in u:
         if dh:
             hint_add(D[0], D[9], r)
-        if hh and not (dkind == CACHED and D[1][r] >= 0):
+        if hh and not (dkind == CACHED and rm_get(D[1], r) >= 0):
             hint_add(H[0], H[9], r)
 
 
@@ -240,13 +241,13 @@ def replay(dhit, dmiss, dkind, D, hhit, hmiss, hkind, H, rows, bounds, lookahead
         # one access per lookup, one tier: the sequential fast path. It is ``access`` +
         # ``finish`` of one id without the lease bookkeeping, which only matters to a
         # lookup's later ids (the state arrays are unpacked once, outside the loop)
-        M, sor, HT = D[0], D[1], D[9]
+        M, RM, HT = D[0], D[1], D[9]
         lo = M[M_LO]
         for i in range(nb):
             r = rows[i]
             if M[M_HLIVE] > 0:
                 hint_consume(M, HT, r)
-            s = sor[r]
+            s = rm_get(RM, r)
             if s >= 0:
                 M[M_HITS] += 1
                 if s >= lo:

@@ -148,9 +148,9 @@ def hit(T, s):  # pragma: no cover - compiled
 
 
 @kernel
-def _evict(M, sor, ros, L, s):  # pragma: no cover - compiled
+def _evict(M, RM, ros, L, s):  # pragma: no cover - compiled
     q_unlink(M, L, s)
-    unmap(M, sor, ros, s)
+    unmap(M, RM, ros, s)
 
 
 @kernel
@@ -162,7 +162,7 @@ def _window_overflow(M, L):  # pragma: no cover - compiled
 
 @kernel(inline=True)
 def miss(T, r):  # pragma: no cover - compiled
-    M, sor, ros, ref, L, SK = T[0], T[1], T[2], T[3], T[6], T[8]
+    M, RM, ros, ref, L, SK = T[0], T[1], T[2], T[3], T[6], T[8]
     record(M, SK, r)
     s = take_free(M, L)
     if s < 0:
@@ -184,8 +184,8 @@ def miss(T, r):  # pragma: no cover - compiled
                 s = cand
         else:
             s = cand if cand >= 0 else vict
-        _evict(M, sor, ros, L, s)
-    place(M, sor, ros, s, r)
+        _evict(M, RM, ros, L, s)
+    place(M, RM, ros, s, r)
     q_push(M, L, WIN, s)
     _window_overflow(M, L)
     return s

@@ -56,10 +56,11 @@ def save_snapshot(store: str | os.PathLike[str], tables: Iterable[str] | None = 
             if info is None:
                 raise TierStoreError(f"no table {name!r} in store {store!s}; tables: {', '.join(sorted(s.tables))}")
             path = snapshot_path(store, name)
-            counts = load_profile(store, name, n_rows=info.rows, missing_ok=tables is None)
+            k = min(info.rows, max_bytes // max(1, info.row_bytes))
+            # only the k hottest rows (streamed out of the profile: never a count per table row)
+            counts = load_profile(store, name, n_rows=info.rows, missing_ok=tables is None, top=max(k, 1))
             if counts is None:
                 continue
-            k = max_bytes // max(1, info.row_bytes)
             if k <= 0:
                 path.unlink(missing_ok=True)
                 continue

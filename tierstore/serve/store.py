@@ -244,11 +244,12 @@ class Store:
         use_profile = options.pop("use_profile")
         try:
             for name, info in self.tables.items():
+                d_rows, h_rows = rows_of(self.device_budget, info), rows_of(self.host_budget, info)
+                # only the hottest rows a tier can hold are ever used: keep no count per table row
+                top = min(info.rows, max(d_rows, h_rows))
                 self._tables[name] = Table(
-                    self.path, info, device=self.device,
-                    device_rows=rows_of(self.device_budget, info),
-                    host_rows=rows_of(self.host_budget, info),
-                    policy=spec, profile=load_profile(self.path, name) if use_profile else None,
+                    self.path, info, device=self.device, device_rows=d_rows, host_rows=h_rows,
+                    policy=spec, profile=load_profile(self.path, name, top=top) if use_profile else None,
                     build_id=self.manifest.build_id, pinned_build=self.manifest.pinned_build, **options,
                 )
         except BaseException:

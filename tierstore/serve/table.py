@@ -32,6 +32,7 @@ import torch
 
 from ..cache.layout import FILL, HIT, NONE, RESIDENT
 from ..cache.lookup import Lookup, Walker
+from ..format.profile import Profile
 from ..format.spec import TableInfo
 from ..tiers import CacheTier, DiskTier, SharedHostTier, Tier
 from ..tiers.cuda import capacity_error, to_device
@@ -53,7 +54,7 @@ class Table:
         device_rows: int,
         host_rows: int,
         policy: str,
-        profile: np.ndarray | None = None,
+        profile: Profile | None = None,
         direct: bool | None = None,
         io_threads: int | None = None,
         host_shared: bool = False,

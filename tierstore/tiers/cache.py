@@ -16,6 +16,7 @@ import torch
 
 from ..cache import CacheIndex, PolicySpec
 from ..cache.layout import CACHED, NONE, RESIDENT
+from ..format.profile import Profile
 from ..format.spec import TableInfo
 from .base import Tier
 from .cuda import StreamFences, capacity_error
@@ -49,7 +50,7 @@ class CacheTier(SlabTier):
         zero_copy: bool = False,
         zero_copy_device: torch.device | None = None,
         policy: str | PolicySpec = "default",
-        profile: np.ndarray | None = None,
+        profile: Profile | None = None,
         pinned_rows: np.ndarray | None = None,
     ):
         super().__init__(name, info, capacity, device)

@@ -32,7 +32,8 @@ Protocol (no lock on the hot path):
   the lock at once and the waiter fills the tier itself. Why raise rather than serve without the shared tier: the
   fallback would silently give every waiting worker a private copy of what may be a
   hundred GB (the memory ``host_shared`` exists to save) and hide the stuck process.
-- After READY the file is immutable: lookups read ``slot_of_row`` and the slab with no
+- After READY the file is immutable: lookups read the row map (a hash table of the
+  ``capacity`` rows, tierstore.cache.rowmap, built by the filler) and the slab with no
   lock at all. Promotion into the shared tier is not dynamic: placement changes by
   saving a new profile (``tierstore profile --save-profile``) and reopening, which
   yields a new digest. Dynamic caching stays per process, in each device tier.
@@ -60,9 +61,10 @@ import torch
 from .. import faults
 from ..cache import CacheIndex
 from ..cache.layout import CACHED, RESIDENT
+from ..cache.rowmap import EMPTY, buckets, rm_build
 from ..errors import CapacityError, CorruptDataError, LookupTimeoutError, TierStoreError
 from ..files import os_error, pwrite_all
-from ..format.profile import hot_rows
+from ..format.profile import Profile, as_profile, hot_rows
 from ..format.spec import PAGE_SIZE, TableInfo
 from .base import Tier
 from .disk import DiskTier
@@ -144,7 +146,7 @@ class SharedHostTier(SlabTier):
     """Host tier in shared memory, read-only after it is filled. See the module docstring."""
 
     def __init__(self, root: Path, info: TableInfo, capacity: int, disk: DiskTier, *,
-                 profile: np.ndarray | None, build_id: str, keep: bool = False, shm_dir: Path = SHM_DIR,
+                 profile: Profile | None, build_id: str, keep: bool = False, shm_dir: Path = SHM_DIR,
                  pin: bool = False, zero_copy: bool = False, zero_copy_device: torch.device | None = None,
                  timeout: float = 60.0, snapshot: TableSnapshot | None = None):
         """snapshot: the table's hot-set snapshot, which a process that fills the tier reads
@@ -171,8 +173,9 @@ class SharedHostTier(SlabTier):
                 )
             # the `capacity` hottest rows (profile.hot_rows: ties by row id, never-read rows
             # last to fill the tier): identical in every process
-            rows = np.sort(hot_rows(profile, self.capacity, fill=True))
-        content = hashlib.sha256(f"{build_id}|{info.rows}|{info.row_bytes}|{self.capacity}".encode())
+            rows = np.sort(hot_rows(as_profile(profile, info.rows), self.capacity, fill=True))
+        # "rowmap-hash": the index region's layout (it was a dense int32 array per table row)
+        content = hashlib.sha256(f"rowmap-hash|{build_id}|{info.rows}|{info.row_bytes}|{self.capacity}".encode())
         if rows is not None:
             content.update(rows.tobytes())
         prefix = segment_prefix(root, info.name)
@@ -180,7 +183,8 @@ class SharedHostTier(SlabTier):
         for stale in stale_segments(shm_dir, prefix=prefix):  # earlier builds', nobody uses them
             if stale != self.path:
                 remove_segment(stale)
-        map_bytes = 0 if self.resident else _round_page(info.rows * 4)
+        self._buckets = 0 if self.resident else buckets(self.capacity)
+        map_bytes = _round_page(self._buckets * 8)
         self._index_off = PAGE_SIZE
         self._slab_off = PAGE_SIZE + map_bytes
         self.nbytes_file = self._slab_off + _round_page(self.capacity * info.row_bytes)
@@ -212,16 +216,16 @@ class SharedHostTier(SlabTier):
             warnings.simplefilter("ignore", UserWarning)
             slab = buf[self._slab_off : self._slab_off + self.capacity * info.row_bytes]
             self.slab = torch.from_numpy(slab).view(info.raw_dtype).view(self.capacity, info.dim)
-        self.slot_of_row = None
+        self.row_map = None
         if not self.resident:
             # The row -> slot map, mapped writable (the compiled walk takes one array type) but
             # never written: its policy is "static", which neither admits nor evicts.
             self._imap = mmap.mmap(self._fd, map_bytes, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE,
                                    offset=self._index_off)
-            self.slot_of_row = np.frombuffer(self._imap, dtype=np.int32, count=info.rows)
+            self.row_map = np.frombuffer(self._imap, dtype=np.int64, count=self._buckets)
             # per process: a read-only "static" index over the shared map
             self.index = CacheIndex(info.rows, self.capacity, "static", pinned_rows=np.empty(0, np.int64),
-                                    slot_of_row=self.slot_of_row)
+                                    row_map=self.row_map)
             self.index.row_of_slot[: len(rows)] = rows  # slot s holds rows[s]: the device tier loads from here
         if pin:  # never run: needs CUDA
             try:
@@ -312,14 +316,14 @@ class SharedHostTier(SlabTier):
         if rows is None:  # the whole table, slot == row
             disk.load_table(slab, progress=lambda _: progress(1))
         else:
-            slot_of_row = buf[self._index_off : self._index_off + info.rows * 4].view(np.int32)
-            slot_of_row[:] = -1
-            slot_of_row[rows] = np.arange(len(rows), dtype=np.int32)
+            row_map = buf[self._index_off : self._index_off + self._buckets * 8].view(np.int64)
+            row_map[:] = EMPTY
+            rm_build(row_map, rows, np.arange(len(rows), dtype=np.int64))
             # from the hot-set snapshot where it holds them, else the row file (tiers.hotset); a
             # progress record per load step tells the waiters this filler is alive
             self.open_stats = load_slots(_SlabWriter(info, slab), np.arange(len(rows)), rows, disk=disk,
                                          snapshot=snapshot, progress=lambda: progress(1))
-            del slot_of_row
+            del row_map
         m.flush()
         del buf, slab, m
         try:
@@ -355,7 +359,7 @@ class SharedHostTier(SlabTier):
         # raises BufferError while any tensor or array (a caller's, a traceback's) still
         # points into it. The file itself stays valid until every map of it is gone.
         self.slab = None  # type: ignore[assignment]
-        self.slot_of_row = None
+        self.row_map = None
         self.index = None
         self._map = self._imap = None
         try:

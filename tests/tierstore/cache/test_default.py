@@ -21,6 +21,7 @@ from tierstore.cache.layout import (G_QID, G_ROW, K_HEAP, K_HPOS, L_QID, M_CAP, 
 from tierstore.errors import TierStoreError
 
 from ...conftest import real_text_trace
+from .helpers import dense_map
 
 FP_BITS = 16
 FP = 1 << FP_BITS
@@ -313,7 +314,8 @@ class DefaultOracle:
 
 
 def check_invariants(ci: CacheIndex) -> None:
-    M, sor, ros, ref, ep, K, L, GH = ci.state[:8]
+    M, _rm, ros, ref, ep, K, L, GH = ci.state[:8]
+    sor = dense_map(ci)
     cap, lo = int(M[M_CAP]), int(M[M_LO])
     assert (ref == 0).all()
     held = np.flatnonzero(ros >= 0)

@@ -11,6 +11,8 @@ from tierstore.cache.layout import BELOW, FILL, HIT, M_HEAPN, M_QLEN, NQ
 from tierstore.cache.lru import LRU
 from tierstore.errors import IdTypeError, InvalidIdError, TierStoreError
 
+from .helpers import dense_map
+
 
 def one_by_one(idx: CacheIndex, trace) -> list[bool]:
     """Sequential replay, one access per lookup; returns hit flags."""
@@ -29,8 +31,9 @@ def resident(idx: CacheIndex) -> set[int]:
 def check_invariants(idx: CacheIndex) -> None:
     occ = np.flatnonzero(idx.row_of_slot >= 0)
     assert occ.size <= idx.size <= idx.capacity
-    assert (idx.slot_of_row[idx.row_of_slot[occ]] == occ).all(), "row_of_slot and slot_of_row disagree"
-    assert np.count_nonzero(idx.slot_of_row >= 0) == occ.size
+    sor = dense_map(idx)
+    assert (sor[idx.row_of_slot[occ]] == occ).all(), "row_of_slot and slot_of_row disagree"
+    assert np.count_nonzero(sor >= 0) == occ.size
     assert (idx.refcount == 0).all(), "a finished lookup left a lease behind"
     M = idx.state[0]
     held = int(M[M_QLEN:M_QLEN + NQ].sum()) + int(M[M_HEAPN])  # queues and the heap
@@ -145,17 +148,53 @@ def test_zero_capacity_and_full_pinning():
     assert idx.lookup(np.array([1, 3])).tolist() == [-1, 0]
 
 
-def test_metadata_per_table_row_is_four_bytes():
-    """The 8 B/row budget covers two tiers: one int32 per table row each, nothing more.
-    Per-slot state (queues, heap, ghosts, sketch, hints) scales with capacity."""
-    n_rows, cap = 2_000_000, 1000
+def _state_bytes(idx: CacheIndex) -> int:
+    return sum(a.nbytes for a in idx.state)
+
+
+@pytest.mark.parametrize("name", policy_names())
+def test_state_is_sized_by_the_cache_not_the_table(name):
+    """No array of a tier's state grows with the table: the same capacity and the same
+    sparse profile give the same state bytes for a table of 10**6 and of 10**9 rows (a
+    dense map was 4 GB there), under a bound per slot; lookups spread over the whole id
+    range still hit what they admitted."""
+    cap = 4096
+    rng = np.random.default_rng(7)
+    hot = rng.choice(10**6, size=3 * cap, replace=False)  # rows valid in both tables
+    counts = np.maximum(1, 10**6 // np.arange(1, hot.size + 1))
+    sizes = {}
+    for n_rows in (10**6, 10**9):
+        idx = CacheIndex(n_rows, cap, name, profile=(hot, counts))
+        sizes[n_rows] = _state_bytes(idx)
+        assert sizes[n_rows] < 400 * cap + (64 << 10), f"{name}: {sizes[n_rows] / cap:.0f} B per slot at {n_rows} rows"
+        ids = np.concatenate([hot[:100], rng.integers(0, n_rows, 200)])
+        idx.lookup(ids)
+        again = idx.lookup(ids)
+        assert (idx.slot_of_row[ids] == again).all()
+    assert sizes[10**6] == sizes[10**9], f"{name}: state bytes depend on the table's rows: {sizes}"
+
+
+def test_sparse_and_dense_profiles_build_the_same_index():
+    """A (rows, counts) pair, a TopProfile and the dense counts are one profile."""
+    from tierstore.format.profile import TopProfile
+
+    n_rows, cap = 5000, 300
+    rng = np.random.default_rng(3)
+    dense = np.zeros(n_rows, np.int64)
+    hot = rng.choice(n_rows, size=700, replace=False)
+    dense[hot] = rng.integers(1, 50, hot.size)  # many ties: broken by row id everywhere
+    trace = rng.integers(0, n_rows, 3000)
     for name in policy_names():
-        rng = np.random.default_rng(1)
-        profile = np.bincount(rng.zipf(1.2, 100_000) % n_rows, minlength=n_rows)
-        idx = CacheIndex(n_rows, cap, name, profile=profile)
-        assert idx.slot_of_row.dtype == np.int32 and idx.slot_of_row.nbytes == 4 * n_rows
-        per_slot = sum(a.nbytes for a in idx.state) - idx.slot_of_row.nbytes
-        assert per_slot < 400 * cap, f"{name}: {per_slot / cap:.0f} B per slot"
+        built = [CacheIndex(n_rows, cap, name, profile=p) for p in
+                 (dense, (hot[::-1], dense[hot[::-1]]), TopProfile.from_pairs(hot, dense[hot], n_rows))]
+        slots = [idx.lookup(trace) for idx in built]
+        for idx, sl in zip(built[1:], slots[1:]):
+            assert np.array_equal(sl, slots[0]), name
+            assert np.array_equal(idx.row_of_slot, built[0].row_of_slot), name
+    with pytest.raises(TierStoreError, match="twice"):
+        CacheIndex(n_rows, cap, "static", profile=(np.array([1, 1]), np.array([2, 3])))
+    with pytest.raises(TierStoreError, match="lie in"):
+        CacheIndex(n_rows, cap, "static", profile=(np.array([n_rows]), np.array([2])))
 
 
 def test_stats_and_reset():

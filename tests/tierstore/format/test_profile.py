@@ -8,8 +8,9 @@ import numpy as np
 import pytest
 
 from tierstore.errors import CorruptDataError, FormatVersionError, IdTypeError, InvalidIdError, TierStoreError
-from tierstore.format.profile import (count_rows, has_profile, hot_rows, load_profile, profile_info, profile_paths,
-                                      save_profile, zipf_fit)
+import tierstore.format.profile as profile_mod
+from tierstore.format.profile import (TopProfile, count_rows, has_profile, hot_rows, load_profile, profile_info,
+                                      profile_paths, save_profile, zipf_fit)
 
 
 def test_roundtrip(tmp_path):
@@ -21,7 +22,7 @@ def test_roundtrip(tmp_path):
     info = profile_info(tmp_path, "blocks.1.engram.memory.weight")
     assert back.dtype == np.int64 and (back == counts).all()
     assert info["format"] == "tierstore-profile" and info["total"] == counts.sum()
-    assert info["source"] == "test" and info["dtype"] == "int32"
+    assert info["source"] == "test" and info["version"] == 2 and info["nonzero"] == np.count_nonzero(counts)
     big = counts.astype(np.int64) * 2**32
     save_profile(tmp_path, "t", big)
     assert (load_profile(tmp_path, "t") == big).all()
@@ -36,7 +37,7 @@ def test_errors(tmp_path):
         load_profile(tmp_path, "t", n_rows=11)
     data, meta = profile_paths(tmp_path, "t")
     info = json.loads(meta.read_text())
-    meta.write_text(json.dumps({**info, "version": 2}))
+    meta.write_text(json.dumps({**info, "version": 3}))
     with pytest.raises(FormatVersionError):
         load_profile(tmp_path, "t")
     meta.write_text(json.dumps(info))
@@ -85,3 +86,97 @@ def test_hot_rows_equal_a_plain_sort(seed):
         want_fill = ranked[:max(k, 0)]
         assert hot_rows(profile, k, fill=True).tolist() == want_fill, (seed, k)
         assert hot_rows(profile, k).tolist() == [r for r in want_fill if profile[r] > 0], (seed, k)
+
+
+def _save_v1(store, table: str, counts: np.ndarray) -> None:
+    """A profile as a store written before version 2 holds it: one count per table row."""
+    import io
+
+    import zstandard
+
+    data, meta = profile_paths(store, table)
+    data.parent.mkdir(parents=True, exist_ok=True)
+    buf = io.BytesIO()
+    np.save(buf, counts.astype(np.int32))
+    data.write_bytes(zstandard.ZstdCompressor(write_checksum=True).compress(buf.getvalue()))
+    meta.write_text(json.dumps({"format": "tierstore-profile", "version": 1, "table": table, "rows": counts.size,
+                                "dtype": "int32", "total": int(counts.sum()),
+                                "nonzero": int(np.count_nonzero(counts))}))
+
+
+def _zipf_counts(n: int, seed: int) -> np.ndarray:
+    rng = np.random.default_rng(seed)
+    c = np.minimum(rng.zipf(1.3, n), 10**6) * (rng.random(n) < 0.3)
+    c[: min(n, 40)] = 7  # ties across chunk boundaries: broken by row id
+    return c.astype(np.int64)
+
+
+@pytest.mark.parametrize("version", [1, 2])
+def test_top_load_equals_hot_rows_of_the_dense_counts(tmp_path, monkeypatch, version):
+    """load_profile(top=k) keeps exactly hot_rows(dense, k) with their counts; a version-1
+    file is streamed in chunks (small here, so the running top list merges many)."""
+    monkeypatch.setattr(profile_mod, "_CHUNK", 1000)
+    for n in (10, 4321, 100_000):
+        c = _zipf_counts(n, n)
+        (_save_v1 if version == 1 else save_profile)(tmp_path, "t", c)
+        assert np.array_equal(load_profile(tmp_path, "t"), c)
+        nonzero = int(np.count_nonzero(c))
+        for k in (1, 5, 39, 41, 999, 5000, nonzero):
+            tp = load_profile(tmp_path, "t", top=k)
+            assert isinstance(tp, TopProfile) and tp.n_rows == n and tp.complete == (nonzero <= k)
+            assert tp.rows.tolist() == hot_rows(c, k).tolist(), (n, k)
+            assert np.array_equal(tp.counts, c[tp.rows])
+            assert hot_rows(tp, k // 2 + 1).tolist() == hot_rows(c, k // 2 + 1).tolist()
+            if tp.complete:
+                assert hot_rows(tp, k + 77, fill=True).tolist() == hot_rows(c, k + 77, fill=True).tolist()
+            elif k < n:
+                with pytest.raises(TierStoreError, match="top="):
+                    hot_rows(tp, k + 1)
+
+
+def test_sparse_profile_file_is_sized_by_the_rows_read(tmp_path):
+    """A version-2 file holds the rows read: a table of 2**30 rows with 1,000 read saves and
+    loads (top and dense-free) without a count per table row."""
+    n_rows = 1 << 30
+    rows = np.random.default_rng(0).choice(n_rows, 1000, replace=False)
+    counts = np.arange(1, 1001)
+    data = save_profile(tmp_path, "t", (rows, counts), n_rows=n_rows)
+    assert data.stat().st_size < 64 << 10
+    tp = load_profile(tmp_path, "t", n_rows=n_rows, top=10)
+    assert tp.rows.tolist() == rows[::-1][:10].tolist() and not tp.complete
+    assert profile_info(tmp_path, "t")["nonzero"] == 1000
+    with pytest.raises(TierStoreError, match="n_rows="):
+        save_profile(tmp_path, "t", (rows, counts))
+
+
+def test_sparse_profile_damage_is_caught(tmp_path):
+    """A changed row id keeps every total: the file's own SHA-256 catches it."""
+    import io
+
+    import zstandard
+
+    save_profile(tmp_path, "t", np.array([0, 3, 0, 5, 1]))
+    data, meta = profile_paths(tmp_path, "t")
+    raw = bytearray(zstandard.ZstdDecompressor().decompress(data.read_bytes()))
+    pairs = np.load(io.BytesIO(bytes(raw[:-40])))
+    assert pairs.tolist() == [[1, 3, 4], [3, 5, 1]]
+    buf = io.BytesIO()
+    pairs[0, 0] = 2  # rows 1, 3, 4 -> 2, 3, 4: sorted, in range, same counts
+    np.save(buf, pairs)
+    raw[: len(buf.getvalue())] = buf.getvalue()
+    data.write_bytes(zstandard.ZstdCompressor(write_checksum=True).compress(bytes(raw)))
+    for top in (None, 2):
+        with pytest.raises(CorruptDataError, match="checksum"):
+            load_profile(tmp_path, "t", top=top)
+
+
+def test_a_save_torn_between_its_two_files_loads_the_new_counts(tmp_path):
+    """New counts file, old JSON (the process died in between): the counts load whole."""
+    old, new = np.array([5, 0, 1, 0]), np.array([0, 9, 9, 2])
+    save_profile(tmp_path, "t", old)
+    data, meta = profile_paths(tmp_path, "t")
+    old_meta = meta.read_bytes()
+    save_profile(tmp_path, "t", new)
+    meta.write_bytes(old_meta)
+    assert load_profile(tmp_path, "t").tolist() == new.tolist()
+    assert load_profile(tmp_path, "t", top=2).rows.tolist() == [1, 2]

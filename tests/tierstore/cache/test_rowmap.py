@@ -1,0 +1,62 @@
+"""The row map's hash table against a dict: inserts, replacements and deletions (which
+shift probe runs back, across the end of the table too) at the highest load it allows."""
+
+from __future__ import annotations
+
+import numba
+import numpy as np
+import pytest
+
+from tierstore.cache.rowmap import EMPTY, buckets, new_map, rm_del_if, rm_get, rm_items, rm_set
+
+
+@numba.njit
+def _apply(RM, ops, rows, vals, out):
+    """ops: 0 set, 1 delete if the value matches, 2 delete any; out: the value read after."""
+    for i in range(ops.size):
+        if ops[i] == 0:
+            rm_set(RM, rows[i], vals[i])
+        elif ops[i] == 1:
+            rm_del_if(RM, rows[i], vals[i])
+        else:
+            rm_del_if(RM, rows[i], -1)
+        out[i] = rm_get(RM, rows[i])
+
+
+@pytest.mark.parametrize("entries", [1, 5, 64, 1000])
+def test_rowmap_matches_a_dict(entries):
+    rng = np.random.default_rng(entries)
+    RM = new_map(entries)
+    assert RM.size == buckets(entries) >= 2 * entries and (RM == EMPTY).all()
+    n = 20_000
+    universe = rng.choice(2**31 - 1, size=3 * entries, replace=False)  # ids up to the largest row
+    ref: dict[int, int] = {}
+    ops = np.empty(n, np.int64)
+    rows = np.empty(n, np.int64)
+    vals = np.empty(n, np.int64)
+    for i in range(n):  # a sequence that keeps at most `entries` keys, as the index does
+        r = int(universe[rng.integers(universe.size)])
+        op = int(rng.integers(3)) if (r in ref or len(ref) >= entries) else 0
+        if op == 0 and r not in ref and len(ref) >= entries:
+            op = 2
+        v = int(rng.integers(-2 - entries, entries)) if op == 0 else (ref.get(r, 0) if rng.random() < 0.7 else 12345)
+        if v == -1:
+            v = 0
+        ops[i], rows[i], vals[i] = op, r, v
+        if op == 0:
+            ref[r] = v
+        elif op == 1 and ref.get(r) == v or op == 2:
+            ref.pop(r, None)
+    out = np.empty(n, np.int64)
+    _apply(RM, ops, rows, vals, out)
+    want = np.empty(n, np.int64)
+    state: dict[int, int] = {}
+    for i in range(n):
+        if ops[i] == 0:
+            state[int(rows[i])] = int(vals[i])
+        elif ops[i] == 1 and state.get(int(rows[i])) == vals[i] or ops[i] == 2:
+            state.pop(int(rows[i]), None)
+        want[i] = state.get(int(rows[i]), -1)
+    assert np.array_equal(out, want)
+    got_rows, got_vals = rm_items(RM)
+    assert dict(zip(got_rows.tolist(), got_vals.tolist())) == state == ref

@@ -1,0 +1,155 @@
+"""The row -> slot map of a cache tier: an open-addressing hash table sized to the cache.
+
+Each cached tier maps the table rows it holds to their slots, and the rows its ghosts
+remember to their ghost entries. A dense array over the table (one int32 per row, as this
+map was) costs 1.5 GB per tier at DeepSeek-V4.1's 384M rows before a single row is cached;
+this table costs 8 bytes per bucket, with ``buckets(entries)`` = next_pow2(2 x (slots +
+ghost entries)) buckets: 16-32 bytes per slot or ghost entry, whatever the table's size.
+
+One bucket is one int64: ``row << 32 | (value & 0xffffffff)``, ``EMPTY`` (-1) when unused.
+A value is a slot (>= 0) or ``-2 - g`` for ghost entry g (the map's old encoding), so
+``rm_get`` returns exactly what ``sor[r]`` did: -1 absent, >= 0 a slot, <= -2 a ghost.
+Rows are < 2**31 (CacheIndex checks it), so a key never collides with EMPTY.
+
+Linear probing from a splitmix64 hash's low bits at a load factor of at most 1/2 (every
+entry is a slot's row or a ghost entry's, so the table can never fill): a hit reads one
+bucket most of the time (~1.5 probes on average), a miss ~2.5. Deletion shifts the
+following entries back (no tombstones), so the probe lengths never degrade with churn.
+The hash is seeded with a constant: the shared host tier's map, built by one process, is
+read by every other one.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from ..jit import kernel
+
+__all__ = ["EMPTY", "buckets", "new_map", "rm_get", "rm_set", "rm_del", "rm_del_if", "rm_build",
+           "rm_get_many", "rm_items"]
+
+EMPTY = -1
+_SEED = 0x5EED0F0A  # fixed: every process must hash a row to the same bucket
+_LO = 0xFFFFFFFF
+
+
+def buckets(entries: int) -> int:
+    """Buckets for a map of at most ``entries`` keys: a power of two >= 2 x entries (>= 8)."""
+    return 1 << max(3, int(2 * max(1, entries) - 1).bit_length())
+
+
+def new_map(entries: int) -> np.ndarray:
+    """An empty map able to hold ``entries`` keys."""
+    return np.full(buckets(entries), EMPTY, dtype=np.int64)
+
+
+@kernel(inline=True)
+def _home(RM, r):  # pragma: no cover - compiled
+    """Row r's first bucket: the low bits of a splitmix64 finaliser (structs.mix64's hash;
+    not imported from there, which imports this module)."""
+    x = np.uint64(r) * np.uint64(0x9E3779B97F4A7C15) + np.uint64(_SEED)
+    x ^= x >> np.uint64(29)
+    x *= np.uint64(0xBF58476D1CE4E5B9)
+    x ^= x >> np.uint64(32)
+    return np.int64(x & np.uint64(RM.size - 1))
+
+
+@kernel(inline=True)
+def _key(e):  # pragma: no cover - compiled
+    return e >> 32  # arithmetic: EMPTY -> -1
+
+
+@kernel(inline=True)
+def _val(e):  # pragma: no cover - compiled
+    return ((e & _LO) ^ 0x80000000) - 0x80000000  # the low 32 bits, sign-extended
+
+
+@kernel(inline=True)
+def rm_get(RM, r):  # pragma: no cover - compiled
+    """Row r's value: its slot (>= 0), ``-2 - g`` (ghost entry g) or -1 (absent)."""
+    mask = RM.size - 1
+    i = _home(RM, r)
+    while True:
+        e = RM[i]
+        if e == EMPTY:
+            return -1
+        if _key(e) == r:
+            return _val(e)
+        i = (i + 1) & mask
+
+
+@kernel(inline=True)
+def rm_set(RM, r, v):  # pragma: no cover - compiled
+    """Row r now maps to v (inserted or replaced)."""
+    mask = RM.size - 1
+    i = _home(RM, r)
+    while True:
+        e = RM[i]
+        if e == EMPTY or _key(e) == r:
+            RM[i] = (np.int64(r) << 32) | (np.int64(v) & _LO)
+            return
+        i = (i + 1) & mask
+
+
+@kernel(inline=True)
+def _remove_at(RM, i):  # pragma: no cover - compiled
+    """Empty bucket i, shifting back the entries of its probe run that would be lost."""
+    mask = RM.size - 1
+    j = i
+    while True:
+        j = (j + 1) & mask
+        e = RM[j]
+        if e == EMPTY:
+            break
+        k = _home(RM, _key(e))
+        # e may move to i when its home is not in the cyclic range (i, j]
+        if (j > i and (k <= i or k > j)) or (j < i and k <= i and k > j):
+            RM[i] = e
+            i = j
+    RM[i] = EMPTY
+
+
+@kernel(inline=True)
+def rm_del_if(RM, r, v):  # pragma: no cover - compiled
+    """Forget row r if it maps to v (``v`` = -1: whatever it maps to). Returns whether it did."""
+    mask = RM.size - 1
+    i = _home(RM, r)
+    while True:
+        e = RM[i]
+        if e == EMPTY:
+            return False
+        if _key(e) == r:
+            if v != -1 and _val(e) != v:
+                return False
+            _remove_at(RM, i)
+            return True
+        i = (i + 1) & mask
+
+
+@kernel(inline=True)
+def rm_del(RM, r):  # pragma: no cover - compiled
+    """Forget row r (nothing if absent)."""
+    rm_del_if(RM, r, -1)
+
+
+@kernel
+def rm_build(RM, rows, vals):  # pragma: no cover - compiled
+    """Map ``rows[i]`` to ``vals[i]`` for each i."""
+    for i in range(rows.size):
+        rm_set(RM, rows[i], vals[i])
+
+
+@kernel
+def rm_get_many(RM, rows, out):  # pragma: no cover - compiled
+    """``out[i]`` = the value of ``rows[i]`` (a vectorised ``rm_get``)."""
+    for i in range(rows.size):
+        out[i] = rm_get(RM, rows[i])
+
+
+def rm_items(RM: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Every (row, value) of the map, sorted by row. O(buckets)."""
+    e = RM[RM != EMPTY]
+    rows = e >> 32
+    vals = (e & _LO).astype(np.uint32).view(np.int32).astype(np.int64)
+    order = np.argsort(rows, kind="stable")
+    return rows[order], vals[order]
