@@ -37,6 +37,7 @@ import torch
 
 from ..cache.layout import CACHED, RESIDENT
 from ..errors import CorruptDataError, FormatVersionError, StoreIOError, TierStoreError
+from ..format.snapshot import parse_snapshot_header, snapshot_path
 from ..format.spec import PAGE_SIZE, TableInfo, page_checksums
 from .page_reader import PageReader, aligned_empty
 
