@@ -116,7 +116,7 @@ def ensure_store(cache: Path, row_file: Path, row_bytes: int) -> Path:
 
 
 # ----------------------------------------------------------------------------- systems
-def read_store(store: tierstore.Store, ids: np.ndarray, out: torch.Tensor) -> np.ndarray:
+def read_store(store: tierstore.RowStore, ids: np.ndarray, out: torch.Tensor) -> np.ndarray:
     """The store's own lookup path into a reused output; rows as raw bytes."""
     store.lookup("t", ids, out=out)
     return out.view(torch.uint8).numpy()

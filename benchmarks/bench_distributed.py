@@ -22,7 +22,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 import tierstore
-from tierstore.serve.distributed import build_shard, open_sharded
+from tierstore import build_shard, open_sharded
 
 from .common import json_line, machine_info, print_header
 from .workloads import CACHE, table_store, zipf_ids
@@ -39,6 +39,21 @@ def _batches(rows: int, n_ids: int, batches: int, seed: int) -> list[np.ndarray]
     return [zipf_ids(rows, n_ids, 1.0, rng) for _ in range(batches)]
 
 
+def timed_lookups(store: tierstore.RowStore, name: str, work: list[np.ndarray], *, warm: int = 2,
+                  barrier: bool = False) -> float:
+    """Seconds for the lookups of ``work[warm:]`` after ``warm`` untimed ones: the same code
+    for the single-process store and each rank of the sharded one (any ``RowStore``)."""
+    for ids in work[:warm]:
+        store.lookup(name, ids)
+    store.reset_stats()
+    if barrier:
+        dist.barrier()
+    t0 = time.perf_counter()
+    for ids in work[warm:]:
+        store.lookup(name, ids)
+    return time.perf_counter() - t0
+
+
 def _rank_main(rank: int, world: int, port: int, store: str, name: str, rows: int, n_ids: int, batches: int,
                result: str) -> None:
     torch.set_num_threads(max(1, (os.cpu_count() or 1) // world))  # the cores, split between the ranks
@@ -49,14 +64,7 @@ def _rank_main(rank: int, world: int, port: int, store: str, name: str, rows: in
     dist.barrier()
     work = _batches(rows, n_ids, batches + 2, seed=100 + rank)
     with open_sharded(sharded, device="cpu", host_budget="8GiB") as s:  # every shard resident: measure the exchange
-        for ids in work[:2]:
-            s.lookup(name, ids)
-        s.reset_stats()
-        dist.barrier()
-        t0 = time.perf_counter()
-        for ids in work[2:]:
-            s.lookup(name, ids)
-        dt = time.perf_counter() - t0
+        dt = timed_lookups(s, name, work, barrier=True)
         ex = s.stats()["exchange"]
     totals = torch.tensor([dt, ex["bytes_sent"], ex["ids_requested"], ex["ids_sent"]], dtype=torch.float64)
     gathered = [torch.zeros_like(totals) for _ in range(world)]
@@ -129,12 +137,7 @@ def main(argv: list[str] | None = None) -> dict:
             save_file({name: s.lookup(name, torch.arange(rows))}, str(ckpt))
     work = _batches(rows, args.ids, args.batches + 2, seed=100)
     with tierstore.open(store, device="cpu", host_budget="8GiB") as s:
-        for ids in work[:2]:
-            s.lookup(name, ids)
-        t0 = time.perf_counter()
-        for ids in work[2:]:
-            s.lookup(name, ids)
-        base = args.batches / (time.perf_counter() - t0)
+        base = args.batches / timed_lookups(s, name, work)
     print(f"single-process store: {base:.1f} lookups/s of {args.ids} ids ({base * args.ids / 1e6:.2f} M ids/s)")
     results = []
     for world in (int(x) for x in args.ranks.split(",")):

@@ -21,8 +21,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from tokenizers import Tokenizer
 
-from tierstore.errors import TierStoreError
-from tierstore.files import check_versioned, read_json
+from tierstore import TierStoreError, check_versioned, read_json
 
 from engram_model.compression import build_compression
 from engram_model.errors import EngramConfigError

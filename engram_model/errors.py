@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from tierstore.errors import IdTypeError, InvalidIdError, TierStoreError
+from tierstore import IdTypeError, InvalidIdError, TierStoreError
 
 __all__ = ["EngramConfigError", "InvalidIdError", "IdTypeError"]
 

@@ -30,8 +30,7 @@ import torch
 from tokenizers import Tokenizer
 
 import tierstore
-from tierstore.format.profile import has_profile
-from tierstore.tiers.page_reader import evict_page_cache
+from tierstore import evict_page_cache, has_profile
 from engram_model.checkpoint import load_checkpoint, read_config
 from engram_model.data import encode_files, split_files
 from engram_model.errors import EngramConfigError
@@ -39,7 +38,7 @@ from engram_model.memory import SYNC_BELOW
 from engram_model.model import EngramLM, EngramPlan, InferenceCache
 from engram_model.tokenizer import stdlib_text_files
 
-__all__ = ["ServeTimes", "build_store_for", "open_served_model", "serve", "prompt_batches", "drop_page_cache", "main"]
+__all__ = ["ServeTimes", "build_store_for", "open_served_model", "served_model", "serve", "prompt_batches", "drop_page_cache", "main"]
 
 
 @dataclass
@@ -81,13 +80,22 @@ def open_served_model(
     store = tierstore.open(store_path, device=device, device_budget=device_budget, host_budget=host_budget,
                            policy=policy, threads=threads, use_profile=use_profile)
     try:
-        model, tok, _ = load_checkpoint(ckpt, tables=False)
-        model.to(store.device)
-        model.attach_store(store, sync_below=sync_below)
+        model, tok = served_model(ckpt, store, sync_below=sync_below)
     except BaseException:
         store.close()
         raise
     return model, tok, store
+
+
+def served_model(ckpt: str | Path, store: tierstore.RowStore, *,
+                 sync_below: int = SYNC_BELOW) -> tuple[EngramLM, Tokenizer]:
+    """The checkpoint's model (dense weights only) on ``store.device``, its tables served by
+    ``store``: any ``tierstore.RowStore`` (``tierstore.open`` or, on every rank of a group,
+    ``tierstore.open_sharded``). The caller keeps the store and closes it."""
+    model, tok, _ = load_checkpoint(ckpt, tables=False)
+    model.to(store.device)
+    model.attach_store(store, sync_below=sync_below)
+    return model, tok
 
 
 def table_bytes(ckpt: str | Path) -> int:

@@ -9,9 +9,10 @@ its own future. Two sources implement this:
 * :class:`EmbeddingMemory`: the table is an ``nn.Embedding(sparse=True)`` inside the
   model (training; the parameter is ``...engram.memory.weight``). The gather runs in
   ``result()`` on the caller's thread so autograd records it.
-* :class:`StoreMemory`: the table lives in a tierstore store (device / host / disk tiers);
-  ``fetch`` is ``store.prefetch``, which gathers on the store's threads while the model
-  computes the layers before this one.
+* :class:`StoreMemory`: the table lives in a tierstore store (device / host / disk tiers):
+  any ``tierstore.RowStore``, a ``Store`` or a ``ShardedStore`` (every rank runs the model
+  on its own inputs; the lookups are collective); ``fetch`` is ``store.prefetch``, which
+  gathers on the store's threads while the model computes the layers before this one.
 
 Both return float rows of shape ``ids.shape + (dim,)``; for the same weights they return
 bit-identical values (the store copies rows, it never recomputes them).
@@ -116,7 +117,8 @@ SYNC_BELOW = 4096
 
 
 class StoreMemory(nn.Module, MemorySource):
-    """Rows served by a tierstore table (inference only: no gradients, no parameters).
+    """Rows served by a tierstore table (inference only: no gradients, no parameters), from
+    any ``tierstore.RowStore``: ``tierstore.open(...)`` or ``tierstore.open_sharded(...)``.
 
     ``table`` is the store table name: the state-dict name of the parameter it replaces
     (e.g. ``blocks.1.engram.memory.weight``), or a DeepSeek-V4.1 table
@@ -124,7 +126,7 @@ class StoreMemory(nn.Module, MemorySource):
     dequantized to bfloat16; ``dim`` is then the dequantized width, 256).
     """
 
-    def __init__(self, store: tierstore.Store, table: str, rows: int, dim: int, sync_below: int = 0):
+    def __init__(self, store: tierstore.RowStore, table: str, rows: int, dim: int, sync_below: int = 0):
         # sync_below: see SYNC_BELOW (the serving entry points default to it; 0 always prefetches)
         super().__init__()
         # Requests smaller than this are looked up in the caller's thread when the layer asks

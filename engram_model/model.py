@@ -361,8 +361,9 @@ class EngramLM(nn.Module):
         return {"tables": tables, "dense": dense, "total": tables + dense,
                 "active_per_token": dense - idle_experts + per_tok_tables}
 
-    def attach_store(self, store: tierstore.Store, *, sync_below: int = SYNC_BELOW) -> None:
-        """Serve every Engram table from ``store`` (a ``tierstore.Store``) instead of memory.
+    def attach_store(self, store: tierstore.RowStore, *, sync_below: int = SYNC_BELOW) -> None:
+        """Serve every Engram table from ``store`` instead of memory: any ``tierstore.RowStore``,
+        a ``Store`` or a ``ShardedStore`` (then every rank runs the model; lookups are collective).
 
         sync_below: requests of fewer ids are looked up in the caller's thread instead of
         prefetched (see StoreMemory)."""

@@ -53,7 +53,7 @@ def load_runs(dirs: Sequence[str | Path]) -> list[dict[str, Any]]:
 
 def plot_runs(runs: Sequence[dict[str, Any]], out: str | Path, title: str = "") -> Path:
     """Validation loss against training tokens, one curve per run (tierstore.analysis.plots)."""
-    from tierstore.analysis.plots import plot_curves
+    from tierstore import plot_curves
 
     series = [(r["label"], [p["tokens"] / 1e6 for p in r["history"]], [p["val_loss"] for p in r["history"]])
               for r in runs]

@@ -30,8 +30,7 @@ from pathlib import Path
 
 import numpy as np
 
-from tierstore.errors import TierStoreError
-from tierstore.analysis.simulate import TableTrace, Trace, save_trace
+from tierstore import TableTrace, TierStoreError, Trace, save_trace
 
 __all__ = ["add_parser", "run", "interleave", "TraceSource"]
 

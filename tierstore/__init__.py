@@ -49,6 +49,17 @@ _LAZY = {
     "open_sharded": ("serve.distributed", "open_sharded"),
     "ShardedStore": ("serve.distributed", "ShardedStore"),
     "build_shard": ("serve.distributed", "build_shard"),
+    "RowStore": ("serve.rowstore", "RowStore"),
+    "StoreOptions": ("serve.options", "StoreOptions"),
+    "has_profile": ("format.profile", "has_profile"),
+    "evict_page_cache": ("tiers.page_reader", "evict_page_cache"),
+    "Trace": ("analysis.simulate", "Trace"),
+    "TableTrace": ("analysis.simulate", "TableTrace"),
+    "save_trace": ("analysis.simulate", "save_trace"),
+    "load_trace": ("analysis.simulate", "load_trace"),
+    "plot_curves": ("analysis.plots", "plot_curves"),
+    "read_json": ("files", "read_json"),
+    "check_versioned": ("files", "check_versioned"),
 }
 
 
@@ -68,12 +79,15 @@ def __dir__() -> list[str]:
 
 
 __all__ = [
-    "open", "open_store", "open_sharded", "ShardedStore", "build_shard", "Store", "LookupFuture", "TableInfo", "build_store", "verify_store",
+    "open", "open_store", "open_sharded", "StoreOptions", "RowStore", "Store", "ShardedStore", "build_shard",
+    "LookupFuture", "TableInfo", "build_store", "verify_store",
     "save_snapshot",
     "DEFAULT_TABLE_PATTERN", "FORMAT_VERSION", "parse_size", "format_size",
     "TierStoreError", "InvalidIdError", "IdTypeError", "UnknownTableError", "CorruptDataError",
     "FormatVersionError", "BudgetError", "PolicyParamError", "StoreIOError", "CapacityError", "StoreExistsError", "CheckpointError",
     "LookupTimeoutError", "StoreClosedError", "MissingExtraError", "ShardedLookupError", "ShardDesyncError",
     "StoreChangedError", "OutputPathError", "ReplaceRefusedError",
+    "has_profile", "evict_page_cache", "Trace", "TableTrace", "save_trace", "load_trace", "plot_curves",
+    "read_json", "check_versioned",
 ]
 __version__ = "0.1.0"

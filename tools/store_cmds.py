@@ -15,7 +15,7 @@ from tierstore.serve.distributed import build_shard
 from tierstore.errors import TierStoreError
 from tierstore.format.spec import FORMAT_NAME, PAGE_SIZE, read_manifest
 from tierstore.format.profile import has_profile
-from tierstore.format.quant import NanScaleWarning
+from tierstore.format.quant import NanScaleWarning, Quant
 from tierstore.sizes import format_size
 from tierstore.format.verify import verify_store
 
@@ -105,6 +105,21 @@ def _recover(store: str) -> None:
         print(f"tierstore: {line}", file=sys.stderr)
 
 
+def quant_doc(quant: Quant | None, lookup_dtype: object) -> dict | None:
+    """The ``quant`` field of ``inspect --json``: how a quantized table's stored rows decode."""
+    if quant is None:
+        return None
+    return {**quant.to_json(), "row_bytes": quant.row_bytes, "lookup_dtype": str(lookup_dtype).removeprefix("torch.")}
+
+
+def quant_label(q: dict) -> str:
+    """``fp8 e4m3 + ue8m0/32, 256 values (bf16 on lookup)``: what ``inspect`` prints for a
+    quantized table instead of its stored dtype (``264 uint8``)."""
+    values, scales = q["scheme"].split("/")
+    lookup = {"bfloat16": "bf16"}.get(q["lookup_dtype"], q["lookup_dtype"])
+    return f"{values.replace('_', ' ')} + {scales}/{q['block']}, {q['values']} values ({lookup} on lookup)"
+
+
 def run_inspect(args: argparse.Namespace) -> int:
     _recover(args.store)
     m = read_manifest(args.store)
@@ -112,7 +127,8 @@ def run_inspect(args: argparse.Namespace) -> int:
         {"name": t.name, "rows": t.rows, "dim": t.dim, "dtype": t.dtype, "row_bytes": t.row_bytes,
          "row_stride": t.row_stride, "bytes": t.nbytes, "file": t.file, "file_bytes": t.file_bytes,
          "hot_ordered": t.order_file is not None, "profile": has_profile(args.store, t.name),
-         "shard": t.source.get("shard"), "nan_scales": t.source.get("nan_scales")}
+         "shard": t.source.get("shard"), "nan_scales": t.source.get("nan_scales"),
+         "quant": quant_doc(t.quant, t.lookup_dtype)}
         for t in m.tables.values()
     ]
     doc = {"format": FORMAT_NAME, "version": m.version, "build_id": m.build_id, "created": m.created, "checksum": m.checksum,
@@ -124,14 +140,17 @@ def run_inspect(args: argparse.Namespace) -> int:
     print(f"store {args.store}  format {FORMAT_NAME} v{m.version}  created {m.created}  "
           f"checksums {m.checksum['scheme']} per {m.checksum['block_size']} B")
     w = max([len(t["name"]) for t in tables] + [5])
-    print(f"{'table':<{w}}  {'rows':>12}  {'dim':>5}  {'dtype':<14}  {'size':>10}  notes")
-    for t in tables:
+    kinds = [quant_label(t["quant"]) if t["quant"] else t["dtype"] for t in tables]
+    wk = max([len(k) for k in kinds] + [14])
+    print(f"{'table':<{w}}  {'rows':>12}  {'dim':>5}  {'dtype':<{wk}}  {'size':>10}  notes")
+    for t, kind in zip(tables, kinds):
         notes = [n for n, on in (("profile", t["profile"]), ("hot-ordered", t["hot_ordered"])) if on]
         if t["nan_scales"]:
             notes.append(f"{t['nan_scales']:,} NaN scales")
         if t["shard"]:
             notes.append(f"shard {t['shard']['rank']}/{t['shard']['world_size']} of {t['shard']['global_rows']:,} rows")
-        print(f"{t['name']:<{w}}  {t['rows']:>12,}  {t['dim']:>5}  {t['dtype']:<14}  {format_size(t['bytes']):>10}  "
+        dim = t["quant"]["values"] if t["quant"] else t["dim"]  # a quantized row: its values, as looked up
+        print(f"{t['name']:<{w}}  {t['rows']:>12,}  {dim:>5}  {kind:<{wk}}  {format_size(t['bytes']):>10}  "
               f"{', '.join(notes)}")
     print(f"total {format_size(doc['total_bytes'])} in {len(tables)} table(s)"
           + (f"; attachments: {', '.join(m.attachments)}" if m.attachments else ""))

@@ -55,3 +55,26 @@ def test_old_path_in_process():
     with pytest.warns(DeprecationWarning, match="tierstore.serve.distributed"):
         mod = importlib.import_module("tierstore.distributed")
     assert mod is importlib.import_module("tierstore.serve.distributed")
+
+
+def test_engram_model_uses_only_the_public_api():
+    """The model imports ``tierstore`` and uses ``tierstore.X`` for X in ``tierstore.__all__``:
+    never a module inside the package (``tierstore.serve.store``, ``tierstore.files``, ...)."""
+    import ast
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[2] / "engram_model"
+    bad = []
+    for path in sorted(root.rglob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text(), str(path))):
+            where = f"{path.name}:{getattr(node, 'lineno', '?')}"
+            if isinstance(node, ast.ImportFrom) and (node.module or "").startswith("tierstore"):
+                if node.module != "tierstore" or node.level:
+                    bad.append(f"{where} from {node.module} import ...")
+                bad += [f"{where} tierstore.{a.name}" for a in node.names if a.name not in tierstore.__all__]
+            elif isinstance(node, ast.Import):
+                bad += [f"{where} import {a.name}" for a in node.names if a.name.startswith("tierstore.")]
+            elif isinstance(node, ast.Attribute) and isinstance(node.value, ast.Name) and node.value.id == "tierstore" \
+                    and node.attr not in tierstore.__all__:
+                bad.append(f"{where} tierstore.{node.attr}")
+    assert not bad, f"engram_model reaches past tierstore's public API: {bad}"

@@ -68,3 +68,37 @@ def test_build_shard(tmp_path, small_ckpt, capsys):
     assert info.rows == len(range(1, 5003, 3)) and info.source["shard"]["global_rows"] == 5003
     assert main(["build", str(ckpt), str(tmp_path / "sh2"), "--shard", "1-3"]) == 2
     assert "RANK/WORLD" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("fp4", [False, True], ids=["fp8", "fp4"])
+def test_inspect_shows_a_quantized_table_as_its_scheme(tmp_path, capsys, fp4):
+    """A DeepSeek-V4.1-layout table is shown as its scheme, not as its stored bytes
+    ("264 uint8"); ``--json`` has a ``quant`` field (null for a plain table)."""
+    from ..v41 import embed, write_v41_checkpoint
+
+    write_v41_checkpoint(tmp_path / "ckpt", {1: 300, 14: 200}, fp4=fp4)
+    out = tmp_path / "store"
+    assert main(["build", str(tmp_path / "ckpt"), str(out), "--quiet"]) == 0
+    capsys.readouterr()
+    assert main(["inspect", str(out), "--json"]) == 0
+    doc = {t["name"]: t for t in json.loads(capsys.readouterr().out)["tables"]}
+    scheme, row_bytes = ("fp4_e2m1/ue8m0", 136) if fp4 else ("fp8_e4m3/ue8m0", 264)
+    for name, rows in ((embed(1), 300), (embed(14), 200)):
+        t = doc[name]
+        assert (t["rows"], t["dim"], t["dtype"]) == (rows, row_bytes, "uint8")  # the stored rows, as before
+        assert t["quant"] == {"scheme": scheme, "block": 32, "values": 256, "row_bytes": row_bytes,
+                              "lookup_dtype": "bfloat16"}
+    assert main(["inspect", str(out)]) == 0
+    text = capsys.readouterr().out
+    want = f"{'fp4 e2m1' if fp4 else 'fp8 e4m3'} + ue8m0/32, 256 values (bf16 on lookup)"
+    lines = [line for line in text.splitlines() if line.startswith(embed(1))]
+    assert len(lines) == 1 and want in lines[0] and "uint8" not in lines[0], text
+    assert lines[0].split()[1:3] == ["300", "256"], lines[0]  # rows, and the values a lookup returns
+
+
+def test_inspect_json_quant_is_null_for_a_plain_table(tmp_path, small_ckpt, capsys):
+    ckpt, _ = small_ckpt
+    assert main(["build", str(ckpt), str(tmp_path / "s"), "--quiet"]) == 0
+    capsys.readouterr()
+    assert main(["inspect", str(tmp_path / "s"), "--json"]) == 0
+    assert all(t["quant"] is None for t in json.loads(capsys.readouterr().out)["tables"])

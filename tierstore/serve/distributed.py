@@ -45,6 +45,7 @@ Build: every rank runs ``build_shard(checkpoint, out, rank, world_size)`` and wr
 from __future__ import annotations
 
 import concurrent.futures as cf
+import dataclasses
 import datetime
 import hashlib
 import os
@@ -64,7 +65,9 @@ from ..format.build import build_store
 from ..format.quant import dequantize
 from ..format.spec import TableInfo
 from ..ids import IdLike, as_row_ids
+from .options import StoreOptions, resolve_options
 from .prefetcher import LatencyStats, LookupFuture
+from .rowstore import RowStore
 from .store import Store, find_table
 
 __all__ = ["shard_dir", "build_shard", "ShardedStore", "open_sharded"]
@@ -126,18 +129,21 @@ class _Request:
 
 
 class ShardedStore:
-    """The rows of every table spread over the ranks of ``group``; the lookup API of ``Store``
-    (``lookup``, ``prefetch``, ``prefetch_many``, ``hint``, ``raw=``, ``out=``, the same dtypes:
-    a quantized table's rows dequantized to bfloat16 bit-exactly, its stored bytes with
-    ``raw=True``), but every call is collective (module docstring): every rank makes the same
-    calls in the same order.
+    """The rows of every table spread over the ranks of ``group``; a ``tierstore.RowStore``
+    like ``Store`` (``lookup``, ``prefetch``, ``prefetch_many``, ``hint``, ``stats``, ``raw=``,
+    ``out=``, the same dtypes and typed errors: a quantized table's rows dequantized to
+    bfloat16 bit-exactly, its stored bytes with ``raw=True``), but every call is collective
+    (module docstring): every rank makes the same calls in the same order. Opened with the
+    options of ``tierstore.open`` (``StoreOptions``); budgets are per rank.
 
     Not for concurrent use from several threads of one rank: the calls must be issued in the
     same order on every rank.
     """
 
     def __init__(self, path: str | os.PathLike[str], *, group: dist.ProcessGroup | None = None,
-                 timeout: float = 60.0, **store_kwargs: Any):
+                 options: StoreOptions | None = None, **overrides: Any):
+        opts = resolve_options(options, overrides)  # the same options and checks as tierstore.open
+        timeout = opts.timeout
         if not dist.is_available() or not dist.is_initialized():
             raise TierStoreError("ShardedStore needs an initialized torch.distributed process group "
                                  "(torch.distributed.init_process_group)")
@@ -155,8 +161,10 @@ class ShardedStore:
                 f"rank {self.rank}: no shard at {local_path}; build it with "
                 f"tierstore.serve.distributed.build_shard(checkpoint, {str(path)!r}, {self.rank}, {self.world_size})"
             )
-        store_kwargs.setdefault("device", self.comm_device)
-        self.local = Store(local_path, timeout=timeout, **store_kwargs)
+        if opts.device is None:  # the group's device: rows arrive where the exchange runs
+            opts = dataclasses.replace(opts, device=self.comm_device)
+        self.options = opts
+        self.local = Store(local_path, options=opts)
         self.device = self.local.device
         self.tables: dict[str, TableInfo] = {}
         for name, info in self.local.tables.items():
@@ -507,11 +515,17 @@ class ShardedStore:
         return got.index_select(0, idx).view(torch.uint8).view(len(flat), row_bytes)
 
 
-def open_sharded(path: str | os.PathLike[str], *, group: dist.ProcessGroup | None = None, timeout: float = 60.0,
-                 **store_kwargs: Any) -> ShardedStore:
+def open_sharded(path: str | os.PathLike[str], *, group: dist.ProcessGroup | None = None,
+                 options: StoreOptions | None = None, **overrides: Any) -> ShardedStore:
     """Open this rank's shard of the sharded store at ``path`` (collective: every rank calls it).
 
-    store_kwargs go to the local ``Store`` (device, device_budget, host_budget, policy, ...);
-    budgets are per rank.
+    options: a ``tierstore.StoreOptions``, or its fields as keywords, exactly as for
+    ``tierstore.open`` (checked by the same code) and applied to this rank's local store:
+    **budgets are per rank** (each rank's shard has tiers of these sizes). ``timeout`` is
+    also the collectives' timeout; ``device`` defaults to the group's device (CPU for gloo,
+    this rank's GPU for NCCL).
     """
-    return ShardedStore(path, group=group, timeout=timeout, **store_kwargs)
+    return ShardedStore(path, group=group, options=options, **overrides)
+
+
+_IS_A_ROWSTORE: type[RowStore] = ShardedStore  # checked statically: ShardedStore implements tierstore.RowStore

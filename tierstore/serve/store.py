@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import errno
-import math
 import os
 import weakref
 from collections.abc import Callable, Mapping
@@ -20,12 +19,13 @@ from ..errors import (CapacityError, CorruptDataError, StoreChangedError, StoreC
 from ..format.quant import dequantize
 from ..format.spec import TableInfo, read_manifest
 from ..ids import IdLike, as_row_ids, check_id_tensor
+from .options import StoreOptions, resolve_device, resolve_options
 from .prefetcher import LookupFuture, Prefetcher
+from .rowstore import RowStore
 from ..format.profile import load_profile
 from ..format.recovery import recover
-from ..sizes import format_size, parse_size
+from ..sizes import format_size
 from ..tiers.cuda import check_device_room
-from ..tiers.disk import READERS
 from .table import Table
 
 __all__ = ["Store", "open_store", "IdLike", "INLINE_BELOW"]
@@ -36,40 +36,6 @@ INLINE_BELOW = 1024
 # an open that finds files of another build (a rebuild replaced the store meanwhile) reads the
 # manifest again and reopens, at most this many times in all
 OPEN_TRIES = 4
-
-
-def _default_device() -> torch.device:
-    return torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
-
-
-def _device(device: str | torch.device | None) -> torch.device:
-    """The store's device, checked: CPU, or CUDA when it is present."""
-    if device is None:
-        return _default_device()
-    if not isinstance(device, (str, torch.device)):
-        raise TierStoreError(f"device={device!r} must be a string like 'cpu' or 'cuda:0', or a torch.device")
-    try:
-        dev = torch.device(device)
-    except (RuntimeError, ValueError) as e:
-        raise TierStoreError(f"device={device!r} is not a device ({e}); use 'cpu' or 'cuda[:N]'") from None
-    if dev.type == "cuda":
-        if not torch.cuda.is_available():
-            raise TierStoreError(f"device={device!r} requested but CUDA is not available; use device='cpu'")
-        if dev.index is not None and dev.index >= torch.cuda.device_count():
-            raise TierStoreError(f"device={device!r}: only {torch.cuda.device_count()} CUDA device(s) here")
-    elif dev.type != "cpu":
-        raise TierStoreError(f"device={device!r} is not supported: rows are served on 'cpu' or 'cuda' "
-                             "('meta' tensors would hold no rows)")
-    return dev
-
-
-def _count(value: object, what: str, *, allow_none: bool = False) -> int | None:
-    """A positive integer option (threads), refusing strings, bools and floats."""
-    if value is None and allow_none:
-        return None
-    if not isinstance(value, (int, np.integer)) or isinstance(value, bool) or value < 1:
-        raise TierStoreError(f"{what}={value!r} must be an integer >= 1")
-    return int(value)
 
 
 def _release(tables: list[Table], prefetcher: Prefetcher, pool: BufferPool, wait: bool) -> None:
@@ -136,95 +102,48 @@ class Store:
     look up and prefetch at once.
 
     path: the store directory (``tierstore build``).
-    device: where lookups return rows and the device tier lives; default CUDA if present, else
-        CPU (the device tier is then a budgeted in-memory cache, same code).
-    device_budget, host_budget: bytes of rows each tier may hold ("64MiB", "2GB", int; 0
-        disables the tier). Budgets are split over the tables in proportion to their size; a
-        table whose share covers it is loaded into that tier whole at open (resident).
-    policy: cache policy for rows that do not fit ("default", "lru", "lfu", "s3fifo", ...).
-    policy_params: the policy's parameters, e.g. ``{"pin_fraction": 0.2, "hint_horizon": 10**6}``
-        for ``default`` (listed on each policy class, ``tierstore.cache.POLICIES[name].defaults``);
-        checked at open: an unknown key or a bad value raises ``PolicyParamError`` naming it.
-    threads: background lookup workers; io_threads: disk reader threads; direct: force O_DIRECT
-        on or off (default: on where the filesystem allows it).
-    pool_bytes: most bytes of finished output buffers kept for reuse by lookups without
-        ``out=`` (a fresh large output costs more in page faults than the gather); 0 disables.
-    host_shared: keep the host tier in POSIX shared memory, one copy for every process on the
-        machine that opens this store with the same budget (see ``tierstore.tiers.shared_host``). Its
-        rows are the whole table, or the hottest rows of the saved profile.
-    use_profile: place rows by the store's saved profile (``tierstore profile --save-profile``):
-        the hottest rows are loaded into the tiers at open. False opens as if there were none.
-    zero_copy: CUDA only: the GPU reads host-tier hits straight from the pinned host slab
-        (a UVA gather across PCIe) instead of the CPU gathering them into a staging buffer
-        that is then copied up (the default). Never run: needs CUDA.
-    disk_reader: how cold pages are read for a CUDA store: "auto" (kvikio into GPU memory when
-        it is installed, else POSIX into host memory), "posix" or "kvikio" (error if it cannot).
-        ``stats()["disk"]["reader"]`` and ``["reader_mode"]`` say what served.
-    timeout: seconds an open waits, with host_shared, for another process's fill of the shared
-        tier while that fill makes no progress (a stopped or hung filler); then
-        ``LookupTimeoutError`` names the process. A filler that died is replaced at once.
+    options: a :class:`~tierstore.StoreOptions` (device, device_budget, host_budget, policy,
+        policy_params, threads, io_threads, direct, host_shared, pool_bytes, use_profile,
+        zero_copy, disk_reader, timeout; each field's meaning is documented there), or the
+        same options as keywords: ``tierstore.open(path, device="cpu", host_budget="2GiB")``;
+        keywords given with ``options=`` replace those fields. They are checked before any
+        file is opened. In short: ``device`` is where rows are returned (default CUDA if
+        present, else CPU: the device tier is then a budgeted in-memory cache, same code);
+        ``device_budget``/``host_budget`` are bytes of rows per tier, split over the tables
+        by size (a table whose share covers it is loaded whole at open); ``stats()["disk"]``
+        says which page reader served.
 
     On CUDA the device budget is checked against the GPU's free memory at open: a budget that
     cannot fit raises ``CapacityError`` before anything is allocated, and an out-of-memory
     error inside a lookup is raised as ``CapacityError`` too.
     """
 
-    def __init__(
-        self,
-        path: str | os.PathLike[str],
-        *,
-        device: str | torch.device | None = None,
-        device_budget: int | str | None = 0,
-        host_budget: int | str | None = 0,
-        policy: str = "default",
-        policy_params: Mapping[str, Any] | None = None,
-        threads: int = 4,
-        io_threads: int | None = None,
-        direct: bool | None = None,
-        host_shared: bool = False,
-        pool_bytes: int | str = "256MiB",
-        use_profile: bool = True,
-        zero_copy: bool = False,
-        disk_reader: str = "auto",
-        timeout: float = 60.0,
-    ):
+    def __init__(self, path: str | os.PathLike[str], *, options: StoreOptions | None = None, **overrides: Any):
         self._closed = True  # until fully open: close() and the finalizer have nothing to do
+        opts = resolve_options(options, overrides)  # every option checked before any file is touched
         if not isinstance(path, (str, os.PathLike)):
             raise TierStoreError(f"path={path!r} must be a str or os.PathLike naming the store directory")
         self.path = Path(path)
         recover(self.path)  # a build of this store that died mid-swap: restore or clean up
         self.manifest = read_manifest(self.path)
-        self.device = _device(device)
-        threads = _count(threads, "threads")
-        io_threads = _count(io_threads, "io_threads", allow_none=True)
-        if direct not in (None, True, False) or host_shared not in (True, False) or use_profile not in (True, False):
-            raise TierStoreError(f"direct={direct!r} must be None/True/False, host_shared={host_shared!r} and "
-                                 f"use_profile={use_profile!r} bools")
-        if zero_copy not in (True, False) or (zero_copy and self.device.type != "cuda"):
-            raise TierStoreError(f"zero_copy={zero_copy!r}: the GPU reading host rows directly needs device='cuda' "
-                                 f"(this store's device is {self.device}); leave zero_copy=False")
-        if isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or not 0 < timeout < math.inf:
-            raise TierStoreError(f"timeout={timeout!r} must be a positive number of seconds")
-        if disk_reader not in READERS:
-            raise TierStoreError(f"disk_reader={disk_reader!r} must be one of {READERS}")
-        self.device_budget = parse_size(device_budget, what="device_budget")
-        self.host_budget = parse_size(host_budget, what="host_budget")
-        # the name and parameters are checked here, before any tier is built (and even when
-        # every table is resident and no tier builds a policy)
-        spec = PolicySpec(policy, {} if policy_params is None else policy_params)
-        self.policy = policy
+        self.options = opts
+        self.device = resolve_device(opts.device)
+        self.device_budget = int(opts.device_budget or 0)
+        self.host_budget = int(opts.host_budget or 0)
+        spec = opts.policy_spec
+        self.policy = opts.policy
         self.policy_params = dict(spec.params)
         self._tables: dict[str, Table] = {}
         for attempt in range(OPEN_TRIES):
             try:
-                self._open_tables(spec, use_profile=use_profile, direct=direct, io_threads=io_threads,
-                                  host_shared=host_shared, zero_copy=zero_copy, disk_reader=disk_reader,
-                                  timeout=float(timeout))
+                self._open_tables(spec, use_profile=opts.use_profile, direct=opts.direct,
+                                  io_threads=opts.io_threads, host_shared=opts.host_shared,
+                                  zero_copy=opts.zero_copy, disk_reader=opts.disk_reader, timeout=opts.timeout)
                 break
             except (StoreChangedError, CorruptDataError) as e:
                 self._rebuilt_since(e, last=attempt == OPEN_TRIES - 1)
-        self._pool = BufferPool(max_bytes=parse_size(pool_bytes, what="pool_bytes"))
-        self._prefetcher = Prefetcher(threads, self.device)
+        self._pool = BufferPool(max_bytes=int(opts.pool_bytes))
+        self._prefetcher = Prefetcher(opts.threads, self.device)
         self._closed = False
         self._finalizer = weakref.finalize(self, _release, list(self._tables.values()), self._prefetcher,
                                            self._pool, False)
@@ -427,6 +346,8 @@ class Store:
         """One call for several tables (an Engram layer reads all its tables at once); rows
         as :meth:`lookup` returns them (quantized tables dequantized). CUDA ids are read as in
         ``prefetch``: without waiting here."""
+        if not isinstance(requests, Mapping):  # as ShardedStore.prefetch_many: one typed error
+            raise TierStoreError(f"requests={type(requests).__name__} must be a mapping of table name to ids")
         prepared = {}
         for name, ids in requests.items():
             if isinstance(ids, torch.Tensor) and ids.is_cuda:  # never run: needs CUDA
@@ -539,3 +460,4 @@ class Store:
 
 
 open_store = Store  # `tierstore.open(path, ...)`: the constructor, documented on the class
+_IS_A_ROWSTORE: type[RowStore] = Store  # checked statically: Store implements tierstore.RowStore
