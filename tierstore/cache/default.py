@@ -1,7 +1,7 @@
 """The store's policy: a pinned core, an adaptive profile-ranked core and S3-FIFO with hints.
 
-The per-access port of the batch-vectorised ``DefaultPolicy`` it replaced (the removed
-``tierstore/policy.py``). Three parts share the tier:
+The per-access port of an earlier batch-vectorised policy of the same design. Three parts
+share the tier:
 
 - **Pinned core** (``pin_fraction`` of the slots): the profile's hottest rows, in slots
   [0, LO), never evicted; the walk never shows them to the policy (``prepare``).

@@ -1,7 +1,7 @@
 """Pooled output buffers: reuse a returned tensor once nothing outside the pool holds it.
 
-On this machine kind a fresh 64 MB output costs more in page faults than the gather that
-fills it (docs/baselines.md), so ``Store.lookup`` without ``out=`` takes a buffer from here. A
+On the development VM (docs/baselines.md) a fresh 64 MB output costs more in page faults than the gather that
+fills it, so ``Store.lookup`` without ``out=`` takes a buffer from here. A
 buffer is handed out again only when its storage has no other user: no tensor, view or
 slice the caller kept shares it (checked with the storage's use count), so reuse can
 never overwrite rows a caller still reads.
