@@ -20,6 +20,7 @@ from .errors import (
     MissingExtraError,
     OutputPathError,
     PolicyParamError,
+    ReaderParamError,
     ShardDesyncError,
     ShardedLookupError,
     ReplaceRefusedError,
@@ -86,7 +87,7 @@ __all__ = [
     "TierStoreError", "InvalidIdError", "IdTypeError", "UnknownTableError", "CorruptDataError",
     "FormatVersionError", "BudgetError", "PolicyParamError", "StoreIOError", "CapacityError", "StoreExistsError", "CheckpointError",
     "LookupTimeoutError", "StoreClosedError", "MissingExtraError", "ShardedLookupError", "ShardDesyncError",
-    "StoreChangedError", "OutputPathError", "ReplaceRefusedError",
+    "StoreChangedError", "OutputPathError", "ReplaceRefusedError", "ReaderParamError",
     "has_profile", "evict_page_cache", "Trace", "TableTrace", "save_trace", "load_trace", "plot_curves",
     "read_json", "check_versioned",
 ]

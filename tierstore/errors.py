@@ -15,6 +15,7 @@ __all__ = [
     "FormatVersionError",
     "BudgetError",
     "PolicyParamError",
+    "ReaderParamError",
     "StoreIOError",
     "StoreChangedError",
     "OutputPathError",
@@ -68,6 +69,11 @@ class PolicyParamError(TierStoreError, ValueError):
     def __init__(self, message: str, *, param: str):
         super().__init__(message)
         self.param = param
+
+
+class ReaderParamError(TierStoreError, ValueError):
+    """A page reader was given a bad parameter (method, threads, depth) or a malformed
+    argument (an output buffer of the wrong shape, dtype or alignment). A caller mistake."""
 
 
 class StoreIOError(TierStoreError, OSError):

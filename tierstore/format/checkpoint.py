@@ -27,8 +27,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ..errors import CheckpointError, StoreIOError
-from ..files import is_json_int, read_full
+from ..errors import CheckpointError
+from ..files import is_json_int, os_error, read_full
 from .spec import DTYPES
 
 __all__ = ["TensorMeta", "Checkpoint", "open_checkpoint", "READ_DTYPES"]
@@ -98,11 +98,11 @@ class Checkpoint:
         try:
             fd = os.open(meta.file, os.O_RDONLY)
         except OSError as e:
-            raise StoreIOError(e.errno, f"opening {meta.file}: {e.strerror}") from e
+            raise os_error(e, f"opening {meta.file}") from e
         try:
             got = read_full(fd, memoryview(buf), offset, meta.file)
         except OSError as e:
-            raise StoreIOError(e.errno, f"reading {name} from {meta.file}: {e.strerror}") from e
+            raise os_error(e, f"reading {name} from {meta.file}") from e
         finally:
             os.close(fd)
         if got != n:

@@ -5,8 +5,8 @@ rows a saved profile counts, most accessed first, ties by ascending id; then eve
 ("cold") row in ascending id. Only the ``k`` accessed rows are held (as ids and their
 sorted copy, ~24 B each); the cold rows, nearly all of a large table, are computed a chunk
 at a time: cold row number ``c`` is ``c + #{i : hs[i] - i <= c}`` for the sorted hot ids
-``hs`` (``hs[i] - i`` counts the cold rows below ``hs[i]``). The profile's counts are
-streamed from their zstd file a chunk at a time, and the row -> position file is written
+``hs`` (``hs[i] - i`` counts the cold rows below ``hs[i]``). Only the profile's accessed
+rows are loaded (``load_profile(top=...)``), and the row -> position file is written
 the same way (``order.write_order_streamed``), so nothing here is an array over the table
 (at 384M rows a dense permutation was 3 GB, its inverse 1.5 GB, the counts 3 GB).
 """
@@ -14,12 +14,10 @@ the same way (``order.write_order_streamed``), so nothing here is an array over 
 from __future__ import annotations
 
 import os
-from typing import BinaryIO
-
 import numpy as np
 
-from ..errors import CheckpointError, CorruptDataError
-from .profile import profile_info, profile_paths
+from ..errors import CheckpointError
+from .profile import TopProfile, load_profile, profile_info, profile_paths
 
 __all__ = ["HotOrder", "load_hot_order", "CHUNK"]
 
@@ -59,58 +57,17 @@ class HotOrder:
         return pos
 
 
-def _read_exact(fh: BinaryIO, n: int) -> bytes:
-    parts, got = [], 0
-    while got < n:
-        b = fh.read(n - got)
-        if not b:
-            break
-        parts.append(b)
-        got += len(b)
-    return b"".join(parts)
-
-
 def load_hot_order(store: str | os.PathLike[str], table: str, rows: int) -> HotOrder | None:
     """``table``'s saved profile in ``store`` as a :class:`HotOrder` over ``rows`` rows, or None
-    when there is none. The counts are streamed (never all in memory); a profile of another
-    length raises ``CheckpointError``, a damaged one ``CorruptDataError``, as ``load_profile``."""
-    import zstandard
-
-    data, meta_path = profile_paths(store, table)
+    when there is none. Only the accessed rows are loaded (``load_profile(top=...)`` streams a
+    dense version-1 file; a version-2 file is sparse already); a profile of another length
+    raises ``CheckpointError``, a damaged one ``CorruptDataError``, as ``load_profile``."""
+    _, meta_path = profile_paths(store, table)
     if not meta_path.is_file():
         return None
     info = profile_info(store, table)
     if info["rows"] != rows:
         raise CheckpointError(f"profile of {table!r} in {store} has {info['rows']} rows, the table {rows}")
-    ids, counts = [], []
-    total = nonzero = 0
-    try:
-        with open(data, "rb") as raw, zstandard.ZstdDecompressor().stream_reader(raw) as fh:
-            version = np.lib.format.read_magic(fh)
-            read_header = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
-            shape, fortran, dtype = read_header(fh)
-            if shape != (rows,) or dtype.kind not in "iu":
-                raise ValueError(f"it holds {dtype} {shape}, the metadata says {rows} rows")
-            for a in range(0, rows, CHUNK):
-                n = min(CHUNK, rows - a)
-                buf = _read_exact(fh, n * dtype.itemsize)
-                if len(buf) != n * dtype.itemsize:
-                    raise ValueError(f"truncated after {a} of {rows} counts")
-                c = np.frombuffer(buf, dtype=dtype)
-                if dtype.kind == "i" and n and c.min() < 0:
-                    raise ValueError("negative counts")
-                nz = np.flatnonzero(c)
-                ids.append(nz + a)
-                counts.append(c[nz].astype(np.int64))
-                total += int(c.sum(dtype=np.int64))
-                nonzero += nz.size
-            if fh.read(1):
-                raise ValueError("bytes follow the counts")
-    except (OSError, ValueError, zstandard.ZstdError) as e:
-        raise CorruptDataError(f"profile counts {str(data)!r} are unreadable: {e}") from e
-    if total != info["total"] or nonzero != info["nonzero"]:
-        raise CorruptDataError(f"profile {str(data)!r} does not match its metadata (total, nonzero): "
-                               "damaged; record the profile again")
-    hot_ids = np.concatenate(ids) if ids else np.zeros(0, np.int64)
-    hot_counts = np.concatenate(counts) if counts else np.zeros(0, np.int64)
-    return HotOrder(hot_ids[np.lexsort((hot_ids, -hot_counts))], rows)
+    top = load_profile(store, table, n_rows=rows, missing_ok=False, top=max(1, info["nonzero"]))
+    assert isinstance(top, TopProfile) and top.complete
+    return HotOrder(top.rows, rows)  # hottest first, ties by ascending id: hot_rows' ranking

@@ -27,6 +27,7 @@ import numpy as np
 
 from .. import faults
 from ..errors import CheckpointError, StoreIOError
+from ..files import os_error
 from .checkpoint import Checkpoint
 from .spec import PAGE_SIZE
 
@@ -68,7 +69,7 @@ class RowPrefetcher:
             self.fd = os.open(self.path, os.O_RDONLY | os.O_DIRECT)
         except OSError as e:
             if e.errno != errno.EINVAL:
-                raise StoreIOError(e.errno, f"opening {self.path}: {e.strerror}") from e
+                raise os_error(e, f"opening {self.path}") from e
         self.direct = self.fd >= 0
         self.bufs = [aligned_buffer(step * self.row_bytes + 2 * PAGE_SIZE) for _ in range(2)] if self.direct else []
         self.pool = None
@@ -92,7 +93,7 @@ class RowPrefetcher:
             try:
                 k = os.preadv(self.fd, [view[got:limit]], lo + got)
             except OSError as e:
-                raise StoreIOError(e.errno, f"reading {self.name} from {self.path}: {e.strerror}") from e
+                raise os_error(e, f"reading {self.name} from {self.path}") from e
             if k <= 0:
                 break
             got, limit = got + k, span

@@ -43,8 +43,8 @@ import errno
 import numpy as np
 import torch
 
-from ..errors import CorruptDataError, FormatVersionError, StoreChangedError, StoreIOError, TierStoreError
-from ..files import atomic_write, check_versioned, is_json_int, read_json
+from ..errors import CorruptDataError, FormatVersionError, StoreChangedError, TierStoreError
+from ..files import atomic_write, check_versioned, is_json_int, os_error, read_json
 from .quant import SCHEMES, Quant
 
 __all__ = [
@@ -349,7 +349,7 @@ def load_checksums(store: Path, info: TableInfo) -> np.ndarray:
     except FileNotFoundError:
         size = -1
     except OSError as e:
-        raise StoreIOError(e.errno, f"cannot read the checksum file: {e.strerror}", os.fspath(path)) from e
+        raise os_error(e, "cannot read the checksum file", path) from e
     raise CorruptDataError(
         f"{path}: checksum file has {size} bytes, expected {info.n_pages * 8} "
         f"({info.n_pages} pages of table {info.name!r}); the store is damaged, rebuild it"

@@ -28,7 +28,6 @@ from ..cache.layout import CACHED, NONE, RESIDENT
 
 if TYPE_CHECKING:
     from ..cache import CacheIndex
-    from .disk import DiskTier
     from .hotset import TableSnapshot
 
 __all__ = ["Tier", "NONE", "CACHED", "RESIDENT", "DISK"]
@@ -60,7 +59,7 @@ class Tier(Protocol):
         Read-only tiers raise ``TierStoreError`` (the walk never admits into them)."""
         ...
 
-    def preload(self, disk: DiskTier, source: Tier | None = None, snapshot: TableSnapshot | None = None) -> None:
+    def preload(self, disk: Tier, source: Tier | None = None, snapshot: TableSnapshot | None = None) -> None:
         """Fill the tier at open: a resident tier with the whole table (copied from
         ``source`` when that tier is resident too, else read from ``disk``), a cache with
         the static hot set its policy placed (from ``source``'s slab, the hot-set

@@ -42,7 +42,8 @@ import numpy as np
 import torch
 
 from .. import faults
-from ..errors import CorruptDataError, StoreIOError, TierStoreError
+from ..errors import CorruptDataError, ReaderParamError, StoreIOError, TierStoreError
+from ..files import os_error
 from .page_reader import PAGE_SIZE, _runs
 
 __all__ = ["KvikioPageReader", "load_kvikio", "kvikio_mode", "KVIKIO_MIN"]
@@ -113,7 +114,7 @@ class KvikioPageReader:
     def __init__(self, path: str | os.PathLike[str], device: torch.device, *, depth: int = 64,
                  kvikio: ModuleType | None = None, open_file: Callable[[str], _CuFileLike] | None = None):
         if depth < 1:
-            raise ValueError(f"depth must be >= 1, got {depth}")
+            raise ReaderParamError(f"depth must be >= 1, got {depth}")
         self.path = os.fspath(path)
         self.device = torch.device(device)
         self.depth = depth
@@ -130,7 +131,7 @@ class KvikioPageReader:
         try:
             self.n_pages = os.stat(self.path).st_size // PAGE_SIZE
         except OSError as e:
-            raise StoreIOError(e.errno, f"cannot open row file: {e.strerror}", self.path) from e
+            raise os_error(e, "cannot open row file", self.path) from e
         self._file = open_file(self.path)
         self._local = threading.local()  # per thread: staging tensor and the fence on it
         self._lock = threading.Lock()
@@ -184,7 +185,7 @@ class KvikioPageReader:
         if out is None:
             out = self._staging_for(n)
         elif out.dtype != torch.uint8 or tuple(out.shape) != (n, PAGE_SIZE) or not out.is_contiguous():
-            raise ValueError(f"out must be a contiguous uint8 tensor of shape ({n}, {PAGE_SIZE}), "
+            raise ReaderParamError(f"out must be a contiguous uint8 tensor of shape ({n}, {PAGE_SIZE}), "
                              f"got {out.dtype} {tuple(out.shape)}")
         if n == 0:
             return out
@@ -194,7 +195,7 @@ class KvikioPageReader:
         try:  # one fault-injection point per call, as the POSIX reader's AIO path has
             short = faults.point("read", self.path, ln[0] * PAGE_SIZE)
         except OSError as e:
-            raise StoreIOError(e.errno, f"read at offset {offsets[0]} failed: {e.strerror}", self.path) from e
+            raise os_error(e, f"read at offset {offsets[0]} failed", self.path) from e
         futures = []
         err: BaseException | None = None
         try:

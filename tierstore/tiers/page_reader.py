@@ -53,8 +53,8 @@ from concurrent.futures import wait as _wait_futures
 import numpy as np
 
 from .. import faults
-from ..errors import CorruptDataError, InvalidIdError, StoreIOError
-from ..files import read_full
+from ..errors import CorruptDataError, IdTypeError, InvalidIdError, ReaderParamError, StoreIOError
+from ..files import os_error, read_full
 from ..format.spec import PAGE_SIZE  # the store's page: the unit of every read
 
 __all__ = ["METHODS", "PageReader", "aligned_empty", "evict_page_cache", "aio_available"]
@@ -190,7 +190,7 @@ def aligned_empty(n_pages: int) -> np.ndarray:
     a fresh buffer costs a page fault per 4 KiB on first touch.
     """
     if n_pages < 0:
-        raise ValueError(f"n_pages must be >= 0, got {n_pages}")
+        raise ReaderParamError(f"n_pages must be >= 0, got {n_pages}")
     if n_pages == 0:
         return np.empty((0, PAGE_SIZE), dtype=np.uint8)
     return np.frombuffer(mmap.mmap(-1, n_pages * PAGE_SIZE), dtype=np.uint8).reshape(n_pages, PAGE_SIZE)
@@ -208,7 +208,7 @@ def evict_page_cache(path: str | os.PathLike[str]) -> None:
     try:
         fd = os.open(path, os.O_RDONLY)
     except OSError as e:
-        raise StoreIOError(e.errno, f"cannot open for page-cache eviction: {e.strerror}", os.fspath(path)) from e
+        raise os_error(e, "cannot open for page-cache eviction", path) from e
     try:
         os.fdatasync(fd)
         os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
@@ -285,18 +285,18 @@ class PageReader:
         drop_behind: bool = False,
     ) -> None:
         if method not in METHODS:
-            raise ValueError(f"method must be one of {METHODS}, got {method!r}")
+            raise ReaderParamError(f"method must be one of {METHODS}, got {method!r}")
         if threads is not None and threads < 1:
-            raise ValueError(f"threads must be >= 1 or None, got {threads}")
+            raise ReaderParamError(f"threads must be >= 1 or None, got {threads}")
         if depth < 1:
-            raise ValueError(f"depth must be >= 1, got {depth}")
+            raise ReaderParamError(f"depth must be >= 1, got {depth}")
         if method == "fadvise" and direct:
-            raise ValueError("method='fadvise' reads through the page cache; it cannot be combined with direct=True")
+            raise ReaderParamError("method='fadvise' reads through the page cache; it cannot be combined with direct=True")
         if method == "aio" and direct is False:
-            raise ValueError("method='aio' needs O_DIRECT (buffered native AIO is synchronous); "
+            raise ReaderParamError("method='aio' needs O_DIRECT (buffered native AIO is synchronous); "
                              "use method='fadvise' for buffered reads")
         if method == "aio" and not aio_available():
-            raise ValueError("native AIO is not available here (needs Linux on x86_64/aarch64); use method='auto'")
+            raise ReaderParamError("native AIO is not available here (needs Linux on x86_64/aarch64); use method='auto'")
         self.path = os.fspath(path)
         self.depth = depth
         self.drop_behind = drop_behind
@@ -369,7 +369,7 @@ class PageReader:
         if n == 0:
             return out
         if pages.dtype.kind not in "iu":
-            raise TypeError(f"pages must be an integer array, got dtype {pages.dtype}")
+            raise IdTypeError(f"pages must be an integer array, got dtype {pages.dtype}")
         pages = pages.astype(np.int64, copy=False)
         if pages.min() < 0:
             raise InvalidIdError(f"negative page number {int(pages.min())} for {self.path}")
@@ -393,12 +393,12 @@ class PageReader:
 
     def _check_out(self, out: np.ndarray, n: int) -> None:
         if out.dtype != np.uint8 or out.shape != (n, PAGE_SIZE) or not out.flags.c_contiguous:
-            raise ValueError(f"out must be a C-contiguous uint8 array of shape ({n}, {PAGE_SIZE}), "
+            raise ReaderParamError(f"out must be a C-contiguous uint8 array of shape ({n}, {PAGE_SIZE}), "
                              f"got {out.dtype} {out.shape}")
         if not out.flags.writeable:
-            raise ValueError("out must be writeable")
+            raise ReaderParamError("out must be writeable")
         if self.direct and out.ctypes.data % _DIRECT_ALIGN:
-            raise ValueError("out is not page-aligned, which O_DIRECT requires: allocate it with tierstore.tiers.page_reader.aligned_empty")
+            raise ReaderParamError("out is not page-aligned, which O_DIRECT requires: allocate it with tierstore.tiers.page_reader.aligned_empty")
 
     def _truncated(self, offset: int, got: int, nbytes: int) -> CorruptDataError:
         return CorruptDataError(

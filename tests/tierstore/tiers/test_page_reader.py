@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 
 from tierstore.tiers import page_reader as rowio
-from tierstore.errors import CorruptDataError, InvalidIdError, StoreIOError
+from tierstore.errors import CorruptDataError, IdTypeError, InvalidIdError, ReaderParamError, StoreIOError
 from tierstore.format.spec import PAGE_SIZE
 from tierstore.tiers.page_reader import PageReader, aio_available, aligned_empty, evict_page_cache
 
@@ -132,7 +132,7 @@ def test_out_is_filled_and_returned(reader: PageReader, row_file: tuple[Path, np
     assert out.ctypes.data % PAGE_SIZE == 0
     assert reader.read_pages(pages, out=out) is out
     _check(out, ref, pages)
-    with pytest.raises(ValueError, match="shape"):
+    with pytest.raises(ReaderParamError, match="shape"):
         reader.read_pages(pages, out=aligned_empty(len(pages) + 1))
 
 
@@ -145,7 +145,7 @@ def test_direct_rejects_misaligned_out(row_file: tuple[Path, np.ndarray]) -> Non
         raw = np.empty(3 * PAGE_SIZE + 64, dtype=np.uint8)
         shift = (-raw.ctypes.data) % PAGE_SIZE + 16  # deliberately 16 bytes past a page boundary
         bad = raw[shift:shift + 2 * PAGE_SIZE].reshape(2, PAGE_SIZE)
-        with pytest.raises(ValueError, match="aligned_empty"):
+        with pytest.raises(ReaderParamError, match="aligned_empty"):
             r.read_pages(np.array([0, 5]), out=bad)
 
 
@@ -255,20 +255,20 @@ def test_missing_file_and_closed_reader(tmp_path: Path, row_file: tuple[Path, np
 
 def test_bad_arguments(row_file: tuple[Path, np.ndarray]) -> None:
     path, _ = row_file
-    with pytest.raises(ValueError, match="method"):
+    with pytest.raises(ReaderParamError, match="method"):
         PageReader(path, method="mmap")
-    with pytest.raises(ValueError, match="direct=True"):
+    with pytest.raises(ReaderParamError, match="direct=True"):
         PageReader(path, method="fadvise", direct=True)
-    with pytest.raises(ValueError, match="threads"):
+    with pytest.raises(ReaderParamError, match="threads"):
         PageReader(path, threads=0)
-    with pytest.raises(ValueError, match="depth"):
+    with pytest.raises(ReaderParamError, match="depth"):
         PageReader(path, depth=0)
-    with pytest.raises(ValueError, match="O_DIRECT"):
+    with pytest.raises(ReaderParamError, match="O_DIRECT"):
         PageReader(path, method="aio", direct=False)
     with PageReader(path) as r:
         with pytest.raises(InvalidIdError):
             r.read_pages(np.array([-1, 3]))
-        with pytest.raises(TypeError):
+        with pytest.raises(IdTypeError):
             r.read_pages(np.array([1.0, 2.0]))
 
 

@@ -23,7 +23,7 @@ import torch
 from safetensors.torch import save_file
 
 import tierstore
-from tierstore import CorruptDataError, StoreIOError, TierStoreError, faults
+from tierstore import CorruptDataError, ReaderParamError, StoreIOError, TierStoreError, faults
 from tierstore.format.profile import save_profile
 from tierstore.format.spec import PAGE_SIZE, page_checksums, page_checksums_torch, read_manifest
 from tierstore.serve.table import Table
@@ -169,7 +169,7 @@ def test_kvikio_reader_reads_pages_exactly(built):
         assert r._file.calls <= len(pages)  # coalesced: one pread per run of adjacent pages, runs <= 256 pages
         out = torch.empty((3, PAGE_SIZE), dtype=torch.uint8)
         assert r.read_pages(np.array([0, 1, 2]), out) is out and np.array_equal(out.numpy(), data[:3])
-        with pytest.raises(ValueError, match="contiguous uint8"):
+        with pytest.raises(ReaderParamError, match="contiguous uint8"):
             r.read_pages(np.array([0, 1]), out)
     finally:
         r.close()
