@@ -3,7 +3,7 @@ no module over ~600 lines, and the serving path loads none of the offline tools'
 
 The layers, lowest first (docs/architecture.md):
 
-0. foundation: ``tierstore.errors``, ``sizes``, ``faults``, ``files``, ``ids``, ``jit``;
+0. foundation: ``tierstore.errors``, ``sizes``, ``faults``, ``files``, ``ids``, ``jit``, ``ranking``;
 1. ``tierstore.format``: the on-disk format, checkpoint readers, build, verify, profiles;
 2. ``tierstore.cache``: which rows each cache tier holds (compiled policies);
 3. ``tierstore.tiers``: the tiers that hold rows and move bytes;
@@ -26,7 +26,7 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[2]
 PKG = ROOT / "tierstore"
-FOUNDATION = {"errors", "sizes", "faults", "files", "ids", "jit"}
+FOUNDATION = {"errors", "sizes", "faults", "files", "ids", "jit", "ranking"}
 RANK = {"format": 1, "cache": 2, "tiers": 3, "serve": 4, "analysis": 4}
 
 

@@ -69,7 +69,7 @@ from .hints import hint_outstanding
 from ..jit import kernel
 from .layout import (G_ROW, K_HPOS, K_KEY, L_FREQ, L_QID, M_CAP, M_GQLEN, M_HEAPN, M_HLIVE, M_HORIZON, M_PARAM,
                      M_QLEN, M_RANKM, M_SCAN, M_TICK, Q_HPARK)
-from ..format.profile import TopProfile, hot_rows
+from ..ranking import TopProfile, hot_rows
 from .policy import Policy
 from .rowmap import rm_get
 from .structs import (g_add, g_front, g_of, g_queue, g_remove, h_push, h_remove, h_top_free, place,

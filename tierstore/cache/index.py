@@ -24,7 +24,7 @@ from .layout import (CACHED, NONE, K_HPOS, L_FREE, L_QID, M_BYPASS, M_CAP, M_EVI
                      M_HORIZON, M_HSHIFT, M_INSERT, M_LO, M_MISSES, M_NFREE, M_NROWS, M_RANKM, NG, NL, NM, NQ)
 from .policy import Policy
 from .registry import PolicySpec, make_policy
-from ..format.profile import Profile, as_profile
+from ..ranking import Profile, as_profile
 from ..jit import specialized
 from .rowmap import new_map, rm_build, rm_get_many, rm_items
 from .structs import g_init, q_init

@@ -20,7 +20,7 @@ from __future__ import annotations
 import numpy as np
 
 from ..errors import PolicyParamError, TierStoreError
-from ..format.profile import TopProfile
+from ..ranking import TopProfile
 
 __all__ = ["Policy"]
 

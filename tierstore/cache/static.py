@@ -6,7 +6,7 @@ from __future__ import annotations
 import numpy as np
 
 from ..jit import kernel
-from ..format.profile import TopProfile, hot_rows
+from ..ranking import TopProfile, hot_rows
 from .policy import Policy
 
 

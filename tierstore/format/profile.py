@@ -27,15 +27,16 @@ import hashlib
 import io
 import json
 import re
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Union
 
 import numpy as np
 
 from ..errors import CorruptDataError, IdTypeError, TierStoreError
 from ..files import atomic_write, check_versioned, is_json_int, os_error, read_json
 from ..ids import as_row_ids
+from ..ranking import Profile, TopProfile, as_profile, hot_rows  # the one ranking (re-exported here)
+
+_EMPTY = np.empty(0, dtype=np.int64)
 
 __all__ = ["PROFILE_FORMAT", "Profile", "TopProfile", "as_profile", "profile_paths", "count_rows", "hot_rows",
            "save_profile", "load_profile", "profile_info", "has_profile", "zipf_fit"]
@@ -64,117 +65,6 @@ def count_rows(rows: np.ndarray, n_rows: int, *, sparse: bool = False) -> np.nda
         seen, n = np.unique(flat, return_counts=True)
         return seen.astype(np.int64), n.astype(np.int64)
     return np.bincount(flat, minlength=n_rows).astype(np.int64)
-
-
-_EMPTY = np.empty(0, dtype=np.int64)
-
-
-@dataclass(frozen=True)
-class TopProfile:
-    """The hottest rows of a profile with their counts, hottest first (``hot_rows``'s
-    ranking): what a store keeps of a profile, O(its budgets) instead of a count per table
-    row (8 bytes per row is 3 GB at DeepSeek-V4.1's 384M rows).
-
-    ``complete``: ``rows`` holds every row with a nonzero count (the ranking of any k is
-    exact); otherwise only ``hot_rows(k)`` for k <= len(rows) is known."""
-
-    rows: np.ndarray  # int64, hottest first; equal counts in ascending row id
-    counts: np.ndarray  # int64 > 0, non-increasing
-    n_rows: int  # rows of the table
-    complete: bool
-
-    @classmethod
-    def from_pairs(cls, rows: np.ndarray, counts: np.ndarray, n_rows: int) -> "TopProfile":
-        """A sparse profile, ``counts[i]`` accesses of ``rows[i]`` (any order, each row once;
-        zero counts are dropped), ranked."""
-        rows = np.asarray(rows)
-        counts = np.asarray(counts)
-        if rows.ndim != 1 or counts.shape != rows.shape or rows.dtype.kind not in "iu" or counts.dtype.kind not in "iu":
-            raise IdTypeError(f"a sparse profile is (rows, counts), two 1-D integer arrays of one length; got "
-                              f"{rows.dtype} {rows.shape} and {counts.dtype} {counts.shape}")
-        rows = rows.astype(np.int64)
-        counts = counts.astype(np.int64)
-        if rows.size and (rows.min() < 0 or rows.max() >= n_rows):
-            raise TierStoreError(f"sparse profile rows must lie in [0, {n_rows}); got "
-                                 f"[{int(rows.min())}, {int(rows.max())}]")
-        if counts.size and counts.min() < 0:
-            raise TierStoreError("profile counts must be non-negative")
-        if np.unique(rows).size != rows.size:
-            raise TierStoreError("a sparse profile lists a row twice; sum its counts into one entry")
-        keep = counts > 0
-        rows, counts = rows[keep], counts[keep]
-        order = np.lexsort((rows, -counts))
-        return cls(rows[order], counts[order], int(n_rows), True)
-
-
-Profile = Union[np.ndarray, TopProfile, tuple]  # dense counts, a top list, or (rows, counts)
-
-
-def as_profile(profile: Profile | None, n_rows: int) -> np.ndarray | TopProfile | None:
-    """``profile`` checked against a table of ``n_rows`` rows: a dense array of one count per
-    row as it is, a ``(rows, counts)`` pair as a :class:`TopProfile`."""
-    if profile is None or isinstance(profile, TopProfile):
-        if profile is not None and profile.n_rows != n_rows:
-            raise TierStoreError(f"the profile is of a table of {profile.n_rows} rows, this one has {n_rows}")
-        return profile
-    if isinstance(profile, tuple):
-        if len(profile) != 2:
-            raise TierStoreError(f"a sparse profile is a (rows, counts) pair, got a tuple of {len(profile)}")
-        return TopProfile.from_pairs(profile[0], profile[1], n_rows)
-    profile = np.asarray(profile)
-    if profile.shape != (n_rows,):
-        raise TierStoreError(f"profile has shape {profile.shape}, expected ({n_rows},): one count per row "
-                             "(or a sparse (rows, counts) pair)")
-    return profile
-
-
-def _top_fill(p: TopProfile, k: int, fill: bool) -> np.ndarray:
-    """``hot_rows`` of a top list."""
-    top = p.rows[:k]
-    if top.size < k and not p.complete:
-        raise TierStoreError(f"this profile keeps only its {p.rows.size} hottest rows, {k} were asked for; "
-                             f"load it with load_profile(..., top={k})")
-    if fill and top.size < k:
-        # the lowest ids not in the hot list: among [0, k) at most len(top) are hot
-        cand = np.arange(min(k, p.n_rows), dtype=np.int64)
-        cold = np.setdiff1d(cand, top, assume_unique=True)[: k - top.size]
-        top = np.concatenate([top, cold])
-    return top.astype(np.int64, copy=False)
-
-
-def hot_rows(profile: np.ndarray | TopProfile | None, k: int, *, fill: bool = False) -> np.ndarray:
-    """The ``k`` hottest rows of a profile, hottest first: the one ranking of rows by a profile.
-
-    The rule, everywhere a profile places rows (the static and default policies' hot sets,
-    the shared host tier's rows, a hot-ordered build): more accesses first; equal counts in
-    ascending row id, so every process, run and machine picks the same rows. Rows never
-    accessed (count 0) are not hot: they are left out, so a policy does not pin rows the
-    profile knows nothing about. ``fill=True`` is for callers that must place exactly ``k``
-    rows (a tier of fixed size, a full permutation of the table): the never-accessed rows
-    then follow the hot ones, in ascending row id. Returns int64 row ids (at most ``k``).
-
-    Cost: one partition over the accessed rows plus a sort of the ``k`` chosen (a full
-    argsort only when ``k`` covers them all); of a :class:`TopProfile`, O(k).
-    """
-    if profile is None or k <= 0:
-        return _EMPTY
-    if isinstance(profile, TopProfile):
-        return _top_fill(profile, k, fill)
-    counts = np.asarray(profile)
-    if counts.dtype.kind == "u":  # -count of an unsigned count would wrap
-        counts = counts.astype(np.int64)
-    nz = np.flatnonzero(counts > 0)
-    if nz.size > k:
-        c = counts[nz]
-        thresh = c[np.argpartition(-c, k - 1)[k - 1]]  # the k-th largest count
-        above = nz[c > thresh]
-        tied = nz[c == thresh][: k - above.size]  # the lowest ids among the tied
-        nz = np.concatenate([above, tied])
-    top = nz[np.lexsort((nz, -counts[nz]))]
-    if fill and top.size < k:
-        cold = np.flatnonzero(counts <= 0)[: k - top.size]
-        top = np.concatenate([top, cold])
-    return top.astype(np.int64, copy=False)
 
 
 def save_profile(store: str | Path, table: str, counts: np.ndarray | tuple[np.ndarray, np.ndarray], *,
