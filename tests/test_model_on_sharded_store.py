@@ -17,7 +17,8 @@ import torch.multiprocessing as mp
 
 import tierstore
 
-from .engram_model.conftest import TINY
+pytestmark = pytest.mark.slow  # `make test-all` (CI) runs these; `make test` skips them
+
 
 
 def _free_port() -> int:
@@ -62,10 +63,6 @@ def _rank(rank: int, world: int, port: int, ckpt: str, out: str) -> None:
 
 
 @pytest.mark.slow
-def test_engram_model_on_two_shards(tmp_path):
-    from engram_model.tokenizer import stdlib_text_files
-    from engram_model.train import main as train
-
-    ckpt = tmp_path / "ckpt"
-    train([*TINY, "--out", str(ckpt), "--text", *[str(p) for p in stdlib_text_files()[:60]]])
+def test_engram_model_on_two_shards(tmp_path, engram_run):
+    ckpt = engram_run[0]  # the session's tiny trained checkpoint (tests/conftest.py)
     mp.spawn(_rank, args=(2, _free_port(), str(ckpt), str(tmp_path / "sharded")), nprocs=2, join=True)

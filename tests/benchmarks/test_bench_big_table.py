@@ -23,6 +23,8 @@ import torch
 from benchmarks import bench_big_table as bench
 from benchmarks import v41_checkpoint as v41
 
+pytestmark = pytest.mark.slow  # `make test-all` (CI) runs these; `make test` skips them
+
 KEYS = {"table_bytes", "store_decode_tok_s", "mmap_decode_tok_s", "store_prefill_tok_s", "mmap_prefill_tok_s",
         "peak_build_rss_bytes", "same_tokens"}
 

@@ -10,6 +10,8 @@ import pytest
 
 from benchmarks import bench_build
 
+pytestmark = pytest.mark.slow  # `make test-all` (CI) runs these; `make test` skips them
+
 
 def test_bench_build_quick(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     res = bench_build.main(["--quick", "--workdir", str(tmp_path / "w")])

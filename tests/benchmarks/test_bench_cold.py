@@ -9,6 +9,8 @@ import pytest
 
 from benchmarks import bench_cold
 
+pytestmark = pytest.mark.slow  # `make test-all` (CI) runs these; `make test` skips them
+
 
 def test_bench_cold_quick(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
     res = bench_cold.main(["--quick", "--cache-dir", str(tmp_path)])

@@ -6,6 +6,10 @@ import json
 
 from benchmarks import bench_e2e
 
+import pytest
+
+pytestmark = pytest.mark.slow  # `make test-all` (CI) runs these; `make test` skips them
+
 
 def test_bench_e2e_quick(capsys):
     res = bench_e2e.main(["--quick"])

@@ -6,6 +6,10 @@ import json
 
 from benchmarks import bench_hasher
 
+import pytest
+
+pytestmark = pytest.mark.slow  # `make test-all` (CI) runs these; `make test` skips them
+
 
 def test_bench_hasher_quick(capsys):
     res = bench_hasher.main(["--quick", "--threads", "1"])

@@ -8,6 +8,8 @@ import pytest
 
 from benchmarks import bench_lookup
 
+pytestmark = pytest.mark.slow  # `make test-all` (CI) runs these; `make test` skips them
+
 
 def test_bench_lookup_quick(capsys: pytest.CaptureFixture[str]) -> None:
     res = bench_lookup.main(["--quick", "--policies", "lru,static,default"])

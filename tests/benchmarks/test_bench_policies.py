@@ -8,6 +8,8 @@ import pytest
 
 from benchmarks import bench_policies
 
+pytestmark = pytest.mark.slow  # `make test-all` (CI) runs these; `make test` skips them
+
 
 def test_bench_policies_quick(capsys: pytest.CaptureFixture[str]) -> None:
     res = bench_policies.main(["--quick"])

@@ -6,6 +6,10 @@ import json
 
 from benchmarks import bench_e2e, bench_policy_quality
 
+import pytest
+
+pytestmark = pytest.mark.slow  # `make test-all` (CI) runs these; `make test` skips them
+
 
 def test_bench_policy_quality_tiny(tmp_path, capsys):
     ckpt = bench_e2e._train_small(tmp_path / "ckpt", quick=True)

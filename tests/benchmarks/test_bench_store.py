@@ -6,6 +6,10 @@ import json
 
 from benchmarks import bench_host_gather, bench_mixed
 
+import pytest
+
+pytestmark = pytest.mark.slow  # `make test-all` (CI) runs these; `make test` skips them
+
 
 def test_bench_host_gather_quick(capsys, tmp_path):
     res = bench_host_gather.main(["--quick", "--cache-dir", str(tmp_path)])

@@ -17,6 +17,8 @@ from benchmarks import gpu_check
 from benchmarks.workloads import load_table, table_store
 from tierstore.format.spec import read_manifest
 
+pytestmark = pytest.mark.slow  # `make test-all` (CI) runs these; `make test` skips them
+
 REPO = Path(__file__).resolve().parents[2]
 
 

@@ -11,7 +11,9 @@ from engram_model.checkpoint import load_checkpoint, read_config
 from engram_model.errors import EngramConfigError
 from engram_model.train import main
 
-from .conftest import TINY
+from ..conftest import TINY
+
+pytestmark = pytest.mark.slow  # `make test-all` (CI) runs these; `make test` skips them
 
 torch.set_num_threads(1)
 

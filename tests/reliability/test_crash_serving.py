@@ -24,6 +24,10 @@ from tierstore.tiers.shared_host import SHM_DIR, segment_prefix
 
 from ..conftest import bits, random_table
 
+import pytest
+
+pytestmark = pytest.mark.slow  # `make test-all` (CI) runs these; `make test` skips them
+
 REPO = Path(__file__).resolve().parents[2]
 NAME = "blocks.1.engram.memory.weight"
 ROWS, DIM = 1 << 15, 64  # 8 MiB: a fill takes long enough to be killed in the middle of

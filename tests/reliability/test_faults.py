@@ -28,6 +28,8 @@ from tierstore.tiers.shared_host import SHM_DIR, segment_prefix
 
 from ..conftest import bits, random_table
 
+pytestmark = pytest.mark.slow  # `make test-all` (CI) runs these; `make test` skips them
+
 T1, T2 = "blocks.1.engram.memory.weight", "blocks.2.engram.memory.weight"
 FIGURES: dict[str, int] = {"faults": 0, "failed_typed": 0, "succeeded_exact": 0, "untyped": 0, "wrong_rows": 0,
                            "lost_stores": 0, "leaks": 0}

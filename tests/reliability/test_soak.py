@@ -43,6 +43,8 @@ from tierstore.cache import policy_names
 
 from .conftest import SOAK, soak_add
 
+pytestmark = pytest.mark.slow  # `make test-all` (CI) runs these; `make test` skips them
+
 WIDTHS = [4, 20, 1024, 6000, 12000, 65536]  # bytes per row
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float8_e4m3fn": torch.float8_e4m3fn}
 BUDGETS = ["resident", "tiny", "device_only", "host_only", "zero", "shared"]

@@ -12,20 +12,9 @@ import pytest
 
 from tierstore_cli.cli import main as cli
 
-TINY = ["--steps", "4", "--eval-every", "4", "--eval-windows", "2", "--batch-size", "4", "--seq-len", "32",
-        "--vocab-size", "600", "--n-layer", "2", "--n-head", "2", "--d-model", "32", "--d-ff", "64",
-        "--engram-layers", "0", "1", "--engram-heads", "2", "--engram-d-mem", "8", "--threads", "1",
-        "--no-progress", "--quiet", "--data-max-bytes", "200000", "--tok-max-bytes", "200000"]
-
-
 @pytest.fixture(scope="module")
-def ckpt(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    from engram_model.tokenizer import stdlib_text_files
-    from engram_model.train import main as train
-
-    out = tmp_path_factory.mktemp("ckpt") / "engram"
-    train([*TINY, "--out", str(out), "--text", *[str(p) for p in stdlib_text_files()[:40]]])
-    return out
+def ckpt(engram_run) -> Path:
+    return engram_run[0]  # the session's tiny trained checkpoint (tests/conftest.py)
 
 
 @pytest.fixture(scope="module")

@@ -13,6 +13,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+pytestmark = pytest.mark.slow  # `make test-all` (CI) runs these; `make test` skips them
+
 REPO = Path(__file__).resolve().parents[3]
 
 SCRIPT = textwrap.dedent("""

@@ -29,6 +29,10 @@ from tierstore import TierStoreError
 from tierstore.format.recovery import find_orphans
 from tierstore.format.spec import PAGE_SIZE, read_manifest
 
+import pytest
+
+pytestmark = pytest.mark.slow  # `make test-all` (CI) runs these; `make test` skips them
+
 REPO = Path(__file__).resolve().parents[3]
 TABLES = 48  # many small tables: a build is ~100 fsyncs, so random kills land all over it
 FSYNCS = 2 * TABLES + 4  # rows + checksums per table, tables/, the manifest (file and directory), the parent

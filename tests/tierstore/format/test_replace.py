@@ -191,6 +191,7 @@ _HOLDER = """
 """
 
 
+@pytest.mark.slow
 def test_recovery_keeps_a_work_dir_whose_build_holds_the_lock(tmp_path):
     """A build in another PID namespace: its directory's name carries a PID that looks dead
     here. On main recovery judged it by that PID and deleted it under the running build."""
@@ -259,6 +260,7 @@ def _unshare_works() -> bool:
     return r.returncode == 0
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("namespace", ["same", "unshare"])
 def test_open_does_not_delete_a_paused_build(tmp_path, namespace):
     """A --force build paused mid-write; a reader opens OUT meanwhile. In its own PID namespace

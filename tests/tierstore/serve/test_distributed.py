@@ -20,6 +20,8 @@ from tierstore.serve.distributed import build_shard, open_sharded
 
 from ...conftest import bits, random_table
 
+pytestmark = pytest.mark.slow  # `make test-all` (CI) runs these; `make test` skips them
+
 NAMES = ("blocks.1.engram.memory.weight", "blocks.2.engram.memory.weight")
 
 

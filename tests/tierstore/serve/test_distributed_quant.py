@@ -21,6 +21,8 @@ from tierstore.serve.distributed import build_shard, open_sharded
 from ...conftest import bits
 from ...v41 import embed, oracle_bf16, scale_of, write_v41_checkpoint
 
+pytestmark = pytest.mark.slow  # `make test-all` (CI) runs these; `make test` skips them
+
 LAYERS = {1: 700, 14: 700}  # two same-shape tables, as in the released checkpoint
 WORLD = 2
 

@@ -23,6 +23,8 @@ from tierstore.serve.distributed import build_shard, open_sharded
 
 from ...conftest import bits, random_table
 
+pytestmark = pytest.mark.slow  # `make test-all` (CI) runs these; `make test` skips them
+
 # two tables of the same shape and dtype: a lookup paired with the peer's lookup of the
 # other table would return rows of the wrong table without any error
 A, B = "blocks.1.engram.memory.weight", "blocks.2.engram.memory.weight"

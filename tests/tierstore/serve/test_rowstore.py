@@ -24,6 +24,8 @@ from tierstore.format.quant import Quant
 from ...v41 import embed, scale_of, write_v41_checkpoint
 from .rowstore_contract import CHECKS, Ref
 
+pytestmark = pytest.mark.slow  # `make test-all` (CI) runs these; `make test` skips them
+
 LAYERS = {1: 700, 14: 500}
 WORLD = 2
 OPTIONS = tierstore.StoreOptions(device="cpu", device_budget=16 * 264, host_budget=64 * 264, threads=2)

@@ -130,6 +130,7 @@ def test_partial_shared_tier_needs_a_profile(shared_store):
         tierstore.open(path, device="cpu", host_budget=ROWS * DIM, host_shared=True)
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not SHM_DIR.is_dir(), reason="no /dev/shm")
 def test_segments_of_killed_users_are_removed_on_open_and_by_gc(tmp_path, capsys):
     """If every user of a shared tier was SIGKILLed, its segment stayed in /dev/shm forever
@@ -207,6 +208,7 @@ def _end(proc: subprocess.Popen) -> None:
     proc.communicate()
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not SHM_DIR.is_dir(), reason="no /dev/shm")
 def test_stopped_filler_makes_a_waiter_time_out_with_the_fix_not_hang(tmp_path):
     """A filler frozen (SIGSTOP) holding the fill lock blocked every other opener forever (a
@@ -237,6 +239,7 @@ def test_stopped_filler_makes_a_waiter_time_out_with_the_fix_not_hang(tmp_path):
     assert not _shm_files(path)
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not SHM_DIR.is_dir(), reason="no /dev/shm")
 def test_waiter_fills_the_tier_itself_when_the_filler_it_waits_for_dies(tmp_path):
     """A waiter blocked on a stopped filler's lock takes over as soon as that filler dies
