@@ -28,7 +28,7 @@ def test_bench_mixed_quick(capsys, tmp_path):
     assert json.loads(out.strip().splitlines()[-1]) == res
     # all three tiers serve: the device tier some ids, the host tier some of its misses, disk the rest
     assert 0 < res["device_hit_ratio"] < 1 and 0 < res["host_hit_ratio"] < 1 and res["disk_rows_per_lookup"] > 0
-    assert res["metadata_bytes_per_table_row"] == 8.0, "one int32 slot map per table row per cache tier"
+    assert res["metadata_bytes_per_table_row"] == 0.0, "no state per table row: the row -> slot map is sized to the cache"
 
 
 def test_bench_distributed_quick(capsys, tmp_path):
