@@ -34,12 +34,12 @@ from .prefetch import RowPrefetcher, aligned_buffer
 from .quant import NAN_SCALE
 from .spec import DTYPES, TableInfo
 
-__all__ = ["OrderedSweep", "HEAD_BYTES"]
+__all__ = ["OrderedSweep", "HEAD_BYTES", "widest_word"]
 
 HEAD_BYTES = 1 << 30  # the head buffer's cap; a larger head costs one more sweep per this much
 
 
-def _word(*ts: torch.Tensor) -> torch.dtype:
+def widest_word(*ts: torch.Tensor) -> torch.dtype:
     """The widest integer dtype every uint8 matrix in ``ts`` can be viewed as (rows, offset and
     row stride all multiples of its size)."""
     for dtype, size in ((torch.int64, 8), (torch.int32, 4), (torch.int16, 2)):
@@ -132,7 +132,7 @@ class OrderedSweep:
             cols = cols.view(DTYPES[self.info.dtype][0])
             src = src.view(DTYPES[dtype][0])
         else:  # bytes: moved as the widest words both sides allow (index_select of uint8 is ~3x slower)
-            w = _word(src, cols)
+            w = widest_word(src, cols)
             src, cols = src.view(w), cols.view(w)
         if isinstance(sel, slice):  # a run of rows: one copy
             rows = src[sel]
