@@ -103,7 +103,6 @@ class OrderedSweep:
         tail = list(range(self.head_rows, self.rows, step))
         self.starts = tail + list(range(0, self.head_rows, step))
         self.parts, self.scale, self.nan_scales = parts, scale, nan_scales
-        self.hs, self.rank = order._hs, order._rank  # sorted hot ids; the position of each
         self.readers = {t: _Reader(ckpt, t, step) for t, *_ in parts}
         self.head: torch.Tensor | None = None  # (group rows, row_stride) uint8
         self.g0 = self.g1 = -1  # head positions g0 : g1 are in self.head
@@ -161,9 +160,9 @@ class OrderedSweep:
             b = min(hi, (j + 1) * step)
             base = j * step
             src = {t: r.chunk(j) for t, r in self.readers.items()}  # the same chunk again is no new read
-            i0, i1 = (int(x) for x in np.searchsorted(self.hs, [a, b]))
+            i0, ids, pos = self.order.hot_between(a, b)
+            i1 = i0 + ids.size
             if i1 > i0:  # hot rows in a:b whose position is in this group
-                ids, pos = self.hs[i0:i1], self.rank[i0:i1]
                 keep = (pos >= g0) & (pos < g1)
                 if keep.any():
                     local = torch.from_numpy(ids[keep] - base)
@@ -174,7 +173,7 @@ class OrderedSweep:
             p0, n = k + a - i0, (b - a) - (i1 - i0)
             if i1 > i0:
                 mask = np.ones(b - a, dtype=bool)
-                mask[self.hs[i0:i1] - a] = False
+                mask[ids - a] = False
                 cold = torch.from_numpy(np.flatnonzero(mask) + (a - base))
             for lo, hi_, dst, d0 in ((max(p0, g0, k), min(p0 + n, g1), self.head, g0),
                                      (max(p0, out_start), min(p0 + n, out_start + (len(out) if out is not None else 0)),

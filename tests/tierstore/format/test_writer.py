@@ -52,6 +52,18 @@ def test_hot_order_is_hot_rows_fill_and_its_inverse(n):
     assert np.array_equal(pos[want], np.arange(n))
 
 
+def test_hot_between_lists_the_hot_rows_of_an_id_range():
+    n = 5000
+    order = HotOrder(hot_rows(_counts(n, 2), n), n)
+    pos = order.positions(0, n)
+    for a, b in [(0, n), (0, 0), (17, 900), (4999, 5000), (2500, 2501)]:
+        below, ids, at = order.hot_between(a, b)
+        hot = np.sort(order.hot)
+        assert below == int((hot < a).sum())
+        assert np.array_equal(ids, hot[(hot >= a) & (hot < b)])
+        assert np.array_equal(at, pos[ids])
+
+
 def test_hot_order_holds_only_the_accessed_rows():
     """Nothing in the order is an array over the table (at 384M rows a dense permutation was
     3 GB): 100 accessed rows of a 10M-row table cost a few KB."""
