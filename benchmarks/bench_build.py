@@ -10,8 +10,8 @@ every build) in a child process measured by ``/usr/bin/time`` (peak RSS) and ``w
 
 * ``plain``: an fp16 table [rows, 128] (256-byte rows) in one ``.safetensors``;
 * ``ordered``: the same, ``--order-by-profile`` with a saved profile of 1% of the rows,
-  scattered, Zipf counts (the hot rows are gathered through a map of the checkpoint, the
-  rest read as sequential spans);
+  scattered, Zipf counts (one sweep of the checkpoint writes the cold tail and collects the
+  hot head, which is written last: tierstore/format/sweep.py);
 * ``v41`` (``--v41``): a DeepSeek-V4.1-layout checkpoint of the same size (two fp8 tables
   with UE8M0 scales in shards of their own, benchmarks/v41_checkpoint.py): 264-byte rows
   read from two tensors and written at a 272-byte stride.
