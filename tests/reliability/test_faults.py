@@ -100,16 +100,29 @@ def _call(plan, fn):
         raise AssertionError(f"untyped {type(e).__name__} at {plan}: {e}") from e
 
 
-def test_build_under_every_io_fault(tmp_path):
+@pytest.mark.parametrize("ordered", [False, True], ids=["plain", "hot-ordered"])
+def test_build_under_every_io_fault(tmp_path, monkeypatch, ordered):
     """A --force rebuild over a store: any fault leaves the old or the new store, verified,
-    and no leftover next to it."""
+    and no leftover next to it. Hot-ordered: the sweep's read-ahead threads and its chunks
+    written out of order (tail first, the head in two groups, each a sweep of its own)."""
     a, b = _ckpt(tmp_path / "a.safetensors", 1), _ckpt(tmp_path / "b.safetensors", 5)
     out = tmp_path / "store"
     tierstore.build_store(tmp_path / "a.safetensors", out, progress=False)
+    order_by = None
+    if ordered:
+        monkeypatch.setattr("tierstore.format.build.CHUNK_BYTES", 32 * 1024)  # T1: 8 chunks
+        monkeypatch.setattr("tierstore.format.sweep.HEAD_BYTES", 64 * 1024)  # T1's head (3 chunks): 2 sweeps
+        order_by = tierstore.build_store(tmp_path / "a.safetensors", tmp_path / "profiled", progress=False)
+        rng = np.random.default_rng(3)
+        for t, n in ((T1, 900), (T2, 40)):
+            counts = np.zeros(n, dtype=np.int64)
+            counts[rng.choice(n, n * 3 // 10, replace=False)] = rng.integers(1, 9, n * 3 // 10)
+            save_profile(order_by, t, counts)
     base = _resources()
 
     def run(plan):
-        _, err = _call(plan, lambda: tierstore.build_store(tmp_path / "b.safetensors", out, force=True, progress=False))
+        _, err = _call(plan, lambda: tierstore.build_store(tmp_path / "b.safetensors", out, force=True,
+                                                           order_by=order_by, progress=False))
         held = _holds(out, a, b)
         if plan is None:
             assert held == "b"

@@ -43,7 +43,7 @@ from .spec import (
     write_manifest,
 )
 from .recovery import check_replaceable, leftover_tag, new_work_dir, publish, recover
-from .writer import table_filler, write_row_file
+from .writer import one_torch_thread, table_filler, write_row_file
 
 __all__ = ["build_store", "DEFAULT_TABLE_PATTERN", "CHUNK_BYTES"]
 
@@ -160,12 +160,14 @@ def _write_table(ckpt: Checkpoint, name: str, info: TableInfo, src_dtype: str, t
         step = max(unit, step // shard[1] // unit * unit)
     sums = np.empty(info.n_pages, dtype=np.uint64)
     nan_scales = [0]
-    fill, hint, close = table_filler(ckpt, name, info, src_dtype, step, shard, order, scale, nan_scales=nan_scales)
+    filler = table_filler(ckpt, name, info, src_dtype, step, shard, order, scale, nan_scales=nan_scales)
     try:
-        mode = write_row_file(tmp / info.file, header_page(info, build_id), info.rows, info.row_stride, step, fill, sums,
-                              hint=hint, progress=lambda n: bar.update(n * info.row_bytes))
+        with one_torch_thread():  # the build's own threads are its parallelism
+            mode = write_row_file(tmp / info.file, header_page(info, build_id), info.rows, info.row_stride, step,
+                                  filler.fill, sums, hint=filler.hint, starts=filler.starts,
+                                  progress=lambda n: bar.update(n * info.row_bytes))
     finally:
-        close()
+        filler.close()
     write_durable(tmp / info.checksum_file, sums.astype("<u8").tobytes())
     if order is not None:
         write_durable(tmp / info.order_file, lambda f: write_order_streamed(f, info, order.positions, build_id))

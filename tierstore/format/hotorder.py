@@ -46,6 +46,12 @@ class HotOrder:
         cold = c + np.searchsorted(self._cold_key, c, side="right")
         return np.concatenate([head, cold]) if head.size else cold
 
+    def hot_between(self, a: int, b: int) -> tuple[int, np.ndarray, np.ndarray]:
+        """The hot rows with ids in ``a:b``: (how many hot ids are below ``a``, their ids
+        ascending, their file positions). Costs two binary searches and views."""
+        i0, i1 = (int(x) for x in np.searchsorted(self._hs, [a, b]))
+        return i0, self._hs[i0:i1], self._rank[i0:i1]
+
     def positions(self, start: int, stop: int) -> np.ndarray:
         """File position of rows ``start:stop`` (int64): the inverse of :meth:`ids`."""
         x = np.arange(start, stop, dtype=np.int64)

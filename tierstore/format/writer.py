@@ -30,7 +30,9 @@ import errno
 import os
 import queue
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from typing import NamedTuple
 from pathlib import Path
 
 import numpy as np
@@ -43,8 +45,9 @@ from .hotorder import HotOrder
 from .prefetch import RowPrefetcher, aligned_buffer, small_stacks
 from .quant import NAN_SCALE
 from .spec import _K, DTYPES, PAGE_SIZE, TableInfo
+from .sweep import OrderedSweep, widest_word
 
-__all__ = ["write_row_file", "table_filler", "fast_page_checksums", "aligned_buffer", "BUFFERS", "DIRECT", "BUFFERED"]
+__all__ = ["write_row_file", "table_filler", "Filler", "one_torch_thread", "fast_page_checksums", "aligned_buffer", "BUFFERS", "DIRECT", "BUFFERED"]
 
 BUFFERS = 3  # chunk buffers per table: one filling, one queued, one being written
 DIRECT, BUFFERED = "O_DIRECT", "buffered"
@@ -64,6 +67,22 @@ def fast_page_checksums(pages: np.ndarray) -> np.ndarray:
     if words.shape[0] == 0:
         return np.zeros(0, dtype=np.uint64)
     return torch.mv(words, _K_T).numpy().view(np.uint64)
+
+
+@contextmanager
+def one_torch_thread() -> Iterator[None]:
+    """torch runs its kernels on one thread inside (process-wide; restored after).
+
+    The build's parallelism is its own threads (read-ahead, filler, writer). torch's intra-op
+    pool on top of them oversubscribes the cores: on the loaded 2-core machine every copy,
+    gather and checksum took 2-3x the wall time (and the CPU time) with 2 intra-op threads
+    that it takes with 1, as a parallel region waits for its slowest thread."""
+    old = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(old)
 
 
 class _Stop(Exception):
@@ -112,13 +131,15 @@ class _Direct:
 def write_row_file(path: Path, head: bytes, rows: int, row_stride: int, step: int,
                    fill: Callable[[int, int, np.ndarray], None], sums: np.ndarray,
                    hint: Callable[[int, int], None] | None = None,
-                   progress: Callable[[int], None] | None = None) -> str:
+                   progress: Callable[[int], None] | None = None, starts: Sequence[int] | None = None) -> str:
     """Write a row file: ``head`` (one page), then ``rows`` rows at ``row_stride``, in chunks
     of ``step`` rows (``step * row_stride`` a multiple of ``PAGE_SIZE``), the last one padded.
 
     ``fill(start, stop, out)`` puts rows ``start:stop`` into ``out`` (uint8, (n, row_stride),
     its padding columns zero and to be left so). ``sums`` (uint64, one per page) receives every
-    page's checksum. ``hint(start, stop)`` is told the chunk that will be filled next.
+    page's checksum. ``starts``: the chunks' first rows in the order to fill and write them
+    (multiples of ``step``, each once; default ascending: each chunk is written at its own
+    offset, so any order makes the same file). ``hint(start, stop)`` is told the chunk that will be filled next.
     ``progress(n)`` is called, in the caller's thread, as chunks of ``n`` rows are written.
     Returns the write path that ran (``DIRECT`` or ``BUFFERED``); the file is fsynced.
     Raises ``OSError`` (and whatever ``fill`` raises).
@@ -178,10 +199,12 @@ def write_row_file(path: Path, head: bytes, rows: int, row_stride: int, step: in
         thread = threading.Thread(target=writer, name="tierstore-build-write", daemon=True)
         thread.start()
     try:  # the caller's thread fills: reads (the read-ahead runs in its own thread), converts, checksums
-        for start in range(0, rows, step):
+        order = list(range(0, rows, step)) if starts is None else list(starts)
+        assert sorted(order) == list(range(0, rows, step)), "starts must be every chunk once"
+        for i, start in enumerate(order):
             stop = min(start + step, rows)
-            if hint is not None and stop < rows:
-                hint(stop, min(stop + step, rows))
+            if hint is not None and i + 1 < len(order):
+                hint(order[i + 1], min(order[i + 1] + step, rows))
             buf = take(free)
             nbytes = (stop - start) * row_stride
             padded = (nbytes + PAGE_SIZE - 1) // PAGE_SIZE * PAGE_SIZE
@@ -207,102 +230,97 @@ def write_row_file(path: Path, head: bytes, rows: int, row_stride: int, step: in
     return out.mode
 
 
-GAP_BYTES = 256 * 1024  # rows closer than this are read in one span (about a random read's cost here)
+class Filler(NamedTuple):
+    """What :func:`write_row_file` needs to write one table: ``fill``, ``hint``, the chunk
+    order (``starts``, None for ascending) and ``close()`` for the readers."""
+
+    fill: Callable[[int, int, np.ndarray], None]
+    hint: Callable[[int, int], None]
+    close: Callable[[], None]
+    starts: list[int] | None = None
 
 
-def _gather(ckpt: Checkpoint, tensor: str, ids: np.ndarray, buf: np.ndarray, row_bytes: int) -> np.ndarray:
-    """Rows ``ids`` (any order) of ``tensor`` as uint8 (len(ids), row_bytes), read as few
-    sequential spans: sorted ids closer than ``GAP_BYTES`` share one read, each span at most
-    ``buf``'s size. A run of cold rows is one span; hot rows spread over the table cost one
-    read per cluster, not a page fault (and the disk's readahead) per row. Python steps per
-    span, not per row; a span is as costly as a random read, so sparse ids cost what they must."""
-    order = np.argsort(ids, kind="stable")
-    s = ids[order]
-    cap = len(buf) // row_bytes  # rows per span
-    out = np.empty((len(ids), row_bytes), dtype=np.uint8)
-    breaks = np.flatnonzero(np.diff(s) * row_bytes > GAP_BYTES) + 1
-    a = 0
-    for b in [*breaks.tolist(), len(s)]:
-        while a < b:  # a cluster wider than the buffer: cut it
-            end = a + int(np.searchsorted(s[a:b], s[a] + cap, side="left"))
-            lo, hi = int(s[a]), int(s[end - 1]) + 1
-            span = ckpt.read_rows(tensor, lo, hi, out=buf)
-            out[order[a:end]] = span[s[a:end] - lo]
-            a = end
-    return out
+def _copy_bytes(dst: torch.Tensor, src: torch.Tensor) -> None:
+    """``dst[:] = src`` (uint8 matrices) as the widest words both allow: V4.1's 8 scale bytes
+    per row into the 272-byte stride cost ~3x the values' copy as single bytes."""
+    w = widest_word(dst, src)
+    dst.view(w).copy_(src.view(w))
 
 
 def table_filler(ckpt: Checkpoint, name: str, info: TableInfo, src_dtype: str, step: int,
                  shard: tuple[int, int] | None = None, order: HotOrder | None = None,
-                 scale: str | None = None, nan_scales: list[int] | None = None,
-                 ) -> tuple[Callable[[int, int, np.ndarray], None], Callable[[int, int], None], Callable[[], None]]:
-    """(fill, hint, close) for :func:`write_row_file` reading table ``name`` of ``ckpt``.
+                 scale: str | None = None, nan_scales: list[int] | None = None) -> Filler:
+    """The :class:`Filler` for :func:`write_row_file` reading table ``name`` of ``ckpt``.
 
     Rows at file positions ``start:stop``: rows ``start:stop`` of the checkpoint; for a shard
     ``(rank, world)`` position ``i`` holds row ``rank + i * world`` (one sequential read of
     ``world`` x the rows, every ``world``-th kept); for a hot ``order`` the rows
-    ``order.ids(start, stop)``: a run of cold rows (ascending ids with the hot ones missing) is
-    read as one span, hot rows are gathered through a map of the file. A quantized table
-    stores each row's value bytes from ``name`` then its scale bytes from ``scale``, and adds
-    the chunk's NaN scales (UE8M0 0xFF) to ``nan_scales[0]`` (the bytes are in hand: no extra pass).
+    ``order.ids(start, stop)``, written by one sweep of the checkpoint, tail first
+    (:class:`tierstore.format.sweep.OrderedSweep`). A quantized table stores each row's value
+    bytes from ``name`` then its scale bytes from ``scale``, and adds the chunk's NaN scales
+    (UE8M0 0xFF) to ``nan_scales[0]`` (the bytes are in hand: no extra pass).
     Plain sequential reads of safetensors tensors go through :class:`RowPrefetcher` (O_DIRECT,
     the next chunk read while this one is filled); other reads through a scratch buffer
     allocated once (a torch checkpoint's rows straight into the chunk buffer when they need
-    no change). ``close()`` releases the readers.
+    no change). Copies into the chunk are torch's (they release the GIL: the reader and the
+    writer threads run meanwhile). ``close()`` releases the readers.
     """
     stride, rb = info.row_stride, info.row_bytes
+    if order is not None:
+        assert shard is None, "build_store refuses order_by with shard"
+        split = info.quant.value_bytes if info.quant is not None else rb
+        parts: list[tuple[str, int, int, str | None]] = [(name, 0, split, None if info.quant else src_dtype)]
+        if scale is not None:
+            parts.append((scale, split, rb, None))
+        sweep = OrderedSweep(ckpt, info, step, order, parts, scale, nan_scales)
+        return Filler(sweep.fill, sweep.hint, sweep.close, sweep.starts)
     tensors = (name, scale) if scale is not None else (name,)
     ahead = {}  # plain sequential reads of a safetensors tensor: O_DIRECT, one chunk ahead
-    if shard is None and order is None and all(ckpt.tensors[t].file.suffix == ".safetensors" for t in tensors):
+    if shard is None and all(ckpt.tensors[t].file.suffix == ".safetensors" for t in tensors):
         ahead = {t: RowPrefetcher(ckpt, t, step) for t in tensors}
-    direct = (info.quant is None and src_dtype == info.dtype and rb == stride and shard is None and order is None
-              and not ahead)
-    spread = shard[1] if shard is not None else 2 if order is not None else 1
+    direct = (info.quant is None and src_dtype == info.dtype and rb == stride and shard is None and not ahead)
+    spread = shard[1] if shard is not None else 1
     scratch: dict[str, np.ndarray] = {}
 
-    def rows_of(tensor: str, start: int, stop: int) -> np.ndarray:
+    def rows_of(tensor: str, start: int, stop: int) -> torch.Tensor:
         if ahead:
-            return ahead[tensor].rows(start, stop)
+            return torch.from_numpy(ahead[tensor].rows(start, stop))
         meta = ckpt.tensors[tensor]
         row_bytes = meta.shape[1] * meta.element_size
         if tensor not in scratch:
             scratch[tensor] = np.empty(step * spread * row_bytes, dtype=np.uint8)
         buf = scratch[tensor]
-        if order is not None:
-            return _gather(ckpt, tensor, order.ids(start, stop), buf, row_bytes)
         if shard is not None:
             rank, world = shard
             first, last = rank + start * world, rank + (stop - 1) * world
-            return ckpt.read_rows(tensor, first, last + 1, out=buf)[::world]
-        return ckpt.read_rows(tensor, start, stop, out=buf)
+            return torch.from_numpy(ckpt.read_rows(tensor, first, last + 1, out=buf)[::world])
+        return torch.from_numpy(ckpt.read_rows(tensor, start, stop, out=buf))
 
-    def fill(start: int, stop: int, out: np.ndarray) -> None:
+    def fill(start: int, stop: int, out_np: np.ndarray) -> None:
         if direct:
-            ckpt.read_rows(name, start, stop, out=out.reshape(-1))
-        elif info.quant is None and src_dtype == info.dtype:
-            out[:, :rb] = rows_of(name, start, stop)
+            ckpt.read_rows(name, start, stop, out=out_np.reshape(-1))
+            return
+        out = torch.from_numpy(out_np)
+        if info.quant is None and src_dtype == info.dtype:
+            _copy_bytes(out[:, :rb], rows_of(name, start, stop))
         elif info.quant is None:  # convert (round to nearest) straight into the strided rows
-            dst = torch.from_numpy(out)[:, :rb].view(DTYPES[info.dtype][0])
-            dst.copy_(torch.from_numpy(rows_of(name, start, stop)).view(DTYPES[src_dtype][0]))
+            dst = out[:, :rb].view(DTYPES[info.dtype][0])
+            dst.copy_(rows_of(name, start, stop).view(DTYPES[src_dtype][0]))
         else:  # [values | scales]: one page read serves both
             assert scale is not None
             split = info.quant.value_bytes
-            out[:, :split] = rows_of(name, start, stop)
-            out[:, split:rb] = rows_of(scale, start, stop)
+            _copy_bytes(out[:, :split], rows_of(name, start, stop))
+            scales = rows_of(scale, start, stop)
+            _copy_bytes(out[:, split:rb], scales)
             if nan_scales is not None:
-                nan_scales[0] += int(np.count_nonzero(out[:, split:rb] == NAN_SCALE))
+                nan_scales[0] += int((scales == NAN_SCALE).sum())
 
     def hint(start: int, stop: int) -> None:
         if ahead:
             for p in ahead.values():
                 p.prefetch(start, stop)
             return
-        if order is not None:
-            ids = order.ids(start, stop)
-            lo, hi = int(ids[0]), int(ids[-1]) + 1
-            if hi - lo > spread * len(ids):
-                return
-        elif shard is not None:
+        if shard is not None:
             lo, hi = shard[0] + start * shard[1], shard[0] + (stop - 1) * shard[1] + 1
         else:
             lo, hi = start, stop
@@ -313,4 +331,4 @@ def table_filler(ckpt: Checkpoint, name: str, info: TableInfo, src_dtype: str, s
         for p in ahead.values():
             p.close()
 
-    return fill, hint, close
+    return Filler(fill, hint, close)

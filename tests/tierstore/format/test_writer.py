@@ -17,6 +17,7 @@ from tierstore import CorruptDataError
 from tierstore.format import writer
 from tierstore.format.hotorder import HotOrder, load_hot_order
 from tierstore.format.profile import hot_rows, profile_paths, save_profile
+from tierstore.format.quant import NanScaleWarning
 from tierstore.format.spec import PAGE_SIZE, page_checksums, read_manifest
 
 from ...conftest import bits, random_table
@@ -49,6 +50,18 @@ def test_hot_order_is_hot_rows_fill_and_its_inverse(n):
         assert np.array_equal(got, want)
     pos = np.concatenate([order.positions(a, min(a + 33, n)) for a in range(0, n, 33)])
     assert np.array_equal(pos[want], np.arange(n))
+
+
+def test_hot_between_lists_the_hot_rows_of_an_id_range():
+    n = 5000
+    order = HotOrder(hot_rows(_counts(n, 2), n), n)
+    pos = order.positions(0, n)
+    for a, b in [(0, n), (0, 0), (17, 900), (4999, 5000), (2500, 2501)]:
+        below, ids, at = order.hot_between(a, b)
+        hot = np.sort(order.hot)
+        assert below == int((hot < a).sum())
+        assert np.array_equal(ids, hot[(hot >= a) & (hot < b)])
+        assert np.array_equal(at, pos[ids])
 
 
 def test_hot_order_holds_only_the_accessed_rows():
@@ -217,20 +230,113 @@ def test_streamed_order_file_equals_the_whole_array_one(tmp_path, monkeypatch):
     assert streamed.getvalue() == whole.getvalue()
 
 
-def test_gather_reads_clustered_and_scattered_rows_exactly(tmp_path, ckpt, monkeypatch):
-    """The ordered build's gather: clusters share a read, wide clusters are cut at the buffer,
-    scattered rows are read alone; every row lands where its id asks, in any order."""
-    from tierstore.format.checkpoint import open_checkpoint
+def _hot_counts(n: int, kind: str) -> np.ndarray:
+    """Profiles that put the head's edges in different places."""
+    rng = np.random.default_rng(len(kind))
+    c = np.zeros(n, dtype=np.int64)
+    if kind == "sparse":  # 1%: the head is part of one chunk
+        c[rng.choice(n, n // 100, replace=False)] = rng.integers(1, 9, n // 100)
+    elif kind == "wide":  # 40%, the first and last rows among them: a head of several chunks
+        c[rng.choice(n, 2 * n // 5, replace=False)] = rng.integers(1, 50, 2 * n // 5)
+        c[[0, n - 1]] = 99
+    elif kind == "all":  # every row is hot: no cold row at all
+        c[:] = rng.integers(1, 1000, n)
+    elif kind == "run":  # one dense run of hot ids (a read chunk holds only hot rows)
+        c[n // 3 : n // 3 + n // 4] = 5
+    return c
 
-    path, w = ckpt
-    monkeypatch.setattr(writer, "GAP_BYTES", 48 * 10)  # rows 10 apart cluster
-    c = open_checkpoint(path)
-    rng = np.random.default_rng(4)
-    ids = np.concatenate([np.arange(100, 400, 3), rng.choice(3000, 200, replace=False), [2999, 0]])
-    rng.shuffle(ids)
-    reads = []
-    real = c.read_rows
-    monkeypatch.setattr(c, "read_rows", lambda *a, **k: reads.append(a) or real(*a, **k))
-    got = writer._gather(c, NAME, ids, np.empty(48 * 64, dtype=np.uint8), 48)
-    assert np.array_equal(got, bits(w).numpy()[ids])
-    assert len(reads) < len(ids) and all(hi - lo <= 64 for _, lo, hi in reads)
+
+def _ordered(tmp_path, w, kind: str, name: str = NAME):
+    path = tmp_path / "m.safetensors"
+    save_file({name: w}, str(path))
+    first = tierstore.build_store(path, tmp_path / "first", progress=False)
+    counts = _hot_counts(w.shape[0], kind)
+    save_profile(first, name, counts)
+    return path, first, HotOrder(hot_rows(counts, w.shape[0]), w.shape[0])
+
+
+def _checkpoint_reads(monkeypatch, path) -> list[int]:
+    """Bytes of each read of ``path`` (every read passes the fault seam with its size)."""
+    from tierstore import faults
+
+    seen: list[int] = []
+    real = faults.point
+
+    def point(op, p, n=0):
+        if op == "read" and str(p) == str(path):
+            seen.append(n)
+        return real(op, p, n)
+
+    monkeypatch.setattr(faults, "point", point)
+    return seen
+
+
+@pytest.mark.parametrize("kind", ["sparse", "wide", "all", "run"])
+@pytest.mark.parametrize("head_chunks", [1000, 2])  # the head in one sweep, or in groups of 2 chunks
+def test_ordered_build_is_one_sweep_per_head_group_and_exact(tmp_path, monkeypatch, kind, head_chunks):
+    """Regression: the ordered build gathered the head's rows by spans over the whole table,
+    then read the cold rows again (the checkpoint read ~2x, buffered, in the filler's thread).
+    Now it reads the checkpoint once per head group (once when the head fits HEAD_BYTES), and
+    every row serves exactly, wherever the head's edges fall."""
+    from tierstore.format import sweep
+
+    chunk = 48 * 256  # 256 rows of 48 bytes (24 fp16): 12 pages
+    monkeypatch.setattr("tierstore.format.build.CHUNK_BYTES", chunk)
+    monkeypatch.setattr(sweep, "HEAD_BYTES", head_chunks * chunk)
+    n = 5003  # 20 chunks, the last one partial
+    w = random_table(n, 24, torch.float16, seed=3)
+    path, first, order = _ordered(tmp_path, w, kind)
+    reads = _checkpoint_reads(monkeypatch, path)
+    out = tierstore.build_store(path, tmp_path / "s", order_by=first, progress=False)
+    head_rows = min(n, -(-order.hot.size // 256) * 256)
+    groups = max(1, -(-head_rows // (head_chunks * 256)))
+    table_bytes = n * 48
+    assert sum(reads) <= groups * (table_bytes + 2 * PAGE_SIZE * 20), (sum(reads), groups, table_bytes)
+    assert tierstore.verify_store(out).ok
+    _rows(out, w)
+    m = np.memmap(out / read_manifest(out).tables[NAME].file, dtype=np.uint8, mode="r", offset=PAGE_SIZE)
+    assert np.array_equal(m[: n * 48].reshape(n, 48), bits(w).view(torch.uint8).numpy()[order.ids(0, n)])
+    del m
+
+
+def test_ordered_build_converts_dtype_and_reads_torch_checkpoints(tmp_path, monkeypatch):
+    """The sweep's other inputs: a dtype conversion (float32 -> float16, round to nearest) and a
+    torch checkpoint (no O_DIRECT read-ahead: read through a scratch buffer)."""
+    from tierstore.format import sweep
+
+    monkeypatch.setattr("tierstore.format.build.CHUNK_BYTES", 32 * 128)
+    monkeypatch.setattr(sweep, "HEAD_BYTES", 3 * 32 * 128)
+    n = 3001
+    w = random_table(n, 16, torch.float32, seed=5)
+    path, first, _ = _ordered(tmp_path, w, "wide")
+    out = tierstore.build_store(path, tmp_path / "s", order_by=first, dtype="float16", progress=False)
+    assert tierstore.verify_store(out).ok
+    _rows(out, w.to(torch.float16))
+    torch.save({NAME: w}, tmp_path / "m.pt")
+    out = tierstore.build_store(tmp_path / "m.pt", tmp_path / "pt", order_by=first, progress=False)
+    assert tierstore.verify_store(out).ok
+    _rows(out, w)
+
+
+def test_ordered_v41_build_keeps_scales_and_counts_nan_scales_once(tmp_path, monkeypatch):
+    """A quantized table through the sweep: values and scales from two tensors land side by
+    side; the NaN scales are counted once however many sweeps the head needs."""
+    from tierstore.format import sweep
+
+    from ...v41 import embed, write_v41_checkpoint
+
+    monkeypatch.setattr("tierstore.format.build.CHUNK_BYTES", 272 * 64)  # 64 rows, 17 pages
+    monkeypatch.setattr(sweep, "HEAD_BYTES", 2 * 272 * 64)
+    layers = {1: 1001}
+    write_v41_checkpoint(tmp_path / "ckpt", layers, scale_codes=(200, 256))  # some 0xFF (NaN) scales
+    with pytest.warns(NanScaleWarning):
+        plain = tierstore.build_store(tmp_path / "ckpt", tmp_path / "plain", progress=False)
+    save_profile(plain, embed(1), _hot_counts(1001, "wide"))
+    with pytest.warns(NanScaleWarning):
+        ordered = tierstore.build_store(tmp_path / "ckpt", tmp_path / "ordered", order_by=plain, progress=False)
+    a, b = read_manifest(plain).tables[embed(1)], read_manifest(ordered).tables[embed(1)]
+    assert a.source["nan_scales"] == b.source["nan_scales"] > 0
+    assert tierstore.verify_store(ordered).ok
+    order = HotOrder(hot_rows(_hot_counts(1001, "wide"), 1001), 1001)
+    rows = lambda s, t: np.memmap(s / t.file, dtype=np.uint8, mode="r", offset=PAGE_SIZE)[: 1001 * 272].reshape(1001, 272)  # noqa: E731
+    assert np.array_equal(rows(ordered, b), rows(plain, a)[order.ids(0, 1001)])
