@@ -63,6 +63,7 @@ def test_next_use():
     assert next_use(np.array([5, 6, 5, 5, 7])).tolist()[:3] == [2, np.iinfo(np.int64).max, 3]
 
 
+@pytest.mark.slow
 def test_opt_bounds_every_policy():
     rng = np.random.default_rng(1)
     trace = (rng.zipf(1.1, 2000) % 3000).astype(np.int64)

@@ -99,6 +99,7 @@ def test_policy_hit_ratios_reports_simulate_with_bytes_and_gap(rows, store):
     assert merged[0]["semantics"] == "approximate: trace steps merged into batches of >= 64 lookups"
 
 
+@pytest.mark.slow
 def test_two_tier_hit_ratios_reports_simulate_tiers(rows, store):
     (t,) = traced_tables(Trace({"trace": TableTrace(rows)}), store=store)
     out = two_tier_hit_ratios(t, 50, 200, ["lru", "opt", "s3fifo"])

@@ -24,7 +24,8 @@ def store(tmp_path_factory):
     return path
 
 
-@pytest.mark.parametrize("policy", policy_names())
+@pytest.mark.parametrize("policy", [pytest.param(p, marks=pytest.mark.slow) if p in ("lfu", "wtinylfu", "arc") else p
+                                    for p in policy_names()])  # the fast tier keeps four of the seven
 def test_store_counters_equal_the_simulation(store, policy):
     rng = np.random.default_rng(3)
     rows = (rng.zipf(1.2, 20_000) % 3000).astype(np.int64)

@@ -443,6 +443,7 @@ _RACER = """
 """
 
 
+@pytest.mark.slow
 def test_concurrent_builds_of_a_new_out_have_one_winner(tmp_path, small_ckpt):
     """Two processes build the same new OUT at the same moment, many times: each time exactly
     one succeeds, the other raises StoreExistsError, and the survivor is a whole store."""

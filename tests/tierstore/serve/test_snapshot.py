@@ -234,7 +234,8 @@ _KILLED_WRITER = textwrap.dedent("""
 """)
 
 
-@pytest.mark.parametrize("op,nth", [("pwrite", 1), ("pwrite", 20), ("fsync", 1), ("replace", 1)])
+@pytest.mark.parametrize("op,nth", [("pwrite", 1)] + [pytest.param(*c, marks=pytest.mark.slow)
+                                                     for c in [("pwrite", 20), ("fsync", 1), ("replace", 1)]])
 def test_a_snapshot_write_killed_leaves_the_old_one(store, op, nth):
     """SIGKILL in the middle of writing a snapshot (after the n-th write, at the fsync, at
     the rename): the old snapshot stays, whole, and the store opens and serves exact rows."""
