@@ -38,6 +38,7 @@ import torch
 from ..cache.layout import CACHED, RESIDENT
 from ..errors import CorruptDataError, FormatVersionError, StoreIOError, TierStoreError
 from ..format.spec import PAGE_SIZE, TableInfo, page_checksums
+from ..format.snapshot import parse_snapshot_header, snapshot_path
 from .page_reader import PageReader, aligned_empty
 
 if TYPE_CHECKING:
