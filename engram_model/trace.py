@@ -37,6 +37,7 @@ from pathlib import Path
 import numpy as np
 
 from tierstore.errors import TierStoreError
+from tierstore.ids import distinct
 from tierstore.analysis.simulate import TableTrace, Trace, save_trace
 
 __all__ = ["add_parser", "run", "interleave", "TraceSource"]
@@ -252,7 +253,7 @@ def run(args: argparse.Namespace) -> int:
     dt = time.perf_counter() - t0
     for name, t in tables.items():
         print(f"{name}: {t.rows.size:,} lookups in {t.offsets.size:,} steps, "
-              f"{np.unique(t.rows).size:,} distinct of {t.n_rows:,} rows")
+              f"{distinct(t.rows).size:,} distinct of {t.n_rows:,} rows")
     print(f"traced {len(docs):,} documents, {n_tokens:,} tokens, {args.streams} streams "
           f"in {dt:.1f} s -> {args.out}", file=sys.stderr)
     return 0

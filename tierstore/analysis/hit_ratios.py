@@ -26,7 +26,7 @@ from typing import Any
 import numpy as np
 
 from ..errors import TierStoreError
-from ..ids import as_row_ids
+from ..ids import as_row_ids, distinct
 from ..format.profile import TopProfile, load_profile
 from ..format.recovery import recover
 from .simulate import TableTrace, Trace, batch_bounds, simulate, simulate_tiers
@@ -54,7 +54,7 @@ def distinct_ids(rows: np.ndarray) -> int:
     10M-id trace takes ~1 s), a sort otherwise."""
     if rows.size and 0 <= rows.min() and rows.max() < 8 * rows.size:
         return int(np.count_nonzero(np.bincount(rows)))
-    return int(np.unique(rows).size)
+    return int(distinct(rows).size)
 
 
 def traced_tables(trace: Trace, *, table: str | None = None, store: str | Path | None = None,
@@ -140,12 +140,13 @@ def policy_hit_ratios(t: TracedTable, capacities: list[int], policies: list[str]
                               min_batch=min_batch, lookahead=lookahead, table=t.name)
     semantics = replay_semantics(t.trace, min_batch)
     res = []
-    if "lru" in policies:  # every capacity at once: simulate takes them from one stack-distance
-        res += simulate(t.trace.rows, capacities, ["lru"], **kw)  # pass where that is exact
-        step(len(capacities))
-    for cap in capacities:  # one run at a time, so a progress bar moves (opt over 10M takes ~10 s)
+    for p in ("lru", "opt"):  # every capacity at once: LRU from one stack-distance pass (where that
+        if p in policies:  # is exact), opt from one preparation of the trace (next uses)
+            res += simulate(t.trace.rows, capacities, [p], **kw)
+            step(len(capacities))
+    for cap in capacities:  # one run at a time, so a progress bar moves
         for p in policies:
-            if p != "lru":
+            if p not in ("lru", "opt"):
                 res += simulate(t.trace.rows, [cap], [p], **kw)
                 step(1)
     res.sort(key=lambda r: (r.capacity_rows, policies.index(r.policy)))

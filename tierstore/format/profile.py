@@ -35,7 +35,7 @@ import numpy as np
 
 from ..errors import CorruptDataError, IdTypeError, TierStoreError
 from ..files import atomic_write, check_versioned, is_json_int, os_error, read_json
-from ..ids import as_row_ids
+from ..ids import as_row_ids, distinct
 
 __all__ = ["PROFILE_FORMAT", "Profile", "TopProfile", "as_profile", "profile_paths", "count_rows", "hot_rows",
            "save_profile", "load_profile", "profile_info", "has_profile", "zipf_fit"]
@@ -99,7 +99,7 @@ class TopProfile:
                                  f"[{int(rows.min())}, {int(rows.max())}]")
         if counts.size and counts.min() < 0:
             raise TierStoreError("profile counts must be non-negative")
-        if np.unique(rows).size != rows.size:
+        if distinct(rows).size != rows.size:  # not np.unique: see tierstore.ids.distinct
             raise TierStoreError("a sparse profile lists a row twice; sum its counts into one entry")
         keep = counts > 0
         rows, counts = rows[keep], counts[keep]
