@@ -66,7 +66,8 @@ def traced_tables(trace: Trace, *, table: str | None = None, store: str | Path |
     A ``.npy`` trace (one table named "trace") of a one-table store is that table.
     ``profile_trace``: a trace of other text whose row counts rank rows for ``static`` and
     ``default`` (a one-table profile trace serves any table). Without a store, a table's
-    size comes from the trace file, or else fractions are of the trace's distinct ids.
+    size (and row size, when recorded) comes from the trace file, or else fractions are of
+    the trace's distinct ids.
     """
     names = list(trace.tables)
     if table:
@@ -96,6 +97,10 @@ def traced_tables(trace: Trace, *, table: str | None = None, store: str | Path |
             raise TierStoreError(f"store {str(store)!r} has no table {name!r}; it has {list(store_info)}")
         elif t.n_rows:
             n_rows, base = int(t.n_rows), "table rows"
+            # a trace of a model's tables records their stored row size (`tierstore trace`
+            # of DeepSeek-V4.1: 264 bytes), so byte figures need no store
+            meta_rb = trace.meta.get("row_bytes")
+            rb = rb or (int(meta_rb) if isinstance(meta_rb, int) and meta_rb > 0 else None)
         else:
             n_rows, base = distinct_ids(t.rows), "distinct ids"
         if base != "distinct ids":  # the one id check (InvalidIdError names the row and its position)
