@@ -44,10 +44,20 @@ from engram_model.errors import EngramConfigError
 from engram_model.hasher import NgramHasher
 from engram_model.model import EngramLM, ModelConfig
 
-__all__ = ["V41EngramConfig", "V41_TABLE", "v41_hasher", "v41_model_config", "v41_model"]
+__all__ = ["V41EngramConfig", "V41_TABLE", "PRESETS", "v41_hasher", "v41_model_config", "v41_model"]
 
 V41_TABLE = "layers.{layer}.engram.embed.weight"  # the released checkpoint's table names
 _SEED = 0  # layer L draws its multipliers from default_rng(10007 * L): a global seed of 0
+
+# The released geometry (``text_config`` of deepseek-ai/DeepSeek-V4.1-Flash's config.json):
+# ``tierstore trace --preset deepseek-v4.1`` hashes with it, nothing downloaded but a tokenizer.
+PRESETS: dict[str, dict[str, Any]] = {
+    "deepseek-v4.1": {
+        "vocab_size": 129280, "engram_layer_ids": [1, 14], "engram_max_ngram_size": 4, "engram_n_heads": 8,
+        "engram_head_dim": 256, "engram_vocab_size": 16_000_000, "engram_num_embeddings": [384006168, 384016682],
+        "engram_compressed_vocab_size": 99092, "engram_pad_token_id": 2,
+    },
+}
 
 
 @dataclass(frozen=True)
@@ -62,6 +72,7 @@ class V41EngramConfig:
     engram_num_embeddings: tuple[int, ...]  # rows of each layer's packed table (sum of its primes)
     engram_compressed_vocab_size: int  # V': the tokenizer's compressed vocabulary
     engram_pad_token_id: int  # raw token id whose compressed id pads before the start
+    vocab_size: int | None = None  # the model's raw vocabulary (129,280), when the config gives it
 
     def __post_init__(self) -> None:
         if not self.engram_layer_ids or len(set(self.engram_layer_ids)) != len(self.engram_layer_ids) \
@@ -96,6 +107,8 @@ class V41EngramConfig:
             raise EngramConfigError(f"{where}: text_config is not an object")
         values: dict[str, Any] = {}
         for f in fields(cls):
+            if f.name == "vocab_size" and f.name not in text:
+                continue  # optional: only the check of a partial tokenizer needs it (v41_hasher)
             if f.name not in text:
                 raise EngramConfigError(f"{where}: text_config has no {f.name!r}: not a DeepSeek-V4.1 Engram config")
             v = text[f.name]
@@ -108,6 +121,13 @@ class V41EngramConfig:
             values[f.name] = tuple(v) if many else v
         return cls(**values)
 
+    @classmethod
+    def preset(cls, name: str) -> V41EngramConfig:
+        """A released geometry by name (``PRESETS``: ``deepseek-v4.1``)."""
+        if name not in PRESETS:
+            raise EngramConfigError(f"unknown preset {name!r}; choose one of {', '.join(PRESETS)}")
+        return cls.from_json(PRESETS[name])
+
     def table_name(self, layer: int) -> str:
         """The store (and checkpoint) name of layer ``layer``'s table."""
         return V41_TABLE.format(layer=layer)
@@ -118,16 +138,37 @@ class V41EngramConfig:
         return (self.engram_max_ngram_size - 1) * self.engram_n_heads
 
 
-def v41_hasher(cfg: V41EngramConfig, compress: CompressionMap) -> NgramHasher:
+def v41_hasher(cfg: V41EngramConfig, compress: CompressionMap, *, partial_tokenizer: bool = False) -> NgramHasher:
     """The hasher of a V4.1 checkpoint, checked against it.
 
     compress: the checkpoint tokenizer's compression (``build_compression(tokenizer)``); its
         size must be ``engram_compressed_vocab_size`` (else the tokenizer is not the
         checkpoint's), and it maps the raw ``engram_pad_token_id`` to the pad id.
+    partial_tokenizer: accept a tokenizer that lacks the model's last raw ids (added special
+        tokens), as DeepSeek's public tokenizer does: 128,815 of V4.1's 129,280 ids, which
+        compress to 98,627 of its 99,092 (exactly 465 fewer). Compressed ids are handed out
+        in raw-id order, so the ids of the tokens it has are the model's; each missing raw id
+        adds at most one compressed id, so it needs ``vocab_size`` in the config and
+        ``num_compressed <= engram_compressed_vocab_size <= num_compressed + missing``.
+        Hashing (the multipliers' bound) always uses the config's V'. For traces, not for
+        serving a model (its embedding needs every raw id).
     Raises ``EngramConfigError`` when the primes give other table sizes than
     ``engram_num_embeddings``: hashing with them would read the wrong rows, silently.
     """
-    if compress.num_compressed != cfg.engram_compressed_vocab_size:
+    want = cfg.engram_compressed_vocab_size
+    missing = (cfg.vocab_size or 0) - compress.vocab_size
+    if partial_tokenizer and compress.num_compressed != want:
+        if cfg.vocab_size is None:
+            raise EngramConfigError(
+                f"the tokenizer compresses to {compress.num_compressed} ids, the config says {want}, and the "
+                "config has no vocab_size to tell whether the tokenizer only lacks the model's last added tokens: "
+                "add text_config.vocab_size or use the checkpoint's own tokenizer.json")
+        if not (compress.num_compressed <= want <= compress.num_compressed + max(missing, 0)):
+            raise EngramConfigError(
+                f"the tokenizer has {compress.vocab_size} of the model's {cfg.vocab_size} raw ids and compresses to "
+                f"{compress.num_compressed} ids; engram_compressed_vocab_size={want} is not reachable by adding "
+                f"the {max(missing, 0)} missing ids: not this model's tokenizer")
+    elif compress.num_compressed != want:
         raise EngramConfigError(
             f"the tokenizer compresses to {compress.num_compressed} ids but the checkpoint was built with "
             f"engram_compressed_vocab_size={cfg.engram_compressed_vocab_size}: use the checkpoint's own tokenizer.json")

@@ -3,9 +3,15 @@
     tierstore trace --checkpoint CKPT --stdlib --split test --streams 64 --out test.trace.zst
     tierstore trace --store STORE --text a.txt docs/ --out t.trace.zst
     tierstore trace --checkpoint CKPT --tokens ids.npy --out t.trace.zst
+    tierstore trace --tokenizer tokenizer.json --preset deepseek-v4.1 --text docs/ --out v41.trace.zst
+    tierstore trace --tokenizer tokenizer.json --config config.json --stdlib --streams 64 --out v41.trace.zst
 
 The tokenizer, the compression map and the hashing config come from the checkpoint
-(``config.json`` + ``tokenizer.json``) or from a store's attachments. Each document is
+(``config.json`` + ``tokenizer.json``) or from a store's attachments. A DeepSeek-V4.1
+trace needs no tables: ``--tokenizer`` (DeepSeek's ``tokenizer.json``) with the model's
+``--config config.json`` or ``--preset deepseek-v4.1`` (the released geometry), and writes
+both Engram layers (``layers.{1,14}.engram.embed.weight``); a checkpoint or store whose
+``config.json`` is V4.1's (``text_config.engram_*``) is read the same way. Each document is
 tokenized, compressed and hashed on its own (its n-grams start from the pad id), and the
 documents are served by ``--streams`` B sequences at once as continuous batching does: a
 stream takes the next document when its current one ends, and each step reads one token
@@ -30,23 +36,34 @@ from pathlib import Path
 
 import numpy as np
 
-from tierstore import TableTrace, TierStoreError, Trace, save_trace
+from tierstore import TableTrace, TierStoreError, Trace, distinct, save_trace
 
 __all__ = ["add_parser", "run", "interleave", "TraceSource"]
 
 
 class TraceSource:
-    """Tokenizer + compression + hasher of a model, read from a checkpoint or a store."""
+    """Tokenizer + compression + hasher of a model, read from a checkpoint, a store, or a
+    DeepSeek-V4.1 ``tokenizer.json`` with its ``config.json`` or preset (no tables needed)."""
 
-    def __init__(self, *, checkpoint: str | None = None, store: str | None = None):
+    def __init__(self, *, checkpoint: str | None = None, store: str | None = None, tokenizer: str | None = None,
+                 config: str | None = None, preset: str | None = None):
         from engram_model.checkpoint import read_config
         from engram_model.compression import build_compression
         from engram_model.hasher import NgramHasher
         from engram_model.model import ENGRAM_TABLE, table_name
         from engram_model.tokenizer import load_tokenizer
 
-        if (checkpoint is None) == (store is None):
-            raise TierStoreError("pass exactly one of --checkpoint CKPT or --store STORE")
+        if sum(x is not None for x in (checkpoint, store, tokenizer)) != 1:
+            raise TierStoreError("pass exactly one of --checkpoint CKPT, --store STORE or --tokenizer tokenizer.json "
+                                 "(with --config config.json or --preset deepseek-v4.1)")
+        if tokenizer is None and (config is not None or preset is not None):
+            raise TierStoreError("--config and --preset go with --tokenizer; a checkpoint or store has its own config")
+        if tokenizer is not None:
+            if (config is None) == (preset is None):
+                raise TierStoreError("--tokenizer needs the model's geometry: --config config.json "
+                                     "or --preset deepseek-v4.1 (one of them)")
+            self._v41(load_tokenizer(tokenizer), config=config, preset=preset)
+            return
         if checkpoint is not None:
             cfg_path, tok_path = Path(checkpoint) / "config.json", Path(checkpoint) / "tokenizer.json"
         else:
@@ -57,6 +74,9 @@ class TraceSource:
                 raise TierStoreError(
                     f"{str(p)!r} not found: a trace needs the model's config.json and tokenizer.json "
                     "(a checkpoint directory, or a store built with them attached)")
+        if _is_v41_config(cfg_path):
+            self._v41(load_tokenizer(tok_path), config=str(cfg_path))
+            return
         self.config = read_config(cfg_path)
         if "hasher" not in self.config:
             raise TierStoreError(f"{str(cfg_path)!r} describes a model without Engram layers")
@@ -71,6 +91,24 @@ class TraceSource:
         pattern = self.config.get("model", {}).get("engram_table", ENGRAM_TABLE)
         self.tables = {table_name(L, pattern): L for L in self.hasher.layer_ids}
 
+    def _v41(self, tok: object, *, config: str | None = None, preset: str | None = None) -> None:
+        """DeepSeek-V4.1's addressing (engram_model.deepseek_v41), hashed with the config's V'
+        even when the tokenizer lacks the model's last added tokens (its public one does)."""
+        from engram_model.compression import build_compression
+        from engram_model.deepseek_v41 import V41EngramConfig, v41_hasher
+
+        cfg = V41EngramConfig.from_json(config) if config is not None else V41EngramConfig.preset(str(preset))
+        self.tokenizer = tok
+        self.compression = build_compression(tok)
+        self.hasher = v41_hasher(cfg, self.compression, partial_tokenizer=True)
+        self.config = {"v41": {
+            "engram_layer_ids": list(cfg.engram_layer_ids), "engram_num_embeddings": list(cfg.engram_num_embeddings),
+            "engram_compressed_vocab_size": cfg.engram_compressed_vocab_size, "preset": preset,
+            "tokenizer_compressed_ids": self.compression.num_compressed,
+            # a stored row: head_dim fp8 values + one UE8M0 scale byte per 32 (264 B for V4.1)
+            "row_bytes": cfg.engram_head_dim + cfg.engram_head_dim // 32}}
+        self.tables = {cfg.table_name(L): L for L in cfg.engram_layer_ids}
+
     def encode(self, texts: list[str]) -> list[np.ndarray]:
         """Compressed token ids of each text (empty texts dropped)."""
         encs = self.tokenizer.encode_batch(texts)
@@ -81,9 +119,26 @@ class TraceSource:
         return out
 
     def rows(self, doc: np.ndarray) -> dict[str, np.ndarray]:
-        """Packed-table row ids (T, H) of one document for every Engram table."""
+        """Packed-table row ids (T, H) of one document for every Engram table: int32 when the
+        table has fewer than 2**31 rows (V4.1's 384M do), half the memory of a 10M-token trace."""
         per_layer = self.hasher.hash(doc[None, :])
-        return {name: per_layer[L][0] + self.hasher.head_offsets(L) for name, L in self.tables.items()}
+        out = {}
+        for name, L in self.tables.items():
+            r = per_layer[L][0] + self.hasher.head_offsets(L)
+            out[name] = r.astype(np.int32) if self.hasher.total_rows(L) < 2**31 else r
+        return out
+
+
+def _is_v41_config(path: Path) -> bool:
+    """A DeepSeek-V4.1 config.json (Engram fields under ``text_config``), not ours."""
+    import json
+
+    try:
+        cfg = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return False  # read_config reports it
+    return isinstance(cfg, dict) and isinstance(cfg.get("text_config"), dict) \
+        and "engram_layer_ids" in cfg["text_config"]
 
 
 def interleave(docs: list[np.ndarray], streams: int) -> tuple[np.ndarray, np.ndarray]:
@@ -114,7 +169,7 @@ def interleave(docs: list[np.ndarray], streams: int) -> tuple[np.ndarray, np.nda
     rows = tok[order].reshape(-1)
     st = step[order]
     first = np.flatnonzero(np.r_[True, st[1:] != st[:-1]])
-    return rows.astype(np.int64), first * H
+    return rows, first * H
 
 
 def _text_files(paths: list[str], stdlib: bool, pattern: str) -> list[Path]:
@@ -141,7 +196,8 @@ def _token_docs(path: str) -> list[np.ndarray]:
 
 def run(args: argparse.Namespace) -> int:
     t0 = time.perf_counter()
-    src = TraceSource(checkpoint=args.checkpoint, store=args.store)
+    src = TraceSource(checkpoint=args.checkpoint, store=args.store, tokenizer=args.tokenizer, config=args.config,
+                      preset=args.preset)
     if args.tokens:
         raw_docs = _token_docs(args.tokens)
         vocab = src.compression.vocab_size
@@ -188,11 +244,14 @@ def run(args: argparse.Namespace) -> int:
             "doc_tokens": args.doc_tokens,
             "lookups_per_token": src.hasher.heads_per_layer, "split": args.split,
             "split_every": args.split_every, "source": "tokens" if args.tokens else "text"}
+    if "v41" in src.config:  # the geometry, and the stored row size `tierstore profile/size` budgets with
+        meta["model"] = src.config["v41"]
+        meta["row_bytes"] = src.config["v41"]["row_bytes"]
     save_trace(args.out, Trace(tables, meta))
     dt = time.perf_counter() - t0
     for name, t in tables.items():
         print(f"{name}: {t.rows.size:,} lookups in {t.offsets.size:,} steps, "
-              f"{np.unique(t.rows).size:,} distinct of {t.n_rows:,} rows")
+              f"{distinct(t.rows).size:,} distinct of {t.n_rows:,} rows")
     print(f"traced {len(docs):,} documents, {n_tokens:,} tokens, {args.streams} streams "
           f"in {dt:.1f} s -> {args.out}", file=sys.stderr)
     return 0
@@ -204,6 +263,11 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--checkpoint", help="model checkpoint directory (config.json, tokenizer.json)")
     src.add_argument("--store", help="store built with the model's config.json and tokenizer.json attached")
+    src.add_argument("--tokenizer", help="DeepSeek-V4.1's tokenizer.json (with --config or --preset): no tables needed")
+    geo = p.add_mutually_exclusive_group()
+    geo.add_argument("--config", help="with --tokenizer: the V4.1 config.json (text_config.engram_*)")
+    geo.add_argument("--preset",
+                     help="with --tokenizer: the released V4.1 geometry (layers 1 and 14, 384M rows each)")
     p.add_argument("--text", nargs="*", default=None, help="text files or directories (see --glob)")
     p.add_argument("--glob", default="*.py,*.txt,*.md", help="file patterns inside --text directories")
     p.add_argument("--stdlib", action="store_true", help="the Python standard library's *.py (default text)")

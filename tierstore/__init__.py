@@ -48,6 +48,7 @@ _LAZY = {
     "verify_store": ("format.verify", "verify_store"),
     "save_snapshot": ("serve.snapshot", "save_snapshot"),
     "open_sharded": ("serve.distributed", "open_sharded"),
+    "distinct": ("ids", "distinct"),
     "ShardedStore": ("serve.distributed", "ShardedStore"),
     "build_shard": ("serve.distributed", "build_shard"),
     "RowStore": ("serve.rowstore", "RowStore"),
@@ -82,7 +83,7 @@ def __dir__() -> list[str]:
 __all__ = [
     "open", "open_store", "open_sharded", "StoreOptions", "RowStore", "Store", "ShardedStore", "build_shard",
     "LookupFuture", "TableInfo", "build_store", "verify_store",
-    "save_snapshot",
+    "save_snapshot", "distinct",
     "DEFAULT_TABLE_PATTERN", "FORMAT_VERSION", "parse_size", "format_size",
     "TierStoreError", "InvalidIdError", "IdTypeError", "UnknownTableError", "CorruptDataError",
     "FormatVersionError", "BudgetError", "PolicyParamError", "StoreIOError", "CapacityError", "StoreExistsError", "CheckpointError",

@@ -17,6 +17,7 @@ from typing import Union
 import numpy as np
 
 from .errors import IdTypeError, TierStoreError
+from .ids import distinct
 
 __all__ = ["Profile", "TopProfile", "as_profile", "hot_rows"]
 
@@ -53,7 +54,7 @@ class TopProfile:
                                  f"[{int(rows.min())}, {int(rows.max())}]")
         if counts.size and counts.min() < 0:
             raise TierStoreError("profile counts must be non-negative")
-        if np.unique(rows).size != rows.size:
+        if distinct(rows).size != rows.size:  # not np.unique: see tierstore.ids.distinct
             raise TierStoreError("a sparse profile lists a row twice; sum its counts into one entry")
         keep = counts > 0
         rows, counts = rows[keep], counts[keep]

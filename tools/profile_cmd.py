@@ -5,6 +5,7 @@
     tierstore profile --trace train.trace.zst --store STORE --save-profile
     tierstore profile --trace test.trace.zst --store STORE --capacity 0.01 --live
     tierstore size --trace test.trace.zst --store STORE --device-hit 0.9 --total-hit 0.99
+    tierstore size --trace v41.trace.zst --profile-trace v41-train.trace.zst --device-budget 2GiB --host-budget 32GiB
 
 ``--capacity``: comma-separated; a whole number is rows, a value below 1 a fraction of the
 table's rows (known from ``--store`` or from a trace written by ``tierstore trace``; a
@@ -28,7 +29,7 @@ from tqdm import tqdm
 from tierstore.analysis import plots
 from tierstore.analysis.hit_ratios import (TracedTable, live_hit_ratios, policy_hit_ratios, traced_tables,
                                            two_tier_hit_ratios)
-from tierstore.analysis.simulate import load_trace
+from tierstore.analysis.simulate import load_trace, simulate_tiers
 from tierstore.analysis.sizing import size_tiers
 from tierstore.cache import POLICIES
 from tierstore.errors import TierStoreError
@@ -202,6 +203,8 @@ def _print_table(results: list[dict], tiers: list[dict]) -> None:
 # ----------------------------------------------------------------------------------------
 def run_size(args: argparse.Namespace) -> int:
     tables = _tables(args)
+    if args.device_budget is not None or args.host_budget is not None:
+        return _run_budgets(args, tables)
     out = []
     with _progress(args, "sizing (simulations)") as bar:
         for t in tables:
@@ -220,6 +223,33 @@ def run_size(args: argparse.Namespace) -> int:
             print(f"{e['table']} ({e['policy']}): device {e['device_rows']:,} rows{db} for hit "
                   f"{e['device_hit_ratio']:.4f}; host {e['host_rows']:,} rows{hb} for total "
                   f"{e['total_hit_ratio']:.4f}")
+    return 0
+
+
+def _run_budgets(args: argparse.Namespace, tables: list[TracedTable]) -> int:
+    """The other question: what given budgets buy. One replay per table through both tiers."""
+    out = []
+    for t in tables:
+        if not t.row_bytes:
+            raise TierStoreError(f"budgets are bytes and the row size of {t.name} is unknown: give --store, "
+                                 "--row-bytes, or a trace written by `tierstore trace` of a model")
+        dev = parse_size(args.device_budget or "0", what="--device-budget") // t.row_bytes
+        host = parse_size(args.host_budget or "0", what="--host-budget") // t.row_bytes
+        r = simulate_tiers(t.trace.rows, dev, host, args.policy, n_rows=t.sim_rows, offsets=t.trace.offsets,
+                           profile=t.profile, min_batch=args.batch)
+        n = max(1, t.trace.rows.size)
+        disk = r["host"]["misses"] if 0 < host < t.sim_rows else (0 if host >= t.sim_rows else r["device"]["misses"])
+        out.append({"table": t.name, "policy": args.policy, "device_rows": int(min(dev, t.n_rows)),
+                    "host_rows": int(min(host, t.n_rows)), "device_hit_ratio": r["device"]["hit_ratio"],
+                    "total_hit_ratio": 1 - disk / n, "disk_rows": int(disk),
+                    "disk_bytes": int(disk) * t.row_bytes, "lookups": int(t.trace.rows.size)})
+    if args.json:
+        print(json.dumps({"budgets": out}))
+    else:
+        for e in out:
+            print(f"{e['table']} ({e['policy']}): device {e['device_rows']:,} rows: hit {e['device_hit_ratio']:.4f}; "
+                  f"+ host {e['host_rows']:,} rows: total {e['total_hit_ratio']:.4f}; "
+                  f"{e['disk_rows']:,} of {e['lookups']:,} lookups read from disk ({format_size(e['disk_bytes'])})")
     return 0
 
 
@@ -275,4 +305,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     s.add_argument("--policy", default="default", help="policy of both tiers")
     s.add_argument("--device-hit", type=float, default=0.9, help="target hit ratio of the device tier")
     s.add_argument("--total-hit", type=float, default=0.99, help="target hit ratio of device + host")
+    s.add_argument("--device-budget", default=None, metavar="SIZE",
+                   help="instead of targets: the hit ratios these budgets buy (e.g. 2GiB; with --host-budget)")
+    s.add_argument("--host-budget", default=None, metavar="SIZE", help="host budget for --device-budget (e.g. 32GiB)")
     s.set_defaults(func=run_size)

@@ -26,7 +26,7 @@ from typing import Any
 import numpy as np
 
 from ..errors import TierStoreError
-from ..ids import as_row_ids
+from ..ids import as_row_ids, distinct
 from ..format.profile import TopProfile, load_profile
 from ..format.recovery import recover
 from .simulate import TableTrace, Trace, batch_bounds, simulate, simulate_tiers
@@ -54,7 +54,7 @@ def distinct_ids(rows: np.ndarray) -> int:
     10M-id trace takes ~1 s), a sort otherwise."""
     if rows.size and 0 <= rows.min() and rows.max() < 8 * rows.size:
         return int(np.count_nonzero(np.bincount(rows)))
-    return int(np.unique(rows).size)
+    return int(distinct(rows).size)
 
 
 def traced_tables(trace: Trace, *, table: str | None = None, store: str | Path | None = None,
@@ -66,7 +66,8 @@ def traced_tables(trace: Trace, *, table: str | None = None, store: str | Path |
     A ``.npy`` trace (one table named "trace") of a one-table store is that table.
     ``profile_trace``: a trace of other text whose row counts rank rows for ``static`` and
     ``default`` (a one-table profile trace serves any table). Without a store, a table's
-    size comes from the trace file, or else fractions are of the trace's distinct ids.
+    size (and row size, when recorded) comes from the trace file, or else fractions are of
+    the trace's distinct ids.
     """
     names = list(trace.tables)
     if table:
@@ -96,6 +97,10 @@ def traced_tables(trace: Trace, *, table: str | None = None, store: str | Path |
             raise TierStoreError(f"store {str(store)!r} has no table {name!r}; it has {list(store_info)}")
         elif t.n_rows:
             n_rows, base = int(t.n_rows), "table rows"
+            # a trace of a model's tables records their stored row size (`tierstore trace`
+            # of DeepSeek-V4.1: 264 bytes), so byte figures need no store
+            meta_rb = trace.meta.get("row_bytes")
+            rb = rb or (int(meta_rb) if isinstance(meta_rb, int) and meta_rb > 0 else None)
         else:
             n_rows, base = distinct_ids(t.rows), "distinct ids"
         if base != "distinct ids":  # the one id check (InvalidIdError names the row and its position)
@@ -140,12 +145,13 @@ def policy_hit_ratios(t: TracedTable, capacities: list[int], policies: list[str]
                               min_batch=min_batch, lookahead=lookahead, table=t.name)
     semantics = replay_semantics(t.trace, min_batch)
     res = []
-    if "lru" in policies:  # every capacity at once: simulate takes them from one stack-distance
-        res += simulate(t.trace.rows, capacities, ["lru"], **kw)  # pass where that is exact
-        step(len(capacities))
-    for cap in capacities:  # one run at a time, so a progress bar moves (opt over 10M takes ~10 s)
+    for p in ("lru", "opt"):  # every capacity at once: LRU from one stack-distance pass (where that
+        if p in policies:  # is exact), opt from one preparation of the trace (next uses)
+            res += simulate(t.trace.rows, capacities, [p], **kw)
+            step(len(capacities))
+    for cap in capacities:  # one run at a time, so a progress bar moves
         for p in policies:
-            if p != "lru":
+            if p not in ("lru", "opt"):
                 res += simulate(t.trace.rows, [cap], [p], **kw)
                 step(1)
     res.sort(key=lambda r: (r.capacity_rows, policies.index(r.policy)))

@@ -23,7 +23,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .belady import belady_hits
+from .belady import OptTrace
 from ..cache import CacheIndex
 from ..cache.lookup import Walker
 from ..cache.layout import CACHED, NONE, RESIDENT
@@ -294,6 +294,7 @@ def simulate(rows: np.ndarray, capacities: list[int], policies: list[str], *,
         lru_exact = lru_hits(rows, lru_caps)
         lru_seconds = (time.perf_counter() - t0) / max(1, len(lru_caps))
     out = []
+    opt: OptTrace | None = None
     for cap in capacities:
         cap = int(cap)
         # a cache of n_rows holds the whole table: a larger one gets the same hits (tested
@@ -309,8 +310,9 @@ def simulate(rows: np.ndarray, capacities: list[int], policies: list[str], *,
                 out.append(res)
                 continue
             if p == "opt":
-                opt_offsets = None if (offsets is None and min_batch == 1) else bounds[:-1]
-                hits = belady_hits(rows, held, offsets=opt_offsets, warm=warm_opt)
+                if opt is None:  # prepared once for every capacity (next uses: one argsort)
+                    opt = OptTrace(rows, offsets=None if (offsets is None and min_batch == 1) else bounds[:-1])
+                hits = opt.hits(held, warm=warm_opt)
                 res = SimResult("opt", cap, hits / rows.size if rows.size else 0.0, hits,
                                 rows.size - hits, rows.size, None, None, 0.0, table)
             else:

@@ -19,7 +19,8 @@ from dataclasses import asdict, dataclass
 import numpy as np
 
 from ..errors import TierStoreError
-from ..format.profile import Profile
+from ..format.profile import Profile, TopProfile
+from ..ids import distinct
 from .simulate import simulate_tiers
 
 __all__ = ["smallest_capacity", "size_tiers", "TierSizes"]
@@ -93,14 +94,27 @@ def size_tiers(rows: np.ndarray, *, n_rows: int, policy: str, device_hit: float,
     def device_ratio(d: int) -> float:
         return tiers(d, 0)["device"]["hit_ratio"]
 
-    d = smallest_capacity(device_ratio, 1, n_rows, device_hit, rel=rel)
-    assert d is not None, "a resident device tier (n_rows) hits every lookup"
+    # A tier with room for every row the trace reads plus every row the profile preloads
+    # never evicts: larger ones (short of the whole table, which is resident and hits every
+    # lookup) get the same hits. The search stops there, so no tier of the table's size is
+    # ever simulated (384M slots, ~100 GB of policy state, at V4.1's size).
+    reach = distinct(rows).size + (0 if profile is None else _profiled_rows(profile))
+    top = max(1, min(n_rows, reach))
+    d = smallest_capacity(device_ratio, 1, top, device_hit, rel=rel) or n_rows  # else: the whole table
 
     def total_ratio(h: int) -> float:
         if h >= n_rows:  # a resident host tier serves every row the device tier does not
             return 1.0
         return 1 - tiers(d, h)["host"]["misses"] / max(1, rows.size)
 
-    h = smallest_capacity(total_ratio, 1, n_rows, total_hit, rel=rel)
-    assert h is not None, "a resident host tier (n_rows) serves every lookup"
+    h = smallest_capacity(total_ratio, 1, top, total_hit, rel=rel) or n_rows
     return TierSizes(table, policy, d, device_ratio(d), h, total_ratio(h))
+
+
+def _profiled_rows(profile: Profile) -> int:
+    """Rows a profile may preload: its listed rows (a top list, a sparse pair) or nonzero counts."""
+    if isinstance(profile, TopProfile):
+        return int(profile.rows.size)
+    if isinstance(profile, tuple):
+        return int(np.asarray(profile[0]).size)
+    return int(np.count_nonzero(np.asarray(profile)))

@@ -18,7 +18,7 @@ import sys
 import numpy as np
 
 from ..errors import TierStoreError
-from ..ids import as_row_ids
+from ..ids import as_row_ids, distinct
 from . import walk
 from .layout import (CACHED, NONE, K_HPOS, L_FREE, L_QID, M_BYPASS, M_CAP, M_EVICT, M_GCAP, M_HINTS, M_HITS,
                      M_HORIZON, M_HSHIFT, M_INSERT, M_LO, M_MISSES, M_NFREE, M_NROWS, M_RANKM, NG, NL, NM, NQ)
@@ -90,7 +90,7 @@ class CacheIndex:
             pinned = suggested
         else:
             pinned = self._as_rows(pinned_rows, what="pinned_rows")
-            if np.unique(pinned).size != pinned.size:
+            if distinct(pinned).size != pinned.size:
                 raise TierStoreError("pinned_rows has duplicates; pass each row once")
         pinned = pinned[:cap]
         lo = int(pinned.size)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from tierstore.analysis.belady import belady_hits, dedupe_batches, next_use
+from tierstore.analysis.belady import OptTrace, belady_hits, dedupe_batches, next_use
 from tierstore.cache import CacheIndex, policy_names
 from tierstore.errors import IdTypeError
 from tierstore.analysis.simulate import batch_bounds, replay
@@ -107,6 +107,35 @@ def test_batches_dedupe_repeats():
     assert belady_hits(trace, 1, offsets=np.array([0, 3])) == 2 + belady_hits(d, 1)
     with pytest.raises(IdTypeError):
         belady_hits(np.array([1.0]), 1)
+
+
+def test_dedupe_batches_against_a_plain_reference():
+    """Small batches (compared pairwise) and large ones (sorted) keep each row's first use."""
+    rng = np.random.default_rng(7)
+    trace = rng.integers(0, 40, size=3000)
+    offsets = np.r_[0, np.sort(rng.choice(np.arange(1, 3000), size=60, replace=False))]
+    want, seen = [], set()
+    bounds = set(offsets.tolist())
+    for i, r in enumerate(trace.tolist()):
+        if i in bounds:
+            seen = set()
+        if r not in seen:
+            want.append(r)
+            seen.add(r)
+    got, rep = dedupe_batches(trace, offsets)
+    assert got.tolist() == want and rep == trace.size - len(want)
+    assert max(np.diff(np.r_[offsets, 3000])) > 32 and min(np.diff(np.r_[offsets, 3000])) <= 32
+
+
+def test_one_preparation_serves_every_capacity():
+    rng = np.random.default_rng(3)
+    trace = (rng.zipf(1.2, 5000) % 700).astype(np.int64)
+    offsets = np.arange(0, trace.size, 7)
+    prepared = OptTrace(trace, offsets=offsets)
+    for cap in (0, 1, 10, 100, 1000):
+        for warm in (False, True):
+            assert prepared.hits(cap, warm=warm) == belady_hits(trace, cap, offsets=offsets, warm=warm)
+    assert prepared.hits(10) < prepared.hits(100) <= prepared.hits(100, warm=True)
 
 
 @pytest.mark.slow

@@ -153,3 +153,17 @@ def test_size_tiers_refuses_targets_that_are_not_hit_ratios(trace, bad):
     name, value = next(iter(bad.items()))
     with pytest.raises(TierStoreError, match=f"{name}={value} is not a hit ratio"):
         size_tiers(trace, n_rows=700, policy="lru", **kw)
+
+
+def test_unreachable_target_on_a_v41_sized_table_answers_the_whole_table():
+    """A target the trace cannot reach short of the whole table: the search stops at the
+    rows the trace reads (a tier that never evicts), then answers the resident table. It
+    bracketed up to the table's 384M rows, simulating tiers of 67M and 268M slots (tens of
+    GB of policy state) on the way."""
+    rng = np.random.default_rng(0)
+    rows = rng.integers(0, 384_006_168, size=4000)  # almost all distinct: 0% hits below the whole table
+    rows[::4] = rows[0]  # a quarter of the lookups hit one row: ~25% at any capacity >= 1
+    for policy, profile in (("lru", None), ("default", (np.unique(rows)[:10], np.arange(10, 0, -1)))):
+        got = size_tiers(rows, n_rows=384_006_168, policy=policy, device_hit=0.2, total_hit=0.9, profile=profile)
+        assert 1 <= got.device_rows <= 4 and got.device_hit_ratio >= 0.2
+        assert got.host_rows == 384_006_168 and got.total_hit_ratio == 1.0
