@@ -32,6 +32,8 @@ from .layout import (BELOW, CACHED, FILL, HIT, L_PEND, M_BYPASS, M_CAP, M_EPOCH,
 from .rowmap import rm_get
 from .structs import lookup_end, place, take_free, unmap
 
+EPOCH_WRAP = 1 << 30  # lease markers (``ep``, int32) restart below this
+
 # ---------------------------------------------------------------------------------------------
 # one tier
 # ---------------------------------------------------------------------------------------------
@@ -45,6 +47,9 @@ def access(hit, miss, T, rows, slots, code, leased):  # pragma: no cover - compi
     once, listed in ``leased[:n]``; returns n. Pair with ``finish`` (or ``abort``)."""
     M, RM, ref, ep, L, HT = T[0], T[1], T[3], T[4], T[6], T[9]
     epoch = M[M_EPOCH] + 1
+    if epoch >= EPOCH_WRAP:  # ep is int32: start again. A marker only ever matters to the
+        ep[:] = 0  # lookup that wrote it, inside this very call, so none is lost (O(cap) per 2**30 lookups)
+        epoch = 1
     M[M_EPOCH] = epoch
     lo = M[M_LO]
     nl = 0
