@@ -20,7 +20,7 @@ import numpy as np
 from ..errors import TierStoreError
 from ..ids import as_row_ids
 from . import walk
-from .layout import (CACHED, NONE, K_HPOS, L_FREE, L_QID, M_BYPASS, M_CAP, M_EVICT, M_GCAP, M_HINTS, M_HITS,
+from .layout import (CACHED, NONE, K_HPOS, L_QID, M_BYPASS, M_CAP, M_EVICT, M_GCAP, M_HINTS, M_HITS,
                      M_HORIZON, M_HSHIFT, M_INSERT, M_LO, M_MISSES, M_NFREE, M_NROWS, M_RANKM, NG, NL, NM, NQ)
 from .policy import Policy
 from .registry import PolicySpec, make_policy
@@ -122,10 +122,9 @@ class CacheIndex:
         M[M_RANKM] = rk_rows.size
         # every key is a slot's row or a ghost entry's: cap + gcap keys at most
         RM = new_map(cap + gcap) if row_map is None else row_map
-        # pinned rows in slots [0, lo); free slots as a stack popping the lowest slot first
+        # pinned rows in slots [0, lo); the free slots [lo, cap) are taken lowest first
         rm_build(RM, pinned, np.arange(lo, dtype=np.int64))
         ros[:lo] = pinned
-        L[L_FREE, :n_dyn] = np.arange(cap - 1, lo - 1, -1, dtype=np.int32)
         M[M_NFREE] = n_dyn
         if row_map is not None:  # read-only map: every mapped row is a (pinned) hit
             M[M_LO] = cap
