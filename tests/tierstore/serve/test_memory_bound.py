@@ -108,6 +108,28 @@ def test_anonymous_memory_is_bounded_by_the_budgets(stores, policy):
     assert 0 < r["meta"] < 256 * slots, r  # under 256 B per slot, hint table included
 
 
+@pytest.mark.parametrize("policy", ["lru", "default"])
+def test_stats_report_the_whole_memory(tmp_path, policy):
+    """stats()["memory"]: each tier's slab and bookkeeping (the index's state arrays, the
+    row map included), the pool, and their total; the hint table counts once allocated."""
+    from ...conftest import one_table_store
+
+    path, _ = one_table_store(tmp_path, T, 5000, 16)
+    with tierstore.open(path, device="cpu", device_budget=500 * 64, host_budget=2000 * 64, policy=policy) as s:
+        s.lookup(T, np.arange(0, 5000, 7))
+        t = s._tables[T]  # the tiers' own figures, to compare with
+        mem = s.stats()["memory"]
+        assert mem["device_slab"] == t.dev.slab.numel() * 4 == 500 * 64
+        assert mem["host_slab"] == 2000 * 64
+        assert mem["device_meta"] == sum(a.nbytes for a in t.dev.index.state) > 0
+        assert mem["host_meta"] == sum(a.nbytes for a in t.host.index.state) > 0
+        assert mem["total"] == sum(v for k, v in mem.items() if k != "total") >= mem["pool"] > 0
+        before = mem["device_meta"]
+        s.hint(T, np.arange(10))
+        grown = s.stats()["memory"]["device_meta"] - before
+        assert grown > 0 if policy == "default" else grown == 0  # default's hint table, on the first hint
+
+
 if __name__ == "__main__":
     print(json.dumps(measure(sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4]),
                              tuple(int(k) for k in sys.argv[5].split(",")) if len(sys.argv) > 5 else LOOKUPS)))
