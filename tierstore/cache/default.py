@@ -372,6 +372,7 @@ class Default(Policy):
 
     name = "default"
     k_rows = 3  # K_KEY (-rank), K_HEAP, K_HPOS
+    k_dtype = np.int32  # ranks < capacity
     uses_hints = True
 
     defaults = {"pin_fraction": 0.1, "small_fraction": 0.25, "adapt_step": 2.0, "margin": 0.3,

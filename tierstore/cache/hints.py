@@ -1,6 +1,7 @@
 """The known future: rows an announced lookup will read, not yet read (``Store.hint``).
 
-A direct-mapped table (O(capacity) memory, ``HT``): per bucket a row, a count (+1 per hint,
+A direct-mapped table (O(capacity) memory, ``HT``, allocated on the first hint: one empty
+bucket until then, see ``CacheIndex.hint_table``): per bucket a row, a count (+1 per hint,
 -1 when the row is looked up) and the time (tick) of its latest hint. A hint not used
 within ``M_HORIZON`` accesses expires, so a serving loop that announced a request it then
 dropped does not protect those rows forever; once every hint is older than that, the table
@@ -20,6 +21,13 @@ H_COUNT = 1
 H_STAMP = 2
 
 
+@kernel(inline=True)
+def _bucket(M, HT, r):  # pragma: no cover - compiled
+    # masked by the table's own size: a state tuple still holding the one-bucket table of
+    # before the first hint (CacheIndex.hint_table) reads bucket 0, never past the end
+    return bucket(r, _SEED, M[M_HSHIFT]) & (HT.shape[1] - 1)
+
+
 @kernel
 def _fresh(M, HT, h, now):  # pragma: no cover - compiled
     return now - HT[H_STAMP, h] <= M[M_HORIZON]
@@ -36,7 +44,7 @@ def _idle(M, HT, now):  # pragma: no cover - compiled
 @kernel
 def hint_add(M, HT, r):  # pragma: no cover - compiled
     now = M[M_TICK]
-    h = bucket(r, _SEED, M[M_HSHIFT])
+    h = _bucket(M, HT, r)
     c = HT[H_COUNT, h]
     fresh = c > 0 and _fresh(M, HT, h, now)
     same = fresh and HT[H_ROW, h] == r
@@ -56,7 +64,7 @@ def hint_consume(M, HT, r):  # pragma: no cover - compiled
     now = M[M_TICK]
     if _idle(M, HT, now):
         return
-    h = bucket(r, _SEED, M[M_HSHIFT])
+    h = _bucket(M, HT, r)
     c = HT[H_COUNT, h]
     if c > 0 and HT[H_ROW, h] == r:
         new = c - 1 if _fresh(M, HT, h, now) else 0
@@ -69,5 +77,5 @@ def hint_consume(M, HT, r):  # pragma: no cover - compiled
 def hint_outstanding(M, HT, r):  # pragma: no cover - compiled
     if M[M_HLIVE] == 0:
         return False
-    h = bucket(r, _SEED, M[M_HSHIFT])
+    h = _bucket(M, HT, r)
     return HT[H_COUNT, h] > 0 and HT[H_ROW, h] == r and _fresh(M, HT, h, M[M_TICK])

@@ -20,7 +20,7 @@ import numpy as np
 from ..errors import TierStoreError
 from ..ids import as_row_ids, distinct
 from . import walk
-from .layout import (CACHED, NONE, K_HPOS, L_FREE, L_QID, M_BYPASS, M_CAP, M_EVICT, M_GCAP, M_HINTS, M_HITS,
+from .layout import (CACHED, NONE, K_HPOS, L_QID, M_BYPASS, M_CAP, M_EVICT, M_GCAP, M_HINTS, M_HITS,
                      M_HORIZON, M_HSHIFT, M_INSERT, M_LO, M_MISSES, M_NFREE, M_NROWS, M_RANKM, NG, NL, NM, NQ)
 from .policy import Policy
 from .registry import PolicySpec, make_policy
@@ -97,35 +97,34 @@ class CacheIndex:
         n_dyn = cap - lo
         M = np.zeros(NM, np.int64)
         M[M_CAP], M[M_LO], M[M_NROWS] = cap, lo, self.n_rows
-        ros = np.full(cap, -1, dtype=np.int64)
+        ros = np.full(cap, -1, dtype=np.int32)  # rows < 2**31
         ref = np.zeros(cap, dtype=np.int32)
-        ep = np.zeros(cap, dtype=np.int64)
-        K = np.zeros((policy.k_rows, cap) if policy.k_rows else (1, 1), dtype=np.int64)
+        ep = np.zeros(cap, dtype=np.int32)  # epochs wrap below 2**31 (walk.access)
+        K = np.zeros((policy.k_rows, cap) if policy.k_rows else (1, 1), dtype=policy.k_dtype)
         if policy.k_rows:
             K[K_HPOS] = -1
         L = np.zeros((NL, cap + NQ), dtype=np.int32)
         L[L_QID] = -1
         gcap = int(policy.ghost_size(n_dyn))
         M[M_GCAP] = gcap
-        GH = np.zeros((NG, gcap + NQ), dtype=np.int64)
+        GH = np.zeros((NG, gcap + NQ), dtype=np.int32)  # rows < 2**31, entry indexes
         SK = np.zeros(max(1, int(policy.sketch_bytes(n_dyn))), dtype=np.uint8)
+        # the hint table: one empty bucket until the first hint (``_hint_table``), so a
+        # store that never hints pays nothing for it (it is 24 bytes x 4 buckets per slot)
+        self._hint_buckets = 1 << max(10, int(np.ceil(np.log2(max(1, 4 * n_dyn))))) if policy.uses_hints else 1
         if policy.uses_hints:
-            nh = 1 << max(10, int(np.ceil(np.log2(max(1, 4 * n_dyn)))))
             M[M_HINTS] = 1
             M[M_HORIZON] = max(4 * cap, 1 << 20)
-        else:
-            nh = 1
-        M[M_HSHIFT] = 64 - int(np.log2(nh))
-        HT = np.zeros((3, nh), dtype=np.int64)
-        rk_rows, rk_ranks = policy.ranking()
-        RK = np.stack([rk_rows.astype(np.int64), rk_ranks.astype(np.int64)]) if rk_rows.size else np.zeros((2, 0), np.int64)
+        M[M_HSHIFT] = 63  # one bucket (hints.py masks every bucket by the table's size)
+        HT = np.zeros((3, 1), dtype=np.int64)
+        rk_rows, rk_ranks = policy.ranking()  # rows < 2**31, ranks < capacity
+        RK = np.stack([rk_rows.astype(np.int32), rk_ranks.astype(np.int32)]) if rk_rows.size else np.zeros((2, 0), np.int32)
         M[M_RANKM] = rk_rows.size
         # every key is a slot's row or a ghost entry's: cap + gcap keys at most
         RM = new_map(cap + gcap) if row_map is None else row_map
-        # pinned rows in slots [0, lo); free slots as a stack popping the lowest slot first
+        # pinned rows in slots [0, lo); the free slots [lo, cap) are taken lowest first
         rm_build(RM, pinned, np.arange(lo, dtype=np.int64))
         ros[:lo] = pinned
-        L[L_FREE, :n_dyn] = np.arange(cap - 1, lo - 1, -1, dtype=np.int32)
         M[M_NFREE] = n_dyn
         if row_map is not None:  # read-only map: every mapped row is a (pinned) hit
             M[M_LO] = cap
@@ -208,7 +207,26 @@ class CacheIndex:
     def hint(self, rows: np.ndarray) -> None:
         """Rows a later lookup will read (the known future): policies that use hints keep them."""
         if self.state[0][M_HINTS]:
+            self.hint_table()
             walk.announce(CACHED, self.state, NONE, self.state, self._as_rows(rows))
+
+    def hint_table(self) -> bool:
+        """Allocate the hint table at its full size before the first hint (it is one bucket
+        until then); returns whether ``state`` was replaced by a new tuple, which every holder
+        of the old one must take up (``Walker`` checks before each call). Call it before
+        anything that may add hints (``walk.announce``, ``walk.replay`` with lookahead)."""
+        M, HT = self.state[0], self.state[9]
+        if HT.shape[1] >= self._hint_buckets:
+            return False
+        nh = self._hint_buckets
+        M[M_HSHIFT] = 64 - int(np.log2(nh))
+        self.state = (*self.state[:9], np.zeros((3, nh), dtype=np.int64), *self.state[10:])
+        return True
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes of the tier's bookkeeping: every state array, the row map included."""
+        return sum(a.nbytes for a in self.state)
 
     def resident(self, rows: np.ndarray) -> np.ndarray:
         """Boolean mask: which rows are in the tier now (no counting, no policy update)."""

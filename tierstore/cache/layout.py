@@ -2,8 +2,9 @@
 
 A tier's whole state is one tuple of numpy arrays, ``T``, passed to every kernel (a numba
 call with it costs ~1 us); nothing lives in Python objects, so a kernel runs without the
-GIL and the state survives any number of calls. Memory: nothing per *table* row; ~40-110
-bytes per *slot* (row the tier can hold), depending on the policy, the row map included.
+GIL and the state survives any number of calls. Memory: nothing per *table* row; ~48-100
+bytes per *slot* (row the tier can hold), depending on the policy, the row map and ghosts
+included (default: +96 once a hint arrived; tests/tierstore/cache/test_state_bytes.py).
 
 ``T = (M, RM, ros, ref, ep, K, L, GH, SK, HT, RK)``:
 
@@ -11,19 +12,21 @@ bytes per *slot* (row the tier can hold), depending on the policy, the row map i
 - ``RM`` int64[next_pow2(2 x (cap + ghost entries))]: the row -> slot map, a hash table
   (tierstore.cache.rowmap): a row's slot; -1 absent; ``-2 - g`` remembered in ghost entry
   ``g`` (a recently evicted row: S3-FIFO's and ARC's ghosts, exact: keyed by the row).
-- ``ros`` int64[cap]: row in each slot, -1 free.
+- ``ros`` int32[cap]: row in each slot, -1 free.
 - ``ref`` int32[cap]: leases (a leased slot is never evicted).
-- ``ep`` int64[cap]: the lookup that last leased the slot (``epoch``; ``-epoch`` when that
-  lookup admitted the row, so its bytes are still to be written).
-- ``K`` int64[nk, cap]: per-slot keys (``K_KEY``) and an indexed min-heap (``K_HEAP``,
+- ``ep`` int32[cap]: the lookup that last leased the slot (``epoch``; ``-epoch`` when that
+  lookup admitted the row and has not ended: the slot is *pending*, its bytes still to be
+  written; 0 once it ended).
+- ``K`` int64 (int32 for default)[nk, cap]: per-slot keys (``K_KEY``) and an indexed min-heap (``K_HEAP``,
   ``K_HPOS``) for the policies that evict by key (lfu, default's ranked core).
-- ``L`` int32[6, cap + NQ]: doubly linked queues over slots (``L_NEXT``/``L_PREV``, the
-  sentinel of queue q at index ``cap + q``), the free-slot stack, each slot's queue, a small
-  frequency counter and the pending-fill flag.
-- ``GH`` int64[5, gcap + NQ]: ghost entries (row, queue links, free stack, queue).
+- ``L`` int32[4, cap + NQ]: doubly linked queues over slots (``L_NEXT``/``L_PREV``, the
+  sentinel of queue q at index ``cap + q``), each slot's queue and a small frequency
+  counter. The free slots are [CAP - NFREE, CAP) (structs.take_free).
+- ``GH`` int32[5, gcap + NQ]: ghost entries (row, queue links, free stack, queue).
 - ``SK`` uint8[...]: W-TinyLFU's count-min sketch and doorkeeper.
-- ``HT`` int64[3, h]: the hint table (row, count, time of the latest hint), see hints.py.
-- ``RK`` int64[2, m]: a profile's ranked rows, sorted by id, and their ranks (default).
+- ``HT`` int64[3, h]: the hint table (row, count, time of the latest hint), see hints.py; one
+  bucket until the first hint (``CacheIndex.hint_table``).
+- ``RK`` int32[2, m]: a profile's ranked rows, sorted by id, and their ranks (default).
 """
 
 from __future__ import annotations
@@ -32,7 +35,7 @@ from __future__ import annotations
 # M[0] is unused (it held a policy id while the walk dispatched on one; see walk.py)
 M_CAP = 1  # slots
 M_LO = 2  # pinned slots [0, LO): never evicted, no policy state
-M_NFREE = 3  # free slots on the stack L[L_FREE, :NFREE]
+M_NFREE = 3  # free slots: [CAP - NFREE, CAP), never used yet (structs.take_free)
 M_TICK = 4  # accesses seen (logical time)
 M_HITS = 5
 M_MISSES = 6
@@ -69,11 +72,9 @@ K_AUX = 3
 # -- L: per-slot int32 ------------------------------------------------------------------------
 L_NEXT = 0
 L_PREV = 1
-L_FREE = 2
-L_QID = 3
-L_FREQ = 4
-L_PEND = 5
-NL = 6
+L_QID = 2
+L_FREQ = 3
+NL = 4
 L_SCAN = L_FREQ  # on a queue's sentinel column: the last slot of its leased front (q_first_free)
 
 # -- GH: ghost entries ------------------------------------------------------------------------

@@ -44,16 +44,33 @@ class Walker:
     resident tier is represented by a stand-in of the right types)."""
 
     def __init__(self, dev: CacheIndex | None, dkind: int, host: CacheIndex | None, hkind: int):
-        d = dev if dkind == CACHED else none_index()
-        h = host if hkind == CACHED else none_index()
+        self._d = dev if dkind == CACHED else none_index()
+        self._h = host if hkind == CACHED else none_index()
         self.dkind, self.hkind = dkind, hkind
-        self.dstate, self.hstate = d.state, h.state
-        self.args = (*d.hooks, dkind, d.state, *h.hooks, hkind, h.state)
+        self._bind()
         self._entry = None  # walk.lookup's compiled entry point for these policies (on first use)
+
+    def _bind(self) -> None:
+        """Take up the indexes' current state tuples (an index replaces its tuple when it
+        allocates its hint table: CacheIndex.hint_table); same types, same entry point."""
+        d, h = self._d, self._h
+        self.dstate, self.hstate = d.state, h.state
+        self.args = (*d.hooks, self.dkind, d.state, *h.hooks, self.hkind, h.state)
+
+    def _current(self) -> None:
+        if self._d.state is not self.dstate or self._h.state is not self.hstate:
+            self._bind()
+
+    def _hints_ready(self) -> None:
+        """Before anything that may add hints: both tiers' hint tables at their full size."""
+        if self._d.hint_table() | self._h.hint_table():
+            self._bind()
+        self._current()
 
     def begin(self, ids: np.ndarray) -> Lookup:
         """Run ``ids`` (C-contiguous int64) through both tiers; the lookup's leases hold
         until ``end``."""
+        self._current()
         lk = Lookup(ids.size)
         args = (*self.args, ids, lk.d_slot, lk.d_code, lk.d_leased, lk.need, lk.need_of, lk.h_slot, lk.h_code,
                 lk.h_leased, True)
@@ -62,7 +79,7 @@ class Walker:
         lk.n_dl, lk.m, lk.n_hl = self._entry(*args)
         return lk
 
-    def end(self, lk: Lookup, ok: bool = True) -> None:
+    def end(self, lk: Lookup, ok: bool = True) -> None:  # finish/abort never read the hint table
         """End a lookup: its FILL slots hold their bytes (``ok``) or are dropped; leases released."""
         end = walk.finish if ok else walk.abort
         if self.dkind == CACHED:
@@ -72,9 +89,13 @@ class Walker:
 
     def announce(self, ids: np.ndarray) -> None:
         """Hints (``Store.hint``): the device tier hears every id, the host tier the rest."""
+        self._hints_ready()
         walk.announce(self.dkind, self.dstate, self.hkind, self.hstate, ids)
 
     def replay(self, rows: np.ndarray, bounds: np.ndarray, lookahead: int = 0) -> int:
         """Every batch of a trace through ``begin`` + ``end`` (compiled, one call); returns the
         rows requested from below the device tier (see ``walk.replay``)."""
+        if lookahead > 0:
+            self._hints_ready()
+        self._current()
         return int(walk.replay(*self.args, rows, bounds, lookahead))

@@ -31,7 +31,8 @@ class Policy:
     """Base description: no per-slot keys, no ghosts, no sketch, no hints, pins nothing."""
 
     name = "base"
-    k_rows = 0  # rows of K (int64 per slot) the policy uses
+    k_rows = 0  # rows of K (per slot) the policy uses
+    k_dtype = np.int64  # K's type: int32 where every key fits (slots, heap positions, ranks)
     uses_hints = False
 
     def __init__(self, capacity: int, *, rng: np.random.Generator | int | None = None, **params):

@@ -24,7 +24,7 @@ from __future__ import annotations
 import numpy as np
 
 from ..jit import kernel
-from .layout import (G_FREE, G_NEXT, G_PREV, G_QID, G_ROW, K_HEAP, K_HPOS, K_KEY, L_FREE, L_NEXT, L_PREV,
+from .layout import (G_FREE, G_NEXT, G_PREV, G_QID, G_ROW, K_HEAP, K_HPOS, K_KEY, L_NEXT, L_PREV,
                      L_QID, L_SCAN, M_CAP, M_EVICT, M_GCAP, M_GFREE, M_GQLEN, M_HEAPN, M_INSERT, M_NFREE,
                      M_QLEN, M_SCAN, NQ, Q_HPARK)
 from .rowmap import rm_del_if, rm_get, rm_set
@@ -148,11 +148,14 @@ def q_first_free(M, L, ref, q):  # pragma: no cover - compiled
 
 @kernel
 def take_free(M, L):  # pragma: no cover - compiled
+    """The lowest never-used slot, -1 when none is left. A slot is never freed again (an
+    evicted one is reused at once by whoever evicted it; an aborted fill leaves a hole in
+    its queue), so the free slots are always [CAP - NFREE, CAP): a counter, no stack."""
     n = M[M_NFREE]
     if n == 0:
         return -1
     M[M_NFREE] = n - 1
-    return L[L_FREE, n - 1]
+    return M[M_CAP] - n
 
 
 @kernel

@@ -27,10 +27,22 @@ import numpy as np
 
 from .hints import hint_add, hint_consume
 from ..jit import kernel
-from .layout import (BELOW, CACHED, FILL, HIT, L_PEND, M_BYPASS, M_CAP, M_EPOCH, M_HINTS, M_HITS, M_HLIVE, M_LO,
+from .layout import (BELOW, CACHED, FILL, HIT, M_BYPASS, M_CAP, M_EPOCH, M_HINTS, M_HITS, M_HLIVE, M_LO,
                      M_MISSES, M_NREF, M_TICK, NONE, RESIDENT)
 from .rowmap import rm_get
 from .structs import lookup_end, place, take_free, unmap
+
+EPOCH_WRAP = 1 << 30  # lease markers (``ep``, int32) restart below this
+
+
+@kernel
+def _restart_epochs(ep):  # pragma: no cover - compiled
+    """Before epoch 1 again: a lease marker only matters to the lookup that wrote it, inside
+    its own ``access`` call (which has ended), so every marker is cleared, except that a
+    slot still pending (admitted by a lookup that has not ended: ``ep < 0``) stays pending,
+    under a marker no later epoch uses."""
+    for s in range(ep.size):
+        ep[s] = -EPOCH_WRAP if ep[s] < 0 else 0
 
 # ---------------------------------------------------------------------------------------------
 # one tier
@@ -45,6 +57,9 @@ def access(hit, miss, T, rows, slots, code, leased):  # pragma: no cover - compi
     once, listed in ``leased[:n]``; returns n. Pair with ``finish`` (or ``abort``)."""
     M, RM, ref, ep, L, HT = T[0], T[1], T[3], T[4], T[6], T[9]
     epoch = M[M_EPOCH] + 1
+    if epoch >= EPOCH_WRAP:  # ep is int32: start again (O(cap) once per 2**30 lookups)
+        _restart_epochs(ep)
+        epoch = 1
     M[M_EPOCH] = epoch
     lo = M[M_LO]
     nl = 0
@@ -61,7 +76,7 @@ def access(hit, miss, T, rows, slots, code, leased):  # pragma: no cover - compi
                 if e == -epoch:
                     c = FILL
                 elif e != epoch:
-                    if L[L_PEND, s] != 0:
+                    if e < 0:
                         c = BELOW  # another lookup admitted it and is still writing its bytes
                     else:
                         ep[s] = epoch
@@ -77,11 +92,10 @@ def access(hit, miss, T, rows, slots, code, leased):  # pragma: no cover - compi
             # without asking the policy, which would scan its leased slots in vain
             s = miss(T, r) if M[M_NREF] < M[M_CAP] - lo else -1
             if s >= 0:
-                ep[s] = -epoch
+                ep[s] = -epoch  # pending: its bytes are written before this lookup ends
                 ref[s] += 1
                 if ref[s] == 1:
                     M[M_NREF] += 1
-                L[L_PEND, s] = 1
                 leased[nl] = s
                 nl += 1
                 c = FILL
@@ -97,13 +111,14 @@ def access(hit, miss, T, rows, slots, code, leased):  # pragma: no cover - compi
 @kernel(inline=True)
 def finish(T, leased, n):  # pragma: no cover - compiled
     """End a lookup: the FILL slots' bytes are written; release its leases."""
-    M, ref, L = T[0], T[3], T[6]
+    M, ref, ep = T[0], T[3], T[4]
     for j in range(n):
         s = leased[j]
         ref[s] -= 1
         if ref[s] == 0:
             M[M_NREF] -= 1
-        L[L_PEND, s] = 0
+        if ep[s] < 0:  # admitted by this lookup: its bytes are in place
+            ep[s] = 0
     lookup_end(T)
 
 
@@ -111,14 +126,14 @@ def finish(T, leased, n):  # pragma: no cover - compiled
 def abort(T, leased, n):  # pragma: no cover - compiled
     """End a lookup that failed before writing its FILL slots: unmap their rows (the slots
     stay in the policy's queues as holes, reused when evicted); release its leases."""
-    M, RM, ros, ref, L = T[0], T[1], T[2], T[3], T[6]
+    M, RM, ros, ref, ep = T[0], T[1], T[2], T[3], T[4]
     for j in range(n):
         s = leased[j]
         ref[s] -= 1
         if ref[s] == 0:
             M[M_NREF] -= 1
-        if L[L_PEND, s] != 0:
-            L[L_PEND, s] = 0
+        if ep[s] < 0:  # admitted by this lookup, never written
+            ep[s] = 0
             unmap(M, RM, ros, s)
     lookup_end(T)
 

@@ -402,6 +402,10 @@ class Store:
 
         device/host: hits, misses, evictions, insertions, rows held, capacity_rows, bytes.
         pool: bytes and buffers held for reuse as lookup outputs (bounded by ``pool_bytes``).
+        memory: the store's own memory, in bytes: each memory tier's slab (``device_slab``,
+        ``host_slab``) and bookkeeping (``device_meta``, ``host_meta``: the indexes' policy state
+        and row maps; also each tier's ``meta_bytes``), the disk tier's (``disk_meta``), the
+        pooled outputs (``pool``) and their ``total`` (neither code nor a lookup's temporaries).
         The device tier counts every id; the host tier counts the unique ids that missed the
         device tier; disk counts rows, pages and bytes read, and names its device-bound page
         reader (``reader``: "posix" or "kvikio"; ``reader_mode``: the POSIX method, or kvikio's
@@ -425,8 +429,12 @@ class Store:
                 looked = agg[tier].get("hits", 0) + agg[tier].get("misses", 0)
                 agg[tier]["hit_ratio"] = agg[tier].get("hits", 0) / looked if looked else 0.0
         agg["open"] = _sum_open([s["open"] for s in per_table.values()])
-        return {**agg, "latency": self._prefetcher.latency.as_dict(), "pool": self._pool.stats(), "tables": per_table,
-                "device_type": self.device.type}
+        pool = self._pool.stats()
+        mem = {"device_slab": agg["device"].get("bytes", 0), "device_meta": agg["device"].get("meta_bytes", 0),
+               "host_slab": agg["host"].get("bytes", 0), "host_meta": agg["host"].get("meta_bytes", 0),
+               "disk_meta": agg["disk"].get("meta_bytes", 0), "pool": pool["bytes"]}
+        return {**agg, "memory": {**mem, "total": sum(mem.values())}, "latency": self._prefetcher.latency.as_dict(),
+                "pool": pool, "tables": per_table, "device_type": self.device.type}
 
     def reset_stats(self) -> None:
         for t in self._tables.values():

@@ -348,7 +348,7 @@ class DiskTier:
     def read_range(self, start: int, stop: int, out: torch.Tensor) -> np.ndarray:
         """The rows at file positions ``start:stop`` (one sequential read, e.g. loading a resident
         table) into ``out``; returns their row ids (``start:stop`` unless the layout is ordered)."""
-        rows = np.arange(start, stop, dtype=np.int64) if self.pos is None else self.perm[start:stop]
+        rows = np.arange(start, stop, dtype=np.int64) if self.pos is None else self.perm[start:stop].astype(np.int64)
         self.read(rows, out)
         return rows
 
@@ -357,20 +357,24 @@ class DiskTier:
         sequential reads in 64 MiB steps, whatever the layout. ``progress(rows_done)`` is
         called after each step (the shared host tier's fill shows its waiters it is alive)."""
         step = max(1, (64 << 20) // max(1, self.info.row_bytes))
-        for s in range(0, self.info.rows, step):
-            e = min(s + step, self.info.rows)
-            buf = torch.empty((e - s, self.info.dim), dtype=self.info.raw_dtype, device=slab.device)
-            rows = self.read_range(s, e, buf)
-            slab.index_copy_(0, to_device([rows], slab.device)[0], buf)
-            if progress is not None:
-                progress(e)
+        try:
+            for s in range(0, self.info.rows, step):
+                e = min(s + step, self.info.rows)
+                buf = torch.empty((e - s, self.info.dim), dtype=self.info.raw_dtype, device=slab.device)
+                rows = self.read_range(s, e, buf)
+                slab.index_copy_(0, to_device([rows], slab.device)[0], buf)
+                if progress is not None:
+                    progress(e)
+        finally:
+            self._perm = None  # 4 bytes per table row: only while the table loads
 
     @property
     def perm(self) -> np.ndarray:
-        """Row id at each file position (the inverse of ``pos``), computed once."""
+        """Row id at each file position (the inverse of ``pos``; int32: rows < 2**31), computed
+        once and kept until ``load_table`` ends (a resident tier's load is its only user)."""
         if self._perm is None:
-            perm = np.empty(len(self.pos), dtype=np.int64)
-            perm[self.pos] = np.arange(len(self.pos), dtype=np.int64)
+            perm = np.empty(len(self.pos), dtype=np.int32)
+            perm[self.pos] = np.arange(len(self.pos), dtype=np.int32)
             self._perm = perm
         return self._perm
 
@@ -380,7 +384,10 @@ class DiskTier:
                 "read_seconds": self.read_seconds, "device_pages_read": self.device_pages_read,
                 "reader": dr.kind if dr is not None else "posix",
                 "reader_mode": dr.mode if dr is not None else self.reader.method,
-                "staging_bytes": dr.staging_bytes() if dr is not None else 0}
+                "staging_bytes": dr.staging_bytes() if dr is not None else 0,
+                # in memory, not in files: the row order's inverse while a resident tier loads
+                # (the checksums and the row order are mapped from their files)
+                "meta_bytes": self._perm.nbytes if self._perm is not None else 0}
 
     def reset_stats(self) -> None:
         with self.lock:

@@ -124,6 +124,7 @@ class SlabTier:
             "rows": self.capacity if self.resident else idx.size if idx else 0,
             "capacity_rows": self.capacity, "bytes": self.nbytes, "resident": self.resident,
             "pinned_bytes": self.pinned.nbytes if self.pinned is not None else 0,
+            "meta_bytes": idx.nbytes if idx else 0,  # the index's state: policy arrays, row map
         }
 
     def reset_stats(self) -> None:
