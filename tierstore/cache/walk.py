@@ -55,7 +55,7 @@ def access(hit, miss, T, rows, slots, code, leased):  # pragma: no cover - compi
     ``code[i] == BELOW``) and ``code[i]`` (HIT: bytes in the slot; FILL: admitted by this
     lookup, bytes to be written; BELOW: read it from below). Leases every slot it returns
     once, listed in ``leased[:n]``; returns n. Pair with ``finish`` (or ``abort``)."""
-    M, RM, ref, ep, L, HT = T[0], T[1], T[3], T[4], T[6], T[9]
+    M, RM, ref, ep, HT = T[0], T[1], T[3], T[4], T[9]
     epoch = M[M_EPOCH] + 1
     if epoch >= EPOCH_WRAP:  # ep is int32: start again (O(cap) once per 2**30 lookups)
         _restart_epochs(ep)
