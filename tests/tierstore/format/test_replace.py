@@ -320,22 +320,6 @@ def test_verify_and_inspect_restore_a_store_left_mid_swap(tmp_path, capsys, comm
     assert tierstore.verify_store(out, progress=False).ok
 
 
-@pytest.fixture
-def read_only_dir(tmp_path):
-    """A directory nobody may create entries in, even root (immutable, where chattr works)."""
-    d = tmp_path / "ro"
-    d.mkdir()
-    if os.geteuid() != 0:
-        d.chmod(0o555)
-        yield d
-        d.chmod(0o755)
-        return
-    if subprocess.run(["chattr", "+i", str(d)], capture_output=True).returncode != 0:
-        pytest.skip("running as root where chattr +i does not work: cannot make a read-only directory")
-    yield d
-    subprocess.run(["chattr", "-i", str(d)], check=True)
-
-
 def test_unwritable_out_is_a_permission_error_not_zero_free(read_only_dir, tmp_path, monkeypatch, capsys):
     """A read-only filesystem (squashfs, /proc, /sys) reports 0 bytes free; on main the build
     said "has 0 free" instead of naming the real problem."""
