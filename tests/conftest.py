@@ -116,3 +116,12 @@ def engram_run(tmp_path_factory: pytest.TempPathFactory, text_files: list[str]) 
     out = tmp_path_factory.mktemp("ckpt") / "engram"
     res = main([*TINY, "--out", str(out), "--text", *text_files])
     return out, res
+
+
+def free_port() -> int:
+    """A free TCP port on the loopback address, for a test's process group rendezvous."""
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]

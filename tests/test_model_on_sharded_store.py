@@ -7,7 +7,6 @@ decode steps looked up in the model's thread) are bit-identical to the in-memory
 from __future__ import annotations
 
 import datetime
-import socket
 from pathlib import Path
 
 import pytest
@@ -16,15 +15,9 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 import tierstore
+from .conftest import free_port
 
 pytestmark = pytest.mark.slow  # `make test-all` (CI) runs these; `make test` skips them
-
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _rank(rank: int, world: int, port: int, ckpt: str, out: str) -> None:
@@ -65,4 +58,4 @@ def _rank(rank: int, world: int, port: int, ckpt: str, out: str) -> None:
 @pytest.mark.slow
 def test_engram_model_on_two_shards(tmp_path, engram_run):
     ckpt = engram_run[0]  # the session's tiny trained checkpoint (tests/conftest.py)
-    mp.spawn(_rank, args=(2, _free_port(), str(ckpt), str(tmp_path / "sharded")), nprocs=2, join=True)
+    mp.spawn(_rank, args=(2, free_port(), str(ckpt), str(tmp_path / "sharded")), nprocs=2, join=True)

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import datetime
 import os
-import socket
 import time
 from pathlib import Path
 
@@ -18,17 +17,11 @@ from safetensors.torch import save_file
 import tierstore
 from tierstore.serve.distributed import build_shard, open_sharded
 
-from ...conftest import bits, random_table
+from ...conftest import bits, free_port, random_table
 
 pytestmark = pytest.mark.slow  # `make test-all` (CI) runs these; `make test` skips them
 
 NAMES = ("blocks.1.engram.memory.weight", "blocks.2.engram.memory.weight")
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _init(rank: int, world: int, port: int) -> None:
@@ -76,7 +69,7 @@ def sharded_ckpt(tmp_path_factory):
 @pytest.mark.slow
 @pytest.mark.parametrize("world", [1, 2, 4])
 def test_sharded_rows_equal_single_store(sharded_ckpt, world):
-    mp.spawn(_exact_worker, args=(world, _free_port(), str(sharded_ckpt)), nprocs=world, join=True)
+    mp.spawn(_exact_worker, args=(world, free_port(), str(sharded_ckpt)), nprocs=world, join=True)
     shards = sorted(p.name for p in (sharded_ckpt / "sharded").iterdir() if p.name.endswith(f"of-{world:05d}"))
     assert shards == [f"shard-{r:05d}-of-{world:05d}" for r in range(world)]
 
@@ -106,7 +99,7 @@ def _dying_worker(rank: int, world: int, port: int, tmp: str) -> None:
 
 @pytest.mark.slow
 def test_dead_rank_fails_fast(sharded_ckpt):
-    ctx = mp.start_processes(_dying_worker, args=(2, _free_port(), str(sharded_ckpt)), nprocs=2, join=False,
+    ctx = mp.start_processes(_dying_worker, args=(2, free_port(), str(sharded_ckpt)), nprocs=2, join=False,
                              start_method="spawn")
     deadline = time.time() + 120
     for p in ctx.processes:

@@ -6,7 +6,6 @@ peers exchange the stored rows), ``raw=True`` gives the stored bytes, and ``out=
 from __future__ import annotations
 
 import datetime
-import socket
 from pathlib import Path
 
 import numpy as np
@@ -18,19 +17,13 @@ import torch.multiprocessing as mp
 import tierstore
 from tierstore.serve.distributed import build_shard, open_sharded
 
-from ...conftest import bits
+from ...conftest import bits, free_port
 from ...v41 import embed, oracle_bf16, scale_of, write_v41_checkpoint
 
 pytestmark = pytest.mark.slow  # `make test-all` (CI) runs these; `make test` skips them
 
 LAYERS = {1: 700, 14: 700}  # two same-shape tables, as in the released checkpoint
 WORLD = 2
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")
@@ -101,4 +94,4 @@ def _worker(rank: int, port: int, tmp_s: str) -> None:
 
 
 def test_sharded_quantized_rows_equal_store(v41_shards):
-    mp.spawn(_worker, args=(_free_port(), str(v41_shards)), nprocs=WORLD, join=True)
+    mp.spawn(_worker, args=(free_port(), str(v41_shards)), nprocs=WORLD, join=True)

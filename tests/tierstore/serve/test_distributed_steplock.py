@@ -6,7 +6,6 @@ table's rows. Two gloo ranks on loopback; the shards are built once, in the test
 from __future__ import annotations
 
 import datetime
-import socket
 from pathlib import Path
 
 import numpy as np
@@ -21,7 +20,7 @@ from tierstore.errors import ShardDesyncError, ShardedLookupError
 from tierstore.format.spec import PAGE_SIZE
 from tierstore.serve.distributed import build_shard, open_sharded
 
-from ...conftest import bits, random_table
+from ...conftest import bits, free_port, random_table
 
 pytestmark = pytest.mark.slow  # `make test-all` (CI) runs these; `make test` skips them
 
@@ -29,12 +28,6 @@ pytestmark = pytest.mark.slow  # `make test-all` (CI) runs these; `make test` sk
 # other table would return rows of the wrong table without any error
 A, B = "blocks.1.engram.memory.weight", "blocks.2.engram.memory.weight"
 ROWS, DIM, WORLD = 1000, 16, 2
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")
@@ -48,7 +41,7 @@ def shards(tmp_path_factory) -> Path:
 
 
 def _spawn(worker, tmp: Path) -> None:
-    mp.spawn(worker, args=(_free_port(), str(tmp)), nprocs=WORLD, join=True)
+    mp.spawn(worker, args=(free_port(), str(tmp)), nprocs=WORLD, join=True)
 
 
 def _open(rank: int, port: int, tmp: str):

@@ -8,7 +8,6 @@ tiers)."""
 from __future__ import annotations
 
 import datetime
-import socket
 import traceback
 from pathlib import Path
 
@@ -23,6 +22,7 @@ from tierstore.format.quant import Quant
 
 from ...v41 import embed, scale_of, write_v41_checkpoint
 from .rowstore_contract import CHECKS, Ref
+from ...conftest import free_port
 
 pytestmark = pytest.mark.slow  # `make test-all` (CI) runs these; `make test` skips them
 
@@ -66,12 +66,6 @@ def test_store(v41, check):
         store.close()
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _rank(rank: int, port: int, tmp_s: str) -> None:
     tmp = Path(tmp_s)
     torch.set_num_threads(1)
@@ -92,4 +86,4 @@ def _rank(rank: int, port: int, tmp_s: str) -> None:
 
 
 def test_sharded_store(v41):
-    mp.spawn(_rank, args=(_free_port(), str(v41)), nprocs=WORLD, join=True)
+    mp.spawn(_rank, args=(free_port(), str(v41)), nprocs=WORLD, join=True)
