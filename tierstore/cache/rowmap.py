@@ -65,30 +65,29 @@ def _val(e):  # pragma: no cover - compiled
 
 
 @kernel(inline=True)
-def rm_get(RM, r):  # pragma: no cover - compiled
-    """Row r's value: its slot (>= 0), ``-2 - g`` (ghost entry g) or -1 (absent)."""
-    mask = RM.size - 1
-    i = _home(RM, r)
-    while True:
-        e = RM[i]
-        if e == EMPTY:
-            return -1
-        if _key(e) == r:
-            return _val(e)
-        i = (i + 1) & mask
-
-
-@kernel(inline=True)
-def rm_set(RM, r, v):  # pragma: no cover - compiled
-    """Row r now maps to v (inserted or replaced)."""
+def _find(RM, r):  # pragma: no cover - compiled
+    """The bucket of row r's probe run that holds r, or the empty bucket that ends the run
+    (where r would go): the one probe loop of get, set and delete."""
     mask = RM.size - 1
     i = _home(RM, r)
     while True:
         e = RM[i]
         if e == EMPTY or _key(e) == r:
-            RM[i] = (np.int64(r) << 32) | (np.int64(v) & _LO)
-            return
+            return i
         i = (i + 1) & mask
+
+
+@kernel(inline=True)
+def rm_get(RM, r):  # pragma: no cover - compiled
+    """Row r's value: its slot (>= 0), ``-2 - g`` (ghost entry g) or -1 (absent)."""
+    e = RM[_find(RM, r)]
+    return -1 if e == EMPTY else _val(e)
+
+
+@kernel(inline=True)
+def rm_set(RM, r, v):  # pragma: no cover - compiled
+    """Row r now maps to v (inserted or replaced)."""
+    RM[_find(RM, r)] = (np.int64(r) << 32) | (np.int64(v) & _LO)
 
 
 @kernel(inline=True)
@@ -112,18 +111,12 @@ def _remove_at(RM, i):  # pragma: no cover - compiled
 @kernel(inline=True)
 def rm_del_if(RM, r, v):  # pragma: no cover - compiled
     """Forget row r if it maps to v (``v`` = -1: whatever it maps to). Returns whether it did."""
-    mask = RM.size - 1
-    i = _home(RM, r)
-    while True:
-        e = RM[i]
-        if e == EMPTY:
-            return False
-        if _key(e) == r:
-            if v != -1 and _val(e) != v:
-                return False
-            _remove_at(RM, i)
-            return True
-        i = (i + 1) & mask
+    i = _find(RM, r)
+    e = RM[i]
+    if e == EMPTY or (v != -1 and _val(e) != v):
+        return False
+    _remove_at(RM, i)
+    return True
 
 
 @kernel(inline=True)
