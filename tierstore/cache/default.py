@@ -68,7 +68,7 @@ from . import s3fifo
 from .hints import hint_outstanding
 from ..jit import kernel
 from .layout import (G_ROW, K_HPOS, K_KEY, L_FREQ, L_QID, M_CAP, M_GQLEN, M_HEAPN, M_HLIVE, M_HORIZON, M_PARAM,
-                     M_QLEN, M_RANKM, M_SCAN, M_TICK, Q_HPARK)
+                     M_QLEN, M_RANKM, M_SCAN, M_TICK, NL, Q_HPARK)
 from ..ranking import TopProfile, hot_rows
 from .policy import Policy
 from .rowmap import rm_get
@@ -374,6 +374,8 @@ class Default(Policy):
     k_rows = 3  # K_KEY (-rank), K_HEAP, K_HPOS
     k_dtype = np.int32  # ranks < capacity
     uses_hints = True
+    ranks = True
+    l_rows = NL  # L_FREQ: 2-bit reinsertion counters
 
     defaults = {"pin_fraction": 0.1, "small_fraction": 0.25, "adapt_step": 2.0, "margin": 0.3,
                  "initial_core": 0.5, "adapt": "density", "hint_horizon": None}

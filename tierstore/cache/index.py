@@ -21,15 +21,15 @@ from ..errors import TierStoreError
 from ..ids import as_row_ids, distinct
 from . import walk
 from .layout import (CACHED, NONE, K_HPOS, L_QID, M_BYPASS, M_CAP, M_EVICT, M_GCAP, M_HINTS, M_HITS,
-                     M_HORIZON, M_HSHIFT, M_INSERT, M_LO, M_MISSES, M_NFREE, M_NROWS, M_RANKM, NG, NL, NM, NQ)
+                     M_HORIZON, M_INSERT, M_LO, M_MISSES, M_NFREE, M_NROWS, M_RANKM, HT_ROWS, NG, NM, NQ)
 from .policy import Policy
 from .registry import PolicySpec, make_policy
 from ..ranking import Profile, as_profile
 from ..jit import specialized
-from .rowmap import new_map, rm_build, rm_get_many, rm_items
+from .rowmap import map_bytes, new_map, rm_build, rm_get_many, rm_items
 from .structs import g_init, q_init
 
-__all__ = ["CacheIndex", "none_index"]
+__all__ = ["CacheIndex", "none_index", "state_bytes", "slots_within"]
 
 _EMPTY = np.empty(0, dtype=np.int64)
 
@@ -103,20 +103,19 @@ class CacheIndex:
         K = np.zeros((policy.k_rows, cap) if policy.k_rows else (1, 1), dtype=policy.k_dtype)
         if policy.k_rows:
             K[K_HPOS] = -1
-        L = np.zeros((NL, cap + NQ), dtype=np.int32)
+        L = np.zeros((policy.l_rows, cap + NQ), dtype=np.int32)
         L[L_QID] = -1
         gcap = int(policy.ghost_size(n_dyn))
         M[M_GCAP] = gcap
         GH = np.zeros((NG, gcap + NQ), dtype=np.int32)  # rows < 2**31, entry indexes
         SK = np.zeros(max(1, int(policy.sketch_bytes(n_dyn))), dtype=np.uint8)
         # the hint table: one empty bucket until the first hint (``_hint_table``), so a
-        # store that never hints pays nothing for it (it is 24 bytes x 4 buckets per slot)
-        self._hint_buckets = 1 << max(10, int(np.ceil(np.log2(max(1, 4 * n_dyn))))) if policy.uses_hints else 1
+        # store that never hints pays nothing for it (but a budget counts it: state_bytes)
+        self._hint_buckets = _hint_buckets(policy, n_dyn)
         if policy.uses_hints:
             M[M_HINTS] = 1
             M[M_HORIZON] = max(4 * cap, 1 << 20)
-        M[M_HSHIFT] = 63  # one bucket (hints.py masks every bucket by the table's size)
-        HT = np.zeros((3, 1), dtype=np.int64)
+        HT = np.zeros((HT_ROWS, 1), dtype=np.int64)
         rk_rows, rk_ranks = policy.ranking()  # rows < 2**31, ranks < capacity
         RK = np.stack([rk_rows.astype(np.int32), rk_ranks.astype(np.int32)]) if rk_rows.size else np.zeros((2, 0), np.int32)
         M[M_RANKM] = rk_rows.size
@@ -219,14 +218,18 @@ class CacheIndex:
         if HT.shape[1] >= self._hint_buckets:
             return False
         nh = self._hint_buckets
-        M[M_HSHIFT] = 64 - int(np.log2(nh))
-        self.state = (*self.state[:9], np.zeros((3, nh), dtype=np.int64), *self.state[10:])
+        self.state = (*self.state[:9], np.zeros((HT_ROWS, nh), dtype=np.int64), *self.state[10:])
         return True
 
     @property
     def nbytes(self) -> int:
         """Bytes of the tier's bookkeeping: every state array, the row map included."""
         return sum(a.nbytes for a in self.state)
+
+    @property
+    def max_nbytes(self) -> int:
+        """The most ``nbytes`` can grow to (``state_bytes``): what a budget sets aside for it."""
+        return state_bytes(self.policy, self.capacity)
 
     def resident(self, rows: np.ndarray) -> np.ndarray:
         """Boolean mask: which rows are in the tier now (no counting, no policy update)."""
@@ -277,6 +280,55 @@ class _SlotOfRow:
         elif isinstance(rows, (int, np.integer)):
             return int(self._index.slots_of(np.array([rows]))[0])
         return self._index.slots_of(np.asarray(rows)).reshape(np.shape(rows))
+
+
+def _hint_buckets(policy: Policy, n_dyn: int) -> int:
+    """Buckets of the hint table once allocated: one per dynamic slot, at least 1,024 (hints.py)."""
+    return max(1024, int(n_dyn)) if policy.uses_hints else 1
+
+
+def state_bytes(policy: str | PolicySpec | Policy, capacity: int) -> int:
+    """The most bytes a :class:`CacheIndex` of ``capacity`` slots with this policy can hold in
+    its state arrays (its ``nbytes``), whatever the profile and the hints: every slot dynamic
+    (the ghosts at their largest), a ranking of ``capacity`` rows where the policy keeps one,
+    the hint table allocated. Mirrors ``CacheIndex.__init__``'s shapes (a test holds them
+    equal). O(1): no array is allocated."""
+    cap = int(capacity)
+    if isinstance(policy, str):
+        policy = make_policy(policy, cap)
+    elif isinstance(policy, PolicySpec):
+        policy = policy.build(cap)
+    gcap = int(policy.ghost_size(cap))
+    i32 = 4
+    k = policy.k_rows * cap * np.dtype(policy.k_dtype).itemsize if policy.k_rows else np.dtype(policy.k_dtype).itemsize
+    return (NM * 8  # M
+            + map_bytes(cap + gcap)  # RM
+            + 3 * cap * i32  # ros, ref, ep
+            + k  # K
+            + policy.l_rows * (cap + NQ) * i32  # L
+            + NG * (gcap + NQ) * i32  # GH
+            + max(1, int(policy.sketch_bytes(cap)))  # SK
+            + HT_ROWS * 8 * _hint_buckets(policy, cap)  # HT
+            + (2 * cap * i32 if policy.ranks else 0))  # RK
+
+
+def slots_within(budget: int, row_bytes: int, policy: str | PolicySpec | Policy) -> int:
+    """The most slots a cache tier of ``budget`` bytes holds when each slot costs its row's
+    bytes *and* its share of the index's state: the largest c with ``c x row_bytes +
+    state_bytes(policy, c) <= budget`` (0 when not even one slot fits). The bookkeeping is
+    part of the budget (issue 19: a store's memory is its budgets plus a fixed allowance),
+    so a budget buys fewer rows with a policy that keeps more state per slot."""
+    budget, row_bytes = int(budget), max(1, int(row_bytes))
+    if isinstance(policy, Policy):
+        policy = PolicySpec(policy.name, policy.params)
+    lo, hi = 0, budget // row_bytes  # state_bytes grows with c: binary search
+    while lo < hi:
+        mid = (lo + hi + 1) // 2
+        if mid * row_bytes + state_bytes(policy, mid) <= budget:
+            lo = mid
+        else:
+            hi = mid - 1
+    return lo
 
 
 _NONE: CacheIndex | None = None

@@ -2,13 +2,16 @@
 
 A tier's whole state is one tuple of numpy arrays, ``T``, passed to every kernel (a numba
 call with it costs ~1 us); nothing lives in Python objects, so a kernel runs without the
-GIL and the state survives any number of calls. Memory: nothing per *table* row; ~48-100
-bytes per *slot* (row the tier can hold), depending on the policy, the row map and ghosts
-included (default: +96 once a hint arrived; tests/tierstore/cache/test_state_bytes.py).
+GIL and the state survives any number of calls. Memory: nothing per *table* row; 40-94
+bytes per *slot* (row the tier can hold) at 4,096 slots, depending on the policy, the row
+map and ghosts included (default: +64 once a hint arrived;
+tests/tierstore/cache/test_state_bytes.py). A store pays for it out of the tier's budget:
+``index.state_bytes`` is the most these arrays can hold at a capacity, ``slots_within``
+the capacity a budget buys at row bytes plus that.
 
 ``T = (M, RM, ros, ref, ep, K, L, GH, SK, HT, RK)``:
 
-- ``M`` int64[64]: scalars (the ``M_*`` indices below): counters, queue lengths, params.
+- ``M`` int64[72]: scalars (the ``M_*`` indices below): counters, queue lengths, params.
 - ``RM`` int64[next_pow2(2 x (cap + ghost entries))]: the row -> slot map, a hash table
   (tierstore.cache.rowmap): a row's slot; -1 absent; ``-2 - g`` remembered in ghost entry
   ``g`` (a recently evicted row: S3-FIFO's and ARC's ghosts, exact: keyed by the row).
@@ -19,13 +22,13 @@ included (default: +96 once a hint arrived; tests/tierstore/cache/test_state_byt
   written; 0 once it ended).
 - ``K`` int64 (int32 for default)[nk, cap]: per-slot keys (``K_KEY``) and an indexed min-heap (``K_HEAP``,
   ``K_HPOS``) for the policies that evict by key (lfu, default's ranked core).
-- ``L`` int32[4, cap + NQ]: doubly linked queues over slots (``L_NEXT``/``L_PREV``, the
-  sentinel of queue q at index ``cap + q``), each slot's queue and a small frequency
-  counter. The free slots are [CAP - NFREE, CAP) (structs.take_free).
+- ``L`` int32[3 or 4, cap + NQ]: doubly linked queues over slots (``L_NEXT``/``L_PREV``,
+  the sentinel of queue q at index ``cap + q``), each slot's queue and (s3fifo, default
+  only: ``Policy.l_rows``) a small frequency counter. The free slots are [CAP - NFREE, CAP) (structs.take_free).
 - ``GH`` int32[5, gcap + NQ]: ghost entries (row, queue links, free stack, queue).
 - ``SK`` uint8[...]: W-TinyLFU's count-min sketch and doorkeeper.
-- ``HT`` int64[3, h]: the hint table (row, count, time of the latest hint), see hints.py; one
-  bucket until the first hint (``CacheIndex.hint_table``).
+- ``HT`` int64[2, h]: the hint table (row << 8 | count, time of the latest hint), see
+  hints.py; one bucket until the first hint (``CacheIndex.hint_table``).
 - ``RK`` int32[2, m]: a profile's ranked rows, sorted by id, and their ranks (default).
 """
 
@@ -48,7 +51,7 @@ M_GFREE = 12  # free ghost entries on GH[G_FREE, :GFREE]
 M_HLIVE = 13  # hint buckets with a count (0: lookups skip all hint work)
 M_HLAST = 14  # tick of the latest hint
 M_HORIZON = 15  # accesses after which an unused hint expires
-M_HSHIFT = 16  # 64 - log2(hint buckets)
+# M[16] is unused (it held log2 of the hint buckets while the table was a power of two)
 M_RANKM = 17  # ranked rows in RK
 M_HEAPN = 18  # entries in the heap K[K_HEAP]
 M_BYPASS = 19  # misses the policy did not admit (all slots leased, or the policy said no)
@@ -58,7 +61,8 @@ M_SCAN = 22  # work counter: leased entries victim searches stepped over or park
 M_QLEN = 24  # M[M_QLEN + q]: slots in queue q (q < NQ)
 M_GQLEN = 32  # M[M_GQLEN + q]: entries in ghost queue q (q < NQ)
 M_PARAM = 40  # M[M_PARAM + i]: policy-specific scalars (each policy names its own)
-NM = 64
+M_QSCAN = 64  # M[M_QSCAN + q]: the last slot of queue q's leased front, -1 none (q_first_free)
+NM = 72
 
 NQ = 8  # queues per tier (slot queues and ghost queues)
 Q_HPARK = NQ - 1  # slot queue of leased heap entries taken off the heap (structs.h_top_free)
@@ -73,9 +77,8 @@ K_AUX = 3
 L_NEXT = 0
 L_PREV = 1
 L_QID = 2
-L_FREQ = 3
+L_FREQ = 3  # only for the policies that count (s3fifo, default): the others' L has NL - 1 rows
 NL = 4
-L_SCAN = L_FREQ  # on a queue's sentinel column: the last slot of its leased front (q_first_free)
 
 # -- GH: ghost entries ------------------------------------------------------------------------
 G_ROW = 0
@@ -84,6 +87,9 @@ G_PREV = 2
 G_FREE = 3
 G_QID = 4
 NG = 5
+
+# -- HT: the hint table (hints.py) -----------------------------------------------------------
+HT_ROWS = 2  # row << 8 | count (count <= 255), the tick of the latest hint
 
 # -- per-access result codes (``access``'s ``code`` output) -------------------------------------
 HIT = 0  # the row's bytes are in its slot

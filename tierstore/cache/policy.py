@@ -21,6 +21,7 @@ import numpy as np
 
 from ..errors import PolicyParamError, TierStoreError
 from ..ranking import TopProfile
+from .layout import NL
 
 __all__ = ["Policy"]
 
@@ -34,6 +35,8 @@ class Policy:
     k_rows = 0  # rows of K (per slot) the policy uses
     k_dtype = np.int64  # K's type: int32 where every key fits (slots, heap positions, ranks)
     uses_hints = False
+    ranks = False  # keeps a profile's ranking (RK: 8 bytes per ranked row, up to one per slot)
+    l_rows = NL - 1  # rows of L the policy uses: NL with a frequency counter (L_FREQ)
 
     def __init__(self, capacity: int, *, rng: np.random.Generator | int | None = None, **params):
         if not isinstance(capacity, (int, np.integer)) or capacity < 0:

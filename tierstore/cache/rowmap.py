@@ -3,15 +3,17 @@
 Each cached tier maps the table rows it holds to their slots, and the rows its ghosts
 remember to their ghost entries. A dense array over the table (one int32 per row, as this
 map was) costs 1.5 GB per tier at DeepSeek-V4.1's 384M rows before a single row is cached;
-this table costs 8 bytes per bucket, with ``buckets(entries)`` = next_pow2(2 x (slots +
-ghost entries)) buckets: 16-32 bytes per slot or ghost entry, whatever the table's size.
+this table costs 8 bytes per bucket, with ``buckets(entries)`` = 2 x (slots + ghost
+entries) buckets, rounded up to a multiple of 8: 16 bytes per slot or ghost entry, whatever
+the table's size (a power of two, as before, cost 16-32: a budget just past one paid twice).
 
 One bucket is one int64: ``row << 32 | (value & 0xffffffff)``, ``EMPTY`` (-1) when unused.
 A value is a slot (>= 0) or ``-2 - g`` for ghost entry g (the map's old encoding), so
 ``rm_get`` returns exactly what ``sor[r]`` did: -1 absent, >= 0 a slot, <= -2 a ghost.
 Rows are < 2**31 (CacheIndex checks it), so a key never collides with EMPTY.
 
-Linear probing from a splitmix64 hash's low bits at a load factor of at most 1/2 (every
+Linear probing from a splitmix64 hash's top 32 bits scaled to the table's size (``(h32 x
+buckets) >> 32``: any size, no modulo) at a load factor of at most 1/2 (every
 entry is a slot's row or a ghost entry's, so the table can never fill): a hit reads one
 bucket most of the time (~1.5 probes on average), a miss ~2.5. Deletion shifts the
 following entries back (no tombstones), so the probe lengths never degrade with churn.
@@ -25,7 +27,7 @@ import numpy as np
 
 from ..jit import kernel
 
-__all__ = ["EMPTY", "buckets", "new_map", "rm_get", "rm_set", "rm_del", "rm_del_if", "rm_build",
+__all__ = ["EMPTY", "buckets", "map_bytes", "new_map", "rm_get", "rm_set", "rm_del", "rm_del_if", "rm_build",
            "rm_get_many", "rm_items"]
 
 EMPTY = -1
@@ -34,8 +36,13 @@ _LO = 0xFFFFFFFF
 
 
 def buckets(entries: int) -> int:
-    """Buckets for a map of at most ``entries`` keys: a power of two >= 2 x entries (>= 8)."""
-    return 1 << max(3, int(2 * max(1, entries) - 1).bit_length())
+    """Buckets for a map of at most ``entries`` keys: 2 x entries rounded up to a multiple of 8."""
+    return -(-2 * max(4, int(entries)) // 8) * 8
+
+
+def map_bytes(entries: int) -> int:
+    """Bytes of a map able to hold ``entries`` keys."""
+    return buckets(entries) * 8
 
 
 def new_map(entries: int) -> np.ndarray:
@@ -45,13 +52,13 @@ def new_map(entries: int) -> np.ndarray:
 
 @kernel(inline=True)
 def _home(RM, r):  # pragma: no cover - compiled
-    """Row r's first bucket: the low bits of a splitmix64 finaliser (structs.mix64's hash;
-    not imported from there, which imports this module)."""
+    """Row r's first bucket: a splitmix64 finaliser's top 32 bits scaled to the size
+    (structs.mix64's hash; not imported from there, which imports this module)."""
     x = np.uint64(r) * np.uint64(0x9E3779B97F4A7C15) + np.uint64(_SEED)
     x ^= x >> np.uint64(29)
     x *= np.uint64(0xBF58476D1CE4E5B9)
     x ^= x >> np.uint64(32)
-    return np.int64(x & np.uint64(RM.size - 1))
+    return np.int64(((x >> np.uint64(32)) * np.uint64(RM.size)) >> np.uint64(32))
 
 
 @kernel(inline=True)
@@ -68,13 +75,15 @@ def _val(e):  # pragma: no cover - compiled
 def _find(RM, r):  # pragma: no cover - compiled
     """The bucket of row r's probe run that holds r, or the empty bucket that ends the run
     (where r would go): the one probe loop of get, set and delete."""
-    mask = RM.size - 1
+    n = RM.size
     i = _home(RM, r)
     while True:
         e = RM[i]
         if e == EMPTY or _key(e) == r:
             return i
-        i = (i + 1) & mask
+        i += 1
+        if i == n:
+            i = 0
 
 
 @kernel(inline=True)
@@ -93,10 +102,12 @@ def rm_set(RM, r, v):  # pragma: no cover - compiled
 @kernel(inline=True)
 def _remove_at(RM, i):  # pragma: no cover - compiled
     """Empty bucket i, shifting back the entries of its probe run that would be lost."""
-    mask = RM.size - 1
+    n = RM.size
     j = i
     while True:
-        j = (j + 1) & mask
+        j += 1
+        if j == n:
+            j = 0
         e = RM[j]
         if e == EMPTY:
             break

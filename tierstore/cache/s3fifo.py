@@ -6,7 +6,7 @@ main. Within 0.005 of libCacheSim's S3FIFO with the same parameters (tests)."""
 from __future__ import annotations
 
 from ..jit import kernel
-from .layout import L_FREQ, M_PARAM, M_QLEN, M_SCAN
+from .layout import L_FREQ, M_PARAM, M_QLEN, M_SCAN, NL
 from .policy import Policy
 from .structs import g_add, g_of, g_remove, place, q_first_free, q_push, q_to_back, q_unlink, take_free, unmap
 
@@ -98,6 +98,7 @@ class S3FIFO(Policy):
     """S3-FIFO with a small FIFO of ``small_fraction`` of the slots."""
 
     name = "s3fifo"
+    l_rows = NL  # L_FREQ: 2-bit reinsertion counters
 
     defaults = {"small_fraction": 0.1, "move_threshold": 1}
 

@@ -11,8 +11,8 @@ a profile filling the tier, 2,000-12,000 steps per id past a tier's capacity for
 ``s3fifo``, ``arc``, ``wtinylfu``). Leases only grow until a lookup ends (``finish`` or
 ``abort``, which call ``lookup_end``), so the leased front found once stays leased:
 
-- ``q_first_free`` remembers the last slot of each queue's leased front (``L_SCAN`` on the
-  queue's sentinel column) and resumes after it; ``q_unlink`` keeps it valid.
+- ``q_first_free`` remembers the last slot of each queue's leased front (``M[M_QSCAN + q]``)
+  and resumes after it; ``q_unlink`` keeps it valid.
 - ``h_top_free`` parks leased heap tops in the queue ``Q_HPARK`` (off the heap, keys kept)
   until the lookup ends; the victim is the same, the unleased slot with the smallest key.
 
@@ -25,8 +25,8 @@ import numpy as np
 
 from ..jit import kernel
 from .layout import (G_FREE, G_NEXT, G_PREV, G_QID, G_ROW, K_HEAP, K_HPOS, K_KEY, L_NEXT, L_PREV,
-                     L_QID, L_SCAN, M_CAP, M_EVICT, M_GCAP, M_GFREE, M_GQLEN, M_HEAPN, M_INSERT, M_NFREE,
-                     M_QLEN, M_SCAN, NQ, Q_HPARK)
+                     L_QID, M_CAP, M_EVICT, M_GCAP, M_GFREE, M_GQLEN, M_HEAPN, M_INSERT, M_NFREE,
+                     M_QLEN, M_QSCAN, M_SCAN, NQ, Q_HPARK)
 from .rowmap import rm_del_if, rm_get, rm_set
 
 # ---------------------------------------------------------------------------------------------
@@ -82,9 +82,8 @@ def q_init(M, L):  # pragma: no cover - compiled
 @kernel
 def q_scan_reset(M, L):  # pragma: no cover - compiled
     """Forget every queue's leased front (leases were released)."""
-    cap = M[M_CAP]
     for q in range(NQ):
-        L[L_SCAN, cap + q] = -1
+        M[M_QSCAN + q] = -1
 
 
 @kernel
@@ -99,9 +98,9 @@ def q_push(M, L, q, s):  # pragma: no cover - compiled
 def q_unlink(M, L, s):  # pragma: no cover - compiled
     q = L[L_QID, s]
     h = M[M_CAP] + q
-    if L[L_SCAN, h] == s:  # the leased front now ends one slot earlier
+    if M[M_QSCAN + q] == s:  # the leased front now ends one slot earlier
         p = L[L_PREV, s]
-        L[L_SCAN, h] = -1 if p == h else p
+        M[M_QSCAN + q] = -1 if p == h else p
     _unlink(L, L_NEXT, L_PREV, s)
     L[L_QID, s] = -1
     M[M_QLEN + q] -= 1
@@ -130,13 +129,12 @@ def q_after(M, L, s):  # pragma: no cover - compiled
 @kernel
 def q_first_free(M, L, ref, q):  # pragma: no cover - compiled
     """Oldest unleased slot of queue q, -1 if all are leased. Starts after the queue's known
-    leased front (every slot up to ``L[L_SCAN, cap + q]`` is leased until ``lookup_end``)."""
-    h = M[M_CAP] + q
-    c = L[L_SCAN, h]
+    leased front (every slot up to ``M[M_QSCAN + q]`` is leased until ``lookup_end``)."""
+    c = M[M_QSCAN + q]
     s = q_front(M, L, q) if c < 0 else q_after(M, L, c)
     while s >= 0 and ref[s] > 0:
         M[M_SCAN] += 1
-        L[L_SCAN, h] = s
+        M[M_QSCAN + q] = s
         s = q_after(M, L, s)
     return s
 

@@ -13,6 +13,7 @@ import numpy as np
 import torch
 
 from .buffers import BufferPool
+from ..cache.index import slots_within
 from ..cache.registry import PolicySpec
 from ..errors import (CapacityError, CorruptDataError, StoreChangedError, StoreClosedError, TierStoreError,
                       UnknownTableError)
@@ -154,8 +155,14 @@ class Store:
         self.tables: dict[str, TableInfo] = dict(self.manifest.tables)
         total = sum(t.nbytes for t in self.tables.values()) or 1
 
-        def rows_of(budget: int, info: TableInfo) -> int:  # the table's share of a budget, in rows
-            return int(budget * (info.nbytes / total)) // max(1, info.row_bytes)
+        def rows_of(budget: int, info: TableInfo) -> int:
+            """The table's share of a budget, in rows: the whole table when the share holds it
+            (a resident tier: no index), else the slots whose rows *and* bookkeeping (the
+            policy's state, row map, ghosts, hint table: ``slots_within``) fit in the share."""
+            share = int(budget * (info.nbytes / total))
+            if share >= info.rows * info.row_bytes:
+                return info.rows
+            return slots_within(share, info.row_bytes, spec)
 
         if self.device.type == "cuda":  # never run: needs CUDA. Refuse before allocating anything
             need = sum(min(rows_of(self.device_budget, i), i.rows) * i.row_bytes for i in self.tables.values())
@@ -404,7 +411,9 @@ class Store:
         pool: bytes and buffers held for reuse as lookup outputs (bounded by ``pool_bytes``).
         memory: the store's own memory, in bytes: each memory tier's slab (``device_slab``,
         ``host_slab``) and bookkeeping (``device_meta``, ``host_meta``: the indexes' policy state
-        and row maps; also each tier's ``meta_bytes``), the disk tier's (``disk_meta``), the
+        and row maps; also each tier's ``meta_bytes``, and ``meta_bytes_max``, the most it can
+        grow to, which the tier's budget pays for: a tier's slots are what its budget holds at
+        row bytes plus that bookkeeping), the disk tier's (``disk_meta``), the
         pooled outputs (``pool``) and their ``total`` (neither code nor a lookup's temporaries).
         The device tier counts every id; the host tier counts the unique ids that missed the
         device tier; disk counts rows, pages and bytes read, and names its device-bound page

@@ -125,6 +125,9 @@ class SlabTier:
             "capacity_rows": self.capacity, "bytes": self.nbytes, "resident": self.resident,
             "pinned_bytes": self.pinned.nbytes if self.pinned is not None else 0,
             "meta_bytes": idx.nbytes if idx else 0,  # the index's state: policy arrays, row map
+            # the most it can grow to (the hint table once a hint arrives): the part of the
+            # budget the store set aside for it (serve.store: capacity = slots_within(budget))
+            "meta_bytes_max": idx.max_nbytes if idx else 0,
         }
 
     def reset_stats(self) -> None:

@@ -38,8 +38,7 @@ class HintOracle:
     """The hint table: direct-mapped buckets (row, count, stamp), horizon, lost collisions."""
 
     def __init__(self, n_dyn: int, horizon: int):
-        nb = 1 << max(10, int(np.ceil(np.log2(max(1, 4 * n_dyn)))))
-        self.shift = 64 - (nb.bit_length() - 1)
+        self.nb = max(1024, n_dyn)  # one bucket per dynamic slot
         self.b: dict[int, list[int]] = {}  # bucket -> [row, count, stamp]
         self.live = 0
         self.last = 0
@@ -50,7 +49,7 @@ class HintOracle:
         x ^= x >> 29
         x = (x * 0xBF58476D1CE4E5B9) & MASK
         x ^= x >> 32
-        return x >> self.shift
+        return ((x >> 32) * self.nb) >> 32  # the top 32 bits scaled to the table's size
 
     def _fresh(self, e, now):
         return now - e[2] <= self.horizon
