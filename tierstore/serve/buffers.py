@@ -28,11 +28,13 @@ def _unused(t: torch.Tensor) -> bool:
 
 class BufferPool:
     """Keeps up to ``per_key`` tensors for each of the ``max_keys`` most recently used
-    (shape, dtype, device) keys, and at most ``max_bytes`` in all (a buffer larger than a
-    quarter of that is never kept), so neither varying shapes nor a few huge lookups grow
-    it without bound. Thread-safe."""
+    (shape, dtype, device) keys, and at most ``max_bytes`` in all (a buffer larger than
+    half of that is never kept), so neither varying shapes nor a few huge lookups grow it
+    without bound. The store's default, 64 MiB, is part of its fixed memory beside the
+    budgets (``<= 1.1 x budgets + 128 MiB``); a half keeps a 65,536-id lookup of 264-byte
+    rows (17 MB, one V4.1 prefill's table). Thread-safe."""
 
-    def __init__(self, per_key: int = 4, max_keys: int = 16, max_bytes: int = 256 << 20):
+    def __init__(self, per_key: int = 4, max_keys: int = 16, max_bytes: int = 64 << 20):
         self.per_key = per_key
         self.max_keys = max_keys
         self.max_bytes = max_bytes
@@ -60,7 +62,7 @@ class BufferPool:
             t = torch.empty(shape, dtype=dtype, device=device)
             self.allocated += 1
             size = _nbytes(t)
-            if len(bucket) < self.per_key and 4 * size <= self.max_bytes:
+            if len(bucket) < self.per_key and 2 * size <= self.max_bytes:
                 while self.bytes + size > self.max_bytes:  # evict least recently used keys
                     oldest = next(k for k in self._free if self._free[k] or k == key)
                     if oldest == key:

@@ -87,8 +87,9 @@ class StoreOptions:
     direct: bool | None = None  # O_DIRECT on/off (None: on where the filesystem allows it)
     # the host tier in POSIX shared memory: one copy for every process of the machine
     host_shared: bool = False
-    # bytes of finished output buffers kept for reuse by lookups without out= (0 disables)
-    pool_bytes: int | str = "256MiB"
+    # bytes of finished output buffers kept for reuse by lookups without out= (0 disables);
+    # part of the store's fixed 128 MiB beside its budgets (tests/tierstore/serve/test_memory_bound.py)
+    pool_bytes: int | str = "64MiB"
     use_profile: bool = True  # place the hottest rows of the saved profile in the tiers at open
     zero_copy: bool = False  # CUDA only: the GPU reads host-tier hits from pinned memory directly
     disk_reader: str = "auto"  # cold pages on CUDA: "auto", "posix" or "kvikio"

@@ -110,7 +110,8 @@ class Store:
         keywords given with ``options=`` replace those fields. They are checked before any
         file is opened. In short: ``device`` is where rows are returned (default CUDA if
         present, else CPU: the device tier is then a budgeted in-memory cache, same code);
-        ``device_budget``/``host_budget`` are bytes of rows per tier, split over the tables
+        ``device_budget``/``host_budget`` are bytes per tier, rows and their bookkeeping
+        (``tierstore.cache.index.slots_within``), split over the tables
         by size (a table whose share covers it is loaded whole at open); ``stats()["disk"]``
         says which page reader served.
 

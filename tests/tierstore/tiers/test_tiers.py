@@ -13,6 +13,7 @@ from safetensors.torch import save_file
 import tierstore
 from tierstore import StoreIOError, TierStoreError
 from tierstore.cache import CacheIndex
+from tierstore.cache.index import slots_within
 from tierstore.cache.layout import M_NREF
 
 from ...conftest import bits, random_table
@@ -121,8 +122,9 @@ def test_budgets_bound_resident_memory(tmp_path):
         grown = proc.memory_info().rss - before
         s = store.stats()
     meta = 2 * rows * 4 + 64 << 20  # slot maps of two tiers, policy state, pools, reader buffers
-    assert s["device"]["rows"] <= s["device"]["capacity_rows"] == dev_b // (dim * 4)
-    assert s["host"]["rows"] <= s["host"]["capacity_rows"] == host_b // (dim * 4)
+    # each budget pays for its rows and their bookkeeping (tierstore.cache.index.slots_within)
+    assert s["device"]["rows"] <= s["device"]["capacity_rows"] == slots_within(dev_b, dim * 4, "default")
+    assert s["host"]["rows"] <= s["host"]["capacity_rows"] == slots_within(host_b, dim * 4, "default")
     assert grown < dev_b + host_b + meta, f"RSS grew {grown >> 20} MiB for budgets of {(dev_b + host_b) >> 20} MiB"
     assert grown < rows * dim * 4 // 2  # far below the table
 
