@@ -3,8 +3,9 @@
 A direct-mapped table (``HT``, allocated on the first hint: one empty bucket until then, see
 ``CacheIndex.hint_table``): per bucket a row and a count (+1 per hint, -1 when the row is
 looked up; at most 255), packed in one int64 as ``row << 8 | count``, and the time (tick)
-of its latest hint. One bucket per dynamic slot, at least 1,024: 16 bytes a slot (it was
-4-8 buckets of 24 bytes, 96-192 bytes a slot; outstanding hints are normally a few lookups'
+of its latest hint. One bucket per dynamic slot, at least 64: 16 bytes a slot (it was 4-8
+buckets of 24 bytes, at least 1,024, 96-192 bytes a slot; a budget pays for it, so a floor
+of 24 KiB left a small tier no slot; outstanding hints are normally a few lookups'
 ids, far fewer than the slots, and a hint lost to a collision costs at most one miss).
 A hint not used within ``M_HORIZON`` accesses expires, so a serving loop that announced a
 request it then dropped does not protect those rows forever; once every hint is older than

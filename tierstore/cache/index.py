@@ -283,8 +283,8 @@ class _SlotOfRow:
 
 
 def _hint_buckets(policy: Policy, n_dyn: int) -> int:
-    """Buckets of the hint table once allocated: one per dynamic slot, at least 1,024 (hints.py)."""
-    return max(1024, int(n_dyn)) if policy.uses_hints else 1
+    """Buckets of the hint table once allocated: one per dynamic slot, at least 64 (hints.py)."""
+    return max(64, int(n_dyn)) if policy.uses_hints else 1
 
 
 def state_bytes(policy: str | PolicySpec | Policy, capacity: int) -> int:

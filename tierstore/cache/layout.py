@@ -2,9 +2,9 @@
 
 A tier's whole state is one tuple of numpy arrays, ``T``, passed to every kernel (a numba
 call with it costs ~1 us); nothing lives in Python objects, so a kernel runs without the
-GIL and the state survives any number of calls. Memory: nothing per *table* row; 40-94
+GIL and the state survives any number of calls. Memory: nothing per *table* row; 40-97
 bytes per *slot* (row the tier can hold) at 4,096 slots, depending on the policy, the row
-map and ghosts included (default: +64 once a hint arrived;
+map and ghosts included (default: +16 per dynamic slot once a hint arrived;
 tests/tierstore/cache/test_state_bytes.py). A store pays for it out of the tier's budget:
 ``index.state_bytes`` is the most these arrays can hold at a capacity, ``slots_within``
 the capacity a budget buys at row bytes plus that.

@@ -38,7 +38,7 @@ class HintOracle:
     """The hint table: direct-mapped buckets (row, count, stamp), horizon, lost collisions."""
 
     def __init__(self, n_dyn: int, horizon: int):
-        self.nb = max(1024, n_dyn)  # one bucket per dynamic slot
+        self.nb = max(64, n_dyn)  # one bucket per dynamic slot
         self.b: dict[int, list[int]] = {}  # bucket -> [row, count, stamp]
         self.live = 0
         self.last = 0

@@ -41,6 +41,9 @@ def test_store_counters_equal_the_simulation(store, policy):
             got = st.lookup("t.engram.memory.weight", rows[a:b])
             assert np.array_equal(got.numpy().view(np.uint32), w[rows[a:b]].view(np.uint32))
         live = st.stats()["tables"]["t.engram.memory.weight"]
+    # the budgets pay for the bookkeeping too: the tiers hold fewer rows than budget // 64
+    dev_rows, host_rows = live["device"]["capacity_rows"], live["host"]["capacity_rows"]
+    assert 0 < dev_rows < 60 and 0 < host_rows < 400
     sim = simulate_tiers(rows, dev_rows, host_rows, policy, n_rows=3000, offsets=offsets, profile=profile)
     for tier in ("device", "host"):
         assert (live[tier]["hits"], live[tier]["misses"]) == (sim[tier]["hits"], sim[tier]["misses"]), tier
