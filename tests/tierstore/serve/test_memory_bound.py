@@ -159,7 +159,7 @@ def test_anonymous_memory_is_bounded_by_the_budgets(stores, policy, size):
         f"({(r['anon'] - control['anon']) / (rows - small_rows):.2f} B per row): {r} {control}")
     # the budgets pay for the slabs and the bookkeeping; stats() accounts for both
     assert r["slabs"] + r["meta"] <= r["slabs"] + r["meta_max"] <= budgets, r
-    assert r["slabs"] >= budgets // 2, r  # the bookkeeping is a fraction of the budget
+    assert r["slabs"] + r["meta_max"] >= 0.9 * budgets, r  # and use it (32-B rows: 40-110 B of state each)
     assert 0 < r["meta"] < 256 * r["slots"], r  # under 256 B per slot, hint table included
 
 
