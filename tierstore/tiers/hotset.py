@@ -269,7 +269,7 @@ def load_slots(tier: Tier, slots: np.ndarray, rows: np.ndarray, *, disk: DiskTie
         snapshot.claimed = snapshot.bytes_read
     rest = np.flatnonzero(left)
     if len(rest):
-        key = rows[rest] if disk.pos is None else disk.pos[rows[rest]]
+        key = rows[rest] if disk.pos is None else disk.pos.of(rows[rest])
         rest = rest[np.argsort(key, kind="stable")]  # file order: each step reads forward through the file
         staged = torch.empty((min(step, len(rest)), info.dim), dtype=info.raw_dtype, device=tier.device)
         for s in range(0, len(rest), step):
