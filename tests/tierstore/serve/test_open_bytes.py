@@ -20,7 +20,7 @@ from safetensors.torch import save_file
 
 import tierstore
 from tierstore.format.order import DenseOrder, load_order, write_order
-from tierstore.format.profile import save_profile
+from tierstore.format.profile import profile_paths, save_profile
 from tierstore.format.spec import TableInfo, manifest_digest
 
 from ...conftest import bits, random_table
@@ -90,3 +90,47 @@ def test_a_hot_ordered_store_opens_reading_the_hot_set_not_the_order(tmp_path, c
     old = _open_bytes(out, w, counts)
     assert old > 2 * hot_bytes + FIXED, f"the dense order file read only {old / hot_bytes:.2f}x the hot bytes"
     print(f"\nopen read {old / hot_bytes:.2f}x the hot bytes with a dense order file, {new / hot_bytes:.2f}x now")
+
+
+def _save_v1(store: Path, table: str, counts: np.ndarray) -> None:
+    """A profile as a store written before profile version 2 holds it: one count per table row."""
+    import io
+
+    import zstandard
+
+    data, meta = profile_paths(store, table)
+    data.parent.mkdir(parents=True, exist_ok=True)
+    buf = io.BytesIO()
+    np.save(buf, counts.astype(np.int32))
+    data.write_bytes(zstandard.ZstdCompressor(write_checksum=True).compress(buf.getvalue()))
+    meta.write_text(json.dumps({"format": "tierstore-profile", "version": 1, "table": table, "rows": counts.size,
+                                "dtype": "int32", "total": int(counts.sum()),
+                                "nonzero": int(np.count_nonzero(counts))}))
+
+
+@pytest.mark.parametrize("version", [1, 2])
+def test_a_large_profile_is_not_read_at_open(tmp_path, ckpt, version):
+    """A profile that counts every row (a long trace) is far larger than the hot set the
+    budgets hold: open read it whole to rank the rows (version 1: a count per table row,
+    streamed; version 2: 16 bytes per counted row). With a snapshot made of that very profile,
+    the ranking is the snapshot's ids prefix (4 bytes per hot row). Negative control: the
+    same store once the profile is saved again (another profile id) reads the profile."""
+    path, w = ckpt
+    out = tierstore.build_store(path, tmp_path / "store", progress=False)
+    rng = np.random.default_rng(2)
+    counts = rng.integers(1, 1_000_000, N)  # every row counted: high-entropy counts, a large file
+    counts[rng.choice(N, HOT, replace=False)] = rng.integers(10_000_000, 20_000_000, HOT)
+    (_save_v1 if version == 1 else save_profile)(out, T, counts)
+    assert tierstore.save_snapshot(out, max_bytes=HOT * 256)[T]["n"] == HOT  # upgrades a v1 profile's JSON with an id
+    hot_bytes = HOT * 256
+    data = profile_paths(out, T)[0].stat().st_size
+    assert data > 0.5 * hot_bytes, f"the profile file is only {data} bytes: nothing to avoid"
+    _open_bytes(out, w, counts)  # compiles the policy's kernels
+    new = _open_bytes(out, w, counts)
+    assert new <= 1.2 * hot_bytes + FIXED, f"open read {new / hot_bytes:.2f}x the hot bytes"
+    meta = profile_paths(out, T)[1]
+    meta.write_text(json.dumps({**json.loads(meta.read_text()), "profile_id": "another save"}))
+    old = _open_bytes(out, w, counts)  # the snapshot is not of this profile: the ranking from the file
+    assert old >= hot_bytes + data, f"the profile was not read ({old} bytes)"
+    print(f"\nv{version}: open read {old / hot_bytes:.2f}x the hot bytes ranking from the profile, "
+          f"{new / hot_bytes:.2f}x from the snapshot")
