@@ -83,3 +83,23 @@ def test_cli_and_errors(tmp_path, profiled, capsys):
         write_order(f, info, pos, m.build_id)
     assert main(["verify", str(tmp_path / "o"), "--quiet"]) == 1
     assert "not a permutation" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("k", [0, 1, 37, 500, 1000])
+def test_the_head_order_maps_ids_and_positions_both_ways(k):
+    """HotOrder.of (a row's position from the sorted hot ids) inverts HotOrder.ids, at any
+    hot-set size, and a head that repeats a row or leaves the table is refused."""
+    from tierstore.format.hotorder import HotOrder
+
+    n = 1000
+    hot = np.random.default_rng(k).permutation(n)[:k]
+    order = HotOrder(hot, n)
+    ids = order.ids(0, n)
+    assert sorted(ids.tolist()) == list(range(n)) and ids[:k].tolist() == hot.tolist()
+    assert order.of(ids).tolist() == list(range(n))
+    assert order.of(ids[::-1]).tolist() == list(range(n))[::-1]
+    if k > 1:
+        with pytest.raises(ValueError, match="distinct"):
+            HotOrder(np.concatenate([hot, hot[:1]]), n)
+    with pytest.raises(ValueError, match="distinct"):
+        HotOrder(np.array([n]), n)
