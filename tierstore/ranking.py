@@ -34,7 +34,9 @@ class TopProfile:
     exact); otherwise only ``hot_rows(k)`` for k <= len(rows) is known."""
 
     rows: np.ndarray  # int64, hottest first; equal counts in ascending row id
-    counts: np.ndarray  # int64 > 0, non-increasing
+    # int64 > 0, non-increasing; None: the ranking alone (read from a hot-set snapshot at open,
+    # ``tiers.hotset.TableSnapshot.ranking``: placing rows needs only their order)
+    counts: np.ndarray | None
     n_rows: int  # rows of the table
     complete: bool
 

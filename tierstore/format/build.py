@@ -31,10 +31,11 @@ from .checkpoint import Checkpoint, open_checkpoint
 from ..errors import CapacityError, CheckpointError, StoreExistsError, StoreIOError, TierStoreError
 from ..files import NO_SPACE, fsync_dir, os_error, write_durable
 from .hotorder import HotOrder, load_hot_order
-from .order import write_order_streamed
+from .order import write_order_head
 from .quant import FP4_SCHEME, FP8_SCHEME, NAN_SCALE, NanScaleWarning, Quant
 from .spec import (
     DTYPES,
+    FORMAT_VERSION,
     PAGE_SIZE,
     Manifest,
     TableInfo,
@@ -170,7 +171,7 @@ def _write_table(ckpt: Checkpoint, name: str, info: TableInfo, src_dtype: str, t
         filler.close()
     write_durable(tmp / info.checksum_file, sums.astype("<u8").tobytes())
     if order is not None:
-        write_durable(tmp / info.order_file, lambda f: write_order_streamed(f, info, order.positions, build_id))
+        write_durable(tmp / info.order_file, lambda f: write_order_head(f, info, order.hot, build_id))
     return mode, nan_scales[0]
 
 
@@ -344,7 +345,7 @@ def build_store(
     except OSError as e:
         ckpt.close()
         raise os_error(e, f"creating the directory that will hold {out}", out.parent) from e
-    need = sum(i.file_bytes + i.n_pages * 8 + (8 * i.rows + 2 * PAGE_SIZE if i.order_file else 0) for _, i, _ in infos) + sum(a.stat().st_size for a in attach_paths)
+    need = sum(i.file_bytes + i.n_pages * 8 + (4 * len(perms[n].hot) + 2 * PAGE_SIZE if i.order_file else 0) for n, i, _ in infos) + sum(a.stat().st_size for a in attach_paths)
     free = shutil.disk_usage(out.parent).free
     if need > free:
         _check_writable(out, ckpt)  # read-only filesystems report 0 free: name the real problem
@@ -377,6 +378,9 @@ def build_store(
             attachments=[a.name for a in attach_paths],
             created=_dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
             build_id=build_id,
+            # an ordered table's order file is the head form (version 4): older readers refuse it
+            # by the manifest's version; a store without one stays version 3, byte for byte
+            version=FORMAT_VERSION if perms else 3,
         )
         fsync_dir(tmp / "tables")
         write_manifest(tmp, manifest)

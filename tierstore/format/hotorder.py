@@ -27,40 +27,65 @@ CHUNK = 1 << 20  # ids per step when streaming counts or writing positions (~8-4
 class HotOrder:
     """The physical order of one table's rows: ``ids(start, stop)`` are the rows at file
     positions ``start:stop``; ``positions(start, stop)`` the positions of rows ``start:stop``
-    (what the store's order file holds, ``tierstore.format.order.write_order_streamed``)."""
+    and ``of(rows)`` those of any rows (what a store's order file holds,
+    ``tierstore.format.order``). Memory: the hot ids, their sorted copy and each sorted id's
+    rank: 12 bytes per hot id below 2**31 rows (24 above), nothing per other row.
+
+    Raises ``ValueError`` when ``hot`` repeats a row or holds one outside ``[0, rows)``."""
 
     def __init__(self, hot: np.ndarray, rows: int) -> None:
-        self.hot = hot.astype(np.int64, copy=False)  # accessed rows, hottest first
+        dt = np.int32 if rows < 2**31 else np.int64
+        self.hot = np.asarray(hot).astype(dt, copy=False)  # accessed rows, hottest first
         self.rows = rows
-        self._rank = np.argsort(self.hot, kind="stable")  # hot position of each sorted hot id
+        self._rank = np.argsort(self.hot, kind="stable").astype(dt, copy=False)  # hot position of each sorted id
         self._hs = self.hot[self._rank]  # sorted hot ids
-        self._cold_key = self._hs - np.arange(self._hs.size, dtype=np.int64)  # cold rows below hs[i]
+        if self._hs.size and (self._hs[0] < 0 or self._hs[-1] >= rows or (self._hs[1:] == self._hs[:-1]).any()):
+            raise ValueError(f"the hot rows must be distinct row ids in [0, {rows})")
+        self._cold_key: np.ndarray | None = None  # cold rows below hs[i]: only for ids() past the head
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes held in memory."""
+        return self.hot.nbytes + self._rank.nbytes + self._hs.nbytes + \
+            (self._cold_key.nbytes if self._cold_key is not None else 0)
+
+    def release(self) -> None:
+        """Drop what only ``ids`` past the head needed."""
+        self._cold_key = None
 
     def ids(self, start: int, stop: int) -> np.ndarray:
         """Row ids at positions ``start:stop`` (int64): hot ones in rank order, then cold ascending."""
         k = self.hot.size
-        head = self.hot[start:min(stop, k)]
+        head = self.hot[start:min(stop, k)].astype(np.int64)
         if stop <= k:
-            return head.copy()
+            return head
+        if self._cold_key is None:
+            self._cold_key = self._hs.astype(np.int64) - np.arange(self._hs.size, dtype=np.int64)
         c = np.arange(max(start, k) - k, stop - k, dtype=np.int64)
         cold = c + np.searchsorted(self._cold_key, c, side="right")
         return np.concatenate([head, cold]) if head.size else cold
 
     def hot_between(self, a: int, b: int) -> tuple[int, np.ndarray, np.ndarray]:
         """The hot rows with ids in ``a:b``: (how many hot ids are below ``a``, their ids
-        ascending, their file positions). Costs two binary searches and views."""
-        i0, i1 = (int(x) for x in np.searchsorted(self._hs, [a, b]))
-        return i0, self._hs[i0:i1], self._rank[i0:i1]
+        ascending, their file positions; int64). Costs two binary searches and a copy of those."""
+        i0, i1 = (int(x) for x in np.searchsorted(self._hs, np.array([a, b], dtype=self._hs.dtype)))
+        return i0, self._hs[i0:i1].astype(np.int64), self._rank[i0:i1].astype(np.int64)
+
+    def of(self, rows: np.ndarray) -> np.ndarray:
+        """File position of each of ``rows`` (valid row ids, any order; int64): its rank if it
+        is hot, else the hot rows' count plus the cold rows below it. One binary search each."""
+        x = np.asarray(rows).astype(self._hs.dtype, copy=False)  # searchsorted must not convert _hs
+        j = np.searchsorted(self._hs, x, side="left")  # hot rows below x
+        pos = self.hot.size + x.astype(np.int64) - j
+        if self._hs.size:
+            jj = np.minimum(j, self._hs.size - 1)
+            is_hot = self._hs[jj] == x
+            pos[is_hot] = self._rank[jj[is_hot]]
+        return pos
 
     def positions(self, start: int, stop: int) -> np.ndarray:
         """File position of rows ``start:stop`` (int64): the inverse of :meth:`ids`."""
-        x = np.arange(start, stop, dtype=np.int64)
-        j = np.searchsorted(self._hs, x, side="left")  # hot rows below x
-        pos = self.hot.size + x - j
-        if self._hs.size:
-            is_hot = self._hs[np.minimum(j, self._hs.size - 1)] == x
-            pos[is_hot] = self._rank[j[is_hot]]
-        return pos
+        return self.of(np.arange(start, stop, dtype=np.int64))
 
 
 def load_hot_order(store: str | os.PathLike[str], table: str, rows: int) -> HotOrder | None:

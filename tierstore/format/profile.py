@@ -14,8 +14,9 @@ On disk, per table, in ``STORE/profiles/``:
   counts whole. Version 1 (still read): a ``.npy`` of one count per table row (int32 when
   the largest count fits, else int64), checked against the JSON's total and nonzero.
 * ``<table>.json``: ``{"format": "tierstore-profile", "version": 2, "table", "rows",
-  "dtype", "total", "nonzero", "source", ...}`` (written last, so a present JSON means a
-  complete profile).
+  "dtype", "total", "nonzero", "source", "profile_id", ...}`` (written last, so a present
+  JSON means a complete profile; ``profile_id``, random per save, ties a hot-set snapshot
+  to the profile it was made of).
 
 A store keeps only the hottest rows its tiers can hold (``load_profile(..., top=k)``, a
 :class:`TopProfile`); a version-1 file is then streamed a chunk at a time.
@@ -27,6 +28,7 @@ import hashlib
 import io
 import json
 import re
+import uuid
 from pathlib import Path
 
 import numpy as np
@@ -105,7 +107,10 @@ def save_profile(store: str | Path, table: str, counts: np.ndarray | tuple[np.nd
         body + hashlib.sha256(body).digest())
     info = {"format": PROFILE_FORMAT, "version": PROFILE_VERSION, "table": table,
             "rows": int(n_rows), "dtype": "int64", "layout": "sparse",
-            "total": int(pairs[1].sum()), "nonzero": int(pairs.shape[1]), **(meta or {})}
+            "total": int(pairs[1].sum()), "nonzero": int(pairs.shape[1]), **(meta or {}),
+            # this save's identity: a hot-set snapshot records it, and open takes the ranking
+            # from the snapshot (its ids prefix) only while the profile is the one it was made of
+            "profile_id": uuid.uuid4().hex}
     atomic_write(data, payload)
     atomic_write(meta_path, json.dumps(info, indent=1).encode())  # last: its presence means complete
     return data

@@ -1,4 +1,4 @@
-"""On-disk store format, version 3 (reads versions 1 and 2 too; documented in docs/format.md).
+"""On-disk store format, version 4 (reads versions 1 to 3 too; documented in docs/format.md).
 
 A store is a directory::
 
@@ -68,8 +68,11 @@ __all__ = [
 ]
 
 FORMAT_NAME = "tierstore"
-FORMAT_VERSION = 3  # 2: manifest digest and build id; 3: every file carries the build id, order checksum
-READ_VERSIONS = (1, 2, 3)
+# 2: manifest digest and build id; 3: every file carries the build id, order checksum; 4: a
+# hot-ordered table's order file holds only its hot head (format.order; a store without an
+# ordered table is still written as version 3)
+FORMAT_VERSION = 4
+READ_VERSIONS = (1, 2, 3, 4)
 PINNED_VERSION = 3  # first version whose files carry the build id: opens check them against the manifest
 PAGE_SIZE = 4096
 CHECKSUM_SCHEME = "mulsum64-v1"
@@ -118,8 +121,9 @@ class TableInfo:
     checksum_file: str  # per-page checksums, relative to the store directory
     file_bytes: int  # exact size of the row file (header page + rows, padded to pages)
     source: dict[str, Any] = field(default_factory=dict)  # provenance (checkpoint path, source dtype)
-    # hotness-ordered layout: a .npy of int32/int64 giving each row's physical position in
-    # the row file (hot rows first, sharing pages); None: row r is at position r
+    # hotness-ordered layout: the order file (tierstore.format.order: version 4, the hot rows'
+    # ids in file order; version 3 and older, each row's position), hot rows first, sharing
+    # pages; None: row r is at position r
     order_file: str | None = None
     # quantized table (docs/format.md, "Quantized tables"): each stored row is value bytes
     # then scale bytes (dtype "uint8", dim = quant.row_bytes); lookups return bf16 rows of

@@ -11,7 +11,7 @@ from tqdm.auto import tqdm
 
 from ..errors import CorruptDataError, StoreChangedError
 from ..files import os_error, read_full
-from .order import load_order
+from .order import DenseOrder, load_order
 from .spec import PAGE_SIZE, TableInfo, check_header_page, load_checksums, page_checksums, read_manifest
 
 __all__ = ["Mismatch", "VerifyReport", "verify_store"]
@@ -64,9 +64,11 @@ def verify_store(store: str | os.PathLike[str], *, progress: bool = True, max_re
                 continue
             if info.order_file:
                 try:
-                    pos = load_order(root, info, build_id)
-                    is_perm = info.rows == 0 or (int(pos.min()) >= 0 and int(pos.max()) < info.rows
-                                                  and bool((np.bincount(pos, minlength=info.rows) == 1).all()))
+                    order = load_order(root, info, build_id)  # a head form's hot ids are checked distinct and in range
+                    pos = order.pos if isinstance(order, DenseOrder) else None
+                    is_perm = pos is None or info.rows == 0 or (
+                        int(pos.min()) >= 0 and int(pos.max()) < info.rows
+                        and bool((np.bincount(pos, minlength=info.rows) == 1).all()))
                 except (CorruptDataError, StoreChangedError) as e:  # damaged, or another build's file
                     is_perm, why = False, str(e)
                 else:

@@ -12,7 +12,9 @@ a chunk the ids go to the store sorted, which lets the disk tier read each page 
 
 from __future__ import annotations
 
+import json
 import os
+import uuid
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
@@ -21,7 +23,8 @@ import numpy as np
 import torch
 
 from ..errors import TierStoreError
-from ..format.profile import hot_rows, load_profile, profile_info
+from ..files import atomic_write
+from ..format.profile import has_profile, hot_rows, load_profile, profile_info, profile_paths
 from ..format.snapshot import DEFAULT_SNAPSHOT_BYTES, snapshot_path, write_snapshot
 from ..sizes import parse_size
 from .store import Store
@@ -57,16 +60,21 @@ def save_snapshot(store: str | os.PathLike[str], tables: Iterable[str] | None = 
                 raise TierStoreError(f"no table {name!r} in store {store!s}; tables: {', '.join(sorted(s.tables))}")
             path = snapshot_path(store, name)
             k = min(info.rows, max_bytes // max(1, info.row_bytes))
-            # only the k hottest rows (streamed out of the profile: never a count per table row)
-            counts = load_profile(store, name, n_rows=info.rows, missing_ok=tables is None, top=max(k, 1))
-            if counts is None:
+            if tables is None and not has_profile(store, name):
                 continue
+            # read before the counts: a profile saved meanwhile leaves this snapshot with the
+            # old id, so open does not take its ranking for the new profile's
+            meta = profile_info(store, name)  # raises, naming the fix, when there is none
+            if not isinstance(meta.get("profile_id"), str):  # saved before profiles had an id: give it one,
+                meta = {**meta, "profile_id": uuid.uuid4().hex}  # so open can take the ranking from the snapshot
+                atomic_write(profile_paths(store, name)[1], json.dumps(meta, indent=1).encode())
             if k <= 0:
                 path.unlink(missing_ok=True)
                 continue
+            # only the k hottest rows (streamed out of the profile: never a count per table row)
+            counts = load_profile(store, name, n_rows=info.rows, missing_ok=False, top=k)
             ranked = hot_rows(counts, k)  # the one ranking: every tier's hot set is a prefix
             del counts
-            meta = profile_info(store, name)
 
             def fetch(ids: np.ndarray, name: str = name) -> np.ndarray:
                 order = np.argsort(ids, kind="stable")
@@ -76,6 +84,7 @@ def save_snapshot(store: str | os.PathLike[str], tables: Iterable[str] | None = 
                 return got
 
             head = write_snapshot(path, info, s.manifest.build_id, ranked, fetch, chunk_bytes=chunk,
-                                  profile={"total": meta["total"], "nonzero": meta["nonzero"]})
+                                  profile={"total": meta["total"], "nonzero": meta["nonzero"],
+                                           "profile_id": meta.get("profile_id")})
             out[name] = {**head, "path": str(Path(path))}
     return out

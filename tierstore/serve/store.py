@@ -23,10 +23,11 @@ from ..ids import IdLike, as_row_ids, check_id_tensor
 from .options import StoreOptions, resolve_device, resolve_options
 from .prefetcher import LookupFuture, Prefetcher
 from .rowstore import RowStore
-from ..format.profile import load_profile
+from ..format.profile import Profile, has_profile, load_profile, profile_info
 from ..format.recovery import recover
 from ..sizes import format_size
 from ..tiers.cuda import check_device_room
+from ..tiers.hotset import TableSnapshot
 from .table import Table
 
 __all__ = ["Store", "open_store", "IdLike", "INLINE_BELOW"]
@@ -174,16 +175,47 @@ class Store:
                 d_rows, h_rows = rows_of(self.device_budget, info), rows_of(self.host_budget, info)
                 # only the hottest rows a tier can hold are ever used: keep no count per table row
                 top = min(info.rows, max(d_rows, h_rows))
-                self._tables[name] = Table(
-                    self.path, info, device=self.device, device_rows=d_rows, host_rows=h_rows,
-                    policy=spec, profile=load_profile(self.path, name, top=top) if use_profile else None,
-                    build_id=self.manifest.build_id, pinned_build=self.manifest.pinned_build, **options,
-                )
+                profile, snap = self._ranking(info, top, options["direct"]) if use_profile else (None, None)
+                try:
+                    self._tables[name] = Table(
+                        self.path, info, device=self.device, device_rows=d_rows, host_rows=h_rows,
+                        policy=spec, profile=profile, snapshot=snap,
+                        build_id=self.manifest.build_id, pinned_build=self.manifest.pinned_build, **options,
+                    )
+                finally:  # the Table closes it once loaded; a Table that failed early may not have
+                    if snap is not None and snap[0] is not None:
+                        snap[0].close()
         except BaseException:
             for t in self._tables.values():
                 t.close()
             self._tables = {}
             raise
+
+    def _ranking(self, info: TableInfo, top: int, direct: bool | None
+                 ) -> tuple[Profile | None, tuple[TableSnapshot | None, str] | None]:
+        """(the ``top`` hottest rows of the table's saved profile, (its hot-set snapshot, the
+        snapshot's status) for the Table to load from, or None: the Table looks itself).
+
+        The ranking comes from the snapshot's ids prefix when the snapshot was made of this
+        profile (``TableSnapshot.ranking``): open then reads ``4 x top`` bytes of ranking,
+        not the profile file (8 bytes per table row for a version-1 profile, 16 per profiled
+        row for version 2), so what it reads follows the budgets, not the table or the trace."""
+        if not has_profile(self.path, info.name):
+            return None, None
+        if top <= 0:
+            return load_profile(self.path, info.name, top=top), None
+        snap, status = TableSnapshot.open(self.path, info, self.manifest.build_id, direct=direct)
+        try:
+            ranked = snap.ranking(top, profile_info(self.path, info.name)) if snap is not None else None
+            if ranked is None:
+                ranked = load_profile(self.path, info.name, top=top)
+            if snap is not None and snap.dropped:  # its ids failed their check: the Table loads without it
+                status = f"ignored: {snap.why}"
+        except BaseException:
+            if snap is not None:
+                snap.close()
+            raise
+        return ranked, (snap, status)
 
     def _rebuilt_since(self, e: StoreChangedError | CorruptDataError, *, last: bool) -> None:
         """After an open that found a file of another build or a damaged one: read the manifest

@@ -63,6 +63,7 @@ class Table:
         zero_copy: bool = False,
         disk_reader: str = "auto",
         timeout: float = 60.0,
+        snapshot: tuple[TableSnapshot | None, str] | None = None,
     ):
         self.info = info
         self.snapshot_status = "none"  # the hot-set snapshot at open: "none", "ok", "stale: ...", "ignored: ..."
@@ -73,9 +74,13 @@ class Table:
                                    device_reader=disk_reader, build_id=pinned_build)
         self.host: Tier | None = None
         self.dev: Tier | None = None
-        snap = None  # the table's hot-set snapshot, open while the tiers load (a profile places their rows)
+        # the table's hot-set snapshot, open while the tiers load (a profile places their rows):
+        # ``snapshot``, (the snapshot or None, its status), when the caller opened it already
+        snap = snapshot[0] if snapshot is not None else None
         try:
-            if profile is not None and host_rows + device_rows > 0:
+            if snapshot is not None:
+                self.snapshot_status = snapshot[1]
+            elif profile is not None and host_rows + device_rows > 0:
                 snap, self.snapshot_status = TableSnapshot.open(root, info, build_id, direct=direct)
             pinned = dict(pin=self.cuda, zero_copy=self.zero_copy, zero_copy_device=device)
             if host_shared and host_rows > 0:

@@ -139,10 +139,9 @@ class DiskTier:
                 f"{info.file_bytes}: truncated or replaced; rebuild the store (`tierstore verify` for details)"
             )
         self.sums = load_checksums(root, info)
-        # hotness-ordered layout: physical position of each row (memory-mapped, shared; its
-        # checksum is checked by one full read of the file here)
+        # hotness-ordered layout: row id <-> file position (format.order: the hot ids only, or an
+        # older store's position per row, memory-mapped); checked by one full read of the file here
         self.pos = load_order(root, info, build_id) if info.order_file else None
-        self._perm: np.ndarray | None = None
         self._local = threading.local()  # per-thread aligned read buffer
         self._pool: ThreadPoolExecutor | None = None
         self.lock = threading.Lock()
@@ -238,7 +237,7 @@ class DiskTier:
             out.copy_(staged, non_blocking=True)  # the caching host allocator keeps `staged` until it ran
             return
         t0 = time.perf_counter()
-        phys = rows if self.pos is None else self.pos[rows].astype(np.int64)
+        phys = rows if self.pos is None else self.pos.of(rows)
         if on_device:
             dst = out.view(torch.uint8).reshape(len(rows), self.info.row_bytes)
         else:
@@ -348,7 +347,7 @@ class DiskTier:
     def read_range(self, start: int, stop: int, out: torch.Tensor) -> np.ndarray:
         """The rows at file positions ``start:stop`` (one sequential read, e.g. loading a resident
         table) into ``out``; returns their row ids (``start:stop`` unless the layout is ordered)."""
-        rows = np.arange(start, stop, dtype=np.int64) if self.pos is None else self.perm[start:stop].astype(np.int64)
+        rows = np.arange(start, stop, dtype=np.int64) if self.pos is None else self.pos.ids(start, stop)
         self.read(rows, out)
         return rows
 
@@ -366,17 +365,8 @@ class DiskTier:
                 if progress is not None:
                     progress(e)
         finally:
-            self._perm = None  # 4 bytes per table row: only while the table loads
-
-    @property
-    def perm(self) -> np.ndarray:
-        """Row id at each file position (the inverse of ``pos``; int32: rows < 2**31), computed
-        once and kept until ``load_table`` ends (a resident tier's load is its only user)."""
-        if self._perm is None:
-            perm = np.empty(len(self.pos), dtype=np.int32)
-            perm[self.pos] = np.arange(len(self.pos), dtype=np.int32)
-            self._perm = perm
-        return self._perm
+            if self.pos is not None:
+                self.pos.release()  # what only the load needed (a dense order's inverse: 4 B per row)
 
     def stats(self) -> dict[str, float | str]:
         dr = self.device_reader
@@ -385,9 +375,9 @@ class DiskTier:
                 "reader": dr.kind if dr is not None else "posix",
                 "reader_mode": dr.mode if dr is not None else self.reader.method,
                 "staging_bytes": dr.staging_bytes() if dr is not None else 0,
-                # in memory, not in files: the row order's inverse while a resident tier loads
-                # (the checksums and the row order are mapped from their files)
-                "meta_bytes": self._perm.nbytes if self._perm is not None else 0}
+                # in memory, not in files: a head-form row order's hot ids (12 B each), an older
+                # dense one's inverse while a resident tier loads (the checksums are mapped)
+                "meta_bytes": self.pos.nbytes if self.pos is not None else 0}
 
     def reset_stats(self) -> None:
         with self.lock:
@@ -403,5 +393,5 @@ class DiskTier:
         self.reader.close()
         if self.device_reader is not None:
             self.device_reader.close()
-        self.sums = self.pos = self._perm = None  # type: ignore[assignment]
+        self.sums = self.pos = None  # type: ignore[assignment]
 

@@ -39,6 +39,7 @@ from ..cache.layout import CACHED, RESIDENT
 from ..errors import CorruptDataError, FormatVersionError, StoreIOError, TierStoreError
 from ..format.snapshot import parse_snapshot_header, snapshot_path
 from ..format.spec import PAGE_SIZE, TableInfo, page_checksums
+from ..ranking import TopProfile
 from .page_reader import PageReader, aligned_empty
 
 if TYPE_CHECKING:
@@ -86,6 +87,7 @@ class TableSnapshot:
             self.bytes_read = 0
             self.claimed = 0  # bytes_read already counted in a tier's OpenStats
             self.dropped = False  # a page failed its check: no more loads from it
+            self.why = ""  # what failed
             page0 = self._pages(np.zeros(1, np.int64))
             self.head, self.layout = parse_snapshot_header(page0[0], str(path))
             lay = self.layout
@@ -154,13 +156,7 @@ class TableSnapshot:
         (every tier places a prefix of the ranking, so those are the ones to look at; a
         profile saved since without a snapshot finds fewer, and the rest load from the row file).
         Reads the ids prefix once, extending it when a larger tier asks."""
-        k = min(len(rows), self.layout.n)
-        if k > len(self.ids):
-            pages = self.layout.id_file_pages(k)
-            raw = self._read(pages).reshape(-1)[: k * self.layout.id_bytes]
-            self.ids = raw.view("<i4" if self.layout.id_bytes == 4 else "<i8").astype(np.int64)
-            self._sorted = None
-        ids = self.ids
+        ids = self._prefix(len(rows))
         if len(ids) >= len(rows) and np.array_equal(ids[: len(rows)], rows):  # the tier's rows in rank order
             return np.arange(len(rows), dtype=np.int64)
         if self._sorted is None:
@@ -171,6 +167,37 @@ class TableSnapshot:
             return np.full(len(rows), -1, np.int64)
         at = np.minimum(np.searchsorted(sorted_ids, rows), len(sorted_ids) - 1)
         return np.where(sorted_ids[at] == rows, order[at], -1)
+
+    def _prefix(self, k: int) -> np.ndarray:
+        """The first ``min(k, n)`` ranked ids (read once, extended when a larger tier asks)."""
+        k = min(k, self.layout.n)
+        if k > len(self.ids):
+            pages = self.layout.id_file_pages(k)
+            raw = self._read(pages).reshape(-1)[: k * self.layout.id_bytes]
+            self.ids = raw.view("<i4" if self.layout.id_bytes == 4 else "<i8").astype(np.int64)
+            self._sorted = None
+        return self.ids
+
+    def ranking(self, top: int, profile: dict) -> TopProfile | None:
+        """The profile's ``top`` hottest rows read from the snapshot's ids prefix (``4 x top``
+        bytes), instead of the profile file (8 bytes per table row for a version-1 profile,
+        16 per profiled row for version 2), when the snapshot was made of this very profile
+        (``profile``: its metadata; the ``profile_id`` of the save both record) and holds
+        them: ``top`` ids, or every profiled row. None otherwise (the caller loads the
+        profile), or when a page fails its check (the snapshot is then dropped)."""
+        made_of = self.head.get("profile")
+        pid = profile.get("profile_id")
+        if not isinstance(made_of, dict) or not isinstance(pid, str) or made_of.get("profile_id") != pid:
+            return None
+        nonzero = int(profile["nonzero"])
+        if self.layout.n < min(top, nonzero):
+            return None
+        try:
+            ids = self._prefix(min(top, nonzero))
+        except (CorruptDataError, StoreIOError) as e:
+            self.drop(str(e))
+            return None
+        return TopProfile(ids[:top], None, int(self.head["rows"]), complete=len(ids) >= nonzero)
 
     def read_rows(self, pos: np.ndarray) -> np.ndarray:
         """Snapshot rows at ranks ``pos`` (sorted ascending): uint8 (len(pos), row_bytes).
@@ -189,9 +216,10 @@ class TableSnapshot:
             out[s: s + 4096] = flat[at[s: s + 4096, None] + np.arange(rb)]
         return out
 
-    def drop(self) -> None:
+    def drop(self, why: str = "") -> None:
         """Stop using the snapshot (a page failed its check): later loads read the row file."""
         self.dropped = True
+        self.why = why
 
     def close(self) -> None:
         self.reader.close()
@@ -269,7 +297,7 @@ def load_slots(tier: Tier, slots: np.ndarray, rows: np.ndarray, *, disk: DiskTie
         snapshot.claimed = snapshot.bytes_read
     rest = np.flatnonzero(left)
     if len(rest):
-        key = rows[rest] if disk.pos is None else disk.pos[rows[rest]]
+        key = rows[rest] if disk.pos is None else disk.pos.of(rows[rest])
         rest = rest[np.argsort(key, kind="stable")]  # file order: each step reads forward through the file
         staged = torch.empty((min(step, len(rest)), info.dim), dtype=info.raw_dtype, device=tier.device)
         for s in range(0, len(rest), step):

@@ -16,7 +16,7 @@ from safetensors.torch import save_file
 import tierstore
 import tierstore.serve.store as store_module
 from tierstore import CorruptDataError, StoreChangedError
-from tierstore.format.order import load_order
+from tierstore.format.order import DenseOrder, load_order, write_order
 from tierstore.format.profile import save_profile
 from tierstore.format.spec import (PAGE_SIZE, ROWS_MAGIC, TableInfo, make_header, manifest_digest, page_checksums,
                                    read_header, read_manifest)
@@ -113,11 +113,13 @@ def _ordered(tmp_path, ckpt):
 
 
 def _edit_entries(order, edit) -> None:
-    """Apply ``edit`` to the int32 positions of an order file, in place (data from byte 4096)."""
+    """Apply ``edit`` to the int32 entries of an order file (its hot ids, padding included), in
+    place (data from byte 4096)."""
     raw = bytearray(order.read_bytes())
-    pos = np.frombuffer(raw, dtype="<i4", offset=PAGE_SIZE, count=ROWS).copy()
+    n = (len(raw) - PAGE_SIZE) // 4
+    pos = np.frombuffer(raw, dtype="<i4", offset=PAGE_SIZE, count=n).copy()
     edit(pos)
-    raw[PAGE_SIZE : PAGE_SIZE + 4 * ROWS] = pos.tobytes()
+    raw[PAGE_SIZE : PAGE_SIZE + 4 * n] = pos.tobytes()
     order.write_bytes(bytes(raw))
 
 
@@ -163,13 +165,43 @@ def _as_version2(out) -> None:
         sums[0] = page_checksums(np.frombuffer(page, dtype=np.uint8))[0]
         sums.tofile(out / t["checksum_file"])
         if t.get("order_file"):
-            pos = np.array(load_order(out, TableInfo(**t)))
+            pos = load_order(out, TableInfo(**t)).of(np.arange(t["rows"]))
             os.unlink(out / t["order_file"])
             t["order_file"] += ".npy"
             np.save(out / t["order_file"], pos)
     m["version"] = 2
     m["digest"] = manifest_digest(m)
     (out / "manifest.json").write_text(json.dumps(m))
+
+
+def test_a_version3_ordered_store_still_opens_and_verifies(tmp_path, ckpt):
+    """Version 3 wrote each row's position (the dense order file); version 4 writes the hot
+    ids only. A version-3 store opens, looks rows up exactly and verifies."""
+    path, w, prof = ckpt
+    out = tierstore.build_store(path, tmp_path / "OUT", order_by=prof, progress=False)
+    m = json.loads((out / "manifest.json").read_text())
+    assert m["version"] == 4
+    t = m["tables"][0]
+    info = TableInfo(**t)
+    pos = load_order(out, info, m["build_id"]).of(np.arange(ROWS))
+    with open(out / t["order_file"], "wb") as f:
+        write_order(f, info, pos, m["build_id"])
+    m["version"] = 3
+    m["digest"] = manifest_digest(m)
+    (out / "manifest.json").write_text(json.dumps(m))
+    assert isinstance(load_order(out, info, m["build_id"]), DenseOrder)
+    assert tierstore.verify_store(out, progress=False).ok
+    for budget in (0, ROWS * 64):
+        with tierstore.open(out, device="cpu", host_budget=budget) as st:
+            ids = torch.tensor([0, 1, 77, 4000, ROWS - 1])
+            assert torch.equal(bits(st.lookup(N, ids)), bits(w[ids]))
+
+
+def test_a_plain_store_is_still_written_as_version_3(tmp_path, ckpt):
+    """Only the order file changed in version 4: a store without an ordered table is what
+    version 3 wrote, so older readers still open it."""
+    path, w, prof = ckpt
+    assert read_manifest(tierstore.build_store(path, tmp_path / "OUT", progress=False)).version == 3
 
 
 @pytest.mark.parametrize("ordered", [False, True], ids=["plain", "ordered"])
