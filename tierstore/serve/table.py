@@ -6,12 +6,15 @@
 2. the missed ids are deduplicated; the host tier serves what it holds, the disk tier
    reads the rest (whole pages, checksums verified);
 3. rows read from disk are admitted into the host tier, rows that missed the device tier
-   into the device tier, as their policies decide (admit + copy under the tier's lock);
+   into the device tier, as their policies decide (the walk decides under the tiers' locks;
+   the slots stay unreadable to others until the lookup ends);
 4. the output is assembled on the store's device: hits gathered straight from the device
-   slab, misses scattered from the staged unique rows; leases are released.
+   slab, every other row copied to its slots and output positions as soon as it is here
+   (on the CPU, rows from disk chunk by chunk while later chunks are still read:
+   ``DiskTier.read(on_chunk=)``, ``_Placer``); leases are released.
 
-Costs: O(batch) index work plus one gather per tier; the only sort is the ``np.unique``
-of the ids that missed the device tier.
+Costs: O(batch) index work plus one gather per tier; the sorts are the walk's dedup and,
+unless the ids were sorted and unique, one stable argsort grouping output positions by row.
 
 On CUDA the bytes move by ``_move_cuda`` (never run: needs CUDA): the lookup's index arrays
 go up in one pinned non-blocking copy (tiers.cuda.to_device); host hits are gathered by the
