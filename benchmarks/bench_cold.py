@@ -23,6 +23,7 @@ $TIERSTORE_BENCH_CACHE or /tmp/tierstore_bench_cache) and are reused across runs
 
     python -m benchmarks.bench_cold [--quick] [--table-size 4GiB] [--rows 50000] [--repeats 3]
                                     [--methods auto,fadvise,pread] [--depth 256]
+                                    [--systems store,store+tiers,ours,methods,fresh,batch,memmap,lmdb]
 """
 
 from __future__ import annotations
@@ -49,6 +50,8 @@ from tierstore.sizes import format_size, parse_size
 from tierstore.tiers.disk import DiskTier
 
 _FIO_QD = 32
+# groups of systems --systems may pick ("ours", the first method's reader, always runs: it is the reference)
+SYSTEM_GROUPS = ("store", "store+tiers", "ours", "methods", "fresh", "batch", "memmap", "lmdb")
 
 
 # ----------------------------------------------------------------------------- data
@@ -195,7 +198,13 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     ap.add_argument("--depth", type=int, default=256, help="PageReader depth (reads / pages in flight)")
     ap.add_argument("--methods", default="auto,fadvise,pread", help="PageReader methods; the first is 'ours'")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--systems", default=",".join(SYSTEM_GROUPS),
+                    help=f"which systems to time, of {','.join(SYSTEM_GROUPS)} (ours always runs; skipping lmdb "
+                         "skips building its copies)")
     args = ap.parse_args(argv)
+    picked = set(args.systems.split(",")) | {"ours"}
+    if not picked <= set(SYSTEM_GROUPS):
+        ap.error(f"--systems: unknown {sorted(picked - set(SYSTEM_GROUPS))}; choose from {','.join(SYSTEM_GROUPS)}")
     if args.quick:
         args.table_size, args.rows, args.repeats, args.fio_runtime, args.small_batch = "48MiB", 1500, 1, 1.0, "256"
 
@@ -205,12 +214,14 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     row_sizes = [int(x) for x in args.row_bytes.split(",")]
     small_batches = [int(x) for x in args.small_batch.split(",") if x]
     row_file = ensure_row_file(cache, size)
-    dbs = {s: ensure_lmdb(cache, row_file, s) for s in row_sizes}
+    dbs = {s: ensure_lmdb(cache, row_file, s) for s in row_sizes} if "lmdb" in picked else {}
     store_dirs = {s: ensure_store(cache, row_file, s) for s in row_sizes}
     stores = {s: {"store": tierstore.open(d, device="cpu"),
                   "store+tiers": tierstore.open(d, device="cpu", device_budget="1MiB", host_budget="4MiB")}
               for s, d in store_dirs.items()}
     methods = args.methods.split(",")
+    if "methods" not in picked:
+        methods = methods[:1]
     tiers = {s: {m: open_disk_tier(d, method=m, threads=args.threads, depth=args.depth) for m in methods}
              for s, d in store_dirs.items()}
     readers = {m: t.reader for m, t in tiers[row_sizes[0]].items()}  # every row size's tiers read alike
@@ -247,23 +258,30 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     def add(key: str, value: float) -> None:
         samples.setdefault(key, []).append(value)
 
+    def all_systems(s: int, ids: np.ndarray, keys: list[bytes], rows_out: np.ndarray, out_t: torch.Tensor
+                    ) -> list[tuple[str, str, Callable[[], np.ndarray]]]:
+        """(group, name, read) of every system for rows of ``s`` bytes."""
+        return [
+            *[(name, name, lambda st=st: read_store(st, ids, out_t)) for name, st in stores[s].items()],
+            *[("ours" if m == methods[0] else "methods", names[m], lambda t=t: read_disk(t, ids, rows_out))
+              for m, t in tiers[s].items()],
+            ("fresh", f"{ours}+fresh", lambda: read_disk(tiers[s][methods[0]], ids)),
+            *[("batch", f"{ours} batch{b}", lambda b=b: read_disk(tiers[s][methods[0]], ids, rows_out, batch=b))
+              for b in small_batches],
+            ("memmap", "memmap", lambda: read_memmap(row_file, ids, s, rows_out)),
+            ("lmdb", "lmdb", lambda: read_lmdb(dbs[s], keys, s)),
+        ]
+
     mismatches = 0
     for rep in range(args.repeats):
         for s in row_sizes:
             ids = np.unique(rng.integers(0, size // s, args.rows))
             pages = row_pages(ids, s)
-            keys = [int(i).to_bytes(8, "big") for i in ids]
+            keys = [int(i).to_bytes(8, "big") for i in ids] if "lmdb" in picked else []
             rows_out = rows_buf[:len(ids) * s].reshape(len(ids), s)
             out_t = torch.empty((len(ids), s // 2), dtype=torch.float16)
-            systems: list[tuple[str, Callable[[], np.ndarray]]] = [
-                *[(name, lambda st=st: read_store(st, ids, out_t)) for name, st in stores[s].items()],
-                *[(names[m], lambda t=t: read_disk(t, ids, rows_out)) for m, t in tiers[s].items()],
-                (f"{ours}+fresh", lambda: read_disk(tiers[s][methods[0]], ids)),
-                *[(f"{ours} batch{b}", lambda b=b: read_disk(tiers[s][methods[0]], ids, rows_out, batch=b))
-                  for b in small_batches],
-                ("memmap", lambda: read_memmap(row_file, ids, s, rows_out)),
-                ("lmdb", lambda: read_lmdb(dbs[s], keys, s)),
-            ]
+            systems = [(name, fn) for group, name, fn in all_systems(s, ids, keys, rows_out, out_t)
+                       if group in picked]
             results: dict[str, np.ndarray] = {}
             k = rep % len(systems)  # rotate the order so that no system always runs first after fio
             fio = None
@@ -287,7 +305,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
                 if fio is not None:
                     add(f"{s}/{name}/fio", fio["iops"])
                     add(f"{s}/{name}/x_fio", len(pages) / dt / fio["iops"])
-            ref = results["memmap"]
+            ref = results["memmap"] if "memmap" in results else read_memmap(row_file, ids, s, rows_out).copy()
             for name, got in results.items():
                 bad = int((got != ref).any(axis=1).sum())
                 if bad:
@@ -308,7 +326,8 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         "load_avg_end": os.getloadavg()[0], "mismatches": mismatches,
         "resident_after_evict": residue,  # bytes per file by fincore (None: not installed)
     }
-    sysnames = ["store", "store+tiers", *names.values(), f"{ours}+fresh", *[f"{ours} batch{b}" for b in small_batches], "memmap", "lmdb"]
+    sysnames = [name for group, name, _ in all_systems(row_sizes[0], np.zeros(0, np.int64), [], rows_buf[:0], out_t)
+                if group in picked]
     for s in row_sizes:
         fio_iops = med.get(f"{s}/fio/iops")
         print(f"\nrows of {s} B: {args.rows} random rows, medians of {args.repeats} runs; "
@@ -334,10 +353,10 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
                                "cpu_us_per_row": med[f"{s}/{name}/cpu_us_row"]} for name in sysnames},
             "store_vs_fio_iops": med.get(f"{s}/store/x_fio"),
             "store_tiers_vs_fio_iops": med.get(f"{s}/store+tiers/x_fio"),
-            "store_vs_reader": med[f"{s}/store/rows_s"] / ref_rows,
+            "store_vs_reader": med[f"{s}/store/rows_s"] / ref_rows if "store" in picked else None,
             "ours_vs_fio_iops": med.get(f"{s}/{ours}/x_fio"),
-            "ours_vs_memmap": ref_rows / med[f"{s}/memmap/rows_s"],
-            "ours_vs_lmdb": ref_rows / med[f"{s}/lmdb/rows_s"],
+            "ours_vs_memmap": ref_rows / med[f"{s}/memmap/rows_s"] if "memmap" in picked else None,
+            "ours_vs_lmdb": ref_rows / med[f"{s}/lmdb/rows_s"] if "lmdb" in picked else None,
         }
     json_line(out)
     return out

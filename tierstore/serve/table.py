@@ -6,12 +6,15 @@
 2. the missed ids are deduplicated; the host tier serves what it holds, the disk tier
    reads the rest (whole pages, checksums verified);
 3. rows read from disk are admitted into the host tier, rows that missed the device tier
-   into the device tier, as their policies decide (admit + copy under the tier's lock);
+   into the device tier, as their policies decide (the walk decides under the tiers' locks;
+   the slots stay unreadable to others until the lookup ends);
 4. the output is assembled on the store's device: hits gathered straight from the device
-   slab, misses scattered from the staged unique rows; leases are released.
+   slab, every other row copied to its slots and output positions as soon as it is here
+   (on the CPU, rows from disk chunk by chunk while later chunks are still read:
+   ``DiskTier.read(on_chunk=)``, ``_Placer``); leases are released.
 
-Costs: O(batch) index work plus one gather per tier; the only sort is the ``np.unique``
-of the ids that missed the device tier.
+Costs: O(batch) index work plus one gather per tier; the sorts are the walk's dedup and,
+unless the ids were sorted and unique, one stable argsort grouping output positions by row.
 
 On CUDA the bytes move by ``_move_cuda`` (never run: needs CUDA): the lookup's index arrays
 go up in one pinned non-blocking copy (tiers.cuda.to_device); host hits are gathered by the
@@ -39,6 +42,58 @@ from ..tiers.cuda import capacity_error, to_device
 from ..tiers.hotset import TableSnapshot
 
 __all__ = ["Table"]
+
+class _Placer:
+    """Where the rows below the device tier go, for one lookup (CPU path): given need
+    indices ``j`` (into ``lk.need``) and their rows, write the rows the device tier admitted
+    into its slots and scatter every row to its positions in the output (several when the
+    ids repeat). Built once per lookup in O(ids); each call is O(its rows), so it may run
+    chunk by chunk from the disk tier's overlap threads (disjoint ``j``, disjoint writes)."""
+
+    def __init__(self, lk: Lookup, dev: Tier, out: torch.Tensor):
+        self.dev, self.out = dev, out
+        n, m = len(lk.d_code), lk.m
+        below = np.flatnonzero(lk.d_code != HIT)  # output positions served from below the device tier
+        src = lk.need_of[below]  # ... and the need index of each
+        fill = np.flatnonzero(lk.d_code == FILL)
+        self.d_slot_of = np.full(m, -1, dtype=np.int64)  # device slot admitted for need j, or -1
+        self.d_slot_of[lk.need_of[fill]] = lk.d_slot[fill]
+        self.any_fill = len(fill) > 0
+        self.identity = len(below) == n == m and bool((src == np.arange(m)).all())  # out[i] <- need[i]
+        if self.identity:
+            return
+        self.unique = len(src) == m  # every need index has exactly one output position
+        by = np.argsort(src, kind="stable")  # output positions grouped by need index
+        if self.unique:
+            self.pos_of = below[by]  # output position of need j
+            return
+        self.pos = below[by]
+        self.start = np.zeros(m + 1, dtype=np.int64)
+        np.cumsum(np.bincount(src, minlength=m), out=self.start[1:])
+
+    def __call__(self, j: np.ndarray, rows: torch.Tensor, *, in_out: bool = False) -> None:
+        """Place the rows of need indices ``j``. ``in_out``: they are already in ``out`` at
+        their positions (identity lookups read straight into it)."""
+        if self.any_fill:
+            slots = self.d_slot_of[j]
+            k = np.flatnonzero(slots >= 0)
+            if len(k):
+                self.dev.write(slots[k], rows.index_select(0, torch.from_numpy(k)))
+        if in_out:
+            return
+        out = self.out
+        if self.identity:
+            out.index_copy_(0, torch.from_numpy(j), rows)
+        elif self.unique:
+            out.index_copy_(0, torch.from_numpy(self.pos_of[j]), rows)
+        else:
+            lo, hi = self.start[j], self.start[j + 1]
+            cnt = hi - lo
+            total = int(cnt.sum())
+            each = np.repeat(np.arange(len(j)), cnt)  # row k of `rows` once per output position
+            flat = np.repeat(lo - (np.cumsum(cnt) - cnt), cnt) + np.arange(total)
+            out.index_copy_(0, torch.from_numpy(self.pos[flat]), rows.index_select(0, torch.from_numpy(each)))
+
 
 class Table:
     """One table's lookups through its tiers. The tiers are built here (which class serves
@@ -193,23 +248,38 @@ class Table:
             self._end(lk, ok)
 
     def _move(self, lk: Lookup, out: torch.Tensor) -> None:
-        """The CPU path: host/disk -> staged rows -> the device slots the walk admitted them
-        to -> ``out``."""
-        dev = self.dev
-        d_slot, d_code, need_of, m = lk.d_slot, lk.d_code, lk.need_of, lk.m
+        """The CPU path: device hits gathered into ``out``; every row below the device tier
+        placed (``_Placer``: into the device slots the walk admitted it to, and into its
+        positions of ``out``) as soon as it is here: host hits at once, rows from disk chunk
+        by chunk as the disk tier's reads of them finish (``DiskTier.read``'s ``on_chunk``),
+        so the copies overlap the reads of later chunks instead of following the last one."""
+        dev, host = self.dev, self.host
+        d_slot, d_code, m = lk.d_slot, lk.d_code, lk.m
         if m == 0:  # every row on the device: one gather
             dev.gather(d_slot, out)
             return
-        staged = self._from_host_or_disk(lk.need[:m], lk.h_slot[:m], lk.h_code[:m])
-        d_hit = d_code == HIT
-        fill = np.flatnonzero(d_code == FILL)
-        if len(fill):  # rows the device tier admitted: write their slots
-            dev.write(d_slot[fill], staged.index_select(0, torch.from_numpy(need_of[fill])))
-        below = np.flatnonzero(~d_hit)
-        hit_pos = np.flatnonzero(d_hit)
+        need, h_slot, h_code = lk.need[:m], lk.h_slot[:m], lk.h_code[:m]
+        place = _Placer(lk, dev, out)
+        h_hit = h_code == HIT
+        cold = np.flatnonzero(~h_hit)  # need indices read from disk
+        h_fill = h_code[cold] == FILL  # ... which the host tier admitted (per cold row)
+        direct = place.identity and len(cold) == m  # out[i] is row need[i]: read straight into out
+
+        def arrived(sel: np.ndarray, rows: torch.Tensor) -> None:  # a chunk of cold rows is here
+            fill = np.flatnonzero(h_fill[sel])
+            if len(fill):
+                host.write(h_slot[cold[sel[fill]]], rows.index_select(0, torch.from_numpy(fill)))
+            place(cold[sel], rows, in_out=direct)
+
+        hit_pos = np.flatnonzero(d_code == HIT)
         if len(hit_pos):
             out.index_copy_(0, torch.from_numpy(hit_pos), dev.gather(d_slot[hit_pos]))
-        out.index_copy_(0, torch.from_numpy(below), staged.index_select(0, torch.from_numpy(need_of[below])))
+        hits = np.flatnonzero(h_hit)
+        if len(hits):
+            place(hits, host.gather(h_slot[hits]))
+        if len(cold):
+            dst = out if direct else torch.empty((len(cold), self.info.dim), dtype=self.info.raw_dtype)
+            self.disk.read(need[cold], dst, on_chunk=arrived)
 
     def _move_cuda(self, lk: Lookup, out: torch.Tensor) -> None:
         """The CUDA path (module docstring), on the current stream (a worker's side stream,
@@ -267,32 +337,6 @@ class Table:
             self._walker.end(lk, ok)
             if self.events is not None:
                 self.events.append(("end", ok, id(lk)))
-
-    def _from_host_or_disk(self, need: np.ndarray, h_slot: np.ndarray, h_code: np.ndarray) -> torch.Tensor:
-        """Rows ``need`` (sorted unique) as a CPU tensor (the CPU path): host hits from the
-        host tier, the rest from disk, written into the slots the host tier admitted them
-        to (``FILL``)."""
-        info, host = self.info, self.host
-        staged = torch.empty((len(need), info.dim), dtype=info.raw_dtype)
-        hit = h_code == HIT
-        if hit.all():
-            host.gather(h_slot, staged)
-            return staged
-        if not hit.any():
-            self.disk.gather(need, staged)
-            cold, cold_pos = staged, None
-        else:
-            cold_pos = np.flatnonzero(~hit)
-            cold = self.disk.gather(need[cold_pos])
-            hit_pos = np.flatnonzero(hit)
-            # index_copy_/index_select: several times faster than tensor __setitem__/__getitem__
-            staged.index_copy_(0, torch.from_numpy(hit_pos), host.gather(h_slot[hit_pos]))
-            staged.index_copy_(0, torch.from_numpy(cold_pos), cold)
-        fill = np.flatnonzero(h_code == FILL)
-        if len(fill):
-            src = fill if cold_pos is None else np.searchsorted(cold_pos, fill)
-            host.write(h_slot[fill], cold.index_select(0, torch.from_numpy(src)))
-        return staged
 
     def hint(self, ids: np.ndarray) -> None:
         """Announce rows a later lookup will read (the known future). Each tier hears only

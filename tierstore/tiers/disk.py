@@ -216,7 +216,8 @@ class DiskTier:
     def preload(self, disk: DiskTier, source: object = None, snapshot: object = None) -> None:
         """Nothing to load: the disk tier holds every row."""
 
-    def read(self, rows: np.ndarray, out: torch.Tensor) -> None:
+    def read(self, rows: np.ndarray, out: torch.Tensor,
+             on_chunk: Callable[[np.ndarray, torch.Tensor], None] | None = None) -> None:
         """Fill ``out`` (len(rows), dim) with the stored rows. ``rows``: int64, unique.
 
         Works through the rows in file order, CHUNK_ROWS at a time: read the pages that hold
@@ -226,6 +227,14 @@ class DiskTier:
         ``out`` on the device reader's device: pages land there and are verified and cut
         there (torch). ``out`` in host memory: the POSIX reader (numpy). ``out`` on a CUDA
         device with no device reader: POSIX into pinned host memory, one copy up.
+
+        ``on_chunk(sel, got)``: called as each chunk's rows are in place (verified), from
+        the thread that read the chunk (one of the two overlap threads for a batch of several
+        chunks, so at most two calls run at once, on disjoint ``sel``): ``sel`` (int64) are
+        the positions in ``rows`` of that chunk, ``got`` their rows (``out[sel]``; a view of
+        ``out`` when the positions are consecutive). The caller's per-chunk work (copies of
+        the rows into caches and into a result) then overlaps the next chunk's reads instead
+        of waiting for the last one. An error it raises is the read's error.
         """
         if len(rows) == 0:
             return
@@ -233,7 +242,7 @@ class DiskTier:
         on_device = dr is not None and out.device == dr.device
         if not on_device and out.device.type != "cpu":  # never run: needs CUDA
             staged = torch.empty(out.shape, dtype=out.dtype, pin_memory=True)
-            self.read(rows, staged)
+            self.read(rows, staged, on_chunk)
             out.copy_(staged, non_blocking=True)  # the caching host allocator keeps `staged` until it ran
             return
         t0 = time.perf_counter()
@@ -259,15 +268,22 @@ class DiskTier:
         def chunk_here(c: int) -> int:
             sel = slice(c, c + step) if order is None else order[c : c + step]
             if order is None:
-                return self._read_chunk(rows[sel], phys[sel], dst[sel])
+                n = self._read_chunk(rows[sel], phys[sel], dst[sel])
+                if on_chunk is not None:
+                    on_chunk(np.arange(c, min(c + step, len(rows)), dtype=np.int64), out[sel])
+                return n
             if not on_device:
                 part = np.empty((len(sel), self.info.row_bytes), dtype=np.uint8)
                 n = self._read_chunk(rows[sel], phys[sel], part)
                 dst[sel] = part
+                if on_chunk is not None:
+                    on_chunk(sel, torch.from_numpy(part).view(out.dtype).view(len(sel), -1))
                 return n
             part_t = torch.empty((len(sel), self.info.row_bytes), dtype=torch.uint8, device=dst.device)
             n = self._read_chunk(rows[sel], phys[sel], part_t)
             dst.index_copy_(0, to_device([sel], dst.device)[0], part_t)
+            if on_chunk is not None:  # never run: needs CUDA
+                on_chunk(sel, part_t.view(out.dtype).view(len(sel), -1))
             return n
 
         starts = range(0, len(rows), step)
