@@ -14,7 +14,9 @@ One run does everything, on one disk (``--workdir``):
 3. **Build.** ``tierstore build`` in a child process: seconds, bytes/s, peak RSS.
 4. **Profile.** The hasher runs over the training split of real text (Python's standard
    library source; tokenizer trained on the same split); row access counts are saved into
-   the store (``tierstore.format.profile``), which places the hottest rows at open.
+   the store (``tierstore.format.profile``), which places the hottest rows at open, with
+   the hot-set snapshots that ``tierstore profile --save-profile`` writes (``--no-snapshot``:
+   none, open reads the placed rows from the row file).
 5. **Serve.** Batched held-out prompts through the model: chunked prefill (``--prefill-chunk``
    tokens per sequence per step), then decode steps that feed the held-out text's next
    token (teacher forcing: a random model's own samples would be noise whose n-grams no
@@ -387,6 +389,8 @@ def _parser() -> argparse.ArgumentParser:
     ap.add_argument("--profile-bytes", default=None, help="training text hashed for the profile (default: all)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--plot", default=None, help="plot path (default WORKDIR/bench_big_table.png)")
+    ap.add_argument("--no-snapshot", dest="snapshot", action="store_false",
+                    help="no hot-set snapshots (open then loads the profiled rows from the row file)")
     ap.add_argument("--ram-baseline", choices=("auto", "on", "off"), default="auto",
                     help="the whole table in RAM (the engines' approach); auto: when it fits in 60%% of memory")
     ap.add_argument("--keep", action="store_true", help="keep the checkpoint and store (reused by the next run)")
@@ -549,6 +553,13 @@ def _bench(args: argparse.Namespace, work: Path) -> dict[str, Any]:
     res.update(prof, profile_seconds=time.perf_counter() - t0)
     print(f"profile: {prof['profile_tokens']:,} training tokens, rows seen {prof['profile_rows_seen']} "
           f"({res['profile_seconds']:.1f} s)")
+    if args.snapshot:  # as `tierstore profile --save-profile` does: open then reads the hot set contiguously
+        from tierstore.serve.snapshot import save_snapshot
+
+        t0 = time.perf_counter()
+        snaps = save_snapshot(store)
+        res.update(snapshot_seconds=time.perf_counter() - t0, snapshot_bytes=sum(h["bytes"] for h in snaps.values()))
+        print(f"hot-set snapshots: {format_size(res['snapshot_bytes'])} in {res['snapshot_seconds']:.1f} s")
 
     # -- prompts from the held-out split
     ids = encode_files(tok, val, max_bytes=(1 << 20) if args.quick else (8 << 20)).astype(np.int64)
