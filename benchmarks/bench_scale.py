@@ -23,8 +23,8 @@ Per size (``--sizes``, GiB of the two tables' rows; default 1, 8, 30):
    after open and after warm lookups (``stats()["memory"]["total"]`` beside it); then the
    per-id cost of one lookup of 1K..128K ids (``benchmarks.bench_lookup_size.per_id_us``:
    fastest of ``--repeats`` after one untimed), ``hit``: ids drawn from the hottest profiled
-   rows, half as many as the tiers hold (placed at open, or admitted by the warm lookups
-   for a policy that places nothing), ``miss``: fresh uniform ids (the store reads them with O_DIRECT
+   rows, half as many as the tiers hold (placed at open, or admitted by the warm lookups,
+   which end with one lookup of each, for a policy that places nothing), ``miss``: fresh uniform ids (the store reads them with O_DIRECT
    where the filesystem allows it, so the page cache does not turn them into hits); the disk
    rows read per id of each series are reported, so a "hit" series that missed shows it.
 5. **Resident baseline** (tables <= ``--resident-max``): the same lookups on a store whose
@@ -118,6 +118,8 @@ def run_child(spec: dict[str, Any]) -> dict[str, Any]:
         for name in spec["tables"]:
             n = s.tables[name].rows
             s.lookup(name, torch.from_numpy(np.concatenate([rng.choice(held, 2048) % n, rng.integers(0, n, cold)])))
+    for part in np.array_split(held, -(-len(held) // 65536)):  # every "hit" row in the tiers (lru places none)
+        s.lookup(t0name, torch.from_numpy(part))
     res.update(anon_warm=rss_anon() - anon0, store_memory=s.stats()["memory"]["total"])
     for kind in ("hit", "miss"):
         draw = np.random.default_rng(1 if kind == "hit" else 2)
