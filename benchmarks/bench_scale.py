@@ -32,9 +32,11 @@ Per size (``--sizes``, GiB of the two tables' rows; default 1, 8, 30):
 
 Then a line ``a + b * GiB`` is fitted per metric over the sizes, each called flat when the
 fit moves less than ``--flat-tol`` of its mean over the measured range, and projected to the
-released 189 GiB at a 16 GiB host budget. Budget-proportional metrics (bytes read at open,
+released 189 GiB at a 16 GiB host budget (a fit that is flat or falls projects its measured
+mean). Budget-proportional metrics (bytes read at open,
 open and first-row seconds, anonymous memory) are scaled by 16 GiB / the host budget: a
-linear extrapolation in the budget that this run does not measure. Results go to
+linear extrapolation in the budget that this run does not measure, and an upper bound for
+memory, whose fixed part (interpreter, output pool) is scaled too. Results go to
 ``WORKDIR/result-SIZE.json`` per size (a rerun skips sizes already measured: ``--redo``
 measures again; so do other budgets) and one JSON line at the end.
 
@@ -272,12 +274,16 @@ def fit(xs: list[float], ys: list[float | None], tol: float) -> dict[str, Any] |
     x, y = np.array([p[0] for p in pts]), np.array([p[1] for p in pts])
     b, a = np.polyfit(x, y, 1)
     span = abs(b) * (x.max() - x.min())
-    return {"a": float(a), "b_per_gib": float(b), "flat": bool(span <= tol * max(abs(y.mean()), 1e-12)),
+    flat = bool(span <= tol * max(abs(y.mean()), 1e-12))
+    return {"a": float(a), "b_per_gib": float(b), "flat": flat, "mean": float(y.mean()),
+            "trend": "flat" if flat else "grows" if b > 0 else "falls",
             "change_over_range": float(span / max(abs(y.mean()), 1e-12))}
 
 
 def project(name: str, f: dict[str, Any], host_budget: int) -> float:
-    v = f["a"] + f["b_per_gib"] * V41_GIB
+    """The fit at 189 GiB where it grows; the measured mean where it is flat or falls (nothing
+    in the store gets cheaper with a larger table: a falling fit is noise, not a trend)."""
+    v = f["a"] + f["b_per_gib"] * V41_GIB if f.get("trend", "grows") == "grows" else f.get("mean", f["a"])
     return v * V41_HOST / host_budget if name.split("/")[-1] in BUDGET_SCALED else v
 
 
@@ -334,7 +340,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     xs = [r["gib"] for r in per_size]
     series = metrics(per_size, args.lookup_sizes[-1])
     fits = {k: fit(xs, v, args.flat_tol) for k, v in series.items()}
-    print(f"\n{'metric':<34}" + "".join(f"{x:>11g}G" for x in xs) + f"{'a':>11} {'b/GiB':>11} {'flat':>5}"
+    print(f"\n{'metric':<34}" + "".join(f"{x:>11g}G" for x in xs) + f"{'a':>11} {'b/GiB':>11} {'trend':>6}"
           f" {'@189GiB,16GiB host':>19}")
     proj = {}
     for k, v in series.items():
@@ -342,7 +348,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         if f is not None:
             proj[k] = project(k, f, args.host_budget)
         print(f"{k:<34}" + "".join(f"{'-' if y is None else _show(k, y):>12}" for y in v)
-              + (f"{_show(k, f['a']):>11} {_show(k, f['b_per_gib']):>11} {'yes' if f['flat'] else 'NO':>5}"
+              + (f"{_show(k, f['a']):>11} {_show(k, f['b_per_gib']):>11} {f['trend']:>6}"
                  f" {_show(k, proj[k]):>19}" if f else "   (fewer than two points)"))
     res = {"bench": "scale", "quick": args.quick, "machine": info, "sizes_gib": xs,
            "budgets": {"device": args.device_budget, "host": args.host_budget}, "flat_tol": args.flat_tol,
