@@ -14,7 +14,9 @@ One run does everything, on one disk (``--workdir``):
 3. **Build.** ``tierstore build`` in a child process: seconds, bytes/s, peak RSS.
 4. **Profile.** The hasher runs over the training split of real text (Python's standard
    library source; tokenizer trained on the same split); row access counts are saved into
-   the store (``tierstore.format.profile``), which places the hottest rows at open.
+   the store (``tierstore.format.profile``), which places the hottest rows at open, with
+   the hot-set snapshots that ``tierstore profile --save-profile`` writes (``--no-snapshot``:
+   none, open reads the placed rows from the row file).
 5. **Serve.** Batched held-out prompts through the model: chunked prefill (``--prefill-chunk``
    tokens per sequence per step), then decode steps that feed the held-out text's next
    token (teacher forcing: a random model's own samples would be noise whose n-grams no
@@ -33,6 +35,9 @@ One run does everything, on one disk (``--workdir``):
      offsets with ``MADV_RANDOM``, rows dequantized per lookup by this file's own code;
    * ``mmap-readahead``: the same with the kernel's default readahead (main budget, first
      ``--readahead-prompts`` prompts only: with this disk's 8 MiB readahead it thrashes);
+   * ``ram`` (``--ram-baseline``; by default when the tables fit in 60% of the machine's
+     memory): the engines' approach, the whole table loaded into RAM from the checkpoint
+     (the load counted as its open), rows by ``index_select``, dequantized as mmap's;
    * ``compute``: rows answered as zeros at once: the dense model's own speed (the floor
      under every step), and a negative control (its logits must differ from the others').
 
@@ -45,7 +50,10 @@ One run does everything, on one disk (``--workdir``):
 Reported per run: tokens/s (prefill, decode), rows/s, p50/p99 step latency, hit ratios
 (store: device and host tiers, and memory = 1 - disk rows / rows looked up; mmap: the page
 cache's, 1 - major faults / pages touched, two per row: its codes and its scales), disk
-bytes read (``/proc/self/io``) in all and per row looked up, the cgroup's limit and peak. The checkpoint and the store are deleted at the end unless ``--keep``.
+bytes read (``/proc/self/io``) in all and per row looked up, the cgroup's limit and peak,
+and the whole workload's wall time (open + one warm-up token + serving: ``workload_seconds``).
+The headline counts open: the store's whole-workload time against mmap's, as a ratio; and
+the store's tokens/s as a fraction of the RAM baseline's at each host budget. The checkpoint and the store are deleted at the end unless ``--keep``.
 
     python -m benchmarks.bench_big_table --table-gib 30 [--workdir DIR] [--plot docs/bigtable.png]
     python -m benchmarks.bench_big_table --quick      # ~1 GiB, for the test
@@ -68,6 +76,7 @@ from typing import Any
 
 import numpy as np
 
+from benchmarks.bigtable_sources import DENSE_KEY, MmapRows, RamRows, ZeroRows, attach, load_model
 from benchmarks.common import evict, fio, json_line, machine_info, print_header
 from benchmarks.isolation import MemoryGroup, io_counters, run_measured
 from benchmarks import v41_checkpoint as v41
@@ -76,108 +85,6 @@ from tierstore.sizes import format_size, parse_size
 
 GIB = 1 << 30
 DENSE = dict(n_head=2, d_model=64, d_ff=128)  # the small random backbone (15 blocks: Engram at 1 and 14)
-DENSE_KEY = "tierstore_dense_model"  # config.json key: the backbone's sizes (its weights are in shard 1)
-
-
-# ============================================================================ the model and its row sources
-def v41_parts(ckpt: Path) -> tuple[Any, Any]:
-    """(V41EngramConfig, CompressionMap) of a checkpoint directory (config.json, tokenizer.json)."""
-    from engram_model.compression import build_compression
-    from engram_model.deepseek_v41 import V41EngramConfig
-    from engram_model.tokenizer import load_tokenizer
-
-    return V41EngramConfig.from_json(ckpt), build_compression(load_tokenizer(ckpt / "tokenizer.json"))
-
-
-def load_model(ckpt: Path) -> Any:
-    """The V4.1-shaped model (``engram_model.deepseek_v41.v41_model``: V4.1's hashing from
-    config.json, checked against ``engram_num_embeddings``) with the dense weights of the
-    checkpoint's first shard; tables not attached."""
-    from safetensors.torch import load_file
-
-    from engram_model.deepseek_v41 import v41_model
-
-    cfg, cmap = v41_parts(ckpt)
-    index = json.loads((ckpt / "model.safetensors.index.json").read_text())["weight_map"]
-    model = v41_model(cfg, cmap, **json.loads((ckpt / "config.json").read_text())[DENSE_KEY])
-    missing, unexpected = model.load_state_dict(load_file(str(ckpt / index["tok_emb.weight"])), strict=False)
-    if missing or unexpected:
-        raise RuntimeError(f"dense weights do not match the model: missing {missing}, unexpected {unexpected}")
-    model.requires_grad_(False)  # no autograd graph, without switching grad off for the whole process
-    return model.eval()
-
-
-class MmapRows:
-    """The mmap baseline: one layer's rows read through memory maps of the checkpoint's embed and
-    scale tensors (numpy.memmap at their safetensors offsets) and dequantized per lookup here.
-
-    advice: ``mmap.MADV_RANDOM`` (one 4 KiB page per fault) or None (the kernel's default
-    readahead). Lookups run in the caller's thread when the layer asks for them (no prefetch):
-    how a server that memory-maps its tables reads them.
-    """
-
-    def __init__(self, t: v41.EngramTensors, advice: int | None):
-        self.rows, self.dim = t.rows, v41.HEAD_DIM
-        n_sc = v41.HEAD_DIM // v41.SCALE_BLOCK
-        self.w = np.memmap(t.weight_file, dtype=np.uint8, mode="r", offset=t.weight_offset, shape=(t.rows, v41.HEAD_DIM))
-        self.s = np.memmap(t.scale_file, dtype=np.uint8, mode="r", offset=t.scale_offset, shape=(t.rows, n_sc))
-        if advice is not None:
-            for mm in (self.w, self.s):
-                mm._mmap.madvise(advice)  # type: ignore[attr-defined]
-        self.looked_up = 0
-
-    def fetch(self, packed_ids: Any) -> Any:
-        from engram_model.memory import _Deferred
-
-        return _Deferred(lambda: self.lookup(packed_ids))
-
-    def announce(self, packed_ids: Any) -> None:
-        """Nothing to do: the page cache hears of a row when it is read."""
-
-    def lookup(self, packed_ids: Any) -> Any:
-        """bf16 rows (..., 256): codes and scales gathered from the maps (page faults here), then
-        value x 2^(e - 127), exact in bf16 (torch multiplies bf16 in float32 and rounds once)."""
-        import torch
-
-        ids = packed_ids.reshape(-1).numpy()
-        n = len(ids)
-        codes = torch.from_numpy(np.take(self.w, ids, axis=0))  # (n, 256) uint8
-        scales = torch.from_numpy(np.take(self.s, ids, axis=0))  # (n, 8) uint8
-        vals = codes.view(torch.float8_e4m3fn).to(torch.bfloat16).view(n, -1, v41.SCALE_BLOCK)
-        out = vals * scales.view(torch.float8_e8m0fnu).to(torch.bfloat16).unsqueeze(-1)
-        self.looked_up += n
-        return out.view(*packed_ids.shape, v41.HEAD_DIM)
-
-    def close(self) -> None:
-        for mm in (self.w, self.s):
-            mm._mmap.close()  # type: ignore[attr-defined]
-        del self.w, self.s
-
-
-class ZeroRows:
-    """The compute floor: every lookup answers zeros at once (no I/O, no copy of real rows).
-    Tokens/s with it is what the dense model allows; the rest of a step is fetching rows."""
-
-    def __init__(self, rows: int):
-        self.rows, self.dim, self.looked_up = rows, v41.HEAD_DIM, 0
-
-    def fetch(self, packed_ids: Any) -> Any:
-        import torch
-
-        from engram_model.memory import _Deferred
-
-        self.looked_up += packed_ids.numel()
-        return _Deferred(lambda: torch.zeros(*packed_ids.shape, v41.HEAD_DIM, dtype=torch.bfloat16))
-
-    def announce(self, packed_ids: Any) -> None:
-        pass
-
-
-def attach(model: Any, sources: dict[int, Any]) -> None:
-    """Serve block L's Engram rows from ``sources[L]`` (a store table or an mmap source)."""
-    for blk in model.engram_blocks():
-        del blk.engram.memory
-        blk.engram.memory = sources[blk.index]
 
 
 # ============================================================================ serving (in a child)
@@ -240,7 +147,7 @@ def serve_forced(model: Any, windows: np.ndarray, *, batch_size: int, prompt_len
 class RunSpec:
     """One serving run, handed to a child process as JSON."""
 
-    system: str  # "store" | "mmap" | "mmap-readahead" | "compute"
+    system: str  # "store" | "mmap" | "mmap-readahead" | "ram" | "compute"
     ckpt: str
     store: str
     windows: str  # .npy of int64 (n_prompts, prompt_len + decode_len)
@@ -294,6 +201,9 @@ def run_child(spec: RunSpec) -> dict[str, Any]:
     elif spec.system == "compute":
         sources = {L: ZeroRows(t.rows) for L, t in v41.engram_tensors(spec.ckpt).items()}
         attach(model, sources)
+    elif spec.system == "ram":
+        sources = {L: RamRows(t) for L, t in v41.engram_tensors(spec.ckpt).items()}
+        attach(model, sources)
     else:
         advice = mmap.MADV_RANDOM if spec.system == "mmap" else None
         sources = {L: MmapRows(t, advice) for L, t in v41.engram_tensors(spec.ckpt).items()}
@@ -313,12 +223,14 @@ def run_child(spec: RunSpec) -> dict[str, Any]:
     served = serve_forced(model, windows, batch_size=spec.batch_size, prompt_len=spec.prompt_len,
                           decode_len=spec.decode_len, chunk=spec.prefill_chunk)
     wall = time.perf_counter() - t1
+    workload = time.perf_counter() - t0  # open (the RAM baseline: its load) + warm-up + serving
     ru2, io2 = resource.getrusage(resource.RUSAGE_SELF), io_counters()
     heads = len(v41.LAYER_IDS) * (v41.MAX_NGRAM - 1) * v41.N_HEADS
     tokens = served.prefill_tokens + served.decode_tokens
     pre_s, dec_s = sum(served.prefill_steps), sum(served.decode_steps)
     res.update(
-        serve_seconds=wall, prefill_tokens=served.prefill_tokens, decode_tokens=served.decode_tokens,
+        serve_seconds=wall, workload_seconds=workload, workload_tok_s=tokens / workload,
+        prefill_tokens=served.prefill_tokens, decode_tokens=served.decode_tokens,
         prefill_tok_s=served.prefill_tokens / pre_s, decode_tok_s=served.decode_tokens / dec_s,
         rows_s=tokens * heads / (pre_s + dec_s), rows_expected=tokens * heads,
         prefill_p50_ms=_pct(served.prefill_steps, 50) * 1e3, prefill_p99_ms=_pct(served.prefill_steps, 99) * 1e3,
@@ -477,9 +389,49 @@ def _parser() -> argparse.ArgumentParser:
     ap.add_argument("--profile-bytes", default=None, help="training text hashed for the profile (default: all)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--plot", default=None, help="plot path (default WORKDIR/bench_big_table.png)")
+    ap.add_argument("--no-snapshot", dest="snapshot", action="store_false",
+                    help="no hot-set snapshots (open then loads the profiled rows from the row file)")
+    ap.add_argument("--ram-baseline", choices=("auto", "on", "off"), default="auto",
+                    help="the whole table in RAM (the engines' approach); auto: when it fits in 60%% of memory")
     ap.add_argument("--keep", action="store_true", help="keep the checkpoint and store (reused by the next run)")
     ap.add_argument("--child", default=None, help=argparse.SUPPRESS)
     return ap
+
+
+def _headline_counting_open(runs: list[dict[str, Any]], table_bytes: int, main_host: int) -> dict[str, Any]:
+    """The figures that count open: whole-workload wall time (open + warm-up + serving) of the
+    store against mmap's per host budget, and the store's tokens/s against the RAM baseline's
+    (decode, prefill, and the whole workload's), printed; keys for the result."""
+    by = lambda system: {r["host_budget"]: r for r in runs if r["system"] == system}  # noqa: E731
+    store, mm = by("store"), by("mmap")
+    out: dict[str, Any] = {
+        "store_workload_seconds": store[main_host]["workload_seconds"],
+        "mmap_workload_seconds": mm[main_host]["workload_seconds"],
+        "workload_x_mmap": mm[main_host]["workload_seconds"] / store[main_host]["workload_seconds"],
+        "workload_x_mmap_by_host_budget": {str(h): mm[h]["workload_seconds"] / store[h]["workload_seconds"]
+                                           for h in store if h in mm}}
+    print(f"headline counting open (host {format_size(main_host)}): whole workload store "
+          f"{out['store_workload_seconds']:.1f} s (open {store[main_host]['open_seconds']:.1f} s) vs mmap "
+          f"{out['mmap_workload_seconds']:.1f} s: {out['workload_x_mmap']:.2f}x; by host budget "
+          + ", ".join(f"{format_size(int(h))} {x:.2f}x" for h, x in out["workload_x_mmap_by_host_budget"].items()))
+    ram = next((r for r in runs if r["system"] == "ram"), None)
+    if ram is None:
+        print("RAM baseline: not run (the tables do not fit the machine, or --ram-baseline off)")
+        return out
+    frac = {str(h): {k: r[f"{k}_tok_s"] / ram[f"{k}_tok_s"] for k in ("decode", "prefill", "workload")}
+            for h, r in sorted(store.items())}
+    third = min(store, key=lambda h: abs(h - table_bytes / 3))  # the goal's host budget: a third of the table
+    out.update(ram_open_seconds=ram["open_seconds"], ram_workload_seconds=ram["workload_seconds"],
+               ram_decode_tok_s=ram["decode_tok_s"], ram_prefill_tok_s=ram["prefill_tok_s"],
+               ram_workload_tok_s=ram["workload_tok_s"], store_vs_ram_by_host_budget=frac,
+               store_vs_ram_third_host_budget=int(third), store_vs_ram_at_third=frac[str(third)])
+    print(f"RAM baseline (whole table in memory, load {ram['open_seconds']:.1f} s counted): decode "
+          f"{ram['decode_tok_s']:,.0f}, prefill {ram['prefill_tok_s']:,.0f}, workload {ram['workload_tok_s']:,.0f} tok/s; "
+          "store as a fraction of it: " + "; ".join(
+              f"host {format_size(int(h))}: decode {f['decode']:.2f}x prefill {f['prefill']:.2f}x "
+              f"workload {f['workload']:.2f}x" for h, f in frac.items())
+          + f" (goal >= 0.9x at host {format_size(int(third))}, about a third of the table)")
+    return out
 
 
 def _bench(args: argparse.Namespace, work: Path) -> dict[str, Any]:
@@ -601,6 +553,13 @@ def _bench(args: argparse.Namespace, work: Path) -> dict[str, Any]:
     res.update(prof, profile_seconds=time.perf_counter() - t0)
     print(f"profile: {prof['profile_tokens']:,} training tokens, rows seen {prof['profile_rows_seen']} "
           f"({res['profile_seconds']:.1f} s)")
+    if args.snapshot:  # as `tierstore profile --save-profile` does: open then reads the hot set contiguously
+        from tierstore.serve.snapshot import save_snapshot
+
+        t0 = time.perf_counter()
+        snaps = save_snapshot(store)
+        res.update(snapshot_seconds=time.perf_counter() - t0, snapshot_bytes=sum(h["bytes"] for h in snaps.values()))
+        print(f"hot-set snapshots: {format_size(res['snapshot_bytes'])} in {res['snapshot_seconds']:.1f} s")
 
     # -- prompts from the held-out split
     ids = encode_files(tok, val, max_bytes=(1 << 20) if args.quick else (8 << 20)).astype(np.int64)
@@ -611,16 +570,18 @@ def _bench(args: argparse.Namespace, work: Path) -> dict[str, Any]:
 
     # -- 5. serving runs, each in its own memory group, page cache dropped first
     runs: list[dict[str, Any]] = []
-    plan = [(s, h) for h in host_bs for s in ("store", "mmap")] + [("mmap-readahead", main_host),
-                                                                    ("compute", main_host)]
+    mem_total = machine_info()["mem_gib"] * GIB
+    ram = args.ram_baseline == "on" or (args.ram_baseline == "auto" and table_bytes <= 0.6 * mem_total)
+    plan = [(s, h) for h in host_bs for s in ("store", "mmap")] + [("mmap-readahead", main_host)] \
+        + [("ram", main_host)] * ram + [("compute", main_host)]
     limited, store_peak, failed = True, {}, []
     for i, (system, hb) in enumerate(plan):
-        if system != "store" and system != "compute" and hb not in store_peak:
+        if system.startswith("mmap") and hb not in store_peak:
             failed.append({"system": system, "host_budget": hb, "why": "no store run at this budget to size its limit"})
             continue
         group = MemoryGroup.create(f"tierstore-bigtable-{os.getpid()}-{i}")
         limited = limited and group is not None
-        limit = hard_limit if system == "store" else store_peak.get(hb)
+        limit = hard_limit if system == "store" else store_peak.get(hb) if system.startswith("mmap") else None
         spec = RunSpec(system=system, ckpt=str(ckpt), store=str(store), windows=str(work / "windows.npy"),
                        out=str(work / f"run-{i}.json"), device_budget=dev_b, host_budget=hb, limit=limit,
                        group=str(group.path) if group else None, batch_size=args.batch_size,
@@ -653,7 +614,7 @@ def _bench(args: argparse.Namespace, work: Path) -> dict[str, Any]:
               f"(p50 {out['decode_p50_ms']:6.1f} p99 {out['decode_p99_ms']:6.1f} ms), prefill "
               f"{out['prefill_tok_s']:8,.0f} tok/s (p99 {out['prefill_p99_ms']:7.1f} ms), {out['rows_s']:9,.0f} rows/s, "
               f"memory hits {out['memory_hit_ratio']:.3f}, disk {format_size(out['disk_read_bytes'])}, "
-              f"open {out['open_seconds']:.1f} s, memory peak {format_size(peak or r.max_rss_bytes)}"
+              f"open {out['open_seconds']:.1f} s, workload {out['workload_seconds']:.1f} s, memory peak {format_size(peak or r.max_rss_bytes)}"
               + (f" (limit {format_size(limit)})" if limit else ""))
 
     # -- 6. checks
@@ -698,6 +659,7 @@ def _bench(args: argparse.Namespace, work: Path) -> dict[str, Any]:
           f"{res['store_prefill_tok_s']:,.0f} vs {res['mmap_prefill_tok_s']:,.0f} ({res['prefill_x_mmap']:.2f}x); "
           f"same tokens {same_tokens}, same logits {same_logits}, rows bit-exact {res['rows_bit_exact']} "
           f"({check['rows_checked']} checked); memory limit: {res['memory_limited_by']}")
+    res.update(_headline_counting_open(runs, table_bytes, main_host))
     res["total_seconds"] = time.perf_counter() - t_start
     json_line(res)
     return res

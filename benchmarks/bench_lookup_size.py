@@ -40,14 +40,14 @@ from .common import json_line, machine_info, print_header
 NAME = "bench.engram.memory.weight"
 
 
-def _per_id_us(store, ids_of, n: int, repeats: int, max_s: float) -> float | None:
+def per_id_us(store, ids_of, n: int, repeats: int, max_s: float, *, table: str = NAME) -> float | None:
     """Fastest of ``repeats`` lookups of ``ids_of(n)`` (after one untimed), us per id; None
     when one call took over ``max_s`` seconds."""
     best = None
     for i in range(repeats + 1):
         ids = torch.from_numpy(ids_of(n))
         t = time.perf_counter()
-        store.lookup(NAME, ids)
+        store.lookup(table, ids)
         dt = time.perf_counter() - t
         if dt > max_s:
             return None
@@ -119,7 +119,7 @@ def main(argv: list[str] | None = None) -> dict:
                 for kind, ids_of in (("miss", fresh), ("repeat", repeat)):
                     stalled = False
                     for n in sizes:
-                        v = None if stalled else _per_id_us(store, ids_of, n, args.repeats, args.max_seconds)
+                        v = None if stalled else per_id_us(store, ids_of, n, args.repeats, args.max_seconds)
                         stalled = v is None
                         row[f"{kind}_{n}_us_per_id"] = None if v is None else round(v, 3)
                     a, b = row.get(f"{kind}_4096_us_per_id"), row[f"{kind}_{sizes[-1]}_us_per_id"]

@@ -18,7 +18,7 @@ from typing import Any
 
 from tierstore.tiers.page_reader import evict_page_cache
 
-__all__ = ["timed", "best_of", "machine_info", "print_header", "evict", "resident_bytes", "fio", "json_line"]
+__all__ = ["timed", "best_of", "machine_info", "print_header", "evict", "resident_bytes", "rss_anon", "fio", "json_line"]
 
 
 def timed(fn: Callable[[], Any]) -> tuple[float, Any]:
@@ -113,6 +113,16 @@ def resident_bytes(path: str | os.PathLike[str]) -> int | None:
         return int(out.stdout.split()[0])
     except (IndexError, ValueError):
         return None
+
+
+def rss_anon() -> int:
+    """This process's anonymous resident memory (``RssAnon`` of /proc/self/status), bytes: heap,
+    slabs, policy state; not mapped files or shared memory. It never shrinks back much after a
+    peak, so measure one configuration per process."""
+    for line in _read("/proc/self/status").splitlines():
+        if line.startswith("RssAnon:"):
+            return int(line.split()[1]) * 1024
+    raise RuntimeError("no RssAnon in /proc/self/status (Linux only)")
 
 
 def fio(path: str | os.PathLike[str], *, rw: str, bs: str = "4k", iodepth: int = 32, runtime: float | None = None,

@@ -47,7 +47,7 @@ def test_bench_big_table_quick(tmp_path: Path, capsys: pytest.CaptureFixture[str
         assert res["rows_mismatched"] == 0 and res["rows_checked"] >= 2 * 2 * 256
         # every run looked up exactly the rows of its tokens: 2 layers x 24 heads per token
         runs = res["runs"]
-        assert {r["system"] for r in runs} == {"store", "mmap", "mmap-readahead", "compute"}
+        assert {r["system"] for r in runs} == {"store", "mmap", "mmap-readahead", "ram", "compute"}
         tokens = runs[0]["prefill_tokens"] + runs[0]["decode_tokens"]
         assert res["rows_looked_up"] == [tokens * 48], "a run skipped (or doubled) row lookups"
         for r in runs:
@@ -56,7 +56,20 @@ def test_bench_big_table_quick(tmp_path: Path, capsys: pytest.CaptureFixture[str
                 assert r["disk_read_bytes"] > 0 and r["major_faults"] > 0, r
             elif r["system"] == "store":  # the profile placed rows: the tiers answered some lookups from memory
                 assert r["device_hit_ratio"] > 0 and r["memory_hit_ratio"] > 0, r
-        assert res["same_tokens"] and res["same_logits"]
+            elif r["system"] == "ram":  # it loaded the whole table from disk (cache dropped), inside its open
+                assert r["open_read_bytes"] >= 0.99 * res["table_bytes"] and r["disk_read_bytes"] < r["open_read_bytes"], r
+            # the whole workload's time counts open: it is open + serving at least
+            assert r["workload_seconds"] >= r["open_seconds"] + r["serve_seconds"], r
+        assert res["same_tokens"] and res["same_logits"]  # the RAM baseline's rows too
+        # the headline counts open: the ratio is of whole-workload times, per host budget too
+        store_main = next(r for r in runs if r["system"] == "store" and r["host_budget"] == res["main_host_budget"])
+        assert res["store_workload_seconds"] == store_main["workload_seconds"]
+        assert res["workload_x_mmap"] == pytest.approx(res["mmap_workload_seconds"] / res["store_workload_seconds"])
+        assert set(res["workload_x_mmap_by_host_budget"]) == {str(h) for h in res["host_budgets"]}
+        ram = next(r for r in runs if r["system"] == "ram")
+        for h, f in res["store_vs_ram_by_host_budget"].items():
+            store_h = next(r for r in runs if r["system"] == "store" and str(r["host_budget"]) == h)
+            assert f["decode"] == pytest.approx(store_h["decode_tok_s"] / ram["decode_tok_s"])
         assert res["rows_change_logits"], "zero rows gave run 0's logits: the comparison cannot see rows"
 
         for k in ("store_decode_tok_s", "mmap_decode_tok_s", "store_prefill_tok_s", "mmap_prefill_tok_s",
