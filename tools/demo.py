@@ -43,7 +43,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--retrain", action="store_true", help="train again even if a checkpoint exists")
     ap.add_argument("--prompts", type=int, default=8)
     ap.add_argument("--max-new-tokens", type=int, default=48)
-    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--threads", type=int, default=1,
+                    help="torch threads of the served and the resident run (2 on a busy 2-core VM: OpenMP "
+                         "hand-offs made small ops 10-20x slower, and the store's threads need a core)")
+    ap.add_argument("--train-threads", type=int, default=2)
     ap.add_argument("--profile-tokens", type=int, default=200_000, help="training tokens traced for the profile")
     ap.add_argument("--quick", action="store_true", help="tiny model and run (for tests)")
     args = ap.parse_args(argv)
@@ -56,7 +59,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         _step(f"1. training a small Engram LM on the Python standard library ({args.train_seconds:.0f} s budget)")
         shutil.rmtree(store, ignore_errors=True)  # a new checkpoint needs a new store
         targs = ["--out", str(ckpt), "--steps", str(args.steps), "--time-budget", str(args.train_seconds),
-                 "--threads", str(args.threads)]
+                 "--threads", str(args.train_threads)]
         if args.quick:
             targs += ["--d-model", "64", "--n-layer", "2", "--d-ff", "128", "--vocab-size", "1024",
                       "--data-max-bytes", str(2 << 20), "--tok-max-bytes", str(1 << 20), "--eval-every", "10",

@@ -48,6 +48,11 @@ def warm(policies: list[str], *, simulator: bool, progress: bool = True) -> dict
                 for lo in range(0, 4096, 1024):  # hits and misses, inline and on a worker
                     s.lookup(table, trace[lo:lo + 1024])
                 s.prefetch(table, trace[:5000]).result()
+            # a host budget that holds the whole table makes it a resident tier: other kernels
+            with tierstore.open(store, device="cpu", device_budget=64 * dim * 4, host_budget=rows * dim * 4,
+                                policy=policy) as s:
+                s.lookup(table, trace[:1024])
+                s.prefetch(table, trace[:5000]).result()
             if simulator:
                 from tierstore.analysis.simulate import simulate
 

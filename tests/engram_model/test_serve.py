@@ -75,3 +75,6 @@ def test_generate_cli(engram_run, tmp_path, capsys):
     assert "--- generated ---" in out and "hit ratio" in out
     assert res["same_tokens_as_resident"] is True
     assert res["device_budget"] < res["table_bytes"] and res["host_budget"] < res["table_bytes"]
+    # what each run excludes from its tokens/s is measured and printed, not hidden
+    assert res["open_seconds"] > 0 and res["resident_load_seconds"] > 0 and res["threads"] == 1
+    assert "not counted" in out
