@@ -214,7 +214,7 @@ class CacheIndex:
         until then); returns whether ``state`` was replaced by a new tuple, which every holder
         of the old one must take up (``Walker`` checks before each call). Call it before
         anything that may add hints (``walk.announce``, ``walk.replay`` with lookahead)."""
-        M, HT = self.state[0], self.state[9]
+        HT = self.state[9]
         if HT.shape[1] >= self._hint_buckets:
             return False
         nh = self._hint_buckets
