@@ -10,7 +10,9 @@ packages, so anyone with apt can rebuild them byte for byte at the same package 
 - ``prose``: English documentation: the Python 3.11 manual (its reStructuredText sources,
   ``_sources/*.rst.txt``), the Debian Administrator's Handbook (en-US, HTML -> text), the
   Debian Reference, Policy and Developer's Reference, the GNU coding standards, bash and
-  autoconf manuals (info, one document per node).
+  autoconf manuals (info, one document per node), the Linux kernel's documentation
+  (linux-doc-6.1: its reStructuredText sources, translations left out), the PostgreSQL 15
+  manual (HTML -> text) and git's manual pages (AsciiDoc sources).
 - ``nonenglish``: German and French: the translated manual pages (manpages-de, -de-dev,
   -fr, -fr-dev; roff -> text, one document per page), the Debian Administrator's Handbook
   (de-DE, fr-FR), the Debian Reference and the New Maintainers' Guide in both languages.
@@ -68,6 +70,9 @@ CORPORA: dict[str, list[Source]] = {
         Source("gnu-standards", r"/info/.*\.info.*\.gz$", "info"),
         Source("bash-doc", r"/info/.*\.info.*\.gz$", "info"),
         Source("autoconf-doc", r"/info/.*\.info.*\.gz$", "info"),
+        Source("linux-doc-6.1", r"/html/_sources/(?!translations/).*\.txt$", "rst"),
+        Source("postgresql-doc-15", r"/html/.*\.html$", "html"),
+        Source("git-doc", r"/git-doc/[^/]*\.txt$", "rst"),
     ],
     "nonenglish": [
         *[Source(p, r"/man/(de|fr)/.*\.gz$", "man")
@@ -127,7 +132,7 @@ _ROFF_ESC = [
     (re.compile(r"\\\((aq|cq)"), "'"), (re.compile(r"\\\((dq|lq|rq)"), '"'),
     (re.compile(r"\\\((em|en|mi|hy)"), "-"), (re.compile(r"\\\(bu"), "*"),
     (re.compile(r"\\\(.."), ""), (re.compile(r"\\\[[^\]]*\]"), ""),
-    (re.compile(r"\\[-]"), "-"), (re.compile(r"\\[&|^%:c]"), ""), (re.compile(r"\\e"), "\\"),
+    (re.compile(r"\\[-]"), "-"), (re.compile(r"\\[&|^%:c]"), ""), (re.compile(r"\\e"), "\x00"),
     (re.compile(r"\\ "), " "), (re.compile(r"\\(.)"), r"\1"),
 ]
 
@@ -151,7 +156,7 @@ def roff_to_text(raw: str) -> str:
                 continue
         for pat, rep in _ROFF_ESC:
             line = pat.sub(rep, line)
-        out.append(line)
+        out.append(line.replace("\x00", "\\"))  # \e: a backslash, kept out of the rules after it
     return re.sub(r"\n{3,}", "\n\n", "\n".join(out)).strip()
 
 
