@@ -49,14 +49,15 @@ def test_growth_counts_distinct_rows_like_a_set(tmp_path: Path):
     from engram_model.trace import TraceSource
 
     texts = ["def f(x):\n    return x + 1\n" * 40, "Die Katze sitzt auf der Matte. " * 60, "import os\n" * 300]
+    texts.append(texts[0])  # a document seen again: its rows are not new (a per-chunk count would say so)
     for i, t in enumerate(texts):
         (tmp_path / "c" / "train").mkdir(parents=True, exist_ok=True)
         (tmp_path / "c" / "train" / f"{i}.txt").write_text(t)
-    g = growth("c", cache=tmp_path, tokenizer=str(TOKENIZER), limit=2000, zipf_tokens=2000)
+    g = growth("c", cache=tmp_path, tokenizer=str(TOKENIZER), limit=5000, zipf_tokens=2000)
     src = TraceSource(tokenizer=str(TOKENIZER), preset="deepseek-v4.1")
-    docs = src.encode([(tmp_path / "c" / "train" / f"{i}.txt").read_text() for i in range(3)])
+    docs = src.encode([(tmp_path / "c" / "train" / f"{i}.txt").read_text() for i in range(len(texts))])
     rows = [src.rows(d) for d in docs]
-    assert g["tokens"] == min(2000, sum(d.size for d in docs))
+    assert g["tokens"] == min(5000, sum(d.size for d in docs)) and g["checkpoints"] == [1000, 2000]
     for t in src.tables:
         allrows = np.concatenate([r[t] for r in rows])
         for k, m in enumerate(g["checkpoints"]):
