@@ -23,6 +23,7 @@ import json
 import math
 import sys
 import time
+from dataclasses import asdict
 
 from tqdm import tqdm
 
@@ -30,7 +31,7 @@ from tierstore.analysis import plots
 from tierstore.analysis.hit_ratios import (TracedTable, live_hit_ratios, policy_hit_ratios, traced_tables,
                                            two_tier_hit_ratios)
 from tierstore.analysis.simulate import load_trace, simulate_tiers
-from tierstore.analysis.sizing import size_tiers
+from tierstore.analysis.sizing import TierCosts, size_tiers
 from tierstore.cache import POLICIES
 from tierstore.errors import TierStoreError
 from tierstore.format.profile import count_rows, save_profile
@@ -203,8 +204,9 @@ def _print_table(results: list[dict], tiers: list[dict]) -> None:
 # ----------------------------------------------------------------------------------------
 def run_size(args: argparse.Namespace) -> int:
     tables = _tables(args)
+    costs = TierCosts.parse(args.tier_costs) if args.tier_costs else TierCosts()
     if args.device_budget is not None or args.host_budget is not None:
-        return _run_budgets(args, tables)
+        return _run_budgets(args, tables, costs)
     out = []
     with _progress(args, "sizing (simulations)") as bar:
         for t in tables:
@@ -214,6 +216,8 @@ def run_size(args: argparse.Namespace) -> int:
             if t.row_bytes:
                 out[-1]["device_bytes"] = out[-1]["device_rows"] * t.row_bytes
                 out[-1]["host_bytes"] = out[-1]["host_rows"] * t.row_bytes
+            e = out[-1]
+            _add_cost(e, costs, e["device_hit_ratio"], max(0.0, e["total_hit_ratio"] - e["device_hit_ratio"]))
     if args.json:
         print(json.dumps({"sizes": out}))
     else:
@@ -222,11 +226,23 @@ def run_size(args: argparse.Namespace) -> int:
             hb = f" = {format_size(e['host_bytes'])}" if e.get("host_bytes") else ""
             print(f"{e['table']} ({e['policy']}): device {e['device_rows']:,} rows{db} for hit "
                   f"{e['device_hit_ratio']:.4f}; host {e['host_rows']:,} rows{hb} for total "
-                  f"{e['total_hit_ratio']:.4f}")
+                  f"{e['total_hit_ratio']:.4f}; {_cost_text(e)}")
     return 0
 
 
-def _run_budgets(args: argparse.Namespace, tables: list[TracedTable]) -> int:
+def _add_cost(e: dict, costs: TierCosts, device_hit: float, host_hit: float) -> None:
+    """The expected lookup time of these hit ratios (``TierCosts``' linear model), in place."""
+    e["lookup_us"] = costs.lookup_us(device_hit=device_hit, host_hit=host_hit)
+    e["slowdown_vs_resident"] = costs.slowdown(device_hit=device_hit, host_hit=host_hit)
+    e["tier_costs_us"] = asdict(costs)
+
+
+def _cost_text(e: dict) -> str:
+    return (f"expected {e['lookup_us']:.2f} us per lookup = {e['slowdown_vs_resident']:.1f}x all rows resident "
+            f"({e['tier_costs_us']['resident_us']} us)")
+
+
+def _run_budgets(args: argparse.Namespace, tables: list[TracedTable], costs: TierCosts) -> int:
     """The other question: what given budgets buy. One replay per table through both tiers."""
     out = []
     for t in tables:
@@ -243,13 +259,16 @@ def _run_budgets(args: argparse.Namespace, tables: list[TracedTable]) -> int:
                     "host_rows": int(min(host, t.n_rows)), "device_hit_ratio": r["device"]["hit_ratio"],
                     "total_hit_ratio": 1 - disk / n, "disk_rows": int(disk),
                     "disk_bytes": int(disk) * t.row_bytes, "lookups": int(t.trace.rows.size)})
+        dev_hits = r["device"]["hit_ratio"]
+        _add_cost(out[-1], costs, dev_hits, max(0.0, 1 - disk / n - dev_hits))
     if args.json:
         print(json.dumps({"budgets": out}))
     else:
         for e in out:
             print(f"{e['table']} ({e['policy']}): device {e['device_rows']:,} rows: hit {e['device_hit_ratio']:.4f}; "
                   f"+ host {e['host_rows']:,} rows: total {e['total_hit_ratio']:.4f}; "
-                  f"{e['disk_rows']:,} of {e['lookups']:,} lookups read from disk ({format_size(e['disk_bytes'])})")
+                  f"{e['disk_rows']:,} of {e['lookups']:,} lookups read from disk ({format_size(e['disk_bytes'])}); "
+                  f"{_cost_text(e)}")
     return 0
 
 
@@ -308,4 +327,8 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     s.add_argument("--device-budget", default=None, metavar="SIZE",
                    help="instead of targets: the hit ratios these budgets buy (e.g. 2GiB; with --host-budget)")
     s.add_argument("--host-budget", default=None, metavar="SIZE", help="host budget for --device-budget (e.g. 32GiB)")
+    s.add_argument("--tier-costs", default=None, metavar="D,H,DISK,RES",
+                   help="microseconds per row served from device, host, disk and a resident table, for the "
+                        "expected slowdown (default: this repository's measured CPU figures, "
+                        "tierstore.analysis.sizing.TierCosts)")
     s.set_defaults(func=run_size)

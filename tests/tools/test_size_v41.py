@@ -12,7 +12,8 @@ import pytest
 
 from benchmarks.bench_profile_scale import V41_ROWS, zipf_rows
 from tierstore.analysis.simulate import TableTrace, Trace, save_trace, simulate_tiers
-from tierstore.analysis.sizing import size_tiers
+from tierstore.analysis.sizing import TierCosts, size_tiers
+from tierstore.errors import TierStoreError
 from tierstore_cli.cli import main as cli
 
 TABLE = "layers.1.engram.embed.weight"
@@ -54,3 +55,45 @@ def test_budgets_give_the_hit_ratios(v41_trace: Path, capsys: pytest.CaptureFixt
     assert cli(["size", "--trace", str(v41_trace.with_suffix(".npy")), "--device-budget", "1MiB"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "row size" in err[0]
+
+
+def test_budgets_give_the_expected_slowdown(v41_trace: Path, capsys: pytest.CaptureFixture[str]):
+    """Each budget's hit ratios turned into a lookup time by the tier costs given, over the
+    resident table's: worked out here from the simulation itself, not from the command."""
+    t = TableTrace(*zipf_rows(V41_ROWS, 60_000, s=1.0, universe=10**6), V41_ROWS)
+    slow = []
+    for host_mib in (0, 2, 8):
+        assert cli(["size", "--trace", str(v41_trace), "--policy", "lru", "--device-budget", "1MiB",
+                    "--host-budget", f"{host_mib}MiB", "--tier-costs", "1,3,20,0.5", "--json"]) == 0
+        got = json.loads(capsys.readouterr().out.strip().splitlines()[-1])["budgets"][0]
+        dev, host = (1 << 20) // 264, (host_mib << 20) // 264
+        r = simulate_tiers(t.rows, dev, host, "lru", n_rows=V41_ROWS, offsets=t.offsets)
+        n = t.rows.size
+        disk = r["host"]["misses"] if host else r["device"]["misses"]
+        dev_hits = r["device"]["hit_ratio"]
+        want = dev_hits * 1 + (1 - disk / n - dev_hits) * 3 + disk / n * 20
+        assert got["lookup_us"] == pytest.approx(want, rel=1e-12)
+        assert got["slowdown_vs_resident"] == pytest.approx(want / 0.5, rel=1e-12)
+        slow.append(got["slowdown_vs_resident"])
+    # a host tier serves rows the disk would: more host memory, less time
+    assert slow[0] > slow[1] > slow[2] > 1
+    # the targets' answer carries its own expected slowdown; the text output says it
+    assert cli(["size", "--trace", str(v41_trace), "--policy", "lru", "--device-hit", "0.3", "--total-hit", "0.5",
+                "--tier-costs", "1,3,20,0.5"]) == 0
+    line = capsys.readouterr().out.strip().splitlines()[-1]
+    assert "x all rows resident" in line
+
+
+def test_tier_costs_refuse_what_is_not_a_cost(v41_trace: Path, capsys: pytest.CaptureFixture[str]):
+    for bad in ("1,2,3", "1,2,x,4", "1,2,3,0", "1,-2,3,4"):
+        assert cli(["size", "--trace", str(v41_trace), "--device-budget", "1MiB", "--tier-costs", bad]) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and "microseconds" in err[0], err  # names the value and the fix
+
+
+def test_tier_cost_model():
+    c = TierCosts(device_us=1.0, host_us=2.0, disk_us=10.0, resident_us=1.0)
+    assert c.slowdown(device_hit=1.0, host_hit=0.0) == 1.0
+    assert c.lookup_us(device_hit=0.5, host_hit=0.25) == pytest.approx(0.5 + 0.5 + 2.5)
+    with pytest.raises(TierStoreError):
+        c.lookup_us(device_hit=0.8, host_hit=0.3)

@@ -23,7 +23,7 @@ from ..format.profile import Profile, TopProfile
 from ..ids import distinct
 from .simulate import simulate_tiers
 
-__all__ = ["smallest_capacity", "size_tiers", "TierSizes"]
+__all__ = ["smallest_capacity", "size_tiers", "TierSizes", "TierCosts"]
 
 
 def smallest_capacity(hit_ratio: Callable[[int], float], lo: int, hi: int, target: float, *,
@@ -48,6 +48,60 @@ def smallest_capacity(hit_ratio: Callable[[int], float], lo: int, hi: int, targe
         else:
             lo = mid
     return hi
+
+
+@dataclass(frozen=True)
+class TierCosts:
+    """Microseconds per looked-up row by where it is served from, to turn hit ratios into an
+    expected lookup time (``tierstore size``'s slowdown, docs/v41_sizing.md's tokens/s).
+
+    The defaults are this repository's measurements on its 2-core VM without a GPU
+    (docs/benchmarks.md, "Mixed workload": synchronous 16,384-id lookups of 256-byte rows,
+    default policy, one run): a row from memory 0.51 us (the lookup's time left after its
+    disk reads, per id: bookkeeping included; without a GPU the device tier is memory too,
+    so device and host cost the same), a row from disk 12.7 us (79K rows/s, O_DIRECT), and
+    the resident baseline 0.13 us (the same ids gathered from a table held whole in memory,
+    ``index_select``: 7.60M ids/s). A machine with a GPU has other costs: measure them and
+    pass them (``--tier-costs``). The model is linear and synchronous: no overlap of disk
+    reads with compute (a prefetching server hides them, docs/benchmarks.md).
+    """
+
+    device_us: float = 0.51
+    host_us: float = 0.51
+    disk_us: float = 12.7
+    resident_us: float = 0.13  # all rows resident: a plain gather, no tiers
+
+    def __post_init__(self) -> None:
+        for name in ("device_us", "host_us", "disk_us", "resident_us"):
+            v = getattr(self, name)
+            if not (isinstance(v, (int, float)) and np.isfinite(v) and v > 0):
+                raise TierStoreError(f"{name}={v!r} is not a cost: give microseconds per row > 0, e.g. 0.5")
+
+    @classmethod
+    def parse(cls, text: str) -> "TierCosts":
+        """``"DEVICE,HOST,DISK,RESIDENT"`` microseconds per row (``--tier-costs``)."""
+        parts = text.split(",")
+        try:
+            vals = [float(p) for p in parts]
+        except ValueError:
+            vals = []
+        if len(vals) != 4:
+            raise TierStoreError(f"--tier-costs {text!r}: give four numbers, microseconds per row served from "
+                                 "device, host, disk and from a resident table, e.g. 0.51,0.51,12.7,0.13")
+        return cls(*vals)
+
+    def lookup_us(self, *, device_hit: float, host_hit: float) -> float:
+        """Mean microseconds per lookup when ``device_hit`` of the lookups are served by the
+        device tier, ``host_hit`` by the host tier and the rest by the disk."""
+        disk = 1.0 - device_hit - host_hit
+        if min(device_hit, host_hit) < 0 or disk < -1e-9:
+            raise TierStoreError(f"device_hit={device_hit} and host_hit={host_hit} are not fractions of the "
+                                 "lookups: each >= 0, together <= 1")
+        return device_hit * self.device_us + host_hit * self.host_us + max(0.0, disk) * self.disk_us
+
+    def slowdown(self, *, device_hit: float, host_hit: float) -> float:
+        """Expected lookup time over that of all rows resident (1.0: as fast)."""
+        return self.lookup_us(device_hit=device_hit, host_hit=host_hit) / self.resident_us
 
 
 @dataclass

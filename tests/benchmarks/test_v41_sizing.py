@@ -1,0 +1,66 @@
+"""The V4.1 sizing study's own arithmetic (benchmarks/v41_sizing.py, benchmarks/corpora.py):
+checked against plain references so the figures of docs/v41_sizing.md can be trusted."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from benchmarks.corpora import html_to_text, roff_to_text, split_and_name
+from benchmarks.v41_sizing import capacity_for, checkpoints, growth
+
+TOKENIZER = Path(os.environ.get("TIERSTORE_DEEPSEEK_TOKENIZER",
+                                Path.home() / ".cache/tierstore/deepseek_v3-3.7.2/tokenizer.json"))
+
+
+def test_checkpoints_are_1_2_5_steps():
+    assert checkpoints(10_000) == [1000, 2000, 5000, 10_000]
+    assert checkpoints(999) == []
+
+
+def test_capacity_for_interpolates_on_a_log_scale():
+    pts = [(0.001, 0.2), (0.01, 0.4), (0.1, 0.8)]
+    assert capacity_for(pts, 0.4) == pytest.approx(0.01)
+    assert capacity_for(pts, 0.6) == pytest.approx(10 ** -1.5)  # halfway in log capacity
+    assert capacity_for(pts, 0.1) == 0.001  # met at the smallest measured: that capacity
+    assert capacity_for(pts, 0.9) is None  # out of the measured range: no answer, not a guess
+
+
+def test_converters_keep_the_text():
+    assert roff_to_text('.\\" c\n.SH NAME\nls \\- liste \\fBfett\\fP \\e x\n') == "NAME\nls - liste fett \\ x"
+    assert html_to_text("<html><head><title>t</title></head><body><p>Hallo &amp; <b>Welt</b></p>"
+                        "<script>x=1</script></body></html>") == "Hallo & Welt"
+
+
+def test_split_is_by_document_and_stable():
+    a = [split_and_name(f"pkg/doc{i}") for i in range(2000)]
+    assert a == [split_and_name(f"pkg/doc{i}") for i in range(2000)]
+    test = sum(s == "test" for s, _ in a)
+    assert 900 < test < 1100  # about half each way
+    assert len({n for _, n in a}) == 2000  # one file per document
+
+
+@pytest.mark.skipif(not TOKENIZER.is_file(), reason=f"DeepSeek's tokenizer.json not at {TOKENIZER} "
+                    "(docs/v41_sizing.md says how to fetch it)")
+def test_growth_counts_distinct_rows_like_a_set(tmp_path: Path):
+    from engram_model.trace import TraceSource
+
+    texts = ["def f(x):\n    return x + 1\n" * 40, "Die Katze sitzt auf der Matte. " * 60, "import os\n" * 300]
+    texts.append(texts[0])  # a document seen again: its rows are not new (a per-chunk count would say so)
+    for i, t in enumerate(texts):
+        (tmp_path / "c" / "train").mkdir(parents=True, exist_ok=True)
+        (tmp_path / "c" / "train" / f"{i}.txt").write_text(t)
+    g = growth("c", cache=tmp_path, tokenizer=str(TOKENIZER), limit=5000, zipf_tokens=2000)
+    src = TraceSource(tokenizer=str(TOKENIZER), preset="deepseek-v4.1")
+    docs = src.encode([(tmp_path / "c" / "train" / f"{i}.txt").read_text() for i in range(len(texts))])
+    rows = [src.rows(d) for d in docs]
+    assert g["tokens"] == min(5000, sum(d.size for d in docs)) and g["checkpoints"] == [1000, 2000]
+    for t in src.tables:
+        allrows = np.concatenate([r[t] for r in rows])
+        for k, m in enumerate(g["checkpoints"]):
+            assert g["distinct"][t][k] == np.unique(allrows[:m]).size, (t, m)
+        z = g["zipf"][t]["2-gram"]
+        assert z["lookups"] == allrows[:2000, :8].size and z["distinct"] == np.unique(allrows[:2000, :8]).size
