@@ -33,6 +33,7 @@ from tierstore.analysis.hit_ratios import (TracedTable, live_hit_ratios, policy_
 from tierstore.analysis.simulate import load_trace, simulate_tiers
 from tierstore.analysis.sizing import TierCosts, size_tiers
 from tierstore.cache import POLICIES
+from tierstore.cache.index import budget_for, slots_within
 from tierstore.errors import TierStoreError
 from tierstore.format.profile import count_rows, save_profile
 from tierstore.sizes import format_size, parse_size
@@ -213,9 +214,9 @@ def run_size(args: argparse.Namespace) -> int:
             out.append(size_tiers(t.trace.rows, n_rows=t.sim_rows, policy=args.policy, device_hit=args.device_hit,
                                   total_hit=args.total_hit, offsets=t.trace.offsets, profile=t.profile,
                                   min_batch=args.batch, table=t.name, on_simulation=bar.update).to_dict())
-            if t.row_bytes:
-                out[-1]["device_bytes"] = out[-1]["device_rows"] * t.row_bytes
-                out[-1]["host_bytes"] = out[-1]["host_rows"] * t.row_bytes
+            if t.row_bytes:  # the budgets that hold these rows: their bytes and the index's state
+                out[-1]["device_bytes"] = _budget_of(out[-1]["device_rows"], t, args.policy)
+                out[-1]["host_bytes"] = _budget_of(out[-1]["host_rows"], t, args.policy)
             e = out[-1]
             _add_cost(e, costs, e["device_hit_ratio"], max(0.0, e["total_hit_ratio"] - e["device_hit_ratio"]))
     if args.json:
@@ -228,6 +229,22 @@ def run_size(args: argparse.Namespace) -> int:
                   f"{e['device_hit_ratio']:.4f}; host {e['host_rows']:,} rows{hb} for total "
                   f"{e['total_hit_ratio']:.4f}; {_cost_text(e)}")
     return 0
+
+
+def _rows_of(budget: int, t: TracedTable, policy: str) -> int:
+    """The rows a store's tier of ``budget`` bytes holds for this table, as ``Store`` counts
+    them: the whole table when the budget holds its rows (no index), else the slots whose rows
+    and bookkeeping fit (``slots_within``)."""
+    if budget >= t.n_rows * t.row_bytes:
+        return t.n_rows
+    return slots_within(budget, t.row_bytes, policy)
+
+
+def _budget_of(rows: int, t: TracedTable, policy: str) -> int:
+    """The budget a store needs for ``rows`` of this table (the inverse of ``_rows_of``)."""
+    if rows >= t.n_rows:
+        return t.n_rows * t.row_bytes
+    return budget_for(rows, t.row_bytes, policy)
 
 
 def _add_cost(e: dict, costs: TierCosts, device_hit: float, host_hit: float) -> None:
@@ -249,8 +266,8 @@ def _run_budgets(args: argparse.Namespace, tables: list[TracedTable], costs: Tie
         if not t.row_bytes:
             raise TierStoreError(f"budgets are bytes and the row size of {t.name} is unknown: give --store, "
                                  "--row-bytes, or a trace written by `tierstore trace` of a model")
-        dev = parse_size(args.device_budget or "0", what="--device-budget") // t.row_bytes
-        host = parse_size(args.host_budget or "0", what="--host-budget") // t.row_bytes
+        dev = _rows_of(parse_size(args.device_budget or "0", what="--device-budget"), t, args.policy)
+        host = _rows_of(parse_size(args.host_budget or "0", what="--host-budget"), t, args.policy)
         r = simulate_tiers(t.trace.rows, dev, host, args.policy, n_rows=t.sim_rows, offsets=t.trace.offsets,
                            profile=t.profile, min_batch=args.batch)
         n = max(1, t.trace.rows.size)

@@ -14,6 +14,7 @@ from benchmarks.bench_profile_scale import V41_ROWS, zipf_rows
 from tierstore.analysis.simulate import TableTrace, Trace, save_trace, simulate_tiers
 from tierstore.analysis.sizing import TierCosts, size_tiers
 from tierstore.errors import TierStoreError
+from tierstore.cache.index import budget_for, slots_within
 from tierstore_cli.cli import main as cli
 
 TABLE = "layers.1.engram.embed.weight"
@@ -35,7 +36,11 @@ def test_size_without_a_store(v41_trace: Path, capsys: pytest.CaptureFixture[str
     want = size_tiers(t.rows, n_rows=V41_ROWS, policy="lru", device_hit=0.3, total_hit=0.5, offsets=t.offsets,
                       table=TABLE).to_dict()
     assert {k: got[k] for k in want} == want
-    assert got["device_bytes"] == got["device_rows"] * 264 and got["host_bytes"] == got["host_rows"] * 264
+    # the budgets pay for the rows and the index's state, as a store counts them
+    assert got["device_bytes"] == budget_for(got["device_rows"], 264, "lru")
+    assert got["host_bytes"] == budget_for(got["host_rows"], 264, "lru")
+    assert slots_within(got["device_bytes"], 264, "lru") == got["device_rows"]
+    assert got["device_bytes"] > got["device_rows"] * 264
     assert got["device_rows"] < 60_000 and got["device_hit_ratio"] >= 0.3
 
 
@@ -44,7 +49,8 @@ def test_budgets_give_the_hit_ratios(v41_trace: Path, capsys: pytest.CaptureFixt
                 "--host-budget", "8MiB", "--json"]) == 0
     got = json.loads(capsys.readouterr().out.strip().splitlines()[-1])["budgets"][0]
     t = TableTrace(*zipf_rows(V41_ROWS, 60_000, s=1.0, universe=10**6), V41_ROWS)
-    dev, host = (1 << 20) // 264, (8 << 20) // 264
+    dev, host = slots_within(1 << 20, 264, "lru"), slots_within(8 << 20, 264, "lru")
+    assert dev < (1 << 20) // 264  # the bookkeeping is paid out of the budget
     r = simulate_tiers(t.rows, dev, host, "lru", n_rows=V41_ROWS, offsets=t.offsets)
     assert (got["device_rows"], got["host_rows"]) == (dev, host)
     assert got["device_hit_ratio"] == r["device"]["hit_ratio"]
@@ -66,7 +72,7 @@ def test_budgets_give_the_expected_slowdown(v41_trace: Path, capsys: pytest.Capt
         assert cli(["size", "--trace", str(v41_trace), "--policy", "lru", "--device-budget", "1MiB",
                     "--host-budget", f"{host_mib}MiB", "--tier-costs", "1,3,20,0.5", "--json"]) == 0
         got = json.loads(capsys.readouterr().out.strip().splitlines()[-1])["budgets"][0]
-        dev, host = (1 << 20) // 264, (host_mib << 20) // 264
+        dev, host = slots_within(1 << 20, 264, "lru"), slots_within(host_mib << 20, 264, "lru")
         r = simulate_tiers(t.rows, dev, host, "lru", n_rows=V41_ROWS, offsets=t.offsets)
         n = t.rows.size
         disk = r["host"]["misses"] if host else r["device"]["misses"]

@@ -25,6 +25,7 @@ from typing import Any
 
 import numpy as np
 
+from ..cache.index import budget_for
 from ..errors import TierStoreError
 from ..ids import as_row_ids, distinct
 from ..format.profile import TopProfile, load_profile
@@ -210,7 +211,7 @@ def live_hit_ratios(open_store: Callable[[int, str], AbstractContextManager[Any]
     for cap in capacities:
         for p in policies:
             t0 = time.perf_counter()
-            with open_store(cap * t.row_bytes, p) as st:
+            with open_store(budget_for(cap, t.row_bytes, p), p) as st:
                 tname = t.name if t.name in st.tables else next(iter(st.tables))
                 st.reset_stats()
                 for a, b in zip(bounds[:-1], bounds[1:]):

@@ -29,7 +29,7 @@ from ..jit import specialized
 from .rowmap import map_bytes, new_map, rm_build, rm_get_many, rm_items
 from .structs import g_init, q_init
 
-__all__ = ["CacheIndex", "none_index", "state_bytes", "slots_within"]
+__all__ = ["CacheIndex", "none_index", "state_bytes", "slots_within", "budget_for"]
 
 _EMPTY = np.empty(0, dtype=np.int64)
 
@@ -329,6 +329,19 @@ def slots_within(budget: int, row_bytes: int, policy: str | PolicySpec | Policy)
         else:
             hi = mid - 1
     return lo
+
+
+def budget_for(capacity: int, row_bytes: int, policy: str | PolicySpec | Policy) -> int:
+    """The budget a cache tier needs to hold ``capacity`` rows: their bytes plus the index's
+    state (``state_bytes``), the inverse of ``slots_within``. 0 for 0 rows. Tools that turn a
+    hit target into bytes (``tierstore size``, the live replay) use it, so what they print is
+    what a store opened with that budget holds."""
+    c = int(capacity)
+    if c <= 0:
+        return 0
+    if isinstance(policy, Policy):
+        policy = PolicySpec(policy.name, policy.params)
+    return c * max(1, int(row_bytes)) + state_bytes(policy, c)
 
 
 _NONE: CacheIndex | None = None

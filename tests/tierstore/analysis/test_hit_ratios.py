@@ -12,6 +12,7 @@ import tierstore
 from tierstore.analysis.hit_ratios import (distinct_ids, live_hit_ratios, policy_hit_ratios, traced_tables,
                                            two_tier_hit_ratios)
 from tierstore.analysis.simulate import TableTrace, Trace, simulate, simulate_tiers
+from tierstore.cache.index import budget_for
 from tierstore.errors import TierStoreError
 from tierstore.format.profile import save_profile
 
@@ -121,7 +122,11 @@ def test_live_store_agrees_with_the_simulation(rows, store):
         return tierstore.open(store, device="cpu", device_budget=budget, host_budget=0, policy=policy)
 
     res = live_hit_ratios(open_store, t, [20, 200], ["lru", "default"])
-    assert opened == [(320, "lru"), (320, "default"), (3200, "lru"), (3200, "default")]
+    # each budget buys exactly the capacity asked: 16-B rows plus the index's state
+    assert opened == [(budget_for(c, 16, p), p) for c in (20, 200) for p in ("lru", "default")]
+    # (or the whole table, resident, where that budget holds all 1,000 rows: default's 200)
+    assert [r["capacity_rows"] for r in res] == [c if budget_for(c, 16, p) < 16_000 else 1000
+                                                 for c in (20, 200) for p in ("lru", "default")]
     for r in res:
         assert r["agree"] and r["hits"] + r["misses"] == rows.size and r["mode"] == "live", r
 
