@@ -12,6 +12,7 @@ import pytest
 import torch
 
 import tierstore
+from tierstore.cache.index import budget_for
 from tierstore.cache.layout import M_HLIVE
 from tierstore import CorruptDataError
 
@@ -240,7 +241,10 @@ def test_announced_rows_reach_the_tier_that_can_use_them(tmp_path):
     """Store.hint announces future rows: the device tier hears every id, the host tier only
     the ids the device tier does not hold; a lookup consumes them."""
     out, _ = _build(tmp_path, 5000, 16)
-    with tierstore.open(out, device="cpu", device_budget=64 * 100, host_budget=64 * 800, policy="default") as store:
+    # tiers of 400 and 800 rows (budgets pay for the index's state too: budget_for); the hint
+    # tables have a bucket per slot, so 40 hints into 400 buckets lose ~5% to collisions
+    dev_b, host_b = budget_for(400, 64, "default"), budget_for(800, 64, "default")
+    with tierstore.open(out, device="cpu", device_budget=dev_b, host_budget=host_b, policy="default") as store:
         held = np.arange(40)
         store.lookup(NAME, held)  # now on the device
         table = store._tables[NAME]
@@ -264,7 +268,7 @@ def test_an_announced_row_survives_a_flood(tmp_path):
     out, w = _build(tmp_path, 20000, 16)
     kept = {}
     for announce in (True, False):
-        with tierstore.open(out, device="cpu", device_budget=64 * 200, policy="default") as store:
+        with tierstore.open(out, device="cpu", device_budget=budget_for(200, 64, "default"), policy="default") as store:
             store.lookup(NAME, [19999])
             if announce:
                 store.hint(NAME, [19999])

@@ -10,6 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from tierstore.cache.index import budget_for
 from tierstore_cli.cli import main as cli
 
 @pytest.fixture(scope="module")
@@ -88,7 +89,8 @@ def test_store_profile_live_and_size(ckpt: Path, traces, tmp_path: Path, capsys:
     assert rc == 0
     size = json.loads(capsys.readouterr().out.strip().splitlines()[-1])["sizes"][0]
     assert size["device_hit_ratio"] >= 0.3 and size["total_hit_ratio"] >= 0.6
-    assert size["device_bytes"] == size["device_rows"] * 16  # fp32 rows of 4 values
+    # fp32 rows of 4 values, and the index's state a store pays for them out of the budget
+    assert size["device_bytes"] == budget_for(size["device_rows"], 16, size["policy"])
 
 
 def test_errors_are_one_line(tmp_path: Path, capsys: pytest.CaptureFixture[str]):
@@ -153,7 +155,9 @@ def test_size_prints_what_the_library_finds(tmp_path: Path, capsys: pytest.Captu
     got = json.loads(capsys.readouterr().out.strip().splitlines()[-1])["sizes"]
     want = size_tiers(rows, n_rows=int(rows.max()) + 1, policy="lru", device_hit=0.3, total_hit=0.6,
                       table="trace").to_dict()
-    assert got == [{**want, "device_bytes": want["device_rows"] * 16, "host_bytes": want["host_rows"] * 16}]
+    assert len(got) == 1 and {k: got[0][k] for k in want} == want
+    assert (got[0]["device_bytes"], got[0]["host_bytes"]) == (budget_for(want["device_rows"], 16, "lru"),
+                                                              budget_for(want["host_rows"], 16, "lru"))
     assert cli(cmd) == 0
     assert capsys.readouterr().out.startswith(f"trace (lru): device {want['device_rows']:,} rows = ")
     assert cli([*cmd, "--total-hit", "1.5"]) == 2

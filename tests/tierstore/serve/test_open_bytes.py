@@ -19,6 +19,7 @@ import torch
 from safetensors.torch import save_file
 
 import tierstore
+from tierstore.cache.index import budget_for
 from tierstore.format.order import DenseOrder, load_order, write_order
 from tierstore.format.profile import profile_paths, save_profile
 from tierstore.format.spec import TableInfo, manifest_digest
@@ -28,7 +29,9 @@ from ...conftest import bits, random_table
 T = "blocks.1.engram.memory.weight"
 N, DIM = 150_000, 128  # float16: 256-byte rows; the dense order file is 600 KB, 2.3x the hot bytes
 HOT = 1024  # profiled rows (256 KiB): the host budget holds exactly them
-BUDGETS = dict(device="cpu", device_budget=256 * 256, host_budget=HOT * 256, policy="static", direct=False)
+# budgets pay for the index's state too: these hold exactly 256 and HOT rows
+BUDGETS = dict(device="cpu", device_budget=budget_for(256, 256, "static"), host_budget=budget_for(HOT, 256, "static"),
+               policy="static", direct=False)
 FIXED = 16 << 10
 
 

@@ -22,6 +22,8 @@ import torch
 from safetensors.torch import save_file
 
 import tierstore
+from tierstore.cache import POLICIES
+from tierstore.cache.index import budget_for
 from tierstore.errors import CorruptDataError
 from tierstore.format.profile import save_profile
 from tierstore.format.snapshot import read_snapshot, snapshot_path
@@ -32,8 +34,11 @@ from ...conftest import bits, random_table
 
 T = "blocks.1.engram.memory.weight"
 N, DIM = 40_000, 128  # float16: 256-byte rows, 16 to a page; a 10 MiB table
-HOT = 4096  # scattered profiled rows (1 MiB): the host budget holds exactly them
-BUDGETS = dict(device="cpu", device_budget=1024 * 256, host_budget=HOT * 256)
+HOT = 4096  # scattered profiled rows (1 MiB): the host budget holds them (and, with the policies
+# that keep less state per slot, a few empty slots more: only HOT rows are profiled)
+# budgets pay for the index's state too (cache.index.budget_for): the most any policy needs
+_BUDGET = {n: max(budget_for(n, 256, p) for p in POLICIES) for n in (1024, HOT)}
+BUDGETS = dict(device="cpu", device_budget=_BUDGET[1024], host_budget=_BUDGET[HOT])
 
 
 @pytest.fixture(scope="module")
@@ -278,7 +283,7 @@ def test_the_shared_host_tier_fills_from_the_snapshot(store, monkeypatch):
     snapshot too (the row-file path as the negative control)."""
     path, w, counts = store
     counter = ReadCounter(monkeypatch)
-    budgets = dict(device="cpu", device_budget=1024 * 256, host_budget=HOT * 256, host_shared=True)
+    budgets = dict(BUDGETS, host_shared=True)
     s, without = _open(path, counter, **budgets)
     with s:
         assert s.stats()["open"]["host"]["source"] == "rows"
