@@ -308,15 +308,15 @@ class Store:
 
             return self._prefetcher.submit(deferred)
         t, flat, stage, buf, full = self._prepare(table, ids, out, raw=raw)
-        if flat.size <= INLINE_BELOW:
+        if flat.size < INLINE_BELOW:
             # A small request's bookkeeping (a few us, GIL-free) runs here: if every row is on
             # the device, the lookup is one gather and a hand-off to a worker would cost more
             # than all of it (~20 us for a bare submit + result); otherwise the worker moves
             # the bytes of the begun lookup.
             if t.on_device(flat, stage):
                 return self._prefetcher.done(self._finish(t, stage, buf, full))
-            lk = t.begin(flat)
-            if lk.on_device:
+            lk = t.begin(flat, stage)  # on the CPU, an all-hit lookup is done by this one call
+            if lk.on_device:  # done by begin, or one gather
                 try:
                     t.complete(lk, stage)
                     result = self._finish(t, stage, buf, full)
