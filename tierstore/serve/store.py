@@ -316,9 +316,10 @@ class Store:
             if t.on_device(flat, stage):
                 return self._prefetcher.done(self._finish(t, stage, buf, full))
             lk = t.begin(flat, stage)  # on the CPU, an all-hit lookup is done by this one call
-            if lk.on_device:  # done by begin, or one gather
+            if lk.on_device:  # done by begin (CPU), or one gather
                 try:
-                    t.complete(lk, stage)
+                    if not lk.done:
+                        t.complete(lk, stage)
                     result = self._finish(t, stage, buf, full)
                 except TierStoreError as e:
                     return self._prefetcher.failed(e)
