@@ -30,9 +30,14 @@ from .table import Table
 
 __all__ = ["Store", "open_store", "IdLike", "INLINE_BELOW"]
 
-# prefetch() of at most this many ids does its bookkeeping in the caller's thread and, when
-# every row is on the device, its one gather too (measured in benchmarks/bench_lookup.py)
-INLINE_BELOW = 1024
+# The one threshold of "small" (the model's synchronous lookups use it too: tierstore.INLINE_BELOW):
+# prefetch() of fewer ids does its bookkeeping in the caller's thread and, when every row is on
+# the device, the whole lookup there. Measured (python -m benchmarks.bench_lookup, 2 cores,
+# loaded): handing 2,048 all-hit ids to a worker cost 31.2 us over the 31.6 us synchronous
+# lookup, i.e. it doubled it, so 1,024 (the store's old value) was too low; the model's
+# 4,096 had been chosen by bench_e2e (warm decode 0.95-0.98x of resident against 0.84-0.93x
+# with every request prefetched). Requests of 4,096 and more (a prefill) go to a worker.
+INLINE_BELOW = 4096
 # an open that finds files of another build (a rebuild replaced the store meanwhile) reads the
 # manifest again and reopens, at most this many times in all
 OPEN_TRIES = 4
