@@ -37,8 +37,9 @@ from typing import Any
 
 import torch
 
+import tierstore
+
 from engram_model.checkpoint import load_checkpoint
-from engram_model.memory import SYNC_BELOW
 from engram_model.generate import (
     build_store_for, open_served_model, prompt_batches, serve, table_bytes, tier_summary,
 )
@@ -74,7 +75,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     ap.add_argument("--host-frac", type=float, default=0.25, help="host budget / table bytes (<= 0.25)")
     ap.add_argument("--threads", type=int, default=1, help="torch intra-op threads (the store uses its own)")
     ap.add_argument("--store-threads", type=int, default=2)
-    ap.add_argument("--sync-below", type=int, default=SYNC_BELOW,
+    ap.add_argument("--sync-below", type=int, default=tierstore.INLINE_BELOW,
                     help="look up requests of fewer ids in the caller's thread (0: always prefetch)")
     ap.add_argument("--repeats", type=int, default=3, help="interleaved repeats; the best of each is reported")
     ap.add_argument("--queued", type=int, default=4,

@@ -34,7 +34,6 @@ from tierstore import evict_page_cache, has_profile
 from engram_model.checkpoint import load_checkpoint, read_config
 from engram_model.data import encode_files, split_files
 from engram_model.errors import EngramConfigError
-from engram_model.memory import SYNC_BELOW
 from engram_model.model import EngramLM, EngramPlan, InferenceCache
 from engram_model.tokenizer import stdlib_text_files
 
@@ -70,7 +69,7 @@ def build_store_for(ckpt: str | Path, store: str | Path, *, force: bool = False,
 
 def open_served_model(
     ckpt: str | Path, store_path: str | Path, *, device_budget: int | str = 0, host_budget: int | str = 0,
-    policy: str = "default", threads: int = 4, sync_below: int = SYNC_BELOW, use_profile: bool = True,
+    policy: str = "default", threads: int = 4, sync_below: int | None = None, use_profile: bool = True,
     device: str = "cpu",
 ) -> tuple[EngramLM, Tokenizer, tierstore.Store]:
     """The checkpoint's model (dense weights only) with its tables served by the store
@@ -88,7 +87,7 @@ def open_served_model(
 
 
 def served_model(ckpt: str | Path, store: tierstore.RowStore, *,
-                 sync_below: int = SYNC_BELOW) -> tuple[EngramLM, Tokenizer]:
+                 sync_below: int | None = None) -> tuple[EngramLM, Tokenizer]:
     """The checkpoint's model (dense weights only) on ``store.device``, its tables served by
     ``store``: any ``tierstore.RowStore`` (``tierstore.open`` or, on every rank of a group,
     ``tierstore.open_sharded``). The caller keeps the store and closes it."""

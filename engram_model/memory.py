@@ -108,14 +108,6 @@ class UnattachedMemory(MemorySource):
         raise EngramConfigError("Engram table not loaded: call model.attach_store(store) or load the checkpoint tables")
 
 
-# Requests of fewer ids than this are looked up in the model's thread when the layer asks
-# for them instead of prefetched: a decode step's few hundred ids cost ~30 us to look up
-# but ~50-120 us to hand to a worker and back (thread wake-ups, GIL). Measured with
-# `python -m benchmarks.bench_e2e --repeats 3` (docs/benchmarks.md): warm decode 0.87-0.88x
-# of resident with 0, 0.98x with 4096; prefill (larger requests) is still prefetched.
-SYNC_BELOW = 4096
-
-
 class StoreMemory(nn.Module, MemorySource):
     """Rows served by a tierstore table (inference only: no gradients, no parameters), from
     any ``tierstore.RowStore``: ``tierstore.open(...)`` or ``tierstore.open_sharded(...)``.
@@ -126,12 +118,17 @@ class StoreMemory(nn.Module, MemorySource):
     dequantized to bfloat16; ``dim`` is then the dequantized width, 256).
     """
 
-    def __init__(self, store: tierstore.RowStore, table: str, rows: int, dim: int, sync_below: int = 0):
-        # sync_below: see SYNC_BELOW (the serving entry points default to it; 0 always prefetches)
+    def __init__(self, store: tierstore.RowStore, table: str, rows: int, dim: int, sync_below: int | None = None):
         super().__init__()
-        # Requests smaller than this are looked up in the caller's thread when the layer asks
-        # for them: for a decode step's few dozen rows the hand-off to a worker thread (and the
-        # GIL ping-pong while it runs) costs more than the lookup itself.
+        # Requests of fewer ids than this are looked up in the caller's thread when the layer
+        # asks for them, the rest prefetched: for a decode step's few dozen rows the hand-off to
+        # a worker thread (and the GIL ping-pong while it runs) costs more than the lookup
+        # itself. None: the store's own threshold, ``tierstore.INLINE_BELOW`` (the one
+        # constant, measured in docs/benchmarks.md); 0 always prefetches.
+        if sync_below is None:
+            import tierstore
+
+            sync_below = tierstore.INLINE_BELOW
         self.sync_below = sync_below
         if table not in store.tables:
             raise EngramConfigError(

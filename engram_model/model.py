@@ -32,7 +32,7 @@ from engram_model.engram import ConvState, EngramConfig, EngramLayer
 from engram_model.errors import EngramConfigError
 from engram_model.flags import setting
 from engram_model.hasher import NgramHasher
-from engram_model.memory import SYNC_BELOW, RowsFuture, StoreMemory
+from engram_model.memory import RowsFuture, StoreMemory
 
 if TYPE_CHECKING:  # the model reaches the store only through StoreMemory
     import tierstore
@@ -361,12 +361,12 @@ class EngramLM(nn.Module):
         return {"tables": tables, "dense": dense, "total": tables + dense,
                 "active_per_token": dense - idle_experts + per_tok_tables}
 
-    def attach_store(self, store: tierstore.RowStore, *, sync_below: int = SYNC_BELOW) -> None:
+    def attach_store(self, store: tierstore.RowStore, *, sync_below: int | None = None) -> None:
         """Serve every Engram table from ``store`` instead of memory: any ``tierstore.RowStore``,
         a ``Store`` or a ``ShardedStore`` (then every rank runs the model; lookups are collective).
 
         sync_below: requests of fewer ids are looked up in the caller's thread instead of
-        prefetched (see StoreMemory)."""
+        prefetched (see StoreMemory); None: ``tierstore.INLINE_BELOW``, 0: always prefetch."""
         for blk in self.engram_blocks():
             mem = blk.engram.memory
             del blk.engram.memory

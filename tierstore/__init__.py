@@ -41,6 +41,7 @@ _LAZY = {
     "open_store": ("serve.store", "open_store"),
     "Store": ("serve.store", "Store"),
     "LookupFuture": ("serve.prefetcher", "LookupFuture"),
+    "INLINE_BELOW": ("serve.store", "INLINE_BELOW"),
     "TableInfo": ("format.spec", "TableInfo"),
     "FORMAT_VERSION": ("format.spec", "FORMAT_VERSION"),
     "build_store": ("format.build", "build_store"),
@@ -82,7 +83,7 @@ def __dir__() -> list[str]:
 
 __all__ = [
     "open", "open_store", "open_sharded", "StoreOptions", "RowStore", "Store", "ShardedStore", "build_shard",
-    "LookupFuture", "TableInfo", "build_store", "verify_store",
+    "LookupFuture", "INLINE_BELOW", "TableInfo", "build_store", "verify_store",
     "save_snapshot", "distinct",
     "DEFAULT_TABLE_PATTERN", "FORMAT_VERSION", "parse_size", "format_size",
     "TierStoreError", "InvalidIdError", "IdTypeError", "UnknownTableError", "CorruptDataError",

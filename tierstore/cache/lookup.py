@@ -8,12 +8,17 @@ holds the tiers' locks around ``begin``, ``end`` and ``announce``.
 
 from __future__ import annotations
 
+import threading
+
 import numpy as np
 
 from . import walk
 from .index import CacheIndex, none_index
 from ..jit import specialized
 from .layout import CACHED
+
+_NO_BYTES = np.empty((0, 0), np.uint8)
+_EMPTY_I64 = np.empty(0, np.int64)  # ``begin`` without a slab to copy from
 
 __all__ = ["Lookup", "Walker"]
 
@@ -23,7 +28,7 @@ class Lookup:
     outputs (tierstore.cache.walk.lookup) and how many leases each tier holds for it."""
 
     __slots__ = ("d_slot", "d_leased", "need", "need_of", "h_slot", "h_leased", "d_code", "h_code",
-                 "n_dl", "m", "n_hl")
+                 "n_dl", "m", "n_hl", "done")
 
     def __init__(self, n: int):
         w64 = np.empty((6, n), np.int64)  # two allocations, not eight
@@ -31,6 +36,7 @@ class Lookup:
         self.d_slot, self.d_leased, self.need, self.need_of, self.h_slot, self.h_leased = w64
         self.d_code, self.h_code = codes
         self.n_dl = self.m = self.n_hl = 0
+        self.done = False  # ended by ``begin`` itself: every row was copied out of the device slab
 
     @property
     def on_device(self) -> bool:
@@ -48,7 +54,9 @@ class Walker:
         self._h = host if hkind == CACHED else none_index()
         self.dkind, self.hkind = dkind, hkind
         self._bind()
-        self._entry = None  # walk.lookup's compiled entry point for these policies (on first use)
+        self._entry = None  # walk.lookup_gather's compiled entry point for these policies (on first use)
+        self._ends: dict[tuple[int, bool], object] = {}
+        self._spare = threading.local()  # per thread: the arrays of its last lookup that begin ended  # walk.finish/abort entry points per tier (on first use)
 
     def _bind(self) -> None:
         """Take up the indexes' current state tuples (an index replaces its tuple when it
@@ -67,25 +75,50 @@ class Walker:
             self._bind()
         self._current()
 
-    def begin(self, ids: np.ndarray) -> Lookup:
+    def begin(self, ids: np.ndarray, slab: np.ndarray | None = None, out: np.ndarray | None = None) -> Lookup:
         """Run ``ids`` (C-contiguous int64) through both tiers; the lookup's leases hold
-        until ``end``."""
+        until ``end``. With ``slab`` and ``out`` (uint8 ``[*, row bytes]`` views of the device
+        tier's slab in host memory and of the output, ``len(ids)`` rows): when the device
+        tier serves every id, the rows are copied into ``out`` and the lookup ended in the
+        same compiled call (``lk.done``; the caller holds the device tier's lock)."""
         self._current()
-        lk = Lookup(ids.size)
+        gather = slab is not None and out is not None
+        # a lookup begin ends (done) leaves its arrays behind: the thread's next one of the
+        # same size reuses them (a decode step's lookups are all one size); one that goes on
+        # keeps them, and the thread allocates anew
+        lk = getattr(self._spare, "lk", None) if gather else None
+        if lk is None or lk.d_slot.size != ids.size:
+            lk = Lookup(ids.size)
+        else:
+            self._spare.lk = None
         args = (*self.args, ids, lk.d_slot, lk.d_code, lk.d_leased, lk.need, lk.need_of, lk.h_slot, lk.h_code,
-                lk.h_leased, True)
+                lk.h_leased, gather, slab if gather else _NO_BYTES, out if gather else _NO_BYTES)
         if self._entry is None:
-            self._entry = specialized(walk.lookup, *args)
-        lk.n_dl, lk.m, lk.n_hl = self._entry(*args)
+            self._entry = specialized(walk.lookup_gather, *args)
+        lk.n_dl, lk.m, lk.n_hl, lk.done = self._entry(*args)
+        if lk.done:
+            self._spare.lk = lk
         return lk
 
     def end(self, lk: Lookup, ok: bool = True) -> None:  # finish/abort never read the hint table
-        """End a lookup: its FILL slots hold their bytes (``ok``) or are dropped; leases released."""
-        end = walk.finish if ok else walk.abort
+        """End a lookup: its FILL slots hold their bytes (``ok``) or are dropped; leases
+        released. A lookup ``begin`` already ended (``lk.done``) has nothing left to end."""
+        if lk.done:
+            return
         if self.dkind == CACHED:
-            end(self.dstate, lk.d_leased, lk.n_dl)
+            self._end(0, ok)(self.dstate, lk.d_leased, lk.n_dl)
         if self.hkind == CACHED:
-            end(self.hstate, lk.h_leased, lk.n_hl)
+            self._end(1, ok)(self.hstate, lk.h_leased, lk.n_hl)
+
+    def _end(self, tier: int, ok: bool):
+        """walk.finish (``ok``) or walk.abort for tier 0 (device) or 1 (host): its compiled
+        entry point, fetched once (numba's type dispatch of the state tuple costs more than
+        the call)."""
+        fn = self._ends.get((tier, ok))
+        if fn is None:
+            state = self.dstate if tier == 0 else self.hstate
+            fn = self._ends[tier, ok] = specialized(walk.finish if ok else walk.abort, state, _EMPTY_I64, 0)
+        return fn
 
     def announce(self, ids: np.ndarray) -> None:
         """Hints (``Store.hint``): the device tier hears every id, the host tier the rest."""

@@ -213,6 +213,58 @@ def lookup(dhit, dmiss, dkind, D, hhit, hmiss, hkind, H, rows, d_slot, d_code, d
     return n_dl, m, n_hl
 
 
+@kernel(inline=True)
+def _all_hits(hit, T, rows, slots):  # pragma: no cover - compiled
+    """The device tier's part of a lookup whose every row it holds with its bytes in place
+    (the decode path), or nothing: returns False at the first row it does not hold, or
+    holds in a slot another lookup is still filling, having changed no state. Otherwise
+    ``slots[i]`` is row i's slot and the accesses are done as ``access`` does them (hints
+    consumed, counters, the policy's ``hit``, in order), without leases: the caller copies
+    the rows before it lets go of the tier's lock, so no slot can be evicted meanwhile. A
+    lookup of hits only takes no slot, so it leaves nothing else behind: ``finish`` after
+    ``access`` would only release the leases again."""
+    M, RM, ep, HT = T[0], T[1], T[4], T[9]
+    lo = M[M_LO]
+    for i in range(rows.size):
+        s = rm_get(RM, rows[i])
+        if s < 0 or (s >= lo and ep[s] < 0):
+            return False
+        slots[i] = s
+    for i in range(rows.size):
+        if M[M_HLIVE] > 0:
+            hint_consume(M, HT, rows[i])
+        M[M_HITS] += 1
+        s = slots[i]
+        if s >= lo:
+            hit(T, s)
+        M[M_TICK] += 1
+    return True
+
+
+@kernel
+def lookup_gather(dhit, dmiss, dkind, D, hhit, hmiss, hkind, H, rows, d_slot, d_code, d_leased, need, need_of, h_slot,
+                  h_code, h_leased, gather, slab, out):  # pragma: no cover - compiled
+    """``lookup`` (the store's and the simulator's entry point). With ``gather``, a lookup
+    the device tier serves whole (every row held, its bytes in place: the decode path) is
+    done in this same call instead: its accesses run as ``access`` would run them, less the
+    leases (``_all_hits``), the rows ``slab[d_slot]`` are copied into ``out`` (uint8
+    ``[*, row bytes]`` views: one specialization for every dtype), and it has ended. The
+    caller holds the device tier's lock, so no other lookup evicts a slot while it is
+    copied. So an all-hit lookup is one compiled call, GIL-free. Returns (device leases,
+    m, host leases, done); ``done`` False: the caller moves the bytes and ends the lookup
+    (``finish``)."""
+    if gather and dkind == CACHED and _all_hits(dhit, D, rows, d_slot):
+        w = out.shape[1]
+        for i in range(rows.size):
+            s = d_slot[i]
+            for j in range(w):
+                out[i, j] = slab[s, j]
+        return 0, 0, 0, True
+    n_dl, m, n_hl = lookup(dhit, dmiss, dkind, D, hhit, hmiss, hkind, H, rows, d_slot, d_code, d_leased, need,
+                           need_of, h_slot, h_code, h_leased, True)
+    return n_dl, m, n_hl, False
+
+
 @kernel
 def announce(dkind, D, hkind, H, rows):  # pragma: no cover - compiled
     """Hints (``Store.hint``): each tier hears only what it can act on: the device tier

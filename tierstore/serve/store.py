@@ -32,9 +32,14 @@ from .table import Table
 
 __all__ = ["Store", "open_store", "IdLike", "INLINE_BELOW"]
 
-# prefetch() of at most this many ids does its bookkeeping in the caller's thread and, when
-# every row is on the device, its one gather too (measured in benchmarks/bench_lookup.py)
-INLINE_BELOW = 1024
+# The one threshold of "small" (the model's synchronous lookups use it too: tierstore.INLINE_BELOW):
+# prefetch() of fewer ids does its bookkeeping in the caller's thread and, when every row is on
+# the device, the whole lookup there. Measured (python -m benchmarks.bench_lookup, 2 cores,
+# loaded): handing 2,048 all-hit ids to a worker cost 31.2 us over the 31.6 us synchronous
+# lookup, i.e. it doubled it, so 1,024 (the store's old value) was too low; the model's
+# 4,096 had been chosen by bench_e2e (warm decode 0.95-0.98x of resident against 0.84-0.93x
+# with every request prefetched). Requests of 4,096 and more (a prefill) go to a worker.
+INLINE_BELOW = 4096
 # an open that finds files of another build (a rebuild replaced the store meanwhile) reads the
 # manifest again and reopens, at most this many times in all
 OPEN_TRIES = 4
@@ -348,17 +353,18 @@ class Store:
 
             return self._prefetcher.submit(deferred)
         t, flat, stage, buf, full = self._prepare(table, ids, out, raw=raw)
-        if flat.size <= INLINE_BELOW:
+        if flat.size < INLINE_BELOW:
             # A small request's bookkeeping (a few us, GIL-free) runs here: if every row is on
             # the device, the lookup is one gather and a hand-off to a worker would cost more
             # than all of it (~20 us for a bare submit + result); otherwise the worker moves
             # the bytes of the begun lookup.
             if t.on_device(flat, stage):
                 return self._prefetcher.done(self._finish(t, stage, buf, full))
-            lk = t.begin(flat)
-            if lk.on_device:
+            lk = t.begin(flat, stage)  # on the CPU, an all-hit lookup is done by this one call
+            if lk.on_device:  # done by begin (CPU), or one gather
                 try:
-                    t.complete(lk, stage)
+                    if not lk.done:
+                        t.complete(lk, stage)
                     result = self._finish(t, stage, buf, full)
                 except TierStoreError as e:
                     return self._prefetcher.failed(e)

@@ -33,7 +33,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from ..cache.layout import FILL, HIT, NONE, RESIDENT
+from ..cache.layout import CACHED, FILL, HIT, NONE, RESIDENT
 from ..cache.lookup import Lookup, Walker
 from ..format.profile import Profile
 from ..format.spec import TableInfo
@@ -149,6 +149,10 @@ class Table:
             self.dev = CacheTier("device", info, device_rows, device=device, policy=policy, profile=profile)
             self._preload(snap)
             self._walker = Walker(self.dev.index, self.dev.kind, self.host.index, self.host.kind)
+            # the device slab's bytes, for the walk to copy all-hit lookups itself (CPU only:
+            # on CUDA the slab is GPU memory and the gather a kernel on a stream)
+            self._dev_bytes = (self.dev.slab.view(torch.uint8).numpy()
+                               if self.dev.kind == CACHED and self.dev.slab.device.type == "cpu" else None)
             # when a list: every lookup's start (its ids) and end, and every hint, in the order
             # the tiers saw them: concurrent lookups overlap, and a row another lookup is still
             # filling is read from below (tierstore.analysis.simulate.replay_events replays them exactly)
@@ -197,13 +201,17 @@ class Table:
     def gather(self, ids: np.ndarray, out: torch.Tensor) -> None:
         """Fill ``out`` (len(ids), dim) on the store's device with the rows ``ids`` (int64, validated).
 
-        The bookkeeping of both cache tiers is one compiled call (``begin``: ``walk.lookup``,
-        the very walk the simulator replays); ``complete`` moves the bytes: host/disk ->
-        staged rows -> the slots the walk admitted them to -> ``out``, then ends the lookup.
+        The bookkeeping of both cache tiers is one compiled call (``begin``: ``walk.lookup_gather``,
+        the very walk the simulator replays), which on the CPU also copies the rows and ends
+        the lookup when the device tier serves every id; otherwise ``complete`` moves the
+        bytes: host/disk -> staged rows -> the slots the walk admitted them to -> ``out``,
+        then ends the lookup.
         """
         if self.on_device(ids, out):
             return
-        self.complete(self.begin(ids), out)
+        lk = self.begin(ids, out)
+        if not lk.done:
+            self.complete(lk, out)
 
     def on_device(self, ids: np.ndarray, out: torch.Tensor) -> bool:
         """The resident fast paths: if a slab holding the whole table serves ``ids``, fill
@@ -220,19 +228,29 @@ class Table:
             return True  # the GPU gathers from the pinned host table (UVA), nothing staged
         return False
 
-    def begin(self, ids: np.ndarray) -> Lookup:
+    def begin(self, ids: np.ndarray, out: torch.Tensor | None = None) -> Lookup:
         """A lookup's bookkeeping in both cache tiers (one compiled call, GIL-free, under both
-        tier locks). Its leases hold until ``complete`` (or ``cancel``) ends it."""
-        ids = np.ascontiguousarray(ids, dtype=np.int64)
+        tier locks). Its leases hold until ``complete`` (or ``cancel``) ends it. With ``out``
+        (CPU only): when every row is in the device tier the same call copies them into
+        ``out`` and ends the lookup (``lk.done``: nothing left to complete)."""
+        if ids.dtype != np.int64 or not ids.flags.c_contiguous:
+            ids = np.ascontiguousarray(ids, dtype=np.int64)
+        dst = None
+        if out is not None and self._dev_bytes is not None and out.shape[0] == ids.size:
+            dst = out.view(torch.uint8).numpy()  # the rows' bytes: one walk specialization for every dtype
         with self.dev.lock, self.host.lock:  # always in this order (Table.hint too)
-            lk = self._walker.begin(ids)
+            lk = self._walker.begin(ids, self._dev_bytes, dst)
             if self.events is not None:  # the lookup starts; it ends (below) when its bytes are moved
                 self.events.append(("lookup", ids.copy(), id(lk)))
+                if lk.done:  # ended at once: every row was copied from the device slab
+                    self.events.append(("end", True, id(lk)))
         return lk
 
     def complete(self, lk: Lookup, out: torch.Tensor) -> None:
         """Move the bytes of a begun lookup into ``out`` and end it (its FILL slots are
         written; after an error they are dropped and the error re-raised)."""
+        if lk.done:  # begin copied every row and ended it
+            return
         out = out.view(self.info.raw_dtype)  # move bits, not values
         ok = False
         try:

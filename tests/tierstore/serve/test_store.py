@@ -197,7 +197,7 @@ def test_buffer_pool_is_bounded():
 
 
 def test_small_prefetch_on_the_device_finishes_in_the_callers_thread(store_path, small_ckpt, monkeypatch):
-    """A prefetch of <= INLINE_BELOW ids whose rows are all on the device completes before it
+    """A prefetch of fewer than INLINE_BELOW ids whose rows are all on the device completes before it
     returns (no hand-off); one with misses goes to a worker; both return exact rows, and a
     lookup begun but never handed over releases its leases."""
     from tierstore.serve.store import INLINE_BELOW

@@ -1,0 +1,70 @@
+"""The decode path: a lookup whose every id the device tier holds is one compiled call on
+the CPU (``walk.lookup_gather``: the accesses, the copy, the end), for every policy; the
+rows are exact, the counters are those of the walk the simulator replays, and no lease
+or leftover state remains. Timing is benchmarks/bench_lookup.py's; this checks the path
+is taken and is right."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import save_file
+
+import tierstore
+from tierstore.analysis.simulate import replay_events
+from tierstore.cache import CacheIndex, policy_names
+from tierstore.format.profile import load_profile, save_profile
+
+NAME = "blocks.1.engram.memory.weight"
+ROWS, DIM = 4_000, 24
+
+
+@pytest.fixture(scope="module")
+def store_and_rows(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("decode")
+    w = torch.randn(ROWS, DIM, generator=torch.Generator().manual_seed(3)).half()
+    save_file({NAME: w}, str(tmp / "m.safetensors"))
+    path = tierstore.build_store(tmp / "m.safetensors", tmp / "store", progress=False)
+    counts = np.zeros(ROWS, np.int64)
+    counts[:1_000] = np.arange(1_000, 0, -1)  # static and default place rows 0..capacity by it
+    save_profile(path, NAME, counts)
+    return path, w
+
+
+def _refuse(*_args, **_kw):
+    raise AssertionError("an all-hit lookup went past its one compiled call")
+
+
+@pytest.mark.parametrize("policy", policy_names())
+def test_all_hit_lookup_is_one_call_exact_and_leaves_no_lease(store_and_rows, policy, monkeypatch):
+    path, w = store_and_rows
+    ids = np.random.default_rng(0).permutation(np.resize(np.arange(64), 96))  # repeats too
+    with tierstore.open(path, device="cpu", device_budget=400 * DIM * 2, policy=policy) as s:
+        t = s._tables[NAME]
+        t.events = []
+        for _ in range(3):
+            s.lookup(NAME, ids)  # admitted, then every id hits
+        s.lookup(NAME, np.arange(2_000, 2_100))  # misses between: the walk with leases
+        s.lookup(NAME, ids)
+        before = s.stats()["device"]
+        with monkeypatch.context() as m:  # from here every access is a hit: nothing but begin may run
+            m.setattr(t, "complete", _refuse)
+            m.setattr(t._walker, "end", _refuse)
+            for kind in (np.int64, np.int32):
+                got = s.lookup(NAME, torch.from_numpy(ids.astype(kind)).view(8, 12))
+                assert got.shape == (8, 12, DIM)
+                assert torch.equal(got.view(-1, DIM).view(torch.int16), w[ids].view(torch.int16))
+            fut = s.prefetch(NAME, ids)
+            assert fut.done(), "an all-hit prefetch of a few ids completes in the caller's thread"
+            assert torch.equal(fut.result().view(torch.int16), w[ids].view(torch.int16))
+        dev = s.stats()["device"]
+        assert dev["hits"] - before["hits"] == 3 * ids.size and dev["misses"] == before["misses"]
+        index = t.dev.index
+        assert (index.refcount == 0).all(), "a lease outlived the lookup"
+        # the live counters are the simulator's for the same events (begin ended the all-hit
+        # lookups at once; the others ran the walk with leases)
+        fresh = CacheIndex(ROWS, index.capacity, policy, profile=load_profile(path, NAME))
+        replay_events(fresh, t.events)
+    assert (fresh.hits, fresh.misses, fresh.evictions, fresh.insertions) == \
+        (index.hits, index.misses, index.evictions, index.insertions)
