@@ -6,7 +6,7 @@ a row with no future use, or one needed later than everything cached, bypasses).
 online policy can hit more often; ``tierstore profile`` plots it on top.
 
 Speed: next uses come from one stable argsort (vectorized); the replay is a compiled loop
-over accesses with a binary max-heap of next-use times (numba, ~30 ns per access). Stale
+over accesses with a binary max-heap of next-use times (``tierstore.jit.kernel``, ~30 ns per access). Stale
 heap entries need no cleanup: a hit leaves its old entry behind with a key in the past,
 below every live key, so it never reaches the top while the cache is full.
 :class:`OptTrace` prepares a trace once (batch dedupe, next uses, first uses) for any number
@@ -24,9 +24,8 @@ fetch serves every occurrence in a batch).
 from __future__ import annotations
 
 import numpy as np
-from numba import njit
-
 from ..errors import IdTypeError, TierStoreError
+from ..jit import kernel
 
 __all__ = ["next_use", "belady_hits", "dedupe_batches", "OptTrace"]
 
@@ -63,7 +62,7 @@ def dedupe_batches(trace: np.ndarray, offsets: np.ndarray | None) -> tuple[np.nd
     return out, trace.size - out.size
 
 
-@njit(nogil=True, cache=True)
+@kernel
 def _first_in_batch(trace: np.ndarray, bounds: np.ndarray) -> np.ndarray:  # pragma: no cover - compiled
     """keep[i]: access i is the first of its row in its batch ``[bounds[k], bounds[k+1])``."""
     keep = np.ones(trace.size, np.bool_)
@@ -123,7 +122,7 @@ class OptTrace:
         return self.repeats + int(_replay(self.nxt, start, int(capacity)))
 
 
-@njit(nogil=True, cache=True)
+@kernel
 def _replay(nxt: np.ndarray, start: np.ndarray, cap: int) -> int:  # pragma: no cover - compiled
     """MIN with bypass over accesses 0..n-1 whose next uses are ``nxt``; the cache starts
     holding the rows first used at positions ``start`` (a warm start), as if loaded just
@@ -166,7 +165,7 @@ def _replay(nxt: np.ndarray, start: np.ndarray, cap: int) -> int:  # pragma: no 
     return hits
 
 
-@njit(nogil=True, cache=True, inline="always")
+@kernel(inline=True)
 def _push(heap: np.ndarray, hs: int, v: int) -> int:  # pragma: no cover - compiled
     i = hs
     heap[i] = v
@@ -179,7 +178,7 @@ def _push(heap: np.ndarray, hs: int, v: int) -> int:  # pragma: no cover - compi
     return hs + 1
 
 
-@njit(nogil=True, cache=True, inline="always")
+@kernel(inline=True)
 def _replace_top(heap: np.ndarray, hs: int, v: int) -> None:  # pragma: no cover - compiled
     heap[0] = v
     i = 0

@@ -8,8 +8,9 @@ number of capacities, and a 50-point hit-ratio curve costs one replay instead of
 
 The pass keeps, in a Fenwick tree over access positions, a marker at each row's latest
 access; the distance is the number of markers after that row's previous access: O(log D)
-per access (positions are compacted to 2 x D slots, D = distinct rows), compiled with numba (``nogil``: it runs beside other threads; ``cache``: the
-compiled code is written next to this file once and reused by later processes). Row ids
+per access (positions are compacted to 2 x D slots, D = distinct rows), compiled as every
+kernel is (``tierstore.jit.kernel``: no GIL, so it runs beside other threads; machine code
+cached in the kernel cache, which ``tierstore warmup --simulator`` fills). Row ids
 are first renumbered densely (``np.unique``), so memory is O(trace), not O(table).
 
 This is exact per-access LRU, the semantics of a trace without batch boundaries; a trace
@@ -19,14 +20,13 @@ with recorded batches follows the store's batch rule instead (``tierstore.analys
 from __future__ import annotations
 
 import numpy as np
-from numba import njit
-
 from ..errors import IdTypeError, TierStoreError
+from ..jit import kernel
 
 __all__ = ["stack_distances", "lru_hits"]
 
 
-@njit(nogil=True, cache=True)
+@kernel
 def _distances(dense: np.ndarray, n_distinct: int) -> np.ndarray:  # pragma: no cover - compiled
     n = dense.size
     # Fenwick tree over *compacted* time: a row's latest access holds a marker at its slot;
