@@ -50,9 +50,9 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from numba import njit
 
 from engram_model.hasher import NgramHasher
+from tierstore.jit import kernel
 
 __all__ = [
     "LAYER_IDS", "MAX_NGRAM", "N_HEADS", "HEAD_DIM", "SCALE_BLOCK", "ROW_BYTES",
@@ -139,7 +139,7 @@ def decode_e8m0() -> np.ndarray:
     return val
 
 
-@njit(nogil=True, cache=False)
+@kernel
 def _fill_random(out: np.ndarray, seed: np.uint64, counter: np.uint64, mask: np.uint64) -> None:
     """Fill ``out`` (uint8, a multiple of 8 bytes) with splitmix64 of (seed, counter + i), ANDed
     with ``mask``: a seeded counter-based generator (any chunk can be made on its own), ~4 GB/s

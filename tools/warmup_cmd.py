@@ -6,7 +6,7 @@ source version; a fresh install has an empty cache and compiling takes 10-20 s p
 on two cores. This command builds a tiny store in a temporary directory and runs, for
 every policy, exactly what a store runs (open, lookups with hits and misses, a prefetch,
 a hint, close) and, with ``--simulator``, what ``tierstore profile`` runs (a replay of a
-small trace), so every specialization a user will need is in the cache. ``make`` runs it
+small trace; LRU's stack distances and Belady's optimum, tierstore.analysis), so every specialization a user will need is in the cache. ``make`` runs it
 once after installing; running it again costs a second or two (everything loads).
 """
 
@@ -58,6 +58,12 @@ def warm(policies: list[str], *, simulator: bool, progress: bool = True) -> dict
 
                 simulate(trace, [64, 512], [policy], n_rows=rows)
             out[policy] = time.perf_counter() - t
+        if simulator:  # the analysis kernels every profile runs: LRU's stack distances (more than
+            # two capacities), Belady's optimum with and without recorded batches
+            from tierstore.analysis.simulate import simulate
+
+            for offsets in (None, np.arange(0, trace.size, 16, dtype=np.int64)):
+                simulate(trace, [64, 128, 512], ["lru", "opt"], n_rows=rows, offsets=offsets)
     return out
 
 

@@ -33,6 +33,8 @@ USE = textwrap.dedent("""
                                s.lookup("t.engram.memory.weight", ids[:900]))
             s.prefetch("t.engram.memory.weight", ids).result()
         simulate(ids, [64], [policy], n_rows=3000)
+        for offsets in (None, np.arange(0, ids.size, 16)):  # the analysis kernels: stack distances, opt
+            simulate(ids, [64, 128, 256], ["lru", "opt"], n_rows=3000, offsets=offsets)
     misses = 0
     for mod in list(sys.modules.values()):
         if getattr(mod, "__name__", "").startswith("tierstore"):

@@ -5,8 +5,9 @@ the cached rows *and the new one*, the one whose next use lies farthest ahead le
 a row with no future use, or one needed later than everything cached, bypasses). No
 online policy can hit more often; ``tierstore profile`` plots it on top.
 
-Speed: next uses come from one stable argsort (vectorized); the replay is a compiled loop
-over accesses with a binary max-heap of next-use times (numba, ~30 ns per access). Stale
+Speed: next uses come from one stable argsort (vectorized), or from one backward pass
+over dense ids (``OptTrace(dense=...)``: the profiler shares them with LRU); the replay is a compiled loop
+over accesses with a binary max-heap of next-use times (``tierstore.jit.kernel``, ~30 ns per access). Stale
 heap entries need no cleanup: a hit leaves its old entry behind with a key in the past,
 below every live key, so it never reaches the top while the cache is full.
 :class:`OptTrace` prepares a trace once (batch dedupe, next uses, first uses) for any number
@@ -24,9 +25,8 @@ fetch serves every occurrence in a batch).
 from __future__ import annotations
 
 import numpy as np
-from numba import njit
-
 from ..errors import IdTypeError, TierStoreError
+from ..jit import kernel
 
 __all__ = ["next_use", "belady_hits", "dedupe_batches", "OptTrace"]
 
@@ -52,8 +52,11 @@ def dedupe_batches(trace: np.ndarray, offsets: np.ndarray | None) -> tuple[np.nd
 
     ``offsets``: batch start positions (ascending, first 0), or None for batches of one.
     Compiled, batch by batch (a lexsort of the whole trace by batch and row took ~5 s at 20M).
+    An int32 trace (dense ids) stays int32; any other is int64.
     """
-    trace = np.asarray(trace, dtype=np.int64)
+    trace = np.asarray(trace)
+    if trace.dtype != np.int32:
+        trace = trace.astype(np.int64, copy=False)
     if offsets is None or trace.size == 0:
         return trace, 0
     starts = np.asarray(offsets, dtype=np.int64)
@@ -63,7 +66,20 @@ def dedupe_batches(trace: np.ndarray, offsets: np.ndarray | None) -> tuple[np.nd
     return out, trace.size - out.size
 
 
-@njit(nogil=True, cache=True)
+@kernel
+def _next_use_dense(ids: np.ndarray, n_distinct: int) -> np.ndarray:  # pragma: no cover - compiled
+    """``next_use`` of a trace of dense ids (0..n_distinct-1): one backward pass."""
+    never = np.iinfo(np.int64).max
+    last = np.full(n_distinct, never, np.int64)
+    out = np.empty(ids.size, np.int64)
+    for i in range(ids.size - 1, -1, -1):
+        r = ids[i]
+        out[i] = last[r]
+        last[r] = i
+    return out
+
+
+@kernel
 def _first_in_batch(trace: np.ndarray, bounds: np.ndarray) -> np.ndarray:  # pragma: no cover - compiled
     """keep[i]: access i is the first of its row in its batch ``[bounds[k], bounds[k+1])``."""
     keep = np.ones(trace.size, np.bool_)
@@ -99,15 +115,29 @@ def belady_hits(trace: np.ndarray, capacity: int, *, offsets: np.ndarray | None 
 
 class OptTrace:
     """A trace prepared for Belady's MIN at any capacity: repeats inside a batch removed,
-    each access's next use, and the first use of each row (in access order)."""
+    each access's next use, and the first use of each row (in access order).
 
-    def __init__(self, trace: np.ndarray, *, offsets: np.ndarray | None = None):
+    ``dense``: the trace's ids renumbered 0..D-1 (``stack_distance.dense_ids``, which
+    ``tierstore profile`` computes once for LRU and the optimum): the next uses then come
+    from one backward pass over the trace instead of a stable argsort, with the same result
+    (only which accesses repeat a row matters)."""
+
+    def __init__(self, trace: np.ndarray, *, offsets: np.ndarray | None = None,
+                 dense: tuple[np.ndarray, int] | None = None):
         trace = np.asarray(trace)
         if trace.dtype.kind not in "iu":
             raise IdTypeError(f"trace has dtype {trace.dtype}; pass integer row ids")
-        trace, self.repeats = dedupe_batches(trace.astype(np.int64, copy=False).reshape(-1), offsets)
-        self.n = int(trace.size)
-        self.nxt = next_use(trace)
+        if dense is not None:
+            ids, n_distinct = dense
+            if ids.shape != (trace.size,):
+                raise TierStoreError(f"dense ids of {ids.size} accesses for a trace of {trace.size}")
+            trace, self.repeats = dedupe_batches(ids, offsets)
+            self.n = int(trace.size)
+            self.nxt = _next_use_dense(trace, int(n_distinct))
+        else:
+            trace, self.repeats = dedupe_batches(trace.astype(np.int64, copy=False).reshape(-1), offsets)
+            self.n = int(trace.size)
+            self.nxt = next_use(trace)
         del trace
         has_prev = np.zeros(self.n, dtype=bool)
         has_prev[self.nxt[self.nxt != _NEVER]] = True
@@ -123,7 +153,7 @@ class OptTrace:
         return self.repeats + int(_replay(self.nxt, start, int(capacity)))
 
 
-@njit(nogil=True, cache=True)
+@kernel
 def _replay(nxt: np.ndarray, start: np.ndarray, cap: int) -> int:  # pragma: no cover - compiled
     """MIN with bypass over accesses 0..n-1 whose next uses are ``nxt``; the cache starts
     holding the rows first used at positions ``start`` (a warm start), as if loaded just
@@ -166,7 +196,7 @@ def _replay(nxt: np.ndarray, start: np.ndarray, cap: int) -> int:  # pragma: no 
     return hits
 
 
-@njit(nogil=True, cache=True, inline="always")
+@kernel(inline=True)
 def _push(heap: np.ndarray, hs: int, v: int) -> int:  # pragma: no cover - compiled
     i = hs
     heap[i] = v
@@ -179,7 +209,7 @@ def _push(heap: np.ndarray, hs: int, v: int) -> int:  # pragma: no cover - compi
     return hs + 1
 
 
-@njit(nogil=True, cache=True, inline="always")
+@kernel(inline=True)
 def _replace_top(heap: np.ndarray, hs: int, v: int) -> None:  # pragma: no cover - compiled
     heap[0] = v
     i = 0

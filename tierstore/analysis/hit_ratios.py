@@ -16,8 +16,11 @@ The results are plain dicts, the fields ``tierstore profile --json`` prints.
 
 from __future__ import annotations
 
+import functools
+import os
 import time
 from collections.abc import Callable
+from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from pathlib import Path
@@ -135,26 +138,52 @@ def replay_semantics(t: TableTrace, min_batch: int) -> str:
             "exact: one access at a time" if t.offsets is None else "exact: the recorded batches")
 
 
+# What one run holds while it runs, for scheduling runs side by side under a memory bound:
+# a walk's tier state per slot (tens of bytes: 108 for default, the largest, measured on
+# CacheIndex.state), the optimum's next uses, flags and heap per lookup, LRU's distances.
+_SLOT_BYTES = 128
+_OPT_BYTES = 24  # per lookup
+_LRU_BYTES = 12  # per lookup
+
+
 def policy_hit_ratios(t: TracedTable, capacities: list[int], policies: list[str], *, min_batch: int = 1,
-                      lookahead: int = 0, progress: Callable[[int], object] | None = None) -> list[dict]:
+                      lookahead: int = 0, progress: Callable[[int], object] | None = None,
+                      workers: int | None = None, memory_bytes: int = 1 << 30) -> list[dict]:
     """Each policy (a registered name or ``opt``) at each capacity (rows), sorted by capacity
     then in the order of ``policies``: the fields of ``SimResult`` plus the capacity as a
     fraction and in bytes, the bytes fetched from the tier below, the gap to the optimum
-    and how exact the replay is. ``progress(k)`` is called as k more runs finish."""
+    and how exact the replay is. ``progress(k)`` is called as k more runs finish.
+
+    Work, once per trace: the ids renumbered densely (one argsort) for LRU's stack distances
+    and the optimum's next uses, both of which give every capacity from one preparation.
+    The other policies replay the trace once per capacity (their decisions depend on it).
+    The runs go to ``workers`` threads (default: up to 2, the CPUs there are): every replay
+    is one compiled call that releases the GIL. Runs start largest first, and one starts
+    beside others only while their estimated state stays within ``memory_bytes``, so peak
+    memory stays that of the trace plus about ``memory_bytes``.
+    """
     step = progress or (lambda k: None)
+    rows = t.trace.rows
     kw: dict[str, Any] = dict(n_rows=t.sim_rows, offsets=t.trace.offsets, profile=t.profile,
                               min_batch=min_batch, lookahead=lookahead, table=t.name)
     semantics = replay_semantics(t.trace, min_batch)
-    res = []
+    dense = None
+    if "opt" in policies or ("lru" in policies and lookahead == 0 and len(capacities) > 2):  # simulate's rule
+        from .stack_distance import dense_ids
+
+        dense = dense_ids(rows)
+    n = rows.size
+    jobs: list[tuple[int, int, Callable[[], list]]] = []  # (estimated bytes, runs, call)
     for p in ("lru", "opt"):  # every capacity at once: LRU from one stack-distance pass (where that
         if p in policies:  # is exact), opt from one preparation of the trace (next uses)
-            res += simulate(t.trace.rows, capacities, [p], **kw)
-            step(len(capacities))
-    for cap in capacities:  # one run at a time, so a progress bar moves
+            cost = (_LRU_BYTES if p == "lru" else _OPT_BYTES) * n
+            jobs.append((cost, len(capacities), functools.partial(simulate, rows, capacities, [p], dense=dense, **kw)))
+    for cap in capacities:
         for p in policies:
             if p not in ("lru", "opt"):
-                res += simulate(t.trace.rows, [cap], [p], **kw)
-                step(1)
+                cost = _SLOT_BYTES * min(int(cap), max(1, t.sim_rows))
+                jobs.append((cost, 1, functools.partial(simulate, rows, [cap], [p], **kw)))
+    res = _run_jobs(jobs, workers or min(2, len(os.sched_getaffinity(0))), memory_bytes, step)
     res.sort(key=lambda r: (r.capacity_rows, policies.index(r.policy)))
     opt = {r.capacity_rows: r.hit_ratio for r in res if r.policy == "opt"}
     out = []
@@ -170,6 +199,37 @@ def policy_hit_ratios(t: TracedTable, capacities: list[int], policies: list[str]
         if r.capacity_rows in opt:
             d["gap_to_opt"] = opt[r.capacity_rows] - r.hit_ratio
         out.append(d)
+    return out
+
+
+def _run_jobs(jobs: list[tuple[int, int, Callable[[], list]]], workers: int, memory_bytes: int,
+              step: Callable[[int], object]) -> list:
+    """Run ``(estimated bytes, runs, call)`` jobs on ``workers`` threads, largest first, a
+    job beside others only while the estimates of those running stay within
+    ``memory_bytes``; concatenated results (in no particular order)."""
+    pending = sorted(jobs, key=lambda j: -j[0])
+    out: list = []
+    if workers <= 1:
+        for _, k, call in pending:
+            out += call()
+            step(k)
+        return out
+    running: dict[Future, tuple[int, int]] = {}
+    with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="tierstore-profile") as pool:
+        while pending or running:
+            held = sum(c for c, _ in running.values())
+            while pending and len(running) < workers:
+                i = next((i for i, j in enumerate(pending) if not running or held + j[0] <= memory_bytes), None)
+                if i is None:
+                    break
+                cost, k, call = pending.pop(i)
+                running[pool.submit(call)] = (cost, k)
+                held += cost
+            done, _ = wait(list(running), return_when=FIRST_COMPLETED)
+            for f in done:
+                _, k = running.pop(f)
+                out += f.result()  # a run's error ends the profile (the others finish first)
+                step(k)
     return out
 
 

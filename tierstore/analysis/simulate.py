@@ -258,7 +258,8 @@ class SimResult:
 def simulate(rows: np.ndarray, capacities: list[int], policies: list[str], *,
              n_rows: int | None = None, offsets: np.ndarray | None = None,
              profile: Profile | None = None, min_batch: int = 1, lookahead: int = 0,
-             rng: int | None = None, table: str = "", warm_opt: bool = True) -> list[SimResult]:
+             rng: int | None = None, table: str = "", warm_opt: bool = True,
+             dense: tuple[np.ndarray, int] | None = None) -> list[SimResult]:
     """Hit ratios of each policy (a registered name or ``opt``) at each capacity (rows).
 
     ``profile``: counts from *separate* text, for ``static`` and ``default``: one per row,
@@ -267,6 +268,8 @@ def simulate(rows: np.ndarray, capacities: list[int], policies: list[str], *,
     ``n_rows``: table size (default: max row id + 1).
     ``warm_opt``: ``opt`` may start with a full cache, like ``static`` and ``default``,
     which preload profile rows (otherwise they could beat the "optimum" by the cold misses).
+    ``dense``: ``stack_distance.dense_ids(rows)`` when the caller has it (``lru``'s stack
+    distances and ``opt``'s next uses read only that; computed here otherwise).
     """
     rows = np.asarray(rows)
     if n_rows is None:
@@ -291,7 +294,7 @@ def simulate(rows: np.ndarray, capacities: list[int], policies: list[str], *,
         from .stack_distance import lru_hits
 
         t0 = time.perf_counter()
-        lru_exact = lru_hits(rows, lru_caps)
+        lru_exact = lru_hits(rows, lru_caps, dense=dense)
         lru_seconds = (time.perf_counter() - t0) / max(1, len(lru_caps))
     out = []
     opt: OptTrace | None = None
@@ -311,7 +314,8 @@ def simulate(rows: np.ndarray, capacities: list[int], policies: list[str], *,
                 continue
             if p == "opt":
                 if opt is None:  # prepared once for every capacity (next uses: one argsort)
-                    opt = OptTrace(rows, offsets=None if (offsets is None and min_batch == 1) else bounds[:-1])
+                    opt = OptTrace(rows, offsets=None if (offsets is None and min_batch == 1) else bounds[:-1],
+                                   dense=dense)
                 hits = opt.hits(held, warm=warm_opt)
                 res = SimResult("opt", cap, hits / rows.size if rows.size else 0.0, hits,
                                 rows.size - hits, rows.size, None, None, 0.0, table)

@@ -8,9 +8,11 @@ number of capacities, and a 50-point hit-ratio curve costs one replay instead of
 
 The pass keeps, in a Fenwick tree over access positions, a marker at each row's latest
 access; the distance is the number of markers after that row's previous access: O(log D)
-per access (positions are compacted to 2 x D slots, D = distinct rows), compiled with numba (``nogil``: it runs beside other threads; ``cache``: the
-compiled code is written next to this file once and reused by later processes). Row ids
-are first renumbered densely (``np.unique``), so memory is O(trace), not O(table).
+per access (positions are compacted to 2 x D slots, D = distinct rows), compiled as every
+kernel is (``tierstore.jit.kernel``: no GIL, so it runs beside other threads; machine code
+cached in the kernel cache, which ``tierstore warmup --simulator`` fills). Row ids
+are first renumbered densely (:func:`dense_ids`, shared with Belady's optimum), so memory
+is O(trace), not O(table).
 
 This is exact per-access LRU, the semantics of a trace without batch boundaries; a trace
 with recorded batches follows the store's batch rule instead (``tierstore.analysis.simulate``).
@@ -19,14 +21,13 @@ with recorded batches follows the store's batch rule instead (``tierstore.analys
 from __future__ import annotations
 
 import numpy as np
-from numba import njit
-
 from ..errors import IdTypeError, TierStoreError
+from ..jit import kernel
 
-__all__ = ["stack_distances", "lru_hits"]
+__all__ = ["dense_ids", "stack_distances", "lru_hits"]
 
 
-@njit(nogil=True, cache=True)
+@kernel
 def _distances(dense: np.ndarray, n_distinct: int) -> np.ndarray:  # pragma: no cover - compiled
     n = dense.size
     # Fenwick tree over *compacted* time: a row's latest access holds a marker at its slot;
@@ -37,7 +38,7 @@ def _distances(dense: np.ndarray, n_distinct: int) -> np.ndarray:  # pragma: no 
     last = np.full(n_distinct, -1, np.int64)  # slot of each row's latest access
     row_at = np.empty(size, np.int64)  # row whose latest access is at each slot (-1: none)
     tree = np.zeros(size + 1, np.int32)  # 1-based: index q + 1 holds slot q
-    out = np.empty(n, np.int64)
+    out = np.empty(n, np.int32)  # distances < n < 2**31
     t = 0  # next free slot
     live = 0  # markers in the tree: rows seen so far
     for i in range(n):
@@ -87,30 +88,52 @@ def _distances(dense: np.ndarray, n_distinct: int) -> np.ndarray:  # pragma: no 
     return out
 
 
-def stack_distances(rows: np.ndarray) -> np.ndarray:
-    """The LRU stack distance of every access (int64; ``-1`` for a row's first access)."""
+def dense_ids(rows: np.ndarray) -> tuple[np.ndarray, int]:
+    """``rows`` renumbered 0..D-1 (int32, D = distinct rows; equal ids stay equal, nothing
+    else is kept) and D: all that LRU's stack distances and Belady's optimum read of a
+    trace, so ``tierstore profile`` computes it once for both. Ids that are small already
+    (below 4 x the trace) are kept; others cost one argsort. Memory O(trace), never O(ids)."""
     rows = np.asarray(rows)
     if rows.dtype.kind not in "iu":
         raise IdTypeError(f"trace has dtype {rows.dtype}; pass integer row ids")
     rows = rows.reshape(-1)
     if rows.size == 0:
-        return np.empty(0, np.int64)
+        return np.empty(0, np.int32), 0
     if rows.size >= 2**31:
         raise TierStoreError(f"a trace of {rows.size} accesses is too long for one pass (< 2**31)")
     lo, hi = int(rows.min()), int(rows.max())
     if lo >= 0 and hi < 4 * rows.size:  # ids are small already: index by them, no sort
-        return _distances(rows.astype(np.int64, copy=False), hi + 1)
-    uniq, dense = np.unique(rows, return_inverse=True)
-    return _distances(dense.reshape(-1).astype(np.int64, copy=False), int(uniq.size))
+        return rows.astype(np.int32), hi + 1
+    order = np.argsort(rows)
+    s = rows[order]
+    new = np.empty(s.size, np.int32)
+    new[0] = 0
+    np.not_equal(s[1:], s[:-1], out=new[1:])
+    del s
+    ids = np.cumsum(new, dtype=np.int32)  # sorted position -> dense id
+    dense = new  # reuse: dense[order] = ids
+    dense[order] = ids
+    return dense, int(ids[-1]) + 1
 
 
-def lru_hits(rows: np.ndarray, capacities: list[int] | np.ndarray) -> dict[int, tuple[int, int, int]]:
+def stack_distances(rows: np.ndarray, *, dense: tuple[np.ndarray, int] | None = None) -> np.ndarray:
+    """The LRU stack distance of every access (int32; ``-1`` for a row's first access).
+    ``dense``: ``dense_ids(rows)``, when the caller has it already."""
+    ids, n_distinct = dense if dense is not None else dense_ids(rows)
+    if ids.size == 0:
+        return np.empty(0, np.int32)
+    return _distances(np.ascontiguousarray(ids, dtype=np.int32), int(n_distinct))
+
+
+def lru_hits(rows: np.ndarray, capacities: list[int] | np.ndarray, *,
+             dense: tuple[np.ndarray, int] | None = None) -> dict[int, tuple[int, int, int]]:
     """``{capacity: (hits, insertions, evictions)}`` of exact per-access LRU starting empty,
-    for every capacity (rows), from one pass. A miss is always inserted (capacity >= 1)."""
+    for every capacity (rows), from one pass. A miss is always inserted (capacity >= 1).
+    ``dense``: ``dense_ids(rows)``, when the caller has it already."""
     caps = [int(c) for c in capacities]
     if any(c < 0 for c in caps):
         raise TierStoreError(f"capacities must be >= 0, got {caps}")
-    d = stack_distances(rows)
+    d = stack_distances(rows, dense=dense)
     cold = int(np.count_nonzero(d < 0))  # distinct rows; every distance is below it
     top = min(max(caps, default=0), cold)
     # hits at capacity c = accesses with distance 0 .. c-1: a histogram, not a sort

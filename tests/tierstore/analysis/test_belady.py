@@ -138,6 +138,21 @@ def test_one_preparation_serves_every_capacity():
     assert prepared.hits(10) < prepared.hits(100) <= prepared.hits(100, warm=True)
 
 
+@pytest.mark.parametrize("offsets", [None, np.arange(0, 5000, 7)])
+def test_dense_ids_give_the_same_optimum(offsets):
+    """Next uses from one backward pass over dense ids (what the profiler shares with LRU)
+    equal the argsort's, so every capacity gets the same hits."""
+    from tierstore.analysis.stack_distance import dense_ids
+
+    rng = np.random.default_rng(4)
+    trace = (rng.zipf(1.2, 5000) % 700).astype(np.int64) * 548_609 + 3  # ids past 4 x the trace: renumbered
+    plain, dense = OptTrace(trace, offsets=offsets), OptTrace(trace, offsets=offsets, dense=dense_ids(trace))
+    assert np.array_equal(plain.nxt, dense.nxt) and np.array_equal(plain.firsts, dense.firsts)
+    for cap in (0, 1, 10, 100, 1000):
+        for warm in (False, True):
+            assert dense.hits(cap, warm=warm) == plain.hits(cap, warm=warm)
+
+
 @pytest.mark.slow
 def test_speed_one_million_lookups():
     import time

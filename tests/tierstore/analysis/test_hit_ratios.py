@@ -100,6 +100,26 @@ def test_policy_hit_ratios_reports_simulate_with_bytes_and_gap(rows, store):
     assert merged[0]["semantics"] == "approximate: trace steps merged into batches of >= 64 lookups"
 
 
+@pytest.mark.parametrize("workers,memory", [(1, 1 << 30), (2, 1 << 30), (2, 0), (3, 1 << 40)])
+def test_policy_hit_ratios_side_by_side_equal_one_at_a_time(workers, memory):
+    """Runs on threads (largest first, under a memory bound) give exactly the runs of
+    simulate one at a time; ids scattered over a V4.1-size table take the argsort path of
+    the dense renumbering that LRU and opt share."""
+    scattered = (real_text_trace(6000) * 2654435761) % 384_006_168
+    prof = (real_text_trace(20000)[6000:] * 2654435761) % 384_006_168
+    (t,) = traced_tables(Trace({NAME: TableTrace(scattered, np.arange(0, scattered.size, 8), 384_006_168)}),
+                         profile_trace=Trace({NAME: TableTrace(prof)}))
+    caps, pols = [16, 64, 256, 1024], ["lru", "s3fifo", "default", "opt", "wtinylfu"]
+    steps: list[int] = []
+    res = policy_hit_ratios(t, caps, pols, workers=workers, memory_bytes=memory, progress=steps.append)
+    assert sum(steps) == len(caps) * len(pols)
+    assert [(r["capacity_rows"], r["policy"]) for r in res] == [(c, p) for c in caps for p in pols]
+    for r in res:
+        (want,) = simulate(scattered, [r["capacity_rows"]], [r["policy"]], n_rows=t.sim_rows,
+                           offsets=t.trace.offsets, profile=t.profile)
+        assert (r["hits"], r["misses"]) == (want.hits, want.misses), r
+
+
 @pytest.mark.slow
 def test_two_tier_hit_ratios_reports_simulate_tiers(rows, store):
     (t,) = traced_tables(Trace({"trace": TableTrace(rows)}), store=store)

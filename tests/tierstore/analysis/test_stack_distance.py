@@ -12,7 +12,7 @@ import pytest
 from tierstore.cache import CacheIndex
 
 from ...conftest import real_text_trace
-from tierstore.analysis.stack_distance import lru_hits, stack_distances
+from tierstore.analysis.stack_distance import dense_ids, lru_hits, stack_distances
 
 
 def ordered_dict_lru(trace: np.ndarray, cap: int) -> tuple[int, int, int]:
@@ -81,3 +81,19 @@ def test_distances_by_hand():
     d = stack_distances(np.array([1, 2, 1, 3, 2, 1, 1]))
     assert d.tolist() == [-1, -1, 1, -1, 2, 2, 0]
     assert stack_distances(np.array([], dtype=np.int64)).size == 0
+
+
+@pytest.mark.parametrize("name", TRACES)
+def test_dense_ids_renumber_rows_in_id_order(name):
+    """0..D-1 in ascending id order (np.unique's inverse), int32, or the ids themselves when small; stack distances from them
+    are those of the ids themselves (only equalities matter)."""
+    trace = TRACES[name]()
+    ids, d = dense_ids(trace)
+    uniq, inv = np.unique(trace, return_inverse=True)
+    assert ids.dtype == np.int32
+    if trace.max() >= 4 * trace.size:  # renumbered (small ids are kept as they are)
+        assert np.array_equal(ids, inv.reshape(-1)) and d == uniq.size
+    else:
+        assert np.array_equal(ids, trace) and d == trace.max() + 1
+    assert np.array_equal(stack_distances(trace, dense=(ids, d)), stack_distances(inv.reshape(-1)))
+    assert dense_ids(np.empty(0, np.int64))[1] == 0
