@@ -114,7 +114,7 @@ def main(argv: list[str] | None = None) -> dict:
                     row[f"{p}_hit_ratio"] = round(s.stats()["device"]["hit_ratio"], 4)
                 # the floor: the same rows copied straight out of the tier's slab
                 tier = cached[policies[-1]]._tables[NAME].dev
-                slots = torch.from_numpy(tier.index.slot_of_row[ids].astype(np.int64))
+                slots = torch.from_numpy(tier.index.slots_of(ids).astype(np.int64))
                 row["slab_index_select_us"] = _per_call_us(
                     lambda: torch.index_select(tier.slab, 0, slots, out=out.view(tier.slab.dtype)), calls, args.rounds)
                 for p, s in cached.items():

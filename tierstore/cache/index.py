@@ -26,7 +26,7 @@ from .policy import Policy
 from .registry import PolicySpec, make_policy
 from ..ranking import Profile, as_profile
 from ..jit import specialized
-from .rowmap import map_bytes, new_map, rm_build, rm_get_many, rm_items
+from .rowmap import map_bytes, new_map, rm_build, rm_get_many
 from .structs import g_init, q_init
 
 __all__ = ["CacheIndex", "none_index", "state_bytes", "slots_within", "budget_for"]
@@ -57,9 +57,9 @@ class CacheIndex:
             shared host tier's); only with policy ``static`` and ``pinned_rows=[]``.
 
     Attributes: ``capacity``, ``size``, ``hits``, ``misses``, ``evictions``, ``insertions``,
-    ``bypassed`` (cachetools' ``maxsize``/``currsize`` are aliases), ``slot_of_row`` (a view
-    of the row map: ``slot_of_row[rows]`` is int32, -1 absent, <= -2 a ghost entry; see
-    also ``slots_of`` and ``mapped``), ``row_of_slot`` (int64 per slot, -1 free),
+    ``bypassed`` (cachetools' ``maxsize``/``currsize`` are aliases), ``slots_of(rows)``
+    (the row map read: int32 per row, -1 absent, <= -2 a ghost entry; the tests' helpers
+    add an indexing view and a dump of the map), ``row_of_slot`` (int64 per slot, -1 free),
     ``refcount`` (leases per slot), ``n_pinned``, ``state`` (the kernels' tuple).
     """
 
@@ -244,42 +244,11 @@ class CacheIndex:
         rm_get_many(self.state[1], rows, out)
         return out.astype(np.int32)
 
-    def mapped(self) -> tuple[np.ndarray, np.ndarray]:
-        """Every row the map holds, sorted, and its value as in ``slots_of``. O(capacity)."""
-        rows, vals = rm_items(self.state[1])
-        return rows, vals.astype(np.int32)
-
-    @property
-    def slot_of_row(self) -> "_SlotOfRow":
-        """``slot_of_row[rows]``: ``slots_of`` with indexing syntax (the map's former form,
-        a dense int32 array over the table, read the same way)."""
-        return _SlotOfRow(self)
-
     # --- validation --------------------------------------------------------------------------
     def _as_rows(self, rows: np.ndarray, *, what: str = "a cache index") -> np.ndarray:
         """``rows`` flat as int64, validated by the one id validator (tierstore.ids): no copy
         when they already are (the index is done with them before returning)."""
         return as_row_ids(rows, self.n_rows, where=what, copy=False)[0]
-
-
-class _SlotOfRow:
-    """Read-only indexing view of a CacheIndex's row map: an int gives an int, an array or
-    a slice of rows an int32 array."""
-
-    def __init__(self, index: CacheIndex):
-        self._index = index
-
-    dtype = np.dtype(np.int32)
-
-    def __len__(self) -> int:
-        return self._index.n_rows
-
-    def __getitem__(self, rows):
-        if isinstance(rows, slice):
-            rows = np.arange(*rows.indices(self._index.n_rows))
-        elif isinstance(rows, (int, np.integer)):
-            return int(self._index.slots_of(np.array([rows]))[0])
-        return self._index.slots_of(np.asarray(rows)).reshape(np.shape(rows))
 
 
 def _hint_buckets(policy: Policy, n_dyn: int) -> int:

@@ -11,7 +11,7 @@ from tierstore.cache.layout import BELOW, FILL, HIT, M_HEAPN, M_QLEN, NQ
 from tierstore.cache.lru import LRU
 from tierstore.errors import IdTypeError, InvalidIdError, TierStoreError
 
-from .helpers import dense_map
+from .helpers import dense_map, slot_of_row
 
 
 def one_by_one(idx: CacheIndex, trace) -> list[bool]:
@@ -58,7 +58,7 @@ def test_contract_every_policy(name, capacity):
         assert (idx.refcount[leased] > 0).all() and np.unique(leased).size == leased.size
         assert ((codes == BELOW) == (slots < 0)).all()
         ok = codes != BELOW
-        assert (idx.slot_of_row[b[ok]] == slots[ok]).all(), "a returned slot does not hold its row"
+        assert (slot_of_row(idx)[b[ok]] == slots[ok]).all(), "a returned slot does not hold its row"
         assert set(np.flatnonzero(idx.refcount).tolist()) <= set(leased.tolist()) | set(range(idx.n_pinned))
         idx.finish(leased)
         total += b.size
@@ -101,7 +101,7 @@ def test_another_lookups_pending_fill_is_read_from_below():
     assert codes.tolist() == [BELOW, FILL] and slots[0] == -1
     idx.finish(lease_b)
     idx.abort(lease_a)  # the first lookup failed: its admitted row is dropped
-    assert idx.slot_of_row[5] == -1
+    assert slot_of_row(idx)[5] == -1
     check_invariants(idx)
     assert one_by_one(idx, [5, 5, 1, 2, 3, 4, 5]) == [False, True, False, False, False, False, False]
     check_invariants(idx)
@@ -113,7 +113,7 @@ def test_pinned_rows_stay_in_first_slots():
     rng = np.random.default_rng(0)
     for _ in range(100):
         idx.lookup(rng.integers(0, 1000, 30))
-    assert idx.slot_of_row[[10, 20]].tolist() == [0, 1]
+    assert slot_of_row(idx)[[10, 20]].tolist() == [0, 1]
     assert idx.size == 5
 
 
@@ -170,7 +170,7 @@ def test_state_is_sized_by_the_cache_not_the_table(name):
         ids = np.concatenate([hot[:100], rng.integers(0, n_rows, 200)])
         idx.lookup(ids)
         again = idx.lookup(ids)
-        assert (idx.slot_of_row[ids] == again).all()
+        assert (slot_of_row(idx)[ids] == again).all()
     assert sizes[10**6] == sizes[10**9], f"{name}: state bytes depend on the table's rows: {sizes}"
 
 
@@ -237,12 +237,12 @@ def test_s3fifo_eviction_order_by_hand():
     # inserting 10: small is over its target; 0 and 1 were used -> main; 2 is evicted
     one_by_one(idx, [10])
     assert resident(idx) == set(range(11)) - {2}
-    assert idx.slot_of_row[2] <= -2, "2 should be remembered by the ghost"
+    assert slot_of_row(idx)[2] <= -2, "2 should be remembered by the ghost"
     one_by_one(idx, [2])  # back from the ghost: straight to main; 3 (small head) goes
     assert resident(idx) == set(range(11)) - {3}
     from tierstore.cache.layout import L_QID
     from tierstore.cache.s3fifo import MAIN
-    assert idx.state[6][L_QID, idx.slot_of_row[2]] == MAIN
+    assert idx.state[6][L_QID, slot_of_row(idx)[2]] == MAIN
 
 
 def test_static_admits_nothing_and_keeps_top_rows():
@@ -267,7 +267,7 @@ def test_many_hits_in_one_lookup_saturate_the_frequency(name):
         hot = int(idx.row_of_slot[idx.row_of_slot >= 0][-1])
         idx.lookup(np.full(repeats, hot))
         from tierstore.cache.layout import L_FREQ
-        assert int(idx.state[6][L_FREQ, idx.slot_of_row[hot]]) == 3
+        assert int(idx.state[6][L_FREQ, slot_of_row(idx)[hot]]) == 3
         for batch in later:
             idx.lookup(batch)
         states.append(idx.row_of_slot.copy())

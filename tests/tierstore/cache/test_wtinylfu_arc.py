@@ -30,7 +30,7 @@ import pytest
 from tests.conftest import real_text_trace
 from tierstore.cache import CacheIndex
 from tierstore.cache import wtinylfu as wt
-from .helpers import dense_map
+from .helpers import dense_map, slot_of_row
 from tierstore.cache.layout import (BELOW, G_ROW, M_CAP, M_GCAP, M_GFREE, M_GQLEN, M_LO, M_NFREE, M_QLEN, NQ)
 
 libcachesim = pytest.importorskip("libcachesim")
@@ -265,7 +265,7 @@ def test_leases_bypass_when_all_slots_leased(policy):
     assert (slots[cap:] == -1).all() and idx.bypassed - before == batch.size - cap
     # each served row sits in its slot; bypassed rows are not resident
     assert np.array_equal(idx.row_of_slot[slots[:cap]], batch[:cap])
-    assert (idx.slot_of_row[batch[cap:]] < 0).all()
+    assert (slot_of_row(idx)[batch[cap:]] < 0).all()
     idx.finish(leased)
     check_invariants(idx)
     # the same again, ended by abort (holes), then ordinary traffic

@@ -24,6 +24,7 @@ from tierstore import (
 from tierstore.format.spec import PAGE_SIZE, read_manifest
 
 from ...conftest import bits
+from ..cache.helpers import slot_of_row
 
 T1 = "blocks.1.engram.memory.weight"
 T3 = "blocks.3.engram.memory.weight"
@@ -226,7 +227,7 @@ def test_small_prefetch_on_the_device_finishes_in_the_callers_thread(store_path,
             s.prefetch(name, np.arange(2000, 2040))  # begun, then the hand-off fails
         assert index.refcount.max() == 0, "a begun lookup that never ran kept its leases"
         # rows it admitted were dropped, never served from slots nobody wrote
-        assert not (index.slot_of_row[2000:2040] >= 0).any()
+        assert not (slot_of_row(index)[2000:2040] >= 0).any()
 
 
 def _profiled(store_path: Path) -> Path:

@@ -17,6 +17,7 @@ from tierstore.cache.index import slots_within
 from tierstore.cache.layout import M_NREF
 
 from ...conftest import bits, random_table
+from ..cache.helpers import slot_of_row
 
 T1 = "blocks.1.engram.memory.weight"
 
@@ -204,7 +205,7 @@ def test_one_lease_per_lookup_not_per_repeat():
     idx.lookup(np.arange(5, dtype=np.int64))
     _, _, a = idx.access(np.array([0, 0, 1], dtype=np.int64))
     _, _, b = idx.access(np.array([0], dtype=np.int64))
-    s0, s1 = idx.slot_of_row[0], idx.slot_of_row[1]
+    s0, s1 = slot_of_row(idx)[0], slot_of_row(idx)[1]
     assert idx.refcount[s0] == 2 and idx.refcount[s1] == 1
     idx.finish(a)
     assert idx.refcount[s0] == 1 and idx.refcount[s1] == 0
