@@ -16,13 +16,14 @@ from safetensors.torch import save_file
 import tierstore
 import tierstore.serve.store as store_module
 from tierstore import CorruptDataError, StoreChangedError
-from tierstore.format.order import DenseOrder, load_order, write_order
+from tierstore.format.order import load_order
 from tierstore.format.profile import save_profile
 from tierstore.format.spec import (PAGE_SIZE, ROWS_MAGIC, TableInfo, make_header, manifest_digest, page_checksums,
                                    read_header, read_manifest)
 from tierstore.serve.store import OPEN_TRIES
 
 from ...conftest import bits, random_table
+from .legacy import as_version3
 
 N = "blocks.1.engram.memory.weight"
 ROWS = 4096
@@ -181,15 +182,7 @@ def test_a_version3_ordered_store_still_opens_and_verifies(tmp_path, ckpt):
     out = tierstore.build_store(path, tmp_path / "OUT", order_by=prof, progress=False)
     m = json.loads((out / "manifest.json").read_text())
     assert m["version"] == 4
-    t = m["tables"][0]
-    info = TableInfo(**t)
-    pos = load_order(out, info, m["build_id"]).of(np.arange(ROWS))
-    with open(out / t["order_file"], "wb") as f:
-        write_order(f, info, pos, m["build_id"])
-    m["version"] = 3
-    m["digest"] = manifest_digest(m)
-    (out / "manifest.json").write_text(json.dumps(m))
-    assert isinstance(load_order(out, info, m["build_id"]), DenseOrder)
+    as_version3(out)
     assert tierstore.verify_store(out, progress=False).ok
     for budget in (0, ROWS * 64):
         with tierstore.open(out, device="cpu", host_budget=budget) as st:

@@ -12,6 +12,8 @@ import tierstore.format.profile as profile_mod
 from tierstore.format.profile import (TopProfile, count_rows, has_profile, hot_rows, load_profile, profile_info,
                                       profile_paths, save_profile, zipf_fit)
 
+from .legacy import save_v1_profile
+
 
 def test_roundtrip(tmp_path):
     counts = np.bincount(np.random.default_rng(0).zipf(1.2, 10_000) % 1000, minlength=1000)
@@ -88,22 +90,6 @@ def test_hot_rows_equal_a_plain_sort(seed):
         assert hot_rows(profile, k).tolist() == [r for r in want_fill if profile[r] > 0], (seed, k)
 
 
-def _save_v1(store, table: str, counts: np.ndarray) -> None:
-    """A profile as a store written before version 2 holds it: one count per table row."""
-    import io
-
-    import zstandard
-
-    data, meta = profile_paths(store, table)
-    data.parent.mkdir(parents=True, exist_ok=True)
-    buf = io.BytesIO()
-    np.save(buf, counts.astype(np.int32))
-    data.write_bytes(zstandard.ZstdCompressor(write_checksum=True).compress(buf.getvalue()))
-    meta.write_text(json.dumps({"format": "tierstore-profile", "version": 1, "table": table, "rows": counts.size,
-                                "dtype": "int32", "total": int(counts.sum()),
-                                "nonzero": int(np.count_nonzero(counts))}))
-
-
 def _zipf_counts(n: int, seed: int) -> np.ndarray:
     rng = np.random.default_rng(seed)
     c = np.minimum(rng.zipf(1.3, n), 10**6) * (rng.random(n) < 0.3)
@@ -118,7 +104,7 @@ def test_top_load_equals_hot_rows_of_the_dense_counts(tmp_path, monkeypatch, ver
     monkeypatch.setattr(profile_mod, "_CHUNK", 1000)
     for n in (10, 4321, 100_000):
         c = _zipf_counts(n, n)
-        (_save_v1 if version == 1 else save_profile)(tmp_path, "t", c)
+        (save_v1_profile if version == 1 else save_profile)(tmp_path, "t", c)
         assert np.array_equal(load_profile(tmp_path, "t"), c)
         nonzero = int(np.count_nonzero(c))
         for k in (1, 5, 39, 41, 999, 5000, nonzero):

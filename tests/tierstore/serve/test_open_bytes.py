@@ -20,11 +20,10 @@ from safetensors.torch import save_file
 
 import tierstore
 from tierstore.cache.index import budget_for
-from tierstore.format.order import DenseOrder, load_order, write_order
 from tierstore.format.profile import profile_paths, save_profile
-from tierstore.format.spec import TableInfo, manifest_digest
 
 from ...conftest import bits, random_table
+from ..format.legacy import as_version3, save_v1_profile
 
 T = "blocks.1.engram.memory.weight"
 N, DIM = 150_000, 128  # float16: 256-byte rows; the dense order file is 600 KB, 2.3x the hot bytes
@@ -60,20 +59,6 @@ def ckpt(tmp_path_factory) -> tuple[Path, torch.Tensor]:
     return d / "m.safetensors", w
 
 
-def _as_version3(out: Path) -> None:
-    """Rewrite a hot-ordered store's order file as version 3 wrote it: each row's position."""
-    m = json.loads((out / "manifest.json").read_text())
-    t = m["tables"][0]
-    info = TableInfo(**t)
-    pos = load_order(out, info, m["build_id"]).of(np.arange(info.rows))
-    with open(out / t["order_file"], "wb") as f:
-        write_order(f, info, pos, m["build_id"])
-    m["version"] = 3
-    m["digest"] = manifest_digest(m)
-    (out / "manifest.json").write_text(json.dumps(m))
-    assert isinstance(load_order(out, info, m["build_id"]), DenseOrder)
-
-
 def test_a_hot_ordered_store_opens_reading_the_hot_set_not_the_order(tmp_path, ckpt):
     """Version 3 read the order file whole at open (4 bytes per table row: 1.5 GiB at 384M
     rows); version 4 stores the hot ids only and reads them (4 bytes per hot row)."""
@@ -89,26 +74,10 @@ def test_a_hot_ordered_store_opens_reading_the_hot_set_not_the_order(tmp_path, c
     _open_bytes(out, w, counts)  # compiles the policy's kernels (their cache files are read too)
     new = _open_bytes(out, w, counts)
     assert new <= 1.2 * hot_bytes + FIXED, f"open read {new / hot_bytes:.2f}x the hot bytes"
-    _as_version3(out)  # negative control: the same store with a dense order file
+    as_version3(out)  # negative control: the same store with a dense order file
     old = _open_bytes(out, w, counts)
     assert old > 2 * hot_bytes + FIXED, f"the dense order file read only {old / hot_bytes:.2f}x the hot bytes"
     print(f"\nopen read {old / hot_bytes:.2f}x the hot bytes with a dense order file, {new / hot_bytes:.2f}x now")
-
-
-def _save_v1(store: Path, table: str, counts: np.ndarray) -> None:
-    """A profile as a store written before profile version 2 holds it: one count per table row."""
-    import io
-
-    import zstandard
-
-    data, meta = profile_paths(store, table)
-    data.parent.mkdir(parents=True, exist_ok=True)
-    buf = io.BytesIO()
-    np.save(buf, counts.astype(np.int32))
-    data.write_bytes(zstandard.ZstdCompressor(write_checksum=True).compress(buf.getvalue()))
-    meta.write_text(json.dumps({"format": "tierstore-profile", "version": 1, "table": table, "rows": counts.size,
-                                "dtype": "int32", "total": int(counts.sum()),
-                                "nonzero": int(np.count_nonzero(counts))}))
 
 
 @pytest.mark.parametrize("version", [1, 2])
@@ -123,7 +92,7 @@ def test_a_large_profile_is_not_read_at_open(tmp_path, ckpt, version):
     rng = np.random.default_rng(2)
     counts = rng.integers(1, 1_000_000, N)  # every row counted: high-entropy counts, a large file
     counts[rng.choice(N, HOT, replace=False)] = rng.integers(10_000_000, 20_000_000, HOT)
-    (_save_v1 if version == 1 else save_profile)(out, T, counts)
+    (save_v1_profile if version == 1 else save_profile)(out, T, counts)
     assert tierstore.save_snapshot(out, max_bytes=HOT * 256)[T]["n"] == HOT  # upgrades a v1 profile's JSON with an id
     hot_bytes = HOT * 256
     data = profile_paths(out, T)[0].stat().st_size
