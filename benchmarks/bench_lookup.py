@@ -33,6 +33,7 @@ from safetensors.torch import save_file
 
 import tierstore
 from tierstore.cache import policy_names
+from tierstore.cache.index import budget_for
 from tierstore.format.profile import hot_rows
 from tierstore.format.profile import save_profile
 
@@ -89,9 +90,11 @@ def main(argv: list[str] | None = None) -> dict:
         path = tierstore.build_store(Path(tmp) / "m.safetensors", Path(tmp) / "store", progress=False)
         counts = np.bincount(rng.zipf(1.1, 20 * args.rows) % args.rows, minlength=args.rows)
         save_profile(path, NAME, counts)  # static and default place by it
-        budget = args.rows * row_bytes // 10
         resident = tierstore.open(path, device="cpu", device_budget=args.rows * row_bytes)
-        cached = {p: tierstore.open(path, device="cpu", device_budget=budget, policy=p) for p in policies}
+        # a device tier of 10% of the rows for every policy: its budget pays for the rows and
+        # the policy's bookkeeping (budget_for), as a store counts it
+        cached = {p: tierstore.open(path, device="cpu", device_budget=budget_for(args.rows // 10, row_bytes, p),
+                                    policy=p) for p in policies}
         try:
             for n in sizes:
                 # the n hottest rows of the profile, shuffled: every policy's tier holds them
