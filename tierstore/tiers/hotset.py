@@ -203,14 +203,17 @@ class TableSnapshot:
         """Snapshot rows at ranks ``pos`` (sorted ascending): uint8 (len(pos), row_bytes).
         Reads the pages they touch (a prefix: one sequential run), checked."""
         lay, rb = self.layout, self.layout.row_bytes
+        if int(pos[-1]) - int(pos[0]) + 1 == len(pos):  # consecutive ranks (a prefix): one byte range, no gather
+            a = lay.rows_offset + int(pos[0]) * rb
+            b = a + len(pos) * rb
+            flat = self._read(np.arange(a // PAGE_SIZE, -(-b // PAGE_SIZE), dtype=np.int64)).reshape(-1)
+            return flat[a % PAGE_SIZE: a % PAGE_SIZE + len(pos) * rb].reshape(len(pos), rb)
         start = lay.rows_offset + pos * rb
         first, last = start // PAGE_SIZE, (start + rb - 1) // PAGE_SIZE
         span = int((last - first).max()) + 1
         pages = np.unique(np.minimum(first[:, None] + np.arange(span), last[:, None]))
         flat = self._read(pages).reshape(-1)
         at = np.searchsorted(pages, first) * PAGE_SIZE + start % PAGE_SIZE
-        if int(pos[-1]) - int(pos[0]) + 1 == len(pos):  # consecutive ranks (a prefix): one byte range, no gather
-            return flat[int(at[0]): int(at[0]) + len(pos) * rb].reshape(len(pos), rb)
         out = np.empty((len(pos), rb), dtype=np.uint8)
         for s in range(0, len(pos), 4096):  # gather by index in pieces: the index is 8 bytes per byte moved
             out[s: s + 4096] = flat[at[s: s + 4096, None] + np.arange(rb)]

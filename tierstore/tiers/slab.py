@@ -37,6 +37,17 @@ def _index(slots: np.ndarray | torch.Tensor, device: torch.device, remote: bool)
     return idx.to(device, non_blocking=True) if remote else idx
 
 
+def _run_start(slots: np.ndarray | torch.Tensor) -> int | None:
+    """The first slot when ``slots`` is one ascending run (a, a+1, ..., a+n-1), else None: the
+    open's preload writes such runs, and a slice copy is ~10x faster than ``index_copy_``."""
+    if not isinstance(slots, np.ndarray) or slots.ndim != 1 or slots.size < 2:
+        return None
+    a = int(slots[0])
+    if int(slots[-1]) - a != slots.size - 1 or not (np.diff(slots) == 1).all():
+        return None
+    return a
+
+
 class SlabTier:
     """A memory tier: ``slab[slot]`` holds a row; ``index`` (CACHED) says which row, or
     slot == row (RESIDENT: ``capacity`` covers the table)."""
@@ -76,6 +87,9 @@ class SlabTier:
         return got
 
     def write(self, slots: np.ndarray | torch.Tensor, rows: torch.Tensor) -> None:
+        if self.fences is None and not self._remote and (a := _run_start(slots)) is not None:
+            self.slab[a : a + slots.size].copy_(rows)  # one run of slots (the preload at open): a slice copy
+            return
         idx = _index(slots, self.device, self._remote)
         if self.fences is None:
             self.slab.index_copy_(0, idx, rows)  # index_copy_: several times faster than __setitem__

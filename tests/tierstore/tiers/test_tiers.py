@@ -211,3 +211,15 @@ def test_one_lease_per_lookup_not_per_repeat():
     assert idx.refcount[s0] == 1 and idx.refcount[s1] == 0
     idx.finish(b)
     assert idx.refcount.max() == 0
+
+
+def test_a_run_of_slots_is_written_by_a_slice_copy_and_nothing_else_is():
+    """The preload at open writes ascending runs of slots; those take a slice copy (~10x
+    faster than index_copy_). Anything that is not exactly one ascending run must not."""
+    from tierstore.tiers.slab import _run_start
+
+    assert _run_start(np.arange(5, 9)) == 5
+    for not_a_run in (np.array([5, 6, 8]), np.array([6, 5]), np.array([3, 3]), np.array([7]), np.arange(4)[::-1].copy(),
+                      np.array([1, 2, 4, 3])):
+        assert _run_start(not_a_run) is None, not_a_run
+    assert _run_start(torch.arange(3)) is None  # tensors (the lookup path's) keep index_copy_
