@@ -29,7 +29,6 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from safetensors.torch import save_file
 
 import tierstore
 from tierstore.cache import policy_names
@@ -38,6 +37,7 @@ from tierstore.format.profile import hot_rows
 from tierstore.format.profile import save_profile
 
 from .common import json_line, machine_info, print_header
+from .workloads import table_store
 
 NAME = "bench.engram.memory.weight"
 
@@ -85,9 +85,7 @@ def main(argv: list[str] | None = None) -> dict:
     rng = np.random.default_rng(0)
     results = []
     with tempfile.TemporaryDirectory(prefix="bench_lookup_") as tmp:
-        w = torch.randn(args.rows, args.dim, generator=torch.Generator().manual_seed(0)).half()
-        save_file({NAME: w}, str(Path(tmp) / "m.safetensors"))
-        path = tierstore.build_store(Path(tmp) / "m.safetensors", Path(tmp) / "store", progress=False)
+        path, _ = table_store(args.rows, args.dim, name=NAME, cache=Path(tmp))
         counts = np.bincount(rng.zipf(1.1, 20 * args.rows) % args.rows, minlength=args.rows)
         save_profile(path, NAME, counts)  # static and default place by it
         resident = tierstore.open(path, device="cpu", device_budget=args.rows * row_bytes)

@@ -29,13 +29,13 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from safetensors.torch import save_file
 
 import tierstore
 from tierstore.cache import policy_names
 from tierstore.format.profile import profile_paths, save_profile
 
 from .common import json_line, machine_info, print_header
+from .workloads import table_store
 
 NAME = "bench.engram.memory.weight"
 
@@ -82,10 +82,7 @@ def main(argv: list[str] | None = None) -> dict:
     rng = np.random.default_rng(1)
     results = []
     with tempfile.TemporaryDirectory(prefix="bench_lookup_size_") as tmp:
-        w = torch.randn(args.rows, args.dim, generator=torch.Generator().manual_seed(0)).half()
-        save_file({NAME: w}, str(Path(tmp) / "m.safetensors"))
-        path = tierstore.build_store(Path(tmp) / "m.safetensors", Path(tmp) / "store", progress=False)
-        del w
+        path, _ = table_store(args.rows, args.dim, name=NAME, cache=Path(tmp))
         n_hot = min(args.rows, 262_144 if not args.quick else 2_048)
         hot = rng.choice(args.rows, size=n_hot, replace=False)
         counts = np.zeros(args.rows, np.int64)
