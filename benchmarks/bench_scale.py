@@ -34,7 +34,8 @@ Then a line ``a + b * GiB`` is fitted per metric over the sizes, each called fla
 fit moves less than ``--flat-tol`` of its mean over the measured range, and projected to the
 released 189 GiB at a 16 GiB host budget (a fit that is flat or falls projects its measured
 mean). Budget-proportional metrics (bytes read at open,
-open and first-row seconds, anonymous memory) are scaled by 16 GiB / the host budget: a
+open and first-row seconds, anonymous memory) have their budget part (the fit's intercept,
+or the mean) scaled by 16 GiB / the host budget, and their growth per GiB added unscaled: a
 linear extrapolation in the budget that this run does not measure, and an upper bound for
 memory, whose fixed part (interpreter, output pool) is scaled too. Results go to
 ``WORKDIR/result-SIZE.json`` per size (a rerun skips sizes already measured: ``--redo``
@@ -282,9 +283,14 @@ def fit(xs: list[float], ys: list[float | None], tol: float) -> dict[str, Any] |
 
 def project(name: str, f: dict[str, Any], host_budget: int) -> float:
     """The fit at 189 GiB where it grows; the measured mean where it is flat or falls (nothing
-    in the store gets cheaper with a larger table: a falling fit is noise, not a trend)."""
-    v = f["a"] + f["b_per_gib"] * V41_GIB if f.get("trend", "grows") == "grows" else f.get("mean", f["a"])
-    return v * V41_HOST / host_budget if name.split("/")[-1] in BUDGET_SCALED else v
+    in the store gets cheaper with a larger table: a falling fit is noise, not a trend). A
+    budget-proportional metric scales its budget part (the intercept, or the mean) to the
+    16 GiB host budget; what grows with the table (``b`` per GiB) is not the budget's, and
+    is added unscaled."""
+    scale = V41_HOST / host_budget if name.split("/")[-1] in BUDGET_SCALED else 1.0
+    if f.get("trend", "grows") == "grows":
+        return f["a"] * scale + f["b_per_gib"] * V41_GIB
+    return f.get("mean", f["a"]) * scale
 
 
 def _show(name: str, v: float) -> str:

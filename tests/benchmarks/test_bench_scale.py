@@ -30,6 +30,11 @@ def test_fit_flat_and_growing() -> None:
     f = {"a": 2.0, "b_per_gib": 0.0}
     assert bench_scale.project("lru/open_read_bytes", f, 1 << 30) == pytest.approx(32.0)
     assert bench_scale.project("lru/miss_us_per_id@4096", f, 1 << 30) == pytest.approx(2.0)
+    # what grows with the table is not the budget's: only the intercept is scaled (it scaled
+    # the growth too: lru's open read 2 MiB per GiB of checksums became 23.7 GiB at 189 GiB)
+    g = {"a": 2.0, "b_per_gib": 1.0, "trend": "grows"}
+    assert bench_scale.project("lru/open_read_bytes", g, 1 << 30) == pytest.approx(2.0 * 16 + 189.0)
+    assert bench_scale.project("lru/miss_us_per_id@4096", g, 1 << 30) == pytest.approx(2.0 + 189.0)
 
 
 def test_bench_scale_quick(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
