@@ -33,7 +33,7 @@ from tierstore.analysis.hit_ratios import (TracedTable, live_hit_ratios, policy_
 from tierstore.analysis.simulate import load_trace, simulate_tiers
 from tierstore.analysis.sizing import TierCosts, size_tiers
 from tierstore.cache import POLICIES
-from tierstore.cache.index import budget_for, slots_within
+from tierstore.cache.index import budget_for, rows_within
 from tierstore.errors import TierStoreError
 from tierstore.format.profile import count_rows, save_profile
 from tierstore.sizes import format_size, parse_size
@@ -231,17 +231,8 @@ def run_size(args: argparse.Namespace) -> int:
     return 0
 
 
-def _rows_of(budget: int, t: TracedTable, policy: str) -> int:
-    """The rows a store's tier of ``budget`` bytes holds for this table, as ``Store`` counts
-    them: the whole table when the budget holds its rows (no index), else the slots whose rows
-    and bookkeeping fit (``slots_within``)."""
-    if budget >= t.n_rows * t.row_bytes:
-        return t.n_rows
-    return slots_within(budget, t.row_bytes, policy)
-
-
 def _budget_of(rows: int, t: TracedTable, policy: str) -> int:
-    """The budget a store needs for ``rows`` of this table (the inverse of ``_rows_of``)."""
+    """The budget a store needs for ``rows`` of this table (the inverse of ``rows_within``)."""
     if rows >= t.n_rows:
         return t.n_rows * t.row_bytes
     return budget_for(rows, t.row_bytes, policy)
@@ -266,8 +257,10 @@ def _run_budgets(args: argparse.Namespace, tables: list[TracedTable], costs: Tie
         if not t.row_bytes:
             raise TierStoreError(f"budgets are bytes and the row size of {t.name} is unknown: give --store, "
                                  "--row-bytes, or a trace written by `tierstore trace` of a model")
-        dev = _rows_of(parse_size(args.device_budget or "0", what="--device-budget"), t, args.policy)
-        host = _rows_of(parse_size(args.host_budget or "0", what="--host-budget"), t, args.policy)
+        dev = rows_within(parse_size(args.device_budget or "0", what="--device-budget"), t.n_rows, t.row_bytes,
+                          args.policy)
+        host = rows_within(parse_size(args.host_budget or "0", what="--host-budget"), t.n_rows, t.row_bytes,
+                           args.policy)
         r = simulate_tiers(t.trace.rows, dev, host, args.policy, n_rows=t.sim_rows, offsets=t.trace.offsets,
                            profile=t.profile, min_batch=args.batch)
         n = max(1, t.trace.rows.size)

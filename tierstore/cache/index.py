@@ -29,7 +29,7 @@ from ..jit import specialized
 from .rowmap import map_bytes, new_map, rm_build, rm_get_many
 from .structs import g_init, q_init
 
-__all__ = ["CacheIndex", "none_index", "state_bytes", "slots_within", "budget_for"]
+__all__ = ["CacheIndex", "none_index", "state_bytes", "slots_within", "rows_within", "budget_for"]
 
 _EMPTY = np.empty(0, dtype=np.int64)
 
@@ -298,6 +298,15 @@ def slots_within(budget: int, row_bytes: int, policy: str | PolicySpec | Policy)
         else:
             hi = mid - 1
     return lo
+
+
+def rows_within(budget: int, n_rows: int, row_bytes: int, policy: str | PolicySpec | Policy) -> int:
+    """The rows a store's tier of ``budget`` bytes holds of an ``n_rows``-row table: the whole
+    table when the budget holds its rows (a resident tier: no index, no bookkeeping), else
+    ``slots_within``. The one rule ``Store`` sizes its tiers by and ``tierstore size`` reports."""
+    if int(budget) >= int(n_rows) * int(row_bytes):
+        return int(n_rows)
+    return slots_within(budget, row_bytes, policy)
 
 
 def budget_for(capacity: int, row_bytes: int, policy: str | PolicySpec | Policy) -> int:

@@ -13,7 +13,7 @@ import numpy as np
 import torch
 
 from .buffers import BufferPool
-from ..cache.index import slots_within
+from ..cache.index import rows_within
 from ..cache.registry import PolicySpec
 from ..errors import (CapacityError, CorruptDataError, StoreChangedError, StoreClosedError, TierStoreError,
                       UnknownTableError)
@@ -166,10 +166,7 @@ class Store:
             """The table's share of a budget, in rows: the whole table when the share holds it
             (a resident tier: no index), else the slots whose rows *and* bookkeeping (the
             policy's state, row map, ghosts, hint table: ``slots_within``) fit in the share."""
-            share = int(budget * (info.nbytes / total))
-            if share >= info.rows * info.row_bytes:
-                return info.rows
-            return slots_within(share, info.row_bytes, spec)
+            return rows_within(int(budget * (info.nbytes / total)), info.rows, info.row_bytes, spec)
 
         if self.device.type == "cuda":  # never run: needs CUDA. Refuse before allocating anything
             need = sum(min(rows_of(self.device_budget, i), i.rows) * i.row_bytes for i in self.tables.values())
