@@ -42,6 +42,17 @@ def _ckpt(path: Path, seed: int) -> dict[str, torch.Tensor]:
     return tensors
 
 
+@pytest.fixture(autouse=True)
+def _young_heap():
+    """Freeze what the session allocated before this test, so each ``gc.collect`` below scans
+    only what the test made. In a full-suite process a whole-heap collection took ~0.5 s,
+    and the matrix collects once per case: half the matrix's time."""
+    gc.collect()
+    gc.freeze()
+    yield
+    gc.unfreeze()
+
+
 def _resources() -> tuple[int, int]:
     gc.collect()
     return len(os.listdir("/proc/self/fd")), threading.active_count()

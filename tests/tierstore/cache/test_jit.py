@@ -38,16 +38,6 @@ def _run(cache: Path, *policies: str) -> int:
     return int(p.stdout.split("MISSES")[1])
 
 
-def test_processes_share_the_kernel_cache_and_a_warm_one_compiles_nothing(tmp_path):
-    """A second process loads the first one's walk, compiles another policy's and saves it
-    (this crashed while numba pickled the policy kernels by random per-process ids); a third
-    loads both without compiling anything."""
-    assert _run(tmp_path, "lru") == 1  # cold: compiled
-    assert _run(tmp_path, "lru", "s3fifo") == 1  # lru loaded, s3fifo compiled and saved
-    assert _run(tmp_path, "lru", "s3fifo") == 0  # warm: nothing compiled
-    assert len(list(tmp_path.iterdir())) == 1, "one cache directory per source version"
-
-
 # -- a corrupt or unwritable cache ------------------------------------------------------------
 WALK = textwrap.dedent("""
     import numpy as np
@@ -129,11 +119,30 @@ def test_a_damaged_kernel_cache_entry_is_a_miss_recompiled_and_warned_once(warm_
     _recovers(cache, SMALL)
 
 
-def test_a_damaged_cache_of_the_walk_recompiles_it_exactly(tmp_path):
+@pytest.fixture(scope="module")
+def warm_walk(tmp_path_factory) -> Path:
+    """A cache holding the LRU walk, compiled once (cold: one compile) by a fresh process."""
+    cache = tmp_path_factory.mktemp("kcache_walk")
+    assert _checked(WALK, cache)[0] == 1
+    return cache
+
+
+def test_processes_share_the_kernel_cache_and_a_warm_one_compiles_nothing(warm_walk, tmp_path):
+    """A second process loads the first one's walk (compiled by ``warm_walk``'s process),
+    compiles another policy's and saves it (this crashed while numba pickled the policy
+    kernels by random per-process ids); a third loads both without compiling anything."""
+    cache = tmp_path / "kcache"
+    shutil.copytree(warm_walk, cache)
+    assert _run(cache, "lru", "s3fifo") == 1  # lru loaded, s3fifo compiled and saved
+    assert _run(cache, "lru", "s3fifo") == 0  # warm: nothing compiled
+    assert len(list(cache.iterdir())) == 1, "one cache directory per source version"
+
+
+def test_a_damaged_cache_of_the_walk_recompiles_it_exactly(warm_walk, tmp_path):
     """The walk (policy kernels pickled by identity into its entries): every file replaced by
     random bytes; the next process compiles it again and matches an OrderedDict LRU."""
     cache = tmp_path / "kcache"
-    assert _checked(WALK, cache)[0] == 1
+    shutil.copytree(warm_walk, cache)
     _damage(cache, "garbage", (".nbi", ".nbc"))
     _recovers(cache, WALK)
 
