@@ -90,9 +90,11 @@ def write_durable(path: str | os.PathLike[str], data: bytes | Callable[[BinaryIO
 def atomic_write(path: str | os.PathLike[str], data: bytes | Callable[[BinaryIO], None]) -> Path:
     """Replace ``path`` with ``data`` (bytes, or a function that writes into a binary file)
     atomically and durably. Raises ``CapacityError`` on a full disk, ``StoreIOError`` on any
-    other OS failure; the temporary file never outlives the call."""
+    other OS failure; the temporary file never outlives the call (a writer killed inside it
+    leaves one behind: the next write of ``path`` removes it, once its PID is gone)."""
     path = Path(path)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}-{threading.get_ident()}")
+    _remove_dead_temps(path)
     try:
         write_durable(tmp, data)
         faults.point("rename", path)
@@ -105,6 +107,30 @@ def atomic_write(path: str | os.PathLike[str], data: bytes | Callable[[BinaryIO]
         tmp.unlink(missing_ok=True)
         raise
     return path
+
+
+def _remove_dead_temps(path: Path) -> None:
+    """Delete the temporary siblings ``.NAME.tmp-PID-TID`` of ``path`` that killed writers
+    left (a process killed inside :func:`atomic_write` cannot unlink its own): those whose PID
+    no longer exists. A PID that exists, even reused by another process, keeps its file."""
+    prefix = f".{path.name}.tmp-"
+    try:
+        names = [n for n in os.listdir(path.parent) if n.startswith(prefix)]
+    except OSError:
+        return
+    for name in names:
+        pid, _, tid = name[len(prefix):].partition("-")
+        if not (pid.isdigit() and tid.isdigit()) or int(pid) == os.getpid():
+            continue
+        try:
+            os.kill(int(pid), 0)
+        except ProcessLookupError:
+            try:
+                os.unlink(path.parent / name)
+            except OSError:
+                pass  # another writer removed it first, or it is not ours to remove
+        except OSError:
+            pass  # exists (another user's process): alive
 
 
 def check_versioned(doc: Any, *, fmt: str, version: int | tuple[int, ...], where: str, fix: str) -> dict[str, Any]:
