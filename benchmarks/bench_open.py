@@ -3,7 +3,8 @@ without the hot-set snapshot (``tierstore profile --save-profile`` writes it).
 
 One table of V4.1-like 264-byte rows (uint8) per size; a saved profile whose hot rows
 (``--hot``, 64 MiB by default) are scattered uniformly over the table, with Zipf counts; a
-host budget that holds exactly them and a device budget of a quarter of that. For each
+host budget of their bytes (it holds somewhat fewer rows: a budget also pays for its tier's
+bookkeeping, ``cache.index.state_bytes``) and a device budget of a quarter of that. For each
 table size and policy, in the same run:
 
 - ``rows`` (the baseline, the path before snapshots): no snapshot file, so open loads the
