@@ -166,17 +166,6 @@ def _sat_clear(M, SK, s):  # pragma: no cover - compiled
     SK[k] = np.int64(SK[k]) & ~bit
 
 
-@kernel(inline=True)
-def _record_hit(M, SK, r, s):  # pragma: no cover - compiled
-    """``record(r)`` for a hit on slot s holding row r, skipping the sketch while r is
-    saturated (module doc: then the record would change only the count)."""
-    k, bit = _sat_at(M, s)
-    if np.int64(SK[k]) & bit:
-        _count_record(M, SK)
-    elif record(M, SK, r):
-        SK[k] = np.int64(SK[k]) | bit
-
-
 # ---------------------------------------------------------------------------------------------
 # hooks
 # ---------------------------------------------------------------------------------------------
@@ -187,7 +176,17 @@ def hit(T, s):  # pragma: no cover - compiled
     M, ros, L, SK = T[0], T[2], T[6], T[8]
     r = ros[s]
     if r >= 0:
-        _record_hit(M, SK, r, s)
+        # record(r), skipping the sketch while r is saturated (module doc: then the record
+        # changes only the count; the one that resets goes through record). Written out
+        # here: the same lines as an inlined helper ran 6x slower (10.2 against 1.6 us per
+        # 1,024 saturated hits, measured), more than all the rest of the hit
+        d = s - M[M_LO]
+        k = ((DEPTH + 1) << M[P_WBITS]) + (d >> 3)
+        bit = np.int64(1) << (d & 7)
+        if np.int64(SK[k]) & bit and M[P_ADDS] + 1 < M[P_SAMPLE]:
+            M[P_ADDS] += 1
+        elif record(M, SK, r):
+            SK[k] = np.int64(SK[k]) | bit
     q = L[L_QID, s]
     if q == PROB:
         q_to_back(M, L, PROT, s)
