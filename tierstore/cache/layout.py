@@ -26,7 +26,7 @@ the capacity a budget buys at row bytes plus that.
   the sentinel of queue q at index ``cap + q``), each slot's queue and (s3fifo, default
   only: ``Policy.l_rows``) a small frequency counter. The free slots are [CAP - NFREE, CAP) (structs.take_free).
 - ``GH`` int32[5, gcap + NQ]: ghost entries (row, queue links, free stack, queue).
-- ``SK`` uint8[...]: W-TinyLFU's count-min sketch and doorkeeper.
+- ``SK`` uint8[...]: W-TinyLFU's count-min sketch, doorkeeper and per-slot saturation bits.
 - ``HT`` int64[2, h]: the hint table (row << 8 | count, time of the latest hint), see
   hints.py; one bucket until the first hint (``CacheIndex.hint_table``).
 - ``RK`` int32[2, m]: a profile's ranked rows, sorted by id, and their ranks (default).

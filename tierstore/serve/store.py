@@ -313,15 +313,18 @@ class Store:
         return ids_on_host
 
     @staticmethod
-    def _finish(t: Table, stage: torch.Tensor, buf: torch.Tensor, full: tuple[int, ...]) -> torch.Tensor:
+    def _finish(t: Table, stage: torch.Tensor, buf: torch.Tensor, full: tuple[int, ...],
+                out: torch.Tensor | None = None) -> torch.Tensor:
         """The result of a lookup whose stored rows are in ``stage``: dequantized into ``buf``
-        for a quantized table (vectorised, on the store's device), else ``stage`` itself."""
+        for a quantized table (vectorised, on the store's device), else ``stage`` itself;
+        the caller's ``out`` itself when it gave one (``buf`` is a view of it), as torch's
+        ``out=`` returns."""
         if stage is not buf:
             assert t.info.quant is not None
             dequantize(stage, t.info.quant, out=buf)
             if stage.is_cuda:  # allocated on the caller's stream, last read on this one (a worker's)
                 stage.record_stream(torch.cuda.current_stream(stage.device))
-        return buf.view(full)
+        return out if out is not None else buf.view(full)
 
     def prefetch(self, table: str, ids: IdLike, out: torch.Tensor | None = None, *,
                  raw: bool = False) -> LookupFuture[torch.Tensor]:
@@ -346,7 +349,7 @@ class Store:
 
             def deferred() -> torch.Tensor:
                 t.gather(ids_on_host(), stage)
-                return self._finish(t, stage, buf, full)
+                return self._finish(t, stage, buf, full, out)
 
             return self._prefetcher.submit(deferred)
         t, flat, stage, buf, full = self._prepare(table, ids, out, raw=raw)
@@ -356,13 +359,13 @@ class Store:
             # than all of it (~20 us for a bare submit + result); otherwise the worker moves
             # the bytes of the begun lookup.
             if t.on_device(flat, stage):
-                return self._prefetcher.done(self._finish(t, stage, buf, full))
+                return self._prefetcher.done(self._finish(t, stage, buf, full, out))
             lk = t.begin(flat, stage)  # on the CPU, an all-hit lookup is done by this one call
             if lk.on_device:  # done by begin (CPU), or one gather
                 try:
                     if not lk.done:
                         t.complete(lk, stage)
-                    result = self._finish(t, stage, buf, full)
+                    result = self._finish(t, stage, buf, full, out)
                 except TierStoreError as e:
                     return self._prefetcher.failed(e)
                 except Exception as e:  # same contract as LookupFuture.result(): errors are typed
@@ -371,7 +374,7 @@ class Store:
 
             def rest() -> torch.Tensor:
                 t.complete(lk, stage)
-                return self._finish(t, stage, buf, full)
+                return self._finish(t, stage, buf, full, out)
 
             try:
                 return self._prefetcher.submit(rest)
@@ -381,7 +384,7 @@ class Store:
 
         def job() -> torch.Tensor:
             t.gather(flat, stage)
-            return self._finish(t, stage, buf, full)
+            return self._finish(t, stage, buf, full, out)
 
         return self._prefetcher.submit(job)
 
@@ -423,7 +426,7 @@ class Store:
         t, flat, stage, buf, full = self._prepare(table, ids, out, copy=False, raw=raw)
         try:
             t.gather(flat, stage)
-            return self._finish(t, stage, buf, full)
+            return self._finish(t, stage, buf, full, out)
         except TierStoreError:
             raise
         except Exception as e:  # same contract as LookupFuture.result(): errors are typed

@@ -206,6 +206,40 @@ def test_wtinylfu_vs_reference_model(trace):
         assert M[M_QLEN + wt.WIN] == ref.win_max and M[M_QLEN + wt.PROT] <= ref.prot_max
 
 
+@pytest.mark.parametrize("trace", ["zipf", "real"])
+def test_wtinylfu_sketch_equals_the_model_and_saturation_bits_are_sound(trace):
+    """A hit skips the sketch while its slot's saturation bit is set (the decode path's
+    cost, wtinylfu module doc). The skip must change nothing: all along the trace the
+    counters, the doorkeeper and the record count equal the plain model's (which records
+    every access in full), and every set bit is a slot whose row the model has saturated
+    (doorkeeper bits set, every counter at CMAX): a bit left set across a reset (counters
+    halved) or for a slot's new row fails this. Hot rows do saturate: some bits are set."""
+    t = _trace(trace)
+    cap = 50
+    idx = CacheIndex(int(t.max()) + 1, cap, "wtinylfu", rng=0, pinned_rows=np.empty(0, np.int64))
+    M, ros, SK = idx.state[0], idx.state[2], idx.state[8]
+    ref = RefWTinyLFU(cap, M)
+    w, lo = 1 << ref.wb, int(M[M_LO])
+    resets = set_bits = 0
+    for i, r in enumerate(t.tolist()):
+        before = ref.adds
+        idx.lookup(np.array([r]))
+        ref.access(r)
+        resets += ref.adds < before
+        if i % 97:
+            continue
+        assert SK[:wt.DEPTH * w].reshape(wt.DEPTH, w).tolist() == ref.cm, i
+        assert np.unpackbits(SK[wt.DEPTH * w:(wt.DEPTH + 1) * w], bitorder="little").astype(bool).tolist() == ref.dk, i
+        assert M[wt.P_ADDS] == ref.adds, i
+        bits = np.unpackbits(SK[(wt.DEPTH + 1) * w:], bitorder="little")[:cap - lo]
+        for d in np.flatnonzero(bits):
+            row = int(ros[lo + d])
+            assert all(ref.cm[k][b] == wt.CMAX for k, b in enumerate(ref._cm_idx(row))), (i, row)
+            assert all(ref.dk[b] for b in ref._dk_idx(row)), (i, row)
+        set_bits += int(bits.sum())
+    assert set_bits > 0 and resets > 0, (set_bits, resets)
+
+
 # measured (ours, libCacheSim) on the traces above; None: libCacheSim admits nothing
 _LCS_WT = {("zipf", 50): None, ("real", 50): None, ("real", 500): 0.030}
 

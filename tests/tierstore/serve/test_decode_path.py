@@ -68,3 +68,21 @@ def test_all_hit_lookup_is_one_call_exact_and_leaves_no_lease(store_and_rows, po
         replay_events(fresh, t.events)
     assert (fresh.hits, fresh.misses, fresh.evictions, fresh.insertions) == \
         (index.hits, index.misses, index.evictions, index.insertions)
+
+
+@pytest.mark.parametrize("budget", ["all_hits", "misses", "resident"])
+def test_lookup_and_prefetch_with_out_return_out_itself(store_and_rows, budget):
+    """``out=`` is filled and returned, as torch's ``out=`` is: the very tensor, not a view
+    of it (it was ``out.view(...)``, an equal-looking other object), for 1-D and N-D ids,
+    on the one-call all-hit path, the walk with misses and a resident table."""
+    path, w = store_and_rows
+    dev = {"all_hits": 400 * DIM * 2, "misses": 50 * DIM * 2, "resident": ROWS * DIM * 2}[budget]
+    with tierstore.open(path, device="cpu", device_budget=dev, policy="lru") as s:
+        for ids in (np.arange(40), np.arange(40).reshape(5, 8)):
+            for _ in range(2):  # the second time every id hits under the "all_hits" budget
+                out = torch.empty(ids.shape + (DIM,), dtype=torch.float16)
+                assert s.lookup(NAME, ids, out=out) is out
+                assert torch.equal(out.view(-1, DIM).view(torch.int16), w[ids.reshape(-1)].view(torch.int16))
+                out = torch.empty(ids.shape + (DIM,), dtype=torch.float16)
+                assert s.prefetch(NAME, ids, out=out).result() is out
+                assert torch.equal(out.view(-1, DIM).view(torch.int16), w[ids.reshape(-1)].view(torch.int16))
