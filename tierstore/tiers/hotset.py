@@ -269,7 +269,7 @@ class TableSnapshot:
             if direct:
                 return flat[s * PAGE_SIZE - a: e * PAGE_SIZE - a].reshape(e - s, PAGE_SIZE)
             while len(scratch) < 2:
-                scratch.append(aligned_empty(min(step, max(e2 - s2 for s2, e2, _ in jobs))))
+                scratch.append(aligned_empty(max(e2 - s2 for s2, e2, d in jobs if not d)))
             return scratch[k % 2][: e - s]
 
         def read(k: int) -> np.ndarray:
