@@ -33,13 +33,17 @@ A snapshot is a copy of rows the row file holds; it never decides what is served
 - the write is atomic (``files.atomic_write``: a temporary sibling, fsync, rename, fsync
   of the directory): a process killed while writing leaves the old snapshot or the new.
 
-Cost of the write: one lookup of the ranked rows through the store (disk tier only, in
-bounded chunks) and one sequential write of their bytes. Memory: one chunk of rows, the
-ids (4 bytes per snapshot row) and the checksums (8 bytes per 4 KiB written).
+Cost of the write: one lookup of the ranked rows through the store in row-id order (disk
+tier only, in bounded chunks: the reads run forward through the row file), every row written
+twice and read back once (``write_snapshot``: bucketed, then put in rank order). Memory: one
+chunk of rows, two buckets' bytes (4 chunks each), the ids and their order (4 + 4 bytes per
+snapshot row) and the checksums (8 bytes per 4 KiB written).
 """
 
 from __future__ import annotations
 
+import errno
+import math
 import os
 import time
 from collections.abc import Callable
@@ -52,6 +56,7 @@ import numpy as np
 from ..errors import CorruptDataError, TierStoreError
 from ..files import atomic_write, check_versioned, is_json_int, os_error, pwrite_all, read_full
 from .profile import profile_paths
+from .writer import fast_page_checksums
 from .spec import CHECKSUM_SCHEME, DTYPES, PAGE_SIZE, TableInfo, make_header, page_checksums, read_header
 
 __all__ = ["SNAPSHOT_FORMAT", "SNAPSHOT_VERSION", "SNAPSHOT_MAGIC", "DEFAULT_SNAPSHOT_BYTES", "snapshot_path",
@@ -163,8 +168,10 @@ def write_snapshot(path: str | Path, info: TableInfo, build_id: str, ids: np.nda
     ``path`` atomically; returns its header.
 
     ``fetch(ids_chunk)`` returns the stored bytes of those rows, uint8 (len, row_bytes) (the
-    store's ``lookup(..., raw=True)``); it is called with consecutive slices of ``ids`` of at
-    most ``chunk_bytes`` of rows. ``profile``: what the snapshot was made from (kept in the
+    store's ``lookup(..., raw=True)``); it is called with the ids in ascending order (row-id,
+    i.e. file order: the reads of the row file run forward through it), at most
+    ``chunk_bytes`` of rows at a time. Every row is written twice (appended to its bucket of
+    ranks, then in rank order in place) and read back once. ``profile``: what the snapshot was made from (kept in the
     header for ``inspect``). Raises ``CapacityError`` on a full disk, ``StoreIOError``."""
     ids = np.asarray(ids)
     if ids.ndim != 1 or ids.dtype.kind not in "iu" or (ids.size and (ids.min() < 0 or ids.max() >= info.rows)):
@@ -175,35 +182,66 @@ def write_snapshot(path: str | Path, info: TableInfo, build_id: str, ids: np.nda
     step = max(1, chunk_bytes // max(1, info.row_bytes))
     t0 = time.perf_counter()
 
+    # Two passes, so the row file is read in file order (the ranked rows are scattered over it:
+    # in rank order each chunk read a 4 KiB page per row at the disk's random-read rate, 41 MB/s
+    # for 8.2 GiB on a 12 GiB table): 1. ``fetch`` the rows in row-id order (dense, adjacent
+    # pages: the disk tier's reads coalesce into long sequential runs) and append each to the
+    # file region of its *bucket* of ``bucket`` consecutive ranks (the file is rank-ordered, so
+    # bucket k's region is exactly its rows' bytes); 2. per bucket, read its region back, put
+    # its rows in rank order, checksum and write it in place. Memory: the chunk, two buckets'
+    # bytes (4 chunks each) and the order of the ids (4 bytes per snapshot row).
+    unit = PAGE_SIZE // math.gcd(PAGE_SIZE, info.row_bytes)  # rows per whole number of pages
+    bucket = max(unit, (4 * step) // unit * unit)  # ranks per bucket: its region is whole pages
+    n = layout.n
+    idx_t = np.int32 if n < 2**31 else np.int64
+    by_id = np.argsort(ids, kind="stable").astype(idx_t)  # ranks in row-id (file) order
+
     def write(f: Any) -> None:
         fd = f.fileno()
         sums = np.zeros(layout.sum_pages * _WORDS, dtype=np.uint64)
         sums[0] = page_checksums(np.frombuffer(header, dtype=np.uint8))[0]
-        page = layout.first_data_page  # next file page to write
-
-        def emit(data: np.ndarray) -> None:  # whole pages of data, checksummed as they go
-            nonlocal page
-            n = len(data) // PAGE_SIZE
-            sums[1 + page - layout.first_data_page: 1 + page - layout.first_data_page + n] = page_checksums(data)
-            pwrite_all(fd, memoryview(data), page * PAGE_SIZE, path)
-            page += n
-
         raw_ids = np.ascontiguousarray(ids, dtype="<i4" if layout.id_bytes == 4 else "<i8").view(np.uint8)
-        emit(np.concatenate([raw_ids, np.zeros(-len(raw_ids) % PAGE_SIZE, np.uint8)]))
-        carry = np.zeros(0, np.uint8)  # bytes of a partial page waiting for the next chunk
-        for s in range(0, layout.n, step):
-            rows = np.ascontiguousarray(fetch(ids[s: s + step]), dtype=np.uint8)
-            if rows.shape != (min(step, layout.n - s), info.row_bytes):
-                raise TierStoreError(f"snapshot fetch returned {rows.shape}, expected "
-                                     f"({min(step, layout.n - s)}, {info.row_bytes})")
-            buf = np.concatenate([carry, rows.reshape(-1)])
-            whole = len(buf) // PAGE_SIZE * PAGE_SIZE
-            if whole:
-                emit(buf[:whole])
-            carry = buf[whole:]
-        if len(carry):
-            emit(np.concatenate([carry, np.zeros(PAGE_SIZE - len(carry), np.uint8)]))
-        assert page == layout.first_data_page + layout.data_pages
+        id_pages = np.concatenate([raw_ids, np.zeros(-len(raw_ids) % PAGE_SIZE, np.uint8)])
+        sums[1: 1 + layout.id_pages] = fast_page_checksums(id_pages)
+        pwrite_all(fd, memoryview(id_pages), layout.first_data_page * PAGE_SIZE, path)
+        del id_pages
+        base = layout.rows_offset
+        n_buckets = -(-n // bucket)
+        fill = np.zeros(n_buckets, np.int64)  # rows appended to each bucket's region so far
+        for s in range(0, n, step):  # pass 1: file order, rows appended to their bucket's region
+            ranks = by_id[s: s + step].astype(np.int64)
+            rows = np.ascontiguousarray(fetch(ids[ranks]), dtype=np.uint8)
+            if rows.shape != (len(ranks), info.row_bytes):
+                raise TierStoreError(f"snapshot fetch returned {rows.shape}, expected ({len(ranks)}, {info.row_bytes})")
+            b = ranks // bucket
+            grp = np.argsort(b, kind="stable")
+            cuts = np.flatnonzero(np.diff(b[grp])) + 1
+            for part in np.split(grp, cuts):  # one write per bucket touched (<= n_buckets)
+                k = int(b[part[0]])
+                data = rows[part].reshape(-1)
+                pwrite_all(fd, memoryview(data), base + (k * bucket + int(fill[k])) * info.row_bytes, path)
+                fill[k] += len(part)
+            del rows
+        # the ranks of each bucket in the order pass 1 appended them (file order within it)
+        arrival = by_id[np.argsort(by_id // bucket, kind="stable")]
+        rfd = os.open(f.name, os.O_RDONLY)  # the file is open write-only; pass 2 reads it back
+        try:
+            start = 0
+            for k in range(n_buckets):  # pass 2: each region into rank order, checksummed, in place
+                m = min(bucket, n - k * bucket)
+                nbytes, at = m * info.row_bytes, base + k * bucket * info.row_bytes
+                region = np.empty(nbytes, np.uint8)
+                if read_full(rfd, memoryview(region), at, path) != nbytes:
+                    raise OSError(errno.EIO, "snapshot region read back short", os.fspath(path))
+                out = np.zeros(-(-nbytes // PAGE_SIZE) * PAGE_SIZE, np.uint8)  # the last one padded to a page
+                out[:nbytes].reshape(m, info.row_bytes)[arrival[start: start + m] - k * bucket] = \
+                    region.reshape(m, info.row_bytes)
+                start += m
+                first = 1 + layout.id_pages + k * bucket * info.row_bytes // PAGE_SIZE  # its first checksum entry
+                sums[first: first + len(out) // PAGE_SIZE] = fast_page_checksums(out)
+                pwrite_all(fd, memoryview(out), at, path)
+        finally:
+            os.close(rfd)
         pwrite_all(fd, memoryview(sums.view(np.uint8)), PAGE_SIZE, path)
         pwrite_all(fd, header, 0, path)
 

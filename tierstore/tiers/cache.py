@@ -17,14 +17,25 @@ import torch
 from ..cache import CacheIndex, PolicySpec
 from ..cache.layout import CACHED, NONE, RESIDENT
 from ..format.profile import Profile
-from ..format.spec import TableInfo
+from ..format.spec import PAGE_SIZE, TableInfo
 from .base import Tier
 from .cuda import StreamFences, capacity_error
 from .disk import DiskTier
 from .hotset import PRELOAD_BYTES, OpenStats, TableSnapshot, load_slots
+from .page_reader import aligned_empty
 from .slab import SlabTier
 
 __all__ = ["CacheTier", "PRELOAD_BYTES"]
+
+
+def _aligned_slab(capacity: int, info: TableInfo) -> torch.Tensor:
+    """An uninitialised (capacity, dim) slab of ``info.raw_dtype`` starting on a page boundary
+    (an anonymous mapping: its memory goes back to the OS with the tensor)."""
+    nbytes = capacity * info.row_bytes
+    if nbytes == 0:
+        return torch.empty((capacity, info.dim), dtype=info.raw_dtype)
+    raw = aligned_empty(-(-nbytes // PAGE_SIZE)).reshape(-1)[:nbytes]
+    return torch.from_numpy(raw).view(info.raw_dtype).view(capacity, info.dim)
 
 
 class CacheTier(SlabTier):
@@ -61,8 +72,9 @@ class CacheTier(SlabTier):
                 raise capacity_error(e, device, f"allocating the {name} tier of table {info.name!r}") from None
         else:
             # plain memory, pinned below by registering exactly its bytes (pin_memory=True
-            # would take it from the caching host allocator, which rounds up to a power of two)
-            self.slab = torch.empty((self.capacity, info.dim), dtype=info.raw_dtype)
+            # would take it from the caching host allocator, which rounds up to a power of two);
+            # page-aligned, so the hot-set snapshot is read into it with O_DIRECT, no copy
+            self.slab = _aligned_slab(self.capacity, info)
         if not self.resident and self.capacity > 0:
             self.index = CacheIndex(
                 info.rows, self.capacity, policy,

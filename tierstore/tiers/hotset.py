@@ -28,6 +28,8 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import wait as wait_futures
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -39,6 +41,7 @@ from ..cache.layout import CACHED, RESIDENT
 from ..errors import CorruptDataError, FormatVersionError, StoreIOError, TierStoreError
 from ..format.snapshot import parse_snapshot_header, snapshot_path
 from ..format.spec import PAGE_SIZE, TableInfo, page_checksums
+from ..format.writer import fast_page_checksums
 from ..ranking import TopProfile
 from .page_reader import PageReader, aligned_empty
 
@@ -132,15 +135,22 @@ class TableSnapshot:
         self.bytes_read += len(pages) * PAGE_SIZE
         return buf
 
-    def _verify(self, pages: np.ndarray, buf: np.ndarray) -> None:
-        """Check pages ``pages`` (file page numbers) read into ``buf`` (``CorruptDataError``)."""
-        idx = self.layout.sum_index(pages)
-        need = int(idx.max()) + 1
-        if need > len(self._sums):  # read the checksum pages up to the one holding entry need - 1
+    def _need_sums(self, last_page: int) -> None:
+        """Have the checksum entries up to file page ``last_page``'s (reads the checksum pages
+        up to the one holding it, once: 8 bytes per 4 KiB, a prefix)."""
+        need = int(self.layout.sum_index(np.array([last_page]))[0]) + 1
+        if need > len(self._sums):
             have = len(self._sums) // (PAGE_SIZE // 8)
             more = np.arange(1 + have, 1 + -(-need // (PAGE_SIZE // 8)), dtype=np.int64)
             self._sums = np.concatenate([self._sums, self._pages(more).reshape(-1).view("<u8")])
-        bad = np.flatnonzero(page_checksums(buf) != self._sums[idx])
+
+    def _verify(self, pages: np.ndarray, buf: np.ndarray) -> None:
+        """Check pages ``pages`` (file page numbers) read into ``buf`` (``CorruptDataError``)."""
+        self._need_sums(int(pages.max()))
+        # torch.mv over int64 words when the pages are writable (torch takes no read-only
+        # array): ~4x numpy's multiply-and-sum, no temporary the size of the pages, GIL released
+        sums = fast_page_checksums(buf) if buf.flags.writeable else page_checksums(buf)
+        bad = np.flatnonzero(sums != self._sums[self.layout.sum_index(pages)])
         if len(bad):
             raise CorruptDataError(f"{self.path}: snapshot page {int(pages[bad[0]])} fails its checksum; save the "
                                    "profile again (`tierstore profile --save-profile`) to rewrite it")
@@ -219,6 +229,70 @@ class TableSnapshot:
             out[s: s + 4096] = flat[at[s: s + 4096, None] + np.arange(rb)]
         return out
 
+    def read_into(self, p0: int, dst: np.ndarray, done: Callable[[int], None]) -> None:
+        """Snapshot rows at ranks ``p0 .. p0 + len(dst)`` into ``dst`` (uint8 (n, row_bytes),
+        C-contiguous, writable: a run of a host slab's slots), at the disk's sequential speed.
+
+        The rows are one byte range of the file. Its whole pages are read straight into
+        ``dst`` (no copy) when the memory lines up with the file for the reader (any address
+        for buffered reads; O_DIRECT needs ``dst``'s address and the file offset equal mod
+        4 KiB: a page-aligned slab whose slot ``i`` holds rank ``i`` does), else through two
+        scratch buffers; the partial pages at either end through a page of scratch. A reader
+        thread reads step ``k + 1`` (``PRELOAD_BYTES``) while this thread checks step ``k``'s
+        pages (and copies, for scratch), so the read never waits for the checks.
+
+        ``done(n_rows)`` after each step: the first ``n_rows`` rows of ``dst`` are in place and
+        checked (call it progress). A page that fails its check raises ``CorruptDataError``
+        (rows past the last ``done`` may hold anything: the caller loads them elsewhere); every
+        read has finished when this returns or raises."""
+        lay, rb, n = self.layout, self.layout.row_bytes, len(dst)
+        if n == 0:
+            return
+        flat = dst.reshape(-1)
+        a = lay.rows_offset + p0 * rb  # file bytes [a, b)
+        b = a + n * rb
+        lo, hi = -(-a // PAGE_SIZE), b // PAGE_SIZE  # whole pages inside [a, b): [lo, hi)
+        aligned = not self.reader.direct or (flat.ctypes.data - a) % PAGE_SIZE == 0
+        step = max(1, PRELOAD_BYTES // PAGE_SIZE)
+        jobs: list[tuple[int, int, bool]] = []  # (first page, end page, into dst)
+        if a % PAGE_SIZE:
+            jobs.append((a // PAGE_SIZE, a // PAGE_SIZE + 1, False))
+        for s in range(lo, hi, step):
+            jobs.append((s, min(s + step, hi), aligned))
+        if b % PAGE_SIZE and (not jobs or jobs[-1][1] <= b // PAGE_SIZE):
+            jobs.append((b // PAGE_SIZE, b // PAGE_SIZE + 1, False))
+        self._need_sums(jobs[-1][1] - 1)
+        scratch: list[np.ndarray] = []  # ping-pong buffers for jobs not read into dst
+
+        def target(k: int) -> np.ndarray:
+            s, e, direct = jobs[k]
+            if direct:
+                return flat[s * PAGE_SIZE - a: e * PAGE_SIZE - a].reshape(e - s, PAGE_SIZE)
+            while len(scratch) < 2:
+                scratch.append(aligned_empty(max(e2 - s2 for s2, e2, d in jobs if not d)))
+            return scratch[k % 2][: e - s]
+
+        def read(k: int) -> np.ndarray:
+            s, e, _ = jobs[k]
+            return self.reader.read_pages(np.arange(s, e, dtype=np.int64), out=target(k))
+
+        with ThreadPoolExecutor(1, thread_name_prefix="tierstore-snapshot") as pool:
+            fut: Future[np.ndarray] | None = pool.submit(read, 0)
+            try:
+                for k, (s, e, direct) in enumerate(jobs):
+                    assert fut is not None
+                    buf = fut.result()
+                    fut = pool.submit(read, k + 1) if k + 1 < len(jobs) else None
+                    self.bytes_read += (e - s) * PAGE_SIZE
+                    self._verify(np.arange(s, e, dtype=np.int64), buf)
+                    if not direct:  # the part of these pages inside [a, b)
+                        x, y = max(a, s * PAGE_SIZE), min(b, e * PAGE_SIZE)
+                        flat[x - a: y - a] = buf.reshape(-1)[x - s * PAGE_SIZE: y - s * PAGE_SIZE]
+                    done((min(b, e * PAGE_SIZE) - a) // rb)
+            finally:  # the next step may still be reading into dst or a scratch buffer
+                if fut is not None:
+                    wait_futures([fut])
+
     def drop(self, why: str = "") -> None:
         """Stop using the snapshot (a page failed its check): later loads read the row file."""
         self.dropped = True
@@ -233,26 +307,39 @@ class _Stale(TierStoreError):
 
 
 def _host_slots(source: Tier, rows: np.ndarray) -> np.ndarray:
-    """Slot of each row in ``source`` (a memory tier), -1 where it does not hold it. Sized by
-    the source's capacity (its slots sorted once), never by the table."""
+    """Slot of each row in ``source`` (a memory tier), -1 where it does not hold it: one probe
+    of its row map per row (compiled; a ghost entry is not held). Sized by ``rows``, never by
+    the table (sorting the source's held rows instead cost ~2 s per 6M-row host tier at open)."""
     if source.kind == RESIDENT:
         return rows.copy()
     if source.kind != CACHED or source.index is None:
         return np.full(len(rows), -1, np.int64)
-    held = source.index.row_of_slot
-    slots = np.flatnonzero(held >= 0)
-    if not len(slots):
-        return np.full(len(rows), -1, np.int64)
-    order = np.argsort(held[slots], kind="stable")
-    srows, sslots = held[slots][order], slots[order]
-    at = np.minimum(np.searchsorted(srows, rows), len(srows) - 1)
-    return np.where(srows[at] == rows, sslots[at], -1)
+    slots = source.index.slots_of(rows).astype(np.int64)
+    slots[slots < 0] = -1
+    return slots
 
 
 def _on(rows: torch.Tensor, device: torch.device) -> torch.Tensor:
     """``rows`` on the tier's device (a CUDA device tier loads from host memory: one copy up,
     which waits, so the step's host buffer may be reused; never run: needs CUDA)."""
     return rows if rows.device == device else rows.to(device)
+
+
+def _slab_run(tier: Tier, slots: np.ndarray, pos: np.ndarray) -> np.ndarray | None:
+    """The bytes of ``tier``'s slots ``slots`` as one writable uint8 (n, row_bytes) array, when
+    they are one ascending run of a host-memory slab written by the CPU (no CUDA fences) and
+    ``pos`` one ascending run of snapshot ranks: the snapshot then reads straight into it
+    (``TableSnapshot.read_into``). None otherwise (the rows go through ``tier.write``)."""
+    slab = getattr(tier, "slab", None)
+    n = len(slots)
+    if (n == 0 or slab is None or slab.device.type != "cpu" or getattr(tier, "fences", None) is not None
+            or getattr(tier, "_on_gpu", None) is not None or not slab.is_contiguous()):
+        return None
+    a, p = int(slots[0]), int(pos[0])
+    if int(slots[-1]) - a != n - 1 or int(pos[-1]) - p != n - 1 or not (np.diff(slots) == 1).all() \
+            or not (np.diff(pos) == 1).all():
+        return None
+    return slab[a: a + n].view(torch.uint8).numpy().reshape(n, -1)
 
 
 def load_slots(tier: Tier, slots: np.ndarray, rows: np.ndarray, *, disk: DiskTier, source: Tier | None = None,
@@ -286,6 +373,19 @@ def load_slots(tier: Tier, slots: np.ndarray, rows: np.ndarray, *, disk: DiskTie
             want, pos = want[found], pos[found]
             order = np.argsort(pos, kind="stable")  # rank order: the snapshot's prefix, front to back
             want, pos = want[order], pos[order]
+            run = _slab_run(tier, slots[want], pos)
+            if run is not None:  # the usual case: the tier's hot set is the snapshot's prefix, in slot order
+                loaded = 0
+
+                def done(k: int) -> None:
+                    nonlocal loaded
+                    left[want[loaded:k]] = False
+                    st.from_snapshot += k - loaded
+                    loaded = k
+                    tick()
+
+                snapshot.read_into(int(pos[0]), run, done)
+                want = want[:0]
             for s in range(0, len(want), step):
                 sel = want[s : s + step]
                 data = snapshot.read_rows(pos[s : s + step])

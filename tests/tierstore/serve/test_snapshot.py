@@ -331,3 +331,35 @@ def test_load_slots_reports_progress_per_step(store, monkeypatch):
     assert status == "ok" and st.from_snapshot > 0 and st.from_rows > 0
     assert len(ticks) == -(-st.from_snapshot // 64) + -(-st.from_rows // 64)
     assert torch.equal(bits(tier.slab.view(torch.float16)), bits(w[torch.from_numpy(rows)]))
+
+
+@pytest.mark.parametrize("policy", ["static", "default"])
+def test_snapshot_prefix_is_read_into_the_host_slab(store, monkeypatch, policy):
+    """The host tier's hot set is the snapshot's prefix in slot order, so its pages are read
+    straight into the slab (no staging buffer, no copy per step; O_DIRECT lines up because
+    the slab starts on a page), a bounded step at a time, every page checked. Before, each
+    64 MiB step was read into a fresh buffer (a page fault per 4 KiB), checked with numpy
+    and copied into the slab, one after the other: open ran at ~143 MB/s of a 1.3-2 GB/s disk."""
+    path, w, counts = store
+    tierstore.save_snapshot(path)
+    monkeypatch.setattr(hotset_mod, "PRELOAD_BYTES", 64 * 256)  # 64 rows per step: many steps
+    targets: list[tuple[int, int]] = []  # (address, bytes) each read of the snapshot landed in
+    real = PageReader.read_pages
+
+    def record(reader, pages, out=None):
+        got = real(reader, pages, out)
+        if reader.path.endswith(".hot"):
+            targets.append((got.ctypes.data, got.nbytes))
+        return got
+
+    monkeypatch.setattr(PageReader, "read_pages", record)
+    with tierstore.open(path, policy=policy, **BUDGETS) as s:
+        host = s._tables[T].host
+        lo = host.slab.data_ptr()
+        hi = lo + host.slab.numel() * host.slab.element_size()
+        assert lo % 4096 == 0, "the host slab does not start on a page"
+        into = sum(n for a, n in targets if lo <= a and a + n <= hi)
+        hot = _hot_bytes(s)
+        assert into >= hot - 2 * 4096, f"only {into} of {hot} hot bytes were read into the slab itself"
+        assert s.stats()["open"]["host"]["from_snapshot"] == hot // 256
+        _check_rows(s, w, counts)
