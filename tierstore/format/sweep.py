@@ -123,7 +123,8 @@ class OrderedSweep:
         """Start a sweep that collects head positions ``g0 : g0 + group``."""
         n = min(self.group, self.head_rows - g0)
         if self.head is None or self.head.shape[0] < n:
-            self.head = torch.from_numpy(aligned_buffer(n * self.info.row_stride).reshape(n, self.info.row_stride))
+            buf = aligned_buffer(n * self.info.row_stride, populate=True)  # filled whole: no fault per page
+            self.head = torch.from_numpy(buf.reshape(n, self.info.row_stride))
         self.g0, self.g1, self.next_id, self.n_hot = g0, g0 + n, 0, 0
         self.slot = None
         # The head buffer's rows: the group's hot rows (positions g0 : min(g1, k)) in ascending id,
@@ -186,7 +187,11 @@ class OrderedSweep:
                 keep = (pos >= g0) & (pos < g1)
                 m = int(np.count_nonzero(keep))
                 if m:  # appended in id order: a gather out of the read chunk, written sequentially
-                    local = torch.from_numpy(ids[keep] - base)
+                    kept = ids[keep]
+                    first = int(kept[0]) - base
+                    # a run of ids (every row hot): one slice copy, else a gather
+                    run = int(kept[-1]) - base - first == m - 1
+                    local = slice(first, first + m) if run else torch.from_numpy(kept - base)
                     for part in self.parts:
                         self._put(self.head[self.n_hot : self.n_hot + m], part, src[part[0]], local)
                     self.n_hot += m
