@@ -71,6 +71,10 @@ class HotOrder:
         i0, i1 = (int(x) for x in np.searchsorted(self._hs, np.array([a, b], dtype=self._hs.dtype)))
         return i0, self._hs[i0:i1].astype(np.int64), self._rank[i0:i1].astype(np.int64)
 
+    def sorted_ranks(self) -> np.ndarray:
+        """The file position of each hot row, the rows taken in ascending id (a view: do not write)."""
+        return self._rank
+
     def of(self, rows: np.ndarray) -> np.ndarray:
         """File position of each of ``rows`` (valid row ids, any order; int64): its rank if it
         is hot, else the hot rows' count plus the cold rows below it. One binary search each."""

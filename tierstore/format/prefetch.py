@@ -46,11 +46,15 @@ def small_stacks() -> Iterator[None]:
         threading.stack_size(old)
 
 
-def aligned_buffer(nbytes: int) -> np.ndarray:
+def aligned_buffer(nbytes: int, populate: bool = False) -> np.ndarray:
     """A zeroed, page-aligned uint8 array of ``nbytes`` (anonymous memory, returned to the OS
-    when the array is dropped): what ``O_DIRECT`` transfers need."""
+    when the array is dropped): what ``O_DIRECT`` transfers need. ``populate``: its pages are
+    mapped at once (``MAP_POPULATE``), for a buffer that will be filled whole: a fault per 4 KiB
+    page cost more than the copy that touched it (the ordered build's 1 GiB head buffer: 5-7 s
+    of faults against 2-3 s populated, on the loaded 2-core machine)."""
     size = max(PAGE_SIZE, (nbytes + PAGE_SIZE - 1) // PAGE_SIZE * PAGE_SIZE)
-    return np.frombuffer(mmap.mmap(-1, size), dtype=np.uint8)[:nbytes]
+    flags = mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS | (getattr(mmap, "MAP_POPULATE", 0) if populate else 0)
+    return np.frombuffer(mmap.mmap(-1, size, flags=flags), dtype=np.uint8)[:nbytes]
 
 
 class RowPrefetcher:

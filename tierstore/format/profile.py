@@ -158,7 +158,7 @@ def load_profile(store: str | Path, table: str, *, n_rows: int | None = None, mi
         if top is not None:
             k = max(0, int(top))
             rows_k, counts_k = _keep_top(rows, counts, k)  # then sort only those
-            order = np.lexsort((rows_k, -counts_k))
+            order = np.argsort(-counts_k, kind="stable")  # rows_k ascend: ties stay by id (lexsort: ~1.4x slower)
             return TopProfile(rows_k[order], counts_k[order], info["rows"], complete=rows.size <= k)
         dense = np.zeros(info["rows"], np.int64)
         dense[rows] = counts
@@ -191,13 +191,13 @@ def _load_sparse(data: Path, info: dict) -> tuple[np.ndarray, np.ndarray]:
         raw = zstandard.ZstdDecompressor().decompress(data.read_bytes(), max_output_size=1 << 38)
     except Exception as e:  # missing file, zstd errors: the profile is damaged either way
         raise CorruptDataError(f"profile counts {str(data)!r} are unreadable: {e}") from e
-    body, digest = raw[:-32], raw[-32:]
+    body, digest = memoryview(raw)[:-32], raw[-32:]  # views: a 4M-row profile is 64 MB, each copy costs
     if len(raw) < 40 or hashlib.sha256(body).digest() != digest:
         raise CorruptDataError(f"profile counts {str(data)!r} do not match their checksum: damaged; "
                                "record the profile again")
     n_rows = int.from_bytes(body[-8:], "little")
     try:
-        pairs = np.load(io.BytesIO(body[:-8]), allow_pickle=False)
+        pairs = _npy_view(body[:-8])
     except Exception as e:
         raise CorruptDataError(f"profile counts {str(data)!r} are unreadable: {e}") from e
     if n_rows != info["rows"]:
@@ -211,6 +211,24 @@ def _load_sparse(data: Path, info: dict) -> tuple[np.ndarray, np.ndarray]:
         raise CorruptDataError(f"profile {str(data)!r} holds rows out of order or range, or counts <= 0: "
                                "damaged; record the profile again")
     return rows, counts
+
+
+def _npy_view(buf: memoryview) -> np.ndarray:
+    """The array a ``.npy`` image in ``buf`` holds, as a read-only view of ``buf`` (np.load
+    through a BytesIO copies the data twice). Raises ``ValueError`` on a malformed image."""
+    f = io.BytesIO(buf[: min(len(buf), 1 << 16)])  # the header: magic, then a short dict
+    version = np.lib.format.read_magic(f)
+    read_header = {(1, 0): np.lib.format.read_array_header_1_0,
+                   (2, 0): np.lib.format.read_array_header_2_0}.get(version)
+    if read_header is None:
+        raise ValueError(f"unsupported .npy version {version}")
+    shape, fortran, dtype = read_header(f)
+    if dtype.hasobject or fortran:
+        raise ValueError(f"not a C-order plain array: {dtype}, fortran={fortran}")
+    count = int(np.prod(shape, dtype=np.int64))
+    if f.tell() + count * dtype.itemsize != len(buf):
+        raise ValueError(f"{len(buf) - f.tell()} data bytes for shape {shape} of {dtype}")
+    return np.frombuffer(buf, dtype=dtype, count=count, offset=f.tell()).reshape(shape)
 
 
 _CHUNK = 1 << 20  # counts decompressed per step of a streamed load (8 MiB of int64)

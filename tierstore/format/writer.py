@@ -148,7 +148,7 @@ def write_row_file(path: Path, head: bytes, rows: int, row_stride: int, step: in
     chunk_bytes = step * row_stride
     free: queue.Queue[np.ndarray] = queue.Queue()
     for _ in range(BUFFERS if rows > step else 1):
-        free.put(aligned_buffer(chunk_bytes))
+        free.put(aligned_buffer(chunk_bytes, populate=rows > step))  # each filled whole, but a lone chunk's rows may be few
     full: queue.Queue[tuple[int, int, np.ndarray] | None] = queue.Queue()
     done: queue.Queue[int | None] = queue.Queue()
     failed: list[BaseException] = []
