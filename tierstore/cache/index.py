@@ -20,7 +20,7 @@ import numpy as np
 from ..errors import TierStoreError
 from ..ids import as_row_ids, distinct
 from . import walk
-from .layout import (CACHED, NONE, K_HPOS, L_QID, M_BYPASS, M_CAP, M_EVICT, M_GCAP, M_HINTS, M_HITS,
+from .layout import (CACHED, NONE, REF_DTYPE, K_HPOS, L_QID, M_BYPASS, M_CAP, M_EVICT, M_GCAP, M_HINTS, M_HITS,
                      M_HORIZON, M_INSERT, M_LO, M_MISSES, M_NFREE, M_NROWS, M_RANKM, HT_ROWS, NG, NM, NQ)
 from .policy import Policy
 from .registry import PolicySpec, make_policy
@@ -98,12 +98,15 @@ class CacheIndex:
         M = np.zeros(NM, np.int64)
         M[M_CAP], M[M_LO], M[M_NROWS] = cap, lo, self.n_rows
         ros = np.full(cap, -1, dtype=np.int32)  # rows < 2**31
-        ref = np.zeros(cap, dtype=np.int32)
-        ep = np.zeros(cap, dtype=np.int32)  # epochs wrap below 2**31 (walk.access)
+        # a policy that admits nothing never leases or queues a slot (the walk reads ref,
+        # ep and L only for slots past the pinned ones that hold a row): one-entry stand-ins
+        per = cap if policy.admits else 1
+        ref = np.zeros(per, dtype=REF_DTYPE)  # leases < REF_MAX (walk.access)
+        ep = np.zeros(per, dtype=np.int32)  # epochs wrap below 2**31 (walk.access)
         K = np.zeros((policy.k_rows, cap) if policy.k_rows else (1, 1), dtype=policy.k_dtype)
         if policy.k_rows:
             K[K_HPOS] = -1
-        L = np.zeros((policy.l_rows, cap + NQ), dtype=np.int32)
+        L = np.zeros((policy.l_rows, cap + NQ if policy.admits else 1), dtype=np.int32)
         L[L_QID] = -1
         gcap = int(policy.ghost_size(n_dyn))
         M[M_GCAP] = gcap
@@ -270,11 +273,13 @@ def state_bytes(policy: str | PolicySpec | Policy, capacity: int) -> int:
     gcap = int(policy.ghost_size(cap))
     i32 = 4
     k = policy.k_rows * cap * np.dtype(policy.k_dtype).itemsize if policy.k_rows else np.dtype(policy.k_dtype).itemsize
+    per = cap if policy.admits else 1  # leases, lease markers, queue links (see __init__)
     return (NM * 8  # M
             + map_bytes(cap + gcap)  # RM
-            + 3 * cap * i32  # ros, ref, ep
+            + cap * i32  # ros
+            + per * (np.dtype(REF_DTYPE).itemsize + i32)  # ref, ep
             + k  # K
-            + policy.l_rows * (cap + NQ) * i32  # L
+            + policy.l_rows * (cap + NQ if policy.admits else 1) * i32  # L
             + NG * (gcap + NQ) * i32  # GH
             + max(1, int(policy.sketch_bytes(cap)))  # SK
             + HT_ROWS * 8 * _hint_buckets(policy, cap)  # HT

@@ -6,7 +6,7 @@
   *protected* (rows hit in probation), protected held to 80% of main; a hit in probation
   moves the row to protected and, when protected is over its share, demotes protected's
   LRU row to the back of probation.
-- A frequency *sketch* in ``SK``: a count-min sketch of depth 4 with 4-bit counters (one
+- A frequency *sketch* in ``SK``: a count-min sketch of depth 4 with 4-bit counters (two
   per byte, saturating at 15), width W a power of two >= the dynamic slots, and a
   *doorkeeper* (a bloom filter of 8W bits, 2 probes): a row's first occurrence only sets
   its doorkeeper bits; later ones increment its four counters. The estimate is the least
@@ -70,8 +70,24 @@ N_SEEDS = DEPTH + 1
 
 
 # ---------------------------------------------------------------------------------------------
-# the sketch: SK[:DEPTH*W] counters (row-major), SK[DEPTH*W:DEPTH*W+W] doorkeeper bits
+# the sketch: DEPTH*W 4-bit counters (row-major, counter k in byte k >> 1, the low nibble
+# for even k) in SK[:DEPTH*W/2], then the doorkeeper's 8W bits in SK[DEPTH*W/2:][:W]: 3W
+# bytes, 3-6 per dynamic slot (one counter per byte, 5W bytes, cost 5-10)
 # ---------------------------------------------------------------------------------------------
+
+
+@kernel(inline=True)
+def _counter(SK, k):  # pragma: no cover - compiled
+    return (np.int64(SK[k >> 1]) >> ((k & 1) << 2)) & CMAX
+
+
+@kernel(inline=True)
+def _increment(SK, k):  # pragma: no cover - compiled
+    """Counter k plus one, saturating at CMAX."""
+    sh = (k & 1) << 2
+    v = np.int64(SK[k >> 1])
+    if (v >> sh) & CMAX < CMAX:
+        SK[k >> 1] = v + (np.int64(1) << sh)
 
 
 @kernel
@@ -87,10 +103,10 @@ def frequency(M, SK, r):  # pragma: no cover - compiled
     w = np.int64(1) << wb
     est = CMAX
     for i in range(DEPTH):
-        c = np.int64(SK[i * w + bucket(r, M[P_SEED + i], 64 - wb)])
+        c = _counter(SK, i * w + bucket(r, M[P_SEED + i], 64 - wb))
         if c < est:
             est = c
-    base = DEPTH * w
+    base = (DEPTH * w) >> 1
     for j in range(DK_PROBES):
         b = _dk_bit(M, r, j)
         if (np.int64(SK[base + (b >> 3)]) >> (b & 7)) & 1 == 0:
@@ -103,7 +119,7 @@ def record(M, SK, r):  # pragma: no cover - compiled
     """One access of row r: doorkeeper first, then the counters; reset when due."""
     wb = M[P_WBITS]
     w = np.int64(1) << wb
-    base = DEPTH * w
+    base = (DEPTH * w) >> 1  # the doorkeeper's first byte
     seen = True
     for j in range(DK_PROBES):
         b = _dk_bit(M, r, j)
@@ -115,13 +131,11 @@ def record(M, SK, r):  # pragma: no cover - compiled
             SK[k] = v | bit
     if seen:
         for i in range(DEPTH):
-            k = i * w + bucket(r, M[P_SEED + i], 64 - wb)
-            if SK[k] < CMAX:
-                SK[k] += 1
+            _increment(SK, i * w + bucket(r, M[P_SEED + i], 64 - wb))
     M[P_ADDS] += 1
     if M[P_ADDS] >= M[P_SAMPLE]:
-        for k in range(base):
-            SK[k] = SK[k] >> 1
+        for k in range(base):  # both nibbles halved: each loses its low bit
+            SK[k] = (SK[k] >> 1) & 0x77
         for k in range(base, base + w):
             SK[k] = 0
         M[P_ADDS] = M[P_ADDS] >> 1
@@ -213,7 +227,7 @@ class WTinyLFU(Policy):
         return max(1, int(self.params["window_fraction"] * n_dyn))
 
     def sketch_bytes(self, n_dyn: int) -> int:
-        return (DEPTH + 1) << self._wbits(n_dyn)  # counters, then W bytes = 8W doorkeeper bits
+        return (DEPTH // 2 + 1) << self._wbits(n_dyn)  # 4-bit counters, then W bytes = 8W doorkeeper bits
 
     def configure(self, M, n_dyn: int) -> None:
         main = max(0, n_dyn - self.window(n_dyn))
