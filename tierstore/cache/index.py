@@ -2,8 +2,9 @@
 
 A tier owns a slab of ``capacity`` row slots and copies bytes; this index says where rows
 are, counts hits and misses, and runs its policy, all in compiled kernels over the state
-arrays of tierstore.cache.layout (no Python per access, no GIL held). Memory: tens of bytes
-per *slot*, nothing per *table* row (the row -> slot map is a hash table sized to the
+arrays of tierstore.cache.layout (no Python per access, no GIL held). Memory: 14-98 bytes
+per *slot* by policy (``state_bytes``; lru and static within issue 19's 32), nothing per
+*table* row (the row -> slot map is a hash table sized to the
 cache, tierstore.cache.rowmap; a profile is read once and only its top ``capacity`` kept).
 
 Semantics: accesses are processed one at a time, in order (tierstore.cache.walk states the
@@ -17,7 +18,7 @@ import sys
 
 import numpy as np
 
-from ..errors import TierStoreError
+from ..errors import CapacityError, TierStoreError
 from ..ids import as_row_ids, distinct
 from . import walk
 from .layout import (CACHED, NONE, REF_DTYPE, K_HPOS, L_QID, M_BYPASS, M_CAP, M_EVICT, M_GCAP, M_HINTS, M_HITS,
@@ -29,9 +30,14 @@ from ..jit import specialized
 from .rowmap import map_bytes, new_map, rm_build, rm_get_many
 from .structs import g_init, q_init
 
-__all__ = ["CacheIndex", "none_index", "state_bytes", "slots_within", "rows_within", "budget_for"]
+__all__ = ["CacheIndex", "MAX_SLOTS", "none_index", "state_bytes", "slots_within", "rows_within", "budget_for"]
 
 _EMPTY = np.empty(0, dtype=np.int64)
+# The most slots a tier may have: slots and ghost entries are int32 (in the row map's 32-bit
+# values, -2 - g for ghost g; queue links run to cap + NQ), so cap + NQ < 2**31. A tier
+# that large would hold 566 GB of 264-byte rows, past any table it caches (V4.1's are
+# 384M rows: a budget that holds a table makes its tier resident, with no index).
+MAX_SLOTS = 2**31 - 1 - NQ
 
 
 class CacheIndex:
@@ -70,6 +76,11 @@ class CacheIndex:
             raise TierStoreError(f"n_rows={n_rows!r} must be an integer in [0, 2**31)")
         if not isinstance(capacity, (int, np.integer)) or capacity < 0:
             raise TierStoreError(f"capacity={capacity!r} must be a non-negative integer")
+        if capacity > MAX_SLOTS:
+            raise CapacityError(
+                f"capacity={capacity} slots is past a cache tier's {MAX_SLOTS} (its slot numbers, queue "
+                f"links and ghost entries are int32: 32 bytes a slot at most, issue 19); that is "
+                f"{MAX_SLOTS * 264 / 1e9:.0f} GB of 264-byte rows: give the tier a smaller budget")
         self.n_rows = int(n_rows)
         self.capacity = cap = int(capacity)
         if isinstance(policy, str):
@@ -295,7 +306,7 @@ def slots_within(budget: int, row_bytes: int, policy: str | PolicySpec | Policy)
     budget, row_bytes = int(budget), max(1, int(row_bytes))
     if isinstance(policy, Policy):
         policy = PolicySpec(policy.name, policy.params)
-    lo, hi = 0, budget // row_bytes  # state_bytes grows with c: binary search
+    lo, hi = 0, min(budget // row_bytes, MAX_SLOTS)  # state_bytes grows with c: binary search
     while lo < hi:
         mid = (lo + hi + 1) // 2
         if mid * row_bytes + state_bytes(policy, mid) <= budget:

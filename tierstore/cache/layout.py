@@ -2,20 +2,23 @@
 
 A tier's whole state is one tuple of numpy arrays, ``T``, passed to every kernel (a numba
 call with it costs ~1 us); nothing lives in Python objects, so a kernel runs without the
-GIL and the state survives any number of calls. Memory: nothing per *table* row; 40-97
-bytes per *slot* (row the tier can hold) at 4,096 slots, depending on the policy, the row
-map and ghosts included (default: +16 per dynamic slot once a hint arrived;
-tests/tierstore/cache/test_state_bytes.py). A store pays for it out of the tier's budget:
+GIL and the state survives any number of calls. Memory: nothing per *table* row; per
+*slot* (row the tier can hold), the row map and ghosts included, at most: static 14, lru
+32, wtinylfu 35-38, arc 58, s3fifo 59.4, lfu 64, default 98 with its hint table (82 until
+the first hint); issue 19's bound is 32 (tests/tierstore/cache/test_state_bytes.py, which
+also says why the last five keep more). A store pays for it out of the tier's budget:
 ``index.state_bytes`` is the most these arrays can hold at a capacity, ``slots_within``
 the capacity a budget buys at row bytes plus that.
 
 ``T = (M, RM, ros, ref, ep, K, L, GH, SK, HT, RK)``:
 
 - ``M`` int64[72]: scalars (the ``M_*`` indices below): counters, queue lengths, params.
-- ``RM`` int64[next_pow2(2 x (cap + ghost entries))]: the row -> slot map, a hash table
+- ``RM`` int64[1.25 x (cap + ghost entries), a multiple of 8]: the row -> slot map, a hash table
   (tierstore.cache.rowmap): a row's slot; -1 absent; ``-2 - g`` remembered in ghost entry
   ``g`` (a recently evicted row: S3-FIFO's and ARC's ghosts, exact: keyed by the row).
 - ``ros`` int32[cap]: row in each slot, -1 free.
+- ``ref``, ``ep`` and ``L`` are one-entry stand-ins for a policy that admits nothing
+  (``Policy.admits``: static), whose slots are never leased or queued.
 - ``ref`` uint16[cap]: leases (a leased slot is never evicted); ``REF_MAX`` at most.
 - ``ep`` int32[cap]: the lookup that last leased the slot (``epoch``; ``-epoch`` when that
   lookup admitted the row and has not ended: the slot is *pending*, its bytes still to be
