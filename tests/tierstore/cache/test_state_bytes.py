@@ -25,8 +25,8 @@ CAP = 4096
 # morning: lru 60, lfu 92, s3fifo 112, wtinylfu 65, arc 116, static 60, default 248; then
 # 44, 76, 78, 49, 80, 44, 98, default 194 once hinted; then 41, 73, 77, 46, 77, 41, 97 and
 # 112 hinted)
-PER_SLOT = {"lru": 33, "lfu": 65, "s3fifo": 60, "wtinylfu": 36, "arc": 59, "static": 15, "default": 79}
-HINTED = {"default": 94}  # once a hint arrived (the hint table: 16 B per dynamic slot)
+PER_SLOT = {"lru": 33, "lfu": 65, "s3fifo": 60, "wtinylfu": 36, "arc": 59, "static": 15, "default": 80}
+HINTED = {"default": 95}  # once a hint arrived (the hint table: 16 B per dynamic slot)
 
 # issue 19's bound: at most 32 bytes of state per slot, ghosts and the row map included,
 # whatever the capacity (plus a fixed part: the scalars, the queues' sentinels). The policies
