@@ -2,8 +2,9 @@
 
 A tier owns a slab of ``capacity`` row slots and copies bytes; this index says where rows
 are, counts hits and misses, and runs its policy, all in compiled kernels over the state
-arrays of tierstore.cache.layout (no Python per access, no GIL held). Memory: tens of bytes
-per *slot*, nothing per *table* row (the row -> slot map is a hash table sized to the
+arrays of tierstore.cache.layout (no Python per access, no GIL held). Memory: 14-98 bytes
+per *slot* by policy (``state_bytes``; lru and static within issue 19's 32), nothing per
+*table* row (the row -> slot map is a hash table sized to the
 cache, tierstore.cache.rowmap; a profile is read once and only its top ``capacity`` kept).
 
 Semantics: accesses are processed one at a time, in order (tierstore.cache.walk states the
@@ -17,10 +18,10 @@ import sys
 
 import numpy as np
 
-from ..errors import TierStoreError
+from ..errors import CapacityError, TierStoreError
 from ..ids import as_row_ids, distinct
 from . import walk
-from .layout import (CACHED, NONE, K_HPOS, L_QID, M_BYPASS, M_CAP, M_EVICT, M_GCAP, M_HINTS, M_HITS,
+from .layout import (CACHED, NONE, REF_DTYPE, K_HPOS, L_QID, M_BYPASS, M_CAP, M_EVICT, M_GCAP, M_HINTS, M_HITS,
                      M_HORIZON, M_INSERT, M_LO, M_MISSES, M_NFREE, M_NROWS, M_RANKM, HT_ROWS, NG, NM, NQ)
 from .policy import Policy
 from .registry import PolicySpec, make_policy
@@ -29,9 +30,14 @@ from ..jit import specialized
 from .rowmap import map_bytes, new_map, rm_build, rm_get_many
 from .structs import g_init, q_init
 
-__all__ = ["CacheIndex", "none_index", "state_bytes", "slots_within", "rows_within", "budget_for"]
+__all__ = ["CacheIndex", "MAX_SLOTS", "none_index", "state_bytes", "slots_within", "rows_within", "budget_for"]
 
 _EMPTY = np.empty(0, dtype=np.int64)
+# The most slots a tier may have: slots and ghost entries are int32 (in the row map's 32-bit
+# values, -2 - g for ghost g; queue links run to cap + NQ), so cap + NQ < 2**31. A tier
+# that large would hold 566 GB of 264-byte rows, past any table it caches (V4.1's are
+# 384M rows: a budget that holds a table makes its tier resident, with no index).
+MAX_SLOTS = 2**31 - 1 - NQ
 
 
 class CacheIndex:
@@ -70,6 +76,11 @@ class CacheIndex:
             raise TierStoreError(f"n_rows={n_rows!r} must be an integer in [0, 2**31)")
         if not isinstance(capacity, (int, np.integer)) or capacity < 0:
             raise TierStoreError(f"capacity={capacity!r} must be a non-negative integer")
+        if capacity > MAX_SLOTS:
+            raise CapacityError(
+                f"capacity={capacity} slots is past a cache tier's {MAX_SLOTS} (its slot numbers, queue "
+                f"links and ghost entries are int32: 32 bytes a slot at most, issue 19); that is "
+                f"{MAX_SLOTS * 264 / 1e9:.0f} GB of 264-byte rows: give the tier a smaller budget")
         self.n_rows = int(n_rows)
         self.capacity = cap = int(capacity)
         if isinstance(policy, str):
@@ -98,12 +109,15 @@ class CacheIndex:
         M = np.zeros(NM, np.int64)
         M[M_CAP], M[M_LO], M[M_NROWS] = cap, lo, self.n_rows
         ros = np.full(cap, -1, dtype=np.int32)  # rows < 2**31
-        ref = np.zeros(cap, dtype=np.int32)
-        ep = np.zeros(cap, dtype=np.int32)  # epochs wrap below 2**31 (walk.access)
+        # a policy that admits nothing never leases or queues a slot (the walk reads ref,
+        # ep and L only for slots past the pinned ones that hold a row): one-entry stand-ins
+        per = cap if policy.admits else 1
+        ref = np.zeros(per, dtype=REF_DTYPE)  # leases < REF_MAX (walk.access)
+        ep = np.zeros(per, dtype=np.int32)  # epochs wrap below 2**31 (walk.access)
         K = np.zeros((policy.k_rows, cap) if policy.k_rows else (1, 1), dtype=policy.k_dtype)
         if policy.k_rows:
             K[K_HPOS] = -1
-        L = np.zeros((policy.l_rows, cap + NQ), dtype=np.int32)
+        L = np.zeros((policy.l_rows, cap + NQ if policy.admits else 1), dtype=np.int32)
         L[L_QID] = -1
         gcap = int(policy.ghost_size(n_dyn))
         M[M_GCAP] = gcap
@@ -270,11 +284,13 @@ def state_bytes(policy: str | PolicySpec | Policy, capacity: int) -> int:
     gcap = int(policy.ghost_size(cap))
     i32 = 4
     k = policy.k_rows * cap * np.dtype(policy.k_dtype).itemsize if policy.k_rows else np.dtype(policy.k_dtype).itemsize
+    per = cap if policy.admits else 1  # leases, lease markers, queue links (see __init__)
     return (NM * 8  # M
             + map_bytes(cap + gcap)  # RM
-            + 3 * cap * i32  # ros, ref, ep
+            + cap * i32  # ros
+            + per * (np.dtype(REF_DTYPE).itemsize + i32)  # ref, ep
             + k  # K
-            + policy.l_rows * (cap + NQ) * i32  # L
+            + policy.l_rows * (cap + NQ if policy.admits else 1) * i32  # L
             + NG * (gcap + NQ) * i32  # GH
             + max(1, int(policy.sketch_bytes(cap)))  # SK
             + HT_ROWS * 8 * _hint_buckets(policy, cap)  # HT
@@ -290,7 +306,7 @@ def slots_within(budget: int, row_bytes: int, policy: str | PolicySpec | Policy)
     budget, row_bytes = int(budget), max(1, int(row_bytes))
     if isinstance(policy, Policy):
         policy = PolicySpec(policy.name, policy.params)
-    lo, hi = 0, budget // row_bytes  # state_bytes grows with c: binary search
+    lo, hi = 0, min(budget // row_bytes, MAX_SLOTS)  # state_bytes grows with c: binary search
     while lo < hi:
         mid = (lo + hi + 1) // 2
         if mid * row_bytes + state_bytes(policy, mid) <= budget:

@@ -2,21 +2,24 @@
 
 A tier's whole state is one tuple of numpy arrays, ``T``, passed to every kernel (a numba
 call with it costs ~1 us); nothing lives in Python objects, so a kernel runs without the
-GIL and the state survives any number of calls. Memory: nothing per *table* row; 40-97
-bytes per *slot* (row the tier can hold) at 4,096 slots, depending on the policy, the row
-map and ghosts included (default: +16 per dynamic slot once a hint arrived;
-tests/tierstore/cache/test_state_bytes.py). A store pays for it out of the tier's budget:
+GIL and the state survives any number of calls. Memory: nothing per *table* row; per
+*slot* (row the tier can hold), the row map and ghosts included, at most: static 14, lru
+32, wtinylfu 35-38, arc 58, s3fifo 59.4, lfu 64, default 98 with its hint table (82 until
+the first hint); issue 19's bound is 32 (tests/tierstore/cache/test_state_bytes.py, which
+also says why the last five keep more). A store pays for it out of the tier's budget:
 ``index.state_bytes`` is the most these arrays can hold at a capacity, ``slots_within``
 the capacity a budget buys at row bytes plus that.
 
 ``T = (M, RM, ros, ref, ep, K, L, GH, SK, HT, RK)``:
 
 - ``M`` int64[72]: scalars (the ``M_*`` indices below): counters, queue lengths, params.
-- ``RM`` int64[next_pow2(2 x (cap + ghost entries))]: the row -> slot map, a hash table
+- ``RM`` int64[1.25 x (cap + ghost entries), a multiple of 8]: the row -> slot map, a hash table
   (tierstore.cache.rowmap): a row's slot; -1 absent; ``-2 - g`` remembered in ghost entry
   ``g`` (a recently evicted row: S3-FIFO's and ARC's ghosts, exact: keyed by the row).
 - ``ros`` int32[cap]: row in each slot, -1 free.
-- ``ref`` int32[cap]: leases (a leased slot is never evicted).
+- ``ref``, ``ep`` and ``L`` are one-entry stand-ins for a policy that admits nothing
+  (``Policy.admits``: static), whose slots are never leased or queued.
+- ``ref`` uint16[cap]: leases (a leased slot is never evicted); ``REF_MAX`` at most.
 - ``ep`` int32[cap]: the lookup that last leased the slot (``epoch``; ``-epoch`` when that
   lookup admitted the row and has not ended: the slot is *pending*, its bytes still to be
   written; 0 once it ended).
@@ -25,7 +28,7 @@ the capacity a budget buys at row bytes plus that.
 - ``L`` int32[3 or 4, cap + NQ]: doubly linked queues over slots (``L_NEXT``/``L_PREV``,
   the sentinel of queue q at index ``cap + q``), each slot's queue and (s3fifo, default
   only: ``Policy.l_rows``) a small frequency counter. The free slots are [CAP - NFREE, CAP) (structs.take_free).
-- ``GH`` int32[5, gcap + NQ]: ghost entries (row, queue links, free stack, queue).
+- ``GH`` int32[4, gcap + NQ]: ghost entries (row, queue links, queue; free ones chained).
 - ``SK`` uint8[...]: W-TinyLFU's count-min sketch, doorkeeper and per-slot saturation bits.
 - ``HT`` int64[2, h]: the hint table (row << 8 | count, time of the latest hint), see
   hints.py; one bucket until the first hint (``CacheIndex.hint_table``).
@@ -47,11 +50,12 @@ M_INSERT = 8
 M_EPOCH = 9  # lookups started (lease marker)
 M_NROWS = 10
 M_GCAP = 11  # ghost entries
-M_GFREE = 12  # free ghost entries on GH[G_FREE, :GFREE]
+M_GFREE = 12  # free ghost entries (a list from M_GHEAD through G_NEXT)
 M_HLIVE = 13  # hint buckets with a count (0: lookups skip all hint work)
 M_HLAST = 14  # tick of the latest hint
 M_HORIZON = 15  # accesses after which an unused hint expires
-# M[16] is unused (it held log2 of the hint buckets while the table was a power of two)
+M_GHEAD = 16  # the first free ghost entry, -1 none (it held log2 of the hint buckets while
+# the table was a power of two)
 M_RANKM = 17  # ranked rows in RK
 M_HEAPN = 18  # entries in the heap K[K_HEAP]
 M_BYPASS = 19  # misses the policy did not admit (all slots leased, or the policy said no)
@@ -82,14 +86,21 @@ NL = 4
 
 # -- GH: ghost entries ------------------------------------------------------------------------
 G_ROW = 0
-G_NEXT = 1
-G_PREV = 2
-G_FREE = 3
-G_QID = 4
-NG = 5
+G_NEXT = 1  # also the free list's link while the entry is free (a stack of free entries
+G_PREV = 2  # in its own row cost 4 bytes per ghost entry)
+G_QID = 3
+NG = 4
 
 # -- HT: the hint table (hints.py) -----------------------------------------------------------
 HT_ROWS = 2  # row << 8 | count (count <= 255), the tick of the latest hint
+
+# -- leases ------------------------------------------------------------------------------------
+# ``ref``: uint16 leases per slot (2 bytes, not 4: issue 19's 32-byte bound). A slot is
+# leased once per lookup that touched it and has not ended, so a count reaches REF_MAX only
+# with 65,535 lookups in flight on one tier at once; walk.access then serves that row from
+# below rather than lease it again (never an overflow, never a wrong row).
+REF_DTYPE = "uint16"
+REF_MAX = 0xFFFF
 
 # -- per-access result codes (``access``'s ``code`` output) -------------------------------------
 HIT = 0  # the row's bytes are in its slot

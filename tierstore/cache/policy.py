@@ -37,6 +37,8 @@ class Policy:
     uses_hints = False
     ranks = False  # keeps a profile's ranking (RK: 8 bytes per ranked row, up to one per slot)
     l_rows = NL - 1  # rows of L the policy uses: NL with a frequency counter (L_FREQ)
+    admits = True  # False: ``miss`` never places a row, so no slot past the pinned ones is
+    # ever leased or queued: the index keeps no leases, lease markers or queues (static)
 
     def __init__(self, capacity: int, *, rng: np.random.Generator | int | None = None, **params):
         if not isinstance(capacity, (int, np.integer)) or capacity < 0:

@@ -3,9 +3,10 @@
 Each cached tier maps the table rows it holds to their slots, and the rows its ghosts
 remember to their ghost entries. A dense array over the table (one int32 per row, as this
 map was) costs 1.5 GB per tier at DeepSeek-V4.1's 384M rows before a single row is cached;
-this table costs 8 bytes per bucket, with ``buckets(entries)`` = 2 x (slots + ghost
-entries) buckets, rounded up to a multiple of 8: 16 bytes per slot or ghost entry, whatever
-the table's size (a power of two, as before, cost 16-32: a budget just past one paid twice).
+this table costs 8 bytes per bucket, with ``buckets(entries)`` = 1.25 x (slots + ghost
+entries) buckets, rounded up to a multiple of 8: 10 bytes per slot or ghost entry, whatever
+the table's size (a power of two, as before, cost 16-32: a budget just past one paid twice;
+2 x entries, as before issue 19's 32-byte bound, cost 16).
 
 One bucket is one int64: ``row << 32 | (value & 0xffffffff)``, ``EMPTY`` (-1) when unused.
 A value is a slot (>= 0) or ``-2 - g`` for ghost entry g (the map's old encoding), so
@@ -13,9 +14,12 @@ A value is a slot (>= 0) or ``-2 - g`` for ghost entry g (the map's old encoding
 Rows are < 2**31 (CacheIndex checks it), so a key never collides with EMPTY.
 
 Linear probing from a splitmix64 hash's top 32 bits scaled to the table's size (``(h32 x
-buckets) >> 32``: any size, no modulo) at a load factor of at most 1/2 (every
-entry is a slot's row or a ghost entry's, so the table can never fill): a hit reads one
-bucket most of the time (~1.5 probes on average), a miss ~2.5. Deletion shifts the
+buckets) >> 32``: any size, no modulo) at a load factor of at most 0.8 (every entry is a
+slot's row or a ghost entry's, so the table can never fill): a hit reads ~3 buckets on
+average when the tier is full, a miss ~13 (Knuth's (1 + 1/(1-a)) / 2 and (1 + 1/(1-a)^2) /
+2); eight buckets share a 64-byte cache line, so that is still one or two lines per
+access. At a load of 1/2 (16 bytes per entry) it was ~1.5 and ~2.5 buckets; the lookup
+benchmark did not tell the two apart (benchmarks/bench_lookup.py, issue 19). Deletion shifts the
 following entries back (no tombstones), so the probe lengths never degrade with churn.
 The hash is seeded with a constant: the shared host tier's map, built by one process, is
 read by every other one.
@@ -36,8 +40,9 @@ _LO = 0xFFFFFFFF
 
 
 def buckets(entries: int) -> int:
-    """Buckets for a map of at most ``entries`` keys: 2 x entries rounded up to a multiple of 8."""
-    return -(-2 * max(4, int(entries)) // 8) * 8
+    """Buckets for a map of at most ``entries`` keys: 1.25 x entries (a load of at most 0.8)
+    rounded up to a multiple of 8; always more than ``entries``, so a probe run ends."""
+    return -(-(5 * max(8, int(entries))) // 32) * 8
 
 
 def map_bytes(entries: int) -> int:

@@ -30,6 +30,7 @@ class Static(Policy):
     """Pins the profile's top ``capacity`` rows; every other row bypasses the tier."""
 
     name = "static"
+    admits = False  # 4 bytes a slot (its row) and the row map: no leases, markers or queues
 
     def prepare(self, profile: np.ndarray | TopProfile | None) -> np.ndarray:
         return hot_rows(profile, self.capacity)

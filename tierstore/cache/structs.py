@@ -24,8 +24,8 @@ from __future__ import annotations
 import numpy as np
 
 from ..jit import kernel
-from .layout import (G_FREE, G_NEXT, G_PREV, G_QID, G_ROW, K_HEAP, K_HPOS, K_KEY, L_NEXT, L_PREV,
-                     L_QID, M_CAP, M_EVICT, M_GCAP, M_GFREE, M_GQLEN, M_HEAPN, M_INSERT, M_NFREE,
+from .layout import (G_NEXT, G_PREV, G_QID, G_ROW, K_HEAP, K_HPOS, K_KEY, L_NEXT, L_PREV,
+                     L_QID, M_CAP, M_EVICT, M_GCAP, M_GFREE, M_GHEAD, M_GQLEN, M_HEAPN, M_INSERT, M_NFREE,
                      M_QLEN, M_QSCAN, M_SCAN, NQ, Q_HPARK)
 from .rowmap import rm_del_if, rm_get, rm_set
 
@@ -201,7 +201,8 @@ def g_remove(M, GH, RM, g):  # pragma: no cover - compiled
     rm_del_if(RM, r, -2 - g)
     GH[G_QID, g] = -1
     M[M_GQLEN + q] -= 1
-    GH[G_FREE, M[M_GFREE]] = g
+    GH[G_NEXT, g] = M[M_GHEAD]  # first on the free list: reused next (LIFO, as the stack was)
+    M[M_GHEAD] = g
     M[M_GFREE] += 1
 
 
@@ -220,7 +221,8 @@ def g_add(M, GH, RM, q, r, limit):  # pragma: no cover - compiled
     if M[M_GFREE] == 0:
         return
     M[M_GFREE] -= 1
-    g = GH[G_FREE, M[M_GFREE]]
+    g = M[M_GHEAD]
+    M[M_GHEAD] = GH[G_NEXT, g]
     _link_back(GH, G_NEXT, G_PREV, M[M_GCAP] + q, g)
     GH[G_ROW, g] = r
     GH[G_QID, g] = q
@@ -232,9 +234,10 @@ def g_add(M, GH, RM, q, r, limit):  # pragma: no cover - compiled
 def g_init(M, GH):  # pragma: no cover - compiled
     gcap = M[M_GCAP]
     _init_sentinels(GH, G_NEXT, G_PREV, gcap)
-    for g in range(gcap):
-        GH[G_FREE, g] = gcap - 1 - g
+    for g in range(gcap):  # free list 0, 1, ..., gcap - 1: entry 0 is used first
+        GH[G_NEXT, g] = g + 1 if g + 1 < gcap else -1
         GH[G_QID, g] = -1
+    M[M_GHEAD] = 0 if gcap > 0 else -1
     M[M_GFREE] = gcap
 
 

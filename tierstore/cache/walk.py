@@ -27,7 +27,7 @@ import numpy as np
 
 from .hints import hint_add, hint_consume
 from ..jit import kernel
-from .layout import (BELOW, CACHED, FILL, HIT, M_BYPASS, M_CAP, M_EPOCH, M_HINTS, M_HITS, M_HLIVE, M_LO,
+from .layout import (BELOW, CACHED, FILL, HIT, REF_MAX, M_BYPASS, M_CAP, M_EPOCH, M_HINTS, M_HITS, M_HLIVE, M_LO,
                      M_MISSES, M_NREF, M_TICK, NONE, RESIDENT)
 from .rowmap import rm_get
 from .structs import lookup_end, place, take_free, unmap
@@ -78,6 +78,8 @@ def access(hit, miss, T, rows, slots, code, leased):  # pragma: no cover - compi
                 elif e != epoch:
                     if e < 0:
                         c = BELOW  # another lookup admitted it and is still writing its bytes
+                    elif ref[s] >= REF_MAX:
+                        c = BELOW  # 65,535 lookups in flight hold it: no lease past uint16
                     else:
                         ep[s] = epoch
                         ref[s] += 1

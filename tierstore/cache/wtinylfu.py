@@ -6,7 +6,7 @@
   *protected* (rows hit in probation), protected held to 80% of main; a hit in probation
   moves the row to protected and, when protected is over its share, demotes protected's
   LRU row to the back of probation.
-- A frequency *sketch* in ``SK``: a count-min sketch of depth 4 with 4-bit counters (one
+- A frequency *sketch* in ``SK``: a count-min sketch of depth 4 with 4-bit counters (two
   per byte, saturating at 15), width W a power of two >= the dynamic slots, and a
   *doorkeeper* (a bloom filter of 8W bits, 2 probes): a row's first occurrence only sets
   its doorkeeper bits; later ones increment its four counters. The estimate is the least
@@ -19,7 +19,7 @@
   resets counters only grow and doorkeeper bits are only set, so while the bit is set a
   record of that row changes nothing but the record count: a hit on it skips the sketch.
   This changes no decision; it is the decode path's cost (hot rows, all hits, saturated):
-  the record's six random reads into a sketch of 5 bytes a slot (L2-missing at 100K
+  the record's six random reads into a sketch of 3-6 bytes a slot (L2-missing at 100K
   slots) made a 1,024-id all-hit lookup 6.8x the resident table's, 4x lru's (measured,
   benchmarks/bench_lookup.py).
 - *Admission*: on a miss with no free slot, the window's LRU row (the candidate) meets
@@ -79,8 +79,25 @@ N_SEEDS = DEPTH + 1
 
 
 # ---------------------------------------------------------------------------------------------
-# the sketch: SK[:DEPTH*W] counters (row-major), SK[DEPTH*W:DEPTH*W+W] doorkeeper bits
+# the sketch: DEPTH*W 4-bit counters (row-major, counter k in byte k >> 1, the low nibble
+# for even k) in SK[:DEPTH*W/2], then the doorkeeper's 8W bits in SK[DEPTH*W/2:][:W]: 3W
+# bytes, 3-6 per dynamic slot (one counter per byte, 5W bytes, cost 5-10); then one
+# saturation bit per dynamic slot (1/8 B)
 # ---------------------------------------------------------------------------------------------
+
+
+@kernel(inline=True)
+def _counter(SK, k):  # pragma: no cover - compiled
+    return (np.int64(SK[k >> 1]) >> ((k & 1) << 2)) & CMAX
+
+
+@kernel(inline=True)
+def _increment(SK, k):  # pragma: no cover - compiled
+    """Counter k plus one, saturating at CMAX."""
+    sh = (k & 1) << 2
+    v = np.int64(SK[k >> 1])
+    if (v >> sh) & CMAX < CMAX:
+        SK[k >> 1] = v + (np.int64(1) << sh)
 
 
 @kernel
@@ -96,10 +113,10 @@ def frequency(M, SK, r):  # pragma: no cover - compiled
     w = np.int64(1) << wb
     est = CMAX
     for i in range(DEPTH):
-        c = np.int64(SK[i * w + bucket(r, M[P_SEED + i], 64 - wb)])
+        c = _counter(SK, i * w + bucket(r, M[P_SEED + i], 64 - wb))
         if c < est:
             est = c
-    base = DEPTH * w
+    base = (DEPTH * w) >> 1
     for j in range(DK_PROBES):
         b = _dk_bit(M, r, j)
         if (np.int64(SK[base + (b >> 3)]) >> (b & 7)) & 1 == 0:
@@ -115,9 +132,9 @@ def _count_record(M, SK):  # pragma: no cover - compiled
     if M[P_ADDS] < M[P_SAMPLE]:
         return False
     w = np.int64(1) << M[P_WBITS]
-    base = DEPTH * w
-    for k in range(base):
-        SK[k] = SK[k] >> 1
+    base = (DEPTH * w) >> 1
+    for k in range(base):  # both nibbles halved: each loses its low bit
+        SK[k] = (SK[k] >> 1) & 0x77
     for k in range(base, SK.size):  # the doorkeeper, then the saturation bits
         SK[k] = 0
     M[P_ADDS] = M[P_ADDS] >> 1
@@ -131,7 +148,7 @@ def record(M, SK, r):  # pragma: no cover - compiled
     until the next reset, recording r again changes only the record count."""
     wb = M[P_WBITS]
     w = np.int64(1) << wb
-    base = DEPTH * w
+    base = (DEPTH * w) >> 1  # the doorkeeper's first byte
     seen = True
     for j in range(DK_PROBES):
         b = _dk_bit(M, r, j)
@@ -145,9 +162,10 @@ def record(M, SK, r):  # pragma: no cover - compiled
     if seen:
         for i in range(DEPTH):
             k = i * w + bucket(r, M[P_SEED + i], 64 - wb)
-            if SK[k] < CMAX:
-                SK[k] += 1
-                if SK[k] < CMAX:
+            c = _counter(SK, k)
+            if c < CMAX:
+                _increment(SK, k)
+                if c + 1 < CMAX:
                     full = False
     return not _count_record(M, SK) and full
 
@@ -156,7 +174,7 @@ def record(M, SK, r):  # pragma: no cover - compiled
 def _sat_at(M, s):  # pragma: no cover - compiled
     """(byte in SK, bit mask) of slot s's saturation bit (slots below M_LO have none)."""
     d = s - M[M_LO]
-    return ((DEPTH + 1) << M[P_WBITS]) + (d >> 3), np.int64(1) << (d & 7)
+    return ((DEPTH // 2 + 1) << M[P_WBITS]) + (d >> 3), np.int64(1) << (d & 7)
 
 
 @kernel(inline=True)
@@ -181,7 +199,7 @@ def hit(T, s):  # pragma: no cover - compiled
         # here: the same lines as an inlined helper ran 6x slower (10.2 against 1.6 us per
         # 1,024 saturated hits, measured), more than all the rest of the hit
         d = s - M[M_LO]
-        k = ((DEPTH + 1) << M[P_WBITS]) + (d >> 3)
+        k = ((DEPTH // 2 + 1) << M[P_WBITS]) + (d >> 3)
         bit = np.int64(1) << (d & 7)
         if np.int64(SK[k]) & bit and M[P_ADDS] + 1 < M[P_SAMPLE]:
             M[P_ADDS] += 1
@@ -264,8 +282,8 @@ class WTinyLFU(Policy):
         return max(1, int(self.params["window_fraction"] * n_dyn))
 
     def sketch_bytes(self, n_dyn: int) -> int:
-        # counters, then W bytes = 8W doorkeeper bits, then a saturation bit per dynamic slot
-        return ((DEPTH + 1) << self._wbits(n_dyn)) + (max(1, n_dyn) + 7) // 8
+        # 4-bit counters, then W bytes = 8W doorkeeper bits, then a saturation bit per dynamic slot
+        return ((DEPTH // 2 + 1) << self._wbits(n_dyn)) + (max(1, n_dyn) + 7) // 8
 
     def configure(self, M, n_dyn: int) -> None:
         main = max(0, n_dyn - self.window(n_dyn))

@@ -174,9 +174,10 @@ class SharedHostTier(SlabTier):
             # the `capacity` hottest rows (profile.hot_rows: ties by row id, never-read rows
             # last to fill the tier): identical in every process
             rows = np.sort(hot_rows(as_profile(profile, info.rows), self.capacity, fill=True))
-        # "rowmap-hash2": the index region's layout (a dense int32 array per table row before
-        # "rowmap-hash"; power-of-two buckets before "rowmap-hash2")
-        content = hashlib.sha256(f"rowmap-hash2|{build_id}|{info.rows}|{info.row_bytes}|{self.capacity}".encode())
+        # "rowmap-hash3": the index region's layout (a dense int32 array per table row before
+        # "rowmap-hash"; power-of-two buckets before "rowmap-hash2"; 2 x capacity buckets
+        # before "rowmap-hash3", 1.25 x now): a segment of another layout is never mapped
+        content = hashlib.sha256(f"rowmap-hash3|{build_id}|{info.rows}|{info.row_bytes}|{self.capacity}".encode())
         if rows is not None:
             content.update(rows.tobytes())
         prefix = segment_prefix(root, info.name)

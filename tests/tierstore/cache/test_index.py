@@ -174,6 +174,28 @@ def test_state_is_sized_by_the_cache_not_the_table(name):
     assert sizes[10**6] == sizes[10**9], f"{name}: state bytes depend on the table's rows: {sizes}"
 
 
+@pytest.mark.parametrize("name", policy_names())
+def test_ids_up_to_the_largest_table(name):
+    """Ids of DeepSeek-V4.1's larger table (384,016,682 rows) and up to the largest row a
+    cache index takes (2**31 - 1 rows: ids and slots are 32-bit in the row map and the
+    ghosts) are mapped, evicted, remembered and hit like small ones; 2**31 rows are refused
+    with a typed error."""
+    for n_rows in (384_016_682, 2**31 - 1):
+        top = n_rows - 1 - np.arange(0, 300 * 977, 977, dtype=np.int64)  # the top of the range
+        idx = CacheIndex(n_rows, 64, name, profile=(top[:64], np.arange(64, 0, -1)))
+        rng = np.random.default_rng(5)
+        for _ in range(6):  # misses past the capacity: evictions and ghosts at these ids
+            idx.lookup(rng.choice(top, 96, replace=False))
+        occ = np.flatnonzero(idx.row_of_slot >= 0)
+        held = idx.row_of_slot[occ].astype(np.int64)
+        assert held.size and np.isin(held, top).all(), f"{name}: rows that were never looked up are held"
+        assert (idx.slots_of(held) == occ).all(), f"{name}: the map and the slots disagree at {n_rows} rows"
+        assert (idx.lookup(held[:8]) == occ[:8]).all(), f"{name}: held rows did not hit"
+        assert (idx.slots_of(np.array([0, n_rows // 3])) < 0).all()
+    with pytest.raises(TierStoreError, match=r"2\*\*31"):
+        CacheIndex(2**31, 64, name)
+
+
 def test_sparse_and_dense_profiles_build_the_same_index():
     """A (rows, counts) pair, a TopProfile and the dense counts are one profile."""
     from tierstore.format.profile import TopProfile

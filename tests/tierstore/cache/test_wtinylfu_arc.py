@@ -228,10 +228,14 @@ def test_wtinylfu_sketch_equals_the_model_and_saturation_bits_are_sound(trace):
         resets += ref.adds < before
         if i % 97:
             continue
-        assert SK[:wt.DEPTH * w].reshape(wt.DEPTH, w).tolist() == ref.cm, i
-        assert np.unpackbits(SK[wt.DEPTH * w:(wt.DEPTH + 1) * w], bitorder="little").astype(bool).tolist() == ref.dk, i
+        dk = wt.DEPTH * w // 2  # 4-bit counters, two a byte (the low nibble first), then the doorkeeper
+        packed = SK[:dk].astype(np.int64)
+        cm = np.empty(wt.DEPTH * w, np.int64)
+        cm[0::2], cm[1::2] = packed & wt.CMAX, packed >> 4
+        assert cm.reshape(wt.DEPTH, w).tolist() == ref.cm, i
+        assert np.unpackbits(SK[dk:dk + w], bitorder="little").astype(bool).tolist() == ref.dk, i
         assert M[wt.P_ADDS] == ref.adds, i
-        bits = np.unpackbits(SK[(wt.DEPTH + 1) * w:], bitorder="little")[:cap - lo]
+        bits = np.unpackbits(SK[dk + w:], bitorder="little")[:cap - lo]
         for d in np.flatnonzero(bits):
             row = int(ros[lo + d])
             assert all(ref.cm[k][b] == wt.CMAX for k, b in enumerate(ref._cm_idx(row))), (i, row)
