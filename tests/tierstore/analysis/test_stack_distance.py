@@ -97,3 +97,17 @@ def test_dense_ids_renumber_rows_in_id_order(name):
         assert np.array_equal(ids, trace) and d == trace.max() + 1
     assert np.array_equal(stack_distances(trace, dense=(ids, d)), stack_distances(inv.reshape(-1)))
     assert dense_ids(np.empty(0, np.int64))[1] == 0
+
+
+@pytest.mark.parametrize("high", [384_006_168, 2**40, 2**62])
+def test_dense_ids_sort_path_equals_the_argsort_renumbering(high):
+    """The packed-key sort (row and position in one int64) and its argsort fallback (ids too
+    large to pack: 2**62 with 2**15 positions) both give np.unique's inverse exactly."""
+    rng = np.random.default_rng(7)
+    trace = rng.integers(0, high, 2000, dtype=np.int64)
+    trace = np.concatenate([trace, trace[rng.integers(0, trace.size, 30_000)], [0, high - 1]])
+    ids, d = dense_ids(trace)
+    uniq, inv = np.unique(trace, return_inverse=True)
+    assert ids.dtype == np.int32 and d == uniq.size
+    assert np.array_equal(ids, inv.reshape(-1))
+    assert np.array_equal(dense_ids(trace.astype(np.uint64))[0], ids)
