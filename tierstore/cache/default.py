@@ -3,11 +3,11 @@
 The per-access port of an earlier batch-vectorised policy of the same design. Three parts
 share the tier:
 
-- **Pinned core** (``pin_fraction`` of the slots, 0 by default): the profile's hottest
-  rows, in slots [0, LO), never evicted; the walk never shows them to the policy
-  (``prepare``). By default nothing is pinned: the whole profile is the ranked core, which
-  shrinks from its cold end when its rows earn less than the dynamic part's (a profile of
-  other text: docs/v41_sizing.md, "Where default trailed a classic policy").
+- **Pinned core** (``pin_fraction`` of the slots): the profile's hottest rows, in slots
+  [0, LO), never evicted; the walk never shows them to the policy (``prepare``). With
+  ``pin_fraction`` 0 the whole profile is the ranked core, which shrinks from its cold end
+  when its rows earn less than the dynamic part's (docs/v41_sizing.md, "Where default
+  trails a classic policy": better with a profile of other text, worse on German/French).
 - **Ranked core**: the next hottest rows (ranks ``rank_lo`` on, ``rank_lo`` = LO when there
   is a profile), prefilled into every free slot at construction, re-admitted on a miss
   when *core-worthy* (rank < ``rank_lo + int(target)``), evicted coldest rank first: the
@@ -20,7 +20,7 @@ share the tier:
   dropped (both queues, and rows refused for want of room), ``n_dyn`` long, that sends a
   returning row straight to main. Each ghost entry keeps its origin (small or refused /
   main) in its queue id (``G_QID`` = ghost queue + 2 x origin).
-- **Adaptive small FIFO** (``adapt_small``, ARC's rule for its p): a miss the ghost
+- **Adaptive small FIFO** (``adapt_small``, off by default, ARC's rule for its p): a miss the ghost
   remembers, admitted to the dynamic part, moves the small FIFO's share (``P_SMALLQ``,
   ``SQ_BITS`` fixed point of the dynamic rows) by one dynamic slot's share times max(1,
   main-dropped / small-dropped ghost entries) up when the row was dropped from small
@@ -442,8 +442,8 @@ class Default(Policy):
     ranks = True
     l_rows = NL  # L_FREQ: 2-bit reinsertion counters
 
-    defaults = {"pin_fraction": 0.0, "small_fraction": 0.25, "adapt_step": 8.0, "margin": 0.3,
-                 "initial_core": 0.5, "adapt": "density", "hint_horizon": None, "adapt_small": True}
+    defaults = {"pin_fraction": 0.1, "small_fraction": 0.25, "adapt_step": 2.0, "margin": 0.3,
+                 "initial_core": 0.5, "adapt": "density", "hint_horizon": None, "adapt_small": False}
 
     def check_params(self, params: dict) -> dict:
         p = super().check_params(params)
