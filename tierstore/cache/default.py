@@ -4,18 +4,29 @@ The per-access port of an earlier batch-vectorised policy of the same design. Th
 share the tier:
 
 - **Pinned core** (``pin_fraction`` of the slots): the profile's hottest rows, in slots
-  [0, LO), never evicted; the walk never shows them to the policy (``prepare``).
+  [0, LO), never evicted; the walk never shows them to the policy (``prepare``). With
+  ``pin_fraction`` 0 the whole profile is the ranked core, which shrinks from its cold end
+  when its rows earn less than the dynamic part's (docs/v41_sizing.md, "Where default
+  trails a classic policy": better with a profile of other text, worse on German/French).
 - **Ranked core**: the next hottest rows (ranks ``rank_lo`` on, ``rank_lo`` = LO when there
   is a profile), prefilled into every free slot at construction, re-admitted on a miss
   when *core-worthy* (rank < ``rank_lo + int(target)``), evicted coldest rank first: the
   indexed min-heap ``K[K_HEAP]`` with key = -rank (``K[K_KEY, s]``, so a hit reads its
   slot's rank without a search; a miss finds the rank by binary search in ``RK``). A
   lookup's leased core rows are parked off the heap until it ends (structs.h_top_free).
-- **Dynamic part**: S3-FIFO over the other slots: a small FIFO (target ``small_fraction``
-  of the dynamic rows held now) filters one-hit wonders, a main FIFO with 2-bit
-  reinsertion counters, and an exact ghost of the rows the dynamic part dropped (both
-  queues, and rows refused for want of room), ``n_dyn`` long, that sends a returning row
-  straight to main.
+- **Dynamic part**: S3-FIFO over the other slots: a small FIFO (a target share of the
+  dynamic rows held now, starting at ``small_fraction``) filters one-hit wonders, a main
+  FIFO with 2-bit reinsertion counters, and an exact ghost of the rows the dynamic part
+  dropped (both queues, and rows refused for want of room), ``n_dyn`` long, that sends a
+  returning row straight to main. Each ghost entry keeps its origin (small or refused /
+  main) in its queue id (``G_QID`` = ghost queue + 2 x origin).
+- **Adaptive small FIFO** (``adapt_small``, off by default, ARC's rule for its p): a miss the ghost
+  remembers, admitted to the dynamic part, moves the small FIFO's share (``P_SMALLQ``,
+  ``SQ_BITS`` fixed point of the dynamic rows) by one dynamic slot's share times max(1,
+  main-dropped / small-dropped ghost entries) up when the row was dropped from small
+  (or refused), and by max(1, small-dropped / main-dropped) down when it was dropped from
+  main, within [1%, 90%]. Under interleaved streams a row returns after it left a fixed
+  small FIFO: the share grows; where main's rows return, it shrinks.
 
 Admission, one miss of row r at a time:
 
@@ -67,7 +78,7 @@ from ..errors import PolicyParamError
 from . import s3fifo
 from .hints import hint_outstanding
 from ..jit import kernel
-from .layout import (G_ROW, K_HPOS, K_KEY, L_FREQ, L_QID, M_CAP, M_GQLEN, M_HEAPN, M_HLIVE, M_HORIZON, M_PARAM,
+from .layout import (G_QID, G_ROW, K_HPOS, K_KEY, L_FREQ, L_QID, M_CAP, M_GCAP, M_GQLEN, M_HEAPN, M_HLIVE, M_HORIZON, M_PARAM,
                      M_QLEN, M_RANKM, M_SCAN, M_TICK, NL, Q_HPARK)
 from ..ranking import TopProfile, hot_rows
 from .policy import Policy
@@ -103,6 +114,15 @@ P_DYNH = M_PARAM + 13
 P_WMISS = M_PARAM + 14
 P_GREC = M_PARAM + 15  # length of GQ_RECENT (min(w, ghost size))
 P_GOLD = M_PARAM + 16  # length of GQ_OLD (ghost size - P_GREC)
+P_SMALLQ = M_PARAM + 17  # the small FIFO's target share of the dynamic rows, SQ_BITS fixed point
+P_SADAPT = M_PARAM + 18  # 1: the small FIFO's share adapts to ghost hits (adapt_small)
+
+SQ_BITS = 32  # the small FIFO's share: fine enough for one slot's step at 2**31 slots
+SQ_MIN = (1 << SQ_BITS) // 100  # its bounds: 1% .. 90% of the dynamic rows
+SQ_MAX = 9 * (1 << SQ_BITS) // 10
+# a ghost entry's origin, kept in its queue id: G_QID = ghost queue + 2 * origin
+GO_SMALL = 0  # dropped from the small FIFO (or refused: never admitted)
+GO_MAIN = 1  # dropped from main
 
 
 # ---------------------------------------------------------------------------------------------
@@ -135,18 +155,59 @@ def ghost_forget(M, GH, RM, r):  # pragma: no cover - compiled
 
 
 @kernel
-def ghost_add(M, GH, RM, r):  # pragma: no cover - compiled
-    """Remember row r as the newest ghost entry; the oldest recent entry ages into GQ_OLD."""
+def g_len(M, q):  # pragma: no cover - compiled
+    """Entries of ghost queue q, both origins."""
+    return M[M_GQLEN + q] + M[M_GQLEN + q + 2]
+
+
+@kernel
+def g_push(M, GH, RM, q, r, origin, limit):  # pragma: no cover - compiled
+    """structs.g_add with the entry's origin in its queue id (the entry is linked in queue
+    q; ``g_remove`` counts it off ``M_GQLEN + q + 2 * origin``)."""
+    if M[M_GCAP] == 0 or limit <= 0:
+        return
+    while g_len(M, q) >= limit:
+        g_remove(M, GH, RM, g_front(M, GH, q))
+    g_add(M, GH, RM, q, r, limit + 1)
+    g = g_of(RM, r)
+    if g >= 0 and origin != 0:
+        GH[G_QID, g] = q + 2 * origin
+        M[M_GQLEN + q] -= 1
+        M[M_GQLEN + q + 2 * origin] += 1
+
+
+@kernel
+def ghost_add(M, GH, RM, r, origin):  # pragma: no cover - compiled
+    """Remember row r (dropped from ``origin``) as the newest ghost entry; the oldest recent
+    entry ages into GQ_OLD, keeping its origin."""
     ghost_forget(M, GH, RM, r)
     if M[P_GREC] <= 0:
         return
-    if M[M_GQLEN + GQ_RECENT] >= M[P_GREC]:
+    if g_len(M, GQ_RECENT) >= M[P_GREC]:
         g = g_front(M, GH, GQ_RECENT)
         old = GH[G_ROW, g]
+        o = GH[G_QID, g] >> 1
         g_remove(M, GH, RM, g)
         if rm_get(RM, old) == -1:
-            g_add(M, GH, RM, GQ_OLD, old, M[P_GOLD])
-    g_add(M, GH, RM, GQ_RECENT, r, M[P_GREC])
+            g_push(M, GH, RM, GQ_OLD, old, o, M[P_GOLD])
+    g_push(M, GH, RM, GQ_RECENT, r, origin, M[P_GREC])
+
+
+@kernel
+def small_adapt(M, GH, g):  # pragma: no cover - compiled
+    """ARC's rule for the small FIFO's share, on a miss the ghost remembers (entry g): a row
+    dropped from small grows it by max(1, main-dropped / small-dropped entries) slots' share,
+    a row dropped from main shrinks it by max(1, small-dropped / main-dropped); within
+    [SQ_MIN, SQ_MAX]."""
+    b1 = g_len(M, GQ_RECENT) + g_len(M, GQ_OLD) - M[M_GQLEN + GQ_RECENT + 2] - M[M_GQLEN + GQ_OLD + 2]
+    b2 = M[M_GQLEN + GQ_RECENT + 2] + M[M_GQLEN + GQ_OLD + 2]
+    one = (1 << SQ_BITS) // max(1, M[P_NDYN])
+    if (GH[G_QID, g] >> 1) == GO_SMALL:
+        k = max(1, b2 // max(1, b1))
+        M[P_SMALLQ] = min(M[P_SMALLQ] + k * one, SQ_MAX)
+    else:
+        k = max(1, b1 // max(1, b2))
+        M[P_SMALLQ] = max(M[P_SMALLQ] - k * one, SQ_MIN)
 
 
 @kernel
@@ -219,7 +280,7 @@ def dyn_victim(T):  # pragma: no cover - compiled
         nm = M[M_QLEN + MAIN]
         if ns + nm == 0:
             return -1
-        small_target = max(1, (M[P_SMALLF] * (ns + nm)) >> FP_BITS)
+        small_target = max(1, (M[P_SMALLQ] * (ns + nm)) >> SQ_BITS)
         s, from_small = s3fifo.candidate(M, L, ref, small_target, SMALL, MAIN)
         if s < 0:
             return -1
@@ -247,7 +308,7 @@ def dyn_victim(T):  # pragma: no cover - compiled
         q_unlink(M, L, s)
         unmap(M, RM, ros, s)
         if r >= 0:
-            ghost_add(M, GH, RM, r)
+            ghost_add(M, GH, RM, r, GO_SMALL if from_small else GO_MAIN)
         return s
 
 
@@ -300,7 +361,7 @@ def miss(T, r):  # pragma: no cover - compiled
             M[P_GAIN] += 1
         if rfp >= edge:
             g = g_of(RM, r)
-            if g >= 0 and g_queue(GH, g) == GQ_RECENT:
+            if g >= 0 and (g_queue(GH, g) & 1) == GQ_RECENT:
                 M[P_GHOSTH] += 1
     tgt = M[P_TARGET] >> FP_BITS
     n_core = M[M_HEAPN] + M[M_QLEN + Q_HPARK]
@@ -321,7 +382,7 @@ def miss(T, r):  # pragma: no cover - compiled
         h_push(M, K, s, -rho)
         return s
     if M[P_NDYN] - min(n_core, tgt) <= 0:  # the core takes every dynamic slot
-        ghost_add(M, GH, RM, r)
+        ghost_add(M, GH, RM, r, GO_SMALL)
         return -1
     s = take_free(M, L)
     if s < 0:
@@ -331,7 +392,10 @@ def miss(T, r):  # pragma: no cover - compiled
             s = dyn_victim(T)
         if s < 0:
             return -1
-    to_main = g_of(RM, r) >= 0 or (M[M_HLIVE] > 0 and hint_outstanding(M, HT, r))
+    g = g_of(RM, r)
+    if g >= 0 and M[P_SADAPT] != 0:
+        small_adapt(M, GH, g)
+    to_main = g >= 0 or (M[M_HLIVE] > 0 and hint_outstanding(M, HT, r))
     ghost_forget(M, GH, RM, r)
     place(M, RM, ros, s, r)
     L[L_FREQ, s] = 0
@@ -365,7 +429,8 @@ class Default(Policy):
     ``adapt_step`` (slots per unit of delta, >= 0), ``margin`` (w as a fraction of the
     dynamic slots, [0, 1]), ``initial_core`` (the ranked core's starting target, of the
     dynamic slots, [0, 1]), ``adapt`` ("density" or "ghost"), ``hint_horizon`` (accesses
-    after which an unused hint expires; None: the index's default max(4 x capacity, 2**20)).
+    after which an unused hint expires; None: the index's default max(4 x capacity, 2**20)),
+    ``adapt_small`` (the small FIFO's share adapts to ghost hits, from ``small_fraction``).
     Without a profile it is S3-FIFO (small_fraction of the rows held) plus hints. A store
     passes them as ``tierstore.open(path, policy_params={"pin_fraction": 0.2})``.
     """
@@ -378,7 +443,7 @@ class Default(Policy):
     l_rows = NL  # L_FREQ: 2-bit reinsertion counters
 
     defaults = {"pin_fraction": 0.1, "small_fraction": 0.25, "adapt_step": 2.0, "margin": 0.3,
-                 "initial_core": 0.5, "adapt": "density", "hint_horizon": None}
+                 "initial_core": 0.5, "adapt": "density", "hint_horizon": None, "adapt_small": False}
 
     def check_params(self, params: dict) -> dict:
         p = super().check_params(params)
@@ -392,6 +457,8 @@ class Default(Policy):
             p[k] = float(v)
         if p["adapt"] not in ("density", "ghost"):
             raise PolicyParamError(f"adapt={p['adapt']!r} must be 'density' or 'ghost'", param="adapt")
+        if not isinstance(p["adapt_small"], (bool, np.bool_)):
+            raise PolicyParamError(f"adapt_small={p['adapt_small']!r} must be True or False", param="adapt_small")
         h = p["hint_horizon"]
         if h is not None and (not isinstance(h, (int, np.integer)) or isinstance(h, (bool, np.bool_)) or h < 1):
             raise PolicyParamError(f"hint_horizon={h!r} must be None or a positive integer number of accesses",
@@ -431,6 +498,8 @@ class Default(Policy):
         M[P_W] = w
         M[P_STEP] = int(round(p["adapt_step"] * FP))
         M[P_SMALLF] = int(round(p["small_fraction"] * FP))
+        M[P_SMALLQ] = M[P_SMALLF] << (SQ_BITS - FP_BITS)
+        M[P_SADAPT] = int(bool(p["adapt_small"]))
         M[P_TARGET] = int(p["initial_core"] * n_dyn * FP) if adapting else 0
         M[P_GREC] = min(w, g) if n_dyn else 0
         M[P_GOLD] = g - M[P_GREC] if n_dyn else 0
