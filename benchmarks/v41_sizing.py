@@ -71,78 +71,92 @@ def corpus_files(cache: Path, name: str, split: str | None = None) -> list[Path]
 
 
 # ---------------------------------------------------------------------------- growth + Zipf
-def growth(name: str, *, cache: Path, tokenizer: str, limit: int, zipf_tokens: int,
+def growth(name: str, *, cache: Path, tokenizer: str, limit: int, zipf_tokens: int | list[int],
            save: Callable[[dict], object] | None = None) -> dict:
-    """Distinct rows after each checkpoint of tokens, and the Zipf exponent per order.
-    ``save`` gets the result so far after every 256 documents (a long run can be stopped)."""
+    """Distinct rows after each checkpoint of tokens, and the Zipf exponent per order after
+    each of ``zipf_tokens`` (and at the end, where the corpus or ``limit`` ends before the
+    largest). ``save`` gets the result so far after every 256 documents.
+
+    Exact counts per (table, n-gram order) in a ``RowCounter`` (sorted ids and counts:
+    memory sized by the distinct rows, nothing by the table's). An order's 8 heads, and the
+    3 orders, hash into disjoint ranges of the table (``head_offsets``), so the distinct rows
+    of a table are the sum over its orders."""
     from engram_model.trace import TraceSource
     from tierstore.format.profile import zipf_fit
+
+    from .rowcount import RowCounter
 
     src = TraceSource(tokenizer=tokenizer, preset=TOKEN_TOOL)
     K = src.hasher.n_head_per_ngram
     orders = range(2, src.hasher.max_ngram_size + 1)
-    seen = {t: np.zeros(src.hasher.total_rows(L) // 8 + 1, np.uint8) for t, L in src.tables.items()}
-    n_seen = dict.fromkeys(src.tables, 0)
-    zipf_rows: dict[str, list[np.ndarray]] = {t: [] for t in src.tables}
-    zipf: dict[str, dict] = {}
+    counters = {t: {n: RowCounter() for n in orders} for t in src.tables}
+    zipf_at = sorted({zipf_tokens} if isinstance(zipf_tokens, int) else set(zipf_tokens))
+    fits: dict[int, dict] = {}  # tokens -> table -> order -> fit
     marks = checkpoints(limit)
     curve: dict[str, list[int]] = {t: [] for t in src.tables}
     done, files, t0 = 0, corpus_files(cache, name), time.perf_counter()
+    timing = {"encode": 0.0, "hash": 0.0, "count": 0.0, "zipf": 0.0}
 
-    def add(table: str, ids: np.ndarray) -> None:  # ids: rows of some tokens, flattened
-        u = np.unique(ids)
-        byte, bit = u >> 3, (u & 7).astype(np.uint8)
-        new = ((seen[table][byte] >> bit) & 1) == 0
-        n_seen[table] += int(np.count_nonzero(new))
-        np.bitwise_or.at(seen[table], byte[new], np.left_shift(np.uint8(1), bit[new]))
-
-    def fit_zipf() -> None:
-        for t, parts in zipf_rows.items():
-            r = np.concatenate(parts)
-            zipf[t] = {}
-            for n in orders:
-                counts = np.unique(r[:, (n - 2) * K:(n - 1) * K], return_counts=True)[1]
-                s, sc = zipf_fit(counts)
-                ranks = np.unique(np.geomspace(1, sc.size, 200).astype(np.int64))
-                zipf[t][f"{n}-gram"] = {"s": s, "distinct": int(sc.size), "lookups": int(sc.sum()),
-                                        "ranks": ranks.tolist(), "counts": sc[ranks - 1].astype(int).tolist()}
-            parts.clear()
+    def fit_zipf(tokens: int) -> None:
+        t1 = time.perf_counter()
+        fits[tokens] = {}
+        for t, per_order in counters.items():
+            fits[tokens][t] = {}
+            for n, rc in per_order.items():
+                s, sc = zipf_fit(rc.counts)
+                ranks = np.unique(np.geomspace(1, max(sc.size, 1), 200).astype(np.int64))
+                fits[tokens][t][f"{n}-gram"] = {"s": s, "distinct": int(sc.size), "lookups": int(rc.lookups),
+                                                "ranks": ranks.tolist(),
+                                                "counts": sc[ranks - 1].astype(int).tolist() if sc.size else []}
+        timing["zipf"] += time.perf_counter() - t1
 
     def result() -> dict:
+        last = max(fits) if fits else 0
         return {"tokens": done, "checkpoints": marks[:len(next(iter(curve.values())))], "distinct": curve,
                 "table_rows": {t: src.hasher.total_rows(L) for t, L in src.tables.items()},
-                "zipf_tokens": min(done, zipf_tokens), "zipf": zipf, "seconds": time.perf_counter() - t0}
+                "zipf_tokens": last, "zipf": fits.get(last, {}),
+                "zipf_by_tokens": {str(k): {t: {o: {"s": z["s"], "distinct": z["distinct"]} for o, z in f.items()}
+                                            for t, f in v.items()} for k, v in fits.items()},
+                "seconds": time.perf_counter() - t0, "cpu_seconds": time.process_time(),
+                "step_seconds": dict(timing)}
 
     for i in range(0, len(files), 256):
+        t1 = time.perf_counter()
         docs = src.encode([f.read_text(encoding="utf-8", errors="replace") for f in files[i:i + 256]])
+        timing["encode"] += time.perf_counter() - t1
         for d in docs:
             d = d[: limit - done]
             if not d.size:
                 continue
+            t1 = time.perf_counter()
             rows = src.rows(d)  # table -> (T, 24) int32
-            if done < zipf_tokens:
+            t2 = time.perf_counter()
+            timing["hash"] += t2 - t1
+            pos = 0  # cut the document at the checkpoints and Zipf points inside it
+            for m in sorted({m for m in (*marks, *zipf_at) if done < m <= done + d.size} | {done + d.size}):
                 for t, r in rows.items():
-                    zipf_rows[t].append(r[: zipf_tokens - done])
-            pos = 0  # cut the document at the checkpoints inside it
-            for m in sorted({m for m in marks if done < m <= done + d.size} | {done + d.size}):
-                for t, r in rows.items():
-                    add(t, r[pos:m - done].reshape(-1))
+                    for n, rc in counters[t].items():
+                        rc.add(r[pos:m - done, (n - 2) * K:(n - 1) * K])
                 pos = m - done
                 if m in marks:
                     for t in rows:
-                        curve[t].append(n_seen[t])
+                        curve[t].append(sum(rc.distinct for rc in counters[t].values()))
+                if m in zipf_at:
+                    timing["count"] += time.perf_counter() - t2
+                    fit_zipf(m)
+                    t2 = time.perf_counter()
+            timing["count"] += time.perf_counter() - t2
             done += d.size
             if done >= limit:
                 break
-        if not zipf and done >= zipf_tokens:
-            fit_zipf()
-        print(f"  {name}: {done:,} tokens, {time.perf_counter() - t0:.0f} s", file=sys.stderr, flush=True)
+        print(f"  {name}: {done:,} tokens, {time.perf_counter() - t0:.0f} s "
+              f"({', '.join(f'{k} {v:.0f} s' for k, v in timing.items())})", file=sys.stderr, flush=True)
         if save is not None:
             save(result())
         if done >= limit:
             break
-    if not zipf:
-        fit_zipf()
+    if done not in fits and (not fits or done < zipf_at[-1]):
+        fit_zipf(done)  # the corpus (or limit) ended before the largest Zipf point
     return result()
 
 
@@ -276,7 +290,8 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--steps", default="growth,traces,hit,budget")
     ap.add_argument("--corpora", default=",".join(CORPORA))
     ap.add_argument("--growth-tokens", type=int, default=10_000_000)
-    ap.add_argument("--zipf-tokens", type=int, default=2_000_000)
+    ap.add_argument("--zipf-tokens", default="1000000,10000000",
+                    help="fit the Zipf exponents after these many tokens (comma-separated)")
     ap.add_argument("--train-tokens", type=int, default=1_000_000, help="profile slice (train split)")
     ap.add_argument("--hit-tokens", type=int, default=1_000_000, help="test slice the hit ratios replay")
     ap.add_argument("--policy", default=POLICIES)
@@ -296,7 +311,8 @@ def main(argv: list[str] | None = None) -> None:
             g[name] = json.loads(gpath.read_text()) if gpath.is_file() else {"tokens": 0}
             if g[name]["tokens"] < args.growth_tokens and not args.plot_only:
                 g[name] = growth(name, cache=Path(args.cache), tokenizer=args.tokenizer, limit=args.growth_tokens,
-                                 zipf_tokens=args.zipf_tokens, save=lambda r, p=gpath: p.write_text(json.dumps(r)))
+                                 zipf_tokens=[int(x) for x in args.zipf_tokens.split(",")],
+                                 save=lambda r, p=gpath: p.write_text(json.dumps(r)))
                 gpath.write_text(json.dumps(g[name]))
         g = {n: r for n, r in g.items() if r["tokens"] and r.get("zipf")}
         if g:
