@@ -281,6 +281,61 @@ def plot_growth(g: dict, img: Path) -> None:
     _save(fig, plt, img / "v41_rank_frequency.png")
 
 
+# ---------------------------------------------------------------------------- markdown
+def _layer(t: str) -> str:
+    return t.split(".engram")[0]
+
+
+def zipf_table(g: dict) -> str:
+    out = ["| corpus | tokens counted | layer | 2-gram s (distinct rows) | 3-gram s | 4-gram s |",
+           "|---|---|---|---|---|---|"]
+    for name, r in sorted(g.items()):
+        for tokens, fit in sorted(r.get("zipf_by_tokens", {}).items(), key=lambda kv: int(kv[0])):
+            for t in sorted(fit, key=lambda t: int(t.split(".")[1])):
+                cells = [f"{z['s']:.3f} ({z['distinct']:,})" for _, z in sorted(fit[t].items())]
+                out.append(f"| {name} | {int(tokens):,} | {_layer(t)} | " + " | ".join(cells) + " |")
+    return "\n".join(out)
+
+
+def growth_tables(g: dict) -> str:
+    out = []
+    for name, r in sorted(g.items()):
+        t1, t14 = sorted(r["distinct"], key=lambda t: int(t.split(".")[1]))
+        rows = r["table_rows"][t1]
+        cpu = f", {r['cpu_seconds']:.0f} s of CPU" if "cpu_seconds" in r else ""
+        out += [f"**{name}** ({r['tokens']:,} tokens, {r['seconds']:.0f} s{cpu}):", "",
+                "| tokens served | distinct rows, layer 1 | % of the table | distinct rows per token "
+                "| distinct rows, layer 14 |", "|---|---|---|---|---|"]
+        for m, a, b in zip(r["checkpoints"], r["distinct"][t1], r["distinct"][t14]):
+            out.append(f"| {m:,} | {a:,} | {100 * a / rows:.3g}% | {a / m:.1f} | {b:,} |")
+        out.append("")
+    return "\n".join(out)
+
+
+def hit_tables(hits: dict) -> str:
+    out = []
+    for label, run in hits.items():
+        for t in sorted({r["table"] for r in run["results"]}, key=lambda t: int(t.split(".")[1])):
+            res = [r for r in run["results"] if r["table"] == t and r.get("mode") != "live"]
+            pols = list(dict.fromkeys(r["policy"] for r in res))
+            caps = sorted({r["capacity_fraction"] for r in res})
+            n = res[0]["lookups"]
+            out += [f"**{label}, {_layer(t)}** ({n:,} lookups; {run['seconds']:.0f} s for the run)", "",
+                    "| capacity (rows) | " + " | ".join(pols) + " | default - best other |",
+                    "|---" * (len(pols) + 2) + "|"]
+            for c in caps:
+                h = {r["policy"]: r for r in res if r["capacity_fraction"] == c}
+                online = {p: h[p]["hit_ratio"] for p in pols if p not in ("default", "opt")}
+                best = max(online, key=online.get)
+                cells = [f"**{h[p]['hit_ratio']:.4f}**" if p == "default" else f"{h[p]['hit_ratio']:.4f}"
+                         for p in pols]
+                d = h["default"]["hit_ratio"] - online[best]
+                out.append(f"| {100 * c:g}% ({h[pols[0]]['capacity_rows']:,}) | " + " | ".join(cells)
+                           + f" | {d:+.4f} ({best}) |")
+            out.append("")
+    return "\n".join(out)
+
+
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--tokenizer", default=str(Path.home() / ".cache/tierstore/deepseek_v3-3.7.2/tokenizer.json"))
@@ -323,6 +378,12 @@ def main(argv: list[str] | None = None) -> None:
     if "traces" in steps:
         for name in args.corpora:
             make_traces(name, work, args)
+    if "tables" in steps:  # the markdown tables of docs/v41_sizing.md, from the saved results
+        g = {n: json.loads((work / f"growth_{n}.json").read_text()) for n in args.corpora
+             if (work / f"growth_{n}.json").is_file()}
+        h = work / f"hit_{args.hit_tokens}.json"
+        print(zipf_table(g), growth_tables(g), hit_tables(json.loads(h.read_text())) if h.is_file() else "",
+              sep="\n\n", file=sys.stderr)
     hits = None
     if "hit" in steps:
         hits = hit(work, img, args)
