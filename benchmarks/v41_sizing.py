@@ -10,17 +10,19 @@ Steps (each writes ``--work``/<step>.json, which later steps and re-runs reuse):
 
 - ``growth``: every document of a corpus (train then test split, each in file order)
   tokenized with ``--tokenizer``, hashed with ``--preset deepseek-v4.1`` (both layers, the
-  trace command's own ``TraceSource``); distinct rows touched after 1K, 2K, 5K ... 10M
-  tokens (a bit per table row: 48 MB per table, this script's only table-sized array), and
-  the rank-frequency of each n-gram order (2-, 3-, 4-gram: 8 heads each) over the first
-  ``--zipf-tokens`` tokens with the fitted Zipf exponent (``format.profile.zipf_fit``: the
-  most accessed half of the rows read).
+  trace command's own ``TraceSource``); exact access counts per table and n-gram order
+  (``benchmarks.rowcount.RowCounter``: sorted ids and counts, memory sized by the distinct
+  rows, never by the table's), hence the distinct rows touched after 1K, 2K, 5K ... 10M
+  tokens, and the rank-frequency of each n-gram order (2-, 3-, 4-gram: 8 heads each) after
+  each of ``--zipf-tokens`` tokens with the fitted Zipf exponent (``format.profile.zipf_fit``:
+  the most accessed half of the rows read).
 - ``traces``: ``tierstore trace`` of each corpus: a train slice (``--train-tokens``, the
   profile) and test slices (``--hit-tokens``, requests of <= 1024 tokens) served by 1 and
   64 interleaved streams.
 - ``hit``: ``tierstore profile --json`` on each test slice, profile from the same corpus's
   train slice, and across corpora (profile from code, serve prose), every policy and the
   optimum at 0.01% .. 10% of the table, both layers; one PNG per trace.
+- ``tables``: print the Markdown tables of docs/v41_sizing.md from the saved results.
 - ``budget``: from the ``hit`` curves, the smallest capacity (log-interpolated between the
   measured ones) at which a policy reaches 50/80/90/95% hits, as host GiB of 264-byte
   rows, and the tokens/s of the lookup path that hit ratio gives under the tier-cost model
