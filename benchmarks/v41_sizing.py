@@ -322,7 +322,8 @@ def hit_tables(hits: dict) -> str:
             pols = list(dict.fromkeys(r["policy"] for r in res))
             caps = sorted({r["capacity_fraction"] for r in res})
             n = res[0]["lookups"]
-            out += [f"**{label}, {_layer(t)}** ({n:,} lookups; {run['seconds']:.0f} s for the run)", "",
+            sec = run.get("seconds_by_table", {}).get(t, run["seconds"])
+            out += [f"**{label}, {_layer(t)}** ({n:,} lookups; {sec:.0f} s of wall time)", "",
                     "| capacity (rows) | " + " | ".join(pols) + " | default - best other |",
                     "|---" * (len(pols) + 2) + "|"]
             for c in caps:
