@@ -333,7 +333,7 @@ def hit_tables(hits: dict) -> str:
                 cells = [f"**{h[p]['hit_ratio']:.4f}**" if p == "default" else f"{h[p]['hit_ratio']:.4f}"
                          for p in pols]
                 d = h["default"]["hit_ratio"] - online[best]
-                out.append(f"| {100 * c:g}% ({h[pols[0]]['capacity_rows']:,}) | " + " | ".join(cells)
+                out.append(f"| {100 * c:.3g}% ({h[pols[0]]['capacity_rows']:,}) | " + " | ".join(cells)
                            + f" | {d:+.4f} ({best}) |")
             out.append("")
     return "\n".join(out)
