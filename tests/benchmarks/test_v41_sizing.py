@@ -102,3 +102,21 @@ def test_a_source_added_to_a_built_corpus_is_added_as_a_fresh_build_would(tmp_pa
     assert manifest.count("40 documents") == 2
     build("x", tmp_path / "a")  # nothing missing: nothing written
     assert (tmp_path / "a" / "x" / "MANIFEST").read_text() == manifest
+
+
+def test_hit_tables_bold_default_and_its_margin_over_the_best_online_policy():
+    from benchmarks.v41_sizing import hit_tables
+
+    def r(policy, cap, hit, table="layers.14.engram.embed.weight"):
+        return {"policy": policy, "capacity_fraction": cap, "capacity_rows": int(cap * 1e6), "hit_ratio": hit,
+                "lookups": 1000, "table": table}
+    run = {"results": [r("lru", 0.01, 0.5), r("arc", 0.01, 0.6), r("default", 0.01, 0.55), r("opt", 0.01, 0.9),
+                       r("lru", 0.1, 0.7), r("arc", 0.1, 0.65), r("default", 0.1, 0.8), r("opt", 0.1, 1.0),
+                       r("lru", 0.01, 0.1, "layers.1.engram.embed.weight"),
+                       r("default", 0.01, 0.2, "layers.1.engram.embed.weight")],
+           "seconds": 3.0, "seconds_by_table": {"layers.14.engram.embed.weight": 7.0}}
+    md = hit_tables({"x_b1": run})
+    assert md.index("x_b1, layers.1**") < md.index("x_b1, layers.14**")  # by layer number, not as strings
+    assert "layers.14** (1,000 lookups; 7 s of wall time)" in md and "layers.1** (1,000 lookups; 3 s" in md
+    assert "| 1% (10,000) | 0.5000 | 0.6000 | **0.5500** | 0.9000 | -0.0500 (arc) |" in md  # opt is no rival
+    assert "| 10% (100,000) | 0.7000 | 0.6500 | **0.8000** | 1.0000 | +0.1000 (lru) |" in md
