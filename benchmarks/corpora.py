@@ -13,13 +13,17 @@ packages, so anyone with apt can rebuild them byte for byte at the same package 
   autoconf manuals (info, one document per node), the Linux kernel's documentation
   (linux-doc-6.1: its reStructuredText sources, translations left out), the PostgreSQL 15
   manual (HTML -> text) and git's manual pages (AsciiDoc sources).
-- ``nonenglish``: German and French: the translated manual pages (manpages-de, -de-dev,
-  -fr, -fr-dev; roff -> text, one document per page), the Debian Administrator's Handbook
-  (de-DE, fr-FR), the Debian Reference and the New Maintainers' Guide in both languages.
+- ``nonenglish``: German, French, Spanish, Italian and Brazilian Portuguese: the translated
+  manual pages (manpages-de, -fr, -es, -it, -pt-br and their -dev packages; roff -> text,
+  one document per page), the Debian Administrator's Handbook (de-DE, fr-FR, es-ES, it-IT,
+  pt-BR), the Debian Reference (de, fr, es, it, pt-br) and the New Maintainers' Guide (de,
+  fr, es, it). German and French came first (6.8M tokens); the other three were added to
+  pass 10M.
 
 ``apt-get download`` fetches the .deb files (no root, nothing installed) into
 ``--cache/debs``, ``dpkg -x`` unpacks them, and each document becomes one UTF-8 file under
-``--cache/<corpus>/{train,test}/``. The split is by document and deterministic: a document
+``--cache/<corpus>/{train,test}/``. A corpus already built gets only the sources added
+to ``CORPORA`` since (``build``). The split is by document and deterministic: a document
 goes to test when the second hex digit of the SHA-1 of "package/path inside it" is
 odd, so it does not depend on which other packages are present, and the file names
 (more digits of that hash) make the sorted order a mix of all packages. The package versions
@@ -82,6 +86,17 @@ CORPORA: dict[str, list[Source]] = {
         Source("debian-reference-fr", r"debian-reference\.fr\.txt\.gz$", "reftext"),
         Source("maint-guide-de", r"\.html$", "html"),
         Source("maint-guide-fr", r"\.html$", "html"),
+        # Spanish, Italian and Brazilian Portuguese, added later (German and French alone are 6.8M tokens, not 10M)
+        *[Source(p, r"/man/(es|it)/.*\.gz$", "man")
+          for p in ("manpages-es", "manpages-es-dev", "manpages-it", "manpages-it-dev")],
+        Source("debian-handbook", r"/(es-ES|it-IT)/.*\.html$", "html"),
+        Source("debian-reference-es", r"debian-reference\.es\.txt\.gz$", "reftext"),
+        Source("debian-reference-it", r"debian-reference\.it\.txt\.gz$", "reftext"),
+        Source("maint-guide-es", r"\.html$", "html"),
+        Source("maint-guide-it", r"\.html$", "html"),
+        *[Source(p, r"/man/pt_BR/.*\.gz$", "man") for p in ("manpages-pt-br", "manpages-pt-br-dev")],
+        Source("debian-handbook", r"/pt-BR/.*\.html$", "html"),
+        Source("debian-reference-pt-br", r"debian-reference\.pt-br\.txt\.gz$", "reftext"),
     ],
 }
 
@@ -222,26 +237,48 @@ def split_and_name(key: str) -> tuple[str, str]:
     return ("test" if int(h[1], 16) & 1 else "train"), h[2:18]
 
 
+def _add_source(src: Source, cache: Path, out: Path) -> str:
+    """Write the documents of ``src`` under ``out/{train,test}``; its MANIFEST line."""
+    root, version = fetch(src.package, cache)
+    count = 0
+    for rel, text in documents(src, root):
+        if not text.strip():
+            continue
+        s, fname = split_and_name(f"{src.package}/{rel}")
+        (out / s / f"{fname}.txt").write_text(text, encoding="utf-8")
+        count += 1
+    return f"{src.package} {version} {src.kind} {src.pattern} {count} documents"
+
+
+def _source_of(line: str) -> tuple[str, str, str]:
+    """(package, kind, pattern) of a MANIFEST line (patterns hold no spaces)."""
+    package, _version, kind, pattern = line.split(" ")[:4]
+    return package, kind, pattern
+
+
 def build(name: str, cache: Path) -> Path:
-    """Write ``cache/<name>/{train,test}/*.txt`` (once; delete the folder to rebuild)."""
+    """Write ``cache/<name>/{train,test}/*.txt`` (once; delete the folder to rebuild).
+
+    A corpus already built gets only the sources added to ``CORPORA`` since (its MANIFEST
+    lists what it holds): a document's file name and split come from its own source path,
+    so adding a source to a built corpus gives the same files as building it afresh, and the
+    documents already there are left as they are. A source removed from ``CORPORA`` stays in
+    a built corpus until the folder is deleted."""
     out = cache / name
     if (out / "MANIFEST").is_file():
+        lines = (out / "MANIFEST").read_text().splitlines()
+        have = {_source_of(line) for line in lines}
+        missing = [src for src in CORPORA[name] if (src.package, src.kind, src.pattern) not in have]
+        for src in missing:  # one line per source, written as soon as its documents are
+            lines.append(_add_source(src, cache, out))
+            (out / "MANIFEST.tmp").write_text("\n".join(lines) + "\n")
+            (out / "MANIFEST.tmp").rename(out / "MANIFEST")
         return out
     tmp = out.with_name(name + ".tmp")
     subprocess.run(["rm", "-rf", str(tmp)], check=True)
     for s in ("train", "test"):
         (tmp / s).mkdir(parents=True)
-    manifest = []
-    for src in CORPORA[name]:
-        root, version = fetch(src.package, cache)
-        count = 0
-        for rel, text in documents(src, root):
-            if not text.strip():
-                continue
-            s, fname = split_and_name(f"{src.package}/{rel}")
-            (tmp / s / f"{fname}.txt").write_text(text, encoding="utf-8")
-            count += 1
-        manifest.append(f"{src.package} {version} {src.kind} {src.pattern} {count} documents")
+    manifest = [_add_source(src, cache, tmp) for src in CORPORA[name]]
     (tmp / "MANIFEST").write_text("\n".join(manifest) + "\n")
     subprocess.run(["rm", "-rf", str(out)], check=True)
     tmp.rename(out)

@@ -10,17 +10,19 @@ Steps (each writes ``--work``/<step>.json, which later steps and re-runs reuse):
 
 - ``growth``: every document of a corpus (train then test split, each in file order)
   tokenized with ``--tokenizer``, hashed with ``--preset deepseek-v4.1`` (both layers, the
-  trace command's own ``TraceSource``); distinct rows touched after 1K, 2K, 5K ... 10M
-  tokens (a bit per table row: 48 MB per table, this script's only table-sized array), and
-  the rank-frequency of each n-gram order (2-, 3-, 4-gram: 8 heads each) over the first
-  ``--zipf-tokens`` tokens with the fitted Zipf exponent (``format.profile.zipf_fit``: the
-  most accessed half of the rows read).
+  trace command's own ``TraceSource``); exact access counts per table and n-gram order
+  (``benchmarks.rowcount.RowCounter``: sorted ids and counts, memory sized by the distinct
+  rows, never by the table's), hence the distinct rows touched after 1K, 2K, 5K ... 10M
+  tokens, and the rank-frequency of each n-gram order (2-, 3-, 4-gram: 8 heads each) after
+  each of ``--zipf-tokens`` tokens with the fitted Zipf exponent (``format.profile.zipf_fit``:
+  the most accessed half of the rows read).
 - ``traces``: ``tierstore trace`` of each corpus: a train slice (``--train-tokens``, the
   profile) and test slices (``--hit-tokens``, requests of <= 1024 tokens) served by 1 and
   64 interleaved streams.
 - ``hit``: ``tierstore profile --json`` on each test slice, profile from the same corpus's
   train slice, and across corpora (profile from code, serve prose), every policy and the
   optimum at 0.01% .. 10% of the table, both layers; one PNG per trace.
+- ``tables``: print the Markdown tables of docs/v41_sizing.md from the saved results.
 - ``budget``: from the ``hit`` curves, the smallest capacity (log-interpolated between the
   measured ones) at which a policy reaches 50/80/90/95% hits, as host GiB of 264-byte
   rows, and the tokens/s of the lookup path that hit ratio gives under the tier-cost model
@@ -71,78 +73,92 @@ def corpus_files(cache: Path, name: str, split: str | None = None) -> list[Path]
 
 
 # ---------------------------------------------------------------------------- growth + Zipf
-def growth(name: str, *, cache: Path, tokenizer: str, limit: int, zipf_tokens: int,
+def growth(name: str, *, cache: Path, tokenizer: str, limit: int, zipf_tokens: int | list[int],
            save: Callable[[dict], object] | None = None) -> dict:
-    """Distinct rows after each checkpoint of tokens, and the Zipf exponent per order.
-    ``save`` gets the result so far after every 256 documents (a long run can be stopped)."""
+    """Distinct rows after each checkpoint of tokens, and the Zipf exponent per order after
+    each of ``zipf_tokens`` (and at the end, where the corpus or ``limit`` ends before the
+    largest). ``save`` gets the result so far after every 256 documents.
+
+    Exact counts per (table, n-gram order) in a ``RowCounter`` (sorted ids and counts:
+    memory sized by the distinct rows, nothing by the table's). An order's 8 heads, and the
+    3 orders, hash into disjoint ranges of the table (``head_offsets``), so the distinct rows
+    of a table are the sum over its orders."""
     from engram_model.trace import TraceSource
     from tierstore.format.profile import zipf_fit
+
+    from .rowcount import RowCounter
 
     src = TraceSource(tokenizer=tokenizer, preset=TOKEN_TOOL)
     K = src.hasher.n_head_per_ngram
     orders = range(2, src.hasher.max_ngram_size + 1)
-    seen = {t: np.zeros(src.hasher.total_rows(L) // 8 + 1, np.uint8) for t, L in src.tables.items()}
-    n_seen = dict.fromkeys(src.tables, 0)
-    zipf_rows: dict[str, list[np.ndarray]] = {t: [] for t in src.tables}
-    zipf: dict[str, dict] = {}
+    counters = {t: {n: RowCounter() for n in orders} for t in src.tables}
+    zipf_at = sorted({zipf_tokens} if isinstance(zipf_tokens, int) else set(zipf_tokens))
+    fits: dict[int, dict] = {}  # tokens -> table -> order -> fit
     marks = checkpoints(limit)
     curve: dict[str, list[int]] = {t: [] for t in src.tables}
     done, files, t0 = 0, corpus_files(cache, name), time.perf_counter()
+    timing = {"encode": 0.0, "hash": 0.0, "count": 0.0, "zipf": 0.0}
 
-    def add(table: str, ids: np.ndarray) -> None:  # ids: rows of some tokens, flattened
-        u = np.unique(ids)
-        byte, bit = u >> 3, (u & 7).astype(np.uint8)
-        new = ((seen[table][byte] >> bit) & 1) == 0
-        n_seen[table] += int(np.count_nonzero(new))
-        np.bitwise_or.at(seen[table], byte[new], np.left_shift(np.uint8(1), bit[new]))
-
-    def fit_zipf() -> None:
-        for t, parts in zipf_rows.items():
-            r = np.concatenate(parts)
-            zipf[t] = {}
-            for n in orders:
-                counts = np.unique(r[:, (n - 2) * K:(n - 1) * K], return_counts=True)[1]
-                s, sc = zipf_fit(counts)
-                ranks = np.unique(np.geomspace(1, sc.size, 200).astype(np.int64))
-                zipf[t][f"{n}-gram"] = {"s": s, "distinct": int(sc.size), "lookups": int(sc.sum()),
-                                        "ranks": ranks.tolist(), "counts": sc[ranks - 1].astype(int).tolist()}
-            parts.clear()
+    def fit_zipf(tokens: int) -> None:
+        t1 = time.perf_counter()
+        fits[tokens] = {}
+        for t, per_order in counters.items():
+            fits[tokens][t] = {}
+            for n, rc in per_order.items():
+                s, sc = zipf_fit(rc.counts)
+                ranks = np.unique(np.geomspace(1, max(sc.size, 1), 200).astype(np.int64))
+                fits[tokens][t][f"{n}-gram"] = {"s": s, "distinct": int(sc.size), "lookups": int(rc.lookups),
+                                                "ranks": ranks.tolist(),
+                                                "counts": sc[ranks - 1].astype(int).tolist() if sc.size else []}
+        timing["zipf"] += time.perf_counter() - t1
 
     def result() -> dict:
+        last = max(fits) if fits else 0
         return {"tokens": done, "checkpoints": marks[:len(next(iter(curve.values())))], "distinct": curve,
                 "table_rows": {t: src.hasher.total_rows(L) for t, L in src.tables.items()},
-                "zipf_tokens": min(done, zipf_tokens), "zipf": zipf, "seconds": time.perf_counter() - t0}
+                "zipf_tokens": last, "zipf": fits.get(last, {}),
+                "zipf_by_tokens": {str(k): {t: {o: {"s": z["s"], "distinct": z["distinct"]} for o, z in f.items()}
+                                            for t, f in v.items()} for k, v in fits.items()},
+                "seconds": time.perf_counter() - t0, "cpu_seconds": time.process_time(),
+                "step_seconds": dict(timing)}
 
     for i in range(0, len(files), 256):
+        t1 = time.perf_counter()
         docs = src.encode([f.read_text(encoding="utf-8", errors="replace") for f in files[i:i + 256]])
+        timing["encode"] += time.perf_counter() - t1
         for d in docs:
             d = d[: limit - done]
             if not d.size:
                 continue
+            t1 = time.perf_counter()
             rows = src.rows(d)  # table -> (T, 24) int32
-            if done < zipf_tokens:
+            t2 = time.perf_counter()
+            timing["hash"] += t2 - t1
+            pos = 0  # cut the document at the checkpoints and Zipf points inside it
+            for m in sorted({m for m in (*marks, *zipf_at) if done < m <= done + d.size} | {done + d.size}):
                 for t, r in rows.items():
-                    zipf_rows[t].append(r[: zipf_tokens - done])
-            pos = 0  # cut the document at the checkpoints inside it
-            for m in sorted({m for m in marks if done < m <= done + d.size} | {done + d.size}):
-                for t, r in rows.items():
-                    add(t, r[pos:m - done].reshape(-1))
+                    for n, rc in counters[t].items():
+                        rc.add(r[pos:m - done, (n - 2) * K:(n - 1) * K])
                 pos = m - done
                 if m in marks:
                     for t in rows:
-                        curve[t].append(n_seen[t])
+                        curve[t].append(sum(rc.distinct for rc in counters[t].values()))
+                if m in zipf_at:
+                    timing["count"] += time.perf_counter() - t2
+                    fit_zipf(m)
+                    t2 = time.perf_counter()
+            timing["count"] += time.perf_counter() - t2
             done += d.size
             if done >= limit:
                 break
-        if not zipf and done >= zipf_tokens:
-            fit_zipf()
-        print(f"  {name}: {done:,} tokens, {time.perf_counter() - t0:.0f} s", file=sys.stderr, flush=True)
+        print(f"  {name}: {done:,} tokens, {time.perf_counter() - t0:.0f} s "
+              f"({', '.join(f'{k} {v:.0f} s' for k, v in timing.items())})", file=sys.stderr, flush=True)
         if save is not None:
             save(result())
         if done >= limit:
             break
-    if not zipf:
-        fit_zipf()
+    if done not in fits and (not fits or done < zipf_at[-1]):
+        fit_zipf(done)  # the corpus (or limit) ended before the largest Zipf point
     return result()
 
 
@@ -267,6 +283,62 @@ def plot_growth(g: dict, img: Path) -> None:
     _save(fig, plt, img / "v41_rank_frequency.png")
 
 
+# ---------------------------------------------------------------------------- markdown
+def _layer(t: str) -> str:
+    return t.split(".engram")[0]
+
+
+def zipf_table(g: dict) -> str:
+    out = ["| corpus | tokens counted | layer | 2-gram s (distinct rows) | 3-gram s | 4-gram s |",
+           "|---|---|---|---|---|---|"]
+    for name, r in sorted(g.items()):
+        for tokens, fit in sorted(r.get("zipf_by_tokens", {}).items(), key=lambda kv: int(kv[0])):
+            for t in sorted(fit, key=lambda t: int(t.split(".")[1])):
+                cells = [f"{z['s']:.3f} ({z['distinct']:,})" for _, z in sorted(fit[t].items())]
+                out.append(f"| {name} | {int(tokens):,} | {_layer(t)} | " + " | ".join(cells) + " |")
+    return "\n".join(out)
+
+
+def growth_tables(g: dict) -> str:
+    out = []
+    for name, r in sorted(g.items()):
+        t1, t14 = sorted(r["distinct"], key=lambda t: int(t.split(".")[1]))
+        rows = r["table_rows"][t1]
+        cpu = f", {r['cpu_seconds']:.0f} s of CPU" if "cpu_seconds" in r else ""
+        out += [f"**{name}** ({r['tokens']:,} tokens, {r['seconds']:.0f} s{cpu}):", "",
+                "| tokens served | distinct rows, layer 1 | % of the table | distinct rows per token "
+                "| distinct rows, layer 14 |", "|---|---|---|---|---|"]
+        for m, a, b in zip(r["checkpoints"], r["distinct"][t1], r["distinct"][t14]):
+            out.append(f"| {m:,} | {a:,} | {100 * a / rows:.3g}% | {a / m:.1f} | {b:,} |")
+        out.append("")
+    return "\n".join(out)
+
+
+def hit_tables(hits: dict) -> str:
+    out = []
+    for label, run in hits.items():
+        for t in sorted({r["table"] for r in run["results"]}, key=lambda t: int(t.split(".")[1])):
+            res = [r for r in run["results"] if r["table"] == t and r.get("mode") != "live"]
+            pols = list(dict.fromkeys(r["policy"] for r in res))
+            caps = sorted({r["capacity_fraction"] for r in res})
+            n = res[0]["lookups"]
+            sec = run.get("seconds_by_table", {}).get(t, run["seconds"])
+            out += [f"**{label}, {_layer(t)}** ({n:,} lookups; {sec:.0f} s of wall time)", "",
+                    "| capacity (rows) | " + " | ".join(pols) + " | default - best other |",
+                    "|---" * (len(pols) + 2) + "|"]
+            for c in caps:
+                h = {r["policy"]: r for r in res if r["capacity_fraction"] == c}
+                online = {p: h[p]["hit_ratio"] for p in pols if p not in ("default", "opt")}
+                best = max(online, key=online.get)
+                cells = [f"**{h[p]['hit_ratio']:.4f}**" if p == "default" else f"{h[p]['hit_ratio']:.4f}"
+                         for p in pols]
+                d = h["default"]["hit_ratio"] - online[best]
+                out.append(f"| {100 * c:.3g}% ({h[pols[0]]['capacity_rows']:,}) | " + " | ".join(cells)
+                           + f" | {d:+.4f} ({best}) |")
+            out.append("")
+    return "\n".join(out)
+
+
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--tokenizer", default=str(Path.home() / ".cache/tierstore/deepseek_v3-3.7.2/tokenizer.json"))
@@ -276,7 +348,8 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--steps", default="growth,traces,hit,budget")
     ap.add_argument("--corpora", default=",".join(CORPORA))
     ap.add_argument("--growth-tokens", type=int, default=10_000_000)
-    ap.add_argument("--zipf-tokens", type=int, default=2_000_000)
+    ap.add_argument("--zipf-tokens", default="1000000,10000000",
+                    help="fit the Zipf exponents after these many tokens (comma-separated)")
     ap.add_argument("--train-tokens", type=int, default=1_000_000, help="profile slice (train split)")
     ap.add_argument("--hit-tokens", type=int, default=1_000_000, help="test slice the hit ratios replay")
     ap.add_argument("--policy", default=POLICIES)
@@ -296,7 +369,8 @@ def main(argv: list[str] | None = None) -> None:
             g[name] = json.loads(gpath.read_text()) if gpath.is_file() else {"tokens": 0}
             if g[name]["tokens"] < args.growth_tokens and not args.plot_only:
                 g[name] = growth(name, cache=Path(args.cache), tokenizer=args.tokenizer, limit=args.growth_tokens,
-                                 zipf_tokens=args.zipf_tokens, save=lambda r, p=gpath: p.write_text(json.dumps(r)))
+                                 zipf_tokens=[int(x) for x in args.zipf_tokens.split(",")],
+                                 save=lambda r, p=gpath: p.write_text(json.dumps(r)))
                 gpath.write_text(json.dumps(g[name]))
         g = {n: r for n, r in g.items() if r["tokens"] and r.get("zipf")}
         if g:
@@ -307,6 +381,12 @@ def main(argv: list[str] | None = None) -> None:
     if "traces" in steps:
         for name in args.corpora:
             make_traces(name, work, args)
+    if "tables" in steps:  # the markdown tables of docs/v41_sizing.md, from the saved results
+        g = {n: json.loads((work / f"growth_{n}.json").read_text()) for n in args.corpora
+             if (work / f"growth_{n}.json").is_file()}
+        h = work / f"hit_{args.hit_tokens}.json"
+        print(zipf_table(g), growth_tables(g), hit_tables(json.loads(h.read_text())) if h.is_file() else "",
+              sep="\n\n", file=sys.stderr)
     hits = None
     if "hit" in steps:
         hits = hit(work, img, args)

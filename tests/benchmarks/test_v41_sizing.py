@@ -64,3 +64,59 @@ def test_growth_counts_distinct_rows_like_a_set(tmp_path: Path):
             assert g["distinct"][t][k] == np.unique(allrows[:m]).size, (t, m)
         z = g["zipf"][t]["2-gram"]
         assert z["lookups"] == allrows[:2000, :8].size and z["distinct"] == np.unique(allrows[:2000, :8]).size
+
+
+def _fake_package(cache: Path, name: str, pages: dict[str, str]) -> None:
+    """A package as ``fetch`` finds it once downloaded and unpacked (no apt, no dpkg)."""
+    (cache / "debs").mkdir(parents=True, exist_ok=True)
+    (cache / "debs" / f"{name}_1.0_all.deb").write_bytes(b"")
+    for rel, text in pages.items():
+        f = cache / "unpacked" / f"{name}_1.0_all" / rel
+        f.parent.mkdir(parents=True, exist_ok=True)
+        f.write_text(text)
+
+
+def _tree(root: Path) -> dict[str, str]:
+    return {p.relative_to(root).as_posix(): p.read_text() for p in sorted(root.rglob("*.txt"))}
+
+
+def test_a_source_added_to_a_built_corpus_is_added_as_a_fresh_build_would(tmp_path: Path, monkeypatch):
+    from benchmarks import corpora
+    from benchmarks.corpora import Source, build
+
+    for cache in (tmp_path / "a", tmp_path / "b"):
+        _fake_package(cache, "docs-de", {f"usr/share/doc/de/{i}.txt": f"Seite {i} auf Deutsch" for i in range(40)})
+        _fake_package(cache, "docs-es", {f"usr/share/doc/es/{i}.txt": f"página {i} en español" for i in range(40)})
+    de, es = Source("docs-de", r"/de/.*\.txt$", "rst"), Source("docs-es", r"/es/.*\.txt$", "rst")
+    monkeypatch.setitem(corpora.CORPORA, "x", [de])
+    build("x", tmp_path / "a")
+    before = {p: p.stat().st_mtime_ns for p in (tmp_path / "a" / "x").rglob("*.txt")}
+    monkeypatch.setitem(corpora.CORPORA, "x", [de, es])
+    build("x", tmp_path / "a")  # adds docs-es, leaves docs-de's files alone
+    build("x", tmp_path / "b")  # from scratch
+    assert _tree(tmp_path / "a" / "x") == _tree(tmp_path / "b" / "x")
+    assert len(_tree(tmp_path / "a" / "x")) == 80
+    assert all(p.stat().st_mtime_ns == t for p, t in before.items())
+    manifest = (tmp_path / "a" / "x" / "MANIFEST").read_text()
+    assert manifest == (tmp_path / "b" / "x" / "MANIFEST").read_text()
+    assert manifest.count("40 documents") == 2
+    build("x", tmp_path / "a")  # nothing missing: nothing written
+    assert (tmp_path / "a" / "x" / "MANIFEST").read_text() == manifest
+
+
+def test_hit_tables_bold_default_and_its_margin_over_the_best_online_policy():
+    from benchmarks.v41_sizing import hit_tables
+
+    def r(policy, cap, hit, table="layers.14.engram.embed.weight"):
+        return {"policy": policy, "capacity_fraction": cap, "capacity_rows": int(cap * 1e6), "hit_ratio": hit,
+                "lookups": 1000, "table": table}
+    run = {"results": [r("lru", 0.01, 0.5), r("arc", 0.01, 0.6), r("default", 0.01, 0.55), r("opt", 0.01, 0.9),
+                       r("lru", 0.1, 0.7), r("arc", 0.1, 0.65), r("default", 0.1, 0.8), r("opt", 0.1, 1.0),
+                       r("lru", 0.01, 0.1, "layers.1.engram.embed.weight"),
+                       r("default", 0.01, 0.2, "layers.1.engram.embed.weight")],
+           "seconds": 3.0, "seconds_by_table": {"layers.14.engram.embed.weight": 7.0}}
+    md = hit_tables({"x_b1": run})
+    assert md.index("x_b1, layers.1**") < md.index("x_b1, layers.14**")  # by layer number, not as strings
+    assert "layers.14** (1,000 lookups; 7 s of wall time)" in md and "layers.1** (1,000 lookups; 3 s" in md
+    assert "| 1% (10,000) | 0.5000 | 0.6000 | **0.5500** | 0.9000 | -0.0500 (arc) |" in md  # opt is no rival
+    assert "| 10% (100,000) | 0.7000 | 0.6500 | **0.8000** | 1.0000 | +0.1000 (lru) |" in md
