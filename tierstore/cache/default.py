@@ -340,11 +340,14 @@ def miss(T, r):  # pragma: no cover - compiled
 
 
 @kernel
-def prefill(T, s, r):  # pragma: no cover - compiled
-    """The prefilled ranked rows all join the core (trimmed when over its target)."""
+def prefill(T, s, r, rank):  # pragma: no cover - compiled
+    """The prefilled ranked rows all join the core (trimmed when over its target). ``rank``:
+    r's rank, given by the index (``Default.prefill_rank``: the prefill rows are a run of
+    the ranking), so no binary search over ``RK`` per row (~1 us each at 6M ranked rows:
+    cache misses); -1: search for it."""
     M, K, L, RK = T[0], T[5], T[6], T[10]
     L[L_FREQ, s] = 0
-    h_push(M, K, s, -rank_of(M, RK, r))
+    h_push(M, K, s, -(rank if rank >= 0 else rank_of(M, RK, r)))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -397,6 +400,7 @@ class Default(Policy):
             raise PolicyParamError(f"hint_horizon={h!r} must be None or a positive integer number of accesses",
                                    param="hint_horizon")
         self._top = np.empty(0, np.int64)
+        self._distinct = False  # ranking(): no row twice in _top
         self._rank_lo = 0
         self._n_dyn = 0
         return p
@@ -406,8 +410,22 @@ class Default(Policy):
         return self._top[: int(self.params["pin_fraction"] * self.capacity)]
 
     def ranking(self) -> tuple[np.ndarray, np.ndarray]:
-        order = np.argsort(self._top, kind="stable")
-        return self._top[order].astype(np.int64), order.astype(np.int64)
+        # (row, rank) packed in one int64 (row < 2**31 in the high half, rank < 2**32 in the
+        # low) and sorted as values: exactly a stable argsort of the rows (equal rows in rank
+        # order), ~4x faster than one at 6M rows (numpy's vectorised sort of values)
+        top = self._top
+        if top.size >= 2**32:  # ranks would not fit the low half (never: ranks < capacity)
+            order = np.argsort(top, kind="stable")
+            rows, ranks = top[order].astype(np.int64), order.astype(np.int64)
+        else:
+            packed = np.sort((top.astype(np.int64) << 32) | np.arange(top.size, dtype=np.int64))
+            rows, ranks = packed >> 32, packed & 0xFFFFFFFF
+        # distinct rows: the prefill rows' ranks are their positions (prefill_rank)
+        self._distinct = not bool((rows[1:] == rows[:-1]).any())
+        return rows, ranks
+
+    def prefill_rank(self) -> int:
+        return self._rank_lo if self._distinct else -1
 
     def ghost_size(self, n_dyn: int) -> int:
         return max(1, n_dyn)

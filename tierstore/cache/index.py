@@ -140,7 +140,8 @@ class CacheIndex:
         self._access = None
         pre = policy.prefill()
         if pre.size and n_dyn:
-            walk.prefill(mod.prefill, self.state, self._as_rows(pre, what="the policy's prefill rows"))
+            walk.prefill(mod.prefill, self.state, self._as_rows(pre, what="the policy's prefill rows"),
+                         policy.prefill_rank())
         self.reset_stats()
 
     # --- statistics ---------------------------------------------------------------------

@@ -63,7 +63,7 @@ def miss(T, r):  # pragma: no cover - compiled
 
 
 @kernel
-def prefill(T, s, r):  # pragma: no cover - compiled
+def prefill(T, s, r, rank):  # pragma: no cover - compiled
     M, K = T[0], T[5]
     key = (1 << _STAMP_BITS) | M[M_TICK]
     K[K_AUX, s] = key
