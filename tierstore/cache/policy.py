@@ -88,6 +88,9 @@ class Policy:
         told each rank instead of searching ``RK`` for it; -1 (the default): not known."""
         return -1
 
+    def after_prefill(self, T: tuple) -> None:
+        """Called once after the prefill hooks ran (a policy may finish its structures here)."""
+
     def ranking(self) -> tuple[np.ndarray, np.ndarray]:
         """(rows sorted by id, their hotness ranks) to keep in RK; empty by default."""
         return _EMPTY, _EMPTY
