@@ -58,7 +58,7 @@ def miss(T, r):  # pragma: no cover - compiled
         h_remove(M, K, s)
         unmap(M, RM, ros, s)
     place(M, RM, ros, s, r)
-    prefill(T, s, r)
+    prefill(T, s, r, -1)
     return s
 
 
