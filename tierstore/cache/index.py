@@ -131,7 +131,8 @@ class CacheIndex:
             M[M_HORIZON] = max(4 * cap, 1 << 20)
         HT = np.zeros((HT_ROWS, 1), dtype=np.int64)
         rk_rows, rk_ranks = policy.ranking()  # rows < 2**31, ranks < capacity
-        RK = np.stack([rk_rows.astype(np.int32), rk_ranks.astype(np.int32)]) if rk_rows.size else np.zeros((2, 0), np.int32)
+        RK = (np.stack([rk_rows.astype(np.int32, copy=False), rk_ranks.astype(np.int32, copy=False)])
+              if rk_rows.size else np.zeros((2, 0), np.int32))
         M[M_RANKM] = rk_rows.size
         # every key is a slot's row or a ghost entry's: cap + gcap keys at most
         RM = new_map(cap + gcap) if row_map is None else row_map
@@ -154,7 +155,9 @@ class CacheIndex:
         self._access = None
         pre = policy.prefill()
         if pre.size and n_dyn:
-            walk.prefill(mod.prefill, self.state, self._as_rows(pre, what="the policy's prefill rows"))
+            walk.prefill(mod.prefill, self.state, self._as_rows(pre, what="the policy's prefill rows"),
+                         policy.prefill_rank())
+            policy.after_prefill(self.state)
         self.reset_stats()
 
     # --- statistics ---------------------------------------------------------------------

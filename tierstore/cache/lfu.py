@@ -58,12 +58,12 @@ def miss(T, r):  # pragma: no cover - compiled
         h_remove(M, K, s)
         unmap(M, RM, ros, s)
     place(M, RM, ros, s, r)
-    prefill(T, s, r)
+    prefill(T, s, r, -1)
     return s
 
 
 @kernel
-def prefill(T, s, r):  # pragma: no cover - compiled
+def prefill(T, s, r, rank):  # pragma: no cover - compiled
     M, K = T[0], T[5]
     key = (1 << _STAMP_BITS) | M[M_TICK]
     K[K_AUX, s] = key

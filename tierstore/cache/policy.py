@@ -5,8 +5,9 @@ Each policy is one module of this package holding
 - three kernels over a tier's state tuple ``T`` (tierstore.cache.layout):
   ``hit(T, s)`` (slot s was hit), ``miss(T, r) -> slot`` (row r missed: evict what the
   policy chooses among unleased slots, insert r with ``place`` and return its slot, or
-  return -1 to let it bypass the tier) and ``prefill(T, s, r)`` (r was placed in s at
-  construction, before any access);
+  return -1 to let it bypass the tier) and ``prefill(T, s, r, rank)`` (r was placed in s
+  at construction, before any access; ``rank``: r's hotness rank in the policy's ranking
+  when the index knows it, else -1);
 - a :class:`Policy` subclass saying how big its arrays are and which scalars it keeps.
 
 The walk (tierstore.cache.walk) calls the hooks one access at a time; the policy never
@@ -82,6 +83,15 @@ class Policy:
     def prefill(self) -> np.ndarray:
         """Rows to place (evictably) right after the pinned ones, e.g. a profile-ranked core."""
         return _EMPTY
+
+    def prefill_rank(self) -> int:
+        """The rank of ``prefill()``'s first row when its rows are consecutive ranks of the
+        policy's ranking (``prefill()[i]`` has rank ``prefill_rank() + i``), so the hook is
+        told each rank instead of searching ``RK`` for it; -1 (the default): not known."""
+        return -1
+
+    def after_prefill(self, T: tuple) -> None:
+        """Called once after the prefill hooks ran (a policy may finish its structures here)."""
 
     def ranking(self) -> tuple[np.ndarray, np.ndarray]:
         """(rows sorted by id, their hotness ranks) to keep in RK; empty by default."""

@@ -88,7 +88,7 @@ def miss(T, r):  # pragma: no cover - compiled
 
 
 @kernel
-def prefill(T, s, r):  # pragma: no cover - compiled
+def prefill(T, s, r, rank):  # pragma: no cover - compiled
     L = T[6]
     L[L_FREQ, s] = 0
     q_push(T[0], L, SMALL, s)

@@ -22,7 +22,7 @@ def miss(T, r):  # pragma: no cover - compiled
 
 
 @kernel
-def prefill(T, s, r):  # pragma: no cover - compiled
+def prefill(T, s, r, rank):  # pragma: no cover - compiled
     pass
 
 

@@ -141,19 +141,22 @@ def abort(T, leased, n):  # pragma: no cover - compiled
 
 
 @kernel
-def prefill(hook, T, rows):  # pragma: no cover - compiled
+def prefill(hook, T, rows, rank0):  # pragma: no cover - compiled
     """Place ``rows`` (not yet resident) into free slots as the policy's starting content;
-    returns how many were placed."""
+    returns how many were placed. ``rank0`` >= 0: ``rows[i]`` has rank ``rank0 + i`` in the
+    policy's ranking (``Policy.prefill_rank``), passed to the hook; -1: unknown (the hook
+    finds it, if it needs it)."""
     M, RM, ros, L = T[0], T[1], T[2], T[6]
     n = 0
-    for r in rows:
+    for i in range(rows.size):
+        r = rows[i]
         if rm_get(RM, r) >= 0:
             continue
         s = take_free(M, L)
         if s < 0:
             break
         place(M, RM, ros, s, r)
-        hook(T, s, r)
+        hook(T, s, r, rank0 + i if rank0 >= 0 else -1)
         n += 1
     return n
 

@@ -260,7 +260,7 @@ def miss(T, r):  # pragma: no cover - compiled
 
 
 @kernel
-def prefill(T, s, r):  # pragma: no cover - compiled
+def prefill(T, s, r, rank):  # pragma: no cover - compiled
     M, L, SK = T[0], T[6], T[8]
     _sat_clear(M, SK, s)
     q_push(M, L, WIN, s)
