@@ -1,5 +1,5 @@
 """The decode path: a lookup whose every id the device tier holds is one compiled call on
-the CPU (``walk.lookup_gather``: the accesses, the copy, the end), for every policy; the
+the CPU (``walk.serve_hits``: the accesses, the copy, the end), for every policy; the
 rows are exact, the counters are those of the walk the simulator replays, and no lease
 or leftover state remains. Timing is benchmarks/bench_lookup.py's; this checks the path
 is taken and is right."""
