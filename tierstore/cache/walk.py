@@ -242,25 +242,27 @@ def _all_hits(hit, T, rows, slots):  # pragma: no cover - compiled
 
 
 @kernel
-def serve_hits(hit, T, rows, slots, slab, out):  # pragma: no cover - compiled
-    """The decode path, tried first by a CPU lookup with an output: when the device tier
-    serves every row (held, its bytes in place) the accesses run as ``access`` would run
-    them, less the leases (``_all_hits``), the rows ``slab[slots]`` are copied into ``out``
-    (uint8 ``[*, row bytes]`` views: one specialization for every dtype) and the lookup has
-    ended: returns True. Otherwise it changed nothing and returns False; the caller runs
-    ``walk_entry``. The caller holds the device tier's lock, so no other lookup evicts a
-    slot while it is copied. Its own small function, apart from the full walk: inside the
-    same function as a policy's inlined ``miss`` (wtinylfu's: the sketch, the admission
-    duel), the same loop took 62 against 18 us per 1,024 ids (measured; module doc: the
-    optimizer does badly on large functions)."""
-    if not _all_hits(hit, T, rows, slots):
-        return False
+def all_hits(hit, T, rows, slots):  # pragma: no cover - compiled
+    """The decode path's bookkeeping, tried first by a CPU lookup with an output:
+    ``_all_hits`` as a compiled call of its own. True: every row was a hit, the accesses are
+    done, ``slots`` holds the rows' slots, and the caller copies them (``copy_rows``) before
+    it lets go of the device tier's lock; the lookup has then ended. False: it changed
+    nothing, and the caller runs the walk (``walk_entry``). Apart from the walk and from the
+    copy on purpose: a policy's inlined ``hit`` in the same function as the copy loop (or as
+    its inlined ``miss``) optimizes badly; for wtinylfu at 1,024 ids, 18 + 6 us as two calls
+    against 37 us as one with the copy, 47-62 us inside the walk (measured, module doc)."""
+    return _all_hits(hit, T, rows, slots)
+
+
+@kernel
+def copy_rows(slab, slots, out):  # pragma: no cover - compiled
+    """``out[i] = slab[slots[i]]`` (uint8 ``[*, row bytes]`` views: one specialization for
+    every dtype), GIL-free."""
     w = out.shape[1]
-    for i in range(rows.size):
+    for i in range(slots.size):
         s = slots[i]
         for j in range(w):
             out[i, j] = slab[s, j]
-    return True
 
 
 @kernel
