@@ -32,6 +32,7 @@ import torch
 
 import tierstore
 from tierstore.cache import policy_names
+from tierstore.cache.registry import POLICIES
 from tierstore.cache.index import budget_for
 from tierstore.format.profile import hot_rows
 from tierstore.format.profile import save_profile
@@ -72,6 +73,9 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--sizes", default="64,1024,16384,65536", help="ids per lookup")
     ap.add_argument("--policies", default=",".join(policy_names()))
     ap.add_argument("--rounds", type=int, default=5)
+    ap.add_argument("--hints", action="store_true",
+                    help="also time each hint-using policy with live hints: hint(ids) then lookup(ids) per call "
+                         "(POLICY+hints), and hint(ids) alone (POLICY_hint_us)")
     args = ap.parse_args(argv)
     if args.quick:
         args.rows, args.sizes, args.rounds = 1 << 14, "64,1024", 2
@@ -93,6 +97,11 @@ def main(argv: list[str] | None = None) -> dict:
         # the policy's bookkeeping (budget_for), as a store counts it
         cached = {p: tierstore.open(path, device="cpu", device_budget=budget_for(args.rows // 10, row_bytes, p),
                                     policy=p) for p in policies}
+        hinted = [p for p in policies if args.hints and POLICIES[p].uses_hints]
+        for p in hinted:  # a store of its own: hints change what a store keeps
+            cached[f"{p}+hints"] = tierstore.open(path, device="cpu", policy=p,
+                                                  device_budget=budget_for(args.rows // 10, row_bytes, p))
+        labels = list(cached)
         try:
             for n in sizes:
                 # the n hottest rows of the profile, shuffled: every policy's tier holds them
@@ -105,15 +114,26 @@ def main(argv: list[str] | None = None) -> dict:
                     for _ in range(3):
                         s.lookup(NAME, ids, out=out)  # admit, then every id hits
                     s.reset_stats()
+                def call(p, s):
+                    if p.endswith("+hints"):  # the step announced (live hints), then looked up
+                        return lambda: (s.hint(NAME, ids), s.lookup(NAME, ids, out=out))
+                    return lambda: s.lookup(NAME, ids, out=out)
+
                 for _ in range(args.rounds):  # interleave: noise hits every system alike
                     r = _per_call_us(lambda: resident.lookup(NAME, ids, out=out), calls, 1)
                     row["resident_us"] = min(row["resident_us"] or r, r)
                     for p, s in cached.items():
-                        c = _per_call_us(lambda s=s: s.lookup(NAME, ids, out=out), calls, 1)
+                        c = _per_call_us(call(p, s), calls, 1)
                         row[f"{p}_us"] = min(row.get(f"{p}_us", c), c)
+                    for p in hinted:
+                        s = cached[f"{p}+hints"]
+                        c = _per_call_us(lambda s=s: s.hint(NAME, ids), calls, 1)
+                        row[f"{p}_hint_us"] = min(row.get(f"{p}_hint_us", c), c)
                 for p, s in cached.items():  # what was timed: lookups that hit on every id
                     row[f"{p}_hit_ratio"] = round(s.stats()["device"]["hit_ratio"], 4)
                 # the floor: the same rows copied straight out of the tier's slab
+                for p in hinted:
+                    row[f"{p}_hint_us"] = round(row[f"{p}_hint_us"], 1)
                 tier = cached[policies[-1]]._tables[NAME].dev
                 slots = torch.from_numpy(tier.index.slots_of(ids).astype(np.int64))
                 row["slab_index_select_us"] = _per_call_us(
@@ -130,8 +150,8 @@ def main(argv: list[str] | None = None) -> dict:
                 results.append(row)
                 print(f"{n:>6} ids  resident {row['resident_us']:8.1f} us  slab index_select "
                       f"{row['slab_index_select_us']:8.1f} us")
-                for p in policies:
-                    print(f"         {p:>9s} {row[f'{p}_us']:8.1f} us  {row[f'{p}_x_resident']:5.2f}x resident  "
+                for p in labels:
+                    print(f"   {p:>15s} {row[f'{p}_us']:8.1f} us  {row[f'{p}_x_resident']:5.2f}x resident  "
                           f"{row[f'{p}_x_index_select']:5.2f}x index_select  bookkeeping "
                           f"{row[f'{p}_bookkeeping']:.0%}")
             breakdown = _breakdown(cached[policies[-1]], rng, counts, args)

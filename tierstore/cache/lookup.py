@@ -17,7 +17,6 @@ from .index import CacheIndex, none_index
 from ..jit import specialized
 from .layout import CACHED
 
-_NO_BYTES = np.empty((0, 0), np.uint8)
 _EMPTY_I64 = np.empty(0, np.int64)  # ``begin`` without a slab to copy from
 
 __all__ = ["Lookup", "Walker"]
@@ -54,7 +53,9 @@ class Walker:
         self._h = host if hkind == CACHED else none_index()
         self.dkind, self.hkind = dkind, hkind
         self._bind()
-        self._entry = None  # walk.lookup_gather's compiled entry point for these policies (on first use)
+        self._entry = None  # walk.walk_entry's compiled entry point for these policies (on first use)
+        self._hits = self._copy = None  # walk.all_hits's (for the device tier's policy) and walk.copy_rows's
+        self._announce = None  # walk.announce's (on first use)
         self._ends: dict[tuple[int, bool], object] = {}
         self._spare = threading.local()  # per thread: the arrays of its last lookup that begin ended  # walk.finish/abort entry points per tier (on first use)
 
@@ -79,8 +80,9 @@ class Walker:
         """Run ``ids`` (C-contiguous int64) through both tiers; the lookup's leases hold
         until ``end``. With ``slab`` and ``out`` (uint8 ``[*, row bytes]`` views of the device
         tier's slab in host memory and of the output, ``len(ids)`` rows): when the device
-        tier serves every id, the rows are copied into ``out`` and the lookup ended in the
-        same compiled call (``lk.done``; the caller holds the device tier's lock)."""
+        tier serves every id, the rows are copied into ``out`` and the lookup ended by one
+        compiled calls (``walk.all_hits``, tried first, then ``walk.copy_rows``: ``lk.done``;
+        the caller holds the device tier's lock); otherwise the walk runs (``walk.walk_entry``)."""
         self._current()
         gather = slab is not None and out is not None
         # a lookup begin ends (done) leaves its arrays behind: the thread's next one of the
@@ -91,13 +93,23 @@ class Walker:
             lk = Lookup(ids.size)
         else:
             self._spare.lk = None
+        if gather and self.dkind == CACHED:  # the decode path: its own small compiled call
+            hargs = (self._d.hooks[0], self.dstate, ids, lk.d_slot)
+            if self._hits is None:
+                self._hits = specialized(walk.all_hits, *hargs)
+                self._copy = specialized(walk.copy_rows, slab, lk.d_slot, out)
+            if self._hits(*hargs):
+                self._copy(slab, lk.d_slot, out)
+                lk.n_dl = lk.m = lk.n_hl = 0
+                lk.done = True
+                self._spare.lk = lk
+                return lk
         args = (*self.args, ids, lk.d_slot, lk.d_code, lk.d_leased, lk.need, lk.need_of, lk.h_slot, lk.h_code,
-                lk.h_leased, gather, slab if gather else _NO_BYTES, out if gather else _NO_BYTES)
+                lk.h_leased)
         if self._entry is None:
-            self._entry = specialized(walk.lookup_gather, *args)
-        lk.n_dl, lk.m, lk.n_hl, lk.done = self._entry(*args)
-        if lk.done:
-            self._spare.lk = lk
+            self._entry = specialized(walk.walk_entry, *args)
+        lk.n_dl, lk.m, lk.n_hl = self._entry(*args)
+        lk.done = False
         return lk
 
     def end(self, lk: Lookup, ok: bool = True) -> None:  # finish/abort never read the hint table
@@ -123,7 +135,10 @@ class Walker:
     def announce(self, ids: np.ndarray) -> None:
         """Hints (``Store.hint``): the device tier hears every id, the host tier the rest."""
         self._hints_ready()
-        walk.announce(self.dkind, self.dstate, self.hkind, self.hstate, ids)
+        args = (self.dkind, self.dstate, self.hkind, self.hstate, ids)
+        if self._announce is None:  # numba's type dispatch of the state tuples costs more than a short call
+            self._announce = specialized(walk.announce, *args)
+        self._announce(*args)
 
     def replay(self, rows: np.ndarray, bounds: np.ndarray, lookahead: int = 0) -> int:
         """Every batch of a trace through ``begin`` + ``end`` (compiled, one call); returns the

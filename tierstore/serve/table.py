@@ -201,9 +201,10 @@ class Table:
     def gather(self, ids: np.ndarray, out: torch.Tensor) -> None:
         """Fill ``out`` (len(ids), dim) on the store's device with the rows ``ids`` (int64, validated).
 
-        The bookkeeping of both cache tiers is one compiled call (``begin``: ``walk.lookup_gather``,
-        the very walk the simulator replays), which on the CPU also copies the rows and ends
-        the lookup when the device tier serves every id; otherwise ``complete`` moves the
+        The bookkeeping of both cache tiers is one compiled call (``begin``). On the CPU, when
+        the device tier serves every id, that is ``walk.all_hits`` (the accesses), followed by
+        ``walk.copy_rows``, and the lookup has ended. Otherwise it is ``walk.walk_entry`` (the
+        very walk the simulator replays) and ``complete`` moves the
         bytes: host/disk -> staged rows -> the slots the walk admitted them to -> ``out``,
         then ends the lookup.
         """

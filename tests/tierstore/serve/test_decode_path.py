@@ -1,5 +1,5 @@
-"""The decode path: a lookup whose every id the device tier holds is one compiled call on
-the CPU (``walk.lookup_gather``: the accesses, the copy, the end), for every policy; the
+"""The decode path: a lookup whose every id the device tier holds is two compiled calls on
+the CPU (``walk.all_hits`` then ``walk.copy_rows``: the accesses, the copy, the end), for every policy; the
 rows are exact, the counters are those of the walk the simulator replays, and no lease
 or leftover state remains. Timing is benchmarks/bench_lookup.py's; this checks the path
 is taken and is right."""
@@ -33,7 +33,7 @@ def store_and_rows(tmp_path_factory):
 
 
 def _refuse(*_args, **_kw):
-    raise AssertionError("an all-hit lookup went past its one compiled call")
+    raise AssertionError("an all-hit lookup went past its compiled calls (all_hits, copy_rows)")
 
 
 @pytest.mark.parametrize("policy", policy_names())
