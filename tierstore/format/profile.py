@@ -229,7 +229,10 @@ def _npy_view(buf: memoryview) -> np.ndarray:
     return np.frombuffer(buf, dtype=dtype, count=count, offset=f.tell()).reshape(shape)
 
 
-_CHUNK = 1 << 20  # counts decompressed per step of a streamed load (8 MiB of int64)
+_CHUNK = 1 << 20  # counts decompressed per step of a streamed version-1 load (8 MiB of int64)
+# (row, count) pairs per step of a streamed version-2 load: 1 MiB of rows or counts, and a
+# step's temporaries (~60 B a pair at most) stay ~8 MiB
+_PAIRS = 1 << 17
 
 
 def _read_exact(f, n: int) -> bytes:
@@ -250,11 +253,9 @@ def _keep_top(rows: np.ndarray, counts: np.ndarray, k: int) -> tuple[np.ndarray,
         return rows, counts
     if k <= 0:
         return _EMPTY, _EMPTY
-    thresh = counts[np.argpartition(-counts, k - 1)[k - 1]]
-    above = counts > thresh
-    tied = counts == thresh
-    tied &= np.cumsum(tied) <= k - int(np.count_nonzero(above))
-    keep = above | tied
+    thresh = np.partition(counts, counts.size - k)[counts.size - k]  # the k-th largest
+    keep = counts > thresh
+    keep[np.flatnonzero(counts == thresh)[: k - int(np.count_nonzero(keep))]] = True
     return rows[keep], counts[keep]
 
 
@@ -344,7 +345,7 @@ def _load_sparse_top(data: Path, info: dict, k: int) -> TopProfile:
     import zstandard
 
     n_rows, where = info["rows"], str(data)
-    buf = bytearray(_CHUNK * 8)  # one reused chunk buffer
+    buf = bytearray(_PAIRS * 8)  # one reused chunk buffer
     try:
         with open(data, "rb") as fh:
             with zstandard.ZstdDecompressor().stream_reader(fh, closefd=False) as raw:
@@ -392,9 +393,9 @@ def _sparse_header(f: _Stream, where: str) -> tuple[int, int]:
 
 
 def _chunks(f: _Stream, buf: bytearray, n: int, where: str):
-    """(start, int64 view of the next <= _CHUNK values) over n values of the stream."""
-    for start in range(0, n, _CHUNK):
-        m = min(_CHUNK, n - start)
+    """(start, int64 view of the next <= _PAIRS values) over n values of the stream."""
+    for start in range(0, n, _PAIRS):
+        m = min(_PAIRS, n - start)
         if f.fill(memoryview(buf)[: m * 8]) != m * 8:
             raise _ended(where)
         yield start, np.frombuffer(buf, np.int64, count=m)
@@ -411,9 +412,9 @@ def _check_rows(f: _Stream, buf: bytearray, n: int, n_rows: int, where: str) -> 
 
 def _top_positions(f: _Stream, buf: bytearray, n: int, k: int, where: str) -> tuple[np.ndarray, np.ndarray, bool]:
     """Reads the counts region: (positions ascending, counts) of the k hottest, and
-    whether a count is <= 0. Candidates pile up until they pass k, then merge into the top
-    k; after that only counts above the k-th enter (an equal one loses the tie: its
-    position is higher). O(k + chunk) memory; no merge at all when k >= n."""
+    whether a count is <= 0. Candidates pile up until they pass 2k (k + a chunk at least),
+    then merge into the top k; after that only counts above the k-th enter (an equal one
+    loses the tie: its position is higher). O(k + chunk) memory; no merge when k >= n."""
     parts: list[tuple[np.ndarray, np.ndarray]] = []
     held, floor, bad = 0, None, False
     for start, c in _chunks(f, buf, n, where):
@@ -425,13 +426,14 @@ def _top_positions(f: _Stream, buf: bytearray, n: int, k: int, where: str) -> tu
             continue
         parts.append((cand + start, c[cand]))
         held += cand.size
-        if held > k:
+        if held > k + max(k, _PAIRS):  # merge only after k more: O(n / k) merges, not one a chunk
             pos_k, counts_k = _keep_top(np.concatenate([p for p, _ in parts]),
                                         np.concatenate([v for _, v in parts]), k)
             parts, held, floor = [(pos_k, counts_k)], k, counts_k.min()
     if not parts:
         return _EMPTY, _EMPTY, bad
-    return np.concatenate([p for p, _ in parts]), np.concatenate([v for _, v in parts]), bad
+    pos_k, counts_k = np.concatenate([p for p, _ in parts]), np.concatenate([v for _, v in parts])
+    return (*_keep_top(pos_k, counts_k, k), bad)
 
 
 def _pick_rows(f: _Stream, buf: bytearray, head: int, n: int, pos: np.ndarray, where: str) -> np.ndarray:

@@ -102,6 +102,7 @@ def test_top_load_equals_hot_rows_of_the_dense_counts(tmp_path, monkeypatch, ver
     """load_profile(top=k) keeps exactly hot_rows(dense, k) with their counts; a version-1
     file is streamed in chunks (small here, so the running top list merges many)."""
     monkeypatch.setattr(profile_mod, "_CHUNK", 1000)
+    monkeypatch.setattr(profile_mod, "_PAIRS", 1000)
     for n in (10, 4321, 100_000):
         c = _zipf_counts(n, n)
         (save_v1_profile if version == 1 else save_profile)(tmp_path, "t", c)
@@ -169,11 +170,10 @@ def test_a_save_torn_between_its_two_files_loads_the_new_counts(tmp_path):
 
 
 def _whole_top(data, info, k):
-    """The top-k load as it was before streaming: the whole file, then the k hottest."""
+    """The top-k load written plainly: the whole file, then a full sort."""
     rows, counts = profile_mod._load_sparse(data, info)
-    rows_k, counts_k = profile_mod._keep_top(rows, counts, k)
-    order = np.argsort(-counts_k, kind="stable")
-    return TopProfile(rows_k[order], counts_k[order], info["rows"], complete=rows.size <= k)
+    order = np.lexsort((rows, -counts))[:k]  # count descending, then row id
+    return TopProfile(rows[order], counts[order], info["rows"], complete=rows.size <= k)
 
 
 def _same_top(a: TopProfile, b: TopProfile) -> bool:
@@ -188,7 +188,7 @@ def test_streamed_sparse_top_equals_the_whole_load(tmp_path, monkeypatch, seed, 
     """A version-2 top-k load streams the file (memory O(k + chunk)) and keeps exactly
     what the whole load + _keep_top kept: same rows, counts, order (ties by row id) and
     ``complete``, for every k (0, inside runs of equal counts, n, past n) and chunk size."""
-    monkeypatch.setattr(profile_mod, "_CHUNK", chunk)
+    monkeypatch.setattr(profile_mod, "_PAIRS", chunk)
     rng = np.random.default_rng(seed)
     n_rows = int(rng.integers(1, 5000))
     n = int(rng.integers(1, n_rows + 1)) if seed else 0  # seed 0: an empty profile
@@ -217,7 +217,7 @@ def test_streamed_top_of_a_recorded_profile(tmp_path, monkeypatch):
     data, _ = profile_paths(tmp_path, "t")
     info = profile_info(tmp_path, "t")
     for chunk in (999, 1 << 14, 1 << 20):
-        monkeypatch.setattr(profile_mod, "_CHUNK", chunk)
+        monkeypatch.setattr(profile_mod, "_PAIRS", chunk)
         for k in (0, 1, 100, 4096, 30_000, info["nonzero"] - 1, info["nonzero"], n_rows):
             assert _same_top(load_profile(tmp_path, "t", n_rows=n_rows, top=k), _whole_top(data, info, k)), (chunk, k)
 
@@ -293,7 +293,7 @@ def test_sparse_profile_damage_raises_the_typed_error(tmp_path, monkeypatch, dam
     data, _ = profile_paths(tmp_path, "t")
     _DAMAGE[damage](data)
     for chunk in (1, 1 << 20):
-        monkeypatch.setattr(profile_mod, "_CHUNK", chunk)
+        monkeypatch.setattr(profile_mod, "_PAIRS", chunk)
         for top in (None, 0, 2, 10):
             with pytest.raises(CorruptDataError):
                 load_profile(tmp_path, "t", top=top)
@@ -309,7 +309,7 @@ def test_streamed_top_load_memory_is_o_k_plus_chunk(tmp_path, monkeypatch):
     rng = np.random.default_rng(0)
     rows = np.sort(rng.choice(50_000_000, n, replace=False))
     save_profile(tmp_path, "t", (rows, rng.integers(1, 1000, n)), n_rows=50_000_000)
-    monkeypatch.setattr(profile_mod, "_CHUNK", chunk)
+    monkeypatch.setattr(profile_mod, "_PAIRS", chunk)
     tracemalloc.start()
     try:
         tp = load_profile(tmp_path, "t", top=k)
