@@ -19,7 +19,8 @@ On disk, per table, in ``STORE/profiles/``:
   to the profile it was made of).
 
 A store keeps only the hottest rows its tiers can hold (``load_profile(..., top=k)``, a
-:class:`TopProfile`); a version-1 file is then streamed a chunk at a time.
+:class:`TopProfile`); the file, of either version, is then streamed a chunk at a time:
+memory O(k + chunk), whatever the profile's size.
 """
 
 from __future__ import annotations
@@ -154,12 +155,9 @@ def load_profile(store: str | Path, table: str, *, n_rows: int | None = None, mi
         raise TierStoreError(f"profile of {table!r} has {info['rows']} rows, the table {n_rows}: "
                              "it was recorded for another table; record it again")
     if info["version"] >= 2:
-        rows, counts = _load_sparse(data, info)
         if top is not None:
-            k = max(0, int(top))
-            rows_k, counts_k = _keep_top(rows, counts, k)  # then sort only those
-            order = np.argsort(-counts_k, kind="stable")  # rows_k ascend: ties stay by id (lexsort: ~1.4x slower)
-            return TopProfile(rows_k[order], counts_k[order], info["rows"], complete=rows.size <= k)
+            return _load_sparse_top(data, info, max(0, int(top)))
+        rows, counts = _load_sparse(data, info)
         dense = np.zeros(info["rows"], np.int64)
         dense[rows] = counts
         return dense
@@ -231,7 +229,10 @@ def _npy_view(buf: memoryview) -> np.ndarray:
     return np.frombuffer(buf, dtype=dtype, count=count, offset=f.tell()).reshape(shape)
 
 
-_CHUNK = 1 << 20  # counts decompressed per step of a streamed load (8 MiB of int64)
+_CHUNK = 1 << 20  # counts decompressed per step of a streamed version-1 load (8 MiB of int64)
+# (row, count) pairs per step of a streamed version-2 load: 1 MiB of rows or counts, and a
+# step's temporaries (~60 B a pair at most) stay ~8 MiB
+_PAIRS = 1 << 17
 
 
 def _read_exact(f, n: int) -> bytes:
@@ -252,11 +253,9 @@ def _keep_top(rows: np.ndarray, counts: np.ndarray, k: int) -> tuple[np.ndarray,
         return rows, counts
     if k <= 0:
         return _EMPTY, _EMPTY
-    thresh = counts[np.argpartition(-counts, k - 1)[k - 1]]
-    above = counts > thresh
-    tied = counts == thresh
-    tied &= np.cumsum(tied) <= k - int(np.count_nonzero(above))
-    keep = above | tied
+    thresh = np.partition(counts, counts.size - k)[counts.size - k]  # the k-th largest
+    keep = counts > thresh
+    keep[np.flatnonzero(counts == thresh)[: k - int(np.count_nonzero(keep))]] = True
     return rows[keep], counts[keep]
 
 
@@ -304,6 +303,154 @@ def _load_top(data: Path, info: dict, k: int) -> TopProfile:
                                "damaged; record the profile again")
     order = np.lexsort((rows_k, -counts_k))
     return TopProfile(rows_k[order], counts_k[order], n, complete=nonzero <= k)
+
+
+class _Stream:
+    """A zstd stream reader read whole: ``read(n)`` (for np.lib.format's header parsers)
+    and ``fill(view)`` (into a reused buffer) return short only at the end of the stream;
+    with ``sha``, everything handed out is hashed in order."""
+
+    def __init__(self, f, sha=None):
+        self.f, self.sha = f, sha
+
+    def read(self, n: int) -> bytes:
+        b = _read_exact(self.f, n)
+        if self.sha is not None:
+            self.sha.update(b)
+        return b
+
+    def fill(self, view: memoryview) -> int:
+        got = 0
+        while got < len(view):
+            r = self.f.readinto(view[got:])
+            if not r:
+                break
+            got += r
+        if self.sha is not None:
+            self.sha.update(view[:got])
+        return got
+
+
+def _load_sparse_top(data: Path, info: dict, k: int) -> TopProfile:
+    """The ``k`` hottest rows of a version-2 file, streamed: memory O(k + chunk), whatever
+    the profile's size (the whole-file load is 16 B per row read, 640 MB at 40M rows, at
+    every open). Same result and same checks as ``_load_sparse`` then ``_keep_top``.
+
+    Two passes over one open file (a save that replaces it meanwhile is not seen). The
+    first hashes the whole body (its SHA-256), checks the rows (strictly ascending, in
+    range), the counts (> 0) and the table's rows, and keeps the positions of the k
+    hottest pairs: a running top k, ties to the lower position, which is the lower row id
+    since the rows ascend. The second decompresses the rows again, only as far as the last
+    kept position, and picks out their ids."""
+    import zstandard
+
+    n_rows, where = info["rows"], str(data)
+    buf = bytearray(_PAIRS * 8)  # one reused chunk buffer
+    try:
+        with open(data, "rb") as fh:
+            with zstandard.ZstdDecompressor().stream_reader(fh, closefd=False) as raw:
+                f = _Stream(raw, hashlib.sha256())
+                n, head = _sparse_header(f, where)
+                bad = _check_rows(f, buf, n, n_rows, where)
+                pos_k, counts_k, bad_counts = _top_positions(f, buf, n, k, where)
+                tail = f.read(8)
+                digest = _read_exact(raw, 32)
+                if len(tail) != 8 or digest != f.sha.digest() or raw.read(1):
+                    raise CorruptDataError(f"profile counts {where!r} do not match their checksum: damaged; "
+                                           "record the profile again")
+            if int.from_bytes(tail, "little") != n_rows:
+                raise CorruptDataError(f"profile {where!r} is of a table of {int.from_bytes(tail, 'little')} rows, "
+                                       f"its metadata says {n_rows}: record the profile again")
+            if bad or bad_counts:
+                raise CorruptDataError(f"profile {where!r} holds rows out of order or range, or counts <= 0: "
+                                       "damaged; record the profile again")
+            fh.seek(0)
+            with zstandard.ZstdDecompressor().stream_reader(fh, closefd=False) as raw:
+                rows_k = _pick_rows(_Stream(raw), buf, head, n, pos_k, where)
+    except CorruptDataError:
+        raise
+    except Exception as e:  # missing file, zstd (frame checksum) or npy errors: damaged either way
+        raise CorruptDataError(f"profile counts {where!r} are unreadable: {e}") from e
+    order = np.argsort(-counts_k, kind="stable")  # rows_k ascend: ties stay by id (lexsort: ~1.4x slower)
+    return TopProfile(rows_k[order], counts_k[order], n_rows, complete=n <= k)
+
+
+def _ended(where: str) -> CorruptDataError:
+    return CorruptDataError(f"profile counts {where!r} end early: damaged; record the profile again")
+
+
+def _sparse_header(f: _Stream, where: str) -> tuple[int, int]:
+    """(pairs n, header bytes) of a version-2 body's ``.npy`` header, a (2, n) int64."""
+    version = np.lib.format.read_magic(f)
+    read_header = {(1, 0): np.lib.format.read_array_header_1_0,
+                   (2, 0): np.lib.format.read_array_header_2_0}.get(version)
+    if read_header is None:
+        raise CorruptDataError(f"profile counts {where!r} are a .npy of version {version}")
+    shape, fortran, dtype = read_header(f)
+    if len(shape) != 2 or shape[0] != 2 or fortran or dtype != np.int64:
+        raise CorruptDataError(f"profile {where!r} holds {dtype} {shape}, not (2, n) int64")
+    return int(shape[1]), f.f.tell()
+
+
+def _chunks(f: _Stream, buf: bytearray, n: int, where: str):
+    """(start, int64 view of the next <= _PAIRS values) over n values of the stream."""
+    for start in range(0, n, _PAIRS):
+        m = min(_PAIRS, n - start)
+        if f.fill(memoryview(buf)[: m * 8]) != m * 8:
+            raise _ended(where)
+        yield start, np.frombuffer(buf, np.int64, count=m)
+
+
+def _check_rows(f: _Stream, buf: bytearray, n: int, n_rows: int, where: str) -> bool:
+    """Reads the rows region; True when the rows are not strictly ascending in [0, n_rows)."""
+    prev, bad = -1, False
+    for _, r in _chunks(f, buf, n, where):
+        bad = bad or bool(r[0] <= prev or r[-1] >= n_rows or (r[1:] <= r[:-1]).any())
+        prev = int(r[-1])
+    return bad
+
+
+def _top_positions(f: _Stream, buf: bytearray, n: int, k: int, where: str) -> tuple[np.ndarray, np.ndarray, bool]:
+    """Reads the counts region: (positions ascending, counts) of the k hottest, and
+    whether a count is <= 0. Candidates pile up until they pass 2k (k + a chunk at least),
+    then merge into the top k; after that only counts above the k-th enter (an equal one
+    loses the tie: its position is higher). O(k + chunk) memory; no merge when k >= n."""
+    parts: list[tuple[np.ndarray, np.ndarray]] = []
+    held, floor, bad = 0, None, False
+    for start, c in _chunks(f, buf, n, where):
+        bad = bad or bool(c.min() <= 0)
+        if k <= 0:
+            continue
+        cand = np.flatnonzero(c > floor) if floor is not None else np.arange(c.size)
+        if not cand.size:
+            continue
+        parts.append((cand + start, c[cand]))
+        held += cand.size
+        if held > k + max(k, _PAIRS):  # merge only after k more: O(n / k) merges, not one a chunk
+            pos_k, counts_k = _keep_top(np.concatenate([p for p, _ in parts]),
+                                        np.concatenate([v for _, v in parts]), k)
+            parts, held, floor = [(pos_k, counts_k)], k, counts_k.min()
+    if not parts:
+        return _EMPTY, _EMPTY, bad
+    pos_k, counts_k = np.concatenate([p for p, _ in parts]), np.concatenate([v for _, v in parts])
+    return (*_keep_top(pos_k, counts_k, k), bad)
+
+
+def _pick_rows(f: _Stream, buf: bytearray, head: int, n: int, pos: np.ndarray, where: str) -> np.ndarray:
+    """The row ids at ``pos`` (ascending) of the rows region, read as far as the last."""
+    out = np.empty(pos.size, np.int64)
+    if not pos.size:
+        return out
+    if len(f.read(head)) != head:
+        raise _ended(where)
+    done = 0
+    for start, r in _chunks(f, buf, n, where):
+        end = int(np.searchsorted(pos, start + r.size))
+        out[done:end] = r[pos[done:end] - start]
+        done = end
+        if done == pos.size:
+            break
+    return out
 
 
 def zipf_fit(counts: np.ndarray, *, head: float = 0.5) -> tuple[float, np.ndarray]:
