@@ -83,11 +83,12 @@ def _policies(spec: str) -> list[str]:
     return names
 
 
-def _tables(args: argparse.Namespace) -> list[TracedTable]:
-    trace = load_trace(args.trace)
-    profile_trace = load_trace(args.profile_trace) if getattr(args, "profile_trace", None) else None
+def _tables(args: argparse.Namespace, defer_profile: bool = False) -> list[TracedTable]:
+    # --table: only that table's arrays (a V4.1 trace holds both layers)
+    trace = load_trace(args.trace, only=args.table)
+    profile_trace = load_trace(args.profile_trace, only=args.table) if getattr(args, "profile_trace", None) else None
     return traced_tables(trace, table=args.table, store=args.store, profile_trace=profile_trace,
-                         row_bytes=args.row_bytes)
+                         row_bytes=args.row_bytes, defer_profile=defer_profile)
 
 
 def _progress(args: argparse.Namespace, desc: str, total: int | None = None) -> tqdm:
@@ -105,7 +106,7 @@ def run_profile(args: argparse.Namespace) -> int:
         for path in (args.plot, args.rank_plot):
             if path:
                 plots.check_writable(path)
-    tables = _tables(args)
+    tables = _tables(args, defer_profile=True)  # ranked while the replays that need no ranking run
     if args.save_profile:
         if not args.store:
             raise TierStoreError("--save-profile records into a store: give --store STORE")
@@ -130,7 +131,7 @@ def run_profile(args: argparse.Namespace) -> int:
     results = []
     for t in tables:
         caps = parse_capacities(args.capacity or "0.001,0.01,0.1", t.n_rows, t.row_bytes)
-        if t.profile is None and ({"static", "default"} & set(policies)):
+        if not t.has_profile and ({"static", "default"} & set(policies)):
             print(f"note: no profile for {t.name} (--profile-trace or a store profile): static holds "
                   "nothing and default has no static core", file=sys.stderr)
         with _progress(args, f"simulating {t.name}", len(caps) * len(policies)) as bar:

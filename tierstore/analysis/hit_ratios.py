@@ -18,17 +18,20 @@ from __future__ import annotations
 
 import functools
 import os
+import threading
 import time
 from collections.abc import Callable
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from contextlib import AbstractContextManager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from ..cache.index import budget_for
+from ..cache.policy import Policy
+from ..cache.registry import POLICIES
 from ..errors import TierStoreError
 from ..ids import as_row_ids, distinct
 from ..format.profile import TopProfile, load_profile
@@ -51,6 +54,25 @@ class TracedTable:
     row_bytes: int | None  # None: unknown (no store and no --row-bytes); no byte figures then
     profile: TopProfile | None  # the counts of other text (rows seen, ranked), for static and default
     store_table: str | None = None  # the store's table this trace is of
+    # ``traced_tables(defer_profile=True)``: the call that ranks the profile, run once by
+    # ``resolve_profile`` (so a profile's replays that need no ranking start before it)
+    pending_profile: Callable[[], TopProfile] | None = field(default=None, repr=False)
+
+    @property
+    def has_profile(self) -> bool:
+        """Whether the table has a profile (ranked already or still pending)."""
+        return self.profile is not None or self.pending_profile is not None
+
+    def resolve_profile(self) -> TopProfile | None:
+        """The profile, ranked now (once, whichever thread asks first) if it was deferred."""
+        with _PROFILE_LOCK:
+            if self.pending_profile is not None:
+                self.profile = self.pending_profile()
+                self.pending_profile = None
+        return self.profile
+
+
+_PROFILE_LOCK = threading.Lock()
 
 
 def distinct_ids(rows: np.ndarray) -> int:
@@ -62,7 +84,8 @@ def distinct_ids(rows: np.ndarray) -> int:
 
 
 def traced_tables(trace: Trace, *, table: str | None = None, store: str | Path | None = None,
-                  profile_trace: Trace | None = None, row_bytes: int | None = None) -> list[TracedTable]:
+                  profile_trace: Trace | None = None, row_bytes: int | None = None,
+                  defer_profile: bool = False) -> list[TracedTable]:
     """The tables of ``trace`` (only ``table`` if given), sized and profiled.
 
     ``store``: the store the trace was taken from; it gives each table's size and row size
@@ -71,7 +94,9 @@ def traced_tables(trace: Trace, *, table: str | None = None, store: str | Path |
     ``profile_trace``: a trace of other text whose row counts rank rows for ``static`` and
     ``default`` (a one-table profile trace serves any table). Without a store, a table's
     size (and row size, when recorded) comes from the trace file, or else fractions are of
-    the trace's distinct ids.
+    the trace's distinct ids. ``defer_profile``: rank a ``profile_trace`` only when
+    ``TracedTable.resolve_profile`` asks (``policy_hit_ratios`` does it while the replays
+    that need no ranking run).
     """
     names = list(trace.tables)
     if table:
@@ -114,19 +139,29 @@ def traced_tables(trace: Trace, *, table: str | None = None, store: str | Path |
         else:
             sim_rows = n_rows
         profile = None
+        pending = None
         if profile_trace is not None:
             pt = profile_trace.tables.get(name) or (next(iter(profile_trace.tables.values()))
                                                     if len(profile_trace.tables) == 1 else None)
             if pt is None:
                 raise TierStoreError(f"--profile-trace has no table {name!r}")
             # sparse: one (row, count) per distinct id of the profile trace, not per table row
-            seen, n_seen = np.unique(pt.rows[pt.rows < sim_rows], return_counts=True)
-            profile = TopProfile.from_pairs(seen, n_seen, sim_rows)
+            rank = functools.partial(_rank_profile, pt.rows, sim_rows)
+            if defer_profile:
+                pending = rank
+            else:
+                profile = rank()
         elif store:
             # every profiled row (the simulated capacities may go up to the table), as a top list
             profile = load_profile(store, store_table, n_rows=sim_rows, top=sim_rows)
-        out.append(TracedTable(name, t, n_rows, base, sim_rows, rb, profile, store_table))
+        out.append(TracedTable(name, t, n_rows, base, sim_rows, rb, profile, store_table, pending))
     return out
+
+
+def _rank_profile(rows: np.ndarray, sim_rows: int) -> TopProfile:
+    """The sparse profile of a profile trace's ``rows`` (those below ``sim_rows``), ranked."""
+    seen, n_seen = np.unique(rows[rows < sim_rows], return_counts=True)
+    return TopProfile.from_pairs(seen, n_seen, sim_rows)
 
 
 def replay_semantics(t: TableTrace, min_batch: int) -> str:
@@ -155,35 +190,49 @@ def policy_hit_ratios(t: TracedTable, capacities: list[int], policies: list[str]
     and how exact the replay is. ``progress(k)`` is called as k more runs finish.
 
     Work, once per trace: the ids renumbered densely (one argsort) for LRU's stack distances
-    and the optimum's next uses, both of which give every capacity from one preparation.
-    The other policies replay the trace once per capacity (their decisions depend on it).
-    The runs go to ``workers`` threads (default: up to 2, the CPUs there are): every replay
-    is one compiled call that releases the GIL. Runs start largest first, and one starts
+    and the optimum's next uses, both of which give every capacity from one preparation;
+    the profile's ranking (a deferred one: ``TracedTable.resolve_profile``) for the
+    policies that read it (static, default). The other policies replay the trace once per
+    capacity (their decisions depend on it). The runs go to ``workers`` threads (default:
+    up to 2, the CPUs there are): every replay is one compiled call that releases the GIL.
+    The preparations run on this thread meanwhile, the ranking first, and the runs that
+    need neither (lfu, s3fifo, ...) start at once. Runs start largest first, and one starts
     beside others only while their estimated state stays within ``memory_bytes``, so peak
     memory stays that of the trace plus about ``memory_bytes``.
     """
     step = progress or (lambda k: None)
     rows = t.trace.rows
-    kw: dict[str, Any] = dict(n_rows=t.sim_rows, offsets=t.trace.offsets, profile=t.profile,
-                              min_batch=min_batch, lookahead=lookahead, table=t.name)
+    kw: dict[str, Any] = dict(n_rows=t.sim_rows, offsets=t.trace.offsets, min_batch=min_batch,
+                              lookahead=lookahead, table=t.name)
     semantics = replay_semantics(t.trace, min_batch)
-    dense = None
+    prep: dict[str, Any] = {"dense": None}
+    preps: list[tuple[str, Callable[[], Any]]] = []
+    ranked = [p for p in policies if p != "opt" and _reads_profile(p)]
+    if ranked:
+        preps.append(("profile", t.resolve_profile))
     if "opt" in policies or ("lru" in policies and lookahead == 0 and len(capacities) > 2):  # simulate's rule
         from .stack_distance import dense_ids
 
-        dense = dense_ids(rows)
+        preps.append(("dense", functools.partial(dense_ids, rows)))
     n = rows.size
-    jobs: list[tuple[int, int, Callable[[], list]]] = []  # (estimated bytes, runs, call)
+
+    def run(caps: list[int], p: str) -> list:
+        # the profile only for the policies that read it: the others pin nothing either way
+        return simulate(rows, caps, [p], dense=prep["dense"] if p in ("lru", "opt") else None,
+                        profile=prep.get("profile") if p in ranked else None, **kw)
+
+    jobs: list[_Job] = []
     for p in ("lru", "opt"):  # every capacity at once: LRU from one stack-distance pass (where that
         if p in policies:  # is exact), opt from one preparation of the trace (next uses)
             cost = (_LRU_BYTES if p == "lru" else _OPT_BYTES) * n
-            jobs.append((cost, len(capacities), functools.partial(simulate, rows, capacities, [p], dense=dense, **kw)))
+            needs = ("dense",) if any(name == "dense" for name, _ in preps) else ()
+            jobs.append(_Job(cost, len(capacities), functools.partial(run, list(capacities), p), needs))
     for cap in capacities:
         for p in policies:
             if p not in ("lru", "opt"):
                 cost = _SLOT_BYTES * min(int(cap), max(1, t.sim_rows))
-                jobs.append((cost, 1, functools.partial(simulate, rows, [cap], [p], **kw)))
-    res = _run_jobs(jobs, workers or min(2, len(os.sched_getaffinity(0))), memory_bytes, step)
+                jobs.append(_Job(cost, 1, functools.partial(run, [cap], p), ("profile",) if p in ranked else ()))
+    res = _run_jobs(jobs, preps, prep, workers or min(2, len(os.sched_getaffinity(0))), memory_bytes, step)
     res.sort(key=lambda r: (r.capacity_rows, policies.index(r.policy)))
     opt = {r.capacity_rows: r.hit_ratio for r in res if r.policy == "opt"}
     out = []
@@ -202,34 +251,64 @@ def policy_hit_ratios(t: TracedTable, capacities: list[int], policies: list[str]
     return out
 
 
-def _run_jobs(jobs: list[tuple[int, int, Callable[[], list]]], workers: int, memory_bytes: int,
-              step: Callable[[int], object]) -> list:
-    """Run ``(estimated bytes, runs, call)`` jobs on ``workers`` threads, largest first, a
-    job beside others only while the estimates of those running stay within
-    ``memory_bytes``; concatenated results (in no particular order)."""
-    pending = sorted(jobs, key=lambda j: -j[0])
+def _reads_profile(policy: str) -> bool:
+    """Whether a registered policy reads a profile (pins or ranks rows by it: static,
+    default); the others' replays are the same with or without one."""
+    cls = POLICIES[policy]
+    return cls.ranks or cls.prepare is not Policy.prepare
+
+
+@dataclass
+class _Job:
+    cost: int  # estimated bytes while it runs
+    runs: int  # results it gives (for progress)
+    call: Callable[[], list]
+    needs: tuple[str, ...] = ()  # preparations it waits for
+
+
+def _run_jobs(jobs: list[_Job], preps: list[tuple[str, Callable[[], Any]]], prep: dict[str, Any], workers: int,
+              memory_bytes: int, step: Callable[[int], object]) -> list:
+    """Run the jobs on ``workers`` threads, largest first, a job beside others only while the
+    estimates of those running stay within ``memory_bytes``, and each only once the
+    preparations it needs are done. The preparations (``(name, call)``, in order; their
+    results go to ``prep[name]``) run on this thread while the jobs that need none run.
+    Concatenated results (in no particular order)."""
+    pending = sorted(jobs, key=lambda j: -j.cost)
+    preps = list(preps)
     out: list = []
+
+    def ready(j: _Job) -> bool:
+        return all(name in prep and not any(name == q for q, _ in preps) for name in j.needs)
+
     if workers <= 1:
-        for _, k, call in pending:
-            out += call()
-            step(k)
+        for name, call in preps:
+            prep[name] = call()
+        for j in pending:
+            out += j.call()
+            step(j.runs)
         return out
-    running: dict[Future, tuple[int, int]] = {}
+    running: dict[Future, _Job] = {}
     with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="tierstore-profile") as pool:
-        while pending or running:
-            held = sum(c for c, _ in running.values())
+        while pending or running or preps:
+            held = sum(j.cost for j in running.values())
             while pending and len(running) < workers:
-                i = next((i for i, j in enumerate(pending) if not running or held + j[0] <= memory_bytes), None)
+                i = next((i for i, j in enumerate(pending)
+                          if ready(j) and (not running or held + j.cost <= memory_bytes)), None)
                 if i is None:
                     break
-                cost, k, call = pending.pop(i)
-                running[pool.submit(call)] = (cost, k)
-                held += cost
+                j = pending.pop(i)
+                running[pool.submit(j.call)] = j
+                held += j.cost
+            if preps:  # the next preparation, here, while the workers run what they can
+                name, call = preps[0]
+                prep[name] = call()
+                preps.pop(0)
+                continue
             done, _ = wait(list(running), return_when=FIRST_COMPLETED)
             for f in done:
-                _, k = running.pop(f)
+                j = running.pop(f)
                 out += f.result()  # a run's error ends the profile (the others finish first)
-                step(k)
+                step(j.runs)
     return out
 
 
@@ -242,7 +321,7 @@ def two_tier_hit_ratios(t: TracedTable, device_rows: int, host_rows: int, polici
     n = t.trace.rows.size
     for p in (q for q in policies if q != "opt"):
         r = simulate_tiers(t.trace.rows, device_rows, host_rows, p, n_rows=t.sim_rows, offsets=t.trace.offsets,
-                           profile=t.profile, min_batch=min_batch, lookahead=lookahead)
+                           profile=t.resolve_profile(), min_batch=min_batch, lookahead=lookahead)
         disk_rows = r["host"]["misses"] if host_rows > 0 else r["device"]["misses"]
         entry = {"device_hit_ratio": r["device"]["hit_ratio"],
                  "host_hit_ratio_of_device_misses": r["host"]["hit_ratio"],
@@ -280,7 +359,7 @@ def live_hit_ratios(open_store: Callable[[int, str], AbstractContextManager[Any]
             live_s = time.perf_counter() - t0
             cap_rows = int(dev.get("capacity_rows", cap))
             sim = simulate_tiers(rows, cap_rows, 0, p, n_rows=t.sim_rows, offsets=t.trace.offsets,
-                                 profile=t.profile, min_batch=min_batch)["device"]
+                                 profile=t.resolve_profile(), min_batch=min_batch)["device"]
             out.append({"policy": p, "capacity_rows": cap_rows, "table": t.name,
                         "mode": "live", "hit_ratio": dev["hits"] / max(1, dev["hits"] + dev["misses"]),
                         "hits": int(dev["hits"]), "misses": int(dev["misses"]),

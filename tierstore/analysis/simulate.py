@@ -123,9 +123,11 @@ def _opt_int(v: object) -> bool:
     return v is None or (is_json_int(v) and v > 0)
 
 
-def load_trace(path: str | Path) -> Trace:
+def load_trace(path: str | Path, only: str | None = None) -> Trace:
     """Read a trace written by :func:`save_trace`, or a ``.npy`` int array (table "trace").
 
+    ``only``: read just that table's arrays when the trace has it (a V4.1 trace holds both
+    Engram layers: half the reading and the memory); every table when it has not.
     A damaged or inconsistent file raises ``CorruptDataError`` (another version:
     ``FormatVersionError``); a trace whose ids exceed its table's recorded size is refused.
     """
@@ -153,7 +155,10 @@ def load_trace(path: str | Path) -> Trace:
     if not isinstance(header.get("tables"), dict) or not isinstance(header.get("meta", {}), dict):
         raise CorruptDataError(f"{where}: trace header has no table list")
     tables = {}
-    for name, m in header["tables"].items():
+    listed = header["tables"]
+    if only is not None and only in listed:
+        listed = {only: listed[only]}
+    for name, m in listed.items():
         if not isinstance(m, dict) or not isinstance(m.get("index"), int) or not _opt_int(m.get("n_rows")):
             raise CorruptDataError(f"{where}: malformed entry for table {name!r} in the trace header")
         i = m["index"]

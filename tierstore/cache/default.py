@@ -12,7 +12,7 @@ share the tier:
   is a profile), prefilled into every free slot at construction, re-admitted on a miss
   when *core-worthy* (rank < ``rank_lo + int(target)``), evicted coldest rank first: the
   indexed min-heap ``K[K_HEAP]`` with key = -rank (``K[K_KEY, s]``, so a hit reads its
-  slot's rank without a search; a miss finds the rank by binary search in ``RK``). A
+  slot's rank without a search; a miss finds the rank in the rank map ``RK``, a hash table). A
   lookup's leased core rows are parked off the heap until it ends (structs.h_top_free).
 - **Dynamic part**: S3-FIFO over the other slots: a small FIFO (a target share of the
   dynamic rows held now, starting at ``small_fraction``) filters one-hit wonders, a main
@@ -82,6 +82,7 @@ from .layout import (G_QID, G_ROW, K_HEAP, K_HPOS, K_KEY, L_FREQ, L_QID, M_CAP, 
                      M_HORIZON, M_LO, M_NFREE, M_PARAM, M_QLEN, M_RANKM, M_SCAN, M_TICK, NL, Q_HPARK)
 from ..ranking import TopProfile, hot_rows
 from .policy import Policy
+from .rankmap import rk_get
 from .rowmap import rm_get
 from .structs import (g_add, g_front, g_of, g_queue, g_remove, h_push, h_remove, h_top_free, place,
                       q_push, q_to_back, q_unlink, take_free, unmap)
@@ -132,19 +133,9 @@ GO_MAIN = 1  # dropped from main
 
 @kernel
 def rank_of(M, RK, r):  # pragma: no cover - compiled
-    """Hotness rank of row r (0 = hottest), M[M_RANKM] when r is not ranked."""
-    m = M[M_RANKM]
-    lo = 0
-    hi = m
-    while lo < hi:
-        mid = (lo + hi) >> 1
-        if RK[0, mid] < r:
-            lo = mid + 1
-        else:
-            hi = mid
-    if lo < m and RK[0, lo] == r:
-        return RK[1, lo]
-    return m
+    """Hotness rank of row r (0 = hottest), M[M_RANKM] when r is not ranked (RK: the rank
+    map, tierstore.cache.rankmap: one probe run, not a binary search)."""
+    return rk_get(RK, r, M[M_RANKM])
 
 
 @kernel

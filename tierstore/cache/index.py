@@ -2,7 +2,7 @@
 
 A tier owns a slab of ``capacity`` row slots and copies bytes; this index says where rows
 are, counts hits and misses, and runs its policy, all in compiled kernels over the state
-arrays of tierstore.cache.layout (no Python per access, no GIL held). Memory: 14-98 bytes
+arrays of tierstore.cache.layout (no Python per access, no GIL held). Memory: 14-100 bytes
 per *slot* by policy (``state_bytes``; lru and static within issue 19's 32), nothing per
 *table* row (the row -> slot map is a hash table sized to the
 cache, tierstore.cache.rowmap; a profile is read once and only its top ``capacity`` kept).
@@ -27,6 +27,7 @@ from .policy import Policy
 from .registry import PolicySpec, make_policy
 from ..ranking import Profile, as_profile
 from ..jit import specialized
+from .rankmap import rank_map, rank_map_bytes
 from .rowmap import map_bytes, new_map, rm_build, rm_get_many
 from .structs import g_init, q_init
 
@@ -131,8 +132,7 @@ class CacheIndex:
             M[M_HORIZON] = max(4 * cap, 1 << 20)
         HT = np.zeros((HT_ROWS, 1), dtype=np.int64)
         rk_rows, rk_ranks = policy.ranking()  # rows < 2**31, ranks < capacity
-        RK = (np.stack([rk_rows.astype(np.int32, copy=False), rk_ranks.astype(np.int32, copy=False)])
-              if rk_rows.size else np.zeros((2, 0), np.int32))
+        RK = rank_map(rk_rows, rk_ranks)  # row -> rank, a hash table (rankmap.py)
         M[M_RANKM] = rk_rows.size
         # every key is a slot's row or a ghost entry's: cap + gcap keys at most
         RM = new_map(cap + gcap) if row_map is None else row_map
@@ -297,7 +297,7 @@ def state_bytes(policy: str | PolicySpec | Policy, capacity: int) -> int:
             + NG * (gcap + NQ) * i32  # GH
             + max(1, int(policy.sketch_bytes(cap)))  # SK
             + HT_ROWS * 8 * _hint_buckets(policy, cap)  # HT
-            + (2 * cap * i32 if policy.ranks else 0))  # RK
+            + (rank_map_bytes(cap) if policy.ranks else 0))  # RK
 
 
 def slots_within(budget: int, row_bytes: int, policy: str | PolicySpec | Policy) -> int:

@@ -4,7 +4,7 @@ A tier's whole state is one tuple of numpy arrays, ``T``, passed to every kernel
 call with it costs ~1 us); nothing lives in Python objects, so a kernel runs without the
 GIL and the state survives any number of calls. Memory: nothing per *table* row; per
 *slot* (row the tier can hold), the row map and ghosts included, at most: static 14, lru
-32, wtinylfu 35-38, arc 58, s3fifo 59.4, lfu 64, default 98 with its hint table (82 until
+32, wtinylfu 35-38, arc 58, s3fifo 59.4, lfu 64, default 100 with its hint table (84 until
 the first hint); issue 19's bound is 32 (tests/tierstore/cache/test_state_bytes.py, which
 also says why the last five keep more). A store pays for it out of the tier's budget:
 ``index.state_bytes`` is the most these arrays can hold at a capacity, ``slots_within``
@@ -32,7 +32,8 @@ the capacity a budget buys at row bytes plus that.
 - ``SK`` uint8[...]: W-TinyLFU's count-min sketch, doorkeeper and per-slot saturation bits.
 - ``HT`` int64[2, h]: the hint table (row << 8 | count, time of the latest hint), see
   hints.py; one bucket until the first hint (``CacheIndex.hint_table``).
-- ``RK`` int32[2, m]: a profile's ranked rows, sorted by id, and their ranks (default).
+- ``RK`` int64[1.25 x m, a multiple of 8]: the rank map (tierstore.cache.rankmap): a profile's m ranked
+  rows -> their ranks, a hash table (default; empty for the others).
 """
 
 from __future__ import annotations

@@ -36,7 +36,7 @@ class Policy:
     k_rows = 0  # rows of K (per slot) the policy uses
     k_dtype = np.int64  # K's type: int32 where every key fits (slots, heap positions, ranks)
     uses_hints = False
-    ranks = False  # keeps a profile's ranking (RK: 8 bytes per ranked row, up to one per slot)
+    ranks = False  # keeps a profile's ranking (RK: a hash table, 10 bytes per ranked row, up to one per slot)
     l_rows = NL - 1  # rows of L the policy uses: NL with a frequency counter (L_FREQ)
     admits = True  # False: ``miss`` never places a row, so no slot past the pinned ones is
     # ever leased or queued: the index keeps no leases, lease markers or queues (static)

@@ -120,6 +120,54 @@ def test_policy_hit_ratios_side_by_side_equal_one_at_a_time(workers, memory):
         assert (r["hits"], r["misses"]) == (want.hits, want.misses), r
 
 
+@pytest.mark.parametrize("workers", [1, 2])
+def test_a_deferred_profile_gives_the_same_runs_and_ranks_while_others_replay(workers, monkeypatch):
+    """``defer_profile``: the profile is ranked inside ``policy_hit_ratios``, on its own
+    thread, while the runs that read no profile (s3fifo here) already replay on the workers
+    (``tierstore profile`` of a V4.1 trace: the ranking and the dense ids no longer hold every
+    replay back); the results are exactly the eager ones."""
+    import threading
+
+    from tierstore.analysis import hit_ratios
+
+    scattered = (real_text_trace(6000) * 2654435761) % 384_006_168
+    prof = (real_text_trace(20000)[6000:] * 2654435761) % 384_006_168
+    trace = Trace({NAME: TableTrace(scattered, np.arange(0, scattered.size, 8), 384_006_168)})
+    (eager,) = traced_tables(trace, profile_trace=Trace({NAME: TableTrace(prof)}))
+    (lazy,) = traced_tables(trace, profile_trace=Trace({NAME: TableTrace(prof)}), defer_profile=True)
+    assert lazy.profile is None and lazy.has_profile and eager.has_profile
+    started = threading.Event()
+    real_sim = hit_ratios.simulate
+
+    def sim(rows, caps, pols, **kw):
+        if pols == ["s3fifo"]:
+            started.set()
+        return real_sim(rows, caps, pols, **kw)
+
+    monkeypatch.setattr(hit_ratios, "simulate", sim)
+    rank = lazy.pending_profile
+    seen: list[bool] = []
+    lazy.pending_profile = lambda: seen.append(started.wait(60 if workers > 1 else 0)) or rank()
+    caps, pols = [16, 256, 1024], ["s3fifo", "default", "lru", "opt"]
+    res = policy_hit_ratios(lazy, caps, pols, workers=workers)
+    assert seen == [workers > 1]  # ranked once; beside an s3fifo replay when there are workers
+    assert lazy.pending_profile is None and np.array_equal(lazy.profile.rows, eager.profile.rows)
+    want = policy_hit_ratios(eager, caps, pols, workers=1)
+    assert [(r["policy"], r["capacity_rows"], r["hits"], r["misses"]) for r in res] == \
+        [(r["policy"], r["capacity_rows"], r["hits"], r["misses"]) for r in want]
+
+
+def test_load_trace_reads_only_the_table_asked(tmp_path):
+    from tierstore.analysis.simulate import load_trace, save_trace
+
+    a, b = np.arange(10, dtype=np.int64), np.arange(20, 40, dtype=np.int64)
+    path = save_trace(tmp_path / "two.trace.zst", Trace({"a": TableTrace(a, None, 50), "b": TableTrace(b, None, 50)}))
+    assert list(load_trace(path, only="b").tables) == ["b"]
+    assert np.array_equal(load_trace(path, only="b").tables["b"].rows, b)
+    assert list(load_trace(path, only="c").tables) == ["a", "b"]  # not there: every table (the caller names them)
+    assert list(load_trace(path).tables) == ["a", "b"]
+
+
 @pytest.mark.slow
 def test_two_tier_hit_ratios_reports_simulate_tiers(rows, store):
     (t,) = traced_tables(Trace({"trace": TableTrace(rows)}), store=store)
