@@ -27,6 +27,7 @@ from .layout import L_QID, M_GQLEN, M_PARAM, M_QLEN
 from .policy import Policy
 from .structs import (g_add, g_front, g_of, g_queue, g_remove, place, q_first_free, q_push, q_to_back, q_unlink,
                       take_free, unmap)
+from .walk import all_hits_with
 
 
 T1 = 0  # slot queues: front = least recent
@@ -50,6 +51,13 @@ def set_p(M, p):  # pragma: no cover - compiled
 @kernel(inline=True)
 def hit(T, s):  # pragma: no cover - compiled
     q_to_back(T[0], T[6], T2, s)
+
+
+@kernel
+def all_hits(T, rows, slots):  # pragma: no cover - compiled
+    """The decode path's all-hit accesses (walk.all_hits_with) with this module's ``hit``
+    inlined."""
+    return all_hits_with(hit, T, rows, slots)
 
 
 @kernel

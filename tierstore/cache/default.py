@@ -86,6 +86,7 @@ from .rankmap import rk_get
 from .rowmap import rm_get
 from .structs import (g_add, g_front, g_of, g_queue, g_remove, h_push, h_remove, h_top_free, place,
                       q_push, q_to_back, q_unlink, take_free, unmap)
+from .walk import all_hits_with
 
 
 SMALL = 0  # slot queues of the dynamic part
@@ -336,6 +337,13 @@ def hit(T, s):  # pragma: no cover - compiled
             L[L_FREQ, s] += 1
         if adapting:
             M[P_DYNH] += 1
+
+
+@kernel
+def all_hits(T, rows, slots):  # pragma: no cover - compiled
+    """The decode path's all-hit accesses (walk.all_hits_with) with this module's ``hit``
+    inlined."""
+    return all_hits_with(hit, T, rows, slots)
 
 
 @kernel(inline=True)

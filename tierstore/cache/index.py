@@ -152,6 +152,7 @@ class CacheIndex:
         self.n_pinned = lo
         mod = sys.modules[type(policy).__module__]  # the policy's kernels: walk arguments
         self.hooks = (mod.hit, mod.miss)
+        self.all_hits = mod.all_hits  # the decode path's accesses, ``hit`` inlined (walk.all_hits_with)
         self._access = None
         pre = policy.prefill()
         if pre.size and n_dyn:

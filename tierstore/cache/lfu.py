@@ -24,6 +24,7 @@ from ..jit import kernel
 from .layout import K_AUX, K_KEY, M_TICK
 from .policy import Policy
 from .structs import h_push, h_remove, h_top_free, h_update, place, take_free, unmap
+from .walk import all_hits_with
 
 
 _STAMP_BITS = 40  # time fits in 40 bits (1.1e12 accesses); the count sits above it
@@ -33,6 +34,13 @@ _STAMP_BITS = 40  # time fits in 40 bits (1.1e12 accesses); the count sits above
 def hit(T, s):  # pragma: no cover - compiled
     M, K = T[0], T[5]
     K[K_AUX, s] = (((K[K_AUX, s] >> _STAMP_BITS) + 1) << _STAMP_BITS) | M[M_TICK]
+
+
+@kernel
+def all_hits(T, rows, slots):  # pragma: no cover - compiled
+    """The decode path's all-hit accesses (walk.all_hits_with) with this module's ``hit``
+    inlined."""
+    return all_hits_with(hit, T, rows, slots)
 
 
 @kernel(inline=True)

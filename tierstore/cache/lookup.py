@@ -54,7 +54,7 @@ class Walker:
         self.dkind, self.hkind = dkind, hkind
         self._bind()
         self._entry = None  # walk.walk_entry's compiled entry point for these policies (on first use)
-        self._hits = self._copy = None  # walk.all_hits's (for the device tier's policy) and walk.copy_rows's
+        self._hits = self._copy = None  # the device policy's all_hits (walk.all_hits_with) and walk.copy_rows
         self._announce = None  # walk.announce's (on first use)
         self._ends: dict[tuple[int, bool], object] = {}
         self._spare = threading.local()  # per thread: the arrays of its last lookup that begin ended  # walk.finish/abort entry points per tier (on first use)
@@ -80,9 +80,10 @@ class Walker:
         """Run ``ids`` (C-contiguous int64) through both tiers; the lookup's leases hold
         until ``end``. With ``slab`` and ``out`` (uint8 ``[*, row bytes]`` views of the device
         tier's slab in host memory and of the output, ``len(ids)`` rows): when the device
-        tier serves every id, the rows are copied into ``out`` and the lookup ended by one
-        compiled calls (``walk.all_hits``, tried first, then ``walk.copy_rows``: ``lk.done``;
-        the caller holds the device tier's lock); otherwise the walk runs (``walk.walk_entry``)."""
+        tier serves every id, the rows are copied into ``out`` and the lookup ended by two
+        compiled calls (the device policy's ``all_hits``, tried first, then ``walk.copy_rows``:
+        ``lk.done``; the caller holds the device tier's lock); otherwise the walk runs
+        (``walk.walk_entry``)."""
         self._current()
         gather = slab is not None and out is not None
         # a lookup begin ends (done) leaves its arrays behind: the thread's next one of the
@@ -94,9 +95,9 @@ class Walker:
         else:
             self._spare.lk = None
         if gather and self.dkind == CACHED:  # the decode path: its own small compiled call
-            hargs = (self._d.hooks[0], self.dstate, ids, lk.d_slot)
-            if self._hits is None:
-                self._hits = specialized(walk.all_hits, *hargs)
+            hargs = (self.dstate, ids, lk.d_slot)
+            if self._hits is None:  # the policy's own kernel: its ``hit`` inlined, not an argument
+                self._hits = specialized(self._d.all_hits, *hargs)
                 self._copy = specialized(walk.copy_rows, slab, lk.d_slot, out)
             if self._hits(*hargs):
                 self._copy(slab, lk.d_slot, out)

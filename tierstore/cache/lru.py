@@ -6,6 +6,7 @@ from __future__ import annotations
 from ..jit import kernel
 from .policy import Policy
 from .structs import place, q_first_free, q_push, q_to_back, q_unlink, take_free, unmap
+from .walk import all_hits_with
 
 
 Q = 0  # the one queue: front = least recent
@@ -15,6 +16,13 @@ Q = 0  # the one queue: front = least recent
 def hit(T, s):  # pragma: no cover - compiled
     M, L = T[0], T[6]
     q_to_back(M, L, Q, s)
+
+
+@kernel
+def all_hits(T, rows, slots):  # pragma: no cover - compiled
+    """The decode path's all-hit accesses (walk.all_hits_with) with this module's ``hit``
+    inlined."""
+    return all_hits_with(hit, T, rows, slots)
 
 
 @kernel(inline=True)

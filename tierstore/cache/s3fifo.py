@@ -9,6 +9,7 @@ from ..jit import kernel
 from .layout import L_FREQ, M_PARAM, M_QLEN, M_SCAN, NL
 from .policy import Policy
 from .structs import g_add, g_of, g_remove, place, q_first_free, q_push, q_to_back, q_unlink, take_free, unmap
+from .walk import all_hits_with
 
 
 SMALL = 0
@@ -23,6 +24,13 @@ def hit(T, s):  # pragma: no cover - compiled
     L = T[6]
     if L[L_FREQ, s] < 3:
         L[L_FREQ, s] += 1
+
+
+@kernel
+def all_hits(T, rows, slots):  # pragma: no cover - compiled
+    """The decode path's all-hit accesses (walk.all_hits_with) with this module's ``hit``
+    inlined."""
+    return all_hits_with(hit, T, rows, slots)
 
 
 @kernel

@@ -8,12 +8,20 @@ import numpy as np
 from ..jit import kernel
 from ..ranking import TopProfile, hot_rows
 from .policy import Policy
+from .walk import all_hits_with
 
 
 
 @kernel(inline=True)
 def hit(T, s):  # pragma: no cover - compiled
     pass
+
+
+@kernel
+def all_hits(T, rows, slots):  # pragma: no cover - compiled
+    """The decode path's all-hit accesses (walk.all_hits_with) with this module's ``hit``
+    inlined."""
+    return all_hits_with(hit, T, rows, slots)
 
 
 @kernel(inline=True)

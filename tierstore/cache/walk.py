@@ -219,7 +219,7 @@ def lookup(dhit, dmiss, dkind, D, hhit, hmiss, hkind, H, rows, d_slot, d_code, d
 
 
 @kernel(inline=True)
-def _all_hits(hit, T, rows, slots):  # pragma: no cover - compiled
+def all_hits_with(hit, T, rows, slots):  # pragma: no cover - compiled
     """The device tier's part of a lookup whose every row it holds with its bytes in place
     (the decode path), or nothing: returns False at the first row it does not hold, or
     holds in a slot another lookup is still filling, having changed no state. Otherwise
@@ -227,7 +227,14 @@ def _all_hits(hit, T, rows, slots):  # pragma: no cover - compiled
     consumed, counters, the policy's ``hit``, in order), without leases: the caller copies
     the rows before it lets go of the tier's lock, so no slot can be evicted meanwhile. A
     lookup of hits only takes no slot, so it leaves nothing else behind: ``finish`` after
-    ``access`` would only release the leases again."""
+    ``access`` would only release the leases again.
+
+    Each policy module compiles it as its own ``all_hits(T, rows, slots)`` kernel, calling
+    this with the module's ``hit`` named as a global: the decode path's first compiled call
+    (``Walker.begin``, tried before the walk; ``copy_rows`` follows). Named, ``hit`` is
+    inlined with this loop; passed to a compiled kernel as an argument (as the walk takes
+    its hooks) it is not, and is called once per row: for wtinylfu at 1,024 ids 33 against
+    18 us per lookup (measured, standalone variants)."""
     M, RM, ep, HT = T[0], T[1], T[4], T[9]
     lo = M[M_LO]
     for i in range(rows.size):
@@ -244,20 +251,6 @@ def _all_hits(hit, T, rows, slots):  # pragma: no cover - compiled
             hit(T, s)
         M[M_TICK] += 1
     return True
-
-
-@kernel
-def all_hits(hit, T, rows, slots):  # pragma: no cover - compiled
-    """The decode path's bookkeeping, tried first by a CPU lookup with an output:
-    ``_all_hits`` as a compiled call of its own. True: every row was a hit, the accesses are
-    done, ``slots`` holds the rows' slots, and the caller copies them (``copy_rows``) before
-    it lets go of the device tier's lock; the lookup has then ended. False: it changed
-    nothing, and the caller runs the walk (``walk_entry``). Apart from the walk (its policy's
-    ``miss``) and from the copy on purpose; but the cost that remains is elsewhere: ``hit``
-    arrives as an argument and is not inlined, and for wtinylfu at 1,024 ids this call
-    takes 33 us against 18 us for the same ``_all_hits`` with ``wtinylfu.hit`` named as a
-    global (measured, standalone compiled variants; lru's costs far less either way)."""
-    return _all_hits(hit, T, rows, slots)
 
 
 @kernel

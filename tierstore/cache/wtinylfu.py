@@ -59,6 +59,7 @@ from ..jit import kernel
 from .layout import L_QID, M_LO, M_PARAM, M_QLEN
 from .policy import Policy
 from .structs import bucket, place, q_first_free, q_front, q_push, q_to_back, q_unlink, take_free, unmap
+from .walk import all_hits_with
 
 
 WIN = 0  # slot queues: front = least recent
@@ -212,6 +213,13 @@ def hit(T, s):  # pragma: no cover - compiled
             q_to_back(M, L, PROB, q_front(M, L, PROT))
     else:
         q_to_back(M, L, q, s)
+
+
+@kernel
+def all_hits(T, rows, slots):  # pragma: no cover - compiled
+    """The decode path's all-hit accesses (walk.all_hits_with) with this module's ``hit``
+    inlined."""
+    return all_hits_with(hit, T, rows, slots)
 
 
 @kernel

@@ -360,7 +360,7 @@ class Store:
             # the bytes of the begun lookup.
             if t.on_device(flat, stage):
                 return self._prefetcher.done(self._finish(t, stage, buf, full, out))
-            lk = t.begin(flat, stage)  # on the CPU, an all-hit lookup is done by this call (all_hits + copy_rows)
+            lk = t.begin(flat, stage)  # on the CPU, an all-hit lookup is done by this call (the policy's all_hits + copy_rows)
             if lk.on_device:  # done by begin (CPU), or one gather
                 try:
                     if not lk.done:

@@ -202,7 +202,8 @@ class Table:
         """Fill ``out`` (len(ids), dim) on the store's device with the rows ``ids`` (int64, validated).
 
         The bookkeeping of both cache tiers is one compiled call (``begin``). On the CPU, when
-        the device tier serves every id, that is ``walk.all_hits`` (the accesses), followed by
+        the device tier serves every id, that is its policy's ``all_hits`` (the accesses,
+        walk.all_hits_with with the policy's ``hit`` inlined), followed by
         ``walk.copy_rows``, and the lookup has ended. Otherwise it is ``walk.walk_entry`` (the
         very walk the simulator replays) and ``complete`` moves the
         bytes: host/disk -> staged rows -> the slots the walk admitted them to -> ``out``,
