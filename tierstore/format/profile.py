@@ -211,16 +211,22 @@ def _load_sparse(data: Path, info: dict) -> tuple[np.ndarray, np.ndarray]:
     return rows, counts
 
 
-def _npy_view(buf: memoryview) -> np.ndarray:
-    """The array a ``.npy`` image in ``buf`` holds, as a read-only view of ``buf`` (np.load
-    through a BytesIO copies the data twice). Raises ``ValueError`` on a malformed image."""
-    f = io.BytesIO(buf[: min(len(buf), 1 << 16)])  # the header: magic, then a short dict
+def _npy_header(f) -> tuple[tuple[int, ...], bool, np.dtype]:
+    """(shape, fortran order, dtype) of the ``.npy`` header at ``f``'s position (a file-like
+    object); ``ValueError`` for a version this reader does not know."""
     version = np.lib.format.read_magic(f)
     read_header = {(1, 0): np.lib.format.read_array_header_1_0,
                    (2, 0): np.lib.format.read_array_header_2_0}.get(version)
     if read_header is None:
-        raise ValueError(f"unsupported .npy version {version}")
-    shape, fortran, dtype = read_header(f)
+        raise ValueError(f"a .npy of version {version}")
+    return read_header(f)
+
+
+def _npy_view(buf: memoryview) -> np.ndarray:
+    """The array a ``.npy`` image in ``buf`` holds, as a read-only view of ``buf`` (np.load
+    through a BytesIO copies the data twice). Raises ``ValueError`` on a malformed image."""
+    f = io.BytesIO(buf[: min(len(buf), 1 << 16)])  # the header: magic, then a short dict
+    shape, fortran, dtype = _npy_header(f)
     if dtype.hasobject or fortran:
         raise ValueError(f"not a C-order plain array: {dtype}, fortran={fortran}")
     count = int(np.prod(shape, dtype=np.int64))
@@ -271,12 +277,10 @@ def _load_top(data: Path, info: dict, k: int) -> TopProfile:
     chunk = max(_CHUNK, k)  # O(k + chunk) per step, O(n) in all
     try:
         with open(data, "rb") as fh, zstandard.ZstdDecompressor().stream_reader(fh) as f:
-            version = np.lib.format.read_magic(f)
-            read_header = {(1, 0): np.lib.format.read_array_header_1_0,
-                           (2, 0): np.lib.format.read_array_header_2_0}.get(version)
-            if read_header is None:
-                raise CorruptDataError(f"profile counts {str(data)!r} are a .npy of version {version}")
-            shape, fortran, dtype = read_header(f)
+            try:
+                shape, fortran, dtype = _npy_header(f)
+            except ValueError as e:
+                raise CorruptDataError(f"profile counts {str(data)!r} are {e}") from e
             if len(shape) != 1 or shape[0] != n or fortran or dtype.kind not in "iu":
                 raise CorruptDataError(f"profile {str(data)!r} holds {dtype} {shape}, metadata says {n} rows")
             for start in range(0, n, chunk):
@@ -381,12 +385,10 @@ def _ended(where: str) -> CorruptDataError:
 
 def _sparse_header(f: _Stream, where: str) -> tuple[int, int]:
     """(pairs n, header bytes) of a version-2 body's ``.npy`` header, a (2, n) int64."""
-    version = np.lib.format.read_magic(f)
-    read_header = {(1, 0): np.lib.format.read_array_header_1_0,
-                   (2, 0): np.lib.format.read_array_header_2_0}.get(version)
-    if read_header is None:
-        raise CorruptDataError(f"profile counts {where!r} are a .npy of version {version}")
-    shape, fortran, dtype = read_header(f)
+    try:
+        shape, fortran, dtype = _npy_header(f)
+    except ValueError as e:
+        raise CorruptDataError(f"profile counts {where!r} are {e}") from e
     if len(shape) != 2 or shape[0] != 2 or fortran or dtype != np.int64:
         raise CorruptDataError(f"profile {where!r} holds {dtype} {shape}, not (2, n) int64")
     return int(shape[1]), f.f.tell()
