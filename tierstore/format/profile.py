@@ -280,7 +280,7 @@ def _load_top(data: Path, info: dict, k: int) -> TopProfile:
             try:
                 shape, fortran, dtype = _npy_header(f)
             except ValueError as e:
-                raise CorruptDataError(f"profile counts {str(data)!r} are {e}") from e
+                raise CorruptDataError(f"profile counts {str(data)!r} are unreadable: {e}") from e
             if len(shape) != 1 or shape[0] != n or fortran or dtype.kind not in "iu":
                 raise CorruptDataError(f"profile {str(data)!r} holds {dtype} {shape}, metadata says {n} rows")
             for start in range(0, n, chunk):
@@ -388,7 +388,7 @@ def _sparse_header(f: _Stream, where: str) -> tuple[int, int]:
     try:
         shape, fortran, dtype = _npy_header(f)
     except ValueError as e:
-        raise CorruptDataError(f"profile counts {where!r} are {e}") from e
+        raise CorruptDataError(f"profile counts {where!r} are unreadable: {e}") from e
     if len(shape) != 2 or shape[0] != 2 or fortran or dtype != np.int64:
         raise CorruptDataError(f"profile {where!r} holds {dtype} {shape}, not (2, n) int64")
     return int(shape[1]), f.f.tell()

@@ -27,6 +27,7 @@ import os
 import shutil
 import subprocess
 import sys
+import traceback
 from pathlib import Path
 
 import numpy as np
@@ -155,9 +156,11 @@ def serve() -> None:
             try:
                 r = measure(path, policy, int(dev_b), int(host_b), tuple(int(k) for k in lookups.split(",")))
                 sys.stdout.write(json.dumps(r) + "\n")
-                sys.stdout.flush()
                 code = 0
+            except BaseException:  # os._exit below would swallow it: say what failed
+                sys.stdout.write(traceback.format_exc().replace("\n", " | ") + "\n")
             finally:
+                sys.stdout.flush()
                 os._exit(code)
         _, status = os.waitpid(pid, 0)
         print("DONE", status, flush=True)
