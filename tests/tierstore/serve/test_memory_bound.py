@@ -141,7 +141,9 @@ def serve() -> None:
     policy's kernels are loaded by a session on WARM_STORE in the zygote, once per policy, so
     their code is not in any child's growth, and a child costs a fork, not an interpreter
     with torch and tierstore imported (28 of them: ~100 s of the suite)."""
-    torch.set_num_threads(1)  # no thread pool to inherit into a forked child
+    # never torch.set_num_threads here: once it has run, every new thread of a forked child
+    # re-runs it on first use of torch, and the child's thread pool asserts ("Invalid thread
+    # pool!"); one OpenMP thread (the environment, see ``zygote``) starts no pool to inherit
     warmed: set[str] = set()
     for line in sys.stdin:
         path, policy, dev_b, host_b, lookups, warm = line.split()
@@ -169,7 +171,7 @@ def serve() -> None:
 @pytest.fixture(scope="module")
 def zygote():
     p = subprocess.Popen([sys.executable, __file__, "--serve"], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                         text=True, env={**os.environ})
+                         text=True, env={**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"})
     yield p
     p.stdin.close()
     p.wait(timeout=60)
