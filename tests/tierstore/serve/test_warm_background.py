@@ -190,3 +190,26 @@ def test_close_during_the_load(store, paused, when):
     assert not any(th.name == "tierstore-warm" for th in threading.enumerate())
     assert _fds() == fds
     assert s.stats()["open"]["host"]["loading"] == 0
+
+
+def test_the_loader_skips_a_placed_slot_the_walk_gave_to_another_row(store, paused):
+    """The race the row check in ``TierWarmth.commit`` exists for: a lookup's walk evicts a
+    placed, still pending slot and admits another row into it, writes that row's bytes, and
+    the loader reaches the slot before the lookup ends. The loader must leave it alone."""
+    rows = row_file(store)
+    with tierstore.open(store, policy="default", warm="background", **BUDGETS) as s:
+        t = s._tables[T]
+        dw = t.warmth["device"]
+        ids = np.random.default_rng(4).choice(hot_ids(s)[1024:], 600, replace=False)  # device misses
+        out = torch.empty((len(ids), DIM), dtype=t.info.raw_dtype)
+        lk = t.begin(ids)
+        filled = lk.d_slot[lk.d_code == 1]  # FILL
+        taken = filled[np.isin(filled, dw.slots) & (dw.pending[filled] != 0)]
+        assert len(taken), "no placed pending slot was given to another row: nothing tested"
+        t._move(lk, out)  # the new rows' bytes are in their slots; the lookup has not ended
+        s._warmer.resume()
+        assert s._warmer.wait(60)
+        t._end(lk, True)
+        assert (out.view(torch.uint8).numpy().reshape(len(ids), -1) == rows[ids]).all()
+        check_slabs(s, rows)
+        check(s, rows, ids)
