@@ -213,3 +213,31 @@ def test_the_loader_skips_a_placed_slot_the_walk_gave_to_another_row(store, paus
         assert (out.view(torch.uint8).numpy().reshape(len(ids), -1) == rows[ids]).all()
         check_slabs(s, rows)
         check(s, rows, ids)
+
+
+def test_a_row_file_error_under_the_loader_leaves_the_rest_on_demand(store, paused):
+    """The row file fails under the loader (no snapshot: it reads the row file): the loader
+    stops for that tier, stats say why, and lookups fill the pending slots themselves."""
+    from tierstore import faults
+
+    snapshot_path(store, T).unlink()
+    rows = row_file(store)
+    with tierstore.open(store, policy="static", warm="background", **BUDGETS) as s:
+        with faults.inject(faults.FaultPlan(nth=1, op="read")) as plan:
+            s._warmer.allow(1)  # the loader's first read: the only I/O while it is installed
+        assert plan.fired is not None
+        s._warmer.resume()
+        assert s._warmer.wait(60)
+        h = s.stats()["tables"][T]["open"]["host"]
+        assert "Input/output error" in h["loader_error"] and h["loading"] == 0 and h["pending"] > 0, h
+        check(s, rows, np.random.default_rng(6).integers(0, N, 3000))
+        hot = hot_ids(s)
+        check(s, rows, hot)
+        check(s, rows, hot)
+        # every host slot still pending holds a row the device tier serves (those never reach
+        # the host tier); the rest were filled on demand
+        hw, t = s._tables[T].warmth["host"], s._tables[T]
+        still = hw.slots[hw.pending[hw.slots] != 0]
+        assert len(still) == hw.left > 0 and t.dev.index.resident(t.host.index.row_of_slot[still]).all()
+        assert s.stats()["open"]["host"]["on_demand"] >= len(hot) - len(still) - 64
+        check_slabs(s, rows)
