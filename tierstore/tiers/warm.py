@@ -40,6 +40,8 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import wait as wait_futures
 from contextlib import AbstractContextManager
 from typing import TYPE_CHECKING
 
@@ -142,7 +144,7 @@ def warm_steps(tier: Tier, warmth: TierWarmth, *, disk: DiskTier, locked: Callab
     the host tier's, in the store's order). Errors are recorded in ``warmth.stats``."""
     st, info = warmth.stats, tier.info
     step = max(1, STEP_BYTES // max(1, info.row_bytes))
-    disk0 = disk.bytes_read
+    t0 = time.perf_counter()  # this tier's loading starts (the device tier's after the host tier's)
     snap0 = snapshot.bytes_read if snapshot is not None else 0
     try:
         todo = np.arange(len(warmth.slots), dtype=np.int64)
@@ -178,7 +180,9 @@ def warm_steps(tier: Tier, warmth: TierWarmth, *, disk: DiskTier, locked: Callab
                 if not len(sel):
                     continue
                 buf = staged[: len(sel)]
+                b0 = disk.bytes_read  # lookups read the row file too: count around this read only
                 disk.read(warmth.rows[sel], buf)
+                st.bytes_read += disk.bytes_read - b0
                 with locked():
                     st.from_rows += warmth.commit(tier, warmth.slots[sel], warmth.rows[sel], buf)
                 yield
@@ -186,16 +190,17 @@ def warm_steps(tier: Tier, warmth: TierWarmth, *, disk: DiskTier, locked: Callab
         st.loader_error = f"{type(e).__name__}: {e}"
     finally:
         st.loading = 0
-        st.bytes_read += disk.bytes_read - disk0
-        if snapshot is not None:
+        if snapshot is not None:  # only the loader reads the snapshot after open
             st.bytes_read += snapshot.bytes_read - snap0
-        st.seconds = time.perf_counter() - warmth.t0
+        st.seconds = time.perf_counter() - t0
 
 
 def _from_snapshot(tier: Tier, warmth: TierWarmth, snapshot: TableSnapshot, todo: np.ndarray,
                    locked: Callable[[], AbstractContextManager], step: int):
     """The placed rows ``todo`` the snapshot holds, in rank order a step at a time (a run of
-    consecutive ranks by ``read_into``, else ``read_rows``); returns those it does not hold."""
+    consecutive ranks by ``read_into``, else ``read_rows``); returns those it does not hold.
+    One reader thread reads step ``k + 1`` into the other staging buffer while this thread
+    commits step ``k`` (only that thread touches the snapshot meanwhile)."""
     info, st = tier.info, warmth.stats
     pos = snapshot.positions(warmth.rows[todo])
     found = pos >= 0
@@ -203,19 +208,35 @@ def _from_snapshot(tier: Tier, warmth: TierWarmth, snapshot: TableSnapshot, todo
     want, pos = todo[found], pos[found]
     order = np.argsort(pos, kind="stable")
     want, pos = want[order], pos[order]
-    staging = aligned_empty(-(-min(step, len(want)) * info.row_bytes // PAGE_SIZE) + 1).reshape(-1)
-    for s in range(0, len(want), step):
-        sel, p = want[s: s + step], pos[s: s + step]
-        live = warmth.pending[warmth.slots[sel]] != 0
-        if not live.any():
-            continue
+    starts = list(range(0, len(want), step))
+    pages = -(-min(step, len(want)) * info.row_bytes // PAGE_SIZE) + 1
+    staging = [aligned_empty(pages).reshape(-1) for _ in range(min(2, len(starts)))]
+
+    def fetch(k: int) -> np.ndarray | None:
+        sel, p = want[starts[k]: starts[k] + step], pos[starts[k]: starts[k] + step]
+        if not (warmth.pending[warmth.slots[sel]] != 0).any():
+            return None  # lookups filled (or the walk reassigned) every slot of this step
         if int(p[-1]) - int(p[0]) + 1 == len(p):  # a run of ranks: one byte range
-            buf = staging[: len(p) * info.row_bytes].reshape(len(p), info.row_bytes)
-            snapshot.read_into(int(p[0]), buf, lambda k: None)
-        else:
-            buf = snapshot.read_rows(p)
-        data = torch.from_numpy(buf).view(info.raw_dtype).reshape(len(p), info.dim)
-        with locked():
-            st.from_snapshot += warmth.commit(tier, warmth.slots[sel], warmth.rows[sel], data)
-        yield
+            buf = staging[k % 2][: len(p) * info.row_bytes].reshape(len(p), info.row_bytes)
+            snapshot.read_into(int(p[0]), buf, lambda n: None)
+            return buf
+        return snapshot.read_rows(p)
+
+    with ThreadPoolExecutor(1, thread_name_prefix="tierstore-warm-read") as pool:
+        fut: Future | None = pool.submit(fetch, 0) if starts else None
+        try:
+            for k in range(len(starts)):
+                assert fut is not None
+                buf = fut.result()
+                fut = pool.submit(fetch, k + 1) if k + 1 < len(starts) else None
+                if buf is None:
+                    continue
+                sel = want[starts[k]: starts[k] + step]
+                data = torch.from_numpy(buf).view(info.raw_dtype).reshape(len(sel), info.dim)
+                with locked():
+                    st.from_snapshot += warmth.commit(tier, warmth.slots[sel], warmth.rows[sel], data)
+                yield
+        finally:  # stopped or failed: the read in flight still writes a staging buffer
+            if fut is not None:
+                wait_futures([fut])
     return missing

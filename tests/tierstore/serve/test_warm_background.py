@@ -187,7 +187,7 @@ def test_close_during_the_load(store, paused, when):
     if when == "running":
         s._warmer.resume()
     s.close()
-    assert not any(th.name == "tierstore-warm" for th in threading.enumerate())
+    assert not any(th.name.startswith(("tierstore-warm", "tierstore-snapshot")) for th in threading.enumerate())
     assert _fds() == fds
     assert s.stats()["open"]["host"]["loading"] == 0
 
