@@ -119,7 +119,7 @@ class Store:
     path: the store directory (``tierstore build``).
     options: a :class:`~tierstore.StoreOptions` (device, device_budget, host_budget, policy,
         policy_params, threads, io_threads, direct, host_shared, pool_bytes, use_profile,
-        zero_copy, disk_reader, timeout; each field's meaning is documented there), or the
+        zero_copy, disk_reader, timeout, warm; each field's meaning is documented there), or the
         same options as keywords: ``tierstore.open(path, device="cpu", host_budget="2GiB")``;
         keywords given with ``options=`` replace those fields. They are checked before any
         file is opened. In short: ``device`` is where rows are returned (default CUDA if
@@ -477,6 +477,12 @@ class Store:
         hot-set snapshot, ``from_rows``: the row file; ``source`` names them), ``bytes_read``
         and ``seconds``, summed and per tier (``open["device"]``, ``open["host"]``), and the
         snapshots' status (``snapshot``: "ok", "none", "stale", "ignored"; the reason per table).
+        How warm the tiers are (``warm="background"``, tierstore.tiers.warm): ``mode``
+        ("open"/"background"), ``placed`` rows, ``pending`` (placed slots still without their
+        bytes: served from below meanwhile), ``warm`` (the fraction in place, 0 -> 1),
+        ``on_demand`` (pending slots lookups filled first), ``loading`` (tiers the loader is
+        still on); ``rows_loaded``, ``bytes_read`` and ``seconds`` are then the loader's so
+        far, and per table ``snapshot_error`` / ``loader_error`` say why it left rows to lookups.
         """
         per_table = {name: t.stats() for name, t in self._tables.items()}
         agg: dict[str, dict[str, Any]] = {}

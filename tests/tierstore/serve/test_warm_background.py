@@ -241,3 +241,33 @@ def test_a_row_file_error_under_the_loader_leaves_the_rest_on_demand(store, paus
         assert len(still) == hw.left > 0 and t.dev.index.resident(t.host.index.row_of_slot[still]).all()
         assert s.stats()["open"]["host"]["on_demand"] >= len(hot) - len(still) - 64
         check_slabs(s, rows)
+
+
+def test_concurrent_lookups_while_the_loader_runs_free(store, monkeypatch):
+    """Four threads look up hot and cold rows while the loader runs unheld in small steps:
+    every row exact, and every slot holds its row's bytes at the end."""
+    monkeypatch.setattr(tier_warm, "STEP_BYTES", 32 * 256)
+    rows = row_file(store)
+    errors: list[BaseException] = []
+    with tierstore.open(store, policy="default", warm="background", **BUDGETS) as s:
+        hot = hot_ids(s)
+
+        def worker(seed: int) -> None:
+            rng = np.random.default_rng(seed)
+            try:
+                for _ in range(15):
+                    ids = np.concatenate([rng.choice(hot, 400), rng.integers(0, N, 200)])
+                    check(s, rows, ids)
+            except BaseException as e:  # reported below, in the test's thread
+                errors.append(e)
+
+        threads = [threading.Thread(target=worker, args=(k,)) for k in range(4)]
+        for th in threads:
+            th.start()
+        for th in threads:
+            th.join()
+        assert not errors, errors[0]
+        assert s._warmer.wait(60)
+        assert s.stats()["open"]["warm"] == 1.0
+        check_slabs(s, rows)
+        check(s, rows, hot)
