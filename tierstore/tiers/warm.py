@@ -217,7 +217,9 @@ def _from_snapshot(tier: Tier, warmth: TierWarmth, snapshot: TableSnapshot, todo
         if not (warmth.pending[warmth.slots[sel]] != 0).any():
             return None  # lookups filled (or the walk reassigned) every slot of this step
         if int(p[-1]) - int(p[0]) + 1 == len(p):  # a run of ranks: one byte range
-            buf = staging[k % 2][: len(p) * info.row_bytes].reshape(len(p), info.row_bytes)
+            # placed at the file offset's place in its page, so O_DIRECT reads straight into it
+            off = (snapshot.layout.rows_offset + int(p[0]) * info.row_bytes) % PAGE_SIZE
+            buf = staging[k % 2][off: off + len(p) * info.row_bytes].reshape(len(p), info.row_bytes)
             snapshot.read_into(int(p[0]), buf, lambda n: None)
             return buf
         return snapshot.read_rows(p)
