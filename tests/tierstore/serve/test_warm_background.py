@@ -308,3 +308,24 @@ def test_killed_while_warming_leaves_every_file_as_it_was(store):
         check(s, rows, hot_ids(s))
         assert s._warmer.wait(60)
         check_slabs(s, rows)
+
+
+def test_a_shared_host_tier_loads_at_open_and_the_device_tier_in_the_background(store, paused):
+    """``host_shared``: the shared host tier fills at open as always (other processes map
+    it); only the device tier is left to the loader, which copies it from the shared slab."""
+    rows = row_file(store)
+    with tierstore.open(store, policy="static", warm="background", host_shared=True, **BUDGETS) as s:
+        t = s._tables[T]
+        assert set(t.warmth) == {"device"}
+        o = s.stats()["tables"][T]["open"]
+        assert o["host"]["mode"] == "open" and o["host"]["warm"] == 1.0 and o["device"]["warm"] == 0.0, o
+        check(s, rows, hot_ids_of(t)[:200])  # device hits on pending slots: from the shared host slab
+        s._warmer.resume()
+        assert s._warmer.wait(60)
+        o = s.stats()["tables"][T]["open"]
+        assert o["device"]["warm"] == 1.0 and o["device"]["from_source"] > 0 and o["device"]["from_rows"] == 0, o
+        check(s, rows, np.random.default_rng(8).integers(0, N, 3000))
+
+
+def hot_ids_of(t) -> np.ndarray:
+    return t.warmth["device"].rows.copy()
