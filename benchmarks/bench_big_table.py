@@ -163,6 +163,7 @@ class RunSpec:
     sync_below: int = 0  # store runs: EngramLM.attach_store(sync_below=)
     store_threads: int = 4
     max_prompts: int | None = None  # serve only the first prompts (the readahead baseline thrashes)
+    warm: str = "open"  # store runs: StoreOptions.warm ("background": open returns, the tiers fill while serving)
 
 
 def _pct(xs: Sequence[float], q: float) -> float:
@@ -191,7 +192,8 @@ def run_child(spec: RunSpec) -> dict[str, Any]:
         import tierstore
 
         store = tierstore.open(spec.store, device="cpu", device_budget=spec.device_budget,
-                               host_budget=spec.host_budget, threads=spec.store_threads, pool_bytes="64MiB")
+                               host_budget=spec.host_budget, threads=spec.store_threads, pool_bytes="64MiB",
+                               warm=spec.warm)
         # every lookup prefetched at the start of the step (sync_below=0), decode's too: with the
         # table larger than memory a decode lookup reads the disk, which a worker overlaps with
         # the blocks before the Engram layer (the default, 4096, looks small requests up inline:
@@ -245,6 +247,9 @@ def run_child(spec: RunSpec) -> dict[str, Any]:
                    host_hit_ratio=st["host"]["hit_ratio"], disk_rows_read=int(st["disk"]["rows_read"]),
                    store_disk_bytes=int(st["disk"]["bytes_read"]),
                    memory_hit_ratio=1 - st["disk"]["rows_read"] / max(1, looked))
+        o = st["open"]  # warm="background": how warm the tiers were when the workload ended, and how they filled
+        res.update(warm=spec.warm, warm_fraction_at_end=o["warm"], warm_loader_seconds=o["seconds"],
+                   warm_on_demand_rows=o["on_demand"], warm_placed_rows=o["placed"])
     else:
         looked = sum(s.looked_up for s in sources.values())
         # a row lookup touches two pages, the row's codes and its block of scales (another
@@ -393,6 +398,8 @@ def _parser() -> argparse.ArgumentParser:
                     help="no hot-set snapshots (open then loads the profiled rows from the row file)")
     ap.add_argument("--ram-baseline", choices=("auto", "on", "off"), default="auto",
                     help="the whole table in RAM (the engines' approach); auto: when it fits in 60%% of memory")
+    ap.add_argument("--warm", choices=("open", "background"), default="open",
+                    help="the store's StoreOptions.warm: load the hot set before open returns, or while serving")
     ap.add_argument("--keep", action="store_true", help="keep the checkpoint and store (reused by the next run)")
     ap.add_argument("--child", default=None, help=argparse.SUPPRESS)
     return ap
@@ -586,7 +593,7 @@ def _bench(args: argparse.Namespace, work: Path) -> dict[str, Any]:
                        out=str(work / f"run-{i}.json"), device_budget=dev_b, host_budget=hb, limit=limit,
                        group=str(group.path) if group else None, batch_size=args.batch_size,
                        prompt_len=args.prompt_len, decode_len=args.decode_len, prefill_chunk=args.prefill_chunk,
-                       max_prompts=args.readahead_prompts if system == "mmap-readahead" else None)
+                       max_prompts=args.readahead_prompts if system == "mmap-readahead" else None, warm=args.warm)
         Path(spec.out).unlink(missing_ok=True)
         (work / f"run-{i}.spec.json").write_text(json.dumps(asdict(spec)))
         evict(*shards, *store_files)

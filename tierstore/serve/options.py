@@ -26,7 +26,9 @@ from ..errors import TierStoreError
 from ..sizes import parse_size
 from ..tiers.disk import READERS
 
-__all__ = ["StoreOptions", "resolve_options", "resolve_device"]
+__all__ = ["StoreOptions", "resolve_options", "resolve_device", "WARM_MODES"]
+
+WARM_MODES = ("open", "background")
 
 
 def _default_device() -> torch.device:
@@ -96,6 +98,11 @@ class StoreOptions:
     # seconds to wait for another process's stalled fill of a shared host tier; for a sharded
     # store also the collectives' timeout (a dead peer fails the call after it)
     timeout: float = 60.0
+    # when the cache tiers' placed rows (the saved profile's hot set) are loaded: "open" before
+    # open returns; "background": open returns once the indexes are built and one loader
+    # thread fills the tiers while lookups are served (rows not loaded yet come from below,
+    # exact; stats()["open"] says how warm each tier is). Resident tiers load at open either way
+    warm: str = "open"
     _policy_spec: PolicySpec = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
@@ -116,6 +123,9 @@ class StoreOptions:
         if isinstance(t, bool) or not isinstance(t, (int, float)) or not 0 < t < math.inf:
             raise TierStoreError(f"timeout={t!r} must be a positive number of seconds")
         set_("timeout", float(t))
+        if self.warm not in WARM_MODES:
+            raise TierStoreError(f"warm={self.warm!r} must be one of {WARM_MODES}: 'open' loads the hot set before "
+                                 "open returns, 'background' while lookups are served")
         if self.disk_reader not in READERS:
             raise TierStoreError(f"disk_reader={self.disk_reader!r} must be one of {READERS}")
         set_("device_budget", parse_size(self.device_budget, what="device_budget"))

@@ -29,6 +29,7 @@ from ..sizes import format_size
 from ..tiers.cuda import check_device_room
 from ..tiers.hotset import TableSnapshot
 from .table import Table
+from .warm import Warmer
 
 __all__ = ["Store", "open_store", "IdLike", "INLINE_BELOW"]
 
@@ -45,9 +46,13 @@ INLINE_BELOW = 4096
 OPEN_TRIES = 4
 
 
-def _release(tables: list[Table], prefetcher: Prefetcher, pool: BufferPool, wait: bool) -> None:
+def _release(tables: list[Table], prefetcher: Prefetcher, pool: BufferPool, wait: bool,
+             warmer: Warmer | None = None) -> None:
     """Stop the workers and close every table: ``close()``, or garbage collection of a store
-    that was never closed (its files, threads and shared segments must not leak)."""
+    that was never closed (its files, threads and shared segments must not leak). The
+    background loader stops first (it reads the tables' files)."""
+    if warmer is not None:
+        warmer.close()
     prefetcher.close(wait=wait)
     for t in tables:
         t.close()
@@ -75,6 +80,9 @@ def _sum_open(opens: list[dict[str, Any]]) -> dict[str, Any]:
                                if isinstance(v, (int, float))}
         parts = [p for d in ds for p in str(d.get("source", "none")).split("+") if p != "none"]
         out["source"] = "+".join(dict.fromkeys(parts)) or "none"
+        if "placed" in out:  # a fraction of the placed rows, not a sum of fractions
+            out["warm"] = 1.0 - out["pending"] / out["placed"] if out["placed"] else 1.0
+        out["mode"] = "/".join(sorted({str(d.get("mode", "open")) for d in ds})) or "open"
         return out
 
     total = merge(opens)
@@ -111,7 +119,7 @@ class Store:
     path: the store directory (``tierstore build``).
     options: a :class:`~tierstore.StoreOptions` (device, device_budget, host_budget, policy,
         policy_params, threads, io_threads, direct, host_shared, pool_bytes, use_profile,
-        zero_copy, disk_reader, timeout; each field's meaning is documented there), or the
+        zero_copy, disk_reader, timeout, warm; each field's meaning is documented there), or the
         same options as keywords: ``tierstore.open(path, device="cpu", host_budget="2GiB")``;
         keywords given with ``options=`` replace those fields. They are checked before any
         file is opened. In short: ``device`` is where rows are returned (default CUDA if
@@ -146,15 +154,19 @@ class Store:
             try:
                 self._open_tables(spec, use_profile=opts.use_profile, direct=opts.direct,
                                   io_threads=opts.io_threads, host_shared=opts.host_shared,
-                                  zero_copy=opts.zero_copy, disk_reader=opts.disk_reader, timeout=opts.timeout)
+                                  zero_copy=opts.zero_copy, disk_reader=opts.disk_reader, timeout=opts.timeout,
+                                  warm=opts.warm)
                 break
             except (StoreChangedError, CorruptDataError) as e:
                 self._rebuilt_since(e, last=attempt == OPEN_TRIES - 1)
         self._pool = BufferPool(max_bytes=int(opts.pool_bytes))
         self._prefetcher = Prefetcher(opts.threads, self.device)
+        # warm="background": one thread fills every table's cache tiers while lookups run (serve/warm.py)
+        jobs = [t.warm_job for t in self._tables.values() if t.warmth]
+        self._warmer = Warmer(jobs) if jobs else None
         self._closed = False
         self._finalizer = weakref.finalize(self, _release, list(self._tables.values()), self._prefetcher,
-                                           self._pool, False)
+                                           self._pool, False, self._warmer)
 
     def _open_tables(self, spec: PolicySpec, **options: Any) -> None:
         """Open every table of ``self.manifest``, each file checked against its build id
@@ -185,7 +197,8 @@ class Store:
                         build_id=self.manifest.build_id, pinned_build=self.manifest.pinned_build, **options,
                     )
                 finally:  # the Table closes it once loaded; a Table that failed early may not have
-                    if snap is not None and snap[0] is not None:
+                    if snap is not None and snap[0] is not None and (
+                            name not in self._tables or self._tables[name].warm_snapshot is not snap[0]):
                         snap[0].close()
         except BaseException:
             for t in self._tables.values():
@@ -464,6 +477,12 @@ class Store:
         hot-set snapshot, ``from_rows``: the row file; ``source`` names them), ``bytes_read``
         and ``seconds``, summed and per tier (``open["device"]``, ``open["host"]``), and the
         snapshots' status (``snapshot``: "ok", "none", "stale", "ignored"; the reason per table).
+        How warm the tiers are (``warm="background"``, tierstore.tiers.warm): ``mode``
+        ("open"/"background"), ``placed`` rows, ``pending`` (placed slots still without their
+        bytes: served from below meanwhile), ``warm`` (the fraction in place, 0 -> 1),
+        ``on_demand`` (pending slots lookups filled first), ``loading`` (tiers the loader is
+        still on); ``rows_loaded``, ``bytes_read`` and ``seconds`` are then the loader's so
+        far, and per table ``snapshot_error`` / ``loader_error`` say why it left rows to lookups.
         """
         per_table = {name: t.stats() for name, t in self._tables.items()}
         agg: dict[str, dict[str, Any]] = {}
@@ -502,7 +521,7 @@ class Store:
             return
         self._closed = True
         self._finalizer.detach()
-        _release(list(self._tables.values()), self._prefetcher, self._pool, True)
+        _release(list(self._tables.values()), self._prefetcher, self._pool, True, self._warmer)
 
     def __enter__(self) -> Store:
         return self

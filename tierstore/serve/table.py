@@ -40,8 +40,25 @@ from ..format.spec import TableInfo
 from ..tiers import CacheTier, DiskTier, SharedHostTier, Tier
 from ..tiers.cuda import capacity_error, to_device
 from ..tiers.hotset import TableSnapshot
+from ..tiers.warm import TierWarmth, loaded_slots, warm_steps
 
 __all__ = ["Table"]
+
+
+class _Locks:
+    """Two locks taken in order (the device tier's, then the host tier's: the store's order)."""
+
+    def __init__(self, a, b):
+        self.a, self.b = a, b
+
+    def __enter__(self) -> None:
+        self.a.acquire()
+        self.b.acquire()
+
+    def __exit__(self, *exc: object) -> None:
+        self.b.release()
+        self.a.release()
+
 
 class _Placer:
     """Where the rows below the device tier go, for one lookup (CPU path): given need
@@ -119,6 +136,7 @@ class Table:
         disk_reader: str = "auto",
         timeout: float = 60.0,
         snapshot: tuple[TableSnapshot | None, str] | None = None,
+        warm: str = "open",
     ):
         self.info = info
         self.snapshot_status = "none"  # the hot-set snapshot at open: "none", "ok", "stale: ...", "ignored: ..."
@@ -129,6 +147,13 @@ class Table:
                                    device_reader=disk_reader, build_id=pinned_build)
         self.host: Tier | None = None
         self.dev: Tier | None = None
+        # warm="background": the placed slots still waiting for their bytes, per cached tier
+        # (tiers.warm), the snapshot the loader reads (this table closes it), and the
+        # rerouted device hits of lookups in flight (id(lookup) -> (positions, slots, rows, host bytes))
+        self.warmth: dict[str, TierWarmth] = {}
+        self.warm_snapshot: TableSnapshot | None = None
+        self._cold = False  # a placed slot is still pending: begin reroutes hits on pending slots
+        self._reroutes: dict[int, tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, torch.Tensor]] = {}
         # the table's hot-set snapshot, open while the tiers load (a profile places their rows):
         # ``snapshot``, (the snapshot or None, its status), when the caller opened it already
         snap = snapshot[0] if snapshot is not None else None
@@ -147,7 +172,10 @@ class Table:
                 self.host = CacheTier("host", info, host_rows, device=torch.device("cpu"), **pinned,
                                       policy=policy, profile=profile)
             self.dev = CacheTier("device", info, device_rows, device=device, policy=policy, profile=profile)
-            self._preload(snap)
+            if warm == "background":
+                self._preload_resident(snap)
+            else:
+                self._preload(snap)
             self._walker = Walker(self.dev.index, self.dev.kind, self.host.index, self.host.kind)
             # the device slab's bytes, for the walk to copy all-hit lookups itself (CPU only:
             # on CUDA the slab is GPU memory and the gather a kernel on a stream)
@@ -161,7 +189,7 @@ class Table:
             self.close()
             raise
         finally:
-            if snap is not None:
+            if snap is not None and snap is not self.warm_snapshot:
                 snap.close()
 
     # -- loading ----------------------------------------------------------------------------
@@ -180,6 +208,45 @@ class Table:
             torch.cuda.current_stream(self.device).synchronize()
         self.disk.reset_stats()
 
+    def _preload_resident(self, snap: TableSnapshot | None) -> None:
+        """warm="background": resident tiers load now, as for "open"; a cache tier's placed
+        rows are marked pending (``TierWarmth``) for the loader (``warm_jobs``) and lookups."""
+        for name, tier, source in (("host", self.host, None), ("device", self.dev, self.host)):
+            if tier.kind == CACHED and isinstance(tier, CacheTier) and (tier.index.row_of_slot >= 0).any():
+                self.warmth[name] = TierWarmth(tier)
+                tier.open_stats = self.warmth[name].stats
+            else:  # resident, nothing placed, or the shared host tier (filled by its constructor)
+                tier.preload(self.disk, source, snapshot=snap)
+                if snap is not None and tier.open_stats.snapshot_error:
+                    self._drop(snap, tier.open_stats.snapshot_error)
+        self._cold = bool(self.warmth)
+        if self._cold and snap is not None and not snap.dropped:
+            self.warm_snapshot = snap  # kept open for the loader; warm_jobs' end closes it
+        if self.cuda:  # never run: needs CUDA
+            torch.cuda.current_stream(self.device).synchronize()
+        self.disk.reset_stats()
+
+    def warm_job(self):
+        """The background load of this table's cache tiers (a generator: one step per
+        ``next``; the store's loader thread, serve/warm.py, runs it): the host tier, then the
+        device tier from the host slab (tiers.warm). Closes the snapshot when it ends."""
+        try:
+            host_w, dev_w = self.warmth.get("host"), self.warmth.get("device")
+            both = _Locks(self.dev.lock, self.host.lock)
+            if host_w is not None:
+                yield from warm_steps(self.host, host_w, disk=self.disk, locked=lambda: self.host.lock,
+                                      snapshot=self.warm_snapshot)
+                if host_w.stats.snapshot_error:
+                    self._drop(self.warm_snapshot, host_w.stats.snapshot_error)
+            if dev_w is not None:
+                yield from warm_steps(self.dev, dev_w, disk=self.disk, locked=lambda: both, source=self.host,
+                                      source_warmth=host_w, snapshot=self.warm_snapshot)
+                if dev_w.stats.snapshot_error:
+                    self._drop(self.warm_snapshot, dev_w.stats.snapshot_error)
+        finally:
+            if self.warm_snapshot is not None:
+                self.warm_snapshot.close()
+
     def _drop(self, snap: TableSnapshot | None, error: str) -> None:
         """A snapshot page failed its check while loading: the rest of the open does without it."""
         self.snapshot_status = f"ignored: {error}"
@@ -192,7 +259,9 @@ class Table:
         tiers = {name: t.open_stats.as_dict() for name, t in (("device", self.dev), ("host", self.host))}
         total: dict[str, Any] = {k: sum(d[k] for d in tiers.values())
                                  for k in ("rows_loaded", "from_source", "from_snapshot", "from_rows", "bytes_read",
-                                           "seconds")}
+                                           "seconds", "placed", "pending", "on_demand", "loading")}
+        total["warm"] = 1.0 - total["pending"] / total["placed"] if total["placed"] else 1.0
+        total["mode"] = "background" if self.warmth else "open"
         sources = [d["source"] for d in tiers.values() if d["source"] != "none"]
         total["source"] = "+".join(dict.fromkeys(p for s in sources for p in s.split("+"))) or "none"
         return {**total, "snapshot": self.snapshot_status, **tiers}
@@ -241,12 +310,62 @@ class Table:
         if out is not None and self._dev_bytes is not None and out.shape[0] == ids.size:
             dst = out.view(torch.uint8).numpy()  # the rows' bytes: one walk specialization for every dtype
         with self.dev.lock, self.host.lock:  # always in this order (Table.hint too)
-            lk = self._walker.begin(ids, self._dev_bytes, dst)
+            if self._cold:
+                self._cold = any(w.left for w in self.warmth.values())
+            if self._cold:  # warm="background" and a placed slot still waits: no all-hit copy
+                lk = self._walker.begin(ids)
+                self._reroute(ids, lk)
+            else:
+                lk = self._walker.begin(ids, self._dev_bytes, dst)
             if self.events is not None:  # the lookup starts; it ends (below) when its bytes are moved
                 self.events.append(("lookup", ids.copy(), id(lk)))
                 if lk.done:  # ended at once: every row was copied from the device slab
                     self.events.append(("end", True, id(lk)))
         return lk
+
+    def _reroute(self, ids: np.ndarray, lk: Lookup) -> None:
+        """Hits on slots still pending (tiers.warm, rule 1), under both tier locks: a host hit
+        becomes a FILL (read from the row file, written into its slot); a device hit is
+        noted with its bytes from the host slab where it holds them loaded (copied now) and
+        written into its device slot and ``out`` by ``complete``, the rest read from disk."""
+        hw, dw = self.warmth.get("host"), self.warmth.get("device")
+        m = lk.m
+        if hw is not None and hw.left and m:
+            hs, hc = lk.h_slot[:m], lk.h_code[:m]
+            hit = np.flatnonzero(hc == HIT)
+            hc[hit[hw.pending[hs[hit]] != 0]] = FILL
+        if dw is not None and dw.left:
+            pos = np.flatnonzero(lk.d_code == HIT)
+            pos = pos[dw.pending[lk.d_slot[pos]] != 0]
+            if len(pos):
+                rows = ids[pos]
+                hs = loaded_slots(self.host, hw, rows)
+                got = np.flatnonzero(hs >= 0)
+                data = self.host.gather(hs[got]) if len(got) else torch.empty(0)
+                self._reroutes[id(lk)] = (pos, lk.d_slot[pos].copy(), rows, got, data)
+
+    def _fill_rerouted(self, lk: Lookup, out: torch.Tensor) -> None:
+        """The device hits ``_reroute`` noted: their rows (host bytes copied at begin, the rest
+        from disk) into ``out`` and their device slots."""
+        noted = self._reroutes.get(id(lk))
+        if noted is None:
+            return
+        pos, slots, rows, got, data = noted
+        info = self.info
+        rows_in = torch.empty((len(pos), info.dim), dtype=info.raw_dtype)
+        if len(got):
+            rows_in[torch.from_numpy(got)] = data
+        rest = np.ones(len(pos), bool)
+        rest[got] = False
+        if rest.any():
+            idx = np.flatnonzero(rest)
+            uniq, inv = np.unique(rows[idx], return_inverse=True)
+            read = self.disk.gather(uniq, torch.empty((len(uniq), info.dim), dtype=info.raw_dtype,
+                                                      device=self.disk.device))
+            rows_in[torch.from_numpy(idx)] = read.cpu()[torch.from_numpy(inv.reshape(-1))]
+        on = rows_in.to(self.device)
+        self.dev.write(slots, on)
+        out.index_copy_(0, torch.from_numpy(pos).to(out.device), on)
 
     def complete(self, lk: Lookup, out: torch.Tensor) -> None:
         """Move the bytes of a begun lookup into ``out`` and end it (its FILL slots are
@@ -260,6 +379,8 @@ class Table:
                 self._move_cuda(lk, out)
             else:
                 self._move(lk, out)
+            if self._reroutes:
+                self._fill_rerouted(lk, out)
             ok = True
         except torch.OutOfMemoryError as e:  # never run: needs CUDA (a CPU allocation failure is a RuntimeError)
             raise capacity_error(e, self.device, f"looking up {len(lk.d_slot)} rows of table {self.info.name!r}") \
@@ -354,6 +475,16 @@ class Table:
     def _end(self, lk: Lookup, ok: bool) -> None:
         # the lookup ends: its FILL slots hold their bytes now (or, after an error, are dropped)
         with self.dev.lock, self.host.lock:
+            noted = self._reroutes.pop(id(lk), None)
+            if ok and self.warmth and self._cold:  # the slots this lookup wrote hold their bytes now
+                hw, dw = self.warmth.get("host"), self.warmth.get("device")
+                if hw is not None and lk.m:
+                    hw.clear(lk.h_slot[:lk.m][lk.h_code[:lk.m] == FILL])
+                if dw is not None:
+                    dw.clear(lk.d_slot[lk.d_code == FILL])
+                    if noted is not None:
+                        dw.clear(noted[1])
+                self._cold = any(w.left for w in self.warmth.values())
             self._walker.end(lk, ok)
             if self.events is not None:
                 self.events.append(("end", ok, id(lk)))
@@ -378,6 +509,8 @@ class Table:
         self.disk.reset_stats()
 
     def close(self) -> None:
+        if self.warm_snapshot is not None:  # the loader has stopped (the store joined it first)
+            self.warm_snapshot.close()
         for tier in (self.dev, self.host, self.disk):  # a failed open may have built only some
             if tier is not None:
                 tier.close()

@@ -67,6 +67,13 @@ class OpenStats:
     bytes_read: int = 0  # snapshot + row file bytes read for this tier
     seconds: float = 0.0
     snapshot_error: str = ""  # a snapshot page failed its check: the rest came from the row file
+    # warm="background" (tiers.warm): the rows above are what the loader has loaded so far
+    mode: str = "open"  # "open": loaded before open returned; "background": by the store's loader thread
+    placed: int = 0  # rows the policy placed (background; for "open", rows_loaded)
+    pending: int = 0  # placed slots still waiting for their bytes (served from below meanwhile)
+    on_demand: int = 0  # pending slots a lookup filled before the loader reached them
+    loading: int = 0  # 1 while the loader still works on this tier
+    loader_error: str = ""  # the row file failed under the loader: the rest loads on demand
 
     @property
     def source(self) -> str:
@@ -76,7 +83,13 @@ class OpenStats:
         return "+".join(parts) or "none"
 
     def as_dict(self) -> dict[str, float | str]:
-        return {**asdict(self), "source": self.source}
+        """The fields, ``source``, and ``warm``: the fraction of the placed rows in place (1.0
+        when every placed row is, or none was placed)."""
+        d = {**asdict(self), "source": self.source}
+        if self.mode == "open":
+            d["placed"] = self.rows_loaded
+        d["warm"] = 1.0 - self.pending / d["placed"] if d["placed"] else 1.0
+        return d
 
 
 class TableSnapshot:
