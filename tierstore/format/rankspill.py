@@ -94,7 +94,7 @@ class RankSpill:
             self.buf = torch.from_numpy(aligned_buffer(max(1, n) * rec, populate=n > 0).reshape(max(1, n), rec))
             self.loaded = 0
             return
-        per = max(unit, min(_STAGE_MAX // rec, stage_bytes // self.n_buckets // rec) // unit * unit)
+        per = max(unit, min(_STAGE_MAX // rec, stage_bytes // self.n_buckets // rec, self.bucket // 4) // unit * unit)
         self.stage_rows = per
         self.stage = torch.from_numpy(aligned_buffer(self.n_buckets * per * rec).reshape(self.n_buckets, per, rec))
         self.staged = np.zeros(self.n_buckets, dtype=np.int64)  # records in each staging buffer
