@@ -10,8 +10,8 @@ unbounded (a 16 GiB head at V4.1 size). So: an external bucket pass.
 ``[0, n)``, in any order, in batches (:meth:`add`). Positions are cut into buckets of
 ``bucket`` consecutive positions. When the whole output fits ``memory`` the records are
 appended to one in-memory buffer (``resident``: no extra I/O). Otherwise each record is
-appended, through a small per-bucket staging buffer, to its bucket's *own region* of the
-output file (bucket ``k``'s region is exactly the bytes its records finally occupy), with
+appended, through a small per-bucket staging buffer (two halves: one fills while the other is
+written by a writer thread), to its bucket's *own region* of the output file (bucket ``k``'s region is exactly the bytes its records finally occupy), with
 large sequential page-aligned writes (``O_DIRECT`` where the filesystem takes it). Once
 every record is in, :meth:`load` reads one bucket back (one sequential read of at most
 ``bucket`` records) and :meth:`gather` copies any run of its positions out in position order
@@ -19,9 +19,9 @@ every record is in, :meth:`load` reads one bucket back (one sequential read of a
 writes those rows in place. Every record is written twice and read back once when spilled.
 
 Memory: the resident buffer (at most ``memory``) or one bucket's read-back plus the staging
-buffers (``stage_bytes`` in all, but at least one whole-page run of records per bucket:
-``lcm(rec, 4096)`` bytes, 132 KiB for 264-byte rows, 64 of them for a 16 GiB head in 256 MiB
-buckets), and the arrival order (4 bytes per record: what ``gather``
+buffers (``stage_bytes`` in all, but at least two whole-page runs of records per bucket:
+``2 x lcm(rec, 4096)`` bytes, 264 KiB for 264-byte rows, 64 of them for a 16 GiB head in
+256 MiB buckets), and the arrival order (4 bytes per record: what ``gather``
 permutes by). Nothing is sized by the source table. The scratch is the output file itself,
 so a failure or a kill leaves nothing beyond what the caller's own atomic publication
 cleans: the build's work directory (``format.recovery``), the snapshot's temporary sibling
@@ -34,13 +34,14 @@ from __future__ import annotations
 import errno
 import math
 import os
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
 import torch
 
 from ..files import os_error, pwrite_all, read_full
-from .prefetch import aligned_buffer
+from .prefetch import aligned_buffer, small_stacks
 from .spec import PAGE_SIZE
 
 __all__ = ["RankSpill", "BUCKET_BYTES", "STAGE_BYTES", "widest_word"]
@@ -94,9 +95,13 @@ class RankSpill:
             self.buf = torch.from_numpy(aligned_buffer(max(1, n) * rec, populate=n > 0).reshape(max(1, n), rec))
             self.loaded = 0
             return
-        per = max(unit, min(_STAGE_MAX // rec, stage_bytes // self.n_buckets // rec, self.bucket // 4) // unit * unit)
+        per = max(unit, min(_STAGE_MAX // rec, stage_bytes // 2 // self.n_buckets // rec, self.bucket // 8)
+                  // unit * unit)
         self.stage_rows = per
-        self.stage = torch.from_numpy(aligned_buffer(self.n_buckets * per * rec).reshape(self.n_buckets, per, rec))
+        # two staging halves per bucket: one fills while the other's write runs in the writer thread
+        self.stage = torch.from_numpy(aligned_buffer(self.n_buckets * 2 * per * rec).reshape(self.n_buckets, 2, per, rec))
+        self.half = np.zeros(self.n_buckets, dtype=np.int64)  # the half of each bucket now filling
+        self.writes: dict[tuple[int, int], Future[None]] = {}  # (bucket, half) -> its write in flight
         self.staged = np.zeros(self.n_buckets, dtype=np.int64)  # records in each staging buffer
         self.flushed = np.zeros(self.n_buckets, dtype=np.int64)  # records written to each region
         self.direct = True
@@ -109,6 +114,9 @@ class RankSpill:
                 self.direct, self.fd = False, os.open(self.path, os.O_RDWR)
         except OSError as e:
             raise os_error(e, "opening for the rank pass", self.path) from e
+        with small_stacks():  # its one thread started now (builds run under RLIMIT_AS caps)
+            self.pool: ThreadPoolExecutor | None = ThreadPoolExecutor(1, thread_name_prefix="tierstore-spill")
+            self.pool.submit(int).result()
 
     # -- in: records in any order ------------------------------------------------------------------
 
@@ -143,38 +151,54 @@ class RankSpill:
         cuts = np.flatnonzero(bs[1:] != bs[:-1]) + 1
         g = torch.from_numpy(grp)
         for lo, hi in zip(np.r_[0, cuts], np.r_[cuts, len(grp)]):  # buckets touched: <= n_buckets
-            sel = g[lo:hi]
-            self._add_one(int(bs[lo]), pos[grp[lo:hi]], torch.index_select(rows, 0, sel))
+            self._add_one(int(bs[lo]), pos[grp[lo:hi]], rows, g[lo:hi])
 
-    def _add_one(self, k: int, pos: np.ndarray, rows: torch.Tensor) -> None:
+    def _add_one(self, k: int, pos: np.ndarray, rows: torch.Tensor, sel: torch.Tensor | None = None) -> None:
+        """Records ``rows`` (or ``rows[sel]``: gathered straight into place, no temporary) into bucket ``k``."""
         m, f = len(pos), int(self.fill[k])
         self._arrive(k, f, pos)
         if self.resident:
-            _copy(self.buf[f: f + m], rows)
+            _copy(self.buf[f: f + m], rows, sel)
             return
         done = 0
         while done < m:  # into the staging buffer, written out whenever it fills
             s = int(self.staged[k])
             take = min(m - done, self.stage_rows - s)
-            _copy(self.stage[k, s: s + take], rows[done: done + take])
+            _copy(self.stage[k, int(self.half[k]), s: s + take], rows if sel is not None else rows[done: done + take],
+                  sel[done: done + take] if sel is not None else None)
             self.staged[k] += take
             done += take
             if self.staged[k] == self.stage_rows:
                 self._flush(k)
 
     def _flush(self, k: int) -> None:
+        """Bucket ``k``'s filling half to the writer thread; the other half, once its own write
+        is done, fills next."""
         s = int(self.staged[k])
         if s == 0:
             return
+        h = int(self.half[k])
         nbytes = s * self.rec
         padded = -(-nbytes // PAGE_SIZE) * PAGE_SIZE  # only a bucket's last write is ragged: past it, nothing yet
         at = self.base + (k * self.bucket + int(self.flushed[k])) * self.rec
-        data = self.stage[k].view(-1).numpy()[:padded]
+        data = self.stage[k, h].view(-1).numpy()[:padded]
         if padded > nbytes:
             data[nbytes:] = 0
-        self._pwrite(memoryview(data), at)
+        assert self.pool is not None
+        self.writes[(k, h)] = self.pool.submit(self._pwrite, memoryview(data), at)
         self.flushed[k] += s
         self.staged[k] = 0
+        self.half[k] = h ^ 1
+        prev = self.writes.pop((k, h ^ 1), None)
+        if prev is not None:
+            prev.result()  # that half is free again (or its write's error is raised here)
+
+    def _drain(self) -> None:
+        """Every staged record written (errors raised here)."""
+        for j in range(self.n_buckets):
+            self._flush(j)
+        while self.writes:
+            self.writes.pop(next(iter(self.writes))).result()
 
     def _pwrite(self, view: memoryview, at: int) -> None:
         try:
@@ -204,8 +228,7 @@ class RankSpill:
             raise AssertionError(f"rank pass: bucket {k} has {int(self.fill[k])} of its {m} records")
         if k != self.loaded:
             if self.fd >= 0:
-                for j in range(self.n_buckets):  # every staged record out before any region is read
-                    self._flush(j)
+                self._drain()  # every staged record out before any region is read
             nbytes = m * self.rec
             span = -(-nbytes // PAGE_SIZE) * PAGE_SIZE
             if self.buf is None or self.buf.numel() < span:
@@ -239,13 +262,20 @@ class RankSpill:
                            out=out.view(w))
 
     def close(self) -> None:
+        pool = getattr(self, "pool", None)
+        if pool is not None:
+            pool.shutdown(wait=True)  # no write left using a buffer or the descriptor
+            self.pool = None
         self.buf = self.order = None
         if self.fd >= 0:
             os.close(self.fd)
             self.fd = -1
 
 
-def _copy(dst: torch.Tensor, src: torch.Tensor) -> None:
-    """``dst[:] = src`` (uint8 matrices) as the widest words both allow."""
+def _copy(dst: torch.Tensor, src: torch.Tensor, sel: torch.Tensor | None = None) -> None:
+    """``dst[:] = src`` or ``src[sel]`` (uint8 matrices; ``dst`` contiguous) as the widest words both allow."""
     w = widest_word(dst, src)
-    dst.view(w).copy_(src.view(w))
+    if sel is None:
+        dst.view(w).copy_(src.view(w))
+    else:
+        torch.index_select(src.view(w), 0, sel, out=dst.view(w))

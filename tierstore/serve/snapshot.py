@@ -26,6 +26,7 @@ from ..files import atomic_write
 from ..format.profile import has_profile, hot_rows, load_profile, profile_info, profile_paths
 from ..format.rankspill import BUCKET_BYTES
 from ..format.snapshot import DEFAULT_SNAPSHOT_BYTES, snapshot_path, write_snapshot
+from ..format.writer import one_torch_thread
 from ..sizes import parse_size
 from .store import Store
 
@@ -78,9 +79,11 @@ def save_snapshot(store: str | os.PathLike[str], tables: Iterable[str] | None = 
             del counts
 
             disk = s._table(name).disk  # rows straight from the row file, in file order, every page checked
-            head = write_snapshot(path, info, s.manifest.build_id, ranked, sweep=disk.sweep,
-                                  memory=min(chunk * 8, BUCKET_BYTES), bucket_bytes=min(chunk * 8, BUCKET_BYTES),
-                                  profile={"total": meta["total"], "nonzero": meta["nonzero"],
-                                           "profile_id": meta.get("profile_id")})
+            with one_torch_thread():  # the write's own threads are its parallelism (as the build's)
+                head = write_snapshot(path, info, s.manifest.build_id, ranked, sweep=disk.sweep,
+                                      memory=min(chunk * 8, BUCKET_BYTES),
+                                      bucket_bytes=min(chunk * 8, BUCKET_BYTES),
+                                      profile={"total": meta["total"], "nonzero": meta["nonzero"],
+                                               "profile_id": meta.get("profile_id")})
             out[name] = {**head, "path": str(Path(path))}
     return out

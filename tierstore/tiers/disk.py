@@ -38,6 +38,7 @@ import torch
 
 from ..errors import CorruptDataError, TierStoreError
 from ..format.order import load_order
+from ..format.rankspill import widest_word
 from ..format.writer import fast_page_checksums
 from ..format.spec import (PAGE_SIZE, TableInfo, check_header_page, load_checksums, page_checksums,
                            page_checksums_torch)
@@ -376,7 +377,9 @@ class DiskTier:
             return
         phys = rows if self.pos is None else self.pos.of(rows)
         order = np.argsort(phys, kind="stable")
-        start, first, last = self._row_spans(phys[order])  # sorted: so are first and last
+        sphys = phys[order]
+        start, first, last = self._row_spans(sphys)  # sorted: so are first and last
+        stride = self.info.row_stride
         del phys
         wp = max(1, window // PAGE_SIZE)
         wins = []  # (rows i:j, pages p0:p1): from the first page of the next row left, a window long
@@ -400,13 +403,17 @@ class DiskTier:
                 raise CorruptDataError(
                     f"table {self.info.name!r}: page {page} (byte offset {page * PAGE_SIZE} of {self.path}) fails "
                     "its checksum. Run `tierstore verify` and rebuild the store")
-            pos = start[i:j] - p0 * PAGE_SIZE
-            got = np.empty((j - i, rb), dtype=np.uint8)
+            # the window as rows at the row stride from its first asked row (a view), gathered by
+            # row: one index per row, not one per byte or word (an index per word was 8x the data)
+            first_row = int(sphys[i])
+            o0 = int(start[i]) - p0 * PAGE_SIZE
+            span_rows = int(sphys[j - 1]) - first_row + 1
             flat = buf.reshape(-1)
-            if rb % 8 == 0:  # stride is a multiple of 16, so offsets are 8-aligned
-                np.take(flat.view(np.uint64), (pos // 8)[:, None] + np.arange(rb // 8), out=got.view(np.uint64))
-            else:
-                np.take(flat, pos[:, None] + np.arange(rb), out=got)
+            view = np.lib.stride_tricks.as_strided(flat[o0:], shape=(span_rows, rb), strides=(stride, 1))
+            got = np.empty((j - i, rb), dtype=np.uint8)
+            src, dst = torch.from_numpy(view), torch.from_numpy(got)
+            wd = widest_word(src, dst)
+            torch.index_select(src.view(wd), 0, torch.from_numpy(sphys[i:j] - first_row), out=dst.view(wd))
             with self.lock:
                 self.rows_read += j - i
                 self.pages_read += p1 - p0

@@ -102,14 +102,15 @@ def test_memory_is_one_bucket_and_the_staging_not_the_head(tmp_path, monkeypatch
     monkeypatch.setattr(rankspill, "aligned_buffer", counted)
     n, rec = 40_000, 264  # 10 MiB of records
     data = _records(n, rec, 10)
-    bucket, stage = 1 << 20, 128 * 1024
+    bucket, stage = 2 << 20, 128 * 1024
     spill, got = _run(tmp_path / "f", n, rec, np.array_split(np.random.default_rng(2).permutation(n), 23), data,
                       memory=bucket, bucket_bytes=bucket, stage_bytes=stage)
     assert np.array_equal(got, data)
     unit = PAGE_SIZE // 8 * rec  # a bucket's least staging: one whole-page run of records (264 B: 512 of them)
-    assert spill.n_buckets * spill.stage_rows * rec <= max(stage, spill.n_buckets * unit)
-    limit = bucket + PAGE_SIZE + max(stage, spill.n_buckets * unit)
-    assert sum(sizes) <= limit < n * rec // 3, (sum(sizes), limit, n * rec)
+    staging = 2 * spill.n_buckets * spill.stage_rows * rec  # two halves per bucket
+    assert staging <= max(stage, 2 * spill.n_buckets * unit)
+    limit = bucket + PAGE_SIZE + max(stage, 2 * spill.n_buckets * unit)
+    assert sum(sizes) <= limit < n * rec // 2, (sum(sizes), limit, n * rec)
     sizes.clear()
     _run(tmp_path / "g", n, rec, [np.arange(n)], data, memory=n * rec, bucket_bytes=bucket)
     assert sum(sizes) >= n * rec, "the negative control: a resident pass holds every record"

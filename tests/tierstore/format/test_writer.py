@@ -310,20 +310,20 @@ def test_ordered_build_reads_the_checkpoint_once_however_large_the_head(tmp_path
 
     chunk = 48 * 256  # 256 rows of 48 bytes: 12 pages
     monkeypatch.setattr("tierstore.format.build.CHUNK_BYTES", chunk)
-    monkeypatch.setattr(sweep, "HEAD_BYTES", 4 * chunk)  # the head is 32-79 chunks: spilled
-    monkeypatch.setattr(sweep, "BUCKET_BYTES", 4 * chunk)  # buckets of 4 chunks: 8-20 of them
+    monkeypatch.setattr(sweep, "HEAD_BYTES", 8 * chunk)  # the head is 63-157 chunks: spilled
+    monkeypatch.setattr(sweep, "BUCKET_BYTES", 8 * chunk)  # buckets of 8 chunks: 8-20 of them
     sizes: list[int] = []
     real = rankspill.aligned_buffer
     monkeypatch.setattr(rankspill, "aligned_buffer", lambda nbytes, populate=False: sizes.append(nbytes) or
                         real(nbytes, populate))
-    n = 20_011
+    n = 40_011
     w = random_table(n, 24, torch.float16, seed=6)
     path, first, order = _ordered(tmp_path, w, kind)
     reads = _checkpoint_reads(monkeypatch, path)
     out = tierstore.build_store(path, tmp_path / "s", order_by=first, progress=False)
     head_bytes = -(-order.hot.size // 256) * 256 * 48
-    assert head_bytes >= 30 * chunk
-    assert sum(reads) <= n * 48 + 2 * PAGE_SIZE * (n // 256 + 1), (sum(reads), n * 48)  # one sweep, not 16-40
+    assert head_bytes >= 60 * chunk
+    assert sum(reads) <= n * 48 + 2 * PAGE_SIZE * (n // 256 + 1), (sum(reads), n * 48)  # one sweep, not 8-20
     assert sum(sizes) < head_bytes / 2, (sizes, head_bytes)  # every buffer of the head's pass, together
     assert tierstore.verify_store(out).ok
     _rows(out, w)
