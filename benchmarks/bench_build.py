@@ -159,7 +159,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     ap.add_argument("--repeats", type=int, default=2, help="rounds of dd + builds per variant (default 2)")
     ap.add_argument("--hot-fraction", type=float, default=0.01,
                     help="the ordered build's profiled rows / the table's (default 0.01; a head over "
-                         "sweep.HEAD_BYTES costs one more read of the checkpoint per HEAD_BYTES)")
+                         "sweep.HEAD_BYTES is spilled through the row file: one more write and read of the head)")
     ap.add_argument("--variants", default="plain,ordered", help="of plain,ordered (default both; --v41 adds v41)")
     args = ap.parse_args(argv)
     nbytes = 16 << 20 if args.quick else int(args.gib * 2**30)

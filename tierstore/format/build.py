@@ -161,7 +161,8 @@ def _write_table(ckpt: Checkpoint, name: str, info: TableInfo, src_dtype: str, t
         step = max(unit, step // shard[1] // unit * unit)
     sums = np.empty(info.n_pages, dtype=np.uint64)
     nan_scales = [0]
-    filler = table_filler(ckpt, name, info, src_dtype, step, shard, order, scale, nan_scales=nan_scales)
+    filler = table_filler(ckpt, name, info, src_dtype, step, shard, order, scale, nan_scales=nan_scales,
+                          path=tmp / info.file)
     try:
         with one_torch_thread():  # the build's own threads are its parallelism
             mode = write_row_file(tmp / info.file, header_page(info, build_id), info.rows, info.row_stride, step,

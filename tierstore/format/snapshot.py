@@ -33,29 +33,32 @@ A snapshot is a copy of rows the row file holds; it never decides what is served
 - the write is atomic (``files.atomic_write``: a temporary sibling, fsync, rename, fsync
   of the directory): a process killed while writing leaves the old snapshot or the new.
 
-Cost of the write: one lookup of the ranked rows through the store in row-id order (disk
-tier only, in bounded chunks: the reads run forward through the row file), every row written
-twice and read back once (``write_snapshot``: bucketed, then put in rank order). Memory: one
-chunk of rows, two buckets' bytes (4 chunks each), the ids and their order (4 + 4 bytes per
-snapshot row) and the checksums (8 bytes per 4 KiB written).
+Cost of the write: one sweep of the row file in file order (``serve.snapshot``: large
+sequential ``O_DIRECT`` reads of the spans that hold ranked rows, every page checked), the
+rows put in rank order by one rank pass (``format.rankspill``: in memory up to 256 MiB of
+rows, else spilled into the file's own row region in buckets and read back once), then
+written in place. Memory: one bucket (256 MiB) plus the pass's staging, the ids and their
+order (~12-16 bytes per snapshot row) and the checksums (8 bytes per 4 KiB written). It
+used to fetch the rows through the store's lookup in 1,024-row steps: 26 MB/s.
 """
 
 from __future__ import annotations
 
-import errno
-import math
 import os
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+import torch
 
 from ..errors import CorruptDataError, TierStoreError
 from ..files import atomic_write, check_versioned, is_json_int, os_error, pwrite_all, read_full
+from .prefetch import aligned_buffer
 from .profile import profile_paths
+from .rankspill import BUCKET_BYTES, RankSpill
 from .writer import fast_page_checksums
 from .spec import CHECKSUM_SCHEME, DTYPES, PAGE_SIZE, TableInfo, make_header, page_checksums, read_header
 
@@ -162,39 +165,36 @@ def parse_snapshot_header(page: bytes | np.ndarray, where: str) -> tuple[dict[st
 
 
 def write_snapshot(path: str | Path, info: TableInfo, build_id: str, ids: np.ndarray,
-                   fetch: Callable[[np.ndarray], np.ndarray], *, chunk_bytes: int = 32 << 20,
-                   profile: dict[str, Any] | None = None) -> dict[str, Any]:
+                   fetch: Callable[[np.ndarray], np.ndarray] | None = None, *, chunk_bytes: int = 32 << 20,
+                   profile: dict[str, Any] | None = None,
+                   sweep: Callable[[np.ndarray], Iterable[tuple[np.ndarray, np.ndarray]]] | None = None,
+                   memory: int = BUCKET_BYTES, bucket_bytes: int = BUCKET_BYTES) -> dict[str, Any]:
     """Write the snapshot of ``ids`` (ranked row ids, hottest first) of table ``info`` to
     ``path`` atomically; returns its header.
 
-    ``fetch(ids_chunk)`` returns the stored bytes of those rows, uint8 (len, row_bytes) (the
-    store's ``lookup(..., raw=True)``); it is called with the ids in ascending order (row-id,
-    i.e. file order: the reads of the row file run forward through it), at most
-    ``chunk_bytes`` of rows at a time. Every row is written twice (appended to its bucket of
-    ranks, then in rank order in place) and read back once. ``profile``: what the snapshot was made from (kept in the
-    header for ``inspect``). Raises ``CapacityError`` on a full disk, ``StoreIOError``."""
+    The rows come from ``sweep(ids)`` (the store's: ``serve.snapshot``), which yields
+    ``(index, rows)`` batches in whatever order it reads them (file order): ``index`` into
+    ``ids`` and those rows' stored bytes, uint8 (len, row_bytes); every index once. Or from
+    ``fetch(ids_chunk)`` (the stored bytes of those rows), called with the ids in ascending
+    order, at most ``chunk_bytes`` of rows at a time. The rows are put in rank order by one
+    rank pass (:class:`tierstore.format.rankspill.RankSpill`): held in memory when they fit
+    ``memory`` bytes, else spilled into their own region of the file in buckets of
+    ``bucket_bytes`` and read back a bucket at a time (every row written twice, read back
+    once). ``profile``: what the snapshot was made from (kept in the header for ``inspect``).
+    Raises ``CapacityError`` on a full disk, ``StoreIOError``."""
     ids = np.asarray(ids)
     if ids.ndim != 1 or ids.dtype.kind not in "iu" or (ids.size and (ids.min() < 0 or ids.max() >= info.rows)):
         raise TierStoreError(f"snapshot ids must be 1-D row ids of table {info.name!r} (0 <= id < {info.rows})")
+    if (fetch is None) == (sweep is None):
+        raise TierStoreError("write_snapshot needs exactly one source of rows: fetch or sweep")
     layout = SnapshotLayout(int(ids.size), info.row_bytes, 4 if info.rows < 2**31 else 8)
     head = _head(info, layout, build_id, dict(profile or {}))
     header = make_header(SNAPSHOT_MAGIC, head, "snapshot")
-    step = max(1, chunk_bytes // max(1, info.row_bytes))
     t0 = time.perf_counter()
-
-    # Two passes, so the row file is read in file order (the ranked rows are scattered over it:
-    # in rank order each chunk read a 4 KiB page per row at the disk's random-read rate, 41 MB/s
-    # for 8.2 GiB on a 12 GiB table): 1. ``fetch`` the rows in row-id order (dense, adjacent
-    # pages: the disk tier's reads coalesce into long sequential runs) and append each to the
-    # file region of its *bucket* of ``bucket`` consecutive ranks (the file is rank-ordered, so
-    # bucket k's region is exactly its rows' bytes); 2. per bucket, read its region back, put
-    # its rows in rank order, checksum and write it in place. Memory: the chunk, two buckets'
-    # bytes (4 chunks each) and the order of the ids (4 bytes per snapshot row).
-    unit = PAGE_SIZE // math.gcd(PAGE_SIZE, info.row_bytes)  # rows per whole number of pages
-    bucket = max(unit, (4 * step) // unit * unit)  # ranks per bucket: its region is whole pages
-    n = layout.n
-    idx_t = np.int32 if n < 2**31 else np.int64
-    by_id = np.argsort(ids, kind="stable").astype(idx_t)  # ranks in row-id (file) order
+    n, rb = layout.n, info.row_bytes
+    if sweep is None:
+        assert fetch is not None
+        sweep = _fetched(fetch, max(1, chunk_bytes // max(1, rb)))
 
     def write(f: Any) -> None:
         fd = f.fileno()
@@ -205,43 +205,33 @@ def write_snapshot(path: str | Path, info: TableInfo, build_id: str, ids: np.nda
         sums[1: 1 + layout.id_pages] = fast_page_checksums(id_pages)
         pwrite_all(fd, memoryview(id_pages), layout.first_data_page * PAGE_SIZE, path)
         del id_pages
-        base = layout.rows_offset
-        n_buckets = -(-n // bucket)
-        fill = np.zeros(n_buckets, np.int64)  # rows appended to each bucket's region so far
-        for s in range(0, n, step):  # pass 1: file order, rows appended to their bucket's region
-            ranks = by_id[s: s + step].astype(np.int64)
-            rows = np.ascontiguousarray(fetch(ids[ranks]), dtype=np.uint8)
-            if rows.shape != (len(ranks), info.row_bytes):
-                raise TierStoreError(f"snapshot fetch returned {rows.shape}, expected ({len(ranks)}, {info.row_bytes})")
-            b = ranks // bucket
-            grp = np.argsort(b, kind="stable")
-            cuts = np.flatnonzero(np.diff(b[grp])) + 1
-            for part in np.split(grp, cuts):  # one write per bucket touched (<= n_buckets)
-                k = int(b[part[0]])
-                data = rows[part].reshape(-1)
-                pwrite_all(fd, memoryview(data), base + (k * bucket + int(fill[k])) * info.row_bytes, path)
-                fill[k] += len(part)
-            del rows
-        # the ranks of each bucket in the order pass 1 appended them (file order within it)
-        arrival = by_id[np.argsort(by_id // bucket, kind="stable")]
-        rfd = os.open(f.name, os.O_RDONLY)  # the file is open write-only; pass 2 reads it back
+        f.flush()
+        spill = RankSpill(f.name, layout.rows_offset, n, rb, memory=memory, bucket_bytes=bucket_bytes)
         try:
-            start = 0
-            for k in range(n_buckets):  # pass 2: each region into rank order, checksummed, in place
-                m = min(bucket, n - k * bucket)
-                nbytes, at = m * info.row_bytes, base + k * bucket * info.row_bytes
-                region = np.empty(nbytes, np.uint8)
-                if read_full(rfd, memoryview(region), at, path) != nbytes:
-                    raise OSError(errno.EIO, "snapshot region read back short", os.fspath(path))
-                out = np.zeros(-(-nbytes // PAGE_SIZE) * PAGE_SIZE, np.uint8)  # the last one padded to a page
-                out[:nbytes].reshape(m, info.row_bytes)[arrival[start: start + m] - k * bucket] = \
-                    region.reshape(m, info.row_bytes)
-                start += m
-                first = 1 + layout.id_pages + k * bucket * info.row_bytes // PAGE_SIZE  # its first checksum entry
-                sums[first: first + len(out) // PAGE_SIZE] = fast_page_checksums(out)
-                pwrite_all(fd, memoryview(out), at, path)
+            seen = 0
+            for idx, rows in sweep(ids):  # pass 1: the rows as the source reads them, each to its rank
+                rows = np.ascontiguousarray(rows, dtype=np.uint8)
+                if rows.shape != (len(idx), rb):
+                    raise TierStoreError(f"snapshot rows came as {rows.shape}, expected ({len(idx)}, {rb})")
+                spill.add(np.asarray(idx, dtype=np.int64), torch.from_numpy(rows))
+                seen += len(idx)
+            if seen != n:
+                raise TierStoreError(f"snapshot source gave {seen} rows for {n} ids")
+            out: np.ndarray | None = None
+            for k in range(spill.n_buckets if n else 0):  # pass 2: each bucket in rank order, checksummed, in place
+                m = spill.count(k)
+                nbytes = m * rb
+                span = -(-nbytes // PAGE_SIZE) * PAGE_SIZE
+                if out is None:
+                    out = aligned_buffer(-(-spill.bucket * rb // PAGE_SIZE) * PAGE_SIZE + PAGE_SIZE)
+                out[nbytes:span] = 0  # the last bucket's page tail
+                spill.gather(k * spill.bucket, k * spill.bucket + m, torch.from_numpy(out[:nbytes].reshape(m, rb)))
+                at = layout.rows_offset + k * spill.bucket * rb
+                first = 1 + layout.id_pages + k * spill.bucket * rb // PAGE_SIZE  # its first checksum entry
+                sums[first: first + span // PAGE_SIZE] = fast_page_checksums(out[:span])
+                pwrite_all(fd, memoryview(out[:span]), at, path)
         finally:
-            os.close(rfd)
+            spill.close()
         pwrite_all(fd, memoryview(sums.view(np.uint8)), PAGE_SIZE, path)
         pwrite_all(fd, header, 0, path)
 
@@ -252,6 +242,17 @@ def write_snapshot(path: str | Path, info: TableInfo, build_id: str, ids: np.nda
         raise os_error(e, "creating the profiles directory", Path(path).parent) from e
     atomic_write(path, write)
     return {**head, "bytes": layout.file_bytes, "seconds": time.perf_counter() - t0}
+
+
+def _fetched(fetch: Callable[[np.ndarray], np.ndarray], step: int
+             ) -> Callable[[np.ndarray], Iterator[tuple[np.ndarray, np.ndarray]]]:
+    """A ``sweep`` over ``fetch``: the ids in ascending order, ``step`` at a time."""
+    def sweep(ids: np.ndarray) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+        by_id = np.argsort(ids, kind="stable")
+        for s in range(0, len(ids), step):
+            idx = by_id[s: s + step]
+            yield idx, fetch(ids[idx])
+    return sweep
 
 
 def read_snapshot(path: str | Path, k: int | None = None) -> tuple[dict[str, Any], np.ndarray, np.ndarray]:

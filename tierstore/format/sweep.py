@@ -14,44 +14,41 @@ whole): first the **tail** (the chunks wholly past the head, all cold rows), the
 chunks (positions ``0 : H``, ``H`` the first chunk boundary at or past ``k``). One sequential
 sweep of the checkpoint, through :class:`RowPrefetcher` (``O_DIRECT``, the next read chunk read
 while this one is used), fills the tail chunk by chunk (a tail chunk's cold rows are one
-contiguous id range less the hot ids in it) and on the way appends each hot row, in id order,
-and the cold rows of the head's last chunk, to a page-aligned head buffer; each head chunk is
-then gathered out of it in rank order (``index_select`` into the chunk buffer). Both copies
-write sequentially; the one random access is the gather's read. (The head used to be
-scattered into rank order as the sweep went, ``index_copy_`` at random rows of a 1 GiB buffer:
-~5x slower than the gather, 0.05-0.11x dd with every row hot.) Copies are torch index ops
-(they release the GIL, so they overlap the writer's and the reader's threads). Reads: the
-table once when the head fits ``HEAD_BYTES``; a larger head is built in groups of
-``HEAD_BYTES``, one more sweep per group (so memory stays bounded whatever the profile's
-size). Memory: the head buffer (at most ``HEAD_BYTES``), its gather index (4 bytes per head
-row of the group), two read chunks per tensor, and per-chunk index arrays; nothing sized by
-the table.
+contiguous id range less the hot ids in it) and on the way hands each hot row, in id order,
+and the cold rows of the head's last chunk, to the head's rank pass
+(:class:`tierstore.format.rankspill.RankSpill`); each head chunk is then gathered out of it
+in rank order (``index_select`` into the chunk buffer). A head up to ``HEAD_BYTES`` stays in
+memory (the rows are gathered straight into it); a larger one is spilled into the head's own
+region of the row file, bucket by bucket (``BUCKET_BYTES`` of whole chunks), and each bucket
+read back once, in one sequential read, when its first chunk is written. So the checkpoint is
+read exactly once whatever the head's size (it used to be read once more per ``HEAD_BYTES`` of
+head: 16 sweeps of a 189 GiB checkpoint for V4.1's 16 GiB head), and a spilled head costs one
+extra write and read of its own bytes. Copies are torch index ops (they release the GIL, so
+they overlap the writer's and the reader's threads); no indexed write anywhere (an
+``index_copy_`` scatter into rank order was ~5x slower than the gather). Memory: the head
+buffer (at most ``HEAD_BYTES``) or one bucket plus the staging buffers (``rankspill``), the
+gather index (8 bytes per head row), two read chunks per tensor, and per-chunk index arrays;
+nothing sized by the table.
 """
 
 from __future__ import annotations
+
+from pathlib import Path
 
 import numpy as np
 import torch
 
 from .checkpoint import Checkpoint
 from .hotorder import HotOrder
-from .prefetch import RowPrefetcher, aligned_buffer
+from .prefetch import RowPrefetcher
 from .quant import NAN_SCALE
-from .spec import DTYPES, TableInfo
+from .rankspill import BUCKET_BYTES, RankSpill, widest_word
+from .spec import DTYPES, PAGE_SIZE, TableInfo
 
-__all__ = ["OrderedSweep", "HEAD_BYTES", "widest_word"]
+__all__ = ["OrderedSweep", "HEAD_BYTES", "HEAD_ROWS", "widest_word"]
 
-HEAD_BYTES = 1 << 30  # the head buffer's cap; a larger head costs one more sweep per this much
-HEAD_ROWS = 1 << 24  # and its rows' (the gather index is 4 bytes a row: 64 MiB)
-
-
-def widest_word(*ts: torch.Tensor) -> torch.dtype:
-    """The widest integer dtype every uint8 matrix in ``ts`` can be viewed as (rows, offset and
-    row stride all multiples of its size)."""
-    for dtype, size in ((torch.int64, 8), (torch.int32, 4), (torch.int16, 2)):
-        if all(t.shape[1] % size == 0 and t.storage_offset() % size == 0 and t.stride(0) % size == 0 for t in ts):
-            return dtype
-    return torch.uint8
+HEAD_BYTES = 1 << 30  # a head up to this is held in memory; a larger one spills (format.rankspill)
+HEAD_ROWS = 1 << 24  # and up to this many rows (the gather index is 8 bytes a row: 128 MiB)
 
 
 class _Reader:
@@ -91,59 +88,54 @@ class _Reader:
 
 class OrderedSweep:
     """``fill``/``hint``/``close`` and the chunk order (``starts``) for
-    :func:`tierstore.format.writer.write_row_file` writing table ``info`` in ``order``.
+    :func:`tierstore.format.writer.write_row_file` writing table ``info`` in ``order`` into
+    the row file ``path``.
 
     ``parts``: (tensor, first byte, last byte of the row, source dtype or None for raw bytes)
     per source tensor: the row's values, and for a quantized table its scales. A quantized
-    table's NaN scales (``scale`` tensor) are added to ``nan_scales[0]`` on the first sweep.
+    table's NaN scales (``scale`` tensor) are added to ``nan_scales[0]`` as the sweep meets them.
     Not thread-safe: one caller thread (the build's filler).
     """
 
     def __init__(self, ckpt: Checkpoint, info: TableInfo, step: int, order: HotOrder,
-                 parts: list[tuple[str, int, int, str | None]], scale: str | None = None,
+                 parts: list[tuple[str, int, int, str | None]], path: Path, scale: str | None = None,
                  nan_scales: list[int] | None = None) -> None:
-        self.info, self.step, self.order = info, step, order
+        self.info, self.step, self.order, self.path = info, step, order, path
         self.rows, self.k = info.rows, order.hot.size
         self.head_rows = min(self.rows, -(-self.k // step) * step)  # H: positions 0:H are the head
-        self.group = max(step, min(HEAD_BYTES // info.row_stride, HEAD_ROWS) // step * step)  # head rows per sweep
         tail = list(range(self.head_rows, self.rows, step))
         self.starts = tail + list(range(0, self.head_rows, step))
         self.parts, self.scale, self.nan_scales = parts, scale, nan_scales
         self.readers = {t: _Reader(ckpt, t, step) for t, *_ in parts}
-        self.head: torch.Tensor | None = None  # (group rows, row_stride) uint8: hot rows by id, then cold
-        self.slot: torch.Tensor | None = None  # head row of position g0 + i (int32)
-        self.g0 = self.g1 = -1  # head positions g0 : g1 are in self.head
-        self.n_hot = 0  # the group's hot rows appended to self.head so far
-        self.next_id, self.swept = 0, 0  # the sweep's progress; sweeps finished
+        self.spill: RankSpill | None = None  # the head's rows, in the order the sweep meets them
+        self.next_id = 0  # the sweep's progress
         self._scratch: dict[tuple[str, torch.dtype], torch.Tensor] = {}  # gathered rows, per tensor
+        self._rows: torch.Tensor | None = None  # (step, row_stride) uint8: head rows on their way to a spilled pass
 
-    # -- the sweep -------------------------------------------------------------------------------
+    def _head(self) -> RankSpill:
+        """The head's rank pass, opened on the row file once ``write_row_file`` has created it:
+        in memory when the head fits ``HEAD_BYTES`` (and ``HEAD_ROWS``), else spilled into the
+        head's own region of the row file in buckets of ``BUCKET_BYTES`` (whole chunks)."""
+        if self.spill is None:
+            self.spill = RankSpill(self.path, PAGE_SIZE, self.head_rows, self.info.row_stride, memory=HEAD_BYTES,
+                                   bucket_bytes=min(BUCKET_BYTES, HEAD_BYTES), multiple=self.step,
+                                   max_rows=HEAD_ROWS)
+        return self.spill
 
-    def _begin(self, g0: int) -> None:
-        """Start a sweep that collects head positions ``g0 : g0 + group``."""
-        n = min(self.group, self.head_rows - g0)
-        if self.head is None or self.head.shape[0] < n:
-            buf = aligned_buffer(n * self.info.row_stride, populate=True)  # filled whole: no fault per page
-            self.head = torch.from_numpy(buf.reshape(n, self.info.row_stride))
-        self.g0, self.g1, self.next_id, self.n_hot = g0, g0 + n, 0, 0
-        self.slot = None
-        # The head buffer's rows: the group's hot rows (positions g0 : min(g1, k)) in ascending id,
-        # as the sweep meets them, then the cold rows of positions k : g1 at row p - g0. slot[i]
-        # is the buffer row of position g0 + i: for a hot row, how many of the group's hot rows
-        # have a smaller id.
-        nh = max(0, min(self.g1, self.k) - g0)
-        slot = np.arange(n, dtype=np.int32)
-        if nh:
-            rank = self.order.sorted_ranks()  # position of each hot id, ascending id
-            if g0 == 0 and nh == self.k:  # every hot row in this group: its slot is its sorted index
-                slot[rank] = np.arange(nh, dtype=np.int32)
-            else:
-                mine = np.flatnonzero((rank >= g0) & (rank < g0 + nh))  # ascending id
-                slot[rank[mine] - g0] = np.arange(nh, dtype=np.int32)
-        self.slot = torch.from_numpy(slot)
-        if g0 > 0:  # a later sweep: start reading its first chunk now
-            for r in self.readers.values():
-                r.prefetch(0)
+    def _to_head(self, pos: np.ndarray, src: dict[str, torch.Tensor], sel: slice | torch.Tensor) -> None:
+        """Rows ``sel`` of the read chunk, bound for head positions ``pos``, into the rank pass."""
+        spill = self._head()
+        if spill.resident:  # gathered straight into the head buffer
+            dst = spill.slots(pos)
+            for part in self.parts:
+                self._put(dst, part, src[part[0]], sel)
+            return
+        if self._rows is None:  # padding columns zero, and left so
+            self._rows = torch.zeros((self.step, self.info.row_stride), dtype=torch.uint8)
+        dst = self._rows[: len(pos)]
+        for part in self.parts:
+            self._put(dst, part, src[part[0]], sel)
+        spill.add(pos, dst)
 
     def _put(self, dst: torch.Tensor, part: tuple[str, int, int, str | None], src: torch.Tensor,
              sel: slice | torch.Tensor) -> None:
@@ -172,9 +164,11 @@ class OrderedSweep:
         cols.copy_(rows)  # converts the dtype where it differs
 
     def _consume(self, hi: int, out: torch.Tensor | None, out_start: int) -> None:
-        """Advance the sweep to id ``hi``: hot rows of the current group into the head buffer,
-        cold rows into the head buffer or, at positions ``out_start : out_start + len(out)``, into ``out``."""
-        step, k, g0, g1 = self.step, self.k, self.g0, self.g1
+        """Advance the sweep to id ``hi``: the head's rows (hot ones, and the cold ones of the
+        head's last chunk) into the rank pass, the cold rows at positions
+        ``out_start : out_start + len(out)`` into ``out``."""
+        step, k, H = self.step, self.k, self.head_rows
+        n_out = len(out) if out is not None else 0
         while self.next_id < hi:
             a = self.next_id
             j = a // step
@@ -183,57 +177,40 @@ class OrderedSweep:
             src = {t: r.chunk(j) for t, r in self.readers.items()}  # the same chunk again is no new read
             i0, ids, pos = self.order.hot_between(a, b)
             i1 = i0 + ids.size
-            if i1 > i0:  # hot rows in a:b whose position is in this group
-                keep = (pos >= g0) & (pos < g1)
-                m = int(np.count_nonzero(keep))
-                if m:  # appended in id order: a gather out of the read chunk, written sequentially
-                    kept = ids[keep]
-                    first = int(kept[0]) - base
-                    # a run of ids (every row hot): one slice copy, else a gather
-                    run = int(kept[-1]) - base - first == m - 1
-                    local = slice(first, first + m) if run else torch.from_numpy(kept - base)
-                    for part in self.parts:
-                        self._put(self.head[self.n_hot : self.n_hot + m], part, src[part[0]], local)
-                    self.n_hot += m
+            if i1 > i0:  # hot rows in a:b, in id order: a gather out of the read chunk
+                first = int(ids[0]) - base
+                run = int(ids[-1]) - base - first == ids.size - 1  # a run of ids (every row hot): one slice
+                self._to_head(pos, src, slice(first, first + ids.size) if run else torch.from_numpy(ids - base))
             # cold rows of a:b: positions p0 : p0 + n, in ascending id
             p0, n = k + a - i0, (b - a) - (i1 - i0)
             if i1 > i0:
                 mask = np.ones(b - a, dtype=bool)
                 mask[ids - a] = False
                 cold = torch.from_numpy(np.flatnonzero(mask) + (a - base))
-            for lo, hi_, dst, d0 in ((max(p0, g0, k), min(p0 + n, g1), self.head, g0),
-                                     (max(p0, out_start), min(p0 + n, out_start + (len(out) if out is not None else 0)),
-                                      out, out_start)):
-                if lo >= hi_ or dst is None:
-                    continue
-                sel = slice(a - base + lo - p0, a - base + hi_ - p0) if i1 == i0 else cold[lo - p0 : hi_ - p0]
+            lo, hi_ = max(p0, k), min(p0 + n, H)  # the head's last chunk: cold rows past the hot ones
+            if lo < hi_:
+                sel = slice(a - base + lo - p0, a - base + hi_ - p0) if i1 == i0 else cold[lo - p0: hi_ - p0]
+                self._to_head(np.arange(lo, hi_, dtype=np.int64), src, sel)
+            lo, hi_ = max(p0, out_start), min(p0 + n, out_start + n_out)
+            if lo < hi_ and out is not None:
+                sel = slice(a - base + lo - p0, a - base + hi_ - p0) if i1 == i0 else cold[lo - p0: hi_ - p0]
                 for part in self.parts:
-                    self._put(dst[lo - d0 : hi_ - d0], part, src[part[0]], sel)
-            if self.swept == 0 and self.scale is not None and self.nan_scales is not None:
-                self.nan_scales[0] += int((src[self.scale][a - base : b - base] == NAN_SCALE).sum())
+                    self._put(out[lo - out_start: hi_ - out_start], part, src[part[0]], sel)
+            if self.scale is not None and self.nan_scales is not None:
+                self.nan_scales[0] += int((src[self.scale][a - base: b - base] == NAN_SCALE).sum())
             self.next_id = b
 
     # -- write_row_file's callbacks --------------------------------------------------------------
 
     def fill(self, start: int, stop: int, out_np: np.ndarray) -> None:
         out = torch.from_numpy(out_np)
-        if start >= self.head_rows:  # a tail chunk: sweep 0 up to its last cold row
-            if self.g0 < 0:
-                self._begin(0)
+        if start >= self.head_rows:  # a tail chunk: the sweep up to its last cold row
             hi = self.rows if stop == self.rows else int(self.order.ids(stop - 1, stop)[0]) + 1
             self._consume(hi, out, start)
             return
-        g0 = start // self.group * self.group
-        if self.g0 != g0 or self.next_id < self.rows:  # this group's sweep is not done: do it now
-            if self.g0 != g0:
-                if self.g0 >= 0:
-                    self.swept += 1
-                self._begin(g0)
+        if self.next_id < self.rows:  # the first head chunk: the sweep's rest (head rows only)
             self._consume(self.rows, None, self.rows)
-        assert self.head is not None and self.slot is not None and stop <= self.g1
-        assert self.n_hot == max(0, min(self.g1, self.k) - g0), "the sweep missed hot rows"
-        w = widest_word(out, self.head)  # rows in rank order: gathered straight into the chunk
-        torch.index_select(self.head.view(w), 0, self.slot[start - g0 : stop - g0], out=out.view(w))
+        self._head().gather(start, stop, out)  # rows in rank order, straight into the chunk
 
     def hint(self, start: int, stop: int) -> None:
         """Nothing: the readers read one chunk ahead by themselves."""
@@ -241,4 +218,6 @@ class OrderedSweep:
     def close(self) -> None:
         for r in self.readers.values():
             r.close()
+        if self.spill is not None:
+            self.spill.close()
 

@@ -45,7 +45,8 @@ from .hotorder import HotOrder
 from .prefetch import RowPrefetcher, aligned_buffer, small_stacks
 from .quant import NAN_SCALE
 from .spec import _K, DTYPES, PAGE_SIZE, TableInfo
-from .sweep import OrderedSweep, widest_word
+from .rankspill import widest_word
+from .sweep import OrderedSweep
 
 __all__ = ["write_row_file", "table_filler", "Filler", "one_torch_thread", "fast_page_checksums", "aligned_buffer", "BUFFERS", "DIRECT", "BUFFERED"]
 
@@ -249,14 +250,16 @@ def _copy_bytes(dst: torch.Tensor, src: torch.Tensor) -> None:
 
 def table_filler(ckpt: Checkpoint, name: str, info: TableInfo, src_dtype: str, step: int,
                  shard: tuple[int, int] | None = None, order: HotOrder | None = None,
-                 scale: str | None = None, nan_scales: list[int] | None = None) -> Filler:
+                 scale: str | None = None, nan_scales: list[int] | None = None,
+                 path: Path | None = None) -> Filler:
     """The :class:`Filler` for :func:`write_row_file` reading table ``name`` of ``ckpt``.
 
     Rows at file positions ``start:stop``: rows ``start:stop`` of the checkpoint; for a shard
     ``(rank, world)`` position ``i`` holds row ``rank + i * world`` (one sequential read of
     ``world`` x the rows, every ``world``-th kept); for a hot ``order`` the rows
     ``order.ids(start, stop)``, written by one sweep of the checkpoint, tail first
-    (:class:`tierstore.format.sweep.OrderedSweep`). A quantized table stores each row's value
+    (:class:`tierstore.format.sweep.OrderedSweep`; ``path``, the row file being written, is
+    where a head too large for memory spills). A quantized table stores each row's value
     bytes from ``name`` then its scale bytes from ``scale``, and adds the chunk's NaN scales
     (UE8M0 0xFF) to ``nan_scales[0]`` (the bytes are in hand: no extra pass).
     Plain sequential reads of safetensors tensors go through :class:`RowPrefetcher` (O_DIRECT,
@@ -272,7 +275,8 @@ def table_filler(ckpt: Checkpoint, name: str, info: TableInfo, src_dtype: str, s
         parts: list[tuple[str, int, int, str | None]] = [(name, 0, split, None if info.quant else src_dtype)]
         if scale is not None:
             parts.append((scale, split, rb, None))
-        sweep = OrderedSweep(ckpt, info, step, order, parts, scale, nan_scales)
+        assert path is not None, "an ordered table's filler needs the row file's path"
+        sweep = OrderedSweep(ckpt, info, step, order, parts, path, scale, nan_scales)
         return Filler(sweep.fill, sweep.hint, sweep.close, sweep.starts)
     tensors = (name, scale) if scale is not None else (name,)
     ahead = {}  # plain sequential reads of a safetensors tensor: O_DIRECT, one chunk ahead

@@ -5,9 +5,11 @@ A snapshot holds a table's profiled rows, hottest first, packed, so that open re
 tiers' hot sets sequentially instead of a page per row (``tierstore.tiers.hotset``).
 ``tierstore profile --save-profile`` writes one per table after saving its profile.
 
-The rows are read through the store itself (disk tier only: no budgets, ``raw=True``), so
-every page is checked against its checksum on the way, in chunks of ``chunk_bytes``; within
-a chunk the ids go to the store sorted, which lets the disk tier read each page once.
+The rows are read from the store's row file by its disk tier in file order
+(``DiskTier.sweep``: large sequential direct reads of the spans holding ranked rows, every
+page checked against its checksum), and put in rank order by the snapshot writer's rank pass
+(``format.rankspill``), in memory up to 8 x ``chunk_bytes`` of rows (256 MiB at most), else
+spilled into the snapshot's own row region and read back a bucket at a time.
 """
 
 from __future__ import annotations
@@ -19,13 +21,12 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-import torch
-
 from ..errors import TierStoreError
 from ..files import atomic_write
 from ..format.profile import has_profile, hot_rows, load_profile, profile_info, profile_paths
+from ..format.rankspill import BUCKET_BYTES
 from ..format.snapshot import DEFAULT_SNAPSHOT_BYTES, snapshot_path, write_snapshot
+from ..format.writer import one_torch_thread
 from ..sizes import parse_size
 from .store import Store
 
@@ -42,7 +43,8 @@ def save_snapshot(store: str | os.PathLike[str], tables: Iterable[str] | None = 
     max_bytes: rows per snapshot, in bytes of rows: the hottest profiled rows up to this
         (``"16GiB"`` by default, all profiled rows when they fit); 0 removes the snapshot.
         Tiers whose hot set is larger load the rest from the row file.
-    chunk_bytes: rows read and written per step (the memory the write needs).
+    chunk_bytes: sizes the rank pass's memory: rows up to 8 x this (at most 256 MiB) are put in
+        rank order in memory, more are bucketed through the file in buckets of that size.
 
     Atomic per table (a killed write leaves the old snapshot or the new one). Raises
     ``TierStoreError`` for a table without a profile.
@@ -76,15 +78,12 @@ def save_snapshot(store: str | os.PathLike[str], tables: Iterable[str] | None = 
             ranked = hot_rows(counts, k)  # the one ranking: every tier's hot set is a prefix
             del counts
 
-            def fetch(ids: np.ndarray, name: str = name) -> np.ndarray:
-                order = np.argsort(ids, kind="stable")
-                rows = s.lookup(name, torch.from_numpy(ids[order]), raw=True)
-                got = np.empty((len(ids), rows.shape[1] * rows.element_size()), dtype=np.uint8)
-                got[order] = rows.view(torch.uint8).numpy().reshape(len(ids), -1)
-                return got
-
-            head = write_snapshot(path, info, s.manifest.build_id, ranked, fetch, chunk_bytes=chunk,
-                                  profile={"total": meta["total"], "nonzero": meta["nonzero"],
-                                           "profile_id": meta.get("profile_id")})
+            disk = s._table(name).disk  # rows straight from the row file, in file order, every page checked
+            with one_torch_thread():  # the write's own threads are its parallelism (as the build's)
+                head = write_snapshot(path, info, s.manifest.build_id, ranked, sweep=disk.sweep,
+                                      memory=min(chunk * 8, BUCKET_BYTES),
+                                      bucket_bytes=min(chunk * 8, BUCKET_BYTES),
+                                      profile={"total": meta["total"], "nonzero": meta["nonzero"],
+                                               "profile_id": meta.get("profile_id")})
             out[name] = {**head, "path": str(Path(path))}
     return out

@@ -299,6 +299,39 @@ def test_ordered_build_is_one_sweep_per_head_group_and_exact(tmp_path, monkeypat
     del m
 
 
+@pytest.mark.parametrize("kind", ["wide", "all"])
+def test_ordered_build_reads_the_checkpoint_once_however_large_the_head(tmp_path, monkeypatch, kind):
+    """Regression: a head larger than ``HEAD_BYTES`` was built in groups, one more sweep of the
+    checkpoint per group (16 sweeps of a 189 GiB checkpoint for V4.1's 16 GiB head). Now it is
+    spilled into the head's own region of the row file in buckets (``format.rankspill``) and
+    the checkpoint is read once; the memory the head takes is one bucket and the staging,
+    not the head, and the file is the same bit for bit."""
+    from tierstore.format import rankspill, sweep
+
+    chunk = 48 * 256  # 256 rows of 48 bytes: 12 pages
+    monkeypatch.setattr("tierstore.format.build.CHUNK_BYTES", chunk)
+    monkeypatch.setattr(sweep, "HEAD_BYTES", 8 * chunk)  # the head is 63-157 chunks: spilled
+    monkeypatch.setattr(sweep, "BUCKET_BYTES", 8 * chunk)  # buckets of 8 chunks: 8-20 of them
+    sizes: list[int] = []
+    real = rankspill.aligned_buffer
+    monkeypatch.setattr(rankspill, "aligned_buffer", lambda nbytes, populate=False: sizes.append(nbytes) or
+                        real(nbytes, populate))
+    n = 40_011
+    w = random_table(n, 24, torch.float16, seed=6)
+    path, first, order = _ordered(tmp_path, w, kind)
+    reads = _checkpoint_reads(monkeypatch, path)
+    out = tierstore.build_store(path, tmp_path / "s", order_by=first, progress=False)
+    head_bytes = -(-order.hot.size // 256) * 256 * 48
+    assert head_bytes >= 60 * chunk
+    assert sum(reads) <= n * 48 + 2 * PAGE_SIZE * (n // 256 + 1), (sum(reads), n * 48)  # one sweep, not 8-20
+    assert sum(sizes) < head_bytes / 2, (sizes, head_bytes)  # every buffer of the head's pass, together
+    assert tierstore.verify_store(out).ok
+    _rows(out, w)
+    m = np.memmap(out / read_manifest(out).tables[NAME].file, dtype=np.uint8, mode="r", offset=PAGE_SIZE)
+    assert np.array_equal(m[: n * 48].reshape(n, 48), bits(w).view(torch.uint8).numpy()[order.ids(0, n)])
+    del m
+
+
 @pytest.mark.parametrize("cap", ["bytes", "rows"])
 def test_ordered_build_writes_the_head_sequentially(tmp_path, monkeypatch, cap):
     """Regression: the sweep scattered each hot row into the head buffer at its rank
