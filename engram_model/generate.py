@@ -228,6 +228,10 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     ap.add_argument("--drop-cache", action="store_true",
                     help="evict the store's files from the page cache first (a cold start)")
     ap.add_argument("--device", default="cpu", help="where the model runs and rows are served: cpu or cuda[:N]")
+    ap.add_argument("--sync-below", type=int, default=None,
+                    help="lookups of fewer ids run in the model's thread when the layer needs them, the rest are "
+                         "prefetched (overlapping the blocks before the Engram layer); default: the store's "
+                         "INLINE_BELOW; 0: prefetch every lookup")
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
 
@@ -257,7 +261,8 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         drop_page_cache([p for p in store_path.rglob("*") if p.is_file()])
     t0 = time.perf_counter()
     model, tok, store = open_served_model(ckpt, store_path, device_budget=dev_b, host_budget=host_b, policy=args.policy,
-                                          use_profile=not args.no_profile, device=args.device)
+                                          use_profile=not args.no_profile, device=args.device,
+                                          sync_below=args.sync_below)
     open_s = time.perf_counter() - t0
     with store:
         if args.prompt:
@@ -276,6 +281,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         "table_bytes": tbytes, "device_budget": dev_b, "host_budget": host_b, **tiers,
         "profile": not args.no_profile and any(has_profile(store_path, t) for t in store.tables),
         "page_cache_dropped": args.drop_cache, "device": str(store.device), "threads": args.threads,
+        "sync_below": args.sync_below,
         "open_seconds": open_s,
     }
     print(f"store-served: prefill {served.prefill_tok_s:,.0f} tok/s, decode {served.decode_tok_s:,.0f} tok/s "
