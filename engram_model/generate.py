@@ -145,10 +145,13 @@ def _wait_for(device: torch.device) -> None:
 @torch.no_grad()
 def serve_steps(
     model: EngramLM, batches: Sequence[torch.Tensor], *, max_new_tokens: int, temperature: float = 0.8,
-    top_k: int = 50, seed: int = 0, prefetch_next: bool = True, announce: int = 0,
+    top_k: int = 50, seed: int = 0, prefetch_next: bool = True, announce: int = 0, next_at: str = "start",
 ) -> Iterator[ServeTimes]:
     """:func:`serve` one batch at a time: yields its (growing) ServeTimes after each batch, so
     two models can be timed round by round under the same load (:func:`serve_rounds`)."""
+    if next_at not in ("start", "decode"):
+        raise EngramConfigError(f"next_at={next_at!r}: choose 'start' (batch i+1's fetch starts with batch i) or "
+                                "'decode' (after batch i's prefill)")
     model.eval()
     device = model.tok_emb.weight.device  # prompts, sampling and caches follow the model
     batches = [b.to(device) for b in batches]
@@ -164,12 +167,16 @@ def serve_steps(
             raise EngramConfigError(f"prompt {P} + {max_new_tokens} new tokens exceeds max_seq_len {model.cfg.max_seq_len}")
         t0 = time.perf_counter()
         cur = plan if plan is not None else model.prepare(idx)
-        plan = model.prepare(batches[i + 1]) if prefetch_next and i + 1 < len(batches) else None
+        plan = None
+        if prefetch_next and i + 1 < len(batches) and next_at == "start":
+            plan = model.prepare(batches[i + 1])
         cache = InferenceCache(model, B)
         logits, _ = model(idx, plan=cur, cache=cache)
         nxt = _sample(logits[:, -1], temperature, top_k, gen)
         _wait_for(device)
         t1 = time.perf_counter()
+        if prefetch_next and i + 1 < len(batches) and next_at == "decode":
+            plan = model.prepare(batches[i + 1])
         new = [nxt]
         for _ in range(max_new_tokens - 1):
             logits, _ = model(nxt[:, None], cache=cache)
@@ -190,7 +197,8 @@ def serve_steps(
 def serve(model: EngramLM, batches: Sequence[torch.Tensor], **kw: Any) -> ServeTimes:
     """Prefill and decode every batch of the queue; returns timings and the generated ids.
 
-    prefetch_next: start batch i+1's row fetches before batch i computes.
+    prefetch_next: start batch i+1's row fetches before batch i computes (``next_at="start"``)
+    or once its prefill is done (``"decode"``: the fetch overlaps batch i's decode steps only).
     announce: before serving batch i, announce the prompts of batches i+1 .. i+announce
     (``EngramLM.announce``: the queue's known future reaches the store's cache policy).
     """
@@ -263,6 +271,8 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     ap.add_argument("--drop-cache", action="store_true",
                     help="evict the store's files from the page cache first (a cold start)")
     ap.add_argument("--device", default="cpu", help="where the model runs and rows are served: cpu or cuda[:N]")
+    ap.add_argument("--prefetch-next-at", choices=["start", "decode"], default="start",
+                    help="when batch i+1's row fetches start: with batch i (start) or after its prefill (decode)")
     ap.add_argument("--sequential", action="store_true",
                     help="with --compare-resident: serve the whole queue on the store, then on the resident model "
                          "(default: round by round, batch i on each in turn, so both see the same machine load)")
@@ -307,7 +317,8 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
             batches = [torch.tensor([tok.encode(args.prompt).ids])]
         else:
             batches = prompt_batches(tok, n_prompts=args.prompts, batch_size=args.batch_size, prompt_len=args.prompt_len)
-        kw = dict(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k, seed=args.seed)
+        kw = dict(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k, seed=args.seed,
+                  next_at=args.prefetch_next_at)
         if resident is not None and not args.sequential:  # round by round: the same load on both
             served, ref = serve_rounds([model, resident], batches, **kw)
         else:
@@ -322,7 +333,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         "table_bytes": tbytes, "device_budget": dev_b, "host_budget": host_b, **tiers,
         "profile": not args.no_profile and any(has_profile(store_path, t) for t in store.tables),
         "page_cache_dropped": args.drop_cache, "device": str(store.device), "threads": args.threads,
-        "sync_below": args.sync_below,
+        "sync_below": args.sync_below, "prefetch_next_at": args.prefetch_next_at,
         "open_seconds": open_s,
     }
     print(f"store-served: prefill {served.prefill_tok_s:,.0f} tok/s, decode {served.decode_tok_s:,.0f} tok/s "

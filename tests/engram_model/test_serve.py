@@ -9,6 +9,7 @@ import torch
 
 from engram_model.checkpoint import load_checkpoint
 from engram_model.generate import build_store_for, main, open_served_model, round_ratios, serve, serve_rounds, table_bytes
+from engram_model.errors import EngramConfigError
 from engram_model.model import InferenceCache
 
 torch.set_num_threads(1)
@@ -51,8 +52,9 @@ def test_store_logits_bit_identical_every_tier(engram_run, tmp_path):
     assert st["disk"]["rows_read"] > 0, st["disk"]
 
 
+@pytest.mark.parametrize("next_at", ["start", "decode"])  # batch i+1's fetch: with batch i, or after its prefill
 @pytest.mark.parametrize("sync_below", [0, 64])  # 64: decode steps (2 x 1 x 4 ids) looked up in-thread
-def test_serve_queue_with_next_batch_prefetch(engram_run, tmp_path, sync_below):
+def test_serve_queue_with_next_batch_prefetch(engram_run, tmp_path, sync_below, next_at):
     ckpt, _ = engram_run
     store_path = build_store_for(ckpt, tmp_path / "store")
     resident, _, _ = load_checkpoint(ckpt)
@@ -61,12 +63,18 @@ def test_serve_queue_with_next_batch_prefetch(engram_run, tmp_path, sync_below):
     ref = serve(resident, batches, max_new_tokens=6, seed=3, prefetch_next=False)
     served, _, store = _open(ckpt, store_path, sync_below=sync_below)
     with store:
-        got = serve(served, batches, max_new_tokens=6, seed=3, prefetch_next=True)
+        got = serve(served, batches, max_new_tokens=6, seed=3, prefetch_next=True, next_at=next_at)
     for a, b in zip(ref.outputs, got.outputs):
         assert torch.equal(a, b)
     for a, b in zip(ref.last_logits, got.last_logits):
         assert torch.equal(a, b), f"max diff {(a - b).abs().max().item()}"
     assert got.prefill_tokens == 3 * 2 * 16 and got.decode_tokens == 3 * 2 * 5
+
+
+def test_serve_refuses_unknown_next_at(engram_run):
+    resident, _, _ = load_checkpoint(engram_run[0])
+    with pytest.raises(EngramConfigError, match="next_at='decod'.*'decode'"):
+        serve(resident, [torch.zeros(1, 4, dtype=torch.long)], max_new_tokens=2, next_at="decod")
 
 
 def test_serve_rounds_alternates_and_matches_serve(engram_run, tmp_path):
