@@ -20,8 +20,9 @@ from __future__ import annotations
 
 import argparse
 import json
+import statistics
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -37,7 +38,7 @@ from engram_model.errors import EngramConfigError
 from engram_model.model import EngramLM, EngramPlan, InferenceCache
 from engram_model.tokenizer import stdlib_text_files
 
-__all__ = ["ServeTimes", "build_store_for", "open_served_model", "served_model", "serve", "prompt_batches", "drop_page_cache", "main"]
+__all__ = ["ServeTimes", "build_store_for", "open_served_model", "served_model", "serve", "serve_steps", "serve_rounds", "round_ratios", "prompt_batches", "drop_page_cache", "main"]
 
 
 @dataclass
@@ -50,6 +51,7 @@ class ServeTimes:
     decode_tokens: int = 0
     outputs: list[torch.Tensor] = field(default_factory=list)  # generated ids per batch (B, new)
     last_logits: list[torch.Tensor] = field(default_factory=list)  # final-step logits per batch
+    batch_seconds: list[tuple[float, float]] = field(default_factory=list)  # (prefill, decode) per batch
 
     @property
     def prefill_tok_s(self) -> float:
@@ -141,16 +143,15 @@ def _wait_for(device: torch.device) -> None:
 
 
 @torch.no_grad()
-def serve(
+def serve_steps(
     model: EngramLM, batches: Sequence[torch.Tensor], *, max_new_tokens: int, temperature: float = 0.8,
-    top_k: int = 50, seed: int = 0, prefetch_next: bool = True, announce: int = 0,
-) -> ServeTimes:
-    """Prefill and decode every batch of the queue; returns timings and the generated ids.
-
-    prefetch_next: start batch i+1's row fetches before batch i computes.
-    announce: before serving batch i, announce the prompts of batches i+1 .. i+announce
-    (``EngramLM.announce``: the queue's known future reaches the store's cache policy).
-    """
+    top_k: int = 50, seed: int = 0, prefetch_next: bool = True, announce: int = 0, next_at: str = "start",
+) -> Iterator[ServeTimes]:
+    """:func:`serve` one batch at a time: yields its (growing) ServeTimes after each batch, so
+    two models can be timed round by round under the same load (:func:`serve_rounds`)."""
+    if next_at not in ("start", "decode"):
+        raise EngramConfigError(f"next_at={next_at!r}: choose 'start' (batch i+1's fetch starts with batch i) or "
+                                "'decode' (after batch i's prefill)")
     model.eval()
     device = model.tok_emb.weight.device  # prompts, sampling and caches follow the model
     batches = [b.to(device) for b in batches]
@@ -166,12 +167,16 @@ def serve(
             raise EngramConfigError(f"prompt {P} + {max_new_tokens} new tokens exceeds max_seq_len {model.cfg.max_seq_len}")
         t0 = time.perf_counter()
         cur = plan if plan is not None else model.prepare(idx)
-        plan = model.prepare(batches[i + 1]) if prefetch_next and i + 1 < len(batches) else None
+        plan = None
+        if prefetch_next and i + 1 < len(batches) and next_at == "start":
+            plan = model.prepare(batches[i + 1])
         cache = InferenceCache(model, B)
         logits, _ = model(idx, plan=cur, cache=cache)
         nxt = _sample(logits[:, -1], temperature, top_k, gen)
         _wait_for(device)
         t1 = time.perf_counter()
+        if prefetch_next and i + 1 < len(batches) and next_at == "decode":
+            plan = model.prepare(batches[i + 1])
         new = [nxt]
         for _ in range(max_new_tokens - 1):
             logits, _ = model(nxt[:, None], cache=cache)
@@ -183,9 +188,47 @@ def serve(
         times.prefill_tokens += B * P
         times.decode_seconds += t2 - t1
         times.decode_tokens += B * (max_new_tokens - 1)
+        times.batch_seconds.append((t1 - t0, t2 - t1))
         times.outputs.append(torch.stack(new, 1))
         times.last_logits.append(logits[:, -1].clone())
+        yield times
+
+
+def serve(model: EngramLM, batches: Sequence[torch.Tensor], **kw: Any) -> ServeTimes:
+    """Prefill and decode every batch of the queue; returns timings and the generated ids.
+
+    prefetch_next: start batch i+1's row fetches before batch i computes (``next_at="start"``)
+    or once its prefill is done (``"decode"``: the fetch overlaps batch i's decode steps only).
+    announce: before serving batch i, announce the prompts of batches i+1 .. i+announce
+    (``EngramLM.announce``: the queue's known future reaches the store's cache policy).
+    """
+    times = ServeTimes()
+    for times in serve_steps(model, batches, **kw):
+        pass
     return times
+
+
+def serve_rounds(models: Sequence[EngramLM], batches: Sequence[torch.Tensor], **kw: Any) -> list[ServeTimes]:
+    """Serve the same queue on every model, batch by batch in turn (round i: batch i on each
+    model, the order reversed every other round), so that a load spike on a shared machine
+    falls on all of them alike; one ServeTimes per model. A served model's prefetch of batch
+    i+1 starts in its round i, as in :func:`serve`."""
+    runs = [serve_steps(m, batches, **kw) for m in models]
+    times = [ServeTimes() for _ in models]
+    for r in range(len(batches)):
+        order = range(len(runs)) if r % 2 == 0 else reversed(range(len(runs)))
+        for k in order:
+            times[k] = next(runs[k])
+    return times
+
+
+def round_ratios(served: ServeTimes, base: ServeTimes) -> dict[str, float]:
+    """Medians over the rounds of served/base throughput (base seconds / served seconds), per
+    phase: robust to a round that a load spike slowed."""
+    pre = [b[0] / max(s[0], 1e-9) for s, b in zip(served.batch_seconds, base.batch_seconds)]
+    dec = [b[1] / max(s[1], 1e-9) for s, b in zip(served.batch_seconds, base.batch_seconds)]
+    return {"prefill_ratio_median": statistics.median(pre) if pre else 0.0,
+            "decode_ratio_median": statistics.median(dec) if dec else 0.0}
 
 
 def tier_summary(stats: dict[str, Any]) -> dict[str, float]:
@@ -228,6 +271,15 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     ap.add_argument("--drop-cache", action="store_true",
                     help="evict the store's files from the page cache first (a cold start)")
     ap.add_argument("--device", default="cpu", help="where the model runs and rows are served: cpu or cuda[:N]")
+    ap.add_argument("--prefetch-next-at", choices=["start", "decode"], default="start",
+                    help="when batch i+1's row fetches start: with batch i (start) or after its prefill (decode)")
+    ap.add_argument("--sequential", action="store_true",
+                    help="with --compare-resident: serve the whole queue on the store, then on the resident model "
+                         "(default: round by round, batch i on each in turn, so both see the same machine load)")
+    ap.add_argument("--sync-below", type=int, default=None,
+                    help="lookups of fewer ids run in the model's thread when the layer needs them, the rest are "
+                         "prefetched (overlapping the blocks before the Engram layer); default: the store's "
+                         "INLINE_BELOW; 0: prefetch every lookup")
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
 
@@ -257,15 +309,20 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         drop_page_cache([p for p in store_path.rglob("*") if p.is_file()])
     t0 = time.perf_counter()
     model, tok, store = open_served_model(ckpt, store_path, device_budget=dev_b, host_budget=host_b, policy=args.policy,
-                                          use_profile=not args.no_profile, device=args.device)
+                                          use_profile=not args.no_profile, device=args.device,
+                                          sync_below=args.sync_below)
     open_s = time.perf_counter() - t0
     with store:
         if args.prompt:
             batches = [torch.tensor([tok.encode(args.prompt).ids])]
         else:
             batches = prompt_batches(tok, n_prompts=args.prompts, batch_size=args.batch_size, prompt_len=args.prompt_len)
-        served = serve(model, batches, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
-                       top_k=args.top_k, seed=args.seed)
+        kw = dict(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k, seed=args.seed,
+                  next_at=args.prefetch_next_at)
+        if resident is not None and not args.sequential:  # round by round: the same load on both
+            served, ref = serve_rounds([model, resident], batches, **kw)
+        else:
+            served = serve(model, batches, **kw)
         tiers = tier_summary(store.stats())
     print(f"tables {tierstore.format_size(tbytes)}; device budget {tierstore.format_size(dev_b)}, "
           f"host budget {tierstore.format_size(host_b)}, rest on disk ({store_path})")
@@ -276,6 +333,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         "table_bytes": tbytes, "device_budget": dev_b, "host_budget": host_b, **tiers,
         "profile": not args.no_profile and any(has_profile(store_path, t) for t in store.tables),
         "page_cache_dropped": args.drop_cache, "device": str(store.device), "threads": args.threads,
+        "sync_below": args.sync_below, "prefetch_next_at": args.prefetch_next_at,
         "open_seconds": open_s,
     }
     print(f"store-served: prefill {served.prefill_tok_s:,.0f} tok/s, decode {served.decode_tok_s:,.0f} tok/s "
@@ -283,15 +341,17 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     print(f"hit ratio: device {tiers['device_hit_ratio']:.1%}, host {tiers['host_hit_ratio']:.1%} "
           f"(of device misses), disk rows read {tiers['disk_rows_read']:,.0f}")
     if resident is not None:
-        ref = serve(resident, batches, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
-                    top_k=args.top_k, seed=args.seed)
+        if args.sequential:
+            ref = serve(resident, batches, **kw)
         same = all(torch.equal(a, b) for a, b in zip(ref.outputs, served.outputs))
         res.update(resident_prefill_tok_s=ref.prefill_tok_s, resident_decode_tok_s=ref.decode_tok_s,
-                   same_tokens_as_resident=same, resident_load_seconds=resident_load_s)
+                   same_tokens_as_resident=same, resident_load_seconds=resident_load_s,
+                   rounds=len(batches), interleaved=not args.sequential, **round_ratios(served, ref))
         print(f"resident    : prefill {ref.prefill_tok_s:,.0f} tok/s, decode {ref.decode_tok_s:,.0f} tok/s "
               f"(load {resident_load_s:.2f} s, not counted); served/resident prefill "
               f"{served.prefill_tok_s / ref.prefill_tok_s:.2f}x, decode {served.decode_tok_s / ref.decode_tok_s:.2f}x; "
-              f"identical tokens: {same}")
+              f"identical tokens: {same}; median of {len(batches)} rounds: prefill "
+              f"{res['prefill_ratio_median']:.2f}x, decode {res['decode_ratio_median']:.2f}x")
     print(json.dumps(res))
     return res
 

@@ -24,7 +24,7 @@ def test_demo_quick(tmp_path, capsys):
     assert runs[0]["profile"] is False and summary["profile"] is True and summary["page_cache_dropped"] is True
     for key in ("served_prefill_tok_s", "served_decode_tok_s", "resident_prefill_tok_s", "resident_decode_tok_s"):
         assert summary[key] > 0
-    assert "placement: decode" in out
+    assert "placement: decode" in out and "medians of the rounds" in out
     # the second run reuses checkpoint and store
     assert demo.main(args) == 0
     assert "reusing the checkpoint" in capsys.readouterr().out
