@@ -7,7 +7,10 @@
   moves the row to protected and, when protected is over its share, demotes protected's
   LRU row to the back of probation.
 - A frequency *sketch* in ``SK``: a count-min sketch of depth 4 with 4-bit counters (two
-  per byte, saturating at 15), width W a power of two >= the dynamic slots, and a
+  per byte, saturating at 15), width W the largest power of two <= 23/24 of the dynamic
+  slots (at least 8: 1.5-2.875 bytes a slot with the doorkeeper, so the tier's whole state
+  stays within issue 19's 32 bytes a slot; Caffeine's sizing, the next power of two >= the
+  slots, cost 3-6 and put it at 35-38), and a
   *doorkeeper* (a bloom filter of 8W bits, 2 probes): a row's first occurrence only sets
   its doorkeeper bits; later ones increment its four counters. The estimate is the least
   of the four counters plus 1 when the doorkeeper has the row. Every access (hit or miss)
@@ -45,7 +48,11 @@ halved every 32 x main-size main hits (the difference that matters most: on the 
 text trace at 500 slots, 0.7647 here vs 0.7345 there, of which switching a plain model of
 libCacheSim's variant to this aging recovers 0.031).
 
-Leases: a leased slot is never evicted. The candidate is the window's least recent
+Leases: uint8 leases and int16 lease markers (``ref_dtype``, ``ep_dtype``: 3 bytes a slot
+less than the other policies' uint16 and int32, for the 32-byte bound): a slot held by 255
+lookups in flight at once is served from below instead of leased again, and the markers
+restart every 2**14 lookups (walk.access: one pass over the slots each time). A leased
+slot is never evicted. The candidate is the window's least recent
 unleased row and the victim probation's (then protected's) least recent unleased row;
 with no candidate the victim goes (the window then hands its LRU row to probation to keep
 its size), with no victim the candidate goes, with neither the miss bypasses (-1).
@@ -82,7 +89,7 @@ N_SEEDS = DEPTH + 1
 # ---------------------------------------------------------------------------------------------
 # the sketch: DEPTH*W 4-bit counters (row-major, counter k in byte k >> 1, the low nibble
 # for even k) in SK[:DEPTH*W/2], then the doorkeeper's 8W bits in SK[DEPTH*W/2:][:W]: 3W
-# bytes, 3-6 per dynamic slot (one counter per byte, 5W bytes, cost 5-10); then one
+# bytes, 1.5-2.875 per dynamic slot (WTinyLFU._wbits; one counter per byte, 5W bytes, cost 5-10); then one
 # saturation bit per dynamic slot (1/8 B)
 # ---------------------------------------------------------------------------------------------
 
@@ -282,9 +289,15 @@ class WTinyLFU(Policy):
 
     defaults = {"window_fraction": 0.01, "protected_fraction": 0.8}
 
+    ref_dtype = "uint8"  # leases: 255 lookups in flight on a slot at most (layout.py)
+    ep_dtype = "int16"  # lease markers: restarted every 2**14 lookups (walk.access)
+
     @staticmethod
     def _wbits(n_dyn: int) -> int:
-        return max(3, int(max(1, n_dyn) - 1).bit_length())
+        # the widest power of two with 3W <= 2.875 x slots: counters (W/2 bytes a row, 4 rows)
+        # and doorkeeper (W bytes) within what 32 bytes a slot leave after the row map (10),
+        # ros (4), leases (1), markers (2), queues (12) and the saturation bit (1/8)
+        return max(3, ((23 * max(1, int(n_dyn))) // 24).bit_length() - 1)
 
     def window(self, n_dyn: int) -> int:
         return max(1, int(self.params["window_fraction"] * n_dyn))
