@@ -118,10 +118,11 @@ class CacheIndex:
         M[M_REFMAX] = np.iinfo(ref.dtype).max
         M[M_EPWRAP] = walk.epoch_wrap(ep.dtype)
         K = np.zeros((policy.k_rows, cap) if policy.k_rows else (1, 1), dtype=policy.k_dtype)
-        if policy.k_rows:
+        if policy.k_rows > K_HPOS:  # a heap's positions (wtinylfu's one row of K is its queue bytes)
             K[K_HPOS] = -1
         L = np.zeros((policy.l_rows, cap + NQ if policy.admits else 1), dtype=np.int32)
-        L[L_QID] = -1
+        if policy.l_rows > L_QID:  # wtinylfu keeps its slots' queues in K
+            L[L_QID] = -1
         gcap = int(policy.ghost_size(n_dyn))
         M[M_GCAP] = gcap
         GH = np.zeros((NG, gcap + NQ), dtype=np.int32)  # rows < 2**31, entry indexes

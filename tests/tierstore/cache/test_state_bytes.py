@@ -4,8 +4,9 @@ uint16 leases, the hint table only once a hint arrives (16 bytes a dynamic slot)
 markers that wrap instead of growing and also mark pending fills, free slots as a counter,
 free ghost entries chained through their links, a row map of 1.25 x entries buckets (10
 bytes an entry), the frequency row only where a policy counts, W-TinyLFU's 4-bit counters
-two to a byte, its uint8 leases, int16 lease markers and a sketch of the widest power of two
-that fits the bound, no leases or queues for a policy that admits nothing (static).
+two to a byte, its uint8 leases, int16 lease markers and one queue byte a slot (the queue and
+the saturation bit; no queue-id row in L), no leases or queues for a policy that admits
+nothing (static).
 ``state_bytes`` is the most an index holds, which a store's budget pays for
 (``slots_within``)."""
 
