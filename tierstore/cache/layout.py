@@ -4,7 +4,7 @@ A tier's whole state is one tuple of numpy arrays, ``T``, passed to every kernel
 call with it costs ~1 us); nothing lives in Python objects, so a kernel runs without the
 GIL and the state survives any number of calls. Memory: nothing per *table* row; per
 *slot* (row the tier can hold), the row map and ghosts included, at most: static 14, lru
-32, wtinylfu 31.0-32.0, arc 58, s3fifo 59.4, lfu 64, default 100 with its hint table (84
+32, wtinylfu 29-32, arc 58, s3fifo 59.4, lfu 64, default 100 with its hint table (84
 until the first hint); issue 19's bound is 32 (tests/tierstore/cache/test_state_bytes.py,
 which also says why the last four keep more). A store pays for it out of the tier's budget:
 ``index.state_bytes`` is the most these arrays can hold at a capacity, ``slots_within``
@@ -25,12 +25,14 @@ the capacity a budget buys at row bytes plus that.
   lookup admitted the row and has not ended: the slot is *pending*, its bytes still to be
   written; 0 once it ended).
 - ``K`` int64 (int32 for default)[nk, cap]: per-slot keys (``K_KEY``) and an indexed min-heap (``K_HEAP``,
-  ``K_HPOS``) for the policies that evict by key (lfu, default's ranked core).
+  ``K_HPOS``) for the policies that evict by key (lfu, default's ranked core); wtinylfu's
+  is uint8[1, cap], each slot's queue byte (its queue and saturation bit, wtinylfu.py).
 - ``L`` int32[3 or 4, cap + NQ]: doubly linked queues over slots (``L_NEXT``/``L_PREV``,
-  the sentinel of queue q at index ``cap + q``), each slot's queue and (s3fifo, default
+  the sentinel of queue q at index ``cap + q``), each slot's queue (``L_QID``; wtinylfu's
+  L has the links only, 2 rows: its queues are in K, with its own push and unlink) and (s3fifo, default
   only: ``Policy.l_rows``) a small frequency counter. The free slots are [CAP - NFREE, CAP) (structs.take_free).
 - ``GH`` int32[4, gcap + NQ]: ghost entries (row, queue links, queue; free ones chained).
-- ``SK`` uint8[...]: W-TinyLFU's count-min sketch, doorkeeper and per-slot saturation bits.
+- ``SK`` uint8[...]: W-TinyLFU's count-min sketch and doorkeeper.
 - ``HT`` int64[2, h]: the hint table (row << 8 | count, time of the latest hint), see
   hints.py; one bucket until the first hint (``CacheIndex.hint_table``).
 - ``RK`` int64[1.25 x m, a multiple of 8]: the rank map (tierstore.cache.rankmap): a profile's m ranked
