@@ -3,7 +3,7 @@
 A tier owns a slab of ``capacity`` row slots and copies bytes; this index says where rows
 are, counts hits and misses, and runs its policy, all in compiled kernels over the state
 arrays of tierstore.cache.layout (no Python per access, no GIL held). Memory: 14-100 bytes
-per *slot* by policy (``state_bytes``; lru and static within issue 19's 32), nothing per
+per *slot* by policy (``state_bytes``; lru, static and wtinylfu within issue 19's 32), nothing per
 *table* row (the row -> slot map is a hash table sized to the
 cache, tierstore.cache.rowmap; a profile is read once and only its top ``capacity`` kept).
 
@@ -21,8 +21,8 @@ import numpy as np
 from ..errors import CapacityError, TierStoreError
 from ..ids import as_row_ids, distinct
 from . import walk
-from .layout import (CACHED, NONE, REF_DTYPE, K_HPOS, L_QID, M_BYPASS, M_CAP, M_EVICT, M_GCAP, M_HINTS, M_HITS,
-                     M_HORIZON, M_INSERT, M_LO, M_MISSES, M_NFREE, M_NROWS, M_RANKM, HT_ROWS, NG, NM, NQ)
+from .layout import (CACHED, NONE, K_HPOS, L_QID, M_BYPASS, M_CAP, M_EPWRAP, M_EVICT, M_GCAP, M_HINTS, M_HITS,
+                     M_HORIZON, M_REFMAX, M_INSERT, M_LO, M_MISSES, M_NFREE, M_NROWS, M_RANKM, HT_ROWS, NG, NM, NQ)
 from .policy import Policy
 from .registry import PolicySpec, make_policy
 from ..ranking import Profile, as_profile
@@ -113,13 +113,16 @@ class CacheIndex:
         # a policy that admits nothing never leases or queues a slot (the walk reads ref,
         # ep and L only for slots past the pinned ones that hold a row): one-entry stand-ins
         per = cap if policy.admits else 1
-        ref = np.zeros(per, dtype=REF_DTYPE)  # leases < REF_MAX (walk.access)
-        ep = np.zeros(per, dtype=np.int32)  # epochs wrap below 2**31 (walk.access)
+        ref = np.zeros(per, dtype=policy.ref_dtype)  # leases <= M_REFMAX (walk.access)
+        ep = np.zeros(per, dtype=policy.ep_dtype)  # epochs restart below M_EPWRAP (walk.access)
+        M[M_REFMAX] = np.iinfo(ref.dtype).max
+        M[M_EPWRAP] = walk.epoch_wrap(ep.dtype)
         K = np.zeros((policy.k_rows, cap) if policy.k_rows else (1, 1), dtype=policy.k_dtype)
-        if policy.k_rows:
+        if policy.k_rows > K_HPOS:  # a heap's positions (wtinylfu's one row of K is its queue bytes)
             K[K_HPOS] = -1
         L = np.zeros((policy.l_rows, cap + NQ if policy.admits else 1), dtype=np.int32)
-        L[L_QID] = -1
+        if policy.l_rows > L_QID:  # wtinylfu keeps its slots' queues in K
+            L[L_QID] = -1
         gcap = int(policy.ghost_size(n_dyn))
         M[M_GCAP] = gcap
         GH = np.zeros((NG, gcap + NQ), dtype=np.int32)  # rows < 2**31, entry indexes
@@ -292,7 +295,7 @@ def state_bytes(policy: str | PolicySpec | Policy, capacity: int) -> int:
     return (NM * 8  # M
             + map_bytes(cap + gcap)  # RM
             + cap * i32  # ros
-            + per * (np.dtype(REF_DTYPE).itemsize + i32)  # ref, ep
+            + per * (np.dtype(policy.ref_dtype).itemsize + np.dtype(policy.ep_dtype).itemsize)  # ref, ep
             + k  # K
             + policy.l_rows * (cap + NQ if policy.admits else 1) * i32  # L
             + NG * (gcap + NQ) * i32  # GH

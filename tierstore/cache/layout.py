@@ -4,9 +4,9 @@ A tier's whole state is one tuple of numpy arrays, ``T``, passed to every kernel
 call with it costs ~1 us); nothing lives in Python objects, so a kernel runs without the
 GIL and the state survives any number of calls. Memory: nothing per *table* row; per
 *slot* (row the tier can hold), the row map and ghosts included, at most: static 14, lru
-32, wtinylfu 35-38, arc 58, s3fifo 59.4, lfu 64, default 100 with its hint table (84 until
-the first hint); issue 19's bound is 32 (tests/tierstore/cache/test_state_bytes.py, which
-also says why the last five keep more). A store pays for it out of the tier's budget:
+32, wtinylfu 29-32, arc 58, s3fifo 59.4, lfu 64, default 100 with its hint table (84
+until the first hint); issue 19's bound is 32 (tests/tierstore/cache/test_state_bytes.py,
+which also says why the last four keep more). A store pays for it out of the tier's budget:
 ``index.state_bytes`` is the most these arrays can hold at a capacity, ``slots_within``
 the capacity a budget buys at row bytes plus that.
 
@@ -19,17 +19,20 @@ the capacity a budget buys at row bytes plus that.
 - ``ros`` int32[cap]: row in each slot, -1 free.
 - ``ref``, ``ep`` and ``L`` are one-entry stand-ins for a policy that admits nothing
   (``Policy.admits``: static), whose slots are never leased or queued.
-- ``ref`` uint16[cap]: leases (a leased slot is never evicted); ``REF_MAX`` at most.
-- ``ep`` int32[cap]: the lookup that last leased the slot (``epoch``; ``-epoch`` when that
+- ``ref`` uint16[cap] (uint8 for wtinylfu): leases (a leased slot is never evicted);
+  ``M[M_REFMAX]`` at most.
+- ``ep`` int32[cap] (int16 for wtinylfu): the lookup that last leased the slot (``epoch``; ``-epoch`` when that
   lookup admitted the row and has not ended: the slot is *pending*, its bytes still to be
   written; 0 once it ended).
 - ``K`` int64 (int32 for default)[nk, cap]: per-slot keys (``K_KEY``) and an indexed min-heap (``K_HEAP``,
-  ``K_HPOS``) for the policies that evict by key (lfu, default's ranked core).
+  ``K_HPOS``) for the policies that evict by key (lfu, default's ranked core); wtinylfu's
+  is uint8[1, cap], each slot's queue byte (its queue and saturation bit, wtinylfu.py).
 - ``L`` int32[3 or 4, cap + NQ]: doubly linked queues over slots (``L_NEXT``/``L_PREV``,
-  the sentinel of queue q at index ``cap + q``), each slot's queue and (s3fifo, default
+  the sentinel of queue q at index ``cap + q``), each slot's queue (``L_QID``; wtinylfu's
+  L has the links only, 2 rows: its queues are in K, with its own push and unlink) and (s3fifo, default
   only: ``Policy.l_rows``) a small frequency counter. The free slots are [CAP - NFREE, CAP) (structs.take_free).
 - ``GH`` int32[4, gcap + NQ]: ghost entries (row, queue links, queue; free ones chained).
-- ``SK`` uint8[...]: W-TinyLFU's count-min sketch, doorkeeper and per-slot saturation bits.
+- ``SK`` uint8[...]: W-TinyLFU's count-min sketch and doorkeeper.
 - ``HT`` int64[2, h]: the hint table (row << 8 | count, time of the latest hint), see
   hints.py; one bucket until the first hint (``CacheIndex.hint_table``).
 - ``RK`` int64[1.25 x m, a multiple of 8]: the rank map (tierstore.cache.rankmap): a profile's m ranked
@@ -39,7 +42,8 @@ the capacity a budget buys at row bytes plus that.
 from __future__ import annotations
 
 # -- M: scalars ------------------------------------------------------------------------------
-# M[0] is unused (it held a policy id while the walk dispatched on one; see walk.py)
+M_EPWRAP = 0  # lease markers (``ep``) restart below this: half the marker type's range (walk.access;
+# M[0] held a policy id while the walk dispatched on one)
 M_CAP = 1  # slots
 M_LO = 2  # pinned slots [0, LO): never evicted, no policy state
 M_NFREE = 3  # free slots: [CAP - NFREE, CAP), never used yet (structs.take_free)
@@ -63,6 +67,7 @@ M_BYPASS = 19  # misses the policy did not admit (all slots leased, or the polic
 M_HINTS = 20  # 1 if the policy acts on hints (others skip all hint work)
 M_NREF = 21  # slots with a lease (when all dynamic slots are leased, a miss bypasses at once)
 M_SCAN = 22  # work counter: leased entries victim searches stepped over or parked, candidates re-queued
+M_REFMAX = 23  # the most leases a slot takes (the lease type's maximum: walk.access serves past it from below)
 M_QLEN = 24  # M[M_QLEN + q]: slots in queue q (q < NQ)
 M_GQLEN = 32  # M[M_GQLEN + q]: entries in ghost queue q (q < NQ)
 M_PARAM = 40  # M[M_PARAM + i]: policy-specific scalars (each policy names its own)
@@ -99,9 +104,14 @@ HT_ROWS = 2  # row << 8 | count (count <= 255), the tick of the latest hint
 # ``ref``: uint16 leases per slot (2 bytes, not 4: issue 19's 32-byte bound). A slot is
 # leased once per lookup that touched it and has not ended, so a count reaches REF_MAX only
 # with 65,535 lookups in flight on one tier at once; walk.access then serves that row from
-# below rather than lease it again (never an overflow, never a wrong row).
+# below rather than lease it again (never an overflow, never a wrong row). These are the
+# defaults (``Policy.ref_dtype``, ``Policy.ep_dtype``); a policy may take narrower ones
+# (wtinylfu: uint8 leases, at most 255 lookups in flight on a slot, and int16 lease
+# markers, restarted every 2**14 lookups), and the index writes their limits into
+# ``M[M_REFMAX]`` and ``M[M_EPWRAP]``.
 REF_DTYPE = "uint16"
 REF_MAX = 0xFFFF
+EP_DTYPE = "int32"
 
 # -- per-access result codes (``access``'s ``code`` output) -------------------------------------
 HIT = 0  # the row's bytes are in its slot

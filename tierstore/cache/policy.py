@@ -22,7 +22,7 @@ import numpy as np
 
 from ..errors import PolicyParamError, TierStoreError
 from ..ranking import TopProfile
-from .layout import NL
+from .layout import EP_DTYPE, NL, REF_DTYPE
 
 __all__ = ["Policy"]
 
@@ -38,6 +38,8 @@ class Policy:
     uses_hints = False
     ranks = False  # keeps a profile's ranking (RK: a hash table, 10 bytes per ranked row, up to one per slot)
     l_rows = NL - 1  # rows of L the policy uses: NL with a frequency counter (L_FREQ)
+    ref_dtype = REF_DTYPE  # leases per slot (layout.py): a narrower type lets fewer lookups hold a slot at once
+    ep_dtype = EP_DTYPE  # lease markers per slot: a narrower type restarts them more often (O(cap) each time)
     admits = True  # False: ``miss`` never places a row, so no slot past the pinned ones is
     # ever leased or queued: the index keeps no leases, lease markers or queues (static)
 

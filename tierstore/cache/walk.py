@@ -27,22 +27,28 @@ import numpy as np
 
 from .hints import hint_add, hint_consume
 from ..jit import kernel
-from .layout import (BELOW, CACHED, FILL, HIT, REF_MAX, M_BYPASS, M_CAP, M_EPOCH, M_HINTS, M_HITS, M_HLIVE, M_LO,
+from .layout import (BELOW, CACHED, FILL, HIT, M_BYPASS, M_CAP, M_EPOCH, M_EPWRAP, M_REFMAX, M_HINTS, M_HITS, M_HLIVE, M_LO,
                      M_MISSES, M_NREF, M_TICK, NONE, RESIDENT)
 from .rowmap import rm_get
 from .structs import lookup_end, place, take_free, unmap
 
-EPOCH_WRAP = 1 << 30  # lease markers (``ep``, int32) restart below this
+EPOCH_WRAP = 1 << 30  # int32 lease markers (``ep``, the default) restart below this (M[M_EPWRAP])
+
+
+def epoch_wrap(ep_dtype) -> int:
+    """``M[M_EPWRAP]`` for lease markers of this type: half its range (2**30 for int32, 2**14
+    for int16), so ``-wrap`` (a pending slot across the restart) and every epoch fit."""
+    return int(np.iinfo(ep_dtype).max) // 2 + 1
 
 
 @kernel
-def _restart_epochs(ep):  # pragma: no cover - compiled
+def _restart_epochs(ep, wrap):  # pragma: no cover - compiled
     """Before epoch 1 again: a lease marker only matters to the lookup that wrote it, inside
     its own ``access`` call (which has ended), so every marker is cleared, except that a
     slot still pending (admitted by a lookup that has not ended: ``ep < 0``) stays pending,
     under a marker no later epoch uses."""
     for s in range(ep.size):
-        ep[s] = -EPOCH_WRAP if ep[s] < 0 else 0
+        ep[s] = -wrap if ep[s] < 0 else 0
 
 # ---------------------------------------------------------------------------------------------
 # one tier
@@ -57,8 +63,8 @@ def access(hit, miss, T, rows, slots, code, leased):  # pragma: no cover - compi
     once, listed in ``leased[:n]``; returns n. Pair with ``finish`` (or ``abort``)."""
     M, RM, ref, ep, HT = T[0], T[1], T[3], T[4], T[9]
     epoch = M[M_EPOCH] + 1
-    if epoch >= EPOCH_WRAP:  # ep is int32: start again (O(cap) once per 2**30 lookups)
-        _restart_epochs(ep)
+    if epoch >= M[M_EPWRAP]:  # ep is int32 (int16): start again (O(cap) once per 2**30 (2**14) lookups)
+        _restart_epochs(ep, M[M_EPWRAP])
         epoch = 1
     M[M_EPOCH] = epoch
     lo = M[M_LO]
@@ -78,8 +84,8 @@ def access(hit, miss, T, rows, slots, code, leased):  # pragma: no cover - compi
                 elif e != epoch:
                     if e < 0:
                         c = BELOW  # another lookup admitted it and is still writing its bytes
-                    elif ref[s] >= REF_MAX:
-                        c = BELOW  # 65,535 lookups in flight hold it: no lease past uint16
+                    elif ref[s] >= M[M_REFMAX]:
+                        c = BELOW  # 65,535 (uint8: 255) lookups in flight hold it: no lease past the type
                     else:
                         ep[s] = epoch
                         ref[s] += 1

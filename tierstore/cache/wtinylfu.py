@@ -13,7 +13,7 @@
   of the four counters plus 1 when the doorkeeper has the row. Every access (hit or miss)
   is recorded; after 10 x dynamic-slots records every counter is halved, the doorkeeper
   cleared and the record count halved (TinyLFU's reset).
-- A *saturation bit* per dynamic slot (after the doorkeeper in ``SK``): set when a hit's
+- A *saturation bit* per slot (bit 7 of the slot's queue byte, below): set when a hit's
   record leaves the slot's row with its doorkeeper bits set and all four counters at 15;
   cleared for the slot when a row is placed in it and for every slot at a reset. Between
   resets counters only grow and doorkeeper bits are only set, so while the bit is set a
@@ -45,6 +45,18 @@ halved every 32 x main-size main hits (the difference that matters most: on the 
 text trace at 500 slots, 0.7647 here vs 0.7345 there, of which switching a plain model of
 libCacheSim's variant to this aging recovers 0.031).
 
+State, issue 19's 32 bytes a slot (29-32 here: 35-38 before): the row map 10, ``ros`` 4,
+uint8 leases and int16 lease markers (``ref_dtype``, ``ep_dtype``: 3 bytes less than the
+other policies' uint16 and int32; a slot held by 255 lookups in flight at once is served
+from below instead of leased again, and the markers restart every 2**14 lookups, one pass
+over the slots each time, walk.access), queue links 8 (``L`` has no queue-id row), one
+*queue byte* per slot in ``K`` (uint8[1, cap]: the slot's queue in bits 0-1, ``NOQ`` when
+in none, the saturation bit in bit 7; the shared queue-id row was 4 bytes and the
+saturation bits a separate 1/8) and the sketch, 3-6 (3W bytes). Decisions are those of the
+layout before, hit for hit (the same sketch, queues and bits). Cost: a 1,024-id all-hit
+lookup 1.11-1.15x the layout before (benchmarks.bench_lookup --quick, interleaved, load
+10-12; 64 ids 1.0-1.07x); the queue byte's read-modify-writes are the difference measured.
+
 Leases: a leased slot is never evicted. The candidate is the window's least recent
 unleased row and the victim probation's (then protected's) least recent unleased row;
 with no candidate the victim goes (the window then hands its LRU row to probation to keep
@@ -56,15 +68,20 @@ from __future__ import annotations
 import numpy as np
 
 from ..jit import kernel
-from .layout import L_QID, M_LO, M_PARAM, M_QLEN
+from .layout import L_NEXT, L_PREV, M_CAP, M_PARAM, M_QLEN, M_QSCAN
 from .policy import Policy
-from .structs import bucket, place, q_first_free, q_front, q_push, q_to_back, q_unlink, take_free, unmap
+from .structs import _link_back, _unlink, bucket, place, q_first_free, q_front, take_free, unmap
 from .walk import all_hits_with
 
 
 WIN = 0  # slot queues: front = least recent
 PROB = 1
 PROT = 2
+NOQ = 3  # queue bits of a slot in no queue
+QMASK = 3  # a slot's queue byte (K[0, s]): its queue in bits 0-1 ...
+SAT = 0x80  # ... and its saturation bit
+SATURATED = 1  # record's results (0: neither)
+RESET = 2
 
 DEPTH = 4  # count-min rows
 CMAX = 15  # 4-bit counters
@@ -82,8 +99,7 @@ N_SEEDS = DEPTH + 1
 # ---------------------------------------------------------------------------------------------
 # the sketch: DEPTH*W 4-bit counters (row-major, counter k in byte k >> 1, the low nibble
 # for even k) in SK[:DEPTH*W/2], then the doorkeeper's 8W bits in SK[DEPTH*W/2:][:W]: 3W
-# bytes, 3-6 per dynamic slot (one counter per byte, 5W bytes, cost 5-10); then one
-# saturation bit per dynamic slot (1/8 B)
+# bytes, 3-6 per dynamic slot (one counter per byte, 5W bytes, cost 5-10)
 # ---------------------------------------------------------------------------------------------
 
 
@@ -127,8 +143,8 @@ def frequency(M, SK, r):  # pragma: no cover - compiled
 
 @kernel
 def _count_record(M, SK):  # pragma: no cover - compiled
-    """Count one record; at the reset: counters halved, doorkeeper and saturation bits
-    cleared, the count halved. Returns whether it reset."""
+    """Count one record; at the reset: counters halved, doorkeeper cleared, the count
+    halved (the caller clears the saturation bits: ``record``). Returns whether it reset."""
     M[P_ADDS] += 1
     if M[P_ADDS] < M[P_SAMPLE]:
         return False
@@ -136,7 +152,7 @@ def _count_record(M, SK):  # pragma: no cover - compiled
     base = (DEPTH * w) >> 1
     for k in range(base):  # both nibbles halved: each loses its low bit
         SK[k] = (SK[k] >> 1) & 0x77
-    for k in range(base, SK.size):  # the doorkeeper, then the saturation bits
+    for k in range(base, SK.size):  # the doorkeeper
         SK[k] = 0
     M[P_ADDS] = M[P_ADDS] >> 1
     return True
@@ -146,7 +162,9 @@ def _count_record(M, SK):  # pragma: no cover - compiled
 def record(M, SK, r):  # pragma: no cover - compiled
     """One access of row r: doorkeeper first, then the counters; reset when due. Returns
     True when r is saturated now (doorkeeper bits set, all counters at CMAX, no reset):
-    until the next reset, recording r again changes only the record count."""
+    until the next reset, recording r again changes only the record count. Returns
+    ``RESET`` when the record reset the sketch: the caller clears every saturation bit
+    (``_sat_reset``), which this kernel does not see."""
     wb = M[P_WBITS]
     w = np.int64(1) << wb
     base = (DEPTH * w) >> 1  # the doorkeeper's first byte
@@ -168,21 +186,55 @@ def record(M, SK, r):  # pragma: no cover - compiled
                 _increment(SK, k)
                 if c + 1 < CMAX:
                     full = False
-    return not _count_record(M, SK) and full
+    if _count_record(M, SK):
+        return RESET
+    return SATURATED if full else 0
+
+
+@kernel
+def _sat_reset(Q):  # pragma: no cover - compiled
+    """The sketch was reset: no slot's saturation bit speaks for its row any more."""
+    for s in range(Q.shape[1]):
+        Q[0, s] = Q[0, s] & QMASK
 
 
 @kernel(inline=True)
-def _sat_at(M, s):  # pragma: no cover - compiled
-    """(byte in SK, bit mask) of slot s's saturation bit (slots below M_LO have none)."""
-    d = s - M[M_LO]
-    return ((DEPTH // 2 + 1) << M[P_WBITS]) + (d >> 3), np.int64(1) << (d & 7)
-
-
-@kernel(inline=True)
-def _sat_clear(M, SK, s):  # pragma: no cover - compiled
+def _sat_clear(Q, s):  # pragma: no cover - compiled
     """Slot s holds a new row: its saturation bit no longer speaks for it."""
-    k, bit = _sat_at(M, s)
-    SK[k] = np.int64(SK[k]) & ~bit
+    Q[0, s] = Q[0, s] & QMASK
+
+
+# ---------------------------------------------------------------------------------------------
+# the slot queues (structs.q_* with the queue in the slot's queue byte, not in L)
+# ---------------------------------------------------------------------------------------------
+
+
+@kernel(inline=True)
+def _push(M, L, Q, q, s):  # pragma: no cover - compiled
+    """Append slot s at the back (most recent end) of queue q."""
+    _link_back(L, L_NEXT, L_PREV, M[M_CAP] + q, s)
+    Q[0, s] = (Q[0, s] & SAT) | q
+    M[M_QLEN + q] += 1
+
+
+@kernel(inline=True)
+def _unqueue(M, L, Q, s):  # pragma: no cover - compiled
+    """Take slot s out of its queue (structs.q_unlink: the queue's leased front kept valid)."""
+    q = np.int64(Q[0, s] & QMASK)
+    h = M[M_CAP] + q
+    if M[M_QSCAN + q] == s:  # the leased front now ends one slot earlier
+        p = L[L_PREV, s]
+        M[M_QSCAN + q] = -1 if p == h else p
+    _unlink(L, L_NEXT, L_PREV, s)
+    Q[0, s] = (Q[0, s] & SAT) | NOQ
+    M[M_QLEN + q] -= 1
+
+
+@kernel(inline=True)
+def _to_back(M, L, Q, q, s):  # pragma: no cover - compiled
+    """Move slot s (in any queue) to the back of queue q."""
+    _unqueue(M, L, Q, s)
+    _push(M, L, Q, q, s)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -192,27 +244,28 @@ def _sat_clear(M, SK, s):  # pragma: no cover - compiled
 
 @kernel(inline=True)
 def hit(T, s):  # pragma: no cover - compiled
-    M, ros, L, SK = T[0], T[2], T[6], T[8]
+    M, ros, Q, L, SK = T[0], T[2], T[5], T[6], T[8]
     r = ros[s]
     if r >= 0:
         # record(r), skipping the sketch while r is saturated (module doc: then the record
         # changes only the count; the one that resets goes through record). Written out
         # here: the same lines as an inlined helper ran 6x slower (10.2 against 1.6 us per
         # 1,024 saturated hits, measured), more than all the rest of the hit
-        d = s - M[M_LO]
-        k = ((DEPTH // 2 + 1) << M[P_WBITS]) + (d >> 3)
-        bit = np.int64(1) << (d & 7)
-        if np.int64(SK[k]) & bit and M[P_ADDS] + 1 < M[P_SAMPLE]:
+        if Q[0, s] & SAT and M[P_ADDS] + 1 < M[P_SAMPLE]:
             M[P_ADDS] += 1
-        elif record(M, SK, r):
-            SK[k] = np.int64(SK[k]) | bit
-    q = L[L_QID, s]
+        else:
+            got = record(M, SK, r)
+            if got == SATURATED:
+                Q[0, s] = Q[0, s] | SAT
+            elif got == RESET:
+                _sat_reset(Q)
+    q = np.int64(Q[0, s] & QMASK)
     if q == PROB:
-        q_to_back(M, L, PROT, s)
+        _to_back(M, L, Q, PROT, s)
         if M[M_QLEN + PROT] > M[P_PROT]:
-            q_to_back(M, L, PROB, q_front(M, L, PROT))
+            _to_back(M, L, Q, PROB, q_front(M, L, PROT))
     else:
-        q_to_back(M, L, q, s)
+        _to_back(M, L, Q, q, s)
 
 
 @kernel
@@ -223,22 +276,23 @@ def all_hits(T, rows, slots):  # pragma: no cover - compiled
 
 
 @kernel
-def _evict(M, RM, ros, L, s):  # pragma: no cover - compiled
-    q_unlink(M, L, s)
+def _evict(M, RM, ros, L, Q, s):  # pragma: no cover - compiled
+    _unqueue(M, L, Q, s)
     unmap(M, RM, ros, s)
 
 
 @kernel
-def _window_overflow(M, L):  # pragma: no cover - compiled
+def _window_overflow(M, L, Q):  # pragma: no cover - compiled
     """Hand the window's LRU rows to probation while the window is over its size."""
     while M[M_QLEN + WIN] > M[P_WIN]:
-        q_to_back(M, L, PROB, q_front(M, L, WIN))
+        _to_back(M, L, Q, PROB, q_front(M, L, WIN))
 
 
 @kernel(inline=True)
 def miss(T, r):  # pragma: no cover - compiled
-    M, RM, ros, ref, L, SK = T[0], T[1], T[2], T[3], T[6], T[8]
-    record(M, SK, r)
+    M, RM, ros, ref, Q, L, SK = T[0], T[1], T[2], T[3], T[5], T[6], T[8]
+    if record(M, SK, r) == RESET:
+        _sat_reset(Q)
     s = take_free(M, L)
     if s < 0:
         cand = q_first_free(M, L, ref, WIN)
@@ -253,26 +307,26 @@ def miss(T, r):  # pragma: no cover - compiled
             # a hole (aborted fill, row -1) always loses
             admit = rv < 0 or (rc >= 0 and frequency(M, SK, rc) > frequency(M, SK, rv))
             if admit:
-                q_to_back(M, L, PROB, cand)
+                _to_back(M, L, Q, PROB, cand)
                 s = vict
             else:
                 s = cand
         else:
             s = cand if cand >= 0 else vict
-        _evict(M, RM, ros, L, s)
+        _evict(M, RM, ros, L, Q, s)
     place(M, RM, ros, s, r)
-    _sat_clear(M, SK, s)
-    q_push(M, L, WIN, s)
-    _window_overflow(M, L)
+    _sat_clear(Q, s)
+    _push(M, L, Q, WIN, s)
+    _window_overflow(M, L, Q)
     return s
 
 
 @kernel
 def prefill(T, s, r, rank):  # pragma: no cover - compiled
-    M, L, SK = T[0], T[6], T[8]
-    _sat_clear(M, SK, s)
-    q_push(M, L, WIN, s)
-    _window_overflow(M, L)
+    M, Q, L = T[0], T[5], T[6]
+    _sat_clear(Q, s)
+    _push(M, L, Q, WIN, s)
+    _window_overflow(M, L, Q)
 
 
 class WTinyLFU(Policy):
@@ -282,6 +336,11 @@ class WTinyLFU(Policy):
 
     defaults = {"window_fraction": 0.01, "protected_fraction": 0.8}
 
+    ref_dtype = "uint8"  # leases: 255 lookups in flight on a slot at most (layout.py)
+    ep_dtype = "int16"  # lease markers: restarted every 2**14 lookups (walk.access)
+    k_rows, k_dtype = 1, np.uint8  # K: one queue byte per slot (queue, saturation bit)
+    l_rows = 2  # L: the queue links only (the queue is in K)
+
     @staticmethod
     def _wbits(n_dyn: int) -> int:
         return max(3, int(max(1, n_dyn) - 1).bit_length())
@@ -290,8 +349,8 @@ class WTinyLFU(Policy):
         return max(1, int(self.params["window_fraction"] * n_dyn))
 
     def sketch_bytes(self, n_dyn: int) -> int:
-        # 4-bit counters, then W bytes = 8W doorkeeper bits, then a saturation bit per dynamic slot
-        return ((DEPTH // 2 + 1) << self._wbits(n_dyn)) + (max(1, n_dyn) + 7) // 8
+        # 4-bit counters, then W bytes = 8W doorkeeper bits
+        return (DEPTH // 2 + 1) << self._wbits(n_dyn)
 
     def configure(self, M, n_dyn: int) -> None:
         main = max(0, n_dyn - self.window(n_dyn))
@@ -301,3 +360,6 @@ class WTinyLFU(Policy):
         M[P_SAMPLE] = 10 * max(1, n_dyn)
         M[P_ADDS] = 0
         M[P_SEED:P_SEED + N_SEEDS] = self.rng.integers(0, 2**62, N_SEEDS)
+
+    def init(self, T: tuple) -> None:
+        T[5][0] = NOQ  # every slot in no queue, its saturation bit clear

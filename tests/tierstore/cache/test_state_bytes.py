@@ -4,7 +4,9 @@ uint16 leases, the hint table only once a hint arrives (16 bytes a dynamic slot)
 markers that wrap instead of growing and also mark pending fills, free slots as a counter,
 free ghost entries chained through their links, a row map of 1.25 x entries buckets (10
 bytes an entry), the frequency row only where a policy counts, W-TinyLFU's 4-bit counters
-two to a byte, no leases or queues for a policy that admits nothing (static).
+two to a byte, its uint8 leases, int16 lease markers and one queue byte a slot (the queue and
+the saturation bit; no queue-id row in L), no leases or queues for a policy that admits
+nothing (static).
 ``state_bytes`` is the most an index holds, which a store's budget pays for
 (``slots_within``)."""
 
@@ -15,7 +17,7 @@ import pytest
 
 from tierstore.cache import CacheIndex, PolicySpec, policy_names
 from tierstore.cache.index import MAX_SLOTS, slots_within, state_bytes
-from tierstore.cache.layout import BELOW, CACHED, FILL, HIT, M_EPOCH, M_HLIVE, NONE, REF_MAX
+from tierstore.cache.layout import BELOW, CACHED, FILL, HIT, M_EPOCH, M_EPWRAP, M_HLIVE, M_REFMAX, NONE, REF_MAX
 from tierstore.errors import CapacityError
 from tierstore.cache.lookup import Walker
 from tierstore.cache.walk import EPOCH_WRAP
@@ -25,7 +27,7 @@ CAP = 4096
 # morning: lru 60, lfu 92, s3fifo 112, wtinylfu 65, arc 116, static 60, default 248; then
 # 44, 76, 78, 49, 80, 44, 98, default 194 once hinted; then 41, 73, 77, 46, 77, 41, 97 and
 # 112 hinted)
-PER_SLOT = {"lru": 33, "lfu": 65, "s3fifo": 60, "wtinylfu": 36, "arc": 59, "static": 15, "default": 82}
+PER_SLOT = {"lru": 33, "lfu": 65, "s3fifo": 60, "wtinylfu": 32, "arc": 59, "static": 15, "default": 82}
 HINTED = {"default": 97}  # once a hint arrived (the hint table: 16 B per dynamic slot); default +2 since
 # its ranking is a hash table (cache/rankmap.py: 10 B a ranked row, was 8)
 
@@ -33,14 +35,13 @@ HINTED = {"default": 97}  # once a hint arrived (the hint table: 16 B per dynami
 # whatever the capacity (plus a fixed part: the scalars, the queues' sentinels). The policies
 # not listed keep more by design (docs of test_the_others_shrank).
 BOUND, FIXED = 32, 1024
-WITHIN_BOUND = ("lru", "static")
+WITHIN_BOUND = ("lru", "static", "wtinylfu")
 # the others' most per slot (state_bytes at any capacity, ghosts at their largest, the hint
 # table allocated): lfu keeps a 64-bit key, a 64-bit lazy key and a heap position per slot;
 # s3fifo, arc and default exact ghosts (0.9-1 entry per slot, 14 bytes each and their map
-# entry); wtinylfu a sketch of 3-6 bytes per slot (its width the next power of two) and
-# a saturation bit per slot (the decode path); default's ranking is a hash table (10 bytes
+# entry); default's ranking is a hash table (10 bytes
 # a ranked row, 8 when it was binary-searched: 98 -> 100, for O(1) rank lookups on a miss)
-MOST = {"lfu": 64, "s3fifo": 59.5, "wtinylfu": 38.2, "arc": 58, "default": 100}
+MOST = {"lfu": 64, "s3fifo": 59.5, "arc": 58, "default": 100}
 CAPS = (1, 100, 4096, 5000, 2**20, 2**20 + 1, 10**7 + 3)
 
 
@@ -112,11 +113,14 @@ def test_default_allocates_its_hint_table_on_the_first_hint():
         assert w.dstate is idx.state
 
 
-@pytest.mark.parametrize("name", ["lru", "default"])
+@pytest.mark.parametrize("name", ["lru", "default", "wtinylfu"])
 def test_lease_markers_wrap(name):
-    """The lease markers are int32: the lookup counter restarts below 2**31, and a row
-    admitted earlier in the same lookup is still that lookup's FILL across the wrap."""
+    """The lease markers are int32 (int16 for wtinylfu): the lookup counter restarts below
+    half their range, and a row admitted earlier in the same lookup is still that lookup's
+    FILL across the wrap."""
     idx = _index(name)
+    wrap = int(idx.state[0][M_EPWRAP])
+    assert wrap == (EPOCH_WRAP if name != "wtinylfu" else 2**14)
     idx.state[0][M_EPOCH] = 2**31 + 5  # as if 2**31 lookups had run (past int32 without the wrap)
     for i in range(3):
         a, b = 900_001 + 2 * i, 900_002 + 2 * i  # new rows each time, unranked: misses
@@ -131,11 +135,11 @@ def test_lease_markers_wrap(name):
         assert leased.size == len(set(slots[codes != BELOW].tolist())), "a slot leased twice in one lookup"
         idx.finish(leased)
         assert (idx.refcount == 0).all()
-        assert 0 < idx.state[0][M_EPOCH] < EPOCH_WRAP
-        idx.state[0][M_EPOCH] = EPOCH_WRAP - 1  # the next lookup wraps
+        assert 0 < idx.state[0][M_EPOCH] < wrap
+        idx.state[0][M_EPOCH] = wrap - 1  # the next lookup wraps
 
 
-@pytest.mark.parametrize("name", ["lru", "default"])
+@pytest.mark.parametrize("name", ["lru", "default", "wtinylfu"])
 def test_a_pending_fill_stays_pending_across_the_wrap(name):
     """A row admitted by a lookup that has not ended (its bytes not yet written) is BELOW
     for every other lookup, also one that starts the epochs again."""
@@ -143,7 +147,7 @@ def test_a_pending_fill_stays_pending_across_the_wrap(name):
     a = np.array([950_001], dtype=np.int64)
     slots, codes, leased_a = idx.access(a)
     assert codes.tolist() == [FILL]
-    idx.state[0][M_EPOCH] = EPOCH_WRAP - 1  # the next lookup wraps
+    idx.state[0][M_EPOCH] = idx.state[0][M_EPWRAP] - 1  # the next lookup wraps
     _, codes_b, leased_b = idx.access(a)
     assert codes_b.tolist() == [BELOW], "a concurrent lookup would read a slot whose bytes are not written"
     idx.finish(leased_b)
@@ -169,7 +173,8 @@ def test_policy_state_is_at_most_32_bytes_a_slot(name):
 @pytest.mark.parametrize("name", sorted(MOST))
 def test_the_others_shrank(name):
     """The policies past 32 bytes a slot: no more than their figures after issue 19's
-    shrink (lfu 72 -> 64, s3fifo 76.4 -> 59.4, wtinylfu 45-50 -> 35-38, arc 76 -> 58,
+    shrink (lfu 72 -> 64, s3fifo 76.4 -> 59.4, arc 76 -> 58 (wtinylfu 45-50 -> 35-38 -> 32:
+    test_policy_state_is_at_most_32_bytes_a_slot),
     default 116 -> 98, hint table included; 100 since its rank map, cache/rankmap.py)."""
     for cap in CAPS[2:]:
         got = state_bytes(name, cap)
@@ -190,17 +195,25 @@ def test_static_keeps_no_leases_or_queues():
     assert idx.hits == 50 and idx.misses == 50 and ref[0] == 0 and ep[0] == 0
 
 
-def test_leases_saturate_instead_of_overflowing():
-    """Leases are uint16: a slot held by REF_MAX lookups in flight is served from below
-    (BELOW, no lease), never wrapped to 0 (which would let it be evicted under a reader)."""
-    idx = CacheIndex(1000, 4, "lru", pinned_rows=[])
+@pytest.mark.parametrize("name", ["lru", "wtinylfu"])
+def test_leases_saturate_instead_of_overflowing(name):
+    """Leases are uint16 (uint8 for wtinylfu): a slot held by the type's most lookups in
+    flight is served from below (BELOW, no lease), never wrapped to 0 (which would let it be
+    evicted under a reader)."""
+    idx = CacheIndex(1000, 4, name, pinned_rows=[])
+    top = int(idx.state[0][M_REFMAX])
+    assert top == (REF_MAX if name == "lru" else 255) == np.iinfo(idx.refcount.dtype).max
     idx.lookup(np.array([7]))
     s = int(idx.slots_of(np.array([7]))[0])
-    idx.refcount[s] = REF_MAX
+    idx.refcount[s] = top - 1  # one more lease still fits
     slots, codes, leased = idx.access(np.array([7]))
-    assert codes.tolist() == [BELOW] and slots.tolist() == [-1] and leased.size == 0
-    assert idx.refcount[s] == REF_MAX
+    assert codes.tolist() == [HIT] and idx.refcount[s] == top
+    slots, codes, leased2 = idx.access(np.array([7]))
+    assert codes.tolist() == [BELOW] and slots.tolist() == [-1] and leased2.size == 0
+    assert idx.refcount[s] == top
+    idx.finish(leased2)
     idx.finish(leased)
+    assert idx.refcount[s] == top - 1
     idx.refcount[s] = 0
     slots, codes, leased = idx.access(np.array([7]))
     assert codes.tolist() == [HIT] and slots.tolist() == [s] and idx.refcount[s] == 1

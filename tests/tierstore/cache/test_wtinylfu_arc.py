@@ -235,7 +235,8 @@ def test_wtinylfu_sketch_equals_the_model_and_saturation_bits_are_sound(trace):
         assert cm.reshape(wt.DEPTH, w).tolist() == ref.cm, i
         assert np.unpackbits(SK[dk:dk + w], bitorder="little").astype(bool).tolist() == ref.dk, i
         assert M[wt.P_ADDS] == ref.adds, i
-        bits = np.unpackbits(SK[dk + w:], bitorder="little")[:cap - lo]
+        assert SK.size == dk + w  # counters and doorkeeper only: the saturation bits are in K
+        bits = idx.state[5][0, lo:cap] >> 7  # bit 7 of each slot's queue byte (wt.SAT)
         for d in np.flatnonzero(bits):
             row = int(ros[lo + d])
             assert all(ref.cm[k][b] == wt.CMAX for k, b in enumerate(ref._cm_idx(row))), (i, row)
