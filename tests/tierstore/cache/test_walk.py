@@ -110,8 +110,8 @@ def test_the_replay_decides_as_the_store_walk(policy, batch):
     """The simulator's compiled replay (walk.replay, which prefetches the map buckets of the
     accesses ahead) leaves every tier in the very state the store's walk (``Walker.begin`` +
     ``end`` per lookup, no prefetch) does: counters, the map's rows and slots, every state
-    array, over ids spread across a V4.1-sized id space."""
-    from tierstore.cache.layout import CACHED, NONE
+    array but the lease epochs, over ids spread across a V4.1-sized id space."""
+    from tierstore.cache.layout import CACHED, M_EPOCH, NONE
     from tierstore.cache.lookup import Walker
     from tierstore.cache.rowmap import rm_items
 
@@ -128,10 +128,14 @@ def test_the_replay_decides_as_the_store_walk(policy, batch):
         w = Walker(live, CACHED, None, NONE)
         for a, b in zip(bounds[:-1], bounds[1:]):
             w.end(w.begin(np.ascontiguousarray(rows[a:b])))
-        assert sim.misses > 0 and sim.evictions > 0, "the tier must fill and evict"
+        assert sim.misses > 0 and (sim.evictions > 0 or policy == "static"), "the tier must fill and evict"
         assert (sim.hits, sim.misses, sim.evictions, sim.insertions, sim.bypassed) == \
             (live.hits, live.misses, live.evictions, live.insertions, live.bypassed), cap
         for x, y in zip(rm_items(sim.state[1]), rm_items(live.state[1])):
             assert np.array_equal(x, y), cap
+        # every state array but the lease markers (ep: one access per lookup needs none, so
+        # the replay's fast path keeps no epochs) and the epoch counter in M
+        keep = np.arange(sim.state[0].size) != M_EPOCH
+        assert np.array_equal(sim.state[0][keep], live.state[0][keep]), cap
         for i, (x, y) in enumerate(zip(sim.state, live.state)):
-            assert np.array_equal(x, y), (cap, i)
+            assert i in (0, 4) or np.array_equal(x, y), (cap, i)
