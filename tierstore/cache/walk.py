@@ -35,8 +35,9 @@ from .structs import lookup_end, place, take_free, unmap
 EPOCH_WRAP = 1 << 30  # lease markers (``ep``, int32) restart below this
 # The replay asks for the row-map bucket (and rank-map bucket) of each access this many
 # accesses before it (two 24-id steps of a V4.1 trace): the probe of a row outside the CPU
-# caches costs ~100 ns, and the trace says which rows come next. s3fifo at 3.84M slots: 129
-# -> 58 ns per access, 298 -> 245 at 384K (measured, the same hits: docs/benchmarks.md)
+# caches costs ~100 ns, and the trace says which rows come next. 6M ids of a V4.1 code
+# trace, CPU per access, same hits: lfu 131-150 -> 85-100 ns and s3fifo 106-145 -> 87-95 at
+# 3.84M slots, 0.9-1.0x at 384K; at 38K slots (a map in L2) s3fifo pays 7-12% for it
 PREFETCH_AHEAD = 48
 
 
