@@ -48,13 +48,15 @@ import tempfile
 from pathlib import Path
 
 import numba
-from numba import njit
+from numba import njit, types
+from numba.core import cgutils
+from numba.extending import intrinsic
 from numba.core.caching import (CompileResultCacheImpl, FunctionCache, IndexDataCacheFile, _CacheLocator,
                                 _SourceFileBackedLocatorMixin)
 
 from .errors import CorruptDataError
 
-__all__ = ["kernel", "specialized", "KERNEL_CACHE_DIR"]
+__all__ = ["kernel", "prefetch", "specialized", "KERNEL_CACHE_DIR"]
 
 log = logging.getLogger("tierstore")
 _DIGEST = hashlib.sha256().digest_size
@@ -241,6 +243,30 @@ def kernel(fn=None, *, inline: bool = False):
     # to the live module-level kernel in every process.
     disp._set_uuid(f"tierstore-kernel:{fn.__module__}.{fn.__qualname__}")
     return disp
+
+
+@intrinsic
+def prefetch(typingctx, arr, i):
+    """``prefetch(a, i)`` in a kernel: ask the CPU to bring ``a[i]``'s cache line in (LLVM's
+    ``llvm.prefetch``: read, high locality) and go on; no bounds check, nothing read, no
+    fault on a bad address, so it cannot change a result. For loads whose address is known
+    well ahead (the replay's row-map buckets of the next lookups: walk.replay)."""
+    if not isinstance(arr, types.Array) or not isinstance(i, types.Integer):
+        return None
+
+    def codegen(context, builder, sig, args):
+        from llvmlite import ir
+
+        ary = context.make_array(sig.args[0])(context, builder, args[0])
+        ptr = builder.gep(ary.data, [context.cast(builder, args[1], sig.args[1], types.intp)])
+        i8p = ir.PointerType(ir.IntType(8))
+        i32 = ir.IntType(32)
+        fn = cgutils.get_or_insert_function(builder.module, ir.FunctionType(ir.VoidType(), [i8p, i32, i32, i32]),
+                                            "llvm.prefetch.p0")
+        builder.call(fn, [builder.bitcast(ptr, i8p), ir.Constant(i32, 0), ir.Constant(i32, 3), ir.Constant(i32, 1)])
+        return context.get_dummy_value()
+
+    return types.void(arr, i), codegen
 
 
 def specialized(dispatcher, *args):

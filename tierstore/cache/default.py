@@ -78,8 +78,8 @@ from ..errors import PolicyParamError
 from . import s3fifo
 from .hints import hint_outstanding
 from ..jit import kernel
-from .layout import (G_QID, G_ROW, K_HEAP, K_HPOS, K_KEY, L_FREQ, L_QID, M_CAP, M_GCAP, M_GQLEN, M_HEAPN, M_HLIVE,
-                     M_HORIZON, M_LO, M_NFREE, M_PARAM, M_QLEN, M_RANKM, M_SCAN, M_TICK, NL, Q_HPARK)
+from .layout import (G_QID, G_ROW, K_HEAP, K_HPOS, K_KEY, L_FREQ, L_QID, M_CAP, M_GCAP, M_GFREE, M_GHEAD, M_GQLEN,
+                     M_HEAPN, M_HLIVE, M_HORIZON, M_LO, M_NFREE, M_PARAM, M_QLEN, M_RANKM, M_SCAN, M_TICK, NL, Q_HPARK)
 from ..ranking import TopProfile, hot_rows
 from .policy import Policy
 from .rankmap import rk_get
@@ -160,8 +160,10 @@ def g_push(M, GH, RM, q, r, origin, limit):  # pragma: no cover - compiled
         return
     while g_len(M, q) >= limit:
         g_remove(M, GH, RM, g_front(M, GH, q))
-    g_add(M, GH, RM, q, r, limit + 1)
-    g = g_of(RM, r)
+    # the entry g_add takes (the free list's first), if there is one (r has none: callers
+    # forget it first): known here, so no probe of the row map for it afterwards
+    g = M[M_GHEAD] if M[M_GFREE] > 0 else -1
+    g_add(M, GH, RM, q, r, limit + 1)  # limit + 1: nothing more to drop (q is under limit)
     if g >= 0 and origin != 0:
         GH[G_QID, g] = q + 2 * origin
         M[M_GQLEN + q] -= 1
@@ -173,6 +175,13 @@ def ghost_add(M, GH, RM, r, origin):  # pragma: no cover - compiled
     """Remember row r (dropped from ``origin``) as the newest ghost entry; the oldest recent
     entry ages into GQ_OLD, keeping its origin."""
     ghost_forget(M, GH, RM, r)
+    _ghost_push(M, GH, RM, r, origin)
+
+
+@kernel
+def _ghost_push(M, GH, RM, r, origin):  # pragma: no cover - compiled
+    """``ghost_add`` of a row the ghost does not remember (a row just evicted from its slot:
+    the map held its slot, not a ghost entry), without probing the map for one."""
     if M[P_GREC] <= 0:
         return
     if g_len(M, GQ_RECENT) >= M[P_GREC]:
@@ -299,8 +308,8 @@ def dyn_victim(T):  # pragma: no cover - compiled
                 continue
         q_unlink(M, L, s)
         unmap(M, RM, ros, s)
-        if r >= 0:
-            ghost_add(M, GH, RM, r, GO_SMALL if from_small else GO_MAIN)
+        if r >= 0:  # r was in slot s until unmap: the ghost has no entry for it
+            _ghost_push(M, GH, RM, r, GO_SMALL if from_small else GO_MAIN)
         return s
 
 
@@ -395,7 +404,8 @@ def miss(T, r):  # pragma: no cover - compiled
     if g >= 0 and M[P_SADAPT] != 0:
         small_adapt(M, GH, g)
     to_main = g >= 0 or (M[M_HLIVE] > 0 and hint_outstanding(M, HT, r))
-    ghost_forget(M, GH, RM, r)
+    if g >= 0:  # ghost_forget, with the entry found above (nothing since changed the ghost)
+        g_remove(M, GH, RM, g)
     place(M, RM, ros, s, r)
     L[L_FREQ, s] = 0
     q_push(M, L, MAIN if to_main else SMALL, s)

@@ -102,3 +102,40 @@ def test_recorded_events_with_hints_replay_to_the_live_counters(store):
     assert (dev.hits, dev.misses) == (live["device"]["hits"], live["device"]["misses"])
     assert (host.hits, host.misses) == (live["host"]["hits"], live["host"]["misses"])
     assert sum(e[0] == "hint" for e in t.events) > 0
+
+
+@pytest.mark.parametrize("batch", [1, 24])
+@pytest.mark.parametrize("policy", policy_names())
+def test_the_replay_decides_as_the_store_walk(policy, batch):
+    """The simulator's compiled replay (walk.replay, which prefetches the map buckets of the
+    accesses ahead) leaves every tier in the very state the store's walk (``Walker.begin`` +
+    ``end`` per lookup, no prefetch) does: counters, the map's rows and slots, every state
+    array but the lease epochs, over ids spread across a V4.1-sized id space."""
+    from tierstore.cache.layout import CACHED, M_EPOCH, NONE
+    from tierstore.cache.lookup import Walker
+    from tierstore.cache.rowmap import rm_items
+
+    rng = np.random.default_rng(11)
+    n_rows = 384_006_168
+    hot = rng.choice(n_rows, 6_000, replace=False)
+    rows = hot[rng.zipf(1.3, 12_000) % hot.size].astype(np.int64)
+    profile = (hot[:3_000].astype(np.int64), np.arange(3_000, 0, -1, dtype=np.int64))
+    bounds = batch_bounds(rows.size, None if batch == 1 else np.arange(0, rows.size, batch))
+    for cap in (40, 700):
+        sim = CacheIndex(n_rows, cap, policy, profile=profile, rng=5)
+        replay(sim, rows, bounds)
+        live = CacheIndex(n_rows, cap, policy, profile=profile, rng=5)
+        w = Walker(live, CACHED, None, NONE)
+        for a, b in zip(bounds[:-1], bounds[1:]):
+            w.end(w.begin(np.ascontiguousarray(rows[a:b])))
+        assert sim.misses > 0 and (sim.evictions > 0 or policy == "static"), "the tier must fill and evict"
+        assert (sim.hits, sim.misses, sim.evictions, sim.insertions, sim.bypassed) == \
+            (live.hits, live.misses, live.evictions, live.insertions, live.bypassed), cap
+        for x, y in zip(rm_items(sim.state[1]), rm_items(live.state[1])):
+            assert np.array_equal(x, y), cap
+        # every state array but the lease markers (ep: one access per lookup needs none, so
+        # the replay's fast path keeps no epochs) and the epoch counter in M
+        keep = np.arange(sim.state[0].size) != M_EPOCH
+        assert np.array_equal(sim.state[0][keep], live.state[0][keep]), cap
+        for i, (x, y) in enumerate(zip(sim.state, live.state)):
+            assert i in (0, 4) or np.array_equal(x, y), (cap, i)
