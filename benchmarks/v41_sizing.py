@@ -22,7 +22,8 @@ Steps (each writes ``--work``/<step>.json, which later steps and re-runs reuse):
 - ``hit``: ``tierstore profile --json`` on each test slice, profile from the same corpus's
   train slice, and across corpora (profile from code, serve prose), every policy and the
   optimum at 0.01% .. 10% of the table, both layers; one PNG per trace.
-- ``tables``: print the Markdown tables of docs/v41_sizing.md from the saved results.
+- ``tables``: print the Markdown tables of docs/v41_sizing.md from the saved results (the
+  budget table from the ``hit`` curves of ``--hit-tokens``, for ``--table`` or layer 1).
 - ``budget``: from the ``hit`` curves, the smallest capacity (log-interpolated between the
   measured ones) at which a policy reaches 50/80/90/95% hits, as host GiB of 264-byte
   rows, and the tokens/s of the lookup path that hit ratio gives under the tier-cost model
@@ -339,6 +340,44 @@ def hit_tables(hits: dict) -> str:
     return "\n".join(out)
 
 
+def _size(fraction: float, n_rows: float) -> str:
+    b = fraction * n_rows * 264
+    return f"{b / 2**30:.1f} GiB" if b >= 2**30 else f"{b / 2**20:.1f} MiB"
+
+
+def budget_table(rows: list[dict], hits: dict, table: str | None = None) -> str:
+    """The Markdown budget table of docs/v41_sizing.md: one row per (run, policy) of ``budget``'s
+    output, for one table (default: the lowest layer measured); "<=" where the target is met
+    at the smallest capacity measured (an upper bound), "not reached" past the largest."""
+    if not rows:
+        return ""
+    table = table or min({e["table"] for e in rows}, key=lambda t: int(t.split(".")[1]))
+    out = ["| run | policy | " + " | ".join(f"{100 * t:.0f}% hits" for t in TARGETS) + " |",
+           "|---" * (len(TARGETS) + 2) + "|"]
+    for label, run in hits.items():
+        res = [r for r in run["results"] if r["table"] == table and r.get("mode") != "live"]
+        if not res:
+            continue
+        n_rows = res[0]["capacity_rows"] / res[0]["capacity_fraction"]
+        lo, hi = min(r["capacity_fraction"] for r in res), max(r["capacity_fraction"] for r in res)
+        for policy in ("default", "lru", "s3fifo", "opt"):
+            got = {e["target"]: e["fraction"] for e in rows
+                   if e["run"] == label and e["table"] == table and e["policy"] == policy}
+            if not got:
+                continue
+            cells = []
+            for t in TARGETS:
+                f = got[t]
+                if f is None:
+                    cells.append(f"not reached at {100 * hi:.3g}%")
+                elif f <= lo:
+                    cells.append(f"<= {_size(f, n_rows)} (<= {100 * f:.2g}%)")
+                else:
+                    cells.append(f"{_size(f, n_rows)} ({100 * f:.2g}%)")
+            out.append(f"| {label} | {policy} | " + " | ".join(cells) + " |")
+    return "\n".join(out)
+
+
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--tokenizer", default=str(Path.home() / ".cache/tierstore/deepseek_v3-3.7.2/tokenizer.json"))
@@ -385,7 +424,8 @@ def main(argv: list[str] | None = None) -> None:
         g = {n: json.loads((work / f"growth_{n}.json").read_text()) for n in args.corpora
              if (work / f"growth_{n}.json").is_file()}
         h = work / f"hit_{args.hit_tokens}.json"
-        print(zipf_table(g), growth_tables(g), hit_tables(json.loads(h.read_text())) if h.is_file() else "",
+        hj = json.loads(h.read_text()) if h.is_file() else {}
+        print(zipf_table(g), growth_tables(g), hit_tables(hj), budget_table(budget(hj, args), hj, args.table),
               sep="\n\n", file=sys.stderr)
     hits = None
     if "hit" in steps:

@@ -120,3 +120,26 @@ def test_hit_tables_bold_default_and_its_margin_over_the_best_online_policy():
     assert "layers.14** (1,000 lookups; 7 s of wall time)" in md and "layers.1** (1,000 lookups; 3 s" in md
     assert "| 1% (10,000) | 0.5000 | 0.6000 | **0.5500** | 0.9000 | -0.0500 (arc) |" in md  # opt is no rival
     assert "| 10% (100,000) | 0.7000 | 0.6500 | **0.8000** | 1.0000 | +0.1000 (lru) |" in md
+
+
+def test_budget_table_bounds_interpolates_and_says_not_reached():
+    from benchmarks.v41_sizing import budget, budget_table
+
+    n = 2**20  # rows: 1% of the table is 2.64 MiB of 264-byte rows
+    def r(policy, cap, hit, table="layers.1.engram.embed.weight"):
+        return {"policy": policy, "capacity_fraction": cap, "capacity_rows": int(cap * n), "hit_ratio": hit,
+                "lookups": 1000, "table": table}
+    res = [r("default", 0.01, 0.6), r("default", 0.1, 0.85), r("lru", 0.01, 0.3), r("lru", 0.1, 0.5),
+           r("default", 0.01, 0.0, "layers.14.engram.embed.weight"),
+           r("default", 0.1, 0.0, "layers.14.engram.embed.weight")]
+    hits = {"x_b1": {"results": res, "seconds": 1.0}}
+    md = budget_table(budget(hits, None), hits)
+    lines = md.splitlines()
+    assert lines[0] == "| run | policy | 50% hits | 80% hits | 90% hits | 95% hits |"
+    # layer 1 only (the lowest layer), policies in the doc's order, no row for a policy not measured
+    assert [ln.split(" | ")[1] for ln in lines[2:]] == ["default", "lru"]
+    f80 = 10 ** (-2 + 0.8)  # 0.8 lies 80% of the way from 0.6 to 0.85: log-interpolated capacity
+    assert lines[2] == (f"| x_b1 | default | <= 2.6 MiB (<= 1%) | {f80 * n * 264 / 2**20:.1f} MiB "
+                        f"({100 * f80:.2g}%) | not reached at 10% | not reached at 10% |")
+    assert lines[3].startswith("| x_b1 | lru | 26.4 MiB (10%) | not reached at 10% |")
+    assert "layers.14" not in md and budget_table([], {}) == ""
