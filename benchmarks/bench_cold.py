@@ -3,7 +3,7 @@
 Measured in one run, every system on the store's own row file (LMDB: its copy), fresh random
 row ids per system and round, the order of the systems rotated each round (rows of 128 B and 1 KiB):
 - fio 4 KiB random read, O_DIRECT, libaio, on the rows region of the store's row file, at each
-  queue depth of ``--depths`` (default 32, 256 and 512): the device's random-read rate;
+  queue depth of ``--depths`` (default 32 and 256): the device's random-read rate;
 - ours: the store's own lookup path, ``Store.lookup(table, ids, out=)`` on a store built from
   the same bytes, with no cache tiers ("store") and with small device and host tiers under
   the default policy ("store+tiers", every row a miss that is admitted): page reads, checksum
@@ -18,16 +18,15 @@ row ids per system and round, the order of the systems rotated each round (rows 
   keep its pages cached);
 - LMDB ``txn.get`` per row with ``readahead=False`` (keys = row ids, values = rows, built
   once in the cache dir; its data file is evicted too).
-Store, store+tiers and the disk tier run at each depth too (at most that many reads in flight:
-the tier reads two chunks at once, each at half of it), so each is compared with fio at the
-same queue depth; the store's default (reader depth 256) is the 512 entry.
+Store, store+tiers and the disk tier run at each depth too (at most that many reads in flight,
+``set_depth``), so each is compared with fio at the same queue depth.
 Targets: the store >= 0.9x fio IOPS at the same queue depth, >= 3x memmap and LMDB rows/s.
 
 The row file, its LMDB copies and a marker live in ``--cache-dir`` (default
 $TIERSTORE_BENCH_CACHE or /tmp/tierstore_bench_cache) and are reused across runs.
 
     python -m benchmarks.bench_cold [--quick] [--table-size 4GiB] [--rows 50000] [--repeats 3]
-                                    [--methods auto,fadvise,pread] [--depth 256] [--depths 32,256,512]
+                                    [--methods auto,fadvise,pread] [--depth 256] [--depths 32,256]
                                     [--systems store,store+tiers,ours,methods,fresh,batch,memmap,lmdb]
 """
 
@@ -123,19 +122,20 @@ def ensure_store(cache: Path, row_file: Path, row_bytes: int) -> Path:
 
 
 # ----------------------------------------------------------------------------- systems
-def set_depth(reader: Any, in_flight: int | None) -> None:
-    """Make a disk tier's reader keep at most ``in_flight`` reads in flight in all: the tier
-    reads a large batch as two chunks at once (two ``read_pages`` calls), each with the
-    reader's depth, so the per-call depth is half of it. None: leave the reader as opened."""
+def set_depth(tier: Any, in_flight: int | None) -> None:
+    """Make a disk tier keep at most ``in_flight`` reads in flight on a large batch. Its
+    ``in_flight_per_depth`` reads per unit of its reader's depth: 1 with one AIO queue for the
+    whole batch; 2 (older code, no such attribute) with two chunk calls at once, each
+    ``depth`` deep. None: leave the reader as opened."""
     if in_flight is not None:
-        reader.depth = max(1, in_flight // 2)
+        tier.reader.depth = max(1, in_flight // getattr(tier, "in_flight_per_depth", 2))
 
 
 def read_store(store: tierstore.RowStore, ids: np.ndarray, out: torch.Tensor, in_flight: int | None = None
                ) -> np.ndarray:
     """The store's own lookup path into a reused output; rows as raw bytes. ``in_flight``: the
     disk tier's bound on reads in flight (``set_depth``)."""
-    set_depth(store._tables["t"].disk.reader, in_flight)  # type: ignore[attr-defined]  # the benchmark's knob
+    set_depth(store._tables["t"].disk, in_flight)  # type: ignore[attr-defined]  # the benchmark's knob
     store.lookup("t", ids, out=out)
     return out.view(torch.uint8).numpy()
 
@@ -163,7 +163,7 @@ def read_disk(tier: DiskTier, ids: np.ndarray, rows_out: np.ndarray | None = Non
     4 KiB. ``batch``: one call per ``batch`` rows. ``depth``: reads in flight (``set_depth``;
     None: the tier's reader as opened).
     """
-    set_depth(tier.reader, depth)
+    set_depth(tier, depth)
     if rows_out is None:
         rows_out = np.empty((len(ids), tier.info.row_bytes), dtype=np.uint8)
     step = batch or max(1, len(ids))
@@ -217,10 +217,9 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     ap.add_argument("--threads", type=int, default=None, help="PageReader threads (default: per method)")
     ap.add_argument("--depth", type=int, default=256, help="PageReader depth of the tiers opened for the "
                     "systems with no --depths entry (methods, fresh, batch)")
-    ap.add_argument("--depths", default="32,256,512",
+    ap.add_argument("--depths", default="32,256",
                     help="reads in flight: fio's --iodepth and the bound on the disk tier's reads in flight for "
-                         "store, store+tiers and ours (two chunks at once, each with half of it as the reader's "
-                         "depth); the store's default reader depth 256 is 512 here")
+                         "store, store+tiers and ours (set_depth); the store's default is 256")
     ap.add_argument("--methods", default="auto,fadvise,pread", help="PageReader methods; the first is 'ours'")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--systems", default=",".join(SYSTEM_GROUPS),
