@@ -236,9 +236,13 @@ class DiskTier:
         there (torch). ``out`` in host memory: the POSIX reader (numpy). ``out`` on a CUDA
         device with no device reader: POSIX into pinned host memory, one copy up.
 
+        A batch of several chunks read with ``"aio"`` into host memory is one AIO queue kept
+        at the reader's depth across the chunks (``tiers.aio_stream``): reads in flight are
+        that depth, not twice it, and never drain at a chunk's end.
+
         ``on_chunk(sel, got)``: called as each chunk's rows are in place (verified), from
-        the thread that read the chunk (one of the two overlap threads for a batch of several
-        chunks, so at most two calls run at once, on disjoint ``sel``): ``sel`` (int64) are
+        the thread that verified the chunk (one of the two overlap threads for a batch of
+        several chunks, so at most two calls run at once, on disjoint ``sel``): ``sel`` (int64) are
         the positions in ``rows`` of that chunk, ``got`` their rows (``out[sel]``; a view of
         ``out`` when the positions are consecutive). The caller's per-chunk work (copies of
         the rows into caches and into a result) then overlaps the next chunk's reads instead
