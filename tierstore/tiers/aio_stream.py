@@ -71,6 +71,7 @@ def _stream(reader: PageReader, chunks: Sequence[np.ndarray], bufs: Sequence[np.
     results: list[np.ndarray | None] = [None] * n
     short = [0] * n  # per chunk, as read_pages per call: the fault-injection point's byte cap on its first read
     words: list[np.ndarray | None] = [None] * n  # each assigned chunk's iocbs (8 u64 words each)
+    ptrs: list[np.ndarray | None] = [None] * n  # ...and their addresses, as io_submit takes them
     free = list(range(len(bufs)))
     busy: dict[Future[object], int] = {}  # process futures -> their buffer
     buf_of = [-1] * n
@@ -94,6 +95,7 @@ def _stream(reader: PageReader, chunks: Sequence[np.ndarray], bufs: Sequence[np.
         w[:, 4] = lengths * PAGE_SIZE
         w[:, 5] = chunks[i][starts] * PAGE_SIZE
         words[i], buf_of[i], results[i] = w, b, np.zeros(len(starts), dtype=np.int64)
+        ptrs[i] = w.ctypes.data + np.arange(len(starts), dtype=np.uint64) * np.uint64(_IOCB.itemsize)
 
     def finished(i: int) -> None:
         """Chunk i's reads are all in: check them, then process it on the pool."""
@@ -111,14 +113,14 @@ def _stream(reader: PageReader, chunks: Sequence[np.ndarray], bufs: Sequence[np.
                                            reader.path) if r < 0 else reader._truncated(off, r, int(want[k])))
             free.append(buf_of[i])
             return
-        words[i] = None
+        words[i] = ptrs[i] = None
         b = buf_of[i]
         busy[pool.submit(process, i, bufs[b][:len(chunks[i])])] = b
 
     def reap_done(block: bool) -> None:
         nonlocal error
-        if not busy:
-            return
+        if not busy or not (block or len(free) == 0):
+            return  # buffers are taken back only when one is needed
         done, _ = wait_futures(list(busy), return_when=FIRST_COMPLETED) if block else \
             ([f for f in busy if f.done()], None)
         for f in done:
@@ -135,12 +137,10 @@ def _stream(reader: PageReader, chunks: Sequence[np.ndarray], bufs: Sequence[np.
             # submit: up to the depth, chunk after chunk, as far as chunks have buffers
             while error is None and inflight < depth and sub_chunk < assigned:
                 k = min(depth - inflight, int(n_runs[sub_chunk]) - sub_run)
-                w = words[sub_chunk]
-                assert w is not None
-                ptrs = w.view(_IOCB).reshape(-1)[sub_run:sub_run + k].ctypes.data + \
-                    np.arange(k, dtype=np.uint64) * np.uint64(_IOCB.itemsize)
+                p = ptrs[sub_chunk]
+                assert p is not None
                 try:
-                    got = _io_submit(ctx.id, k, ptrs.ctypes.data)
+                    got = _io_submit(ctx.id, k, p.ctypes.data + 8 * sub_run)
                 except OSError as e:  # EAGAIN with reads in flight: reap some, then retry
                     if e.errno != _errno.EAGAIN or inflight == 0:
                         error = StoreIOError(e.errno, f"io_submit failed: {e.strerror}", reader.path)
@@ -158,14 +158,17 @@ def _stream(reader: PageReader, chunks: Sequence[np.ndarray], bufs: Sequence[np.
                 ci = (data >> np.uint64(32)).astype(np.int64)
                 ri = (data & np.uint64(0xFFFFFFFF)).astype(np.int64)
                 inflight -= got
-                for c in np.unique(ci).tolist():  # a few chunks per reap, never per page
-                    m = ci == c
+                lo, hi = int(ci.min()), int(ci.max())
+                for c in range(lo, hi + 1):  # the chunks in flight: a few at most, never per page
+                    m = ci == c if lo < hi else slice(None)
                     res = results[c]
                     assert res is not None
                     res[ri[m]] = ev["res"][m]
-                    left[c] -= int(m.sum())
-                    if left[c] == 0:
-                        finished(c)
+                    done_here = int(np.count_nonzero(m)) if lo < hi else got
+                    if done_here:
+                        left[c] -= done_here
+                        if left[c] == 0:
+                            finished(c)
                 continue
             if error is not None or (assigned == n and sub_chunk == n and not busy):
                 break
@@ -178,6 +181,7 @@ def _stream(reader: PageReader, chunks: Sequence[np.ndarray], bufs: Sequence[np.
         raise
     _CONTEXTS.give(ctx)
     wait_futures(list(busy))
-    reap_done(False)
+    for f in busy:
+        error = error or f.exception()
     if error is not None:
         raise error
