@@ -126,11 +126,12 @@ def rss_anon() -> int:
 
 
 def fio(path: str | os.PathLike[str], *, rw: str, bs: str = "4k", iodepth: int = 32, runtime: float | None = None,
-        size: str | None = None, direct: bool = True) -> dict[str, float] | None:
+        size: str | int | None = None, direct: bool = True, offset: int = 0) -> dict[str, float] | None:
     """One fio job on ``path`` (libaio): ``{"iops", "bw_bytes" (per second), "lat_us" (mean
     completion latency)}`` of its read or write side, by ``rw``; None when fio is not installed
     (``apt-get install -y fio``). ``runtime`` runs time-based over the file; ``size`` bounds
-    the bytes (and creates the file when writing). Writes end with an fsync
+    the bytes (and creates the file when writing); ``offset`` is where in the file they start
+    (with ``size``: fio reads only that region, e.g. a row file's rows). Writes end with an fsync
     (``--end_fsync``), so a buffered write is counted to the disk, not to the page cache."""
     if shutil.which("fio") is None:
         return None
@@ -140,6 +141,8 @@ def fio(path: str | os.PathLike[str], *, rw: str, bs: str = "4k", iodepth: int =
         cmd += [f"--runtime={runtime}", "--time_based"]
     if size is not None:
         cmd += [f"--size={size}"]
+    if offset:
+        cmd += [f"--offset={offset}"]
     if "write" in rw:
         cmd += ["--end_fsync=1"]
     out = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout

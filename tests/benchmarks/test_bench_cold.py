@@ -23,6 +23,12 @@ def test_bench_cold_quick(capsys: pytest.CaptureFixture[str], tmp_path: Path) ->
         r = res[f"rows_{s}"]
         assert set(r["systems"]) >= {res["ours"], "fadvise", "pread", "memmap", "lmdb"}
         ours = r["systems"][res["ours"]]["rows_s"]
+        # the store's paths run at fio's queue depth, on the store's own row file
+        assert res["depths"] == [32] and r["systems"]["store d32"]["in_flight"] == 32
+        assert r["systems"]["store+tiers d32"]["in_flight"] == 32
+        if r["fio_iops"]["32"] is not None:
+            st = r["systems"]["store d32"]
+            assert r["store_vs_fio_iops"]["32"] == pytest.approx(st["iops"] / r["fio_iops"]["32"])
         assert r["ours_vs_memmap"] == pytest.approx(ours / r["systems"]["memmap"]["rows_s"])
     # cold means cold: eviction left nothing of the files just written in the page cache (the
     # checksum files stay mapped by the open stores, so their pages stay)

@@ -45,6 +45,7 @@ from ..format.spec import (PAGE_SIZE, TableInfo, check_header_page, load_checksu
 from .base import DISK
 from .cuda import to_device
 from .kvikio_reader import KvikioPageReader, load_kvikio
+from .aio_stream import read_streamed
 from .page_reader import PageReader, aligned_empty
 
 __all__ = ["DiskTier", "CHUNK_ROWS", "DevicePageSource", "choose_device_reader", "READERS"]
@@ -52,6 +53,7 @@ __all__ = ["DiskTier", "CHUNK_ROWS", "DevicePageSource", "choose_device_reader",
 CHUNK_ROWS = 1024  # rows per read+verify+gather step: at most 2048 pages (8 MiB) in flight
 CHUNK_BYTES = 4 << 20  # ...and at most this many row bytes per step (rows wider than 4 KiB)
 READERS = ("auto", "posix", "kvikio")
+_Spans = tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]  # DiskTier._spans: start, first, last, pages
 SWEEP_BYTES = 16 << 20  # one read of ``sweep``: 16 runs of 1 MiB in flight
 
 
@@ -118,6 +120,9 @@ class DiskTier:
 
     name = "disk"
     kind = DISK
+    # reads in flight per unit of the reader's depth, on a large batch: one AIO queue for the
+    # whole batch (tiers.aio_stream) keeps exactly `depth` (two chunk calls at once did 2x)
+    in_flight_per_depth = 1
     index = None  # no bookkeeping: row r is at its place in the file
     slab = None  # nothing in memory
 
@@ -231,9 +236,13 @@ class DiskTier:
         there (torch). ``out`` in host memory: the POSIX reader (numpy). ``out`` on a CUDA
         device with no device reader: POSIX into pinned host memory, one copy up.
 
+        A batch of several chunks read with ``"aio"`` into host memory is one AIO queue kept
+        at the reader's depth across the chunks (``tiers.aio_stream``): reads in flight are
+        that depth, not twice it, and never drain at a chunk's end.
+
         ``on_chunk(sel, got)``: called as each chunk's rows are in place (verified), from
-        the thread that read the chunk (one of the two overlap threads for a batch of several
-        chunks, so at most two calls run at once, on disjoint ``sel``): ``sel`` (int64) are
+        the thread that verified the chunk (one of the two overlap threads for a batch of
+        several chunks, so at most two calls run at once, on disjoint ``sel``): ``sel`` (int64) are
         the positions in ``rows`` of that chunk, ``got`` their rows (``out[sel]``; a view of
         ``out`` when the positions are consecutive). The caller's per-chunk work (copies of
         the rows into caches and into a result) then overlaps the next chunk's reads instead
@@ -268,16 +277,16 @@ class DiskTier:
             with torch.cuda.stream(stream):  # never run: needs CUDA
                 return chunk_here(c)
 
-        def chunk_here(c: int) -> int:
+        def chunk_here(c: int, spans: _Spans | None = None, buf: np.ndarray | None = None) -> int:
             sel = slice(c, c + step) if order is None else order[c : c + step]
             if order is None:
-                n = self._read_chunk(rows[sel], phys[sel], dst[sel])
+                n = self._read_chunk(rows[sel], phys[sel], dst[sel], spans, buf)
                 if on_chunk is not None:
                     on_chunk(np.arange(c, min(c + step, len(rows)), dtype=np.int64), out[sel])
                 return n
             if not on_device:
                 part = np.empty((len(sel), self.info.row_bytes), dtype=np.uint8)
-                n = self._read_chunk(rows[sel], phys[sel], part)
+                n = self._read_chunk(rows[sel], phys[sel], part, spans, buf)
                 dst[sel] = part
                 if on_chunk is not None:
                     on_chunk(sel, torch.from_numpy(part).view(out.dtype).view(len(sel), -1))
@@ -292,6 +301,15 @@ class DiskTier:
         starts = range(0, len(rows), step)
         if len(starts) == 1:
             n_pages = chunk(0)
+        elif not on_device and self.reader.method == "aio":
+            # One AIO queue kept `depth` deep across the chunks (tiers.aio_stream): each chunk is
+            # verified, cut out and handed to on_chunk on an overlap thread while the next
+            # chunks' reads keep the queue full. Every chunk has finished before this returns.
+            spans = [self._spans(phys[c : c + step] if order is None else phys[order[c : c + step]]) for c in starts]
+            bufs = self._stream_bufs(max(len(sp[3]) for sp in spans))
+            read_streamed(self.reader, [sp[3] for sp in spans], bufs,
+                          lambda i, buf: chunk_here(starts[i], spans[i], buf), self._overlap())
+            n_pages = sum(len(sp[3]) for sp in spans)
         else:
             # Two chunks in flight: while one is verified and gathered, the other's reads keep
             # the disk busy (one at a time, the queue drained at every chunk's end: ~0.8x the
@@ -310,17 +328,33 @@ class DiskTier:
             if on_device:
                 self.device_pages_read += n_pages
 
-    def _read_chunk(self, rows: np.ndarray, phys: np.ndarray, dst: np.ndarray | torch.Tensor) -> int:
-        """Read, verify and cut out one chunk's rows into ``dst`` (rows, row_bytes): a numpy
-        array through the POSIX reader, a tensor through the device reader."""
-        info = self.info
+    def _spans(self, phys: np.ndarray) -> _Spans:
+        """(start, first, last, pages) of rows at file positions ``phys``: each row's byte
+        offset, first and last page, and the sorted unique pages they touch."""
         start, first, last = self._row_spans(phys)
         # Every page a row touches, not just its first and last: a row wider than a page
         # spans several. Rows have one width, so each spans `span` or `span - 1` pages.
         span = int((last - first).max()) + 1
         touched = first[:, None] + np.arange(span)
-        pages = np.unique(np.minimum(touched, last[:, None]))  # sorted unique
-        if isinstance(dst, np.ndarray):
+        return start, first, last, np.unique(np.minimum(touched, last[:, None]))
+
+    def _stream_bufs(self, n_pages: int, count: int = 3) -> list[np.ndarray]:
+        """This thread's ``count`` page buffers of ``n_pages`` for a streamed read (reused)."""
+        buf = getattr(self._local, "stream", None)
+        if buf is None or len(buf) < count * n_pages:
+            buf = self._local.stream = aligned_empty(count * max(n_pages, CHUNK_ROWS))
+        return [buf[i * n_pages:(i + 1) * n_pages] for i in range(count)]
+
+    def _read_chunk(self, rows: np.ndarray, phys: np.ndarray, dst: np.ndarray | torch.Tensor,
+                    spans: _Spans | None = None, buf: np.ndarray | None = None) -> int:
+        """Read, verify and cut out one chunk's rows into ``dst`` (rows, row_bytes): a numpy
+        array through the POSIX reader, a tensor through the device reader. ``spans``
+        (``_spans(phys)``) and ``buf`` (its pages, already read): a streamed chunk."""
+        info = self.info
+        start, first, last, pages = spans if spans is not None else self._spans(phys)
+        if buf is not None:
+            sums = page_checksums(buf)
+        elif isinstance(dst, np.ndarray):
             buf = self.reader.read_pages(pages, out=self._scratch(len(pages)))
             sums = page_checksums(buf)
         else:

@@ -1,0 +1,127 @@
+"""tiers.aio_stream: one AIO queue kept ``depth`` deep across a large batch's chunks."""
+
+from __future__ import annotations
+
+import threading
+from concurrent.futures import ThreadPoolExecutor
+
+import numpy as np
+import pytest
+
+from tierstore import CorruptDataError, StoreIOError, faults
+from tierstore.format.spec import PAGE_SIZE
+from tierstore.tiers import aio_stream
+from tierstore.tiers.page_reader import PageReader, aligned_empty
+
+
+@pytest.fixture
+def reader(tmp_path):
+    path = tmp_path / "f.bin"
+    data = np.random.default_rng(0).integers(0, 256, (700, PAGE_SIZE), dtype=np.uint8)
+    path.write_bytes(data.tobytes())
+    r = PageReader(path, method="auto", depth=16)
+    if r.method != "aio":
+        r.close()
+        pytest.skip(f"no native AIO with O_DIRECT on {tmp_path} ({r.method})")
+    yield r, data
+    r.close()
+
+
+def _chunks(seed: int, n_chunks: int = 9) -> list[np.ndarray]:
+    pages = np.sort(np.random.default_rng(seed).choice(700, 450, replace=False)).astype(np.int64)
+    return np.array_split(pages, n_chunks)
+
+
+def count_in_flight(monkeypatch) -> dict[str, int]:
+    """Patch the stream's syscalls to track reads in flight (submitted - reaped) and their peak."""
+    c = {"now": 0, "peak": 0}
+    lock = threading.Lock()
+    submit, getevents = aio_stream._io_submit, aio_stream._io_getevents
+
+    def sub(ctx, n, ptrs):
+        got = submit(ctx, n, ptrs)
+        with lock:
+            c["now"] += got
+            c["peak"] = max(c["peak"], c["now"])
+        return got
+
+    def get(ctx, n, events):
+        got = getevents(ctx, n, events)
+        with lock:
+            c["now"] -= got
+        return got
+
+    monkeypatch.setattr(aio_stream, "_io_submit", sub)
+    monkeypatch.setattr(aio_stream, "_io_getevents", get)
+    return c
+
+
+def test_every_chunk_is_read_whole_and_the_queue_stays_at_depth(reader, monkeypatch):
+    r, data = reader
+    chunks = _chunks(1)
+    bufs = [aligned_empty(max(map(len, chunks))) for _ in range(3)]
+    got: dict[int, np.ndarray] = {}
+    c = count_in_flight(monkeypatch)
+    with ThreadPoolExecutor(2) as pool:
+        aio_stream.read_streamed(r, chunks, bufs, lambda i, b: got.__setitem__(i, b.copy()), pool)
+    assert sorted(got) == list(range(len(chunks)))
+    for i, pages in enumerate(chunks):
+        assert np.array_equal(got[i], data[pages]), i
+    assert c["peak"] == r.depth, f"peak reads in flight {c['peak']}, depth {r.depth}"
+    assert c["now"] == 0
+
+
+def test_one_buffer_still_reads_every_chunk(reader):
+    r, data = reader
+    chunks = _chunks(2)
+    got: dict[int, np.ndarray] = {}
+    with ThreadPoolExecutor(2) as pool:
+        aio_stream.read_streamed(r, chunks, [aligned_empty(max(map(len, chunks)))],
+                                 lambda i, b: got.__setitem__(i, b.copy()), pool)
+    assert all(np.array_equal(got[i], data[p]) for i, p in enumerate(chunks))
+
+
+@pytest.mark.parametrize("kind,error", [("EIO", StoreIOError), ("short", CorruptDataError)])
+def test_a_failed_read_mid_batch_is_typed_and_the_reader_still_reads(reader, kind, error):
+    r, data = reader
+    chunks = _chunks(3)
+    bufs = [aligned_empty(max(map(len, chunks))) for _ in range(2)]
+    done: list[int] = []
+    with ThreadPoolExecutor(2) as pool:
+        with faults.inject(faults.FaultPlan(nth=4, kind=kind, op="read")):  # the fourth chunk's first read
+            with pytest.raises(error):
+                aio_stream.read_streamed(r, chunks, bufs, lambda i, b: done.append(i), pool)
+        assert 3 not in done, "a chunk whose read failed was processed"
+        got: dict[int, np.ndarray] = {}
+        aio_stream.read_streamed(r, chunks, bufs, lambda i, b: got.__setitem__(i, b.copy()), pool)
+    assert all(np.array_equal(got[i], data[p]) for i, p in enumerate(chunks))
+
+
+def test_an_error_in_process_is_raised_after_every_chunk_in_progress_ended(reader):
+    r, _ = reader
+    chunks = _chunks(4)
+    bufs = [aligned_empty(max(map(len, chunks))) for _ in range(3)]
+    running = [0]
+    lock = threading.Lock()
+
+    def process(i, b):
+        with lock:
+            running[0] += 1
+        try:
+            if i == 2:
+                raise ValueError("bad chunk")
+        finally:
+            with lock:
+                running[0] -= 1
+
+    with ThreadPoolExecutor(2) as pool:
+        with pytest.raises(ValueError, match="bad chunk"):
+            aio_stream.read_streamed(r, chunks, bufs, process, pool)
+    assert running[0] == 0
+
+
+def test_a_closed_reader_is_refused(reader):
+    r, _ = reader
+    r.close()
+    with ThreadPoolExecutor(1) as pool, pytest.raises(StoreIOError, match="closed"):
+        aio_stream.read_streamed(r, _chunks(5), [aligned_empty(100)], lambda i, b: None, pool)
