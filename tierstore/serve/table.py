@@ -212,7 +212,7 @@ class Table:
         """warm="background": resident tiers load now, as for "open"; a cache tier's placed
         rows are marked pending (``TierWarmth``) for the loader (``warm_jobs``) and lookups."""
         for name, tier, source in (("host", self.host, None), ("device", self.dev, self.host)):
-            if tier.kind == CACHED and isinstance(tier, CacheTier) and (tier.index.row_of_slot >= 0).any():
+            if tier.kind == CACHED and not tier.arrives_filled and (tier.index.row_of_slot >= 0).any():
                 self.warmth[name] = TierWarmth(tier)
                 tier.open_stats = self.warmth[name].stats
             else:  # resident, nothing placed, or the shared host tier (filled by its constructor)

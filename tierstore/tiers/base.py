@@ -45,6 +45,7 @@ class Tier(Protocol):
     index: CacheIndex | None  # the walk's bookkeeping when CACHED, else None
     slab: torch.Tensor | None  # the rows in memory, one per slot (None for the disk tier)
     device: torch.device  # where gather puts rows when given no ``out`` (the disk: its reader's device)
+    arrives_filled: bool  # its constructor fills it (the shared host tier): nothing for open or a loader to load
     lock: threading.Lock  # guards its state: a cache tier's index and leases (held around the walk), the disk's counters
 
     def gather(self, slots: np.ndarray, out: torch.Tensor | None = None) -> torch.Tensor:

@@ -120,6 +120,7 @@ class DiskTier:
 
     name = "disk"
     kind = DISK
+    arrives_filled = True  # the row file holds every row
     # reads in flight per unit of the reader's depth, on a large batch: one AIO queue for the
     # whole batch (tiers.aio_stream) keeps exactly `depth` (two chunk calls at once did 2x)
     in_flight_per_depth = 1

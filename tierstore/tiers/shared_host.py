@@ -145,6 +145,8 @@ class _SlabWriter:
 class SharedHostTier(SlabTier):
     """Host tier in shared memory, read-only after it is filled. See the module docstring."""
 
+    arrives_filled = True  # filled (or mapped filled) by the constructor
+
     def __init__(self, root: Path, info: TableInfo, capacity: int, disk: DiskTier, *,
                  profile: Profile | None, build_id: str, keep: bool = False, shm_dir: Path = SHM_DIR,
                  pin: bool = False, zero_copy: bool = False, zero_copy_device: torch.device | None = None,

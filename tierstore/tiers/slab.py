@@ -54,6 +54,7 @@ class SlabTier:
 
     kind: int
     slab: torch.Tensor | None
+    arrives_filled = False  # the shared host tier's constructor fills it
     index: CacheIndex | None
 
     def __init__(self, name: str, info: TableInfo, capacity: int, device: torch.device):
