@@ -48,13 +48,16 @@ import tempfile
 from pathlib import Path
 
 import numba
-from numba import njit
+from llvmlite import ir
+from numba import njit, types
+from numba.core import cgutils
+from numba.extending import intrinsic
 from numba.core.caching import (CompileResultCacheImpl, FunctionCache, IndexDataCacheFile, _CacheLocator,
                                 _SourceFileBackedLocatorMixin)
 
 from .errors import CorruptDataError
 
-__all__ = ["kernel", "specialized", "KERNEL_CACHE_DIR"]
+__all__ = ["kernel", "specialized", "prefetch", "KERNEL_CACHE_DIR"]
 
 log = logging.getLogger("tierstore")
 _DIGEST = hashlib.sha256().digest_size
@@ -254,3 +257,28 @@ def specialized(dispatcher, *args):
     if key not in dispatcher.overloads:
         dispatcher.compile(key)
     return dispatcher.overloads[key].entry_point
+
+
+@intrinsic
+def prefetch(typingctx, arr, i):  # pragma: no cover - compiled
+    """A hint to the CPU, inside a kernel: the cache line of ``arr[i]`` will be written soon
+    (LLVM's ``llvm.prefetch``, no effect on results; ``i`` is not bounds-checked, and a
+    prefetch of any address never faults). Loops that touch one random bucket of a large
+    hash table per element (building a row map of millions of rows at open) issue it a few
+    elements ahead, so several cache misses are in flight at once instead of one."""
+    if not isinstance(arr, types.Array) or not isinstance(i, types.Integer):
+        return None
+    sig = types.void(arr, types.intp)
+
+    def codegen(context, builder, signature, args):
+        aryty = signature.args[0]
+        ary = context.make_array(aryty)(context, builder, args[0])
+        ptr = cgutils.get_item_pointer(context, builder, aryty, ary, [args[1]], wraparound=False)
+        i32 = ir.IntType(32)
+        i8p = builder.bitcast(ptr, ir.IntType(8).as_pointer())
+        fn = cgutils.get_or_insert_function(builder.module, ir.FunctionType(ir.VoidType(), [i8p.type, i32, i32, i32]),
+                                            "llvm.prefetch.p0")
+        builder.call(fn, [i8p, i32(1), i32(3), i32(1)])  # write, keep in every cache level, data
+        return context.get_dummy_value()
+
+    return sig, codegen

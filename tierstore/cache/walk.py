@@ -29,7 +29,7 @@ from .hints import hint_add, hint_consume
 from ..jit import kernel
 from .layout import (BELOW, CACHED, FILL, HIT, REF_MAX, M_BYPASS, M_CAP, M_EPOCH, M_HINTS, M_HITS, M_HLIVE, M_LO,
                      M_MISSES, M_NREF, M_TICK, NONE, RESIDENT)
-from .rowmap import rm_get
+from .rowmap import AHEAD, rm_get, rm_prefetch
 from .structs import lookup_end, place, take_free, unmap
 
 EPOCH_WRAP = 1 << 30  # lease markers (``ep``, int32) restart below this
@@ -148,7 +148,12 @@ def prefill(hook, T, rows, rank0):  # pragma: no cover - compiled
     finds it, if it needs it)."""
     M, RM, ros, L = T[0], T[1], T[2], T[6]
     n = 0
-    for i in range(rows.size):
+    m = rows.size
+    for i in range(min(AHEAD, m)):
+        rm_prefetch(RM, rows[i])
+    for i in range(m):
+        if i + AHEAD < m:  # the row map is far larger than the caches: the next rows' buckets load meanwhile
+            rm_prefetch(RM, rows[i + AHEAD])
         r = rows[i]
         if rm_get(RM, r) >= 0:
             continue
