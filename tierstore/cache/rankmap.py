@@ -31,12 +31,21 @@ def rank_map_bytes(m: int) -> int:
 
 def rank_map(rows: np.ndarray, ranks: np.ndarray) -> np.ndarray:
     """The rank map of ``rows`` (distinct, < 2**31) with ``ranks`` (>= 0, < 2**31)."""
-    rows = np.asarray(rows, dtype=np.int64)
+    rows, ranks = _ints(rows), _ints(ranks)
     if rows.size == 0:  # nothing ranked: never read (a miss reads it only when M[M_RANKM] > 0)
         return np.zeros(0, np.int64)
     RK = new_map(rows.size)
-    rm_build(RK, rows, np.asarray(ranks, dtype=np.int64))
+    rm_build(RK, rows, ranks)
     return RK
+
+
+def _ints(a: np.ndarray) -> np.ndarray:
+    """``a`` as it is when int32 or int64 (``Default.ranking``'s int32 arrays: no int64 copy,
+    16 bytes a ranked row of fresh memory at open, paid in page faults), else int64."""
+    a = np.asarray(a)
+    if a.dtype in (np.int32, np.int64) and a.flags.c_contiguous:
+        return a
+    return np.ascontiguousarray(a, dtype=np.int64)
 
 
 @kernel(inline=True)
