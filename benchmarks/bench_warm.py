@@ -29,7 +29,10 @@ then a linear fit of each phase's CPU seconds per slot across the budgets and it
 to ``--project`` host slots (60M: a 16 GiB host budget of 264-byte rows).
 
     python -m benchmarks.bench_warm --phases [--size 3GiB] [--budgets 128MiB,512MiB,2GiB]
-                                    [--policies default,static] [--rounds 3]
+                                    [--policies default,static] [--rounds 3] [--baseline /tmp/main-checkout]
+
+``--baseline DIR``: the same opens with the code of the checkout DIR (``git worktree add DIR
+main``), interleaved round by round with this tree's, and the ratios base/new.
 """
 
 from __future__ import annotations
@@ -180,63 +183,78 @@ def phases_main(args: argparse.Namespace) -> dict[str, Any]:
     cache.mkdir(parents=True, exist_ok=True)
     budgets = [parse_size(b) for b in args.budgets.split(",")]
     policies = args.policies.split(",")
+    # the trees whose code opens the store: this one, and with --baseline another checkout
+    # (e.g. main's), run round by round in alternating order
+    trees = {"new": Path(__file__).resolve().parent.parent}
+    if args.baseline:
+        trees["base"] = Path(args.baseline).resolve()
     print_header("warm='background' open: phases", machine_info(cache),
                  [f"table {args.size} of {ROW_BYTES}-byte rows; host budgets {args.budgets} (device 1/4), a "
                   f"scattered profile of the host budget's rows + its snapshot; policies {args.policies}; thread "
-                  f"CPU s (wall s), medians of {args.rounds}; one open per process"])
+                  f"CPU s (wall s), medians of {args.rounds}; one open per process; trees {dict(trees)}"])
     store = ensure_store(cache, parse_size(args.size))
     for policy in policies:  # compile the kernels before any timing
         with tierstore.open(store, device="cpu", device_budget=4096 * ROW_BYTES, host_budget=4096 * ROW_BYTES,
                             policy=policy, use_profile=False) as s:
             s.lookup(TABLE, np.arange(8192))
-    result: dict[str, Any] = {"size": args.size, "budgets": {}, "loadavg": []}
+    result: dict[str, Any] = {"size": args.size, "budgets": {}, "loadavg": [], "trees": {t: str(d) for t, d in
+                                                                                          trees.items()}}
+    runs_of = [(t, p) for p in policies for t in trees]
+
+    def one(tree: str, policy: str, host: int, *, cprofile: bool = False) -> dict[str, Any]:
+        cmd = [sys.executable, "-m", "benchmarks.bench_warm", "--phase-one", str(store), "--policies", policy,
+               "--budgets", str(host)] + (["--cprofile"] if cprofile else [])
+        got = subprocess.run(cmd, capture_output=True, text=True, check=True, cwd=trees[tree])
+        return json.loads(got.stdout.strip().splitlines()[-1])
+
     for host in budgets:
-        hot_rows = host // ROW_BYTES
-        save_scattered_profile(store, hot_rows)
+        save_scattered_profile(store, host // ROW_BYTES)
         tierstore.save_snapshot(store)
-        per: dict[str, list[dict[str, Any]]] = {p: [] for p in policies}
+        per: dict[tuple[str, str], list[dict[str, Any]]] = {tp: [] for tp in runs_of}
         if host == budgets[0]:  # compile what an open with a profile runs (prefill, rank map), untimed
-            for policy in policies:
-                subprocess.run([sys.executable, "-m", "benchmarks.bench_warm", "--phase-one", str(store), "--policies",
-                                policy, "--budgets", str(host)], capture_output=True, check=True)
+            for tree, policy in runs_of:
+                one(tree, policy, host)
         for k in range(args.rounds):
-            for policy in (policies if k % 2 == 0 else policies[::-1]):
+            for tree, policy in (runs_of if k % 2 == 0 else runs_of[::-1]):
                 result["loadavg"].append(os.getloadavg()[0])
-                cmd = [sys.executable, "-m", "benchmarks.bench_warm", "--phase-one", str(store), "--policies", policy,
-                       "--budgets", str(host)] + (["--cprofile"] if args.cprofile and k == 0 else [])
-                got = subprocess.run(cmd, capture_output=True, text=True, check=True)
-                r = json.loads(got.stdout.strip().splitlines()[-1])
+                r = one(tree, policy, host, cprofile=args.cprofile and k == 0)
                 if "cprofile" in r:
                     print(r.pop("cprofile"))
-                per[policy].append(r["phases"])
+                per[(tree, policy)].append(r["phases"])
         result["budgets"][str(host)] = {}
-        for policy in policies:
-            runs = per[policy]
+        for tree, policy in runs_of:
+            runs = per[(tree, policy)]
             names = sorted({n for r in runs for n in r}, key=lambda n: [p[0] for p in PHASES].index(n)
                            if n in [p[0] for p in PHASES] else 99)
             med = {n: [statistics.median(r.get(n, [0.0, 0.0])[i] for r in runs) for i in (0, 1)] for n in names}
             parts = sum(v[0] for n, v in med.items() if n.startswith("index: "))
             med["index: other"] = [med.get("index", [0.0, 0.0])[0] - parts, 0.0]
-            result["budgets"][str(host)][policy] = med
+            result["budgets"][str(host)][f"{tree}/{policy}"] = med
             slots = med["slots"]
-            print(f"host {format_size(host)} ({int(slots[0]):,} + {int(slots[1]):,} slots) {policy}: open "
-                  f"{med['open'][0]:.3f} CPU s ({med['open'][1]:.3f} wall), RssAnon +{format_size(int(med['rss_anon_growth'][0]))}")
+            print(f"host {format_size(host)} ({int(slots[0]):,} + {int(slots[1]):,} slots) {tree}/{policy}: open "
+                  f"{med['open'][0]:.3f} CPU s ({med['open'][1]:.3f} wall), RssAnon "
+                  f"+{format_size(int(med['rss_anon_growth'][0]))}")
             for n, (c, w) in med.items():
                 if n not in ("open", "slots", "rss_anon_growth"):
                     print(f"    {n:<22} {c * 1e3:9.1f} ms CPU {w * 1e3:9.1f} ms wall")
+        if "base" in trees:
+            for policy in policies:
+                b, n = (result["budgets"][str(host)][f"{t}/{policy}"]["open"] for t in ("base", "new"))
+                print(f"host {format_size(host)} {policy}: open base/new {b[0] / n[0]:.2f}x CPU, {b[1] / n[1]:.2f}x wall")
     # per-slot fit (host + device slots) of each phase's CPU seconds, projected
     fits: dict[str, dict[str, Any]] = {}
-    for policy in policies:
-        xs = [sum(result["budgets"][str(h)][policy]["slots"]) for h in budgets]
-        fits[policy] = {}
-        for n in result["budgets"][str(budgets[0])][policy]:
-            if n in ("slots",):
+    for tree, policy in runs_of:
+        key = f"{tree}/{policy}"
+        xs = [sum(result["budgets"][str(h)][key]["slots"]) for h in budgets]
+        fits[key] = {}
+        for n in result["budgets"][str(budgets[0])][key]:
+            if n == "slots":
                 continue
-            a, b = _fit(xs, [result["budgets"][str(h)][policy][n][0] for h in budgets])
+            a, b = _fit(xs, [result["budgets"][str(h)][key].get(n, [0.0])[0] for h in budgets])
             proj = a + b * args.project * 1.25  # host slots + device slots (a quarter)
-            fits[policy][n] = {"fixed": a, "per_slot": b, "projected": proj}  # seconds (bytes for RssAnon)
-        print(f"{policy}: fit per slot (host + device) and projection to {args.project:,} host slots:")
-        for n, f in fits[policy].items():
+            fits[key][n] = {"fixed": a, "per_slot": b, "projected": proj}  # seconds (bytes for RssAnon)
+        print(f"{key}: fit per slot (host + device) and projection to {args.project:,} host slots:")
+        for n, f in fits[key].items():
             if n == "rss_anon_growth":
                 print(f"    {n:<22} {f['per_slot']:9.1f} B/slot + {format_size(int(f['fixed'])):>10}  -> "
                       f"{format_size(int(f['projected']))}")
@@ -255,6 +273,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     p.add_argument("--policies", default="default,static", help="--phases: policies")
     p.add_argument("--project", type=int, default=60_000_000, help="--phases: host slots to project to")
     p.add_argument("--cprofile", action="store_true", help="--phases: print a cProfile of each first open")
+    p.add_argument("--baseline", default=None, help="--phases: another checkout (e.g. main's) timed in the same rounds")
     p.add_argument("--phase-one", default=None, help=argparse.SUPPRESS)  # one open in this process: a JSON line
     p.add_argument("--size", default="1536MiB", help="table size")
     p.add_argument("--hot", default="768MiB", help="bytes of scattered profiled rows; the host budget holds them")
