@@ -48,7 +48,6 @@ import tempfile
 from pathlib import Path
 
 import numba
-from llvmlite import ir
 from numba import njit, types
 from numba.core import cgutils
 from numba.extending import intrinsic
@@ -57,7 +56,7 @@ from numba.core.caching import (CompileResultCacheImpl, FunctionCache, IndexData
 
 from .errors import CorruptDataError
 
-__all__ = ["kernel", "specialized", "prefetch", "KERNEL_CACHE_DIR"]
+__all__ = ["kernel", "prefetch", "specialized", "KERNEL_CACHE_DIR"]
 
 log = logging.getLogger("tierstore")
 _DIGEST = hashlib.sha256().digest_size
@@ -246,6 +245,30 @@ def kernel(fn=None, *, inline: bool = False):
     return disp
 
 
+@intrinsic
+def prefetch(typingctx, arr, i):
+    """``prefetch(a, i)`` in a kernel: ask the CPU to bring ``a[i]``'s cache line in (LLVM's
+    ``llvm.prefetch``: read, high locality) and go on; no bounds check, nothing read, no
+    fault on a bad address, so it cannot change a result. For loads whose address is known
+    well ahead (the replay's row-map buckets of the next lookups: walk.replay)."""
+    if not isinstance(arr, types.Array) or not isinstance(i, types.Integer):
+        return None
+
+    def codegen(context, builder, sig, args):
+        from llvmlite import ir
+
+        ary = context.make_array(sig.args[0])(context, builder, args[0])
+        ptr = builder.gep(ary.data, [context.cast(builder, args[1], sig.args[1], types.intp)])
+        i8p = ir.PointerType(ir.IntType(8))
+        i32 = ir.IntType(32)
+        fn = cgutils.get_or_insert_function(builder.module, ir.FunctionType(ir.VoidType(), [i8p, i32, i32, i32]),
+                                            "llvm.prefetch.p0")
+        builder.call(fn, [builder.bitcast(ptr, i8p), ir.Constant(i32, 0), ir.Constant(i32, 3), ir.Constant(i32, 1)])
+        return context.get_dummy_value()
+
+    return types.void(arr, i), codegen
+
+
 def specialized(dispatcher, *args):
     """The compiled entry point of ``dispatcher`` for the types of ``args`` (compiled or loaded
     from the cache now). Calling it skips numba's per-call type dispatch, which costs ~11 us
@@ -257,28 +280,3 @@ def specialized(dispatcher, *args):
     if key not in dispatcher.overloads:
         dispatcher.compile(key)
     return dispatcher.overloads[key].entry_point
-
-
-@intrinsic
-def prefetch(typingctx, arr, i):  # pragma: no cover - compiled
-    """A hint to the CPU, inside a kernel: the cache line of ``arr[i]`` will be written soon
-    (LLVM's ``llvm.prefetch``, no effect on results; ``i`` is not bounds-checked, and a
-    prefetch of any address never faults). Loops that touch one random bucket of a large
-    hash table per element (building a row map of millions of rows at open) issue it a few
-    elements ahead, so several cache misses are in flight at once instead of one."""
-    if not isinstance(arr, types.Array) or not isinstance(i, types.Integer):
-        return None
-    sig = types.void(arr, types.intp)
-
-    def codegen(context, builder, signature, args):
-        aryty = signature.args[0]
-        ary = context.make_array(aryty)(context, builder, args[0])
-        ptr = cgutils.get_item_pointer(context, builder, aryty, ary, [args[1]], wraparound=False)
-        i32 = ir.IntType(32)
-        i8p = builder.bitcast(ptr, ir.IntType(8).as_pointer())
-        fn = cgutils.get_or_insert_function(builder.module, ir.FunctionType(ir.VoidType(), [i8p.type, i32, i32, i32]),
-                                            "llvm.prefetch.p0")
-        builder.call(fn, [i8p, i32(1), i32(3), i32(1)])  # write, keep in every cache level, data
-        return context.get_dummy_value()
-
-    return sig, codegen

@@ -26,10 +26,10 @@ from __future__ import annotations
 import numpy as np
 
 from .hints import hint_add, hint_consume
-from ..jit import kernel
+from ..jit import kernel, prefetch
 from .layout import (BELOW, CACHED, FILL, HIT, REF_MAX, M_BYPASS, M_CAP, M_EPOCH, M_HINTS, M_HITS, M_HLIVE, M_LO,
                      M_MISSES, M_NREF, M_TICK, NONE, RESIDENT)
-from .rowmap import AHEAD, rm_get, rm_prefetch
+from .rowmap import _home, rm_get
 from .structs import lookup_end, place, take_free, unmap
 
 EPOCH_WRAP = 1 << 30  # lease markers (``ep``, int32) restart below this
@@ -140,6 +140,9 @@ def abort(T, leased, n):  # pragma: no cover - compiled
     lookup_end(T)
 
 
+PREFILL_AHEAD = 16  # rows ahead whose home bucket prefill prefetches (as rowmap.rm_build: rowmap.AHEAD)
+
+
 @kernel
 def prefill(hook, T, rows, rank0):  # pragma: no cover - compiled
     """Place ``rows`` (not yet resident) into free slots as the policy's starting content;
@@ -149,11 +152,11 @@ def prefill(hook, T, rows, rank0):  # pragma: no cover - compiled
     M, RM, ros, L = T[0], T[1], T[2], T[6]
     n = 0
     m = rows.size
-    for i in range(min(AHEAD, m)):
-        rm_prefetch(RM, rows[i])
+    for i in range(min(PREFILL_AHEAD, m)):
+        prefetch(RM, _home(RM, rows[i]))
     for i in range(m):
-        if i + AHEAD < m:  # the row map is far larger than the caches: the next rows' buckets load meanwhile
-            rm_prefetch(RM, rows[i + AHEAD])
+        if i + PREFILL_AHEAD < m:  # the map is far larger than the caches: the next rows' buckets load meanwhile
+            prefetch(RM, _home(RM, rows[i + PREFILL_AHEAD]))
         r = rows[i]
         if rm_get(RM, r) >= 0:
             continue
