@@ -18,14 +18,36 @@ Medians over ``--rounds``, ratios open/background, and the load average (the mac
 shared: read the ratios, not the seconds).
 
     python -m benchmarks.bench_warm [--quick] [--size 1536MiB] [--hot 768MiB] [--policy default] [--rounds 3]
+
+``--phases``: where the time of a ``warm="background"`` open goes, per host budget
+(``--budgets``; device budget = a quarter; the saved profile's scattered hot set = the host
+budget's rows, with its snapshot) and policy (``--policies``): each phase's thread CPU
+seconds and wall seconds (````open_phases````), the open's total, and the growth of
+anonymous memory across it (``rss_anon``). Each open runs in a fresh process (a budget's
+memory is measured alone), policies alternating round by round; medians over ``--rounds``,
+then a linear fit of each phase's CPU seconds per slot across the budgets and its projection
+to ``--project`` host slots (60M: a 16 GiB host budget of 264-byte rows).
+
+    python -m benchmarks.bench_warm --phases [--size 3GiB] [--budgets 128MiB,512MiB,2GiB]
+                                    [--policies default,static] [--rounds 3] [--baseline /tmp/main-checkout]
+
+``--baseline DIR``: the same opens with the code of the checkout DIR (``git worktree add DIR
+main``), interleaved round by round with this tree's, and the ratios base/new.
 """
 
 from __future__ import annotations
 
 import argparse
+import cProfile
+import io
+import json
 import os
+import pstats
 import statistics
+import subprocess
+import sys
 import time
+from contextlib import contextmanager
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -34,7 +56,7 @@ import numpy as np
 
 import tierstore
 from benchmarks.bench_open import ROW_BYTES, TABLE, ensure_store, save_scattered_profile
-from benchmarks.common import evict, json_line, machine_info, print_header
+from benchmarks.common import evict, json_line, machine_info, print_header, rss_anon
 from tierstore.format.snapshot import snapshot_path
 from tierstore.sizes import format_size, parse_size
 
@@ -68,8 +90,191 @@ def one_open(store: Path, mode: str, *, policy: str, host: int, device: int, fir
     return r
 
 
+# -- --phases: where a warm="background" open's time goes ---------------------------------------------
+
+# (phase, module, attribute): each is wrapped while one open runs; a phase's time includes the
+# phases it calls (the report subtracts the index's parts from "index" as "index: other")
+PHASES = (
+    ("ranking", "tierstore.serve.store", "Store._ranking"),  # snapshot header + ids prefix (or the profile)
+    ("disk tier", "tierstore.serve.table", "DiskTier"),
+    ("slab", "tierstore.tiers.cache", "_aligned_slab"),
+    ("index", "tierstore.tiers.cache", "CacheIndex"),
+    ("index: hot rows", "tierstore.cache.index", "as_profile"),
+    ("index: hot rows", "tierstore.cache.default", "Default.prepare"),
+    ("index: hot rows", "tierstore.cache.static", "Static.prepare"),
+    ("index: ranking sort", "tierstore.cache.default", "Default.ranking"),
+    ("index: rank map", "tierstore.cache.index", "rank_map"),
+    ("index: row map", "tierstore.cache.index", "new_map"),
+    ("index: row map", "tierstore.cache.index", "rm_build"),
+    ("index: queues", "tierstore.cache.index", "q_init"),
+    ("index: queues", "tierstore.cache.index", "g_init"),
+    ("index: prefill", "tierstore.cache.walk", "prefill"),
+    ("index: heap", "tierstore.cache.default", "Default.after_prefill"),
+    ("warmth", "tierstore.serve.table", "TierWarmth"),
+    ("walker", "tierstore.serve.table", "Walker"),
+)
+
+
+@contextmanager
+def _phase_timers(acc: dict[str, list[float]]):
+    """Wrap every ``PHASES`` entry: ``acc[phase]`` += [thread CPU s, wall s] per call (the
+    open runs on this thread: the loader thread's time is not counted)."""
+    import importlib
+    undo = []
+    for phase, mod_name, attr in PHASES:
+        mod = importlib.import_module(mod_name)
+        owner, _, name = attr.rpartition(".")
+        holder = getattr(mod, owner) if owner else mod
+        orig = holder.__dict__[name] if owner else getattr(mod, name)
+
+        def wrapped(*a, _f=orig, _p=phase, **k):
+            c0, w0 = time.thread_time(), time.perf_counter()
+            try:
+                return _f(*a, **k)
+            finally:
+                t = acc.setdefault(_p, [0.0, 0.0])
+                t[0] += time.thread_time() - c0
+                t[1] += time.perf_counter() - w0
+        setattr(holder, name, wrapped)
+        undo.append((holder, name, orig))
+    try:
+        yield
+    finally:
+        for holder, name, orig in reversed(undo):
+            setattr(holder, name, orig)
+
+
+def phase_one(store: Path, *, policy: str, host: int, device: int, profile: bool = False) -> dict[str, Any]:
+    """One warm="background" open of ``store`` in this process, timed by phase."""
+    info = tierstore.open(store, device="cpu").tables[TABLE]
+    evict(store / info.file, store / info.checksum_file, snapshot_path(store, TABLE))
+    acc: dict[str, list[float]] = {}
+    prof = cProfile.Profile(time.thread_time) if profile else None
+    a0 = rss_anon()
+    with _phase_timers(acc):
+        c0, w0 = time.thread_time(), time.perf_counter()
+        if prof is not None:
+            prof.enable()
+        s = tierstore.open(store, device="cpu", device_budget=device, host_budget=host, policy=policy,
+                           warm="background")
+        if prof is not None:
+            prof.disable()
+        acc["open"] = [time.thread_time() - c0, time.perf_counter() - w0]
+    acc["rss_anon_growth"] = [float(rss_anon() - a0), 0.0]
+    t = s._tables[TABLE]
+    acc["slots"] = [float(t.host.capacity), float(t.dev.capacity)]
+    s.close()
+    out: dict[str, Any] = {"phases": acc}
+    if prof is not None:
+        buf = io.StringIO()
+        pstats.Stats(prof, stream=buf).sort_stats("cumulative").print_stats(30)
+        out["cprofile"] = buf.getvalue()
+    return out
+
+
+def _fit(xs: list[float], ys: list[float]) -> tuple[float, float]:
+    """Least squares ys = a + b xs: (a, b)."""
+    b, a = np.polyfit(np.asarray(xs, float), np.asarray(ys, float), 1) if len(xs) > 1 else (0.0, ys[0])
+    return float(a), float(b)
+
+
+def phases_main(args: argparse.Namespace) -> dict[str, Any]:
+    cache = Path(args.cache_dir)
+    cache.mkdir(parents=True, exist_ok=True)
+    budgets = [parse_size(b) for b in args.budgets.split(",")]
+    policies = args.policies.split(",")
+    # the trees whose code opens the store: this one, and with --baseline another checkout
+    # (e.g. main's), run round by round in alternating order
+    trees = {"new": Path(__file__).resolve().parent.parent}
+    if args.baseline:
+        trees["base"] = Path(args.baseline).resolve()
+    print_header("warm='background' open: phases", machine_info(cache),
+                 [f"table {args.size} of {ROW_BYTES}-byte rows; host budgets {args.budgets} (device 1/4), a "
+                  f"scattered profile of the host budget's rows + its snapshot; policies {args.policies}; thread "
+                  f"CPU s (wall s), medians of {args.rounds}; one open per process; trees {dict(trees)}"])
+    store = ensure_store(cache, parse_size(args.size))
+    for policy in policies:  # compile the kernels before any timing
+        with tierstore.open(store, device="cpu", device_budget=4096 * ROW_BYTES, host_budget=4096 * ROW_BYTES,
+                            policy=policy, use_profile=False) as s:
+            s.lookup(TABLE, np.arange(8192))
+    result: dict[str, Any] = {"size": args.size, "budgets": {}, "loadavg": [], "trees": {t: str(d) for t, d in
+                                                                                          trees.items()}}
+    runs_of = [(t, p) for p in policies for t in trees]
+
+    def one(tree: str, policy: str, host: int, *, cprofile: bool = False) -> dict[str, Any]:
+        cmd = [sys.executable, "-m", "benchmarks.bench_warm", "--phase-one", str(store), "--policies", policy,
+               "--budgets", str(host)] + (["--cprofile"] if cprofile else [])
+        got = subprocess.run(cmd, capture_output=True, text=True, check=True, cwd=trees[tree])
+        return json.loads(got.stdout.strip().splitlines()[-1])
+
+    for host in budgets:
+        save_scattered_profile(store, host // ROW_BYTES)
+        tierstore.save_snapshot(store)
+        per: dict[tuple[str, str], list[dict[str, Any]]] = {tp: [] for tp in runs_of}
+        if host == budgets[0]:  # compile what an open with a profile runs (prefill, rank map), untimed
+            for tree, policy in runs_of:
+                one(tree, policy, host)
+        for k in range(args.rounds):
+            for tree, policy in (runs_of if k % 2 == 0 else runs_of[::-1]):
+                result["loadavg"].append(os.getloadavg()[0])
+                r = one(tree, policy, host, cprofile=args.cprofile and k == 0)
+                if "cprofile" in r:
+                    print(r.pop("cprofile"))
+                per[(tree, policy)].append(r["phases"])
+        result["budgets"][str(host)] = {}
+        for tree, policy in runs_of:
+            runs = per[(tree, policy)]
+            names = sorted({n for r in runs for n in r}, key=lambda n: [p[0] for p in PHASES].index(n)
+                           if n in [p[0] for p in PHASES] else 99)
+            med = {n: [statistics.median(r.get(n, [0.0, 0.0])[i] for r in runs) for i in (0, 1)] for n in names}
+            parts = sum(v[0] for n, v in med.items() if n.startswith("index: "))
+            med["index: other"] = [med.get("index", [0.0, 0.0])[0] - parts, 0.0]
+            result["budgets"][str(host)][f"{tree}/{policy}"] = med
+            slots = med["slots"]
+            print(f"host {format_size(host)} ({int(slots[0]):,} + {int(slots[1]):,} slots) {tree}/{policy}: open "
+                  f"{med['open'][0]:.3f} CPU s ({med['open'][1]:.3f} wall), RssAnon "
+                  f"+{format_size(int(med['rss_anon_growth'][0]))}")
+            for n, (c, w) in med.items():
+                if n not in ("open", "slots", "rss_anon_growth"):
+                    print(f"    {n:<22} {c * 1e3:9.1f} ms CPU {w * 1e3:9.1f} ms wall")
+        if "base" in trees:
+            for policy in policies:
+                b, n = (result["budgets"][str(host)][f"{t}/{policy}"]["open"] for t in ("base", "new"))
+                print(f"host {format_size(host)} {policy}: open base/new {b[0] / n[0]:.2f}x CPU, {b[1] / n[1]:.2f}x wall")
+    # per-slot fit (host + device slots) of each phase's CPU seconds, projected
+    fits: dict[str, dict[str, Any]] = {}
+    for tree, policy in runs_of:
+        key = f"{tree}/{policy}"
+        xs = [sum(result["budgets"][str(h)][key]["slots"]) for h in budgets]
+        fits[key] = {}
+        for n in result["budgets"][str(budgets[0])][key]:
+            if n == "slots":
+                continue
+            a, b = _fit(xs, [result["budgets"][str(h)][key].get(n, [0.0])[0] for h in budgets])
+            proj = a + b * args.project * 1.25  # host slots + device slots (a quarter)
+            fits[key][n] = {"fixed": a, "per_slot": b, "projected": proj}  # seconds (bytes for RssAnon)
+        print(f"{key}: fit per slot (host + device) and projection to {args.project:,} host slots:")
+        for n, f in fits[key].items():
+            if n == "rss_anon_growth":
+                print(f"    {n:<22} {f['per_slot']:9.1f} B/slot + {format_size(int(f['fixed'])):>10}  -> "
+                      f"{format_size(int(f['projected']))}")
+            else:
+                print(f"    {n:<22} {f['per_slot'] * 1e9:9.1f} ns/slot + {f['fixed']:8.3f} s  -> {f['projected']:8.3f} s")
+    result["fits"] = fits
+    print(f"loadavg median {statistics.median(result['loadavg']):.1f}")
+    json_line(result)
+    return result
+
+
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--phases", action="store_true", help="the phase breakdown of a background open (docstring)")
+    p.add_argument("--budgets", default="128MiB,512MiB,2GiB", help="--phases: host budgets")
+    p.add_argument("--policies", default="default,static", help="--phases: policies")
+    p.add_argument("--project", type=int, default=60_000_000, help="--phases: host slots to project to")
+    p.add_argument("--cprofile", action="store_true", help="--phases: print a cProfile of each first open")
+    p.add_argument("--baseline", default=None, help="--phases: another checkout (e.g. main's) timed in the same rounds")
+    p.add_argument("--phase-one", default=None, help=argparse.SUPPRESS)  # one open in this process: a JSON line
     p.add_argument("--size", default="1536MiB", help="table size")
     p.add_argument("--hot", default="768MiB", help="bytes of scattered profiled rows; the host budget holds them")
     p.add_argument("--policy", default="default")
@@ -79,6 +284,15 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     p.add_argument("--quick", action="store_true", help="a 16 MiB table, 4 MiB hot: for the test")
     p.add_argument("--cache-dir", default=os.environ.get("TIERSTORE_BENCH_CACHE", "/tmp/tierstore_bench_cache"))
     args = p.parse_args(argv)
+    if args.phase_one is not None:
+        host = int(args.budgets)
+        r = phase_one(Path(args.phase_one), policy=args.policies, host=host, device=host // 4, profile=args.cprofile)
+        print(json.dumps(r))
+        return r
+    if args.phases:
+        if args.quick:
+            args.size, args.budgets, args.rounds = "16MiB", "1MiB,4MiB", 1
+        return phases_main(args)
     if args.quick:
         args.size, args.hot, args.rounds, args.batches = "16MiB", "4MiB", 1, 3
     cache = Path(args.cache_dir)

@@ -22,3 +22,22 @@ def test_bench_warm_quick(capsys: pytest.CaptureFixture[str], tmp_path: Path) ->
         assert r["open_s"] <= r["first_row_s"] <= r["first_batch_s"] <= r["workload_s"]
     assert res["runs"]["open"][0]["on_demand"] == 0
     assert set(res["ratio_open_over_background"]) == {"open_s", "first_row_s", "first_batch_s", "workload_s", "warm_s"}
+
+
+def test_bench_warm_phases_quick(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
+    """--phases: every open ran in its own process with each phase timed inside the open's
+    own time, for both budgets and policies, and a fit per slot came out of them."""
+    res = bench_warm.main(["--phases", "--quick", "--cache-dir", str(tmp_path)])
+    out = capsys.readouterr().out
+    assert json.loads(out.strip().splitlines()[-1]) == res
+    assert len(res["budgets"]) == 2
+    for per in res["budgets"].values():
+        assert set(per) == {"new/default", "new/static"}
+        for key, med in per.items():
+            cpu, wall = med["open"]
+            assert 0 < cpu and 0 < wall and med["slots"][0] > 0
+            for name in ("ranking", "slab", "index", "warmth"):
+                assert 0 <= med[name][0] <= cpu + 1e-3 and med[name][1] <= wall + 1e-3, (key, name)
+        assert per["new/default"]["index: prefill"][0] > 0  # default prefills its ranked core
+    assert set(res["fits"]) == {"new/default", "new/static"}
+    assert all("per_slot" in f["open"] for f in res["fits"].values())

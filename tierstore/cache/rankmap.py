@@ -21,7 +21,7 @@ import numpy as np
 from ..jit import kernel
 from .rowmap import map_bytes, new_map, rm_build, rm_get
 
-__all__ = ["rank_map", "rank_map_bytes", "rk_get", "rk_get_many"]
+__all__ = ["rank_map", "rank_map_bytes", "rk_get", "rk_get_many", "sort_ranking"]
 
 
 def rank_map_bytes(m: int) -> int:
@@ -31,12 +31,21 @@ def rank_map_bytes(m: int) -> int:
 
 def rank_map(rows: np.ndarray, ranks: np.ndarray) -> np.ndarray:
     """The rank map of ``rows`` (distinct, < 2**31) with ``ranks`` (>= 0, < 2**31)."""
-    rows = np.asarray(rows, dtype=np.int64)
+    rows, ranks = _ints(rows), _ints(ranks)
     if rows.size == 0:  # nothing ranked: never read (a miss reads it only when M[M_RANKM] > 0)
         return np.zeros(0, np.int64)
     RK = new_map(rows.size)
-    rm_build(RK, rows, np.asarray(ranks, dtype=np.int64))
+    rm_build(RK, rows, ranks)
     return RK
+
+
+def _ints(a: np.ndarray) -> np.ndarray:
+    """``a`` as it is when int32 or int64 (``Default.ranking``'s int32 arrays: no int64 copy,
+    16 bytes a ranked row of fresh memory at open, paid in page faults), else int64."""
+    a = np.asarray(a)
+    if a.dtype in (np.int32, np.int64) and a.flags.c_contiguous:
+        return a
+    return np.ascontiguousarray(a, dtype=np.int64)
 
 
 @kernel(inline=True)
@@ -51,3 +60,54 @@ def rk_get_many(RK, rows, m, out):  # pragma: no cover - compiled
     """``out[i]`` = the rank of ``rows[i]`` (a vectorised ``rk_get``)."""
     for i in range(rows.size):
         out[i] = rk_get(RK, rows[i], m)
+
+
+def sort_ranking(top: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """The ranking ``top`` (rows hottest first: position = rank; rows in [0, 2**31)) sorted
+    by row: (rows, ranks) as int32, equal rows in rank order: exactly a stable argsort
+    (``rows = top[order]``, ``ranks = order``), the order ``rank_map`` inserts them in.
+    A least-significant-digit radix sort (11-bit digits, a digit every row shares skipped):
+    O(rows), ~4x faster than sorting packed (row, rank) int64 values at millions of rows,
+    and its temporaries are int32."""
+    n = top.size
+    rows, ranks = np.empty(n, np.int32), np.empty(n, np.int32)
+    if n:
+        _radix_ranking(np.ascontiguousarray(top, dtype=np.int64), rows, ranks, np.empty(n, np.int32),
+                       np.empty(n, np.int32))
+    return rows, ranks
+
+
+@kernel
+def _radix_ranking(top, rows, ranks, rows2, ranks2):  # pragma: no cover - compiled
+    n = top.size
+    H = np.zeros((3, 2048), np.int64)
+    for i in range(n):
+        r = top[i]
+        rows[i] = r
+        ranks[i] = i
+        H[0, r & 2047] += 1
+        H[1, (r >> 11) & 2047] += 1
+        H[2, (r >> 22) & 2047] += 1
+    a_rows, a_ranks, b_rows, b_ranks = rows, ranks, rows2, ranks2
+    passes = 0
+    for d in range(3):
+        shift = 11 * d
+        if H[d, (a_rows[0] >> shift) & 2047] == n:  # every row has this digit: already in order
+            continue
+        at = np.empty(2048, np.int64)
+        acc = 0
+        for k in range(2048):
+            at[k] = acc
+            acc += H[d, k]
+        for i in range(n):  # stable: rows with equal digits keep their order
+            r = a_rows[i]
+            k = (r >> shift) & 2047
+            j = at[k]
+            at[k] = j + 1
+            b_rows[j] = r
+            b_ranks[j] = a_ranks[i]
+        a_rows, a_ranks, b_rows, b_ranks = b_rows, b_ranks, a_rows, a_ranks
+        passes += 1
+    if passes % 2 == 1:  # an odd number of passes: the result is in the second pair
+        rows[:] = a_rows
+        ranks[:] = a_ranks

@@ -29,14 +29,18 @@ from __future__ import annotations
 
 import numpy as np
 
-from ..jit import kernel
+from ..jit import kernel, prefetch
 
-__all__ = ["EMPTY", "buckets", "map_bytes", "new_map", "rm_get", "rm_set", "rm_del", "rm_del_if", "rm_build",
-           "rm_get_many", "rm_items"]
+__all__ = ["EMPTY", "AHEAD", "buckets", "map_bytes", "new_map", "rm_get", "rm_set", "rm_del", "rm_del_if",
+           "rm_build", "rm_prefetch", "rm_get_many", "rm_items"]
 
 EMPTY = -1
 _SEED = 0x5EED0F0A  # fixed: every process must hash a row to the same bucket
 _LO = 0xFFFFFFFF
+# how many rows ahead a bulk insert prefetches its home bucket (rm_build, walk.prefill): at
+# open, millions of rows each land in a random bucket of a map far larger than the caches;
+# with the next rows' lines already on their way, ~1.7x faster (8M rows), the same map
+AHEAD = 16
 
 
 def buckets(entries: int) -> int:
@@ -143,9 +147,21 @@ def rm_del(RM, r):  # pragma: no cover - compiled
 
 @kernel
 def rm_build(RM, rows, vals):  # pragma: no cover - compiled
-    """Map ``rows[i]`` to ``vals[i]`` for each i."""
-    for i in range(rows.size):
+    """Map ``rows[i]`` to ``vals[i]`` for each i, in order (the map is the one the inserts
+    make one by one; each row's home bucket is prefetched ``AHEAD`` rows early)."""
+    n = rows.size
+    for i in range(min(AHEAD, n)):
+        rm_prefetch(RM, rows[i])
+    for i in range(n):
+        if i + AHEAD < n:
+            rm_prefetch(RM, rows[i + AHEAD])
         rm_set(RM, rows[i], vals[i])
+
+
+@kernel(inline=True)
+def rm_prefetch(RM, r):  # pragma: no cover - compiled
+    """Start loading row r's home bucket (a hint: no effect on the map)."""
+    prefetch(RM, _home(RM, r))
 
 
 @kernel

@@ -152,6 +152,9 @@ def abort(T, leased, n):  # pragma: no cover - compiled
     lookup_end(T)
 
 
+PREFILL_AHEAD = 16  # rows ahead whose home bucket prefill prefetches (as rowmap.rm_build: rowmap.AHEAD)
+
+
 @kernel
 def prefill(hook, T, rows, rank0):  # pragma: no cover - compiled
     """Place ``rows`` (not yet resident) into free slots as the policy's starting content;
@@ -160,7 +163,12 @@ def prefill(hook, T, rows, rank0):  # pragma: no cover - compiled
     finds it, if it needs it)."""
     M, RM, ros, L = T[0], T[1], T[2], T[6]
     n = 0
-    for i in range(rows.size):
+    m = rows.size
+    for i in range(min(PREFILL_AHEAD, m)):
+        prefetch(RM, _home(RM, rows[i]))
+    for i in range(m):
+        if i + PREFILL_AHEAD < m:  # the map is far larger than the caches: the next rows' buckets load meanwhile
+            prefetch(RM, _home(RM, rows[i + PREFILL_AHEAD]))
         r = rows[i]
         if rm_get(RM, r) >= 0:
             continue

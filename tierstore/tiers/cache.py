@@ -21,7 +21,7 @@ from ..format.spec import PAGE_SIZE, TableInfo
 from .base import Tier
 from .cuda import StreamFences, capacity_error
 from .disk import DiskTier
-from .hotset import PRELOAD_BYTES, OpenStats, TableSnapshot, load_slots
+from .hotset import PRELOAD_BYTES, OpenStats, TableSnapshot, load_slots, placed_slots
 from .page_reader import aligned_empty
 from .slab import SlabTier
 
@@ -104,6 +104,5 @@ class CacheTier(SlabTier):
                                             bytes_read=disk.bytes_read - b0)
             self.open_stats.seconds = time.perf_counter() - t0
         elif self.kind == CACHED:  # the rows the index placed at construction (static hot set)
-            slots = np.flatnonzero(self.index.row_of_slot >= 0)
-            rows = self.index.row_of_slot[slots].astype(np.int64)  # slot order: rank order for every policy here
+            slots, rows = placed_slots(self.index.row_of_slot, self.index.size)  # slot order: rank order
             self.open_stats = load_slots(self, slots, rows, disk=disk, source=source, snapshot=snapshot)

@@ -49,7 +49,7 @@ if TYPE_CHECKING:
     from .base import Tier
     from .disk import DiskTier
 
-__all__ = ["TableSnapshot", "OpenStats", "load_slots", "PRELOAD_BYTES"]
+__all__ = ["TableSnapshot", "OpenStats", "load_slots", "placed_slots", "PRELOAD_BYTES"]
 
 # bytes of rows per load step at open: the staging, not the whole hot set (a host tier of
 # 8 GiB would otherwise need 8 GiB more while it loads)
@@ -353,6 +353,19 @@ def _slab_run(tier: Tier, slots: np.ndarray, pos: np.ndarray) -> np.ndarray | No
             or not (np.diff(pos) == 1).all():
         return None
     return slab[a: a + n].view(torch.uint8).numpy().reshape(n, -1)
+
+
+def placed_slots(ros: np.ndarray, size: int) -> tuple[np.ndarray, np.ndarray]:
+    """(slots, rows), int64, of the rows an index placed at construction (``ros``: its
+    ``row_of_slot``; ``size``: the rows it holds), in slot order, which is rank order for
+    every policy. A new index fills its slots lowest first (pinned rows, then the policy's
+    prefill: ``structs.take_free``), so they are slots [0, size): then no scan of every
+    slot, no gather and no scatter (~20 ns a slot at open, most of it a scattered pass);
+    otherwise the slots holding a row, found by a scan."""
+    if 0 <= size <= ros.size and bool((ros[:size] >= 0).all()) and not bool((ros[size:] >= 0).any()):
+        return np.arange(size, dtype=np.int64), ros[:size].astype(np.int64)
+    slots = np.flatnonzero(ros >= 0).astype(np.int64)
+    return slots, ros[slots].astype(np.int64)
 
 
 def load_slots(tier: Tier, slots: np.ndarray, rows: np.ndarray, *, disk: DiskTier, source: Tier | None = None,

@@ -51,7 +51,7 @@ import torch
 from ..cache.layout import CACHED, RESIDENT
 from ..errors import CorruptDataError, StoreIOError, TierStoreError
 from ..format.spec import PAGE_SIZE
-from .hotset import OpenStats, TableSnapshot
+from .hotset import OpenStats, TableSnapshot, placed_slots
 from .page_reader import aligned_empty
 
 if TYPE_CHECKING:
@@ -70,11 +70,12 @@ class TierWarmth:
 
     def __init__(self, tier: Tier):
         assert tier.index is not None
-        ros = tier.index.row_of_slot
-        self.slots = np.flatnonzero(ros >= 0).astype(np.int64)  # slot order: rank order
-        self.rows = ros[self.slots].astype(np.int64)
+        self.slots, self.rows = placed_slots(tier.index.row_of_slot, tier.index.size)  # slot order: rank order
         self.pending = np.zeros(tier.capacity, np.uint8)
-        self.pending[self.slots] = 1
+        if len(self.slots) and int(self.slots[-1]) == len(self.slots) - 1:  # slots [0, n): one run
+            self.pending[: len(self.slots)] = 1
+        else:
+            self.pending[self.slots] = 1
         self.left = len(self.slots)  # placed slots still pending
         self.stats = OpenStats(mode="background", placed=len(self.slots), pending=self.left, loading=1)
         self.t0 = time.perf_counter()

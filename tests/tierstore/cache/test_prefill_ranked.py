@@ -14,7 +14,9 @@ import pytest
 
 from tierstore.cache import CacheIndex
 from tierstore.cache.default import Default
+from tierstore.cache.rankmap import sort_ranking
 from tierstore.ranking import TopProfile
+from tierstore.tiers.hotset import placed_slots
 
 
 def _old_way(cap: int, **params) -> Default:
@@ -106,3 +108,41 @@ def test_ranking_is_a_stable_argsort():
         rows, ranks = p.ranking()
         order = np.argsort(p._top, kind="stable")
         assert np.array_equal(rows, p._top[order]) and np.array_equal(ranks, order)
+
+
+@pytest.mark.parametrize("high", [1, 50, 2**11, 2**22, 2**31 - 1])
+def test_radix_sorted_ranking_is_a_stable_argsort(high):
+    """``sort_ranking`` (a radix sort, each 11-bit digit every row shares skipped: 0 to 3
+    passes, the result in either buffer) equals a stable argsort, repeats in rank order."""
+    rng = np.random.default_rng(high)
+    for size in (1, 2, 3, 100, 70_000):
+        top = rng.integers(0, high, size=size).astype(np.int64)
+        if size > 10 and high > 10:
+            top[-5:] = top[:5]  # repeats far apart
+            top[3] = high - 1
+        rows, ranks = sort_ranking(top)
+        order = np.argsort(top, kind="stable")
+        assert rows.dtype == ranks.dtype == np.int32
+        assert np.array_equal(rows, top[order]) and np.array_equal(ranks, order), (high, size)
+    rows, ranks = sort_ranking(np.zeros(0, np.int64))
+    assert rows.size == ranks.size == 0
+
+
+def test_placed_slots_equals_the_scan():
+    """The placed rows a warm-up loads: slots [0, size) without a scan when the index filled
+    them lowest first (every new index), else the slots holding a row (a scan): the same."""
+    rng = np.random.default_rng(3)
+    for n_rows, cap in ((5_000, 700), (300, 299), (1_000, 1)):
+        for name, profile in _profiles(rng, n_rows, cap):
+            for policy in (Default(cap), "static", "lru"):
+                idx = CacheIndex(n_rows, cap, policy, profile=profile)
+                ros = idx.row_of_slot
+                slots, rows = placed_slots(ros, idx.size)
+                want = np.flatnonzero(ros >= 0)
+                assert np.array_equal(slots, want) and np.array_equal(rows, ros[want]), (name, policy)
+                assert slots.dtype == rows.dtype == np.int64
+    ros = np.array([5, -1, 7, 9, -1], np.int32)  # holes: the scan
+    slots, rows = placed_slots(ros, 3)
+    assert slots.tolist() == [0, 2, 3] and rows.tolist() == [5, 7, 9]
+    slots, rows = placed_slots(np.array([4, 2, -1, 8], np.int32), 2)  # a row past size: the scan
+    assert slots.tolist() == [0, 1, 3] and rows.tolist() == [4, 2, 8]

@@ -7,7 +7,7 @@ import numba
 import numpy as np
 import pytest
 
-from tierstore.cache.rowmap import EMPTY, buckets, new_map, rm_del_if, rm_get, rm_items, rm_set
+from tierstore.cache.rowmap import AHEAD, EMPTY, buckets, new_map, rm_build, rm_del_if, rm_get, rm_items, rm_set
 
 
 @numba.njit
@@ -62,3 +62,25 @@ def test_rowmap_matches_a_dict(entries):
     assert np.array_equal(out, want)
     got_rows, got_vals = rm_items(RM)
     assert dict(zip(got_rows.tolist(), got_vals.tolist())) == state == ref
+
+
+@numba.njit
+def _one_by_one(RM, rows, vals):
+    for i in range(rows.size):
+        rm_set(RM, rows[i], vals[i])
+
+
+@pytest.mark.parametrize("n", [0, 1, AHEAD - 1, AHEAD, AHEAD + 1, 5_000])
+def test_rm_build_prefetching_ahead_builds_the_map_one_insert_at_a_time_builds(n):
+    """``rm_build`` prefetches each row's home bucket ``AHEAD`` rows early (open inserts
+    millions of rows into maps far larger than the caches): the map, bucket for bucket, is
+    the one the same inserts make in order, repeats and replacements included."""
+    rng = np.random.default_rng(n)
+    rows = rng.integers(0, 2**31 - 1, size=n).astype(np.int64)
+    if n > 4:
+        rows[n // 2:n // 2 + 3] = rows[:3]  # replacements: the later value stays
+    vals = rng.integers(-2**31 + 2, 2**31 - 1, size=n).astype(np.int64)
+    a, b = new_map(max(1, n)), new_map(max(1, n))
+    rm_build(a, rows, vals)
+    _one_by_one(b, rows, vals)
+    assert np.array_equal(a, b)
