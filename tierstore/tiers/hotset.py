@@ -49,7 +49,7 @@ if TYPE_CHECKING:
     from .base import Tier
     from .disk import DiskTier
 
-__all__ = ["TableSnapshot", "OpenStats", "load_slots", "placed_slots", "PRELOAD_BYTES"]
+__all__ = ["TableSnapshot", "OpenStats", "load_slots", "placed_slots", "host_slots", "on_device", "PRELOAD_BYTES"]
 
 # bytes of rows per load step at open: the staging, not the whole hot set (a host tier of
 # 8 GiB would otherwise need 8 GiB more while it loads)
@@ -319,7 +319,7 @@ class _Stale(TierStoreError):
     """A snapshot of another build (internal: ``TableSnapshot.open`` reports it as "stale")."""
 
 
-def _host_slots(source: Tier, rows: np.ndarray) -> np.ndarray:
+def host_slots(source: Tier, rows: np.ndarray) -> np.ndarray:
     """Slot of each row in ``source`` (a memory tier), -1 where it does not hold it: one probe
     of its row map per row (compiled; a ghost entry is not held). Sized by ``rows``, never by
     the table (sorting the source's held rows instead cost ~2 s per 6M-row host tier at open)."""
@@ -332,7 +332,7 @@ def _host_slots(source: Tier, rows: np.ndarray) -> np.ndarray:
     return slots
 
 
-def _on(rows: torch.Tensor, device: torch.device) -> torch.Tensor:
+def on_device(rows: torch.Tensor, device: torch.device) -> torch.Tensor:
     """``rows`` on the tier's device (a CUDA device tier loads from host memory: one copy up,
     which waits, so the step's host buffer may be reused; never run: needs CUDA)."""
     return rows if rows.device == device else rows.to(device)
@@ -383,11 +383,11 @@ def load_slots(tier: Tier, slots: np.ndarray, rows: np.ndarray, *, disk: DiskTie
     disk_bytes0 = disk.bytes_read
     left = np.ones(len(rows), dtype=bool)
     if source is not None and source.slab is not None and len(rows):
-        src = _host_slots(source, rows)
+        src = host_slots(source, rows)
         got = np.flatnonzero(src >= 0)
         for s in range(0, len(got), step):
             sel = got[s : s + step]
-            tier.write(slots[sel], _on(source.gather(src[sel]), tier.device))
+            tier.write(slots[sel], on_device(source.gather(src[sel]), tier.device))
             tick()
         left[got] = False
         st.from_source = len(got)
@@ -415,7 +415,7 @@ def load_slots(tier: Tier, slots: np.ndarray, rows: np.ndarray, *, disk: DiskTie
             for s in range(0, len(want), step):
                 sel = want[s : s + step]
                 data = snapshot.read_rows(pos[s : s + step])
-                tier.write(slots[sel], _on(torch.from_numpy(data).view(info.raw_dtype).reshape(len(sel), info.dim),
+                tier.write(slots[sel], on_device(torch.from_numpy(data).view(info.raw_dtype).reshape(len(sel), info.dim),
                                            tier.device))
                 left[sel] = False
                 st.from_snapshot += len(sel)

@@ -48,10 +48,9 @@ from typing import TYPE_CHECKING
 import numpy as np
 import torch
 
-from ..cache.layout import CACHED, RESIDENT
 from ..errors import CorruptDataError, StoreIOError, TierStoreError
 from ..format.spec import PAGE_SIZE
-from .hotset import OpenStats, TableSnapshot, placed_slots
+from .hotset import OpenStats, TableSnapshot, host_slots, on_device, placed_slots
 from .page_reader import aligned_empty
 
 if TYPE_CHECKING:
@@ -100,9 +99,9 @@ class TierWarmth:
         live = (self.pending[slots] != 0) & (ros[slots] == rows)
         k = np.flatnonzero(live)
         if len(k) == len(slots):
-            tier.write(slots, _on(data, tier.device))
+            tier.write(slots, on_device(data, tier.device))
         elif len(k):
-            tier.write(slots[k], _on(data.index_select(0, torch.from_numpy(k)), tier.device))
+            tier.write(slots[k], on_device(data.index_select(0, torch.from_numpy(k)), tier.device))
         self.pending[slots[k]] = 0
         self.left -= len(k)
         self.stats.pending = self.left
@@ -116,20 +115,11 @@ class TierWarmth:
         return idx[self.pending[self.slots[idx]] != 0]
 
 
-def _on(rows: torch.Tensor, device: torch.device) -> torch.Tensor:
-    return rows if rows.device == device else rows.to(device)
-
-
 def loaded_slots(source: Tier | None, source_warmth: TierWarmth | None, rows: np.ndarray) -> np.ndarray:
     """Slot of each row in ``source`` with its bytes in place, -1 elsewhere (caller holds its lock)."""
     if source is None or source.slab is None:
         return np.full(len(rows), -1, np.int64)
-    if source.kind == RESIDENT:
-        return rows.copy()
-    if source.kind != CACHED or source.index is None:
-        return np.full(len(rows), -1, np.int64)
-    hs = source.index.slots_of(rows).astype(np.int64)
-    hs[hs < 0] = -1
+    hs = host_slots(source, rows)
     if source_warmth is not None and source_warmth.left:
         held = hs >= 0
         hs[np.flatnonzero(held)[source_warmth.pending[hs[held]] != 0]] = -1
