@@ -294,11 +294,11 @@ def test_a_failed_chunk_leaves_no_reader_writing_into_the_output(tmp_path):
         real = DiskTier._read_chunk
         writing = threading.Event()
 
-        def slow_or_failing(self, rows, phys, dst):
+        def slow_or_failing(self, rows, phys, dst, *rest):
             if rows[0] == 0:
                 writing.wait(5)  # fail while another chunk is writing
                 raise StoreIOError(5, "injected")
-            n = real(self, rows, phys, dst)
+            n = real(self, rows, phys, dst, *rest)
             writing.set()
             _time.sleep(0.2)  # still "writing" after the failing chunk raised
             dst[:] = 0

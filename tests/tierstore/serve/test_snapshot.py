@@ -28,6 +28,7 @@ from tierstore.errors import CorruptDataError
 from tierstore.format.profile import save_profile
 from tierstore.format.snapshot import read_snapshot, snapshot_path
 from tierstore.tiers import hotset as hotset_mod
+from tierstore.tiers import disk as disk_module
 from tierstore.tiers.page_reader import PageReader
 
 from ...conftest import bits, random_table
@@ -74,7 +75,14 @@ class ReadCounter:
             self.bytes += len(pages) * 4096
             return real(reader, pages, out)
 
+        streamed = disk_module.read_streamed  # a large batch's pages, one AIO queue (tiers.aio_stream)
+
+        def counted_streamed(reader, page_lists, *args, **kw):
+            self.bytes += sum(len(p) for p in page_lists) * 4096
+            return streamed(reader, page_lists, *args, **kw)
+
         monkeypatch.setattr(PageReader, "read_pages", counted)
+        monkeypatch.setattr(disk_module, "read_streamed", counted_streamed)
 
 
 def _open(path: Path, counter: ReadCounter, **kw) -> tuple[tierstore.Store, int]:
