@@ -207,6 +207,7 @@ class Table:
         if self.cuda:  # never run: needs CUDA. The preloads' copies have run before any stream reads
             torch.cuda.current_stream(self.device).synchronize()
         self.disk.reset_stats()
+        self.disk.release_buffers()  # open's reads ran on this thread, which may never read again
 
     def _preload_resident(self, snap: TableSnapshot | None) -> None:
         """warm="background": resident tiers load now, as for "open"; a cache tier's placed
@@ -225,6 +226,7 @@ class Table:
         if self.cuda:  # never run: needs CUDA
             torch.cuda.current_stream(self.device).synchronize()
         self.disk.reset_stats()
+        self.disk.release_buffers()  # open's reads ran on this thread, which may never read again
 
     def warm_job(self):
         """The background load of this table's cache tiers (a generator: one step per
