@@ -17,8 +17,10 @@ It keeps the queue full the way fio does: each wait is for the first completion
 (``io_getevents`` with min_nr 1), the freed slots are refilled by the next ``io_submit``
 at once, and only then are the completions booked (one compiled call, ``_record``) and
 finished chunks handed on. Before (2026-12-07), each wait was for an eighth of the depth
-and ~10 numpy calls booked the completions before the refill: at depth 32 the disk saw
-~N in flight (mean, sampled) and the store ran at 0.72-0.76x fio's QD32 IOPS.
+and ~10 numpy calls booked the completions and handed chunks on before the refill, so at
+depth 32 the store ran at 0.72-0.76x fio's QD32 IOPS on a quiet machine. In-process A/B on
+a loaded one (docs/benchmarks.md): 1.17x main's rows/s at depth 32 (1.14x at 256), less
+CPU per row.
 """
 
 from __future__ import annotations
