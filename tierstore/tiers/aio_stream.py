@@ -19,8 +19,9 @@ at once, and only then are the completions booked (one compiled call, ``_record`
 finished chunks handed on. Before (2026-12-07), each wait was for an eighth of the depth
 and ~10 numpy calls booked the completions and handed chunks on before the refill, so at
 depth 32 the store ran at 0.72-0.76x fio's QD32 IOPS on a quiet machine. In-process A/B on
-a loaded one (docs/benchmarks.md): 1.17x main's rows/s at depth 32 (1.14x at 256), less
-CPU per row.
+a loaded one (docs/benchmarks.md), median of 6-10 rounds per run, three runs: 1.17-1.24x
+main's rows/s at depth 32 without tiers (0.94-1.13x with), 1.05-1.14x at depth 256, and
+less CPU per row in every cell but one (equal).
 """
 
 from __future__ import annotations
