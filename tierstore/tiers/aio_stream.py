@@ -21,7 +21,7 @@ and ~10 numpy calls booked the completions and handed chunks on before the refil
 depth 32 the store ran at 0.72-0.76x fio's QD32 IOPS on a quiet machine. In-process A/B on
 a loaded one (docs/benchmarks.md), median of 6-10 rounds per run, three runs: 1.17-1.24x
 main's rows/s at depth 32 without tiers (0.94-1.13x with), 1.05-1.14x at depth 256, and
-less CPU per row in every cell but one (equal).
+less CPU per row in 10 of 12 cells (the other two within 1.3%).
 """
 
 from __future__ import annotations
