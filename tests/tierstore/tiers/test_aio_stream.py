@@ -125,3 +125,59 @@ def test_a_closed_reader_is_refused(reader):
     r.close()
     with ThreadPoolExecutor(1) as pool, pytest.raises(StoreIOError, match="closed"):
         aio_stream.read_streamed(r, _chunks(5), [aligned_empty(100)], lambda i, b: None, pool)
+
+
+class _LoggingPool(ThreadPoolExecutor):
+    """A pool that logs each chunk handed to it, in the order of the stream's other seams."""
+
+    def __init__(self, log: list[tuple], workers: int) -> None:
+        super().__init__(workers)
+        self.log = log
+
+    def submit(self, fn, /, *args, **kwargs):
+        self.log.append(("process", args[0]))
+        return super().submit(fn, *args, **kwargs)
+
+
+def test_the_queue_is_refilled_at_the_first_completion_before_any_booking(reader, monkeypatch):
+    """fio's way at one queue depth: the reader waits for the first completion (min_nr 1),
+    refills the freed slots with its next io_submit, and only then books the completions and
+    hands a finished chunk on. Before, it waited for an eighth of the depth (2 of 16 here; 4
+    of 32, which left ~28 in flight at QD32) and handed finished chunks on before refilling.
+    Counted through the syscall seams, not timed."""
+    r, data = reader
+    chunks = _chunks(6)
+    total = sum(len(aio_stream._runs(p)[0]) for p in chunks)
+    log: list[tuple] = []
+    c = {"now": 0, "done": 0, "sub": 0}
+    submit, getevents = aio_stream._io_submit, aio_stream._io_getevents
+
+    def sub(ctx, n, ptrs):
+        got = submit(ctx, n, ptrs)
+        c["now"] += got
+        c["sub"] += got
+        log.append(("submit", got))
+        return got
+
+    def get(ctx, min_nr, events):
+        full = c["now"] == min(r.depth, total - c["done"])
+        got = getevents(ctx, min_nr, events)
+        c["now"] -= got
+        c["done"] += got
+        log.append(("wait", min_nr, full, c["sub"] < total))
+        return got
+
+    monkeypatch.setattr(aio_stream, "_io_submit", sub)
+    monkeypatch.setattr(aio_stream, "_io_getevents", get)
+    bufs = [aligned_empty(max(map(len, chunks))) for _ in chunks]  # every chunk has a buffer at once
+    got: dict[int, np.ndarray] = {}
+    with _LoggingPool(log, 2) as pool:
+        aio_stream.read_streamed(r, chunks, bufs, lambda i, b: got.__setitem__(i, b.copy()), pool)
+    assert all(np.array_equal(got[i], data[p]) for i, p in enumerate(chunks))
+    waits = [e for e in log if e[0] == "wait"]
+    assert len(waits) >= 3
+    assert {e[1] for e in waits} == {1}, f"waited for {sorted({e[1] for e in waits})} completions, not the first"
+    assert all(e[2] for e in waits), "the reader waited with fewer reads in flight than it could have queued"
+    for k, e in enumerate(log):  # after a wait that freed slots while reads remain, the next step is the refill
+        if e[0] == "wait" and e[3]:
+            assert log[k + 1][0] == "submit", f"step {k + 1} after a wait was {log[k + 1]}, not the refill"
