@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from .hints import hint_add, hint_consume
+from .hints import AHEAD, hint_consume, hint_prefetch, hint_rows
 from ..jit import kernel, prefetch
 from .layout import (BELOW, CACHED, FILL, HIT, M_BYPASS, M_CAP, M_EPOCH, M_EPWRAP, M_REFMAX, M_HINTS, M_HITS, M_HLIVE, M_LO,
                      M_MISSES, M_NREF, M_TICK, NONE, RESIDENT)
@@ -75,8 +75,13 @@ def access(hit, miss, T, rows, slots, code, leased):  # pragma: no cover - compi
     M[M_EPOCH] = epoch
     lo = M[M_LO]
     nl = 0
+    hl = M[M_HLIVE] > 0  # hints live: their buckets are asked for AHEAD accesses before (only timing)
+    for i in range(min(AHEAD, rows.size) if hl else 0):
+        hint_prefetch(M, HT, rows[i])
     for i in range(rows.size):
         r = rows[i]
+        if hl and i + AHEAD < rows.size:
+            hint_prefetch(M, HT, rows[i + AHEAD])
         if M[M_HLIVE] > 0:
             hint_consume(M, HT, r)
         s = rm_get(RM, r)
@@ -257,7 +262,10 @@ def all_hits_with(hit, T, rows, slots):  # pragma: no cover - compiled
     18 us per lookup (measured, standalone variants)."""
     M, RM, ep, HT = T[0], T[1], T[4], T[9]
     lo = M[M_LO]
+    hl = M[M_HLIVE] > 0  # hints live: the check asks for the buckets the accesses below consume from
     for i in range(rows.size):
+        if hl:
+            hint_prefetch(M, HT, rows[i])
         s = rm_get(RM, rows[i])
         if s < 0 or (s >= lo and ep[s] < 0):
             return False
@@ -297,19 +305,24 @@ def walk_entry(dhit, dmiss, dkind, D, hhit, hmiss, hkind, H, rows, d_slot, d_cod
 @kernel
 def announce(dkind, D, hkind, H, rows):  # pragma: no cover - compiled
     """Hints (``Store.hint``): each tier hears only what it can act on: the device tier
-    every id, the host tier the ids the device tier does not hold now."""
+    every id, the host tier the ids the device tier does not hold now. Each tier's hints are
+    ``hints.hint_rows``: the distinct rows in ascending order, computed without a sort."""
     if dkind == RESIDENT or rows.size == 0:
         return
-    u = np.unique(rows)
     dh = dkind == CACHED and D[0][M_HINTS] != 0
     hh = hkind == CACHED and H[0][M_HINTS] != 0
-    if not dh and not hh:
-        return
-    for r in u:
-        if dh:
-            hint_add(D[0], D[9], r)
-        if hh and not (dkind == CACHED and rm_get(D[1], r) >= 0):
-            hint_add(H[0], H[9], r)
+    if hh and dkind != CACHED:
+        hint_rows(H[0], H[9], rows)
+    elif hh:  # before the device tier's hints (which move no row): what the device tier holds now
+        below = np.empty(rows.size, np.int64)
+        k = 0
+        for r in rows:
+            if rm_get(D[1], r) < 0:
+                below[k] = r
+                k += 1
+        hint_rows(H[0], H[9], below[:k])
+    if dh:
+        hint_rows(D[0], D[9], rows)
 
 
 @kernel(inline=True)
