@@ -68,7 +68,7 @@ def _bucket(M, HT, r):  # pragma: no cover - compiled
     return np.int64(((mix64(r, _SEED) >> np.uint64(32)) * np.uint64(HT.shape[1])) >> np.uint64(32))
 
 
-@kernel
+@kernel(inline=True)
 def _fresh(M, HT, h, now):  # pragma: no cover - compiled
     return now - HT[H_STAMP, h] <= M[M_HORIZON]
 
@@ -173,9 +173,26 @@ def hint_rows(M, HT, rows):  # pragma: no cover - compiled
 @kernel
 def hint_consume(M, HT, r):  # pragma: no cover - compiled
     """Row r is being looked up: one of its hints is used (a stale one is dropped)."""
-    now = M[M_TICK]
-    if _idle(M, HT, now):
+    if _idle(M, HT, M[M_TICK]):
         return
+    hint_use(M, HT, r)
+
+
+@kernel(inline=True)
+def hints_stay_live(M, n):  # pragma: no cover - compiled
+    """No hint expires as a whole table within the next ``n`` accesses: ``hint_consume``'s
+    idle clear cannot fire in them (M_HLAST moves only with a hint, which no lookup adds), so
+    a lookup of n rows may consume with ``hint_use`` alone."""
+    return M[M_TICK] + n - 1 - M[M_HLAST] <= M[M_HORIZON]
+
+
+@kernel(inline=True)
+def hint_use(M, HT, r):  # pragma: no cover - compiled
+    """``hint_consume`` without its idle check, for a lookup ``hints_stay_live`` covers. It
+    calls nothing: a loop whose body calls a kernel (``hint_consume``, ``_idle``) pays
+    numba's reference counting of the state arrays per row, ~20 ns: 20 us per 1,024 ids
+    against 3.8 us for this (measured, standalone variants of the all-hit loop)."""
+    now = M[M_TICK]
     h = _bucket(M, HT, r)
     c = _count(HT, h)
     if c > 0 and _row(HT, h) == r:

@@ -99,3 +99,40 @@ def test_announce_to_the_host_tier_alone():
         announce(NONE, host.state, CACHED, host.state, rows)
         _sorted_reference(ref[0], ref[9], rows)
     assert np.array_equal(ref[9], host.state[9]) and np.array_equal(ref[0], host.state[0])
+
+
+@pytest.mark.parametrize("horizon", [None, 60])
+def test_the_all_hit_path_consumes_hints_as_the_walk(horizon):
+    """The decode path (the policy's ``all_hits``: walk.all_hits_with) consumes hints exactly
+    as the walk's ``access`` does: the same hint table and counters after every lookup. With
+    hints live and no expiry due it takes ``hint_use`` (no call per row); where the horizon
+    passes inside a lookup, ``hint_consume`` with its idle clear: both are exercised."""
+    from tierstore.cache import make_policy
+
+    rng = np.random.default_rng(5)
+    params = {} if horizon is None else {"hint_horizon": horizon}
+    fast, walk = (CacheIndex(5000, 400, make_policy("default", 400, **params)) for _ in range(2))
+    held = rng.permutation(5000)[:300].astype(np.int64)
+    for idx in (fast, walk):
+        idx.lookup(held)
+    batches = [held[rng.integers(0, 300, int(rng.integers(1, 40)))] for _ in range(400)]
+    quick = slow = 0
+    for i, b in enumerate(batches):
+        if i % 50 < 40:  # hints for the next batches and for rows never looked up; then a pause
+            future = np.concatenate([batches[(i + 1) % 400], batches[(i + 2) % 400], rng.integers(1000, 5000, 5)])
+            for idx in (fast, walk):
+                idx.hint(future)
+        M = fast.state[0]
+        if M[M_HLIVE] > 0:
+            if M[M_TICK] + b.size - 1 - M[M_HLAST] <= M[M_HORIZON]:
+                quick += 1
+            else:
+                slow += 1
+        slots = np.empty(b.size, np.int64)
+        assert fast.all_hits(fast.state, b, slots), f"batch {i}: not all hits"
+        walk.lookup(b)
+        assert np.array_equal(fast.state[9], walk.state[9]), f"batch {i}: hint tables differ"
+        for k, name in [(M_HLIVE, "live hints"), (M_HLAST, "latest hint"), (M_TICK, "ticks")]:
+            assert fast.state[0][k] == walk.state[0][k], f"batch {i}: {name} differ"
+    assert quick > 100
+    assert slow > 0 or horizon is None
