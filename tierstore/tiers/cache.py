@@ -34,7 +34,7 @@ def _aligned_slab(capacity: int, info: TableInfo) -> torch.Tensor:
     nbytes = capacity * info.row_bytes
     if nbytes == 0:
         return torch.empty((capacity, info.dim), dtype=info.raw_dtype)
-    raw = aligned_empty(-(-nbytes // PAGE_SIZE), huge=True).reshape(-1)[:nbytes]
+    raw = aligned_empty(-(-nbytes // PAGE_SIZE)).reshape(-1)[:nbytes]
     return torch.from_numpy(raw).view(info.raw_dtype).view(capacity, info.dim)
 
 

@@ -61,7 +61,6 @@ __all__ = ["METHODS", "PageReader", "aligned_empty", "evict_page_cache", "aio_av
 
 METHODS = ("auto", "aio", "fadvise", "pread")
 _MAX_RUN_PAGES = 256  # longest coalesced read (1 MiB): keeps chunks balanced across workers
-_MADV_HUGEPAGE = getattr(mmap, "MADV_HUGEPAGE", None)
 _DIRECT_ALIGN = PAGE_SIZE  # O_DIRECT needs the logical block size (512 here); a page is always enough
 
 
@@ -183,34 +182,18 @@ def aio_available() -> bool:
 
 
 # ----------------------------------------------------------------------------- public helpers
-def aligned_empty(n_pages: int, *, huge: bool = False) -> np.ndarray:
+def aligned_empty(n_pages: int) -> np.ndarray:
     """A page-aligned, uninitialised ``uint8`` array of shape (n_pages, PAGE_SIZE).
 
     Backed by an anonymous mmap, so it is aligned for ``O_DIRECT`` and its memory goes
     back to the OS when the array is collected. Allocate once and pass it as ``out=``:
     a fresh buffer costs a page fault per 4 KiB on first touch.
-
-    ``huge``: a private mapping (``MAP_PRIVATE``: counted in RssAnon; the default is a shared
-    anonymous one, which is shmem, and shmem gets no transparent huge pages here) with
-    ``MADV_HUGEPAGE`` (honoured where THP is ``always`` or ``madvise``), so first touch
-    costs a fault per 2 MiB, not per 4 KiB: a host slab that the hot-set snapshot is read
-    into with O_DIRECT spent ~7 us of CPU per 4 KiB faulting its pages in (1.45 s of CPU
-    for 792 MB), more than the read itself. For buffers that are filled whole (slabs);
-    plain 4 KiB pages where the kernel has no THP.
     """
     if n_pages < 0:
         raise ReaderParamError(f"n_pages must be >= 0, got {n_pages}")
     if n_pages == 0:
         return np.empty((0, PAGE_SIZE), dtype=np.uint8)
-    if not huge:
-        return np.frombuffer(mmap.mmap(-1, n_pages * PAGE_SIZE), dtype=np.uint8).reshape(n_pages, PAGE_SIZE)
-    m = mmap.mmap(-1, n_pages * PAGE_SIZE, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
-    if _MADV_HUGEPAGE is not None:
-        try:
-            m.madvise(_MADV_HUGEPAGE)
-        except OSError:  # EINVAL: a kernel built without THP; the 4 KiB pages serve the same
-            pass
-    return np.frombuffer(m, dtype=np.uint8).reshape(n_pages, PAGE_SIZE)
+    return np.frombuffer(mmap.mmap(-1, n_pages * PAGE_SIZE), dtype=np.uint8).reshape(n_pages, PAGE_SIZE)
 
 
 def evict_page_cache(path: str | os.PathLike[str]) -> None:

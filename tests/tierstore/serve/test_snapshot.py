@@ -451,44 +451,6 @@ def test_a_killed_spilled_snapshot_write_is_cleaned_by_the_next(store):
         _check_rows(s, w, counts)
 
 
-def _thp_available() -> bool:
-    try:
-        return "[never]" not in Path("/sys/kernel/mm/transparent_hugepage/enabled").read_text()
-    except OSError:
-        return False
-
-
-def _mapping_flags(addr: int) -> list[str]:
-    """The VmFlags of the mapping of this process that holds address ``addr``."""
-    inside = False
-    for line in Path("/proc/self/smaps").read_text().splitlines():
-        head = line.split()[0]
-        if "-" in head and not head.endswith(":"):
-            lo, hi = (int(x, 16) for x in head.split("-"))
-            inside = lo <= addr < hi
-        elif inside and head == "VmFlags:":
-            return line.split()[1:]
-    raise AssertionError(f"no mapping holds {addr:#x}")
-
-
-@pytest.mark.skipif(not Path("/proc/self/smaps").exists(), reason="needs Linux /proc/self/smaps")
-def test_memory_tier_slabs_are_private_and_ask_for_huge_pages(store):
-    """The snapshot is read with O_DIRECT straight into the host slab, so the slab's first
-    touch happens inside the read: with 4 KiB pages that was a fault per page, ~7 us of CPU
-    each (1.45 s of CPU for 792 MB, more than the read). The slabs are private anonymous
-    memory with MADV_HUGEPAGE (a fault per 2 MiB); before, a shared anonymous mapping
-    (shmem, which gets no transparent huge pages here, and is not counted in RssAnon)."""
-    path, w, counts = store
-    tierstore.save_snapshot(path)
-    with tierstore.open(path, policy="default", **BUDGETS) as s:
-        for tier in (s._tables[T].host, s._tables[T].dev):
-            flags = _mapping_flags(tier.slab.data_ptr())
-            assert "sh" not in flags, f"the {tier.name} slab is a shared mapping: {flags}"
-            if _thp_available():
-                assert "hg" in flags, f"the {tier.name} slab does not ask for huge pages: {flags}"
-        _check_rows(s, w, counts)
-
-
 def test_device_tier_fills_from_the_host_slab_by_slice(store, monkeypatch):
     """Both tiers place a prefix of the one ranking in slot order, so the device tier's rows
     are one run of the host slab's slots: copied as slices, never gathered into a fresh
