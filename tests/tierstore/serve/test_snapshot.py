@@ -510,3 +510,23 @@ def test_snapshot_steps_are_read_ahead_while_one_is_checked(store, monkeypatch):
     assert overlapped == [True], "the second step's read did not start while the first step's was in flight"
     assert len(calls) <= -(-hot // step) + 2, (len(calls), hot // step)
     assert sum(c < step // 4096 for c in calls) <= 3, calls  # a partial page at either end, a last short step
+
+
+@pytest.mark.parametrize("policy", ["static", "default"])
+def test_memory_tier_slabs_are_faulted_in_while_the_index_is_built(store, policy):
+    """A tier that places rows at open has its slab's pages faulted in by a thread of its own
+    (``cache.Prefault``: madvise MADV_POPULATE_WRITE) from its allocation on, while the index
+    is built, instead of by the snapshot's O_DIRECT reads (a fault per 4 KiB inside the read:
+    ~0.5 s of CPU per 792 MB here, the pace of the load on a busy machine). Every byte of
+    both slabs is populated (on a kernel with MADV_POPULATE_WRITE, Linux 5.14+), and the
+    rows are exact: populating writes no byte."""
+    path, w, counts = store
+    tierstore.save_snapshot(path)
+    with tierstore.open(path, policy=policy, **BUDGETS) as s:
+        for tier in (s._tables[T].host, s._tables[T].dev):
+            assert tier.prefault is not None, f"the {tier.name} tier's slab is not faulted in ahead"
+            tier.prefault.join()
+            nbytes = tier.slab.numel() * tier.slab.element_size()
+            assert tier.prefault.bytes == nbytes, (tier.name, tier.prefault.bytes, nbytes)
+        assert s.stats()["open"]["host"]["source"] == "snapshot"
+        _check_rows(s, w, counts)
