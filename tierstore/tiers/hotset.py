@@ -17,6 +17,15 @@ Before snapshots, step 3 did everything, in row-id order: a scattered hot set re
 page per row (15x the bytes of a 264-byte row; open read most of the table), and the
 device tier read its rows from disk again (~26% of open's bytes).
 
+Speed (the usual case: the host tier's placed rows are the snapshot's prefix in slot order):
+the prefix is read with O_DIRECT straight into the host slab, ``READS_AHEAD`` steps of
+``PRELOAD_BYTES`` in flight on reader threads while this thread checks the step that
+arrived; the slab's pages were faulted in beforehand by ``cache.Prefault`` while the index
+was built (faulting them inside the reads cost ~0.5 s of CPU per 792 MB and paced the load
+on a loaded 2-core machine); the device tier's rows, a run of the host slab's slots, are
+copied as slices. ``benchmarks/bench_warm.py --vs-dd`` measures the load against ``dd
+iflag=direct`` of the snapshot.
+
 ``OpenStats`` records, per tier, rows loaded from each source, bytes read and seconds: the
 ``stats()["open"]`` of the store.
 
