@@ -31,6 +31,14 @@ to ``--project`` host slots (60M: a 16 GiB host budget of 264-byte rows).
     python -m benchmarks.bench_warm --phases [--size 3GiB] [--budgets 128MiB,512MiB,2GiB]
                                     [--policies default,static] [--rounds 3] [--baseline /tmp/main-checkout]
 
+``--vs-dd``: the rate at which a ``warm="open"`` open loads the hot-set snapshot into the host
+tier (its bytes / its seconds, ``stats()["open"]["host"]``), and the whole open's (bytes read /
+open seconds), against ``dd if=SNAPSHOT of=/dev/null iflag=direct bs=16M`` in the same rounds
+(alternating order; every open in a fresh process; page cache evicted before each open and
+each dd). Medians and ratios to dd; with ``--baseline``, the other tree's opens in the same rounds.
+
+    python -m benchmarks.bench_warm --vs-dd [--size 3GiB] [--hot 1GiB] [--rounds 5] [--baseline /tmp/main-checkout]
+
 ``--baseline DIR``: the same opens with the code of the checkout DIR (``git worktree add DIR
 main``), interleaved round by round with this tree's, and the ratios base/new.
 """
@@ -266,6 +274,107 @@ def phases_main(args: argparse.Namespace) -> dict[str, Any]:
     return result
 
 
+# -- --vs-dd: open's snapshot load rate against a direct sequential read of the snapshot ----------------
+
+def load_one(store: Path, *, policy: str, host: int, device: int) -> dict[str, Any]:
+    """One warm="open" open of ``store`` in this process, the store's files evicted: its
+    seconds, the host tier's snapshot load (rows, bytes, seconds), the device tier's fill."""
+    info = tierstore.open(store, device="cpu").tables[TABLE]
+    evict(store / info.file, store / info.checksum_file, snapshot_path(store, TABLE))
+    vm0 = _vmstat()
+    t0, c0 = time.perf_counter(), time.process_time()
+    with tierstore.open(store, device="cpu", device_budget=device, host_budget=host, policy=policy,
+                        warm="open") as s:
+        r: dict[str, Any] = {"open_s": time.perf_counter() - t0, "open_cpu_s": time.process_time() - c0}
+        o = s.stats()["open"]
+    vm1 = _vmstat()
+    r["vmstat"] = {k: vm1[k] - vm0[k] for k in vm0}  # system-wide: other processes' too
+    r.update(host_bytes=o["host"]["bytes_read"], host_s=o["host"]["seconds"], device_s=o["device"]["seconds"],
+             host_source=o["host"]["source"], bytes_read=o["bytes_read"])
+    return r
+
+
+def _vmstat() -> dict[str, int]:
+    """The kernel's huge-page fault and compaction counters (/proc/vmstat; empty elsewhere)."""
+    want = ("thp_fault_alloc", "thp_fault_fallback", "compact_stall", "pgfault")
+    try:
+        lines = Path("/proc/vmstat").read_text().split("\n")
+    except OSError:
+        return {}
+    return {k: int(v) for k, v in (ln.split() for ln in lines if ln) if k in want}
+
+
+def dd_direct(path: Path) -> float:
+    """Seconds for ``dd if=path of=/dev/null iflag=direct bs=16M``, its page cache evicted."""
+    evict(path)
+    t0 = time.perf_counter()
+    subprocess.run(["dd", f"if={path}", "of=/dev/null", "iflag=direct", "bs=16M"], check=True, capture_output=True)
+    return time.perf_counter() - t0
+
+
+def vs_dd_main(args: argparse.Namespace) -> dict[str, Any]:
+    cache = Path(args.cache_dir)
+    cache.mkdir(parents=True, exist_ok=True)
+    trees = {"new": Path(__file__).resolve().parent.parent}
+    if args.baseline:
+        trees["base"] = Path(args.baseline).resolve()
+    size, hot_rows = parse_size(args.size), parse_size(args.hot) // ROW_BYTES
+    host = hot_rows * ROW_BYTES
+    print_header("warm='open': the snapshot load vs dd iflag=direct", machine_info(cache),
+                 [f"table {format_size(size)} of {ROW_BYTES}-byte rows; hot set {args.hot} scattered, with its "
+                  f"snapshot; host budget = the hot set, device 1/4; policy {args.policy}; every open in a fresh "
+                  f"process, page cache evicted before it and before each dd; trees {dict(trees)}"])
+    store = ensure_store(cache, size)
+    save_scattered_profile(store, hot_rows)
+    snap = snapshot_path(store, TABLE)
+    tierstore.save_snapshot(store)
+    snap_bytes = snap.stat().st_size
+
+    def one(tree: str) -> dict[str, Any]:
+        # this script, importing tierstore from the tree (a baseline tree may predate --load-one)
+        cmd = [sys.executable, __file__, "--load-one", str(store), "--policy", args.policy, "--budgets", str(host)]
+        got = subprocess.run(cmd, capture_output=True, text=True, check=True, cwd=trees[tree],
+                             env={**os.environ, "PYTHONPATH": str(trees[tree])})
+        return json.loads(got.stdout.strip().splitlines()[-1])
+
+    for tree in trees:  # compile (or load) the kernels an open with a profile runs, untimed
+        one(tree)
+    runs: dict[str, list[dict[str, Any]]] = {"dd": [], **{t: [] for t in trees}}
+    loads = []
+    for k in range(args.rounds):
+        order = ["dd", *trees] if k % 2 == 0 else [*trees, "dd"][::-1]
+        for what in order:
+            loads.append(os.getloadavg()[0])
+            if what == "dd":
+                sec = dd_direct(snap)
+                runs["dd"].append({"s": sec, "mb_s": snap_bytes / sec / 1e6})
+                print(f"round {k} dd: {snap_bytes / 1e6:,.0f} MB in {sec:.2f} s = {snap_bytes / sec / 1e6:,.0f} MB/s"
+                      f" (load {loads[-1]:.1f})")
+            else:
+                r = one(what)
+                r["load_mb_s"] = r["host_bytes"] / r["host_s"] / 1e6
+                r["open_mb_s"] = r["bytes_read"] / r["open_s"] / 1e6
+                runs[what].append(r)
+                print(f"round {k} {what}: open {r['open_s']:.2f} s, host tier {r['host_bytes'] / 1e6:,.0f} MB from "
+                      f"{r['host_source']} in {r['host_s']:.2f} s = {r['load_mb_s']:,.0f} MB/s, device fill "
+                      f"{r['device_s']:.2f} s; open CPU {r['open_cpu_s']:.2f} s, {r['vmstat']} (load {loads[-1]:.1f})")
+    dd_rate = statistics.median(r["mb_s"] for r in runs["dd"])
+    med: dict[str, Any] = {"dd_mb_s": dd_rate}
+    for tree in trees:
+        load_rate = statistics.median(r["load_mb_s"] for r in runs[tree])
+        open_rate = statistics.median(r["open_mb_s"] for r in runs[tree])
+        med[tree] = {"open_s": statistics.median(r["open_s"] for r in runs[tree]), "load_mb_s": load_rate,
+                     "load_over_dd": load_rate / dd_rate, "open_mb_s": open_rate, "open_over_dd": open_rate / dd_rate}
+        print(f"{tree}: median open {med[tree]['open_s']:.2f} s; snapshot load {load_rate:,.0f} MB/s = "
+              f"{load_rate / dd_rate:.2f}x dd ({dd_rate:,.0f} MB/s); whole open {open_rate:,.0f} MB/s of bytes read "
+              f"= {open_rate / dd_rate:.2f}x dd")
+    print(f"loadavg median {statistics.median(loads):.1f} (min {min(loads):.1f}, max {max(loads):.1f})")
+    result = {"size": size, "hot_bytes": host, "snapshot_bytes": snap_bytes, "policy": args.policy, "runs": runs,
+              "median": med, "loadavg": loads}
+    json_line(result)
+    return result
+
+
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--phases", action="store_true", help="the phase breakdown of a background open (docstring)")
@@ -273,8 +382,10 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     p.add_argument("--policies", default="default,static", help="--phases: policies")
     p.add_argument("--project", type=int, default=60_000_000, help="--phases: host slots to project to")
     p.add_argument("--cprofile", action="store_true", help="--phases: print a cProfile of each first open")
-    p.add_argument("--baseline", default=None, help="--phases: another checkout (e.g. main's) timed in the same rounds")
+    p.add_argument("--baseline", default=None, help="--phases, --vs-dd: another checkout (e.g. main's) timed in the same rounds")
     p.add_argument("--phase-one", default=None, help=argparse.SUPPRESS)  # one open in this process: a JSON line
+    p.add_argument("--vs-dd", action="store_true", help="warm='open': the snapshot load rate vs dd (docstring)")
+    p.add_argument("--load-one", default=None, help=argparse.SUPPRESS)  # --vs-dd's one open: a JSON line
     p.add_argument("--size", default="1536MiB", help="table size")
     p.add_argument("--hot", default="768MiB", help="bytes of scattered profiled rows; the host budget holds them")
     p.add_argument("--policy", default="default")
@@ -289,6 +400,15 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         r = phase_one(Path(args.phase_one), policy=args.policies, host=host, device=host // 4, profile=args.cprofile)
         print(json.dumps(r))
         return r
+    if args.load_one is not None:
+        host = int(args.budgets)
+        r = load_one(Path(args.load_one), policy=args.policy, host=host, device=host // 4)
+        print(json.dumps(r))
+        return r
+    if args.vs_dd:
+        if args.quick:
+            args.size, args.hot, args.rounds = "16MiB", "4MiB", 1
+        return vs_dd_main(args)
     if args.phases:
         if args.quick:
             args.size, args.budgets, args.rounds = "16MiB", "1MiB,4MiB", 1

@@ -9,6 +9,9 @@ to slots (CACHED) and the compiled walk decides what it holds.
 
 from __future__ import annotations
 
+import ctypes
+import os
+import threading
 import time
 
 import numpy as np
@@ -26,6 +29,49 @@ from .page_reader import aligned_empty
 from .slab import SlabTier
 
 __all__ = ["CacheTier", "PRELOAD_BYTES"]
+
+
+_MADV_POPULATE_WRITE = 23  # Linux 5.14+: fault pages in writable without touching their bytes
+_PREFAULT_STEP = 64 << 20  # bytes per madvise call: the stop flag is checked between them
+_libc = ctypes.CDLL(None, use_errno=True) if os.name == "posix" else None
+
+
+class Prefault:
+    """Faults a fresh slab's pages in on a thread of its own, while the tier's index is built.
+
+    The hot-set snapshot is read with O_DIRECT straight into the slab, so the slab's first
+    touch happened inside those reads: ~2.6 us of CPU per 4 KiB page on this VM (0.5 s per
+    792 MB), on the reading thread, which on a loaded 2-core machine paced the whole load.
+    ``madvise(MADV_POPULATE_WRITE)`` (a ctypes call: the GIL is released) faults them in
+    without writing a byte, so it may run alongside the reads and the lookups that fill the
+    slab later; where the kernel lacks it (EINVAL) the reads fault the pages in as before.
+    ``stop()`` when the index placed nothing (the pages would be touched only as rows are
+    admitted) and at close. ``bytes``: how much it has populated (``stats``, the tests)."""
+
+    def __init__(self, buf: np.ndarray):
+        self._buf = buf  # keeps the mapping alive while the thread works on it
+        self._stop = False
+        self.bytes = 0
+        self._thread = threading.Thread(target=self._run, name="tierstore-prefault", daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        addr, n = self._buf.ctypes.data, self._buf.nbytes
+        for a in range(0, n, _PREFAULT_STEP):
+            if self._stop or _libc is None:
+                return
+            m = min(_PREFAULT_STEP, n - a)
+            if _libc.madvise(ctypes.c_void_p(addr + a), ctypes.c_size_t(m), _MADV_POPULATE_WRITE) != 0:
+                return  # EINVAL (an older kernel), ENOMEM: the first writes fault them in instead
+            self.bytes += m
+
+    def stop(self) -> None:
+        self._stop = True
+        self.join()
+
+    def join(self) -> None:
+        self._thread.join()
+        self._buf = None
 
 
 def _aligned_slab(capacity: int, info: TableInfo) -> torch.Tensor:
@@ -75,6 +121,11 @@ class CacheTier(SlabTier):
             # would take it from the caching host allocator, which rounds up to a power of two);
             # page-aligned, so the hot-set snapshot is read into it with O_DIRECT, no copy
             self.slab = _aligned_slab(self.capacity, info)
+        self.prefault: Prefault | None = None
+        if device.type == "cpu" and self.capacity > 0 and (self.resident or profile is not None
+                                                           or pinned_rows is not None):
+            # rows will likely be placed and loaded at open: fault the slab in meanwhile
+            self.prefault = Prefault(self.slab.view(torch.uint8).numpy().reshape(-1))
         if not self.resident and self.capacity > 0:
             self.index = CacheIndex(
                 info.rows, self.capacity, policy,
@@ -82,6 +133,8 @@ class CacheTier(SlabTier):
                 profile=profile,
             )
         self.kind = RESIDENT if self.resident else CACHED if self.index is not None else NONE
+        if self.prefault is not None and self.kind == CACHED and self.index.size == 0:
+            self.prefault.stop()  # nothing placed: pages are touched as rows are admitted
         if device.type == "cuda" and self.kind == CACHED:  # never run: needs CUDA
             self.fences = StreamFences(device)  # slots are refilled: order gathers and fills across streams
         if pin and self.kind != NONE:  # never run: needs CUDA
@@ -106,3 +159,8 @@ class CacheTier(SlabTier):
         elif self.kind == CACHED:  # the rows the index placed at construction (static hot set)
             slots, rows = placed_slots(self.index.row_of_slot, self.index.size)  # slot order: rank order
             self.open_stats = load_slots(self, slots, rows, disk=disk, source=source, snapshot=snapshot)
+
+    def close(self) -> None:
+        if self.prefault is not None:
+            self.prefault.stop()
+        super().close()
