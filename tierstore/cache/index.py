@@ -27,9 +27,9 @@ from .policy import Policy
 from .registry import PolicySpec, make_policy
 from ..ranking import Profile, as_profile
 from ..jit import specialized
-from .mapbuild import build_map
+from .mapbuild import build_map, empty_map
 from .rankmap import rank_map_bytes, ranked_map
-from .rowmap import map_bytes, new_map, rm_get_many
+from .rowmap import map_bytes, rm_get_many
 from .structs import g_init, q_init
 
 __all__ = ["CacheIndex", "MAX_SLOTS", "none_index", "state_bytes", "slots_within", "rows_within", "budget_for"]
@@ -140,7 +140,7 @@ class CacheIndex:
         policy.ranked_duplicates(dups)
         M[M_RANKM] = rk_rows.size
         # every key is a slot's row or a ghost entry's: cap + gcap keys at most
-        RM = new_map(cap + gcap) if row_map is None else row_map
+        RM = empty_map(cap + gcap) if row_map is None else row_map
         # pinned rows in slots [0, lo); the free slots [lo, cap) are taken lowest first
         build_map(RM, pinned)  # pinned[i] -> slot i
         ros[:lo] = pinned

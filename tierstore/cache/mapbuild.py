@@ -34,9 +34,9 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 
 from ..jit import kernel
-from .rowmap import EMPTY, _home, _key, rm_build
+from .rowmap import EMPTY, _home, _key, buckets, rm_build
 
-__all__ = ["PART", "build_map", "index_threads"]
+__all__ = ["PART", "build_map", "empty_map", "index_threads"]
 
 PART = 4096  # home buckets per part: 32 KiB of map, in the L1/L2 caches while it is placed
 _LO = 0xFFFFFFFF
@@ -64,7 +64,7 @@ def index_threads() -> int:
 
 
 def build_map(RM: np.ndarray, rows: np.ndarray, vals: np.ndarray | None = None, *,
-              threads: int | None = None) -> int:
+              threads: int | None = None, _part: int = 0) -> int:
     """Insert ``rows[i] -> vals[i]`` (``vals`` None: ``i``) into the *empty* map ``RM``, as
     ``rm_build`` would (a repeated row keeps its last value), in the ordered layout (module
     doc). Returns how many keys repeated an earlier row (0: the rows are distinct)."""
@@ -74,34 +74,52 @@ def build_map(RM: np.ndarray, rows: np.ndarray, vals: np.ndarray | None = None, 
     if n == 0:
         return 0
     T = max(1, int(threads)) if threads is not None else index_threads() if n >= _MIN_PARALLEL else 1
-    P = -(-N // PART)
+    W = _part if _part else PART
+    P = -(-N // W)
     # 1. group by part: per chunk counts, then each chunk's start in each part (input order kept)
     cuts = [n * t // T for t in range(T + 1)]
     H = np.zeros((T, P + 1), np.int64)
     E = np.empty(n, np.int64)  # the keys as buckets (row << 32 | value), grouped by part
-    _run(T, lambda t: _count(RM, rows, cuts[t], cuts[t + 1], H[t]))
+    _run(T, lambda t: _count(RM, rows, cuts[t], cuts[t + 1], H[t], W))
     per_part = H[:, :P].sum(axis=0)
     off = np.zeros(P + 1, np.int64)
     np.cumsum(per_part, out=off[1:])
     at = off[:P] + np.vstack([np.zeros((1, P), np.int64), np.cumsum(H[:-1, :P], axis=0)])  # (T, P)
-    _run(T, lambda t: _scatter(RM, rows, vals, cuts[t], cuts[t + 1], at[t], E))
+    _run(T, lambda t: _scatter(RM, rows, vals, cuts[t], cuts[t + 1], at[t], E, W))
     del at, H
     # 2. sort and place each part in its own buckets (threads: contiguous runs of parts)
     kept = np.zeros(P, np.int64)  # keys of each part after dropping repeated rows
     over = np.zeros(P, np.int64)  # of those, how many run past the part's end
     dups = np.zeros(T, np.int64)
     pcuts = [P * t // T for t in range(T + 1)]
-    _run(T, lambda t: _place_parts(RM, E, off, kept, over, pcuts[t], pcuts[t + 1], dups, t))
+    _run(T, lambda t: _place_parts(RM, E, off, kept, over, pcuts[t], pcuts[t + 1], dups, t, W))
     # 3. carry what ran past a part's end into the next part, in order (one thread)
     if over.any():
         C = np.empty(int(kept.sum()), np.int64)
-        if not _carry(RM, E, off, kept, over, C, np.empty_like(C)):  # pragma: no cover - a map over its load
+        if not _carry(RM, E, off, kept, over, C, np.empty_like(C), W):  # pragma: no cover - a map over its load
             RM.fill(EMPTY)
             rm_build(RM, rows, vals if vals.size else np.arange(n, dtype=np.int64))
     return int(dups.sum())
 
 
 _EMPTY = np.zeros(0, np.int64)
+
+
+def empty_map(entries: int, *, threads: int | None = None) -> np.ndarray:
+    """``rowmap.new_map(entries)``, its buckets emptied by threads (a fresh map of millions of
+    keys is first touched here: its page faults, ~60% of filling it, run in parallel)."""
+    RM = np.empty(buckets(entries), np.int64)
+    n = RM.size
+    T = max(1, int(threads)) if threads is not None else index_threads() if n >= 8 * _MIN_PARALLEL else 1
+    cuts = [n * t // T // 512 * 512 for t in range(T)] + [n]  # whole 4 KiB pages per thread
+    _run(T, lambda t: _fill(RM, cuts[t], cuts[t + 1]))
+    return RM
+
+
+@kernel
+def _fill(RM, a, b):  # pragma: no cover - compiled
+    for i in range(a, b):
+        RM[i] = EMPTY
 
 
 def _run(T: int, fn) -> None:
@@ -114,52 +132,58 @@ def _run(T: int, fn) -> None:
 
 
 @kernel
-def _count(RM, rows, a, b, h):  # pragma: no cover - compiled
+def _count(RM, rows, a, b, h, W):  # pragma: no cover - compiled
     for i in range(a, b):
-        h[_home(RM, rows[i]) // PART] += 1
+        h[_home(RM, rows[i]) // W] += 1
 
 
 @kernel
-def _scatter(RM, rows, vals, a, b, at, E):  # pragma: no cover - compiled
+def _scatter(RM, rows, vals, a, b, at, E, W):  # pragma: no cover - compiled
     for i in range(a, b):
         r = rows[i]
-        p = _home(RM, r) // PART
+        p = _home(RM, r) // W
         v = np.int64(i) if vals.size == 0 else vals[i]
         E[at[p]] = (np.int64(r) << 32) | (v & _LO)
         at[p] += 1
 
 
 @kernel
-def _place_parts(RM, E, off, kept, over, p0, p1, dups, t):  # pragma: no cover - compiled
+def _place_parts(RM, E, off, kept, over, p0, p1, dups, t, W):  # pragma: no cover - compiled
     """Parts [p0, p1): sort each part's keys by (home, row), drop repeated rows (keeping the
-    last), write them back at the part's start, place them in the part's buckets."""
+    last), write them back at the part's start, place them in the part's buckets, each at
+    ``max(home, previous + 1)``. Each key's home is hashed once (kept beside it)."""
     N = RM.size
-    cnt = np.zeros(PART + 1, np.int64)
+    cnt = np.zeros(W + 1, np.int64)
     most = 0
     for p in range(p0, p1):
         most = max(most, off[p + 1] - off[p])
     buf = np.empty(most, np.int64)
+    hb = np.empty(most, np.int64)  # home (from the part's start) of buf[x]
+    hl = np.empty(most, np.int64)  # home of E[a + x]
     d = 0
     for p in range(p0, p1):
         a, b = off[p], off[p + 1]
-        base = p * PART
-        cnt[:] = 0
-        for i in range(a, b):  # counting sort by home (stable)
-            cnt[_home(RM, _key(E[i])) - base + 1] += 1
-        for k in range(PART):
-            cnt[k + 1] += cnt[k]
-        for i in range(a, b):
-            e = E[i]
-            k = _home(RM, _key(e)) - base
-            buf[cnt[k]] = e
-            cnt[k] += 1
         m = b - a
-        j = a
+        base = p * W
+        cnt[:] = 0
+        for i in range(m):  # counting sort by home (stable)
+            k = _home(RM, _key(E[a + i])) - base
+            hl[i] = k
+            cnt[k + 1] += 1
+        for k in range(W):
+            cnt[k + 1] += cnt[k]
+        for i in range(m):
+            k = hl[i]
+            x = cnt[k]
+            buf[x] = E[a + i]
+            hb[x] = k
+            cnt[k] += 1
+        j = 0
         i = 0
         while i < m:  # each group of equal homes: sort by row (stable), keep each row's last
-            h = _home(RM, _key(buf[i]))
+            h = hb[i]
             g = i + 1
-            while g < m and _home(RM, _key(buf[g])) == h:
+            while g < m and hb[g] == h:
                 g += 1
             for x in range(i + 1, g):
                 e = buf[x]
@@ -172,27 +196,23 @@ def _place_parts(RM, E, off, kept, over, p0, p1, dups, t):  # pragma: no cover -
                 if x + 1 < g and _key(buf[x + 1]) == _key(buf[x]):
                     d += 1
                     continue
-                E[j] = buf[x]
+                E[a + j] = buf[x]
+                hl[j] = h
                 j += 1
             i = g
-        kept[p] = j - a
-        over[p] = j - _place(RM, E, a, j, base, min(N, base + PART))
+        kept[p] = j
+        end = min(N, base + W) - base
+        prev = -1
+        q = j
+        for x in range(j):
+            pos = max(hl[x], prev + 1)
+            if pos >= end:
+                q = x
+                break
+            RM[base + pos] = E[a + x]
+            prev = pos
+        over[p] = j - q
     dups[t] = d
-
-
-@kernel(inline=True)
-def _place(RM, E, a, b, start, end):  # pragma: no cover - compiled
-    """Place E[a:b] (sorted by home, homes in [start, end)) in buckets [start, end) from
-    ``start`` on; returns the index of the first that did not fit (b: all did)."""
-    prev = start - 1
-    for i in range(a, b):
-        e = E[i]
-        pos = max(_home(RM, _key(e)), prev + 1)
-        if pos >= end:
-            return i
-        RM[pos] = e
-        prev = pos
-    return b
 
 
 @kernel
@@ -224,7 +244,7 @@ def _replace(RM, E, a, b, start, end, C, nc, C2):  # pragma: no cover - compiled
 
 
 @kernel
-def _carry(RM, E, off, kept, over, C, C2):  # pragma: no cover - compiled
+def _carry(RM, E, off, kept, over, C, C2, W):  # pragma: no cover - compiled
     """Step 3: from the first part with keys past its end, carry them into the next part,
     placing it again, until a part takes all it is given (wrapping from the last part to
     the first). False when it never settles (a map fuller than any ``buckets`` sizes)."""
@@ -244,8 +264,8 @@ def _carry(RM, E, off, kept, over, C, C2):  # pragma: no cover - compiled
             return True
         a = off[p]
         b = a + kept[p]
-        start = p * PART
-        end = min(N, start + PART)
+        start = p * W
+        end = min(N, start + W)
         if nc == 0:
             for k in range(over[p]):  # its own overflow, placed by step 2
                 C[k] = E[b - over[p] + k]

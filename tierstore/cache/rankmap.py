@@ -19,8 +19,8 @@ from __future__ import annotations
 import numpy as np
 
 from ..jit import kernel
-from .mapbuild import build_map
-from .rowmap import map_bytes, new_map, rm_get
+from .mapbuild import build_map, empty_map
+from .rowmap import map_bytes, rm_get
 
 __all__ = ["rank_map", "rank_map_bytes", "ranked_map", "rk_get", "rk_get_many", "sort_ranking"]
 
@@ -45,7 +45,7 @@ def ranked_map(rows: np.ndarray, ranks: np.ndarray | None) -> tuple[np.ndarray, 
     rows = _ints(rows)
     if rows.size == 0:  # nothing ranked: never read (a miss reads it only when M[M_RANKM] > 0)
         return np.zeros(0, np.int64), 0
-    RK = new_map(rows.size)
+    RK = empty_map(rows.size)
     dups = build_map(RK, rows, None if ranks is None else _ints(ranks))
     return RK, dups
 

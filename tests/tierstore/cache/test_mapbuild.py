@@ -179,3 +179,10 @@ def test_default_index_builds_its_rank_map_without_sorting_the_ranking(monkeypat
     for k, (a, b) in enumerate(zip(new.state, old.state)):
         assert np.array_equal(a, b), f"state array {k} differs"
     assert mapbuild.PART == PART
+
+
+@pytest.mark.parametrize("entries", [0, 1, 7, 1000, 70_000])
+def test_empty_map_is_new_map(entries):
+    for threads in (None, 1, 2, 5):
+        got = mapbuild.empty_map(entries, threads=threads)
+        assert got.dtype == np.int64 and np.array_equal(got, new_map(entries))
