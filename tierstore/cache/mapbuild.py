@@ -86,7 +86,6 @@ def build_map(RM: np.ndarray, rows: np.ndarray, vals: np.ndarray | None = None, 
     np.cumsum(per_part, out=off[1:])
     at = off[:P] + np.vstack([np.zeros((1, P), np.int64), np.cumsum(H[:-1, :P], axis=0)])  # (T, P)
     _run(T, lambda t: _scatter(RM, rows, vals, cuts[t], cuts[t + 1], at[t], E, W))
-    del at, H
     # 2. sort and place each part in its own buckets (threads: contiguous runs of parts)
     kept = np.zeros(P, np.int64)  # keys of each part after dropping repeated rows
     over = np.zeros(P, np.int64)  # of those, how many run past the part's end
