@@ -103,9 +103,9 @@ PHASES = (
     ("index: hot rows", "tierstore.cache.default", "Default.prepare"),
     ("index: hot rows", "tierstore.cache.static", "Static.prepare"),
     ("index: ranking sort", "tierstore.cache.default", "Default.ranking"),
-    ("index: rank map", "tierstore.cache.index", "rank_map"),
-    ("index: row map", "tierstore.cache.index", "new_map"),
-    ("index: row map", "tierstore.cache.index", "rm_build"),
+    ("index: rank map", "tierstore.cache.index", "ranked_map"),  # cache/mapbuild.py: threads
+    ("index: row map", "tierstore.cache.index", "empty_map"),
+    ("index: row map", "tierstore.cache.index", "build_map"),
     ("index: queues", "tierstore.cache.index", "q_init"),
     ("index: queues", "tierstore.cache.index", "g_init"),
     ("index: prefill", "tierstore.cache.walk", "prefill"),
@@ -117,8 +117,10 @@ PHASES = (
 
 @contextmanager
 def _phase_timers(acc: dict[str, list[float]]):
-    """Wrap every ``PHASES`` entry: ``acc[phase]`` += [thread CPU s, wall s] per call (the
-    open runs on this thread: the loader thread's time is not counted)."""
+    """Wrap every ``PHASES`` entry: ``acc[phase]`` += [thread CPU s, wall s] per call, on the
+    thread that ran it (open builds the host tier's index on a second thread: its phases
+    count there; ``open``'s CPU is this thread's alone, its wall is the whole; the threads
+    inside the map builds and the loader thread are not counted)."""
     import importlib
     undo = []
     for phase, mod_name, attr in PHASES:
