@@ -533,6 +533,14 @@ class Default(Policy):
         self._distinct = not bool((rows[1:] == rows[:-1]).any())
         return rows, ranks
 
+    def ranked(self) -> tuple[np.ndarray, None]:
+        # the ranking as it is, hottest first (a row's rank is its position): RK is the same
+        # map as from ``ranking()``'s sorted arrays (mapbuild.build_map), without the sort
+        return self._top, None
+
+    def ranked_duplicates(self, n: int) -> None:
+        self._distinct = n == 0  # distinct rows: the prefill rows' ranks are their positions
+
     def prefill_rank(self) -> int:
         return self._rank_lo if self._distinct else -1
 

@@ -27,8 +27,9 @@ from .policy import Policy
 from .registry import PolicySpec, make_policy
 from ..ranking import Profile, as_profile
 from ..jit import specialized
-from .rankmap import rank_map, rank_map_bytes
-from .rowmap import map_bytes, new_map, rm_build, rm_get_many
+from .mapbuild import build_map, empty_map
+from .rankmap import rank_map_bytes, ranked_map
+from .rowmap import map_bytes, rm_get_many
 from .structs import g_init, q_init
 
 __all__ = ["CacheIndex", "MAX_SLOTS", "none_index", "state_bytes", "slots_within", "rows_within", "budget_for"]
@@ -134,13 +135,14 @@ class CacheIndex:
             M[M_HINTS] = 1
             M[M_HORIZON] = max(4 * cap, 1 << 20)
         HT = np.zeros((HT_ROWS, 1), dtype=np.int64)
-        rk_rows, rk_ranks = policy.ranking()  # rows < 2**31, ranks < capacity
-        RK = rank_map(rk_rows, rk_ranks)  # row -> rank, a hash table (rankmap.py)
+        rk_rows, rk_ranks = policy.ranked()  # rows < 2**31, ranks < capacity
+        RK, dups = ranked_map(rk_rows, rk_ranks)  # row -> rank, a hash table (rankmap.py)
+        policy.ranked_duplicates(dups)
         M[M_RANKM] = rk_rows.size
         # every key is a slot's row or a ghost entry's: cap + gcap keys at most
-        RM = new_map(cap + gcap) if row_map is None else row_map
+        RM = empty_map(cap + gcap) if row_map is None else row_map
         # pinned rows in slots [0, lo); the free slots [lo, cap) are taken lowest first
-        rm_build(RM, pinned, np.arange(lo, dtype=np.int64))
+        build_map(RM, pinned)  # pinned[i] -> slot i
         ros[:lo] = pinned
         M[M_NFREE] = n_dyn
         if row_map is not None:  # read-only map: every mapped row is a (pinned) hit

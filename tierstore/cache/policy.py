@@ -98,3 +98,12 @@ class Policy:
     def ranking(self) -> tuple[np.ndarray, np.ndarray]:
         """(rows sorted by id, their hotness ranks) to keep in RK; empty by default."""
         return _EMPTY, _EMPTY
+
+    def ranked(self) -> tuple[np.ndarray, np.ndarray | None]:
+        """What the index builds RK from: ``ranking()``'s rows and ranks in any order (ranks
+        None: a row's rank is its position). The map is the same whatever the order
+        (``mapbuild.build_map``), so a policy may skip sorting them."""
+        return self.ranking()
+
+    def ranked_duplicates(self, n: int) -> None:
+        """Told, once RK is built from ``ranked()``, how many of its rows repeated an earlier one."""

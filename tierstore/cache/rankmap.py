@@ -19,9 +19,10 @@ from __future__ import annotations
 import numpy as np
 
 from ..jit import kernel
-from .rowmap import map_bytes, new_map, rm_build, rm_get
+from .mapbuild import build_map, empty_map
+from .rowmap import map_bytes, rm_get
 
-__all__ = ["rank_map", "rank_map_bytes", "rk_get", "rk_get_many", "sort_ranking"]
+__all__ = ["rank_map", "rank_map_bytes", "ranked_map", "rk_get", "rk_get_many", "sort_ranking"]
 
 
 def rank_map_bytes(m: int) -> int:
@@ -31,12 +32,22 @@ def rank_map_bytes(m: int) -> int:
 
 def rank_map(rows: np.ndarray, ranks: np.ndarray) -> np.ndarray:
     """The rank map of ``rows`` (distinct, < 2**31) with ``ranks`` (>= 0, < 2**31)."""
-    rows, ranks = _ints(rows), _ints(ranks)
+    return ranked_map(rows, ranks)[0]
+
+
+def ranked_map(rows: np.ndarray, ranks: np.ndarray | None) -> tuple[np.ndarray, int]:
+    """The rank map of ``rows`` (< 2**31) in any order, with ``ranks`` (None: a row's rank is
+    its position, i.e. ``rows`` is a ranking hottest first), and how many rows repeat an
+    earlier one (a repeated row keeps its last rank, as inserting the rows one by one in
+    this order keeps it). Built by ``mapbuild.build_map``: threads, no random writes, and
+    the same map whatever the order of ``rows`` (rows sorted first, as ``Default`` did, give
+    the same bytes)."""
+    rows = _ints(rows)
     if rows.size == 0:  # nothing ranked: never read (a miss reads it only when M[M_RANKM] > 0)
-        return np.zeros(0, np.int64)
-    RK = new_map(rows.size)
-    rm_build(RK, rows, ranks)
-    return RK
+        return np.zeros(0, np.int64), 0
+    RK = empty_map(rows.size)
+    dups = build_map(RK, rows, None if ranks is None else _ints(ranks))
+    return RK, dups
 
 
 def _ints(a: np.ndarray) -> np.ndarray:

@@ -27,6 +27,7 @@ CPU, ``_move`` is the path it always was.
 
 from __future__ import annotations
 
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -112,6 +113,37 @@ class _Placer:
             out.index_copy_(0, torch.from_numpy(self.pos[flat]), rows.index_select(0, torch.from_numpy(each)))
 
 
+_PARALLEL_TIERS = 1 << 16  # slots in each tier from which their indexes are built in two threads
+
+
+def _both_tiers(host, device, *, parallel: bool) -> tuple[Tier, Tier]:
+    """(host(), device()): the host tier built on a second thread while this one builds the
+    device tier when ``parallel`` (open's index build is most of a background open, issue
+    19). A failure of either is raised once both have ended, and a tier that was built is
+    closed first, so nothing it holds (a pinned registration) is left behind."""
+    if not parallel:
+        h = host()
+        try:
+            return h, device()
+        except BaseException:
+            h.close()
+            raise
+    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="tierstore-open") as pool:
+        fut = pool.submit(host)
+        try:
+            d = device()
+        except BaseException:
+            exc = fut.exception()
+            if exc is None:
+                fut.result().close()
+            raise
+    try:
+        return fut.result(), d
+    except BaseException:
+        d.close()
+        raise
+
+
 class Table:
     """One table's lookups through its tiers. The tiers are built here (which class serves
     the host tier is the one choice made by class); after that every tier is a ``Tier``
@@ -168,10 +200,13 @@ class Table:
                                            timeout=timeout, snapshot=snap, **pinned)
                 if self.host.open_stats.snapshot_error:  # damaged: the device tier does without
                     self._drop(snap, self.host.open_stats.snapshot_error)
-            else:
-                self.host = CacheTier("host", info, host_rows, device=torch.device("cpu"), **pinned,
-                                      policy=policy, profile=profile)
-            self.dev = CacheTier("device", info, device_rows, device=device, policy=policy, profile=profile)
+                self.dev = CacheTier("device", info, device_rows, device=device, policy=policy, profile=profile)
+            else:  # the two tiers' indexes are built at once (compiled kernels without the GIL)
+                self.host, self.dev = _both_tiers(
+                    lambda: CacheTier("host", info, host_rows, device=torch.device("cpu"), **pinned, policy=policy,
+                                      profile=profile),
+                    lambda: CacheTier("device", info, device_rows, device=device, policy=policy, profile=profile),
+                    parallel=min(host_rows, device_rows) >= _PARALLEL_TIERS)
             if warm == "background":
                 self._preload_resident(snap)
             else:
