@@ -59,7 +59,7 @@ def direct_trace(rows: np.ndarray, dense: tuple[np.ndarray, int], profile: Profi
     m = int(top.size)
     counts = np.bincount(d32, minlength=d0)
     present = np.flatnonzero(counts)  # the ids of dense that occur (dense_ids may leave gaps)
-    orig = np.empty(d0, np.int64)
+    orig = np.empty(d0, np.int32)  # rows < 2**31 (CacheIndex's bound)
     orig[d32] = rows  # the original row of each id of dense
     new = np.full(d0, -1, np.int64)  # id of dense -> direct id
     rest = present
