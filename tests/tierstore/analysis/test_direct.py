@@ -13,7 +13,7 @@ import pytest
 
 from tierstore.analysis import direct as direct_mod
 from tierstore.analysis import hit_ratios as hr
-from tierstore.analysis.direct import DIRECT_POLICIES, direct_index, direct_trace, usable
+from tierstore.analysis.direct import DIRECT_POLICIES, direct_index, direct_trace, ranked, usable
 from tierstore.analysis.simulate import TableTrace, load_trace, simulate
 from tierstore.analysis.stack_distance import dense_ids
 from tierstore.cache.rowmap import (EMPTY, direct_map, is_direct, new_map, rm_del_if, rm_get, rm_items, rm_set,
@@ -85,17 +85,19 @@ def rm_set_py(RM, r, v):
     _apply(RM, np.zeros(1, np.int64), np.array([r]), np.array([v]), np.empty(1, np.int64))
 
 
-def test_direct_trace_numbers_ranked_rows_by_rank_then_the_most_accessed():
+def test_direct_trace_numbers_the_most_accessed_first_then_ranked_rows_not_in_the_trace():
     rows = np.array([900, 7, 7, 300, 7, 55, 300, 1000, 55, 55, 55], np.int64)
+    d = direct_trace(rows, dense_ids(rows))
+    # 55 (4 accesses) -> 0, 7 (3) -> 1, 300 (2) -> 2, then 900 and 1000 (1 each) in row order
+    np.testing.assert_array_equal(d.rows, [3, 1, 1, 2, 1, 0, 2, 4, 0, 0, 0])
+    assert d.universe == 5 and d.profile is None
     profile = TopProfile.from_pairs(np.array([300, 12, 1000, 7]), np.array([9, 8, 7, 1]), 2000)
-    d = direct_trace(rows, dense_ids(rows), profile, 2000, 3)
-    # ranked: 300 -> 0, 12 -> 1 (not in the trace), 1000 -> 2; then 55 (4 accesses), 7 (3), 900 (1)
-    np.testing.assert_array_equal(d.rows, [5, 4, 4, 0, 4, 3, 0, 2, 3, 3, 3])
-    assert d.universe == 6
-    np.testing.assert_array_equal(hot_rows(d.profile, 3), [0, 1, 2])
-    plain = direct_trace(rows, dense_ids(rows), None, 2000, 0)
-    np.testing.assert_array_equal(plain.rows, [3, 1, 1, 2, 1, 0, 2, 4, 0, 0, 0])
-    assert plain.universe == 5 and plain.profile is None
+    r = ranked(d, profile, 2000, 3)
+    # ranked 300, 12 (not in the trace: the next id, 5), 1000; the trace's ids unchanged
+    assert r.rows is d.rows and r.universe == 6
+    np.testing.assert_array_equal(hot_rows(r.profile, 3), [2, 5, 4])
+    assert not r.profile.complete and ranked(d, profile, 2000, 10).profile.complete  # 4 < 10: all of them
+    assert ranked(d, None, 2000, 3) is d
 
 
 def _zipf(n, universe, s, seed):
@@ -139,7 +141,7 @@ def test_direct_replay_decides_as_the_hashed_replay(policy, monkeypatch):
                 continue
             seen, cnt = np.unique(prof_rows, return_counts=True) if profiled else (None, None)
             profile = TopProfile.from_pairs(seen, cnt, n_rows) if profiled else None
-            d = direct_trace(rows, dense_ids(rows), profile, n_rows, max(caps))
+            d = ranked(direct_trace(rows, dense_ids(rows)), profile, n_rows, max(caps))
             for cap in caps:
                 want = simulate(rows, [cap], [policy], n_rows=n_rows, offsets=off, profile=profile)[0]
                 n0 = len(built)
@@ -160,7 +162,7 @@ def test_direct_index_state_matches_the_hashed_index_after_a_replay():
     seen, cnt = np.unique(prof, return_counts=True)
     profile = TopProfile.from_pairs(seen, cnt, n_rows)
     cap = 700
-    d = direct_trace(rows, dense_ids(rows), profile, n_rows, cap)
+    d = ranked(direct_trace(rows, dense_ids(rows)), profile, n_rows, cap)
     from tierstore.analysis.simulate import replay, batch_bounds
     from tierstore.cache import CacheIndex
 
@@ -170,11 +172,10 @@ def test_direct_index_state_matches_the_hashed_index_after_a_replay():
     bounds = batch_bounds(rows.size, None)
     replay(a, rows, bounds)
     replay(b, d.rows, bounds)
-    # the direct id of each original row: ranked first (hot_rows), then from the trace
+    # the original row of each direct id: the trace's, and the ranked rows' (hot_rows)
     orig_of = np.full(d.universe, -1, np.int64)
     orig_of[d.rows] = rows
-    top = hot_rows(profile, cap)
-    orig_of[:top.size] = top
+    orig_of[d.profile.rows] = hot_rows(profile, cap)
     held = b.row_of_slot >= 0
     np.testing.assert_array_equal(a.row_of_slot >= 0, held)
     np.testing.assert_array_equal(a.row_of_slot[held], orig_of[b.row_of_slot[held]])
@@ -182,13 +183,13 @@ def test_direct_index_state_matches_the_hashed_index_after_a_replay():
 
 def test_usable_only_where_the_decisions_cannot_change():
     rows = np.arange(10, dtype=np.int64)
-    d = direct_trace(rows, dense_ids(rows), None, 10, 0)
+    d = direct_trace(rows, dense_ids(rows))
     assert usable(d, "lfu", 5, False, 0)
     assert not usable(d, "wtinylfu", 5, False, 0)  # its sketch hashes the row
     assert not usable(d, "default", 5, False, 2)  # hints: the hint table hashes the row
     assert not usable(d, "default", 5, True, 0)  # a profile the renumbering did not rank
     profile = TopProfile.from_pairs(np.arange(20), np.arange(20, 0, -1), 20)
-    dp = direct_trace(rows, dense_ids(rows), profile, 20, 4)
+    dp = ranked(d, profile, 20, 4)
     assert usable(dp, "default", 4, True, 0) and not usable(dp, "default", 5, True, 0)
 
 
