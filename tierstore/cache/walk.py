@@ -317,7 +317,7 @@ def _prefetch_rows(RM, RK, rows, a, b):  # pragma: no cover - compiled
     """Bring the first row-map bucket of ``rows[a:b]`` into the CPU caches (and the rank
     map's, when the policy has one: ``default`` reads it on a miss). Reads nothing, changes
     nothing: only where the probes of those accesses will start (rowmap's hash; a direct
-    map's bucket r, none for a row past it)."""
+    map's bucket r)."""
     for j in range(a, b):
         r = rows[j]
         rm_prefetch(RM, r)

@@ -40,16 +40,14 @@ def _apply(RM, ops, rows, vals, out):
 
 @pytest.mark.parametrize("n", [1, 7, 8, 64, 1000])
 def test_direct_map_matches_a_dict(n):
-    """Sets, replacements, deletes and reads of rows 0..n-1, and reads and deletes of rows
-    past the map (absent, nothing changed), against a dict."""
+    """Sets, replacements, deletes (matching or not) and reads of rows 0..n-1, against a dict."""
     RM = direct_map(n)
     assert is_direct(RM) and RM.size in (n, n + 1) and RM.size % 8 and (RM == EMPTY).all()
     assert not is_direct(new_map(n))
     rng = np.random.default_rng(n)
     k = 20_000
     ops = rng.integers(0, 3, k)
-    rows = rng.integers(0, n + 3, k)  # some past the map: only read and deleted
-    ops[rows >= n] = np.where(ops[rows >= n] == 0, 2, ops[rows >= n])
+    rows = rng.integers(0, n, k)
     vals = rng.integers(-2 - n, n, k)
     vals[vals == -1] = 0
     out = np.empty(k, np.int64)
