@@ -278,7 +278,8 @@ def simulate(rows: np.ndarray, capacities: list[int], policies: list[str], *,
     distances and ``opt``'s next uses read only that; computed here otherwise).
     ``direct``: ``direct.direct_trace`` of ``rows`` (and of ``profile``'s ranking), for
     replays over direct maps: the policies of ``direct.DIRECT_POLICIES`` without hints, the
-    same decisions, ~2x faster; the others replay ``rows`` over the hashed maps.
+    same decisions, 0.5-0.9x the CPU per replay (docs/profiling.md); the others replay ``rows``
+    over the hashed maps.
     """
     rows = np.asarray(rows)
     if n_rows is None:
