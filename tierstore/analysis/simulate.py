@@ -276,7 +276,7 @@ def simulate(rows: np.ndarray, capacities: list[int], policies: list[str], *,
     which preload profile rows (otherwise they could beat the "optimum" by the cold misses).
     ``dense``: ``stack_distance.dense_ids(rows)`` when the caller has it (``lru``'s stack
     distances and ``opt``'s next uses read only that; computed here otherwise).
-    ``direct``: ``direct.direct_trace`` of ``rows`` (and of ``profile``'s ranking), for
+    ``direct``: ``direct.direct_trace`` of ``rows`` (with ``direct.ranked``: ``profile``'s ranking), for
     replays over direct maps: the policies of ``direct.DIRECT_POLICIES`` without hints, the
     same decisions, 0.5-0.9x the CPU per replay (docs/profiling.md); the others replay ``rows``
     over the hashed maps.
