@@ -36,6 +36,7 @@ from ..errors import TierStoreError
 from ..ids import as_row_ids, distinct
 from ..format.profile import TopProfile, load_profile
 from ..format.recovery import recover
+from .direct import DIRECT_POLICIES, direct_trace, ranked as with_ranking
 from .simulate import TableTrace, Trace, batch_bounds, simulate, simulate_tiers
 
 __all__ = ["TracedTable", "traced_tables", "distinct_ids", "replay_semantics", "policy_hit_ratios",
@@ -179,6 +180,7 @@ def replay_semantics(t: TableTrace, min_batch: int) -> str:
 _SLOT_BYTES = 128
 _OPT_BYTES = 24  # per lookup
 _LRU_BYTES = 12  # per lookup
+_DIRECT_BYTES = 8  # per distinct id (at most one per lookup): a direct replay's row map
 
 
 def policy_hit_ratios(t: TracedTable, capacities: list[int], policies: list[str], *, min_batch: int = 1,
@@ -208,30 +210,54 @@ def policy_hit_ratios(t: TracedTable, capacities: list[int], policies: list[str]
     prep: dict[str, Any] = {"dense": None}
     preps: list[tuple[str, Callable[[], Any]]] = []
     ranked = [p for p in policies if p != "opt" and _reads_profile(p)]
+    # the replays over direct maps (direct.py): every policy of DIRECT_POLICIES but lru and
+    # opt, which need no replay per capacity; never with hints (lookahead). The trace's dense
+    # ids first, so the replays that read no profile start before it is ranked
+    direct = [p for p in policies if p in DIRECT_POLICIES and p not in ("lru", "opt")] if lookahead == 0 else []
+    from .stack_distance import dense_ids
+
+    dense_prep = None  # the preparation that gives prep["dense"]
+
+    def dense_and_direct():  # one step: every job that needs either starts together
+        prep["dense"] = dense_ids(rows)
+        return direct_trace(rows, prep["dense"])
+
+    if direct:
+        preps.append(("direct", dense_and_direct))
+        dense_prep = "direct"
     if ranked:
         preps.append(("profile", t.resolve_profile))
-    if "opt" in policies or ("lru" in policies and lookahead == 0 and len(capacities) > 2):  # simulate's rule
-        from .stack_distance import dense_ids
-
-        preps.append(("dense", functools.partial(dense_ids, rows)))
+    if not direct and ("opt" in policies or ("lru" in policies and lookahead == 0 and len(capacities) > 2)):
+        preps.append(("dense", functools.partial(dense_ids, rows)))  # simulate's rule
+        dense_prep = "dense"
+    if any(p in ranked for p in direct):
+        # ranked ids for every capacity a ranking policy replays at (held: simulate's rule)
+        top = max(min(int(c), max(t.sim_rows, 1)) for c in capacities)
+        preps.append(("direct_ranked", lambda: with_ranking(prep["direct"], prep["profile"], t.sim_rows, top)))
     n = rows.size
 
     def run(caps: list[int], p: str) -> list:
         # the profile only for the policies that read it: the others pin nothing either way
         return simulate(rows, caps, [p], dense=prep["dense"] if p in ("lru", "opt") else None,
-                        profile=prep.get("profile") if p in ranked else None, **kw)
+                        profile=prep.get("profile") if p in ranked else None,
+                        direct=(prep["direct_ranked"] if p in ranked else prep["direct"]) if p in direct else None,
+                        **kw)
 
     jobs: list[_Job] = []
     for p in ("lru", "opt"):  # every capacity at once: LRU from one stack-distance pass (where that
         if p in policies:  # is exact), opt from one preparation of the trace (next uses)
             cost = (_LRU_BYTES if p == "lru" else _OPT_BYTES) * n
-            needs = ("dense",) if any(name == "dense" for name, _ in preps) else ()
+            needs = (dense_prep,) if dense_prep else ()
             jobs.append(_Job(cost, len(capacities), functools.partial(run, list(capacities), p), needs))
     for cap in capacities:
         for p in policies:
             if p not in ("lru", "opt"):
                 cost = _SLOT_BYTES * min(int(cap), max(1, t.sim_rows))
-                jobs.append(_Job(cost, 1, functools.partial(run, [cap], p), ("profile",) if p in ranked else ()))
+                needs: tuple[str, ...] = ("profile",) if p in ranked else ()
+                if p in direct:  # and its direct map: 8 bytes an id of the trace (or ranked)
+                    cost += _DIRECT_BYTES * min(n, max(1, t.sim_rows))
+                    needs = ("direct_ranked",) if p in ranked else ("direct",)
+                jobs.append(_Job(cost, 1, functools.partial(run, [cap], p), needs))
     res = _run_jobs(jobs, preps, prep, workers or min(2, len(os.sched_getaffinity(0))), memory_bytes, step)
     res.sort(key=lambda r: (r.capacity_rows, policies.index(r.policy)))
     opt = {r.capacity_rows: r.hit_ratio for r in res if r.policy == "opt"}

@@ -23,15 +23,25 @@ benchmark did not tell the two apart (benchmarks/bench_lookup.py, issue 19). Del
 following entries back (no tombstones), so the probe lengths never degrade with churn.
 The hash is seeded with a constant: the shared host tier's map, built by one process, is
 read by every other one.
+
+A *direct* map (``direct_map``) is the profiler's, never the store's: its rows are dense ids
+0..n-1 (a replay renumbers its trace, tierstore.analysis.direct) and bucket r holds row r,
+so a lookup reads one bucket and a delete empties it, no probing and no shifting. Its size
+is never a multiple of 8 (``buckets`` always is), which is how every kernel here tells the
+two apart: one predictable branch, taken in ``_home`` and ``_remove_at`` only (a lookup of
+a store's map pays nothing else: a bounds check in ``rm_get`` cost 2-6% on bench_lookup's
+1,024-id all-hit lookups). Every row given to a direct map must be below its size (the
+replay's universe holds every row it can meet; nothing checks it).
 """
 
 from __future__ import annotations
 
 import numpy as np
 
+from ..errors import TierStoreError
 from ..jit import kernel, prefetch
 
-__all__ = ["EMPTY", "AHEAD", "buckets", "map_bytes", "new_map", "rm_get", "rm_set", "rm_del", "rm_del_if",
+__all__ = ["EMPTY", "AHEAD", "buckets", "map_bytes", "new_map", "direct_map", "is_direct", "to_direct", "rm_get", "rm_set", "rm_del", "rm_del_if",
            "rm_build", "rm_prefetch", "rm_get_many", "rm_items"]
 
 EMPTY = -1
@@ -59,10 +69,25 @@ def new_map(entries: int) -> np.ndarray:
     return np.full(buckets(entries), EMPTY, dtype=np.int64)
 
 
+def direct_map(n: int) -> np.ndarray:
+    """An empty direct map of rows 0..n-1: n buckets, one more when n is a multiple of 8 (a
+    direct map's size never is: that marks it). 8 bytes a row of the universe."""
+    n = max(0, int(n))
+    return np.full(n + (1 if n % 8 == 0 else 0), EMPTY, dtype=np.int64)
+
+
+def is_direct(RM: np.ndarray) -> bool:
+    """Whether ``RM`` is a direct map (``direct_map``), not a hashed one."""
+    return bool(RM.size & 7)
+
+
 @kernel(inline=True)
 def _home(RM, r):  # pragma: no cover - compiled
     """Row r's first bucket: a splitmix64 finaliser's top 32 bits scaled to the size
-    (structs.mix64's hash; not imported from there, which imports this module)."""
+    (structs.mix64's hash; not imported from there, which imports this module); in a
+    direct map, r itself."""
+    if RM.size & 7:
+        return np.int64(r)
     x = np.uint64(r) * np.uint64(0x9E3779B97F4A7C15) + np.uint64(_SEED)
     x ^= x >> np.uint64(29)
     x *= np.uint64(0xBF58476D1CE4E5B9)
@@ -110,8 +135,12 @@ def rm_set(RM, r, v):  # pragma: no cover - compiled
 
 @kernel(inline=True)
 def _remove_at(RM, i):  # pragma: no cover - compiled
-    """Empty bucket i, shifting back the entries of its probe run that would be lost."""
+    """Empty bucket i, shifting back the entries of its probe run that would be lost (a
+    direct map has no probe runs)."""
     n = RM.size
+    if n & 7:
+        RM[i] = EMPTY
+        return
     j = i
     while True:
         j += 1
@@ -169,6 +198,17 @@ def rm_get_many(RM, rows, out):  # pragma: no cover - compiled
     """``out[i]`` = the value of ``rows[i]`` (a vectorised ``rm_get``)."""
     for i in range(rows.size):
         out[i] = rm_get(RM, rows[i])
+
+
+def to_direct(RM: np.ndarray, n: int) -> np.ndarray:
+    """A direct map of rows 0..n-1 holding every (row, value) of ``RM`` (every row < n)."""
+    D = direct_map(n)
+    e = RM[RM != EMPTY]
+    if e.size and int((e >> 32).max()) >= n:
+        raise TierStoreError(f"a direct map of {n} rows cannot hold row {int((e >> 32).max())}: size it to the "
+                             f"replay's universe (every row the tier can hold)")
+    D[e >> 32] = e
+    return D
 
 
 def rm_items(RM: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

@@ -29,7 +29,7 @@ from .hints import hint_consume, hint_rows, hint_use_rows, hints_stay_live
 from ..jit import kernel, prefetch
 from .layout import (BELOW, CACHED, FILL, HIT, M_BYPASS, M_CAP, M_EPOCH, M_EPWRAP, M_REFMAX, M_HINTS, M_HITS, M_HLIVE, M_LO,
                      M_MISSES, M_NREF, M_TICK, NONE, RESIDENT)
-from .rowmap import _home, rm_get
+from .rowmap import _home, rm_get, rm_prefetch
 from .structs import lookup_end, place, take_free, unmap
 
 EPOCH_WRAP = 1 << 30  # int32 lease markers (``ep``, the default) restart below this (M[M_EPWRAP])
@@ -335,12 +335,13 @@ def announce(dkind, D, hkind, H, rows):  # pragma: no cover - compiled
 def _prefetch_rows(RM, RK, rows, a, b):  # pragma: no cover - compiled
     """Bring the first row-map bucket of ``rows[a:b]`` into the CPU caches (and the rank
     map's, when the policy has one: ``default`` reads it on a miss). Reads nothing, changes
-    nothing: only where the probes of those accesses will start (rowmap's hash)."""
+    nothing: only where the probes of those accesses will start (rowmap's hash; a direct
+    map's bucket r)."""
     for j in range(a, b):
         r = rows[j]
-        prefetch(RM, _home(RM, r))
+        rm_prefetch(RM, r)
         if RK.size > 0:
-            prefetch(RK, _home(RK, r))
+            rm_prefetch(RK, r)
 
 
 @kernel
