@@ -203,8 +203,9 @@ class Table:
                 self.dev = CacheTier("device", info, device_rows, device=device, policy=policy, profile=profile)
             else:  # the two tiers' indexes are built at once (compiled kernels without the GIL)
                 self.host, self.dev = _both_tiers(
+                    # warm="open": the host tier reads its snapshot rows while the indexes are built
                     lambda: CacheTier("host", info, host_rows, device=torch.device("cpu"), **pinned, policy=policy,
-                                      profile=profile),
+                                      profile=profile, snapshot=snap if warm == "open" else None),
                     lambda: CacheTier("device", info, device_rows, device=device, policy=policy, profile=profile),
                     parallel=min(host_rows, device_rows) >= _PARALLEL_TIERS)
             if warm == "background":

@@ -24,7 +24,8 @@ from ..format.spec import PAGE_SIZE, TableInfo
 from .base import Tier
 from .cuda import StreamFences, capacity_error
 from .disk import DiskTier
-from .hotset import PRELOAD_BYTES, OpenStats, TableSnapshot, load_slots, placed_slots
+from ..ranking import TopProfile
+from .hotset import PRELOAD_BYTES, EarlyLoad, OpenStats, TableSnapshot, load_slots, placed_slots
 from .page_reader import aligned_empty
 from .slab import SlabTier
 
@@ -109,6 +110,7 @@ class CacheTier(SlabTier):
         policy: str | PolicySpec = "default",
         profile: Profile | None = None,
         pinned_rows: np.ndarray | None = None,
+        snapshot: TableSnapshot | None = None,
     ):
         super().__init__(name, info, capacity, device)
         if device.type == "cuda":  # never run: needs CUDA
@@ -126,12 +128,26 @@ class CacheTier(SlabTier):
                                                            or pinned_rows is not None):
             # rows will likely be placed and loaded at open: fault the slab in meanwhile
             self.prefault = Prefault(self.slab.view(torch.uint8).numpy().reshape(-1))
-        if not self.resident and self.capacity > 0:
-            self.index = CacheIndex(
-                info.rows, self.capacity, policy,
-                pinned_rows=pinned_rows,  # None: the policy picks its static core from the profile
-                profile=profile,
-            )
+        # ``snapshot`` (open with warm="open"): read the rows the index will place while it is
+        # built, when they are known before it (hotset.EarlyLoad)
+        self.early: EarlyLoad | None = None
+        name = policy if isinstance(policy, str) else policy.name
+        if (snapshot is not None and not snapshot.dropped and device.type == "cpu" and not self.resident
+                and self.capacity > 0 and pinned_rows is None and name in EarlyLoad.POLICIES
+                and isinstance(profile, TopProfile) and profile.counts is None and self.slab.is_contiguous()):
+            n = min(self.capacity, snapshot.layout.n, len(profile.rows))
+            if n > 0:
+                self.early = EarlyLoad(snapshot, self.slab[:n].view(torch.uint8).numpy().reshape(n, -1))
+        try:
+            if not self.resident and self.capacity > 0:
+                self.index = CacheIndex(
+                    info.rows, self.capacity, policy,
+                    pinned_rows=pinned_rows,  # None: the policy picks its static core from the profile
+                    profile=profile,
+                )
+        except BaseException:
+            self._stop_early()  # no read may still write into this slab
+            raise
         self.kind = RESIDENT if self.resident else CACHED if self.index is not None else NONE
         if self.prefault is not None and self.kind == CACHED and self.index.size == 0:
             self.prefault.stop()  # nothing placed: pages are touched as rows are admitted
@@ -158,9 +174,21 @@ class CacheTier(SlabTier):
             self.open_stats.seconds = time.perf_counter() - t0
         elif self.kind == CACHED:  # the rows the index placed at construction (static hot set)
             slots, rows = placed_slots(self.index.row_of_slot, self.index.size)  # slot order: rank order
-            self.open_stats = load_slots(self, slots, rows, disk=disk, source=source, snapshot=snapshot)
+            in_place = 0
+            if self.early is not None:  # read while the index was built: keep what checks out
+                in_place = self.early.finish(rows, slots)
+                self.early = None
+            self.open_stats = load_slots(self, slots, rows, disk=disk, source=source, snapshot=snapshot,
+                                         in_place=in_place)
+        self._stop_early()
+
+    def _stop_early(self) -> None:
+        if self.early is not None:
+            self.early.stop()
+            self.early = None
 
     def close(self) -> None:
+        self._stop_early()
         if self.prefault is not None:
             self.prefault.stop()
         super().close()

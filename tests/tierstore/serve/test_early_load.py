@@ -1,0 +1,126 @@
+"""Open reads the hot-set snapshot while the cache index is built (``tiers.hotset.EarlyLoad``).
+
+With ``warm="open"`` and a policy that places a prefix of the snapshot's own ranking in slot
+order (``static``, ``default``), the host tier's rows are read into its slab on a thread of
+their own from the slab's allocation on, instead of after the index build: the two used to
+run one after the other. What is kept is checked (slot i holds rank i for the placed rows),
+anything else is loaded the ordinary way, a failed build waits for the reads, and the rows are
+exact. No timings: the overlap is shown by making the index build wait for the read to start.
+"""
+
+from __future__ import annotations
+
+import threading
+
+import numpy as np
+import pytest
+import torch
+
+import tierstore
+from tierstore.tiers import cache as cache_mod
+from tierstore.tiers.hotset import EarlyLoad, TableSnapshot
+from tierstore.tiers.page_reader import aligned_empty
+
+from . import test_snapshot as snapshot_tests
+from .test_snapshot import BUDGETS, T, _check_rows, _hot_bytes
+
+table, store = snapshot_tests.table, snapshot_tests.store  # the same fixtures: a 10 MiB store with a profile
+
+
+def _gate_index_build(monkeypatch: pytest.MonkeyPatch, *, fail: bool = False) -> list[bool]:
+    """Make every cache index build wait (up to 10 s) for a snapshot read to have started;
+    returns, per build, whether one had. ``fail``: the build then raises."""
+    started = threading.Event()
+    real_read_into = TableSnapshot.read_into
+
+    def read_into(self, *a, **kw):
+        started.set()
+        return real_read_into(self, *a, **kw)
+
+    seen: list[bool] = []
+    real_index = cache_mod.CacheIndex
+
+    def index(*a, **kw):
+        seen.append(started.wait(timeout=10))
+        if fail:
+            raise RuntimeError("injected: the index build failed")
+        return real_index(*a, **kw)
+
+    monkeypatch.setattr(TableSnapshot, "read_into", read_into)
+    monkeypatch.setattr(cache_mod, "CacheIndex", index)
+    return seen
+
+
+@pytest.mark.parametrize("policy", ["static", "default"])
+def test_the_snapshot_is_read_while_the_index_is_built(store, monkeypatch, policy):
+    """The host tier's snapshot read has started before its index build ends (the build
+    waits for it here; on the old code the read began only after both builds, so the wait
+    timed out), every placed row comes from the snapshot, and the rows are exact."""
+    path, w, counts = store
+    tierstore.save_snapshot(path)
+    seen = _gate_index_build(monkeypatch)
+    with tierstore.open(path, policy=policy, **BUDGETS) as s:
+        assert seen and seen[0], "the host index was built before any snapshot read began"
+        o = s.stats()["open"]
+        assert o["snapshot"] == "ok" and o["host"]["source"] == "snapshot" and o["from_rows"] == 0
+        assert o["host"]["from_snapshot"] == _hot_bytes(s) // 256
+        assert s._tables[T].host.early is None  # finished: no thread left behind
+        _check_rows(s, w, counts)
+
+
+@pytest.mark.parametrize("policy", ["lru", "s3fifo"])
+def test_policies_that_place_nothing_read_nothing_early(store, monkeypatch, policy):
+    """Only policies whose placement is the snapshot's prefix start an early read."""
+    path, w, counts = store
+    tierstore.save_snapshot(path)
+    calls = []
+
+    class Spy(EarlyLoad):
+        def __init__(self, *a):
+            calls.append(policy)
+            super().__init__(*a)
+
+    monkeypatch.setattr(cache_mod, "EarlyLoad", Spy)
+    with tierstore.open(path, policy=policy, **BUDGETS) as s:
+        assert calls == []
+        _check_rows(s, w, counts)
+
+
+def test_a_failed_index_build_waits_for_the_early_reads(store, monkeypatch):
+    """The index build fails while the snapshot is being read into the slab: open raises the
+    build's error, and no early-load thread outlives it (none may write into a freed slab)."""
+    path, w, counts = store
+    tierstore.save_snapshot(path)
+    seen = _gate_index_build(monkeypatch, fail=True)
+    with pytest.raises(RuntimeError, match="injected"):
+        tierstore.open(path, policy="static", **BUDGETS)
+    assert seen == [True]
+    assert not [t for t in threading.enumerate() if t.name == "tierstore-early-load"]
+
+
+def test_finish_keeps_only_the_snapshot_prefix_in_slot_order(store):
+    """``EarlyLoad.finish`` keeps the rows read only when the placed rows are the snapshot's
+    ranks 0..n-1 in slots 0..n-1; a different order, another start slot or a shorter read
+    keep what checks out and nothing else."""
+    path, w, counts = store
+    tierstore.save_snapshot(path)
+    with tierstore.open(path, policy="static", **BUDGETS) as s:
+        info, build_id = s._tables[T].info, s.manifest.build_id
+    snap, status = TableSnapshot.open(path, info, build_id)
+    assert status == "ok"
+    try:
+        n = 1000
+        ids = snap._prefix(n).copy()
+        buf = aligned_empty(-(-n * info.row_bytes // 4096)).reshape(-1)[: n * info.row_bytes].reshape(n, -1)
+        slots = np.arange(n, dtype=np.int64)
+        early = EarlyLoad(snap, buf)
+        assert early.finish(ids, slots) == n
+        assert np.array_equal(buf.view(np.float16).reshape(n, -1), w[torch.from_numpy(ids)].numpy())  # the rows, checked
+        swapped = ids.copy()
+        swapped[[3, 4]] = swapped[[4, 3]]
+        assert EarlyLoad(snap, buf).finish(swapped, slots) == 0
+        assert EarlyLoad(snap, buf).finish(ids, slots + 1) == 0
+        assert EarlyLoad(snap, buf[:100]).finish(ids, slots) == 100  # read 100: keeps 100, the rest loads as usual
+        assert EarlyLoad(snap, buf).finish(ids[:10], slots[:10]) == 10  # placed fewer: keeps those
+    finally:
+        snap.close()
