@@ -56,7 +56,7 @@ The headline counts open: the store's whole-workload time against mmap's, as a r
 the store's tokens/s as a fraction of the RAM baseline's at each host budget. The checkpoint and the store are deleted at the end unless ``--keep``.
 
     python -m benchmarks.bench_big_table --table-gib 30 [--workdir DIR] [--plot docs/bigtable.png]
-    python -m benchmarks.bench_big_table --quick      # ~1 GiB, for the test
+    python -m benchmarks.bench_big_table --quick      # ~0.5 GiB, for the test
 """
 
 from __future__ import annotations
@@ -374,7 +374,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
 def _parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(description="V4.1-layout Engram tables larger than memory: store vs mmap")
     ap.add_argument("--table-gib", type=float, default=30.0, help="the two tables' total size")
-    ap.add_argument("--quick", action="store_true", help="a ~1 GiB run in about a minute (the test)")
+    ap.add_argument("--quick", action="store_true", help="a ~0.5 GiB run in under a minute (the test)")
     ap.add_argument("--workdir", default=os.environ.get("TIERSTORE_BENCH_CACHE", "/tmp/tierstore_bigtable"))
     ap.add_argument("--device-budget", default="2GiB")
     ap.add_argument("--host-budgets", default="2GiB,4GiB,6GiB,8GiB", help="store and mmap run at each (the plot)")
@@ -443,7 +443,7 @@ def _headline_counting_open(runs: list[dict[str, Any]], table_bytes: int, main_h
 
 def _bench(args: argparse.Namespace, work: Path) -> dict[str, Any]:
     if args.quick:
-        args.table_gib, args.prompts, args.batch_size, args.prompt_len, args.decode_len = 1.0, 8, 4, 32, 8
+        args.table_gib, args.prompts, args.batch_size, args.prompt_len, args.decode_len = 0.5, 8, 4, 32, 8
         args.prefill_chunk = 16
         args.tokenizer_vocab, args.profile_bytes = 2048, "3MiB"
     if args.readahead_prompts is None:  # every fault reads the disk's readahead (8 MiB here): keep it short
