@@ -7,7 +7,6 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import numba
 import numpy as np
 import pytest
 
@@ -16,26 +15,16 @@ from tierstore.analysis import hit_ratios as hr
 from tierstore.analysis.direct import DIRECT_POLICIES, direct_index, direct_trace, ranked, usable
 from tierstore.analysis.simulate import TableTrace, load_trace, simulate
 from tierstore.analysis.stack_distance import dense_ids
-from tierstore.cache.rowmap import (EMPTY, direct_map, is_direct, new_map, rm_del_if, rm_get, rm_items, rm_set,
-                                    to_direct)
+from tierstore.cache.rowmap import EMPTY, direct_map, is_direct, new_map, rm_items, to_direct
 from tierstore.errors import TierStoreError
 from tierstore.ranking import TopProfile, hot_rows
+
+from ..cache.test_rowmap import _apply  # the same ops on any map: hashed or direct
 
 REAL = Path("/tmp/study-v41/code_test_100000_b1.trace.zst")
 REAL_PROFILE = Path("/tmp/study-v41/prose_test_100000_b1.trace.zst")
 
 
-@numba.njit
-def _apply(RM, ops, rows, vals, out):
-    """ops: 0 set, 1 delete if the value matches, 2 delete any; out: the value read after."""
-    for i in range(ops.size):
-        if ops[i] == 0:
-            rm_set(RM, rows[i], vals[i])
-        elif ops[i] == 1:
-            rm_del_if(RM, rows[i], vals[i])
-        else:
-            rm_del_if(RM, rows[i], -1)
-        out[i] = rm_get(RM, rows[i])
 
 
 @pytest.mark.parametrize("n", [1, 7, 8, 64, 1000])
