@@ -21,10 +21,10 @@ from ..cache import CacheIndex, PolicySpec
 from ..cache.layout import CACHED, NONE, RESIDENT
 from ..format.profile import Profile
 from ..format.spec import PAGE_SIZE, TableInfo
+from ..ranking import TopProfile
 from .base import Tier
 from .cuda import StreamFences, capacity_error
 from .disk import DiskTier
-from ..ranking import TopProfile
 from .hotset import PRELOAD_BYTES, EarlyLoad, OpenStats, TableSnapshot, load_slots, placed_slots
 from .page_reader import aligned_empty
 from .slab import SlabTier

@@ -392,9 +392,7 @@ class EarlyLoad:
         self.limit = min(self.limit, len(rows))
         self._thread.join()  # the snapshot is this thread's alone again
         n = min(self.loaded, len(rows))
-        if n == 0 or int(slots[0]) != 0 or int(slots[n - 1]) != n - 1:
-            return 0
-        if not (np.diff(slots[:n]) == 1).all():
+        if n == 0 or _run_first(slots[:n]) != 0:
             return 0
         try:
             pos = self.snapshot.positions(rows[:n])
@@ -440,9 +438,8 @@ def _slab_run(tier: Tier, slots: np.ndarray, pos: np.ndarray) -> np.ndarray | No
     if (n == 0 or slab is None or slab.device.type != "cpu" or getattr(tier, "fences", None) is not None
             or getattr(tier, "_on_gpu", None) is not None or not slab.is_contiguous()):
         return None
-    a, p = int(slots[0]), int(pos[0])
-    if int(slots[-1]) - a != n - 1 or int(pos[-1]) - p != n - 1 or not (np.diff(slots) == 1).all() \
-            or not (np.diff(pos) == 1).all():
+    a = _run_first(slots)
+    if a is None or _run_first(pos) is None:
         return None
     return slab[a: a + n].view(torch.uint8).numpy().reshape(n, -1)
 
@@ -452,8 +449,13 @@ def run_start(slots: np.ndarray | torch.Tensor) -> int | None:
     open's preload writes such runs, and a slice copy is ~10x faster than ``index_copy_``."""
     if not isinstance(slots, np.ndarray) or slots.ndim != 1 or slots.size < 2:
         return None
-    a = int(slots[0])
-    if int(slots[-1]) - a != slots.size - 1 or not (np.diff(slots) == 1).all():
+    return _run_first(slots)
+
+
+def _run_first(x: np.ndarray) -> int | None:
+    """``x[0]`` when the 1-D, non-empty ``x`` is one ascending run (a, a+1, ..., a+n-1), else None."""
+    a = int(x[0])
+    if int(x[-1]) - a != x.size - 1 or not (np.diff(x) == 1).all():
         return None
     return a
 
