@@ -126,8 +126,13 @@ class CacheTier(SlabTier):
         self.prefault: Prefault | None = None
         if device.type == "cpu" and self.capacity > 0 and (self.resident or profile is not None
                                                            or pinned_rows is not None):
-            # rows will likely be placed and loaded at open: fault the slab in meanwhile
-            self.prefault = Prefault(self.slab.view(torch.uint8).numpy().reshape(-1))
+            # rows will likely be placed and loaded at open: fault the slab in meanwhile, as far
+            # as they will reach (a ranked profile places its rows in slots [0, n), rank order;
+            # the rest of the slab is touched only as rows are admitted)
+            n = self.capacity
+            if not self.resident and pinned_rows is None and isinstance(profile, TopProfile):
+                n = min(n, len(profile.rows))
+            self.prefault = Prefault(self.slab[:n].view(torch.uint8).numpy().reshape(-1))
         # ``snapshot`` (open with warm="open"): read the rows the index will place while it is
         # built, when they are known before it (hotset.EarlyLoad)
         self.early: EarlyLoad | None = None

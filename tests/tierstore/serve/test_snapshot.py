@@ -518,7 +518,7 @@ def test_memory_tier_slabs_are_faulted_in_while_the_index_is_built(store, policy
     (``cache.Prefault``: madvise MADV_POPULATE_WRITE) from its allocation on, while the index
     is built, instead of by the snapshot's O_DIRECT reads (a fault per 4 KiB inside the read:
     ~0.5 s of CPU per 792 MB here, the pace of the load on a busy machine). Every byte of
-    both slabs is populated (on a kernel with MADV_POPULATE_WRITE, Linux 5.14+), and the
+    both slabs that the profile's rows fill is populated (on a kernel with MADV_POPULATE_WRITE, Linux 5.14+), and the
     rows are exact: populating writes no byte."""
     path, w, counts = store
     tierstore.save_snapshot(path)
@@ -526,7 +526,26 @@ def test_memory_tier_slabs_are_faulted_in_while_the_index_is_built(store, policy
         for tier in (s._tables[T].host, s._tables[T].dev):
             assert tier.prefault is not None, f"the {tier.name} tier's slab is not faulted in ahead"
             tier.prefault.join()
-            nbytes = tier.slab.numel() * tier.slab.element_size()
+            nbytes = min(tier.capacity, HOT) * 256  # as far as the profile's rows reach
             assert tier.prefault.bytes == nbytes, (tier.name, tier.prefault.bytes, nbytes)
         assert s.stats()["open"]["host"]["source"] == "snapshot"
+        _check_rows(s, w, counts)
+
+@pytest.mark.parametrize("policy", ["static", "default", "lru"])
+def test_only_the_slots_the_profile_fills_are_faulted_in(store, policy):
+    """A host tier 4x larger than the profile faults in, ahead of the load, only the slots the
+    profile's rows go to (slots [0, rows): the first rows' bytes), not the whole slab: its
+    other pages are touched only as misses are admitted, so a store opened with a large budget
+    and a small profile does not commit the whole budget at open (the whole slab was populated
+    before). Rows stay exact."""
+    path, w, counts = store
+    tierstore.save_snapshot(path)
+    big = dict(BUDGETS, host_budget=max(budget_for(4 * HOT, 256, p) for p in POLICIES))
+    with tierstore.open(path, policy=policy, **big) as s:
+        host = s._tables[T].host
+        assert host.capacity >= 2 * HOT
+        assert host.prefault is not None
+        host.prefault.join()
+        slab = host.slab.numel() * host.slab.element_size()
+        assert host.prefault.bytes == HOT * 256 < slab // 2, (host.prefault.bytes, HOT * 256, slab)
         _check_rows(s, w, counts)
