@@ -34,6 +34,7 @@ from __future__ import annotations
 import errno
 import math
 import os
+import threading
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 
@@ -49,6 +50,7 @@ __all__ = ["RankSpill", "BUCKET_BYTES", "STAGE_BYTES", "widest_word"]
 BUCKET_BYTES = 256 << 20  # one bucket read back at a time: the spilled pass's memory
 STAGE_BYTES = 64 << 20  # all buckets' staging buffers together (each >= one whole-page run of records)
 _STAGE_MAX = 4 << 20  # one bucket's staging: the size of each spill write
+WRITERS = 3  # spill writes in flight at once (each bucket's halves alternate; buckets go in parallel)
 
 
 def widest_word(*ts: torch.Tensor) -> torch.dtype:
@@ -87,7 +89,7 @@ class RankSpill:
         idx = np.int32 if self.bucket < 2**31 else np.int64
         self.arrival = np.empty(n, dtype=idx)  # bucket k's slots k*bucket.. : in-bucket positions, as they came
         self.fill = np.zeros(self.n_buckets, dtype=np.int64)  # records in so far, per bucket
-        self.fd = -1
+        self.fd = self.bfd = -1  # bfd: a buffered descriptor, once the filesystem refuses a direct transfer
         self.buf: torch.Tensor | None = None  # (rows, rec) uint8: the resident records, or the loaded bucket
         self.loaded = -1
         self.order: torch.Tensor | None = None  # loaded bucket: the buffer row of each of its positions
@@ -105,6 +107,7 @@ class RankSpill:
         self.staged = np.zeros(self.n_buckets, dtype=np.int64)  # records in each staging buffer
         self.flushed = np.zeros(self.n_buckets, dtype=np.int64)  # records written to each region
         self.direct = True
+        self._lock = threading.Lock()
         try:
             try:
                 self.fd = os.open(self.path, os.O_RDWR | os.O_DIRECT)
@@ -115,8 +118,9 @@ class RankSpill:
         except OSError as e:
             raise os_error(e, "opening for the rank pass", self.path) from e
         with small_stacks():  # its one thread started now (builds run under RLIMIT_AS caps)
-            self.pool: ThreadPoolExecutor | None = ThreadPoolExecutor(1, thread_name_prefix="tierstore-spill")
-            self.pool.submit(int).result()
+            self.pool: ThreadPoolExecutor | None = ThreadPoolExecutor(WRITERS, thread_name_prefix="tierstore-spill")
+            for f in [self.pool.submit(int) for _ in range(WRITERS)]:
+                f.result()
 
     # -- in: records in any order ------------------------------------------------------------------
 
@@ -136,20 +140,23 @@ class RankSpill:
         self.arrival[k * self.bucket + f: k * self.bucket + f + m] = pos - k * self.bucket
         self.fill[k] += m
 
-    def add(self, pos: np.ndarray, rows: torch.Tensor) -> None:
-        """Records ``rows`` (uint8 (m, rec), any strides) bound for positions ``pos`` (distinct,
-        in ``[0, n)``). One copy per bucket touched, not per record."""
+    def add(self, pos: np.ndarray, rows: torch.Tensor, sel: torch.Tensor | None = None) -> None:
+        """Records ``rows`` (uint8 (m, rec), any strides), or ``rows[sel]`` (``sel`` int64:
+        gathered straight from the caller's buffer, e.g. a window the sweep read), bound for
+        positions ``pos`` (distinct, in ``[0, n)``). One copy per bucket touched, not per record."""
         pos = np.asarray(pos, dtype=np.int64)
         if pos.size == 0:
             return
         b = pos // self.bucket
         if self.resident or (b[0] == b[-1] and (b == b[0]).all()):
-            self._add_one(int(b[0]), pos, rows)
+            self._add_one(int(b[0]), pos, rows, sel)
             return
         grp = np.argsort(b, kind="stable")
         bs = b[grp]
         cuts = np.flatnonzero(bs[1:] != bs[:-1]) + 1
         g = torch.from_numpy(grp)
+        if sel is not None:
+            g = sel[g]
         for lo, hi in zip(np.r_[0, cuts], np.r_[cuts, len(grp)]):  # buckets touched: <= n_buckets
             self._add_one(int(bs[lo]), pos[grp[lo:hi]], rows, g[lo:hi])
 
@@ -200,17 +207,22 @@ class RankSpill:
         while self.writes:
             self.writes.pop(next(iter(self.writes))).result()
 
+    def _rfd(self) -> int:
+        """The descriptor transfers go through: the buffered one once a direct one was refused."""
+        return self.bfd if self.bfd >= 0 else self.fd
+
     def _pwrite(self, view: memoryview, at: int) -> None:
         try:
             try:
-                pwrite_all(self.fd, view, at, self.path)
+                pwrite_all(self._rfd(), view, at, self.path)
             except OSError as e:
                 if e.errno != errno.EINVAL or not self.direct:
                     raise
-                os.close(self.fd)  # refused at the transfer: buffered from now on
-                self.fd = -1
-                self.direct, self.fd = False, os.open(self.path, os.O_RDWR)
-                pwrite_all(self.fd, view, at, self.path)
+                with self._lock:  # refused at the transfer: buffered from now on (the direct
+                    if self.bfd < 0:  # descriptor stays open: another writer may be using it)
+                        self.bfd = os.open(self.path, os.O_RDWR)
+                    self.direct = False
+                pwrite_all(self.bfd, view, at, self.path)
         except OSError as e:
             raise os_error(e, "spilling rows of the rank pass", self.path) from e
 
@@ -238,7 +250,7 @@ class RankSpill:
             flat = self.buf.view(-1).numpy()
             at = self.base + k * self.bucket * self.rec
             try:
-                got = read_full(self.fd, memoryview(flat[:span]), at, self.path)
+                got = read_full(self._rfd(), memoryview(flat[:span]), at, self.path)
             except OSError as e:
                 raise os_error(e, "reading back a rank-pass bucket", self.path) from e
             if got < nbytes:
@@ -267,9 +279,10 @@ class RankSpill:
             pool.shutdown(wait=True)  # no write left using a buffer or the descriptor
             self.pool = None
         self.buf = self.order = None
-        if self.fd >= 0:
-            os.close(self.fd)
-            self.fd = -1
+        for fd in (self.fd, self.bfd):
+            if fd >= 0:
+                os.close(fd)
+        self.fd = self.bfd = -1
 
 
 def _copy(dst: torch.Tensor, src: torch.Tensor, sel: torch.Tensor | None = None) -> None:

@@ -44,9 +44,12 @@ used to fetch the rows through the store's lookup in 1,024-row steps: 26 MB/s.
 
 from __future__ import annotations
 
+import errno
+import math
 import os
 import time
 from collections.abc import Callable, Iterable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -72,6 +75,8 @@ SNAPSHOT_MAGIC = b"TIERSTORE-HOTS\x00\x01"
 # 16 GiB host budget over V4.1's two tables is 8 GiB each; more would only cost disk)
 DEFAULT_SNAPSHOT_BYTES = 16 << 30
 _WORDS = PAGE_SIZE // 8  # checksums per checksum page
+OUT_CHUNK_BYTES = 8 << 20  # one write of the rows in rank order
+OUT_RING = 4  # ...of which up to this many are gathered or in flight at once
 
 
 def snapshot_path(store: str | Path, table: str) -> Path:
@@ -167,14 +172,16 @@ def parse_snapshot_header(page: bytes | np.ndarray, where: str) -> tuple[dict[st
 def write_snapshot(path: str | Path, info: TableInfo, build_id: str, ids: np.ndarray,
                    fetch: Callable[[np.ndarray], np.ndarray] | None = None, *, chunk_bytes: int = 32 << 20,
                    profile: dict[str, Any] | None = None,
-                   sweep: Callable[[np.ndarray], Iterable[tuple[np.ndarray, np.ndarray]]] | None = None,
+                   sweep: Callable[[np.ndarray], Iterable[tuple[np.ndarray, torch.Tensor, torch.Tensor | None]]]
+                   | None = None,
                    memory: int = BUCKET_BYTES, bucket_bytes: int = BUCKET_BYTES) -> dict[str, Any]:
     """Write the snapshot of ``ids`` (ranked row ids, hottest first) of table ``info`` to
     ``path`` atomically; returns its header.
 
     The rows come from ``sweep(ids)`` (the store's: ``serve.snapshot``), which yields
-    ``(index, rows)`` batches in whatever order it reads them (file order): ``index`` into
-    ``ids`` and those rows' stored bytes, uint8 (len, row_bytes); every index once. Or from
+    ``(index, rows, sel)`` batches in whatever order it reads them (file order): ``index``
+    into ``ids`` and those rows' stored bytes, ``rows[sel]`` (or ``rows`` when ``sel`` is
+    None), uint8 (len, row_bytes) tensors valid until the next batch; every index once. Or from
     ``fetch(ids_chunk)`` (the stored bytes of those rows), called with the ids in ascending
     order, at most ``chunk_bytes`` of rows at a time. The rows are put in rank order by one
     rank pass (:class:`tierstore.format.rankspill.RankSpill`): held in memory when they fit
@@ -209,27 +216,15 @@ def write_snapshot(path: str | Path, info: TableInfo, build_id: str, ids: np.nda
         spill = RankSpill(f.name, layout.rows_offset, n, rb, memory=memory, bucket_bytes=bucket_bytes)
         try:
             seen = 0
-            for idx, rows in sweep(ids):  # pass 1: the rows as the source reads them, each to its rank
-                rows = np.ascontiguousarray(rows, dtype=np.uint8)
-                if rows.shape != (len(idx), rb):
-                    raise TierStoreError(f"snapshot rows came as {rows.shape}, expected ({len(idx)}, {rb})")
-                spill.add(np.asarray(idx, dtype=np.int64), torch.from_numpy(rows))
+            for idx, rows, sel in sweep(ids):  # pass 1: the rows as the source reads them, each to its rank
+                got = (len(idx), rb) if sel is None else (len(sel), rows.shape[1])
+                if tuple(rows.shape[1:]) != (rb,) or got != (len(idx), rb):
+                    raise TierStoreError(f"snapshot rows came as {got}, expected ({len(idx)}, {rb})")
+                spill.add(np.asarray(idx, dtype=np.int64), rows, sel)  # gathered straight from the source's buffer
                 seen += len(idx)
             if seen != n:
                 raise TierStoreError(f"snapshot source gave {seen} rows for {n} ids")
-            out: np.ndarray | None = None
-            for k in range(spill.n_buckets if n else 0):  # pass 2: each bucket in rank order, checksummed, in place
-                m = spill.count(k)
-                nbytes = m * rb
-                span = -(-nbytes // PAGE_SIZE) * PAGE_SIZE
-                if out is None:
-                    out = aligned_buffer(-(-spill.bucket * rb // PAGE_SIZE) * PAGE_SIZE + PAGE_SIZE)
-                out[nbytes:span] = 0  # the last bucket's page tail
-                spill.gather(k * spill.bucket, k * spill.bucket + m, torch.from_numpy(out[:nbytes].reshape(m, rb)))
-                at = layout.rows_offset + k * spill.bucket * rb
-                first = 1 + layout.id_pages + k * spill.bucket * rb // PAGE_SIZE  # its first checksum entry
-                sums[first: first + span // PAGE_SIZE] = fast_page_checksums(out[:span])
-                pwrite_all(fd, memoryview(out[:span]), at, path)
+            _write_ranked(spill, layout, sums, fd, f.name, path)
         finally:
             spill.close()
         pwrite_all(fd, memoryview(sums.view(np.uint8)), PAGE_SIZE, path)
@@ -244,14 +239,74 @@ def write_snapshot(path: str | Path, info: TableInfo, build_id: str, ids: np.nda
     return {**head, "bytes": layout.file_bytes, "seconds": time.perf_counter() - t0}
 
 
+def _write_ranked(spill: RankSpill, layout: SnapshotLayout, sums: np.ndarray, fd: int, tmp: str, path: Path
+                  ) -> None:
+    """Pass 2: the rows in rank order, gathered from the rank pass in ``OUT_CHUNK_BYTES``
+    pieces into a ring of ``OUT_RING`` page-aligned buffers, each checksummed and handed to a
+    writer thread (``O_DIRECT`` where the filesystem takes it), so the writes stay in flight
+    while the next piece is gathered and the next bucket read back. Memory: the ring, not a
+    bucket's worth of output. ``fd``: the file being written (``tmp``), ``path`` for messages."""
+    n, rb = layout.n, layout.row_bytes
+    if n == 0:
+        return
+    unit = PAGE_SIZE // math.gcd(rb, PAGE_SIZE)  # rows per whole number of pages: every piece starts on a page
+    step = max(unit, OUT_CHUNK_BYTES // (unit * rb) * unit)
+    ring = [aligned_buffer(_pages(step * rb) * PAGE_SIZE) for _ in range(min(OUT_RING, -(-n // step)))]
+    pending: list[Future[None] | None] = [None] * len(ring)
+    dfd, direct = -1, False
+    if hasattr(os, "O_DIRECT"):
+        try:
+            dfd, direct = os.open(tmp, os.O_WRONLY | os.O_DIRECT), True
+        except OSError:
+            dfd = -1  # buffered through the file's own descriptor
+
+    def put(view: memoryview, at: int) -> None:
+        nonlocal direct
+        try:
+            if direct:
+                pwrite_all(dfd, view, at, path)
+                return
+        except OSError as e:
+            if e.errno != errno.EINVAL:
+                raise
+            direct = False  # refused at the transfer: buffered from now on
+        pwrite_all(fd, view, at, path)
+
+    pool = ThreadPoolExecutor(1, thread_name_prefix="tierstore-snapwrite")
+    try:
+        j = 0
+        for k in range(spill.n_buckets):
+            b0, m = k * spill.bucket, spill.count(k)
+            for s in range(0, m, step):
+                c = min(step, m - s)
+                slot = j % len(ring)
+                j += 1
+                if pending[slot] is not None:
+                    pending[slot].result()  # that buffer's write is done (or its error raised here)
+                out = ring[slot]
+                nbytes, span = c * rb, _pages(c * rb) * PAGE_SIZE
+                out[nbytes:span] = 0  # the last piece's page tail
+                spill.gather(b0 + s, b0 + s + c, torch.from_numpy(out[:nbytes].reshape(c, rb)))
+                first = 1 + layout.id_pages + (b0 + s) * rb // PAGE_SIZE  # its first checksum entry
+                sums[first: first + span // PAGE_SIZE] = fast_page_checksums(out[:span])
+                pending[slot] = pool.submit(put, memoryview(out[:span]), layout.rows_offset + (b0 + s) * rb)
+        for p in pending:
+            if p is not None:
+                p.result()
+    finally:
+        pool.shutdown(wait=True)  # no write left using a buffer
+        if dfd >= 0:
+            os.close(dfd)
+
+
 def _fetched(fetch: Callable[[np.ndarray], np.ndarray], step: int
-             ) -> Callable[[np.ndarray], Iterator[tuple[np.ndarray, np.ndarray]]]:
+             ) -> Callable[[np.ndarray], Iterator[tuple[np.ndarray, torch.Tensor, None]]]:
     """A ``sweep`` over ``fetch``: the ids in ascending order, ``step`` at a time."""
-    def sweep(ids: np.ndarray) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+    def sweep(ids: np.ndarray) -> Iterator[tuple[np.ndarray, torch.Tensor, None]]:
         by_id = np.argsort(ids, kind="stable")
         for s in range(0, len(ids), step):
             idx = by_id[s: s + step]
-            yield idx, fetch(ids[idx])
+            yield idx, torch.from_numpy(np.ascontiguousarray(fetch(ids[idx]), dtype=np.uint8)), None
     return sweep
 
 

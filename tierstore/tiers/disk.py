@@ -28,6 +28,7 @@ import ctypes
 import os
 import threading
 import time
+from collections import deque
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from concurrent.futures import wait as wait_futures
@@ -39,7 +40,6 @@ import torch
 
 from ..errors import CorruptDataError, TierStoreError
 from ..format.order import load_order
-from ..format.rankspill import widest_word
 from ..format.writer import fast_page_checksums
 from ..format.spec import (PAGE_SIZE, TableInfo, check_header_page, load_checksums, page_checksums,
                            page_checksums_torch)
@@ -56,6 +56,8 @@ CHUNK_BYTES = 4 << 20  # ...and at most this many row bytes per step (rows wider
 READERS = ("auto", "posix", "kvikio")
 _Spans = tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]  # DiskTier._spans: start, first, last, pages
 SWEEP_BYTES = 16 << 20  # one read of ``sweep``: 16 runs of 1 MiB in flight
+SWEEP_AHEAD = 4  # windows of ``sweep`` queued ahead of the one its caller holds
+SWEEP_THREADS = 2  # ...read and checked at once: 32 runs of 1 MiB in flight
 
 
 @runtime_checkable
@@ -426,14 +428,19 @@ class DiskTier:
             torch.index_select(buf.reshape(-1), 0, idx.reshape(-1), out=dst.reshape(-1))
         self.device_reader.release()  # the staging may be reused once this gather has run
 
-    def sweep(self, rows: np.ndarray, window: int = SWEEP_BYTES) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+    def sweep(self, rows: np.ndarray, window: int = SWEEP_BYTES
+              ) -> Iterator[tuple[np.ndarray, torch.Tensor, torch.Tensor]]:
         """The stored bytes of ``rows`` (valid ids, distinct) in file order, as ``(index into
-        rows, uint8 (m, row_bytes))`` batches: the row file read front to back, only the spans
-        that hold asked rows, in reads of ``window`` bytes (runs of 1 MiB direct reads, the
-        next window read, verified and cut in a thread while the caller uses this one).
-        Every page read is checked (``CorruptDataError``). For the bulk readers (the hot-set
-        snapshot): a lookup's page-per-row reads ran at 26 MB/s there. Memory: two windows
-        and the rows' order (8-16 bytes per row asked)."""
+        rows, src, sel)`` batches: the batch's rows are ``src[sel]`` (``src`` a uint8 view of
+        the window read, rows at the row stride; ``sel`` int64), valid until the next batch is
+        asked for, so the caller gathers them straight to where they go (one copy, no
+        temporary). The row file is read front to back, only the spans that hold asked rows,
+        in windows of ``window`` bytes (runs of 1 MiB direct reads): ``SWEEP_AHEAD`` windows
+        queued ahead on ``SWEEP_THREADS`` threads, each read and checked against its checksums
+        there while the caller uses an earlier one, so the disk's queue does not drain at a
+        window's end. Every page read is checked (``CorruptDataError``). For the bulk readers
+        (the hot-set snapshot): a lookup's page-per-row reads ran at 26 MB/s there. Memory:
+        ``SWEEP_AHEAD + 1`` windows and the rows' order (8-16 bytes per row asked)."""
         rows = np.asarray(rows, dtype=np.int64)
         n = len(rows)
         if n == 0:
@@ -453,10 +460,13 @@ class DiskTier:
             wins.append((i, j, p0, int(last[j - 1]) + 1))
             i = j
         span = max(p1 - p0 for _, _, p0, p1 in wins)
-        bufs = [aligned_empty(span) for _ in range(2 if len(wins) > 1 else 1)]
+        ahead = min(SWEEP_AHEAD, len(wins))
+        # one buffer per window queued, and the one the caller holds: window w + ahead (queued
+        # once the caller asks past w) reuses window w - 1's, which the caller is done with
+        bufs = [aligned_empty(span) for _ in range(min(len(wins), ahead + 1))]
         rb = self.info.row_bytes
 
-        def load(w: int) -> np.ndarray:
+        def load(w: int) -> tuple[torch.Tensor, torch.Tensor]:
             i, j, p0, p1 = wins[w]
             t0 = time.perf_counter()
             buf = self.reader.read_pages(np.arange(p0, p1, dtype=np.int64), out=bufs[w % len(bufs)][: p1 - p0])
@@ -466,34 +476,30 @@ class DiskTier:
                 raise CorruptDataError(
                     f"table {self.info.name!r}: page {page} (byte offset {page * PAGE_SIZE} of {self.path}) fails "
                     "its checksum. Run `tierstore verify` and rebuild the store")
-            # the window as rows at the row stride from its first asked row (a view), gathered by
-            # row: one index per row, not one per byte or word (an index per word was 8x the data)
+            # the window as rows at the row stride from its first asked row (a view), and the
+            # asked rows' places in it: one index per row, not one per byte or word
             first_row = int(sphys[i])
             o0 = int(start[i]) - p0 * PAGE_SIZE
             span_rows = int(sphys[j - 1]) - first_row + 1
-            flat = buf.reshape(-1)
-            view = np.lib.stride_tricks.as_strided(flat[o0:], shape=(span_rows, rb), strides=(stride, 1))
-            got = np.empty((j - i, rb), dtype=np.uint8)
-            src, dst = torch.from_numpy(view), torch.from_numpy(got)
-            wd = widest_word(src, dst)
-            torch.index_select(src.view(wd), 0, torch.from_numpy(sphys[i:j] - first_row), out=dst.view(wd))
+            view = np.lib.stride_tricks.as_strided(buf.reshape(-1)[o0:], shape=(span_rows, rb), strides=(stride, 1))
             with self.lock:
                 self.rows_read += j - i
                 self.pages_read += p1 - p0
                 self.bytes_read += (p1 - p0) * PAGE_SIZE
                 self.read_seconds += time.perf_counter() - t0
-            return got
+            return torch.from_numpy(view), torch.from_numpy(sphys[i:j] - first_row)
 
-        pool = ThreadPoolExecutor(1, thread_name_prefix="tierstore-sweep")
-        ahead = pool.submit(load, 0)
+        pool = ThreadPoolExecutor(min(SWEEP_THREADS, ahead), thread_name_prefix="tierstore-sweep")
+        queued = deque(pool.submit(load, w) for w in range(ahead))
         try:
             for w in range(len(wins)):
-                got = ahead.result()
-                if w + 1 < len(wins):
-                    ahead = pool.submit(load, w + 1)
-                yield order[wins[w][0]: wins[w][1]], got
+                src, sel = queued.popleft().result()
+                if w + ahead < len(wins):
+                    queued.append(pool.submit(load, w + ahead))
+                yield order[wins[w][0]: wins[w][1]], src, sel
         finally:
-            ahead.cancel()
+            for f in queued:
+                f.cancel()
             pool.shutdown(wait=True)  # no read left writing into a buffer
 
     def read_range(self, start: int, stop: int, out: torch.Tensor) -> np.ndarray:
