@@ -428,14 +428,14 @@ class DiskTier:
             torch.index_select(buf.reshape(-1), 0, idx.reshape(-1), out=dst.reshape(-1))
         self.device_reader.release()  # the staging may be reused once this gather has run
 
-    def sweep(self, rows: np.ndarray, window: int = SWEEP_BYTES
+    def sweep(self, rows: np.ndarray, window: int | None = None
               ) -> Iterator[tuple[np.ndarray, torch.Tensor, torch.Tensor]]:
         """The stored bytes of ``rows`` (valid ids, distinct) in file order, as ``(index into
         rows, src, sel)`` batches: the batch's rows are ``src[sel]`` (``src`` a uint8 view of
         the window read, rows at the row stride; ``sel`` int64), valid until the next batch is
         asked for, so the caller gathers them straight to where they go (one copy, no
         temporary). The row file is read front to back, only the spans that hold asked rows,
-        in windows of ``window`` bytes (runs of 1 MiB direct reads): ``SWEEP_AHEAD`` windows
+        in windows of ``window`` bytes (``SWEEP_BYTES``; runs of 1 MiB direct reads): ``SWEEP_AHEAD`` windows
         queued ahead on ``SWEEP_THREADS`` threads, each read and checked against its checksums
         there while the caller uses an earlier one, so the disk's queue does not drain at a
         window's end. Every page read is checked (``CorruptDataError``). For the bulk readers
@@ -451,7 +451,7 @@ class DiskTier:
         start, first, last = self._row_spans(sphys)  # sorted: so are first and last
         stride = self.info.row_stride
         del phys
-        wp = max(1, window // PAGE_SIZE)
+        wp = max(1, (window or SWEEP_BYTES) // PAGE_SIZE)
         wins = []  # (rows i:j, pages p0:p1): from the first page of the next row left, a window long
         i = 0
         while i < n:  # one step per window, not per row

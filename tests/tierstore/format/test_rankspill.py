@@ -139,3 +139,62 @@ def test_every_io_fault_raises_or_comes_out_exact(tmp_path, kind):
             continue
         assert np.array_equal(got, data), f"fault {nth} ({kind}): wrong records, no error"
     assert raised > 0
+
+
+def test_records_taken_through_a_selection_come_out_exact(tmp_path):
+    """``add(pos, src, sel)`` takes ``src[sel]`` straight from the caller's buffer (the sweep's
+    read window: rows at a stride wider than a record, most rows not asked for), resident and
+    spilled: out exactly the records."""
+    n, rec = 3001, 264
+    data = _records(n, rec, 21)
+    rng = np.random.default_rng(22)
+    for memory in (n * rec, 0):
+        path = tmp_path / f"f{memory}"
+        path.write_bytes(b"\xee" * (PAGE_SIZE + n * rec + 3 * PAGE_SIZE))
+        spill = RankSpill(path, PAGE_SIZE, n, rec, memory=memory, bucket_bytes=200 * rec)
+        try:
+            for pos in np.array_split(rng.permutation(n), 7):
+                window = np.zeros((3 * len(pos), rec + 16), np.uint8)  # the asked rows among others
+                sel = rng.permutation(len(window))[: len(pos)]
+                window[sel, 8:8 + rec] = data[pos]
+                spill.add(pos, torch.from_numpy(window)[:, 8:8 + rec], torch.from_numpy(sel.astype(np.int64)))
+            got = np.zeros((n, rec), np.uint8)
+            for s in range(0, n, spill.bucket):
+                e = min(n, s + spill.bucket)
+                spill.gather(s, e, torch.from_numpy(got[s:e]))
+        finally:
+            spill.close()
+        assert np.array_equal(got, data), f"memory={memory}"
+
+
+def test_spill_writes_of_several_buckets_are_in_flight_at_once(tmp_path, monkeypatch):
+    """Regression: the spill's writes went through one writer thread, one at a time, and each
+    bucket's staging half waited for its other half's write behind every other bucket's: the
+    sweep stalled on the disk's one-deep queue. Now ``WRITERS`` (3) writes run at once: the
+    first is held until a second has started (main: never; the wait ran out)."""
+    import threading
+
+    second = threading.Event()
+    overlapped: list[bool] = []
+    calls = [0]
+    lock = threading.Lock()
+    real = rankspill.pwrite_all
+
+    def gated(fd, view, at, path):
+        with lock:
+            calls[0] += 1
+            first = calls[0] == 1
+        if first:
+            overlapped.append(second.wait(timeout=30))
+        else:
+            second.set()
+        return real(fd, view, at, path)
+
+    monkeypatch.setattr(rankspill, "pwrite_all", gated)
+    n, rec = 20_000, 264
+    data = _records(n, rec, 23)
+    _, got = _run(tmp_path / "f", n, rec, np.array_split(np.random.default_rng(24).permutation(n), 13), data,
+                  memory=0, bucket_bytes=1 << 20, stage_bytes=256 << 10)
+    assert np.array_equal(got, data)
+    assert overlapped == [True], "no second spill write started while the first was in flight"
+    assert calls[0] >= 2 * 6
