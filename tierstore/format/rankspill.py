@@ -70,12 +70,16 @@ class RankSpill:
     memory: when ``n * rec`` fits it (and ``max_rows``), the records stay in memory.
     bucket_bytes: otherwise the bytes of one bucket (rounded down to whole pages of records,
         and to a multiple of ``multiple`` records, at least one such unit).
+    hold_first: spilled, bucket 0's records go straight into the buffer buckets are read back
+        into (allocated now instead of at the first :meth:`load`), never to the file: one
+        bucket less written and read back, for a caller that gathers bucket 0 first (the
+        snapshot). Its memory is the same buffer the pass needs later anyway.
     Not thread-safe: one caller thread. ``close()`` when done (also on error).
     """
 
     def __init__(self, path: str | os.PathLike[str], base: int, n: int, rec: int, *, memory: int,
                  bucket_bytes: int = BUCKET_BYTES, stage_bytes: int = STAGE_BYTES, multiple: int = 1,
-                 max_rows: int = 1 << 62) -> None:
+                 max_rows: int = 1 << 62, hold_first: bool = False) -> None:
         assert base % PAGE_SIZE == 0 and n >= 0 and rec > 0
         self.path, self.base, self.n, self.rec = Path(path), base, n, rec
         unit = PAGE_SIZE // math.gcd(rec, PAGE_SIZE)  # records per whole number of pages
@@ -90,6 +94,7 @@ class RankSpill:
         self.arrival = np.empty(n, dtype=idx)  # bucket k's slots k*bucket.. : in-bucket positions, as they came
         self.fill = np.zeros(self.n_buckets, dtype=np.int64)  # records in so far, per bucket
         self.fd = self.bfd = -1  # bfd: a buffered descriptor, once the filesystem refuses a direct transfer
+        self.held = False
         self.buf: torch.Tensor | None = None  # (rows, rec) uint8: the resident records, or the loaded bucket
         self.loaded = -1
         self.order: torch.Tensor | None = None  # loaded bucket: the buffer row of each of its positions
@@ -100,6 +105,10 @@ class RankSpill:
         per = max(unit, min(_STAGE_MAX // rec, stage_bytes // 2 // self.n_buckets // rec, self.bucket // 8)
                   // unit * unit)
         self.stage_rows = per
+        self.held = hold_first  # bucket 0 in self.buf until the first other bucket is loaded
+        if hold_first:
+            self.buf = torch.from_numpy(aligned_buffer(self.bucket * rec + PAGE_SIZE, populate=True))
+            self.loaded = 0
         # two staging halves per bucket: one fills while the other's write runs in the writer thread
         self.stage = torch.from_numpy(aligned_buffer(self.n_buckets * 2 * per * rec).reshape(self.n_buckets, 2, per, rec))
         self.half = np.zeros(self.n_buckets, dtype=np.int64)  # the half of each bucket now filling
@@ -164,8 +173,9 @@ class RankSpill:
         """Records ``rows`` (or ``rows[sel]``: gathered straight into place, no temporary) into bucket ``k``."""
         m, f = len(pos), int(self.fill[k])
         self._arrive(k, f, pos)
-        if self.resident:
-            _copy(self.buf[f: f + m], rows, sel)
+        if self.resident or (k == 0 and self.held):
+            m0 = self.count(0)
+            _copy(self.buf.view(-1)[: m0 * self.rec].view(m0, self.rec)[f: f + m], rows, sel)
             return
         done = 0
         while done < m:  # into the staging buffer, written out whenever it fills
@@ -239,6 +249,8 @@ class RankSpill:
         if int(self.fill[k]) != m:
             raise AssertionError(f"rank pass: bucket {k} has {int(self.fill[k])} of its {m} records")
         if k != self.loaded:
+            if k == 0 and self.held:
+                raise AssertionError("rank pass: bucket 0 was held in memory and is gone: gather it first")
             if self.fd >= 0:
                 self._drain()  # every staged record out before any region is read
             nbytes = m * self.rec

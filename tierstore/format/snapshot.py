@@ -213,7 +213,9 @@ def write_snapshot(path: str | Path, info: TableInfo, build_id: str, ids: np.nda
         pwrite_all(fd, memoryview(id_pages), layout.first_data_page * PAGE_SIZE, path)
         del id_pages
         f.flush()
-        spill = RankSpill(f.name, layout.rows_offset, n, rb, memory=memory, bucket_bytes=bucket_bytes)
+        # bucket 0, gathered first, never goes through the file (one bucket less written and read)
+        spill = RankSpill(f.name, layout.rows_offset, n, rb, memory=memory, bucket_bytes=bucket_bytes,
+                          hold_first=True)
         try:
             seen = 0
             for idx, rows, sel in sweep(ids):  # pass 1: the rows as the source reads them, each to its rank
