@@ -30,8 +30,14 @@ from benchmarks.bench_build import NAME, save_hot_profile, write_plain
 from benchmarks.common import evict, json_line, machine_info, print_header
 from tierstore.sizes import format_size
 
-_CHILD = ("import sys, time, tierstore; t = time.perf_counter(); h = tierstore.save_snapshot(sys.argv[1]); "
-          "print('SNAP_SECONDS', time.perf_counter() - t, 'SNAP_ROWS', sum(v['n'] for v in h.values()))")
+_CHILD = ("import sys, time, resource, tierstore\n"
+          "def io():\n"
+          "    d = dict(l.split(': ') for l in open('/proc/self/io').read().splitlines())\n"
+          "    return int(d['read_bytes']), int(d['write_bytes'])\n"
+          "r0, w0 = io(); t = time.perf_counter(); h = tierstore.save_snapshot(sys.argv[1])\n"
+          "s = time.perf_counter() - t; r1, w1 = io()\n"
+          "print('SNAP_SECONDS', s, 'SNAP_ROWS', sum(v['n'] for v in h.values()), 'SNAP_READ', r1 - r0,\n"
+          "      'SNAP_WRITTEN', w1 - w0, 'SNAP_RSS', resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)")
 
 
 def dd_bytes(src: Path, nbytes: int, work: Path) -> float:
@@ -46,15 +52,17 @@ def dd_bytes(src: Path, nbytes: int, work: Path) -> float:
     return seconds
 
 
-def snapshot(python: str, cwd: str, store: Path, rows_file: Path) -> tuple[float, int]:
-    """One cold ``save_snapshot`` in a child: its seconds (after imports) and the rows written."""
+def snapshot(python: str, cwd: str, store: Path, rows_file: Path) -> tuple[float, int, dict[str, int]]:
+    """One cold ``save_snapshot`` in a child: its seconds (after imports), the rows written, and
+    its disk bytes read and written (``/proc/self/io``) and peak RSS."""
     evict(rows_file)
     r = subprocess.run([python, "-c", _CHILD, str(store)], cwd=cwd, env={**os.environ, "PYTHONPATH": cwd},
                        capture_output=True, text=True)
     if r.returncode:
         raise RuntimeError(f"save_snapshot failed ({r.returncode}): {r.stderr[-2000:]}")
     words = r.stdout.split()
-    return float(words[words.index("SNAP_SECONDS") + 1]), int(words[words.index("SNAP_ROWS") + 1])
+    extra = {k.lower(): int(words[words.index(f"SNAP_{k}") + 1]) for k in ("READ", "WRITTEN", "RSS")}
+    return float(words[words.index("SNAP_SECONDS") + 1]), int(words[words.index("SNAP_ROWS") + 1]), extra
 
 
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
@@ -94,11 +102,15 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
             dd_rate = max(1, hot_bytes >> 24) * (16 << 20) / dd_s
             print(f"dd: {dd_s:6.2f} s  {format_size(dd_rate)}/s")
             for name, cwd in systems.items():
-                s, n = snapshot(args.python, cwd, store, rows_file)
+                s, n, extra = snapshot(args.python, cwd, store, rows_file)
                 assert n == hot, (n, hot)
-                r = {"seconds": s, "bytes_s": hot_bytes / s, "dd_bytes_s": dd_rate, "vs_dd": hot_bytes / s / dd_rate}
+                r = {"seconds": s, "bytes_s": hot_bytes / s, "dd_bytes_s": dd_rate, "vs_dd": hot_bytes / s / dd_rate,
+                     "read_bytes_s": extra["read"] / s, "written_bytes_s": extra["written"] / s,
+                     "peak_rss": extra["rss"], "load": os.getloadavg()[0]}
                 rounds[name].append(r)
-                print(f"{name:>5}: {s:6.2f} s  {format_size(r['bytes_s'])}/s  {r['vs_dd']:.3f}x dd")
+                print(f"{name:>5}: {s:6.2f} s  {format_size(r['bytes_s'])}/s  {r['vs_dd']:.3f}x dd  "
+                      f"disk read {format_size(r['read_bytes_s'])}/s written {format_size(r['written_bytes_s'])}/s  "
+                      f"peak RSS {format_size(r['peak_rss'])}  load {r['load']:.1f}")
         for name, rs in rounds.items():
             res[name] = {"median_bytes_s": float(np.median([r["bytes_s"] for r in rs])),
                          "median_vs_dd": float(np.median([r["vs_dd"] for r in rs])), "rounds": rs}
