@@ -33,13 +33,17 @@ A snapshot is a copy of rows the row file holds; it never decides what is served
 - the write is atomic (``files.atomic_write``: a temporary sibling, fsync, rename, fsync
   of the directory): a process killed while writing leaves the old snapshot or the new.
 
-Cost of the write: one sweep of the row file in file order (``serve.snapshot``: large
-sequential ``O_DIRECT`` reads of the spans that hold ranked rows, every page checked), the
-rows put in rank order by one rank pass (``format.rankspill``: in memory up to 256 MiB of
-rows, else spilled into the file's own row region in buckets and read back once), then
-written in place. Memory: one bucket (256 MiB) plus the pass's staging, the ids and their
-order (~12-16 bytes per snapshot row) and the checksums (8 bytes per 4 KiB written). It
-used to fetch the rows through the store's lookup in 1,024-row steps: 26 MB/s.
+Cost of the write: one sweep of the row file in file order (``serve.snapshot``,
+``DiskTier.sweep``: large sequential ``O_DIRECT`` reads of the spans that hold ranked rows,
+several windows in flight on two threads, every page checked there), each row gathered once
+straight from the read window into the rank pass (``format.rankspill``: in memory up to
+256 MiB of rows; else bucket 0 is held in memory and the other buckets are spilled into the
+file's own row region by three writer threads and read back once), then the rows in rank
+order written in place in 8 MiB pieces from a ring of four, ``O_DIRECT``, each write in
+flight while the next piece is gathered. Memory: one bucket (256 MiB) plus the pass's
+staging (64 MiB), the sweep's five 16 MiB windows, the output ring (32 MiB), the ids and
+their order (~12-16 bytes per snapshot row) and the checksums (8 bytes per 4 KiB written).
+It used to fetch the rows through the store's lookup in 1,024-row steps: 26 MB/s.
 """
 
 from __future__ import annotations

@@ -6,10 +6,11 @@ tiers' hot sets sequentially instead of a page per row (``tierstore.tiers.hotset
 ``tierstore profile --save-profile`` writes one per table after saving its profile.
 
 The rows are read from the store's row file by its disk tier in file order
-(``DiskTier.sweep``: large sequential direct reads of the spans holding ranked rows, every
-page checked against its checksum), and put in rank order by the snapshot writer's rank pass
-(``format.rankspill``), in memory up to 8 x ``chunk_bytes`` of rows (256 MiB at most), else
-spilled into the snapshot's own row region and read back a bucket at a time.
+(``DiskTier.sweep``: large sequential direct reads of the spans holding ranked rows, several
+windows in flight, every page checked against its checksum), and put in rank order by the
+snapshot writer's rank pass (``format.rankspill``), in memory up to 8 x ``chunk_bytes`` of rows
+(256 MiB at most), else the first bucket held in memory and the others spilled into the
+snapshot's own row region and read back a bucket at a time.
 """
 
 from __future__ import annotations
