@@ -11,8 +11,11 @@ unbounded (a 16 GiB head at V4.1 size). So: an external bucket pass.
 ``bucket`` consecutive positions. When the whole output fits ``memory`` the records are
 appended to one in-memory buffer (``resident``: no extra I/O). Otherwise each record is
 appended, through a small per-bucket staging buffer (two halves: one fills while the other is
-written by a writer thread), to its bucket's *own region* of the output file (bucket ``k``'s region is exactly the bytes its records finally occupy), with
-large sequential page-aligned writes (``O_DIRECT`` where the filesystem takes it). Once
+written by one of ``WRITERS`` writer threads, so several buckets' writes are in flight at
+once), to its bucket's *own region* of the output file (bucket ``k``'s region is exactly the
+bytes its records finally occupy), with large sequential page-aligned writes (``O_DIRECT``
+where the filesystem takes it); with ``hold_first``, bucket 0's records go instead straight
+into the buffer the other buckets are later read back into (it is gathered first). Once
 every record is in, :meth:`load` reads one bucket back (one sequential read of at most
 ``bucket`` records) and :meth:`gather` copies any run of its positions out in position order
 (a gather: ``torch.index_select`` over whole words, which releases the GIL). The caller then
