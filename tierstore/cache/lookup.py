@@ -22,6 +22,8 @@ _EMPTY_I64 = np.empty(0, np.int64)  # ``begin`` without a slab to copy from
 __all__ = ["Lookup", "Walker"]
 
 
+_NO_LIMIT = int(np.iinfo(np.int64).max)  # announce's range when the caller checked the ids
+
 class Lookup:
     """One lookup between its bookkeeping (``Walker.begin``) and its end: the walk's per-id
     outputs (tierstore.cache.walk.lookup) and how many leases each tier holds for it."""
@@ -145,7 +147,7 @@ class Walker:
             self._hints_ready()
             self._hints_on = True
         if rows < 0:
-            rows = np.iinfo(np.int64).max
+            rows = _NO_LIMIT
         args = (self.dkind, self.dstate, self.hkind, self.hstate, ids, rows)
         if self._announce is None:  # numba's type dispatch of the state tuples costs more than a short call
             self._announce = specialized(walk.announce_checked, *args)
