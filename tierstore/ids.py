@@ -104,11 +104,20 @@ def _range_check(flat: np.ndarray, rows: int) -> int:
     return _checker(flat, int(rows))
 
 
-def as_row_ids(ids: IdLike, rows: int, *, where: str, copy: bool = True) -> tuple[np.ndarray, tuple[int, ...]]:
+def out_of_range(flat: np.ndarray, pos: int, rows: int, where: str) -> InvalidIdError:
+    """The error for ``flat[pos]``, an id outside ``0..rows-1``."""
+    return InvalidIdError(f"id {int(flat[pos])} at flat position {pos} is out of range for {where} "
+                          f"with {rows} rows (valid ids are 0..{rows - 1})")
+
+
+def as_row_ids(ids: IdLike, rows: int, *, where: str, copy: bool = True, check: bool = True
+               ) -> tuple[np.ndarray, tuple[int, ...]]:
     """Validate ``ids`` for a table of ``rows`` rows; return them flat as int64 (a private
     copy unless ``copy=False``, for callers that are done with them before returning) and
     their shape. Raises ``IdTypeError`` (not integers, ragged, sparse, meta) or
-    ``InvalidIdError`` (an id outside ``0..rows-1``, with its value and flat position)."""
+    ``InvalidIdError`` (an id outside ``0..rows-1``, with its value and flat position).
+    ``check=False``: every check but the range of signed ids, which the caller makes in its
+    own compiled call and reports with ``out_of_range`` (``Store.hint``: one call less)."""
     arr = _to_numpy(ids, where, copy)
     shape = arr.shape
     flat = arr.reshape(-1)
@@ -120,14 +129,10 @@ def as_row_ids(ids: IdLike, rows: int, *, where: str, copy: bool = True) -> tupl
                 raise InvalidIdError(f"id {int(bad)} at flat position {pos} is out of range for {where} "
                                      f"with {rows} rows (valid ids are 0..{rows - 1})")
         flat = np.ascontiguousarray(flat, dtype=np.int64)
-    if flat.size:
+    if check and flat.size:
         pos = _range_check(flat, rows)
         if pos >= 0:
-            bad = flat[pos]
-            raise InvalidIdError(
-                f"id {int(bad)} at flat position {pos} is out of range for {where} "
-                f"with {rows} rows (valid ids are 0..{rows - 1})"
-            )
+            raise out_of_range(flat, pos, rows, where)
     return flat, shape
 
 

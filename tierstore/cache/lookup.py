@@ -22,6 +22,8 @@ _EMPTY_I64 = np.empty(0, np.int64)  # ``begin`` without a slab to copy from
 __all__ = ["Lookup", "Walker"]
 
 
+_NO_LIMIT = int(np.iinfo(np.int64).max)  # announce's range when the caller checked the ids
+
 class Lookup:
     """One lookup between its bookkeeping (``Walker.begin``) and its end: the walk's per-id
     outputs (tierstore.cache.walk.lookup) and how many leases each tier holds for it."""
@@ -134,17 +136,22 @@ class Walker:
             fn = self._ends[tier, ok] = specialized(walk.finish if ok else walk.abort, state, _EMPTY_I64, 0)
         return fn
 
-    def announce(self, ids: np.ndarray) -> None:
-        """Hints (``Store.hint``): the device tier hears every id, the host tier the rest."""
+    def announce(self, ids: np.ndarray, rows: int = -1) -> int:
+        """Hints (``Store.hint``): the device tier hears every id, the host tier the rest.
+        ``rows`` >= 0: the ids are checked against ``[0, rows)`` in the same compiled call
+        (``walk.announce_checked``); returns the first position out of range, having
+        announced nothing, or -1."""
         if self._hints_on:  # a decode step's hint: ~0.5 us of Python less than asking both indexes
             self._current()
         else:
             self._hints_ready()
             self._hints_on = True
-        args = (self.dkind, self.dstate, self.hkind, self.hstate, ids)
+        if rows < 0:
+            rows = _NO_LIMIT
+        args = (self.dkind, self.dstate, self.hkind, self.hstate, ids, rows)
         if self._announce is None:  # numba's type dispatch of the state tuples costs more than a short call
-            self._announce = specialized(walk.announce, *args)
-        self._announce(*args)
+            self._announce = specialized(walk.announce_checked, *args)
+        return self._announce(*args)
 
     def replay(self, rows: np.ndarray, bounds: np.ndarray, lookahead: int = 0) -> int:
         """Every batch of a trace through ``begin`` + ``end`` (compiled, one call); returns the

@@ -331,6 +331,19 @@ def announce(dkind, D, hkind, H, rows):  # pragma: no cover - compiled
         hint_rows(D[0], D[9], rows)
 
 
+@kernel
+def announce_checked(dkind, D, hkind, H, rows, nrows):  # pragma: no cover - compiled
+    """``Store.hint``'s one compiled call: the id range check (``tierstore.ids``), then
+    ``announce``. Returns the position of the first id outside ``[0, nrows)``, having
+    announced nothing, or -1 (every id announced)."""
+    for i in range(rows.size):
+        v = rows[i]
+        if v < 0 or v >= nrows:
+            return i
+    announce(dkind, D, hkind, H, rows)
+    return -1
+
+
 @kernel(inline=True)
 def _prefetch_rows(RM, RK, rows, a, b):  # pragma: no cover - compiled
     """Bring the first row-map bucket of ``rows[a:b]`` into the CPU caches (and the rank

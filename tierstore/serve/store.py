@@ -453,8 +453,10 @@ class Store:
         {"hint_horizon": n}``) expires. Lookups do not hint
         their own ids. Cheap and synchronous; bad ids raise as in ``lookup``."""
         t = self._table(table)
-        flat, _ = as_row_ids(ids, t.info.rows, where=f"table {t.info.name!r}", copy=False)
-        t.hint(flat)
+        where = f"table {t.info.name!r}"
+        # the range is checked inside the announcing compiled call (walk.announce_checked)
+        flat, _ = as_row_ids(ids, t.info.rows, where=where, copy=False, check=False)
+        t.hint(flat, where)
 
     def stats(self) -> dict[str, Any]:
         """Counters per tier (summed over tables) and per table.

@@ -38,6 +38,7 @@ from ..cache.layout import CACHED, FILL, HIT, NONE, RESIDENT
 from ..cache.lookup import Lookup, Walker
 from ..format.profile import Profile
 from ..format.spec import TableInfo
+from ..ids import out_of_range
 from ..tiers import CacheTier, DiskTier, SharedHostTier, Tier
 from ..tiers.cuda import capacity_error, to_device
 from ..tiers.hotset import TableSnapshot
@@ -527,13 +528,18 @@ class Table:
             if self.events is not None:
                 self.events.append(("end", ok, id(lk)))
 
-    def hint(self, ids: np.ndarray) -> None:
+    def hint(self, ids: np.ndarray, where: str | None = None) -> None:
         """Announce rows a later lookup will read (the known future). Each tier hears only
         what it can act on: the device tier every id, the host tier only the ids the device
-        tier does not hold now (it sees nothing else, so other hints would never be used)."""
-        ids = np.ascontiguousarray(ids, dtype=np.int64)
+        tier does not hold now (it sees nothing else, so other hints would never be used).
+        ``where``: the ids' range is not checked yet; the announcing call checks it and
+        raises ``InvalidIdError`` naming ``where``, having announced nothing."""
+        if ids.dtype != np.int64 or not ids.flags.c_contiguous:
+            ids = np.ascontiguousarray(ids, dtype=np.int64)
         with self.dev.lock, self.host.lock:
-            self._walker.announce(ids)
+            pos = self._walker.announce(ids, -1 if where is None else self.info.rows)
+            if pos >= 0:
+                raise out_of_range(ids, pos, self.info.rows, where)
             if self.events is not None:
                 self.events.append(("hint", ids.copy()))
 

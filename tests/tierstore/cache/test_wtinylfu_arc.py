@@ -314,3 +314,56 @@ def test_leases_bypass_when_all_slots_leased(policy):
         idx.lookup(np.array([r]))
     check_invariants(idx)
     assert idx.size == cap
+
+
+def test_wtinylfu_all_hits_leaves_the_state_the_walk_leaves():
+    """The decode path's ``wtinylfu.all_hits``, written out (the state arrays bound once,
+    its moves within a queue done on the links alone), against the walk's ``access`` +
+    ``finish`` with ``hit``: the same sketch, queue bytes (saturation bits included), links,
+    queue lengths, leased fronts and counters after every all-hit batch. Batches of held
+    rows (repeats too) alternate with batches of misses that keep the window and probation
+    changing, so the all-hit batches promote probation rows (and demote protected ones),
+    hit window and protected rows, skip saturated rows and cross sketch resets. Lease
+    markers (``ep``, ``M_EPOCH``) are the walk's alone and are left out. Negative control: a
+    batch in another order gives another state, and the comparison sees it."""
+    from tierstore.cache.layout import M_EPOCH
+
+    rng = np.random.default_rng(11)
+    cap, universe = 120, 400
+    fast, walk = CacheIndex(universe, cap, "wtinylfu"), CacheIndex(universe, cap, "wtinylfu")
+
+    def differs(a, b) -> list[int]:
+        out = [k for k in range(len(a.state)) if k not in (0, 4) and not np.array_equal(a.state[k], b.state[k])]
+        ma, mb = a.state[0].copy(), b.state[0].copy()
+        ma[M_EPOCH] = mb[M_EPOCH] = 0
+        return out + ([0] if not np.array_equal(ma, mb) else [])
+
+    hot = rng.permutation(universe)[:150].astype(np.int64)
+    for idx in (fast, walk):
+        for b in np.array_split(hot, 5):  # a full tier: the window, probation and protected hold rows
+            idx.lookup(b)
+    resets = promoted = skipped = 0
+    for step in range(1500):
+        if step % 4 == 3:  # misses (and some hits) through the walk on both: queues change
+            b = rng.choice(hot, int(rng.integers(1, 12)))
+            fast.lookup(b)
+            walk.lookup(b)
+            continue
+        held = hot[fast.slots_of(hot) >= 0]
+        p = 1.0 / np.arange(1, held.size + 1)  # a skewed draw: some rows saturate
+        b = held[rng.choice(held.size, int(rng.integers(1, 48)), p=p / p.sum())]
+        M, Q = fast.state[0], fast.state[5]
+        adds, sat = M[wt.P_ADDS], int(((Q[0] & wt.SAT) != 0).sum())
+        prob = bool(((Q[0, fast.slots_of(b)] & wt.QMASK) == wt.PROB).any())  # a row in probation: promoted
+        assert fast.all_hits(fast.state, b, np.empty(b.size, np.int64)), f"step {step}: not all hits"
+        walk.lookup(b)
+        assert not differs(fast, walk), f"step {step}: state arrays {differs(fast, walk)} differ from the walk's"
+        resets += M[wt.P_ADDS] < adds
+        promoted += prob
+        skipped += sat > 0
+    assert resets >= 3 and promoted >= 50 and skipped >= 500, (resets, promoted, skipped)
+    held = hot[fast.slots_of(hot) >= 0]
+    b = held[:40].copy()
+    assert fast.all_hits(fast.state, b[::-1].copy(), np.empty(b.size, np.int64))
+    walk.lookup(b)
+    assert differs(fast, walk), "the comparison cannot tell a batch in another order"

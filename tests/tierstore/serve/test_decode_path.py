@@ -108,3 +108,30 @@ def test_lookup_and_prefetch_with_out_return_out_itself(store_and_rows, budget):
                 out = torch.empty(ids.shape + (DIM,), dtype=torch.float16)
                 assert s.prefetch(NAME, ids, out=out).result() is out
                 assert torch.equal(out.view(-1, DIM).view(torch.int16), w[ids.reshape(-1)].view(torch.int16))
+
+
+@pytest.mark.parametrize("kind", [np.int64, np.int32, np.uint64])
+def test_hint_checks_ids_in_its_one_compiled_call_and_announces_nothing_on_a_bad_one(store_and_rows, kind):
+    """``Store.hint`` checks the ids' range inside its announcing call (walk.announce_checked,
+    not a separate check first): a bad id raises ``InvalidIdError`` naming its value and
+    flat position, and no tier's state changes, wherever in the batch it is; a good batch
+    of the same rows does change the hint table (the comparison can see it)."""
+    path, _ = store_and_rows
+    with tierstore.open(path, device="cpu", device_budget=400 * DIM * 2, host_budget=800 * DIM * 2,
+                        policy="default") as s:
+        t = s._tables[NAME]
+        s.hint(NAME, np.arange(5))  # both hint tables allocated
+        before = [tuple(a.copy() for a in tier.index.state) for tier in (t.dev, t.host)]
+        good = np.arange(3_000, 3_040).astype(kind)
+        for bad, pos in (([ROWS], 0), ([7, 9, ROWS + 5], 2), ([1, 2, -1, 3], 2)):
+            if kind == np.uint64 and min(bad) < 0:
+                continue
+            ids = np.concatenate([good, np.asarray(bad)]).astype(kind)
+            with pytest.raises(tierstore.InvalidIdError,
+                               match=rf"id {bad[pos]} at flat position {good.size + pos} "
+                                     rf"is out of range for table {NAME!r} with {ROWS} rows"):
+                s.hint(NAME, torch.from_numpy(ids) if kind == np.int32 else ids)
+            for b, tier in zip(before, (t.dev, t.host)):
+                assert all(np.array_equal(x, y) for x, y in zip(b, tier.index.state)), "a refused hint changed a tier"
+        s.hint(NAME, good)
+        assert not np.array_equal(before[0][9], t.dev.index.state[9]), "a good hint changed nothing"
