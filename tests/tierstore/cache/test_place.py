@@ -104,11 +104,11 @@ def test_default_index_maps_its_prefill_in_the_one_map_build(monkeypatch):
     top = np.random.default_rng(5).choice(n_rows, size=30_000, replace=False)
     prof = TopProfile(top, None, n_rows, complete=True)
     calls = {"prefill": 0, "builds": []}
-    real_build = index_mod.build_map
+    real_build, real_prefill = index_mod.build_map, walk.prefill
 
     def prefill(*a):
         calls["prefill"] += 1
-        return walk.prefill(*a)
+        return real_prefill(*a)
 
     def build(RM, rows, *a, **k):
         calls["builds"].append(rows)

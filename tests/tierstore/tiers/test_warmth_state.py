@@ -46,9 +46,9 @@ def test_warmth_of_a_new_index_keeps_5_bytes_a_slot(policy):
     ros = idx.row_of_slot
     assert placed_run(ros, idx.size) and idx.size > 2_000
     w = TierWarmth(SimpleNamespace(index=idx, capacity=idx.capacity))
-    _check(w, ros, idx.size)
     # pending (1 byte a slot) and the placed rows (int32); main kept int64 slots and rows too: 17
     assert _arrays_bytes(w) <= 5 * idx.capacity
+    _check(w, ros, idx.size)
 
 
 def test_warmth_of_slots_with_holes_finds_them_by_a_scan():
