@@ -116,7 +116,8 @@ PHASES = (
     ("index: row map", "tierstore.cache.index", "build_map"),
     ("index: queues", "tierstore.cache.index", "q_init"),
     ("index: queues", "tierstore.cache.index", "g_init"),
-    ("index: prefill", "tierstore.cache.walk", "prefill"),
+    ("index: prefill", "tierstore.cache.walk", "prefill"),  # (only when a prefill row repeats a pinned one)
+    ("index: prefill", "tierstore.cache.walk", "prefill_placed"),  # the hooks; rows mapped in "row map"
     ("index: heap", "tierstore.cache.default", "Default.after_prefill"),
     ("warmth", "tierstore.serve.table", "TierWarmth"),
     ("walker", "tierstore.serve.table", "Walker"),

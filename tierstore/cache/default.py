@@ -78,13 +78,13 @@ from ..errors import PolicyParamError
 from . import s3fifo
 from .hints import hint_outstanding
 from ..jit import kernel
-from .layout import (G_QID, G_ROW, K_HEAP, K_HPOS, K_KEY, L_FREQ, L_QID, M_CAP, M_GCAP, M_GFREE, M_GHEAD, M_GQLEN,
+from .layout import (G_QID, G_ROW, K_HEAP, K_HPOS, K_KEY, L_FREQ, L_QID, M_CAP, M_GCAP, M_GFREE, M_GQLEN,
                      M_HEAPN, M_HLIVE, M_HORIZON, M_LO, M_NFREE, M_PARAM, M_QLEN, M_RANKM, M_SCAN, M_TICK, NL, Q_HPARK)
 from ..ranking import TopProfile, hot_rows
 from .policy import Policy
 from .rankmap import rk_get, sort_ranking
 from .rowmap import rm_get
-from .structs import (g_add, g_front, g_of, g_queue, g_remove, h_push, h_remove, h_top_free, place,
+from .structs import (g_add, g_front, g_next_free, g_of, g_queue, g_remove, h_push, h_remove, h_top_free, place,
                       q_push, q_to_back, q_unlink, take_free, unmap)
 from .walk import all_hits_with
 
@@ -162,7 +162,7 @@ def g_push(M, GH, RM, q, r, origin, limit):  # pragma: no cover - compiled
         g_remove(M, GH, RM, g_front(M, GH, q))
     # the entry g_add takes (the free list's first), if there is one (r has none: callers
     # forget it first): known here, so no probe of the row map for it afterwards
-    g = M[M_GHEAD] if M[M_GFREE] > 0 else -1
+    g = g_next_free(M, GH) if M[M_GFREE] > 0 else -1
     g_add(M, GH, RM, q, r, limit + 1)  # limit + 1: nothing more to drop (q is under limit)
     if g >= 0 and origin != 0:
         GH[G_QID, g] = q + 2 * origin
@@ -424,17 +424,15 @@ def prefill(T, s, r, rank):  # pragma: no cover - compiled
     missed the cache: ~0.5 us per row at 6.4M rows). -1: search for the rank, push now."""
     if rank < 0:
         _prefill_searched(T, s, r)
-    else:  # nothing but two stores: no call, and no array of the state unpacked that needs none
-        T[6][L_FREQ, s] = 0
-        T[5][K_KEY, s] = -rank
+    else:  # one store: no call, and no array of the state unpacked that needs none
+        T[5][K_KEY, s] = -rank  # (L_FREQ: 0 in a new index's fresh L, not written: ~4 B a slot of page faults)
 
 
 @kernel
 def _prefill_searched(T, s, r):  # pragma: no cover - compiled
     """``prefill`` of a row whose rank is not known: search ``RK``, push its slot now."""
-    M, K, L, RK = T[0], T[5], T[6], T[10]
-    L[L_FREQ, s] = 0
-    h_push(M, K, s, -rank_of(M, RK, r))
+    M, K, RK = T[0], T[5], T[10]
+    h_push(M, K, s, -rank_of(M, RK, r))  # (L_FREQ is 0 in a new index)
 
 
 @kernel

@@ -29,7 +29,7 @@ from ..ranking import Profile, as_profile
 from ..jit import specialized
 from .mapbuild import build_map, empty_map
 from .rankmap import rank_map_bytes, ranked_map
-from .rowmap import map_bytes, rm_get_many
+from .rowmap import EMPTY, map_bytes, rm_get_many
 from .structs import g_init, q_init
 
 __all__ = ["CacheIndex", "MAX_SLOTS", "none_index", "state_bytes", "slots_within", "rows_within", "budget_for"]
@@ -110,7 +110,7 @@ class CacheIndex:
         n_dyn = cap - lo
         M = np.zeros(NM, np.int64)
         M[M_CAP], M[M_LO], M[M_NROWS] = cap, lo, self.n_rows
-        ros = np.full(cap, -1, dtype=np.int32)  # rows < 2**31
+        ros = np.empty(cap, dtype=np.int32)  # rows < 2**31; each slot written once (``_place``)
         # a policy that admits nothing never leases or queues a slot (the walk reads ref,
         # ep and L only for slots past the pinned ones that hold a row): one-entry stand-ins
         per = cap if policy.admits else 1
@@ -141,9 +141,8 @@ class CacheIndex:
         M[M_RANKM] = rk_rows.size
         # every key is a slot's row or a ghost entry's: cap + gcap keys at most
         RM = empty_map(cap + gcap) if row_map is None else row_map
-        # pinned rows in slots [0, lo); the free slots [lo, cap) are taken lowest first
-        build_map(RM, pinned)  # pinned[i] -> slot i
-        ros[:lo] = pinned
+        # pinned rows in slots [0, lo) (mapped by ``_place``, with the prefill); the free slots
+        # [lo, cap) are taken lowest first
         M[M_NFREE] = n_dyn
         if row_map is not None:  # read-only map: every mapped row is a (pinned) hit
             M[M_LO] = cap
@@ -159,10 +158,15 @@ class CacheIndex:
         self.hooks = (mod.hit, mod.miss)
         self.all_hits = mod.all_hits  # the decode path's accesses, ``hit`` inlined (walk.all_hits_with)
         self._access = None
-        pre = policy.prefill()
-        if pre.size and n_dyn:
-            walk.prefill(mod.prefill, self.state, self._as_rows(pre, what="the policy's prefill rows"),
-                         policy.prefill_rank())
+        pre = policy.prefill() if n_dyn else _EMPTY
+        pre = self._as_rows(pre, what="the policy's prefill rows") if pre.size else _EMPTY
+        k = _place(M, RM, ros, pinned, pre if row_map is None else _EMPTY)
+        if k >= 0:  # pinned and prefill rows mapped at once: the hooks of the k placed rows
+            if k:
+                walk.prefill_placed(mod.prefill, self.state, pre[:k], lo, policy.prefill_rank())
+        else:  # a prefill row repeats a pinned or an earlier one: one at a time, as ever
+            walk.prefill(mod.prefill, self.state, pre, policy.prefill_rank())
+        if pre.size:
             policy.after_prefill(self.state)
         self.reset_stats()
 
@@ -272,6 +276,45 @@ class CacheIndex:
         """``rows`` flat as int64, validated by the one id validator (tierstore.ids): no copy
         when they already are (the index is done with them before returning)."""
         return as_row_ids(rows, self.n_rows, where=what, copy=False)[0]
+
+
+def _place(M: np.ndarray, RM: np.ndarray, ros: np.ndarray, pinned: np.ndarray, pre: np.ndarray) -> int:
+    """Map the pinned rows to slots [0, lo) and the policy's prefill rows to the next free
+    slots, as many as there are (``walk.prefill`` placing them one at a time, lowest slot
+    first, after the pinned rows), with one ``build_map`` of both (threads, no random write
+    into the map: the prefill's one-by-one inserts were ~30 ns a row at 40M slots, the
+    largest part of ``default``'s open). Writes every slot of ``ros`` once (-1: free).
+    Returns how many prefill rows were placed, or -1 when they were not: a prefill row
+    repeats a pinned or an earlier prefill row (``walk.prefill`` skips it, so the slots
+    differ); then only the pinned rows are mapped, the caller runs ``walk.prefill``. The map
+    holds the same (row, slot) set either way (mapbuild: its layout is that set's)."""
+    lo = pinned.size
+    free = int(M[M_NFREE])
+    k = min(pre.size, free)
+    n = lo + k
+    ros[:lo] = pinned
+    ros[lo + k:] = -1
+    dups = build_map(RM, _joined(pinned, pre[:k])) if n else 0  # row i -> slot i
+    if k and dups:  # (repeated pinned rows alone are fine: the last one's slot, as ever)
+        RM.fill(EMPTY)
+        build_map(RM, pinned)
+        ros[lo:] = -1
+        return -1
+    ros[lo:n] = pre[:k]
+    M[M_NFREE] = free - k
+    M[M_INSERT] += k
+    return k
+
+
+def _joined(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """``np.concatenate([a, b])`` (int64), a view when ``b`` follows ``a`` in one buffer
+    (``default``'s pinned and prefill rows are consecutive runs of its ranking): no copy."""
+    if not a.size or not b.size:
+        return b if a.size == 0 else a
+    if (a.dtype == b.dtype == np.int64 and a.ndim == b.ndim == 1 and a.flags.c_contiguous and b.flags.c_contiguous
+            and a.base is not None and a.base is b.base and a.ctypes.data + a.nbytes == b.ctypes.data):
+        return np.lib.stride_tricks.as_strided(a, shape=(a.size + b.size,), strides=(8,), writeable=False)
+    return np.concatenate([a, b]).astype(np.int64, copy=False)
 
 
 def _hint_buckets(policy: Policy, n_dyn: int) -> int:

@@ -55,12 +55,12 @@ M_INSERT = 8
 M_EPOCH = 9  # lookups started (lease marker)
 M_NROWS = 10
 M_GCAP = 11  # ghost entries
-M_GFREE = 12  # free ghost entries (a list from M_GHEAD through G_NEXT)
+M_GFREE = 12  # free ghost entries: the list from M_GHEAD through G_NEXT, then [M_GNEW, GCAP)
 M_HLIVE = 13  # hint buckets with a count (0: lookups skip all hint work)
 M_HLAST = 14  # tick of the latest hint
 M_HORIZON = 15  # accesses after which an unused hint expires
-M_GHEAD = 16  # the first free ghost entry, -1 none (it held log2 of the hint buckets while
-# the table was a power of two)
+M_GHEAD = 16  # the last ghost entry freed (a stack through G_NEXT), -1 none (it held log2 of the
+# hint buckets while the table was a power of two)
 M_RANKM = 17  # ranked rows in RK
 M_HEAPN = 18  # entries in the heap K[K_HEAP]
 M_BYPASS = 19  # misses the policy did not admit (all slots leased, or the policy said no)
@@ -72,7 +72,8 @@ M_QLEN = 24  # M[M_QLEN + q]: slots in queue q (q < NQ)
 M_GQLEN = 32  # M[M_GQLEN + q]: entries in ghost queue q (q < NQ)
 M_PARAM = 40  # M[M_PARAM + i]: policy-specific scalars (each policy names its own)
 M_QSCAN = 64  # M[M_QSCAN + q]: the last slot of queue q's leased front, -1 none (q_first_free)
-NM = 72
+M_GNEW = 72  # ghost entries [M_GNEW, GCAP) were never used: taken in order once the freed ones are
+NM = 73
 
 NQ = 8  # queues per tier (slot queues and ghost queues)
 Q_HPARK = NQ - 1  # slot queue of leased heap entries taken off the heap (structs.h_top_free)
@@ -92,8 +93,8 @@ NL = 4
 
 # -- GH: ghost entries ------------------------------------------------------------------------
 G_ROW = 0
-G_NEXT = 1  # also the free list's link while the entry is free (a stack of free entries
-G_PREV = 2  # in its own row cost 4 bytes per ghost entry)
+G_NEXT = 1  # also the freed entries' stack link (a stack in its own row cost 4 bytes per entry)
+G_PREV = 2
 G_QID = 3
 NG = 4
 

@@ -181,6 +181,15 @@ def prefill(hook, T, rows, rank0):  # pragma: no cover - compiled
     return n
 
 
+@kernel
+def prefill_placed(hook, T, rows, s0, rank0):  # pragma: no cover - compiled
+    """The policy's prefill hooks for ``rows`` already placed in slots ``s0, s0 + 1, ...``
+    (``CacheIndex`` maps them with the pinned rows at once, ``index._place``): the calls
+    ``prefill`` makes when no row was resident and every row found a free slot, in its order."""
+    for i in range(rows.size):
+        hook(T, s0 + i, rows[i], rank0 + i if rank0 >= 0 else -1)
+
+
 # ---------------------------------------------------------------------------------------------
 # the walk: device tier, then the host tier for what the device tier does not serve
 # ---------------------------------------------------------------------------------------------

@@ -63,7 +63,7 @@ if TYPE_CHECKING:
     from .base import Tier
     from .disk import DiskTier
 
-__all__ = ["TableSnapshot", "OpenStats", "EarlyLoad", "load_slots", "placed_slots", "host_slots", "on_device",
+__all__ = ["TableSnapshot", "OpenStats", "EarlyLoad", "load_slots", "placed_run", "placed_slots", "host_slots", "on_device",
            "run_start", "PRELOAD_BYTES", "READS_AHEAD"]
 
 # bytes of rows per load step at open: the staging, not the whole hot set (a host tier of
@@ -460,6 +460,14 @@ def _run_first(x: np.ndarray) -> int | None:
     return a
 
 
+def placed_run(ros: np.ndarray, size: int) -> bool:
+    """Whether the slots holding a row are exactly [0, size) (a new index's: ``placed_slots``):
+    two reductions, no temporary array."""
+    if not 0 <= size <= ros.size:
+        return False
+    return (size == 0 or int(ros[:size].min()) >= 0) and (size == ros.size or int(ros[size:].max()) < 0)
+
+
 def placed_slots(ros: np.ndarray, size: int) -> tuple[np.ndarray, np.ndarray]:
     """(slots, rows), int64, of the rows an index placed at construction (``ros``: its
     ``row_of_slot``; ``size``: the rows it holds), in slot order, which is rank order for
@@ -467,7 +475,7 @@ def placed_slots(ros: np.ndarray, size: int) -> tuple[np.ndarray, np.ndarray]:
     prefill: ``structs.take_free``), so they are slots [0, size): then no scan of every
     slot, no gather and no scatter (~20 ns a slot at open, most of it a scattered pass);
     otherwise the slots holding a row, found by a scan."""
-    if 0 <= size <= ros.size and bool((ros[:size] >= 0).all()) and not bool((ros[size:] >= 0).any()):
+    if placed_run(ros, size):
         return np.arange(size, dtype=np.int64), ros[:size].astype(np.int64)
     slots = np.flatnonzero(ros >= 0).astype(np.int64)
     return slots, ros[slots].astype(np.int64)

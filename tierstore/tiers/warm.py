@@ -50,7 +50,7 @@ import torch
 
 from ..errors import CorruptDataError, StoreIOError, TierStoreError
 from ..format.spec import PAGE_SIZE
-from .hotset import OpenStats, TableSnapshot, host_slots, on_device, placed_slots
+from .hotset import OpenStats, TableSnapshot, host_slots, on_device, placed_run
 from .page_reader import aligned_empty
 
 if TYPE_CHECKING:
@@ -69,15 +69,41 @@ class TierWarmth:
 
     def __init__(self, tier: Tier):
         assert tier.index is not None
-        self.slots, self.rows = placed_slots(tier.index.row_of_slot, tier.index.size)  # slot order: rank order
+        ros, size = tier.index.row_of_slot, tier.index.size
         self.pending = np.zeros(tier.capacity, np.uint8)
-        if len(self.slots) and int(self.slots[-1]) == len(self.slots) - 1:  # slots [0, n): one run
-            self.pending[: len(self.slots)] = 1
+        # the placed rows in slot order (rank order), as the index keeps them (int32: 4 bytes a
+        # placed slot of fresh memory at open, not 16 as int64 slots and rows); a new index
+        # filled its slots lowest first, so the slots are [0, size): no array of them
+        if placed_run(ros, size):
+            self._slots = None
+            self._rows = ros[:size].copy()
+            self.pending[:size] = 1
         else:
-            self.pending[self.slots] = 1
-        self.left = len(self.slots)  # placed slots still pending
-        self.stats = OpenStats(mode="background", placed=len(self.slots), pending=self.left, loading=1)
+            self._slots = np.flatnonzero(ros >= 0)
+            self._rows = ros[self._slots]
+            self.pending[self._slots] = 1
+        self.placed = len(self._rows)
+        self.left = self.placed  # placed slots still pending
+        self.stats = OpenStats(mode="background", placed=self.placed, pending=self.left, loading=1)
         self.t0 = time.perf_counter()
+
+    def slots_at(self, idx: np.ndarray) -> np.ndarray:
+        """The slots of placed entries ``idx`` (indices into the placed list), int64."""
+        return idx.astype(np.int64) if self._slots is None else self._slots[idx].astype(np.int64, copy=False)
+
+    def rows_at(self, idx: np.ndarray) -> np.ndarray:
+        """The rows placed in entries ``idx``, int64."""
+        return self._rows[idx].astype(np.int64)
+
+    @property
+    def slots(self) -> np.ndarray:
+        """Every placed slot, int64, in slot order (``placed_slots``)."""
+        return self.slots_at(np.arange(self.placed, dtype=np.int64))
+
+    @property
+    def rows(self) -> np.ndarray:
+        """Every placed row, int64, in slot order."""
+        return self._rows.astype(np.int64)
 
     def clear(self, slots: np.ndarray, *, on_demand: bool = True) -> None:
         """Slots ``slots`` hold their rows' bytes now (a lookup wrote them); caller holds the lock."""
@@ -112,7 +138,7 @@ class TierWarmth:
         """The entries of ``idx`` (indices into the placed lists) whose slots are still pending
         (read without the lock: a slot never becomes pending again, so skipping one that is
         not is always right; one that is gets its check again in ``commit``)."""
-        return idx[self.pending[self.slots[idx]] != 0]
+        return idx[self.pending[self.slots_at(idx)] != 0]
 
 
 def loaded_slots(source: Tier | None, source_warmth: TierWarmth | None, rows: np.ndarray) -> np.ndarray:
@@ -138,14 +164,14 @@ def warm_steps(tier: Tier, warmth: TierWarmth, *, disk: DiskTier, locked: Callab
     t0 = time.perf_counter()  # this tier's loading starts (the device tier's after the host tier's)
     snap0 = snapshot.bytes_read if snapshot is not None else 0
     try:
-        todo = np.arange(len(warmth.slots), dtype=np.int64)
+        todo = np.arange(warmth.placed, dtype=np.int64)
         if source is not None and source.slab is not None and len(todo):
             rest = []
             for s in range(0, len(todo), step):
                 sel = warmth.unresolved(todo[s: s + step])
                 if not len(sel):
                     continue
-                rows, slots = warmth.rows[sel], warmth.slots[sel]
+                rows, slots = warmth.rows_at(sel), warmth.slots_at(sel)
                 with locked():
                     hs = loaded_slots(source, source_warmth, rows)
                     got = np.flatnonzero(hs >= 0)
@@ -163,7 +189,7 @@ def warm_steps(tier: Tier, warmth: TierWarmth, *, disk: DiskTier, locked: Callab
                 snapshot.drop(str(e))
         todo = warmth.unresolved(todo)
         if len(todo):
-            rows = warmth.rows[todo]
+            rows = warmth.rows_at(todo)
             todo = todo[np.argsort(rows if disk.pos is None else disk.pos.of(rows), kind="stable")]  # file order
             staged = torch.empty((min(step, len(todo)), info.dim), dtype=info.raw_dtype, device=disk.device)
             for s in range(0, len(todo), step):
@@ -172,10 +198,10 @@ def warm_steps(tier: Tier, warmth: TierWarmth, *, disk: DiskTier, locked: Callab
                     continue
                 buf = staged[: len(sel)]
                 b0 = disk.bytes_read  # lookups read the row file too: count around this read only
-                disk.read(warmth.rows[sel], buf)
+                disk.read(warmth.rows_at(sel), buf)
                 st.bytes_read += disk.bytes_read - b0
                 with locked():
-                    st.from_rows += warmth.commit(tier, warmth.slots[sel], warmth.rows[sel], buf)
+                    st.from_rows += warmth.commit(tier, warmth.slots_at(sel), warmth.rows_at(sel), buf)
                 yield
     except (TierStoreError, OSError) as e:  # the row file failed: the rest loads on demand
         st.loader_error = f"{type(e).__name__}: {e}"
@@ -193,7 +219,7 @@ def _from_snapshot(tier: Tier, warmth: TierWarmth, snapshot: TableSnapshot, todo
     One reader thread reads step ``k + 1`` into the other staging buffer while this thread
     commits step ``k`` (only that thread touches the snapshot meanwhile)."""
     info, st = tier.info, warmth.stats
-    pos = snapshot.positions(warmth.rows[todo])
+    pos = snapshot.positions(warmth.rows_at(todo))
     found = pos >= 0
     missing = todo[~found]
     want, pos = todo[found], pos[found]
@@ -205,7 +231,7 @@ def _from_snapshot(tier: Tier, warmth: TierWarmth, snapshot: TableSnapshot, todo
 
     def fetch(k: int) -> np.ndarray | None:
         sel, p = want[starts[k]: starts[k] + step], pos[starts[k]: starts[k] + step]
-        if not (warmth.pending[warmth.slots[sel]] != 0).any():
+        if not (warmth.pending[warmth.slots_at(sel)] != 0).any():
             return None  # lookups filled (or the walk reassigned) every slot of this step
         if int(p[-1]) - int(p[0]) + 1 == len(p):  # a run of ranks: one byte range
             # placed at the file offset's place in its page, so O_DIRECT reads straight into it
@@ -227,7 +253,7 @@ def _from_snapshot(tier: Tier, warmth: TierWarmth, snapshot: TableSnapshot, todo
                 sel = want[starts[k]: starts[k] + step]
                 data = torch.from_numpy(buf).view(info.raw_dtype).reshape(len(sel), info.dim)
                 with locked():
-                    st.from_snapshot += warmth.commit(tier, warmth.slots[sel], warmth.rows[sel], data)
+                    st.from_snapshot += warmth.commit(tier, warmth.slots_at(sel), warmth.rows_at(sel), data)
                 yield
         finally:  # stopped or failed: the read in flight still writes a staging buffer
             if fut is not None:
