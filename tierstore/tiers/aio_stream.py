@@ -14,8 +14,9 @@ hands each chunk whose reads have all completed to a worker (verify, gather, adm
 while the queue stays full. Python work is per syscall and per chunk, never per page.
 
 It keeps the queue full the way fio does: each wait is for the first completion
-(``io_getevents`` with min_nr 1), the freed slots are refilled by the next ``io_submit``
-at once, and only then are the completions booked (one compiled call, ``_record``) and
+(``io_getevents`` with min_nr 1), the freed slots are refilled at once, a few reads per
+``io_submit`` (``page_reader._submit_grouped``: a refill's first reads start before the
+rest are prepared), and only then are the completions booked (one compiled call, ``_record``) and
 finished chunks handed on. Before (2026-12-07), each wait was for an eighth of the depth
 and ~10 numpy calls booked the completions and handed chunks on before the refill, so at
 depth 32 the store ran at 0.72-0.76x fio's QD32 IOPS on a quiet machine. In-process A/B on
