@@ -152,14 +152,14 @@ def _stream(reader: PageReader, chunks: Sequence[np.ndarray], bufs: Sequence[np.
                 error = f.exception()
 
     def submit() -> None:
-        """Top the queue up to ``depth`` from the assigned chunks' runs (io_submit calls of
-        ``_SUBMIT_GROUP``, so the first reads start before the rest are prepared)."""
+        """Top the queue up to ``depth`` from the assigned chunks' runs (io_submit calls of a
+        few reads, ``_submit_grouped``, so the first start before the rest are prepared)."""
         nonlocal sub, inflight, error
         limit = limits[assigned]
         while error is None and inflight < depth and sub < limit:
             k = min(depth - inflight, limit - sub)
             try:
-                got = _submit_grouped(_io_submit, ctx.id, k, ptr0 + 8 * sub)
+                got = _submit_grouped(_io_submit, ctx.id, k, ptr0 + 8 * sub, depth)
             except OSError as e:  # EAGAIN with reads in flight: reap some, then retry
                 if e.errno != _errno.EAGAIN or inflight == 0:
                     error = StoreIOError(e.errno, f"io_submit failed: {e.strerror}", reader.path)
