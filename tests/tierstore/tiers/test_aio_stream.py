@@ -258,3 +258,6 @@ def test_a_refill_is_queued_a_few_reads_per_call(reader, monkeypatch, streamed):
     asked = [e[1] for e in log if e[0] == "submit"]
     assert sum(e[2] for e in log if e[0] == "submit") == total
     assert max(asked) <= 4 < r.depth, f"io_submit calls asked for {sorted(set(asked))} reads, not at most 4"
+    calls: list[int] = []  # a deep queue hides the plug: depth/8 per call (fewer syscalls)
+    assert page_reader._submit_grouped(lambda ctx, n, p: calls.append(n) or n, 0, 256, 0, 256) == 256
+    assert calls == [32] * 8
