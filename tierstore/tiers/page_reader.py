@@ -13,11 +13,10 @@ Mechanisms (``method=``), measured on this machine's virtio disk by
 
 - ``"aio"`` (default where available): Linux native AIO with ``O_DIRECT``, driven through
   ``ctypes`` syscalls (``io_setup``/``io_submit``/``io_getevents``; the kernel ABI, no
-  compiled code of ours). The I/O control blocks for a whole batch are one numpy array
-  built in a few vectorized lines; one ``io_submit`` queues up to ``depth`` reads and one
-  ``io_getevents`` reaps a batch of completions, so Python work per read is near zero and
-  the queue stays ~``depth`` deep from a single thread (~3-4 us of CPU per page, mostly
-  kernel; fio spends ~4.5 us of system time per read here). 1.0-1.3x fio's QD32 IOPS. Reads land directly
+  compiled code of ours). The I/O control blocks for a whole batch are one numpy array;
+  each wake-up reaps every completion and refills the queue in a few ``io_submit`` calls,
+  so Python work per read is near zero and the queue stays ~``depth`` deep from a single
+  thread (~3-4 us of CPU per page, mostly kernel, as fio's). Reads land directly
   in page-aligned buffers (``aligned_empty``) and bypass the page cache, so the kernel keeps
   no unbudgeted second copy of the table.
 - ``"fadvise"`` (buffered; the fallback when the filesystem refuses ``O_DIRECT``, e.g.
@@ -30,10 +29,8 @@ Mechanisms (``method=``), measured on this machine's virtio disk by
   so the queue depth is the thread count. 32 threads contending for the GIL cost ~2.2x the
   CPU of ``"aio"`` and fall behind first when the machine is busy.
 
-io_uring was evaluated through the ``liburing`` PyPI binding (2026.3.30): it accepts only
-``bytearray`` buffers (not 512-byte aligned, so no ``O_DIRECT``), its batched completion
-indexing does not wrap around the ring, and per-completion Python calls left it at
-39-66K IOPS (fio: 86K), behind native AIO. It is not used.
+io_uring (the ``liburing`` PyPI binding, 2026.3.30) is not used: ``bytearray`` buffers only
+(no ``O_DIRECT``), and per-completion Python calls left it at 39-66K IOPS (fio: 86K).
 """
 
 from __future__ import annotations
@@ -47,6 +44,7 @@ import os
 import platform
 import threading
 import weakref
+from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from concurrent.futures import wait as _wait_futures
 
@@ -56,6 +54,7 @@ from .. import faults
 from ..errors import CorruptDataError, IdTypeError, InvalidIdError, ReaderParamError, StoreIOError
 from ..files import os_error, read_full
 from ..format.spec import PAGE_SIZE  # the store's page: the unit of every read
+from ..jit import kernel
 
 __all__ = ["METHODS", "PageReader", "aligned_empty", "evict_page_cache", "aio_available"]
 
@@ -102,6 +101,53 @@ def _io_getevents(ctx: int, min_nr: int, events: np.ndarray) -> int:
     """Wait for at least ``min_nr`` completions, store up to len(events) of them; returns the count."""
     return _sys(_AIO_SYSCALLS[3], ctypes.c_ulong(ctx), ctypes.c_long(min_nr),  # type: ignore[index]
                 ctypes.c_long(len(events)), ctypes.c_void_p(events.ctypes.data), None)
+
+
+# iocbs per io_submit call. A call of more than two plugs the block layer (fs/aio.c): no read
+# of it reaches the disk until all are prepared (~3 us each), so a 32-slot refill in one call
+# idled the disk ~100 us and the reads came back in convoys. fio submits one at a time. At
+# depth 32 (in-process, 6 rounds, loaded): 1.30x / 1.42x (store / +tiers) the IOPS of one call
+# per refill, CPU +0.2 / -0.5 us per row; 2 then the rest: 0.94x / 0.27x (docs/benchmarks_cold.md).
+# A deep queue hides the plug: depth/8 per call there (depth 256: same IOPS, ~0.5 us less CPU per row).
+_SUBMIT_GROUP = 4
+
+
+def _submit_grouped(submit: Callable[[int, int, int], int], ctx: int, n: int, iocb_ptrs: int, depth: int) -> int:
+    """Queue ``n`` iocbs (``iocb_ptrs``: address of n pointers) with ``submit`` (an
+    ``_io_submit``) in calls of at most max(_SUBMIT_GROUP, depth // 8); returns how many were
+    queued, fewer when the kernel takes fewer. Raises OSError as ``submit`` only when it queued none."""
+    group = max(_SUBMIT_GROUP, depth // 8)
+    done = 0
+    while done < n:
+        k = min(group, n - done)
+        try:
+            got = submit(ctx, k, iocb_ptrs + 8 * done)
+        except OSError:
+            if done:
+                return done  # the caller reaps, then retries the rest
+            raise
+        done += got
+        if got < k:
+            break
+    return done
+
+
+@kernel
+def _record(events: np.ndarray, got: int, res: np.ndarray, left: np.ndarray, done: np.ndarray) -> int:
+    """Book ``got`` completions of ``events`` (int64 (depth, 4): data, obj, res, res2): each
+    read's result into ``res`` at its run (data's low 32 bits), one fewer read ``left`` in its
+    chunk (the high bits); chunks whose last read this was go into ``done``; returns how many.
+    One compiled call per reap, for both readers (``read_pages`` and ``read_streamed``)."""
+    n_done = 0
+    for j in range(got):
+        data = events[j, 0]
+        c = data >> 32
+        res[data & 0xFFFFFFFF] = events[j, 2]
+        left[c] -= 1
+        if left[c] == 0:
+            done[n_done] = c
+            n_done += 1
+    return n_done
 
 
 class _AioContext:
@@ -415,18 +461,16 @@ class PageReader:
                                self.path) from e
 
     def _read_aio(self, out: np.ndarray, starts: np.ndarray, lengths: np.ndarray, offsets: np.ndarray) -> None:
-        """Keep up to ``depth`` runs in flight with io_submit; reap them in batches with io_getevents.
-
-        Python cost is per syscall, not per page: each io_getevents waits for a batch of
-        completions (an eighth of the depth, so the queue stays >= 7/8 full) and records
-        their results with one vectorized store; results are checked once at the end.
+        """Keep up to ``depth`` runs in flight, as ``aio_stream.read_streamed`` (fio's way): wait
+        for the first completion (min_nr 1), refill the freed slots at once, then book
+        (``_record``). Python cost is per syscall, not per page; results are checked at the end.
         """
         n_runs = len(starts)
         # The iocbs as 8 little-endian u64 words each (layout in _IOCB): data, key|rw_flags,
         # opcode|reqprio|fildes, buf, nbytes, offset, reserved2, flags|resfd. Column stores are
         # ~3x cheaper than structured-field stores, which matters for small batches.
         words = np.zeros((n_runs, 8), dtype=np.uint64)
-        words[:, 0] = np.arange(n_runs, dtype=np.uint64)  # aio_data: the run index
+        words[:, 0] = np.arange(n_runs, dtype=np.uint64)  # aio_data: the run index (chunk 0 in the high bits)
         words[:, 2] = (self._fd << 32) | _IOCB_CMD_PREAD
         words[:, 3] = out.ctypes.data + starts * PAGE_SIZE
         words[:, 4] = lengths * PAGE_SIZE
@@ -435,32 +479,38 @@ class PageReader:
         ptrs = iocbs.ctypes.data + np.arange(n_runs, dtype=np.uint64) * np.uint64(_IOCB.itemsize)
         ptr_base = ptrs.ctypes.data
         results = np.zeros(n_runs, dtype=np.int64)  # bytes read per run, or -errno
+        left, done = np.array([n_runs], dtype=np.int64), np.zeros(1, dtype=np.int64)  # _record's chunk counters
         try:  # one fault-injection point per call: the kernel reports per run, we check at the end
             short = faults.point("read", self.path, int(lengths[0]) * PAGE_SIZE)
         except OSError as e:
             raise StoreIOError(e.errno, f"read at offset {int(offsets[0])} failed: {e.strerror}", self.path) from e
         ctx = self._take_context()
         depth, events = ctx.depth, ctx.events
-        batch = max(1, depth // 8)
-        submitted = completed = 0
+        ev64 = events.view(np.int64).reshape(len(events), 4)
+        submitted = inflight = 0
         submit_err: StoreIOError | None = None
+
+        def refill() -> None:
+            nonlocal submitted, inflight, submit_err
+            if submit_err is None and submitted < n_runs and inflight < depth:
+                try:
+                    got = _submit_grouped(_io_submit, ctx.id, min(depth - inflight, n_runs - submitted),
+                                          ptr_base + 8 * submitted, depth)
+                except OSError as e:  # EAGAIN with reads in flight: reap some, then retry
+                    if e.errno != _errno.EAGAIN or inflight == 0:
+                        submit_err = StoreIOError(e.errno, f"io_submit of the read at offset "
+                                                  f"{int(offsets[submitted])} failed: {e.strerror}", self.path)
+                    return
+                submitted += got
+                inflight += got
+
         try:
-            while completed < submitted or (submitted < n_runs and submit_err is None):
-                free = depth - (submitted - completed)
-                if submit_err is None and submitted < n_runs and free > 0:
-                    try:
-                        submitted += _io_submit(ctx.id, min(free, n_runs - submitted), ptr_base + 8 * submitted)
-                    except OSError as e:  # EAGAIN with reads in flight: reap some, then retry
-                        if e.errno != _errno.EAGAIN or submitted == completed:
-                            submit_err = StoreIOError(e.errno, f"io_submit of the read at offset "
-                                                      f"{int(offsets[submitted])} failed: {e.strerror}", self.path)
-                inflight = submitted - completed
-                if inflight == 0:
-                    continue
-                got = _io_getevents(ctx.id, min(batch, inflight), events)
-                ev = events[:got]
-                results[ev["data"].astype(np.int64)] = ev["res"]
-                completed += got
+            refill()
+            while inflight:
+                got = _io_getevents(ctx.id, 1, events)
+                inflight -= got
+                refill()
+                _record(ev64, got, results, left, done)
         except BaseException:
             # Reads may still be in flight into `out` and `iocbs`: io_destroy waits for them.
             ctx.destroy()

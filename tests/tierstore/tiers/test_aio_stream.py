@@ -181,3 +181,83 @@ def test_the_queue_is_refilled_at_the_first_completion_before_any_booking(reader
     for k, e in enumerate(log):  # after a wait that freed slots while reads remain, the next step is the refill
         if e[0] == "wait" and e[3]:
             assert log[k + 1][0] == "submit", f"step {k + 1} after a wait was {log[k + 1]}, not the refill"
+
+
+def _log_syscalls(monkeypatch, module, depth: int, total: int) -> list[tuple]:
+    """Patch ``module``'s io_submit and io_getevents to log each call: ("submit", n asked,
+    n queued) and ("wait", min_nr, queue full before it, reads left to submit)."""
+    log: list[tuple] = []
+    c = {"now": 0, "done": 0, "sub": 0}
+    submit, getevents = module._io_submit, module._io_getevents
+
+    def sub(ctx, n, ptrs):
+        got = submit(ctx, n, ptrs)
+        c["now"] += got
+        c["sub"] += got
+        log.append(("submit", n, got))
+        return got
+
+    def get(ctx, min_nr, events):
+        full = c["now"] == min(depth, total - c["done"])
+        got = getevents(ctx, min_nr, events)
+        c["now"] -= got
+        c["done"] += got
+        log.append(("wait", min_nr, full, c["sub"] < total))
+        return got
+
+    monkeypatch.setattr(module, "_io_submit", sub)
+    monkeypatch.setattr(module, "_io_getevents", get)
+    return log
+
+
+def test_read_pages_refills_at_the_first_completion_as_the_stream_does(reader, monkeypatch):
+    """``PageReader.read_pages`` (a batch of one chunk: every small lookup's misses) keeps its
+    queue as ``read_streamed`` does: each wait is for the first completion, with as many reads
+    in flight as it may have (min(depth, reads not yet completed)), and a wait that leaves
+    reads to submit is followed by the refill. Before, it waited for depth/8 (2 of 16 here).
+    Counted through the syscall seams, not timed."""
+    from tierstore.tiers import page_reader
+
+    r, data = reader
+    pages = np.sort(np.random.default_rng(3).choice(700, 300, replace=False)).astype(np.int64)
+    total = len(page_reader._runs(pages)[0])
+    assert total > 3 * r.depth
+    log = _log_syscalls(monkeypatch, page_reader, r.depth, total)
+    got = r.read_pages(pages)
+    assert np.array_equal(got, data[pages])
+    waits = [e for e in log if e[0] == "wait"]
+    assert len(waits) >= 3
+    assert {e[1] for e in waits} == {1}, f"waited for {sorted({e[1] for e in waits})} completions, not the first"
+    assert all(e[2] for e in waits), "read_pages waited with fewer reads in flight than it could have queued"
+    for k, e in enumerate(log):
+        if e[0] == "wait" and e[3]:
+            assert log[k + 1][0] == "submit", f"step {k + 1} after a wait was {log[k + 1]}, not the refill"
+
+
+@pytest.mark.parametrize("streamed", [False, True])
+def test_a_refill_is_queued_a_few_reads_per_call(reader, monkeypatch, streamed):
+    """Every io_submit call of both readers asks for at most 4 reads (``_SUBMIT_GROUP``): the kernel
+    plugs the block layer for a call of more than two, so no read of a 32-read call reached the
+    disk until all 32 were prepared (~100 us at depth 32), and the reads came back in the same
+    convoys. Before, one call asked for every free slot (16 here at the start)."""
+    from tierstore.tiers import page_reader
+
+    r, data = reader
+    chunks = _chunks(8, 3)
+    pages = np.concatenate(chunks)
+    total = sum(len(page_reader._runs(p)[0]) for p in (chunks if streamed else [pages]))
+    log = _log_syscalls(monkeypatch, aio_stream if streamed else page_reader, r.depth, total)
+    if streamed:
+        got: dict[int, np.ndarray] = {}
+        bufs = [aligned_empty(max(map(len, chunks))) for _ in range(2)]
+        with ThreadPoolExecutor(2) as pool:
+            aio_stream.read_streamed(r, chunks, bufs, lambda i, b: got.__setitem__(i, b.copy()), pool)
+        assert all(np.array_equal(got[i], data[p]) for i, p in enumerate(chunks))
+    else:
+        assert np.array_equal(r.read_pages(pages), data[pages])
+    asked = [e[1] for e in log if e[0] == "submit"]
+    assert sum(e[2] for e in log if e[0] == "submit") == total
+    assert max(asked) <= 4 < r.depth, f"io_submit calls asked for {sorted(set(asked))} reads, not at most 4"
+    calls: list[int] = []  # a deep queue hides the plug: depth/8 per call (fewer syscalls)
+    assert page_reader._submit_grouped(lambda ctx, n, p: calls.append(n) or n, 0, 256, 0, 256) == 256
+    assert calls == [32] * 8
