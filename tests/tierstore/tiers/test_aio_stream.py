@@ -148,27 +148,7 @@ def test_the_queue_is_refilled_at_the_first_completion_before_any_booking(reader
     r, data = reader
     chunks = _chunks(6)
     total = sum(len(aio_stream._runs(p)[0]) for p in chunks)
-    log: list[tuple] = []
-    c = {"now": 0, "done": 0, "sub": 0}
-    submit, getevents = aio_stream._io_submit, aio_stream._io_getevents
-
-    def sub(ctx, n, ptrs):
-        got = submit(ctx, n, ptrs)
-        c["now"] += got
-        c["sub"] += got
-        log.append(("submit", got))
-        return got
-
-    def get(ctx, min_nr, events):
-        full = c["now"] == min(r.depth, total - c["done"])
-        got = getevents(ctx, min_nr, events)
-        c["now"] -= got
-        c["done"] += got
-        log.append(("wait", min_nr, full, c["sub"] < total))
-        return got
-
-    monkeypatch.setattr(aio_stream, "_io_submit", sub)
-    monkeypatch.setattr(aio_stream, "_io_getevents", get)
+    log = _log_syscalls(monkeypatch, aio_stream, r.depth, total)
     bufs = [aligned_empty(max(map(len, chunks))) for _ in chunks]  # every chunk has a buffer at once
     got: dict[int, np.ndarray] = {}
     with _LoggingPool(log, 2) as pool:
