@@ -42,6 +42,7 @@ from ..ids import out_of_range
 from ..tiers import CacheTier, DiskTier, SharedHostTier, Tier
 from ..tiers.cuda import capacity_error, to_device
 from ..tiers.hotset import TableSnapshot
+from ..tiers.placement import move_cpu
 from ..tiers.warm import TierWarmth, loaded_slots, warm_steps
 
 __all__ = ["Table"]
@@ -218,6 +219,12 @@ class Table:
             # on CUDA the slab is GPU memory and the gather a kernel on a stream)
             self._dev_bytes = (self.dev.slab.view(torch.uint8).numpy()
                                if self.dev.kind == CACHED and self.dev.slab.device.type == "cpu" else None)
+            # ... and the host slab's, for ``_move``'s compiled placement (tiers.placement): a
+            # host tier of ours in plain memory (not the read-only shared one)
+            self._host_bytes = (self.host.slab.view(torch.uint8).numpy()
+                                if self._dev_bytes is not None and isinstance(self.host, CacheTier)
+                                and self.host.slab.device.type == "cpu" and self.host.slab.is_contiguous()
+                                else None)
             # when a list: every lookup's start (its ids) and end, and every hint, in the order
             # the tiers saw them: concurrent lookups overlap, and a row another lookup is still
             # filling is read from below (tierstore.analysis.simulate.replay_events replays them exactly)
@@ -429,14 +436,22 @@ class Table:
 
     def _move(self, lk: Lookup, out: torch.Tensor) -> None:
         """The CPU path: device hits gathered into ``out``; every row below the device tier
-        placed (``_Placer``: into the device slots the walk admitted it to, and into its
-        positions of ``out``) as soon as it is here: host hits at once, rows from disk chunk
-        by chunk as the disk tier's reads of them finish (``DiskTier.read``'s ``on_chunk``),
-        so the copies overlap the reads of later chunks instead of following the last one."""
+        placed (into the device slots the walk admitted it to, and into its positions of
+        ``out``) as soon as it is here: host hits at once, rows from disk chunk by chunk as
+        the disk tier's reads of them finish (``DiskTier.read``'s ``on_chunk``), so the
+        copies overlap the reads of later chunks instead of following the last one. With
+        the device and host slabs in plain memory (``_host_bytes``) that is
+        ``tiers.placement.move_cpu``: one compiled call for the hits, one per disk chunk;
+        otherwise (the shared host tier) the numpy/torch calls below (``_Placer``)."""
         dev, host = self.dev, self.host
         d_slot, d_code, m = lk.d_slot, lk.d_code, lk.m
         if m == 0:  # every row on the device: one gather
             dev.gather(d_slot, out)
+            return
+        if self._host_bytes is not None and out.is_contiguous():  # two compiled calls + one per disk chunk
+            hits = move_cpu(lk, self._dev_bytes, self._host_bytes, out, self.disk)
+            if host.kind == RESIDENT:
+                host.resident_hits += hits  # as host.gather counts them
             return
         need, h_slot, h_code = lk.need[:m], lk.h_slot[:m], lk.h_code[:m]
         place = _Placer(lk, dev, out)
