@@ -11,10 +11,12 @@
 4. the output is assembled on the store's device: hits gathered straight from the device
    slab, every other row copied to its slots and output positions as soon as it is here
    (on the CPU, rows from disk chunk by chunk while later chunks are still read:
-   ``DiskTier.read(on_chunk=)``, ``_Placer``); leases are released.
+   ``DiskTier.read(on_chunk=)``; the copies are compiled calls on the slabs' bytes,
+   ``tiers.placement.move_cpu``, or with the shared host tier ``_Placer``); leases are released.
 
-Costs: O(batch) index work plus one gather per tier; the sorts are the walk's dedup and,
-unless the ids were sorted and unique, one stable argsort grouping output positions by row.
+Costs: O(batch) index work plus one gather per tier; the sorts are the walk's dedup and
+(``_Placer`` only) one stable argsort grouping output positions by row (``move_cpu`` groups
+them by a counting sort in its compiled call).
 
 On CUDA the bytes move by ``_move_cuda`` (never run: needs CUDA): the lookup's index arrays
 go up in one pinned non-blocking copy (tiers.cuda.to_device); host hits are gathered by the
@@ -22,7 +24,7 @@ CPU into pinned memory and copied up, or, with ``zero_copy``, read by the GPU st
 the pinned host slab; cold rows are read into pinned memory (POSIX) or straight into GPU
 memory (kvikio) and the rows the host tier admitted are copied down to it; the device slab
 orders its gathers and fills across streams with events (tiers.cuda.StreamFences). On the
-CPU, ``_move`` is the path it always was.
+CPU, ``_move``.
 """
 
 from __future__ import annotations
