@@ -11,10 +11,12 @@
 4. the output is assembled on the store's device: hits gathered straight from the device
    slab, every other row copied to its slots and output positions as soon as it is here
    (on the CPU, rows from disk chunk by chunk while later chunks are still read:
-   ``DiskTier.read(on_chunk=)``, ``_Placer``); leases are released.
+   ``DiskTier.read(on_chunk=)``; the copies are compiled calls on the slabs' bytes,
+   ``tiers.placement.move_cpu``, or with the shared host tier ``_Placer``); leases are released.
 
-Costs: O(batch) index work plus one gather per tier; the sorts are the walk's dedup and,
-unless the ids were sorted and unique, one stable argsort grouping output positions by row.
+Costs: O(batch) index work plus one gather per tier; the sorts are the walk's dedup and
+(``_Placer`` only) one stable argsort grouping output positions by row (``move_cpu`` groups
+them by a counting sort in its compiled call).
 
 On CUDA the bytes move by ``_move_cuda`` (never run: needs CUDA): the lookup's index arrays
 go up in one pinned non-blocking copy (tiers.cuda.to_device); host hits are gathered by the
@@ -22,7 +24,7 @@ CPU into pinned memory and copied up, or, with ``zero_copy``, read by the GPU st
 the pinned host slab; cold rows are read into pinned memory (POSIX) or straight into GPU
 memory (kvikio) and the rows the host tier admitted are copied down to it; the device slab
 orders its gathers and fills across streams with events (tiers.cuda.StreamFences). On the
-CPU, ``_move`` is the path it always was.
+CPU, ``_move``.
 """
 
 from __future__ import annotations
@@ -42,6 +44,7 @@ from ..ids import out_of_range
 from ..tiers import CacheTier, DiskTier, SharedHostTier, Tier
 from ..tiers.cuda import capacity_error, to_device
 from ..tiers.hotset import TableSnapshot
+from ..tiers.placement import move_cpu
 from ..tiers.warm import TierWarmth, loaded_slots, warm_steps
 
 __all__ = ["Table"]
@@ -218,6 +221,12 @@ class Table:
             # on CUDA the slab is GPU memory and the gather a kernel on a stream)
             self._dev_bytes = (self.dev.slab.view(torch.uint8).numpy()
                                if self.dev.kind == CACHED and self.dev.slab.device.type == "cpu" else None)
+            # ... and the host slab's, for ``_move``'s compiled placement (tiers.placement): a
+            # host tier of ours in plain memory (not the read-only shared one)
+            self._host_bytes = (self.host.slab.view(torch.uint8).numpy()
+                                if self._dev_bytes is not None and isinstance(self.host, CacheTier)
+                                and self.host.slab.device.type == "cpu" and self.host.slab.is_contiguous()
+                                else None)
             # when a list: every lookup's start (its ids) and end, and every hint, in the order
             # the tiers saw them: concurrent lookups overlap, and a row another lookup is still
             # filling is read from below (tierstore.analysis.simulate.replay_events replays them exactly)
@@ -429,14 +438,22 @@ class Table:
 
     def _move(self, lk: Lookup, out: torch.Tensor) -> None:
         """The CPU path: device hits gathered into ``out``; every row below the device tier
-        placed (``_Placer``: into the device slots the walk admitted it to, and into its
-        positions of ``out``) as soon as it is here: host hits at once, rows from disk chunk
-        by chunk as the disk tier's reads of them finish (``DiskTier.read``'s ``on_chunk``),
-        so the copies overlap the reads of later chunks instead of following the last one."""
+        placed (into the device slots the walk admitted it to, and into its positions of
+        ``out``) as soon as it is here: host hits at once, rows from disk chunk by chunk as
+        the disk tier's reads of them finish (``DiskTier.read``'s ``on_chunk``), so the
+        copies overlap the reads of later chunks instead of following the last one. With
+        the device and host slabs in plain memory (``_host_bytes``) that is
+        ``tiers.placement.move_cpu``: one compiled call for the hits, one per disk chunk;
+        otherwise (the shared host tier) the numpy/torch calls below (``_Placer``)."""
         dev, host = self.dev, self.host
         d_slot, d_code, m = lk.d_slot, lk.d_code, lk.m
         if m == 0:  # every row on the device: one gather
             dev.gather(d_slot, out)
+            return
+        if self._host_bytes is not None and out.is_contiguous():  # two compiled calls + one per disk chunk
+            hits = move_cpu(lk, self._dev_bytes, self._host_bytes, out, self.disk)
+            if host.kind == RESIDENT:
+                host.resident_hits += hits  # as host.gather counts them
             return
         need, h_slot, h_code = lk.need[:m], lk.h_slot[:m], lk.h_code[:m]
         place = _Placer(lk, dev, out)

@@ -76,7 +76,7 @@ def test_rows_are_cached_while_later_chunks_are_read(stores, monkeypatch):
     tiers.aio_stream; or each chunk's ``read_pages`` with another method): each submission
     records whether rows had been written into a cache tier by then. Before the chunked
     overlap, every copy came after the last read, so no submission saw one."""
-    from tierstore.tiers import aio_stream
+    from tierstore.tiers import aio_stream, placement
 
     paths, w = stores
     with tierstore.open(paths["plain"], device="cpu", device_budget=64 << 10, host_budget=256 << 10,
@@ -103,6 +103,18 @@ def test_rows_are_cached_while_later_chunks_are_read(stores, monkeypatch):
             placed.set()
             return real_dev(slots, rows)
 
+        def entries(args_memory, args_arrived):  # the compiled path (tiers.placement): its chunk kernel
+            memory, arrived = real_entries(args_memory, args_arrived)
+            if arrived is None:
+                return memory, None
+
+            def placing(*a):
+                placed.set()
+                return arrived(*a)
+            return memory, placing
+
+        real_entries = placement._entries
+        monkeypatch.setattr(placement, "_entries", entries)
         monkeypatch.setattr(aio_stream, "_io_submit", submit)
         table.disk.reader.read_pages, table.host.write, table.dev.write = read_pages, host_write, dev_write
         table.disk.reader.depth = 16  # a few reads in flight: the six chunks take many submissions

@@ -13,6 +13,7 @@ from safetensors.torch import save_file
 import tierstore
 from tierstore import StoreIOError, TierStoreError
 from tierstore.cache import CacheIndex
+from tierstore.tiers import placement
 from tierstore.cache.index import slots_within
 from tierstore.cache.layout import M_NREF
 
@@ -31,8 +32,9 @@ def store_and_weight(tmp_path, small_ckpt):
 def test_lease_keeps_rows_until_gathered(store_and_weight, monkeypatch):
     """Between looking rows up and copying them out, another lookup evicts the whole cache.
 
-    The seam is the device tier's gather, wrapped by the test: the outer lookup's bookkeeping
-    is done and its rows leased when its bytes are copied out, and right then a nested lookup
+    The seam is the device tier's gather (on the CPU, the compiled placement's copy:
+    tiers.placement), wrapped by the test: the outer lookup's bookkeeping is done and its
+    rows leased when its bytes are copied out, and right then a nested lookup
     of 8 other rows runs. With leases the outer lookup still returns its rows; with leases
     disabled the same sequence returns rows that were overwritten (so this test can fail).
     """
@@ -45,7 +47,7 @@ def test_lease_keeps_rows_until_gathered(store_and_weight, monkeypatch):
             nested = {"done": False}
             real_gather = table.dev.gather
 
-            def evict_everything_then_gather(*args, **kwargs):
+            def evict_everything():
                 if not nested["done"]:
                     nested["done"] = True
                     ref, M = table.dev.index.refcount, table.dev.index.state[0]
@@ -56,8 +58,21 @@ def test_lease_keeps_rows_until_gathered(store_and_weight, monkeypatch):
                     table.gather(np.arange(100, 108), torch.empty(8, 64).view(torch.int32))
                     ref[:] = held
                     M[M_NREF] = n_ref
+
+            def evict_everything_then_gather(*args, **kwargs):
+                evict_everything()
                 return real_gather(*args, **kwargs)
 
+            def entries(args_memory, args_arrived):  # the compiled CPU path copies device hits itself
+                memory, arrived = real_entries(args_memory, args_arrived)
+
+                def evict_everything_then_copy(*a):
+                    evict_everything()
+                    return memory(*a)
+                return evict_everything_then_copy, arrived
+
+            real_entries = placement._entries
+            monkeypatch.setattr(placement, "_entries", entries)
             monkeypatch.setattr(table.dev, "gather", evict_everything_then_gather)
             got = store.lookup(T1, np.arange(8))
             assert nested["done"], "the outer lookup never reached the device tier's gather"
