@@ -222,9 +222,9 @@ class Table:
             self._dev_bytes = (self.dev.slab.view(torch.uint8).numpy()
                                if self.dev.kind == CACHED and self.dev.slab.device.type == "cpu" else None)
             # ... and the host slab's, for ``_move``'s compiled placement (tiers.placement): a
-            # host tier of ours in plain memory (not the read-only shared one)
+            # host tier of ours in plain memory (not the read-only shared one, which arrives filled)
             self._host_bytes = (self.host.slab.view(torch.uint8).numpy()
-                                if self._dev_bytes is not None and isinstance(self.host, CacheTier)
+                                if self._dev_bytes is not None and not self.host.arrives_filled
                                 and self.host.slab.device.type == "cpu" and self.host.slab.is_contiguous()
                                 else None)
             # when a list: every lookup's start (its ids) and end, and every hint, in the order
