@@ -163,6 +163,20 @@ def test_the_queue_is_refilled_at_the_first_completion_before_any_booking(reader
             assert log[k + 1][0] == "submit", f"step {k + 1} after a wait was {log[k + 1]}, not the refill"
 
 
+def _read_exactly(r, data, chunks, streamed: bool) -> None:
+    """Read ``chunks`` with the streamed reader (two buffers, two overlap threads) or as one
+    ``read_pages`` batch, and check every page against ``data``."""
+    if streamed:
+        got: dict[int, np.ndarray] = {}
+        bufs = [aligned_empty(max(map(len, chunks))) for _ in range(2)]
+        with ThreadPoolExecutor(2) as pool:
+            aio_stream.read_streamed(r, chunks, bufs, lambda i, b: got.__setitem__(i, b.copy()), pool)
+        assert all(np.array_equal(got[i], data[p]) for i, p in enumerate(chunks))
+    else:
+        pages = np.concatenate(chunks)
+        assert np.array_equal(r.read_pages(pages), data[pages])
+
+
 def _log_syscalls(monkeypatch, module, depth: int, total: int) -> list[tuple]:
     """Patch ``module``'s io_submit and io_getevents to log each call: ("submit", n asked,
     n queued) and ("wait", min_nr, queue full before it, reads left to submit)."""
@@ -227,14 +241,7 @@ def test_a_refill_is_queued_a_few_reads_per_call(reader, monkeypatch, streamed):
     pages = np.concatenate(chunks)
     total = sum(len(page_reader._runs(p)[0]) for p in (chunks if streamed else [pages]))
     log = _log_syscalls(monkeypatch, aio_stream if streamed else page_reader, r.depth, total)
-    if streamed:
-        got: dict[int, np.ndarray] = {}
-        bufs = [aligned_empty(max(map(len, chunks))) for _ in range(2)]
-        with ThreadPoolExecutor(2) as pool:
-            aio_stream.read_streamed(r, chunks, bufs, lambda i, b: got.__setitem__(i, b.copy()), pool)
-        assert all(np.array_equal(got[i], data[p]) for i, p in enumerate(chunks))
-    else:
-        assert np.array_equal(r.read_pages(pages), data[pages])
+    _read_exactly(r, data, chunks, streamed)
     asked = [e[1] for e in log if e[0] == "submit"]
     assert sum(e[2] for e in log if e[0] == "submit") == total
     assert max(asked) <= 4 < r.depth, f"io_submit calls asked for {sorted(set(asked))} reads, not at most 4"
@@ -303,14 +310,6 @@ def test_a_refill_cut_short_by_eagain_is_retried_and_rows_are_exact(reader, monk
     chunks = _chunks(11, 3)
     total = sum(len(page_reader._runs(p)[0]) for p in chunks) if streamed else \
         len(page_reader._runs(np.concatenate(chunks))[0])
-    if streamed:
-        got: dict[int, np.ndarray] = {}
-        bufs = [aligned_empty(max(map(len, chunks))) for _ in range(2)]
-        with ThreadPoolExecutor(2) as pool:
-            aio_stream.read_streamed(r, chunks, bufs, lambda i, b: got.__setitem__(i, b.copy()), pool)
-        assert all(np.array_equal(got[i], data[p]) for i, p in enumerate(chunks))
-    else:
-        pages = np.concatenate(chunks)
-        assert np.array_equal(r.read_pages(pages), data[pages])
+    _read_exactly(r, data, chunks, streamed)
     assert c["failed"] >= 3, c
     assert c["queued"] == total, (c, total)  # each read queued exactly once
