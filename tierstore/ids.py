@@ -124,10 +124,7 @@ def as_row_ids(ids: IdLike, rows: int, *, where: str, copy: bool = True, check: 
     if flat.dtype != np.int64 or not flat.flags.c_contiguous:
         if flat.dtype.kind == "u":  # compare unsigned values before any conversion can wrap them
             if flat.size and flat.max() >= rows:
-                bad = flat.max()
-                pos = int(np.flatnonzero(flat == bad)[0])
-                raise InvalidIdError(f"id {int(bad)} at flat position {pos} is out of range for {where} "
-                                     f"with {rows} rows (valid ids are 0..{rows - 1})")
+                raise out_of_range(flat, int(np.argmax(flat)), rows, where)  # the first largest
         flat = np.ascontiguousarray(flat, dtype=np.int64)
     if check and flat.size:
         pos = _range_check(flat, rows)
