@@ -28,7 +28,7 @@ def warm(policies: list[str], *, simulator: bool, progress: bool = True) -> dict
 
     import tierstore
     from tierstore.format.profile import save_profile
-    from tierstore.tiers.aio_stream import warm_kernels
+    from tierstore.tiers.page_reader import warm_kernels
 
     warm_kernels()  # the cold path's completion booking: the tiny store below reads no large batch
     rows, dim = 4096, 8

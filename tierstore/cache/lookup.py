@@ -24,6 +24,7 @@ __all__ = ["Lookup", "Walker"]
 
 _NO_LIMIT = int(np.iinfo(np.int64).max)  # announce's range when the caller checked the ids
 
+
 class Lookup:
     """One lookup between its bookkeeping (``Walker.begin``) and its end: the walk's per-id
     outputs (tierstore.cache.walk.lookup) and how many leases each tier holds for it."""

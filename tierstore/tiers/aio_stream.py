@@ -73,12 +73,6 @@ def read_streamed(reader: PageReader, chunks: Sequence[np.ndarray], bufs: Sequen
             reader._cv.notify_all()
 
 
-def warm_kernels() -> None:
-    """Compile (or load) ``_record`` now: ``tierstore warmup`` calls it."""
-    _record(np.zeros((1, 4), dtype=np.int64), 0, np.zeros(1, dtype=np.int64), np.zeros(1, dtype=np.int64),
-            np.zeros(1, dtype=np.int64))
-
-
 def _stream(reader: PageReader, chunks: Sequence[np.ndarray], bufs: Sequence[np.ndarray],
             process: Callable[[int, np.ndarray], object], pool: ThreadPoolExecutor) -> None:
     n = len(chunks)

@@ -150,6 +150,12 @@ def _record(events: np.ndarray, got: int, res: np.ndarray, left: np.ndarray, don
     return n_done
 
 
+def warm_kernels() -> None:
+    """Compile (or load) ``_record`` now: ``tierstore warmup`` calls it."""
+    z = np.zeros(1, dtype=np.int64)
+    _record(np.zeros((1, 4), dtype=np.int64), 0, z, z, z)
+
+
 class _AioContext:
     """One kernel AIO context with room for ``depth`` reads in flight, and its event buffer."""
 
