@@ -44,10 +44,10 @@ def _device_slab_exact(s: tierstore.Store, w: torch.Tensor) -> int:
 @pytest.mark.parametrize("parallel", [True, False])
 @pytest.mark.parametrize("policy", ["static", "default"])
 def test_device_rows_are_copied_from_the_host_slab_before_its_index_is_built(store, monkeypatch, policy, parallel):
-    """Each index build waits here for the host tier's snapshot read to end; by then the device
-    tier's placed rows are already in its slab (copied as each step was checked), before its
-    index says which rows it places. On the old code nothing was copied until both builds and
-    the host load had ended."""
+    """Each index build waits here for the host tier's snapshot read to end and for the copy
+    thread to copy what it checked; the device tier's placed rows are then in its slab before
+    its index says which rows it places. On the old code nothing was copied until both builds
+    and the host load had ended."""
     from tierstore.tiers.hotset import EarlyCopy
 
     path, w, counts = store
@@ -75,6 +75,9 @@ def test_device_rows_are_copied_from_the_host_slab_before_its_index_is_built(sto
 
     def index(*a, **kw):
         assert read_done.wait(timeout=10), "the host tier's snapshot read never ended"
+        copier = copies[0]._thread  # the copy thread ends once it has copied what the reads checked
+        if copier is not None:
+            copier.join(timeout=10)
         copied_before_build.append(copies[0].copied)
         return real_index(*a, **kw)
 
