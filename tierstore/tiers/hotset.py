@@ -400,13 +400,7 @@ class EarlyLoad:
         self.limit = min(self.limit, len(rows))
         self._thread.join()  # the snapshot is this thread's alone again
         n = min(self.loaded, len(rows))
-        if n == 0 or _run_first(slots[:n]) != 0:
-            return 0
-        try:
-            pos = self.snapshot.positions(rows[:n])
-        except (CorruptDataError, StoreIOError):
-            return 0
-        return n if np.array_equal(pos, np.arange(n)) else 0
+        return n if _snapshot_prefix(self.snapshot, rows[:n], slots[:n]) else 0
 
     def wait(self) -> None:
         """Until the reads have ended (the thread stops by itself at ``limit``, or at an error)."""
@@ -496,13 +490,7 @@ class EarlyCopy:
                 self._thread.join()
         self.stop()
         n = min(self.copied, len(rows))
-        if early is None or n == 0 or _run_first(slots[:n]) != 0:
-            return 0
-        try:
-            pos = early.snapshot.positions(rows[:n])
-        except (CorruptDataError, StoreIOError):
-            return 0
-        return n if np.array_equal(pos, np.arange(n)) else 0
+        return n if early is not None and _snapshot_prefix(early.snapshot, rows[:n], slots[:n]) else 0
 
     def stop(self) -> None:
         """No more copies into the device slab (it is about to be loaded otherwise or freed)."""
@@ -513,6 +501,31 @@ class EarlyCopy:
         if thread is not None:
             thread.join()
         self._dst = None
+
+
+_CHECK_STEP = 1 << 16  # entries per step of ``_snapshot_prefix``'s comparisons (cache-sized)
+
+
+def _snapshot_prefix(snapshot: TableSnapshot, rows: np.ndarray, slots: np.ndarray) -> bool:
+    """Whether ``rows[i]`` is the snapshot's rank ``i`` and sits in slot ``i``, for every i
+    (``rows`` non-empty): what the early loads keep is then exactly what the ordinary load
+    would have put there. Compared a cache-sized step at a time: at 6M placed rows the
+    whole-array form (a rank per row, ``np.diff``, ``np.arange``: temporaries of 48 MB, each
+    page faulted in) cost 0.15-0.9 s after the index build, on open's critical path."""
+    n = len(rows)
+    if n == 0:
+        return False
+    try:
+        ids = snapshot._prefix(n)
+    except (CorruptDataError, StoreIOError):
+        return False
+    if len(ids) < n:
+        return False
+    for a in range(0, n, _CHECK_STEP):
+        b = min(n, a + _CHECK_STEP)
+        if not np.array_equal(ids[a:b], rows[a:b]) or _run_first(slots[a:b]) != a:
+            return False
+    return True
 
 
 class _Stale(TierStoreError):
