@@ -25,7 +25,8 @@ from ..ranking import TopProfile
 from .base import Tier
 from .cuda import StreamFences, capacity_error
 from .disk import DiskTier
-from .hotset import PRELOAD_BYTES, EarlyCopy, EarlyLoad, OpenStats, TableSnapshot, load_slots, placed_slots
+from .hotset import (PRELOAD_BYTES, EarlyCopy, EarlyLoad, OpenStats, TableSnapshot, load_slots, loaded_early,
+                     placed_run, placed_slots)
 from .page_reader import aligned_empty
 from .slab import SlabTier
 
@@ -189,7 +190,17 @@ class CacheTier(SlabTier):
                                             bytes_read=disk.bytes_read - b0)
             self.open_stats.seconds = time.perf_counter() - t0
         elif self.kind == CACHED:  # the rows the index placed at construction (static hot set)
-            slots, rows = placed_slots(self.index.row_of_slot, self.index.size)  # slot order: rank order
+            ros, size = self.index.row_of_slot, self.index.size
+            early = self.early if self.fed_by is None else self.fed_by if self.early is None else None
+            if early is not None and size and placed_run(ros, size):
+                # the usual case: slots [0, size) hold ranks [0, size), all in early: checked on
+                # the int32 slot table itself (no int64 copies of it: 0.02-0.27 s at 6M slots)
+                if early.finish(ros[:size], None) == size:
+                    self.early = self.fed_by = None
+                    self.open_stats = loaded_early(size, from_snapshot=isinstance(early, EarlyLoad),
+                                                   snapshot=snapshot, t0=t0)
+                    return
+            slots, rows = placed_slots(ros, size)  # slot order: rank order
             in_place = copied = 0
             if self.early is not None:  # read while the index was built: keep what checks out
                 in_place = self.early.finish(rows, slots)

@@ -63,7 +63,7 @@ if TYPE_CHECKING:
     from .base import Tier
     from .disk import DiskTier
 
-__all__ = ["TableSnapshot", "OpenStats", "EarlyLoad", "EarlyCopy", "load_slots", "placed_run", "placed_slots", "host_slots", "on_device",
+__all__ = ["TableSnapshot", "OpenStats", "EarlyLoad", "EarlyCopy", "load_slots", "loaded_early", "placed_run", "placed_slots", "host_slots", "on_device",
            "run_start", "PRELOAD_BYTES", "READS_AHEAD"]
 
 # bytes of rows per load step at open: the staging, not the whole hot set (a host tier of
@@ -393,14 +393,14 @@ class EarlyLoad:
             if self.feed is not None:
                 self.feed.end()
 
-    def finish(self, rows: np.ndarray, slots: np.ndarray) -> int:
+    def finish(self, rows: np.ndarray, slots: np.ndarray | None) -> int:
         """How many leading placed rows are in place: ``rows[i]`` in slot ``slots[i]`` =
         ``i`` for ``i`` below the return value (0 when the placement is not the snapshot's
-        prefix in slot order). Waits for the reads."""
+        prefix in slot order; ``slots`` None: ``rows[i]`` is in slot i). Waits for the reads."""
         self.limit = min(self.limit, len(rows))
         self._thread.join()  # the snapshot is this thread's alone again
         n = min(self.loaded, len(rows))
-        return n if _snapshot_prefix(self.snapshot, rows[:n], slots[:n]) else 0
+        return n if _snapshot_prefix(self.snapshot, rows[:n], None if slots is None else slots[:n]) else 0
 
     def wait(self) -> None:
         """Until the reads have ended (the thread stops by itself at ``limit``, or at an error)."""
@@ -479,10 +479,11 @@ class EarlyCopy:
             with self._cv:
                 self.copied = end
 
-    def finish(self, rows: np.ndarray, slots: np.ndarray) -> int:
+    def finish(self, rows: np.ndarray, slots: np.ndarray | None) -> int:
         """How many leading placed device rows are in place: ``rows[i]`` in slot ``slots[i]`` =
         ``i`` for ``i`` below the return value (0 when the placement is not the snapshot's
-        prefix in slot order). Waits for the source's reads and the copies of what they checked."""
+        prefix in slot order; ``slots`` None: ``rows[i]`` is in slot i). Waits for the source's
+        reads and the copies of what they checked."""
         early = self._early
         if early is not None:
             early.wait()  # its reads have ended: the copy thread copies the rest and returns
@@ -490,7 +491,8 @@ class EarlyCopy:
                 self._thread.join()
         self.stop()
         n = min(self.copied, len(rows))
-        return n if early is not None and _snapshot_prefix(early.snapshot, rows[:n], slots[:n]) else 0
+        return n if early is not None and _snapshot_prefix(early.snapshot, rows[:n],
+                                                           None if slots is None else slots[:n]) else 0
 
     def stop(self) -> None:
         """No more copies into the device slab (it is about to be loaded otherwise or freed)."""
@@ -506,10 +508,10 @@ class EarlyCopy:
 _CHECK_STEP = 1 << 16  # entries per step of ``_snapshot_prefix``'s comparisons (cache-sized)
 
 
-def _snapshot_prefix(snapshot: TableSnapshot, rows: np.ndarray, slots: np.ndarray) -> bool:
-    """Whether ``rows[i]`` is the snapshot's rank ``i`` and sits in slot ``i``, for every i
-    (``rows`` non-empty): what the early loads keep is then exactly what the ordinary load
-    would have put there. Compared a cache-sized step at a time: at 6M placed rows the
+def _snapshot_prefix(snapshot: TableSnapshot, rows: np.ndarray, slots: np.ndarray | None) -> bool:
+    """Whether ``rows[i]`` is the snapshot's rank ``i`` and sits in slot ``i`` (``slots[i]``;
+    None: known to), for every i (``rows`` non-empty): what the early loads keep is then
+    exactly what the ordinary load would have put there. Compared a cache-sized step at a time: at 6M placed rows the
     whole-array form (a rank per row, ``np.diff``, ``np.arange``: temporaries of 48 MB, each
     page faulted in) cost 0.15-0.9 s after the index build, on open's critical path."""
     n = len(rows)
@@ -523,7 +525,7 @@ def _snapshot_prefix(snapshot: TableSnapshot, rows: np.ndarray, slots: np.ndarra
         return False
     for a in range(0, n, _CHECK_STEP):
         b = min(n, a + _CHECK_STEP)
-        if not np.array_equal(ids[a:b], rows[a:b]) or _run_first(slots[a:b]) != a:
+        if not np.array_equal(ids[a:b], rows[a:b]) or (slots is not None and _run_first(slots[a:b]) != a):
             return False
     return True
 
@@ -602,6 +604,18 @@ def placed_slots(ros: np.ndarray, size: int) -> tuple[np.ndarray, np.ndarray]:
         return np.arange(size, dtype=np.int64), ros[:size].astype(np.int64)
     slots = np.flatnonzero(ros >= 0).astype(np.int64)
     return slots, ros[slots].astype(np.int64)
+
+
+def loaded_early(n: int, *, from_snapshot: bool, snapshot: TableSnapshot | None, t0: float) -> OpenStats:
+    """The ``OpenStats`` of a tier whose ``n`` placed rows all came in early (``EarlyLoad``:
+    ``from_snapshot``; else ``EarlyCopy``, from the host slab), as ``load_slots`` would count
+    them, its snapshot bytes included; ``t0``: when the tier's preload began."""
+    st = OpenStats(rows_loaded=n, from_snapshot=n if from_snapshot else 0, from_source=0 if from_snapshot else n)
+    if snapshot is not None:
+        st.bytes_read = snapshot.bytes_read - snapshot.claimed
+        snapshot.claimed = snapshot.bytes_read
+    st.seconds = time.perf_counter() - t0
+    return st
 
 
 def load_slots(tier: Tier, slots: np.ndarray, rows: np.ndarray, *, disk: DiskTier, source: Tier | None = None,

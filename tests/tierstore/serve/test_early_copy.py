@@ -193,3 +193,44 @@ def test_a_failed_device_build_stops_the_copies(store, monkeypatch):
         tierstore.open(path, policy="static", **BUDGETS)
     assert copies and all(c._dst is None for c in copies)
     assert not [t for t in threading.enumerate() if t.name == "tierstore-early-load"]
+
+
+def _open_state(s: tierstore.Store) -> dict:
+    """Each cache tier's placed slots, their bytes and what open says it loaded (less seconds)."""
+    out = {}
+    for name in ("host", "device"):
+        tier = getattr(s._tables[T], "host" if name == "host" else "dev")
+        ros = tier.index.row_of_slot.copy()
+        held = torch.from_numpy(np.flatnonzero(ros >= 0))
+        stats = {k: v for k, v in s.stats()["open"][name].items() if k != "seconds"}
+        out[name] = (ros, tier.slab[held].view(torch.int16).clone(), stats)
+    return out
+
+
+@pytest.mark.parametrize("policy", ["static", "default"])
+def test_open_ends_in_the_state_of_the_ordinary_load(store, monkeypatch, policy):
+    """With the early read and copy (their rows checked on the slot table itself, no int64
+    copy of it: ``placed_slots`` is never called) open ends with the same placed slots, the
+    same bytes in them and the same counts as the ordinary load (early loads switched off)."""
+    path, w, counts = store
+    tierstore.save_snapshot(path)
+    calls: list[int] = []
+    real = cache_mod.placed_slots
+
+    def placed_slots(ros, size):
+        calls.append(size)
+        return real(ros, size)
+
+    monkeypatch.setattr(cache_mod, "placed_slots", placed_slots)
+    with tierstore.open(path, policy=policy, **BUDGETS) as s:
+        early = _open_state(s)
+        _check_rows(s, w, counts)
+    assert calls == [], "a tier loaded early still made the int64 copies of its slot table"
+    monkeypatch.setattr(hotset.EarlyLoad, "POLICIES", ())  # the control: every tier loads the ordinary way
+    with tierstore.open(path, policy=policy, **BUDGETS) as s:
+        ordinary = _open_state(s)
+    assert len(calls) == 2
+    for name in ("host", "device"):
+        (ros_a, bytes_a, st_a), (ros_b, bytes_b, st_b) = early[name], ordinary[name]
+        assert np.array_equal(ros_a, ros_b) and torch.equal(bytes_a, bytes_b), name
+        assert st_a == st_b, (name, st_a, st_b)
