@@ -28,6 +28,8 @@ iflag=direct`` of the snapshot. With ``warm="open"`` and a policy that places th
 own ranking prefix in slot order (``static``, ``default``), that read starts when the host
 slab is allocated, on a thread of its own, while the index is built (``EarlyLoad``): the two
 used to run one after the other (at 12 GiB / 4 GiB host, 3.6 s of load after ~4 s of index).
+The device tier's rows, the first of those ranks, are copied from the host slab by another
+thread as each step is checked (``EarlyCopy``), instead of after both builds and the host load.
 
 ``OpenStats`` records, per tier, rows loaded from each source, bytes read and seconds: the
 ``stats()["open"]`` of the store.
