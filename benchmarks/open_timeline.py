@@ -17,16 +17,18 @@ from typing import Any
 
 __all__ = ["Timeline", "format_phases"]
 
-# (module, class or None, function): the phases, in the order an open meets them
+# (module, class, function): the phases, in the order an open meets them
 _PHASES = (
     ("tierstore.serve.store", "Store", "_ranking"),
     ("tierstore.tiers.cache", "CacheTier", "__init__"),
     ("tierstore.tiers.cache", "Prefault", "_run"),
     ("tierstore.cache.index", "CacheIndex", "__init__"),
-    ("tierstore.tiers.hotset", "EarlyLoad", "_read"),
+    ("tierstore.tiers.early", "EarlyLoad", "_read"),
+    ("tierstore.tiers.early", "EarlyLoad", "finish"),
+    ("tierstore.tiers.hotset", "EarlyLoad", "_read"),  # where older checkouts keep it
     ("tierstore.tiers.hotset", "EarlyLoad", "finish"),
-    ("tierstore.tiers.hotset", "EarlyCopy", "_run"),
-    ("tierstore.tiers.hotset", "EarlyCopy", "finish"),
+    ("tierstore.tiers.early", "EarlyCopy", "_run"),
+    ("tierstore.tiers.early", "EarlyCopy", "finish"),
     ("tierstore.tiers.cache", "CacheTier", "preload"),
 )
 
@@ -48,7 +50,10 @@ class Timeline:
         import importlib
 
         for mod_name, cls_name, fn_name in _PHASES:
-            owner = getattr(importlib.import_module(mod_name), cls_name, None)
+            try:
+                owner = getattr(importlib.import_module(mod_name), cls_name, None)
+            except ModuleNotFoundError:  # an older checkout
+                continue
             if owner is not None and hasattr(owner, fn_name):
                 setattr(owner, fn_name, self._wrapped(getattr(owner, fn_name), f"{cls_name}.{fn_name}"))
         return self

@@ -43,7 +43,8 @@ from ..format.spec import TableInfo
 from ..ids import out_of_range
 from ..tiers import CacheTier, DiskTier, SharedHostTier, Tier
 from ..tiers.cuda import capacity_error, to_device
-from ..tiers.hotset import EarlyCopy, TableSnapshot
+from ..tiers.early import EarlyCopy
+from ..tiers.hotset import TableSnapshot
 from ..tiers.placement import move_cpu
 from ..tiers.warm import TierWarmth, loaded_slots, warm_steps
 

@@ -25,8 +25,8 @@ from ..ranking import TopProfile
 from .base import Tier
 from .cuda import StreamFences, capacity_error
 from .disk import DiskTier
-from .hotset import (PRELOAD_BYTES, EarlyCopy, EarlyLoad, OpenStats, TableSnapshot, load_slots, loaded_early,
-                     placed_run, placed_slots)
+from .early import EarlyCopy, EarlyLoad, loaded_early
+from .hotset import PRELOAD_BYTES, OpenStats, TableSnapshot, load_slots, placed_run, placed_slots
 from .page_reader import aligned_empty
 from .slab import SlabTier
 
@@ -137,10 +137,10 @@ class CacheTier(SlabTier):
                 n = min(n, len(profile.rows))
             self.prefault = Prefault(self.slab[:n].view(torch.uint8).numpy().reshape(-1))
         # ``snapshot`` (open with warm="open"): read the rows the index will place while it is
-        # built, when they are known before it (hotset.EarlyLoad)
+        # built, when they are known before it (tiers.early)
         self.early: EarlyLoad | None = None
         # ``feed`` (the host tier): the rows it reads early go on to the device tier's slab too;
-        # ``fed_by`` (the device tier): its placed rows come that way (hotset.EarlyCopy)
+        # ``fed_by`` (the device tier): its placed rows come that way (tiers.early.EarlyCopy)
         self.fed_by: EarlyCopy | None = None
         name = policy if isinstance(policy, str) else policy.name
         prefix = (device.type == "cpu" and not self.resident and self.capacity > 0 and pinned_rows is None

@@ -1,4 +1,4 @@
-"""Open fills the device tier from the host slab while the indexes are built (``tiers.hotset.EarlyCopy``).
+"""Open fills the device tier from the host slab while the indexes are built (``tiers.early.EarlyCopy``).
 
 With ``warm="open"`` and a policy that places a prefix of the snapshot's ranking in slot
 order (``static``, ``default``), the host tier's early load (``EarlyLoad``) reads ranks
@@ -21,6 +21,7 @@ import torch
 import tierstore
 from tierstore.serve import table as table_mod
 from tierstore.tiers import cache as cache_mod
+from tierstore.tiers import early as early_mod
 from tierstore.tiers import hotset
 from tierstore.tiers.hotset import TableSnapshot
 
@@ -48,7 +49,7 @@ def test_device_rows_are_copied_from_the_host_slab_before_its_index_is_built(sto
     thread to copy what it checked; the device tier's placed rows are then in its slab before
     its index says which rows it places. On the old code nothing was copied until both builds
     and the host load had ended."""
-    from tierstore.tiers.hotset import EarlyCopy
+    from tierstore.tiers.early import EarlyCopy
 
     path, w, counts = store
     tierstore.save_snapshot(path)
@@ -119,13 +120,13 @@ def test_rows_not_copied_fill_the_ordinary_way(store, monkeypatch):
     path, w, counts = store
     tierstore.save_snapshot(path)
     monkeypatch.setattr(hotset, "PRELOAD_BYTES", 64 << 10)  # steps of 256 rows of 256 bytes
-    real_advance = hotset.EarlyCopy.advance
+    real_advance = early_mod.EarlyCopy.advance
 
     def advance(self, k):
         real_advance(self, min(k, 100))  # only the first 100 rows ever reach the device slab
-        raise hotset._Enough
+        raise early_mod._Enough
 
-    monkeypatch.setattr(hotset.EarlyCopy, "advance", advance)
+    monkeypatch.setattr(early_mod.EarlyCopy, "advance", advance)
     with tierstore.open(path, policy="static", **BUDGETS) as s:
         d = _device_slab_exact(s, w)
         o = s.stats()["open"]["device"]
@@ -148,9 +149,9 @@ def test_finish_keeps_only_the_snapshot_prefix_in_slot_order(store):
         src = np.zeros((n, info.row_bytes), np.uint8)
         slots = np.arange(d, dtype=np.int64)
 
-        def copy() -> tuple[hotset.EarlyCopy, np.ndarray]:
-            feed, dst = hotset.EarlyCopy(), np.zeros((d, info.row_bytes), np.uint8)
-            early = hotset.EarlyLoad(snap, src, feed=feed)
+        def copy() -> tuple[early_mod.EarlyCopy, np.ndarray]:
+            feed, dst = early_mod.EarlyCopy(), np.zeros((d, info.row_bytes), np.uint8)
+            early = early_mod.EarlyLoad(snap, src, feed=feed)
             early.wait()
             feed.follow(dst)
             return feed, dst
@@ -174,7 +175,7 @@ def test_a_failed_device_build_stops_the_copies(store, monkeypatch):
     path, w, counts = store
     tierstore.save_snapshot(path)
     copies = []
-    real_init = hotset.EarlyCopy.__init__
+    real_init = early_mod.EarlyCopy.__init__
 
     def init(self):
         real_init(self)
@@ -187,7 +188,7 @@ def test_a_failed_device_build_stops_the_copies(store, monkeypatch):
             raise RuntimeError("injected: the device index build failed")
         return real_index(n_rows, capacity, *a, **kw)
 
-    monkeypatch.setattr(hotset.EarlyCopy, "__init__", init)
+    monkeypatch.setattr(early_mod.EarlyCopy, "__init__", init)
     monkeypatch.setattr(cache_mod, "CacheIndex", index)
     with pytest.raises(RuntimeError, match="injected"):
         tierstore.open(path, policy="static", **BUDGETS)
@@ -226,7 +227,7 @@ def test_open_ends_in_the_state_of_the_ordinary_load(store, monkeypatch, policy)
         early = _open_state(s)
         _check_rows(s, w, counts)
     assert calls == [], "a tier loaded early still made the int64 copies of its slot table"
-    monkeypatch.setattr(hotset.EarlyLoad, "POLICIES", ())  # the control: every tier loads the ordinary way
+    monkeypatch.setattr(early_mod.EarlyLoad, "POLICIES", ())  # the control: every tier loads the ordinary way
     with tierstore.open(path, policy=policy, **BUDGETS) as s:
         ordinary = _open_state(s)
     assert len(calls) == 2

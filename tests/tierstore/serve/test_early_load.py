@@ -1,4 +1,4 @@
-"""Open reads the hot-set snapshot while the cache index is built (``tiers.hotset.EarlyLoad``).
+"""Open reads the hot-set snapshot while the cache index is built (``tiers.early.EarlyLoad``).
 
 With ``warm="open"`` and a policy that places a prefix of the snapshot's own ranking in slot
 order (``static``, ``default``), the host tier's rows are read into its slab on a thread of
@@ -18,7 +18,8 @@ import torch
 
 import tierstore
 from tierstore.tiers import cache as cache_mod
-from tierstore.tiers.hotset import EarlyLoad, TableSnapshot
+from tierstore.tiers.early import EarlyLoad
+from tierstore.tiers.hotset import TableSnapshot
 from tierstore.tiers.page_reader import aligned_empty
 
 from . import test_snapshot as snapshot_tests
@@ -131,9 +132,10 @@ def test_the_prefix_check_agrees_with_the_rank_lookup(store, monkeypatch, step):
     """``_snapshot_prefix`` (compared a step at a time) says yes exactly when the old check
     did: every row's rank by ``positions`` is its index and the slots run 0, 1, ...; swaps,
     shifts and a foreign row in a late step are refused."""
+    from tierstore.tiers import early as early_mod
     from tierstore.tiers import hotset
 
-    monkeypatch.setattr(hotset, "_CHECK_STEP", step)
+    monkeypatch.setattr(early_mod, "_CHECK_STEP", step)
     path, w, counts = store
     tierstore.save_snapshot(path)
     with tierstore.open(path, policy="static", **BUDGETS) as s:
@@ -161,8 +163,8 @@ def test_the_prefix_check_agrees_with_the_rank_lookup(store, monkeypatch, step):
                 r3[j] = info.rows - 1 - r3[j]
                 cases += [(r2, slots), (rows, s2), (r3, slots)]
             for r, sl in cases:
-                assert hotset._snapshot_prefix(snap, r, sl) == old(r, sl), (n, r[:10], sl[:10])
-        assert hotset._snapshot_prefix(snap, ids[:3000], np.arange(3000))
-        assert not hotset._snapshot_prefix(snap, ids[:0], np.arange(0))
+                assert early_mod._snapshot_prefix(snap, r, sl) == old(r, sl), (n, r[:10], sl[:10])
+        assert early_mod._snapshot_prefix(snap, ids[:3000], np.arange(3000))
+        assert not early_mod._snapshot_prefix(snap, ids[:0], np.arange(0))
     finally:
         snap.close()
