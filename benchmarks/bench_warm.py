@@ -39,6 +39,10 @@ each dd). Medians and ratios to dd; with ``--baseline``, the other tree's opens 
 
     python -m benchmarks.bench_warm --vs-dd [--size 3GiB] [--hot 1GiB] [--rounds 5] [--baseline /tmp/main-checkout]
 
+``--timeline`` (with ``--vs-dd``): each open's phases (the ranking, each tier's index build,
+the slab prefaults, the early snapshot read, the device tier's copy, the preloads), with the
+thread each ran on and its start and end from the open call (``benchmarks/open_timeline.py``).
+
 ``--baseline DIR``: the same opens with the code of the checkout DIR (``git worktree add DIR
 main``), interleaved round by round with this tree's, and the ratios base/new.
 """
@@ -282,21 +286,40 @@ def phases_main(args: argparse.Namespace) -> dict[str, Any]:
 
 # -- --vs-dd: open's snapshot load rate against a direct sequential read of the snapshot ----------------
 
-def load_one(store: Path, *, policy: str, host: int, device: int) -> dict[str, Any]:
+def _timeline() -> Any:
+    """``open_timeline.Timeline`` from this script's own folder: a baseline checkout (on
+    ``PYTHONPATH``) may predate that module, and its opens are timed by this script too."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("open_timeline", Path(__file__).with_name("open_timeline.py"))
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def load_one(store: Path, *, policy: str, host: int, device: int, timeline: bool = False) -> dict[str, Any]:
     """One warm="open" open of ``store`` in this process, the store's files evicted: its
-    seconds, the host tier's snapshot load (rows, bytes, seconds), the device tier's fill."""
+    seconds, the host tier's snapshot load (rows, bytes, seconds), the device tier's fill;
+    ``timeline``: each phase's thread, start and end (``open_timeline``)."""
     info = tierstore.open(store, device="cpu").tables[TABLE]
     evict(store / info.file, store / info.checksum_file, snapshot_path(store, TABLE))
+    tl = _timeline().Timeline().record() if timeline else None
     vm0 = _vmstat()
+    if tl is not None:
+        tl.start()
     t0, c0 = time.perf_counter(), time.process_time()
     with tierstore.open(store, device="cpu", device_budget=device, host_budget=host, policy=policy,
                         warm="open") as s:
         r: dict[str, Any] = {"open_s": time.perf_counter() - t0, "open_cpu_s": time.process_time() - c0}
+        s.lookup(TABLE, np.zeros(1, np.int64))  # the first row (a lookup's kernels are loaded on first use)
+        r["first_row_s"] = time.perf_counter() - t0
         o = s.stats()["open"]
     vm1 = _vmstat()
     r["vmstat"] = {k: vm1[k] - vm0[k] for k in vm0}  # system-wide: other processes' too
     r.update(host_bytes=o["host"]["bytes_read"], host_s=o["host"]["seconds"], device_s=o["device"]["seconds"],
              host_source=o["host"]["source"], bytes_read=o["bytes_read"])
+    if tl is not None:
+        r["timeline"] = tl.phases()
     return r
 
 
@@ -338,7 +361,8 @@ def vs_dd_main(args: argparse.Namespace) -> dict[str, Any]:
 
     def one(tree: str) -> dict[str, Any]:
         # this script, importing tierstore from the tree (a baseline tree may predate --load-one)
-        cmd = [sys.executable, __file__, "--load-one", str(store), "--policy", args.policy, "--budgets", str(host)]
+        cmd = [sys.executable, __file__, "--load-one", str(store), "--policy", args.policy, "--budgets", str(host),
+               *(["--timeline"] if args.timeline else [])]
         got = subprocess.run(cmd, capture_output=True, text=True, check=True, cwd=trees[tree],
                              env={**os.environ, "PYTHONPATH": str(trees[tree])})
         return json.loads(got.stdout.strip().splitlines()[-1])
@@ -361,19 +385,26 @@ def vs_dd_main(args: argparse.Namespace) -> dict[str, Any]:
                 r["load_mb_s"] = r["host_bytes"] / r["host_s"] / 1e6
                 r["open_mb_s"] = r["bytes_read"] / r["open_s"] / 1e6
                 runs[what].append(r)
-                print(f"round {k} {what}: open {r['open_s']:.2f} s, host tier {r['host_bytes'] / 1e6:,.0f} MB from "
+                print(f"round {k} {what}: open {r['open_s']:.2f} s, first row {r['first_row_s']:.2f} s, host tier {r['host_bytes'] / 1e6:,.0f} MB from "
                       f"{r['host_source']} in {r['host_s']:.2f} s = {r['load_mb_s']:,.0f} MB/s, device fill "
                       f"{r['device_s']:.2f} s; open CPU {r['open_cpu_s']:.2f} s, {r['vmstat']} (load {loads[-1]:.1f})")
+                if "timeline" in r:
+                    print(_timeline().format_phases(r["timeline"]))
     dd_rate = statistics.median(r["mb_s"] for r in runs["dd"])
     med: dict[str, Any] = {"dd_mb_s": dd_rate}
     for tree in trees:
         load_rate = statistics.median(r["load_mb_s"] for r in runs[tree])
         open_rate = statistics.median(r["open_mb_s"] for r in runs[tree])
-        med[tree] = {"open_s": statistics.median(r["open_s"] for r in runs[tree]), "load_mb_s": load_rate,
+        med[tree] = {"open_s": statistics.median(r["open_s"] for r in runs[tree]),
+                     "first_row_s": statistics.median(r["first_row_s"] for r in runs[tree]), "load_mb_s": load_rate,
                      "load_over_dd": load_rate / dd_rate, "open_mb_s": open_rate, "open_over_dd": open_rate / dd_rate}
-        print(f"{tree}: median open {med[tree]['open_s']:.2f} s; snapshot load {load_rate:,.0f} MB/s = "
+        print(f"{tree}: median open {med[tree]['open_s']:.2f} s, first row {med[tree]['first_row_s']:.2f} s; snapshot load {load_rate:,.0f} MB/s = "
               f"{load_rate / dd_rate:.2f}x dd ({dd_rate:,.0f} MB/s); whole open {open_rate:,.0f} MB/s of bytes read "
               f"= {open_rate / dd_rate:.2f}x dd")
+    if "base" in med:
+        for key in ("open_s", "first_row_s"):
+            med[f"{key}_base_over_new"] = med["base"][key] / med["new"][key]
+        print(f"base / new: open {med['open_s_base_over_new']:.2f}x, first row {med['first_row_s_base_over_new']:.2f}x")
     print(f"loadavg median {statistics.median(loads):.1f} (min {min(loads):.1f}, max {max(loads):.1f})")
     result = {"size": size, "hot_bytes": host, "snapshot_bytes": snap_bytes, "policy": args.policy, "runs": runs,
               "median": med, "loadavg": loads}
@@ -392,6 +423,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     p.add_argument("--phase-one", default=None, help=argparse.SUPPRESS)  # one open in this process: a JSON line
     p.add_argument("--vs-dd", action="store_true", help="warm='open': the snapshot load rate vs dd (docstring)")
     p.add_argument("--load-one", default=None, help=argparse.SUPPRESS)  # --vs-dd's one open: a JSON line
+    p.add_argument("--timeline", action="store_true", help="--vs-dd: print each open's phases: thread, start, end")
     p.add_argument("--size", default="1536MiB", help="table size")
     p.add_argument("--hot", default="768MiB", help="bytes of scattered profiled rows; the host budget holds them")
     p.add_argument("--policy", default="default")
@@ -408,7 +440,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         return r
     if args.load_one is not None:
         host = int(args.budgets)
-        r = load_one(Path(args.load_one), policy=args.policy, host=host, device=host // 4)
+        r = load_one(Path(args.load_one), policy=args.policy, host=host, device=host // 4, timeline=args.timeline)
         print(json.dumps(r))
         return r
     if args.vs_dd:

@@ -41,3 +41,19 @@ def test_bench_warm_phases_quick(capsys: pytest.CaptureFixture[str], tmp_path: P
         assert per["new/default"]["index: prefill"][0] > 0  # default prefills its ranked core
     assert set(res["fits"]) == {"new/default", "new/static"}
     assert all("per_slot" in f["open"] for f in res["fits"].values())
+
+
+def test_bench_warm_vs_dd_timeline_quick(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
+    """--vs-dd --timeline: each open (a fresh process) times its first row after the open,
+    and its phases: the host tier's early snapshot read and the device tier's copy from the
+    host slab on threads of their own, every phase inside the open's time."""
+    res = bench_warm.main(["--vs-dd", "--quick", "--timeline", "--cache-dir", str(tmp_path)])
+    out = capsys.readouterr().out
+    assert json.loads(out.strip().splitlines()[-1]) == res
+    (run,) = res["runs"]["new"]
+    assert 0 < run["open_s"] <= run["first_row_s"]
+    threads = {p["phase"]: p["thread"] for p in run["timeline"]}
+    assert threads["EarlyLoad._read"] == "tierstore-early-load"
+    assert threads["EarlyCopy._run"] == "tierstore-early-copy"
+    assert {"CacheTier.preload[host]", "CacheTier.preload[device]", "Store._ranking"} <= set(threads)
+    assert all(0 <= p["start"] <= p["end"] <= run["open_s"] + 1e-3 for p in run["timeline"])

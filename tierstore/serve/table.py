@@ -43,6 +43,7 @@ from ..format.spec import TableInfo
 from ..ids import out_of_range
 from ..tiers import CacheTier, DiskTier, SharedHostTier, Tier
 from ..tiers.cuda import capacity_error, to_device
+from ..tiers.early import EarlyCopy
 from ..tiers.hotset import TableSnapshot
 from ..tiers.placement import move_cpu
 from ..tiers.warm import TierWarmth, loaded_slots, warm_steps
@@ -206,11 +207,15 @@ class Table:
                     self._drop(snap, self.host.open_stats.snapshot_error)
                 self.dev = CacheTier("device", info, device_rows, device=device, policy=policy, profile=profile)
             else:  # the two tiers' indexes are built at once (compiled kernels without the GIL)
+                # warm="open": the host tier reads its snapshot rows while the indexes are built,
+                # and the device tier's rows are copied from the host slab as they are checked
+                early = warm == "open" and snap is not None
+                feed = EarlyCopy() if early else None
                 self.host, self.dev = _both_tiers(
-                    # warm="open": the host tier reads its snapshot rows while the indexes are built
                     lambda: CacheTier("host", info, host_rows, device=torch.device("cpu"), **pinned, policy=policy,
-                                      profile=profile, snapshot=snap if warm == "open" else None),
-                    lambda: CacheTier("device", info, device_rows, device=device, policy=policy, profile=profile),
+                                      profile=profile, snapshot=snap if early else None, feed=feed),
+                    lambda: CacheTier("device", info, device_rows, device=device, policy=policy, profile=profile,
+                                      fed_by=feed),
                     parallel=min(host_rows, device_rows) >= _PARALLEL_TIERS)
             if warm == "background":
                 self._preload_resident(snap)

@@ -25,7 +25,8 @@ from ..ranking import TopProfile
 from .base import Tier
 from .cuda import StreamFences, capacity_error
 from .disk import DiskTier
-from .hotset import PRELOAD_BYTES, EarlyLoad, OpenStats, TableSnapshot, load_slots, placed_slots
+from .early import EarlyCopy, EarlyLoad, loaded_early
+from .hotset import PRELOAD_BYTES, OpenStats, TableSnapshot, load_slots, placed_run, placed_slots
 from .page_reader import aligned_empty
 from .slab import SlabTier
 
@@ -111,6 +112,8 @@ class CacheTier(SlabTier):
         profile: Profile | None = None,
         pinned_rows: np.ndarray | None = None,
         snapshot: TableSnapshot | None = None,
+        feed: EarlyCopy | None = None,
+        fed_by: EarlyCopy | None = None,
     ):
         super().__init__(name, info, capacity, device)
         if device.type == "cuda":  # never run: needs CUDA
@@ -134,15 +137,24 @@ class CacheTier(SlabTier):
                 n = min(n, len(profile.rows))
             self.prefault = Prefault(self.slab[:n].view(torch.uint8).numpy().reshape(-1))
         # ``snapshot`` (open with warm="open"): read the rows the index will place while it is
-        # built, when they are known before it (hotset.EarlyLoad)
+        # built, when they are known before it (tiers.early)
         self.early: EarlyLoad | None = None
+        # ``feed`` (the host tier): the rows it reads early go on to the device tier's slab too;
+        # ``fed_by`` (the device tier): its placed rows come that way (tiers.early.EarlyCopy)
+        self.fed_by: EarlyCopy | None = None
         name = policy if isinstance(policy, str) else policy.name
-        if (snapshot is not None and not snapshot.dropped and device.type == "cpu" and not self.resident
-                and self.capacity > 0 and pinned_rows is None and name in EarlyLoad.POLICIES
-                and isinstance(profile, TopProfile) and profile.counts is None and self.slab.is_contiguous()):
+        prefix = (device.type == "cpu" and not self.resident and self.capacity > 0 and pinned_rows is None
+                  and name in EarlyLoad.POLICIES and isinstance(profile, TopProfile) and profile.counts is None
+                  and self.slab.is_contiguous())  # placed rows: the ranking's prefix, in slot order
+        if prefix and snapshot is not None and not snapshot.dropped:
             n = min(self.capacity, snapshot.layout.n, len(profile.rows))
             if n > 0:
-                self.early = EarlyLoad(snapshot, self.slab[:n].view(torch.uint8).numpy().reshape(n, -1))
+                self.early = EarlyLoad(snapshot, self.slab[:n].view(torch.uint8).numpy().reshape(n, -1), feed=feed)
+        if prefix and fed_by is not None:
+            n = min(self.capacity, len(profile.rows))
+            if n > 0:
+                self.fed_by = fed_by
+                fed_by.follow(self.slab[:n].view(torch.uint8).numpy().reshape(n, -1))
         try:
             if not self.resident and self.capacity > 0:
                 self.index = CacheIndex(
@@ -178,19 +190,35 @@ class CacheTier(SlabTier):
                                             bytes_read=disk.bytes_read - b0)
             self.open_stats.seconds = time.perf_counter() - t0
         elif self.kind == CACHED:  # the rows the index placed at construction (static hot set)
-            slots, rows = placed_slots(self.index.row_of_slot, self.index.size)  # slot order: rank order
-            in_place = 0
+            ros, size = self.index.row_of_slot, self.index.size
+            early = self.early if self.fed_by is None else self.fed_by if self.early is None else None
+            if early is not None and size and placed_run(ros, size):
+                # the usual case: slots [0, size) hold ranks [0, size), all in early: checked on
+                # the int32 slot table itself (no int64 copies of it: 0.02-0.27 s at 6M slots)
+                if early.finish(ros[:size], None) == size:
+                    self.early = self.fed_by = None
+                    self.open_stats = loaded_early(size, from_snapshot=isinstance(early, EarlyLoad),
+                                                   snapshot=snapshot, t0=t0)
+                    return
+            slots, rows = placed_slots(ros, size)  # slot order: rank order
+            in_place = copied = 0
             if self.early is not None:  # read while the index was built: keep what checks out
                 in_place = self.early.finish(rows, slots)
                 self.early = None
+            if self.fed_by is not None:  # copied from the host slab meanwhile: keep what checks out
+                copied = self.fed_by.finish(rows, slots)
+                self.fed_by = None
             self.open_stats = load_slots(self, slots, rows, disk=disk, source=source, snapshot=snapshot,
-                                         in_place=in_place)
+                                         in_place=in_place, copied=copied)
         self._stop_early()
 
     def _stop_early(self) -> None:
         if self.early is not None:
             self.early.stop()
             self.early = None
+        if self.fed_by is not None:  # no copy may land in this slab from now on
+            self.fed_by.stop()
+            self.fed_by = None
 
     def close(self) -> None:
         self._stop_early()

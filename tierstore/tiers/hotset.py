@@ -26,8 +26,10 @@ on a loaded 2-core machine); the device tier's rows, a run of the host slab's sl
 copied as slices. ``benchmarks/bench_warm.py --vs-dd`` measures the load against ``dd
 iflag=direct`` of the snapshot. With ``warm="open"`` and a policy that places the snapshot's
 own ranking prefix in slot order (``static``, ``default``), that read starts when the host
-slab is allocated, on a thread of its own, while the index is built (``EarlyLoad``): the two
+slab is allocated, on a thread of its own, while the index is built (``tiers.early.EarlyLoad``): the two
 used to run one after the other (at 12 GiB / 4 GiB host, 3.6 s of load after ~4 s of index).
+The device tier's rows, the first of those ranks, are copied from the host slab by another
+thread as each step is checked (``tiers.early.EarlyCopy``), instead of after both builds and the host load.
 
 ``OpenStats`` records, per tier, rows loaded from each source, bytes read and seconds: the
 ``stats()["open"]`` of the store.
@@ -38,7 +40,6 @@ per 4 KiB of it) and one step's pages (``PRELOAD_BYTES``): all sized by the budg
 
 from __future__ import annotations
 
-import threading
 import time
 from collections import deque
 from collections.abc import Callable
@@ -63,7 +64,7 @@ if TYPE_CHECKING:
     from .base import Tier
     from .disk import DiskTier
 
-__all__ = ["TableSnapshot", "OpenStats", "EarlyLoad", "load_slots", "placed_run", "placed_slots", "host_slots", "on_device",
+__all__ = ["TableSnapshot", "OpenStats", "load_slots", "placed_run", "placed_slots", "host_slots", "on_device",
            "run_start", "PRELOAD_BYTES", "READS_AHEAD"]
 
 # bytes of rows per load step at open: the staging, not the whole hot set (a host tier of
@@ -336,75 +337,6 @@ class TableSnapshot:
         self.reader.close()
 
 
-class _Enough(Exception):
-    """Raised from ``read_into``'s progress callback: the early load has what it needs."""
-
-
-class EarlyLoad:
-    """The hot-set snapshot's prefix read into a fresh host slab while the tier's index is
-    being built, instead of after it.
-
-    Open used to build the index (seconds at tens of millions of slots, compiled code
-    without the GIL) and only then read the snapshot (the disk's sequential speed): one after
-    the other. The rows the index will place are known before it is built when the policy
-    places a prefix of the profile's ranking in slot order (``static``: its pinned core;
-    ``default``: its pinned core, then its ranked prefill) and that ranking is the snapshot's
-    own (``TopProfile.counts is None``: read from the snapshot's ids at open). So a thread
-    reads ranks ``0 .. len(run)`` into slots ``0 .. len(run)`` meanwhile (``read_into``: every
-    page checked before its rows count). ``finish(rows)``, after the index is built, waits
-    for the rows it placed, then trusts only what it can check: slot i holds rank i for the
-    placed rows (``positions``), else nothing is kept and the ordinary load runs. Either way
-    the result is the ordinary load's: the same rows in the same slots, every page checked.
-
-    ``stop()`` (a failed index build, close) waits for the reads: none may write into a slab
-    that is about to be freed."""
-
-    POLICIES = ("static", "default")
-
-    def __init__(self, snapshot: TableSnapshot, run: np.ndarray):
-        self.snapshot, self.run = snapshot, run
-        self.loaded = 0  # rows [0, loaded) of run are in place and checked
-        self.limit = len(run)
-        self.error = ""
-        self._stop = False
-        self._thread = threading.Thread(target=self._read, name="tierstore-early-load", daemon=True)
-        self._thread.start()
-
-    def _read(self) -> None:
-        def done(k: int) -> None:
-            self.loaded = k
-            if self._stop or k >= self.limit:
-                raise _Enough
-
-        try:
-            self.snapshot.read_into(0, self.run, done)
-        except _Enough:
-            pass
-        except (CorruptDataError, StoreIOError) as e:  # the ordinary load meets it again and reports it
-            self.error = str(e)
-        except BaseException as e:  # pragma: no cover - a bug: keep what was checked, the rest loads as usual
-            self.error = repr(e)
-
-    def finish(self, rows: np.ndarray, slots: np.ndarray) -> int:
-        """How many leading placed rows are in place: ``rows[i]`` in slot ``slots[i]`` =
-        ``i`` for ``i`` below the return value (0 when the placement is not the snapshot's
-        prefix in slot order). Waits for the reads."""
-        self.limit = min(self.limit, len(rows))
-        self._thread.join()  # the snapshot is this thread's alone again
-        n = min(self.loaded, len(rows))
-        if n == 0 or _run_first(slots[:n]) != 0:
-            return 0
-        try:
-            pos = self.snapshot.positions(rows[:n])
-        except (CorruptDataError, StoreIOError):
-            return 0
-        return n if np.array_equal(pos, np.arange(n)) else 0
-
-    def stop(self) -> None:
-        self._stop = True
-        self._thread.join()
-
-
 class _Stale(TierStoreError):
     """A snapshot of another build (internal: ``TableSnapshot.open`` reports it as "stale")."""
 
@@ -483,12 +415,14 @@ def placed_slots(ros: np.ndarray, size: int) -> tuple[np.ndarray, np.ndarray]:
 
 def load_slots(tier: Tier, slots: np.ndarray, rows: np.ndarray, *, disk: DiskTier, source: Tier | None = None,
                snapshot: TableSnapshot | None = None, progress: Callable[[], None] | None = None,
-               in_place: int = 0) -> OpenStats:
+               in_place: int = 0, copied: int = 0) -> OpenStats:
     """Write rows ``rows`` (rank order reads the snapshot best; any order works) into ``tier``'s ``slots``: from ``source``'s slab,
     then ``snapshot``, then ``disk``, each a bounded step at a time (module docstring). When
     a snapshot page fails its checksum (or its read fails), the rows not loaded yet come from
     the row file and the error is in ``snapshot_error`` (the caller drops the snapshot).
-    ``progress()`` is called after every step (the shared host tier's heartbeat to waiters)."""
+    ``progress()`` is called after every step (the shared host tier's heartbeat to waiters).
+    ``rows[:in_place]`` are in place already from the snapshot (``EarlyLoad``), ``rows[:copied]``
+    from ``source``'s slab (``EarlyCopy``)."""
     tick = progress if progress is not None else (lambda: None)
     t0 = time.perf_counter()
     st = OpenStats(rows_loaded=len(rows))
@@ -499,19 +433,24 @@ def load_slots(tier: Tier, slots: np.ndarray, rows: np.ndarray, *, disk: DiskTie
     if in_place:  # ``rows[:in_place]`` already came from the snapshot, checked (EarlyLoad)
         left[:in_place] = False
         st.from_snapshot = in_place
-    if source is not None and source.slab is not None and len(rows):
-        src = host_slots(source, rows)
-        got = np.flatnonzero(src >= 0)
+    if copied:
+        left[:copied] = False
+        st.from_source = copied
+    if source is not None and source.slab is not None and left.any():
+        want = np.flatnonzero(left)
+        src = host_slots(source, rows[want])
+        held = src >= 0
+        got, src = want[held], src[held]
         for s in range(0, len(got), step):
-            sel = got[s : s + step]
-            a = run_start(src[sel]) if source.kind == CACHED else None
+            sel, at = got[s : s + step], src[s : s + step]
+            a = run_start(at) if source.kind == CACHED else None
             # the usual case (both tiers place a prefix of the one ranking, in slot order): a
             # run of the source's slots, copied as a slice: no gather into a fresh buffer
-            rows_in = source.slab[a: a + len(sel)] if a is not None else source.gather(src[sel])
+            rows_in = source.slab[a: a + len(sel)] if a is not None else source.gather(at)
             tier.write(slots[sel], on_device(rows_in, tier.device))
             tick()
         left[got] = False
-        st.from_source = len(got)
+        st.from_source += len(got)
     if snapshot is not None and not snapshot.dropped and left.any():
         try:
             want = np.flatnonzero(left)

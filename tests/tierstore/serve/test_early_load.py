@@ -1,4 +1,4 @@
-"""Open reads the hot-set snapshot while the cache index is built (``tiers.hotset.EarlyLoad``).
+"""Open reads the hot-set snapshot while the cache index is built (``tiers.early.EarlyLoad``).
 
 With ``warm="open"`` and a policy that places a prefix of the snapshot's own ranking in slot
 order (``static``, ``default``), the host tier's rows are read into its slab on a thread of
@@ -18,7 +18,8 @@ import torch
 
 import tierstore
 from tierstore.tiers import cache as cache_mod
-from tierstore.tiers.hotset import EarlyLoad, TableSnapshot
+from tierstore.tiers.early import EarlyLoad
+from tierstore.tiers.hotset import TableSnapshot
 from tierstore.tiers.page_reader import aligned_empty
 
 from . import test_snapshot as snapshot_tests
@@ -122,5 +123,48 @@ def test_finish_keeps_only_the_snapshot_prefix_in_slot_order(store):
         assert EarlyLoad(snap, buf).finish(ids, slots + 1) == 0
         assert EarlyLoad(snap, buf[:100]).finish(ids, slots) == 100  # read 100: keeps 100, the rest loads as usual
         assert EarlyLoad(snap, buf).finish(ids[:10], slots[:10]) == 10  # placed fewer: keeps those
+    finally:
+        snap.close()
+
+
+@pytest.mark.parametrize("step", [7, 1 << 16])
+def test_the_prefix_check_agrees_with_the_rank_lookup(store, monkeypatch, step):
+    """``_snapshot_prefix`` (compared a step at a time) says yes exactly when the old check
+    did: every row's rank by ``positions`` is its index and the slots run 0, 1, ...; swaps,
+    shifts and a foreign row in a late step are refused."""
+    from tierstore.tiers import early as early_mod
+    from tierstore.tiers import hotset
+
+    monkeypatch.setattr(early_mod, "_CHECK_STEP", step)
+    path, w, counts = store
+    tierstore.save_snapshot(path)
+    with tierstore.open(path, policy="static", **BUDGETS) as s:
+        info, build_id = s._tables[T].info, s.manifest.build_id
+    snap, status = TableSnapshot.open(path, info, build_id)
+    assert status == "ok"
+
+    def old(rows: np.ndarray, slots: np.ndarray) -> bool:  # the whole-array form it replaced
+        if not len(rows) or hotset._run_first(slots) != 0:
+            return False
+        return bool(np.array_equal(snap.positions(rows), np.arange(len(rows))))
+
+    try:
+        rng = np.random.default_rng(5)
+        ids = snap._prefix(3000).copy()
+        for n in (1, 6, 7, 8, 100, 3000):
+            rows, slots = ids[:n].copy(), np.arange(n, dtype=np.int64)
+            cases = [(rows, slots), (rows, slots + 1)]
+            for _ in range(4):
+                i, j = rng.integers(0, n, 2)
+                r2, s2 = rows.copy(), slots.copy()
+                r2[[i, j]] = r2[[j, i]]
+                s2[j] = s2[i]
+                r3 = rows.copy()
+                r3[j] = info.rows - 1 - r3[j]
+                cases += [(r2, slots), (rows, s2), (r3, slots)]
+            for r, sl in cases:
+                assert early_mod._snapshot_prefix(snap, r, sl) == old(r, sl), (n, r[:10], sl[:10])
+        assert early_mod._snapshot_prefix(snap, ids[:3000], np.arange(3000))
+        assert not early_mod._snapshot_prefix(snap, ids[:0], np.arange(0))
     finally:
         snap.close()
