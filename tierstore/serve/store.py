@@ -455,7 +455,10 @@ class Store:
         t = self._table(table)
         where = f"table {t.info.name!r}"
         # the range is checked inside the announcing compiled call (walk.announce_checked)
-        flat, _ = as_row_ids(ids, t.info.rows, where=where, copy=False, check=False)
+        if type(ids) is np.ndarray and ids.dtype == np.int64 and ids.ndim == 1 and ids.flags.c_contiguous:
+            flat = ids  # a decode step's ids as the model keeps them: nothing for as_row_ids to do (~0.8 us)
+        else:
+            flat, _ = as_row_ids(ids, t.info.rows, where=where, copy=False, check=False)
         t.hint(flat, where)
 
     def stats(self) -> dict[str, Any]:
