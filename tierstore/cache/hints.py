@@ -16,8 +16,7 @@ never a false one.
 A batch of hints (``hint_rows``, what ``Store.hint`` runs) is defined as ``hint_add`` of its
 distinct rows in ascending order, the order that decides which of two rows sharing a bucket
 wins it (the smaller). It is computed without sorting the batch and without a per-call set:
-while the call runs, a bucket the batch has touched holds its state in its stamp (a negative
-mark, never a tick; the real stamps are written back before it returns), so a
+a bucket the batch has hinted is told by its stamp (``hint_rows`` says how), so a
 row's later duplicates are ignored and a smaller row displaces a larger one that took a free
 bucket earlier in the same batch: the same table, counters and ticks as the sorted walk
 (tests/tierstore/cache/test_hints.py holds it against ``hint_add`` in sorted order). The
@@ -45,11 +44,7 @@ H_KEY = 0  # row << 8 | count
 H_STAMP = 1
 _CMASK = 0xFF
 AHEAD = 8  # rows whose bucket lines hint_rows (and the all-hit path: walk.all_hits_with) prefetch ahead
-# a bucket's state while hint_rows runs, in its stamp (a tick is >= 0): the bucket held a
-# fresh hint of another row (a later row of the batch may be that row: it counts then), that
-# row's count went up (nothing else in the batch changes the bucket), or the batch took the
-# bucket (the smallest row of the batch that maps to it keeps it)
-_WAIT, _DONE, _TAKEN = -1, -2, -3
+_MARK = -1  # hint_rows' stamp of the buckets a batch hinted, where ``now`` would not tell them (never a tick)
 
 
 @kernel(inline=True)
@@ -115,27 +110,31 @@ def hint_add(M, HT, r):  # pragma: no cover - compiled
 @kernel
 def hint_rows(M, HT, rows):  # pragma: no cover - compiled
     """``hint_add`` of ``rows``' distinct values in ascending order (module docstring), in
-    one pass over ``rows`` as given (any order, repeats allowed): per row one hash, a read of
-    its bucket's two lines (prefetched ``AHEAD`` rows ahead, the hash kept in a ring of
-    ``AHEAD`` for the row's own turn), and no per-call set: a bucket the batch has touched
-    carries its state in its stamp for the rest of the call (``_TAKEN``, ``_DONE``,
-    ``_WAIT``: negative, never a tick), and a last pass over the touched buckets writes
-    their real stamps (``now``, or a ``_WAIT`` bucket's own, kept aside). Written out with
-    the counters in locals and no helper taking an array per row (the bucket from
-    ``_bucket_of``: ``hint_use_rows`` says why). 1,024 rows, the set probed per row: 7.2 ->
-    6.8 us written out; the marks and the ring instead of the set and a second hash: see
-    docs/benchmarks.md."""
+    one pass over ``rows`` as given (any order, repeats allowed), with no sort and no per-call
+    set: per row one hash (kept in a ring for the row's turn, its bucket's two lines
+    prefetched ``AHEAD`` rows ahead) and a read of its bucket.
+
+    A bucket the batch has hinted (taken, or its row's count raised) carries ``mark`` as its
+    stamp; its count tells which: 1 taken (a smaller row of the batch takes it over: sorted
+    order would have hinted that one first), 2 or more raised (nothing else in the batch
+    changes it). A bucket whose fresh hint of another row dropped the batch's row is left as
+    it was, and a later row of the batch in it is handled as the first was: counted if it is
+    the row that holds it, else dropped too, as sorted order decides. ``mark`` is ``now``
+    when no hint was stamped at this tick yet (``M_HLAST < now``: no other bucket has that
+    stamp), which a lookup between two hints makes the rule; two batches at one tick (the
+    second sees the first's stamps) mark with ``_MARK`` (never a tick) and write ``now`` over
+    it at the end. Written out with the counters in locals and no helper taking an array per
+    row (``hint_use_rows`` says why). 1,024 rows on a ~100K-bucket table: 6.8 us with the
+    per-call set (and 7.2 through helpers); this: docs/benchmarks.md."""
     n = rows.size
     if n == 0:
         return
-    if n == 1:
-        hint_add(M, HT, rows[0])
-        return
-    touched = np.empty(n, np.int64)  # the buckets the batch touched, in order
-    kept = np.empty(n, np.int64)  # a _WAIT bucket's own stamp, at its place in ``touched``
+    now = M[M_TICK]
+    mark = now if M[M_HLAST] < now else _MARK
+    fix = mark != now
+    touched = np.empty(n if fix else 0, np.int64)  # the buckets stamped ``_MARK``
     k = 0
     ring = np.empty(AHEAD, np.int64)  # the buckets of rows[i .. i + AHEAD - 1], at i % AHEAD
-    now = M[M_TICK]
     horizon = M[M_HORIZON]
     live = M[M_HLIVE]
     added = False
@@ -156,33 +155,25 @@ def hint_rows(M, HT, rows):  # pragma: no cover - compiled
         key = HT[H_KEY, h]
         c = key & _CMASK
         stamp = HT[H_STAMP, h]
-        if stamp >= 0:  # the batch's first row in this bucket: hint_add
-            touched[k] = h
-            if c > 0 and now - stamp <= horizon:
-                if key >> 8 == r:
-                    HT[H_KEY, h] = (np.int64(r) << 8) | np.int64(min(c, 254) + 1)
-                    HT[H_STAMP, h] = _DONE
-                    added = True
-                else:
-                    kept[k] = stamp
-                    HT[H_STAMP, h] = _WAIT  # dropped, unless the batch holds the row that holds it
-            else:
-                if c == 0:
-                    live += 1
+        if stamp == mark:  # hinted by this batch
+            if c == 1 and r < key >> 8:  # taken: in ascending order r would have come first
                 HT[H_KEY, h] = (np.int64(r) << 8) | np.int64(1)
-                HT[H_STAMP, h] = _TAKEN
-                added = True
-            k += 1
-        elif stamp == _WAIT:  # the bucket is as it was: hint_add of r does what sorted order would
-            if key >> 8 == r:
-                HT[H_KEY, h] = (np.int64(r) << 8) | np.int64(min(c, 254) + 1)
-                HT[H_STAMP, h] = _DONE
-                added = True
-        elif stamp == _TAKEN and r < key >> 8:  # in ascending order r would have come first
+            continue
+        if c > 0 and now - stamp <= horizon:  # a fresh hint
+            if key >> 8 != r:
+                continue  # of another row: r's hint is dropped (the bucket stays as it was)
+            HT[H_KEY, h] = (np.int64(r) << 8) | np.int64(min(c, 254) + 1)
+        else:
+            if c == 0:
+                live += 1
             HT[H_KEY, h] = (np.int64(r) << 8) | np.int64(1)
-    for j in range(k):  # the real stamps: hinted now, or a dropped hint's bucket as it was
-        h = touched[j]
-        HT[H_STAMP, h] = kept[j] if HT[H_STAMP, h] == _WAIT else now
+        HT[H_STAMP, h] = mark
+        added = True
+        if fix:
+            touched[k] = h
+            k += 1
+    for j in range(k):
+        HT[H_STAMP, touched[j]] = now
     M[M_HLIVE] = live
     if added:
         M[M_HLAST] = now

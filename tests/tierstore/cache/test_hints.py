@@ -231,6 +231,12 @@ def test_store_hint_path_equals_the_plain_model_and_the_sorted_walk(dist, horizo
             for r in np.unique(future):
                 hint_add(old_M, old_HT, r)
             model.hint(future)
+        if step % 13 == 0:  # a second hint at the same tick: it sees the first one's stamps
+            again = np.concatenate([batch(), ids[:3]]).astype(np.int64)
+            assert announce_one_checked(M, HT, again, 9000) == -1
+            for r in np.unique(again):
+                hint_add(old.state[0], old.state[9], r)
+            model.hint(again)
         slots = np.empty(ids.size, np.int64)
         if new.all_hits(new.state, ids, slots):
             fast += 1
