@@ -146,7 +146,8 @@ class Walker:
         (``walk.announce_checked``); returns the first position out of range, having
         announced nothing, or -1."""
         if self._hints_on:  # a decode step's hint: ~0.5 us of Python less than asking both indexes
-            self._current()
+            if self._d.state is not self.dstate or self._h.state is not self.hstate:  # _current, inlined
+                self._bind()
         else:
             self._hints_ready()
             self._hints_on = True

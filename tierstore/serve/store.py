@@ -31,6 +31,8 @@ from ..tiers.hotset import TableSnapshot
 from .table import Table
 from .warm import Warmer
 
+_INT64 = np.dtype(np.int64)  # `dtype is _INT64`: ~0.15 us less than `dtype == np.int64` per call
+
 __all__ = ["Store", "open_store", "IdLike", "INLINE_BELOW"]
 
 # The one threshold of "small" (the model's synchronous lookups use it too: tierstore.INLINE_BELOW):
@@ -455,7 +457,7 @@ class Store:
         t = self._table(table)
         where = f"table {t.info.name!r}"
         # the range is checked inside the announcing compiled call (walk.announce_checked)
-        if type(ids) is np.ndarray and ids.dtype == np.int64 and ids.ndim == 1 and ids.flags.c_contiguous:
+        if type(ids) is np.ndarray and ids.dtype is _INT64 and ids.ndim == 1 and ids.flags.c_contiguous:
             flat = ids  # a decode step's ids as the model keeps them: nothing for as_row_ids to do (~0.8 us)
         else:
             flat, _ = as_row_ids(ids, t.info.rows, where=where, copy=False, check=False)
