@@ -177,6 +177,7 @@ class Table:
         warm: str = "open",
     ):
         self.info = info
+        self.where = f"table {info.name!r}"  # how errors about its ids name it
         self.snapshot_status = "none"  # the hot-set snapshot at open: "none", "ok", "stale: ...", "ignored: ..."
         self.device = device
         self.cuda = device.type == "cuda"
