@@ -344,7 +344,7 @@ def announce(dkind, D, hkind, H, rows):  # pragma: no cover - compiled
 def _first_outside(rows, nrows):  # pragma: no cover - compiled
     """The position of the first id outside ``[0, nrows)``, -1 if none. The common answer
     first, from a loop without an exit, which the compiler vectorizes (an id is outside when
-    it is, as unsigned, >= nrows): ~0.35 -> ~0.1 us per 1,024 ids."""
+    it is, as unsigned, >= nrows): 0.44 -> 0.08 us per 1,024 ids (standalone, measured)."""
     n = np.uint64(nrows)
     bad = False
     for i in range(rows.size):
