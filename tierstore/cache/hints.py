@@ -15,14 +15,15 @@ never a false one.
 
 A batch of hints (``hint_rows``, what ``Store.hint`` runs) is defined as ``hint_add`` of its
 distinct rows in ascending order, the order that decides which of two rows sharing a bucket
-wins it (the smaller). It is computed without sorting the batch: each bucket the batch
-touches is remembered in a small per-call set (2-4x the batch, in L1/L2), so a
+wins it (the smaller). It is computed without sorting the batch and without a per-call set:
+a bucket the batch has hinted is told by its stamp (``hint_rows`` says how), so a
 row's later duplicates are ignored and a smaller row displaces a larger one that took a free
 bucket earlier in the same batch: the same table, counters and ticks as the sorted walk
 (tests/tierstore/cache/test_hints.py holds it against ``hint_add`` in sorted order). The
 table's lines are prefetched ``AHEAD`` rows ahead (a bucket is two lines: the key and the
 stamp rows of ``HT``). Measured at 1,024 ids on a tier of ~100K slots, load ~4: the sorted
-walk (``np.unique`` then ``hint_add``) 31 us, this 8-9 us; np.unique alone was 13 us.
+walk (``np.unique`` then ``hint_add``) 31 us, this with a per-call set of the touched buckets
+8-9 us (np.unique alone was 13 us); the marks in the stamps replaced the set (2026-12-07).
 
 A lookup consumes one hint per access (``hint_consume``). The all-hit path (the decode
 step after its ``Store.hint``) consumes a whole lookup's in one call, ``hint_use_rows``,
@@ -43,11 +44,7 @@ H_KEY = 0  # row << 8 | count
 H_STAMP = 1
 _CMASK = 0xFF
 AHEAD = 8  # rows whose bucket lines hint_rows (and the all-hit path: walk.all_hits_with) prefetch ahead
-# a bucket's state in hint_rows' per-call set: the bucket held a fresh hint of another row
-# (a later row of the batch may be that row: it counts then), that row's count went up
-# (nothing else in the batch changes the bucket), or the batch took the bucket (the
-# smallest row of the batch that maps to it keeps it)
-_WAIT, _DONE, _TAKEN = 0, 1, 2
+_MARK = -1  # hint_rows' stamp of the buckets a batch hinted, where ``now`` would not tell them (never a tick)
 
 
 @kernel(inline=True)
@@ -113,70 +110,70 @@ def hint_add(M, HT, r):  # pragma: no cover - compiled
 @kernel
 def hint_rows(M, HT, rows):  # pragma: no cover - compiled
     """``hint_add`` of ``rows``' distinct values in ascending order (module docstring), in
-    one pass over ``rows`` as given (any order, repeats allowed): per row one hash, one probe
-    of a per-call set of the batch's buckets, and its bucket's two lines, prefetched.
-    Written out with the counters in locals and no helper taking an array per row (the
-    bucket from ``_bucket_of``, the set probed here: ``hint_use_rows`` says why; 7.2 ->
-    6.8 us per 1,024 rows, measured)."""
+    one pass over ``rows`` as given (any order, repeats allowed), with no sort and no per-call
+    set: per row one hash (kept in a ring for the row's turn, its bucket's two lines
+    prefetched ``AHEAD`` rows ahead) and a read of its bucket.
+
+    A bucket the batch has hinted (taken, or its row's count raised) carries ``mark`` as its
+    stamp; its count tells which: 1 taken (a smaller row of the batch takes it over: sorted
+    order would have hinted that one first), 2 or more raised (nothing else in the batch
+    changes it). A bucket whose fresh hint of another row dropped the batch's row is left as
+    it was, and a later row of the batch in it is handled as the first was: counted if it is
+    the row that holds it, else dropped too, as sorted order decides. ``mark`` is ``now``
+    when no hint was stamped at this tick yet (``M_HLAST < now``: no other bucket has that
+    stamp), which a lookup between two hints makes the rule; two batches at one tick (the
+    second sees the first's stamps) mark with ``_MARK`` (never a tick) and write ``now`` over
+    it at the end. Written out with the counters in locals and no helper taking an array per
+    row (``hint_use_rows`` says why). 1,024 rows on a ~100K-bucket table: 6.8 us with the
+    per-call set (and 7.2 through helpers); this: docs/benchmarks.md."""
     n = rows.size
     if n == 0:
         return
-    if n == 1:
-        hint_add(M, HT, rows[0])
-        return
-    size = 16
-    while size < 2 * n:
-        size *= 2
-    mask = size - 1
-    sb = np.full(size, -1, np.int32)  # buckets < 2**31: one per dynamic slot
-    sk = np.empty(size, np.int8)
     now = M[M_TICK]
+    mark = now if M[M_HLAST] < now else _MARK
+    fix = mark != now
+    touched = np.empty(n if fix else 0, np.int64)  # the buckets stamped ``_MARK``
+    k = 0
+    ring = np.empty(AHEAD, np.int64)  # the buckets of rows[i .. i + AHEAD - 1], at i % AHEAD
     horizon = M[M_HORIZON]
     live = M[M_HLIVE]
     added = False
     nb = np.uint64(HT.shape[1])
     for i in range(min(AHEAD, n)):
         h = _bucket_of(rows[i], nb)
+        ring[i] = h
         prefetch(HT, h)
         prefetch(HT, HT.shape[1] + h)
     for i in range(n):
+        h = ring[i % AHEAD]
         if i + AHEAD < n:  # the bucket's key and stamp lines, AHEAD rows ahead
-            h = _bucket_of(rows[i + AHEAD], nb)
-            prefetch(HT, h)
-            prefetch(HT, HT.shape[1] + h)
+            ha = _bucket_of(rows[i + AHEAD], nb)
+            ring[i % AHEAD] = ha
+            prefetch(HT, ha)
+            prefetch(HT, HT.shape[1] + ha)
         r = rows[i]
-        h = _bucket_of(r, nb)
-        # h's place in the per-call set (open addressing, -1 free): where h is, or where it goes
-        j = np.int64((np.uint64(h) * np.uint64(0x9E3779B97F4A7C15)) >> np.uint64(40)) & mask
-        while sb[j] >= 0 and sb[j] != h:
-            j = (j + 1) & mask
         key = HT[H_KEY, h]
         c = key & _CMASK
-        if sb[j] < 0:  # the batch's first row in this bucket: hint_add
-            sb[j] = h
-            if c > 0 and now - HT[H_STAMP, h] <= horizon:
-                if key >> 8 == r:
-                    HT[H_KEY, h] = (np.int64(r) << 8) | np.int64(min(c, 254) + 1)
-                    HT[H_STAMP, h] = now
-                    added = True
-                    sk[j] = _DONE
-                else:
-                    sk[j] = _WAIT  # dropped, unless the batch holds the row that holds it
-            else:
-                if c == 0:
-                    live += 1
+        stamp = HT[H_STAMP, h]
+        if stamp == mark:  # hinted by this batch
+            if c == 1 and r < key >> 8:  # taken: in ascending order r would have come first
                 HT[H_KEY, h] = (np.int64(r) << 8) | np.int64(1)
-                HT[H_STAMP, h] = now
-                added = True
-                sk[j] = _TAKEN
-        elif sk[j] == _WAIT:  # the bucket is as it was: hint_add of r does what sorted order would
-            if key >> 8 == r:
-                HT[H_KEY, h] = (np.int64(r) << 8) | np.int64(min(c, 254) + 1)
-                HT[H_STAMP, h] = now
-                added = True
-                sk[j] = _DONE
-        elif sk[j] == _TAKEN and r < key >> 8:  # in ascending order r would have come first
+            continue
+        if c > 0 and now - stamp <= horizon:  # a fresh hint
+            if key >> 8 != r:
+                continue  # of another row: r's hint is dropped (the bucket stays as it was)
+            HT[H_KEY, h] = (np.int64(r) << 8) | np.int64(min(c, 254) + 1)
+        else:
+            if c == 0:
+                live += 1
             HT[H_KEY, h] = (np.int64(r) << 8) | np.int64(1)
+        HT[H_STAMP, h] = mark
+        added = True
+        if fix:
+            touched[k] = h
+            k += 1
+    for j in range(k):
+        HT[H_STAMP, touched[j]] = now
     M[M_HLIVE] = live
     if added:
         M[M_HLAST] = now
@@ -228,19 +225,22 @@ def hint_use_rows(M, HT, rows):  # pragma: no cover - compiled
     live = M[M_HLIVE]
     n = rows.size
     nb = np.uint64(HT.shape[1])
+    ring = np.empty(AHEAD, np.int64)  # the buckets of rows[i .. i + AHEAD - 1], at i % AHEAD: one hash a row
     for i in range(min(AHEAD, n)):
         h = _bucket_of(rows[i], nb)
+        ring[i] = h
         prefetch(HT, h)
         prefetch(HT, HT.shape[1] + h)
     for i in range(n):
         if live == 0:  # no lookup adds a hint: it stays 0 for the rest of this one
             break
+        h = ring[i % AHEAD]
         if i + AHEAD < n:
-            h = _bucket_of(rows[i + AHEAD], nb)
-            prefetch(HT, h)
-            prefetch(HT, HT.shape[1] + h)
+            ha = _bucket_of(rows[i + AHEAD], nb)
+            ring[i % AHEAD] = ha
+            prefetch(HT, ha)
+            prefetch(HT, HT.shape[1] + ha)
         r = rows[i]
-        h = _bucket_of(r, nb)
         key = HT[H_KEY, h]
         c = key & _CMASK
         if c > 0 and key >> 8 == r:

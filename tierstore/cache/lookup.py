@@ -15,7 +15,7 @@ import numpy as np
 from . import walk
 from .index import CacheIndex, none_index
 from ..jit import specialized
-from .layout import CACHED
+from .layout import CACHED, NONE
 
 _EMPTY_I64 = np.empty(0, np.int64)  # ``begin`` without a slab to copy from
 
@@ -59,6 +59,9 @@ class Walker:
         self._entry = None  # walk.walk_entry's compiled entry point for these policies (on first use)
         self._hits = self._copy = None  # the device policy's all_hits (walk.all_hits_with) and walk.copy_rows
         self._announce = None  # walk.announce's (on first use)
+        # the one tier that hears hints when only one is cached (walk.announce: a resident device
+        # tier hides the host tier, an absent one does not): 0 device, 1 host, None both (or none)
+        self._one = 0 if dkind == CACHED and hkind != CACHED else 1 if dkind == NONE and hkind == CACHED else None
         self._hints_on = False  # both hint tables at their full size (they never shrink): _hints_ready done
         self._ends: dict[tuple[int, bool], object] = {}
         self._spare = threading.local()  # per thread: the arrays of its last lookup that begin ended  # walk.finish/abort entry points per tier (on first use)
@@ -143,15 +146,21 @@ class Walker:
         (``walk.announce_checked``); returns the first position out of range, having
         announced nothing, or -1."""
         if self._hints_on:  # a decode step's hint: ~0.5 us of Python less than asking both indexes
-            self._current()
+            if self._d.state is not self.dstate or self._h.state is not self.hstate:  # _current, inlined
+                self._bind()
         else:
             self._hints_ready()
             self._hints_on = True
         if rows < 0:
             rows = _NO_LIMIT
-        args = (self.dkind, self.dstate, self.hkind, self.hstate, ids, rows)
+        if self._one is not None:  # one cached tier: its counters and hint table, not both state tuples
+            state = self.dstate if self._one == 0 else self.hstate
+            args = (state[0], state[9], ids, rows)
+        else:
+            args = (self.dkind, self.dstate, self.hkind, self.hstate, ids, rows)
         if self._announce is None:  # numba's type dispatch of the state tuples costs more than a short call
-            self._announce = specialized(walk.announce_checked, *args)
+            fn = walk.announce_checked if self._one is None else walk.announce_one_checked
+            self._announce = specialized(fn, *args)
         return self._announce(*args)
 
     def replay(self, rows: np.ndarray, bounds: np.ndarray, lookahead: int = 0) -> int:

@@ -31,6 +31,8 @@ from ..tiers.hotset import TableSnapshot
 from .table import Table
 from .warm import Warmer
 
+_INT64 = np.dtype(np.int64)  # `dtype is _INT64`: ~0.15 us less than `dtype == np.int64` per call
+
 __all__ = ["Store", "open_store", "IdLike", "INLINE_BELOW"]
 
 # The one threshold of "small" (the model's synchronous lookups use it too: tierstore.INLINE_BELOW):
@@ -452,11 +454,17 @@ class Store:
         policy's horizon (``max(4 x capacity, 2**20)`` accesses, or ``policy_params=
         {"hint_horizon": n}``) expires. Lookups do not hint
         their own ids. Cheap and synchronous; bad ids raise as in ``lookup``."""
-        t = self._table(table)
-        where = f"table {t.info.name!r}"
+        # a decode step's hint, ~0.3 us of Python less: a known table name (else _table: closed
+        # store, unknown name), and ids as the model keeps them, nothing for as_row_ids to do
+        t = None if self._closed or type(table) is not str else self._tables.get(table)
+        if t is None:
+            t = self._table(table)
         # the range is checked inside the announcing compiled call (walk.announce_checked)
-        flat, _ = as_row_ids(ids, t.info.rows, where=where, copy=False, check=False)
-        t.hint(flat, where)
+        if type(ids) is np.ndarray and ids.dtype is _INT64 and ids.ndim == 1 and ids.flags.c_contiguous:
+            flat = ids
+        else:
+            flat, _ = as_row_ids(ids, t.info.rows, where=t.where, copy=False, check=False)
+        t.hint(flat, t.where)
 
     def stats(self) -> dict[str, Any]:
         """Counters per tier (summed over tables) and per table.

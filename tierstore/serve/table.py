@@ -50,6 +50,8 @@ from ..tiers.warm import TierWarmth, loaded_slots, warm_steps
 
 __all__ = ["Table"]
 
+_INT64 = np.dtype(np.int64)
+
 
 class _Locks:
     """Two locks taken in order (the device tier's, then the host tier's: the store's order)."""
@@ -176,6 +178,7 @@ class Table:
         warm: str = "open",
     ):
         self.info = info
+        self.where = f"table {info.name!r}"  # how errors about its ids name it
         self.snapshot_status = "none"  # the hot-set snapshot at open: "none", "ok", "stale: ...", "ignored: ..."
         self.device = device
         self.cuda = device.type == "cuda"
@@ -556,7 +559,7 @@ class Table:
         tier does not hold now (it sees nothing else, so other hints would never be used).
         ``where``: the ids' range is not checked yet; the announcing call checks it and
         raises ``InvalidIdError`` naming ``where``, having announced nothing."""
-        if ids.dtype != np.int64 or not ids.flags.c_contiguous:
+        if ids.dtype is not _INT64 or not ids.flags.c_contiguous:  # `is`: ~0.15 us less than `!=` np.int64
             ids = np.ascontiguousarray(ids, dtype=np.int64)
         with self.dev.lock, self.host.lock:
             pos = self._walker.announce(ids, -1 if where is None else self.info.rows)

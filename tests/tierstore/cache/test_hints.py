@@ -14,7 +14,7 @@ import pytest
 
 from tierstore.cache import CacheIndex
 from tierstore.cache.hints import H_KEY, hint_add, hint_rows
-from tierstore.cache.layout import CACHED, M_HLAST, M_HLIVE, M_HORIZON, M_TICK, NM, NONE
+from tierstore.cache.layout import CACHED, M_EPOCH, M_HLAST, M_HLIVE, M_HORIZON, M_TICK, NM, NONE
 from tierstore.cache.walk import announce
 
 
@@ -136,3 +136,122 @@ def test_the_all_hit_path_consumes_hints_as_the_walk(horizon):
             assert fast.state[0][k] == walk.state[0][k], f"batch {i}: {name} differ"
     assert quick > 100
     assert slow > 0 or horizon is None
+
+
+_MASK = (1 << 64) - 1
+
+
+def _bucket_py(r: int, nb: int) -> int:
+    """hints._bucket_of in Python integers (splitmix64's finaliser, seed 11, top 32 bits scaled)."""
+    x = (r * 0x9E3779B97F4A7C15 + 11) & _MASK
+    x ^= x >> 29
+    x = (x * 0xBF58476D1CE4E5B9) & _MASK
+    x ^= x >> 32
+    return ((x >> 32) * nb) >> 32
+
+
+class _HintModel:
+    """The hint table as the module docstring defines it, in plain Python: a hint batch is
+    ``hint_add`` of its distinct rows in ascending order; each access consumes one hint of
+    its row (after the idle clear) and advances the tick."""
+
+    def __init__(self, buckets: int, horizon: int, tick: int):
+        self.row, self.count, self.stamp = [0] * buckets, [0] * buckets, [0] * buckets
+        self.live = self.last = 0
+        self.horizon, self.tick = horizon, tick
+
+    def _fresh(self, h: int) -> bool:
+        return self.tick - self.stamp[h] <= self.horizon
+
+    def hint(self, rows) -> None:
+        for r in sorted(set(int(r) for r in rows)):
+            h = _bucket_py(r, len(self.row))
+            c = self.count[h]
+            fresh = c > 0 and self._fresh(h)
+            same = fresh and self.row[h] == r
+            if fresh and not same:
+                continue  # a lost hint, never a false one
+            if c == 0:
+                self.live += 1
+            self.row[h], self.count[h] = r, min(c, 254) + 1 if same else 1
+            self.stamp[h] = self.last = self.tick
+
+    def access(self, rows) -> None:
+        for r in (int(r) for r in rows):
+            if self.live > 0 and self.tick - self.last > self.horizon:
+                self.count = [0] * len(self.count)
+                self.live = 0
+            h = _bucket_py(r, len(self.row))
+            if self.live > 0 and self.count[h] > 0 and self.row[h] == r:
+                self.count[h] = self.count[h] - 1 if self._fresh(h) else 0
+                self.live -= self.count[h] == 0
+            self.tick += 1
+
+    def table(self) -> np.ndarray:
+        key = [(r << 8) | c for r, c in zip(self.row, self.count)]
+        return np.array([key, self.stamp], np.int64)
+
+
+@pytest.mark.parametrize("dist", ["uniform", "zipf"])
+@pytest.mark.parametrize("horizon", [None, 150])
+def test_store_hint_path_equals_the_plain_model_and_the_sorted_walk(dist, horizon):
+    """A decode loop's hint + lookup sequence through the path the store takes (``hint_rows``
+    via ``walk.announce_one_checked``; all-hit lookups by the policy's ``all_hits``, the rest
+    by the walk) against (1) the plain-Python model of the hint table above, after every step,
+    and (2) a second index run the old way, ``hint_add`` per distinct row in ascending order
+    and every lookup through the walk: the same state arrays, so the same decisions. Batches
+    repeat ids within a hint, hint rows never looked up, hint nothing at times; Zipf lookups
+    miss, so hints steer admissions and evictions."""
+    from tierstore.cache import make_policy
+    from tierstore.cache.walk import announce_one_checked
+
+    rng = np.random.default_rng(7 if dist == "zipf" else 8)
+    params = {} if horizon is None else {"hint_horizon": horizon}
+    new, old = (CacheIndex(3000, 300, make_policy("default", 300, **params)) for _ in range(2))
+    for idx in (new, old):
+        idx.hint_table()
+    M, HT = new.state[0], new.state[9]
+    model = _HintModel(HT.shape[1], int(M[M_HORIZON]), int(M[M_TICK]))
+
+    def batch() -> np.ndarray:
+        n = int(rng.choice([1, 3, 17, 64, 150]))
+        if dist == "zipf":
+            return (rng.zipf(1.2, n) - 1) % 3000
+        return rng.integers(0, 600, n)
+
+    fast = walked = 0
+    for step in range(600):
+        ids = batch().astype(np.int64)
+        future = ids if step % 7 else np.concatenate([ids, ids[: ids.size // 2]])  # repeats in one hint
+        if step % 5 == 0:
+            future = np.concatenate([future, rng.integers(3000, 9000, 4)])  # hints never used
+        if step % 11 != 10:  # some steps hint nothing
+            assert announce_one_checked(M, HT, future, 9000) == -1
+            old_M, old_HT = old.state[0], old.state[9]
+            for r in np.unique(future):
+                hint_add(old_M, old_HT, r)
+            model.hint(future)
+        if step % 13 == 0:  # a second hint at the same tick: it sees the first one's stamps
+            again = np.concatenate([batch(), ids[:3]]).astype(np.int64)
+            assert announce_one_checked(M, HT, again, 9000) == -1
+            for r in np.unique(again):
+                hint_add(old.state[0], old.state[9], r)
+            model.hint(again)
+        slots = np.empty(ids.size, np.int64)
+        if new.all_hits(new.state, ids, slots):
+            fast += 1
+        else:
+            new.lookup(ids)
+            walked += 1
+        old.lookup(ids)
+        model.access(ids)
+        assert np.array_equal(HT, model.table()), f"step {step}: hint table differs from the plain model"
+        assert (M[M_HLIVE], M[M_HLAST], M[M_TICK]) == (model.live, model.last, model.tick), f"step {step}: counters"
+        for k, (a, b) in enumerate(zip(new.state, old.state)):
+            if k == 0:  # lookups started: the all-hit path takes no lease, so it starts no epoch
+                a, b = np.delete(a, M_EPOCH), np.delete(b, M_EPOCH)
+            elif k == 4:  # the slots' lease epochs (the same reason)
+                continue
+            assert np.array_equal(a, b), f"step {step}: state array {k} differs from the sorted walk's at {np.flatnonzero(a != b)[:5]}"
+    assert fast > 20 and walked > 20, (fast, walked)
+    assert model.live > 0 or horizon is not None
