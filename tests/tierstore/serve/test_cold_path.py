@@ -121,7 +121,10 @@ def test_rows_are_cached_while_later_chunks_are_read(stores, monkeypatch):
         ids = np.arange(ROWS)  # six chunks, all misses
         got = store.lookup(NAME, ids)
         assert torch.equal(bits(got), bits(w))
-        assert len(seen) >= 3, f"expected at least three submissions, got {len(seen)}"
+        # each chunk's pages are a few contiguous reads, and 3 page buffers serve the 6 chunks: the
+        # first submission carries chunks 0-2; later ones follow as buffers come free, 1 to 3
+        # chunks each, as the timing falls (a loaded machine gave [False, True]: still overlap)
+        assert len(seen) >= 2, f"expected at least two submissions, got {len(seen)}"
         assert any(seen), "rows were cached only after the last chunk's reads were submitted (no overlap)"
 
 
