@@ -39,6 +39,17 @@ class TopProfile:
     counts: np.ndarray | None
     n_rows: int  # rows of the table
     complete: bool
+    # the whole ranking's rank of ``rows[0]``: 0, or the ranks a tier above holds were cut
+    # off (``after``); a hot-set snapshot holds rank r at its position r
+    first: int = 0
+
+    def after(self, k: int) -> "TopProfile":
+        """This ranking without its ``k`` hottest rows (O(1): views): what is left for a tier
+        below one that places those ``k`` (``serve.table``: the host tier below a device tier
+        in the same memory)."""
+        k = max(0, min(int(k), self.rows.size))
+        return TopProfile(self.rows[k:], None if self.counts is None else self.counts[k:], self.n_rows,
+                          self.complete, self.first + k)
 
     @classmethod
     def from_pairs(cls, rows: np.ndarray, counts: np.ndarray, n_rows: int) -> "TopProfile":

@@ -103,6 +103,11 @@ class StoreOptions:
     # thread fills the tiers while lookups are served (rows not loaded yet come from below,
     # exact; stats()["open"] says how warm each tier is). Resident tiers load at open either way
     warm: str = "open"
+    # the host tier places the profile's ranks after the device tier's (each hot row in memory
+    # once) instead of from rank 0 (the device tier's rows again): None, where the device tier is
+    # plain memory too (a CPU store, the host tier not shared); True/False to choose. A CUDA
+    # device tier loads from the host slab, so there the host tier keeps the top ranks
+    exclusive: bool | None = None
     _policy_spec: PolicySpec = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
@@ -112,9 +117,9 @@ class StoreOptions:
         set_("threads", _count(self.threads, "threads"))
         set_("io_threads", _count(self.io_threads, "io_threads", allow_none=True))
         if self.direct not in (None, True, False) or self.host_shared not in (True, False) \
-                or self.use_profile not in (True, False):
+                or self.use_profile not in (True, False) or self.exclusive not in (None, True, False):
             raise TierStoreError(f"direct={self.direct!r} must be None/True/False, host_shared={self.host_shared!r} "
-                                 f"and use_profile={self.use_profile!r} bools")
+                                 f"use_profile={self.use_profile!r} bools, exclusive={self.exclusive!r} None or a bool")
         if self.zero_copy not in (True, False) or (self.zero_copy and resolve_device(self.device).type != "cuda"):
             raise TierStoreError(f"zero_copy={self.zero_copy!r}: the GPU reading host rows directly needs "
                                  f"device='cuda' (this store's device is {resolve_device(self.device)}); "

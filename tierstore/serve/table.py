@@ -40,6 +40,7 @@ from ..cache.layout import CACHED, FILL, HIT, NONE, RESIDENT
 from ..cache.lookup import Lookup, Walker
 from ..format.profile import Profile
 from ..format.spec import TableInfo
+from ..ranking import TopProfile
 from ..ids import out_of_range
 from ..tiers import CacheTier, DiskTier, SharedHostTier, Tier
 from ..tiers.cuda import capacity_error, to_device
@@ -120,6 +121,20 @@ class _Placer:
 _PARALLEL_TIERS = 1 << 16  # slots in each tier from which their indexes are built in two threads
 
 
+def host_after_device(device: torch.device, host_shared: bool, exclusive: bool | None) -> bool:
+    """Whether the host tier places the profile's ranks after the device tier's
+    (``StoreOptions.exclusive``; None: where both tiers are plain memory of this process).
+
+    Placed from rank 0 the host tier holds the device tier's rows again: on a CPU store at
+    device 512 MiB and host 1 GiB (docs/benchmarks.md), a third of the memory held copies the
+    walk never reads (a row the device tier holds is never looked up below it), and the
+    profile's ranks 1 to 1.5 GiB were left on disk. On CUDA the device tier is another memory,
+    filled from the host slab at open, and a shared host tier is placed for every process."""
+    if exclusive is None:
+        return device.type == "cpu" and not host_shared
+    return bool(exclusive) and not host_shared
+
+
 def _both_tiers(host, device, *, parallel: bool) -> tuple[Tier, Tier]:
     """(host(), device()): the host tier built on a second thread while this one builds the
     device tier when ``parallel`` (open's index build is most of a background open, issue
@@ -173,6 +188,7 @@ class Table:
         timeout: float = 60.0,
         snapshot: tuple[TableSnapshot | None, str] | None = None,
         warm: str = "open",
+        exclusive: bool = False,
     ):
         self.info = info
         self.snapshot_status = "none"  # the hot-set snapshot at open: "none", "ok", "stale: ...", "ignored: ..."
@@ -199,6 +215,10 @@ class Table:
             elif profile is not None and host_rows + device_rows > 0:
                 snap, self.snapshot_status = TableSnapshot.open(root, info, build_id, direct=direct)
             pinned = dict(pin=self.cuda, zero_copy=self.zero_copy, zero_copy_device=device)
+            # exclusive (``host_after_device``): the host tier ranks from where the device tier's
+            # placement ends; a dense profile (a caller's, never the store's) is kept whole
+            host_profile = (profile.after(device_rows) if exclusive and isinstance(profile, TopProfile)
+                            and 0 < device_rows < info.rows else profile)
             if host_shared and host_rows > 0:
                 self.host = SharedHostTier(root, info, host_rows, self.disk, profile=profile, build_id=build_id,
                                            timeout=timeout, snapshot=snap, **pinned)
@@ -209,7 +229,7 @@ class Table:
                 self.host, self.dev = _both_tiers(
                     # warm="open": the host tier reads its snapshot rows while the indexes are built
                     lambda: CacheTier("host", info, host_rows, device=torch.device("cpu"), **pinned, policy=policy,
-                                      profile=profile, snapshot=snap if warm == "open" else None),
+                                      profile=host_profile, snapshot=snap if warm == "open" else None),
                     lambda: CacheTier("device", info, device_rows, device=device, policy=policy, profile=profile),
                     parallel=min(host_rows, device_rows) >= _PARALLEL_TIERS)
             if warm == "background":

@@ -140,9 +140,10 @@ class CacheTier(SlabTier):
         if (snapshot is not None and not snapshot.dropped and device.type == "cpu" and not self.resident
                 and self.capacity > 0 and pinned_rows is None and name in EarlyLoad.POLICIES
                 and isinstance(profile, TopProfile) and profile.counts is None and self.slab.is_contiguous()):
-            n = min(self.capacity, snapshot.layout.n, len(profile.rows))
+            n = min(self.capacity, snapshot.layout.n - profile.first, len(profile.rows))
             if n > 0:
-                self.early = EarlyLoad(snapshot, self.slab[:n].view(torch.uint8).numpy().reshape(n, -1))
+                self.early = EarlyLoad(snapshot, self.slab[:n].view(torch.uint8).numpy().reshape(n, -1),
+                                       profile.first)
         try:
             if not self.resident and self.capacity > 0:
                 self.index = CacheIndex(

@@ -350,10 +350,11 @@ class EarlyLoad:
     places a prefix of the profile's ranking in slot order (``static``: its pinned core;
     ``default``: its pinned core, then its ranked prefill) and that ranking is the snapshot's
     own (``TopProfile.counts is None``: read from the snapshot's ids at open). So a thread
-    reads ranks ``0 .. len(run)`` into slots ``0 .. len(run)`` meanwhile (``read_into``: every
+    reads ranks ``first .. first + len(run)`` into slots ``0 .. len(run)`` meanwhile (``first``:
+    ``TopProfile.first``, the ranks a device tier in the same memory holds, else 0) (``read_into``: every
     page checked before its rows count). ``finish(rows)``, after the index is built, waits
     for the rows it placed, then trusts only what it can check: slot i holds rank i for the
-    placed rows (``positions``), else nothing is kept and the ordinary load runs. Either way
+    placed rows (``positions``: ``first + i``), else nothing is kept and the ordinary load runs. Either way
     the result is the ordinary load's: the same rows in the same slots, every page checked.
 
     ``stop()`` (a failed index build, close) waits for the reads: none may write into a slab
@@ -361,8 +362,9 @@ class EarlyLoad:
 
     POLICIES = ("static", "default")
 
-    def __init__(self, snapshot: TableSnapshot, run: np.ndarray):
+    def __init__(self, snapshot: TableSnapshot, run: np.ndarray, first: int = 0):
         self.snapshot, self.run = snapshot, run
+        self.first = first  # the snapshot position of run's row 0 (``TopProfile.first``)
         self.loaded = 0  # rows [0, loaded) of run are in place and checked
         self.limit = len(run)
         self.error = ""
@@ -377,7 +379,7 @@ class EarlyLoad:
                 raise _Enough
 
         try:
-            self.snapshot.read_into(0, self.run, done)
+            self.snapshot.read_into(self.first, self.run, done)
         except _Enough:
             pass
         except (CorruptDataError, StoreIOError) as e:  # the ordinary load meets it again and reports it
@@ -398,7 +400,7 @@ class EarlyLoad:
             pos = self.snapshot.positions(rows[:n])
         except (CorruptDataError, StoreIOError):
             return 0
-        return n if np.array_equal(pos, np.arange(n)) else 0
+        return n if np.array_equal(pos, np.arange(self.first, self.first + n)) else 0
 
     def stop(self) -> None:
         self._stop = True
