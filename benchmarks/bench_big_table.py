@@ -92,6 +92,9 @@ DENSE = dict(n_head=2, d_model=64, d_ff=128)  # the small random backbone (15 bl
 class Served:
     prefill_steps: list[float] = field(default_factory=list)  # seconds per batch prefill
     decode_steps: list[float] = field(default_factory=list)  # seconds per decode step (one token per row)
+    # CPU seconds of the whole process per decode step (every thread: the model's and the
+    # store's workers): what a loaded machine moves far less than the wall time
+    decode_cpu: list[float] = field(default_factory=list)
     prefill_tokens: int = 0
     decode_tokens: int = 0
     preds: list[Any] = field(default_factory=list)  # argmax at every prompt's last position and decode step
@@ -133,10 +136,11 @@ def serve_forced(model: Any, windows: np.ndarray, *, batch_size: int, prompt_len
         out.prefill_steps.append(time.perf_counter() - t0)
         out.prefill_tokens += B * prompt_len
         for s in range(decode_len):
-            t0 = time.perf_counter()
+            t0, c0 = time.perf_counter(), time.process_time()
             logits, _ = model(win[:, prompt_len + s : prompt_len + s + 1], cache=cache)
             preds.append(logits[:, -1].argmax(-1))
             out.decode_steps.append(time.perf_counter() - t0)
+            out.decode_cpu.append(time.process_time() - c0)
         out.decode_tokens += B * decode_len
         out.preds.append(torch.stack(preds, 1).numpy())
         out.last_logits.append(logits[:, -1].numpy().copy())
@@ -252,6 +256,7 @@ def run_child(spec: RunSpec) -> dict[str, Any]:
         rows_s=tokens * heads / (pre_s + dec_s), rows_expected=tokens * heads,
         prefill_p50_ms=_pct(served.prefill_steps, 50) * 1e3, prefill_p99_ms=_pct(served.prefill_steps, 99) * 1e3,
         decode_p50_ms=_pct(served.decode_steps, 50) * 1e3, decode_p99_ms=_pct(served.decode_steps, 99) * 1e3,
+        decode_cpu_p50_ms=_pct(served.decode_cpu, 50) * 1e3, decode_cpu_ms=sum(served.decode_cpu) / max(1, len(served.decode_cpu)) * 1e3,
         disk_read_bytes=io2["read_bytes"] - io_open["read_bytes"],
         major_faults=ru2.ru_majflt - ru1.ru_majflt, open_major_faults=ru1.ru_majflt - ru0.ru_majflt,
     )
