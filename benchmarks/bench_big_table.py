@@ -256,7 +256,8 @@ def run_child(spec: RunSpec) -> dict[str, Any]:
         rows_s=tokens * heads / (pre_s + dec_s), rows_expected=tokens * heads,
         prefill_p50_ms=_pct(served.prefill_steps, 50) * 1e3, prefill_p99_ms=_pct(served.prefill_steps, 99) * 1e3,
         decode_p50_ms=_pct(served.decode_steps, 50) * 1e3, decode_p99_ms=_pct(served.decode_steps, 99) * 1e3,
-        decode_cpu_p50_ms=_pct(served.decode_cpu, 50) * 1e3, decode_cpu_ms=sum(served.decode_cpu) / max(1, len(served.decode_cpu)) * 1e3,
+        decode_cpu_p50_ms=_pct(served.decode_cpu, 50) * 1e3,
+        decode_cpu_ms=sum(served.decode_cpu) / max(1, len(served.decode_cpu)) * 1e3,
         disk_read_bytes=io2["read_bytes"] - io_open["read_bytes"],
         major_faults=ru2.ru_majflt - ru1.ru_majflt, open_major_faults=ru1.ru_majflt - ru0.ru_majflt,
     )

@@ -119,7 +119,7 @@ class Store:
     path: the store directory (``tierstore build``).
     options: a :class:`~tierstore.StoreOptions` (device, device_budget, host_budget, policy,
         policy_params, threads, io_threads, direct, host_shared, pool_bytes, use_profile,
-        zero_copy, disk_reader, timeout, warm; each field's meaning is documented there), or the
+        zero_copy, disk_reader, timeout, warm, exclusive; each field's meaning is documented there), or the
         same options as keywords: ``tierstore.open(path, device="cpu", host_budget="2GiB")``;
         keywords given with ``options=`` replace those fields. They are checked before any
         file is opened. In short: ``device`` is where rows are returned (default CUDA if

@@ -27,8 +27,9 @@ was built (faulting them inside the reads cost ~0.5 s of CPU per 792 MB and pace
 on a loaded 2-core machine); the device tier's rows, a run of the host slab's slots, are
 copied as slices. ``benchmarks/bench_warm.py --vs-dd`` measures the load against ``dd
 iflag=direct`` of the snapshot. With ``warm="open"`` and a policy that places the snapshot's
-own ranking in slot order (``static``, ``default``; exclusive: from the device tier's end on), that read starts when the host
-slab is allocated, on a thread of its own, while the index is built (``EarlyLoad``): the two
+own ranking in slot order (``static``, ``default``; exclusive tiers: from the device tier's
+end on), that read starts when the host slab is allocated, on a thread of its own, while the
+index is built (``EarlyLoad``): the two
 used to run one after the other (at 12 GiB / 4 GiB host, 3.6 s of load after ~4 s of index).
 
 ``OpenStats`` records, per tier, rows loaded from each source, bytes read and seconds: the
