@@ -31,7 +31,7 @@ from ..cache.layout import CACHED, NONE, RESIDENT
 from ..errors import CorruptDataError, IdTypeError, TierStoreError
 from ..files import atomic_write, check_versioned, is_json_int, os_error
 from ..format.profile import Profile, as_profile
-from ..ranking import TopProfile
+from ..ranking import ranks_after
 from ..ids import as_row_ids
 from ..cache import POLICIES
 
@@ -370,13 +370,7 @@ def simulate_tiers(rows: np.ndarray, device_rows: int, host_rows: int, policy: s
             return None
         return CacheIndex(n_rows, cap, policy, profile=profile)
 
-    host_profile = profile
-    if exclusive and profile is not None and 0 < device_rows < n_rows:
-        top = as_profile(profile, n_rows)
-        if not isinstance(top, TopProfile):  # dense counts: their whole ranking, then cut
-            nz = np.flatnonzero(top)
-            top = TopProfile.from_pairs(nz, top[nz], n_rows)
-        host_profile = top.after(device_rows)
+    host_profile = ranks_after(profile, device_rows, n_rows) if exclusive and 0 < device_rows < n_rows else profile
     dev, host = make(device_rows, profile), make(host_rows, host_profile)
     below = replay(dev, rows, bounds, lookahead=lookahead, host=host, host_resident=host_rows >= n_rows)
     out: dict[str, dict[str, int | float]] = {}

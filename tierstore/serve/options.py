@@ -105,8 +105,9 @@ class StoreOptions:
     warm: str = "open"
     # the host tier places the profile's ranks after the device tier's (each hot row in memory
     # once) instead of from rank 0 (the device tier's rows again): None, where the device tier is
-    # plain memory too (a CPU store, the host tier not shared); True/False to choose. A CUDA
-    # device tier loads from the host slab, so there the host tier keeps the top ranks
+    # plain memory too (a CPU store, the host tier not shared, warm="open"); True/False to
+    # choose. A CUDA device tier (and warm="background"'s loader) fills the device tier from the
+    # host slab, so there the host tier keeps the top ranks
     exclusive: bool | None = None
     _policy_spec: PolicySpec = field(init=False, repr=False, compare=False)
 
@@ -128,6 +129,9 @@ class StoreOptions:
         if isinstance(t, bool) or not isinstance(t, (int, float)) or not 0 < t < math.inf:
             raise TierStoreError(f"timeout={t!r} must be a positive number of seconds")
         set_("timeout", float(t))
+        if self.exclusive and self.warm == "background":
+            raise TierStoreError("exclusive=True loads the tiers at open: it needs warm='open' (warm='background' "
+                                 "fills the device tier from the host slab); leave exclusive=None")
         if self.warm not in WARM_MODES:
             raise TierStoreError(f"warm={self.warm!r} must be one of {WARM_MODES}: 'open' loads the hot set before "
                                  "open returns, 'background' while lookups are served")

@@ -184,7 +184,7 @@ class Store:
             need = sum(min(rows_of(self.device_budget, i), i.rows) * i.row_bytes for i in self.tables.values())
             check_device_room(need, self.device, what=f"device_budget={format_size(self.device_budget)}")
         use_profile = options.pop("use_profile")
-        exclusive = host_after_device(self.device, options["host_shared"], options.pop("exclusive"))
+        exclusive = host_after_device(self.device, options["host_shared"], options.pop("exclusive"), options["warm"])
         try:
             for name, info in self.tables.items():
                 d_rows, h_rows = rows_of(self.device_budget, info), rows_of(self.host_budget, info)

@@ -40,7 +40,7 @@ from ..cache.layout import CACHED, FILL, HIT, NONE, RESIDENT
 from ..cache.lookup import Lookup, Walker
 from ..format.profile import Profile
 from ..format.spec import TableInfo
-from ..ranking import TopProfile
+from ..ranking import ranks_after
 from ..ids import out_of_range
 from ..tiers import CacheTier, DiskTier, SharedHostTier, Tier
 from ..tiers.cuda import capacity_error, to_device
@@ -121,9 +121,11 @@ class _Placer:
 _PARALLEL_TIERS = 1 << 16  # slots in each tier from which their indexes are built in two threads
 
 
-def host_after_device(device: torch.device, host_shared: bool, exclusive: bool | None) -> bool:
+def host_after_device(device: torch.device, host_shared: bool, exclusive: bool | None, warm: str = "open") -> bool:
     """Whether the host tier places the profile's ranks after the device tier's
-    (``StoreOptions.exclusive``; None: where both tiers are plain memory of this process).
+    (``StoreOptions.exclusive``; None: where both tiers are plain memory of this process and
+    the tiers load at open: ``warm="background"``'s loader fills the device tier from the
+    host slab, so there the host tier keeps the top ranks).
 
     Placed from rank 0 the host tier holds the device tier's rows again: on a CPU store at
     device 512 MiB and host 1 GiB (docs/benchmarks.md), a third of the memory held copies the
@@ -131,7 +133,7 @@ def host_after_device(device: torch.device, host_shared: bool, exclusive: bool |
     profile's ranks 1 to 1.5 GiB were left on disk. On CUDA the device tier is another memory,
     filled from the host slab at open, and a shared host tier is placed for every process."""
     if exclusive is None:
-        return device.type == "cpu" and not host_shared
+        return device.type == "cpu" and not host_shared and warm == "open"
     return bool(exclusive) and not host_shared
 
 
@@ -216,9 +218,9 @@ class Table:
                 snap, self.snapshot_status = TableSnapshot.open(root, info, build_id, direct=direct)
             pinned = dict(pin=self.cuda, zero_copy=self.zero_copy, zero_copy_device=device)
             # exclusive (``host_after_device``): the host tier ranks from where the device tier's
-            # placement ends; a dense profile (a caller's, never the store's) is kept whole
-            host_profile = (profile.after(device_rows) if exclusive and isinstance(profile, TopProfile)
-                            and 0 < device_rows < info.rows else profile)
+            # placement ends
+            host_profile = (ranks_after(profile, device_rows, info.rows) if exclusive and 0 < device_rows < info.rows
+                            else profile)
             if host_shared and host_rows > 0:
                 self.host = SharedHostTier(root, info, host_rows, self.disk, profile=profile, build_id=build_id,
                                            timeout=timeout, snapshot=snap, **pinned)

@@ -10,6 +10,7 @@ import torch
 import tierstore
 from tierstore.cache import CacheIndex, policy_names
 from tierstore.format.profile import load_profile, save_profile
+from tierstore.ranking import ranks_after
 from tierstore.analysis.simulate import batch_bounds, replay, simulate, simulate_tiers
 from tierstore.analysis.stack_distance import lru_hits
 
@@ -99,7 +100,8 @@ def test_recorded_events_with_hints_replay_to_the_live_counters(store):
         live = st.stats()["tables"]["t.engram.memory.weight"]
         prof = load_profile(store, "t.engram.memory.weight")  # as the store placed its rows
         dev = CacheIndex(3000, t.dev.capacity, "default", profile=prof)
-        host = CacheIndex(3000, t.host.capacity, "default", profile=prof)
+        # a CPU store's host tier ranks after the device tier's rows (StoreOptions.exclusive)
+        host = CacheIndex(3000, t.host.capacity, "default", profile=ranks_after(prof, t.dev.capacity, 3000))
         replay_events(dev, t.events, host=host)
     assert (dev.hits, dev.misses) == (live["device"]["hits"], live["device"]["misses"])
     assert (host.hits, host.misses) == (live["host"]["hits"], live["host"]["misses"])

@@ -111,5 +111,8 @@ def test_only_plain_memory_tiers_are_exclusive_by_default():
     assert not host_after_device(torch.device("cpu"), True, None)  # a shared host tier serves every process
     assert not host_after_device(torch.device("cpu"), False, False)
     assert host_after_device(torch.device("cuda", 0), False, True)
+    assert not host_after_device(torch.device("cpu"), False, None, "background")  # its loader fills from the host slab
     with pytest.raises(tierstore.TierStoreError):
         tierstore.StoreOptions(exclusive="yes")
+    with pytest.raises(tierstore.TierStoreError, match="warm='open'"):
+        tierstore.StoreOptions(exclusive=True, warm="background")
