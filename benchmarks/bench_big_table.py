@@ -92,6 +92,9 @@ DENSE = dict(n_head=2, d_model=64, d_ff=128)  # the small random backbone (15 bl
 class Served:
     prefill_steps: list[float] = field(default_factory=list)  # seconds per batch prefill
     decode_steps: list[float] = field(default_factory=list)  # seconds per decode step (one token per row)
+    # CPU seconds of the whole process per decode step (every thread: the model's and the
+    # store's workers): what a loaded machine moves far less than the wall time
+    decode_cpu: list[float] = field(default_factory=list)
     prefill_tokens: int = 0
     decode_tokens: int = 0
     preds: list[Any] = field(default_factory=list)  # argmax at every prompt's last position and decode step
@@ -133,10 +136,11 @@ def serve_forced(model: Any, windows: np.ndarray, *, batch_size: int, prompt_len
         out.prefill_steps.append(time.perf_counter() - t0)
         out.prefill_tokens += B * prompt_len
         for s in range(decode_len):
-            t0 = time.perf_counter()
+            t0, c0 = time.perf_counter(), time.process_time()
             logits, _ = model(win[:, prompt_len + s : prompt_len + s + 1], cache=cache)
             preds.append(logits[:, -1].argmax(-1))
             out.decode_steps.append(time.perf_counter() - t0)
+            out.decode_cpu.append(time.process_time() - c0)
         out.decode_tokens += B * decode_len
         out.preds.append(torch.stack(preds, 1).numpy())
         out.last_logits.append(logits[:, -1].numpy().copy())
@@ -164,10 +168,24 @@ class RunSpec:
     store_threads: int = 4
     max_prompts: int | None = None  # serve only the first prompts (the readahead baseline thrashes)
     warm: str = "open"  # store runs: StoreOptions.warm ("background": open returns, the tiers fill while serving)
+    exclusive: bool = False  # store runs: StoreOptions.exclusive (each hot row in memory once)
 
 
 def _pct(xs: Sequence[float], q: float) -> float:
     return float(np.percentile(np.asarray(xs), q)) if len(xs) else 0.0
+
+
+def memory_rows(store: Any) -> tuple[int, int]:
+    """(distinct rows held by the store's two memory tiers, their slots), over its tables: a
+    row both tiers hold counts once (a CPU store's device tier is memory too). Reads the
+    tiers' slot maps: O(slots), for the benchmark's report only."""
+    held = slots = 0
+    for t in store._tables.values():
+        ros = [tier.index.row_of_slot for tier in (t.dev, t.host) if getattr(tier, "index", None) is not None]
+        slots += sum(len(r) for r in ros)
+        rows = np.concatenate(ros) if ros else np.empty(0, np.int64)
+        held += len(np.unique(rows[rows >= 0]))
+    return held, slots
 
 
 def run_child(spec: RunSpec) -> dict[str, Any]:
@@ -193,7 +211,7 @@ def run_child(spec: RunSpec) -> dict[str, Any]:
 
         store = tierstore.open(spec.store, device="cpu", device_budget=spec.device_budget,
                                host_budget=spec.host_budget, threads=spec.store_threads, pool_bytes="64MiB",
-                               warm=spec.warm)
+                               warm=spec.warm, exclusive=spec.exclusive)
         # every lookup prefetched at the start of the step (sync_below=0), decode's too: with the
         # table larger than memory a decode lookup reads the disk, which a worker overlaps with
         # the blocks before the Engram layer (the default, 4096, looks small requests up inline:
@@ -216,6 +234,7 @@ def run_child(spec: RunSpec) -> dict[str, Any]:
     model(torch.from_numpy(windows[:1, :1]))
     if store is not None:
         store.reset_stats()
+        res["memory_rows_open"], res["memory_slots"] = memory_rows(store)
     for src in sources.values():
         src.looked_up = 0
     io_open = io_counters()
@@ -237,6 +256,8 @@ def run_child(spec: RunSpec) -> dict[str, Any]:
         rows_s=tokens * heads / (pre_s + dec_s), rows_expected=tokens * heads,
         prefill_p50_ms=_pct(served.prefill_steps, 50) * 1e3, prefill_p99_ms=_pct(served.prefill_steps, 99) * 1e3,
         decode_p50_ms=_pct(served.decode_steps, 50) * 1e3, decode_p99_ms=_pct(served.decode_steps, 99) * 1e3,
+        decode_cpu_p50_ms=_pct(served.decode_cpu, 50) * 1e3,
+        decode_cpu_ms=sum(served.decode_cpu) / max(1, len(served.decode_cpu)) * 1e3,
         disk_read_bytes=io2["read_bytes"] - io_open["read_bytes"],
         major_faults=ru2.ru_majflt - ru1.ru_majflt, open_major_faults=ru1.ru_majflt - ru0.ru_majflt,
     )
@@ -246,7 +267,8 @@ def run_child(spec: RunSpec) -> dict[str, Any]:
         res.update(rows_looked_up=looked, device_hit_ratio=st["device"]["hit_ratio"],
                    host_hit_ratio=st["host"]["hit_ratio"], disk_rows_read=int(st["disk"]["rows_read"]),
                    store_disk_bytes=int(st["disk"]["bytes_read"]),
-                   memory_hit_ratio=1 - st["disk"]["rows_read"] / max(1, looked))
+                   memory_hit_ratio=1 - st["disk"]["rows_read"] / max(1, looked),
+                   memory_rows_end=memory_rows(store)[0])
         o = st["open"]  # warm="background": how warm the tiers were when the workload ended, and how they filled
         res.update(warm=spec.warm, warm_fraction_at_end=o["warm"], warm_loader_seconds=o["seconds"],
                    warm_on_demand_rows=o["on_demand"], warm_placed_rows=o["placed"])

@@ -19,7 +19,7 @@ import numpy as np
 from .errors import IdTypeError, TierStoreError
 from .ids import distinct
 
-__all__ = ["Profile", "TopProfile", "as_profile", "hot_rows"]
+__all__ = ["Profile", "TopProfile", "as_profile", "hot_rows", "ranks_after"]
 
 _EMPTY = np.empty(0, dtype=np.int64)
 
@@ -39,6 +39,17 @@ class TopProfile:
     counts: np.ndarray | None
     n_rows: int  # rows of the table
     complete: bool
+    # the whole ranking's rank of ``rows[0]``: 0, or the ranks a tier above holds were cut
+    # off (``after``); a hot-set snapshot holds rank r at its position r
+    first: int = 0
+
+    def after(self, k: int) -> "TopProfile":
+        """This ranking without its ``k`` hottest rows (O(1): views): what is left for a tier
+        below one that places those ``k`` (``serve.table``: the host tier below a device tier
+        in the same memory)."""
+        k = max(0, min(int(k), self.rows.size))
+        return TopProfile(self.rows[k:], None if self.counts is None else self.counts[k:], self.n_rows,
+                          self.complete, self.first + k)
 
     @classmethod
     def from_pairs(cls, rows: np.ndarray, counts: np.ndarray, n_rows: int) -> "TopProfile":
@@ -101,6 +112,19 @@ def as_profile(profile: Profile | None, n_rows: int) -> np.ndarray | TopProfile 
         raise TierStoreError(f"profile has shape {profile.shape}, expected ({n_rows},): one count per row "
                              "(or a sparse (rows, counts) pair)")
     return profile
+
+
+def ranks_after(profile: Profile | None, k: int, n_rows: int) -> np.ndarray | TopProfile | None:
+    """``profile``'s ranking without its ``k`` hottest rows (a :class:`TopProfile`; dense
+    counts are ranked first, O(accessed rows)): what a host tier below a device tier of ``k``
+    rows in the same memory places (``StoreOptions.exclusive``). None stays None."""
+    p = as_profile(profile, n_rows)
+    if p is None or k <= 0:
+        return p
+    if not isinstance(p, TopProfile):
+        nz = np.flatnonzero(p)
+        p = TopProfile.from_pairs(nz, p[nz], n_rows)
+    return p.after(k)
 
 
 def _top_fill(p: TopProfile, k: int, fill: bool) -> np.ndarray:

@@ -56,6 +56,9 @@ def test_bench_big_table_quick(tmp_path: Path, capsys: pytest.CaptureFixture[str
                 assert r["disk_read_bytes"] > 0 and r["major_faults"] > 0, r
             elif r["system"] == "store":  # the profile placed rows: the tiers answered some lookups from memory
                 assert r["device_hit_ratio"] > 0 and r["memory_hit_ratio"] > 0, r
+                # distinct rows in the two memory tiers (the host tier holds the device tier's again)
+                assert 0 < r["memory_rows_end"] <= r["memory_slots"] and r["memory_rows_open"] <= r["memory_slots"], r
+                assert r["decode_cpu_ms"] > 0, r
             elif r["system"] == "ram":  # it loaded the whole table from disk (cache dropped), inside its open
                 assert r["open_read_bytes"] >= 0.99 * res["table_bytes"] and r["disk_read_bytes"] < r["open_read_bytes"], r
             # the whole workload's time counts open: it is open + serving at least

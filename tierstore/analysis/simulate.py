@@ -31,6 +31,7 @@ from ..cache.layout import CACHED, NONE, RESIDENT
 from ..errors import CorruptDataError, IdTypeError, TierStoreError
 from ..files import atomic_write, check_versioned, is_json_int, os_error
 from ..format.profile import Profile, as_profile
+from ..ranking import ranks_after
 from ..ids import as_row_ids
 from ..cache import POLICIES
 
@@ -347,8 +348,11 @@ def simulate(rows: np.ndarray, capacities: list[int], policies: list[str], *,
 def simulate_tiers(rows: np.ndarray, device_rows: int, host_rows: int, policy: str, *,
                    n_rows: int, offsets: np.ndarray | None = None,
                    profile: Profile | None = None, min_batch: int = 1,
-                   lookahead: int = 0) -> dict[str, dict[str, int | float]]:
+                   lookahead: int = 0, exclusive: bool = False) -> dict[str, dict[str, int | float]]:
     """Device tier over host tier over disk, as the store runs them (one policy for both).
+
+    ``exclusive``: the host tier's profile ranks from where the device tier's capacity ends,
+    as a CPU store opened with ``exclusive=True`` places them (``serve.table.host_after_device``).
 
     Returns per tier ``{"hits", "misses", "hit_ratio", "capacity", "evictions",
     "insertions"}``; the host tier sees each batch's rows the device tier does not serve
@@ -361,12 +365,13 @@ def simulate_tiers(rows: np.ndarray, device_rows: int, host_rows: int, policy: s
         return {"device": {"hits": int(rows.size), "misses": 0, "hit_ratio": 1.0},
                 "host": {"hits": 0, "misses": 0, "hit_ratio": 0.0}}
 
-    def make(cap: int) -> CacheIndex | None:
+    def make(cap: int, profile: Profile | None) -> CacheIndex | None:
         if cap <= 0 or cap >= n_rows:
             return None
         return CacheIndex(n_rows, cap, policy, profile=profile)
 
-    dev, host = make(device_rows), make(host_rows)
+    host_profile = ranks_after(profile, device_rows, n_rows) if exclusive and 0 < device_rows < n_rows else profile
+    dev, host = make(device_rows, profile), make(host_rows, host_profile)
     below = replay(dev, rows, bounds, lookahead=lookahead, host=host, host_resident=host_rows >= n_rows)
     out: dict[str, dict[str, int | float]] = {}
     for name, t in (("device", dev), ("host", host)):

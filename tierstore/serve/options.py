@@ -103,6 +103,13 @@ class StoreOptions:
     # thread fills the tiers while lookups are served (rows not loaded yet come from below,
     # exact; stats()["open"] says how warm each tier is). Resident tiers load at open either way
     warm: str = "open"
+    # True: the host tier places the profile's ranks after the device tier's (each hot row in
+    # memory once) instead of from rank 0 (the device tier's rows again); only where the device
+    # tier is plain memory too (device="cpu", host_shared=False, warm="open"). A CUDA device tier
+    # (and warm="background"'s loader) fills the device tier from the host slab. Off by default
+    # (docs/benchmarks.md: 22% fewer rows from disk, the decode step not measurably faster, a
+    # third more snapshot read at open)
+    exclusive: bool = False
     _policy_spec: PolicySpec = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
@@ -112,9 +119,9 @@ class StoreOptions:
         set_("threads", _count(self.threads, "threads"))
         set_("io_threads", _count(self.io_threads, "io_threads", allow_none=True))
         if self.direct not in (None, True, False) or self.host_shared not in (True, False) \
-                or self.use_profile not in (True, False):
+                or self.use_profile not in (True, False) or self.exclusive not in (True, False):
             raise TierStoreError(f"direct={self.direct!r} must be None/True/False, host_shared={self.host_shared!r} "
-                                 f"and use_profile={self.use_profile!r} bools")
+                                 f"use_profile={self.use_profile!r} and exclusive={self.exclusive!r} bools")
         if self.zero_copy not in (True, False) or (self.zero_copy and resolve_device(self.device).type != "cuda"):
             raise TierStoreError(f"zero_copy={self.zero_copy!r}: the GPU reading host rows directly needs "
                                  f"device='cuda' (this store's device is {resolve_device(self.device)}); "
@@ -123,6 +130,12 @@ class StoreOptions:
         if isinstance(t, bool) or not isinstance(t, (int, float)) or not 0 < t < math.inf:
             raise TierStoreError(f"timeout={t!r} must be a positive number of seconds")
         set_("timeout", float(t))
+        if self.exclusive and (self.warm == "background" or self.host_shared
+                               or resolve_device(self.device).type != "cpu"):
+            raise TierStoreError(f"exclusive=True places both tiers from one ranking at open in this process's "
+                                 f"memory: it needs device='cpu', host_shared=False and warm='open' (got "
+                                 f"device={self.device!r}, host_shared={self.host_shared!r}, warm={self.warm!r}: a "
+                                 f"CUDA device tier and the background loader fill the device tier from the host slab)")
         if self.warm not in WARM_MODES:
             raise TierStoreError(f"warm={self.warm!r} must be one of {WARM_MODES}: 'open' loads the hot set before "
                                  "open returns, 'background' while lookups are served")

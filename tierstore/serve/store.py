@@ -28,7 +28,7 @@ from ..format.recovery import recover
 from ..sizes import format_size
 from ..tiers.cuda import check_device_room
 from ..tiers.hotset import TableSnapshot
-from .table import Table
+from .table import Table, host_after_device
 from .warm import Warmer
 
 _INT64 = np.dtype(np.int64)  # `dtype is _INT64`: ~0.15 us less than `dtype == np.int64` per call
@@ -121,7 +121,7 @@ class Store:
     path: the store directory (``tierstore build``).
     options: a :class:`~tierstore.StoreOptions` (device, device_budget, host_budget, policy,
         policy_params, threads, io_threads, direct, host_shared, pool_bytes, use_profile,
-        zero_copy, disk_reader, timeout, warm; each field's meaning is documented there), or the
+        zero_copy, disk_reader, timeout, warm, exclusive; each field's meaning is documented there), or the
         same options as keywords: ``tierstore.open(path, device="cpu", host_budget="2GiB")``;
         keywords given with ``options=`` replace those fields. They are checked before any
         file is opened. In short: ``device`` is where rows are returned (default CUDA if
@@ -157,7 +157,7 @@ class Store:
                 self._open_tables(spec, use_profile=opts.use_profile, direct=opts.direct,
                                   io_threads=opts.io_threads, host_shared=opts.host_shared,
                                   zero_copy=opts.zero_copy, disk_reader=opts.disk_reader, timeout=opts.timeout,
-                                  warm=opts.warm)
+                                  warm=opts.warm, exclusive=opts.exclusive)
                 break
             except (StoreChangedError, CorruptDataError) as e:
                 self._rebuilt_since(e, last=attempt == OPEN_TRIES - 1)
@@ -186,16 +186,18 @@ class Store:
             need = sum(min(rows_of(self.device_budget, i), i.rows) * i.row_bytes for i in self.tables.values())
             check_device_room(need, self.device, what=f"device_budget={format_size(self.device_budget)}")
         use_profile = options.pop("use_profile")
+        exclusive = host_after_device(self.device, options["host_shared"], options.pop("exclusive"), options["warm"])
         try:
             for name, info in self.tables.items():
                 d_rows, h_rows = rows_of(self.device_budget, info), rows_of(self.host_budget, info)
                 # only the hottest rows a tier can hold are ever used: keep no count per table row
-                top = min(info.rows, max(d_rows, h_rows))
+                # (the host tier's ranks follow the device tier's when exclusive)
+                top = min(info.rows, d_rows + h_rows if exclusive else max(d_rows, h_rows))
                 profile, snap = self._ranking(info, top, options["direct"]) if use_profile else (None, None)
                 try:
                     self._tables[name] = Table(
                         self.path, info, device=self.device, device_rows=d_rows, host_rows=h_rows,
-                        policy=spec, profile=profile, snapshot=snap,
+                        policy=spec, profile=profile, snapshot=snap, exclusive=exclusive,
                         build_id=self.manifest.build_id, pinned_build=self.manifest.pinned_build, **options,
                     )
                 finally:  # the Table closes it once loaded; a Table that failed early may not have

@@ -40,6 +40,7 @@ from ..cache.layout import CACHED, FILL, HIT, NONE, RESIDENT
 from ..cache.lookup import Lookup, Walker
 from ..format.profile import Profile
 from ..format.spec import TableInfo
+from ..ranking import ranks_after
 from ..ids import out_of_range
 from ..tiers import CacheTier, DiskTier, SharedHostTier, Tier
 from ..tiers.cuda import capacity_error, to_device
@@ -123,6 +124,21 @@ class _Placer:
 _PARALLEL_TIERS = 1 << 16  # slots in each tier from which their indexes are built in two threads
 
 
+def host_after_device(device: torch.device, host_shared: bool, exclusive: bool, warm: str = "open") -> bool:
+    """Whether the host tier places the profile's ranks after the device tier's
+    (``StoreOptions.exclusive``, which the options allow only where both tiers are plain
+    memory of this process and load at open: a CPU device tier, a host tier of its own,
+    ``warm="open"``; ``warm="background"``'s loader and a CUDA device tier fill the device
+    tier from the host slab, so there the host tier keeps the top ranks).
+
+    Placed from rank 0 the host tier holds the device tier's rows again: on a CPU store at
+    device 512 MiB and host 1 GiB (docs/benchmarks.md), a third of the memory held copies the
+    walk never reads (a row the device tier holds is never looked up below it), and the
+    profile's ranks 1 to 1.5 GiB were left on disk. Off by default: it read a third more
+    snapshot at open and did not make the decode step measurably faster (the same page)."""
+    return bool(exclusive) and device.type == "cpu" and not host_shared and warm == "open"
+
+
 def _both_tiers(host, device, *, parallel: bool) -> tuple[Tier, Tier]:
     """(host(), device()): the host tier built on a second thread while this one builds the
     device tier when ``parallel`` (open's index build is most of a background open, issue
@@ -176,6 +192,7 @@ class Table:
         timeout: float = 60.0,
         snapshot: tuple[TableSnapshot | None, str] | None = None,
         warm: str = "open",
+        exclusive: bool = False,
     ):
         self.info = info
         self.where = f"table {info.name!r}"  # how errors about its ids name it
@@ -203,6 +220,10 @@ class Table:
             elif profile is not None and host_rows + device_rows > 0:
                 snap, self.snapshot_status = TableSnapshot.open(root, info, build_id, direct=direct)
             pinned = dict(pin=self.cuda, zero_copy=self.zero_copy, zero_copy_device=device)
+            # exclusive (``host_after_device``): the host tier ranks from where the device tier's
+            # placement ends
+            host_profile = (ranks_after(profile, device_rows, info.rows) if exclusive and 0 < device_rows < info.rows
+                            else profile)
             if host_shared and host_rows > 0:
                 self.host = SharedHostTier(root, info, host_rows, self.disk, profile=profile, build_id=build_id,
                                            timeout=timeout, snapshot=snap, **pinned)
@@ -213,10 +234,11 @@ class Table:
                 # warm="open": the host tier reads its snapshot rows while the indexes are built,
                 # and the device tier's rows are copied from the host slab as they are checked
                 early = warm == "open" and snap is not None
-                feed = EarlyCopy() if early else None
+                # exclusive tiers: the host slab does not hold the device tier's rows to copy
+                feed = EarlyCopy() if early and host_profile is profile else None
                 self.host, self.dev = _both_tiers(
                     lambda: CacheTier("host", info, host_rows, device=torch.device("cpu"), **pinned, policy=policy,
-                                      profile=profile, snapshot=snap if early else None, feed=feed),
+                                      profile=host_profile, snapshot=snap if early else None, feed=feed),
                     lambda: CacheTier("device", info, device_rows, device=device, policy=policy, profile=profile,
                                       fed_by=feed),
                     parallel=min(host_rows, device_rows) >= _PARALLEL_TIERS)

@@ -147,9 +147,11 @@ class CacheTier(SlabTier):
                   and name in EarlyLoad.POLICIES and isinstance(profile, TopProfile) and profile.counts is None
                   and self.slab.is_contiguous())  # placed rows: the ranking's prefix, in slot order
         if prefix and snapshot is not None and not snapshot.dropped:
-            n = min(self.capacity, snapshot.layout.n, len(profile.rows))
+            # exclusive tiers: the host tier's ranking starts after the device tier's (``first``)
+            n = min(self.capacity, snapshot.layout.n - profile.first, len(profile.rows))
             if n > 0:
-                self.early = EarlyLoad(snapshot, self.slab[:n].view(torch.uint8).numpy().reshape(n, -1), feed=feed)
+                self.early = EarlyLoad(snapshot, self.slab[:n].view(torch.uint8).numpy().reshape(n, -1),
+                                       first=profile.first, feed=feed)
         if prefix and fed_by is not None:
             n = min(self.capacity, len(profile.rows))
             if n > 0:

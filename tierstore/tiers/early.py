@@ -38,10 +38,12 @@ class EarlyLoad:
     places a prefix of the profile's ranking in slot order (``static``: its pinned core;
     ``default``: its pinned core, then its ranked prefill) and that ranking is the snapshot's
     own (``TopProfile.counts is None``: read from the snapshot's ids at open). So a thread
-    reads ranks ``0 .. len(run)`` into slots ``0 .. len(run)`` meanwhile (``read_into``: every
-    page checked before its rows count). ``finish(rows)``, after the index is built, waits
-    for the rows it placed, then trusts only what it can check: slot i holds rank i for the
-    placed rows (``positions``), else nothing is kept and the ordinary load runs. Either way
+    reads ranks ``first .. first + len(run)`` into slots ``0 .. len(run)`` meanwhile (``first``:
+    ``TopProfile.first``, the ranks a device tier in the same memory holds with exclusive
+    tiers, else 0; ``read_into``: every page checked before its rows count). ``finish(rows)``,
+    after the index is built, waits for the rows it placed, then trusts only what it can
+    check: slot i holds rank ``first + i`` for the placed rows, else nothing is kept and the
+    ordinary load runs. Either way
     the result is the ordinary load's: the same rows in the same slots, every page checked.
 
     ``stop()`` (a failed index build, close) waits for the reads: none may write into a slab
@@ -49,8 +51,9 @@ class EarlyLoad:
 
     POLICIES = ("static", "default")
 
-    def __init__(self, snapshot: TableSnapshot, run: np.ndarray, *, feed: EarlyCopy | None = None):
+    def __init__(self, snapshot: TableSnapshot, run: np.ndarray, *, first: int = 0, feed: EarlyCopy | None = None):
         self.snapshot, self.run = snapshot, run
+        self.first = first  # the snapshot position of run's row 0 (``TopProfile.first``)
         self.feed = feed  # the device tier's early copy of these rows, fed as they arrive
         if feed is not None:
             feed.source(self)
@@ -70,7 +73,7 @@ class EarlyLoad:
                 raise _Enough
 
         try:
-            self.snapshot.read_into(0, self.run, done)
+            self.snapshot.read_into(self.first, self.run, done)
         except _Enough:
             pass
         except (CorruptDataError, StoreIOError) as e:  # the ordinary load meets it again and reports it
@@ -88,7 +91,7 @@ class EarlyLoad:
         self.limit = min(self.limit, len(rows))
         self._thread.join()  # the snapshot is this thread's alone again
         n = min(self.loaded, len(rows))
-        return n if _snapshot_prefix(self.snapshot, rows[:n], None if slots is None else slots[:n]) else 0
+        return n if _snapshot_prefix(self.snapshot, rows[:n], None if slots is None else slots[:n], self.first) else 0
 
     def wait(self) -> None:
         """Until the reads have ended (the thread stops by itself at ``limit``, or at an error)."""
@@ -196,8 +199,8 @@ class EarlyCopy:
 _CHECK_STEP = 1 << 16  # entries per step of ``_snapshot_prefix``'s comparisons (cache-sized)
 
 
-def _snapshot_prefix(snapshot: TableSnapshot, rows: np.ndarray, slots: np.ndarray | None) -> bool:
-    """Whether ``rows[i]`` is the snapshot's rank ``i`` and sits in slot ``i`` (``slots[i]``;
+def _snapshot_prefix(snapshot: TableSnapshot, rows: np.ndarray, slots: np.ndarray | None, first: int = 0) -> bool:
+    """Whether ``rows[i]`` is the snapshot's rank ``first + i`` and sits in slot ``i`` (``slots[i]``;
     None: known to), for every i (``rows`` non-empty): what the early loads keep is then
     exactly what the ordinary load would have put there. Compared a cache-sized step at a time: at 6M placed rows the
     whole-array form (a rank per row, ``np.diff``, ``np.arange``: temporaries of 48 MB, each
@@ -206,7 +209,7 @@ def _snapshot_prefix(snapshot: TableSnapshot, rows: np.ndarray, slots: np.ndarra
     if n == 0:
         return False
     try:
-        ids = snapshot._prefix(n)
+        ids = snapshot._prefix(first + n)[first:]
     except (CorruptDataError, StoreIOError):
         return False
     if len(ids) < n:

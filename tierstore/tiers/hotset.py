@@ -3,9 +3,11 @@
 A cache tier whose policy places rows at construction (``static``'s hot set, ``default``'s
 ranked core) must hold their bytes before the first lookup. Each placed row comes from:
 
-1. the tier above's source (the host slab, for the device tier): both tiers place a prefix
-   of the one ranking (``format.profile.hot_rows``), so the device tier's rows are nearly
-   all in the host slab already: a memory copy, no I/O;
+1. the tier above's source (the host slab, for the device tier): on CUDA both tiers place a
+   prefix of the one ranking (``format.profile.hot_rows``), so the device tier's rows are
+   nearly all in the host slab already: a memory copy, no I/O. A CPU store opened with
+   ``exclusive=True`` (``StoreOptions.exclusive``) places the host tier's ranks after the
+   device tier's, so both read their own run of the snapshot (step 2);
 2. the table's hot-set snapshot (``format.snapshot``, ``STORE/profiles/<table>.hot``): the
    ranked rows packed in rank order, so a prefix of it is read with large sequential reads
    (the POSIX ``PageReader``: O_DIRECT + native AIO where the filesystem allows, else
@@ -25,11 +27,14 @@ was built (faulting them inside the reads cost ~0.5 s of CPU per 792 MB and pace
 on a loaded 2-core machine); the device tier's rows, a run of the host slab's slots, are
 copied as slices. ``benchmarks/bench_warm.py --vs-dd`` measures the load against ``dd
 iflag=direct`` of the snapshot. With ``warm="open"`` and a policy that places the snapshot's
-own ranking prefix in slot order (``static``, ``default``), that read starts when the host
-slab is allocated, on a thread of its own, while the index is built (``tiers.early.EarlyLoad``): the two
+own ranking in slot order (``static``, ``default``; exclusive tiers: from the device tier's
+end on), that read starts when the host slab is allocated, on a thread of its own, while the
+index is built (``tiers.early.EarlyLoad``): the two
 used to run one after the other (at 12 GiB / 4 GiB host, 3.6 s of load after ~4 s of index).
 The device tier's rows, the first of those ranks, are copied from the host slab by another
-thread as each step is checked (``tiers.early.EarlyCopy``), instead of after both builds and the host load.
+thread as each step is checked (``tiers.early.EarlyCopy``), instead of after both builds and the
+host load; with exclusive tiers the host slab does not hold them, and the device tier reads its
+own run of the snapshot after its build.
 
 ``OpenStats`` records, per tier, rows loaded from each source, bytes read and seconds: the
 ``stats()["open"]`` of the store.

@@ -26,7 +26,8 @@ def store(tmp_path_factory):
 
 @pytest.mark.parametrize("policy", [pytest.param(p, marks=pytest.mark.slow) if p in ("lfu", "wtinylfu", "arc") else p
                                     for p in policy_names()])  # the fast tier keeps four of the seven
-def test_store_counters_equal_the_simulation(store, policy):
+@pytest.mark.parametrize("exclusive", [False, True], ids=["inclusive", "exclusive"])
+def test_store_counters_equal_the_simulation(store, policy, exclusive):
     rng = np.random.default_rng(3)
     rows = (rng.zipf(1.2, 20_000) % 3000).astype(np.int64)
     offsets = np.unique(np.r_[0, np.sort(rng.integers(1, rows.size, 400))])
@@ -35,7 +36,7 @@ def test_store_counters_equal_the_simulation(store, policy):
     w = np.load(store.parent / "w.npy")
     dev_rows, host_rows = 60, 400
     with tierstore.open(store, device="cpu", device_budget=dev_rows * 64, host_budget=host_rows * 64,
-                        policy=policy) as st:
+                        policy=policy, exclusive=exclusive) as st:
         bounds = batch_bounds(rows.size, offsets)
         for a, b in zip(bounds[:-1], bounds[1:]):
             got = st.lookup("t.engram.memory.weight", rows[a:b])
@@ -44,7 +45,9 @@ def test_store_counters_equal_the_simulation(store, policy):
     # the budgets pay for the bookkeeping too: the tiers hold fewer rows than budget // 64
     dev_rows, host_rows = live["device"]["capacity_rows"], live["host"]["capacity_rows"]
     assert 0 < dev_rows < 60 and 0 < host_rows < 400
-    sim = simulate_tiers(rows, dev_rows, host_rows, policy, n_rows=3000, offsets=offsets, profile=profile)
+    # exclusive: the host tier ranks after the device tier's rows, and the simulation too
+    sim = simulate_tiers(rows, dev_rows, host_rows, policy, n_rows=3000, offsets=offsets, profile=profile,
+                         exclusive=exclusive)
     for tier in ("device", "host"):
         assert (live[tier]["hits"], live[tier]["misses"]) == (sim[tier]["hits"], sim[tier]["misses"]), tier
 

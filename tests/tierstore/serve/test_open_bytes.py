@@ -30,7 +30,7 @@ N, DIM = 150_000, 128  # float16: 256-byte rows; the dense order file is 600 KB,
 HOT = 1024  # profiled rows (256 KiB): the host budget holds exactly them
 # budgets pay for the index's state too: these hold exactly 256 and HOT rows
 BUDGETS = dict(device="cpu", device_budget=budget_for(256, 256, "static"), host_budget=budget_for(HOT, 256, "static"),
-               policy="static", direct=False)
+               policy="static", direct=False, exclusive=False)  # the host tier holds the top HOT ranks
 FIXED = 16 << 10
 
 

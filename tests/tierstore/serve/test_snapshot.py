@@ -39,7 +39,9 @@ HOT = 4096  # scattered profiled rows (1 MiB): the host budget holds them (and, 
 # that keep less state per slot, a few empty slots more: only HOT rows are profiled)
 # budgets pay for the index's state too (cache.index.budget_for): the most any policy needs
 _BUDGET = {n: max(budget_for(n, 256, p) for p in POLICIES) for n in (1024, HOT)}
-BUDGETS = dict(device="cpu", device_budget=_BUDGET[1024], host_budget=_BUDGET[HOT])
+# the host tier from rank 0, as on CUDA (the device tier's rows loaded from the host slab):
+# test_exclusive_tiers.py has a CPU store's own placement
+BUDGETS = dict(device="cpu", device_budget=_BUDGET[1024], host_budget=_BUDGET[HOT], exclusive=False)
 
 
 @pytest.fixture(scope="module")
