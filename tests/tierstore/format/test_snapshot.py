@@ -12,6 +12,8 @@ from tierstore.format.snapshot import (SNAPSHOT_MAGIC, SnapshotLayout, parse_sna
                                        write_snapshot)
 from tierstore.format.spec import PAGE_SIZE, TableInfo, make_header
 
+from .conftest import refuse_o_direct
+
 
 def _info(rows: int, dim: int, dtype: str = "uint8") -> TableInfo:
     stride = (dim + 15) // 16 * 16
@@ -106,33 +108,11 @@ def test_buffered_fallback_where_o_direct_is_refused(tmp_path, monkeypatch, wher
     """A filesystem that refuses O_DIRECT (EINVAL at open, or at the first transfer) gets
     buffered writes, in the rank pass's spill and in the ranked write alike; the snapshot is
     the same file, bit for bit, as the direct writes make."""
-    import errno
-    import os
-
     info, table = _info(20000, 264), _table(20000, 264)
     ids = np.random.default_rng(7).permutation(20000)[:9000]
     spill = dict(memory=64 * 264, bucket_bytes=1000 * 264)  # several buckets spilled and read back
     write_snapshot(tmp_path / "direct.hot", info, "b" * 32, ids, lambda c: table[c], chunk_bytes=700 * 264, **spill)
-    real_open, real_pwrite = os.open, os.pwrite
-    direct_fds: set[int] = set()
-    refused: list[int] = []
-
-    def fake_open(path, flags, *a):
-        if flags & os.O_DIRECT and where == "open":
-            refused.append(flags)
-            raise OSError(errno.EINVAL, "Invalid argument", path)
-        fd = real_open(path, flags, *a)
-        (direct_fds.add if flags & os.O_DIRECT else direct_fds.discard)(fd)  # numbers are reused
-        return fd
-
-    def fake_pwrite(fd, data, offset):
-        if fd in direct_fds:
-            refused.append(fd)
-            raise OSError(errno.EINVAL, "Invalid argument")
-        return real_pwrite(fd, data, offset)
-
-    monkeypatch.setattr(os, "open", fake_open)
-    monkeypatch.setattr("tierstore.files.os.pwrite", fake_pwrite)
+    refused = refuse_o_direct(monkeypatch, where)
     write_snapshot(tmp_path / "buffered.hot", info, "b" * 32, ids, lambda c: table[c], chunk_bytes=700 * 264,
                    **spill)
     monkeypatch.undo()

@@ -21,6 +21,7 @@ from tierstore.format.quant import NanScaleWarning
 from tierstore.format.spec import PAGE_SIZE, page_checksums, read_manifest
 
 from ...conftest import bits, random_table
+from .conftest import refuse_o_direct
 
 NAME = "w.engram.memory.weight"
 
@@ -114,23 +115,7 @@ def test_direct_io_by_default_and_the_manifest_says_so(tmp_path, ckpt):
 def test_buffered_fallback_where_o_direct_is_refused(tmp_path, ckpt, monkeypatch, where):
     """A filesystem that refuses O_DIRECT (EINVAL at open, or at the first transfer) gets
     buffered writes; the store is the same and the manifest says which path ran."""
-    real_open, real_pwrite = os.open, os.pwrite
-    direct_fds: set[int] = set()
-
-    def fake_open(path, flags, *a):
-        if flags & os.O_DIRECT and where == "open":
-            raise OSError(errno.EINVAL, "Invalid argument", path)
-        fd = real_open(path, flags, *a)
-        (direct_fds.add if flags & os.O_DIRECT else direct_fds.discard)(fd)  # numbers are reused
-        return fd
-
-    def fake_pwrite(fd, data, offset):
-        if fd in direct_fds:
-            raise OSError(errno.EINVAL, "Invalid argument")
-        return real_pwrite(fd, data, offset)
-
-    monkeypatch.setattr(writer.os, "open", fake_open)
-    monkeypatch.setattr("tierstore.files.os.pwrite", fake_pwrite)
+    refuse_o_direct(monkeypatch, where)
     out = tierstore.build_store(ckpt[0], tmp_path / "s", progress=False)
     assert read_manifest(out).tables[NAME].source["write_path"] == writer.BUFFERED
     assert tierstore.verify_store(out).ok

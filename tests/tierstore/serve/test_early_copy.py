@@ -26,6 +26,7 @@ from tierstore.tiers import hotset
 from tierstore.tiers.hotset import TableSnapshot
 
 from . import test_snapshot as snapshot_tests
+from .test_early_load import saved_snapshot
 from .test_snapshot import BUDGETS, T, _check_rows
 
 table, store = snapshot_tests.table, snapshot_tests.store  # the same fixtures: a 10 MiB store with a profile
@@ -138,11 +139,7 @@ def test_finish_keeps_only_the_snapshot_prefix_in_slot_order(store):
     """``EarlyCopy.finish`` keeps the copied rows only when the placed device rows are the
     snapshot's ranks 0..n-1 in slots 0..n-1; another order or start slot keeps nothing."""
     path, w, counts = store
-    tierstore.save_snapshot(path)
-    with tierstore.open(path, policy="static", **BUDGETS) as s:
-        info, build_id = s._tables[T].info, s.manifest.build_id
-    snap, status = TableSnapshot.open(path, info, build_id)
-    assert status == "ok"
+    snap, info = saved_snapshot(store)
     try:
         n, d = 1000, 300
         ids = snap._prefix(n).copy()

@@ -18,6 +18,7 @@ import torch
 
 import tierstore
 from tierstore.tiers import cache as cache_mod
+from tierstore.format.spec import TableInfo
 from tierstore.tiers.early import EarlyLoad
 from tierstore.tiers.hotset import TableSnapshot
 from tierstore.tiers.page_reader import aligned_empty
@@ -99,16 +100,24 @@ def test_a_failed_index_build_waits_for_the_early_reads(store, monkeypatch):
     assert not [t for t in threading.enumerate() if t.name == "tierstore-early-load"]
 
 
-def test_finish_keeps_only_the_snapshot_prefix_in_slot_order(store):
-    """``EarlyLoad.finish`` keeps the rows read only when the placed rows are the snapshot's
-    ranks 0..n-1 in slots 0..n-1; a different order, another start slot or a shorter read
-    keep what checks out and nothing else."""
-    path, w, counts = store
+def saved_snapshot(store) -> tuple[TableSnapshot, TableInfo]:
+    """The store's hot-set snapshot of table T, saved and opened (the caller closes it), and the
+    table's info."""
+    path = store[0]
     tierstore.save_snapshot(path)
     with tierstore.open(path, policy="static", **BUDGETS) as s:
         info, build_id = s._tables[T].info, s.manifest.build_id
     snap, status = TableSnapshot.open(path, info, build_id)
     assert status == "ok"
+    return snap, info
+
+
+def test_finish_keeps_only_the_snapshot_prefix_in_slot_order(store):
+    """``EarlyLoad.finish`` keeps the rows read only when the placed rows are the snapshot's
+    ranks 0..n-1 in slots 0..n-1; a different order, another start slot or a shorter read
+    keep what checks out and nothing else."""
+    path, w, counts = store
+    snap, info = saved_snapshot(store)
     try:
         n = 1000
         ids = snap._prefix(n).copy()
@@ -123,6 +132,11 @@ def test_finish_keeps_only_the_snapshot_prefix_in_slot_order(store):
         assert EarlyLoad(snap, buf).finish(ids, slots + 1) == 0
         assert EarlyLoad(snap, buf[:100]).finish(ids, slots) == 100  # read 100: keeps 100, the rest loads as usual
         assert EarlyLoad(snap, buf).finish(ids[:10], slots[:10]) == 10  # placed fewer: keeps those
+        # exclusive tiers: the host tier's run starts at the device tier's end (``first``)
+        tail = EarlyLoad(snap, buf[:600], first=400)
+        assert tail.finish(ids[400:], slots[:600]) == 600
+        assert np.array_equal(buf[:600].view(np.float16).reshape(600, -1), w[torch.from_numpy(ids[400:])].numpy())
+        assert EarlyLoad(snap, buf[:600], first=400).finish(ids[:600], slots[:600]) == 0  # ranks 0.., not 400..
     finally:
         snap.close()
 
@@ -137,11 +151,7 @@ def test_the_prefix_check_agrees_with_the_rank_lookup(store, monkeypatch, step):
 
     monkeypatch.setattr(early_mod, "_CHECK_STEP", step)
     path, w, counts = store
-    tierstore.save_snapshot(path)
-    with tierstore.open(path, policy="static", **BUDGETS) as s:
-        info, build_id = s._tables[T].info, s.manifest.build_id
-    snap, status = TableSnapshot.open(path, info, build_id)
-    assert status == "ok"
+    snap, info = saved_snapshot(store)
 
     def old(rows: np.ndarray, slots: np.ndarray) -> bool:  # the whole-array form it replaced
         if not len(rows) or hotset._run_first(slots) != 0:
