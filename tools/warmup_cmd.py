@@ -50,9 +50,11 @@ def warm(policies: list[str], *, simulator: bool, progress: bool = True) -> dict
                 for lo in range(0, 4096, 1024):  # hits and misses, inline and on a worker
                     s.lookup(table, trace[lo:lo + 1024])
                 s.prefetch(table, trace[:5000]).result()
-            # a host budget that holds the whole table makes it a resident tier: other kernels
+            # a host budget that holds the whole table makes it a resident tier: other kernels,
+            # and a hint then goes to the one cached tier (walk.announce_one_checked)
             with tierstore.open(store, device="cpu", device_budget=64 * dim * 4, host_budget=rows * dim * 4,
                                 policy=policy) as s:
+                s.hint(table, trace[:64])
                 s.lookup(table, trace[:1024])
                 s.prefetch(table, trace[:5000]).result()
             if simulator:
