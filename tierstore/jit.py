@@ -1,8 +1,10 @@
 """How kernels are compiled: numba ``njit(nogil=True)``, cached on disk per source version.
 
 The one way the package compiles anything (tests/tierstore/test_kernels.py checks it): the
-cache layer's kernels, the id checks, the quantizer's, and the profiler's (LRU stack
-distances, Belady's optimum), so ``tierstore warmup`` fills one cache for all of them.
+cache layer's kernels, the id checks, the quantizer's, the profiler's (LRU stack distances,
+Belady's optimum), the cold path's completion booking (``tiers.page_reader._record``) and the
+CPU lookup's placement (``tiers.placement``), so ``tierstore warmup`` fills one cache for all
+of them.
 
 Why numba (measured, docs/architecture.md): a call with a dozen array arguments costs
 ~0.8 us here, the kernels are plain Python syntax that tests can read, numba is already a
