@@ -117,9 +117,12 @@ def as_profile(profile: Profile | None, n_rows: int) -> np.ndarray | TopProfile 
 def ranks_after(profile: Profile | None, k: int, n_rows: int) -> np.ndarray | TopProfile | None:
     """``profile``'s ranking without its ``k`` hottest rows (a :class:`TopProfile`; dense
     counts are ranked first, O(accessed rows)): what a host tier below a device tier of ``k``
-    rows in the same memory places (``StoreOptions.exclusive``). None stays None."""
+    rows in the same memory places (``StoreOptions.exclusive``). ``profile`` itself where there
+    is no such tier (``k <= 0``) or it is resident (``k >= n_rows``); None stays None."""
+    if profile is None or not 0 < k < n_rows:
+        return profile
     p = as_profile(profile, n_rows)
-    if p is None or k <= 0:
+    if p is None:
         return p
     if not isinstance(p, TopProfile):
         nz = np.flatnonzero(p)

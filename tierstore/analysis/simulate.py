@@ -370,7 +370,7 @@ def simulate_tiers(rows: np.ndarray, device_rows: int, host_rows: int, policy: s
             return None
         return CacheIndex(n_rows, cap, policy, profile=profile)
 
-    host_profile = ranks_after(profile, device_rows, n_rows) if exclusive and 0 < device_rows < n_rows else profile
+    host_profile = ranks_after(profile, device_rows, n_rows) if exclusive else profile
     dev, host = make(device_rows, profile), make(host_rows, host_profile)
     below = replay(dev, rows, bounds, lookahead=lookahead, host=host, host_resident=host_rows >= n_rows)
     out: dict[str, dict[str, int | float]] = {}

@@ -51,7 +51,7 @@ from ..tiers.warm import TierWarmth, loaded_slots, warm_steps
 
 __all__ = ["Table"]
 
-_INT64 = np.dtype(np.int64)
+_INT64 = np.dtype(np.int64)  # `dtype is _INT64`: ~0.15 us less than `dtype == np.int64` per call (store.py too)
 
 
 class _Locks:
@@ -222,8 +222,7 @@ class Table:
             pinned = dict(pin=self.cuda, zero_copy=self.zero_copy, zero_copy_device=device)
             # exclusive (``host_after_device``): the host tier ranks from where the device tier's
             # placement ends
-            host_profile = (ranks_after(profile, device_rows, info.rows) if exclusive and 0 < device_rows < info.rows
-                            else profile)
+            host_profile = ranks_after(profile, device_rows, info.rows) if exclusive else profile
             if host_shared and host_rows > 0:
                 self.host = SharedHostTier(root, info, host_rows, self.disk, profile=profile, build_id=build_id,
                                            timeout=timeout, snapshot=snap, **pinned)
